@@ -1,0 +1,137 @@
+"""Backend registry: which backends exist, which can run here, and which one serves a given spec.
+
+``auto`` tries cuda (Hopper), then triton (NVIDIA sm80+), then xla, moving on when a backend is unavailable or
+raises ``NotImplementedError`` for the spec. The backward is planned separately: a backend without a backward
+for the spec (e.g. cuda today) is paired with the next backend that has one, reusing the forward's LSE.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+import logging
+from typing import Optional
+
+from .backends.base import Backend
+from .spec import AttentionSpec
+
+log = logging.getLogger("fa3jax")
+
+ORDER = ("cuda", "triton", "xla")
+_MODULES = {
+    "cuda": ("fa3jax.backends.cuda", "CudaBackend"),
+    "triton": ("fa3jax.backends.triton", "TritonBackend"),
+    "xla": ("fa3jax.backends.xla", "XlaBackend"),
+}
+
+
+class BackendUnavailableError(NotImplementedError):
+    """An explicitly requested backend cannot serve the call (the message says which and why)."""
+
+
+@functools.lru_cache(maxsize=None)
+def _load(name: str) -> tuple[Optional[Backend], str]:
+    module, cls = _MODULES[name]
+    try:
+        return getattr(importlib.import_module(module), cls)(), ""
+    except Exception as e:  # a missing optional dependency or a broken module makes it unavailable, not a crash
+        return None, f"{name}: cannot load {module}.{cls}: {type(e).__name__}: {e}"
+
+
+@functools.lru_cache(maxsize=None)
+def availability(name: str) -> tuple[bool, str]:
+    """(available, reason) for backend ``name`` on the current default device. Never raises."""
+    backend, reason = _load(name)
+    if backend is None:
+        return False, reason
+    try:
+        return backend.availability()
+    except Exception as e:  # a probe that crashes means "not usable", with the crash as the reason
+        return False, f"{name}: availability probe failed: {type(e).__name__}: {e}"
+
+
+def get(name: str) -> Backend:
+    backend, reason = _load(name)
+    if backend is None:
+        raise BackendUnavailableError(reason)
+    return backend
+
+
+def backends_info() -> list[tuple[str, bool, str]]:
+    """[(name, available, reason)] for every registered backend, in ``auto`` order."""
+    return [(n, *availability(n)) for n in ORDER]
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Who runs a call: ``forward`` serves the forward; ``backward`` (or None, with ``backward_reason``) the VJP."""
+
+    spec: AttentionSpec
+    forward: str
+    backward: Optional[str]
+    backward_reason: str = ""
+    notes: tuple = ()
+
+    @property
+    def composed(self) -> bool:
+        return self.backward is not None and self.backward != self.forward
+
+
+def _try(name: str, check: str, spec: AttentionSpec) -> str:
+    """'' if backend ``name`` serves ``spec`` for ``check`` ('forward'/'backward'), else the reason."""
+    ok, reason = availability(name)
+    if not ok:
+        return reason or f"{name}: unavailable"
+    try:
+        getattr(get(name), f"check_{check}")(spec)
+    except NotImplementedError as e:
+        return str(e) or f"{name}: unsupported"
+    return ""
+
+
+_warned: set = set()
+
+
+def _note_fallback(reason: str):
+    if reason not in _warned:
+        _warned.add(reason)
+        log.info("fa3jax: falling back: %s", reason)
+
+
+def plan(spec: AttentionSpec, requested: str) -> Plan:
+    """Choose the forward and backward backends for ``spec``. Raises BackendUnavailableError for an explicit
+    backend that cannot serve the forward (naming the backend and the reason)."""
+    notes = []
+    if requested == "auto":
+        fwd = None
+        for name in ORDER:
+            reason = _try(name, "forward", spec)
+            if not reason:
+                fwd = name
+                break
+            notes.append(reason)
+            if availability(name)[0]:
+                _note_fallback(reason)
+        if fwd is None:  # xla serves every valid spec, so this is a bug, not a user error
+            raise BackendUnavailableError("no backend can serve this call: " + "; ".join(notes))
+    else:
+        reason = _try(requested, "forward", spec)
+        if reason:
+            raise BackendUnavailableError(f"backend={requested!r} cannot serve this call: {reason}")
+        fwd = requested
+    bwd, bwd_reason = None, ""
+    if spec.mode != "kvcache":
+        candidates = (fwd,) + tuple(n for n in ORDER[ORDER.index(fwd) + 1:])
+        reasons = []
+        for name in candidates:
+            reason = _try(name, "backward", spec)
+            if not reason:
+                bwd = name
+                break
+            reasons.append(reason)
+        bwd_reason = "; ".join(reasons)
+        if bwd is not None and bwd != fwd:
+            notes.append(f"backward by {bwd} on the {fwd} forward's LSE ({bwd_reason})")
+    else:
+        bwd_reason = "flash_mha_with_kvcache is inference-only: no gradient"
+    return Plan(spec=spec, forward=fwd, backward=bwd, backward_reason=bwd_reason, notes=tuple(notes))
