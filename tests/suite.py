@@ -49,6 +49,12 @@ class AttentionSuite:
         if not flag:
             pytest.skip(f"{self.backend} does not support {what}")
 
+    def _d(self, d):
+        """The case's head dim, or the smallest supported one above it for backends built for a fixed list."""
+        if self.head_dims is None:
+            return d
+        return min((h for h in self.head_dims if h >= d), default=max(self.head_dims))
+
     def _rng(self, *salt):
         return np.random.default_rng(abs(hash((self.backend,) + salt)) % (2**32))
 
@@ -59,6 +65,7 @@ class AttentionSuite:
         if dtype not in self.dtypes:
             pytest.skip(f"{self.backend} does not support {dtype}")
         b, lq, lk, hq, hk, d, causal, window, cap = case
+        d = self._d(d)
         rng = self._rng("dense", case, dtype)
         q, q64 = rand(rng, (b, lq, hq, d), dtype)
         k, k64 = rand(rng, (b, lk, hk, d), dtype)
@@ -86,9 +93,10 @@ class AttentionSuite:
 
     def test_fully_masked_rows_are_zero_with_finite_grads(self):
         rng = self._rng("masked")
-        q, _ = rand(rng, (1, 20, 2, 16), self.dtypes[0])
-        k, _ = rand(rng, (1, 8, 2, 16), self.dtypes[0])
-        v, _ = rand(rng, (1, 8, 2, 16), self.dtypes[0])
+        d = self._d(16)
+        q, _ = rand(rng, (1, 20, 2, d), self.dtypes[0])
+        k, _ = rand(rng, (1, 8, 2, d), self.dtypes[0])
+        v, _ = rand(rng, (1, 8, 2, d), self.dtypes[0])
         out, lse = fa3jax.flash_mha(q, k, v, is_causal=True, return_softmax_lse=True, backend=self.backend)
         # causal, lq=20 > lk=8, bottom-right: query i sees keys j <= i - 12, so rows 0..11 see nothing
         assert np.all(np.asarray(out[:, :12], np.float32) == 0)
@@ -105,9 +113,10 @@ class AttentionSuite:
         self._skip_unless(self.supports_grad, "gradients")
         rng = self._rng("det")
         dt = self.dtypes[0]
-        q, _ = rand(rng, (2, 70, 4, 32), dt)
-        k, _ = rand(rng, (2, 70, 2, 32), dt)
-        v, _ = rand(rng, (2, 70, 2, 32), dt)
+        d = self._d(32)
+        q, _ = rand(rng, (2, 70, 4, d), dt)
+        k, _ = rand(rng, (2, 70, 2, d), dt)
+        v, _ = rand(rng, (2, 70, 2, d), dt)
         f = jax.jit(jax.grad(lambda q, k, v: fa3jax.flash_mha(q, k, v, is_causal=True, deterministic=True,
                                                               backend=self.backend).astype(jnp.float32).sum(),
                              argnums=(0, 1, 2)))
@@ -118,9 +127,10 @@ class AttentionSuite:
     def test_softmax_scale_numpy_scalar(self):
         rng = self._rng("scale")
         dt = self.dtypes[0]
-        q, q64 = rand(rng, (1, 17, 2, 16), dt)
-        k, k64 = rand(rng, (1, 17, 2, 16), dt)
-        v, v64 = rand(rng, (1, 17, 2, 16), dt)
+        d = self._d(16)
+        q, q64 = rand(rng, (1, 17, 2, d), dt)
+        k, k64 = rand(rng, (1, 17, 2, d), dt)
+        v, v64 = rand(rng, (1, 17, 2, d), dt)
         out = fa3jax.flash_mha(q, k, v, softmax_scale=np.float32(0.3), backend=self.backend)
         win = masking.normalize_window((-1, -1), False)
         ref = reference.dense(q64, k64, v64, scale=0.3, window=win)
@@ -312,7 +322,7 @@ class AttentionSuite:
         self._skip_unless(self.supports_vmap, "vmap")
         dt = self.dtypes[0]
         rng = self._rng("vmap", in_axes)
-        V, b, l, h, d = 3, 2, 19, 2, 16
+        V, b, l, h, d = 3, 2, 19, 2, self._d(16)
         shapes = []
         for ax in in_axes:
             s = [b, l, h, d]

@@ -349,6 +349,46 @@ def test_plan_shapes_and_tuning():
     assert plan.check(spec) is None
 
 
+def test_backend_wiring_with_fake_jax_triton(monkeypatch):
+    """TritonBackend.forward/backward under jax.jit with a stand-in jax_triton that checks what it is given
+    (arrays, int and float32 scalars, out shapes, constexprs) and returns zeros: the host glue without a GPU."""
+    import types
+
+    import jax
+    import jax.numpy as jnp
+
+    from fa3jax.backends.base import DenseArgs
+    from fa3jax.backends.triton import TritonBackend, launch
+    from fa3jax.masking import Window
+    from fa3jax.spec import AttentionSpec
+
+    calls = []
+
+    def triton_call(*args, kernel, out_shape, grid, num_warps, num_stages, name, **meta):
+        assert all(isinstance(a, (jax.Array, int, np.float32)) for a in args), [type(a) for a in args]
+        assert len(grid) == 3 and all(isinstance(g, int) and g > 0 for g in grid)
+        assert all(k.isupper() for k in meta)
+        calls.append((kernel, grid, meta))
+        return [jnp.zeros(o.shape, o.dtype) for o in out_shape]
+
+    monkeypatch.setitem(sys.modules, "jax_triton", types.SimpleNamespace(triton_call=triton_call))
+    monkeypatch.setattr(launch, "kernel", lambda lnch: lnch.kernel)
+    spec = AttentionSpec(mode="dense", batch=2, seqlen_q=33, seqlen_k=47, num_heads_q=4, num_heads_k=2,
+                         head_dim=40, dtype="bfloat16", softmax_scale=0.2, window=Window(8, 0),
+                         mask_seqlen_q=100, mask_seqlen_k=100)
+    q = jnp.ones((2, 33, 4, 40), jnp.bfloat16)
+    k = jnp.ones((2, 47, 2, 40), jnp.bfloat16)
+    args = DenseArgs(jnp.int32(10), jnp.int32(3))
+    be = TritonBackend()
+    out, lse = jax.jit(lambda q, k, v, a: be.forward(spec, q, k, v, a))(q, k, k, args)
+    assert out.shape == q.shape and out.dtype == q.dtype and lse.shape == (2, 4, 33) and lse.dtype == jnp.float32
+    grads = jax.jit(lambda *xs: be.backward(spec, *xs))(q, k, k, out, lse, q, lse, args)
+    assert [g.shape for g in grads] == [q.shape, k.shape, k.shape]
+    assert [c[0] for c in calls] == ["_attn_fwd", "_bwd_preprocess", "_bwd_dkdv", "_bwd_dq"]
+    with pytest.raises(NotImplementedError):
+        be.check_forward(spec.replace(dtype="float32"))
+
+
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         _worker(sys.argv[2:] or list(CASES))

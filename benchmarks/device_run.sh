@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Build, test and benchmark on the GPU machine in one call: bash benchmarks/device_run.sh STAGE...
+# Stages: build (CUDA extension + C++ tests), sanitize (compute-sanitizer + SASS/resource checks),
+#         test (GPU pytest suites), bench (side-by-side table), decode (kvcache decode table).
+# Wheels the machine lacks (jax-triton, nvidia-cutlass, flash-attn3-jax) travel in .whl/ (see the device README).
+# Prints a short summary table last; logs go to $OUT.
+set -uo pipefail
+OUT=${OUT:-/tmp/fa3jax-out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  || { echo "wheel install failed"; exit 1; }
+export PYTHONPATH=/tmp/site:$PWD
+SUMMARY=()
+stage() { local name=$1; shift; local t0=$SECONDS; "$@" >"$OUT/$name.log" 2>&1; local rc=$?;
+          SUMMARY+=("$(printf '%-10s rc=%-3s %4ss  %s' "$name" "$rc" "$((SECONDS - t0))" "$(tail -n 1 "$OUT/$name.log" | cut -c1-90)")");
+          return $rc; }
+
+build() {
+  export CUTLASS_INC=$(python3 -c "import cutlass_library,os;print(os.path.join(os.path.dirname(cutlass_library.__file__),'source','include'))")
+  FA3JAX_BUILD_CUDA=1 CMAKE_BUILD_PARALLEL_LEVEL=16 python3 -m pip install --no-deps --no-build-isolation \
+    --target /tmp/fa3site -q . || return 1
+  cmake -S csrc -B build/csrc-tests -G Ninja -DFA3JAX_PTXAS_VERBOSE=ON -DFA3JAX_BUILD_TESTS=ON \
+    -DFA3JAX_HEAD_DIMS="${FA3JAX_HEAD_DIMS:-64;128;256}" -DFA3JAX_DTYPES="${FA3JAX_DTYPES:-bf16;fp16}" >/dev/null \
+    && cmake --build build/csrc-tests -j16 2>&1 | grep -E "error|spill|Used [0-9]+ registers" | sort | uniq | head -40
+  build/csrc-tests/fa3jax_test_layouts && build/csrc-tests/fa3jax_test_fwd
+}
+sanitize() {
+  compute-sanitizer --tool memcheck build/csrc-tests/fa3jax_test_fwd --quick --quiet &&
+  compute-sanitizer --tool racecheck build/csrc-tests/fa3jax_test_fwd --quick --quiet &&
+  cuobjdump --dump-sass build/csrc-tests/fa3jax_test_fwd | grep -oE "(HGMMA|HMMA)\.[0-9A-Za-z.x]+" | sort | uniq -c | head
+}
+gputest() {
+  local site=""; [ -d /tmp/fa3site/fa3jax ] && site=/tmp/fa3site:
+  PYTHONPATH=$site$PYTHONPATH python3 -m pytest -q -x -m gpu -p no:cacheprovider ${TESTS:-tests/test_triton_gpu.py tests/test_triton_backend.py tests/test_cuda_backend.py} 2>&1 | tail -n 40
+}
+bench() {
+  local site=""; [ -d /tmp/fa3site/fa3jax ] && site=/tmp/fa3site:
+  PYTHONPATH=$site$PYTHONPATH python3 benchmarks/run.py --out "$OUT" ${BENCH_ARGS:-}
+}
+decode() {
+  local site=""; [ -d /tmp/fa3site/fa3jax ] && site=/tmp/fa3site:
+  PYTHONPATH=$site$PYTHONPATH python3 benchmarks/run.py --suite decode --out "$OUT" ${BENCH_ARGS:-}
+}
+
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,temperature.gpu --format=csv,noheader
+for s in "$@"; do
+  case $s in
+    build) stage build build ;;
+    sanitize) stage sanitize sanitize ;;
+    test) stage test gputest ;;
+    bench) stage bench bench ;;
+    decode) stage decode decode ;;
+    *) echo "unknown stage $s"; exit 2 ;;
+  esac
+done
+for s in "$@"; do [ -f "$OUT/$s.log" ] && { echo "=== $s (tail)"; tail -n 25 "$OUT/$s.log"; }; done
+echo "=== summary"; printf '%s\n' "${SUMMARY[@]}"

@@ -1,0 +1,94 @@
+"""Static launch configurations of the Triton kernels: no autotuning at call time.
+
+Keys are ``(head_dim_bucket, dtype, causal, arch)``: the bucket is the padded head dim the kernel computes with
+(64 covers every head_dim <= 64, 128 covers 65..128, 256 covers 129..256), ``causal`` is ``spec.window.right
+== 0`` (any other window uses the non-causal entry), ``arch`` is ``"sm90"``, ``"sm80"``, ...
+
+ALL NUMBERS BELOW ARE INITIAL GUESSES, TO BE MEASURED on the target GPU (H100 SXM for sm90). The reasoning
+behind them:
+  * forward: BLOCK_M=128 with 8 warps (two warpgroups, 64 rows each, as wgmma wants), BLOCK_N=128 up to d=128
+    and 64 at d=256 so that Q + 2-3 stages of K/V fit in the 227 KiB of shared memory and the fp32
+    accumulator (BLOCK_M x D) stays in registers.
+  * dK/dV: the key tile is the resident one (BLOCK_N rows of K, V, dK, dV), the query tile streams; dK and dV
+    are two fp32 accumulators, so BLOCK_N * D is kept at 128 * 128 / 2 per warpgroup at most.
+  * dQ: mirror image of dK/dV with one accumulator, so a larger query tile fits.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+
+class TileConfig(NamedTuple):
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+class KernelConfigs(NamedTuple):
+    fwd: TileConfig
+    bwd_dkdv: TileConfig
+    bwd_dq: TileConfig
+    bwd_pre: TileConfig  # block_n unused
+
+
+_PRE = TileConfig(128, 0, 4, 1)
+
+# (head_dim_bucket, dtype, causal, arch) -> configs. dtype entries are duplicated on purpose: fp16 and bf16 run
+# the same MMA rate, but they are measured separately.
+_TABLE: dict[tuple[int, str, bool, str], KernelConfigs] = {}
+
+
+def _put(bucket, arch, causal, fwd, dkdv, dq, pre=_PRE):
+    for dtype in ("float16", "bfloat16"):
+        _TABLE[(bucket, dtype, causal, arch)] = KernelConfigs(TileConfig(*fwd), TileConfig(*dkdv), TileConfig(*dq),
+                                                              pre)
+
+
+# --- Hopper (sm90), initial guesses, to be measured. Each entry compiles for sm_90a with Triton 3.6 without
+# register spills and within 227 KiB of shared memory (checked offline with ptxas -v on the AOT-compiled
+# kernels, causal variant, bf16), except d=256 dK/dV, which spills ~100 bytes in every config tried.
+for _causal in (False, True):
+    _put(64, "sm90", _causal, fwd=(128, 128, 8, 3), dkdv=(64, 128, 8, 2), dq=(128, 64, 8, 2))
+    _put(128, "sm90", _causal, fwd=(128, 128, 8, 3), dkdv=(32, 128, 8, 2), dq=(128, 64, 8, 2))
+    # d=256 alternatives without spills: fwd (64, 64, 8, 2); dq (128, 32, 8, 2).
+    _put(256, "sm90", _causal, fwd=(128, 32, 8, 2), dkdv=(16, 64, 8, 2), dq=(64, 32, 8, 2))
+
+# --- Ampere (sm80/sm86/sm89), initial guesses, to be measured (compile for sm_80; small spills remain).
+for _causal in (False, True):
+    _put(64, "sm80", _causal, fwd=(128, 64, 4, 3), dkdv=(64, 64, 4, 2), dq=(64, 64, 4, 2))
+    _put(128, "sm80", _causal, fwd=(128, 64, 8, 2), dkdv=(32, 128, 8, 2), dq=(64, 64, 4, 2))
+    _put(256, "sm80", _causal, fwd=(64, 64, 8, 2), dkdv=(32, 32, 4, 1), dq=(64, 32, 8, 2))
+
+# Used for any key that is not in the table: small tiles that compile everywhere.
+DEFAULT = KernelConfigs(TileConfig(64, 64, 4, 2), TileConfig(32, 64, 4, 2), TileConfig(64, 32, 4, 2), _PRE)
+
+
+def head_dim_pad(head_dim: int) -> int:
+    """Power of two the kernels compute with (tl.dot wants at least 16 on the reduction axis)."""
+    p = 16
+    while p < head_dim:
+        p *= 2
+    return p
+
+
+def head_dim_bucket(head_dim: int) -> int:
+    return max(64, head_dim_pad(head_dim))
+
+
+def arch_family(arch: str) -> str:
+    """sm86/sm89 use the sm80 entries, sm100+ the sm90 ones until they get their own."""
+    try:
+        major = int(arch[2:-1])  # "sm90" -> 9, "sm100" -> 10
+    except ValueError:
+        return arch
+    if major >= 9:
+        return "sm90"
+    if major == 8:
+        return "sm80"
+    return arch
+
+
+def lookup(head_dim: int, dtype: str, causal: bool, arch: str) -> KernelConfigs:
+    key = (head_dim_bucket(head_dim), dtype, bool(causal), arch_family(arch))
+    return _TABLE.get(key, DEFAULT)

@@ -1,0 +1,247 @@
+"""FlashAttention backward in three launches, none of which uses atomics, so gradients are bitwise repeatable
+whatever ``deterministic`` says:
+
+1. ``_bwd_preprocess``: delta = rowsum(dO * O) - dLSE (float32, (B, HQ, Lq)).
+2. ``_bwd_dkdv``: one program per (key tile, kv head, batch); it walks every query head of its GQA group and
+   every query tile that can see the key tile, in a fixed order, and owns its dK/dV rows outright.
+3. ``_bwd_dq``: one program per (query tile, query head, batch) walking the visible key tiles; owns its dQ rows.
+
+Scores are recomputed from the saved LSE in the log2 domain: p = exp2(s * log2 e - lse * log2 e).
+"""
+import triton
+import triton.language as tl
+
+from .flash_common import (_LOG2E, _allowed, _key_blocks, _load_offsets, _load_rows, _query_blocks, _store_rows,
+                           _tanh)
+
+
+@triton.jit
+def _bwd_preprocess(O, DO, DLSE, seqlen_q, DELTA,
+                    NUM_HEADS_Q: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+                    BLOCK_M: tl.constexpr, HAS_DLSE: tl.constexpr):
+    STRIDE_QM: tl.constexpr = NUM_HEADS_Q * HEAD_DIM
+    pid_m = tl.program_id(0)
+    off_h = tl.program_id(1)
+    off_b = tl.program_id(2).to(tl.int64)
+    start_m = pid_m * BLOCK_M
+    offs_t = tl.arange(0, BLOCK_M)
+    offs_m = start_m + offs_t
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    row0 = (off_b * seqlen_q + start_m) * STRIDE_QM + off_h * HEAD_DIM
+    tile = offs_t[:, None] * STRIDE_QM + offs_d[None, :]
+    o = _load_rows(O + row0 + tile, offs_m, seqlen_q, offs_d, HEAD_DIM, HEAD_DIM_PAD, True).to(tl.float32)
+    do = _load_rows(DO + row0 + tile, offs_m, seqlen_q, offs_d, HEAD_DIM, HEAD_DIM_PAD, True).to(tl.float32)
+    delta = tl.sum(o * do, 1)
+    stat = (off_b * NUM_HEADS_Q + off_h) * seqlen_q + offs_m
+    if HAS_DLSE:
+        delta = delta - tl.load(DLSE + stat, mask=offs_m < seqlen_q, other=0.0)
+    tl.store(DELTA + stat, delta, mask=offs_m < seqlen_q)
+
+
+@triton.jit
+def _dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, m_begin, m_end, offs_t, cols_g,
+                seqlen_q, q_off, glq, glk, scale_in, scale_out,
+                STRIDE_QM: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+                BLOCK_M: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
+                SOFTCAP: tl.constexpr, MASKED: tl.constexpr):
+    """Accumulate query tiles [m_begin, m_end) into dK (unscaled) and dV, working on transposed scores (N, M)
+    so that both products reduce over the query axis without a transpose of the accumulators."""
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    q_ptrs += m_begin.to(tl.int64) * STRIDE_QM
+    do_ptrs += m_begin.to(tl.int64) * STRIDE_QM
+    lse_ptrs += m_begin
+    delta_ptrs += m_begin
+    for start_m in range(m_begin, m_end, BLOCK_M):
+        rows = start_m + offs_t
+        q = _load_rows(q_ptrs, rows, seqlen_q, offs_d, HEAD_DIM, HEAD_DIM_PAD, MASKED)
+        do = _load_rows(do_ptrs, rows, seqlen_q, offs_d, HEAD_DIM, HEAD_DIM_PAD, MASKED)
+        if MASKED:
+            lse = tl.load(lse_ptrs, mask=rows < seqlen_q, other=0.0)
+            delta = tl.load(delta_ptrs, mask=rows < seqlen_q, other=0.0)
+        else:
+            lse = tl.load(lse_ptrs)
+            delta = tl.load(delta_ptrs)
+        st = tl.dot(k, tl.trans(q))
+        if SOFTCAP:
+            t = _tanh(st * scale_in)
+            s = t * scale_out
+        else:
+            s = st * scale_in
+        pt = tl.exp2(s - (lse * _LOG2E)[None, :])
+        if MASKED:
+            # Select after exp2: a row with lse = -inf makes the exponent +inf, never NaN, and is dropped here.
+            ok = _allowed((q_off + rows)[None, :], cols_g[:, None], glq, glk, WINDOW_LEFT, WINDOW_RIGHT)
+            ok = ok & (rows[None, :] < seqlen_q)
+            pt = tl.where(ok, pt, 0.0)
+        dv = tl.dot(pt.to(do.dtype), do, dv)
+        dpt = tl.dot(v, tl.trans(do))
+        dst = pt * (dpt - delta[None, :])
+        if SOFTCAP:
+            dst = dst * (1.0 - t * t)
+        dk = tl.dot(dst.to(q.dtype), q, dk)
+        q_ptrs += BLOCK_M * STRIDE_QM
+        do_ptrs += BLOCK_M * STRIDE_QM
+        lse_ptrs += BLOCK_M
+        delta_ptrs += BLOCK_M
+    return dk, dv
+
+
+@triton.jit
+def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, OFFS,
+              seqlen_q, seqlen_k, glq, glk, scale_in, scale_out, sm_scale,
+              DK, DV,
+              NUM_HEADS_Q: tl.constexpr, NUM_HEADS_K: tl.constexpr,
+              HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
+              SOFTCAP: tl.constexpr, HAS_OFFSETS: tl.constexpr, REVERSE_N: tl.constexpr):
+    STRIDE_QM: tl.constexpr = NUM_HEADS_Q * HEAD_DIM
+    STRIDE_KN: tl.constexpr = NUM_HEADS_K * HEAD_DIM
+    GROUP: tl.constexpr = NUM_HEADS_Q // NUM_HEADS_K
+
+    pid_n = tl.program_id(0)
+    if REVERSE_N:
+        # Only a left bound: the last key tiles are seen by the most query rows, so they go first.
+        pid_n = tl.num_programs(0) - 1 - pid_n
+    off_hk = tl.program_id(1)
+    off_b = tl.program_id(2).to(tl.int64)
+    q_off, k_off = _load_offsets(OFFS, HAS_OFFSETS)
+
+    start_n = pid_n * BLOCK_N
+    offs_tn = tl.arange(0, BLOCK_N)
+    offs_n = start_n + offs_tn
+    offs_t = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+
+    kv_row0 = (off_b * seqlen_k + start_n) * STRIDE_KN + off_hk * HEAD_DIM
+    tile_k = offs_tn[:, None] * STRIDE_KN + offs_d[None, :]
+    k = _load_rows(K + kv_row0 + tile_k, offs_n, seqlen_k, offs_d, HEAD_DIM, HEAD_DIM_PAD, True)
+    v = _load_rows(V + kv_row0 + tile_k, offs_n, seqlen_k, offs_d, HEAD_DIM, HEAD_DIM_PAD, True)
+
+    n_last = tl.minimum(start_n + BLOCK_N, seqlen_k) - 1
+    m_lo, f_lo, f_hi, m_hi = _query_blocks(start_n, n_last, start_n + BLOCK_N <= seqlen_k, seqlen_q,
+                                           q_off, k_off, glq, glk, BLOCK_M, WINDOW_LEFT, WINDOW_RIGHT)
+    cols_g = k_off + offs_n
+    # Out-of-range key rows of a partial tile must see nothing; pushing them past glk does it with no extra
+    # predicate in _allowed.
+    cols_g = tl.where(offs_n < seqlen_k, cols_g, glk)
+
+    dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
+    tile_q = offs_t[:, None] * STRIDE_QM + offs_d[None, :]
+    # The GQA group is reduced here, in a fixed head order: no atomics and no (B, Lk, HQ, D) scratch buffer.
+    for g in range(GROUP):
+        off_h = off_hk * GROUP + g
+        q_base = off_b * seqlen_q * STRIDE_QM + off_h * HEAD_DIM
+        q_ptrs = Q + q_base + tile_q
+        do_ptrs = DO + q_base + tile_q
+        stat0 = (off_b * NUM_HEADS_Q + off_h) * seqlen_q
+        lse_ptrs = LSE + stat0 + offs_t
+        delta_ptrs = DELTA + stat0 + offs_t
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, m_lo, f_lo, offs_t, cols_g,
+                             seqlen_q, q_off, glq, glk, scale_in, scale_out,
+                             STRIDE_QM, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, True)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, f_lo, f_hi, offs_t, cols_g,
+                             seqlen_q, q_off, glq, glk, scale_in, scale_out,
+                             STRIDE_QM, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, False)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, f_hi, m_hi, offs_t, cols_g,
+                             seqlen_q, q_off, glq, glk, scale_in, scale_out,
+                             STRIDE_QM, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, True)
+
+    dk = dk * sm_scale
+    _store_rows(DK + kv_row0 + tile_k, dk.to(DK.dtype.element_ty), offs_n, seqlen_k, offs_d, HEAD_DIM, HEAD_DIM_PAD)
+    _store_rows(DV + kv_row0 + tile_k, dv.to(DV.dtype.element_ty), offs_n, seqlen_k, offs_d, HEAD_DIM, HEAD_DIM_PAD)
+
+
+@triton.jit
+def _dq_tiles(dq, q, do, lse2, delta, k_ptrs, v_ptrs, n_begin, n_end, rows_g, offs_n, offs_d,
+              seqlen_k, k_off, glq, glk, scale_in, scale_out,
+              STRIDE_KN: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+              BLOCK_N: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
+              SOFTCAP: tl.constexpr, MASKED: tl.constexpr):
+    k_ptrs += n_begin.to(tl.int64) * STRIDE_KN
+    v_ptrs += n_begin.to(tl.int64) * STRIDE_KN
+    for start_n in range(n_begin, n_end, BLOCK_N):
+        cols = start_n + offs_n
+        k = _load_rows(k_ptrs, cols, seqlen_k, offs_d, HEAD_DIM, HEAD_DIM_PAD, MASKED)
+        v = _load_rows(v_ptrs, cols, seqlen_k, offs_d, HEAD_DIM, HEAD_DIM_PAD, MASKED)
+        qk = tl.dot(q, tl.trans(k))
+        if SOFTCAP:
+            t = _tanh(qk * scale_in)
+            s = t * scale_out
+        else:
+            s = qk * scale_in
+        p = tl.exp2(s - lse2[:, None])
+        if MASKED:
+            ok = _allowed(rows_g[:, None], (k_off + cols)[None, :], glq, glk, WINDOW_LEFT, WINDOW_RIGHT)
+            ok = ok & (cols[None, :] < seqlen_k)
+            p = tl.where(ok, p, 0.0)
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * (1.0 - t * t)
+        dq = tl.dot(ds.to(k.dtype), k, dq)
+        k_ptrs += BLOCK_N * STRIDE_KN
+        v_ptrs += BLOCK_N * STRIDE_KN
+    return dq
+
+
+@triton.jit
+def _bwd_dq(Q, K, V, DO, LSE, DELTA, OFFS,
+            seqlen_q, seqlen_k, glq, glk, scale_in, scale_out, sm_scale,
+            DQ,
+            NUM_HEADS_Q: tl.constexpr, NUM_HEADS_K: tl.constexpr,
+            HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+            WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
+            SOFTCAP: tl.constexpr, HAS_OFFSETS: tl.constexpr, REVERSE_M: tl.constexpr):
+    STRIDE_QM: tl.constexpr = NUM_HEADS_Q * HEAD_DIM
+    STRIDE_KN: tl.constexpr = NUM_HEADS_K * HEAD_DIM
+    GROUP: tl.constexpr = NUM_HEADS_Q // NUM_HEADS_K
+
+    pid_m = tl.program_id(0)
+    if REVERSE_M:
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    off_h = tl.program_id(1)
+    off_b = tl.program_id(2).to(tl.int64)
+    off_hk = off_h // GROUP
+    q_off, k_off = _load_offsets(OFFS, HAS_OFFSETS)
+
+    start_m = pid_m * BLOCK_M
+    offs_t = tl.arange(0, BLOCK_M)
+    offs_m = start_m + offs_t
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+
+    q_row0 = (off_b * seqlen_q + start_m) * STRIDE_QM + off_h * HEAD_DIM
+    tile_q = offs_t[:, None] * STRIDE_QM + offs_d[None, :]
+    q = _load_rows(Q + q_row0 + tile_q, offs_m, seqlen_q, offs_d, HEAD_DIM, HEAD_DIM_PAD, True)
+    do = _load_rows(DO + q_row0 + tile_q, offs_m, seqlen_q, offs_d, HEAD_DIM, HEAD_DIM_PAD, True)
+    stat = (off_b * NUM_HEADS_Q + off_h) * seqlen_q + offs_m
+    # Padding rows read lse = 0 and delta = 0: finite values, and their dQ is never stored.
+    lse2 = tl.load(LSE + stat, mask=offs_m < seqlen_q, other=0.0) * _LOG2E
+    delta = tl.load(DELTA + stat, mask=offs_m < seqlen_q, other=0.0)
+
+    k_base = K + off_b * seqlen_k * STRIDE_KN + off_hk * HEAD_DIM
+    v_base = V + off_b * seqlen_k * STRIDE_KN + off_hk * HEAD_DIM
+    k_ptrs = k_base + offs_n[:, None] * STRIDE_KN + offs_d[None, :]
+    v_ptrs = v_base + offs_n[:, None] * STRIDE_KN + offs_d[None, :]
+
+    m_last = tl.minimum(start_m + BLOCK_M, seqlen_q) - 1
+    n_lo, f_lo, f_hi, n_hi = _key_blocks(start_m, m_last, seqlen_k, q_off, k_off, glq, glk,
+                                         BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT)
+    rows_g = q_off + offs_m
+
+    dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+    dq = _dq_tiles(dq, q, do, lse2, delta, k_ptrs, v_ptrs, n_lo, f_lo, rows_g, offs_n, offs_d,
+                   seqlen_k, k_off, glq, glk, scale_in, scale_out,
+                   STRIDE_KN, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, True)
+    dq = _dq_tiles(dq, q, do, lse2, delta, k_ptrs, v_ptrs, f_lo, f_hi, rows_g, offs_n, offs_d,
+                   seqlen_k, k_off, glq, glk, scale_in, scale_out,
+                   STRIDE_KN, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, False)
+    dq = _dq_tiles(dq, q, do, lse2, delta, k_ptrs, v_ptrs, f_hi, n_hi, rows_g, offs_n, offs_d,
+                   seqlen_k, k_off, glq, glk, scale_in, scale_out,
+                   STRIDE_KN, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, True)
+
+    dq = dq * sm_scale
+    _store_rows(DQ + q_row0 + tile_q, dq.to(DQ.dtype.element_ty), offs_m, seqlen_q, offs_d, HEAD_DIM, HEAD_DIM_PAD)

@@ -1,0 +1,127 @@
+"""FlashAttention forward: one program per (query tile, head, batch), online softmax over the visible key tiles.
+
+Layouts (contiguous, strides derived from constexpr head counts so the compiler can prove 16-byte alignment of
+every row): q/out (B, Lq, HQ, D), k/v (B, Lk, HK, D), lse float32 (B, HQ, Lq) in natural log.
+"""
+import triton
+import triton.language as tl
+
+from .flash_common import (_LN2, _allowed, _key_blocks, _load_offsets, _load_rows, _store_rows, _tanh)
+
+
+@triton.jit
+def _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, n_begin, n_end, rows_g, offs_n, offs_d,
+               seqlen_k, k_off, glq, glk, scale_in, scale_out,
+               STRIDE_KN: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+               BLOCK_N: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
+               SOFTCAP: tl.constexpr, MASKED: tl.constexpr):
+    """Accumulate key tiles [n_begin, n_end). Scores live in the log2 domain (log2(e) folded into the scale) so
+    the exponentials are bare exp2. MASKED=False is the hot path: no predicates, no -inf handling."""
+    # 64-bit start: n_begin * HK * D can pass 2^31 for long sequences; then plain pointer increments.
+    k_ptrs += n_begin.to(tl.int64) * STRIDE_KN
+    v_ptrs += n_begin.to(tl.int64) * STRIDE_KN
+    for start_n in range(n_begin, n_end, BLOCK_N):
+        cols = start_n + offs_n
+        k = _load_rows(k_ptrs, cols, seqlen_k, offs_d, HEAD_DIM, HEAD_DIM_PAD, MASKED)
+        qk = tl.dot(q, tl.trans(k))
+        if SOFTCAP:
+            s = _tanh(qk * scale_in) * scale_out
+        else:
+            s = qk * scale_in
+        if MASKED:
+            ok = _allowed(rows_g[:, None], (k_off + cols)[None, :], glq, glk, WINDOW_LEFT, WINDOW_RIGHT)
+            ok = ok & (cols[None, :] < seqlen_k)
+            s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        if MASKED:
+            # A row with nothing visible yet keeps m = -inf; subtracting 0 instead avoids inf - inf = NaN and
+            # still yields p = 0 / alpha = 0 for it.
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_use = m_new
+        p = tl.exp2(s - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        v = _load_rows(v_ptrs, cols, seqlen_k, offs_d, HEAD_DIM, HEAD_DIM_PAD, MASKED)
+        acc = tl.dot(p.to(v.dtype), v, acc)
+        m_i = m_new
+        k_ptrs += BLOCK_N * STRIDE_KN
+        v_ptrs += BLOCK_N * STRIDE_KN
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd(Q, K, V, OFFS,
+              seqlen_q, seqlen_k, glq, glk, scale_in, scale_out,
+              OUT, LSE,
+              NUM_HEADS_Q: tl.constexpr, NUM_HEADS_K: tl.constexpr,
+              HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
+              SOFTCAP: tl.constexpr, HAS_OFFSETS: tl.constexpr, REVERSE_M: tl.constexpr):
+    """scale_in/scale_out: without softcap s2 = qk * scale_in (scale_in = softmax_scale * log2 e); with softcap
+    s2 = tanh(qk * scale_in) * scale_out (scale_in = softmax_scale / c, scale_out = c * log2 e)."""
+    STRIDE_QM: tl.constexpr = NUM_HEADS_Q * HEAD_DIM
+    STRIDE_KN: tl.constexpr = NUM_HEADS_K * HEAD_DIM
+    GROUP: tl.constexpr = NUM_HEADS_Q // NUM_HEADS_K
+
+    pid_m = tl.program_id(0)
+    if REVERSE_M:
+        # Causal-like masks give the last query tiles the most keys: launch them first so the short tiles fill
+        # the tail of the wave instead of the long ones.
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    off_h = tl.program_id(1)
+    off_b = tl.program_id(2).to(tl.int64)
+    off_hk = off_h // GROUP
+
+    q_off, k_off = _load_offsets(OFFS, HAS_OFFSETS)
+
+    start_m = pid_m * BLOCK_M
+    offs_t = tl.arange(0, BLOCK_M)
+    offs_m = start_m + offs_t
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+
+    # Per-program bases in 64 bits; per-tile offsets stay 32-bit (they are bounded by the tile size).
+    q_row0 = (off_b * seqlen_q + start_m) * STRIDE_QM + off_h * HEAD_DIM
+    k_base = K + off_b * seqlen_k * STRIDE_KN + off_hk * HEAD_DIM
+    v_base = V + off_b * seqlen_k * STRIDE_KN + off_hk * HEAD_DIM
+
+    tile_q = offs_t[:, None] * STRIDE_QM + offs_d[None, :]
+    q = _load_rows(Q + q_row0 + tile_q, offs_m, seqlen_q, offs_d,
+                   HEAD_DIM, HEAD_DIM_PAD, True)
+    k_ptrs = k_base + offs_n[:, None] * STRIDE_KN + offs_d[None, :]
+    v_ptrs = v_base + offs_n[:, None] * STRIDE_KN + offs_d[None, :]
+
+    m_last = tl.minimum(start_m + BLOCK_M, seqlen_q) - 1
+    n_lo, f_lo, f_hi, n_hi = _key_blocks(start_m, m_last, seqlen_k, q_off, k_off, glq, glk,
+                                         BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT)
+    rows_g = q_off + offs_m
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, n_lo, f_lo, rows_g, offs_n, offs_d,
+                               seqlen_k, k_off, glq, glk, scale_in, scale_out,
+                               STRIDE_KN, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT,
+                               SOFTCAP, True)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, f_lo, f_hi, rows_g, offs_n, offs_d,
+                               seqlen_k, k_off, glq, glk, scale_in, scale_out,
+                               STRIDE_KN, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT,
+                               SOFTCAP, False)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, f_hi, n_hi, rows_g, offs_n, offs_d,
+                               seqlen_k, k_off, glq, glk, scale_in, scale_out,
+                               STRIDE_KN, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT,
+                               SOFTCAP, True)
+
+    # Rows that saw no key keep l = 0: output 0 and LSE -inf, as the contract requires.
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * _LN2)
+
+    _store_rows(OUT + q_row0 + tile_q, out.to(OUT.dtype.element_ty), offs_m, seqlen_q, offs_d, HEAD_DIM, HEAD_DIM_PAD)
+    lse_ptrs = LSE + (off_b * NUM_HEADS_Q + off_h) * seqlen_q + offs_m
+    tl.store(lse_ptrs, lse, mask=offs_m < seqlen_q)
