@@ -17,25 +17,30 @@ stage() { local name=$1; shift; local t0=$SECONDS; "$@" >"$OUT/$name.log" 2>&1; 
 
 build() {
   export CUTLASS_INC=$(python3 -c "import cutlass_library,os;print(os.path.join(os.path.dirname(cutlass_library.__file__),'source','include'))")
-  FA3JAX_BUILD_CUDA=1 CMAKE_BUILD_PARALLEL_LEVEL=16 python3 -m pip install --no-deps --no-build-isolation \
-    --target /tmp/fa3site -q . || return 1
+  FA3JAX_BUILD_CUDA=1 CMAKE_BUILD_PARALLEL_LEVEL=16 timeout 400 python3 -m pip install --no-deps \
+    --no-build-isolation --target /tmp/fa3site -q . || return 1
+  # tests run from the source tree (python -m pytest puts it first on sys.path): put the extension there too
+  cp /tmp/fa3site/fa3jax/backends/cuda/_fa3jax_cuda*.so fa3jax/backends/cuda/ || return 1
   cmake -S csrc -B build/csrc-tests -G Ninja -DFA3JAX_PTXAS_VERBOSE=ON -DFA3JAX_BUILD_TESTS=ON \
     -DFA3JAX_HEAD_DIMS="${FA3JAX_HEAD_DIMS:-64;128;256}" -DFA3JAX_DTYPES="${FA3JAX_DTYPES:-bf16;fp16}" >/dev/null \
     && cmake --build build/csrc-tests -j16 2>&1 | grep -E "error|spill|Used [0-9]+ registers" | sort | uniq | head -40
   build/csrc-tests/fa3jax_test_layouts && build/csrc-tests/fa3jax_test_fwd
 }
 sanitize() {
-  compute-sanitizer --tool memcheck build/csrc-tests/fa3jax_test_fwd --quick --quiet &&
-  compute-sanitizer --tool racecheck build/csrc-tests/fa3jax_test_fwd --quick --quiet &&
+  timeout 200 compute-sanitizer --tool memcheck --error-exitcode 3 build/csrc-tests/fa3jax_test_fwd --quick --quiet &&
+  timeout 200 compute-sanitizer --tool racecheck --error-exitcode 3 build/csrc-tests/fa3jax_test_fwd --quick --quiet &&
   cuobjdump --dump-sass build/csrc-tests/fa3jax_test_fwd | grep -oE "(HGMMA|HMMA)\.[0-9A-Za-z.x]+" | sort | uniq -c | head
 }
 gputest() {
+  # xdist spreads Triton/XLA compilation over the 16 cores; no preallocation so 8 workers share the GPU.
   local site=""; [ -d /tmp/fa3site/fa3jax ] && site=/tmp/fa3site:
-  PYTHONPATH=$site$PYTHONPATH python3 -m pytest -q -x -m gpu -p no:cacheprovider ${TESTS:-tests/test_triton_gpu.py tests/test_triton_backend.py tests/test_cuda_backend.py} 2>&1 | tail -n 40
+  PYTHONPATH=$site$PYTHONPATH XLA_PYTHON_CLIENT_PREALLOCATE=false timeout ${TEST_TIMEOUT:-420} \
+    python3 -m pytest -q -n ${WORKERS:-8} ${PYTEST_ARGS:-} -m gpu -p no:cacheprovider -o addopts="" \
+    ${TESTS:-tests/test_triton_gpu.py tests/test_triton_backend.py tests/test_cuda_backend.py} -rfE
 }
 bench() {
   local site=""; [ -d /tmp/fa3site/fa3jax ] && site=/tmp/fa3site:
-  PYTHONPATH=$site$PYTHONPATH python3 benchmarks/run.py --out "$OUT" ${BENCH_ARGS:-}
+  PYTHONPATH=$site$PYTHONPATH timeout ${BENCH_TIMEOUT:-500} python3 benchmarks/run.py --out "$OUT" ${BENCH_ARGS:-}
 }
 decode() {
   local site=""; [ -d /tmp/fa3site/fa3jax ] && site=/tmp/fa3site:

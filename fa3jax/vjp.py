@@ -67,10 +67,21 @@ def _lse_layout(spec):
 
 
 def call_forward(backend_name: str, spec: AttentionSpec, q, k, v, args):
-    """(out, lse) from backend ``backend_name``, batched under vmap by :mod:`fa3jax.batching`."""
+    """(out, lse) from backend ``backend_name``, batched under vmap by :mod:`fa3jax.batching`.
+
+    With several devices, dense calls without ring offsets go through :mod:`fa3jax.sharding`'s
+    custom-partitioned op (batch/head sharding per device, sequence sharding as ring attention); eager calls on
+    arrays spread over several devices are jitted so that the partitioning applies. One device: unchanged."""
+    from . import sharding
+
+    routed = sharding.routes(spec)
+    if routed and sharding.eager_sharded(q, k, v):
+        return _jit_forward(backend_name, spec, q, k, v, args)
     backend = registry.get(backend_name)
 
     def fn(spec, q, k, v, *meta):
+        if routed:
+            return sharding.forward(backend_name, spec, q, k, v)
         return tuple(backend.forward(spec, q, k, v, _unpack(spec, meta)))
 
     layouts = _layouts(spec, 3) + _meta_layouts(spec)
@@ -78,15 +89,29 @@ def call_forward(backend_name: str, spec: AttentionSpec, q, k, v, args):
         q, k, v, *_pack(spec, args))
 
 
+_jit_forward = jax.jit(call_forward, static_argnums=(0, 1))
+
+
 def call_backward(backend_name: str, spec: AttentionSpec, q, k, v, out, lse, dout, dlse, args):
+    """(dq, dk, dv) from backend ``backend_name``; vmap and sharding as :func:`call_forward`."""
+    from . import sharding
+
+    routed = sharding.routes(spec)
+    if routed and sharding.eager_sharded(q, k, v, out, lse, dout, dlse):
+        return _jit_backward(backend_name, spec, q, k, v, out, lse, dout, dlse, args)
     backend = registry.get(backend_name)
 
     def fn(spec, q, k, v, out, lse, dout, dlse, *meta):
+        if routed:
+            return sharding.backward(backend_name, spec, q, k, v, out, lse, dout, dlse)
         return tuple(backend.backward(spec, q, k, v, out, lse, dout, dlse, _unpack(spec, meta)))
 
     a, l = _layouts(spec, 1)[0], _lse_layout(spec)
     layouts = (a, a, a, a, l, a, l) + _meta_layouts(spec)
     return batching.batched(fn, spec, layouts, (a, a, a))(q, k, v, out, lse, dout, dlse, *_pack(spec, args))
+
+
+_jit_backward = jax.jit(call_backward, static_argnums=(0, 1))
 
 
 # --------------------------------------------------------------------------------------- the custom VJP

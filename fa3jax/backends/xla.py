@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from .. import masking
+from ..vma import varying_like
 from ..spec import AttentionSpec
 from .base import Backend, DenseArgs, KVCacheArgs, VarlenArgs
 
@@ -101,6 +102,7 @@ def _core_forward(spec: AttentionSpec, q, k, v, rows: _Rows, cols: _Cols):
         qb = qb.astype(jnp.float32) if q.dtype == jnp.float32 else qb
         init = (jnp.full((B, hk, g, bq), _NEG_INF, jnp.float32), jnp.zeros((B, hk, g, bq), jnp.float32),
                 jnp.zeros((B, bq, hk, g, d), jnp.float32))
+        init = tuple(varying_like(x, qb, rb, k, v, cols) for x in init)
 
         def step(carry, kv):
             kb, vb, cb = kv
@@ -184,12 +186,12 @@ def _core_backward(spec: AttentionSpec, q, k, v, out, lse, dout, dlse, rows: _Ro
 
             return lax.cond(jnp.any(mask), grads, lambda c: c, carry), None
 
-        zeros = jnp.zeros((B, bk, hk, d), jnp.float32)
+        zeros = varying_like(jnp.zeros((B, bk, hk, d), jnp.float32), q, k, v, dout, rows, cols)
         (dk, dv, dq_all), _ = lax.scan(inner, (zeros, zeros, dq_all),
                                        (jnp.arange(nq), qp, dop, lsep, deltap, rows_b))
         return dq_all, (dk, dv)
 
-    dq0 = jnp.zeros((nq, B, bq, hk, g, d), jnp.float32)
+    dq0 = varying_like(jnp.zeros((nq, B, bq, hk, g, d), jnp.float32), q, k, v, dout, rows, cols)
     dq_all, (dk, dv) = lax.scan(one_k_block, dq0, (kp, vp, cols_b))
     dq = _unblocks(dq_all)[:, :lq].reshape(B, lq, hq, d)
     dk = _unblocks(dk)[:, :lk]

@@ -1,0 +1,85 @@
+// XLA FFI handler of the dense forward. Typed checks on every input; every failure returns an ffi::Error.
+// Stateless: nothing is kept between calls. Not declared command-buffer compatible (each call runs
+// cudaFuncSetAttribute and builds TMA descriptors on the host).
+#include <cstdint>
+#include <string>
+
+#include <cuda_runtime_api.h>
+
+#include "fa3jax/fwd_api.h"
+#include "fa3jax/ffi_handlers.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+std::string dims_str(ffi::Span<const int64_t> d) {
+  std::string s = "(";
+  for (size_t i = 0; i < d.size(); ++i) s += (i ? ", " : "") + std::to_string(d[i]);
+  return s + ")";
+}
+
+ffi::Error FwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+                   ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::Buffer<ffi::F32>> lse, float softmax_scale,
+                   int32_t window_left, int32_t window_right, float softcap) {
+  auto bad = [](std::string m) { return ffi::Error(ffi::ErrorCode::kInvalidArgument, "fa3jax_cuda_fwd: " + m); };
+  auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(), od = out->dimensions();
+  auto ld = lse->dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4 || od.size() != 4 || ld.size() != 3)
+    return bad("expected q/k/v/out of rank 4 and lse of rank 3");
+  ffi::DataType const dt = q.element_type();
+  fa3jax::DType dtype;
+  if (dt == ffi::DataType::BF16) dtype = fa3jax::DType::kBF16;
+  else if (dt == ffi::DataType::F16) dtype = fa3jax::DType::kFP16;
+  else return bad("q must be bfloat16 or float16");
+  if (k.element_type() != dt || v.element_type() != dt || out->element_type() != dt)
+    return bad("q, k, v and out must share one dtype");
+  int64_t const b = qd[0], sq = qd[1], hq = qd[2], d = qd[3], sk = kd[1], hk = kd[2];
+  if (kd[0] != b || kd[3] != d || vd[0] != b || vd[1] != sk || vd[2] != hk || vd[3] != d)
+    return bad("k/v shapes " + dims_str(kd) + ", " + dims_str(vd) + " do not match q " + dims_str(qd));
+  if (od[0] != b || od[1] != sq || od[2] != hq || od[3] != d) return bad("out shape must equal q's shape");
+  if (ld[0] != b || ld[1] != hq || ld[2] != sq) return bad("lse shape must be (batch, heads_q, seqlen_q)");
+  int64_t const lim = int64_t(1) << 31;
+  if (b >= lim || sq >= lim || sk >= lim || hq >= lim || hk >= lim) return bad("dimension too large");
+
+  fa3jax::FwdParams p;
+  p.q = q.untyped_data();
+  p.k = k.untyped_data();
+  p.v = v.untyped_data();
+  p.out = out->untyped_data();
+  p.lse = lse->typed_data();
+  p.batch = int(b);
+  p.seqlen_q = int(sq);
+  p.seqlen_k = int(sk);
+  p.num_heads_q = int(hq);
+  p.num_heads_k = int(hk);
+  p.head_dim = int(d);
+  p.dtype = dtype;
+  p.softmax_scale = softmax_scale;
+  p.window_left = window_left;
+  p.window_right = window_right;
+  p.softcap = softcap;
+  if (const char* msg = fa3jax::fwd_check(p)) return bad(msg);
+  fa3jax::FwdStatus st = fa3jax::run_fwd(p, stream);
+  if (!st.ok()) {
+    return ffi::Error(ffi::ErrorCode::kInternal, std::string("fa3jax_cuda_fwd: ") + st.what + ": " +
+                                                     cudaGetErrorString(st.error));
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Fa3jaxCudaFwd, FwdImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()  // q
+                                  .Arg<ffi::AnyBuffer>()  // k
+                                  .Arg<ffi::AnyBuffer>()  // v
+                                  .Ret<ffi::AnyBuffer>()  // out
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // lse
+                                  .Attr<float>("softmax_scale")
+                                  .Attr<int32_t>("window_left")
+                                  .Attr<int32_t>("window_right")
+                                  .Attr<float>("softcap"));

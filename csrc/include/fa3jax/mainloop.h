@@ -1,0 +1,163 @@
+// Forward mainloop: TMA producer (one thread) and the consumer warpgroups' GEMM + online-softmax loop.
+//
+// Consumer schedule per key block n (blocks visited from the last to the first):
+//   [turn]  issue O += P_{n+1} V_{n+1} (previous block), issue S = Q K_n   [pass turn to next warpgroup]
+//   wait both GEMMs, release K_n and V_{n+1}; softcap + mask + online softmax on S -> P_n; rescale O.
+// The "turn" is a ring of named barriers over the consumer warpgroups (ping-pong for 2): while one warpgroup
+// runs its softmax, the other one's GEMMs occupy the tensor cores.
+#pragma once
+
+#include "block_info.h"
+#include "kernel_traits.h"
+#include "softmax.h"
+#include "tile_scheduler.h"
+#include "utils.h"
+
+namespace fa3jax {
+
+template <class KT>
+struct FwdMainloop {
+  using Element = typename KT::Element;
+  using Params = typename KT::Params;
+  using SharedStorage = typename KT::SharedStorage;
+  using Pipeline = typename KT::Pipeline;
+  using PipelineState = typename KT::PipelineState;
+  using BI = BlockInfo<KT::kBlockM, KT::kBlockN>;
+  static constexpr int kNumMmaWG = KT::kNumMmaWG;
+  static constexpr int kFirstSchedBarrier = 1;  // ids 1 .. kNumMmaWG
+
+  // Called by exactly one thread (the pipelines' leader).
+  CUTE_DEVICE static void load(Params const& params, SharedStorage& ss, Pipeline& pipe_k, Pipeline& pipe_v,
+                               FwdTile const& tile, BI const& bi, int batch) {
+    Tensor sQ = make_tensor(make_smem_ptr(ss.smem_q.data()), typename KT::SmemLayoutQ{});
+    Tensor sK = make_tensor(make_smem_ptr(ss.smem_k.data()), typename KT::SmemLayoutK{});
+    Tensor sVt = make_tensor(make_smem_ptr(ss.smem_v.data()), typename KT::SmemLayoutVt{});
+
+    Tensor mQ = params.tma_q.get_tma_tensor(make_shape(params.seqlen_q, int(KT::kHeadDim), params.num_heads_q, batch));
+    Tensor mK = params.tma_k.get_tma_tensor(make_shape(params.seqlen_k, int(KT::kHeadDim), params.num_heads_k, batch));
+    Tensor mVt = params.tma_v.get_tma_tensor(make_shape(int(KT::kHeadDim), params.seqlen_k, params.num_heads_k, batch));
+
+    int const head_k = tile.head / params.group_size;
+    Tensor gQ = local_tile(mQ(_, _, tile.head, tile.batch), Shape<typename KT::BlkM, typename KT::HDim>{},
+                           make_coord(tile.m_block, _0{}));  // (M, D)
+    Tensor gK = local_tile(mK(_, _, head_k, tile.batch), Shape<typename KT::BlkN, typename KT::HDim>{},
+                           make_coord(_, _0{}));  // (N, D, n)
+    Tensor gVt = local_tile(mVt(_, _, head_k, tile.batch), Shape<typename KT::HDim, typename KT::BlkN>{},
+                            make_coord(_0{}, _));  // (D, N, n)
+
+    auto [tQgQ, tQsQ] = tma_partition(params.tma_q, _0{}, Layout<_1>{}, group_modes<0, 2>(sQ), group_modes<0, 2>(gQ));
+    auto [tKgK, tKsK] = tma_partition(params.tma_k, _0{}, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gK));
+    auto [tVgV, tVsV] = tma_partition(params.tma_v, _0{}, Layout<_1>{}, group_modes<0, 2>(sVt), group_modes<0, 2>(gVt));
+
+    cute::set_barrier_transaction_bytes(ss.barrier_q, KT::kBytesQ);
+    copy(params.tma_q.with(ss.barrier_q), tQgQ, tQsQ);
+
+    PipelineState st = cutlass::make_producer_start_state<Pipeline>();
+    for (int n = bi.n_max - 1; n >= bi.n_min; --n) {
+      pipe_k.producer_acquire(st);
+      copy(params.tma_k.with(*pipe_k.producer_get_barrier(st)), tKgK(_, n), tKsK(_, st.index()));
+      pipe_v.producer_acquire(st);
+      copy(params.tma_v.with(*pipe_v.producer_get_barrier(st)), tVgV(_, n), tVsV(_, st.index()));
+      ++st;
+    }
+    pipe_k.producer_tail(st);
+    pipe_v.producer_tail(st);
+  }
+
+  // Scheduling ring: warpgroup w waits for its turn on barrier (first + w) and hands the turn to w + 1.
+  // Warpgroup 0 skips its first wait and the last warpgroup skips its last hand-over, so every barrier
+  // phase gets exactly 128 waiting + 128 arriving threads.
+  CUTE_DEVICE static void sched_wait(int wg, bool first) {
+    if constexpr (kNumMmaWG > 1) {
+      if (!(wg == 0 && first)) named_barrier_sync(kFirstSchedBarrier + wg, 256);
+    }
+  }
+  CUTE_DEVICE static void sched_pass(int wg, bool last) {
+    if constexpr (kNumMmaWG > 1) {
+      if (!(wg == kNumMmaWG - 1 && last)) named_barrier_arrive(kFirstSchedBarrier + (wg + 1) % kNumMmaWG, 256);
+    }
+  }
+
+  // Consumer loop. Returns with tOrO holding the unnormalized output and `softmax` the row statistics.
+  template <class TOrO, class Softmax>
+  CUTE_DEVICE static void mma(Params const& params, SharedStorage& ss, Pipeline& pipe_k, Pipeline& pipe_v,
+                              BI const& bi, int m_block, int mma_tid, int mma_wg, TOrO& tOrO, Softmax& softmax) {
+    typename KT::TiledMmaQK mma_qk;
+    typename KT::TiledMmaPV mma_pv;
+    auto thr_qk = mma_qk.get_thread_slice(mma_tid);
+    auto thr_pv = mma_pv.get_thread_slice(mma_tid);
+
+    Tensor sQ = make_tensor(make_smem_ptr(ss.smem_q.data()), typename KT::SmemLayoutQ{});
+    Tensor sK = make_tensor(make_smem_ptr(ss.smem_k.data()), typename KT::SmemLayoutK{});
+    Tensor sVt = make_tensor(make_smem_ptr(ss.smem_v.data()), typename KT::SmemLayoutVt{});
+
+    Tensor tSrQ = thr_qk.partition_fragment_A(sQ);   // (MMA, MMA_M, MMA_K) descriptors
+    Tensor tSrK = thr_qk.partition_fragment_B(sK);   // (MMA, MMA_N, MMA_K, stage)
+    Tensor tOrV = thr_pv.partition_fragment_B(sVt);  // (MMA, MMA_N, MMA_K, stage)
+
+    Tensor tSrS = partition_fragment_C(mma_qk, Shape<typename KT::BlkM, typename KT::BlkN>{});
+    Tensor rP = make_fragment_like<Element>(tSrS);
+    Tensor tOrP = make_tensor(rP.data(), acc_to_a_regs(rP.layout()));
+    Tensor S = make_tensor(tSrS.data(), acc_rowcol(tSrS.layout()));
+    Tensor O = make_tensor(tOrO.data(), acc_rowcol(tOrO.layout()));
+
+    Tensor cS = make_identity_tensor(Shape<typename KT::BlkM, typename KT::BlkN>{});
+    Tensor tScS = thr_qk.partition_C(cS);
+    Tensor rcS = make_tensor(tScS.data(), acc_rowcol(tScS.layout()));
+
+    constexpr int kRows = decltype(size<0>(S))::value;
+    bool const has_softcap = params.softcap > 0.f;
+    int const q_lo_tile = m_block * KT::kBlockM;
+
+    clear(tOrO);
+    softmax.init();
+    cute::wait_barrier(ss.barrier_q, 0);
+
+    PipelineState st_k, st_v;
+    int const n_iters = bi.num_blocks();
+    for (int it = 0; it < n_iters; ++it) {
+      int const n = bi.n_max - 1 - it;
+      pipe_k.consumer_wait(st_k);
+      if (it > 0) pipe_v.consumer_wait(st_v);
+      sched_wait(mma_wg, it == 0);
+      if (it > 0) wgmma_issue<false, true>(mma_pv, tOrP, tOrV(_, _, _, st_v.index()), tOrO);
+      wgmma_issue<true, false>(mma_qk, tSrQ, tSrK(_, _, _, st_k.index()), tSrS);
+      sched_pass(mma_wg, false);
+      warpgroup_wait<0>();
+      pipe_k.consumer_release(st_k);
+      ++st_k;
+      if (it > 0) {
+        pipe_v.consumer_release(st_v);
+        ++st_v;
+      }
+
+      int const n0 = n * KT::kBlockN;
+      bool const need_mask = bi.needs_mask(n);
+      if (has_softcap) {
+        if (need_mask) transform_scores<true, true>(S, rcS, q_lo_tile, n0, bi.shift, bi.seqlen_k, bi.left, bi.right, params.softcap_pre, params.softcap);
+        else transform_scores<false, true>(S, rcS, q_lo_tile, n0, bi.shift, bi.seqlen_k, bi.left, bi.right, params.softcap_pre, params.softcap);
+      } else if (need_mask) {
+        transform_scores<true, false>(S, rcS, q_lo_tile, n0, bi.shift, bi.seqlen_k, bi.left, bi.right, 0.f, 0.f);
+      }
+      float o_scale[kRows];
+      softmax.step(S, params.scale_log2, o_scale);
+      if (it > 0) {
+        CUTE_UNROLL
+        for (int r = 0; r < kRows; ++r) {
+          CUTE_UNROLL
+          for (int c = 0; c < size<1>(O); ++c) O(r, c) *= o_scale[r];
+        }
+      }
+      convert_fragment(rP, tSrS);
+    }
+    // Last P V.
+    pipe_v.consumer_wait(st_v);
+    sched_wait(mma_wg, n_iters == 0);
+    wgmma_issue<false, true>(mma_pv, tOrP, tOrV(_, _, _, st_v.index()), tOrO);
+    sched_pass(mma_wg, true);
+    warpgroup_wait<0>();
+    pipe_v.consumer_release(st_v);
+  }
+};
+
+}  // namespace fa3jax

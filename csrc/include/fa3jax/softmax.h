@@ -1,0 +1,84 @@
+// Online softmax in the exp2 domain over row-major views (rows, cols) of GMMA accumulators.
+// Scores are kept in "raw" units r (= q.k, or softcap*tanh(q.k*scale/softcap) with softcap);
+// p = exp2(r * scale_log2 - max * scale_log2), and lse = max * lse_scale + log(sum).
+#pragma once
+
+#include <cmath>
+#include "utils.h"
+
+namespace fa3jax {
+
+template <int kRows>
+struct OnlineSoftmax {
+  float row_max[kRows];
+  float row_sum[kRows];  // per-thread partial sums (reduced across the quad at the end)
+
+  CUTE_DEVICE void init() {
+    CUTE_UNROLL
+    for (int r = 0; r < kRows; ++r) {
+      row_max[r] = -INFINITY;
+      row_sum[r] = 0.f;
+    }
+  }
+
+  // Turns scores S (rows, cols) into probabilities in place; o_scale[r] receives the factor by which the
+  // running output of row r must be multiplied (0 on a row's first non-empty block).
+  template <class TS>
+  CUTE_DEVICE void step(TS& S, float scale_log2, float (&o_scale)[kRows]) {
+    static_assert(decltype(size<0>(S))::value == kRows);
+    CUTE_UNROLL
+    for (int r = 0; r < kRows; ++r) {
+      float mx = row_max[r];
+      CUTE_UNROLL
+      for (int c = 0; c < size<1>(S); ++c) mx = fmaxf(mx, S(r, c));
+      mx = quad_max(mx);
+      float const base = (mx == -INFINITY ? 0.f : mx) * scale_log2;
+      o_scale[r] = exp2f(row_max[r] * scale_log2 - base);  // exp2(-inf) = 0 on the first block
+      float sum = 0.f;
+      CUTE_UNROLL
+      for (int c = 0; c < size<1>(S); ++c) {
+        float p = exp2f(fmaf(S(r, c), scale_log2, -base));
+        S(r, c) = p;
+        sum += p;
+      }
+      row_sum[r] = fmaf(row_sum[r], o_scale[r], sum);
+      row_max[r] = mx;
+    }
+  }
+
+  // Final normalization factors and natural-log LSE. Rows that saw no key: inv 0, lse -inf.
+  CUTE_DEVICE void finalize(float lse_scale, float (&inv)[kRows], float (&lse)[kRows]) {
+    CUTE_UNROLL
+    for (int r = 0; r < kRows; ++r) {
+      float sum = quad_sum(row_sum[r]);
+      bool empty = !(sum > 0.f);
+      inv[r] = empty ? 0.f : 1.f / sum;
+      lse[r] = empty ? -INFINITY : row_max[r] * lse_scale + __logf(sum);
+    }
+  }
+};
+
+// Softcap (optional) then masking of one S tile. rc: identity coordinates of the tile, same view as S.
+template <bool kMask, bool kSoftcap, class TS, class TC>
+CUTE_DEVICE void transform_scores(TS& S, TC const& rc, int q_lo_tile, int n0, int shift, int seqlen_k, int left,
+                                  int right, float softcap_pre, float softcap) {
+  if constexpr (kSoftcap) {
+    CUTE_UNROLL
+    for (int i = 0; i < size(S); ++i) S(i) = softcap * tanh_approx(S(i) * softcap_pre);
+  }
+  if constexpr (kMask) {
+    CUTE_UNROLL
+    for (int r = 0; r < size<0>(S); ++r) {
+      int const diag = q_lo_tile + int(get<0>(rc(r, 0))) + shift;
+      int const lo = left >= 0 ? diag - left : 0;
+      int const hi = right >= 0 ? min(diag + right, seqlen_k - 1) : seqlen_k - 1;  // inclusive
+      CUTE_UNROLL
+      for (int c = 0; c < size<1>(S); ++c) {
+        int const col = n0 + int(get<1>(rc(r, c)));
+        if (col < lo || col > hi) S(r, c) = -INFINITY;
+      }
+    }
+  }
+}
+
+}  // namespace fa3jax

@@ -1,0 +1,265 @@
+// Standalone test of the forward kernels (no Python): small configs of every compiled instantiation against a
+// CPU float reference. Exits nonzero on any failure. Meant to be run directly and under compute-sanitizer
+// (memcheck / racecheck / synccheck).
+//
+//   fa3jax_test_fwd            run all tests
+//   fa3jax_test_fwd --quick    one config per instantiation (for racecheck, which is slow)
+//   fa3jax_test_fwd --bench    also time a few large configs (no checking)
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "fa3jax/fwd_api.h"
+
+using fa3jax::DType;
+
+#define CK(x)                                                                                  \
+  do {                                                                                         \
+    cudaError_t e_ = (x);                                                                      \
+    if (e_ != cudaSuccess) {                                                                   \
+      std::fprintf(stderr, "CUDA error %s at %s:%d: %s\n", cudaGetErrorString(e_), __FILE__, __LINE__, #x); \
+      std::exit(2);                                                                            \
+    }                                                                                          \
+  } while (0)
+
+struct Config {
+  int b, sq, sk, hq, hk, wl, wr;
+  float softcap;
+  const char* name;
+};
+
+static uint16_t to_bits(float x, DType dt) {
+  uint16_t r;
+  if (dt == DType::kBF16) {
+    __nv_bfloat16 h = __float2bfloat16(x);
+    std::memcpy(&r, &h, 2);
+  } else {
+    __half h = __float2half(x);
+    std::memcpy(&r, &h, 2);
+  }
+  return r;
+}
+static float from_bits(uint16_t r, DType dt) {
+  if (dt == DType::kBF16) {
+    __nv_bfloat16 h;
+    std::memcpy(&h, &r, 2);
+    return __bfloat162float(h);
+  }
+  __half h;
+  std::memcpy(&h, &r, 2);
+  return __half2float(h);
+}
+
+// masking.allowed(): bottom-right aligned window, -1 = unbounded.
+static bool allowed(int i, int j, int sq, int sk, int wl, int wr) {
+  if (i < 0 || i >= sq || j < 0 || j >= sk) return false;
+  int diag = i + sk - sq;
+  if (wl >= 0 && j < diag - wl) return false;
+  if (wr >= 0 && j > diag + wr) return false;
+  return true;
+}
+
+static void reference(const Config& c, int d, float scale, const std::vector<float>& q, const std::vector<float>& k,
+                      const std::vector<float>& v, std::vector<float>& out, std::vector<float>& lse) {
+  int g = c.hq / c.hk;
+  std::vector<double> s(c.sk);
+  for (int b = 0; b < c.b; ++b)
+    for (int h = 0; h < c.hq; ++h)
+      for (int i = 0; i < c.sq; ++i) {
+        const float* qi = &q[((size_t(b) * c.sq + i) * c.hq + h) * d];
+        double m = -INFINITY;
+        for (int j = 0; j < c.sk; ++j) {
+          if (!allowed(i, j, c.sq, c.sk, c.wl, c.wr)) {
+            s[j] = -INFINITY;
+            continue;
+          }
+          const float* kj = &k[((size_t(b) * c.sk + j) * c.hk + h / g) * d];
+          double acc = 0;
+          for (int t = 0; t < d; ++t) acc += double(qi[t]) * kj[t];
+          acc *= scale;
+          if (c.softcap > 0) acc = c.softcap * std::tanh(acc / c.softcap);
+          s[j] = acc;
+          m = std::max(m, acc);
+        }
+        float* oi = &out[((size_t(b) * c.sq + i) * c.hq + h) * d];
+        float& l = lse[(size_t(b) * c.hq + h) * c.sq + i];
+        if (m == -INFINITY) {
+          for (int t = 0; t < d; ++t) oi[t] = 0.f;
+          l = -INFINITY;
+          continue;
+        }
+        double sum = 0;
+        std::vector<double> o(d, 0.0);
+        for (int j = 0; j < c.sk; ++j) {
+          if (s[j] == -INFINITY) continue;
+          double p = std::exp(s[j] - m);
+          sum += p;
+          const float* vj = &v[((size_t(b) * c.sk + j) * c.hk + h / g) * d];
+          for (int t = 0; t < d; ++t) o[t] += p * vj[t];
+        }
+        for (int t = 0; t < d; ++t) oi[t] = float(o[t] / sum);
+        l = float(m + std::log(sum));
+      }
+}
+
+static bool run_one(DType dt, int d, const Config& c, std::mt19937& rng, bool verbose) {
+  size_t nq = size_t(c.b) * c.sq * c.hq * d, nk = size_t(c.b) * c.sk * c.hk * d, nl = size_t(c.b) * c.hq * c.sq;
+  std::normal_distribution<float> dist(0.f, 1.f);
+  std::vector<uint16_t> hq_(nq), hk_(nk), hv_(nk);
+  std::vector<float> fq(nq), fk(nk), fv(nk);
+  for (size_t i = 0; i < nq; ++i) { hq_[i] = to_bits(dist(rng), dt); fq[i] = from_bits(hq_[i], dt); }
+  for (size_t i = 0; i < nk; ++i) { hk_[i] = to_bits(dist(rng), dt); fk[i] = from_bits(hk_[i], dt); }
+  for (size_t i = 0; i < nk; ++i) { hv_[i] = to_bits(dist(rng), dt); fv[i] = from_bits(hv_[i], dt); }
+  float scale = 1.f / std::sqrt(float(d));
+
+  void *dq, *dk, *dv, *dout;
+  float* dlse;
+  CK(cudaMalloc(&dq, nq * 2));
+  CK(cudaMalloc(&dk, nk * 2));
+  CK(cudaMalloc(&dv, nk * 2));
+  CK(cudaMalloc(&dout, nq * 2));
+  CK(cudaMalloc(&dlse, nl * 4));
+  CK(cudaMemcpy(dq, hq_.data(), nq * 2, cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(dk, hk_.data(), nk * 2, cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(dv, hv_.data(), nk * 2, cudaMemcpyHostToDevice));
+  CK(cudaMemset(dout, 0xff, nq * 2));  // NaN pattern: catches unwritten outputs
+  CK(cudaMemset(dlse, 0xff, nl * 4));
+
+  fa3jax::FwdParams p;
+  p.q = dq; p.k = dk; p.v = dv; p.out = dout; p.lse = dlse;
+  p.batch = c.b; p.seqlen_q = c.sq; p.seqlen_k = c.sk; p.num_heads_q = c.hq; p.num_heads_k = c.hk;
+  p.head_dim = d; p.dtype = dt; p.softmax_scale = scale; p.window_left = c.wl; p.window_right = c.wr;
+  p.softcap = c.softcap;
+  fa3jax::FwdStatus st = fa3jax::run_fwd(p, nullptr);
+  if (!st.ok()) {
+    std::printf("FAIL %s d=%d %s: launch: %s (%s)\n", dt == DType::kBF16 ? "bf16" : "fp16", d, c.name, st.what,
+                cudaGetErrorString(st.error));
+    return false;
+  }
+  CK(cudaDeviceSynchronize());
+  std::vector<uint16_t> hout(nq);
+  std::vector<float> hlse(nl), rout(nq), rlse(nl);
+  CK(cudaMemcpy(hout.data(), dout, nq * 2, cudaMemcpyDeviceToHost));
+  CK(cudaMemcpy(hlse.data(), dlse, nl * 4, cudaMemcpyDeviceToHost));
+  CK(cudaFree(dq)); CK(cudaFree(dk)); CK(cudaFree(dv)); CK(cudaFree(dout)); CK(cudaFree(dlse));
+
+  reference(c, d, scale, fq, fk, fv, rout, rlse);
+  double max_err = 0, max_lse_err = 0;
+  size_t nan_out = 0, bad_lse_inf = 0;
+  for (size_t i = 0; i < nq; ++i) {
+    float o = from_bits(hout[i], dt);
+    if (!std::isfinite(o)) { ++nan_out; continue; }
+    max_err = std::max(max_err, double(std::fabs(o - rout[i])));
+  }
+  for (size_t i = 0; i < nl; ++i) {
+    if (std::isinf(rlse[i])) {
+      if (!(std::isinf(hlse[i]) && hlse[i] < 0)) ++bad_lse_inf;
+      continue;
+    }
+    if (!std::isfinite(hlse[i])) { ++bad_lse_inf; continue; }
+    max_lse_err = std::max(max_lse_err, double(std::fabs(hlse[i] - rlse[i])));
+  }
+  double tol = dt == DType::kBF16 ? 2.5e-2 : 4e-3;
+  double lse_tol = 2e-3 * std::log2(double(c.sk) + 2) + 1e-3;
+  bool ok = nan_out == 0 && bad_lse_inf == 0 && max_err <= tol && max_lse_err <= lse_tol;
+  if (!ok || verbose)
+    std::printf("%s %s d=%d %-22s b=%d sq=%d sk=%d hq=%d hk=%d win=(%d,%d) cap=%g: max|dO|=%.3g max|dLSE|=%.3g "
+                "non-finite out=%zu bad lse=%zu\n",
+                ok ? "ok  " : "FAIL", dt == DType::kBF16 ? "bf16" : "fp16", d, c.name, c.b, c.sq, c.sk, c.hq, c.hk,
+                c.wl, c.wr, c.softcap, max_err, max_lse_err, nan_out, bad_lse_inf);
+  return ok;
+}
+
+static void bench(DType dt, int d) {
+  struct B { int b, s, h; int wr; };
+  const B cases[] = {{4, 4096, 16, -1}, {4, 4096, 16, 0}, {1, 16384, 16, -1}};
+  for (const B& c : cases) {
+    size_t n = size_t(c.b) * c.s * c.h * d;
+    void *q, *k, *v, *o;
+    float* l;
+    CK(cudaMalloc(&q, n * 2)); CK(cudaMalloc(&k, n * 2)); CK(cudaMalloc(&v, n * 2)); CK(cudaMalloc(&o, n * 2));
+    CK(cudaMalloc(&l, size_t(c.b) * c.h * c.s * 4));
+    CK(cudaMemset(q, 0, n * 2)); CK(cudaMemset(k, 0, n * 2)); CK(cudaMemset(v, 0, n * 2));
+    fa3jax::FwdParams p;
+    p.q = q; p.k = k; p.v = v; p.out = o; p.lse = l; p.batch = c.b; p.seqlen_q = p.seqlen_k = c.s;
+    p.num_heads_q = p.num_heads_k = c.h; p.head_dim = d; p.dtype = dt; p.softmax_scale = 1.f / std::sqrt(float(d));
+    p.window_right = c.wr;
+    cudaEvent_t e0, e1;
+    CK(cudaEventCreate(&e0)); CK(cudaEventCreate(&e1));
+    for (int i = 0; i < 3; ++i) fa3jax::run_fwd(p, nullptr);
+    const int iters = 20;
+    CK(cudaEventRecord(e0));
+    for (int i = 0; i < iters; ++i) fa3jax::run_fwd(p, nullptr);
+    CK(cudaEventRecord(e1));
+    CK(cudaEventSynchronize(e1));
+    float ms;
+    CK(cudaEventElapsedTime(&ms, e0, e1));
+    ms /= iters;
+    double flops = 4.0 * c.b * c.h * double(c.s) * c.s * d * (c.wr == 0 ? 0.5 : 1.0);
+    std::printf("bench %s d=%d b=%d s=%d h=%d %s: %.3f ms, %.1f TFLOP/s\n", dt == DType::kBF16 ? "bf16" : "fp16", d,
+                c.b, c.s, c.h, c.wr == 0 ? "causal" : "full  ", ms, flops / ms * 1e-9);
+    CK(cudaFree(q)); CK(cudaFree(k)); CK(cudaFree(v)); CK(cudaFree(o)); CK(cudaFree(l));
+  }
+}
+
+int main(int argc, char** argv) {
+  bool quick = false, do_bench = false, verbose = true;
+  for (int i = 1; i < argc; ++i) {
+    if (!std::strcmp(argv[i], "--quick")) quick = true;
+    else if (!std::strcmp(argv[i], "--bench")) do_bench = true;
+    else if (!std::strcmp(argv[i], "--quiet")) verbose = false;
+  }
+  int dev;
+  cudaDeviceProp prop;
+  CK(cudaGetDevice(&dev));
+  CK(cudaGetDeviceProperties(&prop, dev));
+  std::printf("device: %s (sm_%d%d); compiled: %s\n", prop.name, prop.major, prop.minor, fa3jax::fwd_compiled_list());
+  if (prop.major != 9 || prop.minor != 0) {
+    std::printf("needs an sm_90 GPU\n");
+    return 3;
+  }
+  const Config configs[] = {
+      {1, 128, 128, 1, 1, -1, -1, 0.f, "full-aligned"},
+      {2, 200, 333, 4, 2, -1, -1, 0.f, "full-gqa-ragged"},
+      {2, 257, 257, 2, 1, -1, 0, 0.f, "causal"},
+      {1, 100, 300, 2, 2, -1, 0, 0.f, "causal-sq<sk"},
+      {1, 300, 100, 2, 2, -1, 0, 0.f, "causal-sq>sk(empty rows)"},
+      {1, 333, 333, 2, 2, 64, 32, 0.f, "window(64,32)"},
+      {1, 260, 517, 2, 1, 100, -1, 0.f, "window(100,-1)"},
+      {1, 190, 190, 2, 2, -1, 0, 30.f, "causal-softcap30"},
+      {2, 1, 515, 4, 1, -1, -1, 0.f, "mqa-decode"},
+      {1, 64, 1000, 2, 2, 10, 5, 0.f, "narrow-window"},
+      {1, 7, 3, 1, 1, -1, -1, 0.f, "tiny"},
+  };
+  std::mt19937 rng(1234);
+  int failures = 0, runs = 0;
+  const DType dts[] = {DType::kBF16, DType::kFP16};
+  const int dims[] = {64, 128, 256};
+  for (DType dt : dts)
+    for (int d : dims) {
+      if (!fa3jax::fwd_compiled(dt, d)) continue;
+      for (const Config& c : configs) {
+        if (quick && &c != &configs[2]) continue;
+        ++runs;
+        if (!run_one(dt, d, c, rng, verbose)) ++failures;
+      }
+      if (do_bench) bench(dt, d);
+    }
+  // Invalid parameters must be rejected, not launched.
+  {
+    fa3jax::FwdParams p;
+    p.batch = 1; p.seqlen_q = p.seqlen_k = 16; p.num_heads_q = 3; p.num_heads_k = 2; p.head_dim = 128;
+    ++runs;
+    if (fa3jax::run_fwd(p, nullptr).ok()) { std::printf("FAIL invalid params accepted\n"); ++failures; }
+  }
+  std::printf("%d/%d passed\n", runs - failures, runs);
+  return failures == 0 ? 0 : 1;
+}

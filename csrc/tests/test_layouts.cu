@@ -1,0 +1,76 @@
+// Host-only check (runs without a GPU) of the register-layout reinterpretations the kernel relies on:
+//  * acc_rowcol: every (r, c) of a thread's accumulator view has row = f(r) only, and columns come in
+//    adjacent pairs (c, c+1) -> (col, col+1);
+//  * acc_to_a_regs: the S accumulator (64xN per warpgroup) reinterpreted as the register A operand of the
+//    P V GEMM holds, for every thread and value, the same (row, k) coordinate the RS MMA expects.
+#include <cstdio>
+
+#include "fa3jax/kernel_traits.h"
+#include "fa3jax/utils.h"
+
+using namespace cute;
+using namespace fa3jax;
+
+template <class KT>
+int check(const char* name) {
+  typename KT::TiledMmaQK mma_qk;
+  typename KT::TiledMmaPV mma_pv;
+  int errors = 0;
+  for (int t = 0; t < KT::kNumMmaThreads; ++t) {
+    auto thr_qk = mma_qk.get_thread_slice(t);
+    auto thr_pv = mma_pv.get_thread_slice(t);
+    Tensor cS = make_identity_tensor(Shape<typename KT::BlkM, typename KT::BlkN>{});
+    Tensor tScS = thr_qk.partition_C(cS);
+    Tensor rc = make_tensor(tScS.data(), acc_rowcol(tScS.layout()));
+    for (int r = 0; r < size<0>(rc); ++r)
+      for (int c = 0; c < size<1>(rc); ++c) {
+        if (get<0>(rc(r, c)) != get<0>(rc(r, 0))) ++errors;
+        if (c % 2 == 1 && get<1>(rc(r, c)) != get<1>(rc(r, c - 1)) + 1) ++errors;
+      }
+    // A operand view of the S accumulator vs. what the PV MMA expects for A (M x K = BlkM x BlkN).
+    Tensor tPcS = make_tensor(tScS.data(), acc_to_a_regs(tScS.layout()));
+    Tensor cA = make_identity_tensor(Shape<typename KT::BlkM, typename KT::BlkN>{});
+    Tensor tAcA = thr_pv.partition_A(cA);
+
+    if (size(tPcS) != size(tAcA)) {
+      std::printf("%s: size mismatch %d vs %d\n", name, int(size(tPcS)), int(size(tAcA)));
+      return 1;
+    }
+
+    for (int i = 0; i < size(tAcA); ++i) {
+      if (tPcS(i) != tAcA(i)) {
+        if (errors < 5)
+          std::printf("%s: thread %d value %d: S-acc coord (%d,%d) != A coord (%d,%d)\n", name, t, i,
+                      int(get<0>(tPcS(i))), int(get<1>(tPcS(i))), int(get<0>(tAcA(i))), int(get<1>(tAcA(i))));
+        ++errors;
+      }
+    }
+    // Epilogue view of O.
+    Tensor cO = make_identity_tensor(Shape<typename KT::BlkM, typename KT::HDim>{});
+    Tensor tOcO = thr_pv.partition_C(cO);
+    Tensor rcO = make_tensor(tOcO.data(), acc_rowcol(tOcO.layout()));
+    for (int r = 0; r < size<0>(rcO); ++r)
+      for (int c = 0; c < size<1>(rcO); ++c) {
+        if (get<0>(rcO(r, c)) != get<0>(rcO(r, 0))) ++errors;
+        if (c % 2 == 1 && get<1>(rcO(r, c)) != get<1>(rcO(r, c - 1)) + 1) ++errors;
+      }
+    // The 4 lanes of a quad share rows (quad reductions).
+    if (t % 4 != 0) {
+      auto thr0 = mma_qk.get_thread_slice(t - t % 4);
+      Tensor c0 = thr0.partition_C(cS);
+      Tensor rc0 = make_tensor(c0.data(), acc_rowcol(c0.layout()));
+      for (int r = 0; r < size<0>(rc); ++r)
+        if (get<0>(rc(r, 0)) != get<0>(rc0(r, 0))) ++errors;
+    }
+  }
+  std::printf("%s: %s (%d errors)\n", name, errors ? "FAIL" : "ok", errors);
+  return errors ? 1 : 0;
+}
+
+int main() {
+  int fails = 0;
+  fails += check<FwdKernelTraits<cutlass::bfloat16_t, 128, 128, 128, 2, 24, 240>>("bf16 d128 128x128");
+  fails += check<FwdKernelTraits<cutlass::half_t, 64, 192, 128, 2, 32, 160>>("fp16 d64 192x128");
+  fails += check<FwdKernelTraits<cutlass::bfloat16_t, 256, 128, 80, 2, 24, 240>>("bf16 d256 128x80");
+  return fails;
+}

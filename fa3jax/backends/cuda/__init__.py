@@ -1,0 +1,140 @@
+"""Hopper (sm_90a) CUDA backend: FlashAttention-3 style forward kernel behind XLA FFI.
+
+The compiled part lives in ``_fa3jax_cuda`` (built only with ``FA3JAX_BUILD_CUDA=1``); everything here works,
+and reports unavailability, without it. There is no backward kernel: the registry pairs this forward (and its
+LSE) with another backend's backward.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import threading
+
+import jax
+import jax.numpy as jnp
+
+from ...spec import AttentionSpec
+from ..base import Backend
+from . import targets
+
+_EXT_NAME = __name__ + "._fa3jax_cuda"
+_NOT_BUILT = "fa3jax was installed without the CUDA extension; rebuild with FA3JAX_BUILD_CUDA=1"
+_DTYPE_NAMES = {"bfloat16": "bf16", "float16": "fp16"}
+_MAX_GRID_YZ = 65535
+
+_register_lock = threading.Lock()
+_registered = False
+
+
+@functools.lru_cache(maxsize=None)
+def _load_extension():
+    """(module, None) or (None, reason). Never raises."""
+    try:
+        if importlib.util.find_spec(_EXT_NAME) is None:
+            return None, _NOT_BUILT
+    except Exception as e:  # noqa: BLE001 - a broken package layout is also "not available"
+        return None, f"cuda: cannot look up the CUDA extension: {type(e).__name__}: {e}"
+    try:
+        return importlib.import_module(_EXT_NAME), None
+    except Exception as e:  # noqa: BLE001
+        return None, f"cuda: the CUDA extension failed to load: {type(e).__name__}: {e}"
+
+
+@functools.lru_cache(maxsize=None)
+def build_info() -> dict:
+    """What the extension was compiled with ({} when not built / not loadable)."""
+    ext, _ = _load_extension()
+    if ext is None:
+        return {}
+    try:
+        return dict(ext.build_info())
+    except Exception:  # noqa: BLE001
+        return {}
+
+
+def _register_targets(ext) -> None:
+    global _registered
+    if _registered:
+        return
+    with _register_lock:
+        if _registered:
+            return
+        handlers = ext.handlers()
+        for target, key in targets.HANDLERS.items():
+            jax.ffi.register_ffi_target(target, handlers[key], platform="CUDA")
+        _registered = True
+
+
+class CudaBackend(Backend):
+    name = "cuda"
+
+    def availability(self) -> tuple[bool, str]:
+        try:
+            ext, reason = _load_extension()
+            if ext is None:
+                return False, reason
+            try:
+                platform = jax.default_backend()
+            except Exception as e:  # noqa: BLE001
+                return False, f"cuda: no JAX backend: {type(e).__name__}: {e}"
+            if platform != "gpu":
+                return False, f"cuda: JAX default backend is {platform!r}, not 'gpu'"
+            dev = jax.devices()[0]
+            cc = getattr(dev, "compute_capability", None)
+            if cc is None:
+                return False, f"cuda: cannot read the compute capability of {dev}"
+            if str(cc) != "9.0":
+                return False, f"cuda: needs a Hopper GPU (compute capability 9.0), found {cc} ({dev.device_kind})"
+            return True, ""
+        except Exception as e:  # noqa: BLE001 - availability never raises
+            return False, f"cuda: availability check failed: {type(e).__name__}: {e}"
+
+    def check_forward(self, spec: AttentionSpec) -> None:
+        if spec.mode != "dense":
+            raise NotImplementedError(f"cuda: only dense mode has a kernel (got {spec.mode!r})")
+        ext, reason = _load_extension()
+        if ext is None:
+            raise NotImplementedError(reason)
+        if spec.has_offsets:
+            raise NotImplementedError("cuda: ring-attention offsets (mask_seqlen_q/k) are not supported")
+        dt = _DTYPE_NAMES.get(spec.dtype)
+        if dt is None:
+            raise NotImplementedError(f"cuda: dtype {spec.dtype} not supported (bfloat16, float16 only)")
+        info = build_info()
+        instances = {(str(t), int(d)) for t, d in info.get("instances", ())}
+        if (dt, spec.head_dim) not in instances:
+            built = sorted(instances)
+            raise NotImplementedError(
+                f"cuda: (dtype={spec.dtype}, head_dim={spec.head_dim}) not compiled in (built: {built}); "
+                "rebuild with FA3JAX_HEAD_DIMS / FA3JAX_DTYPES")
+        if spec.num_heads_k < 1 or spec.num_heads_q % spec.num_heads_k:
+            raise NotImplementedError("cuda: num_heads_q must be a multiple of num_heads_k")
+        if spec.seqlen_k < 1:
+            raise NotImplementedError("cuda: seqlen_k == 0 is not supported")
+        if spec.batch > _MAX_GRID_YZ or spec.num_heads_q > _MAX_GRID_YZ:
+            raise NotImplementedError("cuda: batch and num_heads_q must be <= 65535")
+        if not spec.softmax_scale > 0:
+            raise NotImplementedError("cuda: softmax_scale must be > 0")
+        if spec.softcap < 0:
+            raise NotImplementedError("cuda: negative softcap")
+
+    def check_backward(self, spec: AttentionSpec) -> None:
+        raise NotImplementedError(
+            "cuda: no backward kernel yet; use the triton or xla backward (with this forward's LSE)")
+
+    def forward(self, spec: AttentionSpec, q, k, v, args):
+        self.check_forward(spec)
+        ext, _ = _load_extension()
+        _register_targets(ext)
+        b, sq, hq, _d = q.shape
+        out_types = (
+            jax.ShapeDtypeStruct(q.shape, q.dtype),
+            jax.ShapeDtypeStruct((b, hq, sq), jnp.float32),
+        )
+        call = jax.ffi.ffi_call(targets.FWD_TARGET, out_types, vmap_method="sequential")
+        out, lse = call(q, k, v, **targets.fwd_attributes(spec))
+        return out, lse
+
+
+__all__ = ["CudaBackend", "build_info"]

@@ -1,0 +1,27 @@
+"""The single place that names the CUDA extension's XLA FFI targets and their attributes.
+
+The C++ side (``csrc/ffi/fwd_ffi.cc``) binds the same attribute names; keep the two in sync.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+# FFI target name -> key of the capsule in ``_fa3jax_cuda.handlers()``.
+FWD_TARGET = "fa3jax_cuda_fwd"
+HANDLERS = {FWD_TARGET: "fwd"}
+
+# Attributes of FWD_TARGET, with their FFI types.
+ATTR_SOFTMAX_SCALE = "softmax_scale"  # f32
+ATTR_WINDOW_LEFT = "window_left"  # i32, -1 = unbounded
+ATTR_WINDOW_RIGHT = "window_right"  # i32, -1 = unbounded; causal is 0
+ATTR_SOFTCAP = "softcap"  # f32, 0 = off
+
+
+def fwd_attributes(spec) -> dict:
+    """Keyword attributes of one forward call, typed as the handler binds them."""
+    return {
+        ATTR_SOFTMAX_SCALE: np.float32(spec.softmax_scale),
+        ATTR_WINDOW_LEFT: np.int32(spec.window.left),
+        ATTR_WINDOW_RIGHT: np.int32(spec.window.right),
+        ATTR_SOFTCAP: np.float32(spec.softcap if spec.softcap > 0 else 0.0),
+    }

@@ -1,0 +1,283 @@
+"""Ring attention: sequence parallelism over one mesh axis, inside ``shard_map`` (or a custom partition).
+
+Every device holds one sequence chunk of q, k, v (dense layout, (b, l_local, h, d)). The forward runs ``n`` steps
+(``n`` = the axis size): at step ``s`` device ``i`` attends its q chunk to the k/v chunk of device ``i - s``
+and passes that k/v chunk to device ``i + 1`` with ``lax.ppermute`` (in the inputs' own dtype). Partial results
+are merged by their log-sum-exp (:mod:`fa3jax.lse`). Each block is one ordinary backend call on a spec whose
+masks use the global lengths (``mask_seqlen_q/k``) and the runtime global offsets of the block, so causal,
+sliding windows, softcap and GQA behave exactly as on the unsharded sequence. Blocks that the mask hides
+entirely are skipped with ``lax.cond`` (the kernel does not run; the permute still happens).
+
+The backward is the standard ring backward: the global ``out``/``lse`` of the local q rows (already merged) feed
+every step, ``dq`` accumulates locally in fp32, and fp32 ``dk``/``dv`` accumulators travel around the ring with
+their k/v chunk, arriving back on their owner after ``n`` permutes.
+
+Layouts:
+  * ``"contiguous"``: device ``i`` holds chunk ``i`` of ``n``.
+  * ``"zigzag"``: the sequence is cut in ``2n`` chunks and device ``i`` holds chunks ``i`` and ``2n - 1 - i``
+    (use :func:`zigzag_permute` to lay a global array out that way). Under causal masks every device then does
+    the same amount of work. Each local tensor is two halves with different offsets, so every step makes up to
+    4 backend calls (q half x k half; a scan over the pairs, so the kernel is traced once), each skipped when
+    masked out.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from .vma import varying_like
+from . import lse as _lse
+from . import masking, registry, validation, vjp
+from .backends.base import DenseArgs
+
+LAYOUTS = ("contiguous", "zigzag")
+_NEG_INF = float("-inf")
+
+
+# ------------------------------------------------------------------------------------------- layout helpers
+def zigzag_permute(x, n: int, axis: int = 1):
+    """Reorder a global sequence so that contiguous sharding over ``n`` devices gives device ``i`` the chunks
+    ``i`` and ``2n - 1 - i`` (of ``2n``). ``x.shape[axis]`` must divide by ``2n``. numpy in, numpy out."""
+    return _reorder(x, _zigzag_order(n), axis)
+
+
+def zigzag_unpermute(x, n: int, axis: int = 1):
+    """Inverse of :func:`zigzag_permute`."""
+    order = _zigzag_order(n)
+    inv = [0] * len(order)
+    for pos, c in enumerate(order):
+        inv[c] = pos
+    return _reorder(x, inv, axis)
+
+
+def _zigzag_order(n):
+    n = int(n)
+    if n < 1:
+        raise ValueError(f"n must be >= 1; got n={n}")
+    return [c for i in range(n) for c in (i, 2 * n - 1 - i)]
+
+
+def _reorder(x, order, axis):
+    parts = len(order)
+    length = x.shape[axis]
+    if length % parts:
+        raise ValueError(f"x.shape[{axis}]={length} must divide by 2n={parts} for the zigzag layout")
+    if isinstance(x, np.ndarray):
+        c = length // parts
+        idx = np.concatenate([np.arange(o * c, (o + 1) * c) for o in order])
+        return np.take(x, idx, axis=axis)
+    chunks = jnp.split(x, parts, axis=axis)
+    return jnp.concatenate([chunks[o] for o in order], axis=axis)
+
+
+# --------------------------------------------------------------------------------------------- skipping
+def block_is_live(q_lo, len_q, k_lo, len_k, seqlen_q, seqlen_k, window: masking.Window):
+    """Whether any query of global rows ``[q_lo, q_lo + len_q)`` may attend to any key of global columns
+    ``[k_lo, k_lo + len_k)`` (sequence lengths ``seqlen_q``/``seqlen_k``), per :func:`fa3jax.masking.allowed`.
+
+    Exact: the keys visible from consecutive rows form one contiguous band (:func:`fa3jax.masking.key_range`),
+    so the block is live iff that band, clipped to the sequence, meets the block's columns. Works on Python ints
+    and on traced int32 scalars."""
+    lo, hi = masking.key_range(q_lo, q_lo + len_q, seqlen_q, seqlen_k, window)
+    lo = jnp.maximum(jnp.maximum(lo, k_lo), 0)
+    hi = jnp.minimum(jnp.minimum(hi, k_lo + len_k), seqlen_k)
+    return (lo < hi) & (len_q > 0)
+
+
+# ------------------------------------------------------------------------------------------ ring plumbing
+def _check_ring(ex, q, k):
+    spec, cfg = ex.spec, ex.ring
+    n = cfg.axis_size
+    if cfg.layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}; got layout={cfg.layout!r}")
+    if spec.mode != "dense":
+        raise ValueError(f"ring attention supports dense inputs only; got mode={spec.mode!r}")
+    for name, x, total in (("q", q, spec.seqlen_q), ("k", k, spec.seqlen_k)):
+        if x.shape[1] * n != total:
+            raise ValueError(f"{name}: local sequence length {x.shape[1]} times the axis size {n} must equal the "
+                             f"global sequence length {total}")
+        parts = 2 * n if cfg.layout == "zigzag" else n
+        if total % parts:
+            raise ValueError(f"{name}: sequence length {total} must divide by {parts} (axis size {n}, layout "
+                             f"{cfg.layout!r}); got {name}.shape={tuple(x.shape)} per device")
+
+
+
+
+def _offsets(idx, n, total, layout):
+    """(P,) int32 global offsets of the P pieces (1 contiguous, 2 zigzag) held by device ``idx``."""
+    if layout == "contiguous":
+        return jnp.stack([idx * (total // n)]).astype(jnp.int32)
+    c = total // (2 * n)
+    return jnp.stack([idx * c, (2 * n - 1 - idx) * c]).astype(jnp.int32)
+
+
+def _stack(x, p, axis):
+    """Cut ``axis`` of ``x`` into ``p`` equal pieces, stacked on a new leading axis."""
+    shape = x.shape[:axis] + (p, x.shape[axis] // p) + x.shape[axis + 1:]
+    return jnp.moveaxis(x.reshape(shape), axis, 0)
+
+
+def _unstack(x, axis):
+    """Inverse of :func:`_stack`."""
+    x = jnp.moveaxis(x, 0, axis)
+    return x.reshape(x.shape[:axis] + (x.shape[axis] * x.shape[axis + 1],) + x.shape[axis + 2:])
+
+
+def _block_spec(spec, len_q, len_k):
+    return spec.replace(seqlen_q=len_q, seqlen_k=len_k, mask_seqlen_q=spec.seqlen_q, mask_seqlen_k=spec.seqlen_k)
+
+
+def _perm(n):
+    return [(j, (j + 1) % n) for j in range(n)]
+
+
+def _get(x, i):
+    return x[i] if isinstance(i, int) else lax.dynamic_index_in_dim(x, i, 0, keepdims=False)
+
+
+def _put(x, i, val):
+    return x.at[i].set(val) if isinstance(i, int) else lax.dynamic_update_index_in_dim(x, val, i, 0)
+
+
+def _pairs(pq, pk, fn, carry):
+    """Apply ``fn(carry, a, b)`` to every (q piece a, k piece b) pair. One traced instance of ``fn`` (a scan over
+    the pairs when there are several), so the kernel is compiled once whatever the layout."""
+    if pq * pk == 1:
+        return fn(carry, 0, 0)
+
+    def body(c, p):
+        return fn(c, p // pk, p % pk), None
+
+    return lax.scan(body, carry, jnp.arange(pq * pk, dtype=jnp.int32))[0]
+
+
+def _pieces(layout):
+    return 2 if layout == "zigzag" else 1
+
+
+# ---------------------------------------------------------------------------------------------- forward
+def ring_forward(ex, q, k, v):
+    """(out, lse) of the local q chunk against the whole (ring-distributed) sequence. Inside shard_map.
+
+    A scan over the ``n`` ring steps: each step sends the held k/v chunk on (the permute is issued first so it
+    can overlap the compute; the last step's permute is redundant, the price of tracing the step once) and
+    attends every (q piece, k piece) pair that the mask does not hide."""
+    _check_ring(ex, q, k)
+    spec, cfg = ex.spec, ex.ring
+    n, name, layout = cfg.axis_size, cfg.axis_name, cfg.layout
+    p = _pieces(layout)
+    idx = lax.axis_index(name).astype(jnp.int32)
+    qs = _stack(q, p, 1)  # (P, b, cq, hq, d)
+    q_offs = _offsets(idx, n, spec.seqlen_q, layout)
+    cq, ck = qs.shape[2], k.shape[1] // p
+    bspec = _block_spec(spec, cq, ck)
+    acc0 = (jnp.zeros(qs.shape, jnp.float32), jnp.full((p, q.shape[0], q.shape[2], cq), _NEG_INF, jnp.float32))
+    acc0 = tuple(varying_like(x, q, k, v, q_offs) for x in acc0)
+
+    def step(carry, s):
+        kv, acc = carry
+        nxt = tuple(lax.ppermute(x, name, _perm(n)) for x in kv) if n > 1 else kv
+        ks, vs = _stack(kv[0], p, 1), _stack(kv[1], p, 1)
+        k_offs = _offsets((idx - s) % n, n, spec.seqlen_k, layout)
+
+        def pair(acc, a, b):
+            qo, ko = _get(q_offs, a), _get(k_offs, b)
+            live = block_is_live(qo, cq, ko, ck, spec.seqlen_q, spec.seqlen_k, spec.window)
+
+            def attend(acc):
+                o, l = vjp.call_forward(ex.plan.forward, bspec, _get(qs, a), _get(ks, b), _get(vs, b),
+                                        DenseArgs(qo, ko))
+                mo, ml = _lse.merge(_get(acc[0], a), _get(acc[1], a), o, l, _lse.dense_lse_to_out)
+                return _put(acc[0], a, mo), _put(acc[1], a, ml)
+
+            return lax.cond(live, attend, lambda acc: acc, acc)
+
+        return (nxt, _pairs(p, p, pair, acc)), None
+
+    (_, (o, l)), _ = lax.scan(step, ((k, v), acc0), jnp.arange(n, dtype=jnp.int32))
+    return _unstack(o, 1).astype(q.dtype), _unstack(l, 2)
+
+
+# --------------------------------------------------------------------------------------------- backward
+def ring_backward(ex, q, k, v, out, lse, dout, dlse):
+    """(dq, dk, dv) of the local chunks. ``out``/``lse`` are the merged (global) results of the local q rows,
+    so every block's softmax gradient uses the global statistics. fp32 dk/dv accumulators travel with their
+    k/v chunk and are home after the n-th permute; dq accumulates locally in fp32."""
+    _check_ring(ex, q, k)
+    spec, cfg = ex.spec, ex.ring
+    n, name, layout = cfg.axis_size, cfg.axis_name, cfg.layout
+    p = _pieces(layout)
+    idx = lax.axis_index(name).astype(jnp.int32)
+    qs, outs, douts = (_stack(x, p, 1) for x in (q, out, dout))
+    lses, dlses = _stack(lse, p, 2), _stack(dlse, p, 2)
+    q_offs = _offsets(idx, n, spec.seqlen_q, layout)
+    cq, ck = qs.shape[2], k.shape[1] // p
+    bspec = _block_spec(spec, cq, ck)
+    dq0 = jnp.zeros(qs.shape, jnp.float32)
+    dkv0 = (jnp.zeros((p, k.shape[0], ck) + k.shape[2:], jnp.float32),
+            jnp.zeros((p, v.shape[0], ck) + v.shape[2:], jnp.float32))
+    dq0, dkv0 = jax.tree.map(lambda x: varying_like(x, q, k, v, out, lse, dout, dlse, q_offs), (dq0, dkv0))
+
+    def step(carry, s):
+        kv, dkv, dq = carry
+        nxt = tuple(lax.ppermute(x, name, _perm(n)) for x in kv) if n > 1 else kv
+        ks, vs = _stack(kv[0], p, 1), _stack(kv[1], p, 1)
+        k_offs = _offsets((idx - s) % n, n, spec.seqlen_k, layout)
+
+        def pair(c, a, b):
+            qo, ko = _get(q_offs, a), _get(k_offs, b)
+            live = block_is_live(qo, cq, ko, ck, spec.seqlen_q, spec.seqlen_k, spec.window)
+
+            def grads(c):
+                dq, dk, dv = c
+                g = vjp.call_backward(ex.plan.backward, bspec, _get(qs, a), _get(ks, b), _get(vs, b),
+                                      _get(outs, a), _get(lses, a), _get(douts, a), _get(dlses, a),
+                                      DenseArgs(qo, ko))
+                return (_put(dq, a, _get(dq, a) + g[0].astype(jnp.float32)),
+                        _put(dk, b, _get(dk, b) + g[1].astype(jnp.float32)),
+                        _put(dv, b, _get(dv, b) + g[2].astype(jnp.float32)))
+
+            return lax.cond(live, grads, lambda c: c, c)
+
+        dq, dk, dv = _pairs(p, p, pair, (dq,) + dkv)
+        dkv = tuple(lax.ppermute(x, name, _perm(n)) for x in (dk, dv)) if n > 1 else (dk, dv)
+        return (nxt, dkv, dq), None
+
+    (_, (dk, dv), dq), _ = lax.scan(step, ((k, v), dkv0, dq0), jnp.arange(n, dtype=jnp.int32))
+    return (_unstack(dq, 1).astype(q.dtype), _unstack(dk, 1).astype(k.dtype), _unstack(dv, 1).astype(v.dtype))
+
+
+# ------------------------------------------------------------------------------------------- public API
+def ring_attention(q, k, v, axis_name, *, softmax_scale=None, is_causal=False, window_size=(-1, -1), softcap=0.0,
+                   return_softmax_lse=False, layout="contiguous", backend="auto"):
+    """Sequence-parallel attention for code already inside ``shard_map`` over mesh axis ``axis_name``.
+
+    ``q`` (b, lq_local, hq, d) and ``k``/``v`` (b, lk_local, hk, d) are this device's sequence chunks; the
+    global sequences are ``lq_local * n`` / ``lk_local * n`` long (``n`` = the axis size) and are laid out per
+    ``layout``: "contiguous" (device i holds chunk i) or "zigzag" (device i holds chunks i and 2n-1-i of 2n;
+    see :func:`zigzag_permute`), which balances causal work. Masks (causal, window, bottom-right alignment) refer
+    to global positions. Returns the local ``out`` (like q), or ``(out, lse)`` with lse (b, hq, lq_local).
+    Differentiable w.r.t. q, k, v (and through the LSE).
+    """
+    backend = validation.validate_backend(backend)
+    spec = validation.validate_dense(q, k, v, softmax_scale=softmax_scale, is_causal=is_causal,
+                                     window_size=window_size, softcap=softcap,
+                                     return_softmax_lse=return_softmax_lse, deterministic=False)
+    if not isinstance(axis_name, str):
+        raise ValueError(f"axis_name must be the name (str) of one mesh axis; got axis_name={axis_name!r}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}; got layout={layout!r}")
+    n = int(lax.axis_size(axis_name))
+    if layout == "zigzag":
+        for nm, x in (("q", q), ("k", k)):
+            if x.shape[1] % 2:
+                raise ValueError(f"{nm}: the zigzag layout needs an even local sequence length; got "
+                                 f"{nm}.shape={tuple(x.shape)}")
+    spec = spec.replace(seqlen_q=spec.seqlen_q * n, seqlen_k=spec.seqlen_k * n)
+    plan = registry.plan(spec, backend)
+    ex = vjp.Execution(plan, vjp.RingConfig(axis_name, n, layout))
+    out, lse = vjp.attention(ex, q, k, v, None)
+    return (out, lse) if return_softmax_lse else out
