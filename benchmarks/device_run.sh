@@ -7,6 +7,7 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/fa3jax-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+# the device gets a tree without .git: pass FA3JAX_COMMIT=$(git rev-parse --short HEAD) from here for RESULTS.md
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || { echo "wheel install failed"; exit 1; }
 export PYTHONPATH=/tmp/site:$PWD

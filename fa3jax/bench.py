@@ -80,7 +80,10 @@ def _flash_attn3():
 
 
 def git_commit() -> Optional[str]:
-    """Short commit of the checkout (cwd first, then this module's tree), '-dirty' with uncommitted changes."""
+    """Short commit of the checkout (cwd first, then this module's tree), '-dirty' with uncommitted changes.
+    ``FA3JAX_COMMIT`` overrides it: the device machine receives a working tree without git history."""
+    if os.environ.get("FA3JAX_COMMIT"):
+        return os.environ["FA3JAX_COMMIT"]
     for where in (Path.cwd(), REPO_ROOT):
         try:
             r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=where, capture_output=True, text=True,

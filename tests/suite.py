@@ -372,3 +372,22 @@ class AttentionSuite:
         for i in range(2):
             np.testing.assert_allclose(np.asarray(got[i], np.float32), np.asarray(g(qd[i], kc[i], lens[i]), np.float32),
                                        atol=1e-2)
+
+    def test_kvcache_traced_cache_seqlens_under_jit(self):
+        """cache_seqlens as a traced jit argument: one compilation serves every length."""
+        self._skip_unless(self.supports_kvcache, "kvcache")
+        dt = self.dtypes[0]
+        rng = self._rng("traced-len")
+        d = self._d(16)
+        kc, kc64 = rand(rng, (2, 32, 1, d), dt)
+        vc, vc64 = rand(rng, (2, 32, 1, d), dt)
+        q, q64 = rand(rng, (2, 1, 2, d), dt)
+        f = jax.jit(lambda q, n: fa3jax.flash_mha_with_kvcache(q, kc, vc, cache_seqlens=n, backend=self.backend))
+        win = masking.normalize_window((-1, -1), False)
+        for lens in ([3, 17], [32, 1]):
+            out = f(q, jnp.asarray(lens, jnp.int32))
+            ref = reference.kvcache(q64, kc64, vc64, lens, scale=1 / np.sqrt(d), window=win)
+            low = reference.kvcache(q64, kc64, vc64, lens, scale=1 / np.sqrt(d), window=win,
+                                    impl=functools.partial(naive_lowp, dtype=dt))
+            check("out", out, ref[0], low[0], dt)
+        assert f._cache_size() == 1
