@@ -6,7 +6,7 @@ backend. Nothing here touches array values except to route them.
 from __future__ import annotations
 
 from . import kvcache as _kv
-from . import registry, validation, vjp
+from . import registry, sharding, validation, vjp
 
 
 def flash_mha(q, k, v, softmax_scale=None, is_causal=False, window_size=(-1, -1), softcap=0.0,
@@ -21,6 +21,9 @@ def flash_mha(q, k, v, softmax_scale=None, is_causal=False, window_size=(-1, -1)
     spec = validation.validate_dense(q, k, v, softmax_scale=softmax_scale, is_causal=is_causal,
                                      window_size=window_size, softcap=softcap,
                                      return_softmax_lse=return_softmax_lse, deterministic=deterministic)
+    if sharding.explicit_layout(q) is not None:  # sharded in the arrays' types: per shard / ring via shard_map
+        return sharding.explicit_call(q, k, v, return_lse=return_softmax_lse, softmax_scale=spec.softmax_scale,
+                                      is_causal=is_causal, window_size=window_size, softcap=softcap, backend=backend)
     plan = registry.plan(spec, backend)
     out, lse = vjp.attention(vjp.Execution(plan), q, k, v, None)
     return (out, lse) if return_softmax_lse else out

@@ -692,24 +692,40 @@ def _col_order(names, preferred) -> list[str]:
     return seen + sorted(n for n in names if n not in seen)
 
 
-def attn_table(rows: list[dict]) -> str:
-    """Markdown table: one row per config, one column per impl; cells 'TFLOPS / ms' and the speed ratio vs
-    flash-attn3-jax (>1: faster) when it was timed."""
-    impls = _col_order({r["impl"] for r in rows}, ALL_ATTN_IMPL_NAMES)
-    keys = []
-    by = {}
+def _group(rows: list[dict], key) -> tuple[list, dict]:
+    """Rows grouped by ``key(row)`` in first-seen order: (keys, {key: {impl: row}})."""
+    keys, by = [], {}
     for r in rows:
-        k = (r["mode"], r["causal"], r["dtype"], r["headdim"], r["heads"], r["seqlen"], r["batch"])
+        k = key(r)
         if k not in by:
             keys.append(k)
             by[k] = {}
         by[k][r["impl"]] = r
-    notes: list[str] = []
+    return keys, by
 
-    def footnote(text):
-        if text not in notes:
-            notes.append(text)
-        return notes.index(text) + 1
+
+class _Footnotes:
+    """Numbered footnotes for table cells, each text once."""
+
+    def __init__(self):
+        self.notes: list[str] = []
+
+    def __call__(self, text: str) -> int:
+        if text not in self.notes:
+            self.notes.append(text)
+        return self.notes.index(text) + 1
+
+    def lines(self) -> list[str]:
+        return [f"[{i + 1}] {n}" for i, n in enumerate(self.notes)]
+
+
+def attn_table(rows: list[dict]) -> str:
+    """Markdown table: one row per config, one column per impl; cells 'TFLOPS / ms' and the speed ratio vs
+    flash-attn3-jax (>1: faster) when it was timed."""
+    impls = _col_order({r["impl"] for r in rows}, ALL_ATTN_IMPL_NAMES)
+    keys, by = _group(rows, lambda r: (r["mode"], r["causal"], r["dtype"], r["headdim"], r["heads"], r["seqlen"],
+                                       r["batch"]))
+    footnote = _Footnotes()
 
     head = ["mode", "causal", "dtype", "d", "h", "seqlen", "batch"] + impls
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -733,11 +749,11 @@ def attn_table(rows: list[dict]) -> str:
                 cells.append(f"skip [{footnote(r.get('reason', '?'))}]")
         lines.append("| " + " | ".join(cells) + " |")
     fa3_timed = any(r["impl"] == FA3_NAME and r["status"] == "ok" for r in rows)
-    if notes or fa3_timed:
+    if footnote.notes or fa3_timed:
         lines.append("")
     if fa3_timed:
         lines.append("(xR): speed relative to flash-attn3-jax on the same row (>1: faster)")
-    lines += [f"[{i + 1}] {n}" for i, n in enumerate(notes)]
+    lines += footnote.lines()
     return "\n".join(lines)
 
 
@@ -748,19 +764,8 @@ def decode_table(rows: list[dict], copy: dict) -> str:
                 int(tail[1:]) if tail[:1] == "s" and tail[1:].isdigit() else 0, n)
 
     impls = sorted({r["impl"] for r in rows}, key=order)
-    keys, by = [], {}
-    for r in rows:
-        k = (r["layout"], r["batch"], r["cache"])
-        if k not in by:
-            keys.append(k)
-            by[k] = {}
-        by[k][r["impl"]] = r
-    notes: list[str] = []
-
-    def footnote(text):
-        if text not in notes:
-            notes.append(text)
-        return notes.index(text) + 1
+    keys, by = _group(rows, lambda r: (r["layout"], r["batch"], r["cache"]))
+    footnote = _Footnotes()
 
     head = ["layout", "batch", "cache", "K/V MiB"] + impls
     lines = []
@@ -788,9 +793,9 @@ def decode_table(rows: list[dict], copy: dict) -> str:
             else:
                 cells.append(f"skip [{footnote(r.get('reason', '?'))}]")
         lines.append("| " + " | ".join(cells) + " |")
-    if notes:
+    if footnote.notes:
         lines.append("")
-        lines += [f"[{i + 1}] {n}" for i, n in enumerate(notes)]
+        lines += footnote.lines()
     return "\n".join(lines)
 
 

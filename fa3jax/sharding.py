@@ -21,6 +21,10 @@ Eagerly (no ``jit``), calls whose inputs are committed to several devices are ru
 same partitioning applies. With a single device nothing is wrapped (the path is exactly the unsharded one);
 under a one-device ``jit`` or inside a fully manual ``shard_map`` the op lowers to the plain backend call.
 
+Arrays whose *type* carries the sharding (meshes with Explicit axes, ``jax.make_mesh``'s default) never reach
+the partitioner as unknown ops: :func:`explicit_call` runs them per shard inside ``shard_map`` instead, with
+the same rules (ring attention over a sharded sequence axis).
+
 Limits: the sequence axis uses the contiguous layout (causal work is unbalanced across the ring; for balance
 use :func:`fa3jax.ring_attention` with ``layout="zigzag"`` inside ``shard_map``); varlen and kvcache calls are not
 partitioned (XLA's default: replicated); a vmapped axis that is itself sharded is not treated specially.
@@ -224,3 +228,57 @@ def forward(backend_name: str, spec: AttentionSpec, q, k, v):
 def backward(backend_name: str, spec: AttentionSpec, q, k, v, out, lse, dout, dlse):
     """(dq, dk, dv) of a dense call, partitioned per the input shardings."""
     return tuple(_backward_op(backend_name, spec)(q, k, v, out, lse, dout, dlse))
+
+
+# ------------------------------------------------------------------- sharding in types (explicit mesh axes)
+def _explicit_spec(x):
+    """(mesh, spec) of an array whose type carries an explicit-axes NamedSharding, else None."""
+    try:
+        sh = getattr(jax.typeof(x), "sharding", None)
+    except TypeError:
+        return None
+    mesh = getattr(sh, "mesh", None)
+    if mesh is None or not getattr(mesh, "axis_names", ()):
+        return None
+    explicit = {n for n, t in zip(mesh.axis_names, getattr(mesh, "axis_types", ())) if "Explicit" in str(t)}
+    spec = tuple(sh.spec) + (None,) * (4 - len(tuple(sh.spec)))
+    if not explicit or not any(a in explicit for e in spec for a in _names(e)):
+        return None
+    return mesh, spec
+
+
+def explicit_layout(q):
+    """(mesh, q's 4-entry spec) when q's *type* carries a sharding over Explicit mesh axes (the ``jax.make_mesh``
+    default), else None. ``custom_partitioning`` does not see such shardings: :func:`explicit_call` handles
+    them with ``shard_map``."""
+    return _explicit_spec(q)
+
+
+def explicit_call(q, k, v, *, return_lse: bool, **kwargs):
+    """``flash_mha`` on explicit-axes arrays, per shard inside ``shard_map``: batch and head shardings of q are
+    kept (k/v heads follow when ``hk`` divides, MQA's single head is replicated, otherwise heads are
+    replicated); a sequence sharded over one mesh axis runs ring attention over it; a head_dim sharding or a
+    sequence sharded over several axes is gathered first (``reshard``), so results never depend on layout."""
+    from . import api, ring
+
+    mesh, qs = _explicit_spec(q)
+    batch, seq, heads = qs[0], qs[1], qs[2]
+    if len(_names(seq)) > 1:
+        seq = None
+    hk = k.shape[2]
+    n_heads = _size(mesh, heads)
+    kv_heads = heads if hk % n_heads == 0 else None
+    if kv_heads is None and hk != 1:
+        heads = None
+    q_spec, kv_spec = P(batch, seq, heads, None), P(batch, seq, kv_heads, None)
+    lse_spec = P(batch, heads, seq)
+    q, k, v = (jax.sharding.reshard(x, NamedSharding(mesh, s)) for x, s in ((q, q_spec), (k, kv_spec), (v, kv_spec)))
+
+    def body(q, k, v):
+        if seq is None:
+            return api.flash_mha(q, k, v, return_softmax_lse=True, **kwargs)
+        return ring.ring_attention(q, k, v, seq, return_softmax_lse=True, **kwargs)
+
+    out, lse = jax.shard_map(body, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec), out_specs=(q_spec, lse_spec))(
+        q, k, v)
+    return (out, lse) if return_lse else out

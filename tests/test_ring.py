@@ -208,3 +208,26 @@ def test_ring_permutes_keep_bfloat16():
         permutes = [ln for ln in txt.splitlines() if "collective_permute" in ln]
         assert len(permutes) == 2, permutes  # k and v, once per (scanned) ring step
         assert all(re.search(r"\(tensor<2x16x4x16xbf16>\) -> tensor<2x16x4x16xbf16>", ln) for ln in permutes), permutes
+
+
+@pytest.mark.parametrize("spec", [P("dp"), P(None, "sp"), P("dp", "sp"), P("dp", "sp", "tp"), P(None, None, "tp")],
+                         ids=["batch", "seq", "batch+seq", "batch+seq+heads", "heads"])
+def test_explicit_axes_mesh(spec):
+    """Meshes with Explicit axis types (jax.make_mesh's default): sharding lives in the arrays' types, which
+    custom_partitioning does not see; flash_mha runs per shard (ring over a sharded sequence) via shard_map."""
+    mesh = jax.make_mesh((2, 2, 2), ("dp", "sp", "tp"))
+    rng = np.random.default_rng(7)
+    q = jnp.asarray(rng.standard_normal((4, 64, 4, 16)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((4, 64, 2, 16)), jnp.float32)
+    kw = dict(is_causal=True, window_size=(9, 0))
+    ref, ref_lse = fa3jax.flash_mha(q, k, k, return_softmax_lse=True, **kw)
+    gref = jax.grad(lambda q, k: fa3jax.flash_mha(q, k, k, **kw).sum(), argnums=(0, 1))(q, k)
+    x, y = (jax.device_put(a, NamedSharding(mesh, spec)) for a in (q, k))
+    f = jax.jit(lambda x, y: fa3jax.flash_mha(x, y, y, return_softmax_lse=True, **kw))
+    out, lse = f(x, y)
+    g = jax.jit(jax.grad(lambda x, y: fa3jax.flash_mha(x, y, y, **kw).sum(), argnums=(0, 1)))(x, y)
+    for got, want in ((out, ref), (lse, ref_lse), (g[0], gref[0]), (g[1], gref[1])):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+    hlo = f.lower(x, y).compile().as_text()
+    assert "all-gather" not in hlo
+    assert ("collective-permute" in hlo) == (spec[1:2] == ("sp",))
