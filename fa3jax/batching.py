@@ -23,11 +23,6 @@ from jax.custom_batching import custom_vmap
 
 from .spec import AttentionSpec
 
-# How each array argument / output of a backend call is laid out. "b": batch at axis 0 (dense), "h": heads at
-# axis `h_axis` (varlen), "idx": integer metadata that must stay unbatched to fold.
-_DENSE, _VARLEN = "dense", "varlen"
-
-
 def _broadcast(x, batched, size):
     if batched:
         return x
@@ -44,11 +39,6 @@ def _unfold(x, axis, size):
     """Inverse of :func:`_fold`: (..., V*n@axis, ...) -> (V, ..., n@axis, ...)."""
     x = x.reshape(x.shape[:axis] + (size, x.shape[axis] // size) + x.shape[axis + 1:])
     return jnp.moveaxis(x, axis, 0)
-
-
-def _head_axis(x_ndim_per_example: int, kind: str) -> int:
-    # varlen tensors (total, h, d) and LSE (h, total): the heads axis
-    return 1 if kind == "tokens" else 0
 
 
 def batched(fn: Callable, spec: AttentionSpec, layouts: tuple, out_layouts: tuple):

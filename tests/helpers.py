@@ -5,7 +5,6 @@ error of a naive implementation computed entirely in the input dtype (plus a tin
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 

@@ -1,7 +1,6 @@
 """Every malformed call raises ValueError/TypeError naming the argument, before any kernel runs."""
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 import fa3jax
