@@ -391,3 +391,18 @@ class AttentionSuite:
                                     impl=functools.partial(naive_lowp, dtype=dt))
             check("out", out, ref[0], low[0], dt)
         assert f._cache_size() == 1
+
+    def test_kvcache_updated_cache_aliases_donated_input(self):
+        """return_updated_cache under jit with donated caches: XLA writes in place (outputs alias the inputs)."""
+        self._skip_unless(self.supports_kvcache, "kvcache")
+        dt = jnp.dtype(self.dtypes[0])
+        d = self._d(32)
+        q = jax.ShapeDtypeStruct((2, 1, 4, d), dt)
+        kc = jax.ShapeDtypeStruct((2, 256, 2, d), dt)
+        kn = jax.ShapeDtypeStruct((2, 1, 2, d), dt)
+        n = jax.ShapeDtypeStruct((2,), jnp.int32)
+        f = jax.jit(lambda q, kc, vc, kn, n: fa3jax.flash_mha_with_kvcache(
+            q, kc, vc, kn, kn, cache_seqlens=n, return_updated_cache=True, backend=self.backend),
+            donate_argnums=(1, 2))
+        mem = f.lower(q, kc, kc, kn, n).compile().memory_analysis()
+        assert mem.alias_size_in_bytes == 2 * kc.size * dt.itemsize
