@@ -798,7 +798,7 @@ def decode_table(rows: list[dict], copy: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_attn(rows: list[dict], path: Path) -> str:
+def plot_attn(rows: list[dict], path: Path, title: Optional[str] = None) -> str:
     """TFLOPS vs seqlen per impl, one panel per (mode, causal). Returns '' or why no plot was written."""
     try:
         import matplotlib
@@ -836,7 +836,8 @@ def plot_attn(rows: list[dict], path: Path) -> str:
         ax.set_title(f"{mode}, {'causal' if causal else 'non-causal'}")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(f"attention TFLOPS on {jax.devices()[0].device_kind} (jax {jax.__version__})", fontsize=10)
+    # ``title``: the run's device when plotting saved results from another machine
+    fig.suptitle(title or f"attention TFLOPS on {jax.devices()[0].device_kind} (jax {jax.__version__})", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -4,9 +4,9 @@ Layouts: q/out (TOTAL_Q, HQ, D), k/v (TOTAL_K, HK, D), lse float32 (HQ, TOTAL_Q)
 owns q rows ``[cu_q[b], cu_q[b+1])`` and k rows ``[cu_k[b], cu_k[b] + len_k[b])`` with ``len_k`` = ``seqused_k[b]``
 (HAS_SEQUSED) or the cu_k difference. Index arrays are sanitized on the host side (non-decreasing, in range).
 
-Grid: (cdiv(max_seqlen_q, BLOCK_M), HQ, BATCH + 1). Program (m, h, b < BATCH) computes query tile m of sequence b
-for head h (tiles past the sequence's end do nothing). The extra slice b == BATCH owns the q rows that belong to no
-sequence (``[0, cu_q[0])`` and ``[cu_q[BATCH], TOTAL_Q)``) and writes out 0 / lse -inf there with a grid-stride
+Grid: (cdiv(max_seqlen_q, BLOCK_M), HQ, batch + 1). Program (m, h, b < batch) computes query tile m of sequence b
+for head h (tiles past the sequence's end do nothing). The extra slice b == batch owns the q rows that belong to no
+sequence (``[0, cu_q[0])`` and ``[cu_q[batch], TOTAL_Q)``) and writes out 0 / lse -inf there with a grid-stride
 loop, so every element of out/lse is written by exactly one program and no output needs a pre-fill.
 
 Masks are evaluated per sequence with local positions, as ``fa3jax.masking.allowed`` with the sequence lengths.
@@ -20,12 +20,12 @@ from .flash_fwd import _fwd_tiles
 
 
 @triton.jit
-def _varlen_fill_uncovered(OUT, LSE, CU_Q, total_q, off_h, pid_m, n_progs,
+def _varlen_fill_uncovered(OUT, LSE, CU_Q, total_q, batch, off_h, pid_m, n_progs,
                            NUM_HEADS_Q: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-                           BATCH: tl.constexpr, BLOCK_M: tl.constexpr):
+                           BLOCK_M: tl.constexpr):
     STRIDE_QM: tl.constexpr = NUM_HEADS_Q * HEAD_DIM
     first = tl.load(CU_Q)
-    last = tl.load(CU_Q + BATCH)
+    last = tl.load(CU_Q + batch)
     n_head = first
     n_unc = first + (total_q - last)  # uncovered rows, enumerated as [0, first) then [last, total_q)
     offs_t = tl.arange(0, BLOCK_M)
@@ -47,9 +47,9 @@ def _varlen_fill_uncovered(OUT, LSE, CU_Q, total_q, off_h, pid_m, n_progs,
 
 @triton.jit
 def _varlen_attn_fwd(Q, K, V, CU_Q, CU_K, SEQUSED_K,
-                     total_q, scale_in, scale_out,
+                     total_q, batch, scale_in, scale_out,
                      OUT, LSE,
-                     BATCH: tl.constexpr, NUM_HEADS_Q: tl.constexpr, NUM_HEADS_K: tl.constexpr,
+                     NUM_HEADS_Q: tl.constexpr, NUM_HEADS_K: tl.constexpr,
                      HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
@@ -66,9 +66,9 @@ def _varlen_attn_fwd(Q, K, V, CU_Q, CU_K, SEQUSED_K,
     off_b = tl.program_id(2)
     off_hk = off_h // GROUP
 
-    if off_b == BATCH:
-        _varlen_fill_uncovered(OUT, LSE, CU_Q, total_q, off_h, tl.program_id(0), tl.num_programs(0),
-                               NUM_HEADS_Q, HEAD_DIM, HEAD_DIM_PAD, BATCH, BLOCK_M)
+    if off_b == batch:
+        _varlen_fill_uncovered(OUT, LSE, CU_Q, total_q, batch, off_h, tl.program_id(0), tl.num_programs(0),
+                               NUM_HEADS_Q, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M)
     else:
         q_start = tl.load(CU_Q + off_b)
         seqlen_q = tl.load(CU_Q + off_b + 1) - q_start
