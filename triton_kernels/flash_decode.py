@@ -1,0 +1,201 @@
+"""KV-cache (decode / chunked prefill) forward with split-KV, and the kernel that merges the splits.
+
+Layouts: q (B, LQ, HQ, D); contiguous cache (CACHE_B, capacity, HK, D) read at row ``batch_idx[b]`` (or ``b``);
+paged cache (num_pages, PAGE_SIZE, HK, D) read through ``page_table`` (B, pages_per_seq); k_new/v_new
+(B, seqlen_new, HK, D). Index arrays are sanitized on the host (see ``fa3jax.backends.base.KVCacheArgs``), except
+page-table entries, which may be anything: an entry outside ``[0, num_pages)`` is never dereferenced and the
+keys of that page are masked out.
+
+Key positions are absolute cache positions ``p``: ``p < cache_seqlens[b]`` comes from the cache, ``p >=
+cache_seqlens[b]`` is new key ``p - cache_seqlens[b]`` read from k_new/v_new (never from the cache). Visible
+keys are ``[leftpad, seqlens_k)``; the mask (``fa3jax.masking.allowed``) sees key position ``p - leftpad`` and key
+length ``seqlens_k - leftpad``, with query position ``t`` in ``[0, LQ)``.
+
+GQA packing: one program owns the GROUP query heads of one kv head, as rows ``r = t * GROUP + g`` (query
+position t, head ``hk * GROUP + g``), so K/V tiles are loaded once per group. Split-KV: grid
+(m_tiles * NUM_SPLITS, HK, B); split ``s`` takes a contiguous run of the key tiles that the query tile can see
+and writes a normalized partial (out fp32, lse); with NUM_SPLITS == 1 the kernel writes the final out/lse
+directly. Every output element is written (rows that see nothing: out 0, lse -inf).
+"""
+import triton
+import triton.language as tl
+
+from .flash_common import _LN2, _allowed, _cdiv, _tanh
+
+
+@triton.jit
+def _decode_fwd(Q, K_CACHE, V_CACHE, K_NEW, V_NEW, SEQLENS_K, CACHE_SEQLENS, LEFTPAD, BATCH_IDX, PAGE_TABLE,
+                seqlen_q, capacity, seqlen_new, num_pages, pages_per_seq, scale_in, scale_out,
+                OUT, LSE,
+                NUM_HEADS_Q: tl.constexpr, NUM_HEADS_K: tl.constexpr,
+                HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
+                PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, HAS_NEW: tl.constexpr,
+                HAS_LEFTPAD: tl.constexpr, HAS_BATCH_IDX: tl.constexpr):
+    """OUT/LSE: (B, LQ, HQ, D) in q's dtype / (B, HQ, LQ) when NUM_SPLITS == 1, else fp32 partials
+    (NUM_SPLITS, B, LQ, HQ, D) / (NUM_SPLITS, B, HQ, LQ). Paged: BLOCK_N divides PAGE_SIZE (a tile never
+    straddles a page)."""
+    GROUP: tl.constexpr = NUM_HEADS_Q // NUM_HEADS_K
+    STRIDE_QM: tl.constexpr = NUM_HEADS_Q * HEAD_DIM
+    STRIDE_KN: tl.constexpr = NUM_HEADS_K * HEAD_DIM
+
+    pid0 = tl.program_id(0)
+    split = pid0 % NUM_SPLITS
+    start_m = (pid0 // NUM_SPLITS) * BLOCK_M
+    off_hk = tl.program_id(1)
+    off_b = tl.program_id(2)
+    n_batch = tl.num_programs(2)
+
+    seqlens_k = tl.load(SEQLENS_K + off_b)
+    cache_len = tl.load(CACHE_SEQLENS + off_b)
+    if HAS_LEFTPAD:
+        leftpad = tl.load(LEFTPAD + off_b)
+    else:
+        leftpad = 0
+    sk = seqlens_k - leftpad  # key length the mask sees
+
+    n_rows = seqlen_q * GROUP
+    offs_r = start_m + tl.arange(0, BLOCK_M)
+    row_ok = offs_r < n_rows
+    t_pos = offs_r // GROUP
+    head = off_hk * GROUP + offs_r % GROUP
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    d_ok = offs_d < HEAD_DIM
+
+    q_rows = ((off_b.to(tl.int64) * seqlen_q + t_pos) * NUM_HEADS_Q + head) * HEAD_DIM
+    q = tl.load(Q + q_rows[:, None] + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+
+    # Union of the key positions the rows of this tile may see (absolute positions), then tile-aligned.
+    m_last = tl.minimum(start_m + BLOCK_M, n_rows) - 1
+    t_first = start_m // GROUP
+    t_last = m_last // GROUP
+    shift = sk - seqlen_q
+    lo = 0
+    hi = sk
+    if WINDOW_LEFT >= 0:
+        lo = tl.maximum(lo, t_first + shift - WINDOW_LEFT)
+    if WINDOW_RIGHT >= 0:
+        hi = tl.minimum(hi, t_last + shift + WINDOW_RIGHT + 1)
+    lo = lo + leftpad
+    hi = hi + leftpad
+    n_lo = (lo // BLOCK_N) * BLOCK_N
+    n_hi = tl.where(lo < hi, _cdiv(tl.maximum(hi, 0), BLOCK_N) * BLOCK_N, n_lo)
+    per_split = _cdiv((n_hi - n_lo) // BLOCK_N, NUM_SPLITS) * BLOCK_N
+    n_begin = tl.minimum(n_lo + split * per_split, n_hi)
+    n_end = tl.minimum(n_begin + per_split, n_hi)
+
+    if PAGED:
+        pt_row = PAGE_TABLE + off_b.to(tl.int64) * pages_per_seq
+    else:
+        if HAS_BATCH_IDX:
+            cache_row = tl.load(BATCH_IDX + off_b).to(tl.int64)
+        else:
+            cache_row = off_b.to(tl.int64)
+    head_off = off_hk * HEAD_DIM
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+    for start_n in range(n_begin, n_end, BLOCK_N):
+        pos = start_n + offs_n
+        in_cache = pos < cache_len
+        key_ok = (pos >= leftpad) & (pos < seqlens_k)
+        k = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=K_CACHE.dtype.element_ty)
+        v = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=V_CACHE.dtype.element_ty)
+        if start_n < cache_len:
+            if PAGED:
+                # start_n < cache_len <= capacity, so this page-table index is in range; the entry may not be.
+                page = tl.load(pt_row + start_n // PAGE_SIZE)
+                page_ok = (page >= 0) & (page < num_pages)
+                safe = tl.where(page_ok, page, 0).to(tl.int64)
+                rows = safe * PAGE_SIZE + (start_n % PAGE_SIZE) + offs_n
+                ld = in_cache & page_ok
+                key_ok = key_ok & (~in_cache | page_ok)
+            else:
+                rows = cache_row * capacity + pos
+                ld = in_cache
+            kv_off = rows[:, None] * STRIDE_KN + head_off + offs_d[None, :]
+            ld2 = ld[:, None] & d_ok[None, :]
+            k = tl.load(K_CACHE + kv_off, mask=ld2, other=0.0)
+            v = tl.load(V_CACHE + kv_off, mask=ld2, other=0.0)
+        if HAS_NEW:
+            if start_n + BLOCK_N > cache_len:
+                tn = pos - cache_len
+                nld = (tn >= 0) & (tn < seqlen_new)
+                nrows = off_b.to(tl.int64) * seqlen_new + tl.where(nld, tn, 0)
+                n_off = nrows[:, None] * STRIDE_KN + head_off + offs_d[None, :]
+                nld2 = nld[:, None] & d_ok[None, :]
+                k_n = tl.load(K_NEW + n_off, mask=nld2, other=0.0)
+                v_n = tl.load(V_NEW + n_off, mask=nld2, other=0.0)
+                k = tl.where(in_cache[:, None], k, k_n.to(k.dtype))
+                v = tl.where(in_cache[:, None], v, v_n.to(v.dtype))
+        qk = tl.dot(q, tl.trans(k.to(q.dtype)))
+        if SOFTCAP:
+            s = _tanh(qk * scale_in) * scale_out
+        else:
+            s = qk * scale_in
+        ok = _allowed(t_pos[:, None], (pos - leftpad)[None, :], seqlen_q, sk, WINDOW_LEFT, WINDOW_RIGHT)
+        ok = ok & key_ok[None, :] & row_ok[:, None]
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc)
+        m_i = m_new
+
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * _LN2)
+    if NUM_SPLITS == 1:
+        o_rows = q_rows
+        lse_off = (off_b.to(tl.int64) * NUM_HEADS_Q + head) * seqlen_q + t_pos
+    else:
+        sb = split.to(tl.int64) * n_batch + off_b
+        o_rows = ((sb * seqlen_q + t_pos) * NUM_HEADS_Q + head) * HEAD_DIM
+        lse_off = (sb * NUM_HEADS_Q + head) * seqlen_q + t_pos
+    tl.store(OUT + o_rows[:, None] + offs_d[None, :], out.to(OUT.dtype.element_ty),
+             mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(LSE + lse_off, lse, mask=row_ok)
+
+
+@triton.jit
+def _decode_combine(OUT_ACC, LSE_ACC, seqlen_q, OUT, LSE,
+                    NUM_HEADS_Q: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+                    BLOCK_M: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr):
+    """Merge NUM_SPLITS normalized partials by their LSE. Grid (cdiv(LQ, BLOCK_M), HQ, B). Splits with lse -inf
+    carry weight 0; a row empty in every split gets out 0 / lse -inf."""
+    start_m = tl.program_id(0) * BLOCK_M
+    off_h = tl.program_id(1)
+    off_b = tl.program_id(2).to(tl.int64)
+    n_batch = tl.num_programs(2)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < seqlen_q
+    offs_s = tl.arange(0, SPLITS_PAD)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    d_ok = offs_d < HEAD_DIM
+
+    lse_all = tl.load(LSE_ACC + ((offs_s[:, None].to(tl.int64) * n_batch + off_b) * NUM_HEADS_Q + off_h) * seqlen_q
+                      + offs_m[None, :], mask=(offs_s[:, None] < NUM_SPLITS) & m_ok[None, :], other=float("-inf"))
+    mx = tl.max(lse_all, 0)
+    mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
+    total = tl.sum(tl.exp(lse_all - mx_safe[None, :]), 0)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+    for s in range(NUM_SPLITS):
+        sb = s * n_batch + off_b
+        lse_s = tl.load(LSE_ACC + (sb * NUM_HEADS_Q + off_h) * seqlen_q + offs_m, mask=m_ok, other=float("-inf"))
+        o_s = tl.load(OUT_ACC + ((sb * seqlen_q + offs_m[:, None]) * NUM_HEADS_Q + off_h) * HEAD_DIM
+                      + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        acc += tl.exp(lse_s - mx_safe)[:, None] * o_s
+    empty = total == 0.0
+    t_safe = tl.where(empty, 1.0, total)
+    out = acc / t_safe[:, None]
+    lse = tl.where(empty, float("-inf"), mx_safe + tl.log(t_safe))
+    o_off = ((off_b * seqlen_q + offs_m[:, None]) * NUM_HEADS_Q + off_h) * HEAD_DIM + offs_d[None, :]
+    tl.store(OUT + o_off, out.to(OUT.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+    tl.store(LSE + (off_b * NUM_HEADS_Q + off_h) * seqlen_q + offs_m, lse, mask=m_ok)
