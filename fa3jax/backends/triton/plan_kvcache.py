@@ -1,0 +1,118 @@
+"""Launch plans of the KV-cache (decode) kernels, ``triton_kernels/flash_decode.py``, and the split heuristic.
+
+NOT WIRED into :class:`~fa3jax.backends.triton.TritonBackend` yet: verified under the Triton interpreter only,
+pending a GPU session.
+
+Array names: q k_cache v_cache k_new v_new seqlens_k cache_seqlens leftpad batch_idx page_table (int32 for the
+index arrays; absent optional arrays are replaced by a stand-in the kernel never reads). With more than one split
+the first launch outputs out_acc/lse_acc (fp32 partials) and a second launch, ``_decode_combine``, merges them
+into out/lse. No jax, no triton import here.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+from ...spec import AttentionSpec
+from . import tuning
+from .plan import Launch, _pow2_at_least, score_scales
+
+DEFAULT_NUM_SMS = 132  # H100 SXM
+MAX_SPLITS = 64
+_MIN_KEYS_PER_SPLIT = 256
+
+
+def choose_num_splits(batch: int, heads_k: int, cache_len: int, num_sms: int, m_tiles: int = 1) -> int:
+    """Number of KV splits for a decode launch (pure Python, host side).
+
+    Split only when (batch * heads_k * m_tiles) programs leave SMs idle, and never below
+    ``_MIN_KEYS_PER_SPLIT`` keys per split (a split then costs more in the combine than it saves). Initial
+    guess, to be measured on the GPU.
+    """
+    work = max(1, batch * heads_k * m_tiles)
+    if cache_len <= _MIN_KEYS_PER_SPLIT or work >= num_sms * 0.8:
+        return 1
+    want = math.ceil(num_sms / work)
+    by_len = max(1, cache_len // _MIN_KEYS_PER_SPLIT)
+    return int(max(1, min(want, by_len, MAX_SPLITS)))
+
+
+def check(spec: AttentionSpec) -> Optional[str]:
+    """Reason the decode kernel cannot serve ``spec`` (None if it can)."""
+    kv = spec.kvcache
+    if spec.mode != "kvcache" or kv is None:
+        return "triton kvcache: not a kvcache spec"
+    if spec.dtype not in ("float16", "bfloat16"):
+        return f"triton kvcache: dtype {spec.dtype} not supported (float16/bfloat16 only)"
+    if not 1 <= spec.head_dim <= 256:
+        return f"triton kvcache: head_dim {spec.head_dim} outside [1, 256]"
+    if spec.num_heads_k < 1 or spec.num_heads_q % spec.num_heads_k:
+        return "triton kvcache: num_heads_q must be a multiple of num_heads_k"
+    if kv.paged and (kv.page_size < 16 or kv.page_size % 16):
+        return f"triton kvcache: page_size {kv.page_size} is not a multiple of 16"
+    if spec.batch > 65535 or spec.num_heads_k > 65535:
+        return "triton kvcache: more than 65535 batch rows or kv heads (grid limit)"
+    return None
+
+
+def _block_n(spec: AttentionSpec, cfg_block_n: int) -> int:
+    kv = spec.kvcache
+    bn = min(cfg_block_n, 64, _pow2_at_least(max(kv.capacity, 1)))
+    if kv.paged:  # a tile must stay inside one page: largest power of two dividing page_size, at most bn
+        p = kv.page_size & -kv.page_size
+        bn = min(bn, p)
+    return max(16, bn)
+
+
+def plan_forward(spec: AttentionSpec, arch: str = "sm90", num_splits: Optional[int] = None,
+                 num_sms: int = DEFAULT_NUM_SMS, overrides: Optional[dict] = None) -> tuple[Launch, ...]:
+    """(decode,) or (decode, combine). ``num_splits``: None -> ``spec.kvcache.num_splits`` (0 = auto).
+    ``overrides``: {"fwd": (block_m, block_n, num_warps, num_stages)}."""
+    kv = spec.kvcache
+    b, lq, hq, hk, d = spec.batch, spec.seqlen_q, spec.num_heads_q, spec.num_heads_k, spec.head_dim
+    group = hq // hk
+    base = tuning.lookup(d, spec.dtype, spec.causal, arch).fwd
+    cfg = tuning.TileConfig(*overrides["fwd"]) if overrides and "fwd" in overrides else base
+    block_m = min(cfg.block_m, _pow2_at_least(lq * group))
+    block_n = _block_n(spec, cfg.block_n)
+    warps = cfg.num_warps if block_m >= 128 else min(cfg.num_warps, 4)
+    m_tiles = math.ceil(lq * group / block_m)
+    splits = kv.num_splits if num_splits is None else num_splits
+    if splits <= 0:
+        splits = choose_num_splits(b, hk, kv.capacity, num_sms, m_tiles)
+    n_blocks = max(1, math.ceil(kv.capacity / block_n))
+    splits = max(1, min(int(splits), n_blocks, MAX_SPLITS))
+    scale_in, scale_out = score_scales(spec)
+    stand_in = "seqlens_k"
+    args = (("array", "q"), ("array", "k_cache"), ("array", "v_cache"),
+            ("array", "k_new" if kv.seqlen_new else "k_cache"), ("array", "v_new" if kv.seqlen_new else "v_cache"),
+            ("array", "seqlens_k"), ("array", "cache_seqlens"),
+            ("array", "leftpad" if kv.has_cache_leftpad else stand_in),
+            ("array", "batch_idx" if kv.has_cache_batch_idx and not kv.paged else stand_in),
+            ("array", "page_table" if kv.paged else stand_in),
+            ("i32", lq), ("i32", kv.capacity), ("i32", kv.seqlen_new), ("i32", kv.cache_batch),
+            ("i32", kv.pages_per_seq), ("f32", scale_in), ("f32", scale_out))
+    hd_pad = tuning.head_dim_pad(d)
+    meta = (("NUM_HEADS_Q", hq), ("NUM_HEADS_K", hk), ("HEAD_DIM", d), ("HEAD_DIM_PAD", hd_pad),
+            ("BLOCK_M", block_m), ("BLOCK_N", block_n), ("NUM_SPLITS", splits),
+            ("WINDOW_LEFT", int(spec.window.left)), ("WINDOW_RIGHT", int(spec.window.right)),
+            ("SOFTCAP", bool(spec.softcap > 0.0)), ("PAGED", bool(kv.paged)),
+            ("PAGE_SIZE", int(kv.page_size) if kv.paged else 0), ("HAS_NEW", bool(kv.seqlen_new)),
+            ("HAS_LEFTPAD", bool(kv.has_cache_leftpad)),
+            ("HAS_BATCH_IDX", bool(kv.has_cache_batch_idx and not kv.paged)))
+    final = (("out", (b, lq, hq, d), spec.dtype), ("lse", (b, hq, lq), "float32"))
+    if splits == 1:
+        outputs = final
+    else:
+        outputs = (("out_acc", (splits, b, lq, hq, d), "float32"), ("lse_acc", (splits, b, hq, lq), "float32"))
+    decode = Launch(module="flash_decode", kernel="_decode_fwd", args=args, outputs=outputs,
+                    grid=(m_tiles * splits, hk, b), num_warps=warps, num_stages=cfg.num_stages, constexprs=meta)
+    if splits == 1:
+        return (decode,)
+    cm = min(64, _pow2_at_least(lq))
+    combine = Launch(module="flash_decode", kernel="_decode_combine",
+                     args=(("array", "out_acc"), ("array", "lse_acc"), ("i32", lq)), outputs=final,
+                     grid=(math.ceil(lq / cm), hq, b), num_warps=4, num_stages=1,
+                     constexprs=(("NUM_HEADS_Q", hq), ("HEAD_DIM", d), ("HEAD_DIM_PAD", hd_pad), ("BLOCK_M", cm),
+                                 ("NUM_SPLITS", splits), ("SPLITS_PAD", _pow2_at_least(splits, 2))))
+    return decode, combine

@@ -1,0 +1,252 @@
+"""The KV-cache decode kernels (split-KV + combine) under Triton's CPU interpreter, against a float64 reference.
+
+Same worker-subprocess scheme as ``tests/test_triton_interpret.py``. Index arrays go through the real
+``fa3jax.validation.sanitize_kvcache`` (page tables are passed through unsanitized, with hostile entries).
+The reference materializes each sequence's keys in cache order (cache rows, new keys at ``cache_seqlens + t``),
+drops keys on invalid pages and outside ``[leftpad, seqlens_k)``, and runs ``fa3jax.reference.attention`` with
+positions relative to leftpad. Every case runs with several split counts; all must match the reference and each
+other. The kernels are not reachable from the public API yet.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import zlib
+
+import numpy as np
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from tests.test_triton_interpret import _patch_interpreter_for_numpy2, _rel  # noqa: E402
+from tests.test_triton_interpret_varlen import _interpret  # noqa: E402  (NaN-prefilled outputs)
+
+TOL = 1e-2
+SPLITS = (1, 3, 5, 0)  # 0 = auto
+
+CASES = {
+    # contiguous cache, decode, GQA, one row with an empty cache (all its rows: out 0 / lse -inf)
+    "contig_decode_gqa": dict(b=3, lq=1, hq=4, hk=2, d=64, cap=80, cache_b=3, seqlens=[37, 80, 0],
+                              window=(-1, 0)),
+    # cache_batch_idx (one out of range -> empty cache), leftpad, 3 new keys, chunked prefill causal
+    "contig_batchidx_leftpad_new": dict(b=3, lq=3, hq=2, hk=2, d=40, cap=64, cache_b=4, seqlens=[20, 61, 9],
+                                        batch_idx=[2, 0, 7], leftpad=[5, 0, 3], new=3, window=(-1, 0)),
+    # paged, page 16, hostile page-table entries, new keys, GQA group 4, softcap, leftpad
+    "paged16_hostile_softcap": dict(b=2, lq=2, hq=8, hk=2, d=64, cap=80, page=16, num_pages=12,
+                                    seqlens=[70, 41], leftpad=[18, 0], new=2, window=(-1, 0), softcap=2.0,
+                                    bad_pages=[(0, 1, -3), (1, 2, 12), (0, 4, 1000)]),
+    # paged, page 32, local window, chunked prefill, odd head dim
+    "paged32_window": dict(b=2, lq=4, hq=2, hk=2, d=40, cap=96, page=32, num_pages=7, seqlens=[90, 33],
+                           new=4, window=(16, -1), bad_pages=[(1, 2, -1)]),
+    # narrow window with lq > visible keys: some rows see nothing
+    "contig_window_3_2_empty_rows": dict(b=1, lq=6, hq=1, hk=1, d=16, cap=48, cache_b=1, seqlens=[2],
+                                         new=0, window=(3, 2)),
+}
+
+
+def _materialize(c, k_cache, v_cache, args):
+    """Per sequence: (keys, values, positions relative to leftpad, seqlen_k for the mask)."""
+    b, cap = c["b"], c["cap"]
+    res = []
+    for i in range(b):
+        cs, sk = int(args["cache_seqlens"][i]), int(args["seqlens_k"][i])
+        lp = int(args["leftpad"][i]) if "leftpad" in c else 0
+        keys = np.zeros((cap,) + k_cache.shape[2:], np.float64)
+        vals = np.zeros_like(keys)
+        ok = np.zeros(cap, bool)
+        for p in range(cs):
+            if "page" in c:
+                page = int(args["page_table"][i, p // c["page"]])
+                if not 0 <= page < c["num_pages"]:
+                    continue
+                src = (page, p % c["page"])
+            else:
+                src = (int(args["batch_idx"][i]) if "batch_idx" in c else i, p)
+            keys[p], vals[p], ok[p] = k_cache[src], v_cache[src], True
+        for t in range(c.get("new", 0)):
+            keys[cs + t], vals[cs + t], ok[cs + t] = args["k_new"][i, t], args["v_new"][i, t], True
+        pos = np.arange(cap)
+        vis = ok & (pos >= lp) & (pos < sk)
+        res.append((keys[vis], vals[vis], pos[vis] - lp, sk - lp))
+    return res
+
+
+def _run_case(name):
+    import jax.numpy as jnp
+
+    from fa3jax import reference
+    from fa3jax.backends.triton import plan_kvcache
+    from fa3jax.masking import Window
+    from fa3jax.spec import AttentionSpec, KVCacheSpec
+    from fa3jax.validation import sanitize_kvcache
+
+    c = CASES[name]
+    rng = np.random.default_rng(zlib.crc32(name.encode()))
+    b, lq, hq, hk, d, cap, new = c["b"], c["lq"], c["hq"], c["hk"], c["d"], c["cap"], c.get("new", 0)
+    paged = "page" in c
+    if paged:
+        pps = cap // c["page"]
+        cache_shape = (c["num_pages"], c["page"], hk, d)
+        pt = rng.permutation(c["num_pages"])[: b * pps].reshape(b, pps).astype(np.int32)
+        for (i, j, val) in c.get("bad_pages", ()):
+            pt[i, j] = val
+    else:
+        pps = 0
+        cache_shape = (c["cache_b"], cap, hk, d)
+        pt = None
+    k_cache = rng.standard_normal(cache_shape).astype(np.float16)
+    v_cache = rng.standard_normal(cache_shape).astype(np.float16)
+    q = rng.standard_normal((b, lq, hq, d)).astype(np.float16)
+    k_new = rng.standard_normal((b, new, hk, d)).astype(np.float16) if new else None
+    v_new = rng.standard_normal((b, new, hk, d)).astype(np.float16) if new else None
+    window = Window(*c["window"])
+    scale = float(1.0 / np.sqrt(d))
+    cap_soft = c.get("softcap", 0.0)
+    kvs = KVCacheSpec(capacity=cap, cache_batch=cache_shape[0], paged=paged, page_size=c.get("page", 0),
+                      pages_per_seq=pps, seqlen_new=new, rotary_dim=0, rotary_interleaved=False,
+                      has_cache_batch_idx="batch_idx" in c, has_cache_leftpad="leftpad" in c, num_splits=0,
+                      return_updated_cache=False)
+    spec = AttentionSpec(mode="kvcache", batch=b, seqlen_q=lq, seqlen_k=cap, num_heads_q=hq, num_heads_k=hk,
+                         head_dim=d, dtype="float16", softmax_scale=scale, window=window, softcap=cap_soft,
+                         kvcache=kvs)
+    assert plan_kvcache.check(spec) is None, plan_kvcache.check(spec)
+    opt = lambda key: None if key not in c else jnp.asarray(c[key], jnp.int32)  # noqa: E731
+    sargs, _ = sanitize_kvcache(spec, jnp.asarray(c["seqlens"], jnp.int32), opt("batch_idx"), opt("leftpad"),
+                                None if pt is None else jnp.asarray(pt), k_new, v_new)
+    arrays = {f: np.asarray(getattr(sargs, f)) for f in sargs._fields if getattr(sargs, f) is not None}
+    arrays["page_table"] = pt  # unsanitized on purpose
+    if pt is None:
+        arrays.pop("page_table")
+    arrays.update(q=q, k_cache=k_cache, v_cache=v_cache)
+    if new:
+        arrays.update(k_new=k_new, v_new=v_new)
+
+    ref_out = np.zeros((b, lq, hq, d))
+    ref_lse = np.zeros((b, hq, lq))
+    for i, (ks, vs, kpos, sk) in enumerate(_materialize(c, k_cache, v_cache, arrays)):
+        ref_out[i], ref_lse[i] = reference.attention(q[i], ks, vs, scale=scale, window=window, softcap=cap_soft,
+                                                     seqlen_q=lq, seqlen_k=sk, k_pos=kpos)
+    finite = np.isfinite(ref_lse)
+    res = {"n_empty": int((~finite).sum())}
+    outs = {}
+    for splits in SPLITS:
+        launches = plan_kvcache.plan_forward(spec, "sm90", num_splits=splits, overrides={"fwd": (16, 16, 4, 1)})
+        arrs = dict(arrays)
+        for launch in launches:
+            got = _interpret(launch, arrs)
+            arrs.update({nm: x for (nm, _, _), x in zip(launch.outputs, got)})
+        out, lse = arrs["out"], arrs["lse"]
+        outs[splits] = out
+        res[f"s{splits}_nsplit"] = launches[0].meta["NUM_SPLITS"]
+        res[f"s{splits}_out"] = _rel(out, ref_out)
+        res[f"s{splits}_lse"] = float(np.max(np.abs(lse[finite] - ref_lse[finite]), initial=0.0))
+        res[f"s{splits}_inf"] = bool(np.array_equal(np.isneginf(lse), ~finite) and not np.any(np.isnan(lse)))
+        res[f"s{splits}_empty0"] = bool(np.all(out.transpose(0, 2, 1, 3)[~finite] == 0))
+    res["split_spread"] = max(float(np.max(np.abs(outs[s].astype(np.float64) - outs[1]))) for s in SPLITS)
+    return res
+
+
+def _worker(names):
+    os.environ["TRITON_INTERPRET"] = "1"
+    _patch_interpreter_for_numpy2()
+    for name in names:
+        try:
+            res = _run_case(name)
+        except Exception as e:  # noqa: BLE001 - reported to the parent test
+            import traceback
+
+            res = {"error": f"{type(e).__name__}: {e}\n{traceback.format_exc()}"}
+        print("RESULT " + json.dumps({"name": name, **res}), flush=True)
+
+
+def _spawn(names):
+    env = dict(os.environ, TRITON_INTERPRET="1", JAX_PLATFORMS="cpu")
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, __file__, "--worker", *names], capture_output=True, text=True,
+                          env=env, timeout=900, cwd=REPO)
+    found = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            r = json.loads(line[len("RESULT "):])
+            found[r.pop("name")] = r
+    for name in names:
+        found.setdefault(name, {"error": f"worker exited {proc.returncode}:\n{proc.stderr[-4000:]}"})
+    return found
+
+
+@pytest.fixture(scope="module")
+def results():
+    pytest.importorskip("triton")
+    names = list(CASES)
+    nproc = max(1, min(2, os.cpu_count() or 1))
+    chunks = [names[i::nproc] for i in range(nproc)]
+    found = {}
+    with concurrent.futures.ThreadPoolExecutor(nproc) as pool:
+        for part in pool.map(_spawn, chunks):
+            found.update(part)
+    return found
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_kvcache_forward_interpreted(results, name):
+    r = results[name]
+    assert "error" not in r, r.get("error")
+    for s in SPLITS:
+        assert r[f"s{s}_out"] < TOL, (s, r)
+        assert r[f"s{s}_lse"] < 1e-2, (s, r)
+        assert r[f"s{s}_inf"] and r[f"s{s}_empty0"], (s, r)
+    assert r["s3_nsplit"] > 1  # the split path (partials + combine) really ran
+    assert r["split_spread"] < 5e-3, r  # splits agree within fp16 rounding of the output
+
+
+def test_kvcache_edge_cases_are_exercised(results):
+    assert sum(results[n].get("n_empty", 0) for n in CASES) > 0
+
+
+def test_choose_num_splits():
+    from fa3jax.backends.triton.plan_kvcache import MAX_SPLITS, choose_num_splits
+
+    assert choose_num_splits(1, 8, 100, 132) == 1  # short cache
+    assert choose_num_splits(64, 16, 32768, 132) == 1  # enough programs already
+    s = choose_num_splits(1, 8, 32768, 132)
+    assert 1 < s <= MAX_SPLITS and s == 17
+    assert choose_num_splits(1, 1, 600, 132) == 2  # limited by keys per split
+    for b in (1, 2, 7):
+        for hk in (1, 4, 32):
+            for n in (0, 1, 255, 4096, 10 ** 6):
+                assert 1 <= choose_num_splits(b, hk, n, 132) <= MAX_SPLITS
+
+
+def test_kvcache_plan():
+    from fa3jax.backends.triton import plan_kvcache
+    from fa3jax.masking import Window
+    from fa3jax.spec import AttentionSpec, KVCacheSpec
+
+    kvs = KVCacheSpec(capacity=8192, cache_batch=600, paged=True, page_size=48, pages_per_seq=171, seqlen_new=1,
+                      rotary_dim=0, rotary_interleaved=False, has_cache_batch_idx=False, has_cache_leftpad=False,
+                      num_splits=0, return_updated_cache=False)
+    spec = AttentionSpec(mode="kvcache", batch=1, seqlen_q=1, seqlen_k=8192, num_heads_q=32, num_heads_k=4,
+                         head_dim=128, dtype="bfloat16", softmax_scale=0.1, window=Window(-1, 0), kvcache=kvs)
+    assert plan_kvcache.check(spec) is None
+    decode, combine = plan_kvcache.plan_forward(spec, "sm90")
+    meta = decode.meta
+    assert meta["PAGE_SIZE"] % meta["BLOCK_N"] == 0 and meta["BLOCK_N"] == 16  # 48 = 16 * 3
+    assert meta["BLOCK_M"] == 16 and decode.grid == (meta["NUM_SPLITS"], 4, 1) and meta["NUM_SPLITS"] > 1
+    assert combine.outputs == (("out", (1, 1, 32, 128), "bfloat16"), ("lse", (1, 32, 1), "float32"))
+    (single,) = plan_kvcache.plan_forward(spec, "sm90", num_splits=1)
+    assert single.outputs[0][0] == "out"
+    assert plan_kvcache.check(spec.replace(kvcache=kvs.__class__(**{**kvs.__dict__, "page_size": 24})))
+    assert plan_kvcache.check(spec.replace(dtype="float32"))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        _worker(sys.argv[2:] or list(CASES))
+    else:
+        sys.exit(pytest.main([__file__, "-q"]))
