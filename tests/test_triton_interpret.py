@@ -15,11 +15,7 @@ tiles) is reached at small sequence lengths.
 """
 from __future__ import annotations
 
-import concurrent.futures
-import json
-import os
 import pathlib
-import subprocess
 import sys
 import zlib
 
@@ -27,6 +23,10 @@ import numpy as np
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from tests.triton_interp_harness import run_in_workers, worker  # noqa: E402
 TOL = 1e-2  # relative L2 error; fp16 inputs, fp16 P in the PV product, fp32 accumulation
 
 # name -> case. window is (left, right) after normalization (-1 = unbounded); causal is (left, 0).
@@ -104,26 +104,6 @@ class _NpTensor:
 
     def stride(self):
         return tuple(s // self.arr.itemsize for s in self.arr.strides)
-
-
-def _patch_interpreter_for_numpy2():
-    """Triton 3.6's interpreter turns scalar tensors (1-element 1-D numpy arrays) into loop bounds with
-    ``int(array)``, which numpy >= 2.? rejects for ndim > 0; re-define that one conversion. Test-only: the
-    compiled GPU path never goes through the interpreter."""
-    try:
-        int(np.array([1]))
-        return
-    except TypeError:
-        pass
-    from triton.runtime import interpreter
-
-    original = interpreter._patch_lang_tensor
-
-    def patched(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
-
-    interpreter._patch_lang_tensor = patched
 
 
 def _interpret(launch, arrays):
@@ -256,47 +236,13 @@ def _run_case(name):
 
 
 def _worker(names):
-    os.environ["TRITON_INTERPRET"] = "1"
-    sys.path.insert(0, str(REPO))
-    _patch_interpreter_for_numpy2()
-    for name in names:
-        try:
-            res = _run_case(name)
-        except Exception as e:  # noqa: BLE001 - reported to the parent test
-            import traceback
-
-            res = {"error": f"{type(e).__name__}: {e}\n{traceback.format_exc()}"}
-        print("RESULT " + json.dumps({"name": name, **res}), flush=True)
-
-
-# ----------------------------------------------------------------------------------------------- pytest side
-def _spawn(names):
-    env = dict(os.environ, TRITON_INTERPRET="1", JAX_PLATFORMS="cpu")
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, __file__, "--worker", *names], capture_output=True, text=True,
-                          env=env, timeout=900, cwd=REPO)
-    found = {}
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            r = json.loads(line[len("RESULT "):])
-            found[r.pop("name")] = r
-    for name in names:
-        found.setdefault(name, {"error": f"worker exited {proc.returncode}:\n{proc.stderr[-4000:]}"})
-    return found
+    worker(_run_case, names)
 
 
 @pytest.fixture(scope="module")
 def results():
-    triton = pytest.importorskip("triton")
-    del triton
-    names = list(CASES)
-    nproc = max(1, min(4, os.cpu_count() or 1))
-    chunks = [names[i::nproc] for i in range(nproc)]
-    found = {}
-    with concurrent.futures.ThreadPoolExecutor(nproc) as pool:
-        for part in pool.map(_spawn, chunks):
-            found.update(part)
-    return found
+    pytest.importorskip("triton")
+    return run_in_workers(__file__, list(CASES), nproc=4)
 
 
 @pytest.mark.parametrize("name", list(CASES))

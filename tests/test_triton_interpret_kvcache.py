@@ -9,11 +9,7 @@ other. The kernels are not reachable from the public API yet.
 """
 from __future__ import annotations
 
-import concurrent.futures
-import json
-import os
 import pathlib
-import subprocess
 import sys
 import zlib
 
@@ -24,7 +20,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from tests.test_triton_interpret import _patch_interpreter_for_numpy2, _rel  # noqa: E402
+from tests.triton_interp_harness import run_in_workers, worker  # noqa: E402
+from tests.test_triton_interpret import _rel  # noqa: E402
 from tests.test_triton_interpret_varlen import _interpret  # noqa: E402  (NaN-prefilled outputs)
 
 TOL = 1e-2
@@ -153,44 +150,13 @@ def _run_case(name):
 
 
 def _worker(names):
-    os.environ["TRITON_INTERPRET"] = "1"
-    _patch_interpreter_for_numpy2()
-    for name in names:
-        try:
-            res = _run_case(name)
-        except Exception as e:  # noqa: BLE001 - reported to the parent test
-            import traceback
-
-            res = {"error": f"{type(e).__name__}: {e}\n{traceback.format_exc()}"}
-        print("RESULT " + json.dumps({"name": name, **res}), flush=True)
-
-
-def _spawn(names):
-    env = dict(os.environ, TRITON_INTERPRET="1", JAX_PLATFORMS="cpu")
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, __file__, "--worker", *names], capture_output=True, text=True,
-                          env=env, timeout=900, cwd=REPO)
-    found = {}
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            r = json.loads(line[len("RESULT "):])
-            found[r.pop("name")] = r
-    for name in names:
-        found.setdefault(name, {"error": f"worker exited {proc.returncode}:\n{proc.stderr[-4000:]}"})
-    return found
+    worker(_run_case, names)
 
 
 @pytest.fixture(scope="module")
 def results():
     pytest.importorskip("triton")
-    names = list(CASES)
-    nproc = max(1, min(2, os.cpu_count() or 1))
-    chunks = [names[i::nproc] for i in range(nproc)]
-    found = {}
-    with concurrent.futures.ThreadPoolExecutor(nproc) as pool:
-        for part in pool.map(_spawn, chunks):
-            found.update(part)
-    return found
+    return run_in_workers(__file__, list(CASES), nproc=2)
 
 
 @pytest.mark.parametrize("name", list(CASES))
