@@ -1,0 +1,214 @@
+"""Variable-length (packed) FlashAttention backward: the varlen twin of ``flash_bwd.py``.
+
+Layouts as in ``flash_varlen.py``: q/out/dout/dq (TOTAL_Q, HQ, D), k/v/dk/dv (TOTAL_K, HK, D), lse and delta
+float32 (HQ, TOTAL_Q). Sequence ``b`` owns q rows ``[cu_q[b], cu_q[b+1])`` and k rows ``[cu_k[b], cu_k[b] +
+len_k[b])``, ``len_k`` = ``seqused_k[b]`` (HAS_SEQUSED) or the cu_k difference; index arrays are sanitized on the
+host (non-decreasing, in range, seqused_k <= the cu_k difference).
+
+The preprocess (delta = rowsum(dO * O) - dLSE) is the dense ``flash_bwd._bwd_preprocess`` launched with batch 1 and
+seqlen_q = TOTAL_Q: its (B, HQ, Lq) delta layout is exactly (HQ, TOTAL_Q) then.
+
+``_varlen_bwd_dkdv``: grid (cdiv(max_seqlen_k, BLOCK_N), HK, batch + 1). Program (n, hk, b < batch) computes key
+tile n of sequence b for kv head hk, walking every query head of the GQA group and every visible query tile of
+the sequence in a fixed order (no atomics). The programs of (hk, b) also zero, with a grid-stride loop, the k rows
+``[cu_k[b] + len_k[b], cu_k[b+1])`` that seqused_k leaves out (and, defensively, rows past the tiles the grid
+covers). The extra slice b == batch zeroes the k rows outside every sequence (``[0, cu_k[0])`` and
+``[cu_k[batch], TOTAL_K)``). So every dK/dV element is written by exactly one program.
+
+``_varlen_bwd_dq``: grid (cdiv(max_seqlen_q, BLOCK_M), HQ, batch + 1), the mirror of the forward; the extra slice
+writes dQ = 0 on the q rows outside every sequence.
+
+Masks use per-sequence local positions and lengths, as ``fa3jax.masking.allowed``; the tile loops are the dense
+kernel's ``_dkdv_tiles`` / ``_dq_tiles`` with zero offsets.
+"""
+import triton
+import triton.language as tl
+
+from .flash_bwd import _dkdv_tiles, _dq_tiles
+from .flash_common import _LOG2E, _key_blocks, _load_rows, _query_blocks, _store_rows
+
+
+@triton.jit
+def _zero_ranges(PTR, a_lo, a_n, b_lo, b_n, off_h, pid, n_progs,
+                 ROW_STRIDE: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+                 BLOCK: tl.constexpr):
+    """Write 0 to head ``off_h`` of rows [a_lo, a_lo + a_n) then [b_lo, b_lo + b_n), enumerated as one list and
+    split over ``n_progs`` programs (this one is ``pid``) with a grid-stride loop."""
+    n_all = a_n + b_n
+    offs_t = tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    zero = tl.zeros([BLOCK, HEAD_DIM_PAD], dtype=tl.float32).to(PTR.dtype.element_ty)
+    for start in range(pid * BLOCK, n_all, n_progs * BLOCK):
+        idx = start + offs_t
+        ok = idx < n_all
+        rows = tl.where(idx < a_n, a_lo + idx, b_lo + (idx - a_n))
+        rows = tl.where(ok, rows, 0)
+        ptrs = PTR + rows.to(tl.int64)[:, None] * ROW_STRIDE + off_h * HEAD_DIM + offs_d[None, :]
+        if HEAD_DIM == HEAD_DIM_PAD:
+            tl.store(ptrs, zero, mask=ok[:, None])
+        else:
+            tl.store(ptrs, zero, mask=ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+
+
+@triton.jit
+def _seq_bounds(CU_Q, CU_K, SEQUSED_K, off_b, HAS_SEQUSED: tl.constexpr):
+    q_start = tl.load(CU_Q + off_b)
+    seqlen_q = tl.load(CU_Q + off_b + 1) - q_start
+    k_start = tl.load(CU_K + off_b)
+    k_span = tl.load(CU_K + off_b + 1) - k_start
+    if HAS_SEQUSED:
+        seqlen_k = tl.load(SEQUSED_K + off_b)
+    else:
+        seqlen_k = k_span
+    return q_start, seqlen_q, k_start, seqlen_k, k_span
+
+
+@triton.jit
+def _varlen_bwd_dkdv(Q, K, V, DO, LSE, DELTA, CU_Q, CU_K, SEQUSED_K,
+                     total_q, total_k, batch, scale_in, scale_out, sm_scale,
+                     DK, DV,
+                     NUM_HEADS_Q: tl.constexpr, NUM_HEADS_K: tl.constexpr,
+                     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
+                     SOFTCAP: tl.constexpr, HAS_SEQUSED: tl.constexpr, REVERSE_N: tl.constexpr):
+    STRIDE_QM: tl.constexpr = NUM_HEADS_Q * HEAD_DIM
+    STRIDE_KN: tl.constexpr = NUM_HEADS_K * HEAD_DIM
+    GROUP: tl.constexpr = NUM_HEADS_Q // NUM_HEADS_K
+
+    pid = tl.program_id(0)
+    n_progs = tl.num_programs(0)
+    pid_n = pid
+    if REVERSE_N:
+        pid_n = n_progs - 1 - pid
+    off_hk = tl.program_id(1)
+    off_b = tl.program_id(2)
+
+    if off_b == batch:
+        first = tl.load(CU_K)
+        last = tl.load(CU_K + batch)
+        _zero_ranges(DK, 0, first, last, total_k - last, off_hk, pid, n_progs,
+                     STRIDE_KN, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N)
+        _zero_ranges(DV, 0, first, last, total_k - last, off_hk, pid, n_progs,
+                     STRIDE_KN, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N)
+    else:
+        q_start, seqlen_q, k_start, seqlen_k, k_span = _seq_bounds(CU_Q, CU_K, SEQUSED_K, off_b, HAS_SEQUSED)
+        # Rows of this sequence's cu_k span that no key tile computes: past seqused_k (or past the grid).
+        gap_lo = tl.minimum(seqlen_k, n_progs * BLOCK_N)
+        _zero_ranges(DK, k_start + gap_lo, k_span - gap_lo, 0, 0, off_hk, pid, n_progs,
+                     STRIDE_KN, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N)
+        _zero_ranges(DV, k_start + gap_lo, k_span - gap_lo, 0, 0, off_hk, pid, n_progs,
+                     STRIDE_KN, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N)
+        start_n = pid_n * BLOCK_N
+        if start_n < seqlen_k:
+            offs_tn = tl.arange(0, BLOCK_N)
+            offs_n = start_n + offs_tn
+            offs_t = tl.arange(0, BLOCK_M)
+            offs_d = tl.arange(0, HEAD_DIM_PAD)
+
+            kv_row0 = (k_start + start_n).to(tl.int64) * STRIDE_KN + off_hk * HEAD_DIM
+            tile_k = offs_tn[:, None] * STRIDE_KN + offs_d[None, :]
+            k = _load_rows(K + kv_row0 + tile_k, offs_n, seqlen_k, offs_d, HEAD_DIM, HEAD_DIM_PAD, True)
+            v = _load_rows(V + kv_row0 + tile_k, offs_n, seqlen_k, offs_d, HEAD_DIM, HEAD_DIM_PAD, True)
+
+            n_last = tl.minimum(start_n + BLOCK_N, seqlen_k) - 1
+            m_lo, f_lo, f_hi, m_hi = _query_blocks(start_n, n_last, start_n + BLOCK_N <= seqlen_k, seqlen_q,
+                                                   0, 0, seqlen_q, seqlen_k, BLOCK_M, WINDOW_LEFT, WINDOW_RIGHT)
+            # Key rows past the sequence's end see nothing: push them past seqlen_k (as the dense kernel).
+            cols_g = tl.where(offs_n < seqlen_k, offs_n, seqlen_k)
+
+            dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
+            dv = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
+            tile_q = offs_t[:, None] * STRIDE_QM + offs_d[None, :]
+            for g in range(GROUP):
+                off_h = off_hk * GROUP + g
+                q_base = q_start.to(tl.int64) * STRIDE_QM + off_h * HEAD_DIM
+                q_ptrs = Q + q_base + tile_q
+                do_ptrs = DO + q_base + tile_q
+                stat0 = off_h.to(tl.int64) * total_q + q_start
+                lse_ptrs = LSE + stat0 + offs_t
+                delta_ptrs = DELTA + stat0 + offs_t
+                dk, dv = _dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, m_lo, f_lo, offs_t,
+                                     cols_g, seqlen_q, 0, seqlen_q, seqlen_k, scale_in, scale_out,
+                                     STRIDE_QM, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, WINDOW_LEFT, WINDOW_RIGHT,
+                                     SOFTCAP, True)
+                dk, dv = _dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, f_lo, f_hi, offs_t,
+                                     cols_g, seqlen_q, 0, seqlen_q, seqlen_k, scale_in, scale_out,
+                                     STRIDE_QM, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, WINDOW_LEFT, WINDOW_RIGHT,
+                                     SOFTCAP, False)
+                dk, dv = _dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, f_hi, m_hi, offs_t,
+                                     cols_g, seqlen_q, 0, seqlen_q, seqlen_k, scale_in, scale_out,
+                                     STRIDE_QM, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, WINDOW_LEFT, WINDOW_RIGHT,
+                                     SOFTCAP, True)
+            dk = dk * sm_scale
+            _store_rows(DK + kv_row0 + tile_k, dk.to(DK.dtype.element_ty), offs_n, seqlen_k, offs_d,
+                        HEAD_DIM, HEAD_DIM_PAD)
+            _store_rows(DV + kv_row0 + tile_k, dv.to(DV.dtype.element_ty), offs_n, seqlen_k, offs_d,
+                        HEAD_DIM, HEAD_DIM_PAD)
+
+
+@triton.jit
+def _varlen_bwd_dq(Q, K, V, DO, LSE, DELTA, CU_Q, CU_K, SEQUSED_K,
+                   total_q, batch, scale_in, scale_out, sm_scale,
+                   DQ,
+                   NUM_HEADS_Q: tl.constexpr, NUM_HEADS_K: tl.constexpr,
+                   HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
+                   SOFTCAP: tl.constexpr, HAS_SEQUSED: tl.constexpr, REVERSE_M: tl.constexpr):
+    STRIDE_QM: tl.constexpr = NUM_HEADS_Q * HEAD_DIM
+    STRIDE_KN: tl.constexpr = NUM_HEADS_K * HEAD_DIM
+    GROUP: tl.constexpr = NUM_HEADS_Q // NUM_HEADS_K
+
+    pid_m = tl.program_id(0)
+    if REVERSE_M:
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    off_h = tl.program_id(1)
+    off_b = tl.program_id(2)
+    off_hk = off_h // GROUP
+
+    if off_b == batch:
+        first = tl.load(CU_Q)
+        last = tl.load(CU_Q + batch)
+        _zero_ranges(DQ, 0, first, last, total_q - last, off_h, tl.program_id(0), tl.num_programs(0),
+                     STRIDE_QM, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M)
+    else:
+        q_start, seqlen_q, k_start, seqlen_k, k_span = _seq_bounds(CU_Q, CU_K, SEQUSED_K, off_b, HAS_SEQUSED)
+        start_m = pid_m * BLOCK_M
+        if start_m < seqlen_q:
+            offs_t = tl.arange(0, BLOCK_M)
+            offs_m = start_m + offs_t
+            offs_n = tl.arange(0, BLOCK_N)
+            offs_d = tl.arange(0, HEAD_DIM_PAD)
+
+            q_row0 = (q_start + start_m).to(tl.int64) * STRIDE_QM + off_h * HEAD_DIM
+            tile_q = offs_t[:, None] * STRIDE_QM + offs_d[None, :]
+            q = _load_rows(Q + q_row0 + tile_q, offs_m, seqlen_q, offs_d, HEAD_DIM, HEAD_DIM_PAD, True)
+            do = _load_rows(DO + q_row0 + tile_q, offs_m, seqlen_q, offs_d, HEAD_DIM, HEAD_DIM_PAD, True)
+            stat = off_h.to(tl.int64) * total_q + q_start + offs_m
+            # Padding rows read lse = 0 and delta = 0: finite, and their dQ is never stored.
+            lse2 = tl.load(LSE + stat, mask=offs_m < seqlen_q, other=0.0) * _LOG2E
+            delta = tl.load(DELTA + stat, mask=offs_m < seqlen_q, other=0.0)
+
+            k_base = K + k_start.to(tl.int64) * STRIDE_KN + off_hk * HEAD_DIM
+            v_base = V + k_start.to(tl.int64) * STRIDE_KN + off_hk * HEAD_DIM
+            k_ptrs = k_base + offs_n[:, None] * STRIDE_KN + offs_d[None, :]
+            v_ptrs = v_base + offs_n[:, None] * STRIDE_KN + offs_d[None, :]
+
+            m_last = tl.minimum(start_m + BLOCK_M, seqlen_q) - 1
+            n_lo, f_lo, f_hi, n_hi = _key_blocks(start_m, m_last, seqlen_k, 0, 0, seqlen_q, seqlen_k,
+                                                 BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT)
+            rows_g = offs_m
+            dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+            dq = _dq_tiles(dq, q, do, lse2, delta, k_ptrs, v_ptrs, n_lo, f_lo, rows_g, offs_n, offs_d,
+                           seqlen_k, 0, seqlen_q, seqlen_k, scale_in, scale_out,
+                           STRIDE_KN, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, True)
+            dq = _dq_tiles(dq, q, do, lse2, delta, k_ptrs, v_ptrs, f_lo, f_hi, rows_g, offs_n, offs_d,
+                           seqlen_k, 0, seqlen_q, seqlen_k, scale_in, scale_out,
+                           STRIDE_KN, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, False)
+            dq = _dq_tiles(dq, q, do, lse2, delta, k_ptrs, v_ptrs, f_hi, n_hi, rows_g, offs_n, offs_d,
+                           seqlen_k, 0, seqlen_q, seqlen_k, scale_in, scale_out,
+                           STRIDE_KN, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, True)
+            dq = dq * sm_scale
+            _store_rows(DQ + q_row0 + tile_q, dq.to(DQ.dtype.element_ty), offs_m, seqlen_q, offs_d,
+                        HEAD_DIM, HEAD_DIM_PAD)
