@@ -18,9 +18,9 @@ class Support:
 
 
 _VALIDATORS = {
-    api.flash_mha: ("dense", validation.validate_dense, 3),
-    api.flash_mha_varlen: ("varlen", validation.validate_varlen, 8),
-    api.flash_mha_with_kvcache: ("kvcache", validation.validate_kvcache, 12),
+    api.flash_mha: (validation.validate_dense, 3),
+    api.flash_mha_varlen: (validation.validate_varlen, 8),
+    api.flash_mha_with_kvcache: (validation.validate_kvcache, 12),
 }
 
 
@@ -31,17 +31,10 @@ def _spec_for(fn, args, kwargs):
     bound.apply_defaults()
     a = dict(bound.arguments)
     backend = validation.validate_backend(a.pop("backend"))
-    mode, validator, npos = _VALIDATORS[fn]
+    validator, npos = _VALIDATORS[fn]
     names = list(a)
     positional = [a.pop(n) for n in names[:npos]]
-    if mode == "dense":
-        a.pop("return_softmax_lse", None)
-        spec = validator(*positional, return_softmax_lse=False, **a)
-    elif mode == "varlen":
-        a.pop("return_softmax_lse", None)
-        spec = validator(*positional, return_softmax_lse=False, **a)
-    else:
-        spec = validator(*positional, **a)
+    spec = validator(*positional, **a)  # the keyword arguments the call would validate, unchanged
     return spec, backend
 
 

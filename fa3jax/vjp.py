@@ -51,9 +51,7 @@ def _meta_layouts(spec: AttentionSpec):
 
 
 def _pack(spec, args):
-    if spec.mode == "dense":
-        return (None, None) if args is None else tuple(args)
-    return tuple(args)
+    return (None, None) if args is None else tuple(args)
 
 
 def _unpack(spec, meta):
