@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Build, test and benchmark on the GPU machine in one call: bash benchmarks/device_run.sh STAGE...
 # Stages: build (CUDA extension + C++ tests), sanitize (compute-sanitizer + SASS/resource checks),
-#         test (GPU pytest suites), bench (side-by-side table), decode (kvcache decode table).
+#         test (GPU pytest suites), bench (side-by-side table), decode (kvcache decode table),
+#         varlen (varlen vs dense table), sweep (Triton tile/variant sweep, SWEEP_ARGS).
 # Wheels the machine lacks (jax-triton, nvidia-cutlass, flash-attn3-jax) travel in .whl/ (see the device README).
 # Prints a short summary table last; logs go to $OUT.
 set -uo pipefail
@@ -36,7 +37,7 @@ gputest() {
   # xdist spreads Triton/XLA compilation over the 16 cores; no preallocation so 8 workers share the GPU.
   local site=""; [ -d /tmp/fa3site/fa3jax ] && site=/tmp/fa3site:
   PYTHONPATH=$site$PYTHONPATH XLA_PYTHON_CLIENT_PREALLOCATE=false timeout ${TEST_TIMEOUT:-420} \
-    python3 -m pytest -q -n ${WORKERS:-8} ${PYTEST_ARGS:-} -m gpu -p no:cacheprovider -o addopts="" \
+    python3 -m pytest -q -n ${WORKERS:-8} ${PYTEST_ARGS:-} ${PYTEST_K:+-k "$PYTEST_K"} -m gpu -p no:cacheprovider -o addopts="" \
     ${TESTS:-tests/test_triton_gpu.py tests/test_triton_backend.py tests/test_cuda_backend.py} -rfE
 }
 bench() {
@@ -47,6 +48,11 @@ decode() {
   local site=""; [ -d /tmp/fa3site/fa3jax ] && site=/tmp/fa3site:
   PYTHONPATH=$site$PYTHONPATH python3 benchmarks/run.py --suite decode --out "$OUT" ${BENCH_ARGS:-}
 }
+varlen() {
+  local site=""; [ -d /tmp/fa3site/fa3jax ] && site=/tmp/fa3site:
+  PYTHONPATH=$site$PYTHONPATH python3 benchmarks/run.py --suite varlen --out "$OUT" ${VARLEN_ARGS:-}
+}
+sweep() { timeout ${SWEEP_TIMEOUT:-300} python3 benchmarks/triton_sweep.py ${SWEEP_ARGS:---kernel fwd --cands 128,128,8,3}; }
 
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,temperature.gpu --format=csv,noheader
 for s in "$@"; do
@@ -56,6 +62,8 @@ for s in "$@"; do
     test) stage test gputest ;;
     bench) stage bench bench ;;
     decode) stage decode decode ;;
+    varlen) stage varlen varlen ;;
+    sweep) stage sweep sweep ;;
     *) echo "unknown stage $s"; exit 2 ;;
   esac
 done

@@ -39,21 +39,64 @@ def _time(f, args, trials=5, min_time=0.05):
     return statistics.median(times)
 
 
+def decode_sweep(a):
+    """--kernel decode: cands are BLOCK_N,warps,stages,programs_per_sm (tuning.DECODE_*); num_splits=0."""
+    for layout in a.layouts.split(","):
+        for batch in (int(x) for x in a.batches.split(",")):
+            for cache in (int(x) for x in a.caches.split(",")):
+                ks = jax.random.split(jax.random.key(batch * 7 + cache), 4)
+                hq, hk, d, page = 32, 8, 128, 256
+                q = jax.random.normal(ks[0], (batch, 1, hq, d), jnp.bfloat16)
+                if layout == "paged":
+                    npg = batch * cache // page
+                    shape = (npg, page, hk, d)
+                    pt = jax.random.permutation(ks[3], npg).astype(jnp.int32).reshape(batch, cache // page)
+                else:
+                    shape, pt = (batch, cache, hk, d), None
+                kc = jax.random.normal(ks[1], shape, jnp.bfloat16)
+                vc = jax.random.normal(ks[2], shape, jnp.bfloat16)
+                lens = jnp.full((batch,), cache, jnp.int32)
+                nbytes = 2 * kc.size * kc.dtype.itemsize
+                for cand in a.cands:
+                    bn, w, st, pps = (int(x) for x in cand.split(","))
+                    tuning.DECODE_BLOCK_N, tuning.DECODE_WARPS, tuning.DECODE_STAGES = bn, w, st
+                    tuning.DECODE_PROGRAMS_PER_SM = pps
+                    f = jax.jit(lambda q, kc, vc: fa3jax.flash_mha_with_kvcache(
+                        q, kc, vc, cache_seqlens=lens, page_table=pt, num_splits=0, backend="triton"))
+                    try:
+                        t = _time(f, (q, kc, vc))
+                        print(f"decode {layout} b={batch} cache={cache} cfg={cand}: {t * 1e6:.1f} us "
+                              f"{nbytes / t / 1e12:.2f} TB/s", flush=True)
+                    except Exception as e:  # noqa: BLE001
+                        print(f"decode {layout} b={batch} cache={cache} cfg={cand}: FAILED {type(e).__name__}: "
+                              f"{str(e)[:200]}", flush=True)
+                del kc, vc
+
+
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--kernel", choices=["fwd", "bwd_dkdv", "bwd_dq"], required=True)
+    p.add_argument("--kernel", choices=["fwd", "bwd_dkdv", "bwd_dq", "decode"], required=True)
     p.add_argument("--cands", nargs="+", required=True, help="block_m,block_n,warps,stages")
     p.add_argument("--d", type=int, default=128)
     p.add_argument("--seqlens", default="4096,16384")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    p.add_argument("--causal", default="both", choices=["0", "1", "both"])
+    p.add_argument("--layouts", default="contiguous,paged", help="decode only")
+    p.add_argument("--batches", default="1,8,64", help="decode only")
+    p.add_argument("--caches", default="32768", help="decode only")
     a = p.parse_args()
+    if a.kernel == "decode":
+        return decode_sweep(a)
     arch = "sm" + "".join(str(jax.devices()[0].compute_capability).split("."))
-    for causal in (False, True):
-        key = (tuning.head_dim_bucket(a.d), "bfloat16", causal, tuning.arch_family(arch))
+    causals = {"0": (False,), "1": (True,), "both": (False, True)}[a.causal]
+    dt = jnp.dtype(a.dtype)
+    for causal in causals:
+        key = (tuning.head_dim_bucket(a.d), a.dtype, causal, tuning.arch_family(arch))
         base = tuning._TABLE[key]
         for s in (int(x) for x in a.seqlens.split(",")):
             b, h = 16384 // s, 16
             ks = jax.random.split(jax.random.key(s), 4)
-            q, k, v, do = (jax.random.normal(x, (b, s, h, a.d), jnp.bfloat16) for x in ks)
+            q, k, v, do = (jax.random.normal(x, (b, s, h, a.d), dt) for x in ks)
             flops = 4 * b * s * s * h * a.d / (2 if causal else 1) * (1 if a.kernel == "fwd" else 3.5)
             for cand in a.cands:
                 cfg = tuning.TileConfig(*(int(x) for x in cand.split(",")))
@@ -67,10 +110,10 @@ def main():
                     args = (q, k, v, do)
                 try:
                     t = _time(f, args)
-                    print(f"{a.kernel} d={a.d} causal={causal} s={s} cfg={cand}: {t * 1e3:.3f} ms "
+                    print(f"{a.kernel} d={a.d} {a.dtype} causal={causal} s={s} cfg={cand}: {t * 1e3:.3f} ms "
                           f"{flops / t / 1e12:.1f} TFLOPS", flush=True)
                 except Exception as e:  # a config that fails to compile/launch is reported, not fatal
-                    print(f"{a.kernel} d={a.d} causal={causal} s={s} cfg={cand}: FAILED {type(e).__name__}: "
+                    print(f"{a.kernel} d={a.d} {a.dtype} causal={causal} s={s} cfg={cand}: FAILED {type(e).__name__}: "
                           f"{str(e)[:200]}", flush=True)
         tuning._TABLE[key] = base
 

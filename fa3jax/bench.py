@@ -5,6 +5,10 @@ Suites
     (b = 16384 // s), bf16/fp16, causal or not, modes ``fwd`` and ``fwd+bwd``.
   * ``decode``: one query token against a KV cache (hq=32, hk=8, d=128, bf16), contiguous and paged, reported
     as bandwidth (TB/s of K/V bytes read) next to a device-to-device copy measured in the same run.
+  * ``varlen``: packed variable-length training shapes -- 16384 tokens cut into random lengths drawn uniformly in
+    [L/2, 3L/2] for a mean L of 512..8192 (h=16, d=128, bf16, causal or not, ``fwd`` and ``fwd+bwd``), each impl
+    next to its dense-equal-tokens baseline (``dense:<impl>``: ``flash_mha`` on batch 16384 // L of seqlen L), with
+    the ratio varlen TFLOPS / dense TFLOPS.
 
 Implementations ("impls"): ``fa3jax:cuda``, ``fa3jax:triton``, ``fa3jax:xla`` (each only where available and
 where ``fa3jax.supports`` says yes), ``flash-attn3-jax`` (when importable), ``jax.nn:cudnn`` and ``jax.nn:xla``
@@ -16,17 +20,19 @@ input sets, and synchronizes once at the end; a trial's time per call is its wal
 the median over trials. N is chosen from the warm-up time so that a trial lasts ``min_time`` seconds (capped by
 ``max_calls``).
 
-FLOPs (the FlashAttention convention): forward = 4 * b * s^2 * h * d (matmuls only), halved when causal;
-``fwd+bwd`` counts 3.5x that (forward 1x + backward 2.5x), timed as one jitted ``grad`` of
-``sum(out * cotangent)`` w.r.t. q, k, v (which runs the forward too).
+FLOPs (the FlashAttention convention): forward = 4 * b * s^2 * h * d (matmuls only), halved when causal; for
+varlen the sum over sequences of 4 * s_i^2 * h * d; ``fwd+bwd`` counts 3.5x that (forward 1x + backward 2.5x),
+timed as one jitted ``grad`` of ``sum(out * cotangent)`` w.r.t. q, k, v (which runs the forward too).
 
 Correctness guard: before timing, each impl's forward output is compared with fa3jax's xla backend on the same
 inputs at the benchmark shape; ``max_rel_err = max|o - o_ref| / max|o_ref|``. An impl above ``WRONG_TOL`` is
-reported as WRONG and not timed.
+reported as WRONG and not timed. The varlen suite compares with a reference that shares no code with fa3jax
+(see :func:`padded_reference`), so that fa3jax's own xla varlen path is checked too.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -43,6 +49,7 @@ from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import fa3jax
 
@@ -251,6 +258,12 @@ def _fa3jax_impl(backend: str) -> Impl:
         sds = jax.ShapeDtypeStruct(cfg.shape, DTYPES[cfg.dtype])
         return fa3jax.supports(fa3jax.flash_mha, sds, sds, sds, backend=backend, is_causal=cfg.causal)
 
+    return Impl(f"fa3jax:{backend}", forward, *_support_checks(support, backend))
+
+
+def _support_checks(support: Callable, backend: str) -> tuple[Callable, Callable]:
+    """``check`` and ``note`` of an fa3jax impl from ``support(cfg) -> fa3jax.Support``."""
+
     def check(cfg):
         s = support(cfg)
         if not s.supported:
@@ -265,7 +278,7 @@ def _fa3jax_impl(backend: str) -> Impl:
         s = support(cfg)
         return f"backward by {s.backward}" if s.backward and s.backward != backend else ""
 
-    return Impl(f"fa3jax:{backend}", forward, check, note)
+    return check, note
 
 
 def _fa3_impl(mod) -> Impl:
@@ -337,11 +350,12 @@ def _attn_inputs(cfg: AttnConfig, n_sets: int, seed: int):
 
 
 def _timed_fn(fwd: Callable, mode: str) -> Callable:
+    """``fwd(q, k, v, *rest)``, or for ``fwd+bwd`` its gradient w.r.t. q, k, v as ``f(q, k, v, ct, *rest)``."""
     if mode == "fwd":
         return fwd
 
-    def loss(q, k, v, ct):
-        return jnp.sum(fwd(q, k, v).astype(jnp.float32) * ct.astype(jnp.float32))
+    def loss(q, k, v, ct, *rest):
+        return jnp.sum(fwd(q, k, v, *rest).astype(jnp.float32) * ct.astype(jnp.float32))
 
     return jax.grad(loss, argnums=(0, 1, 2))
 
@@ -683,6 +697,289 @@ def _best_rows(rows: list[dict]) -> list[dict]:
     return out
 
 
+# --------------------------------------------------------------------------------------------------- varlen suite
+
+DENSE = "dense:"  # prefix of an impl's dense-equal-tokens baseline
+
+
+def varlen_lengths(mean: int, tokens: int, seed: int = 0) -> tuple[int, ...]:
+    """Lengths drawn uniformly in [mean/2, 3*mean/2] (rounded, >= 1) until they reach ``tokens``, the last one cut
+    so that they sum to exactly ``tokens``. Seeded by (seed, mean): every impl, mode and rerun packs the same."""
+    rng = np.random.default_rng([seed, mean])
+    lengths, total = [], 0
+    while total < tokens:
+        s = min(max(1, int(round(rng.uniform(mean / 2, 3 * mean / 2)))), tokens - total)
+        lengths.append(s)
+        total += s
+    return tuple(lengths)
+
+
+@dataclasses.dataclass(frozen=True)
+class VarlenConfig:
+    mode: str  # "fwd" | "fwd+bwd"
+    causal: bool
+    dtype: str
+    headdim: int
+    heads: int
+    tokens: int
+    mean: int
+    lengths: tuple  # varlen_lengths(mean, tokens, seed), kept so that the JSON says exactly what ran
+    seed: int = 0
+
+    @property
+    def seqs(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def max_seqlen(self) -> int:
+        return max(self.lengths)
+
+    @property
+    def flops(self) -> float:
+        f = sum(4.0 * s ** 2 * self.heads * self.headdim for s in self.lengths)
+        if self.causal:
+            f /= 2
+        return f * (3.5 if self.mode == "fwd+bwd" else 1.0)
+
+    @property
+    def shape(self):
+        return (self.tokens, self.heads, self.headdim)
+
+    def cu_seqlens(self) -> np.ndarray:
+        return np.concatenate([[0], np.cumsum(self.lengths)]).astype(np.int32)
+
+    def dense(self) -> AttnConfig:
+        """The dense-equal-tokens baseline: batch tokens // mean of seqlen mean, as in the attn suite."""
+        return AttnConfig(self.mode, self.causal, self.dtype, self.headdim, self.heads, self.mean,
+                          max(1, self.tokens // self.mean))
+
+    def label(self) -> str:
+        return (f"{self.mode} {'causal' if self.causal else 'full'} {self.dtype} d{self.headdim} "
+                f"L{self.mean} n{self.seqs} max{self.max_seqlen}")
+
+
+def varlen_configs(o: dict) -> list[VarlenConfig]:
+    cfgs = []
+    for mode in o["modes"]:
+        for causal in o["causal"]:
+            for dtype in o["dtypes"]:
+                for d in o["headdims"]:
+                    for mean in o["varlen_means"]:
+                        lengths = varlen_lengths(mean, o["varlen_tokens"], o["varlen_seed"])
+                        cfgs.append(VarlenConfig(mode, causal, dtype, d, o["heads"], o["varlen_tokens"], mean,
+                                                 lengths, o["varlen_seed"]))
+    return cfgs
+
+
+@dataclasses.dataclass
+class VarlenImpl:
+    """A varlen impl (``forward(cfg)`` returns ``f(q, k, v, cu_seqlens) -> out`` on packed tokens) and its
+    dense-equal-tokens baseline, an attn-suite :class:`Impl` run on ``cfg.dense()`` (None: no baseline)."""
+
+    name: str
+    varlen: Impl
+    dense: Optional[Impl]
+
+
+ALL_VARLEN_IMPL_NAMES = ("fa3jax:cuda", "fa3jax:triton", "fa3jax:xla", FA3_NAME)
+
+
+def _fa3jax_varlen_impl(backend: str) -> Impl:
+    def forward(cfg):
+        m = cfg.max_seqlen
+        return lambda q, k, v, cu: fa3jax.flash_mha_varlen(q, k, v, cu, cu, max_seqlen_q=m, max_seqlen_k=m,
+                                                           is_causal=cfg.causal, backend=backend)
+
+    def support(cfg):
+        sds = jax.ShapeDtypeStruct(cfg.shape, DTYPES[cfg.dtype])
+        cu = jax.ShapeDtypeStruct((cfg.seqs + 1,), jnp.int32)
+        return fa3jax.supports(fa3jax.flash_mha_varlen, sds, sds, sds, cu, cu, max_seqlen_q=cfg.max_seqlen,
+                               max_seqlen_k=cfg.max_seqlen, is_causal=cfg.causal, backend=backend)
+
+    return Impl(f"fa3jax:{backend}", forward, *_support_checks(support, backend))
+
+
+def _fa3_varlen_impl(mod) -> Impl:
+    def forward(cfg):
+        m = cfg.max_seqlen
+        # by keyword: 0.2.3 has seqused_k between cu_seqlens_k and max_seqlen_q, which its README omits
+        return lambda q, k, v, cu: mod.flash_mha_varlen(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=m,
+                                                        max_seqlen_k=m, is_causal=cfg.causal)
+
+    def check(cfg):
+        if not hasattr(mod, "flash_mha_varlen"):
+            return "flash_attn3_jax has no flash_mha_varlen"
+        return _fa3_impl(mod).check(cfg)
+
+    return Impl(FA3_NAME, forward, check)
+
+
+def varlen_impls() -> tuple[list[VarlenImpl], dict]:
+    impls, skipped = [], {}
+    for name, ok, reason in fa3jax.backends_info():
+        if ok:
+            impls.append(VarlenImpl(f"fa3jax:{name}", _fa3jax_varlen_impl(name),
+                                    dataclasses.replace(_fa3jax_impl(name), name=f"{DENSE}fa3jax:{name}")))
+        else:
+            skipped[f"fa3jax:{name}"] = reason or "unavailable"
+    mod, reason = _flash_attn3()
+    if mod is not None:
+        impls.append(VarlenImpl(FA3_NAME, _fa3_varlen_impl(mod),
+                                dataclasses.replace(_fa3_impl(mod), name=DENSE + FA3_NAME)))
+    else:
+        skipped[FA3_NAME] = reason
+    return impls, skipped
+
+
+def padded_reference(q, k, v, lengths, causal: bool):
+    """Forward reference for a batch ``(n, m, h, d)`` whose first ``lengths[i]`` rows are sequence ``i``:
+    ``jax.nn.dot_product_attention`` (xla) in float32 with the padding masked by the sequence lengths. It shares no
+    code with fa3jax, so it also catches a wrong fa3jax:xla. One head at a time keeps the (n, m, m) scores of the
+    longest sequences (m up to 1.5x the mean) within a few GiB."""
+    lens = jnp.asarray(lengths, jnp.int32)
+
+    def one_head(x):
+        qh, kh, vh = (t[:, :, None, :] for t in x)
+        return jax.nn.dot_product_attention(qh, kh, vh, is_causal=causal, query_seq_lengths=lens,
+                                            key_value_seq_lengths=lens, implementation="xla")[:, :, 0, :]
+
+    out = jax.lax.map(one_head, tuple(jnp.moveaxis(x.astype(jnp.float32), 2, 0) for x in (q, k, v)))
+    return jnp.moveaxis(out, 0, 2)
+
+
+def varlen_reference(q, k, v, lengths, causal: bool):
+    """:func:`padded_reference` of packed ``(total, h, d)`` sequences: gathered into a padded batch, computed,
+    and packed back, all in one jit at full float32 matmul precision."""
+    lengths = np.asarray(lengths)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    pos = np.arange(lengths.max())
+    rows = np.where(pos[None] < lengths[:, None], starts[:, None] + pos[None], 0)  # (n, m) packed row of each slot
+    seq = np.repeat(np.arange(len(lengths)), lengths)  # packed row -> (sequence, position)
+    off = np.arange(int(lengths.sum())) - starts[seq]
+
+    def f(q, k, v):
+        return padded_reference(q[rows], k[rows], v[rows], lengths, causal)[seq, off]
+
+    with _highest_precision():
+        return jax.jit(f)(q, k, v)
+
+
+def dense_reference(q, k, v, causal: bool):
+    with _highest_precision():
+        return jax.jit(lambda q, k, v: padded_reference(q, k, v, [q.shape[1]] * q.shape[0], causal))(q, k, v)
+
+
+def _highest_precision():
+    """True float32 matmuls (no TF32) for the reference; any precision passes the guard, so a jax without the
+    context manager just runs at its default."""
+    ctx = getattr(jax, "default_matmul_precision", None)
+    return ctx("highest") if ctx is not None else contextlib.nullcontext()
+
+
+def _varlen_inputs(cfg: VarlenConfig, n_sets: int, seed: int):
+    """Like the attn suite's, packed, with ``cu_seqlens`` last: a runtime argument, as in training, so that no
+    kernel can specialize on the packing."""
+    sets = _attn_inputs(cfg, n_sets, seed)
+    cu = jnp.asarray(cfg.cu_seqlens())
+    return jax.block_until_ready([s + (cu,) for s in sets])
+
+
+def run_varlen(configs: list[VarlenConfig], impls: list[VarlenImpl], opts: TimingOptions, check: bool = True,
+               log=print, progress: Optional[Callable] = None, deadline: Optional[float] = None) -> list[dict]:
+    """Varlen suite: per config, each impl's dense-equal-tokens baseline then its varlen call; varlen rows carry
+    ``dense_ratio`` = varlen TFLOPS / dense TFLOPS. Same guard, timing and budget as :func:`run_attn`."""
+    rows = []
+    guard_cache: dict = {}  # fwd-mode config -> {impl: forward error}, shared by both modes
+    for cfg in configs:
+        dcfg = cfg.dense()
+        runs = [r for vi in impls for r in ((vi.dense, "dense"), (vi.varlen, "varlen")) if r[0] is not None]
+        if _out_of_time(deadline):
+            rows += [_vrow(cfg, impl.name, kind, "skipped", reason="time budget (--budget-s) spent")
+                     for impl, kind in runs]
+            continue
+        seed = cfg.mean * 1009 + cfg.headdim * 7 + len(cfg.dtype)
+        try:
+            sets = {"varlen": _varlen_inputs(cfg, opts.input_sets, seed),
+                    "dense": _attn_inputs(dcfg, opts.input_sets, seed + 1)}
+        except Exception as e:  # e.g. out of memory
+            rows += [_vrow(cfg, impl.name, kind, "skipped", reason=f"inputs: {_short(e)}") for impl, kind in runs]
+            continue
+        fwd_args = {"varlen": lambda s: s[:3] + s[-1:], "dense": lambda s: s[:3]}  # drop the cotangent
+        run_cfg = {"varlen": cfg, "dense": dcfg}
+        guard_key = dataclasses.replace(cfg, mode="fwd")
+        refs = {}
+        if check and guard_key not in guard_cache:
+            guard_cache[guard_key] = {}
+            try:
+                refs["varlen"] = jax.block_until_ready(
+                    varlen_reference(*sets["varlen"][0][:3], cfg.lengths, cfg.causal))
+                refs["dense"] = jax.block_until_ready(dense_reference(*sets["dense"][0][:3], cfg.causal))
+            except Exception as e:
+                log(f"  [guard] reference failed for {cfg.label()}: {_short(e)}")
+        dense_tflops: dict = {}  # varlen impl name -> its baseline's TFLOPS in this config
+        f = compiled = None
+        for impl, kind in runs:
+            f = compiled = None  # free the last impl's executable (and its buffers) before compiling the next
+            c, s = run_cfg[kind], sets[kind]
+            try:
+                reason = impl.check(c)
+            except Exception as e:
+                reason = f"check failed: {_short(e)}"
+            if reason:
+                rows.append(_vrow(cfg, impl.name, kind, "skipped", reason=reason))
+                continue
+            note = impl.note(c)
+            err = guard_cache.get(guard_key, {}).get(impl.name)
+            try:
+                if cfg.mode == "fwd" or (check and err is None and kind in refs):
+                    compiled = compile_fn(_timed_fn(impl.forward(c), cfg.mode), s[0])
+                if check and err is None and kind in refs:
+                    fwd = compiled[0] if cfg.mode == "fwd" else jax.jit(impl.forward(c))
+                    err = _rel_err(fwd(*fwd_args[kind](s[0])), refs[kind])
+                    guard_cache[guard_key][impl.name] = err
+                if err is not None and not err <= WRONG_TOL:
+                    rows.append(_vrow(cfg, impl.name, kind, "WRONG", max_rel_err=err, note=note,
+                                      reason=f"forward max rel err {err:.2e} > {WRONG_TOL} vs jax.nn reference"))
+                    log(f"  {cfg.label():44s} {impl.name:22s} WRONG (err {err:.2e})")
+                    continue
+                f, scratch = compiled or compile_fn(_timed_fn(impl.forward(c), cfg.mode), s[0])
+                m = measure(f, s, opts)
+            except Exception as e:
+                rows.append(_vrow(cfg, impl.name, kind, "skipped", reason=_short(e), max_rel_err=err, note=note))
+                log(f"  {cfg.label():44s} {impl.name:22s} skipped: {_short(e, 80)}")
+                continue
+            tflops = c.flops / m["time_s"] / 1e12
+            base = impl.name[len(DENSE):] if kind == "dense" else impl.name
+            ratio = None
+            if kind == "dense":
+                dense_tflops[base] = tflops
+            elif base in dense_tflops:
+                ratio = tflops / dense_tflops[base]
+            rows.append(_vrow(cfg, impl.name, kind, "ok", ms=m["time_s"] * 1e3, tflops=tflops, max_rel_err=err,
+                              note=note, scratch_bytes=scratch, trials_ms=[t * 1e3 for t in m["trials_s"]],
+                              calls_per_trial=m["calls_per_trial"], dense_ratio=ratio))
+            log(f"  {cfg.label():44s} {impl.name:22s} {m['time_s'] * 1e3:9.3f} ms {_fmt_tf(tflops):>8s} TFLOPS"
+                + (f"  err {err:.1e}" if err is not None else "")
+                + (f"  varlen/dense {ratio:.2f}" if ratio is not None else ""))
+        del sets, refs, f, compiled
+        if progress:
+            progress(rows)
+    return rows
+
+
+def _vrow(cfg: VarlenConfig, impl: str, kind: str, status: str, **kw) -> dict:
+    """A varlen-suite row; ``flops`` are those of what ran (the dense baseline's for ``kind == 'dense'``)."""
+    row = dataclasses.asdict(cfg)
+    row.update(impl=impl, kind=kind, status=status, seqs=cfg.seqs, max_seqlen=cfg.max_seqlen)
+    if kind == "dense":
+        d = cfg.dense()
+        row.update(batch=d.batch, seqlen=d.seqlen, flops=d.flops)
+    else:
+        row.update(flops=cfg.flops)
+    row.update({k: v for k, v in kw.items() if v not in (None, "")})
+    return row
+
+
 # --------------------------------------------------------------------------------------------------- reporting
 
 
@@ -718,6 +1015,17 @@ class _Footnotes:
         return [f"[{i + 1}] {n}" for i, n in enumerate(self.notes)]
 
 
+def _cell(r: Optional[dict], ok_text: Callable[[dict], str], footnote) -> str:
+    """A table cell: '' for no row, ``ok_text(r)`` when it ran, else WRONG / skip with a footnoted reason."""
+    if r is None:
+        return ""
+    if r["status"] == "ok":
+        return ok_text(r)
+    if r["status"] == "WRONG":
+        return f"WRONG err {r['max_rel_err']:.1e}"
+    return f"skip [{footnote(r.get('reason', '?'))}]"
+
+
 def attn_table(rows: list[dict]) -> str:
     """Markdown table: one row per config, one column per impl; cells 'TFLOPS / ms' and the speed ratio vs
     flash-attn3-jax (>1: faster) when it was timed."""
@@ -733,19 +1041,13 @@ def attn_table(rows: list[dict]) -> str:
         fa3 = by[k].get(FA3_NAME)
         for name in impls:
             r = by[k].get(name)
-            if r is None:
-                cells.append("")
-            elif r["status"] == "ok":
+            def ok(r, name=name):
                 c = f"{_fmt_tf(r['tflops'])} TF / {r['ms']:.3f} ms"
                 if fa3 is not None and fa3["status"] == "ok" and name != FA3_NAME:
                     c += f" (x{fa3['ms'] / r['ms']:.2f})"
-                if r.get("note"):
-                    c += f" [{footnote(r['note'])}]"
-                cells.append(c)
-            elif r["status"] == "WRONG":
-                cells.append(f"WRONG err {r['max_rel_err']:.1e}")
-            else:
-                cells.append(f"skip [{footnote(r.get('reason', '?'))}]")
+                return c + (f" [{footnote(r['note'])}]" if r.get("note") else "")
+
+            cells.append(_cell(r, ok, footnote))
         lines.append("| " + " | ".join(cells) + " |")
     fa3_timed = any(r["impl"] == FA3_NAME and r["status"] == "ok" for r in rows)
     if footnote.notes or fa3_timed:
@@ -778,23 +1080,50 @@ def decode_table(rows: list[dict], copy: dict) -> str:
         cells = [k[0], str(k[1]), str(k[2]), f"{any_row['kv_bytes'] / 2**20:.0f}"]
         for name in impls:
             r = by[k].get(name)
-            if r is None:
-                cells.append("")
-            elif r["status"] == "ok":
+            def ok(r):
                 c = f"{r['tbps']:.3g} TB/s / {r['ms'] * 1e3:.1f} us"
                 if r.get("copy_ratio"):
                     c += f" ({r['copy_ratio']:.2f})"
-                if r.get("best_of"):
-                    c += f" {r['best_of'].rsplit(':', 1)[-1]}"
-                cells.append(c)
-            elif r["status"] == "WRONG":
-                cells.append(f"WRONG err {r['max_rel_err']:.1e}")
-            else:
-                cells.append(f"skip [{footnote(r.get('reason', '?'))}]")
+                return c + (f" {r['best_of'].rsplit(':', 1)[-1]}" if r.get("best_of") else "")
+
+            cells.append(_cell(r, ok, footnote))
         lines.append("| " + " | ".join(cells) + " |")
     if footnote.notes:
         lines.append("")
         lines += footnote.lines()
+    return "\n".join(lines)
+
+
+def varlen_table(rows: list[dict]) -> str:
+    """Markdown table: one row per config; per impl its varlen cell, its dense-equal-tokens cell and the ratio of
+    their TFLOPS (varlen / dense)."""
+    bases = _col_order({r["impl"][len(DENSE):] if r["kind"] == "dense" else r["impl"] for r in rows},
+                       ALL_VARLEN_IMPL_NAMES)
+    names = {r["impl"] for r in rows}
+    keys, by = _group(rows, lambda r: (r["mode"], r["causal"], r["dtype"], r["headdim"], r["heads"], r["mean"],
+                                       r["seqs"], r["max_seqlen"]))
+    footnote = _Footnotes()
+
+    cols = []  # (header, impl name or None for the ratio, base)
+    for b in bases:
+        cols += [(n, n, b) for n in (b, DENSE + b) if n in names]
+        if b in names and DENSE + b in names:
+            cols.append((f"{b} varlen/dense", None, b))
+    head = ["mode", "causal", "dtype", "d", "h", "mean L", "seqs", "max L"] + [c[0] for c in cols]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for k in keys:
+        cells = [k[0], "yes" if k[1] else "no", k[2], str(k[3]), str(k[4]), str(k[5]), str(k[6]), str(k[7])]
+        for _, name, base in cols:
+            r = by[k].get(name) if name else by[k].get(base)
+            if name is None:
+                cells.append(f"{r['dense_ratio']:.2f}" if r is not None and r.get("dense_ratio") else "")
+            else:
+                cells.append(_cell(r, lambda r: f"{_fmt_tf(r['tflops'])} TF / {r['ms']:.3f} ms"
+                                   + (f" [{footnote(r['note'])}]" if r.get("note") else ""), footnote))
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", f"{DENSE}X: X's flash_mha on batch tokens // L of seqlen L (dense at equal tokens); "
+                  "X varlen/dense: varlen TFLOPS / dense TFLOPS"]
+    lines += footnote.lines()
     return "\n".join(lines)
 
 
@@ -873,16 +1202,16 @@ def _csv(s, conv=str):
 
 def build_parser(prog: str = "python -m fa3jax bench") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="Time attention implementations side by side.")
-    p.add_argument("--suite", choices=("attn", "decode"), default="attn")
+    p.add_argument("--suite", choices=("attn", "decode", "varlen"), default="attn")
     p.add_argument("--small", action="store_true",
                    help="CPU-sized preset (the default on CPU unless sizes are given or --full)")
     p.add_argument("--full", action="store_true", help="full sizes even on CPU")
-    g = p.add_argument_group("attn suite")
+    g = p.add_argument_group("attn suite (--heads, --headdims, --dtypes, --causal, --modes: also varlen)")
     g.add_argument("--seqlens", help="comma list (default 512,...,16384)")
     g.add_argument("--tokens", type=int, help="batch * seqlen (default 16384)")
     g.add_argument("--heads", type=int, help="default 16")
     g.add_argument("--headdims", help="comma list of 64,128,256 (default 128)")
-    g.add_argument("--dtypes", help="comma list of bf16,fp16 (default both)")
+    g.add_argument("--dtypes", help="comma list of bf16,fp16 (default both; varlen: bf16)")
     g.add_argument("--causal", choices=("both", "yes", "no"), default="both")
     g.add_argument("--modes", help="comma list of fwd,fwd+bwd (default both)")
     g = p.add_argument_group("decode suite")
@@ -891,6 +1220,12 @@ def build_parser(prog: str = "python -m fa3jax bench") -> argparse.ArgumentParse
     g.add_argument("--layouts", help="comma list of contiguous,paged (default both)")
     g.add_argument("--copy-mib", type=int, help="size of the copy-bandwidth buffer (default 1024 GPU, 32 CPU)")
     g.add_argument("--unroll", type=int, help="decode steps chained in one jitted call (default 16 GPU, 2 CPU)")
+    g = p.add_argument_group("varlen suite")
+    g.add_argument("--varlen-means", help="comma list of mean sequence lengths L; lengths are drawn uniformly in "
+                                          "[L/2, 3L/2] (default 512,1024,2048,4096,8192)")
+    g.add_argument("--varlen-tokens", type=int, help="total packed tokens, also the dense baseline's batch * L "
+                                                     "(default 16384)")
+    g.add_argument("--varlen-seed", type=int, default=0, help="seed of the length draw (default 0)")
     g = p.add_argument_group("common")
     g.add_argument("--impls", help="comma list of impl names or parts (e.g. fa3jax, xla, flash-attn3-jax, "
                                    "jax.nn:cudnn); default all")
@@ -913,21 +1248,25 @@ def build_parser(prog: str = "python -m fa3jax bench") -> argparse.ArgumentParse
 
 
 SMALL = dict(heads=2, headdims=[64], tokens=1024, seqlens=[256, 512], dtypes=["bf16"], impls=["xla"],
-             repeats=3, batches=[1, 2], caches=[256, 1024])
+             repeats=3, batches=[1, 2], caches=[256, 1024], varlen_means=[64, 128], varlen_tokens=512)
 FULL = dict(heads=16, headdims=[128], tokens=16384, seqlens=[512, 1024, 2048, 4096, 8192, 16384],
-            dtypes=["bf16", "fp16"], impls=None, repeats=5, batches=[1, 8, 64], caches=[4096, 32768, 131072])
+            dtypes=["bf16", "fp16"], impls=None, repeats=5, batches=[1, 8, 64], caches=[4096, 32768, 131072],
+            varlen_means=[512, 1024, 2048, 4096, 8192], varlen_tokens=16384)
 
 
 def resolve(args) -> dict:
     """Merge explicit options over the preset (``--small`` on CPU unless sizes were given or ``--full``)."""
     sized = any(getattr(args, a) is not None for a in ("seqlens", "tokens", "heads", "headdims", "batches",
-                                                      "caches"))
+                                                      "caches", "varlen_means", "varlen_tokens"))
     small = args.small or (not args.full and not sized and not on_gpu())
     base = dict(SMALL if small else FULL)
+    if args.suite == "varlen":
+        base["dtypes"] = ["bf16"]  # the issue's target is bf16 only; fp16 on request
     explicit = dict(seqlens=_csv(args.seqlens, int), tokens=args.tokens, heads=args.heads,
                     headdims=_csv(args.headdims, int), dtypes=_csv(args.dtypes), impls=_csv(args.impls),
                     repeats=args.repeats, batches=_csv(args.batches, int), caches=_csv(args.caches, int),
-                    copy_mib=args.copy_mib, unroll=args.unroll)
+                    copy_mib=args.copy_mib, unroll=args.unroll, varlen_means=_csv(args.varlen_means, int),
+                    varlen_tokens=args.varlen_tokens)
     gpu = on_gpu()
     base.update(copy_mib=1024 if gpu else 32, unroll=16 if gpu else 2)  # platform, not preset, defaults
     base.update({k: v for k, v in explicit.items() if v is not None})
@@ -935,6 +1274,7 @@ def resolve(args) -> dict:
     base["modes"] = _csv(args.modes) or ["fwd", "fwd+bwd"]
     base["causal"] = {"both": [False, True], "yes": [True], "no": [False]}[args.causal]
     base["layouts"] = _csv(args.layouts) or ["contiguous", "paged"]
+    base["varlen_seed"] = args.varlen_seed
     base["timing"] = TimingOptions(
         warmup=args.warmup, repeats=base["repeats"],
         min_time=args.min_time if args.min_time is not None else (0.05 if gpu else 0.01),
@@ -984,37 +1324,33 @@ def main(argv=None, prog: str = "python -m fa3jax bench") -> int:
     def save(rows, copy=None, table=None, complete=False):
         doc = {"suite": args.suite, "complete": complete, "env": env, "options": options,
                "elapsed_s": time.perf_counter() - t_start, "wrong_tol": WRONG_TOL,
-               "flops_convention": "fwd 4*b*s^2*h*d (halved if causal); fwd+bwd 3.5x fwd",
+               "flops_convention": "fwd 4*b*s^2*h*d (varlen: sum_i 4*s_i^2*h*d; halved if causal); "
+                                   "fwd+bwd 3.5x fwd",
                "results": rows, "copy": copy, "table": table}
         tmp = json_path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(doc, indent=1, default=str))
         tmp.replace(json_path)
 
     deadline = t_start + args.budget_s if args.budget_s else None
+    impls, unavailable = {"attn": attn_impls, "varlen": varlen_impls, "decode": decode_impls}[args.suite]()
+    # decode variants (flash-attn3-jax num_splits) are also selected by their group name
+    impls = [i for i in impls if _selected(i.name, o["impls"]) or _selected(getattr(i, "group", ""), o["impls"])]
+    unavailable = {k: v for k, v in unavailable.items() if _selected(k, o["impls"])}
+    for name, why in unavailable.items():
+        print(f"  {name}: unavailable: {why}")
+    copy = None
+    kw = dict(check=not args.no_check, log=log, progress=save, deadline=deadline)
     if args.suite == "attn":
-        impls, unavailable = attn_impls()
-        impls = [i for i in impls if _selected(i.name, o["impls"])]
-        unavailable = {k: v for k, v in unavailable.items() if _selected(k, o["impls"])}
-        for name, why in unavailable.items():
-            print(f"  {name}: unavailable: {why}")
-        rows = run_attn(attn_configs(o), impls, o["timing"], check=not args.no_check, log=log, progress=save,
-                        deadline=deadline)
-        for name, why in unavailable.items():
-            rows.append({"impl": name, "status": "unavailable", "reason": why})
-        table = attn_table([r for r in rows if r["status"] != "unavailable"])
-        copy = None
+        rows = run_attn(attn_configs(o), impls, o["timing"], **kw)
+    elif args.suite == "varlen":
+        rows = run_varlen(varlen_configs(o), impls, o["timing"], **kw)
     else:
-        impls, unavailable = decode_impls()
-        impls = [i for i in impls if _selected(i.name, o["impls"]) or _selected(i.group, o["impls"])]
-        unavailable = {k: v for k, v in unavailable.items() if _selected(k, o["impls"])}
-        for name, why in unavailable.items():
-            print(f"  {name}: unavailable: {why}")
-        rows, copy = run_decode(decode_configs(o), impls, o["timing"], o["copy_mib"] << 20,
-                                check=not args.no_check, log=log, unroll=o["unroll"], progress=save,
-                                deadline=deadline)
-        for name, why in unavailable.items():
-            rows.append({"impl": name, "status": "unavailable", "reason": why})
-        table = decode_table([r for r in rows if r["status"] != "unavailable"], copy)
+        rows, copy = run_decode(decode_configs(o), impls, o["timing"], o["copy_mib"] << 20, unroll=o["unroll"], **kw)
+    for name, why in unavailable.items():
+        rows.append({"impl": name, "status": "unavailable", "reason": why})
+    shown = [r for r in rows if r["status"] != "unavailable"]
+    table = decode_table(shown, copy) if args.suite == "decode" else \
+        {"attn": attn_table, "varlen": varlen_table}[args.suite](shown)
     elapsed = time.perf_counter() - t_start
     print()
     print(table)

@@ -1,9 +1,12 @@
 """The command line (`python -m fa3jax info|demo|bench`) and the benchmark harness's bookkeeping, on CPU."""
 import json
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import numpy as np
 
 from fa3jax import bench
 
@@ -75,3 +78,94 @@ def test_table_marks_wrong_skips_and_ratio():
     assert "skip [2]" in t and "[2] cuDNN is not detected" in t and "[1] backward by triton" in t
     header = t.splitlines()[0]
     assert header.index("fa3jax:cuda") < header.index("flash-attn3-jax") < header.index("jax.nn:cudnn")
+
+
+def test_bench_varlen_small(tmp_path):
+    r = _run("bench", "--suite", "varlen", "--small", "--varlen-means", "64", "--varlen-tokens", "256",
+             "--out-dir", str(tmp_path), timeout=150)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "| mode | causal | dtype | d | h | mean L |" in r.stdout and "fa3jax:xla varlen/dense" in r.stdout
+    files = list(tmp_path.glob("varlen-*.json"))
+    assert len(files) == 1, list(tmp_path.iterdir())
+    doc = json.loads(files[0].read_text())
+    assert doc["complete"] and doc["suite"] == "varlen"
+    ok = [row for row in doc["results"] if row["status"] == "ok"]
+    assert {(row["impl"], row["kind"]) for row in ok} == {("fa3jax:xla", "varlen"), ("dense:fa3jax:xla", "dense")}
+    assert {(row["impl"], row["mode"], row["causal"]) for row in ok} == {
+        (i, m, c) for i in ("fa3jax:xla", "dense:fa3jax:xla") for m in ("fwd", "fwd+bwd") for c in (False, True)}
+    for row in ok:
+        assert math.isfinite(row["tflops"]) and row["tflops"] > 0 and row["ms"] > 0
+        assert row["max_rel_err"] <= bench.WRONG_TOL  # checked, against the jax.nn reference
+        assert sum(row["lengths"]) == row["tokens"] == 256 and row["heads"] == 2 and row["headdim"] == 64
+        if row["kind"] == "dense":
+            assert (row["batch"], row["seqlen"]) == (4, 64)
+        else:
+            assert math.isfinite(row["dense_ratio"]) and row["dense_ratio"] > 0
+    assert (tmp_path / files[0].with_suffix(".md").name).exists()
+
+
+def test_varlen_lengths_and_flops():
+    lengths = bench.varlen_lengths(512, 16384)
+    assert sum(lengths) == 16384 and lengths == bench.varlen_lengths(512, 16384)
+    assert all(256 <= s <= 768 for s in lengths[:-1]) and 1 <= lengths[-1] <= 768
+    assert bench.varlen_lengths(512, 16384, seed=1) != lengths and len(set(lengths)) > 1
+    cfg = bench.VarlenConfig("fwd", False, "bf16", 128, 16, 16384, 512, lengths)
+    assert cfg.flops == sum(4 * s**2 * 16 * 128 for s in lengths)
+    assert bench.VarlenConfig("fwd+bwd", True, "bf16", 128, 16, 16384, 512, lengths).flops == 1.75 * cfg.flops
+    cu = cfg.cu_seqlens()
+    assert cu.dtype == np.int32 and cu[0] == 0 and cu[-1] == 16384 and len(cu) == cfg.seqs + 1
+    assert cfg.dense() == bench.AttnConfig("fwd", False, "bf16", 128, 16, 512, 32)
+
+
+def test_varlen_guard_rejects_wrong_and_nan():
+    """A kernel that ignores the sequence boundaries, or returns NaN, is reported WRONG and never timed."""
+    import fa3jax
+    import jax.numpy as jnp
+
+    def fake(name, fn):
+        return bench.VarlenImpl(name, bench.Impl(name, lambda cfg: fn), None)
+
+    impls = [bench.VarlenImpl("fa3jax:xla", bench._fa3jax_varlen_impl("xla"), None),
+             fake("one-sequence", lambda q, k, v, cu: fa3jax.flash_mha(q[None], k[None], v[None], backend="xla")[0]),
+             fake("nan", lambda q, k, v, cu: fa3jax.flash_mha_varlen(q, k, v, cu, backend="xla") * jnp.nan)]
+    cfg = bench.VarlenConfig("fwd", False, "bf16", 32, 2, 128, 32, bench.varlen_lengths(32, 128))
+    opts = bench.TimingOptions(warmup=1, repeats=1, min_time=0.0, max_calls=2)
+    rows = {r["impl"]: r for r in bench.run_varlen([cfg], impls, opts, log=lambda s: None)}
+    assert rows["fa3jax:xla"]["status"] == "ok" and rows["fa3jax:xla"]["max_rel_err"] <= bench.WRONG_TOL
+    assert "dense_ratio" not in rows["fa3jax:xla"]
+    for name in ("one-sequence", "nan"):
+        assert rows[name]["status"] == "WRONG" and "ms" not in rows[name], rows[name]
+    assert not rows["nan"]["max_rel_err"] <= bench.WRONG_TOL
+
+
+def test_varlen_table():
+    base = dict(mode="fwd", causal=True, dtype="bf16", headdim=128, heads=16, mean=1024, seqs=17, max_seqlen=1500)
+    rows = [
+        dict(base, impl="dense:fa3jax:triton", kind="dense", status="ok", ms=1.0, tflops=400.0),
+        dict(base, impl="fa3jax:triton", kind="varlen", status="ok", ms=1.1, tflops=380.0, dense_ratio=0.95),
+        dict(base, impl="dense:fa3jax:cuda", kind="dense", status="ok", ms=1.0, tflops=450.0),
+        dict(base, impl="fa3jax:cuda", kind="varlen", status="skipped", reason="cuda: no varlen"),
+        dict(base, impl="flash-attn3-jax", kind="varlen", status="WRONG", max_rel_err=0.5),
+    ]
+    t = bench.varlen_table(rows)
+    header = t.splitlines()[0]
+    assert header.index("| fa3jax:cuda |") < header.index("dense:fa3jax:cuda") < header.index("| fa3jax:triton |")
+    assert "fa3jax:triton varlen/dense" in header and "fa3jax:cuda varlen/dense" in header
+    assert "| 380.0 TF / 1.100 ms | 400.0 TF / 1.000 ms | 0.95 |" in t
+    assert "skip [1]" in t and "[1] cuda: no varlen" in t and "WRONG err 5.0e-01" in t
+
+
+def test_varlen_reference_matches_float64():
+    """The guard's reference, per sequence, against fa3jax's float64 NumPy reference (a length-1 sequence too)."""
+    import jax.numpy as jnp
+    from fa3jax import masking, reference
+
+    lengths = (5, 17, 1, 9)
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((sum(lengths), 2, 16)).astype(np.float32) for _ in range(3))
+    for causal in (False, True):
+        out = np.asarray(bench.varlen_reference(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), lengths, causal))
+        for a, b in zip(np.cumsum((0,) + lengths[:-1]), np.cumsum(lengths)):
+            want, _ = reference.attention(q[a:b], k[a:b], v[a:b], scale=16 ** -0.5,
+                                          window=masking.normalize_window((-1, -1), causal))
+            np.testing.assert_allclose(out[a:b], want, atol=1e-5, rtol=1e-5)

@@ -10,6 +10,3 @@ pytestmark = pytest.mark.gpu
 class TestTriton(AttentionSuite):
     backend = "triton"
     dtypes = ("bfloat16", "float16")
-    supports_varlen = False  # issue 5
-    supports_kvcache = False  # issue 5
-    supports_paged = False

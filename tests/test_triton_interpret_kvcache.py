@@ -5,7 +5,7 @@ Same worker-subprocess scheme as ``tests/test_triton_interpret.py``. Index array
 The reference materializes each sequence's keys in cache order (cache rows, new keys at ``cache_seqlens + t``),
 drops keys on invalid pages and outside ``[leftpad, seqlens_k)``, and runs ``fa3jax.reference.attention`` with
 positions relative to leftpad. Every case runs with several split counts; all must match the reference and each
-other. The kernels are not reachable from the public API yet.
+other. On the GPU they run through TritonBackend in the shared suite (tests/test_triton_backend.py).
 """
 from __future__ import annotations
 
@@ -180,8 +180,9 @@ def test_choose_num_splits():
 
     assert choose_num_splits(1, 8, 100, 132) == 1  # short cache
     assert choose_num_splits(64, 16, 32768, 132) == 1  # enough programs already
-    s = choose_num_splits(1, 8, 32768, 132)
-    assert 1 < s <= MAX_SPLITS and s == 17
+    s = choose_num_splits(1, 8, 32768, 132, programs_per_sm=2)
+    assert 1 < s <= MAX_SPLITS and s == 33  # 8 programs -> 8 * 33 >= 2 per SM
+    assert choose_num_splits(1, 8, 32768, 132, programs_per_sm=1) == 17
     assert choose_num_splits(1, 1, 600, 132) == 2  # limited by keys per split
     for b in (1, 2, 7):
         for hk in (1, 4, 32):

@@ -3,7 +3,7 @@
 Same scheme as ``tests/test_triton_interpret.py`` (whose numpy-backed tensor shim this reuses): kernels run in
 worker subprocesses with ``TRITON_INTERPRET=1``; the test functions read JSON verdicts. Outputs are pre-filled
 with NaN so that any element the kernel forgets to write (uncovered rows, tiles past a sequence's end) fails.
-The kernel is not reachable from the public API yet; this file is its only test until a GPU session.
+On the GPU the same kernel runs through TritonBackend in the shared suite (tests/test_triton_backend.py).
 """
 from __future__ import annotations
 

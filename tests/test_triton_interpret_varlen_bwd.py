@@ -4,7 +4,7 @@ Same scheme as ``tests/test_triton_interpret_varlen.py``: kernels run in worker 
 ``TRITON_INTERPRET=1`` over numpy-backed tensors, outputs pre-filled with NaN so that any element the kernels
 forget to write (rows outside every sequence, rows past seqused_k, key tiles past a sequence's end) fails. The
 backward consumes the float64 reference's out/lse (rounded to the kernel dtypes), so it is tested on its own.
-The kernels are not reachable from the public API yet; this file is their only test until a GPU session.
+On the GPU they run through TritonBackend in the shared suite (tests/test_triton_backend.py).
 """
 from __future__ import annotations
 

@@ -24,6 +24,28 @@ from .flash_common import _LN2, _allowed, _cdiv, _tanh
 
 
 @triton.jit
+def _decode_update(acc, l_i, m_i, q, k, v, t_pos, pos, key_ok, row_ok, leftpad, seqlen_q, sk, scale_in, scale_out,
+                   WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr):
+    """Online-softmax step of one key tile (every score masked: decode tiles are few and memory-bound)."""
+    qk = tl.dot(q, tl.trans(k.to(q.dtype)))
+    if SOFTCAP:
+        s = _tanh(qk * scale_in) * scale_out
+    else:
+        s = qk * scale_in
+    ok = _allowed(t_pos[:, None], (pos - leftpad)[None, :], seqlen_q, sk, WINDOW_LEFT, WINDOW_RIGHT)
+    ok = ok & key_ok[None, :] & row_ok[:, None]
+    s = tl.where(ok, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_use[:, None])
+    alpha = tl.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(v.dtype), v, acc)
+    return acc, l_i, m_new
+
+
+@triton.jit
 def _decode_fwd(Q, K_CACHE, V_CACHE, K_NEW, V_NEW, SEQLENS_K, CACHE_SEQLENS, LEFTPAD, BATCH_IDX, PAGE_TABLE,
                 seqlen_q, capacity, seqlen_new, num_pages, pages_per_seq, scale_in, scale_out,
                 OUT, LSE,
@@ -98,7 +120,34 @@ def _decode_fwd(Q, K_CACHE, V_CACHE, K_NEW, V_NEW, SEQLENS_K, CACHE_SEQLENS, LEF
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
-    for start_n in range(n_begin, n_end, BLOCK_N):
+    # Decode is bandwidth-bound: the hot loop covers the tiles that lie wholly inside the cache and has no
+    # branch, so Triton's software pipeliner keeps several K/V tiles in flight (a load under an `if` is not
+    # pipelined). The few tiles that reach past cache_seqlens (the partial one and the new keys) take the
+    # general loop after it.
+    n_mid = tl.maximum(tl.minimum(n_end, (cache_len // BLOCK_N) * BLOCK_N), n_begin)
+    for start_n in range(n_begin, n_mid, BLOCK_N):
+        pos = start_n + offs_n
+        key_ok = (pos >= leftpad) & (pos < seqlens_k)
+        if PAGED:
+            # start_n < cache_len <= capacity, so this page-table index is in range; the entry may not be.
+            page = tl.load(pt_row + start_n // PAGE_SIZE)
+            page_ok = (page >= 0) & (page < num_pages)
+            rows = tl.where(page_ok, page, 0).to(tl.int64) * PAGE_SIZE + (start_n % PAGE_SIZE) + offs_n
+            key_ok = key_ok & page_ok
+            ld2 = page_ok & d_ok[None, :]
+        else:
+            rows = cache_row * capacity + pos
+            ld2 = d_ok[None, :]
+        kv_off = rows[:, None] * STRIDE_KN + head_off + offs_d[None, :]
+        if PAGED or HEAD_DIM != HEAD_DIM_PAD:
+            k = tl.load(K_CACHE + kv_off, mask=ld2, other=0.0)
+            v = tl.load(V_CACHE + kv_off, mask=ld2, other=0.0)
+        else:
+            k = tl.load(K_CACHE + kv_off)
+            v = tl.load(V_CACHE + kv_off)
+        acc, l_i, m_i = _decode_update(acc, l_i, m_i, q, k, v, t_pos, pos, key_ok, row_ok, leftpad, seqlen_q, sk,
+                                       scale_in, scale_out, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP)
+    for start_n in range(n_mid, n_end, BLOCK_N):
         pos = start_n + offs_n
         in_cache = pos < cache_len
         key_ok = (pos >= leftpad) & (pos < seqlens_k)
@@ -106,7 +155,6 @@ def _decode_fwd(Q, K_CACHE, V_CACHE, K_NEW, V_NEW, SEQLENS_K, CACHE_SEQLENS, LEF
         v = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=V_CACHE.dtype.element_ty)
         if start_n < cache_len:
             if PAGED:
-                # start_n < cache_len <= capacity, so this page-table index is in range; the entry may not be.
                 page = tl.load(pt_row + start_n // PAGE_SIZE)
                 page_ok = (page >= 0) & (page < num_pages)
                 safe = tl.where(page_ok, page, 0).to(tl.int64)
@@ -131,22 +179,8 @@ def _decode_fwd(Q, K_CACHE, V_CACHE, K_NEW, V_NEW, SEQLENS_K, CACHE_SEQLENS, LEF
                 v_n = tl.load(V_NEW + n_off, mask=nld2, other=0.0)
                 k = tl.where(in_cache[:, None], k, k_n.to(k.dtype))
                 v = tl.where(in_cache[:, None], v, v_n.to(v.dtype))
-        qk = tl.dot(q, tl.trans(k.to(q.dtype)))
-        if SOFTCAP:
-            s = _tanh(qk * scale_in) * scale_out
-        else:
-            s = qk * scale_in
-        ok = _allowed(t_pos[:, None], (pos - leftpad)[None, :], seqlen_q, sk, WINDOW_LEFT, WINDOW_RIGHT)
-        ok = ok & key_ok[None, :] & row_ok[:, None]
-        s = tl.where(ok, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_use[:, None])
-        alpha = tl.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc)
-        m_i = m_new
+        acc, l_i, m_i = _decode_update(acc, l_i, m_i, q, k, v, t_pos, pos, key_ok, row_ok, leftpad, seqlen_q, sk,
+                                       scale_in, scale_out, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP)
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)

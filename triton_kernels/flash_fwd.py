@@ -14,9 +14,15 @@ def _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, n_begin, n_end, rows_g, offs_n,
                seqlen_k, k_off, glq, glk, scale_in, scale_out,
                STRIDE_KN: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                BLOCK_N: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
-               SOFTCAP: tl.constexpr, MASKED: tl.constexpr):
+               SOFTCAP: tl.constexpr, MASKED: tl.constexpr, SCALE_POS: tl.constexpr):
     """Accumulate key tiles [n_begin, n_end). Scores live in the log2 domain (log2(e) folded into the scale) so
-    the exponentials are bare exp2. MASKED=False is the hot path: no predicates, no -inf handling."""
+    the exponentials are bare exp2. MASKED=False is the hot path: no predicates, no -inf handling.
+
+    SCALE_POS (scale_in > 0, no softcap): the row max is taken on the raw products and the scale is applied
+    inside the exponent, so scale and subtraction are one FMA per score (the softmax, not the MMA, is the
+    bottleneck on Hopper: FA3 paper, section 3). Conditional rescaling (FA4: rescale only when a row max grows
+    by more than 2^8) was measured 10-12% slower on the H100: the branch stops Triton from pipelining the loop
+    (benchmarks/RESULTS.md)."""
     # 64-bit start: n_begin * HK * D can pass 2^31 for long sequences; then plain pointer increments.
     k_ptrs += n_begin.to(tl.int64) * STRIDE_KN
     v_ptrs += n_begin.to(tl.int64) * STRIDE_KN
@@ -27,19 +33,29 @@ def _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, n_begin, n_end, rows_g, offs_n,
         if SOFTCAP:
             s = _tanh(qk * scale_in) * scale_out
         else:
-            s = qk * scale_in
+            s = qk
         if MASKED:
             ok = _allowed(rows_g[:, None], (k_off + cols)[None, :], glq, glk, WINDOW_LEFT, WINDOW_RIGHT)
             ok = ok & (cols[None, :] < seqlen_k)
             s = tl.where(ok, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        if SOFTCAP:
+            m_blk = tl.max(s, 1)
+        elif SCALE_POS:
+            m_blk = tl.max(s, 1) * scale_in
+        else:
+            s = s * scale_in
+            m_blk = tl.max(s, 1)
+        m_new = tl.maximum(m_i, m_blk)
         if MASKED:
             # A row with nothing visible yet keeps m = -inf; subtracting 0 instead avoids inf - inf = NaN and
             # still yields p = 0 / alpha = 0 for it.
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         else:
             m_use = m_new
-        p = tl.exp2(s - m_use[:, None])
+        if SCALE_POS and not SOFTCAP:
+            p = tl.exp2(s * scale_in - m_use[:, None])
+        else:
+            p = tl.exp2(s - m_use[:, None])
         alpha = tl.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
@@ -59,7 +75,8 @@ def _attn_fwd(Q, K, V, OFFS,
               HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
-              SOFTCAP: tl.constexpr, HAS_OFFSETS: tl.constexpr, REVERSE_M: tl.constexpr):
+              SOFTCAP: tl.constexpr, HAS_OFFSETS: tl.constexpr, REVERSE_M: tl.constexpr,
+              SCALE_POS: tl.constexpr):
     """scale_in/scale_out: without softcap s2 = qk * scale_in (scale_in = softmax_scale * log2 e); with softcap
     s2 = tanh(qk * scale_in) * scale_out (scale_in = softmax_scale / c, scale_out = c * log2 e)."""
     STRIDE_QM: tl.constexpr = NUM_HEADS_Q * HEAD_DIM
@@ -106,15 +123,15 @@ def _attn_fwd(Q, K, V, OFFS,
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, n_lo, f_lo, rows_g, offs_n, offs_d,
                                seqlen_k, k_off, glq, glk, scale_in, scale_out,
                                STRIDE_KN, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT,
-                               SOFTCAP, True)
+                               SOFTCAP, True, SCALE_POS)
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, f_lo, f_hi, rows_g, offs_n, offs_d,
                                seqlen_k, k_off, glq, glk, scale_in, scale_out,
                                STRIDE_KN, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT,
-                               SOFTCAP, False)
+                               SOFTCAP, False, SCALE_POS)
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, f_hi, n_hi, rows_g, offs_n, offs_d,
                                seqlen_k, k_off, glq, glk, scale_in, scale_out,
                                STRIDE_KN, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT,
-                               SOFTCAP, True)
+                               SOFTCAP, True, SCALE_POS)
 
     # Rows that saw no key keep l = 0: output 0 and LSE -inf, as the contract requires.
     empty = l_i == 0.0

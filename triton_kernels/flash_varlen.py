@@ -53,7 +53,8 @@ def _varlen_attn_fwd(Q, K, V, CU_Q, CU_K, SEQUSED_K,
                      HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
-                     SOFTCAP: tl.constexpr, HAS_SEQUSED: tl.constexpr, REVERSE_M: tl.constexpr):
+                     SOFTCAP: tl.constexpr, HAS_SEQUSED: tl.constexpr, REVERSE_M: tl.constexpr,
+                     SCALE_POS: tl.constexpr):
     """scale_in/scale_out as in ``flash_fwd._attn_fwd`` (log2 domain, optional softcap)."""
     STRIDE_QM: tl.constexpr = NUM_HEADS_Q * HEAD_DIM
     STRIDE_KN: tl.constexpr = NUM_HEADS_K * HEAD_DIM
@@ -103,15 +104,15 @@ def _varlen_attn_fwd(Q, K, V, CU_Q, CU_K, SEQUSED_K,
             acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, n_lo, f_lo, rows_g, offs_n, offs_d,
                                        seqlen_k, 0, seqlen_q, seqlen_k, scale_in, scale_out,
                                        STRIDE_KN, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT,
-                                       SOFTCAP, True)
+                                       SOFTCAP, True, SCALE_POS)
             acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, f_lo, f_hi, rows_g, offs_n, offs_d,
                                        seqlen_k, 0, seqlen_q, seqlen_k, scale_in, scale_out,
                                        STRIDE_KN, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT,
-                                       SOFTCAP, False)
+                                       SOFTCAP, False, SCALE_POS)
             acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, f_hi, n_hi, rows_g, offs_n, offs_d,
                                        seqlen_k, 0, seqlen_q, seqlen_k, scale_in, scale_out,
                                        STRIDE_KN, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT,
-                                       SOFTCAP, True)
+                                       SOFTCAP, True, SCALE_POS)
             empty = l_i == 0.0
             l_safe = tl.where(empty, 1.0, l_i)
             out = acc / l_safe[:, None]

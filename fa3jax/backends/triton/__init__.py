@@ -1,8 +1,9 @@
 """Triton backend: FlashAttention-2 style kernels (``fa3jax.triton_kernels``) launched through jax-triton.
 
-Dense mode only for now. The backward is deterministic by construction (no atomics: dK/dV and dQ come from
-separate kernels that each own their output rows, and the GQA group is reduced in-kernel in a fixed order), so
-``spec.deterministic`` needs no special path.
+Modes: dense and varlen (forward and backward), kvcache (split-KV decode + LSE combine). The backward is
+deterministic by construction (no atomics: dK/dV and dQ come from separate kernels that each own their output
+rows, and the GQA group is reduced in-kernel in a fixed order), so ``spec.deterministic`` needs no special path.
+Launch decisions live in the ``plan*`` modules (pure Python); this module only maps arrays onto them.
 """
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ import jax
 import jax.numpy as jnp
 
 from ...spec import AttentionSpec
-from ..base import Backend, DenseArgs
+from ..base import Backend, DenseArgs, KVCacheArgs, VarlenArgs
 from . import plan as _plan
-from . import tuning
+from . import plan_kvcache, plan_varlen, plan_varlen_bwd, tuning
 
 __all__ = ["TritonBackend", "tuning"]
 
@@ -48,6 +49,18 @@ def _probe() -> tuple[bool, str, str]:
     return True, "", f"sm{major}{minor}"
 
 
+def _num_sms() -> int:
+    """Streaming multiprocessors of the default GPU (the split-KV heuristic fills them)."""
+    try:
+        return int(getattr(jax.devices()[0], "core_count", 0)) or plan_kvcache.DEFAULT_NUM_SMS
+    except Exception:  # noqa: BLE001 - a heuristic input, never a reason to fail
+        return plan_kvcache.DEFAULT_NUM_SMS
+
+
+def _empty(shape_out, dtype, shape_lse):
+    return jnp.zeros(shape_out, dtype), jnp.full(shape_lse, -jnp.inf, jnp.float32)
+
+
 def _arch() -> str:
     global _AVAILABILITY, _ARCH
     if _AVAILABILITY is None:
@@ -65,6 +78,9 @@ def _offsets(spec: AttentionSpec, args):
                       jnp.asarray(args.k_offset, jnp.int32).reshape(())])
 
 
+_CHECKS = {"dense": _plan.check, "varlen": plan_varlen.check, "kvcache": plan_kvcache.check}
+
+
 class TritonBackend(Backend):
     name = "triton"
 
@@ -73,39 +89,83 @@ class TritonBackend(Backend):
         return _AVAILABILITY
 
     def check_forward(self, spec: AttentionSpec) -> None:
-        reason = _plan.check(spec)
+        check = _CHECKS.get(spec.mode)
+        reason = f"triton: unknown mode {spec.mode!r}" if check is None else check(spec)
         if reason:
             raise NotImplementedError(reason)
 
     def check_backward(self, spec: AttentionSpec) -> None:
+        if spec.mode == "kvcache":
+            raise NotImplementedError("triton: kvcache is inference-only")
         self.check_forward(spec)
 
-    def forward(self, spec: AttentionSpec, q, k, v, args: DenseArgs | None = None):
+    def forward(self, spec: AttentionSpec, q, k, v, args=None):
         from . import launch
 
         self.check_forward(spec)
+        if spec.mode == "varlen":
+            return self._varlen_forward(spec, q, k, v, args)
         b, lq, hq, d = spec.batch, spec.seqlen_q, spec.num_heads_q, spec.head_dim
-        if b * lq * hq == 0:
-            return (jnp.zeros((b, lq, hq, d), q.dtype), jnp.full((b, hq, lq), -jnp.inf, jnp.float32))
-        if spec.seqlen_k == 0:  # no key anywhere: every row is empty
-            return (jnp.zeros((b, lq, hq, d), q.dtype), jnp.full((b, hq, lq), -jnp.inf, jnp.float32))
+        if b * lq * hq == 0 or spec.seqlen_k == 0:  # no key anywhere: every row is empty
+            return _empty((b, lq, hq, d), q.dtype, (b, hq, lq))
         fwd = _plan.plan_forward(spec, _arch())
         arrays = {"q": q, "k": k, "v": v, "offsets": _offsets(spec, args)}
         out, lse = launch.call(fwd, arrays)
         return out, lse
 
-    def backward(self, spec: AttentionSpec, q, k, v, out, lse, dout, dlse, args: DenseArgs | None = None):
+    def backward(self, spec: AttentionSpec, q, k, v, out, lse, dout, dlse, args=None):
         from . import launch
 
         self.check_backward(spec)
         if q.size == 0 or k.size == 0:
             return jnp.zeros_like(q), jnp.zeros_like(k), jnp.zeros_like(v)
-        pre, dkdv, dq = _plan.plan_backward(spec, _arch(), has_dlse=dlse is not None)
-        arrays = {"q": q, "k": k, "v": v, "out": out, "dout": dout.astype(q.dtype),
-                  "lse": lse.astype(jnp.float32), "offsets": _offsets(spec, args)}
+        arrays = {"q": q, "k": k, "v": v, "out": out, "dout": dout.astype(q.dtype), "lse": lse.astype(jnp.float32)}
         if dlse is not None:
             arrays["dlse"] = dlse.astype(jnp.float32)
+        if spec.mode == "varlen":
+            arrays.update(_varlen_arrays(args))
+            pre, dkdv, dq = plan_varlen_bwd.plan_backward(spec, _arch(), has_dlse=dlse is not None)
+        else:
+            arrays["offsets"] = _offsets(spec, args)
+            pre, dkdv, dq = _plan.plan_backward(spec, _arch(), has_dlse=dlse is not None)
         (arrays["delta"],) = launch.call(pre, arrays)
         dk_, dv_ = launch.call(dkdv, arrays)
         (dq_,) = launch.call(dq, arrays)
         return dq_, dk_, dv_
+
+    def _varlen_forward(self, spec: AttentionSpec, q, k, v, args: VarlenArgs):
+        from . import launch
+
+        total_q, hq, d = spec.seqlen_q, spec.num_heads_q, spec.head_dim
+        if total_q * hq == 0 or spec.seqlen_k == 0:
+            return _empty((total_q, hq, d), q.dtype, (hq, total_q))
+        arrays = {"q": q, "k": k, "v": v, **_varlen_arrays(args)}
+        return launch.call(plan_varlen.plan_forward(spec, _arch()), arrays)
+
+    def kvcache_forward(self, spec: AttentionSpec, q, k_cache, v_cache, args: KVCacheArgs):
+        from . import launch
+
+        self.check_forward(spec)
+        b, lq, hq, d = spec.batch, spec.seqlen_q, spec.num_heads_q, spec.head_dim
+        if b * lq * hq == 0 or spec.kvcache.capacity == 0:
+            return _empty((b, lq, hq, d), q.dtype, (b, hq, lq))
+        arrays = {"q": q, "k_cache": k_cache, "v_cache": v_cache}
+        # The stand-ins for absent optional arrays are never read by the kernels (their HAS_* flag is off).
+        for name in ("seqlens_k", "cache_seqlens", "leftpad", "batch_idx", "page_table"):
+            x = getattr(args, name)
+            if x is not None:
+                arrays[name] = jnp.asarray(x, jnp.int32)
+        if args.k_new is not None:
+            arrays["k_new"], arrays["v_new"] = args.k_new.astype(q.dtype), args.v_new.astype(q.dtype)
+        for launch_ in plan_kvcache.plan_forward(spec, _arch(), num_sms=_num_sms()):
+            outs = launch.call(launch_, arrays)
+            arrays.update({name: x for (name, _, _), x in zip(launch_.outputs, outs)})
+        return arrays["out"], arrays["lse"]
+
+
+def _varlen_arrays(args: VarlenArgs) -> dict:
+    arrays = {"cu_seqlens_q": jnp.asarray(args.cu_seqlens_q, jnp.int32),
+              "cu_seqlens_k": jnp.asarray(args.cu_seqlens_k, jnp.int32)}
+    if args.seqused_k is not None:
+        arrays["seqused_k"] = jnp.asarray(args.seqused_k, jnp.int32)
+    return arrays

@@ -97,6 +97,11 @@ def _reverse_n(spec: AttentionSpec) -> bool:
     return spec.window.left >= 0 and spec.window.right < 0
 
 
+def _fwd_variant_constexprs(spec: AttentionSpec) -> list[tuple[str, Any]]:
+    """Constexprs of the forward tile loop shared by the dense and varlen kernels (``flash_fwd._fwd_tiles``)."""
+    return [("SCALE_POS", bool(spec.softmax_scale > 0.0))]
+
+
 def _seq_args(spec: AttentionSpec) -> list[tuple[str, Any]]:
     return [("i32", spec.seqlen_q), ("i32", spec.seqlen_k),
             ("i32", spec.global_seqlen_q), ("i32", spec.global_seqlen_k)]
@@ -105,7 +110,7 @@ def _seq_args(spec: AttentionSpec) -> list[tuple[str, Any]]:
 def check(spec: AttentionSpec) -> Optional[str]:
     """Reason this backend cannot serve ``spec`` (None if it can)."""
     if spec.mode != "dense":
-        return f"triton: mode {spec.mode!r} not implemented (dense only)"
+        return f"triton: mode {spec.mode!r} not served by the dense plan"
     if spec.dtype not in ("float16", "bfloat16"):
         return f"triton: dtype {spec.dtype} not supported (float16/bfloat16 only)"
     if spec.head_dim > 256:
@@ -128,7 +133,7 @@ def plan_forward(spec: AttentionSpec, arch: str = "sm90", overrides: Optional[di
             ("array", "offsets" if spec.has_offsets else "q")]
     args += _seq_args(spec) + [("f32", scale_in), ("f32", scale_out)]
     meta = _common_constexprs(spec) + [("BLOCK_M", cfg.block_m), ("BLOCK_N", cfg.block_n)]
-    meta += _mask_constexprs(spec) + [("REVERSE_M", _reverse_m(spec))]
+    meta += _mask_constexprs(spec) + [("REVERSE_M", _reverse_m(spec))] + _fwd_variant_constexprs(spec)
     return Launch(
         module="flash_fwd", kernel="_attn_fwd", args=tuple(args),
         outputs=(("out", (b, lq, hq, d), spec.dtype), ("lse", (b, hq, lq), "float32")),

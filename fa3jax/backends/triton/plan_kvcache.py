@@ -1,8 +1,5 @@
 """Launch plans of the KV-cache (decode) kernels, ``triton_kernels/flash_decode.py``, and the split heuristic.
 
-NOT WIRED into :class:`~fa3jax.backends.triton.TritonBackend` yet: verified under the Triton interpreter only,
-pending a GPU session.
-
 Array names: q k_cache v_cache k_new v_new seqlens_k cache_seqlens leftpad batch_idx page_table (int32 for the
 index arrays; absent optional arrays are replaced by a stand-in the kernel never reads). With more than one split
 the first launch outputs out_acc/lse_acc (fp32 partials) and a second launch, ``_decode_combine``, merges them
@@ -22,17 +19,20 @@ MAX_SPLITS = 64
 _MIN_KEYS_PER_SPLIT = 256
 
 
-def choose_num_splits(batch: int, heads_k: int, cache_len: int, num_sms: int, m_tiles: int = 1) -> int:
+def choose_num_splits(batch: int, heads_k: int, cache_len: int, num_sms: int, m_tiles: int = 1,
+                      programs_per_sm: Optional[int] = None) -> int:
     """Number of KV splits for a decode launch (pure Python, host side).
 
-    Split only when (batch * heads_k * m_tiles) programs leave SMs idle, and never below
-    ``_MIN_KEYS_PER_SPLIT`` keys per split (a split then costs more in the combine than it saves). Initial
-    guess, to be measured on the GPU.
+    Split only when (batch * heads_k * m_tiles) programs leave SMs idle; then aim for ``programs_per_sm``
+    programs per SM (a decode program streams K/V, and one per SM does not keep enough bytes in flight), and
+    never go below ``_MIN_KEYS_PER_SPLIT`` keys per split (a split then costs more in the combine than it saves).
     """
+    if programs_per_sm is None:
+        programs_per_sm = tuning.DECODE_PROGRAMS_PER_SM
     work = max(1, batch * heads_k * m_tiles)
     if cache_len <= _MIN_KEYS_PER_SPLIT or work >= num_sms * 0.8:
         return 1
-    want = math.ceil(num_sms / work)
+    want = math.ceil(programs_per_sm * num_sms / work)
     by_len = max(1, cache_len // _MIN_KEYS_PER_SPLIT)
     return int(max(1, min(want, by_len, MAX_SPLITS)))
 
@@ -57,7 +57,7 @@ def check(spec: AttentionSpec) -> Optional[str]:
 
 def _block_n(spec: AttentionSpec, cfg_block_n: int) -> int:
     kv = spec.kvcache
-    bn = min(cfg_block_n, 64, _pow2_at_least(max(kv.capacity, 1)))
+    bn = min(cfg_block_n, tuning.DECODE_BLOCK_N, _pow2_at_least(max(kv.capacity, 1)))
     if kv.paged:  # a tile must stay inside one page: largest power of two dividing page_size, at most bn
         p = kv.page_size & -kv.page_size
         bn = min(bn, p)
@@ -75,7 +75,17 @@ def plan_forward(spec: AttentionSpec, arch: str = "sm90", num_splits: Optional[i
     cfg = tuning.TileConfig(*overrides["fwd"]) if overrides and "fwd" in overrides else base
     block_m = min(cfg.block_m, _pow2_at_least(lq * group))
     block_n = _block_n(spec, cfg.block_n)
-    warps = cfg.num_warps if block_m >= 128 else min(cfg.num_warps, 4)
+    if overrides and "fwd" in overrides:
+        warps, stages = cfg.num_warps if block_m >= 128 else min(cfg.num_warps, 4), cfg.num_stages
+    elif block_m >= 128:  # chunked prefill with many rows: the forward's tiles
+        warps, stages = cfg.num_warps, cfg.num_stages
+    else:
+        warps, stages = tuning.DECODE_WARPS, tuning.DECODE_STAGES
+    hd_pad = tuning.head_dim_pad(d)
+    # K and V tiles of every pipeline stage must fit in shared memory (227 KiB on sm90, ~160 KiB kept as the
+    # budget so that two programs can share an SM).
+    while block_n > 16 and block_n * hd_pad * 4 * max(stages, 1) > 160 * 1024:
+        block_n //= 2
     m_tiles = math.ceil(lq * group / block_m)
     splits = kv.num_splits if num_splits is None else num_splits
     if splits <= 0:
@@ -92,7 +102,6 @@ def plan_forward(spec: AttentionSpec, arch: str = "sm90", num_splits: Optional[i
             ("array", "page_table" if kv.paged else stand_in),
             ("i32", lq), ("i32", kv.capacity), ("i32", kv.seqlen_new), ("i32", kv.cache_batch),
             ("i32", kv.pages_per_seq), ("f32", scale_in), ("f32", scale_out))
-    hd_pad = tuning.head_dim_pad(d)
     meta = (("NUM_HEADS_Q", hq), ("NUM_HEADS_K", hk), ("HEAD_DIM", d), ("HEAD_DIM_PAD", hd_pad),
             ("BLOCK_M", block_m), ("BLOCK_N", block_n), ("NUM_SPLITS", splits),
             ("WINDOW_LEFT", int(spec.window.left)), ("WINDOW_RIGHT", int(spec.window.right)),
@@ -106,7 +115,7 @@ def plan_forward(spec: AttentionSpec, arch: str = "sm90", num_splits: Optional[i
     else:
         outputs = (("out_acc", (splits, b, lq, hq, d), "float32"), ("lse_acc", (splits, b, hq, lq), "float32"))
     decode = Launch(module="flash_decode", kernel="_decode_fwd", args=args, outputs=outputs,
-                    grid=(m_tiles * splits, hk, b), num_warps=warps, num_stages=cfg.num_stages, constexprs=meta)
+                    grid=(m_tiles * splits, hk, b), num_warps=warps, num_stages=stages, constexprs=meta)
     if splits == 1:
         return (decode,)
     cm = min(64, _pow2_at_least(lq))

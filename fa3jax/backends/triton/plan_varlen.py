@@ -1,8 +1,5 @@
 """Launch plans of the varlen (packed) forward kernel, ``triton_kernels/flash_varlen.py``.
 
-NOT WIRED into :class:`~fa3jax.backends.triton.TritonBackend` yet (``plan.check`` still refuses varlen): the
-kernel is verified under the Triton interpreter only, pending a GPU session.
-
 Array names: q k v cu_seqlens_q cu_seqlens_k seqused_k (int32). Outputs: out (total_q, hq, d) in the input dtype,
 lse (hq, total_q) float32. Every output element is written by the kernel (uncovered q rows get 0 / -inf).
 No jax, no triton import here.
@@ -14,7 +11,7 @@ from typing import Optional
 
 from ...spec import AttentionSpec
 from . import tuning
-from .plan import Launch, _common_constexprs, _fit, _reverse_m, score_scales
+from .plan import Launch, _common_constexprs, _fit, _fwd_variant_constexprs, _reverse_m, score_scales
 
 
 def check(spec: AttentionSpec) -> Optional[str]:
@@ -52,7 +49,7 @@ def plan_forward(spec: AttentionSpec, arch: str = "sm90", overrides: Optional[di
     meta = _common_constexprs(spec) + [("BLOCK_M", cfg.block_m), ("BLOCK_N", cfg.block_n)]
     meta += [("WINDOW_LEFT", int(spec.window.left)), ("WINDOW_RIGHT", int(spec.window.right)),
              ("SOFTCAP", bool(spec.softcap > 0.0)), ("HAS_SEQUSED", bool(vs.has_seqused_k)),
-             ("REVERSE_M", _reverse_m(spec))]
+             ("REVERSE_M", _reverse_m(spec))] + _fwd_variant_constexprs(spec)
     # max(1, ...): with max_seqlen_q == 0 the uncovered-row slice still needs programs.
     grid_m = max(1, math.ceil(vs.max_seqlen_q / cfg.block_m))
     return Launch(

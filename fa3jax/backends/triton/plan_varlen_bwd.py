@@ -1,7 +1,6 @@
 """Launch plans of the varlen (packed) backward kernels, ``triton_kernels/flash_varlen_bwd.py``.
 
-NOT WIRED into :class:`~fa3jax.backends.triton.TritonBackend` yet: verified under the Triton interpreter only,
-pending a GPU session. ``plan_varlen.check`` decides whether a spec can be served (same limits as the forward).
+``plan_varlen.check`` decides whether a spec can be served (same limits as the forward).
 
 Array names: q k v out dout lse dlse cu_seqlens_q cu_seqlens_k seqused_k (int32), then delta from the preprocess.
 Outputs: delta (hq, total_q) float32; dk, dv (total_k, hk, d) and dq (total_q, hq, d) in the input dtype. Every

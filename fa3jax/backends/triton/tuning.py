@@ -62,6 +62,13 @@ for _causal in (False, True):
     _put(128, "sm80", _causal, fwd=(128, 64, 8, 2), dkdv=(32, 128, 8, 2), dq=(64, 64, 4, 2))
     _put(256, "sm80", _causal, fwd=(64, 64, 8, 2), dkdv=(32, 32, 4, 1), dq=(64, 32, 8, 2))
 
+# Split-KV decode (flash_decode): key tile, warps, stages and how many programs per SM the split count aims
+# for. Decode is bandwidth-bound: what matters is bytes in flight per SM, not the MMA shape.
+DECODE_BLOCK_N = 64
+DECODE_WARPS = 4
+DECODE_STAGES = 3
+DECODE_PROGRAMS_PER_SM = 2
+
 # Used for any key that is not in the table: small tiles that compile everywhere.
 DEFAULT = KernelConfigs(TileConfig(64, 64, 4, 2), TileConfig(32, 64, 4, 2), TileConfig(64, 32, 4, 2), _PRE)
 
