@@ -60,6 +60,7 @@ def decode_sweep(a):
                 for cand in a.cands:
                     bn, w, st, pps = (int(x) for x in cand.split(","))
                     tuning.DECODE_BLOCK_N, tuning.DECODE_WARPS, tuning.DECODE_STAGES = bn, w, st
+                    tuning.DECODE_STAGES_NOSPLIT = st
                     tuning.DECODE_PROGRAMS_PER_SM = pps
                     f = jax.jit(lambda q, kc, vc: fa3jax.flash_mha_with_kvcache(
                         q, kc, vc, cache_seqlens=lens, page_table=pt, num_splits=0, backend="triton"))

@@ -1,10 +1,12 @@
 // Forward mainloop: TMA producer (one thread) and the consumer warpgroups' GEMM + online-softmax loop.
 //
 // Consumer schedule per key block n (blocks visited from the last to the first):
-//   [turn]  issue O += P_{n+1} V_{n+1} (previous block), issue S = Q K_n   [pass turn to next warpgroup]
-//   wait both GEMMs, release K_n and V_{n+1}; softcap + mask + online softmax on S -> P_n; rescale O.
-// The "turn" is a ring of named barriers over the consumer warpgroups (ping-pong for 2): while one warpgroup
-// runs its softmax, the other one's GEMMs occupy the tensor cores.
+//   [turn]  issue S = Q K_n, issue O += P_{n+1} V_{n+1} (previous block)   [pass turn to next warpgroup]
+//   wait for S only; release K_n; softcap + mask + online softmax on S (fp32) while P_{n+1} V_{n+1} still
+//   runs on the tensor cores; then wait for it, release V_{n+1}, rescale O, convert S -> P_n (bf16/fp16).
+// Two overlaps (FA3 paper, section 3): across warpgroups, the "turn" is a ring of named barriers (ping-pong
+// for 2), so one warpgroup's softmax runs under the other's GEMMs; within a warpgroup, the softmax of block n
+// runs under the PV GEMM of block n+1 (P_{n+1} lives in its own registers, S is only read after its GEMM).
 #pragma once
 
 #include "block_info.h"
@@ -113,24 +115,8 @@ struct FwdMainloop {
     softmax.init();
     cute::wait_barrier(ss.barrier_q, 0);
 
-    PipelineState st_k, st_v;
-    int const n_iters = bi.num_blocks();
-    for (int it = 0; it < n_iters; ++it) {
-      int const n = bi.n_max - 1 - it;
-      pipe_k.consumer_wait(st_k);
-      if (it > 0) pipe_v.consumer_wait(st_v);
-      sched_wait(mma_wg, it == 0);
-      if (it > 0) wgmma_issue<false, true>(mma_pv, tOrP, tOrV(_, _, _, st_v.index()), tOrO);
-      wgmma_issue<true, false>(mma_qk, tSrQ, tSrK(_, _, _, st_k.index()), tSrS);
-      sched_pass(mma_wg, false);
-      warpgroup_wait<0>();
-      pipe_k.consumer_release(st_k);
-      ++st_k;
-      if (it > 0) {
-        pipe_v.consumer_release(st_v);
-        ++st_v;
-      }
-
+    // Softcap + mask + online softmax of block n on S (fp32, in place); o_scale rescales the running O.
+    auto softmax_block = [&](int n, float (&o_scale)[kRows]) {
       int const n0 = n * KT::kBlockN;
       bool const need_mask = bi.needs_mask(n);
       if (has_softcap) {
@@ -139,20 +125,55 @@ struct FwdMainloop {
       } else if (need_mask) {
         transform_scores<true, false>(S, rcS, q_lo_tile, n0, bi.shift, bi.seqlen_k, bi.left, bi.right, 0.f, 0.f);
       }
-      float o_scale[kRows];
       softmax.step(S, params.scale_log2, o_scale);
-      if (it > 0) {
+    };
+
+    PipelineState st_k, st_v;
+    int const n_iters = bi.num_blocks();  // >= 1 (the kernel skips the mainloop otherwise)
+    // First block, peeled: S only, no PV GEMM yet. Keeping the steady-state loop free of branches around the
+    // wgmma issue/wait lets ptxas keep the two GEMMs asynchronous (with them it serializes every wgmma).
+    {
+      pipe_k.consumer_wait(st_k);
+      sched_wait(mma_wg, true);
+      wgmma_issue<true, false>(mma_qk, tSrQ, tSrK(_, _, _, st_k.index()), tSrS);
+      sched_pass(mma_wg, false);
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(tSrS);
+      pipe_k.consumer_release(st_k);
+      ++st_k;
+      float o_scale[kRows];
+      softmax_block(bi.n_max - 1, o_scale);
+      convert_fragment(rP, tSrS);
+    }
+    for (int it = 1; it < n_iters; ++it) {
+      pipe_k.consumer_wait(st_k);
+      pipe_v.consumer_wait(st_v);
+      sched_wait(mma_wg, false);
+      wgmma_issue<true, false>(mma_qk, tSrQ, tSrK(_, _, _, st_k.index()), tSrS);
+      wgmma_issue<false, true>(mma_pv, tOrP, tOrV(_, _, _, st_v.index()), tOrO);
+      sched_pass(mma_wg, false);
+      warpgroup_wait<1>();  // groups retire in issue order: S is ready, P V may still run
+      warpgroup_fence_operand(tSrS);
+      pipe_k.consumer_release(st_k);
+      ++st_k;
+      float o_scale[kRows];
+      softmax_block(bi.n_max - 1 - it, o_scale);
+      warpgroup_wait<0>();
+      // O and P are operands of the GEMM that just retired: keep every access to them below the wait.
+      warpgroup_fence_operand(tOrO);
+      warpgroup_fence_operand(rP);
+      pipe_v.consumer_release(st_v);
+      ++st_v;
+      CUTE_UNROLL
+      for (int r = 0; r < kRows; ++r) {
         CUTE_UNROLL
-        for (int r = 0; r < kRows; ++r) {
-          CUTE_UNROLL
-          for (int c = 0; c < size<1>(O); ++c) O(r, c) *= o_scale[r];
-        }
+        for (int c = 0; c < size<1>(O); ++c) O(r, c) *= o_scale[r];
       }
       convert_fragment(rP, tSrS);
     }
     // Last P V.
     pipe_v.consumer_wait(st_v);
-    sched_wait(mma_wg, n_iters == 0);
+    sched_wait(mma_wg, false);
     wgmma_issue<false, true>(mma_pv, tOrP, tOrV(_, _, _, st_v.index()), tOrO);
     sched_pass(mma_wg, true);
     warpgroup_wait<0>();

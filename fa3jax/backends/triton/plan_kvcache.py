@@ -75,23 +75,23 @@ def plan_forward(spec: AttentionSpec, arch: str = "sm90", num_splits: Optional[i
     cfg = tuning.TileConfig(*overrides["fwd"]) if overrides and "fwd" in overrides else base
     block_m = min(cfg.block_m, _pow2_at_least(lq * group))
     block_n = _block_n(spec, cfg.block_n)
+    m_tiles = math.ceil(lq * group / block_m)
+    splits = kv.num_splits if num_splits is None else num_splits
+    if splits <= 0:
+        splits = choose_num_splits(b, hk, kv.capacity, num_sms, m_tiles)
+    splits = max(1, min(int(splits), math.ceil(max(kv.capacity, 1) / block_n), MAX_SPLITS))
     if overrides and "fwd" in overrides:
         warps, stages = cfg.num_warps if block_m >= 128 else min(cfg.num_warps, 4), cfg.num_stages
     elif block_m >= 128:  # chunked prefill with many rows: the forward's tiles
         warps, stages = cfg.num_warps, cfg.num_stages
     else:
-        warps, stages = tuning.DECODE_WARPS, tuning.DECODE_STAGES
+        warps = tuning.DECODE_WARPS
+        stages = tuning.DECODE_STAGES if splits > 1 else tuning.DECODE_STAGES_NOSPLIT
     hd_pad = tuning.head_dim_pad(d)
     # K and V tiles of every pipeline stage must fit in shared memory (227 KiB on sm90, ~160 KiB kept as the
-    # budget so that two programs can share an SM).
+    # budget so that two programs can share an SM). Shrinking the tile keeps splits <= key tiles.
     while block_n > 16 and block_n * hd_pad * 4 * max(stages, 1) > 160 * 1024:
         block_n //= 2
-    m_tiles = math.ceil(lq * group / block_m)
-    splits = kv.num_splits if num_splits is None else num_splits
-    if splits <= 0:
-        splits = choose_num_splits(b, hk, kv.capacity, num_sms, m_tiles)
-    n_blocks = max(1, math.ceil(kv.capacity / block_n))
-    splits = max(1, min(int(splits), n_blocks, MAX_SPLITS))
     scale_in, scale_out = score_scales(spec)
     stand_in = "seqlens_k"
     args = (("array", "q"), ("array", "k_cache"), ("array", "v_cache"),
