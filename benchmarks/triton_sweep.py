@@ -40,7 +40,8 @@ def _time(f, args, trials=5, min_time=0.05):
 
 
 def decode_sweep(a):
-    """--kernel decode: cands are BLOCK_N,warps,stages,programs_per_sm (tuning.DECODE_*); num_splits=0."""
+    """--kernel decode: cands are BLOCK_N,warps,stages,programs_per_sm[,min_keys_per_split] (tuning.DECODE of
+    the layout; stages used split or not); num_splits=0."""
     for layout in a.layouts.split(","):
         for batch in (int(x) for x in a.batches.split(",")):
             for cache in (int(x) for x in a.caches.split(",")):
@@ -58,10 +59,8 @@ def decode_sweep(a):
                 lens = jnp.full((batch,), cache, jnp.int32)
                 nbytes = 2 * kc.size * kc.dtype.itemsize
                 for cand in a.cands:
-                    bn, w, st, pps = (int(x) for x in cand.split(","))
-                    tuning.DECODE_BLOCK_N, tuning.DECODE_WARPS, tuning.DECODE_STAGES = bn, w, st
-                    tuning.DECODE_STAGES_NOSPLIT = st
-                    tuning.DECODE_PROGRAMS_PER_SM = pps
+                    bn, w, st, pps, *mk = (int(x) for x in cand.split(","))
+                    tuning.DECODE[layout] = tuning.DecodeConfig(bn, w, st, st, pps, mk[0] if mk else 256)
                     f = jax.jit(lambda q, kc, vc: fa3jax.flash_mha_with_kvcache(
                         q, kc, vc, cache_seqlens=lens, page_table=pt, num_splits=0, backend="triton"))
                     try:

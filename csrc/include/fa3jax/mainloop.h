@@ -1,9 +1,10 @@
 // Forward mainloop: TMA producer (one thread) and the consumer warpgroups' GEMM + online-softmax loop.
 //
 // Consumer schedule per key block n (blocks visited from the last to the first):
-//   [turn]  issue S = Q K_n, issue O += P_{n+1} V_{n+1} (previous block)   [pass turn to next warpgroup]
+//   [turn]  issue S = Q K_n; rescale O for block n+1's max (under the QK GEMM); issue O += P_{n+1} V_{n+1}
+//           [pass turn to next warpgroup]
 //   wait for S only; release K_n; softcap + mask + online softmax on S (fp32) while P_{n+1} V_{n+1} still
-//   runs on the tensor cores; then wait for it, release V_{n+1}, rescale O, convert S -> P_n (bf16/fp16).
+//   runs on the tensor cores; then wait for it, release V_{n+1}, convert S -> P_n (bf16/fp16).
 // Two overlaps (FA3 paper, section 3): across warpgroups, the "turn" is a ring of named barriers (ping-pong
 // for 2), so one warpgroup's softmax runs under the other's GEMMs; within a warpgroup, the softmax of block n
 // runs under the PV GEMM of block n+1 (P_{n+1} lives in its own registers, S is only read after its GEMM).
@@ -128,6 +129,16 @@ struct FwdMainloop {
       softmax.step(S, params.scale_log2, o_scale);
     };
 
+    // O *= o_scale (per row): brings the running output to the latest row max before the next P V is added.
+    float o_scale[kRows];
+    auto rescale_o = [&]() {
+      CUTE_UNROLL
+      for (int r = 0; r < kRows; ++r) {
+        CUTE_UNROLL
+        for (int c = 0; c < size<1>(O); ++c) O(r, c) *= o_scale[r];
+      }
+    };
+
     PipelineState st_k, st_v;
     int const n_iters = bi.num_blocks();  // >= 1 (the kernel skips the mainloop otherwise)
     // First block, peeled: S only, no PV GEMM yet. Keeping the steady-state loop free of branches around the
@@ -141,7 +152,6 @@ struct FwdMainloop {
       warpgroup_fence_operand(tSrS);
       pipe_k.consumer_release(st_k);
       ++st_k;
-      float o_scale[kRows];
       softmax_block(bi.n_max - 1, o_scale);
       convert_fragment(rP, tSrS);
     }
@@ -150,13 +160,13 @@ struct FwdMainloop {
       pipe_v.consumer_wait(st_v);
       sched_wait(mma_wg, false);
       wgmma_issue<true, false>(mma_qk, tSrQ, tSrK(_, _, _, st_k.index()), tSrS);
+      rescale_o();  // ALU work under the QK GEMM (FA3's ordering); O is idle until the PV GEMM below
       wgmma_issue<false, true>(mma_pv, tOrP, tOrV(_, _, _, st_v.index()), tOrO);
       sched_pass(mma_wg, false);
       warpgroup_wait<1>();  // groups retire in issue order: S is ready, P V may still run
       warpgroup_fence_operand(tSrS);
       pipe_k.consumer_release(st_k);
       ++st_k;
-      float o_scale[kRows];
       softmax_block(bi.n_max - 1 - it, o_scale);
       warpgroup_wait<0>();
       // O and P are operands of the GEMM that just retired: keep every access to them below the wait.
@@ -164,16 +174,12 @@ struct FwdMainloop {
       warpgroup_fence_operand(rP);
       pipe_v.consumer_release(st_v);
       ++st_v;
-      CUTE_UNROLL
-      for (int r = 0; r < kRows; ++r) {
-        CUTE_UNROLL
-        for (int c = 0; c < size<1>(O); ++c) O(r, c) *= o_scale[r];
-      }
       convert_fragment(rP, tSrS);
     }
     // Last P V.
     pipe_v.consumer_wait(st_v);
     sched_wait(mma_wg, false);
+    rescale_o();
     wgmma_issue<false, true>(mma_pv, tOrP, tOrV(_, _, _, st_v.index()), tOrO);
     sched_pass(mma_wg, true);
     warpgroup_wait<0>();

@@ -16,24 +16,21 @@ from .plan import Launch, _pow2_at_least, score_scales
 
 DEFAULT_NUM_SMS = 132  # H100 SXM
 MAX_SPLITS = 64
-_MIN_KEYS_PER_SPLIT = 256
 
 
 def choose_num_splits(batch: int, heads_k: int, cache_len: int, num_sms: int, m_tiles: int = 1,
-                      programs_per_sm: Optional[int] = None) -> int:
+                      programs_per_sm: int = 2, min_keys_per_split: int = 256) -> int:
     """Number of KV splits for a decode launch (pure Python, host side).
 
     Split only when (batch * heads_k * m_tiles) programs leave SMs idle; then aim for ``programs_per_sm``
     programs per SM (a decode program streams K/V, and one per SM does not keep enough bytes in flight), and
-    never go below ``_MIN_KEYS_PER_SPLIT`` keys per split (a split then costs more in the combine than it saves).
+    never go below ``min_keys_per_split`` keys per split (a split then costs more in the combine than it saves).
     """
-    if programs_per_sm is None:
-        programs_per_sm = tuning.DECODE_PROGRAMS_PER_SM
     work = max(1, batch * heads_k * m_tiles)
-    if cache_len <= _MIN_KEYS_PER_SPLIT or work >= num_sms * 0.8:
+    if cache_len <= min_keys_per_split or work >= num_sms * 0.8:
         return 1
     want = math.ceil(programs_per_sm * num_sms / work)
-    by_len = max(1, cache_len // _MIN_KEYS_PER_SPLIT)
+    by_len = max(1, cache_len // min_keys_per_split)
     return int(max(1, min(want, by_len, MAX_SPLITS)))
 
 
@@ -55,9 +52,9 @@ def check(spec: AttentionSpec) -> Optional[str]:
     return None
 
 
-def _block_n(spec: AttentionSpec, cfg_block_n: int) -> int:
+def _block_n(spec: AttentionSpec, cfg_block_n: int, policy: tuning.DecodeConfig) -> int:
     kv = spec.kvcache
-    bn = min(cfg_block_n, tuning.DECODE_BLOCK_N, _pow2_at_least(max(kv.capacity, 1)))
+    bn = min(cfg_block_n, policy.block_n, _pow2_at_least(max(kv.capacity, 1)))
     if kv.paged:  # a tile must stay inside one page: largest power of two dividing page_size, at most bn
         p = kv.page_size & -kv.page_size
         bn = min(bn, p)
@@ -74,19 +71,21 @@ def plan_forward(spec: AttentionSpec, arch: str = "sm90", num_splits: Optional[i
     base = tuning.lookup(d, spec.dtype, spec.causal, arch).fwd
     cfg = tuning.TileConfig(*overrides["fwd"]) if overrides and "fwd" in overrides else base
     block_m = min(cfg.block_m, _pow2_at_least(lq * group))
-    block_n = _block_n(spec, cfg.block_n)
+    policy = tuning.DECODE["paged" if kv.paged else "contiguous"]
+    block_n = _block_n(spec, cfg.block_n, policy)
     m_tiles = math.ceil(lq * group / block_m)
     splits = kv.num_splits if num_splits is None else num_splits
     if splits <= 0:
-        splits = choose_num_splits(b, hk, kv.capacity, num_sms, m_tiles)
+        splits = choose_num_splits(b, hk, kv.capacity, num_sms, m_tiles, policy.programs_per_sm,
+                                   policy.min_keys_per_split)
     splits = max(1, min(int(splits), math.ceil(max(kv.capacity, 1) / block_n), MAX_SPLITS))
     if overrides and "fwd" in overrides:
         warps, stages = cfg.num_warps if block_m >= 128 else min(cfg.num_warps, 4), cfg.num_stages
     elif block_m >= 128:  # chunked prefill with many rows: the forward's tiles
         warps, stages = cfg.num_warps, cfg.num_stages
     else:
-        warps = tuning.DECODE_WARPS
-        stages = tuning.DECODE_STAGES if splits > 1 else tuning.DECODE_STAGES_NOSPLIT
+        warps = policy.num_warps
+        stages = policy.stages_split if splits > 1 else policy.stages_nosplit
     hd_pad = tuning.head_dim_pad(d)
     # K and V tiles of every pipeline stage must fit in shared memory (227 KiB on sm90, ~160 KiB kept as the
     # budget so that two programs can share an SM). Shrinking the tile keeps splits <= key tiles.

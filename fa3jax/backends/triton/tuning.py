@@ -62,16 +62,27 @@ for _causal in (False, True):
     _put(128, "sm80", _causal, fwd=(128, 64, 8, 2), dkdv=(32, 128, 8, 2), dq=(64, 64, 4, 2))
     _put(256, "sm80", _causal, fwd=(64, 64, 8, 2), dkdv=(32, 32, 4, 1), dq=(64, 32, 8, 2))
 
-# Split-KV decode (flash_decode): key tile, warps, stages and how many programs per SM the split count aims
-# for. Decode is bandwidth-bound: what matters is bytes in flight per SM, not the MMA shape.
-# Measured on the H100 (2026-11-25, hq=32 hk=8 d=128 bf16, cache 32k, b=1/8/64, contiguous and paged): 64-key
-# tiles, 4 warps; 3 stages when the cache is split (b=8: 2.84 TB/s vs 2.53 with 4), 4 when it is not (b=64
-# contiguous: 3.05 vs 2.87); 2 programs per SM beat 4 except paged b=8.
-DECODE_BLOCK_N = 64
-DECODE_WARPS = 4
-DECODE_STAGES = 3
-DECODE_STAGES_NOSPLIT = 4
-DECODE_PROGRAMS_PER_SM = 2
+class DecodeConfig(NamedTuple):
+    """Split-KV decode (flash_decode) launch policy for one cache layout. Decode is bandwidth-bound: what matters
+    is bytes in flight per SM, not the MMA shape."""
+
+    block_n: int
+    num_warps: int
+    stages_split: int  # pipeline stages when the cache is split
+    stages_nosplit: int
+    programs_per_sm: int  # what the automatic split count aims for
+    min_keys_per_split: int  # below this a split costs more in the combine than it saves
+
+
+# Measured on the H100 (2026-11-25, hq=32 hk=8 d=128 bf16, cache 32k, b=1/8/64; benchmarks/RESULTS.md):
+# contiguous: 3 stages when split (b=8: 2.84 TB/s vs 2.53 with 4), 4 when not (b=64: 3.05 vs 2.87), 2 programs per
+# SM (b=8: 2.84 vs 2.68 with 4). Paged (the page-table load sits in front of every tile's loads): 4 stages and 4
+# programs per SM at b=8 (2.89 vs 2.56), but at b=1 the 4-per-SM split leaves 8 tiles per program (1.60 vs 2.13),
+# hence a 1024-key floor per split.
+DECODE = {
+    "contiguous": DecodeConfig(64, 4, 3, 4, 2, 256),
+    "paged": DecodeConfig(64, 4, 4, 4, 4, 1024),
+}
 
 # Used for any key that is not in the table: small tiles that compile everywhere.
 DEFAULT = KernelConfigs(TileConfig(64, 64, 4, 2), TileConfig(32, 64, 4, 2), TileConfig(64, 32, 4, 2), _PRE)
