@@ -60,7 +60,7 @@ def decode_sweep(a):
                 nbytes = 2 * kc.size * kc.dtype.itemsize
                 for cand in a.cands:
                     bn, w, st, pps, *mk = (int(x) for x in cand.split(","))
-                    tuning.DECODE[layout] = tuning.DecodeConfig(bn, w, st, st, pps, mk[0] if mk else 256)
+                    tuning.DECODE[layout] = tuning.DecodeConfig(bn, w, st, st, pps, mk[0] if mk else 256, 64)
                     f = jax.jit(lambda q, kc, vc: fa3jax.flash_mha_with_kvcache(
                         q, kc, vc, cache_seqlens=lens, page_table=pt, num_splits=0, backend="triton"))
                     try:

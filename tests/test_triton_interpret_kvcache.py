@@ -183,6 +183,7 @@ def test_choose_num_splits():
     assert choose_num_splits(1, 8, 32768, 132, programs_per_sm=2) == 33  # 8 programs -> 8 * 33 >= 2 per SM
     assert choose_num_splits(1, 8, 32768, 132, programs_per_sm=1) == 17
     assert choose_num_splits(1, 8, 32768, 132, programs_per_sm=4, min_keys_per_split=1024) == 32  # key floor
+    assert choose_num_splits(1, 8, 32768, 132, programs_per_sm=4, max_splits=20) == 20
     assert choose_num_splits(1, 1, 600, 132) == 2  # limited by keys per split
     for b in (1, 2, 7):
         for hk in (1, 4, 32):

@@ -83,6 +83,7 @@ struct FwdKernelTraits {
   };
   // + 1024 so the kernel can align the dynamic smem base itself.
   static constexpr int kSmemBytes = int(sizeof(SharedStorage)) + 1024;
+  static_assert(kSmemBytes <= 227 * 1024, "tiles x stages exceed sm90's 227 KiB of shared memory per block");
 
   // Everything the kernel needs; passed as a __grid_constant__ parameter (TMA descriptors inside).
   struct Params {

@@ -19,7 +19,7 @@ MAX_SPLITS = 64
 
 
 def choose_num_splits(batch: int, heads_k: int, cache_len: int, num_sms: int, m_tiles: int = 1,
-                      programs_per_sm: int = 2, min_keys_per_split: int = 256) -> int:
+                      programs_per_sm: int = 2, min_keys_per_split: int = 256, max_splits: int = MAX_SPLITS) -> int:
     """Number of KV splits for a decode launch (pure Python, host side).
 
     Split only when (batch * heads_k * m_tiles) programs leave SMs idle; then aim for ``programs_per_sm``
@@ -31,7 +31,7 @@ def choose_num_splits(batch: int, heads_k: int, cache_len: int, num_sms: int, m_
         return 1
     want = math.ceil(programs_per_sm * num_sms / work)
     by_len = max(1, cache_len // min_keys_per_split)
-    return int(max(1, min(want, by_len, MAX_SPLITS)))
+    return int(max(1, min(want, by_len, max_splits, MAX_SPLITS)))
 
 
 def check(spec: AttentionSpec) -> Optional[str]:
@@ -77,7 +77,7 @@ def plan_forward(spec: AttentionSpec, arch: str = "sm90", num_splits: Optional[i
     splits = kv.num_splits if num_splits is None else num_splits
     if splits <= 0:
         splits = choose_num_splits(b, hk, kv.capacity, num_sms, m_tiles, policy.programs_per_sm,
-                                   policy.min_keys_per_split)
+                                   policy.min_keys_per_split, policy.max_splits)
     splits = max(1, min(int(splits), math.ceil(max(kv.capacity, 1) / block_n), MAX_SPLITS))
     if overrides and "fwd" in overrides:
         warps, stages = cfg.num_warps if block_m >= 128 else min(cfg.num_warps, 4), cfg.num_stages

@@ -72,16 +72,17 @@ class DecodeConfig(NamedTuple):
     stages_nosplit: int
     programs_per_sm: int  # what the automatic split count aims for
     min_keys_per_split: int  # below this a split costs more in the combine than it saves
+    max_splits: int
 
 
 # Measured on the H100 (2026-11-25, hq=32 hk=8 d=128 bf16, cache 32k, b=1/8/64; benchmarks/RESULTS.md):
 # contiguous: 3 stages when split (b=8: 2.84 TB/s vs 2.53 with 4), 4 when not (b=64: 3.05 vs 2.87), 2 programs per
 # SM (b=8: 2.84 vs 2.68 with 4). Paged (the page-table load sits in front of every tile's loads): 4 stages and 4
-# programs per SM at b=8 (2.89 vs 2.56), but at b=1 the 4-per-SM split leaves 8 tiles per program (1.60 vs 2.13),
-# hence a 1024-key floor per split.
+# programs per SM at b=8 (2.89 vs 2.56: 9 splits), but at b=1 that asks for 64 splits, worse than ~32 (128k:
+# 2.42 vs 2.73 TB/s), hence at most 32 splits.
 DECODE = {
-    "contiguous": DecodeConfig(64, 4, 3, 4, 2, 256),
-    "paged": DecodeConfig(64, 4, 4, 4, 4, 1024),
+    "contiguous": DecodeConfig(64, 4, 3, 4, 2, 256, 64),
+    "paged": DecodeConfig(64, 4, 4, 4, 4, 256, 32),
 }
 
 # Used for any key that is not in the table: small tiles that compile everywhere.
