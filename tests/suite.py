@@ -65,8 +65,11 @@ class AttentionSuite:
         if dtype not in self.dtypes:
             pytest.skip(f"{self.backend} does not support {dtype}")
         b, lq, lk, hq, hk, d, causal, window, cap = case
-        d = self._d(d)
-        rng = self._rng("dense", case, dtype)
+        self._check_dense(b, lq, lk, hq, hk, self._d(d), causal, window, cap, dtype)
+
+    def _check_dense(self, b, lq, lk, hq, hk, d, causal, window, cap, dtype):
+        """flash_mha forward, LSE and (when supported) grads against the float64 reference."""
+        rng = self._rng("dense", b, lq, lk, hq, hk, d, causal, window, cap, dtype)
         q, q64 = rand(rng, (b, lq, hq, d), dtype)
         k, k64 = rand(rng, (b, lk, hk, d), dtype)
         v, v64 = rand(rng, (b, lk, hk, d), dtype)

@@ -19,3 +19,20 @@ class TestCuda(AttentionSuite):
     supports_varlen = False
     supports_kvcache = False
     supports_paged = False
+
+    # The shared cases have head dims <= 64, which ``_d`` maps onto the smallest built one: every built
+    # (dtype, head_dim) instance also runs the dense case list below at its own head dim.
+    @pytest.mark.parametrize("instance", sorted(_BUILT) or [("bf16", 128)], ids=lambda i: f"{i[0]}-d{i[1]}")
+    @pytest.mark.parametrize("case", [
+        (2, 200, 200, 4, 4, False, (-1, -1), 0.0),
+        (1, 300, 190, 4, 2, True, (-1, -1), 0.0),  # lq > lk: fully masked rows, GQA
+        (1, 130, 400, 2, 1, True, (-1, -1), 0.0),  # lq < lk, MQA
+        (2, 257, 257, 2, 2, False, (64, 16), 0.0),
+        (1, 150, 150, 4, 2, True, (-1, -1), 20.0),
+    ], ids=lambda c: f"q{c[1]}-k{c[2]}-h{c[3]}x{c[4]}-{'causal' if c[5] else 'w%d_%d' % c[6]}-cap{c[7]:g}")
+    def test_built_instance(self, instance, case):
+        if instance not in _BUILT:
+            pytest.skip("no CUDA instance built")
+        dtype, d = _NAMES[instance[0]], instance[1]
+        b, lq, lk, hq, hk, causal, window, cap = case
+        self._check_dense(b, lq, lk, hq, hk, d, causal, window, cap, dtype)
