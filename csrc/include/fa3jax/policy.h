@@ -11,9 +11,9 @@ template <> struct FwdPolicy<64> {
   static constexpr int kProducerRegs = 32, kConsumerRegs = 160;  // 4 warpgroups (512 threads)
 };
 template <> struct FwdPolicy<128> {
-  // 3 K/V stages (Q 32 KiB + 3 x 64 KiB = 224 KiB of the 227 KiB): with 2, a V slot is only refilled after
-  // both consumer warpgroups' PV GEMMs retire, leaving the TMA about half an iteration of slack.
-  static constexpr int kBlockM = 128, kBlockN = 128, kStages = 3;
+  // Measured alternatives (H100, 2026-11-25, benchmarks/RESULTS.md): kBlockN 176 (FA3's non-causal choice) and
+  // 3 K/V stages were no faster than 128 x 2 stages (causal 2048 fell from 0.84x to 0.70x with 176).
+  static constexpr int kBlockM = 128, kBlockN = 128, kStages = 2;
   static constexpr int kProducerRegs = 24, kConsumerRegs = 240;  // 3 warpgroups (384 threads)
 };
 template <> struct FwdPolicy<256> {
