@@ -12,6 +12,16 @@ export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || { echo "wheel install failed"; exit 1; }
 export PYTHONPATH=/tmp/site:$PWD
+# The GPU suites are compile-bound. Compiled Triton kernels and XLA executables persist across device calls when
+# .device_cache travels: unpack a previous call's $OUT/device_cache.tgz into .device_cache and carry it.
+mkdir -p .device_cache/triton .device_cache/jax
+export TRITON_CACHE_DIR=$PWD/.device_cache/triton JAX_COMPILATION_CACHE_DIR=$PWD/.device_cache/jax
+export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=1
+save_cache() {  # carry limit is 64 MiB for everything: keep the archive well under it
+  tar czf "$OUT/device_cache.tgz" -C .device_cache . 2>/dev/null
+  [ "$(stat -c %s "$OUT/device_cache.tgz" 2>/dev/null || echo 0)" -lt $((48 << 20)) ] || rm -f "$OUT/device_cache.tgz"
+}
+trap save_cache EXIT
 SUMMARY=()
 stage() { local name=$1; shift; local t0=$SECONDS; "$@" >"$OUT/$name.log" 2>&1; local rc=$?;
           SUMMARY+=("$(printf '%-10s rc=%-3s %4ss  %s' "$name" "$rc" "$((SECONDS - t0))" "$(tail -n 1 "$OUT/$name.log" | cut -c1-90)")");
