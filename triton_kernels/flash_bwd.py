@@ -87,6 +87,25 @@ def _dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, m_begin, m_
 
 
 @triton.jit
+def _dkdv_ranges(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, m_lo, f_lo, f_hi, m_hi, offs_t, cols_g,
+                 seqlen_q, q_off, glq, glk, scale_in, scale_out,
+                 STRIDE_QM: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+                 BLOCK_M: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
+                 SOFTCAP: tl.constexpr):
+    """One query head's visible query tiles, as _query_blocks' three runs (masked edges, unmasked middle)."""
+    dk, dv = _dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, m_lo, f_lo, offs_t, cols_g,
+                         seqlen_q, q_off, glq, glk, scale_in, scale_out,
+                         STRIDE_QM, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, True)
+    dk, dv = _dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, f_lo, f_hi, offs_t, cols_g,
+                         seqlen_q, q_off, glq, glk, scale_in, scale_out,
+                         STRIDE_QM, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, False)
+    dk, dv = _dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, f_hi, m_hi, offs_t, cols_g,
+                         seqlen_q, q_off, glq, glk, scale_in, scale_out,
+                         STRIDE_QM, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, True)
+    return dk, dv
+
+
+@triton.jit
 def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, OFFS,
               seqlen_q, seqlen_k, glq, glk, scale_in, scale_out, sm_scale,
               DK, DV,
@@ -138,16 +157,9 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, OFFS,
         stat0 = (off_b * NUM_HEADS_Q + off_h) * seqlen_q
         lse_ptrs = LSE + stat0 + offs_t
         delta_ptrs = DELTA + stat0 + offs_t
-        dk, dv = _dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, m_lo, f_lo, offs_t, cols_g,
-                             seqlen_q, q_off, glq, glk, scale_in, scale_out,
-                             STRIDE_QM, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, True)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, f_lo, f_hi, offs_t, cols_g,
-                             seqlen_q, q_off, glq, glk, scale_in, scale_out,
-                             STRIDE_QM, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, False)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, f_hi, m_hi, offs_t, cols_g,
-                             seqlen_q, q_off, glq, glk, scale_in, scale_out,
-                             STRIDE_QM, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, True)
-
+        dk, dv = _dkdv_ranges(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, m_lo, f_lo, f_hi, m_hi, offs_t,
+                              cols_g, seqlen_q, q_off, glq, glk, scale_in, scale_out,
+                              STRIDE_QM, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP)
     dk = dk * sm_scale
     _store_rows(DK + kv_row0 + tile_k, dk.to(DK.dtype.element_ty), offs_n, seqlen_k, offs_d, HEAD_DIM, HEAD_DIM_PAD)
     _store_rows(DV + kv_row0 + tile_k, dv.to(DV.dtype.element_ty), offs_n, seqlen_k, offs_d, HEAD_DIM, HEAD_DIM_PAD)
@@ -183,6 +195,26 @@ def _dq_tiles(dq, q, do, lse2, delta, k_ptrs, v_ptrs, n_begin, n_end, rows_g, of
         dq = tl.dot(ds.to(k.dtype), k, dq)
         k_ptrs += BLOCK_N * STRIDE_KN
         v_ptrs += BLOCK_N * STRIDE_KN
+    return dq
+
+
+@triton.jit
+def _dq_ranges(q, do, lse2, delta, k_ptrs, v_ptrs, n_lo, f_lo, f_hi, n_hi, rows_g, offs_n, offs_d,
+               seqlen_k, k_off, glq, glk, scale_in, scale_out,
+               STRIDE_KN: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WINDOW_LEFT: tl.constexpr,
+               WINDOW_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr):
+    """dQ (unscaled) of a query tile over _key_blocks' three runs (masked edges, unmasked middle)."""
+    dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+    dq = _dq_tiles(dq, q, do, lse2, delta, k_ptrs, v_ptrs, n_lo, f_lo, rows_g, offs_n, offs_d,
+                   seqlen_k, k_off, glq, glk, scale_in, scale_out,
+                   STRIDE_KN, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, True)
+    dq = _dq_tiles(dq, q, do, lse2, delta, k_ptrs, v_ptrs, f_lo, f_hi, rows_g, offs_n, offs_d,
+                   seqlen_k, k_off, glq, glk, scale_in, scale_out,
+                   STRIDE_KN, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, False)
+    dq = _dq_tiles(dq, q, do, lse2, delta, k_ptrs, v_ptrs, f_hi, n_hi, rows_g, offs_n, offs_d,
+                   seqlen_k, k_off, glq, glk, scale_in, scale_out,
+                   STRIDE_KN, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, True)
     return dq
 
 
@@ -232,16 +264,8 @@ def _bwd_dq(Q, K, V, DO, LSE, DELTA, OFFS,
                                          BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT)
     rows_g = q_off + offs_m
 
-    dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
-    dq = _dq_tiles(dq, q, do, lse2, delta, k_ptrs, v_ptrs, n_lo, f_lo, rows_g, offs_n, offs_d,
-                   seqlen_k, k_off, glq, glk, scale_in, scale_out,
-                   STRIDE_KN, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, True)
-    dq = _dq_tiles(dq, q, do, lse2, delta, k_ptrs, v_ptrs, f_lo, f_hi, rows_g, offs_n, offs_d,
-                   seqlen_k, k_off, glq, glk, scale_in, scale_out,
-                   STRIDE_KN, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, False)
-    dq = _dq_tiles(dq, q, do, lse2, delta, k_ptrs, v_ptrs, f_hi, n_hi, rows_g, offs_n, offs_d,
-                   seqlen_k, k_off, glq, glk, scale_in, scale_out,
-                   STRIDE_KN, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, True)
-
+    dq = _dq_ranges(q, do, lse2, delta, k_ptrs, v_ptrs, n_lo, f_lo, f_hi, n_hi, rows_g, offs_n, offs_d,
+                    seqlen_k, k_off, glq, glk, scale_in, scale_out,
+                    STRIDE_KN, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP)
     dq = dq * sm_scale
     _store_rows(DQ + q_row0 + tile_q, dq.to(DQ.dtype.element_ty), offs_m, seqlen_q, offs_d, HEAD_DIM, HEAD_DIM_PAD)

@@ -68,6 +68,37 @@ def _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, n_begin, n_end, rows_g, offs_n,
 
 
 @triton.jit
+def _fwd_ranges(q, k_ptrs, v_ptrs, n_lo, f_lo, f_hi, n_hi, rows_g, offs_n, offs_d,
+                seqlen_k, k_off, glq, glk, scale_in, scale_out,
+                STRIDE_KN: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WINDOW_LEFT: tl.constexpr,
+                WINDOW_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, SCALE_POS: tl.constexpr):
+    """A query tile against its visible keys, given as _key_blocks' three runs (masked edge tiles around the
+    fully visible middle). Returns (out, lse): rows that saw no key get out 0 and LSE -inf, as the contract
+    requires."""
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, n_lo, f_lo, rows_g, offs_n, offs_d,
+                               seqlen_k, k_off, glq, glk, scale_in, scale_out,
+                               STRIDE_KN, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT,
+                               SOFTCAP, True, SCALE_POS)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, f_lo, f_hi, rows_g, offs_n, offs_d,
+                               seqlen_k, k_off, glq, glk, scale_in, scale_out,
+                               STRIDE_KN, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT,
+                               SOFTCAP, False, SCALE_POS)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, f_hi, n_hi, rows_g, offs_n, offs_d,
+                               seqlen_k, k_off, glq, glk, scale_in, scale_out,
+                               STRIDE_KN, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT,
+                               SOFTCAP, True, SCALE_POS)
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * _LN2)
+    return out, lse
+
+
+@triton.jit
 def _attn_fwd(Q, K, V, OFFS,
               seqlen_q, seqlen_k, glq, glk, scale_in, scale_out,
               OUT, LSE,
@@ -116,29 +147,9 @@ def _attn_fwd(Q, K, V, OFFS,
                                          BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT)
     rows_g = q_off + offs_m
 
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
-
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, n_lo, f_lo, rows_g, offs_n, offs_d,
-                               seqlen_k, k_off, glq, glk, scale_in, scale_out,
-                               STRIDE_KN, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT,
-                               SOFTCAP, True, SCALE_POS)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, f_lo, f_hi, rows_g, offs_n, offs_d,
-                               seqlen_k, k_off, glq, glk, scale_in, scale_out,
-                               STRIDE_KN, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT,
-                               SOFTCAP, False, SCALE_POS)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, f_hi, n_hi, rows_g, offs_n, offs_d,
-                               seqlen_k, k_off, glq, glk, scale_in, scale_out,
-                               STRIDE_KN, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT,
-                               SOFTCAP, True, SCALE_POS)
-
-    # Rows that saw no key keep l = 0: output 0 and LSE -inf, as the contract requires.
-    empty = l_i == 0.0
-    l_safe = tl.where(empty, 1.0, l_i)
-    out = acc / l_safe[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * _LN2)
-
+    out, lse = _fwd_ranges(q, k_ptrs, v_ptrs, n_lo, f_lo, f_hi, n_hi, rows_g, offs_n, offs_d,
+                           seqlen_k, k_off, glq, glk, scale_in, scale_out, STRIDE_KN, HEAD_DIM, HEAD_DIM_PAD,
+                           BLOCK_M, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, SCALE_POS)
     _store_rows(OUT + q_row0 + tile_q, out.to(OUT.dtype.element_ty), offs_m, seqlen_q, offs_d, HEAD_DIM, HEAD_DIM_PAD)
     lse_ptrs = LSE + (off_b * NUM_HEADS_Q + off_h) * seqlen_q + offs_m
     tl.store(lse_ptrs, lse, mask=offs_m < seqlen_q)

@@ -10,13 +10,13 @@ sequence (``[0, cu_q[0])`` and ``[cu_q[batch], TOTAL_Q)``) and writes out 0 / ls
 loop, so every element of out/lse is written by exactly one program and no output needs a pre-fill.
 
 Masks are evaluated per sequence with local positions, as ``fa3jax.masking.allowed`` with the sequence lengths.
-The tile loop itself is the dense kernel's ``_fwd_tiles``.
+The tile loop itself is the dense kernel's (``_fwd_ranges``).
 """
 import triton
 import triton.language as tl
 
-from .flash_common import _LN2, _key_blocks, _load_rows, _store_rows
-from .flash_fwd import _fwd_tiles
+from .flash_common import _key_blocks, _load_rows, _store_rows
+from .flash_fwd import _fwd_ranges
 
 
 @triton.jit
@@ -98,25 +98,9 @@ def _varlen_attn_fwd(Q, K, V, CU_Q, CU_K, SEQUSED_K,
             n_lo, f_lo, f_hi, n_hi = _key_blocks(start_m, m_last, seqlen_k, 0, 0, seqlen_q, seqlen_k,
                                                  BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT)
             rows_g = offs_m
-            m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-            l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-            acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
-            acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, n_lo, f_lo, rows_g, offs_n, offs_d,
-                                       seqlen_k, 0, seqlen_q, seqlen_k, scale_in, scale_out,
-                                       STRIDE_KN, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT,
-                                       SOFTCAP, True, SCALE_POS)
-            acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, f_lo, f_hi, rows_g, offs_n, offs_d,
-                                       seqlen_k, 0, seqlen_q, seqlen_k, scale_in, scale_out,
-                                       STRIDE_KN, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT,
-                                       SOFTCAP, False, SCALE_POS)
-            acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, f_hi, n_hi, rows_g, offs_n, offs_d,
-                                       seqlen_k, 0, seqlen_q, seqlen_k, scale_in, scale_out,
-                                       STRIDE_KN, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT,
-                                       SOFTCAP, True, SCALE_POS)
-            empty = l_i == 0.0
-            l_safe = tl.where(empty, 1.0, l_i)
-            out = acc / l_safe[:, None]
-            lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * _LN2)
+            out, lse = _fwd_ranges(q, k_ptrs, v_ptrs, n_lo, f_lo, f_hi, n_hi, rows_g, offs_n, offs_d,
+                                   seqlen_k, 0, seqlen_q, seqlen_k, scale_in, scale_out, STRIDE_KN, HEAD_DIM,
+                                   HEAD_DIM_PAD, BLOCK_M, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, SCALE_POS)
             _store_rows(OUT + q_row0 + tile_q, out.to(OUT.dtype.element_ty), offs_m, seqlen_q, offs_d,
                         HEAD_DIM, HEAD_DIM_PAD)
             lse_ptrs = LSE + off_h.to(tl.int64) * total_q + q_start + offs_m

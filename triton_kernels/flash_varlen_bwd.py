@@ -19,12 +19,12 @@ covers). The extra slice b == batch zeroes the k rows outside every sequence (``
 writes dQ = 0 on the q rows outside every sequence.
 
 Masks use per-sequence local positions and lengths, as ``fa3jax.masking.allowed``; the tile loops are the dense
-kernel's ``_dkdv_tiles`` / ``_dq_tiles`` with zero offsets.
+kernel's ``_dkdv_ranges`` / ``_dq_ranges`` with zero offsets.
 """
 import triton
 import triton.language as tl
 
-from .flash_bwd import _dkdv_tiles, _dq_tiles
+from .flash_bwd import _dkdv_ranges, _dq_ranges
 from .flash_common import _LOG2E, _key_blocks, _load_rows, _query_blocks, _store_rows
 
 
@@ -128,18 +128,10 @@ def _varlen_bwd_dkdv(Q, K, V, DO, LSE, DELTA, CU_Q, CU_K, SEQUSED_K,
                 stat0 = off_h.to(tl.int64) * total_q + q_start
                 lse_ptrs = LSE + stat0 + offs_t
                 delta_ptrs = DELTA + stat0 + offs_t
-                dk, dv = _dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, m_lo, f_lo, offs_t,
-                                     cols_g, seqlen_q, 0, seqlen_q, seqlen_k, scale_in, scale_out,
-                                     STRIDE_QM, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, WINDOW_LEFT, WINDOW_RIGHT,
-                                     SOFTCAP, True)
-                dk, dv = _dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, f_lo, f_hi, offs_t,
-                                     cols_g, seqlen_q, 0, seqlen_q, seqlen_k, scale_in, scale_out,
-                                     STRIDE_QM, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, WINDOW_LEFT, WINDOW_RIGHT,
-                                     SOFTCAP, False)
-                dk, dv = _dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, f_hi, m_hi, offs_t,
-                                     cols_g, seqlen_q, 0, seqlen_q, seqlen_k, scale_in, scale_out,
-                                     STRIDE_QM, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, WINDOW_LEFT, WINDOW_RIGHT,
-                                     SOFTCAP, True)
+                dk, dv = _dkdv_ranges(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, m_lo, f_lo, f_hi, m_hi,
+                                      offs_t, cols_g, seqlen_q, 0, seqlen_q, seqlen_k, scale_in, scale_out,
+                                      STRIDE_QM, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, WINDOW_LEFT, WINDOW_RIGHT,
+                                      SOFTCAP)
             dk = dk * sm_scale
             _store_rows(DK + kv_row0 + tile_k, dk.to(DK.dtype.element_ty), offs_n, seqlen_k, offs_d,
                         HEAD_DIM, HEAD_DIM_PAD)
@@ -199,16 +191,9 @@ def _varlen_bwd_dq(Q, K, V, DO, LSE, DELTA, CU_Q, CU_K, SEQUSED_K,
             n_lo, f_lo, f_hi, n_hi = _key_blocks(start_m, m_last, seqlen_k, 0, 0, seqlen_q, seqlen_k,
                                                  BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT)
             rows_g = offs_m
-            dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
-            dq = _dq_tiles(dq, q, do, lse2, delta, k_ptrs, v_ptrs, n_lo, f_lo, rows_g, offs_n, offs_d,
-                           seqlen_k, 0, seqlen_q, seqlen_k, scale_in, scale_out,
-                           STRIDE_KN, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, True)
-            dq = _dq_tiles(dq, q, do, lse2, delta, k_ptrs, v_ptrs, f_lo, f_hi, rows_g, offs_n, offs_d,
-                           seqlen_k, 0, seqlen_q, seqlen_k, scale_in, scale_out,
-                           STRIDE_KN, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, False)
-            dq = _dq_tiles(dq, q, do, lse2, delta, k_ptrs, v_ptrs, f_hi, n_hi, rows_g, offs_n, offs_d,
-                           seqlen_k, 0, seqlen_q, seqlen_k, scale_in, scale_out,
-                           STRIDE_KN, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, True)
+            dq = _dq_ranges(q, do, lse2, delta, k_ptrs, v_ptrs, n_lo, f_lo, f_hi, n_hi, rows_g, offs_n, offs_d,
+                            seqlen_k, 0, seqlen_q, seqlen_k, scale_in, scale_out,
+                            STRIDE_KN, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP)
             dq = dq * sm_scale
             _store_rows(DQ + q_row0 + tile_q, dq.to(DQ.dtype.element_ty), offs_m, seqlen_q, offs_d,
                         HEAD_DIM, HEAD_DIM_PAD)
