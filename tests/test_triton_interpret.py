@@ -26,7 +26,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from tests.triton_interp_harness import run_in_workers, worker  # noqa: E402
+from tests.triton_interp_harness import main, results_fixture  # noqa: E402
 TOL = 1e-2  # relative L2 error; fp16 inputs, fp16 P in the PV product, fp32 accumulation
 
 # name -> case. window is (left, right) after normalization (-1 = unbounded); causal is (left, 0).
@@ -235,14 +235,7 @@ def _run_case(name):
     return res
 
 
-def _worker(names):
-    worker(_run_case, names)
-
-
-@pytest.fixture(scope="module")
-def results():
-    pytest.importorskip("triton")
-    return run_in_workers(__file__, list(CASES), nproc=4)
+results = results_fixture(__file__, CASES, nproc=4)
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -336,7 +329,4 @@ def test_backend_wiring_with_fake_jax_triton(monkeypatch):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        _worker(sys.argv[2:] or list(CASES))
-    else:
-        sys.exit(pytest.main([__file__, "-q"]))
+    main(__file__, _run_case, CASES)

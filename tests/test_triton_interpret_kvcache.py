@@ -20,7 +20,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from tests.triton_interp_harness import run_in_workers, worker  # noqa: E402
+from tests.triton_interp_harness import main, results_fixture  # noqa: E402
 from tests.test_triton_interpret import _rel  # noqa: E402
 from tests.test_triton_interpret_varlen import _interpret  # noqa: E402  (NaN-prefilled outputs)
 
@@ -149,14 +149,7 @@ def _run_case(name):
     return res
 
 
-def _worker(names):
-    worker(_run_case, names)
-
-
-@pytest.fixture(scope="module")
-def results():
-    pytest.importorskip("triton")
-    return run_in_workers(__file__, list(CASES), nproc=2)
+results = results_fixture(__file__, CASES, nproc=2)
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -214,7 +207,4 @@ def test_kvcache_plan():
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        _worker(sys.argv[2:] or list(CASES))
-    else:
-        sys.exit(pytest.main([__file__, "-q"]))
+    main(__file__, _run_case, CASES)

@@ -15,6 +15,7 @@ import sys
 import traceback
 
 import numpy as np
+import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -76,3 +77,22 @@ def run_in_workers(script, names, nproc):
         for part in pool.map(lambda c: _spawn(script, c), chunks):
             found.update(part)
     return found
+
+
+def results_fixture(script, cases, nproc):
+    """The module-scoped ``results`` fixture of an interpreter test file: {case: verdict} from worker processes."""
+
+    @pytest.fixture(scope="module")
+    def results():
+        pytest.importorskip("triton")
+        return run_in_workers(script, list(cases), nproc=nproc)
+
+    return results
+
+
+def main(script, run_case, cases):
+    """``python tests/<file>.py --worker [CASE...]`` runs cases in this process; without flags, the file's tests."""
+    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        worker(run_case, sys.argv[2:] or list(cases))
+    else:
+        sys.exit(pytest.main([script, "-q"]))
