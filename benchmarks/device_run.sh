@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Build, test and benchmark on the GPU machine in one call: bash benchmarks/device_run.sh STAGE...
-# Stages: build (CUDA extension + C++ tests), sanitize (compute-sanitizer + SASS/resource checks),
+# Stages: build (CUDA extension + C++ tests), sanitize (compute-sanitizer + SASS/resource checks), cbench (C++
+#         timing of the CUDA forward, cluster on/off),
 #         test (GPU pytest suites), bench (side-by-side table), decode (kvcache decode table),
 #         varlen (varlen vs dense table), sweep (Triton tile/variant sweep, SWEEP_ARGS).
 # Wheels the machine lacks (jax-triton, nvidia-cutlass, flash-attn3-jax) travel in .whl/ (see the device README).
@@ -36,8 +37,10 @@ build() {
   cmake -S csrc -B build/csrc-tests -G Ninja -DFA3JAX_PTXAS_VERBOSE=ON -DFA3JAX_BUILD_TESTS=ON \
     -DFA3JAX_HEAD_DIMS="${FA3JAX_HEAD_DIMS:-64;128;256}" -DFA3JAX_DTYPES="${FA3JAX_DTYPES:-bf16;fp16}" >/dev/null \
     && cmake --build build/csrc-tests -j16 2>&1 | grep -E "error|spill|Used [0-9]+ registers" | sort | uniq | head -40
-  build/csrc-tests/fa3jax_test_layouts && build/csrc-tests/fa3jax_test_fwd
+  # timeouts: a pipeline or barrier bug shows up as a hang, not a crash
+  timeout 60 build/csrc-tests/fa3jax_test_layouts && timeout 180 build/csrc-tests/fa3jax_test_fwd
 }
+cbench() { timeout 120 build/csrc-tests/fa3jax_test_fwd --bench --quiet | grep -E "^bench|passed"; }
 sanitize() {
   timeout 200 compute-sanitizer --tool memcheck --error-exitcode 3 build/csrc-tests/fa3jax_test_fwd --quick --quiet &&
   timeout 200 compute-sanitizer --tool racecheck --error-exitcode 3 build/csrc-tests/fa3jax_test_fwd --quick --quiet &&
@@ -69,6 +72,7 @@ for s in "$@"; do
   case $s in
     build) stage build build ;;
     sanitize) stage sanitize sanitize ;;
+    cbench) stage cbench cbench ;;
     test) stage test gputest ;;
     bench) stage bench bench ;;
     decode) stage decode decode ;;

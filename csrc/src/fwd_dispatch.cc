@@ -1,8 +1,10 @@
 // Parameter checks and (dtype, head_dim) dispatch over the instantiations compiled into this build
 // (listed in the generated fwd_instances.inc).
+#include <climits>
 #include <cstdint>
 
 #include "fa3jax/fwd_api.h"
+#include "fa3jax/policy.h"
 
 namespace fa3jax {
 
@@ -35,7 +37,8 @@ const char* fwd_check(const FwdParams& p) {
   if (!fwd_compiled(p.dtype, p.head_dim)) return "this (dtype, head_dim) was not compiled into the extension";
   if (p.num_heads_k < 1 || p.num_heads_q % p.num_heads_k != 0)
     return "num_heads_q must be a positive multiple of num_heads_k";
-  if (p.batch > 65535 || p.num_heads_q > 65535) return "batch and num_heads_q must be <= 65535";
+  // The persistent scheduler numbers (query block, head, batch) tiles with int32 (query blocks >= 64 rows).
+  if ((int64_t(p.seqlen_q) + 63) / 64 * p.num_heads_q * p.batch > INT32_MAX) return "too many query tiles";
   if (p.batch == 0 || p.seqlen_q == 0 || p.num_heads_q == 0) return nullptr;  // nothing to do
   if (p.seqlen_k < 1) return "seqlen_k must be >= 1";
   if (!p.q || !p.k || !p.v || !p.out || !p.lse) return "null buffer";
@@ -53,8 +56,19 @@ const char* fwd_check(const FwdParams& p) {
 FwdStatus run_fwd(const FwdParams& p, cudaStream_t stream) {
   if (const char* msg = fwd_check(p)) return {cudaErrorInvalidValue, msg};
   if (p.batch == 0 || p.seqlen_q == 0 || p.num_heads_q == 0) return {};
+  // The cluster kernels need every CTA of a pair to visit the same key blocks (no mask that depends on the query
+  // row) and pairs of query blocks.
+  bool const unmasked = p.window_left < 0 && p.window_right < 0;
+#define FA3JAX_FWD_INSTANCE(e, n, d)
+#define FA3JAX_FWD_CLUSTER_INSTANCE(e, n, d)                                                        \
+  if (p.allow_cluster && unmasked && p.dtype == DType::e && p.head_dim == d &&                      \
+      ((p.seqlen_q + FwdPolicy<d>::kBlockM - 1) / FwdPolicy<d>::kBlockM) % 2 == 0)                    \
+    return run_fwd_instance<DType::e, d, 2>(p, stream);
+#include "fwd_instances.inc"
+#undef FA3JAX_FWD_CLUSTER_INSTANCE
+#undef FA3JAX_FWD_INSTANCE
 #define FA3JAX_FWD_INSTANCE(e, n, d) \
-  if (p.dtype == DType::e && p.head_dim == d) return run_fwd_instance<DType::e, d>(p, stream);
+  if (p.dtype == DType::e && p.head_dim == d) return run_fwd_instance<DType::e, d, 1>(p, stream);
 #include "fwd_instances.inc"
 #undef FA3JAX_FWD_INSTANCE
   return {cudaErrorInvalidValue, "unreachable: instantiation missing"};

@@ -110,7 +110,7 @@ static void reference(const Config& c, int d, float scale, const std::vector<flo
       }
 }
 
-static bool run_one(DType dt, int d, const Config& c, std::mt19937& rng, bool verbose) {
+static bool run_one(DType dt, int d, const Config& c, bool allow_cluster, std::mt19937& rng, bool verbose) {
   size_t nq = size_t(c.b) * c.sq * c.hq * d, nk = size_t(c.b) * c.sk * c.hk * d, nl = size_t(c.b) * c.hq * c.sq;
   std::normal_distribution<float> dist(0.f, 1.f);
   std::vector<uint16_t> hq_(nq), hk_(nk), hv_(nk);
@@ -138,6 +138,7 @@ static bool run_one(DType dt, int d, const Config& c, std::mt19937& rng, bool ve
   p.batch = c.b; p.seqlen_q = c.sq; p.seqlen_k = c.sk; p.num_heads_q = c.hq; p.num_heads_k = c.hk;
   p.head_dim = d; p.dtype = dt; p.softmax_scale = scale; p.window_left = c.wl; p.window_right = c.wr;
   p.softcap = c.softcap;
+  p.allow_cluster = allow_cluster;
   fa3jax::FwdStatus st = fa3jax::run_fwd(p, nullptr);
   if (!st.ok()) {
     std::printf("FAIL %s d=%d %s: launch: %s (%s)\n", dt == DType::kBF16 ? "bf16" : "fp16", d, c.name, st.what,
@@ -171,16 +172,17 @@ static bool run_one(DType dt, int d, const Config& c, std::mt19937& rng, bool ve
   double lse_tol = 2e-3 * std::log2(double(c.sk) + 2) + 1e-3;
   bool ok = nan_out == 0 && bad_lse_inf == 0 && max_err <= tol && max_lse_err <= lse_tol;
   if (!ok || verbose)
-    std::printf("%s %s d=%d %-22s b=%d sq=%d sk=%d hq=%d hk=%d win=(%d,%d) cap=%g: max|dO|=%.3g max|dLSE|=%.3g "
+    std::printf("%s %s d=%d %-24s%s b=%d sq=%d sk=%d hq=%d hk=%d win=(%d,%d) cap=%g: max|dO|=%.3g max|dLSE|=%.3g "
                 "non-finite out=%zu bad lse=%zu\n",
-                ok ? "ok  " : "FAIL", dt == DType::kBF16 ? "bf16" : "fp16", d, c.name, c.b, c.sq, c.sk, c.hq, c.hk,
+                ok ? "ok  " : "FAIL", dt == DType::kBF16 ? "bf16" : "fp16", d, c.name,
+                allow_cluster ? " [cluster]" : "", c.b, c.sq, c.sk, c.hq, c.hk,
                 c.wl, c.wr, c.softcap, max_err, max_lse_err, nan_out, bad_lse_inf);
   return ok;
 }
 
 static void bench(DType dt, int d) {
   struct B { int b, s, h; int wr; };
-  const B cases[] = {{4, 4096, 16, -1}, {4, 4096, 16, 0}, {1, 16384, 16, -1}};
+  const B cases[] = {{8, 2048, 16, -1}, {8, 2048, 16, 0}, {4, 4096, 16, -1}, {4, 4096, 16, 0}, {1, 16384, 16, -1}};
   for (const B& c : cases) {
     size_t n = size_t(c.b) * c.s * c.h * d;
     void *q, *k, *v, *o;
@@ -192,25 +194,30 @@ static void bench(DType dt, int d) {
     p.q = q; p.k = k; p.v = v; p.out = o; p.lse = l; p.batch = c.b; p.seqlen_q = p.seqlen_k = c.s;
     p.num_heads_q = p.num_heads_k = c.h; p.head_dim = d; p.dtype = dt; p.softmax_scale = 1.f / std::sqrt(float(d));
     p.window_right = c.wr;
-    cudaEvent_t e0, e1;
-    CK(cudaEventCreate(&e0)); CK(cudaEventCreate(&e1));
-    for (int i = 0; i < 3; ++i) fa3jax::run_fwd(p, nullptr);
-    const int iters = 20;
-    CK(cudaEventRecord(e0));
-    for (int i = 0; i < iters; ++i) fa3jax::run_fwd(p, nullptr);
-    CK(cudaEventRecord(e1));
-    CK(cudaEventSynchronize(e1));
-    float ms;
-    CK(cudaEventElapsedTime(&ms, e0, e1));
-    ms /= iters;
-    double flops = 4.0 * c.b * c.h * double(c.s) * c.s * d * (c.wr == 0 ? 0.5 : 1.0);
-    std::printf("bench %s d=%d b=%d s=%d h=%d %s: %.3f ms, %.1f TFLOP/s\n", dt == DType::kBF16 ? "bf16" : "fp16", d,
-                c.b, c.s, c.h, c.wr == 0 ? "causal" : "full  ", ms, flops / ms * 1e-9);
+    for (bool cl : {false, true}) {
+      if (cl && c.wr >= 0) continue;
+      p.allow_cluster = cl;
+      cudaEvent_t e0, e1;
+      CK(cudaEventCreate(&e0)); CK(cudaEventCreate(&e1));
+      for (int i = 0; i < 3; ++i) fa3jax::run_fwd(p, nullptr);
+      const int iters = 20;
+      CK(cudaEventRecord(e0));
+      for (int i = 0; i < iters; ++i) fa3jax::run_fwd(p, nullptr);
+      CK(cudaEventRecord(e1));
+      CK(cudaEventSynchronize(e1));
+      float ms;
+      CK(cudaEventElapsedTime(&ms, e0, e1));
+      ms /= iters;
+      double flops = 4.0 * c.b * c.h * double(c.s) * c.s * d * (c.wr == 0 ? 0.5 : 1.0);
+      std::printf("bench %s d=%d b=%d s=%d h=%d %s%s: %.3f ms, %.1f TFLOP/s\n", dt == DType::kBF16 ? "bf16" : "fp16",
+                  d, c.b, c.s, c.h, c.wr == 0 ? "causal" : "full  ", cl ? " [cluster]" : "", ms, flops / ms * 1e-9);
+    }
     CK(cudaFree(q)); CK(cudaFree(k)); CK(cudaFree(v)); CK(cudaFree(o)); CK(cudaFree(l));
   }
 }
 
 int main(int argc, char** argv) {
+  std::setvbuf(stdout, nullptr, _IOLBF, 0);  // keep the log of a run that hangs and gets killed
   bool quick = false, do_bench = false, verbose = true;
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--quick")) quick = true;
@@ -238,6 +245,8 @@ int main(int argc, char** argv) {
       {2, 1, 515, 4, 1, -1, -1, 0.f, "mqa-decode"},
       {1, 64, 1000, 2, 2, 10, 5, 0.f, "narrow-window"},
       {1, 7, 3, 1, 1, -1, -1, 0.f, "tiny"},
+      {2, 512, 700, 4, 2, -1, -1, 0.f, "full-gqa-4-query-blocks"},
+      {1, 256, 256, 2, 2, -1, -1, 20.f, "full-softcap20"},
   };
   std::mt19937 rng(1234);
   int failures = 0, runs = 0;
@@ -247,9 +256,13 @@ int main(int argc, char** argv) {
     for (int d : dims) {
       if (!fa3jax::fwd_compiled(dt, d)) continue;
       for (const Config& c : configs) {
-        if (quick && &c != &configs[2]) continue;
-        ++runs;
-        if (!run_one(dt, d, c, rng, verbose)) ++failures;
+        // --quick: one unmasked config (the cluster kernel where one is compiled) and one causal.
+        if (quick && &c != &configs[1] && &c != &configs[2]) continue;
+        for (bool cl : {false, true}) {
+          if (cl && (c.wl >= 0 || c.wr >= 0)) continue;  // masked configs never take the cluster kernel
+          ++runs;
+          if (!run_one(dt, d, c, cl, rng, verbose)) ++failures;
+        }
       }
       if (do_bench) bench(dt, d);
     }

@@ -70,6 +70,7 @@ int check(const char* name) {
 int main() {
   int fails = 0;
   fails += check<FwdKernelTraits<cutlass::bfloat16_t, 128, 128, 128, 2, 24, 240>>("bf16 d128 128x128");
+  fails += check<FwdKernelTraits<cutlass::bfloat16_t, 128, 128, 128, 2, 32, 232, 2>>("bf16 d128 128x128 cluster2");
   fails += check<FwdKernelTraits<cutlass::half_t, 64, 192, 128, 2, 32, 160>>("fp16 d64 192x128");
   fails += check<FwdKernelTraits<cutlass::bfloat16_t, 256, 128, 80, 2, 24, 240>>("bf16 d256 128x80");
   return fails;

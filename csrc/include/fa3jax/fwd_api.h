@@ -22,6 +22,10 @@ struct FwdParams {
   int window_left = -1;   // -1: unbounded (bottom-right aligned window, see fa3jax/masking.py)
   int window_right = -1;  // causal == (window_left, 0)
   float softcap = 0.f;    // <= 0: off
+  // Use the K/V-multicast cluster instantiation where one is compiled and the mask allows it (no window, an
+  // even number of query blocks). Off by default: measured slower than the single-CTA persistent kernel at
+  // 128x128 tiles (H100, 2026-11-25: 586 vs 651 TFLOP/s at s=16k, benchmarks/RESULTS.md). The C++ tests run both.
+  bool allow_cluster = false;
 };
 
 // Status of a launch: `error` is cudaSuccess on success; otherwise `what` names the failing step (static string).
@@ -45,8 +49,8 @@ bool fwd_compiled(DType dtype, int head_dim);
 const char* fwd_compiled_list();
 const char* fwd_arch();
 
-// Per-instantiation entry points (defined in generated translation units).
-template <DType kDType, int kHeadDim>
+// Per-instantiation entry points (defined in generated translation units). kClusterM: CTAs per cluster.
+template <DType kDType, int kHeadDim, int kClusterM>
 FwdStatus run_fwd_instance(const FwdParams& p, cudaStream_t stream);
 
 }  // namespace fa3jax

@@ -1,5 +1,6 @@
 // The forward kernel: warp-specialized (warpgroup 0 = TMA producer, warpgroups 1.. = MMA consumers),
-// register reallocation with setmaxnreg, K/V pipelines on mbarriers, static tile scheduler.
+// register reallocation with setmaxnreg, K/V pipelines on mbarriers, persistent tile scheduler, optional
+// 2-CTA cluster with K/V multicast.
 #pragma once
 
 #include <cutlass/arch/reg_reconfig.h>
@@ -21,6 +22,7 @@ __global__ void __launch_bounds__(KT::kNumThreads, 1) fwd_kernel(__grid_constant
   using Epilogue = FwdEpilogue<KT>;
   using Pipeline = typename KT::Pipeline;
   using SharedStorage = typename KT::SharedStorage;
+  using PipelineState = typename KT::PipelineState;
 
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   uintptr_t const base = (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023);
@@ -35,6 +37,7 @@ __global__ void __launch_bounds__(KT::kNumThreads, 1) fwd_kernel(__grid_constant
     cute::prefetch_tma_descriptor(params.tma_k.get_tma_descriptor());
     cute::prefetch_tma_descriptor(params.tma_v.get_tma_descriptor());
     cute::initialize_barrier(ss.barrier_q, 1);
+    cute::initialize_barrier(ss.barrier_q_empty, KT::kNumMmaThreads);
   }
 
   typename Pipeline::Params pp;
@@ -43,36 +46,67 @@ __global__ void __launch_bounds__(KT::kNumThreads, 1) fwd_kernel(__grid_constant
   pp.num_consumers = KT::kNumMmaThreads;
   pp.transaction_bytes = KT::kBytesKV;
   // Both constructors initialize their barriers from warp 0 and fence the initialization.
-  Pipeline pipe_k(ss.pipeline_k, pp, Shape<_1, _1, _1>{});
-  Pipeline pipe_v(ss.pipeline_v, pp, Shape<_1, _1, _1>{});
+  // With a cluster, each consumer warpgroup releases a stage to the producers of every CTA of the cluster
+  // (they all write into this CTA's buffers); the pipelines count those arrivals.
+  Pipeline pipe_k(ss.pipeline_k, pp, typename KT::ClusterShape{});
+  Pipeline pipe_v(ss.pipeline_v, pp, typename KT::ClusterShape{});
   (void)warp_idx;
-  __syncthreads();
+  if constexpr (KT::kClusterM > 1) {
+    // A peer's multicast may signal our barriers as soon as it starts: all of them must be initialized first.
+    cute::cluster_arrive_relaxed();
+    cute::cluster_wait();
+  } else {
+    __syncthreads();
+  }
 
-  FwdTile const tile = StaticTileScheduler::get();
-  int const batch = int(gridDim.z);
-  BlockInfo<KT::kBlockM, KT::kBlockN> const bi(tile.m_block, params.seqlen_q, params.seqlen_k, params.window_left,
-                                               params.window_right);
+  using Scheduler = PersistentTileScheduler<KT::kClusterM>;
+  using BI = BlockInfo<KT::kBlockM, KT::kBlockN>;
+  auto block_info = [&](FwdTile const& t) {
+    return BI(t.m_block, params.seqlen_q, params.seqlen_k, params.window_left, params.window_right);
+  };
 
   if (wg_idx == 0) {
     cutlass::arch::warpgroup_reg_dealloc<KT::kProducerRegs>();
-    if (is_leader && bi.num_blocks() > 0) Mainloop::load(params, ss, pipe_k, pipe_v, tile, bi, batch);
+    if (is_leader) {
+      PipelineState st = cutlass::make_producer_start_state<Pipeline>();
+      int q_iter = 0;
+      for (int k = 0, u = Scheduler::unit(0); u < params.sched.num_units; u = Scheduler::unit(++k)) {
+        FwdTile const tile = Scheduler::tile(params.sched, u);
+        BI const bi = block_info(tile);
+        if (bi.num_blocks() == 0) continue;  // the consumers write 0 / -inf without loads
+        Mainloop::load(params, ss, pipe_k, pipe_v, st, q_iter, tile, bi);
+        ++q_iter;
+      }
+      // Do not exit while a stage may still be released (by this CTA's or a peer's consumers).
+      pipe_k.producer_tail(st);
+      pipe_v.producer_tail(st);
+    }
   } else {
     cutlass::arch::warpgroup_reg_alloc<KT::kConsumerRegs>();
     int const mma_tid = int(threadIdx.x) - 128;
     int const mma_wg = wg_idx - 1;
-    typename KT::TiledMmaPV mma_pv;
-    Tensor tOrO = partition_fragment_C(mma_pv, Shape<typename KT::BlkM, typename KT::HDim>{});
-    constexpr int kRows = decltype(size<0>(acc_rowcol(tOrO.layout())))::value;
-    OnlineSoftmax<kRows> softmax;
-    if (bi.num_blocks() > 0) {
-      Mainloop::mma(params, ss, pipe_k, pipe_v, bi, tile.m_block, mma_tid, mma_wg, tOrO, softmax);
-    } else {
-      clear(tOrO);
-      softmax.init();
+    PipelineState st_k, st_v;
+    int q_iter = 0;
+    for (int k = 0, u = Scheduler::unit(0); u < params.sched.num_units; u = Scheduler::unit(++k)) {
+      FwdTile const tile = Scheduler::tile(params.sched, u);
+      BI const bi = block_info(tile);
+      typename KT::TiledMmaPV mma_pv;
+      Tensor tOrO = partition_fragment_C(mma_pv, Shape<typename KT::BlkM, typename KT::HDim>{});
+      constexpr int kRows = decltype(size<0>(acc_rowcol(tOrO.layout())))::value;
+      OnlineSoftmax<kRows> softmax;
+      if (bi.num_blocks() > 0) {
+        Mainloop::mma(params, ss, pipe_k, pipe_v, st_k, st_v, q_iter, bi, tile.m_block, mma_tid, mma_wg, tOrO,
+                      softmax);
+        ++q_iter;
+      } else {
+        clear(tOrO);
+        softmax.init();
+      }
+      float inv[kRows], lse[kRows];
+      softmax.finalize(params.lse_scale, inv, lse);
+      Epilogue::store(params, tile, mma_tid, tOrO, inv, lse);
     }
-    float inv[kRows], lse[kRows];
-    softmax.finalize(params.lse_scale, inv, lse);
-    Epilogue::store(params, tile, mma_tid, tOrO, inv, lse);
+    Mainloop::sched_drain(mma_wg, q_iter > 0);
   }
 #endif
 }

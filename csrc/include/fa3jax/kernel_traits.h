@@ -1,6 +1,9 @@
 // Compile-time description of one forward kernel: tiles, MMAs, shared-memory layouts, TMA types, params.
 #pragma once
 
+#include <type_traits>
+#include <utility>
+
 #include <cute/tensor.hpp>
 #include <cute/atom/mma_atom.hpp>
 #include <cute/atom/copy_traits_sm90_tma.hpp>
@@ -8,12 +11,14 @@
 #include <cutlass/numeric_types.h>
 #include <cutlass/pipeline/sm90_pipeline.hpp>
 
+#include "tile_scheduler.h"
+
 namespace fa3jax {
 
 using namespace cute;
 
 template <class Element_, int kHeadDim_, int kBlockM_, int kBlockN_, int kStages_, int kProducerRegs_,
-          int kConsumerRegs_>
+          int kConsumerRegs_, int kClusterM_ = 1>
 struct FwdKernelTraits {
   using Element = Element_;
   static constexpr int kHeadDim = kHeadDim_;
@@ -22,12 +27,23 @@ struct FwdKernelTraits {
   static constexpr int kStages = kStages_;
   static constexpr int kProducerRegs = kProducerRegs_;
   static constexpr int kConsumerRegs = kConsumerRegs_;
+  // CTAs of a cluster work on adjacent query blocks of one (head, batch) and share every K/V tile: each CTA's
+  // TMA fetches 1/kClusterM of a tile and multicasts it to all of them, which divides the L2->SM traffic per
+  // FLOP by kClusterM (cp.async.bulk.tensor .multicast::cluster; FA3 runs d=128 with a (2,1,1) cluster). Only valid when all CTAs of a cluster
+  // visit the same key blocks (no causal/window mask), which the launcher guarantees.
+  static constexpr int kClusterM = kClusterM_;
+  static_assert(kClusterM == 1 || kClusterM == 2);
+  using ClusterShape = Shape<Int<kClusterM>, _1, _1>;
   static_assert(kBlockM % 64 == 0 && kHeadDim % 64 == 0 && kBlockN % 16 == 0);
 
   static constexpr int kNumMmaWG = kBlockM / 64;
   static constexpr int kNumMmaThreads = kNumMmaWG * 128;
   static constexpr int kNumThreads = kNumMmaThreads + 128;  // + one producer warpgroup
-  static_assert(kProducerRegs * 128 + kConsumerRegs * kNumMmaThreads <= 65536);
+  // setmaxnreg moves registers only within the CTA's launch allocation (65536 / threads, rounded down to 8 per
+  // thread): consumers asking for more than the producer gives back wait in setmaxnreg.inc forever.
+  static constexpr int kLaunchRegs = (65536 / kNumThreads) / 8 * 8;
+  static_assert(kProducerRegs * 128 + kConsumerRegs * kNumMmaThreads <= kLaunchRegs * kNumThreads,
+                "register reallocation exceeds the CTA's launch allocation (the kernel would hang)");
 
   using BlkM = Int<kBlockM>;
   using BlkN = Int<kBlockN>;
@@ -57,15 +73,26 @@ struct FwdKernelTraits {
   using GStrideQK = Stride<int64_t, _1, int64_t, int64_t>;
   using GStrideVt = Stride<_1, int64_t, int64_t, int64_t>;
 
-  using TmaQ = decltype(make_tma_copy(
-      SM90_TMA_LOAD{}, make_tensor(make_gmem_ptr(static_cast<Element const*>(nullptr)), GShape{}, GStrideQK{}),
-      SmemLayoutQ{}, Shape<BlkM, HDim>{}, _1{}));
-  using TmaK = decltype(make_tma_copy(
-      SM90_TMA_LOAD{}, make_tensor(make_gmem_ptr(static_cast<Element const*>(nullptr)), GShape{}, GStrideQK{}),
-      SmemLayoutK{}(_, _, _0{}), Shape<BlkN, HDim>{}, _1{}));
-  using TmaV = decltype(make_tma_copy(
-      SM90_TMA_LOAD{}, make_tensor(make_gmem_ptr(static_cast<Element const*>(nullptr)), GShape{}, GStrideVt{}),
-      SmemLayoutVt{}(_, _, _0{}), Shape<HDim, BlkN>{}, _1{}));
+  using TmaLoadKV = std::conditional_t<kClusterM == 1, SM90_TMA_LOAD, SM90_TMA_LOAD_MULTICAST>;
+
+  // TMA descriptors: built on the host per call by these functions, whose return types are the Params fields.
+  template <class GTensor>
+  static auto make_tma_q(GTensor const& g) {
+    return make_tma_copy(SM90_TMA_LOAD{}, g, SmemLayoutQ{}, Shape<BlkM, HDim>{}, _1{});
+  }
+  template <class GTensor>
+  static auto make_tma_k(GTensor const& g) {
+    return make_tma_copy(TmaLoadKV{}, g, SmemLayoutK{}(_, _, _0{}), Shape<BlkN, HDim>{}, Int<kClusterM>{});
+  }
+  template <class GTensor>
+  static auto make_tma_v(GTensor const& g) {
+    return make_tma_copy(TmaLoadKV{}, g, SmemLayoutVt{}(_, _, _0{}), Shape<HDim, BlkN>{}, Int<kClusterM>{});
+  }
+  using GTensorQK = decltype(make_tensor(make_gmem_ptr(static_cast<Element const*>(nullptr)), GShape{}, GStrideQK{}));
+  using GTensorVt = decltype(make_tensor(make_gmem_ptr(static_cast<Element const*>(nullptr)), GShape{}, GStrideVt{}));
+  using TmaQ = decltype(make_tma_q(std::declval<GTensorQK>()));
+  using TmaK = decltype(make_tma_k(std::declval<GTensorQK>()));
+  using TmaV = decltype(make_tma_v(std::declval<GTensorVt>()));
 
   static constexpr uint32_t kBytesQ = kBlockM * kHeadDim * sizeof(Element);
   static constexpr uint32_t kBytesKV = kBlockN * kHeadDim * sizeof(Element);
@@ -79,7 +106,8 @@ struct FwdKernelTraits {
     alignas(1024) cute::array_aligned<Element, cute::cosize_v<SmemLayoutVt>, 1024> smem_v;
     typename Pipeline::SharedStorage pipeline_k;
     typename Pipeline::SharedStorage pipeline_v;
-    alignas(8) uint64_t barrier_q;
+    alignas(8) uint64_t barrier_q;        // Q tile landed (TMA transaction bytes)
+    alignas(8) uint64_t barrier_q_empty;  // consumers done with the Q tile (its last QK^T GEMM retired)
   };
   // + 1024 so the kernel can align the dynamic smem base itself.
   static constexpr int kSmemBytes = int(sizeof(SharedStorage)) + 1024;
@@ -92,7 +120,8 @@ struct FwdKernelTraits {
     TmaV tma_v;
     void* out;
     float* lse;
-    int seqlen_q, seqlen_k, num_heads_q, num_heads_k, group_size;
+    SchedulerParams sched;
+    int batch, seqlen_q, seqlen_k, num_heads_q, num_heads_k, group_size;
     int window_left, window_right;
     float scale_log2;    // multiplier of the (capped) raw score inside exp2
     float softcap_pre;   // softmax_scale / softcap (softcap path only)

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cmath>
+#include <cstdint>
 #include <cutlass/numeric_types.h>
 
 #include "fwd_api.h"
@@ -16,14 +17,15 @@ template <DType kDType> struct ElementOf;
 template <> struct ElementOf<DType::kBF16> { using type = cutlass::bfloat16_t; };
 template <> struct ElementOf<DType::kFP16> { using type = cutlass::half_t; };
 
-template <DType kDType, int kHeadDim>
+template <DType kDType, int kHeadDim, int kClusterM>
 using FwdTraitsFor = FwdKernelTraits<typename ElementOf<kDType>::type, kHeadDim, FwdPolicy<kHeadDim>::kBlockM,
                                      FwdPolicy<kHeadDim>::kBlockN, FwdPolicy<kHeadDim>::kStages,
-                                     FwdPolicy<kHeadDim>::kProducerRegs, FwdPolicy<kHeadDim>::kConsumerRegs>;
+                                     FwdPolicy<kHeadDim>::kProducerRegs, FwdPolicy<kHeadDim>::kConsumerRegs,
+                                     kClusterM>;
 
-template <DType kDType, int kHeadDim>
+template <DType kDType, int kHeadDim, int kClusterM>
 FwdStatus launch_fwd(const FwdParams& p, cudaStream_t stream) {
-  using KT = FwdTraitsFor<kDType, kHeadDim>;
+  using KT = FwdTraitsFor<kDType, kHeadDim, kClusterM>;
   using Element = typename KT::Element;
   constexpr int D = kHeadDim;
   int const b = p.batch, sq = p.seqlen_q, sk = p.seqlen_k, hq = p.num_heads_q, hk = p.num_heads_k;
@@ -36,12 +38,13 @@ FwdStatus launch_fwd(const FwdParams& p, cudaStream_t stream) {
                         make_stride(_1{}, int64_t(hk) * D, int64_t(D), int64_t(sk) * hk * D));
 
   typename KT::Params kp{
-      make_tma_copy(SM90_TMA_LOAD{}, q, typename KT::SmemLayoutQ{}, Shape<typename KT::BlkM, typename KT::HDim>{}, _1{}),
-      make_tma_copy(SM90_TMA_LOAD{}, k, typename KT::SmemLayoutK{}(_, _, _0{}), Shape<typename KT::BlkN, typename KT::HDim>{}, _1{}),
-      make_tma_copy(SM90_TMA_LOAD{}, vt, typename KT::SmemLayoutVt{}(_, _, _0{}), Shape<typename KT::HDim, typename KT::BlkN>{}, _1{}),
+      KT::make_tma_q(q),
+      KT::make_tma_k(k),
+      KT::make_tma_v(vt),
       p.out,
       p.lse,
-      sq, sk, hq, hk, hq / hk,
+      SchedulerParams{},
+      b, sq, sk, hq, hk, hq / hk,
       p.window_left < 0 ? -1 : p.window_left,
       p.window_right < 0 ? -1 : p.window_right,
       0.f, 0.f, 0.f, 0.f};
@@ -61,9 +64,43 @@ FwdStatus launch_fwd(const FwdParams& p, cudaStream_t stream) {
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return {err, "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)"};
   int const num_m_blocks = (sq + KT::kBlockM - 1) / KT::kBlockM;
-  dim3 grid = StaticTileScheduler::grid(num_m_blocks, hq, b);
-  kernel<<<grid, KT::kNumThreads, smem, stream>>>(kp);
-  err = cudaGetLastError();
+  if (num_m_blocks % KT::kClusterM != 0) return {cudaErrorInvalidValue, "query blocks not a multiple of the cluster"};
+  SchedulerParams& sp = kp.sched;
+  sp.num_m_units = num_m_blocks / KT::kClusterM;
+  sp.num_heads = hq;
+  sp.num_hb = hq * b;
+  if (int64_t(sp.num_m_units) * sp.num_hb > INT32_MAX) return {cudaErrorInvalidValue, "too many tiles"};
+  sp.num_units = sp.num_m_units * sp.num_hb;
+  sp.reverse_m = p.window_right >= 0;  // a right bound gives the last query blocks the most keys
+  // (head, batch) pairs per section of the heavy-first order: as many as keep their K/V within ~32 MiB of the
+  // 50 MiB L2 (H100).
+  int64_t const kv_bytes = int64_t(sk) * D * 2 * int64_t(sizeof(Element));
+  int64_t const group = (int64_t(32) << 20) / (kv_bytes > 0 ? kv_bytes : 1);
+  sp.group = int(group < 1 ? 1 : (group > sp.num_hb ? sp.num_hb : group));
+  int device = 0, num_sms = 0;
+  err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device);
+  if (err != cudaSuccess) return {err, "cudaDeviceGetAttribute(MultiProcessorCount)"};
+  // One CTA per SM (shared memory holds one CTA's tiles); a cluster takes kClusterM SMs.
+  dim3 const grid(PersistentTileScheduler<KT::kClusterM>::num_ctas(sp, num_sms / KT::kClusterM));
+  if constexpr (KT::kClusterM == 1) {
+    kernel<<<grid, KT::kNumThreads, smem, stream>>>(kp);
+    err = cudaGetLastError();
+  } else {
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = KT::kClusterM;
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    cudaLaunchConfig_t cfg{};
+    cfg.gridDim = grid;
+    cfg.blockDim = dim3(KT::kNumThreads);
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = stream;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    err = cudaLaunchKernelEx(&cfg, kernel, kp);
+  }
   if (err != cudaSuccess) return {err, "kernel launch"};
   return {};
 }

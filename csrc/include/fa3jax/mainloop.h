@@ -30,8 +30,11 @@ struct FwdMainloop {
   static constexpr int kFirstSchedBarrier = 1;  // ids 1 .. kNumMmaWG
 
   // Called by exactly one thread (the pipelines' leader).
+  // One tile's loads: Q (once the consumers have released the previous one; q_iter counts the tiles with
+  // loads so far), then K/V blocks n_max-1 .. n_min into the pipelines' stages (state `st` runs across tiles).
   CUTE_DEVICE static void load(Params const& params, SharedStorage& ss, Pipeline& pipe_k, Pipeline& pipe_v,
-                               FwdTile const& tile, BI const& bi, int batch) {
+                               PipelineState& st, int q_iter, FwdTile const& tile, BI const& bi) {
+    int const batch = params.batch;
     Tensor sQ = make_tensor(make_smem_ptr(ss.smem_q.data()), typename KT::SmemLayoutQ{});
     Tensor sK = make_tensor(make_smem_ptr(ss.smem_k.data()), typename KT::SmemLayoutK{});
     Tensor sVt = make_tensor(make_smem_ptr(ss.smem_v.data()), typename KT::SmemLayoutVt{});
@@ -48,43 +51,56 @@ struct FwdMainloop {
     Tensor gVt = local_tile(mVt(_, _, head_k, tile.batch), Shape<typename KT::HDim, typename KT::BlkN>{},
                             make_coord(_0{}, _));  // (D, N, n)
 
+    // Under a cluster this CTA fetches its 1/kClusterM slice of each K/V tile and multicasts it (mask: all CTAs).
+    int const rank = KT::kClusterM > 1 ? int(cute::block_rank_in_cluster()) : 0;
+    constexpr uint16_t kMcastMask = uint16_t((1u << KT::kClusterM) - 1);
+    auto kv_layout = Layout<Int<KT::kClusterM>>{};
     auto [tQgQ, tQsQ] = tma_partition(params.tma_q, _0{}, Layout<_1>{}, group_modes<0, 2>(sQ), group_modes<0, 2>(gQ));
-    auto [tKgK, tKsK] = tma_partition(params.tma_k, _0{}, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gK));
-    auto [tVgV, tVsV] = tma_partition(params.tma_v, _0{}, Layout<_1>{}, group_modes<0, 2>(sVt), group_modes<0, 2>(gVt));
+    auto [tKgK, tKsK] = tma_partition(params.tma_k, rank, kv_layout, group_modes<0, 2>(sK), group_modes<0, 2>(gK));
+    auto [tVgV, tVsV] = tma_partition(params.tma_v, rank, kv_layout, group_modes<0, 2>(sVt), group_modes<0, 2>(gVt));
+    auto kv_copy = [&](auto const& tma, auto& barrier, auto const& src, auto&& dst) {
+      if constexpr (KT::kClusterM > 1) copy(tma.with(barrier, kMcastMask), src, dst);
+      else copy(tma.with(barrier), src, dst);
+    };
 
+    if (q_iter > 0) cute::wait_barrier(ss.barrier_q_empty, (q_iter - 1) & 1);
     cute::set_barrier_transaction_bytes(ss.barrier_q, KT::kBytesQ);
     copy(params.tma_q.with(ss.barrier_q), tQgQ, tQsQ);
 
-    PipelineState st = cutlass::make_producer_start_state<Pipeline>();
     for (int n = bi.n_max - 1; n >= bi.n_min; --n) {
       pipe_k.producer_acquire(st);
-      copy(params.tma_k.with(*pipe_k.producer_get_barrier(st)), tKgK(_, n), tKsK(_, st.index()));
+      kv_copy(params.tma_k, *pipe_k.producer_get_barrier(st), tKgK(_, n), tKsK(_, st.index()));
       pipe_v.producer_acquire(st);
-      copy(params.tma_v.with(*pipe_v.producer_get_barrier(st)), tVgV(_, n), tVsV(_, st.index()));
+      kv_copy(params.tma_v, *pipe_v.producer_get_barrier(st), tVgV(_, n), tVsV(_, st.index()));
       ++st;
     }
-    pipe_k.producer_tail(st);
-    pipe_v.producer_tail(st);
   }
 
-  // Scheduling ring: warpgroup w waits for its turn on barrier (first + w) and hands the turn to w + 1.
-  // Warpgroup 0 skips its first wait and the last warpgroup skips its last hand-over, so every barrier
-  // phase gets exactly 128 waiting + 128 arriving threads.
-  CUTE_DEVICE static void sched_wait(int wg, bool first) {
+  // Scheduling ring: warpgroup w waits for its turn on barrier (first + w) and hands the turn to w + 1. The
+  // ring runs across the tiles of a persistent CTA: warpgroup 0 skips only its very first wait, and consumes the
+  // last warpgroup's final hand-over after its last tile (sched_drain), so every barrier phase gets exactly 128
+  // waiting + 128 arriving threads. Each warpgroup alternates wait and pass, so no barrier ever holds two
+  // pending hand-overs.
+  CUTE_DEVICE static void sched_wait(int wg, bool skip) {
     if constexpr (kNumMmaWG > 1) {
-      if (!(wg == 0 && first)) named_barrier_sync(kFirstSchedBarrier + wg, 256);
+      if (!(wg == 0 && skip)) named_barrier_sync(kFirstSchedBarrier + wg, 256);
     }
   }
-  CUTE_DEVICE static void sched_pass(int wg, bool last) {
+  CUTE_DEVICE static void sched_pass(int wg) {
+    if constexpr (kNumMmaWG > 1) named_barrier_arrive(kFirstSchedBarrier + (wg + 1) % kNumMmaWG, 256);
+  }
+  CUTE_DEVICE static void sched_drain(int wg, bool ran) {
     if constexpr (kNumMmaWG > 1) {
-      if (!(wg == kNumMmaWG - 1 && last)) named_barrier_arrive(kFirstSchedBarrier + (wg + 1) % kNumMmaWG, 256);
+      if (wg == 0 && ran) named_barrier_sync(kFirstSchedBarrier, 256);
     }
   }
 
   // Consumer loop. Returns with tOrO holding the unnormalized output and `softmax` the row statistics.
+  // q_iter: tiles with loads this CTA ran before (Q barrier phases; 0 = the ring's very first turn).
   template <class TOrO, class Softmax>
   CUTE_DEVICE static void mma(Params const& params, SharedStorage& ss, Pipeline& pipe_k, Pipeline& pipe_v,
-                              BI const& bi, int m_block, int mma_tid, int mma_wg, TOrO& tOrO, Softmax& softmax) {
+                              PipelineState& st_k, PipelineState& st_v, int q_iter, BI const& bi, int m_block,
+                              int mma_tid, int mma_wg, TOrO& tOrO, Softmax& softmax) {
     typename KT::TiledMmaQK mma_qk;
     typename KT::TiledMmaPV mma_pv;
     auto thr_qk = mma_qk.get_thread_slice(mma_tid);
@@ -114,7 +130,7 @@ struct FwdMainloop {
 
     clear(tOrO);
     softmax.init();
-    cute::wait_barrier(ss.barrier_q, 0);
+    cute::wait_barrier(ss.barrier_q, q_iter & 1);
 
     // Softcap + mask + online softmax of block n on S (fp32, in place); o_scale rescales the running O.
     auto softmax_block = [&](int n, float (&o_scale)[kRows]) {
@@ -139,15 +155,14 @@ struct FwdMainloop {
       }
     };
 
-    PipelineState st_k, st_v;
     int const n_iters = bi.num_blocks();  // >= 1 (the kernel skips the mainloop otherwise)
     // First block, peeled: S only, no PV GEMM yet. Keeping the steady-state loop free of branches around the
     // wgmma issue/wait lets ptxas keep the two GEMMs asynchronous (with them it serializes every wgmma).
     {
       pipe_k.consumer_wait(st_k);
-      sched_wait(mma_wg, true);
+      sched_wait(mma_wg, q_iter == 0);
       wgmma_issue<true, false>(mma_qk, tSrQ, tSrK(_, _, _, st_k.index()), tSrS);
-      sched_pass(mma_wg, false);
+      sched_pass(mma_wg);
       warpgroup_wait<0>();
       warpgroup_fence_operand(tSrS);
       pipe_k.consumer_release(st_k);
@@ -162,7 +177,7 @@ struct FwdMainloop {
       wgmma_issue<true, false>(mma_qk, tSrQ, tSrK(_, _, _, st_k.index()), tSrS);
       rescale_o();  // ALU work under the QK GEMM (FA3's ordering); O is idle until the PV GEMM below
       wgmma_issue<false, true>(mma_pv, tOrP, tOrV(_, _, _, st_v.index()), tOrO);
-      sched_pass(mma_wg, false);
+      sched_pass(mma_wg);
       warpgroup_wait<1>();  // groups retire in issue order: S is ready, P V may still run
       warpgroup_fence_operand(tSrS);
       pipe_k.consumer_release(st_k);
@@ -176,14 +191,18 @@ struct FwdMainloop {
       ++st_v;
       convert_fragment(rP, tSrS);
     }
+    // Every QK^T GEMM of this tile has retired: the producer may load the next tile's Q.
+    cute::arrive_barrier(ss.barrier_q_empty);
     // Last P V.
     pipe_v.consumer_wait(st_v);
     sched_wait(mma_wg, false);
     rescale_o();
     wgmma_issue<false, true>(mma_pv, tOrP, tOrV(_, _, _, st_v.index()), tOrO);
-    sched_pass(mma_wg, true);
+    sched_pass(mma_wg);
     warpgroup_wait<0>();
+    warpgroup_fence_operand(tOrO);
     pipe_v.consumer_release(st_v);
+    ++st_v;
   }
 };
 

@@ -1,5 +1,6 @@
 // Tile-size policy per head dim (forward). kBlockM = 64 * number of consumer warpgroups.
-// Register budgets obey: producer*128 + consumer*128*kNumMmaWG <= 65536 and both multiples of 8.
+// Register budgets obey: producer*128 + consumer*128*kNumMmaWG <= the registers the CTA launches with (see
+// kernel_traits.h), both multiples of 8.
 #pragma once
 
 namespace fa3jax {
@@ -14,7 +15,9 @@ template <> struct FwdPolicy<128> {
   // Measured alternatives (H100, 2026-11-25, benchmarks/RESULTS.md): kBlockN 176 (FA3's non-causal choice) and
   // 3 K/V stages were no faster than 128 x 2 stages (causal 2048 fell from 0.84x to 0.70x with 176).
   static constexpr int kBlockM = 128, kBlockN = 128, kStages = 2;
-  static constexpr int kProducerRegs = 24, kConsumerRegs = 240;  // 3 warpgroups (384 threads)
+  // The persistent multicast producer spills at 24 registers; 32 fits with consumers at 232, within the 168 x 384
+  // the CTA launches with (both kernels compile without spills, ptxas -v, 2026-11-25).
+  static constexpr int kProducerRegs = 32, kConsumerRegs = 232;  // 3 warpgroups (384 threads)
 };
 template <> struct FwdPolicy<256> {
   static constexpr int kBlockM = 128, kBlockN = 80, kStages = 2;

@@ -21,7 +21,8 @@ from . import targets
 _EXT_NAME = __name__ + "._fa3jax_cuda"
 _NOT_BUILT = "fa3jax was installed without the CUDA extension; rebuild with FA3JAX_BUILD_CUDA=1"
 _DTYPE_NAMES = {"bfloat16": "bf16", "float16": "fp16"}
-_MAX_GRID_YZ = 65535
+# The persistent kernel numbers its (query block, head, batch) tiles with int32; query blocks are >= 64 rows.
+_MAX_TILES = 2**31 - 1
 
 _register_lock = threading.Lock()
 _registered = False
@@ -112,8 +113,9 @@ class CudaBackend(Backend):
             raise NotImplementedError("cuda: num_heads_q must be a multiple of num_heads_k")
         if spec.seqlen_k < 1:
             raise NotImplementedError("cuda: seqlen_k == 0 is not supported")
-        if spec.batch > _MAX_GRID_YZ or spec.num_heads_q > _MAX_GRID_YZ:
-            raise NotImplementedError("cuda: batch and num_heads_q must be <= 65535")
+        tiles = -(-spec.seqlen_q // 64) * spec.num_heads_q * spec.batch
+        if tiles > _MAX_TILES:
+            raise NotImplementedError(f"cuda: {tiles=} query tiles exceed the kernel's int32 tile index")
         if not spec.softmax_scale > 0:
             raise NotImplementedError("cuda: softmax_scale must be > 0")
         if spec.softcap < 0:
