@@ -2,6 +2,7 @@
 // Stateless: nothing is kept between calls. Not declared command-buffer compatible (each call runs
 // cudaFuncSetAttribute and builds TMA descriptors on the host).
 #include <cstdint>
+#include <optional>
 #include <string>
 
 #include <cuda_runtime_api.h>
@@ -20,7 +21,8 @@ std::string dims_str(ffi::Span<const int64_t> d) {
   return s + ")";
 }
 
-ffi::Error FwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+ffi::Error FwdImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer q, ffi::AnyBuffer k,
+                   ffi::AnyBuffer v,
                    ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::Buffer<ffi::F32>> lse, float softmax_scale,
                    int32_t window_left, int32_t window_right, float softcap) {
   auto bad = [](std::string m) { return ffi::Error(ffi::ErrorCode::kInvalidArgument, "fa3jax_cuda_fwd: " + m); };
@@ -61,6 +63,12 @@ ffi::Error FwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi:
   p.window_right = window_right;
   p.softcap = softcap;
   if (const char* msg = fa3jax::fwd_check(p)) return bad(msg);
+  // The persistent kernel's tile counter (stream-ordered scratch: freed when this handler returns, reused only
+  // by work queued after the kernel).
+  std::optional<void*> ws = scratch.Allocate(fa3jax::kFwdWorkspaceBytes, 16);
+  if (!ws.has_value())
+    return ffi::Error(ffi::ErrorCode::kResourceExhausted, "fa3jax_cuda_fwd: scratch allocation failed");
+  p.workspace = *ws;
   fa3jax::FwdStatus st = fa3jax::run_fwd(p, stream);
   if (!st.ok()) {
     return ffi::Error(ffi::ErrorCode::kInternal, std::string("fa3jax_cuda_fwd: ") + st.what + ": " +
@@ -74,6 +82,7 @@ ffi::Error FwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi:
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Fa3jaxCudaFwd, FwdImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Ctx<ffi::ScratchAllocator>()
                                   .Arg<ffi::AnyBuffer>()  // q
                                   .Arg<ffi::AnyBuffer>()  // k
                                   .Arg<ffi::AnyBuffer>()  // v

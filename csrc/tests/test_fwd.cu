@@ -110,7 +110,18 @@ static void reference(const Config& c, int d, float scale, const std::vector<flo
       }
 }
 
-static bool run_one(DType dt, int d, const Config& c, bool allow_cluster, std::mt19937& rng, bool verbose) {
+// How the kernel is asked to run: dynamic tile assignment (the FFI's default), static, or the 2-CTA cluster.
+enum class Variant { kDynamic, kStatic, kCluster };
+static const char* label(Variant v) {
+  return v == Variant::kDynamic ? "" : v == Variant::kStatic ? " [static]" : " [cluster]";
+}
+static void* g_workspace = nullptr;
+static void apply(fa3jax::FwdParams& p, Variant v) {
+  p.allow_cluster = v == Variant::kCluster;
+  p.workspace = v == Variant::kDynamic ? g_workspace : nullptr;
+}
+
+static bool run_one(DType dt, int d, const Config& c, Variant variant, std::mt19937& rng, bool verbose) {
   size_t nq = size_t(c.b) * c.sq * c.hq * d, nk = size_t(c.b) * c.sk * c.hk * d, nl = size_t(c.b) * c.hq * c.sq;
   std::normal_distribution<float> dist(0.f, 1.f);
   std::vector<uint16_t> hq_(nq), hk_(nk), hv_(nk);
@@ -138,7 +149,7 @@ static bool run_one(DType dt, int d, const Config& c, bool allow_cluster, std::m
   p.batch = c.b; p.seqlen_q = c.sq; p.seqlen_k = c.sk; p.num_heads_q = c.hq; p.num_heads_k = c.hk;
   p.head_dim = d; p.dtype = dt; p.softmax_scale = scale; p.window_left = c.wl; p.window_right = c.wr;
   p.softcap = c.softcap;
-  p.allow_cluster = allow_cluster;
+  apply(p, variant);
   fa3jax::FwdStatus st = fa3jax::run_fwd(p, nullptr);
   if (!st.ok()) {
     std::printf("FAIL %s d=%d %s: launch: %s (%s)\n", dt == DType::kBF16 ? "bf16" : "fp16", d, c.name, st.what,
@@ -175,7 +186,7 @@ static bool run_one(DType dt, int d, const Config& c, bool allow_cluster, std::m
     std::printf("%s %s d=%d %-24s%s b=%d sq=%d sk=%d hq=%d hk=%d win=(%d,%d) cap=%g: max|dO|=%.3g max|dLSE|=%.3g "
                 "non-finite out=%zu bad lse=%zu\n",
                 ok ? "ok  " : "FAIL", dt == DType::kBF16 ? "bf16" : "fp16", d, c.name,
-                allow_cluster ? " [cluster]" : "", c.b, c.sq, c.sk, c.hq, c.hk,
+                label(variant), c.b, c.sq, c.sk, c.hq, c.hk,
                 c.wl, c.wr, c.softcap, max_err, max_lse_err, nan_out, bad_lse_inf);
   return ok;
 }
@@ -194,9 +205,9 @@ static void bench(DType dt, int d) {
     p.q = q; p.k = k; p.v = v; p.out = o; p.lse = l; p.batch = c.b; p.seqlen_q = p.seqlen_k = c.s;
     p.num_heads_q = p.num_heads_k = c.h; p.head_dim = d; p.dtype = dt; p.softmax_scale = 1.f / std::sqrt(float(d));
     p.window_right = c.wr;
-    for (bool cl : {false, true}) {
-      if (cl && c.wr >= 0) continue;
-      p.allow_cluster = cl;
+    for (Variant v : {Variant::kDynamic, Variant::kStatic, Variant::kCluster}) {
+      if (v == Variant::kCluster && c.wr >= 0) continue;
+      apply(p, v);
       cudaEvent_t e0, e1;
       CK(cudaEventCreate(&e0)); CK(cudaEventCreate(&e1));
       for (int i = 0; i < 3; ++i) fa3jax::run_fwd(p, nullptr);
@@ -210,7 +221,7 @@ static void bench(DType dt, int d) {
       ms /= iters;
       double flops = 4.0 * c.b * c.h * double(c.s) * c.s * d * (c.wr == 0 ? 0.5 : 1.0);
       std::printf("bench %s d=%d b=%d s=%d h=%d %s%s: %.3f ms, %.1f TFLOP/s\n", dt == DType::kBF16 ? "bf16" : "fp16",
-                  d, c.b, c.s, c.h, c.wr == 0 ? "causal" : "full  ", cl ? " [cluster]" : "", ms, flops / ms * 1e-9);
+                  d, c.b, c.s, c.h, c.wr == 0 ? "causal" : "full  ", label(v), ms, flops / ms * 1e-9);
     }
     CK(cudaFree(q)); CK(cudaFree(k)); CK(cudaFree(v)); CK(cudaFree(o)); CK(cudaFree(l));
   }
@@ -248,6 +259,7 @@ int main(int argc, char** argv) {
       {2, 512, 700, 4, 2, -1, -1, 0.f, "full-gqa-4-query-blocks"},
       {1, 256, 256, 2, 2, -1, -1, 20.f, "full-softcap20"},
   };
+  CK(cudaMalloc(&g_workspace, fa3jax::kFwdWorkspaceBytes));
   std::mt19937 rng(1234);
   int failures = 0, runs = 0;
   const DType dts[] = {DType::kBF16, DType::kFP16};
@@ -258,10 +270,11 @@ int main(int argc, char** argv) {
       for (const Config& c : configs) {
         // --quick: one unmasked config (the cluster kernel where one is compiled) and one causal.
         if (quick && &c != &configs[1] && &c != &configs[2]) continue;
-        for (bool cl : {false, true}) {
-          if (cl && (c.wl >= 0 || c.wr >= 0)) continue;  // masked configs never take the cluster kernel
+        for (Variant v : {Variant::kDynamic, Variant::kStatic, Variant::kCluster}) {
+          // masked configs never take the cluster kernel
+          if (v == Variant::kCluster && (c.wl >= 0 || c.wr >= 0)) continue;
           ++runs;
-          if (!run_one(dt, d, c, cl, rng, verbose)) ++failures;
+          if (!run_one(dt, d, c, v, rng, verbose)) ++failures;
         }
       }
       if (do_bench) bench(dt, d);

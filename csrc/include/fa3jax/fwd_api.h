@@ -2,6 +2,7 @@
 // module and the standalone test all include only this header.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <cuda_runtime_api.h>
 
@@ -26,7 +27,12 @@ struct FwdParams {
   // even number of query blocks). Off by default: measured slower than the single-CTA persistent kernel at
   // 128x128 tiles (H100, 2026-11-25: 586 vs 651 TFLOP/s at s=16k, benchmarks/RESULTS.md). The C++ tests run both.
   bool allow_cluster = false;
+  // Device memory of at least kFwdWorkspaceBytes (the caller's; reset by run_fwd on `stream`): the persistent
+  // kernel then assigns tiles dynamically. nullptr: static round-robin assignment.
+  void* workspace = nullptr;
 };
+
+inline constexpr size_t kFwdWorkspaceBytes = 16;
 
 // Status of a launch: `error` is cudaSuccess on success; otherwise `what` names the failing step (static string).
 struct FwdStatus {

@@ -108,6 +108,9 @@ struct FwdKernelTraits {
     typename Pipeline::SharedStorage pipeline_v;
     alignas(8) uint64_t barrier_q;        // Q tile landed (TMA transaction bytes)
     alignas(8) uint64_t barrier_q_empty;  // consumers done with the Q tile (its last QK^T GEMM retired)
+    alignas(8) uint64_t barrier_unit_full;   // producer wrote the next work unit
+    alignas(8) uint64_t barrier_unit_empty;  // consumers read it
+    int unit;
   };
   // + 1024 so the kernel can align the dynamic smem base itself.
   static constexpr int kSmemBytes = int(sizeof(SharedStorage)) + 1024;

@@ -77,6 +77,12 @@ FwdStatus launch_fwd(const FwdParams& p, cudaStream_t stream) {
   int64_t const kv_bytes = int64_t(sk) * D * 2 * int64_t(sizeof(Element));
   int64_t const group = (int64_t(32) << 20) / (kv_bytes > 0 ? kv_bytes : 1);
   sp.group = int(group < 1 ? 1 : (group > sp.num_hb ? sp.num_hb : group));
+  sp.counter = nullptr;
+  if (KT::kClusterM == 1 && p.workspace != nullptr) {
+    sp.counter = static_cast<int*>(p.workspace);
+    err = cudaMemsetAsync(sp.counter, 0, sizeof(int), stream);
+    if (err != cudaSuccess) return {err, "cudaMemsetAsync(tile counter)"};
+  }
   int device = 0, num_sms = 0;
   err = cudaGetDevice(&device);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device);

@@ -1,5 +1,7 @@
-// Persistent static tile scheduler. The grid holds as many CTAs as fit on the GPU at once (one per SM: the
-// tiles fill shared memory); the C clusters take the work units C at a time, in rounds (see unit()). A unit is
+// Persistent tile scheduler. The grid holds as many CTAs as fit on the GPU at once (one per SM: the tiles fill
+// shared memory); after its first unit each cluster takes the next one from a global counter (or, statically,
+// in rounds; see next_unit). The producer thread draws units and hands them to the consumers through shared
+// memory, so that both sides see the same sequence. A unit is
 // kClusterM adjacent query blocks of one (head, batch), one block per CTA of the cluster, so the CTAs of a
 // cluster share every K/V tile. Persistence lets the producer load the next tile's Q and first K/V blocks while
 // the consumers still finish the current tile (their last P V GEMM and the epilogue); with one CTA per tile that
@@ -27,6 +29,7 @@ struct SchedulerParams {
   // fit in L2 together.
   int group;
   bool reverse_m;
+  int* counter;  // zeroed before the launch: dynamic unit assignment; nullptr: static (see next_unit)
 };
 
 template <int kClusterM>
@@ -37,14 +40,14 @@ struct PersistentTileScheduler {
     return (clusters < 1 ? 1 : clusters) * kClusterM;
   }
 
-  // Unit of this cluster in round k (>= num_units: done). Rounds alternate direction (cluster c takes the c-th
-  // unit of even rounds and the c-th from the end of odd ones): under the heavy-first order a plain round-robin
-  // hands cluster 0 the heaviest unit of every round (+25% work at causal s=16k), the snake pairs heavy with
-  // light.
-  CUTE_DEVICE static int unit(int k) {
-    int const clusters = int(gridDim.x) / kClusterM;
-    int const c = int(blockIdx.x) / kClusterM;
-    return k * clusters + ((k & 1) ? clusters - 1 - c : c);
+  CUTE_DEVICE static int num_clusters() { return int(gridDim.x) / kClusterM; }
+  CUTE_DEVICE static int first_unit() { return int(blockIdx.x) / kClusterM; }
+  // The unit after this cluster's (k-1)-th. Dynamic (p.counter set; 1-CTA kernels only): the next unnumbered
+  // unit, so a CTA that drew short tiles takes more of them, as the hardware's block dispatch would. Static:
+  // round robin, round k = units [k*C, (k+1)*C).
+  CUTE_DEVICE static int next_unit(SchedulerParams const& p, int k) {
+    if (kClusterM == 1 && p.counter != nullptr) return num_clusters() + atomicAdd(p.counter, 1);
+    return k * num_clusters() + first_unit();
   }
 
   CUTE_DEVICE static FwdTile tile(SchedulerParams const& p, int unit) {
