@@ -28,7 +28,8 @@ struct FwdParams {
   // 128x128 tiles (H100, 2026-11-25: 586 vs 651 TFLOP/s at s=16k, benchmarks/RESULTS.md). The C++ tests run both.
   bool allow_cluster = false;
   // Device memory of at least kFwdWorkspaceBytes (the caller's; reset by run_fwd on `stream`): the persistent
-  // kernel then assigns tiles dynamically. nullptr: static round-robin assignment.
+  // kernel then assigns tiles dynamically under windowed/causal masks (tiles of unequal length). nullptr:
+  // static round-robin assignment always.
   void* workspace = nullptr;
 };
 

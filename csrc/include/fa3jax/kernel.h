@@ -67,30 +67,40 @@ __global__ void __launch_bounds__(KT::kNumThreads, 1) fwd_kernel(__grid_constant
     return BI(t.m_block, params.seqlen_q, params.seqlen_k, params.window_left, params.window_right);
   };
 
-  // Work units travel from the producer thread to the consumers through ss.unit (one slot, full/empty
-  // barriers); a unit >= num_units ends both loops.
+  // Dynamic assignment: work units travel from the producer thread to the consumers through ss.unit (one
+  // slot, full/empty barriers); a unit >= num_units ends both loops. Static: both sides compute them.
   volatile int* const unit_slot = &ss.unit;
   int const num_units = params.sched.num_units;
+  bool const dynamic = KT::kClusterM == 1 && params.sched.counter != nullptr;  // clusters: static only
 
   if (wg_idx == 0) {
     cutlass::arch::warpgroup_reg_dealloc<KT::kProducerRegs>();
     if (is_leader) {
       PipelineState st = cutlass::make_producer_start_state<Pipeline>();
       int q_iter = 0;
-      int u = Scheduler::first_unit();
-      for (int k = 0;; ++k) {
-        if (k > 0) cute::wait_barrier(ss.barrier_unit_empty, (k - 1) & 1);
-        *unit_slot = u;
-        cute::arrive_barrier(ss.barrier_unit_full);
-        if (u >= num_units) break;
+      auto produce = [&](int u) {
         FwdTile const tile = Scheduler::tile(params.sched, u);
         BI const bi = block_info(tile);
         if (bi.num_blocks() > 0) {  // else the consumers write 0 / -inf without loads
           Mainloop::load(params, ss, pipe_k, pipe_v, st, q_iter, tile, bi);
           ++q_iter;
         }
-        // Drawn once this tile's loads are issued, i.e. about kStages key blocks before the consumers need it.
-        u = Scheduler::next_unit(params.sched, k + 1);
+      };
+      if (dynamic) {
+        int u = Scheduler::first_unit();
+        for (int k = 0;; ++k) {
+          if (k > 0) cute::wait_barrier(ss.barrier_unit_empty, (k - 1) & 1);
+          *unit_slot = u;
+          cute::arrive_barrier(ss.barrier_unit_full);
+          if (u >= num_units) break;
+          produce(u);
+          // Drawn once this tile's loads are issued, about kStages key blocks before the consumers need it.
+          u = Scheduler::dynamic_unit(params.sched);
+        }
+      } else {
+        // A separate loop, not the one above with a computed unit: mixing in the atomically drawn unit makes
+        // the producer's TMA coordinates non-uniform (R2UR chains), measured ~10% slower at d=128 unmasked.
+        for (int k = 0, u = Scheduler::static_unit(0); u < num_units; u = Scheduler::static_unit(++k)) produce(u);
       }
       // Do not exit while a stage may still be released (by this CTA's or a peer's consumers).
       pipe_k.producer_tail(st);
@@ -103,12 +113,17 @@ __global__ void __launch_bounds__(KT::kNumThreads, 1) fwd_kernel(__grid_constant
     PipelineState st_k, st_v;
     int q_iter = 0;
     for (int k = 0;; ++k) {
-      cute::wait_barrier(ss.barrier_unit_full, k & 1);
-      // Broadcast from lane 0 so the compiler knows the unit (and every trip count derived from it) is warp-
-      // uniform: read as a plain per-thread load, the tile loops count as divergent and the WGMMA descriptors
-      // move from uniform to vector registers (measured 15-20% slower).
-      int const u = __shfl_sync(0xffffffffu, *unit_slot, 0);
-      cute::arrive_barrier(ss.barrier_unit_empty);
+      int u;
+      if (dynamic) {
+        cute::wait_barrier(ss.barrier_unit_full, k & 1);
+        // Broadcast from lane 0 so the compiler knows the unit (and every trip count derived from it) is warp-
+        // uniform: read as a plain per-thread load, the tile loops count as divergent and the WGMMA
+        // descriptors move from uniform to vector registers (measured 15-20% slower).
+        u = __shfl_sync(0xffffffffu, *unit_slot, 0);
+        cute::arrive_barrier(ss.barrier_unit_empty);
+      } else {
+        u = Scheduler::static_unit(k);
+      }
       if (u >= num_units) break;
       FwdTile const tile = Scheduler::tile(params.sched, u);
       BI const bi = block_info(tile);

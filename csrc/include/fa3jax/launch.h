@@ -77,8 +77,10 @@ FwdStatus launch_fwd(const FwdParams& p, cudaStream_t stream) {
   int64_t const kv_bytes = int64_t(sk) * D * 2 * int64_t(sizeof(Element));
   int64_t const group = (int64_t(32) << 20) / (kv_bytes > 0 ? kv_bytes : 1);
   sp.group = int(group < 1 ? 1 : (group > sp.num_hb ? sp.num_hb : group));
+  // Dynamic assignment only where tiles differ in length (causal-like masks): it costs a shared-memory hand-off
+  // per tile, and with equal tiles round robin is already balanced.
   sp.counter = nullptr;
-  if (KT::kClusterM == 1 && p.workspace != nullptr) {
+  if (KT::kClusterM == 1 && p.workspace != nullptr && (p.window_left >= 0 || p.window_right >= 0)) {
     sp.counter = static_cast<int*>(p.workspace);
     err = cudaMemsetAsync(sp.counter, 0, sizeof(int), stream);
     if (err != cudaSuccess) return {err, "cudaMemsetAsync(tile counter)"};

@@ -1,7 +1,6 @@
 // Persistent tile scheduler. The grid holds as many CTAs as fit on the GPU at once (one per SM: the tiles fill
-// shared memory); after its first unit each cluster takes the next one from a global counter (or, statically,
-// in rounds; see next_unit). The producer thread draws units and hands them to the consumers through shared
-// memory, so that both sides see the same sequence. A unit is
+// shared memory); after its first unit each cluster takes the next one statically (round robin) or from a
+// global counter (dynamic: used for masks whose tiles differ in length, see launch.h). A unit is
 // kClusterM adjacent query blocks of one (head, batch), one block per CTA of the cluster, so the CTAs of a
 // cluster share every K/V tile. Persistence lets the producer load the next tile's Q and first K/V blocks while
 // the consumers still finish the current tile (their last P V GEMM and the epilogue); with one CTA per tile that
@@ -29,7 +28,7 @@ struct SchedulerParams {
   // fit in L2 together.
   int group;
   bool reverse_m;
-  int* counter;  // zeroed before the launch: dynamic unit assignment; nullptr: static (see next_unit)
+  int* counter;  // zeroed before the launch: dynamic unit assignment; nullptr: static (see dynamic_unit)
 };
 
 template <int kClusterM>
@@ -42,13 +41,13 @@ struct PersistentTileScheduler {
 
   CUTE_DEVICE static int num_clusters() { return int(gridDim.x) / kClusterM; }
   CUTE_DEVICE static int first_unit() { return int(blockIdx.x) / kClusterM; }
-  // The unit after this cluster's (k-1)-th. Dynamic (p.counter set; 1-CTA kernels only): the next unnumbered
-  // unit, so a CTA that drew short tiles takes more of them, as the hardware's block dispatch would. Static:
-  // round robin, round k = units [k*C, (k+1)*C).
-  CUTE_DEVICE static int next_unit(SchedulerParams const& p, int k) {
-    if (kClusterM == 1 && p.counter != nullptr) return num_clusters() + atomicAdd(p.counter, 1);
-    return k * num_clusters() + first_unit();
-  }
+  // Static assignment: round robin, round k = units [k*C, (k+1)*C). Computed from blockIdx, so the compiler
+  // keeps everything derived from it (TMA coordinates, trip counts) in uniform registers.
+  CUTE_DEVICE static int static_unit(int k) { return k * num_clusters() + first_unit(); }
+  // Dynamic assignment (p.counter set; 1-CTA kernels only): the next unnumbered unit, so a CTA that drew short
+  // tiles takes more of them, as the hardware's block dispatch would. Drawn by the producer thread and handed
+  // to the consumers through shared memory.
+  CUTE_DEVICE static int dynamic_unit(SchedulerParams const& p) { return num_clusters() + atomicAdd(p.counter, 1); }
 
   CUTE_DEVICE static FwdTile tile(SchedulerParams const& p, int unit) {
     int m_unit, hb;
