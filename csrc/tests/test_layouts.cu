@@ -4,6 +4,7 @@
 //  * acc_to_a_regs: the S accumulator (64xN per warpgroup) reinterpreted as the register A operand of the
 //    P V GEMM holds, for every thread and value, the same (row, k) coordinate the RS MMA expects.
 #include <cstdio>
+#include <vector>
 
 #include "fa3jax/kernel_traits.h"
 #include "fa3jax/utils.h"
@@ -67,8 +68,56 @@ int check(const char* name) {
   return errors ? 1 : 0;
 }
 
+// The scheduler's unit -> (query block, head, batch) map: a bijection onto all tiles for every order, query
+// blocks non-increasing within each (head, batch) section under reverse_m (heaviest first), and the CTAs of a
+// cluster on adjacent query blocks of one (head, batch).
+template <int kClusterM>
+int check_scheduler(int num_m_blocks, int num_heads, int batch, int group, bool reverse_m) {
+  SchedulerParams p{};
+  p.num_m_units = num_m_blocks / kClusterM;
+  p.num_heads = num_heads;
+  p.num_hb = num_heads * batch;
+  p.num_units = p.num_m_units * p.num_hb;
+  p.group = group;
+  p.reverse_m = reverse_m;
+  std::vector<int> seen(size_t(num_m_blocks) * num_heads * batch, 0);
+  int errors = 0, prev_m = -1, prev_section = -1;
+  for (int u = 0; u < p.num_units; ++u) {
+    for (int r = 0; r < kClusterM; ++r) {
+      FwdTile const t = PersistentTileScheduler<kClusterM>::tile(p, u, r);
+      bool const in_range = t.m_block >= 0 && t.m_block < num_m_blocks && t.head >= 0 && t.head < num_heads &&
+                            t.batch >= 0 && t.batch < batch;
+      if (!in_range) { ++errors; continue; }
+      ++seen[(size_t(t.batch) * num_heads + t.head) * num_m_blocks + t.m_block];
+      FwdTile const t0 = PersistentTileScheduler<kClusterM>::tile(p, u, 0);
+      if (t.head != t0.head || t.batch != t0.batch || t.m_block != t0.m_block + r) ++errors;
+    }
+    if (reverse_m) {
+      FwdTile const t = PersistentTileScheduler<kClusterM>::tile(p, u, 0);
+      int const section = (t.batch * num_heads + t.head) / group;
+      if (section == prev_section && t.m_block > prev_m) ++errors;
+      if (section < prev_section) ++errors;
+      prev_section = section;
+      prev_m = t.m_block;
+    }
+  }
+  for (int c : seen) errors += c != 1;
+  if (errors)
+    std::printf("scheduler<%d> m=%d h=%d b=%d group=%d reverse=%d: %d errors\n", kClusterM, num_m_blocks, num_heads,
+                batch, group, int(reverse_m), errors);
+  return errors != 0;
+}
+
 int main() {
   int fails = 0;
+  for (bool rev : {false, true}) {
+    fails += check_scheduler<1>(16, 16, 8, 32, rev);
+    fails += check_scheduler<1>(7, 3, 5, 4, rev);  // last section narrower than the group
+    fails += check_scheduler<1>(128, 16, 1, 4, rev);
+    fails += check_scheduler<1>(1, 1, 1, 1, rev);
+    fails += check_scheduler<2>(16, 6, 3, 5, rev);
+  }
+  std::printf("scheduler: %s\n", fails ? "FAIL" : "ok");
   fails += check<FwdKernelTraits<cutlass::bfloat16_t, 128, 128, 128, 2, 24, 240>>("bf16 d128 128x128");
   fails += check<FwdKernelTraits<cutlass::bfloat16_t, 128, 128, 128, 2, 32, 232, 2>>("bf16 d128 128x128 cluster2");
   fails += check<FwdKernelTraits<cutlass::half_t, 64, 192, 128, 2, 32, 160>>("fp16 d64 192x128");

@@ -79,7 +79,7 @@ __global__ void __launch_bounds__(KT::kNumThreads, 1) fwd_kernel(__grid_constant
       PipelineState st = cutlass::make_producer_start_state<Pipeline>();
       int q_iter = 0;
       auto produce = [&](int u) {
-        FwdTile const tile = Scheduler::tile(params.sched, u);
+        FwdTile const tile = Scheduler::tile(params.sched, u, Scheduler::cta_rank());
         BI const bi = block_info(tile);
         if (bi.num_blocks() > 0) {  // else the consumers write 0 / -inf without loads
           Mainloop::load(params, ss, pipe_k, pipe_v, st, q_iter, tile, bi);
@@ -125,7 +125,7 @@ __global__ void __launch_bounds__(KT::kNumThreads, 1) fwd_kernel(__grid_constant
         u = Scheduler::static_unit(k);
       }
       if (u >= num_units) break;
-      FwdTile const tile = Scheduler::tile(params.sched, u);
+      FwdTile const tile = Scheduler::tile(params.sched, u, Scheduler::cta_rank());
       BI const bi = block_info(tile);
       typename KT::TiledMmaPV mma_pv;
       Tensor tOrO = partition_fragment_C(mma_pv, Shape<typename KT::BlkM, typename KT::HDim>{});

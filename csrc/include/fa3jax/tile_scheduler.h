@@ -41,6 +41,7 @@ struct PersistentTileScheduler {
 
   CUTE_DEVICE static int num_clusters() { return int(gridDim.x) / kClusterM; }
   CUTE_DEVICE static int first_unit() { return int(blockIdx.x) / kClusterM; }
+  CUTE_DEVICE static int cta_rank() { return kClusterM > 1 ? int(cute::block_rank_in_cluster()) : 0; }
   // Static assignment: round robin, round k = units [k*C, (k+1)*C). Computed from blockIdx, so the compiler
   // keeps everything derived from it (TMA coordinates, trip counts) in uniform registers.
   CUTE_DEVICE static int static_unit(int k) { return k * num_clusters() + first_unit(); }
@@ -49,7 +50,9 @@ struct PersistentTileScheduler {
   // to the consumers through shared memory.
   CUTE_DEVICE static int dynamic_unit(SchedulerParams const& p) { return num_clusters() + atomicAdd(p.counter, 1); }
 
-  CUTE_DEVICE static FwdTile tile(SchedulerParams const& p, int unit) {
+  // rank: this CTA's rank in its cluster. Host-callable so that the ordering is tested without a GPU
+  // (tests/test_layouts.cu).
+  CUTE_HOST_DEVICE static FwdTile tile(SchedulerParams const& p, int unit, int rank) {
     int m_unit, hb;
     if (!p.reverse_m) {
       hb = unit / p.num_m_units;
@@ -59,12 +62,11 @@ struct PersistentTileScheduler {
       int const section = unit / per_section;
       int const idx = unit - section * per_section;
       int const hb0 = section * p.group;
-      int const width = min(p.group, p.num_hb - hb0);
+      int const width = p.group < p.num_hb - hb0 ? p.group : p.num_hb - hb0;
       int const row = idx / width;
       m_unit = p.num_m_units - 1 - row;
       hb = hb0 + (idx - row * width);
     }
-    int const rank = kClusterM > 1 ? int(cute::block_rank_in_cluster()) : 0;
     int const batch = hb / p.num_heads;
     return {m_unit * kClusterM + rank, hb - batch * p.num_heads, batch};
   }
