@@ -106,6 +106,52 @@ def _dkdv_ranges(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, m_lo, f_lo
 
 
 @triton.jit
+def _dkdv_tile(Q, K, V, DO, LSE, DELTA, DK, DV, kv_row0, q_base0, stat_base, stat_head_stride,
+               off_hk, start_n, seqlen_q, seqlen_k, q_off, k_off, glq, glk, scale_in, scale_out, sm_scale,
+               STRIDE_QM: tl.constexpr, STRIDE_KN: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+               HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr):
+    """dK/dV of one key tile, shared by the dense and varlen kernels: kv_row0 = element offset of the tile's first
+    row (this kv head) in K/V/DK/DV, q_base0 = of the sequence's query row 0 (head 0) in Q/DO; query head h's
+    LSE/delta row 0 sits at stat_base + h * stat_head_stride."""
+    offs_tn = tl.arange(0, BLOCK_N)
+    offs_n = start_n + offs_tn
+    offs_t = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+
+    tile_k = offs_tn[:, None] * STRIDE_KN + offs_d[None, :]
+    k = _load_rows(K + kv_row0 + tile_k, offs_n, seqlen_k, offs_d, HEAD_DIM, HEAD_DIM_PAD, True)
+    v = _load_rows(V + kv_row0 + tile_k, offs_n, seqlen_k, offs_d, HEAD_DIM, HEAD_DIM_PAD, True)
+
+    n_last = tl.minimum(start_n + BLOCK_N, seqlen_k) - 1
+    m_lo, f_lo, f_hi, m_hi = _query_blocks(start_n, n_last, start_n + BLOCK_N <= seqlen_k, seqlen_q,
+                                           q_off, k_off, glq, glk, BLOCK_M, WINDOW_LEFT, WINDOW_RIGHT)
+    cols_g = k_off + offs_n
+    # Out-of-range key rows of a partial tile must see nothing; pushing them past glk does it with no extra
+    # predicate in _allowed.
+    cols_g = tl.where(offs_n < seqlen_k, cols_g, glk)
+
+    dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
+    tile_q = offs_t[:, None] * STRIDE_QM + offs_d[None, :]
+    # The GQA group is reduced here, in a fixed head order: no atomics and no (B, Lk, HQ, D) scratch buffer.
+    for g in range(GROUP):
+        off_h = off_hk * GROUP + g
+        q_base = q_base0 + off_h * HEAD_DIM
+        q_ptrs = Q + q_base + tile_q
+        do_ptrs = DO + q_base + tile_q
+        stat0 = stat_base + off_h.to(tl.int64) * stat_head_stride
+        lse_ptrs = LSE + stat0 + offs_t
+        delta_ptrs = DELTA + stat0 + offs_t
+        dk, dv = _dkdv_ranges(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, m_lo, f_lo, f_hi, m_hi, offs_t,
+                              cols_g, seqlen_q, q_off, glq, glk, scale_in, scale_out,
+                              STRIDE_QM, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP)
+    dk = dk * sm_scale
+    _store_rows(DK + kv_row0 + tile_k, dk.to(DK.dtype.element_ty), offs_n, seqlen_k, offs_d, HEAD_DIM, HEAD_DIM_PAD)
+    _store_rows(DV + kv_row0 + tile_k, dv.to(DV.dtype.element_ty), offs_n, seqlen_k, offs_d, HEAD_DIM, HEAD_DIM_PAD)
+
+
+@triton.jit
 def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, OFFS,
               seqlen_q, seqlen_k, glq, glk, scale_in, scale_out, sm_scale,
               DK, DV,
@@ -127,42 +173,12 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, OFFS,
     q_off, k_off = _load_offsets(OFFS, HAS_OFFSETS)
 
     start_n = pid_n * BLOCK_N
-    offs_tn = tl.arange(0, BLOCK_N)
-    offs_n = start_n + offs_tn
-    offs_t = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM_PAD)
-
-    kv_row0 = (off_b * seqlen_k + start_n) * STRIDE_KN + off_hk * HEAD_DIM
-    tile_k = offs_tn[:, None] * STRIDE_KN + offs_d[None, :]
-    k = _load_rows(K + kv_row0 + tile_k, offs_n, seqlen_k, offs_d, HEAD_DIM, HEAD_DIM_PAD, True)
-    v = _load_rows(V + kv_row0 + tile_k, offs_n, seqlen_k, offs_d, HEAD_DIM, HEAD_DIM_PAD, True)
-
-    n_last = tl.minimum(start_n + BLOCK_N, seqlen_k) - 1
-    m_lo, f_lo, f_hi, m_hi = _query_blocks(start_n, n_last, start_n + BLOCK_N <= seqlen_k, seqlen_q,
-                                           q_off, k_off, glq, glk, BLOCK_M, WINDOW_LEFT, WINDOW_RIGHT)
-    cols_g = k_off + offs_n
-    # Out-of-range key rows of a partial tile must see nothing; pushing them past glk does it with no extra
-    # predicate in _allowed.
-    cols_g = tl.where(offs_n < seqlen_k, cols_g, glk)
-
-    dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
-    tile_q = offs_t[:, None] * STRIDE_QM + offs_d[None, :]
-    # The GQA group is reduced here, in a fixed head order: no atomics and no (B, Lk, HQ, D) scratch buffer.
-    for g in range(GROUP):
-        off_h = off_hk * GROUP + g
-        q_base = off_b * seqlen_q * STRIDE_QM + off_h * HEAD_DIM
-        q_ptrs = Q + q_base + tile_q
-        do_ptrs = DO + q_base + tile_q
-        stat0 = (off_b * NUM_HEADS_Q + off_h) * seqlen_q
-        lse_ptrs = LSE + stat0 + offs_t
-        delta_ptrs = DELTA + stat0 + offs_t
-        dk, dv = _dkdv_ranges(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, m_lo, f_lo, f_hi, m_hi, offs_t,
-                              cols_g, seqlen_q, q_off, glq, glk, scale_in, scale_out,
-                              STRIDE_QM, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP)
-    dk = dk * sm_scale
-    _store_rows(DK + kv_row0 + tile_k, dk.to(DK.dtype.element_ty), offs_n, seqlen_k, offs_d, HEAD_DIM, HEAD_DIM_PAD)
-    _store_rows(DV + kv_row0 + tile_k, dv.to(DV.dtype.element_ty), offs_n, seqlen_k, offs_d, HEAD_DIM, HEAD_DIM_PAD)
+    _dkdv_tile(Q, K, V, DO, LSE, DELTA, DK, DV,
+               (off_b * seqlen_k + start_n) * STRIDE_KN + off_hk * HEAD_DIM,
+               off_b * seqlen_q * STRIDE_QM, off_b * NUM_HEADS_Q * seqlen_q, seqlen_q,
+               off_hk, start_n, seqlen_q, seqlen_k, q_off, k_off, glq, glk, scale_in, scale_out, sm_scale,
+               STRIDE_QM, STRIDE_KN, GROUP, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT,
+               SOFTCAP)
 
 
 @triton.jit
@@ -219,6 +235,43 @@ def _dq_ranges(q, do, lse2, delta, k_ptrs, v_ptrs, n_lo, f_lo, f_hi, n_hi, rows_
 
 
 @triton.jit
+def _dq_tile(Q, K, V, DO, LSE, DELTA, DQ, q_row0, kv_base, stat0, start_m, seqlen_q, seqlen_k,
+             q_off, k_off, glq, glk, scale_in, scale_out, sm_scale,
+             STRIDE_QM: tl.constexpr, STRIDE_KN: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
+             SOFTCAP: tl.constexpr):
+    """dQ of one query tile, shared by the dense and varlen kernels: q_row0 = element offset of the tile's first
+    row (this head) in Q/DO/DQ, kv_base = of key row 0 (this kv head) in K/V, stat0 = of the sequence's row 0
+    (this head) in LSE/DELTA."""
+    offs_t = tl.arange(0, BLOCK_M)
+    offs_m = start_m + offs_t
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+
+    tile_q = offs_t[:, None] * STRIDE_QM + offs_d[None, :]
+    q = _load_rows(Q + q_row0 + tile_q, offs_m, seqlen_q, offs_d, HEAD_DIM, HEAD_DIM_PAD, True)
+    do = _load_rows(DO + q_row0 + tile_q, offs_m, seqlen_q, offs_d, HEAD_DIM, HEAD_DIM_PAD, True)
+    stat = stat0 + offs_m
+    # Padding rows read lse = 0 and delta = 0: finite values, and their dQ is never stored.
+    lse2 = tl.load(LSE + stat, mask=offs_m < seqlen_q, other=0.0) * _LOG2E
+    delta = tl.load(DELTA + stat, mask=offs_m < seqlen_q, other=0.0)
+
+    k_ptrs = K + kv_base + offs_n[:, None] * STRIDE_KN + offs_d[None, :]
+    v_ptrs = V + kv_base + offs_n[:, None] * STRIDE_KN + offs_d[None, :]
+
+    m_last = tl.minimum(start_m + BLOCK_M, seqlen_q) - 1
+    n_lo, f_lo, f_hi, n_hi = _key_blocks(start_m, m_last, seqlen_k, q_off, k_off, glq, glk,
+                                         BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT)
+    rows_g = q_off + offs_m
+
+    dq = _dq_ranges(q, do, lse2, delta, k_ptrs, v_ptrs, n_lo, f_lo, f_hi, n_hi, rows_g, offs_n, offs_d,
+                    seqlen_k, k_off, glq, glk, scale_in, scale_out,
+                    STRIDE_KN, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP)
+    dq = dq * sm_scale
+    _store_rows(DQ + q_row0 + tile_q, dq.to(DQ.dtype.element_ty), offs_m, seqlen_q, offs_d, HEAD_DIM, HEAD_DIM_PAD)
+
+
+@triton.jit
 def _bwd_dq(Q, K, V, DO, LSE, DELTA, OFFS,
             seqlen_q, seqlen_k, glq, glk, scale_in, scale_out, sm_scale,
             DQ,
@@ -240,32 +293,9 @@ def _bwd_dq(Q, K, V, DO, LSE, DELTA, OFFS,
     q_off, k_off = _load_offsets(OFFS, HAS_OFFSETS)
 
     start_m = pid_m * BLOCK_M
-    offs_t = tl.arange(0, BLOCK_M)
-    offs_m = start_m + offs_t
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM_PAD)
-
-    q_row0 = (off_b * seqlen_q + start_m) * STRIDE_QM + off_h * HEAD_DIM
-    tile_q = offs_t[:, None] * STRIDE_QM + offs_d[None, :]
-    q = _load_rows(Q + q_row0 + tile_q, offs_m, seqlen_q, offs_d, HEAD_DIM, HEAD_DIM_PAD, True)
-    do = _load_rows(DO + q_row0 + tile_q, offs_m, seqlen_q, offs_d, HEAD_DIM, HEAD_DIM_PAD, True)
-    stat = (off_b * NUM_HEADS_Q + off_h) * seqlen_q + offs_m
-    # Padding rows read lse = 0 and delta = 0: finite values, and their dQ is never stored.
-    lse2 = tl.load(LSE + stat, mask=offs_m < seqlen_q, other=0.0) * _LOG2E
-    delta = tl.load(DELTA + stat, mask=offs_m < seqlen_q, other=0.0)
-
-    k_base = K + off_b * seqlen_k * STRIDE_KN + off_hk * HEAD_DIM
-    v_base = V + off_b * seqlen_k * STRIDE_KN + off_hk * HEAD_DIM
-    k_ptrs = k_base + offs_n[:, None] * STRIDE_KN + offs_d[None, :]
-    v_ptrs = v_base + offs_n[:, None] * STRIDE_KN + offs_d[None, :]
-
-    m_last = tl.minimum(start_m + BLOCK_M, seqlen_q) - 1
-    n_lo, f_lo, f_hi, n_hi = _key_blocks(start_m, m_last, seqlen_k, q_off, k_off, glq, glk,
-                                         BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT)
-    rows_g = q_off + offs_m
-
-    dq = _dq_ranges(q, do, lse2, delta, k_ptrs, v_ptrs, n_lo, f_lo, f_hi, n_hi, rows_g, offs_n, offs_d,
-                    seqlen_k, k_off, glq, glk, scale_in, scale_out,
-                    STRIDE_KN, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP)
-    dq = dq * sm_scale
-    _store_rows(DQ + q_row0 + tile_q, dq.to(DQ.dtype.element_ty), offs_m, seqlen_q, offs_d, HEAD_DIM, HEAD_DIM_PAD)
+    _dq_tile(Q, K, V, DO, LSE, DELTA, DQ,
+             (off_b * seqlen_q + start_m) * STRIDE_QM + off_h * HEAD_DIM,
+             off_b * seqlen_k * STRIDE_KN + off_hk * HEAD_DIM,
+             (off_b * NUM_HEADS_Q + off_h) * seqlen_q,
+             start_m, seqlen_q, seqlen_k, q_off, k_off, glq, glk, scale_in, scale_out, sm_scale,
+             STRIDE_QM, STRIDE_KN, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP)

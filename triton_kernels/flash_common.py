@@ -154,3 +154,18 @@ def _load_offsets(OFFS, HAS_OFFSETS: tl.constexpr):
         q_off = 0
         k_off = 0
     return q_off, k_off
+
+
+@triton.jit
+def _seq_bounds(CU_Q, CU_K, SEQUSED_K, off_b, HAS_SEQUSED: tl.constexpr):
+    """Varlen sequence ``off_b``: (q_start, seqlen_q, k_start, seqlen_k, k_span); seqlen_k = seqused_k[b]
+    (HAS_SEQUSED) or the cu_k difference k_span."""
+    q_start = tl.load(CU_Q + off_b)
+    seqlen_q = tl.load(CU_Q + off_b + 1) - q_start
+    k_start = tl.load(CU_K + off_b)
+    k_span = tl.load(CU_K + off_b + 1) - k_start
+    if HAS_SEQUSED:
+        seqlen_k = tl.load(SEQUSED_K + off_b)
+    else:
+        seqlen_k = k_span
+    return q_start, seqlen_q, k_start, seqlen_k, k_span

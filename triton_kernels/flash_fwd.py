@@ -99,6 +99,38 @@ def _fwd_ranges(q, k_ptrs, v_ptrs, n_lo, f_lo, f_hi, n_hi, rows_g, offs_n, offs_
 
 
 @triton.jit
+def _fwd_tile(Q, K, V, OUT, LSE, q_row0, kv_base, lse_row0, start_m, seqlen_q, seqlen_k,
+              q_off, k_off, glq, glk, scale_in, scale_out,
+              STRIDE_QM: tl.constexpr, STRIDE_KN: tl.constexpr, HEAD_DIM: tl.constexpr,
+              HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
+              SCALE_POS: tl.constexpr):
+    """One query tile, shared by the dense and varlen kernels, which differ only in where a sequence starts:
+    q_row0 = element offset of the tile's first row (this head) in Q/OUT, kv_base = of key row 0 (this kv head)
+    in K/V, lse_row0 = of the sequence's row 0 (this head) in LSE. Offsets in 64 bits; per-tile ones 32-bit."""
+    offs_t = tl.arange(0, BLOCK_M)
+    offs_m = start_m + offs_t
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+
+    tile_q = offs_t[:, None] * STRIDE_QM + offs_d[None, :]
+    q = _load_rows(Q + q_row0 + tile_q, offs_m, seqlen_q, offs_d, HEAD_DIM, HEAD_DIM_PAD, True)
+    k_ptrs = K + kv_base + offs_n[:, None] * STRIDE_KN + offs_d[None, :]
+    v_ptrs = V + kv_base + offs_n[:, None] * STRIDE_KN + offs_d[None, :]
+
+    m_last = tl.minimum(start_m + BLOCK_M, seqlen_q) - 1
+    n_lo, f_lo, f_hi, n_hi = _key_blocks(start_m, m_last, seqlen_k, q_off, k_off, glq, glk,
+                                         BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT)
+    rows_g = q_off + offs_m
+
+    out, lse = _fwd_ranges(q, k_ptrs, v_ptrs, n_lo, f_lo, f_hi, n_hi, rows_g, offs_n, offs_d,
+                           seqlen_k, k_off, glq, glk, scale_in, scale_out, STRIDE_KN, HEAD_DIM, HEAD_DIM_PAD,
+                           BLOCK_M, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, SCALE_POS)
+    _store_rows(OUT + q_row0 + tile_q, out.to(OUT.dtype.element_ty), offs_m, seqlen_q, offs_d, HEAD_DIM, HEAD_DIM_PAD)
+    tl.store(LSE + lse_row0 + offs_m, lse, mask=offs_m < seqlen_q)
+
+
+@triton.jit
 def _attn_fwd(Q, K, V, OFFS,
               seqlen_q, seqlen_k, glq, glk, scale_in, scale_out,
               OUT, LSE,
@@ -124,32 +156,11 @@ def _attn_fwd(Q, K, V, OFFS,
     off_hk = off_h // GROUP
 
     q_off, k_off = _load_offsets(OFFS, HAS_OFFSETS)
-
     start_m = pid_m * BLOCK_M
-    offs_t = tl.arange(0, BLOCK_M)
-    offs_m = start_m + offs_t
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM_PAD)
-
-    # Per-program bases in 64 bits; per-tile offsets stay 32-bit (they are bounded by the tile size).
-    q_row0 = (off_b * seqlen_q + start_m) * STRIDE_QM + off_h * HEAD_DIM
-    k_base = K + off_b * seqlen_k * STRIDE_KN + off_hk * HEAD_DIM
-    v_base = V + off_b * seqlen_k * STRIDE_KN + off_hk * HEAD_DIM
-
-    tile_q = offs_t[:, None] * STRIDE_QM + offs_d[None, :]
-    q = _load_rows(Q + q_row0 + tile_q, offs_m, seqlen_q, offs_d,
-                   HEAD_DIM, HEAD_DIM_PAD, True)
-    k_ptrs = k_base + offs_n[:, None] * STRIDE_KN + offs_d[None, :]
-    v_ptrs = v_base + offs_n[:, None] * STRIDE_KN + offs_d[None, :]
-
-    m_last = tl.minimum(start_m + BLOCK_M, seqlen_q) - 1
-    n_lo, f_lo, f_hi, n_hi = _key_blocks(start_m, m_last, seqlen_k, q_off, k_off, glq, glk,
-                                         BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT)
-    rows_g = q_off + offs_m
-
-    out, lse = _fwd_ranges(q, k_ptrs, v_ptrs, n_lo, f_lo, f_hi, n_hi, rows_g, offs_n, offs_d,
-                           seqlen_k, k_off, glq, glk, scale_in, scale_out, STRIDE_KN, HEAD_DIM, HEAD_DIM_PAD,
-                           BLOCK_M, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, SCALE_POS)
-    _store_rows(OUT + q_row0 + tile_q, out.to(OUT.dtype.element_ty), offs_m, seqlen_q, offs_d, HEAD_DIM, HEAD_DIM_PAD)
-    lse_ptrs = LSE + (off_b * NUM_HEADS_Q + off_h) * seqlen_q + offs_m
-    tl.store(lse_ptrs, lse, mask=offs_m < seqlen_q)
+    _fwd_tile(Q, K, V, OUT, LSE,
+              (off_b * seqlen_q + start_m) * STRIDE_QM + off_h * HEAD_DIM,
+              off_b * seqlen_k * STRIDE_KN + off_hk * HEAD_DIM,
+              (off_b * NUM_HEADS_Q + off_h) * seqlen_q,
+              start_m, seqlen_q, seqlen_k, q_off, k_off, glq, glk, scale_in, scale_out,
+              STRIDE_QM, STRIDE_KN, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT,
+              SOFTCAP, SCALE_POS)

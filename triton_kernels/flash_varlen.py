@@ -10,13 +10,13 @@ sequence (``[0, cu_q[0])`` and ``[cu_q[batch], TOTAL_Q)``) and writes out 0 / ls
 loop, so every element of out/lse is written by exactly one program and no output needs a pre-fill.
 
 Masks are evaluated per sequence with local positions, as ``fa3jax.masking.allowed`` with the sequence lengths.
-The tile loop itself is the dense kernel's (``_fwd_ranges``).
+The query tile itself is the dense kernel's (``flash_fwd._fwd_tile``).
 """
 import triton
 import triton.language as tl
 
-from .flash_common import _key_blocks, _load_rows, _store_rows
-from .flash_fwd import _fwd_ranges
+from .flash_common import _seq_bounds
+from .flash_fwd import _fwd_tile
 
 
 @triton.jit
@@ -71,37 +71,14 @@ def _varlen_attn_fwd(Q, K, V, CU_Q, CU_K, SEQUSED_K,
         _varlen_fill_uncovered(OUT, LSE, CU_Q, total_q, batch, off_h, tl.program_id(0), tl.num_programs(0),
                                NUM_HEADS_Q, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M)
     else:
-        q_start = tl.load(CU_Q + off_b)
-        seqlen_q = tl.load(CU_Q + off_b + 1) - q_start
-        k_start = tl.load(CU_K + off_b)
-        if HAS_SEQUSED:
-            seqlen_k = tl.load(SEQUSED_K + off_b)
-        else:
-            seqlen_k = tl.load(CU_K + off_b + 1) - k_start
+        q_start, seqlen_q, k_start, seqlen_k, _ = _seq_bounds(CU_Q, CU_K, SEQUSED_K, off_b, HAS_SEQUSED)
         start_m = pid_m * BLOCK_M
         if start_m < seqlen_q:
-            offs_t = tl.arange(0, BLOCK_M)
-            offs_m = start_m + offs_t
-            offs_n = tl.arange(0, BLOCK_N)
-            offs_d = tl.arange(0, HEAD_DIM_PAD)
-
-            q_row0 = (q_start + start_m).to(tl.int64) * STRIDE_QM + off_h * HEAD_DIM
-            k_base = K + k_start.to(tl.int64) * STRIDE_KN + off_hk * HEAD_DIM
-            v_base = V + k_start.to(tl.int64) * STRIDE_KN + off_hk * HEAD_DIM
-            tile_q = offs_t[:, None] * STRIDE_QM + offs_d[None, :]
-            q = _load_rows(Q + q_row0 + tile_q, offs_m, seqlen_q, offs_d, HEAD_DIM, HEAD_DIM_PAD, True)
-            k_ptrs = k_base + offs_n[:, None] * STRIDE_KN + offs_d[None, :]
-            v_ptrs = v_base + offs_n[:, None] * STRIDE_KN + offs_d[None, :]
-
-            m_last = tl.minimum(start_m + BLOCK_M, seqlen_q) - 1
             # Local positions: no offsets, mask lengths = this sequence's lengths.
-            n_lo, f_lo, f_hi, n_hi = _key_blocks(start_m, m_last, seqlen_k, 0, 0, seqlen_q, seqlen_k,
-                                                 BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT)
-            rows_g = offs_m
-            out, lse = _fwd_ranges(q, k_ptrs, v_ptrs, n_lo, f_lo, f_hi, n_hi, rows_g, offs_n, offs_d,
-                                   seqlen_k, 0, seqlen_q, seqlen_k, scale_in, scale_out, STRIDE_KN, HEAD_DIM,
-                                   HEAD_DIM_PAD, BLOCK_M, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, SCALE_POS)
-            _store_rows(OUT + q_row0 + tile_q, out.to(OUT.dtype.element_ty), offs_m, seqlen_q, offs_d,
-                        HEAD_DIM, HEAD_DIM_PAD)
-            lse_ptrs = LSE + off_h.to(tl.int64) * total_q + q_start + offs_m
-            tl.store(lse_ptrs, lse, mask=offs_m < seqlen_q)
+            _fwd_tile(Q, K, V, OUT, LSE,
+                      (q_start + start_m).to(tl.int64) * STRIDE_QM + off_h * HEAD_DIM,
+                      k_start.to(tl.int64) * STRIDE_KN + off_hk * HEAD_DIM,
+                      off_h.to(tl.int64) * total_q + q_start,
+                      start_m, seqlen_q, seqlen_k, 0, 0, seqlen_q, seqlen_k, scale_in, scale_out,
+                      STRIDE_QM, STRIDE_KN, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT,
+                      SOFTCAP, SCALE_POS)

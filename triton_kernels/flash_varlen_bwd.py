@@ -18,14 +18,14 @@ covers). The extra slice b == batch zeroes the k rows outside every sequence (``
 ``_varlen_bwd_dq``: grid (cdiv(max_seqlen_q, BLOCK_M), HQ, batch + 1), the mirror of the forward; the extra slice
 writes dQ = 0 on the q rows outside every sequence.
 
-Masks use per-sequence local positions and lengths, as ``fa3jax.masking.allowed``; the tile loops are the dense
-kernel's ``_dkdv_ranges`` / ``_dq_ranges`` with zero offsets.
+Masks use per-sequence local positions and lengths, as ``fa3jax.masking.allowed``; the tiles are the dense
+kernel's ``_dkdv_tile`` / ``_dq_tile`` with zero offsets.
 """
 import triton
 import triton.language as tl
 
-from .flash_bwd import _dkdv_ranges, _dq_ranges
-from .flash_common import _LOG2E, _key_blocks, _load_rows, _query_blocks, _store_rows
+from .flash_bwd import _dkdv_tile, _dq_tile
+from .flash_common import _seq_bounds
 
 
 @triton.jit
@@ -48,19 +48,6 @@ def _zero_ranges(PTR, a_lo, a_n, b_lo, b_n, off_h, pid, n_progs,
             tl.store(ptrs, zero, mask=ok[:, None])
         else:
             tl.store(ptrs, zero, mask=ok[:, None] & (offs_d[None, :] < HEAD_DIM))
-
-
-@triton.jit
-def _seq_bounds(CU_Q, CU_K, SEQUSED_K, off_b, HAS_SEQUSED: tl.constexpr):
-    q_start = tl.load(CU_Q + off_b)
-    seqlen_q = tl.load(CU_Q + off_b + 1) - q_start
-    k_start = tl.load(CU_K + off_b)
-    k_span = tl.load(CU_K + off_b + 1) - k_start
-    if HAS_SEQUSED:
-        seqlen_k = tl.load(SEQUSED_K + off_b)
-    else:
-        seqlen_k = k_span
-    return q_start, seqlen_q, k_start, seqlen_k, k_span
 
 
 @triton.jit
@@ -101,42 +88,13 @@ def _varlen_bwd_dkdv(Q, K, V, DO, LSE, DELTA, CU_Q, CU_K, SEQUSED_K,
                      STRIDE_KN, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N)
         start_n = pid_n * BLOCK_N
         if start_n < seqlen_k:
-            offs_tn = tl.arange(0, BLOCK_N)
-            offs_n = start_n + offs_tn
-            offs_t = tl.arange(0, BLOCK_M)
-            offs_d = tl.arange(0, HEAD_DIM_PAD)
-
-            kv_row0 = (k_start + start_n).to(tl.int64) * STRIDE_KN + off_hk * HEAD_DIM
-            tile_k = offs_tn[:, None] * STRIDE_KN + offs_d[None, :]
-            k = _load_rows(K + kv_row0 + tile_k, offs_n, seqlen_k, offs_d, HEAD_DIM, HEAD_DIM_PAD, True)
-            v = _load_rows(V + kv_row0 + tile_k, offs_n, seqlen_k, offs_d, HEAD_DIM, HEAD_DIM_PAD, True)
-
-            n_last = tl.minimum(start_n + BLOCK_N, seqlen_k) - 1
-            m_lo, f_lo, f_hi, m_hi = _query_blocks(start_n, n_last, start_n + BLOCK_N <= seqlen_k, seqlen_q,
-                                                   0, 0, seqlen_q, seqlen_k, BLOCK_M, WINDOW_LEFT, WINDOW_RIGHT)
-            # Key rows past the sequence's end see nothing: push them past seqlen_k (as the dense kernel).
-            cols_g = tl.where(offs_n < seqlen_k, offs_n, seqlen_k)
-
-            dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
-            dv = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
-            tile_q = offs_t[:, None] * STRIDE_QM + offs_d[None, :]
-            for g in range(GROUP):
-                off_h = off_hk * GROUP + g
-                q_base = q_start.to(tl.int64) * STRIDE_QM + off_h * HEAD_DIM
-                q_ptrs = Q + q_base + tile_q
-                do_ptrs = DO + q_base + tile_q
-                stat0 = off_h.to(tl.int64) * total_q + q_start
-                lse_ptrs = LSE + stat0 + offs_t
-                delta_ptrs = DELTA + stat0 + offs_t
-                dk, dv = _dkdv_ranges(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, m_lo, f_lo, f_hi, m_hi,
-                                      offs_t, cols_g, seqlen_q, 0, seqlen_q, seqlen_k, scale_in, scale_out,
-                                      STRIDE_QM, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, WINDOW_LEFT, WINDOW_RIGHT,
-                                      SOFTCAP)
-            dk = dk * sm_scale
-            _store_rows(DK + kv_row0 + tile_k, dk.to(DK.dtype.element_ty), offs_n, seqlen_k, offs_d,
-                        HEAD_DIM, HEAD_DIM_PAD)
-            _store_rows(DV + kv_row0 + tile_k, dv.to(DV.dtype.element_ty), offs_n, seqlen_k, offs_d,
-                        HEAD_DIM, HEAD_DIM_PAD)
+            # Local positions: no offsets; key rows past the sequence's end are pushed past seqlen_k.
+            _dkdv_tile(Q, K, V, DO, LSE, DELTA, DK, DV,
+                       (k_start + start_n).to(tl.int64) * STRIDE_KN + off_hk * HEAD_DIM,
+                       q_start.to(tl.int64) * STRIDE_QM, q_start.to(tl.int64), total_q,
+                       off_hk, start_n, seqlen_q, seqlen_k, 0, 0, seqlen_q, seqlen_k, scale_in, scale_out, sm_scale,
+                       STRIDE_QM, STRIDE_KN, GROUP, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, BLOCK_N, WINDOW_LEFT,
+                       WINDOW_RIGHT, SOFTCAP)
 
 
 @triton.jit
@@ -168,32 +126,10 @@ def _varlen_bwd_dq(Q, K, V, DO, LSE, DELTA, CU_Q, CU_K, SEQUSED_K,
         q_start, seqlen_q, k_start, seqlen_k, k_span = _seq_bounds(CU_Q, CU_K, SEQUSED_K, off_b, HAS_SEQUSED)
         start_m = pid_m * BLOCK_M
         if start_m < seqlen_q:
-            offs_t = tl.arange(0, BLOCK_M)
-            offs_m = start_m + offs_t
-            offs_n = tl.arange(0, BLOCK_N)
-            offs_d = tl.arange(0, HEAD_DIM_PAD)
-
-            q_row0 = (q_start + start_m).to(tl.int64) * STRIDE_QM + off_h * HEAD_DIM
-            tile_q = offs_t[:, None] * STRIDE_QM + offs_d[None, :]
-            q = _load_rows(Q + q_row0 + tile_q, offs_m, seqlen_q, offs_d, HEAD_DIM, HEAD_DIM_PAD, True)
-            do = _load_rows(DO + q_row0 + tile_q, offs_m, seqlen_q, offs_d, HEAD_DIM, HEAD_DIM_PAD, True)
-            stat = off_h.to(tl.int64) * total_q + q_start + offs_m
-            # Padding rows read lse = 0 and delta = 0: finite, and their dQ is never stored.
-            lse2 = tl.load(LSE + stat, mask=offs_m < seqlen_q, other=0.0) * _LOG2E
-            delta = tl.load(DELTA + stat, mask=offs_m < seqlen_q, other=0.0)
-
-            k_base = K + k_start.to(tl.int64) * STRIDE_KN + off_hk * HEAD_DIM
-            v_base = V + k_start.to(tl.int64) * STRIDE_KN + off_hk * HEAD_DIM
-            k_ptrs = k_base + offs_n[:, None] * STRIDE_KN + offs_d[None, :]
-            v_ptrs = v_base + offs_n[:, None] * STRIDE_KN + offs_d[None, :]
-
-            m_last = tl.minimum(start_m + BLOCK_M, seqlen_q) - 1
-            n_lo, f_lo, f_hi, n_hi = _key_blocks(start_m, m_last, seqlen_k, 0, 0, seqlen_q, seqlen_k,
-                                                 BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT)
-            rows_g = offs_m
-            dq = _dq_ranges(q, do, lse2, delta, k_ptrs, v_ptrs, n_lo, f_lo, f_hi, n_hi, rows_g, offs_n, offs_d,
-                            seqlen_k, 0, seqlen_q, seqlen_k, scale_in, scale_out,
-                            STRIDE_KN, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP)
-            dq = dq * sm_scale
-            _store_rows(DQ + q_row0 + tile_q, dq.to(DQ.dtype.element_ty), offs_m, seqlen_q, offs_d,
-                        HEAD_DIM, HEAD_DIM_PAD)
+            _dq_tile(Q, K, V, DO, LSE, DELTA, DQ,
+                     (q_start + start_m).to(tl.int64) * STRIDE_QM + off_h * HEAD_DIM,
+                     k_start.to(tl.int64) * STRIDE_KN + off_hk * HEAD_DIM,
+                     off_h.to(tl.int64) * total_q + q_start,
+                     start_m, seqlen_q, seqlen_k, 0, 0, seqlen_q, seqlen_k, scale_in, scale_out, sm_scale,
+                     STRIDE_QM, STRIDE_KN, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT,
+                     SOFTCAP)
