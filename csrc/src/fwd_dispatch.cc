@@ -1,6 +1,5 @@
 // Parameter checks and (dtype, head_dim) dispatch over the instantiations compiled into this build
 // (listed in the generated fwd_instances.inc).
-#include <climits>
 #include <cstdint>
 
 #include "fa3jax/fwd_api.h"
