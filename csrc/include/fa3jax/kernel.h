@@ -36,6 +36,7 @@ __global__ void __launch_bounds__(KT::kNumThreads, 1) fwd_kernel(__grid_constant
     cute::prefetch_tma_descriptor(params.tma_q.get_tma_descriptor());
     cute::prefetch_tma_descriptor(params.tma_k.get_tma_descriptor());
     cute::prefetch_tma_descriptor(params.tma_v.get_tma_descriptor());
+    if constexpr (KT::kTmaEpilogue) cute::prefetch_tma_descriptor(params.tma_o.get_tma_descriptor());
     cute::initialize_barrier(ss.barrier_q, 1);
     cute::initialize_barrier(ss.barrier_q_empty, KT::kNumMmaThreads);
     cute::initialize_barrier(ss.barrier_unit_full, 1);
@@ -143,9 +144,10 @@ __global__ void __launch_bounds__(KT::kNumThreads, 1) fwd_kernel(__grid_constant
       }
       float inv[kRows], lse[kRows];
       softmax.finalize(params.lse_scale, inv, lse);
-      Epilogue::store(params, tile, mma_tid, tOrO, inv, lse);
+      Epilogue::store(params, ss, tile, mma_tid, tOrO, inv, lse);
     }
     Mainloop::sched_drain(mma_wg, q_iter > 0);
+    Epilogue::finish(mma_tid);
   }
 #endif
 }
