@@ -36,6 +36,7 @@ __global__ void __launch_bounds__(KT::kNumThreads, 1) fwd_kernel(__grid_constant
     cute::prefetch_tma_descriptor(params.tma_q.get_tma_descriptor());
     cute::prefetch_tma_descriptor(params.tma_k.get_tma_descriptor());
     cute::prefetch_tma_descriptor(params.tma_v.get_tma_descriptor());
+    if constexpr (KT::kTmaEpilogue) cute::prefetch_tma_descriptor(params.tma_o.get_tma_descriptor());
     cute::initialize_barrier(ss.barrier_q, 1);
     cute::initialize_barrier(ss.barrier_q_empty, KT::kNumMmaThreads);
     cute::initialize_barrier(ss.barrier_unit_full, 1);
@@ -52,7 +53,6 @@ __global__ void __launch_bounds__(KT::kNumThreads, 1) fwd_kernel(__grid_constant
   // (they all write into this CTA's buffers); the pipelines count those arrivals.
   Pipeline pipe_k(ss.pipeline_k, pp, typename KT::ClusterShape{});
   Pipeline pipe_v(ss.pipeline_v, pp, typename KT::ClusterShape{});
-  (void)warp_idx;
   if constexpr (KT::kClusterM > 1) {
     // A peer's multicast may signal our barriers as soon as it starts: all of them must be initialized first.
     cute::cluster_arrive_relaxed();
@@ -75,32 +75,35 @@ __global__ void __launch_bounds__(KT::kNumThreads, 1) fwd_kernel(__grid_constant
 
   if (wg_idx == 0) {
     cutlass::arch::warpgroup_reg_dealloc<KT::kProducerRegs>();
-    if (is_leader) {
+    if (warp_idx == 0) {  // the whole warp, so that units and coordinates are warp-uniform (see load)
+      bool const lane0 = threadIdx.x % 32 == 0;  // lane 0: the shuffles below broadcast from it
       PipelineState st = cutlass::make_producer_start_state<Pipeline>();
       int q_iter = 0;
-      auto produce = [&](int u) {
+      int u = Scheduler::first_unit();
+      for (int k = 0;; ++k) {
+        if (dynamic) {
+          if (k > 0) cute::wait_barrier(ss.barrier_unit_empty, (k - 1) & 1);
+          if (lane0) {
+            *unit_slot = u;
+            cute::arrive_barrier(ss.barrier_unit_full);
+          }
+        }
+        if (u >= num_units) break;
         FwdTile const tile = Scheduler::tile(params.sched, u, Scheduler::cta_rank());
         BI const bi = block_info(tile);
         if (bi.num_blocks() > 0) {  // else the consumers write 0 / -inf without loads
           Mainloop::load(params, ss, pipe_k, pipe_v, st, q_iter, tile, bi);
           ++q_iter;
         }
-      };
-      if (dynamic) {
-        int u = Scheduler::first_unit();
-        for (int k = 0;; ++k) {
-          if (k > 0) cute::wait_barrier(ss.barrier_unit_empty, (k - 1) & 1);
-          *unit_slot = u;
-          cute::arrive_barrier(ss.barrier_unit_full);
-          if (u >= num_units) break;
-          produce(u);
-          // Drawn once this tile's loads are issued, about kStages key blocks before the consumers need it.
-          u = Scheduler::dynamic_unit(params.sched);
+        if (dynamic) {
+          // Drawn once this tile's loads are issued, about kStages key blocks before the consumers need it;
+          // broadcast so that the next tile's coordinates stay warp-uniform.
+          int drawn = 0;
+          if (lane0) drawn = Scheduler::dynamic_unit(params.sched);
+          u = __shfl_sync(0xffffffffu, drawn, 0);
+        } else {
+          u = Scheduler::static_unit(k + 1);
         }
-      } else {
-        // A separate loop, not the one above with a computed unit: mixing in the atomically drawn unit makes
-        // the producer's TMA coordinates non-uniform (R2UR chains), measured ~10% slower at d=128 unmasked.
-        for (int k = 0, u = Scheduler::static_unit(0); u < num_units; u = Scheduler::static_unit(++k)) produce(u);
       }
       // Do not exit while a stage may still be released (by this CTA's or a peer's consumers).
       pipe_k.producer_tail(st);
@@ -141,9 +144,10 @@ __global__ void __launch_bounds__(KT::kNumThreads, 1) fwd_kernel(__grid_constant
       }
       float inv[kRows], lse[kRows];
       softmax.finalize(params.lse_scale, inv, lse);
-      Epilogue::store(params, tile, mma_tid, tOrO, inv, lse);
+      Epilogue::store(params, ss, tile, mma_tid, tOrO, inv, lse);
     }
     Mainloop::sched_drain(mma_wg, q_iter > 0);
+    Epilogue::finish(mma_tid);
   }
 #endif
 }

@@ -18,7 +18,7 @@ namespace fa3jax {
 using namespace cute;
 
 template <class Element_, int kHeadDim_, int kBlockM_, int kBlockN_, int kStages_, int kProducerRegs_,
-          int kConsumerRegs_, int kClusterM_ = 1>
+          int kConsumerRegs_, int kClusterM_ = 1, bool kTmaEpilogue_ = false>
 struct FwdKernelTraits {
   using Element = Element_;
   static constexpr int kHeadDim = kHeadDim_;
@@ -32,6 +32,10 @@ struct FwdKernelTraits {
   // FLOP by kClusterM (cp.async.bulk.tensor .multicast::cluster; FA3 runs d=128 with a (2,1,1) cluster). Only valid when all CTAs of a cluster
   // visit the same key blocks (no causal/window mask), which the launcher guarantees.
   static constexpr int kClusterM = kClusterM_;
+  // Epilogue through shared memory and one TMA store per consumer warpgroup (64 rows): the warpgroup moves on
+  // to its next tile as soon as its rows sit in shared memory, instead of issuing ~D/2 scattered 4-byte
+  // global stores per row (costly on short tiles: causal, s <= 2k). Needs a BlockM x D buffer of its own.
+  static constexpr bool kTmaEpilogue = kTmaEpilogue_;
   static_assert(kClusterM == 1 || kClusterM == 2);
   using ClusterShape = Shape<Int<kClusterM>, _1, _1>;
   static_assert(kBlockM % 64 == 0 && kHeadDim % 64 == 0 && kBlockN % 16 == 0);
@@ -90,6 +94,17 @@ struct FwdKernelTraits {
   }
   using GTensorQK = decltype(make_tensor(make_gmem_ptr(static_cast<Element const*>(nullptr)), GShape{}, GStrideQK{}));
   using GTensorVt = decltype(make_tensor(make_gmem_ptr(static_cast<Element const*>(nullptr)), GShape{}, GStrideVt{}));
+  // O: one warpgroup's 64 rows per TMA store (each warpgroup stores its own rows on its own schedule).
+  using SmemLayoutOWG = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<Element>{}, Shape<_64, HDim>{}));
+  // Whole tile = the warpgroups' 64-row slices one after another (the epilogue's register -> smem copy
+  // addresses it by tile row; each TMA store reads one contiguous slice).
+  using SmemLayoutO = decltype(tile_to_shape(SmemLayoutOWG{}, Shape<BlkM, HDim>{}));
+  template <class GTensor>
+  static auto make_tma_o(GTensor const& g) {
+    return make_tma_copy(SM90_TMA_STORE{}, g, SmemLayoutOWG{}, Shape<_64, HDim>{}, _1{});
+  }
+  using GTensorO = decltype(make_tensor(make_gmem_ptr(static_cast<Element*>(nullptr)), GShape{}, GStrideQK{}));
+  using TmaO = decltype(make_tma_o(std::declval<GTensorO>()));
   using TmaQ = decltype(make_tma_q(std::declval<GTensorQK>()));
   using TmaK = decltype(make_tma_k(std::declval<GTensorQK>()));
   using TmaV = decltype(make_tma_v(std::declval<GTensorVt>()));
@@ -104,6 +119,7 @@ struct FwdKernelTraits {
     alignas(1024) cute::array_aligned<Element, cute::cosize_v<SmemLayoutQ>, 1024> smem_q;
     alignas(1024) cute::array_aligned<Element, cute::cosize_v<SmemLayoutK>, 1024> smem_k;
     alignas(1024) cute::array_aligned<Element, cute::cosize_v<SmemLayoutVt>, 1024> smem_v;
+    alignas(1024) cute::array_aligned<Element, kTmaEpilogue ? cute::cosize_v<SmemLayoutO> : 8, 1024> smem_o;
     typename Pipeline::SharedStorage pipeline_k;
     typename Pipeline::SharedStorage pipeline_v;
     alignas(8) uint64_t barrier_q;        // Q tile landed (TMA transaction bytes)
@@ -121,6 +137,7 @@ struct FwdKernelTraits {
     TmaQ tma_q;
     TmaK tma_k;
     TmaV tma_v;
+    TmaO tma_o;  // used when kTmaEpilogue
     void* out;
     float* lse;
     SchedulerParams sched;

@@ -21,7 +21,7 @@ template <DType kDType, int kHeadDim, int kClusterM>
 using FwdTraitsFor = FwdKernelTraits<typename ElementOf<kDType>::type, kHeadDim, FwdPolicy<kHeadDim>::kBlockM,
                                      FwdPolicy<kHeadDim>::kBlockN, FwdPolicy<kHeadDim>::kStages,
                                      FwdPolicy<kHeadDim>::kProducerRegs, FwdPolicy<kHeadDim>::kConsumerRegs,
-                                     kClusterM>;
+                                     kClusterM, FwdPolicy<kHeadDim>::kTmaEpilogue>;
 
 template <DType kDType, int kHeadDim, int kClusterM>
 FwdStatus launch_fwd(const FwdParams& p, cudaStream_t stream) {
@@ -34,6 +34,8 @@ FwdStatus launch_fwd(const FwdParams& p, cudaStream_t stream) {
                        make_stride(int64_t(hq) * D, _1{}, int64_t(D), int64_t(sq) * hq * D));
   auto k = make_tensor(make_gmem_ptr(static_cast<Element const*>(p.k)), make_shape(sk, D, hk, b),
                        make_stride(int64_t(hk) * D, _1{}, int64_t(D), int64_t(sk) * hk * D));
+  auto o = make_tensor(make_gmem_ptr(static_cast<Element*>(p.out)), make_shape(sq, D, hq, b),
+                      make_stride(int64_t(hq) * D, _1{}, int64_t(D), int64_t(sq) * hq * D));
   auto vt = make_tensor(make_gmem_ptr(static_cast<Element const*>(p.v)), make_shape(D, sk, hk, b),
                         make_stride(_1{}, int64_t(hk) * D, int64_t(D), int64_t(sk) * hk * D));
 
@@ -41,6 +43,7 @@ FwdStatus launch_fwd(const FwdParams& p, cudaStream_t stream) {
       KT::make_tma_q(q),
       KT::make_tma_k(k),
       KT::make_tma_v(vt),
+      KT::make_tma_o(o),
       p.out,
       p.lse,
       SchedulerParams{},

@@ -32,8 +32,11 @@ struct FwdMainloop {
   // Called by exactly one thread (the pipelines' leader).
   // One tile's loads: Q (once the consumers have released the previous one; q_iter counts the tiles with
   // loads so far), then K/V blocks n_max-1 .. n_min into the pipelines' stages (state `st` runs across tiles).
+  // Called by the whole producer warp with warp-uniform arguments, so the TMA coordinates stay in uniform
+  // registers; lane 0 issues the copies and the barrier arrivals (the pipelines' is_leader is thread 0).
   CUTE_DEVICE static void load(Params const& params, SharedStorage& ss, Pipeline& pipe_k, Pipeline& pipe_v,
                                PipelineState& st, int q_iter, FwdTile const& tile, BI const& bi) {
+    bool const lane0 = threadIdx.x % 32 == 0;
     int const batch = params.batch;
     Tensor sQ = make_tensor(make_smem_ptr(ss.smem_q.data()), typename KT::SmemLayoutQ{});
     Tensor sK = make_tensor(make_smem_ptr(ss.smem_k.data()), typename KT::SmemLayoutK{});
@@ -64,14 +67,16 @@ struct FwdMainloop {
     };
 
     if (q_iter > 0) cute::wait_barrier(ss.barrier_q_empty, (q_iter - 1) & 1);
-    cute::set_barrier_transaction_bytes(ss.barrier_q, KT::kBytesQ);
-    copy(params.tma_q.with(ss.barrier_q), tQgQ, tQsQ);
+    if (lane0) {
+      cute::set_barrier_transaction_bytes(ss.barrier_q, KT::kBytesQ);
+      copy(params.tma_q.with(ss.barrier_q), tQgQ, tQsQ);
+    }
 
     for (int n = bi.n_max - 1; n >= bi.n_min; --n) {
       pipe_k.producer_acquire(st);
-      kv_copy(params.tma_k, *pipe_k.producer_get_barrier(st), tKgK(_, n), tKsK(_, st.index()));
+      if (lane0) kv_copy(params.tma_k, *pipe_k.producer_get_barrier(st), tKgK(_, n), tKsK(_, st.index()));
       pipe_v.producer_acquire(st);
-      kv_copy(params.tma_v, *pipe_v.producer_get_barrier(st), tVgV(_, n), tVsV(_, st.index()));
+      if (lane0) kv_copy(params.tma_v, *pipe_v.producer_get_barrier(st), tVgV(_, n), tVsV(_, st.index()));
       ++st;
     }
   }

@@ -9,18 +9,23 @@ template <int kHeadDim> struct FwdPolicy;
 
 template <> struct FwdPolicy<64> {
   static constexpr int kBlockM = 192, kBlockN = 128, kStages = 2;
+  // The smem/TMA epilogue spills 200 B at 160 consumer registers (ptxas -v; 24 B without it).
+  static constexpr bool kTmaEpilogue = false;
   static constexpr int kProducerRegs = 32, kConsumerRegs = 160;  // 4 warpgroups (512 threads)
 };
 template <> struct FwdPolicy<128> {
   // Measured alternatives (H100, 2026-11-25, benchmarks/RESULTS.md): kBlockN 176 (FA3's non-causal choice) and
   // 3 K/V stages were no faster than 128 x 2 stages (causal 2048 fell from 0.84x to 0.70x with 176).
   static constexpr int kBlockM = 128, kBlockN = 128, kStages = 2;
+  static constexpr bool kTmaEpilogue = true;
   // The persistent multicast producer spills at 24 registers; 32 fits with consumers at 232, within the 168 x 384
   // the CTA launches with (both kernels compile without spills, ptxas -v, 2026-11-25).
   static constexpr int kProducerRegs = 32, kConsumerRegs = 232;  // 3 warpgroups (384 threads)
 };
 template <> struct FwdPolicy<256> {
   static constexpr int kBlockM = 128, kBlockN = 80, kStages = 2;
+  // No room for a 64 KiB O buffer next to Q (64 KiB) and 2 x (K + V) (160 KiB): registers -> global epilogue.
+  static constexpr bool kTmaEpilogue = false;
   static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
 };
 
