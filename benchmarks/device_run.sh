@@ -3,7 +3,9 @@
 # Stages: build (CUDA extension + C++ tests), sanitize (compute-sanitizer + SASS/resource checks), cbench (C++
 #         timing of the CUDA forward, cluster on/off),
 #         test (GPU pytest suites), bench (side-by-side table), decode (kvcache decode table),
-#         varlen (varlen vs dense table), sweep (Triton tile/variant sweep, SWEEP_ARGS).
+#         varlen (varlen vs dense table), sweep (Triton tile/variant sweep, SWEEP_ARGS),
+#         ab (C++ timing of d=128 bf16 kernel variants built side by side, AB_VARIANTS),
+#         ncu (Nsight Compute source-level profile of one C++ bench case and of flash-attn3-jax's kernel).
 # Wheels the machine lacks (jax-triton, nvidia-cutlass, flash-attn3-jax) travel in .whl/ (see the device README).
 # Prints a short summary table last; logs go to $OUT.
 set -uo pipefail
@@ -65,6 +67,47 @@ varlen() {
   local site=""; [ -d /tmp/fa3site/fa3jax ] && site=/tmp/fa3site:
   PYTHONPATH=$site$PYTHONPATH python3 benchmarks/run.py --suite varlen --out "$OUT" ${VARLEN_ARGS:-}
 }
+# AB_VARIANTS="name=SRC[:FLAGS] ...": SRC is a tree holding csrc/ ("." = this one, or an untracked `git archive`
+# of another commit so that it travels), FLAGS ';'-separated nvcc flags (policy knobs, e.g.
+# -DFA3JAX_D128_TMA_EPILOGUE=0). Builds in parallel, checks each variant, then times them in AB_ROUNDS
+# alternating rounds so that clock drift hits every variant alike.
+ab() {
+  local names=() name rest src flags
+  for spec in ${AB_VARIANTS:-cur=.}; do
+    name=${spec%%=*}; rest=${spec#*=}; src=${rest%%:*}; flags=""; [[ $rest == *:* ]] && flags=${rest#*:}
+    names+=("$name")
+    ( cmake -S "$src/csrc" -B "build/ab-$name" -G Ninja -DFA3JAX_HEAD_DIMS=128 -DFA3JAX_DTYPES=bf16 \
+        -DFA3JAX_PTXAS_VERBOSE=ON "-DFA3JAX_EXTRA_CUDA_FLAGS=$flags" >/dev/null &&
+      cmake --build "build/ab-$name" -j 8 >"$OUT/ab-$name-build.log" 2>&1 ) &
+  done
+  wait
+  for name in "${names[@]}"; do
+    echo "== $name: $(grep -hoE "[0-9]+ bytes spill stores|Used [0-9]+ registers" "$OUT/ab-$name-build.log" | sort | uniq -c | tr '\n' ' ')"
+    timeout 120 "build/ab-$name/fa3jax_test_fwd" --quiet | tail -n 1
+  done
+  for r in $(seq ${AB_ROUNDS:-2}); do
+    for name in "${names[@]}"; do
+      timeout 120 "build/ab-$name/fa3jax_test_fwd" --bench-only | grep ^bench | sed "s/^bench/ab $name r$r/"
+    done
+  done
+}
+# NCU_BIN (default: the build stage's test program), NCU_CASE=B,S,CAUSAL, NCU_VARIANT=dyn|static|cluster;
+# also profiles flash-attn3-jax's kernel on the same shape. Exports per-SASS-instruction counters as CSV.
+ncuprof() {
+  local bin=${NCU_BIN:-build/csrc-tests/fa3jax_test_fwd} case=${NCU_CASE:-4,4096,1}
+  local b=${case%%,*} rest=${case#*,}; local s=${rest%%,*} causal=${rest#*,}
+  local secs="--section SpeedOfLight --section WarpStateStats --section SourceCounters --section LaunchStats --section Occupancy"
+  timeout 240 ncu $secs -k regex:fwd_kernel --launch-skip 3 -c 1 -f -o "$OUT/prof_ours" \
+    "$bin" --bench-only --case "$case" --variant "${NCU_VARIANT:-dyn}" | tail -n 3
+  ncu --import "$OUT/prof_ours.ncu-rep" --page source --csv --print-source sass >"$OUT/prof_ours_sass.csv" 2>&1
+  ncu --import "$OUT/prof_ours.ncu-rep" --page details >"$OUT/prof_ours_details.txt" 2>&1
+  local site=""; [ -d /tmp/fa3site/fa3jax ] && site=/tmp/fa3site:
+  PYTHONPATH=$site$PYTHONPATH timeout 240 ncu $secs -k regex:device_kernel --launch-skip 1 -c 1 -f -o "$OUT/prof_fa3" \
+    python3 benchmarks/profile_fwd.py --seqlen "$s" $([ "$causal" = 1 ] && echo --causal) --impl flash-attn3-jax | tail -n 3
+  ncu --import "$OUT/prof_fa3.ncu-rep" --page details >"$OUT/prof_fa3_details.txt" 2>&1
+  ncu --import "$OUT/prof_fa3.ncu-rep" --page source --csv --print-source sass >"$OUT/prof_fa3_sass.csv" 2>&1
+  grep -hE "Duration|Executed Instructions  |Warp Cycles Per Issued|Compute \(SM\) Throughput" "$OUT"/prof_*_details.txt
+}
 sweep() { timeout ${SWEEP_TIMEOUT:-300} python3 benchmarks/triton_sweep.py ${SWEEP_ARGS:---kernel fwd --cands 128,128,8,3}; }
 
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,temperature.gpu --format=csv,noheader
@@ -78,6 +121,8 @@ for s in "$@"; do
     decode) stage decode decode ;;
     varlen) stage varlen varlen ;;
     sweep) stage sweep sweep ;;
+    ab) stage ab ab ;;
+    ncu) stage ncu ncuprof ;;
     *) echo "unknown stage $s"; exit 2 ;;
   esac
 done

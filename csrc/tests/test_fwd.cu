@@ -5,6 +5,8 @@
 //   fa3jax_test_fwd            run all tests
 //   fa3jax_test_fwd --quick    one config per instantiation (for racecheck, which is slow)
 //   fa3jax_test_fwd --bench    also time a few large configs (no checking)
+//   fa3jax_test_fwd --bench-only [--case B,S,CAUSAL] [--variant dyn|static|cluster]
+//                              only the timings, optionally one case and variant (for Nsight Compute)
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -191,22 +193,45 @@ static bool run_one(DType dt, int d, const Config& c, Variant variant, std::mt19
   return ok;
 }
 
-static void bench(DType dt, int d) {
+// Uniform values in [-1, 1) from a hash of the index: the timings should see the power draw of real data
+// (zero-filled inputs let the H100 hold higher clocks, measured ~10% faster on causal rows).
+__global__ void fill_uniform(uint16_t* x, size_t n, uint32_t seed, bool bf16) {
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
+    uint32_t h = uint32_t(i) * 0x9E3779B1u ^ seed;
+    h ^= h >> 15; h *= 0x85EBCA77u; h ^= h >> 13; h *= 0xC2B2AE3Du; h ^= h >> 16;
+    float v = float(h >> 8) * (2.f / 16777216.f) - 1.f;
+    if (bf16) { __nv_bfloat16 b = __float2bfloat16(v); x[i] = *reinterpret_cast<uint16_t*>(&b); }
+    else { __half b = __float2half(v); x[i] = *reinterpret_cast<uint16_t*>(&b); }
+  }
+}
+
+struct BenchFilter {
+  int b = 0, s = 0, causal = -1;  // 0 / -1: any
+  int variant = -1;               // -1: all
+};
+
+static void bench(DType dt, int d, BenchFilter const& f) {
   struct B { int b, s, h; int wr; };
-  const B cases[] = {{8, 2048, 16, -1}, {8, 2048, 16, 0}, {4, 4096, 16, -1}, {4, 4096, 16, 0}, {1, 16384, 16, -1}};
+  const B cases[] = {{8, 2048, 16, -1}, {8, 2048, 16, 0}, {4, 4096, 16, -1}, {4, 4096, 16, 0}, {1, 16384, 16, -1},
+                     {1, 16384, 16, 0}};
   for (const B& c : cases) {
+    if ((f.b && f.b != c.b) || (f.s && f.s != c.s) || (f.causal >= 0 && f.causal != (c.wr == 0))) continue;
     size_t n = size_t(c.b) * c.s * c.h * d;
     void *q, *k, *v, *o;
     float* l;
     CK(cudaMalloc(&q, n * 2)); CK(cudaMalloc(&k, n * 2)); CK(cudaMalloc(&v, n * 2)); CK(cudaMalloc(&o, n * 2));
     CK(cudaMalloc(&l, size_t(c.b) * c.h * c.s * 4));
-    CK(cudaMemset(q, 0, n * 2)); CK(cudaMemset(k, 0, n * 2)); CK(cudaMemset(v, 0, n * 2));
+    fill_uniform<<<1024, 256>>>(static_cast<uint16_t*>(q), n, 1u, dt == DType::kBF16);
+    fill_uniform<<<1024, 256>>>(static_cast<uint16_t*>(k), n, 2u, dt == DType::kBF16);
+    fill_uniform<<<1024, 256>>>(static_cast<uint16_t*>(v), n, 3u, dt == DType::kBF16);
+    CK(cudaGetLastError());
     fa3jax::FwdParams p;
     p.q = q; p.k = k; p.v = v; p.out = o; p.lse = l; p.batch = c.b; p.seqlen_q = p.seqlen_k = c.s;
     p.num_heads_q = p.num_heads_k = c.h; p.head_dim = d; p.dtype = dt; p.softmax_scale = 1.f / std::sqrt(float(d));
     p.window_right = c.wr;
     for (Variant v : {Variant::kDynamic, Variant::kStatic, Variant::kCluster}) {
       if (v == Variant::kCluster && c.wr >= 0) continue;
+      if (f.variant >= 0 && f.variant != int(v)) continue;
       apply(p, v);
       cudaEvent_t e0, e1;
       CK(cudaEventCreate(&e0)); CK(cudaEventCreate(&e1));
@@ -229,11 +254,27 @@ static void bench(DType dt, int d) {
 
 int main(int argc, char** argv) {
   std::setvbuf(stdout, nullptr, _IOLBF, 0);  // keep the log of a run that hangs and gets killed
-  bool quick = false, do_bench = false, verbose = true;
+  bool quick = false, do_bench = false, bench_only = false, verbose = true;
+  BenchFilter filter;
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--quick")) quick = true;
     else if (!std::strcmp(argv[i], "--bench")) do_bench = true;
+    else if (!std::strcmp(argv[i], "--bench-only")) do_bench = bench_only = true;
     else if (!std::strcmp(argv[i], "--quiet")) verbose = false;
+    else if (!std::strcmp(argv[i], "--case") && i + 1 < argc) {
+      if (std::sscanf(argv[++i], "%d,%d,%d", &filter.b, &filter.s, &filter.causal) != 3) {
+        std::fprintf(stderr, "--case wants B,S,CAUSAL (e.g. 4,4096,1)\n");
+        return 2;
+      }
+    } else if (!std::strcmp(argv[i], "--variant") && i + 1 < argc) {
+      std::string v = argv[++i];
+      filter.variant = v == "dyn" ? int(Variant::kDynamic) : v == "static" ? int(Variant::kStatic)
+                     : v == "cluster" ? int(Variant::kCluster) : -2;
+      if (filter.variant == -2) { std::fprintf(stderr, "--variant wants dyn|static|cluster\n"); return 2; }
+    } else {
+      std::fprintf(stderr, "unknown argument %s\n", argv[i]);
+      return 2;
+    }
   }
   int dev;
   cudaDeviceProp prop;
@@ -268,6 +309,7 @@ int main(int argc, char** argv) {
     for (int d : dims) {
       if (!fa3jax::fwd_compiled(dt, d)) continue;
       for (const Config& c : configs) {
+        if (bench_only) break;
         // --quick: one unmasked config (the cluster kernel where one is compiled) and one causal.
         if (quick && &c != &configs[1] && &c != &configs[2]) continue;
         for (Variant v : {Variant::kDynamic, Variant::kStatic, Variant::kCluster}) {
@@ -277,7 +319,7 @@ int main(int argc, char** argv) {
           if (!run_one(dt, d, c, v, rng, verbose)) ++failures;
         }
       }
-      if (do_bench) bench(dt, d);
+      if (do_bench) bench(dt, d, filter);
     }
   // Invalid parameters must be rejected, not launched.
   {

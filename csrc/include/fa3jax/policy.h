@@ -3,6 +3,14 @@
 // kernel_traits.h), both multiples of 8.
 #pragma once
 
+// A/B knobs for experiment builds (benchmarks/device_run.sh ab); the defaults are the measured choices.
+#ifndef FA3JAX_D128_TMA_EPILOGUE
+#define FA3JAX_D128_TMA_EPILOGUE 1
+#endif
+#ifndef FA3JAX_D128_BLOCK_N
+#define FA3JAX_D128_BLOCK_N 128
+#endif
+
 namespace fa3jax {
 
 template <int kHeadDim> struct FwdPolicy;
@@ -16,8 +24,8 @@ template <> struct FwdPolicy<64> {
 template <> struct FwdPolicy<128> {
   // Measured alternatives (H100, 2026-11-25, benchmarks/RESULTS.md): kBlockN 176 (FA3's non-causal choice) and
   // 3 K/V stages were no faster than 128 x 2 stages (causal 2048 fell from 0.84x to 0.70x with 176).
-  static constexpr int kBlockM = 128, kBlockN = 128, kStages = 2;
-  static constexpr bool kTmaEpilogue = true;
+  static constexpr int kBlockM = 128, kBlockN = FA3JAX_D128_BLOCK_N, kStages = 2;
+  static constexpr bool kTmaEpilogue = FA3JAX_D128_TMA_EPILOGUE;
   // The persistent multicast producer spills at 24 registers; 32 fits with consumers at 232, within the 168 x 384
   // the CTA launches with (both kernels compile without spills, ptxas -v, 2026-11-25).
   static constexpr int kProducerRegs = 32, kConsumerRegs = 232;  // 3 warpgroups (384 threads)
