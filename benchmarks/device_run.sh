@@ -90,23 +90,31 @@ ab() {
       timeout 120 "build/ab-$name/fa3jax_test_fwd" --bench-only | grep ^bench | sed "s/^bench/ab $name r$r/"
     done
   done
+  tar czf "$OUT/ab_build_logs.tgz" -C "$OUT" $(cd "$OUT" && ls ab-*-build.log) && rm -f "$OUT"/ab-*-build.log
 }
-# NCU_BIN (default: the build stage's test program), NCU_CASE=B,S,CAUSAL, NCU_VARIANT=dyn|static|cluster;
-# also profiles flash-attn3-jax's kernel on the same shape. Exports per-SASS-instruction counters as CSV.
+# NCU_BIN (default: the build stage's test program), NCU_CASES="B,S,CAUSAL ..." (default 4,4096,1),
+# NCU_VARIANT=dyn|static|cluster; profiles flash-attn3-jax's kernel on the same shapes too. Per-SASS-instruction
+# counters go to CSV; everything comes back as one archive (at most 8 files come back from the device).
 ncuprof() {
-  local bin=${NCU_BIN:-build/csrc-tests/fa3jax_test_fwd} case=${NCU_CASE:-4,4096,1}
-  local b=${case%%,*} rest=${case#*,}; local s=${rest%%,*} causal=${rest#*,}
+  local bin=${NCU_BIN:-build/csrc-tests/fa3jax_test_fwd} case b s causal rest tag
   local secs="--section SpeedOfLight --section WarpStateStats --section SourceCounters --section LaunchStats --section Occupancy"
-  timeout 240 ncu $secs -k regex:fwd_kernel --launch-skip 3 -c 1 -f -o "$OUT/prof_ours" \
-    "$bin" --bench-only --case "$case" --variant "${NCU_VARIANT:-dyn}" | tail -n 3
-  ncu --import "$OUT/prof_ours.ncu-rep" --page source --csv --print-source sass >"$OUT/prof_ours_sass.csv" 2>&1
-  ncu --import "$OUT/prof_ours.ncu-rep" --page details >"$OUT/prof_ours_details.txt" 2>&1
   local site=""; [ -d /tmp/fa3site/fa3jax ] && site=/tmp/fa3site:
-  PYTHONPATH=$site$PYTHONPATH timeout 240 ncu $secs -k regex:device_kernel --launch-skip 1 -c 1 -f -o "$OUT/prof_fa3" \
-    python3 benchmarks/profile_fwd.py --seqlen "$s" $([ "$causal" = 1 ] && echo --causal) --impl flash-attn3-jax | tail -n 3
-  ncu --import "$OUT/prof_fa3.ncu-rep" --page details >"$OUT/prof_fa3_details.txt" 2>&1
-  ncu --import "$OUT/prof_fa3.ncu-rep" --page source --csv --print-source sass >"$OUT/prof_fa3_sass.csv" 2>&1
-  grep -hE "Duration|Executed Instructions  |Warp Cycles Per Issued|Compute \(SM\) Throughput" "$OUT"/prof_*_details.txt
+  for case in ${NCU_CASES:-4,4096,1}; do
+    b=${case%%,*}; rest=${case#*,}; s=${rest%%,*}; causal=${rest#*,}; tag=b${b}_s${s}_c${causal}
+    timeout 240 ncu $secs -k regex:fwd_kernel --launch-skip 3 -c 1 -f -o "$OUT/prof_ours_$tag" \
+      "$bin" --bench-only --case "$case" --variant "${NCU_VARIANT:-dyn}" | tail -n 2
+    PYTHONPATH=$site$PYTHONPATH timeout 240 ncu $secs -k regex:device_kernel --launch-skip 1 -c 1 -f \
+      -o "$OUT/prof_fa3_$tag" python3 benchmarks/profile_fwd.py --seqlen "$s" $([ "$causal" = 1 ] && echo --causal) \
+      --impl flash-attn3-jax | tail -n 2
+    for who in ours fa3; do
+      ncu --import "$OUT/prof_${who}_$tag.ncu-rep" --page details >"$OUT/prof_${who}_${tag}_details.txt" 2>&1
+      ncu --import "$OUT/prof_${who}_$tag.ncu-rep" --page source --csv --print-source sass \
+        >"$OUT/prof_${who}_${tag}_sass.csv" 2>&1
+      echo "$who $tag: $(grep -hE "^ +(Duration|Executed Instructions|Warp Cycles Per Issued Instruction|Compute \(SM\) Throughput) " \
+        "$OUT/prof_${who}_${tag}_details.txt" | awk '{print $1, $(NF)}' | tr '\n' ' ')"
+    done
+  done
+  tar czf "$OUT/prof.tgz" -C "$OUT" $(cd "$OUT" && ls prof_*) && rm -f "$OUT"/prof_*
 }
 sweep() { timeout ${SWEEP_TIMEOUT:-300} python3 benchmarks/triton_sweep.py ${SWEEP_ARGS:---kernel fwd --cands 128,128,8,3}; }
 
