@@ -62,10 +62,6 @@ def _launches():
     yield "dense-d256-full", _dense(256, "bfloat16", (-1, -1))
     vs = _dense(128, "bfloat16", (-1, 0)).replace(mode="varlen", batch=5, varlen=VarlenSpec(3000, 3000, True))
     yield "varlen-d128-causal-seqused", vs
-    # The varlen forward's two grids: the compact one with its widest cu_seqlens scan, and the per-sequence one.
-    yield "varlen-d128-full-batch1024", vs.replace(batch=plan_varlen.COMPACT_MAX_BATCH, window=Window(-1, -1),
-                                                   varlen=VarlenSpec(3000, 3000, False))
-    yield "varlen-d128-causal-per-sequence-grid", vs.replace(batch=plan_varlen.COMPACT_MAX_BATCH + 1)
     for paged in (False, True):
         kv = KVCacheSpec(capacity=32768, cache_batch=128 if paged else 1, paged=paged, page_size=256 if paged else 0,
                          pages_per_seq=128 if paged else 0, seqlen_new=1, rotary_dim=0, rotary_interleaved=False,

@@ -3,10 +3,6 @@
 Array names: q k v cu_seqlens_q cu_seqlens_k seqused_k (int32). Outputs: out (total_q, hq, d) in the input dtype,
 lse (hq, total_q) float32. Every output element is written by the kernel (uncovered q rows get 0 / -inf).
 No jax, no triton import here.
-
-Grid: compact (only real query tiles, plus the programs that own the uncovered rows) up to COMPACT_MAX_BATCH
-sequences, where every program scans cu_seqlens_q to find its tile; beyond that, where the scan's cost per program
-(it grows with the batch) is not bounded any more, one grid slice per sequence (kernel docstring).
 """
 from __future__ import annotations
 
@@ -15,12 +11,7 @@ from typing import Optional
 
 from ...spec import AttentionSpec
 from . import tuning
-from .plan import Launch, _common_constexprs, _fit, _fwd_variant_constexprs, _pow2_at_least, _reverse_m, score_scales
-
-# Largest batch served by the compact grid. Each program of it loads 2 * SEQ_PAD int32 of cu_seqlens_q and scans
-# them (SEQ_PAD = the next power of two >= batch); 1024 keeps that at 8 KiB and 4 lanes per thread with 8 warps.
-# A guess, to be measured on the GPU against the per-sequence grid at large batch.
-COMPACT_MAX_BATCH = 1024
+from .plan import Launch, _common_constexprs, _fit, _fwd_variant_constexprs, _reverse_m, score_scales
 
 
 def check(spec: AttentionSpec) -> Optional[str]:
@@ -43,8 +34,7 @@ def check(spec: AttentionSpec) -> Optional[str]:
 
 
 def plan_forward(spec: AttentionSpec, arch: str = "sm90", overrides: Optional[dict] = None) -> Launch:
-    """``overrides``: {"fwd": (block_m, block_n, num_warps, num_stages)} (tests force small tiles),
-    {"compact_max_batch": n} (tests force the per-sequence grid)."""
+    """``overrides``: {"fwd": (block_m, block_n, num_warps, num_stages)} (tests force small tiles)."""
     vs = spec.varlen
     cfg = tuning.lookup(spec.head_dim, spec.dtype, spec.causal, arch).fwd
     if overrides and "fwd" in overrides:
@@ -60,19 +50,10 @@ def plan_forward(spec: AttentionSpec, arch: str = "sm90", overrides: Optional[di
     meta += [("WINDOW_LEFT", int(spec.window.left)), ("WINDOW_RIGHT", int(spec.window.right)),
              ("SOFTCAP", bool(spec.softcap > 0.0)), ("HAS_SEQUSED", bool(vs.has_seqused_k)),
              ("REVERSE_M", _reverse_m(spec))] + _fwd_variant_constexprs(spec)
-    batch, bm = spec.batch, cfg.block_m
-    if batch <= (overrides or {}).get("compact_max_batch", COMPACT_MAX_BATCH):
-        # The bound on the real tiles, sum_b cdiv(len_b, bm) <= (total_q + batch * (bm - 1)) // bm, plus one:
-        # enough spare programs for the uncovered rows, one tile of rows each (kernel docstring). It holds for
-        # any cu_seqlens_q, so max_seqlen_q (a user promise) plays no part in it.
-        grid = (batch + (total_q - batch) // bm + 1, hq, 1)
-        meta.append(("SEQ_PAD", _pow2_at_least(batch)))
-    else:
-        # max(1, ...): with max_seqlen_q == 0 the uncovered-row slice still needs programs.
-        grid = (max(1, math.ceil(vs.max_seqlen_q / bm)), hq, batch + 1)
-        meta.append(("SEQ_PAD", 0))
+    # max(1, ...): with max_seqlen_q == 0 the uncovered-row slice still needs programs.
+    grid_m = max(1, math.ceil(vs.max_seqlen_q / cfg.block_m))
     return Launch(
         module="flash_varlen", kernel="_varlen_attn_fwd", args=args,
         outputs=(("out", (total_q, hq, d), spec.dtype), ("lse", (hq, total_q), "float32")),
-        grid=grid, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        grid=(grid_m, hq, spec.batch + 1), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         constexprs=tuple(meta))
