@@ -10,6 +10,9 @@
 #ifndef FA3JAX_D128_BLOCK_N
 #define FA3JAX_D128_BLOCK_N 128
 #endif
+#ifndef FA3JAX_D128_STAGES
+#define FA3JAX_D128_STAGES 2
+#endif
 
 namespace fa3jax {
 
@@ -24,7 +27,7 @@ template <> struct FwdPolicy<64> {
 template <> struct FwdPolicy<128> {
   // Measured alternatives (H100, 2026-11-25, benchmarks/RESULTS.md): kBlockN 176 (FA3's non-causal choice) and
   // 3 K/V stages were no faster than 128 x 2 stages (causal 2048 fell from 0.84x to 0.70x with 176).
-  static constexpr int kBlockM = 128, kBlockN = FA3JAX_D128_BLOCK_N, kStages = 2;
+  static constexpr int kBlockM = 128, kBlockN = FA3JAX_D128_BLOCK_N, kStages = FA3JAX_D128_STAGES;
   static constexpr bool kTmaEpilogue = FA3JAX_D128_TMA_EPILOGUE;
   // The persistent multicast producer spills at 24 registers; 32 fits with consumers at 232, within the 168 x 384
   // the CTA launches with (both kernels compile without spills, ptxas -v, 2026-11-25).
