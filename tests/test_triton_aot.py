@@ -62,6 +62,8 @@ def _launches():
     yield "dense-d256-full", _dense(256, "bfloat16", (-1, -1))
     vs = _dense(128, "bfloat16", (-1, 0)).replace(mode="varlen", batch=5, varlen=VarlenSpec(3000, 3000, True))
     yield "varlen-d128-causal-seqused", vs
+    # the varlen forward's own tile (tuning._VARLEN_FWD), unmasked
+    yield "varlen-d128-full", vs.replace(window=Window(-1, -1), varlen=VarlenSpec(3000, 3000, False))
     for paged in (False, True):
         kv = KVCacheSpec(capacity=32768, cache_batch=128 if paged else 1, paged=paged, page_size=256 if paged else 0,
                          pages_per_seq=128 if paged else 0, seqlen_new=1, rotary_dim=0, rotary_interleaved=False,

@@ -36,7 +36,7 @@ def check(spec: AttentionSpec) -> Optional[str]:
 def plan_forward(spec: AttentionSpec, arch: str = "sm90", overrides: Optional[dict] = None) -> Launch:
     """``overrides``: {"fwd": (block_m, block_n, num_warps, num_stages)} (tests force small tiles)."""
     vs = spec.varlen
-    cfg = tuning.lookup(spec.head_dim, spec.dtype, spec.causal, arch).fwd
+    cfg = tuning.lookup_varlen_fwd(spec.head_dim, spec.dtype, spec.causal, arch)
     if overrides and "fwd" in overrides:
         cfg = tuning.TileConfig(*overrides["fwd"])
     cfg = _fit(cfg, max(vs.max_seqlen_q, 1), max(vs.max_seqlen_k, 1))

@@ -70,6 +70,15 @@ for _causal in (False, True):
     _put(128, "sm80", _causal, fwd=(128, 64, 8, 2), dkdv=(32, 128, 8, 2), dq=(64, 64, 4, 2))
     _put(256, "sm80", _causal, fwd=(64, 64, 8, 2), dkdv=(32, 32, 4, 1), dq=(64, 32, 8, 2))
 
+# Varlen forward (packed sequences): most sequences end inside a key block, and the last, partial block of every
+# sequence costs a full block, so a narrower BLOCK_N wastes less. Measured on the H100 (2026-11-25, 16384 tokens,
+# lengths uniform in [L/2, 3L/2], d=128 bf16 unmasked, two rounds, benchmarks/RESULTS.md session 4 run 11): mean
+# L 512 / 1024 / 2048: 128x128/8w/3st 248,247 / 313,321 / 406,410 TFLOPS; 128x64/8w/3st 286,283 / 352,359 /
+# 438,432 (varlen/dense 0.96-0.97 / 0.92-0.95 / 0.99-1.01). Causal varlen keeps the causal entry (already 128x64).
+_VARLEN_FWD: dict[tuple[int, str, bool, str], TileConfig] = {
+    (128, dtype, False, "sm90"): TileConfig(128, 64, 8, 3) for dtype in ("float16", "bfloat16")}
+
+
 class DecodeConfig(NamedTuple):
     """Split-KV decode (flash_decode) launch policy for one cache layout. Decode is bandwidth-bound: what matters
     is bytes in flight per SM, not the MMA shape."""
@@ -125,3 +134,9 @@ def arch_family(arch: str) -> str:
 def lookup(head_dim: int, dtype: str, causal: bool, arch: str) -> KernelConfigs:
     key = (head_dim_bucket(head_dim), dtype, bool(causal), arch_family(arch))
     return _TABLE.get(key, DEFAULT)
+
+
+def lookup_varlen_fwd(head_dim: int, dtype: str, causal: bool, arch: str) -> TileConfig:
+    """The varlen forward's tile: its own entry where one was measured, else the dense forward's."""
+    key = (head_dim_bucket(head_dim), dtype, bool(causal), arch_family(arch))
+    return _VARLEN_FWD.get(key) or lookup(head_dim, dtype, causal, arch).fwd
