@@ -4,8 +4,9 @@ Keys are ``(head_dim_bucket, dtype, causal, arch)``: the bucket is the padded he
 (64 covers every head_dim <= 64, 128 covers 65..128, 256 covers 129..256), ``causal`` is ``spec.window.right
 == 0`` (any other window uses the non-causal entry), ``arch`` is ``"sm90"``, ``"sm80"``, ...
 
-ALL NUMBERS BELOW ARE INITIAL GUESSES, TO BE MEASURED on the target GPU (H100 SXM for sm90). The reasoning
-behind them:
+Entries whose comment does not cite a measurement are initial guesses, to be measured on the target GPU (H100
+SXM for sm90; the d=128 sm90 entries, the varlen forward's and the decode policy are measured). The reasoning
+behind the guesses:
   * forward: BLOCK_M=128 with 8 warps (two warpgroups, 64 rows each, as wgmma wants), BLOCK_N=128 up to d=128
     and 64 at d=256 so that Q + 2-3 stages of K/V fit in the 227 KiB of shared memory and the fp32
     accumulator (BLOCK_M x D) stays in registers.
