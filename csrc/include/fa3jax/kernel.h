@@ -67,7 +67,7 @@ __global__ void __launch_bounds__(KT::kNumThreads, 1) fwd_kernel(__grid_constant
     return BI(t.m_block, params.seqlen_q, params.seqlen_k, params.window_left, params.window_right);
   };
 
-  // Dynamic assignment: work units travel from the producer thread to the consumers through ss.unit (one
+  // Dynamic assignment: work units travel from the producer warp (lane 0) to the consumers through ss.unit (one
   // slot, full/empty barriers); a unit >= num_units ends both loops. Static: both sides compute them.
   volatile int* const unit_slot = &ss.unit;
   int const num_units = params.sched.num_units;

@@ -55,7 +55,7 @@ struct FwdMainloop {
                             make_coord(_0{}, _));  // (D, N, n)
 
     // Under a cluster this CTA fetches its 1/kClusterM slice of each K/V tile and multicasts it (mask: all CTAs).
-    int const rank = KT::kClusterM > 1 ? int(cute::block_rank_in_cluster()) : 0;
+    int const rank = PersistentTileScheduler<KT::kClusterM>::cta_rank();
     constexpr uint16_t kMcastMask = uint16_t((1u << KT::kClusterM) - 1);
     auto kv_layout = Layout<Int<KT::kClusterM>>{};
     auto [tQgQ, tQsQ] = tma_partition(params.tma_q, _0{}, Layout<_1>{}, group_modes<0, 2>(sQ), group_modes<0, 2>(gQ));

@@ -46,8 +46,8 @@ struct PersistentTileScheduler {
   // keeps everything derived from it (TMA coordinates, trip counts) in uniform registers.
   CUTE_DEVICE static int static_unit(int k) { return k * num_clusters() + first_unit(); }
   // Dynamic assignment (p.counter set; 1-CTA kernels only): the next unnumbered unit, so a CTA that drew short
-  // tiles takes more of them, as the hardware's block dispatch would. Drawn by the producer thread and handed
-  // to the consumers through shared memory.
+  // tiles takes more of them, as the hardware's block dispatch would. Drawn by lane 0 of the producer warp and
+  // handed to the consumers through shared memory.
   CUTE_DEVICE static int dynamic_unit(SchedulerParams const& p) { return num_clusters() + atomicAdd(p.counter, 1); }
 
   // rank: this CTA's rank in its cluster. Host-callable so that the ordering is tested without a GPU
