@@ -160,8 +160,8 @@ class TimingOptions:
     input_sets: int = 2
 
 
-def measure(fn: Callable, arg_sets: list, opts: TimingOptions) -> dict:
-    """Median seconds per call of ``fn`` (already compiled), see the module docstring. Never times compilation."""
+def _warm(fn: Callable, arg_sets: list, opts: TimingOptions) -> tuple[int, list]:
+    """Synchronized warm-up calls; returns (calls per trial, warm-up seconds)."""
     n_sets = len(arg_sets)
     warm = []
     for i in range(max(3, opts.warmup)):
@@ -171,20 +171,44 @@ def measure(fn: Callable, arg_sets: list, opts: TimingOptions) -> dict:
     est = max(min(warm[1:] or warm), 1e-6)
     calls = int(min(opts.max_calls, max(1, math.ceil(opts.min_time / est))))
     calls = max(calls, min(n_sets, opts.max_calls))  # visit every input set at least once per trial
+    return calls, warm
+
+
+def _trial(fn: Callable, arg_sets: list, calls: int) -> float:
+    """Seconds per call over ``calls`` back-to-back calls, synchronized once at the end."""
+    n_sets = len(arg_sets)
     keep_all = not on_gpu()  # CPU executions may overlap; sync on every output (calls are capped there)
-    trials = []
-    for _ in range(max(1, opts.repeats)):
-        outs = []
-        t0 = time.perf_counter()
-        for i in range(calls):
-            out = fn(*arg_sets[i % n_sets])
-            if keep_all:
-                outs.append(out)
-        jax.block_until_ready(outs if keep_all else out)  # one stream: the last call done => all done
-        trials.append((time.perf_counter() - t0) / calls)
-        del outs, out
+    outs = []
+    t0 = time.perf_counter()
+    for i in range(calls):
+        out = fn(*arg_sets[i % n_sets])
+        if keep_all:
+            outs.append(out)
+    jax.block_until_ready(outs if keep_all else out)  # one stream: the last call done => all done
+    return (time.perf_counter() - t0) / calls
+
+
+def measure(fn: Callable, arg_sets: list, opts: TimingOptions) -> dict:
+    """Median seconds per call of ``fn`` (already compiled), see the module docstring. Never times compilation."""
+    calls, warm = _warm(fn, arg_sets, opts)
+    trials = [_trial(fn, arg_sets, calls) for _ in range(max(1, opts.repeats))]
     return {"time_s": statistics.median(trials), "trials_s": trials, "calls_per_trial": calls,
             "warmup_s": warm}
+
+
+def measure_interleaved(fns: dict, arg_sets: list, opts: TimingOptions) -> dict:
+    """:func:`measure` for several functions at once, their trials taken in rounds (one trial of each per round,
+    the order rotating) so that clock and thermal drift over the run hit every function alike (the H100 runs these
+    kernels at its power limit: one kernel's row moved 5% between two sequential runs, RESULTS.md session 5)."""
+    names = list(fns)
+    prep = {n: _warm(fns[n], arg_sets, opts) for n in names}
+    trials: dict = {n: [] for n in names}
+    for r in range(max(1, opts.repeats)):
+        for j in range(len(names)):
+            n = names[(r + j) % len(names)]
+            trials[n].append(_trial(fns[n], arg_sets, prep[n][0]))
+    return {n: {"time_s": statistics.median(trials[n]), "trials_s": trials[n], "calls_per_trial": prep[n][0],
+                "warmup_s": prep[n][1]} for n in names}
 
 
 def compile_fn(f: Callable, args) -> tuple[Callable, Optional[int]]:
@@ -401,6 +425,7 @@ def run_attn(configs: list[AttnConfig], impls: list[Impl], opts: TimingOptions, 
                 ref_out = jax.block_until_ready(forward_out(ref_impl))
             except Exception as e:
                 log(f"  [guard] reference fa3jax:xla failed for {cfg.label()}: {_short(e)}")
+        ready = {}  # impl name -> (impl, err, note, compiled fn, scratch): passed the guard, compiled
         for impl in impls:
             reason = ""
             try:
@@ -422,19 +447,33 @@ def run_attn(configs: list[AttnConfig], impls: list[Impl], opts: TimingOptions, 
                     log(f"  {cfg.label():40s} {impl.name:15s} WRONG (err {err:.2e})")
                     continue
                 f, scratch = timed(impl)
-                m = measure(f, sets, opts)
+                ready[impl.name] = (impl, err, note, f, scratch)
             except Exception as e:
                 rows.append(_row(cfg, impl.name, "skipped", reason=_short(e), max_rel_err=err, note=note))
                 log(f"  {cfg.label():40s} {impl.name:15s} skipped: {_short(e, 80)}")
+        ref_out = None
+        results: dict = {}
+        try:  # one failing impl must not cost the others their row: then time them one by one
+            results = measure_interleaved({n: r[3] for n, r in ready.items()}, sets, opts)
+        except Exception:
+            for name, (impl, err, note, f, scratch) in ready.items():
+                try:
+                    results[name] = measure(f, sets, opts)
+                except Exception as e:
+                    results[name] = e
+        for name, (impl, err, note, f, scratch) in ready.items():
+            m = results[name]
+            if isinstance(m, Exception):
+                rows.append(_row(cfg, name, "skipped", reason=_short(m), max_rel_err=err, note=note))
+                log(f"  {cfg.label():40s} {name:15s} skipped: {_short(m, 80)}")
                 continue
-            finally:
-                compiled.pop(impl.name, None)  # free the executable (and its buffers) before the next impl
             tflops = cfg.flops / m["time_s"] / 1e12
-            rows.append(_row(cfg, impl.name, "ok", ms=m["time_s"] * 1e3, tflops=tflops, max_rel_err=err,
+            rows.append(_row(cfg, name, "ok", ms=m["time_s"] * 1e3, tflops=tflops, max_rel_err=err,
                              note=note, scratch_bytes=scratch, trials_ms=[t * 1e3 for t in m["trials_s"]],
                              calls_per_trial=m["calls_per_trial"]))
-            log(f"  {cfg.label():40s} {impl.name:15s} {m['time_s'] * 1e3:9.3f} ms {_fmt_tf(tflops):>8s} TFLOPS"
+            log(f"  {cfg.label():40s} {name:15s} {m['time_s'] * 1e3:9.3f} ms {_fmt_tf(tflops):>8s} TFLOPS"
                 + (f"  err {err:.1e}" if err is not None else ""))
+        del ready, results
         del sets, ref_out, compiled
         if progress:
             progress(rows)

@@ -169,3 +169,29 @@ def test_varlen_reference_matches_float64():
             want, _ = reference.attention(q[a:b], k[a:b], v[a:b], scale=16 ** -0.5,
                                           window=masking.normalize_window((-1, -1), causal))
             np.testing.assert_allclose(out[a:b], want, atol=1e-5, rtol=1e-5)
+
+
+def test_measure_interleaved_rounds():
+    """Every function gets `repeats` trials, taken in rotating rounds, and the median is of its own trials."""
+    import jax.numpy as jnp
+
+    order = []
+
+    def make(name, n):
+        def f(x):
+            order.append(name)
+            return jnp.tanh(x) * n
+        return f
+
+    xs = [(jnp.ones((64, 64)),), (jnp.full((64, 64), 2.0),)]
+    opts = bench.TimingOptions(warmup=3, repeats=4, min_time=0.0, max_calls=2)
+    res = bench.measure_interleaved({"a": make("a", 1), "b": make("b", 2)}, xs, opts)
+    assert set(res) == {"a", "b"}
+    for r in res.values():
+        assert len(r["trials_s"]) == 4 and r["calls_per_trial"] == 2
+        assert r["time_s"] == sorted(r["trials_s"])[1] / 2 + sorted(r["trials_s"])[2] / 2
+        assert all(t > 0 for t in r["trials_s"])
+    timed = order[6:]  # after 3 warm-up calls each
+    rounds = [timed[i:i + 4] for i in range(0, 16, 4)]  # a round = one trial (2 calls) of each
+    assert [r[0] for r in rounds] == ["a", "b", "a", "b"], rounds  # the order rotates
+    assert all(sorted(r) == ["a", "a", "b", "b"] for r in rounds)
