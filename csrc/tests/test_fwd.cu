@@ -212,8 +212,8 @@ struct BenchFilter {
 
 static void bench(DType dt, int d, BenchFilter const& f) {
   struct B { int b, s, h; int wr; };
-  const B cases[] = {{8, 2048, 16, -1}, {8, 2048, 16, 0}, {4, 4096, 16, -1}, {4, 4096, 16, 0}, {1, 16384, 16, -1},
-                     {1, 16384, 16, 0}};
+  const B cases[] = {{8, 2048, 16, -1}, {8, 2048, 16, 0}, {4, 4096, 16, -1}, {4, 4096, 16, 0}, {2, 8192, 16, -1},
+                     {2, 8192, 16, 0}, {1, 16384, 16, -1}, {1, 16384, 16, 0}};
   for (const B& c : cases) {
     if ((f.b && f.b != c.b) || (f.s && f.s != c.s) || (f.causal >= 0 && f.causal != (c.wr == 0))) continue;
     size_t n = size_t(c.b) * c.s * c.h * d;
