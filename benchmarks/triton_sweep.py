@@ -40,37 +40,44 @@ def _time(f, args, trials=5, min_time=0.05):
 
 
 def decode_sweep(a):
-    """--kernel decode: cands are BLOCK_N,warps,stages,programs_per_sm[,min_keys_per_split] (tuning.DECODE of
-    the layout; stages used split or not); num_splits=0."""
+    """--kernel decode: cands are BLOCK_N,warps,stages,num_splits (0 = the automatic count with tuning.DECODE's
+    programs_per_sm/min_keys_per_split) for the layout. Timed as the bench's decode suite (16 chained steps in
+    one executable, caches cycled so that small ones leave L2), all candidates and flash-attn3-jax's
+    num_splits 1/4/16 in interleaved rounds (fa3jax.bench.measure_interleaved)."""
+    from fa3jax import bench
+
+    opts = bench.TimingOptions(repeats=a.repeats)
+    fa3 = [i for i in bench.decode_impls()[0] if i.name.startswith(bench.FA3_NAME)]
     for layout in a.layouts.split(","):
         for batch in (int(x) for x in a.batches.split(",")):
             for cache in (int(x) for x in a.caches.split(",")):
-                ks = jax.random.split(jax.random.key(batch * 7 + cache), 4)
-                hq, hk, d, page = 32, 8, 128, 256
-                q = jax.random.normal(ks[0], (batch, 1, hq, d), jnp.bfloat16)
-                if layout == "paged":
-                    npg = batch * cache // page
-                    shape = (npg, page, hk, d)
-                    pt = jax.random.permutation(ks[3], npg).astype(jnp.int32).reshape(batch, cache // page)
-                else:
-                    shape, pt = (batch, cache, hk, d), None
-                kc = jax.random.normal(ks[1], shape, jnp.bfloat16)
-                vc = jax.random.normal(ks[2], shape, jnp.bfloat16)
-                lens = jnp.full((batch,), cache, jnp.int32)
-                nbytes = 2 * kc.size * kc.dtype.itemsize
-                for cand in a.cands:
-                    bn, w, st, pps, *mk = (int(x) for x in cand.split(","))
-                    tuning.DECODE[layout] = tuning.DecodeConfig(bn, w, st, st, pps, mk[0] if mk else 256, 64)
-                    f = jax.jit(lambda q, kc, vc: fa3jax.flash_mha_with_kvcache(
-                        q, kc, vc, cache_seqlens=lens, page_table=pt, num_splits=0, backend="triton"))
-                    try:
-                        t = _time(f, (q, kc, vc))
-                        print(f"decode {layout} b={batch} cache={cache} cfg={cand}: {t * 1e6:.1f} us "
-                              f"{nbytes / t / 1e12:.2f} TB/s", flush=True)
-                    except Exception as e:  # noqa: BLE001
-                        print(f"decode {layout} b={batch} cache={cache} cfg={cand}: FAILED {type(e).__name__}: "
-                              f"{str(e)[:200]}", flush=True)
-                del kc, vc
+                cfg = bench.DecodeConfig(layout, batch, cache)
+                sets = bench._decode_inputs(cfg, 4 if cfg.kv_bytes < (64 << 20) else 2, seed=batch * 7 + cache)
+                chain = [(x[0], sets[0][3], tuple(y[4] for y in sets), tuple(y[1] for y in sets),
+                          tuple(y[2] for y in sets)) for x in sets]
+                fns = {}
+                saved = tuning.DECODE[layout]
+                try:
+                    for cand in a.cands:
+                        bn, w, st, splits = (int(x) for x in cand.split(","))
+                        tuning.DECODE[layout] = saved._replace(block_n=bn, num_warps=w, stages_split=st,
+                                                               stages_nosplit=st)
+
+                        def fn(q, kc, vc, sl, pt, _s=splits):
+                            return fa3jax.flash_mha_with_kvcache(q, kc, vc, cache_seqlens=sl, page_table=pt,
+                                                                 num_splits=_s, backend="triton")
+
+                        fns[cand] = bench.compile_fn(bench._chained(fn, 16), chain[0])[0]  # traced now
+                finally:
+                    tuning.DECODE[layout] = saved
+                for impl in fa3:
+                    fns[impl.name] = bench.compile_fn(bench._chained(impl.fn, 16), chain[0])[0]
+                res = bench.measure_interleaved(fns, chain, opts)
+                for name, r in sorted(res.items(), key=lambda kv: kv[1]["time_s"]):
+                    t = r["time_s"] / 16
+                    print(f"decode {layout} b={batch} cache={cache} {name}: {t * 1e6:.1f} us "
+                          f"{cfg.kv_bytes / t / 1e12:.3f} TB/s", flush=True)
+                del sets, chain, fns
 
 
 def main():
@@ -84,6 +91,7 @@ def main():
     p.add_argument("--layouts", default="contiguous,paged", help="decode only")
     p.add_argument("--batches", default="1,8,64", help="decode only")
     p.add_argument("--caches", default="32768", help="decode only")
+    p.add_argument("--repeats", type=int, default=7, help="decode only: interleaved rounds")
     a = p.parse_args()
     if a.kernel == "decode":
         return decode_sweep(a)

@@ -173,8 +173,9 @@ def test_choose_num_splits():
 
     assert choose_num_splits(1, 8, 100, 132) == 1  # short cache
     assert choose_num_splits(64, 16, 32768, 132) == 1  # enough programs already
-    assert choose_num_splits(1, 8, 32768, 132, programs_per_sm=2) == 33  # 8 programs -> 8 * 33 >= 2 per SM
-    assert choose_num_splits(1, 8, 32768, 132, programs_per_sm=1) == 17
+    assert choose_num_splits(1, 8, 32768, 132, programs_per_sm=2) == 33  # 8 programs -> 8 * 33 <= 2 per SM
+    assert choose_num_splits(1, 8, 32768, 132, programs_per_sm=1) == 16
+    assert choose_num_splits(8, 8, 32768, 132, programs_per_sm=2) == 4  # 64 * 5 would start a second wave
     assert choose_num_splits(1, 8, 32768, 132, programs_per_sm=4, min_keys_per_split=1024) == 32  # key floor
     assert choose_num_splits(1, 8, 32768, 132, programs_per_sm=4, max_splits=20) == 20
     assert choose_num_splits(1, 1, 600, 132) == 2  # limited by keys per split

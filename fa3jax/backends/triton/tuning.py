@@ -93,14 +93,15 @@ class DecodeConfig(NamedTuple):
     max_splits: int
 
 
-# Measured on the H100 (2026-11-25, hq=32 hk=8 d=128 bf16, cache 32k, b=1/8/64; benchmarks/RESULTS.md):
-# contiguous: 3 stages when split (b=8: 2.84 TB/s vs 2.53 with 4), 4 when not (b=64: 3.05 vs 2.87), 2 programs per
-# SM (b=8: 2.84 vs 2.68 with 4). Paged (the page-table load sits in front of every tile's loads): 4 stages and 4
-# programs per SM at b=8 (2.89 vs 2.56: 9 splits), but at b=1 that asks for 64 splits, worse than ~32 (128k:
-# 2.42 vs 2.73 TB/s), hence at most 32 splits.
+# Measured on the H100 (2026-11-25, hq=32 hk=8 d=128 bf16; benchmarks/RESULTS.md sessions 2 and 5): contiguous:
+# 3 stages when split (b=8: 2.84 TB/s vs 2.53 with 4), 4 when not (b=64: 3.05 vs 2.87). Splits fill at most one
+# wave of programs (choose_num_splits rounds down): b=8 (64 programs) takes 4 splits, 2.98 / 3.04 TB/s at cache
+# 32k / 128k against 2.82 / 2.89 with 5 and 2.81 / 2.84 with 8 (3 stages). Paged: 2 programs per SM (b=8: 4
+# splits 2.46 / 2.95 TB/s at 4k / 32k, against 2.19 / 2.88 with the earlier 9 splits) and at most 16 splits
+# (b=1, 8 programs: 16 splits 2.33 / 2.85 TB/s at 32k / 128k, 32 splits 2.17 / 2.73, 24 splits 2.04 / 2.54).
 DECODE = {
     "contiguous": DecodeConfig(64, 4, 3, 4, 2, 256, 64),
-    "paged": DecodeConfig(64, 4, 4, 4, 4, 256, 32),
+    "paged": DecodeConfig(64, 4, 4, 4, 2, 256, 16),
 }
 
 # Used for any key that is not in the table: small tiles that compile everywhere.
