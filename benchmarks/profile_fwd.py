@@ -23,6 +23,8 @@ p.add_argument("--causal", action="store_true")
 p.add_argument("--impl", default="all", help="fa3jax:cuda | flash-attn3-jax | all")
 p.add_argument("--hlo", action="store_true")
 p.add_argument("--time", action="store_true")
+p.add_argument("--variants", default="", help="with --hlo/--time: also fa3jax:cuda forced to these kernel variants "
+               "(comma list of plain, cluster, wide; fa3jax.backends.cuda.targets.KERNEL_VARIANTS)")
 a = p.parse_args()
 b = max(1, 16384 // a.seqlen)
 q, k, v = (jax.random.normal(jax.random.key(i), (b, a.seqlen, 16, 128), jnp.bfloat16) for i in range(3))
@@ -37,7 +39,16 @@ impls = [(name, f) for name, f in impls if a.impl in ("all", name)]
 if a.hlo or a.time:
     from fa3jax import bench
 
-    compiled = {name: jax.jit(f).lower(q, k, v).compile() for name, f in impls}
+    import contextlib
+
+    from fa3jax.backends.cuda import targets
+
+    compiled = {}
+    cuda = dict(impls).get("fa3jax:cuda")
+    for name, f, variant in [(n, f, None) for n, f in impls] + [
+            (f"cuda[{vn}]", cuda, vn) for vn in filter(None, a.variants.split(",")) if cuda is not None]:
+        with targets.forced_kernel_variant(variant) if variant else contextlib.nullcontext():
+            compiled[name] = jax.jit(f).lower(q, k, v).compile()
     if a.hlo:
         for name, c in compiled.items():
             entry = c.as_text().split("\nENTRY", 1)[-1].split("\n}", 1)[0]  # the top-level computation only

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
-"""Generates one translation unit per (dtype, head_dim, cluster) forward instantiation plus an X-macro list.
+"""Generates one translation unit per (dtype, head_dim, cluster / wide) forward instantiation plus an X-macro list.
 
 Usage: generate_instantiations.py OUT_DIR --head-dims "64;128;256" --dtypes "bf16;fp16"
-Writes OUT_DIR/fwd_<dtype>_hdim<d>[_cluster2].cu, OUT_DIR/fwd_instances.inc and prints the .cu paths
+Writes OUT_DIR/fwd_<dtype>_hdim<d>[_cluster2|_wide].cu, OUT_DIR/fwd_instances.inc and prints the .cu paths
 (';'-separated).
 Files are only rewritten when their content changes, so re-running CMake does not trigger rebuilds.
 """
@@ -23,28 +23,41 @@ EXTENDED_SHAPES = {256}
 # number of query blocks; see include/fa3jax/kernel_traits.h). One more heavy TU each, so only where measured.
 CLUSTER_HEAD_DIMS = {128}
 
-TU = HEADER + """// Forward kernel instantiation: dtype {dtype}, head_dim {hdim}, {cluster} CTA(s) per cluster.
+# Head dims that also get a wide-key-tile kernel (FwdPolicyWide in include/fa3jax/policy.h: unmasked long keys).
+# Its 176-wide WGMMA needs the extended atoms.
+WIDE_HEAD_DIMS = {128}
+
+TU = HEADER + """// Forward kernel instantiation: dtype {dtype}, head_dim {hdim}, {cluster} CTA(s) per cluster{wide_note}.
 {ext}#include "fa3jax/launch.h"
 
 namespace fa3jax {{
 template <>
-FwdStatus run_fwd_instance<DType::{enum}, {hdim}, {cluster}>(const FwdParams& p, cudaStream_t stream) {{
-  return launch_fwd<DType::{enum}, {hdim}, {cluster}>(p, stream);
+FwdStatus run_fwd_instance<DType::{enum}, {hdim}, {cluster}, {wide}>(const FwdParams& p, cudaStream_t stream) {{
+  return launch_fwd<DType::{enum}, {hdim}, {cluster}, {wide}>(p, stream);
 }}
 }}  // namespace fa3jax
 """
 
 INC_PROLOGUE = """// FA3JAX_FWD_INSTANCE(enum, name, head_dim): single-CTA kernels, one per compiled (dtype, head_dim).
 // FA3JAX_FWD_CLUSTER_INSTANCE(enum, name, head_dim): 2-CTA cluster kernels; expands to nothing unless defined.
+// FA3JAX_FWD_WIDE_INSTANCE(enum, name, head_dim): wide-key-tile kernels; expands to nothing unless defined.
 #ifndef FA3JAX_FWD_CLUSTER_INSTANCE
 #define FA3JAX_FWD_CLUSTER_INSTANCE(e, n, d)
 #define FA3JAX_FWD_CLUSTER_INSTANCE_DEFAULTED
+#endif
+#ifndef FA3JAX_FWD_WIDE_INSTANCE
+#define FA3JAX_FWD_WIDE_INSTANCE(e, n, d)
+#define FA3JAX_FWD_WIDE_INSTANCE_DEFAULTED
 #endif
 """
 
 INC_EPILOGUE = """#ifdef FA3JAX_FWD_CLUSTER_INSTANCE_DEFAULTED
 #undef FA3JAX_FWD_CLUSTER_INSTANCE
 #undef FA3JAX_FWD_CLUSTER_INSTANCE_DEFAULTED
+#endif
+#ifdef FA3JAX_FWD_WIDE_INSTANCE_DEFAULTED
+#undef FA3JAX_FWD_WIDE_INSTANCE
+#undef FA3JAX_FWD_WIDE_INSTANCE_DEFAULTED
 #endif
 """
 
@@ -83,12 +96,17 @@ def main(argv=None):
     for t in dtypes:
         for d in dims:
             ext = "#define CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED\n" if d in EXTENDED_SHAPES else ""
-            for cluster in (1, 2) if d in CLUSTER_HEAD_DIMS else (1,):
-                suffix = "" if cluster == 1 else f"_cluster{cluster}"
+            kinds = [(1, False, "", "FA3JAX_FWD_INSTANCE")]
+            if d in CLUSTER_HEAD_DIMS:
+                kinds.append((2, False, "_cluster2", "FA3JAX_FWD_CLUSTER_INSTANCE"))
+            if d in WIDE_HEAD_DIMS:
+                kinds.append((1, True, "_wide", "FA3JAX_FWD_WIDE_INSTANCE"))
+            for cluster, wide, suffix, macro in kinds:
                 p = os.path.join(a.out_dir, f"fwd_{t}_hdim{d}{suffix}.cu")
-                _write(p, TU.format(dtype=t, hdim=d, enum=DTYPES[t], ext=ext, cluster=cluster))
+                tu_ext = "#define CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED\n" if wide else ext
+                _write(p, TU.format(dtype=t, hdim=d, enum=DTYPES[t], ext=tu_ext, cluster=cluster,
+                                    wide="true" if wide else "false", wide_note=", wide key tiles" if wide else ""))
                 paths.append(p)
-                macro = "FA3JAX_FWD_INSTANCE" if cluster == 1 else "FA3JAX_FWD_CLUSTER_INSTANCE"
                 inc.append(f"{macro}({DTYPES[t]}, {t}, {d})\n")
     inc.append(INC_EPILOGUE)
     _write(os.path.join(a.out_dir, "fwd_instances.inc"), "".join(inc))

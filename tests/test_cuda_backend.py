@@ -2,7 +2,7 @@
 xla backward on the cuda forward's LSE) until the CUDA backward exists. Head dims and dtypes follow the build."""
 import pytest
 
-from fa3jax.backends.cuda import build_info
+from fa3jax.backends.cuda import build_info, targets
 
 from .suite import AttentionSuite
 
@@ -36,3 +36,14 @@ class TestCuda(AttentionSuite):
         dtype, d = _NAMES[instance[0]], instance[1]
         b, lq, lk, hq, hk, causal, window, cap = case
         self._check_dense(b, lq, lk, hq, hk, d, causal, window, cap, dtype)
+
+
+    @pytest.mark.parametrize("variant", ["plain", "cluster", "wide"])
+    @pytest.mark.parametrize("causal", [False, True])
+    def test_forced_kernel_variant(self, variant, causal):
+        """Every kernel the benchmarks can force computes the same attention; where one does not apply (a cluster
+        under a causal mask, wide tiles where none were compiled) the dispatcher falls back to the one-CTA one."""
+        if ("bf16", 128) not in _BUILT:
+            pytest.skip("bf16 d=128 not built")
+        with targets.forced_kernel_variant(variant):
+            self._check_dense(2, 512, 512, 4, 4, 128, causal, (-1, -1), 0.0, "bfloat16")

@@ -136,3 +136,23 @@ def test_no_assert_statements_in_library_code():
     offenders = [f"{p}:{i}" for p in root.rglob("*.py") for i, line in enumerate(p.read_text().splitlines(), 1)
                  if re.match(r"\s*assert\s", line)]
     assert not offenders, offenders
+
+
+def test_cuda_kernel_variant_attribute():
+    """The benchmarks' kernel-variant switch: typed as the FFI handler binds it, scoped, and checked."""
+    import types
+
+    import numpy as np
+
+    from fa3jax.backends.cuda import targets
+
+    spec = types.SimpleNamespace(softmax_scale=0.1, window=types.SimpleNamespace(left=-1, right=0), softcap=0.0)
+    assert targets.fwd_attributes(spec)[targets.ATTR_KERNEL_VARIANT] == np.int32(0)
+    with targets.forced_kernel_variant("wide"):
+        attrs = targets.fwd_attributes(spec)
+        assert attrs[targets.ATTR_KERNEL_VARIANT] == np.int32(3)
+        assert attrs[targets.ATTR_KERNEL_VARIANT].dtype == np.int32
+    assert targets.fwd_attributes(spec)[targets.ATTR_KERNEL_VARIANT] == np.int32(0)
+    with pytest.raises(ValueError, match="kernel variant"):
+        with targets.forced_kernel_variant("fast"):
+            pass

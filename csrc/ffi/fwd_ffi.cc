@@ -24,7 +24,7 @@ std::string dims_str(ffi::Span<const int64_t> d) {
 ffi::Error FwdImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer q, ffi::AnyBuffer k,
                    ffi::AnyBuffer v,
                    ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::Buffer<ffi::F32>> lse, float softmax_scale,
-                   int32_t window_left, int32_t window_right, float softcap) {
+                   int32_t window_left, int32_t window_right, float softcap, int32_t kernel_variant) {
   auto bad = [](std::string m) { return ffi::Error(ffi::ErrorCode::kInvalidArgument, "fa3jax_cuda_fwd: " + m); };
   auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(), od = out->dimensions();
   auto ld = lse->dimensions();
@@ -62,6 +62,11 @@ ffi::Error FwdImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyB
   p.window_left = window_left;
   p.window_right = window_right;
   p.softcap = softcap;
+  // 0: the dispatch policy's choice; 1: one-CTA kernel with FwdPolicy tiles; 2: two-CTA cluster where it applies;
+  // 3: wide key tiles where compiled (benchmarks compare them in one process; see targets.py).
+  if (kernel_variant < 0 || kernel_variant > 3) return bad("kernel_variant must be 0..3");
+  p.allow_cluster = kernel_variant == 2;
+  p.wide_tiles = kernel_variant == 0 ? -1 : (kernel_variant == 3 ? 1 : 0);
   if (const char* msg = fa3jax::fwd_check(p)) return bad(msg);
   // The persistent kernel's tile counter (stream-ordered scratch: freed when this handler returns, reused only
   // by work queued after the kernel).
@@ -91,4 +96,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Fa3jaxCudaFwd, FwdImpl,
                                   .Attr<float>("softmax_scale")
                                   .Attr<int32_t>("window_left")
                                   .Attr<int32_t>("window_right")
-                                  .Attr<float>("softcap"));
+                                  .Attr<float>("softcap")
+                                  .Attr<int32_t>("kernel_variant"));

@@ -15,6 +15,16 @@ bool fwd_compiled(DType dtype, int head_dim) {
   return false;
 }
 
+bool fwd_compiled_wide(DType dtype, int head_dim) {
+#define FA3JAX_FWD_INSTANCE(e, n, d)
+#define FA3JAX_FWD_WIDE_INSTANCE(e, n, d) \
+  if (dtype == DType::e && head_dim == d) return true;
+#include "fwd_instances.inc"
+#undef FA3JAX_FWD_WIDE_INSTANCE
+#undef FA3JAX_FWD_INSTANCE
+  return false;
+}
+
 const char* fwd_compiled_list() {
 #define FA3JAX_FWD_INSTANCE(e, n, d) #n ":" #d ";"
   static const char kList[] = ""
@@ -65,6 +75,15 @@ FwdStatus run_fwd(const FwdParams& p, cudaStream_t stream) {
     return run_fwd_instance<DType::e, d, 2>(p, stream);
 #include "fwd_instances.inc"
 #undef FA3JAX_FWD_CLUSTER_INSTANCE
+#undef FA3JAX_FWD_INSTANCE
+  // Wide key tiles only pay on long unmasked rows (policy.h); tests force them with wide_tiles = 1.
+#define FA3JAX_FWD_INSTANCE(e, n, d)
+#define FA3JAX_FWD_WIDE_INSTANCE(e, n, d)                                                           \
+  if (p.dtype == DType::e && p.head_dim == d &&                                                     \
+      (p.wide_tiles == 1 || (p.wide_tiles < 0 && unmasked && p.seqlen_k >= FwdPolicyWide<d>::kMinSeqlenK))) \
+    return run_fwd_instance<DType::e, d, 1, true>(p, stream);
+#include "fwd_instances.inc"
+#undef FA3JAX_FWD_WIDE_INSTANCE
 #undef FA3JAX_FWD_INSTANCE
 #define FA3JAX_FWD_INSTANCE(e, n, d) \
   if (p.dtype == DType::e && p.head_dim == d) return run_fwd_instance<DType::e, d, 1>(p, stream);

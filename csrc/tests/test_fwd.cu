@@ -5,7 +5,7 @@
 //   fa3jax_test_fwd            run all tests
 //   fa3jax_test_fwd --quick    one config per instantiation (for racecheck, which is slow)
 //   fa3jax_test_fwd --bench    also time a few large configs (no checking)
-//   fa3jax_test_fwd --bench-only [--case B,S,CAUSAL] [--variant dyn|static|cluster]
+//   fa3jax_test_fwd --bench-only [--case B,S,CAUSAL] [--variant dyn|static|cluster|wide]
 //                              only the timings, optionally one case and variant (for Nsight Compute)
 #include <cmath>
 #include <cstdint>
@@ -112,15 +112,18 @@ static void reference(const Config& c, int d, float scale, const std::vector<flo
       }
 }
 
-// How the kernel is asked to run: dynamic tile assignment (the FFI's default), static, or the 2-CTA cluster.
-enum class Variant { kDynamic, kStatic, kCluster };
+// How the kernel is asked to run: dynamic tile assignment (the FFI's default), static, the 2-CTA cluster, or the
+// wide-key-tile kernel (dynamic assignment).
+enum class Variant { kDynamic, kStatic, kCluster, kWide };
 static const char* label(Variant v) {
-  return v == Variant::kDynamic ? "" : v == Variant::kStatic ? " [static]" : " [cluster]";
+  return v == Variant::kDynamic ? "" : v == Variant::kStatic ? " [static]" : v == Variant::kCluster ? " [cluster]"
+                                                                                                 : " [wide]";
 }
 static void* g_workspace = nullptr;
 static void apply(fa3jax::FwdParams& p, Variant v) {
   p.allow_cluster = v == Variant::kCluster;
-  p.workspace = v == Variant::kDynamic ? g_workspace : nullptr;
+  p.workspace = v == Variant::kDynamic || v == Variant::kWide ? g_workspace : nullptr;
+  p.wide_tiles = v == Variant::kWide ? 1 : 0;
 }
 
 static bool run_one(DType dt, int d, const Config& c, Variant variant, std::mt19937& rng, bool verbose) {
@@ -229,8 +232,9 @@ static void bench(DType dt, int d, BenchFilter const& f) {
     p.q = q; p.k = k; p.v = v; p.out = o; p.lse = l; p.batch = c.b; p.seqlen_q = p.seqlen_k = c.s;
     p.num_heads_q = p.num_heads_k = c.h; p.head_dim = d; p.dtype = dt; p.softmax_scale = 1.f / std::sqrt(float(d));
     p.window_right = c.wr;
-    for (Variant v : {Variant::kDynamic, Variant::kStatic, Variant::kCluster}) {
+    for (Variant v : {Variant::kDynamic, Variant::kStatic, Variant::kCluster, Variant::kWide}) {
       if (v == Variant::kCluster && c.wr >= 0) continue;
+      if (v == Variant::kWide && !fa3jax::fwd_compiled_wide(dt, d)) continue;
       if (f.variant >= 0 && f.variant != int(v)) continue;
       apply(p, v);
       cudaEvent_t e0, e1;
@@ -269,8 +273,8 @@ int main(int argc, char** argv) {
     } else if (!std::strcmp(argv[i], "--variant") && i + 1 < argc) {
       std::string v = argv[++i];
       filter.variant = v == "dyn" ? int(Variant::kDynamic) : v == "static" ? int(Variant::kStatic)
-                     : v == "cluster" ? int(Variant::kCluster) : -2;
-      if (filter.variant == -2) { std::fprintf(stderr, "--variant wants dyn|static|cluster\n"); return 2; }
+                     : v == "cluster" ? int(Variant::kCluster) : v == "wide" ? int(Variant::kWide) : -2;
+      if (filter.variant == -2) { std::fprintf(stderr, "--variant wants dyn|static|cluster|wide\n"); return 2; }
     } else {
       std::fprintf(stderr, "unknown argument %s\n", argv[i]);
       return 2;
@@ -312,9 +316,10 @@ int main(int argc, char** argv) {
         if (bench_only) break;
         // --quick: one unmasked config (the cluster kernel where one is compiled) and one causal.
         if (quick && &c != &configs[1] && &c != &configs[2]) continue;
-        for (Variant v : {Variant::kDynamic, Variant::kStatic, Variant::kCluster}) {
-          // masked configs never take the cluster kernel
+        for (Variant v : {Variant::kDynamic, Variant::kStatic, Variant::kCluster, Variant::kWide}) {
+          // masked configs never take the cluster kernel; the wide one handles masks too (forced here)
           if (v == Variant::kCluster && (c.wl >= 0 || c.wr >= 0)) continue;
+          if (v == Variant::kWide && !fa3jax::fwd_compiled_wide(dt, d)) continue;
           ++runs;
           if (!run_one(dt, d, c, v, rng, verbose)) ++failures;
         }

@@ -31,6 +31,9 @@ struct FwdParams {
   // kernel then assigns tiles dynamically under windowed/causal masks (tiles of unequal length). nullptr:
   // static round-robin assignment always.
   void* workspace = nullptr;
+  // Wide key tiles (FwdPolicyWide, where compiled): -1 = where the policy says (unmasked, long keys), 0 = never,
+  // 1 = always (tests).
+  int wide_tiles = -1;
 };
 
 inline constexpr size_t kFwdWorkspaceBytes = 16;
@@ -49,15 +52,17 @@ const char* fwd_check(const FwdParams& p);
 // Checks, then launches on `stream`. Never throws.
 FwdStatus run_fwd(const FwdParams& p, cudaStream_t stream);
 
-// Whether (dtype, head_dim) was compiled into this build.
+// Whether (dtype, head_dim) was compiled into this build, and whether with a wide-key-tile kernel.
 bool fwd_compiled(DType dtype, int head_dim);
+bool fwd_compiled_wide(DType dtype, int head_dim);
 
 // Compiled instantiations as "bf16:128;fp16:64;..." (static string), and the target arch.
 const char* fwd_compiled_list();
 const char* fwd_arch();
 
-// Per-instantiation entry points (defined in generated translation units). kClusterM: CTAs per cluster.
-template <DType kDType, int kHeadDim, int kClusterM>
+// Per-instantiation entry points (defined in generated translation units). kClusterM: CTAs per cluster;
+// kWide: FwdPolicyWide's tiles instead of FwdPolicy's.
+template <DType kDType, int kHeadDim, int kClusterM, bool kWide = false>
 FwdStatus run_fwd_instance(const FwdParams& p, cudaStream_t stream);
 
 }  // namespace fa3jax

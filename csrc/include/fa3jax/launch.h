@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <cutlass/numeric_types.h>
 
 #include "fwd_api.h"
@@ -17,15 +18,16 @@ template <DType kDType> struct ElementOf;
 template <> struct ElementOf<DType::kBF16> { using type = cutlass::bfloat16_t; };
 template <> struct ElementOf<DType::kFP16> { using type = cutlass::half_t; };
 
-template <DType kDType, int kHeadDim, int kClusterM>
-using FwdTraitsFor = FwdKernelTraits<typename ElementOf<kDType>::type, kHeadDim, FwdPolicy<kHeadDim>::kBlockM,
-                                     FwdPolicy<kHeadDim>::kBlockN, FwdPolicy<kHeadDim>::kStages,
-                                     FwdPolicy<kHeadDim>::kProducerRegs, FwdPolicy<kHeadDim>::kConsumerRegs,
-                                     kClusterM, FwdPolicy<kHeadDim>::kTmaEpilogue>;
+template <class P, DType kDType, int kHeadDim, int kClusterM>
+using FwdTraitsOf = FwdKernelTraits<typename ElementOf<kDType>::type, kHeadDim, P::kBlockM, P::kBlockN, P::kStages,
+                                    P::kProducerRegs, P::kConsumerRegs, kClusterM, P::kTmaEpilogue>;
+template <DType kDType, int kHeadDim, int kClusterM, bool kWide = false>
+using FwdTraitsFor = FwdTraitsOf<std::conditional_t<kWide, FwdPolicyWide<kHeadDim>, FwdPolicy<kHeadDim>>, kDType,
+                                 kHeadDim, kClusterM>;
 
-template <DType kDType, int kHeadDim, int kClusterM>
+template <DType kDType, int kHeadDim, int kClusterM, bool kWide = false>
 FwdStatus launch_fwd(const FwdParams& p, cudaStream_t stream) {
-  using KT = FwdTraitsFor<kDType, kHeadDim, kClusterM>;
+  using KT = FwdTraitsFor<kDType, kHeadDim, kClusterM, kWide>;
   using Element = typename KT::Element;
   constexpr int D = kHeadDim;
   int const b = p.batch, sq = p.seqlen_q, sk = p.seqlen_k, hq = p.num_heads_q, hk = p.num_heads_k;

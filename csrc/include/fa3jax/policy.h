@@ -34,6 +34,18 @@ template <> struct FwdPolicy<128> {
   // the CTA launches with (both kernels compile without spills, ptxas -v, 2026-11-25).
   static constexpr int kProducerRegs = 32, kConsumerRegs = 232;  // 3 warpgroups (384 threads)
 };
+// Wide key tiles for unmasked inputs with long keys (FA3's non-causal d=128 choice), a separate instantiation.
+// Measured (H100, 2026-11-25, RESULTS.md session 4 run 7, as the d=128 policy itself): +1-3% at 1 x 16k
+// unmasked, -5% at 8 x 2k and 6-9% slower causal, hence only from kMinSeqlenK keys on and without a mask.
+// 2 x (K + V) of 176 rows leave no room for the O buffer: registers -> global epilogue.
+template <int kHeadDim> struct FwdPolicyWide;
+template <> struct FwdPolicyWide<128> {
+  static constexpr int kBlockM = 128, kBlockN = 176, kStages = 2;
+  static constexpr bool kTmaEpilogue = false;
+  static constexpr int kProducerRegs = 32, kConsumerRegs = 232;
+  static constexpr int kMinSeqlenK = 8192;
+};
+
 template <> struct FwdPolicy<256> {
   static constexpr int kBlockM = 128, kBlockN = 80, kStages = 2;
   // No room for a 64 KiB O buffer next to Q (64 KiB) and 2 x (K + V) (160 KiB): registers -> global epilogue.

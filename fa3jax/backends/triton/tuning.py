@@ -98,10 +98,12 @@ class DecodeConfig(NamedTuple):
 # wave of programs (choose_num_splits rounds down): b=8 (64 programs) takes 4 splits, 2.98 / 3.04 TB/s at cache
 # 32k / 128k against 2.82 / 2.89 with 5 and 2.81 / 2.84 with 8 (3 stages). Paged: 2 programs per SM (b=8: 4
 # splits 2.46 / 2.95 TB/s at 4k / 32k, against 2.19 / 2.88 with the earlier 9 splits) and at most 16 splits
-# (b=1, 8 programs: 16 splits 2.33 / 2.85 TB/s at 32k / 128k, 32 splits 2.17 / 2.73, 24 splits 2.04 / 2.54).
+# (b=1, 8 programs: 16 splits 2.33 / 2.85 TB/s at 32k / 128k, 32 splits 2.17 / 2.73, 24 splits 2.04 / 2.54), and
+# 3 stages, split or not (b=1 4k 16 splits: 0.72 vs 0.69 TB/s; b=8 4 splits: 2.46 vs 2.43 at 4k, equal at 32k;
+# b=64 32k unsplit: 3.059 vs 3.054; 2 stages 3.005).
 DECODE = {
     "contiguous": DecodeConfig(64, 4, 3, 4, 2, 256, 64),
-    "paged": DecodeConfig(64, 4, 4, 4, 2, 256, 16),
+    "paged": DecodeConfig(64, 4, 3, 3, 2, 256, 16),
 }
 
 # Used for any key that is not in the table: small tiles that compile everywhere.
