@@ -36,7 +36,9 @@ template <> struct FwdPolicy<128> {
 };
 // Wide key tiles for unmasked inputs with long keys (FA3's non-causal d=128 choice), a separate instantiation.
 // Measured (H100, 2026-11-25, RESULTS.md session 4 run 7, as the d=128 policy itself): +1-3% at 1 x 16k
-// unmasked, -5% at 8 x 2k and 6-9% slower causal, hence only from kMinSeqlenK keys on and without a mask.
+// unmasked, -5% at 8 x 2k and 6-9% slower causal, hence only from kMinSeqlenK keys on and without a mask. As its
+// own instantiation (session 5, Python, interleaved rounds, against the 128x128 kernel): 2 x 8k 589 vs 580
+// TFLOP/s, 1 x 16k 611 vs 610 (random-normal inputs) and 634 vs 607 (uniform inputs).
 // 2 x (K + V) of 176 rows leave no room for the O buffer: registers -> global epilogue.
 template <int kHeadDim> struct FwdPolicyWide;
 template <> struct FwdPolicyWide<128> {
