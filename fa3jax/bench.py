@@ -18,7 +18,8 @@ Timing method (see :func:`measure`): compile once (ahead of time), warm up (>= 3
 ``repeats`` trials; each trial issues N calls back to back, rotating over >= 2 freshly drawn random-normal
 input sets, and synchronizes once at the end; a trial's time per call is its wall time / N; the reported time is
 the median over trials. N is chosen from the warm-up time so that a trial lasts ``min_time`` seconds (capped by
-``max_calls``).
+``max_calls``). In the attn suite all implementations of a config are compiled first and their trials taken in
+interleaved rounds (:func:`measure_interleaved`), so that clock drift under the GPU's power limit hits each alike.
 
 FLOPs (the FlashAttention convention): forward = 4 * b * s^2 * h * d (matmuls only), halved when causal; for
 varlen the sum over sequences of 4 * s_i^2 * h * d; ``fwd+bwd`` counts 3.5x that (forward 1x + backward 2.5x),
