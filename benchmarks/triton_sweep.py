@@ -53,8 +53,7 @@ def decode_sweep(a):
             for cache in (int(x) for x in a.caches.split(",")):
                 cfg = bench.DecodeConfig(layout, batch, cache)
                 sets = bench._decode_inputs(cfg, 4 if cfg.kv_bytes < (64 << 20) else 2, seed=batch * 7 + cache)
-                chain = [(x[0], sets[0][3], tuple(y[4] for y in sets), tuple(y[1] for y in sets),
-                          tuple(y[2] for y in sets)) for x in sets]
+                chain = bench.decode_chain_sets(sets)
                 fns = {}
                 saved = tuning.DECODE[layout]
                 try:

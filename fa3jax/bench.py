@@ -612,6 +612,18 @@ def measure_copy(nbytes: int, opts: TimingOptions) -> dict:
     return {"bytes_moved": moved, "ms": m["time_s"] * 1e3, "tbps": moved / m["time_s"] / 1e12}
 
 
+def decode_chain_sets(sets: list) -> list:
+    """Argument sets of :func:`_chained` from :func:`_decode_inputs`' sets: q varies per call, and every call walks
+    through all cache sets (at least two query sets, so that consecutive calls differ)."""
+    seqlens, kcs, vcs, pts = sets[0][3], tuple(x[1] for x in sets), tuple(x[2] for x in sets), \
+        tuple(x[4] for x in sets)
+    chain_sets = [(x[0], seqlens, pts, kcs, vcs) for x in sets]
+    if len(chain_sets) < 2:
+        chain_sets.append((jax.random.normal(jax.random.PRNGKey(1), sets[0][0].shape, sets[0][0].dtype),
+                           seqlens, pts, kcs, vcs))
+    return chain_sets
+
+
 def _chained(fn: Callable, unroll: int) -> Callable:
     """``unroll`` decode steps in one jitted call, each step's output being the next step's query (same shape and
     dtype), cycling through the cache sets. A decode kernel can take a few microseconds, less than a Python
@@ -660,13 +672,8 @@ def run_decode(configs: list[DecodeConfig], impls: list[DecodeImpl], opts: Timin
             for impl in impls:
                 rows.append(_drow(cfg, impl.name, "skipped", reason=f"inputs: {_short(e)}"))
             continue
-        # timing inputs: q varies per call; every call walks through all cache sets (see _chained)
-        seqlens, kcs, vcs, pts = sets[0][3], tuple(x[1] for x in sets), tuple(x[2] for x in sets), \
-            tuple(x[4] for x in sets)
-        chain_sets = [(x[0], seqlens, pts, kcs, vcs) for x in sets]
-        if len(chain_sets) < 2:
-            chain_sets.append((jax.random.normal(jax.random.PRNGKey(1), sets[0][0].shape, sets[0][0].dtype),
-                               seqlens, pts, kcs, vcs))
+        chain_sets = decode_chain_sets(sets)
+        seqlens, pts, kcs, vcs = chain_sets[0][1:]
         ref = None
         if check:
             try:
