@@ -2,41 +2,18 @@
 
     python benchmarks/triton_sweep.py --kernel bwd_dkdv --cands 32,128,8,2 64,128,8,2 ...
 
-For each candidate, the tuning table entry of (head_dim, dtype, causal, arch) is replaced in-process, and the
-fwd (or fwd+bwd) of h=16, d, b*s=16384 tokens is timed as in fa3jax.bench (median of trials, events via a sync).
+For each candidate, the tuning table entry of (head_dim, dtype, causal, arch) is replaced in-process while the
+fwd (or fwd+bwd) of h=16, d, b*s=16384 tokens is compiled; all candidates and flash-attn3-jax (when importable) are
+then timed in interleaved rounds (fa3jax.bench.measure_interleaved), each row with its ratio to flash-attn3-jax.
 """
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import jax
-import jax.numpy as jnp
 
 import fa3jax
 from fa3jax.backends.triton import tuning
-
-
-def _time(f, args, trials=5, min_time=0.05):
-    jax.block_until_ready(f(*args))
-    n = 1
-    while True:
-        t = time.perf_counter()
-        for _ in range(n):
-            out = f(*args)
-        jax.block_until_ready(out)
-        if time.perf_counter() - t > min_time or n > 500:
-            break
-        n *= 2
-    times = []
-    for _ in range(trials):
-        t = time.perf_counter()
-        for _ in range(n):
-            out = f(*args)
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - t) / n)
-    return statistics.median(times)
 
 
 def decode_sweep(a):
@@ -82,7 +59,8 @@ def decode_sweep(a):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--kernel", choices=["fwd", "bwd_dkdv", "bwd_dq", "decode"], required=True)
-    p.add_argument("--cands", nargs="+", required=True, help="block_m,block_n,warps,stages")
+    p.add_argument("--cands", nargs="+", required=True,
+                   help="block_m,block_n,warps,stages[,overlap] (decode: BLOCK_N,warps,stages,num_splits)")
     p.add_argument("--d", type=int, default=128)
     p.add_argument("--seqlens", default="4096,16384")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
@@ -90,40 +68,48 @@ def main():
     p.add_argument("--layouts", default="contiguous,paged", help="decode only")
     p.add_argument("--batches", default="1,8,64", help="decode only")
     p.add_argument("--caches", default="32768", help="decode only")
-    p.add_argument("--repeats", type=int, default=7, help="decode only: interleaved rounds")
+    p.add_argument("--repeats", type=int, default=7, help="interleaved rounds")
     a = p.parse_args()
     if a.kernel == "decode":
         return decode_sweep(a)
     arch = "sm" + "".join(str(jax.devices()[0].compute_capability).split("."))
     causals = {"0": (False,), "1": (True,), "both": (False, True)}[a.causal]
-    dt = jnp.dtype(a.dtype)
+    from fa3jax import bench
+
+    opts = bench.TimingOptions(repeats=a.repeats)
+    mode = "fwd" if a.kernel == "fwd" else "fwd+bwd"
+    dt = {"bfloat16": "bf16", "float16": "fp16"}[a.dtype]
+    fa3 = [i for i in bench.attn_impls()[0] if i.name == bench.FA3_NAME]
     for causal in causals:
         key = (tuning.head_dim_bucket(a.d), a.dtype, causal, tuning.arch_family(arch))
         base = tuning._TABLE[key]
         for s in (int(x) for x in a.seqlens.split(",")):
-            b, h = 16384 // s, 16
-            ks = jax.random.split(jax.random.key(s), 4)
-            q, k, v, do = (jax.random.normal(x, (b, s, h, a.d), dt) for x in ks)
-            flops = 4 * b * s * s * h * a.d / (2 if causal else 1) * (1 if a.kernel == "fwd" else 3.5)
-            for cand in a.cands:
-                cfg = tuning.TileConfig(*(int(x) for x in cand.split(",")))
-                tuning._TABLE[key] = base._replace(**{a.kernel: cfg})
-                if a.kernel == "fwd":
-                    f = jax.jit(lambda q, k, v: fa3jax.flash_mha(q, k, v, is_causal=causal, backend="triton"))
-                    args = (q, k, v)
-                else:
-                    f = jax.jit(lambda q, k, v, do: jax.vjp(
-                        lambda q, k, v: fa3jax.flash_mha(q, k, v, is_causal=causal, backend="triton"), q, k, v)[1](do))
-                    args = (q, k, v, do)
-                try:
-                    t = _time(f, args)
-                    print(f"{a.kernel} d={a.d} {a.dtype} causal={causal} s={s} cfg={cand}: {t * 1e3:.3f} ms "
-                          f"{flops / t / 1e12:.1f} TFLOPS", flush=True)
-                except Exception as e:  # a config that fails to compile/launch is reported, not fatal
-                    print(f"{a.kernel} d={a.d} {a.dtype} causal={causal} s={s} cfg={cand}: FAILED {type(e).__name__}: "
-                          f"{str(e)[:200]}", flush=True)
-        tuning._TABLE[key] = base
-
+            cfg = bench.AttnConfig(mode, causal, dt, a.d, 16, s, 16384 // s)
+            sets = bench._attn_inputs(cfg, 2, seed=s)
+            fns = {}
+            try:
+                for cand in a.cands:
+                    fields = [int(x) for x in cand.split(",")]
+                    tile = tuning.TileConfig(*fields[:4], *map(bool, fields[4:]))
+                    tuning._TABLE[key] = base._replace(**{a.kernel: tile})
+                    f = bench._timed_fn(lambda q, k, v: fa3jax.flash_mha(q, k, v, is_causal=causal, backend="triton"),
+                                        mode)
+                    try:
+                        fns[cand] = bench.compile_fn(f, sets[0])[0]  # traced (and the plan taken) now
+                    except Exception as e:  # a config that fails to compile is reported, not fatal
+                        print(f"{cfg.label()} cfg={cand}: FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
+            finally:
+                tuning._TABLE[key] = base
+            for impl in fa3:
+                fns[impl.name] = bench.compile_fn(bench._timed_fn(impl.forward(cfg), mode), sets[0])[0]
+            res = bench.measure_interleaved(fns, sets, opts)
+            ref = res.get(bench.FA3_NAME, {}).get("time_s")
+            for name, r in sorted(res.items(), key=lambda kv: kv[1]["time_s"]):
+                t = r["time_s"]
+                ratio = f" ({ref / t:.2f}x {bench.FA3_NAME})" if ref else ""
+                print(f"{cfg.label()} cfg={name}: {t * 1e3:.3f} ms {cfg.flops / t / 1e12:.1f} TFLOPS{ratio}",
+                      flush=True)
+            del sets, fns
 
 if __name__ == "__main__":
     main()

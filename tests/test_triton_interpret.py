@@ -36,7 +36,10 @@ _MIX = {"fwd": (32, 16), "bwd_dkdv": (16, 32), "bwd_dq": (32, 16)}
 _MIX2 = {"fwd": (16, 32), "bwd_dkdv": (32, 16), "bwd_dq": (16, 32)}
 CASES = {
     "full_b2_l37_d64": dict(b=2, lq=37, lk=37, hq=2, hk=2, d=64, window=(-1, -1), blocks=_B16),
-    "full_interior_l64": dict(b=1, lq=64, lk=64, hq=1, hk=1, d=16, window=(-1, -1), blocks=_MIX),
+    # overlap (tuning.TileConfig.overlap) is on for the forward and dK/dV kernels except in the cases that set it
+    # False; the forward takes flash_fwd._fwd_tiles_overlap where the head dim needs no padding and there is no
+    # softcap.
+    "full_interior_l64": dict(b=1, lq=64, lk=64, hq=1, hk=1, d=16, window=(-1, -1), blocks=_MIX, overlap=False),
     "causal_l65_d40": dict(b=1, lq=65, lk=65, hq=2, hk=2, d=40, window=(-1, 0), blocks=_B16),
     "causal_lq37_lk80_d16": dict(b=1, lq=37, lk=80, hq=2, hk=2, d=16, window=(-1, 0), blocks=_MIX),
     "causal_lq80_lk37_empty_rows": dict(b=1, lq=80, lk=37, hq=2, hk=2, d=40, window=(-1, 0), blocks=_MIX2),
@@ -208,7 +211,7 @@ def _run_case(name):
     spec = _spec(c)
     arrays = dict(q=q, k=k, v=v, dout=dout, dlse=dlse, offsets=np.asarray(c.get("offsets", (0, 0)), np.int32))
 
-    fwd = plan.plan_forward(spec, "sm90", overrides={"fwd": c["blocks"]["fwd"] + (4, 1)})
+    fwd = plan.plan_forward(spec, "sm90", overrides={"fwd": c["blocks"]["fwd"] + (4, 1, c.get("overlap", True))})
     out, lse = _interpret(fwd, arrays)
     res = {"out": _rel(out, ref["out"])}
     finite = np.isfinite(ref["lse"])
@@ -219,7 +222,7 @@ def _run_case(name):
     res["empty_out_zero"] = bool(np.all(out[:, empty_rows] == 0))
 
     arrays.update(out=out, lse=lse)
-    overrides = {key: c["blocks"][key] + (4, 1) for key in ("bwd_dkdv", "bwd_dq")}
+    overrides = {key: c["blocks"][key] + (4, 1, c.get("overlap", True)) for key in ("bwd_dkdv", "bwd_dq")}
     pre, dkdv, dq_launch = plan.plan_backward(spec, "sm90", overrides=overrides)
     (arrays["delta"],) = _interpret(pre, arrays)
     dk, dv = _interpret(dkdv, arrays)

@@ -30,7 +30,7 @@ _TQ, _TK = 60, 75
 CASES = {
     "full_d64": dict(hq=2, hk=2, d=64, window=(-1, -1), blocks=(16, 16)),
     "causal_d40_seqused": dict(hq=2, hk=2, d=40, window=(-1, 0), blocks=(16, 32), seqused=[25, 1, 0, 33, 0]),
-    "window_8_4_gqa": dict(hq=4, hk=2, d=16, window=(8, 4), blocks=(16, 16)),
+    "window_8_4_gqa": dict(hq=4, hk=2, d=16, window=(8, 4), blocks=(16, 16), overlap=False),
     "window_16_inf_mqa": dict(hq=4, hk=1, d=16, window=(16, -1), blocks=(32, 16), seqused=[30, 0, 0, 20, 2]),
     "softcap_causal_d64": dict(hq=2, hk=1, d=64, window=(-1, 0), softcap=2.0, blocks=(16, 16)),
     "no_uncovered_one_seq": dict(hq=1, hk=1, d=32, window=(-1, 0), blocks=(16, 16), cu_q=[0, 37], cu_k=[0, 50],
@@ -87,7 +87,7 @@ def _run_case(name):
                          softcap=cap, varlen=VarlenSpec(int(np.diff(cu_q).max()), int(len_k.max()),
                                                         seqused is not None))
     assert plan_varlen.check(spec) is None, plan_varlen.check(spec)
-    launch = plan_varlen.plan_forward(spec, "sm90", overrides={"fwd": c["blocks"] + (4, 1)})
+    launch = plan_varlen.plan_forward(spec, "sm90", overrides={"fwd": c["blocks"] + (4, 1, c.get("overlap", True))})
     arrays = dict(q=q, k=k, v=v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
                   seqused_k=seqused if seqused is not None else cu_k)
     out, lse = _interpret(launch, arrays)

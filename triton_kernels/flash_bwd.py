@@ -43,7 +43,7 @@ def _dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, m_begin, m_
                 seqlen_q, q_off, glq, glk, scale_in, scale_out,
                 STRIDE_QM: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                 BLOCK_M: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
-                SOFTCAP: tl.constexpr, MASKED: tl.constexpr):
+                SOFTCAP: tl.constexpr, MASKED: tl.constexpr, OVERLAP: tl.constexpr):
     """Accumulate query tiles [m_begin, m_end) into dK (unscaled) and dV, working on transposed scores (N, M)
     so that both products reduce over the query axis without a transpose of the accumulators."""
     offs_d = tl.arange(0, HEAD_DIM_PAD)
@@ -62,6 +62,10 @@ def _dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, m_begin, m_
             lse = tl.load(lse_ptrs)
             delta = tl.load(delta_ptrs)
         st = tl.dot(k, tl.trans(q))
+        if OVERLAP:
+            # Both score products first: the dV product is then in flight while dS is computed (a dot whose
+            # result the loop reads is waited for at once, so only dV/dK can overlap the elementwise work).
+            dpt = tl.dot(v, tl.trans(do))
         if SOFTCAP:
             t = _tanh(st * scale_in)
             s = t * scale_out
@@ -74,7 +78,8 @@ def _dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, m_begin, m_
             ok = ok & (rows[None, :] < seqlen_q)
             pt = tl.where(ok, pt, 0.0)
         dv = tl.dot(pt.to(do.dtype), do, dv)
-        dpt = tl.dot(v, tl.trans(do))
+        if not OVERLAP:
+            dpt = tl.dot(v, tl.trans(do))
         dst = pt * (dpt - delta[None, :])
         if SOFTCAP:
             dst = dst * (1.0 - t * t)
@@ -91,17 +96,20 @@ def _dkdv_ranges(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, m_lo, f_lo
                  seqlen_q, q_off, glq, glk, scale_in, scale_out,
                  STRIDE_QM: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                  BLOCK_M: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
-                 SOFTCAP: tl.constexpr):
+                 SOFTCAP: tl.constexpr, OVERLAP: tl.constexpr):
     """One query head's visible query tiles, as _query_blocks' three runs (masked edges, unmasked middle)."""
     dk, dv = _dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, m_lo, f_lo, offs_t, cols_g,
                          seqlen_q, q_off, glq, glk, scale_in, scale_out,
-                         STRIDE_QM, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, True)
+                         STRIDE_QM, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, True,
+                         OVERLAP)
     dk, dv = _dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, f_lo, f_hi, offs_t, cols_g,
                          seqlen_q, q_off, glq, glk, scale_in, scale_out,
-                         STRIDE_QM, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, False)
+                         STRIDE_QM, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, False,
+                         OVERLAP)
     dk, dv = _dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, f_hi, m_hi, offs_t, cols_g,
                          seqlen_q, q_off, glq, glk, scale_in, scale_out,
-                         STRIDE_QM, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, True)
+                         STRIDE_QM, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, True,
+                         OVERLAP)
     return dk, dv
 
 
@@ -110,7 +118,8 @@ def _dkdv_tile(Q, K, V, DO, LSE, DELTA, DK, DV, kv_row0, q_base0, stat_base, sta
                off_hk, start_n, seqlen_q, seqlen_k, q_off, k_off, glq, glk, scale_in, scale_out, sm_scale,
                STRIDE_QM: tl.constexpr, STRIDE_KN: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
                HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr):
+               WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
+               OVERLAP: tl.constexpr):
     """dK/dV of one key tile, shared by the dense and varlen kernels: kv_row0 = element offset of the tile's first
     row (this kv head) in K/V/DK/DV, q_base0 = of the sequence's query row 0 (head 0) in Q/DO; query head h's
     LSE/delta row 0 sits at stat_base + h * stat_head_stride."""
@@ -145,7 +154,8 @@ def _dkdv_tile(Q, K, V, DO, LSE, DELTA, DK, DV, kv_row0, q_base0, stat_base, sta
         delta_ptrs = DELTA + stat0 + offs_t
         dk, dv = _dkdv_ranges(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, m_lo, f_lo, f_hi, m_hi, offs_t,
                               cols_g, seqlen_q, q_off, glq, glk, scale_in, scale_out,
-                              STRIDE_QM, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP)
+                              STRIDE_QM, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP,
+                              OVERLAP)
     dk = dk * sm_scale
     _store_rows(DK + kv_row0 + tile_k, dk.to(DK.dtype.element_ty), offs_n, seqlen_k, offs_d, HEAD_DIM, HEAD_DIM_PAD)
     _store_rows(DV + kv_row0 + tile_k, dv.to(DV.dtype.element_ty), offs_n, seqlen_k, offs_d, HEAD_DIM, HEAD_DIM_PAD)
@@ -159,7 +169,8 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, OFFS,
               HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
-              SOFTCAP: tl.constexpr, HAS_OFFSETS: tl.constexpr, REVERSE_N: tl.constexpr):
+              SOFTCAP: tl.constexpr, HAS_OFFSETS: tl.constexpr, REVERSE_N: tl.constexpr,
+              OVERLAP: tl.constexpr):
     STRIDE_QM: tl.constexpr = NUM_HEADS_Q * HEAD_DIM
     STRIDE_KN: tl.constexpr = NUM_HEADS_K * HEAD_DIM
     GROUP: tl.constexpr = NUM_HEADS_Q // NUM_HEADS_K
@@ -178,7 +189,7 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, OFFS,
                off_b * seqlen_q * STRIDE_QM, off_b * NUM_HEADS_Q * seqlen_q, seqlen_q,
                off_hk, start_n, seqlen_q, seqlen_k, q_off, k_off, glq, glk, scale_in, scale_out, sm_scale,
                STRIDE_QM, STRIDE_KN, GROUP, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT,
-               SOFTCAP)
+               SOFTCAP, OVERLAP)
 
 
 @triton.jit

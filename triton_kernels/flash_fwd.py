@@ -68,11 +68,52 @@ def _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, n_begin, n_end, rows_g, offs_n,
 
 
 @triton.jit
+def _fwd_softmax_step(qk, l_i, m_i, scale_in, SCALE_POS: tl.constexpr):
+    """Unmasked online-softmax step on one tile of raw products: (p, alpha, l_i, m_new)."""
+    if SCALE_POS:
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * scale_in)
+        p = tl.exp2(qk * scale_in - m_new[:, None])
+    else:
+        s = qk * scale_in
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    return p, alpha, l_i, m_new
+
+
+@triton.jit
+def _fwd_tiles_overlap(acc, l_i, m_i, q, k_ptrs, v_ptrs, n_begin, n_end, scale_in,
+                       STRIDE_KN: tl.constexpr, BLOCK_N: tl.constexpr, SCALE_POS: tl.constexpr):
+    """The unmasked run [n_begin, n_end) (no softcap) with QK^T of the next tile issued before the PV product
+    of this one (FA3 paper, section 3.2, intra-warpgroup overlap): the wgmma of tile j+1 and of PV j then run
+    while the warpgroup computes the softmax of tile j+1, instead of the tensor cores idling through it."""
+    if n_begin < n_end:
+        k_ptrs += n_begin.to(tl.int64) * STRIDE_KN
+        v_ptrs += n_begin.to(tl.int64) * STRIDE_KN
+        qk = tl.dot(q, tl.trans(tl.load(k_ptrs)))
+        for _ in range(n_begin + BLOCK_N, n_end, BLOCK_N):
+            p, alpha, l_i, m_i = _fwd_softmax_step(qk, l_i, m_i, scale_in, SCALE_POS)
+            k_ptrs += BLOCK_N * STRIDE_KN
+            qk = tl.dot(q, tl.trans(tl.load(k_ptrs)))
+            acc = acc * alpha[:, None]
+            v = tl.load(v_ptrs)
+            acc = tl.dot(p.to(v.dtype), v, acc)
+            v_ptrs += BLOCK_N * STRIDE_KN
+        p, alpha, l_i, m_i = _fwd_softmax_step(qk, l_i, m_i, scale_in, SCALE_POS)
+        acc = acc * alpha[:, None]
+        v = tl.load(v_ptrs)
+        acc = tl.dot(p.to(v.dtype), v, acc)
+    return acc, l_i, m_i
+
+
+@triton.jit
 def _fwd_ranges(q, k_ptrs, v_ptrs, n_lo, f_lo, f_hi, n_hi, rows_g, offs_n, offs_d,
                 seqlen_k, k_off, glq, glk, scale_in, scale_out,
                 STRIDE_KN: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WINDOW_LEFT: tl.constexpr,
-                WINDOW_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, SCALE_POS: tl.constexpr):
+                WINDOW_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, SCALE_POS: tl.constexpr,
+                OVERLAP: tl.constexpr):
     """A query tile against its visible keys, given as _key_blocks' three runs (masked edge tiles around the
     fully visible middle). Returns (out, lse): rows that saw no key get out 0 and LSE -inf, as the contract
     requires."""
@@ -83,10 +124,14 @@ def _fwd_ranges(q, k_ptrs, v_ptrs, n_lo, f_lo, f_hi, n_hi, rows_g, offs_n, offs_
                                seqlen_k, k_off, glq, glk, scale_in, scale_out,
                                STRIDE_KN, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT,
                                SOFTCAP, True, SCALE_POS)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, f_lo, f_hi, rows_g, offs_n, offs_d,
-                               seqlen_k, k_off, glq, glk, scale_in, scale_out,
-                               STRIDE_KN, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT,
-                               SOFTCAP, False, SCALE_POS)
+    if OVERLAP and not SOFTCAP and HEAD_DIM == HEAD_DIM_PAD:
+        acc, l_i, m_i = _fwd_tiles_overlap(acc, l_i, m_i, q, k_ptrs, v_ptrs, f_lo, f_hi, scale_in,
+                                           STRIDE_KN, BLOCK_N, SCALE_POS)
+    else:
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, f_lo, f_hi, rows_g, offs_n, offs_d,
+                                   seqlen_k, k_off, glq, glk, scale_in, scale_out,
+                                   STRIDE_KN, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT,
+                                   SOFTCAP, False, SCALE_POS)
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, f_hi, n_hi, rows_g, offs_n, offs_d,
                                seqlen_k, k_off, glq, glk, scale_in, scale_out,
                                STRIDE_KN, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT,
@@ -104,7 +149,7 @@ def _fwd_tile(Q, K, V, OUT, LSE, q_row0, kv_base, lse_row0, start_m, seqlen_q, s
               STRIDE_QM: tl.constexpr, STRIDE_KN: tl.constexpr, HEAD_DIM: tl.constexpr,
               HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
-              SCALE_POS: tl.constexpr):
+              SCALE_POS: tl.constexpr, OVERLAP: tl.constexpr):
     """One query tile, shared by the dense and varlen kernels, which differ only in where a sequence starts:
     q_row0 = element offset of the tile's first row (this head) in Q/OUT, kv_base = of key row 0 (this kv head)
     in K/V, lse_row0 = of the sequence's row 0 (this head) in LSE. Offsets in 64 bits; per-tile ones 32-bit."""
@@ -125,7 +170,7 @@ def _fwd_tile(Q, K, V, OUT, LSE, q_row0, kv_base, lse_row0, start_m, seqlen_q, s
 
     out, lse = _fwd_ranges(q, k_ptrs, v_ptrs, n_lo, f_lo, f_hi, n_hi, rows_g, offs_n, offs_d,
                            seqlen_k, k_off, glq, glk, scale_in, scale_out, STRIDE_KN, HEAD_DIM, HEAD_DIM_PAD,
-                           BLOCK_M, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, SCALE_POS)
+                           BLOCK_M, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, SCALE_POS, OVERLAP)
     _store_rows(OUT + q_row0 + tile_q, out.to(OUT.dtype.element_ty), offs_m, seqlen_q, offs_d, HEAD_DIM, HEAD_DIM_PAD)
     tl.store(LSE + lse_row0 + offs_m, lse, mask=offs_m < seqlen_q)
 
@@ -139,7 +184,7 @@ def _attn_fwd(Q, K, V, OFFS,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
               SOFTCAP: tl.constexpr, HAS_OFFSETS: tl.constexpr, REVERSE_M: tl.constexpr,
-              SCALE_POS: tl.constexpr):
+              SCALE_POS: tl.constexpr, OVERLAP: tl.constexpr):
     """scale_in/scale_out: without softcap s2 = qk * scale_in (scale_in = softmax_scale * log2 e); with softcap
     s2 = tanh(qk * scale_in) * scale_out (scale_in = softmax_scale / c, scale_out = c * log2 e)."""
     STRIDE_QM: tl.constexpr = NUM_HEADS_Q * HEAD_DIM
@@ -163,4 +208,4 @@ def _attn_fwd(Q, K, V, OFFS,
               (off_b * NUM_HEADS_Q + off_h) * seqlen_q,
               start_m, seqlen_q, seqlen_k, q_off, k_off, glq, glk, scale_in, scale_out,
               STRIDE_QM, STRIDE_KN, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT,
-              SOFTCAP, SCALE_POS)
+              SOFTCAP, SCALE_POS, OVERLAP)

@@ -48,7 +48,7 @@ def _fit(cfg: tuning.TileConfig, lq: int, lk: int) -> tuning.TileConfig:
     warps = cfg.num_warps
     if (bm, bn) != (cfg.block_m, cfg.block_n) and max(bm, bn) <= 64:
         warps = min(warps, 4)
-    return tuning.TileConfig(bm, bn, warps, cfg.num_stages)
+    return cfg._replace(block_m=bm, block_n=bn, num_warps=warps)
 
 
 def configs(spec: AttentionSpec, arch: str, overrides: Optional[dict] = None) -> tuning.KernelConfigs:
@@ -97,9 +97,9 @@ def _reverse_n(spec: AttentionSpec) -> bool:
     return spec.window.left >= 0 and spec.window.right < 0
 
 
-def _fwd_variant_constexprs(spec: AttentionSpec) -> list[tuple[str, Any]]:
+def _fwd_variant_constexprs(spec: AttentionSpec, cfg: tuning.TileConfig) -> list[tuple[str, Any]]:
     """Constexprs of the forward tile loop shared by the dense and varlen kernels (``flash_fwd._fwd_tiles``)."""
-    return [("SCALE_POS", bool(spec.softmax_scale > 0.0))]
+    return [("SCALE_POS", bool(spec.softmax_scale > 0.0)), ("OVERLAP", bool(cfg.overlap))]
 
 
 def _seq_args(spec: AttentionSpec) -> list[tuple[str, Any]]:
@@ -133,7 +133,7 @@ def plan_forward(spec: AttentionSpec, arch: str = "sm90", overrides: Optional[di
             ("array", "offsets" if spec.has_offsets else "q")]
     args += _seq_args(spec) + [("f32", scale_in), ("f32", scale_out)]
     meta = _common_constexprs(spec) + [("BLOCK_M", cfg.block_m), ("BLOCK_N", cfg.block_n)]
-    meta += _mask_constexprs(spec) + [("REVERSE_M", _reverse_m(spec))] + _fwd_variant_constexprs(spec)
+    meta += _mask_constexprs(spec) + [("REVERSE_M", _reverse_m(spec))] + _fwd_variant_constexprs(spec, cfg)
     return Launch(
         module="flash_fwd", kernel="_attn_fwd", args=tuple(args),
         outputs=(("out", (b, lq, hq, d), spec.dtype), ("lse", (b, hq, lq), "float32")),
@@ -165,7 +165,8 @@ def plan_backward(spec: AttentionSpec, arch: str = "sm90", overrides: Optional[d
         outputs=(("dk", (b, lk, hk, d), spec.dtype), ("dv", (b, lk, hk, d), spec.dtype)),
         grid=(math.ceil(lk / kv_cfg.block_n), hk, b), num_warps=kv_cfg.num_warps, num_stages=kv_cfg.num_stages,
         constexprs=tuple(_common_constexprs(spec) + [("BLOCK_M", kv_cfg.block_m), ("BLOCK_N", kv_cfg.block_n)]
-                         + _mask_constexprs(spec) + [("REVERSE_N", _reverse_n(spec))]))
+                         + _mask_constexprs(spec)
+                         + [("REVERSE_N", _reverse_n(spec)), ("OVERLAP", bool(kv_cfg.overlap))]))
     dq = Launch(
         module="flash_bwd", kernel="_bwd_dq", args=tuple(args),
         outputs=(("dq", (b, lq, hq, d), spec.dtype),),

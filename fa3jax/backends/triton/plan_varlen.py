@@ -49,7 +49,7 @@ def plan_forward(spec: AttentionSpec, arch: str = "sm90", overrides: Optional[di
     meta = _common_constexprs(spec) + [("BLOCK_M", cfg.block_m), ("BLOCK_N", cfg.block_n)]
     meta += [("WINDOW_LEFT", int(spec.window.left)), ("WINDOW_RIGHT", int(spec.window.right)),
              ("SOFTCAP", bool(spec.softcap > 0.0)), ("HAS_SEQUSED", bool(vs.has_seqused_k)),
-             ("REVERSE_M", _reverse_m(spec))] + _fwd_variant_constexprs(spec)
+             ("REVERSE_M", _reverse_m(spec))] + _fwd_variant_constexprs(spec, cfg)
     # max(1, ...): with max_seqlen_q == 0 the uncovered-row slice still needs programs.
     grid_m = max(1, math.ceil(vs.max_seqlen_q / cfg.block_m))
     return Launch(

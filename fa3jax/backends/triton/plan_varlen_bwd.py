@@ -56,7 +56,7 @@ def plan_backward(spec: AttentionSpec, arch: str = "sm90", overrides: Optional[d
         grid=(max(1, math.ceil(vs.max_seqlen_k / kv_cfg.block_n)), hk, spec.batch + 1),
         num_warps=kv_cfg.num_warps, num_stages=kv_cfg.num_stages,
         constexprs=tuple(_common_constexprs(spec) + [("BLOCK_M", kv_cfg.block_m), ("BLOCK_N", kv_cfg.block_n)]
-                         + mask_meta + [("REVERSE_N", _reverse_n(spec))]))
+                         + mask_meta + [("REVERSE_N", _reverse_n(spec)), ("OVERLAP", bool(kv_cfg.overlap))]))
     dq = Launch(
         module="flash_varlen_bwd", kernel="_varlen_bwd_dq",
         args=tuple(arrays + [("i32", total_q), ("i32", spec.batch)] + scales),

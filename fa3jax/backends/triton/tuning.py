@@ -24,6 +24,11 @@ class TileConfig(NamedTuple):
     block_n: int
     num_warps: int
     num_stages: int
+    # Let a wgmma run during the elementwise work. Forward: QK^T of the next key tile is issued before PV of this
+    # one (flash_fwd._fwd_tiles_overlap), so PV runs during the next tile's softmax; needs registers for two
+    # score tiles. dK/dV: dP^T is computed before P^T, so the dV product runs while dS^T is formed. Triton waits
+    # for any product whose result the loop reads at once, so only accumulating products can overlap.
+    overlap: bool = False
 
 
 class KernelConfigs(NamedTuple):
