@@ -26,7 +26,8 @@ class TileConfig(NamedTuple):
     num_stages: int
     # Let a wgmma run during the elementwise work. Forward: QK^T of the next key tile is issued before PV of this
     # one (flash_fwd._fwd_tiles_overlap), so PV runs during the next tile's softmax; needs registers for two
-    # score tiles. dK/dV: dP^T is computed before P^T, so the dV product runs while dS^T is formed. Triton waits
+    # score tiles. dK/dV: dP^T is computed before P^T, so the dV product runs while dS^T is formed. dQ: as the
+    # forward, the next tile's products before this tile's dQ product (flash_bwd._dq_tiles_overlap). Triton waits
     # for any product whose result the loop reads at once, so only accumulating products can overlap.
     overlap: bool = False
 
@@ -65,8 +66,12 @@ for _causal in (False, True):
     # fp16 s=2k/4k/16k: 315/367/450, 337/385/433, 332/382/461. 128x64/8w/4st is the one that never loses (+3-8%).
     # Non-causal, bf16, s=2k/4k/16k: 128x128/8w/3st 425-429/450-457/471-493, 128x64/8w/3st 439/462/489 (within
     # noise: kept); 128x128/8w/4st asks for 288 KiB of shared memory and does not launch.
-    _fwd128 = (128, 64, 8, 4) if _causal else (128, 128, 8, 3)
-    _put(128, "sm90", _causal, fwd=_fwd128, dkdv=(64, 128, 8, 1), dq=(64, 64, 4, 2))
+    # Session 6 (2026-11-25, same shapes, interleaved with flash-attn3-jax, benchmarks/RESULTS.md): the overlap
+    # loops (TileConfig.overlap). fwd 128x64/8w/4st+overlap, non-causal s=2k/4k/16k 394/434/469 TFLOPS against
+    # 403/420/439 for 128x128/8w/3st; causal 327/383/478 against 322/371/446 for 128x64/8w/4st. dK/dV
+    # 32x128/8w/2st+overlap, fwd+bwd non-causal s=4k/16k 370/362 against 318/324 for 64x128/8w/1st, causal
+    # 326/387 against 294/331 (64x128/8w/2st+overlap spills 744 B and reads 227/237).
+    _put(128, "sm90", _causal, fwd=(128, 64, 8, 4, True), dkdv=(32, 128, 8, 2, True), dq=(64, 64, 4, 2))
     # d=256 alternatives without spills: fwd (64, 64, 8, 2); dq (128, 32, 8, 2).
     _put(256, "sm90", _causal, fwd=(128, 32, 8, 2), dkdv=(16, 64, 8, 2), dq=(64, 32, 8, 2))
 
