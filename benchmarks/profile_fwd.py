@@ -1,9 +1,9 @@
 """One forward call per implementation, for Nsight Compute (the timing itself lives in fa3jax.bench):
 
     ncu -k regex:"fwd_kernel|FlashAttn" -c 2 --section SpeedOfLight --section WarpStateStats \
-        python3 benchmarks/profile_fwd.py [--seqlen 16384] [--causal] [--impl fa3jax:cuda|flash-attn3-jax]
+        python3 benchmarks/profile_fwd.py [--seqlen 16384] [--causal] [--impl fa3jax:cuda|fa3jax:triton|flash-attn3-jax]
 
-Runs fa3jax's cuda forward, then flash-attn3-jax's (when importable), each once after a warm-up, on
+Runs fa3jax's cuda and triton forwards, then flash-attn3-jax's (when importable), each once after a warm-up, on
 h=16, d=128, bf16, batch = 16384 // seqlen.
 
 Also, without ncu: ``--hlo`` prints the instructions of each compiled forward (what runs besides the kernel),
@@ -20,7 +20,7 @@ import fa3jax
 p = argparse.ArgumentParser()
 p.add_argument("--seqlen", type=int, default=16384)
 p.add_argument("--causal", action="store_true")
-p.add_argument("--impl", default="all", help="fa3jax:cuda | flash-attn3-jax | all")
+p.add_argument("--impl", default="all", help="fa3jax:cuda | fa3jax:triton | flash-attn3-jax | all")
 p.add_argument("--hlo", action="store_true")
 p.add_argument("--time", action="store_true")
 p.add_argument("--variants", default="", help="with --hlo/--time: also fa3jax:cuda forced to these kernel variants "
@@ -28,7 +28,8 @@ p.add_argument("--variants", default="", help="with --hlo/--time: also fa3jax:cu
 a = p.parse_args()
 b = max(1, 16384 // a.seqlen)
 q, k, v = (jax.random.normal(jax.random.key(i), (b, a.seqlen, 16, 128), jnp.bfloat16) for i in range(3))
-impls = [("fa3jax:cuda", lambda q, k, v: fa3jax.flash_mha(q, k, v, is_causal=a.causal, backend="cuda"))]
+impls = [(f"fa3jax:{bk}", lambda q, k, v, _b=bk: fa3jax.flash_mha(q, k, v, is_causal=a.causal, backend=_b))
+         for bk in ("cuda", "triton")]
 try:
     import flash_attn3_jax
 

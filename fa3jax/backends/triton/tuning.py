@@ -70,8 +70,11 @@ for _causal in (False, True):
     # loops (TileConfig.overlap). fwd 128x64/8w/4st+overlap, non-causal s=2k/4k/16k 394/434/469 TFLOPS against
     # 403/420/439 for 128x128/8w/3st; causal 327/383/478 against 322/371/446 for 128x64/8w/4st. dK/dV
     # 32x128/8w/2st+overlap, fwd+bwd non-causal s=4k/16k 370/362 against 318/324 for 64x128/8w/1st, causal
-    # 326/387 against 294/331 (64x128/8w/2st+overlap spills 744 B and reads 227/237).
-    _put(128, "sm90", _causal, fwd=(128, 64, 8, 4, True), dkdv=(32, 128, 8, 2, True), dq=(64, 64, 4, 2))
+    # 326/387 against 294/331 (64x128/8w/2st+overlap spills 744 B and reads 227/237). Run 2 (another machine):
+    # dK/dV 32x128/8w/3st+overlap 381/409 (causal 332/388) against 336/331 (309/364) for 2 stages; dQ
+    # 128x64/8w/2st+overlap 352/340 (causal 315/372) against 332/326 (307/351) for 64x64/4w/2st; 64x64/4w/2st
+    # +overlap is slower (294/301: 88 B of spills). d=64 keeps its forward: overlap read 0.90-0.92x of it.
+    _put(128, "sm90", _causal, fwd=(128, 64, 8, 4, True), dkdv=(32, 128, 8, 3, True), dq=(128, 64, 8, 2, True))
     # d=256 alternatives without spills: fwd (64, 64, 8, 2); dq (128, 32, 8, 2).
     _put(256, "sm90", _causal, fwd=(128, 32, 8, 2), dkdv=(16, 64, 8, 2), dq=(64, 32, 8, 2))
 
