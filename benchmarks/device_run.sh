@@ -5,7 +5,8 @@
 #         test (GPU pytest suites), bench (side-by-side table), decode (kvcache decode table),
 #         varlen (varlen vs dense table), sweep (Triton tile/variant sweep, SWEEP_ARGS),
 #         ab (C++ timing of d=128 bf16 kernel variants built side by side, AB_VARIANTS),
-#         ncu (Nsight Compute source-level profile of one C++ bench case and of flash-attn3-jax's kernel).
+#         ncu (Nsight Compute source-level profile of one C++ bench case and of flash-attn3-jax's kernel),
+#         ncutriton (Nsight Compute sections of the Triton forward and flash-attn3-jax's, via profile_fwd.py).
 # Wheels the machine lacks (jax-triton, nvidia-cutlass, flash-attn3-jax) travel in .whl/ (see the device README).
 # Prints a short summary table last; logs go to $OUT.
 set -uo pipefail
@@ -116,6 +117,21 @@ ncuprof() {
   done
   tar czf "$OUT/prof.tgz" -C "$OUT" $(cd "$OUT" && ls prof_*) && rm -f "$OUT"/prof_*
 }
+# NCU_SEQLEN (default 16384), NCU_CAUSAL=1: Nsight Compute sections of the Triton forward and of
+# flash-attn3-jax's kernel on the same shape (through benchmarks/profile_fwd.py), as text details pages.
+ncutriton() {
+  local secs="--section SpeedOfLight --section WarpStateStats --section ComputeWorkloadAnalysis --section Occupancy"
+  local c=""; [ "${NCU_CAUSAL:-0}" = 1 ] && c=--causal
+  for who in fa3jax:triton flash-attn3-jax; do
+    local tag=${who#*:}
+    timeout 200 ncu $secs -k regex:"_attn_fwd|device_kernel" -c 1 -f -o "$OUT/prof_$tag" \
+      python3 benchmarks/profile_fwd.py --seqlen "${NCU_SEQLEN:-16384}" $c --impl "$who" | tail -n 2
+    ncu --import "$OUT/prof_$tag.ncu-rep" --page details >"$OUT/prof_${tag}_details.txt" 2>&1
+    echo "$tag: $(grep -hE "^ +(Duration|Executed Ipc Active|Compute \(SM\) Throughput|Registers Per Thread|Achieved Occupancy) " \
+      "$OUT/prof_${tag}_details.txt" | awk '{print $1, $(NF)}' | tr '\n' ' ')"
+  done
+  rm -f "$OUT"/prof_*.ncu-rep
+}
 sweep() { timeout ${SWEEP_TIMEOUT:-300} python3 benchmarks/triton_sweep.py ${SWEEP_ARGS:---kernel fwd --cands 128,128,8,3}; }
 
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,temperature.gpu --format=csv,noheader
@@ -131,6 +147,7 @@ for s in "$@"; do
     sweep) stage sweep sweep ;;
     ab) stage ab ab ;;
     ncu) stage ncu ncuprof ;;
+    ncutriton) stage ncutriton ncutriton ;;
     *) echo "unknown stage $s"; exit 2 ;;
   esac
 done
