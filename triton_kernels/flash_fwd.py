@@ -86,8 +86,9 @@ def _fwd_softmax_step(qk, l_i, m_i, scale_in, SCALE_POS: tl.constexpr):
 def _fwd_tiles_overlap(acc, l_i, m_i, q, k_ptrs, v_ptrs, n_begin, n_end, scale_in,
                        STRIDE_KN: tl.constexpr, BLOCK_N: tl.constexpr, SCALE_POS: tl.constexpr):
     """The unmasked run [n_begin, n_end) (no softcap) with QK^T of the next tile issued before the PV product
-    of this one (FA3 paper, section 3.2, intra-warpgroup overlap): the wgmma of tile j+1 and of PV j then run
-    while the warpgroup computes the softmax of tile j+1, instead of the tensor cores idling through it."""
+    of this one (after FA3 paper, section 3.2, intra-warpgroup overlap): PV of tile j then runs while the
+    warpgroup computes the softmax of tile j+1. QK^T itself is still waited for at once, since Triton keeps only
+    accumulating products in flight (benchmarks/RESULTS.md, session 6)."""
     if n_begin < n_end:
         k_ptrs += n_begin.to(tl.int64) * STRIDE_KN
         v_ptrs += n_begin.to(tl.int64) * STRIDE_KN
