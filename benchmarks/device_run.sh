@@ -84,7 +84,7 @@ ab() {
   wait
   for name in "${names[@]}"; do
     echo "== $name: $(grep -hoE "[0-9]+ bytes spill stores|Used [0-9]+ registers" "$OUT/ab-$name-build.log" | sort | uniq -c | tr '\n' ' ')"
-    timeout 120 "build/ab-$name/fa3jax_test_fwd" --quiet | tail -n 1
+    timeout 120 "build/ab-$name/fa3jax_test_fwd" --quiet | grep -E "^FAIL|passed"  # which checks fail, not only how many
   done
   for r in $(seq ${AB_ROUNDS:-2}); do
     for name in "${names[@]}"; do
