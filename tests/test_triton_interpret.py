@@ -51,6 +51,8 @@ CASES = {
     "mqa_4_1_window_16_inf": dict(b=1, lq=65, lk=65, hq=4, hk=1, d=16, window=(16, -1), blocks=_MIX),
     "softcap_causal_d64": dict(b=1, lq=37, lk=50, hq=2, hk=1, d=64, window=(-1, 0), softcap=2.0, blocks=_B16),
     "softcap_full_d40": dict(b=1, lq=33, lk=33, hq=1, hk=1, d=40, window=(-1, -1), softcap=1.5, blocks=_MIX),
+    # scale < 0 takes the kernels' other scaling path (SCALE_POS off), masked tiles included.
+    "causal_negative_scale_d16": dict(b=1, lq=40, lk=40, hq=2, hk=1, d=16, window=(-1, 0), scale=-0.3, blocks=_B16),
     "decode_lq1_lk65_causal": dict(b=2, lq=1, lk=65, hq=4, hk=2, d=64, window=(-1, 0), blocks=_B16),
     # Ring attention blocks: global positions = offset + local index, masks against the global lengths.
     "ring_causal_q32_k16": dict(b=1, lq=32, lk=48, hq=2, hk=2, d=16, window=(-1, 0), blocks=_MIX,
@@ -141,7 +143,7 @@ def _reference(c, q, k, v, dout, dlse):
     hq, hk, d = c["hq"], c["hk"], c["d"]
     g = hq // hk
     ke, ve = np.repeat(k, g, axis=2), np.repeat(v, g, axis=2)
-    scale = 1.0 / np.sqrt(d)
+    scale = c.get("scale", 1.0 / np.sqrt(d))
     cap = c.get("softcap", 0.0)
     qo, ko = c.get("offsets", (0, 0))
     glq, glk = c.get("glen", (c["lq"], c["lk"]))
@@ -184,7 +186,7 @@ def _spec(c):
     glq, glk = c.get("glen", (None, None))
     return AttentionSpec(mode="dense", batch=c["b"], seqlen_q=c["lq"], seqlen_k=c["lk"], num_heads_q=c["hq"],
                          num_heads_k=c["hk"], head_dim=c["d"], dtype="float16",
-                         softmax_scale=float(1.0 / np.sqrt(c["d"])), window=Window(*c["window"]),
+                         softmax_scale=float(c.get("scale", 1.0 / np.sqrt(c["d"]))), window=Window(*c["window"]),
                          softcap=c.get("softcap", 0.0), mask_seqlen_q=glq, mask_seqlen_k=glk)
 
 

@@ -32,18 +32,18 @@ def _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, n_begin, n_end, rows_g, offs_n,
         qk = tl.dot(q, tl.trans(k))
         if SOFTCAP:
             s = _tanh(qk * scale_in) * scale_out
-        else:
+        elif SCALE_POS:
             s = qk
+        else:
+            # Scaled before the mask: -inf times a negative scale would be +inf.
+            s = qk * scale_in
         if MASKED:
             ok = _allowed(rows_g[:, None], (k_off + cols)[None, :], glq, glk, WINDOW_LEFT, WINDOW_RIGHT)
             ok = ok & (cols[None, :] < seqlen_k)
             s = tl.where(ok, s, float("-inf"))
-        if SOFTCAP:
-            m_blk = tl.max(s, 1)
-        elif SCALE_POS:
+        if SCALE_POS and not SOFTCAP:
             m_blk = tl.max(s, 1) * scale_in
         else:
-            s = s * scale_in
             m_blk = tl.max(s, 1)
         m_new = tl.maximum(m_i, m_blk)
         if MASKED:
