@@ -10,6 +10,30 @@ from .flash_common import (_LN2, _allowed, _key_blocks, _load_offsets, _load_row
 
 
 @triton.jit
+def _online_softmax(s, l_i, m_i, scale_in, SCALE_IN_EXP: tl.constexpr, MASKED: tl.constexpr):
+    """One online-softmax step over a tile of scores: returns (p, alpha, l_i, m_new), alpha being the factor
+    for the accumulator. ``s`` is in the log2 domain, or (SCALE_IN_EXP) raw products whose scale_in > 0 is
+    applied inside the exponent."""
+    if SCALE_IN_EXP:
+        m_new = tl.maximum(m_i, tl.max(s, 1) * scale_in)
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+    if MASKED:
+        # A row with nothing visible yet keeps m = -inf; subtracting 0 instead avoids inf - inf = NaN and
+        # still yields p = 0 / alpha = 0 for it.
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_use = m_new
+    if SCALE_IN_EXP:
+        p = tl.exp2(s * scale_in - m_use[:, None])
+    else:
+        p = tl.exp2(s - m_use[:, None])
+    alpha = tl.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    return p, alpha, l_i, m_new
+
+
+@triton.jit
 def _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, n_begin, n_end, rows_g, offs_n, offs_d,
                seqlen_k, k_off, glq, glk, scale_in, scale_out,
                STRIDE_KN: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
@@ -41,52 +65,20 @@ def _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, n_begin, n_end, rows_g, offs_n,
             ok = _allowed(rows_g[:, None], (k_off + cols)[None, :], glq, glk, WINDOW_LEFT, WINDOW_RIGHT)
             ok = ok & (cols[None, :] < seqlen_k)
             s = tl.where(ok, s, float("-inf"))
-        if SCALE_POS and not SOFTCAP:
-            m_blk = tl.max(s, 1) * scale_in
-        else:
-            m_blk = tl.max(s, 1)
-        m_new = tl.maximum(m_i, m_blk)
-        if MASKED:
-            # A row with nothing visible yet keeps m = -inf; subtracting 0 instead avoids inf - inf = NaN and
-            # still yields p = 0 / alpha = 0 for it.
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        else:
-            m_use = m_new
-        if SCALE_POS and not SOFTCAP:
-            p = tl.exp2(s * scale_in - m_use[:, None])
-        else:
-            p = tl.exp2(s - m_use[:, None])
-        alpha = tl.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, alpha, l_i, m_i = _online_softmax(s, l_i, m_i, scale_in, SCALE_POS and not SOFTCAP, MASKED)
         acc = acc * alpha[:, None]
         v = _load_rows(v_ptrs, cols, seqlen_k, offs_d, HEAD_DIM, HEAD_DIM_PAD, MASKED)
         acc = tl.dot(p.to(v.dtype), v, acc)
-        m_i = m_new
         k_ptrs += BLOCK_N * STRIDE_KN
         v_ptrs += BLOCK_N * STRIDE_KN
     return acc, l_i, m_i
 
 
 @triton.jit
-def _fwd_softmax_step(qk, l_i, m_i, scale_in, SCALE_POS: tl.constexpr):
-    """Unmasked online-softmax step on one tile of raw products: (p, alpha, l_i, m_new)."""
-    if SCALE_POS:
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * scale_in)
-        p = tl.exp2(qk * scale_in - m_new[:, None])
-    else:
-        s = qk * scale_in
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
-    alpha = tl.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    return p, alpha, l_i, m_new
-
-
-@triton.jit
 def _fwd_tiles_overlap(acc, l_i, m_i, q, k_ptrs, v_ptrs, n_begin, n_end, scale_in,
-                       STRIDE_KN: tl.constexpr, BLOCK_N: tl.constexpr, SCALE_POS: tl.constexpr):
-    """The unmasked run [n_begin, n_end) (no softcap) with QK^T of the next tile issued before the PV product
-    of this one (after FA3 paper, section 3.2, intra-warpgroup overlap): PV of tile j then runs while the
+                       STRIDE_KN: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The unmasked run [n_begin, n_end) (no softcap, scale_in > 0) with QK^T of the next tile issued before the
+    PV product of this one (after FA3 paper, section 3.2, intra-warpgroup overlap): PV of tile j then runs while the
     warpgroup computes the softmax of tile j+1. QK^T itself is still waited for at once, since Triton keeps only
     accumulating products in flight (benchmarks/RESULTS.md, session 6)."""
     if n_begin < n_end:
@@ -94,14 +86,14 @@ def _fwd_tiles_overlap(acc, l_i, m_i, q, k_ptrs, v_ptrs, n_begin, n_end, scale_i
         v_ptrs += n_begin.to(tl.int64) * STRIDE_KN
         qk = tl.dot(q, tl.trans(tl.load(k_ptrs)))
         for _ in range(n_begin + BLOCK_N, n_end, BLOCK_N):
-            p, alpha, l_i, m_i = _fwd_softmax_step(qk, l_i, m_i, scale_in, SCALE_POS)
+            p, alpha, l_i, m_i = _online_softmax(qk, l_i, m_i, scale_in, True, False)
             k_ptrs += BLOCK_N * STRIDE_KN
             qk = tl.dot(q, tl.trans(tl.load(k_ptrs)))
             acc = acc * alpha[:, None]
             v = tl.load(v_ptrs)
             acc = tl.dot(p.to(v.dtype), v, acc)
             v_ptrs += BLOCK_N * STRIDE_KN
-        p, alpha, l_i, m_i = _fwd_softmax_step(qk, l_i, m_i, scale_in, SCALE_POS)
+        p, alpha, l_i, m_i = _online_softmax(qk, l_i, m_i, scale_in, True, False)
         acc = acc * alpha[:, None]
         v = tl.load(v_ptrs)
         acc = tl.dot(p.to(v.dtype), v, acc)
@@ -125,9 +117,9 @@ def _fwd_ranges(q, k_ptrs, v_ptrs, n_lo, f_lo, f_hi, n_hi, rows_g, offs_n, offs_
                                seqlen_k, k_off, glq, glk, scale_in, scale_out,
                                STRIDE_KN, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT,
                                SOFTCAP, True, SCALE_POS)
-    if OVERLAP and not SOFTCAP and HEAD_DIM == HEAD_DIM_PAD:
+    if OVERLAP and SCALE_POS and not SOFTCAP and HEAD_DIM == HEAD_DIM_PAD:
         acc, l_i, m_i = _fwd_tiles_overlap(acc, l_i, m_i, q, k_ptrs, v_ptrs, f_lo, f_hi, scale_in,
-                                           STRIDE_KN, BLOCK_N, SCALE_POS)
+                                           STRIDE_KN, BLOCK_N)
     else:
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, f_lo, f_hi, rows_g, offs_n, offs_d,
                                    seqlen_k, k_off, glq, glk, scale_in, scale_out,
