@@ -226,48 +226,19 @@ def _dq_tiles(dq, q, do, lse2, delta, k_ptrs, v_ptrs, n_begin, n_end, rows_g, of
 
 
 @triton.jit
-def _dq_tiles_overlap(dq, q, do, lse2, delta, k_ptrs, v_ptrs, n_begin, n_end, scale_in,
-                      STRIDE_KN: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The unmasked run [n_begin, n_end) (no softcap) with QK^T and dO V^T of the next key tile issued before dQ's
-    product of this one, as flash_fwd._fwd_tiles_overlap does: dQ's wgmma then runs while the next tile's dS is
-    formed. The K tile of the dQ product is read a second time (from L2) rather than carried between iterations,
-    so that Triton's pipeliner still multi-buffers every load."""
-    if n_begin < n_end:
-        k_ptrs += n_begin.to(tl.int64) * STRIDE_KN
-        v_ptrs += n_begin.to(tl.int64) * STRIDE_KN
-        qk = tl.dot(q, tl.trans(tl.load(k_ptrs)))
-        dp = tl.dot(do, tl.trans(tl.load(v_ptrs)))
-        for _ in range(n_begin + BLOCK_N, n_end, BLOCK_N):
-            ds = tl.exp2(qk * scale_in - lse2[:, None]) * (dp - delta[:, None])
-            k = tl.load(k_ptrs)
-            k_ptrs += BLOCK_N * STRIDE_KN
-            v_ptrs += BLOCK_N * STRIDE_KN
-            qk = tl.dot(q, tl.trans(tl.load(k_ptrs)))
-            dp = tl.dot(do, tl.trans(tl.load(v_ptrs)))
-            dq = tl.dot(ds.to(k.dtype), k, dq)
-        ds = tl.exp2(qk * scale_in - lse2[:, None]) * (dp - delta[:, None])
-        k = tl.load(k_ptrs)
-        dq = tl.dot(ds.to(k.dtype), k, dq)
-    return dq
-
-
-@triton.jit
 def _dq_ranges(q, do, lse2, delta, k_ptrs, v_ptrs, n_lo, f_lo, f_hi, n_hi, rows_g, offs_n, offs_d,
                seqlen_k, k_off, glq, glk, scale_in, scale_out,
                STRIDE_KN: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WINDOW_LEFT: tl.constexpr,
-               WINDOW_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, OVERLAP: tl.constexpr):
+               WINDOW_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr):
     """dQ (unscaled) of a query tile over _key_blocks' three runs (masked edges, unmasked middle)."""
     dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
     dq = _dq_tiles(dq, q, do, lse2, delta, k_ptrs, v_ptrs, n_lo, f_lo, rows_g, offs_n, offs_d,
                    seqlen_k, k_off, glq, glk, scale_in, scale_out,
                    STRIDE_KN, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, True)
-    if OVERLAP and not SOFTCAP and HEAD_DIM == HEAD_DIM_PAD:
-        dq = _dq_tiles_overlap(dq, q, do, lse2, delta, k_ptrs, v_ptrs, f_lo, f_hi, scale_in, STRIDE_KN, BLOCK_N)
-    else:
-        dq = _dq_tiles(dq, q, do, lse2, delta, k_ptrs, v_ptrs, f_lo, f_hi, rows_g, offs_n, offs_d,
-                       seqlen_k, k_off, glq, glk, scale_in, scale_out,
-                       STRIDE_KN, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, False)
+    dq = _dq_tiles(dq, q, do, lse2, delta, k_ptrs, v_ptrs, f_lo, f_hi, rows_g, offs_n, offs_d,
+                   seqlen_k, k_off, glq, glk, scale_in, scale_out,
+                   STRIDE_KN, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, False)
     dq = _dq_tiles(dq, q, do, lse2, delta, k_ptrs, v_ptrs, f_hi, n_hi, rows_g, offs_n, offs_d,
                    seqlen_k, k_off, glq, glk, scale_in, scale_out,
                    STRIDE_KN, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, True)
@@ -279,7 +250,7 @@ def _dq_tile(Q, K, V, DO, LSE, DELTA, DQ, q_row0, kv_base, stat0, start_m, seqle
              q_off, k_off, glq, glk, scale_in, scale_out, sm_scale,
              STRIDE_QM: tl.constexpr, STRIDE_KN: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
-             SOFTCAP: tl.constexpr, OVERLAP: tl.constexpr):
+             SOFTCAP: tl.constexpr):
     """dQ of one query tile, shared by the dense and varlen kernels: q_row0 = element offset of the tile's first
     row (this head) in Q/DO/DQ, kv_base = of key row 0 (this kv head) in K/V, stat0 = of the sequence's row 0
     (this head) in LSE/DELTA."""
@@ -306,8 +277,7 @@ def _dq_tile(Q, K, V, DO, LSE, DELTA, DQ, q_row0, kv_base, stat0, start_m, seqle
 
     dq = _dq_ranges(q, do, lse2, delta, k_ptrs, v_ptrs, n_lo, f_lo, f_hi, n_hi, rows_g, offs_n, offs_d,
                     seqlen_k, k_off, glq, glk, scale_in, scale_out,
-                    STRIDE_KN, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP,
-                    OVERLAP)
+                    STRIDE_KN, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP)
     dq = dq * sm_scale
     _store_rows(DQ + q_row0 + tile_q, dq.to(DQ.dtype.element_ty), offs_m, seqlen_q, offs_d, HEAD_DIM, HEAD_DIM_PAD)
 
@@ -320,8 +290,7 @@ def _bwd_dq(Q, K, V, DO, LSE, DELTA, OFFS,
             HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
             WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
-            SOFTCAP: tl.constexpr, HAS_OFFSETS: tl.constexpr, REVERSE_M: tl.constexpr,
-            OVERLAP: tl.constexpr):
+            SOFTCAP: tl.constexpr, HAS_OFFSETS: tl.constexpr, REVERSE_M: tl.constexpr):
     STRIDE_QM: tl.constexpr = NUM_HEADS_Q * HEAD_DIM
     STRIDE_KN: tl.constexpr = NUM_HEADS_K * HEAD_DIM
     GROUP: tl.constexpr = NUM_HEADS_Q // NUM_HEADS_K
@@ -340,5 +309,4 @@ def _bwd_dq(Q, K, V, DO, LSE, DELTA, OFFS,
              off_b * seqlen_k * STRIDE_KN + off_hk * HEAD_DIM,
              (off_b * NUM_HEADS_Q + off_h) * seqlen_q,
              start_m, seqlen_q, seqlen_k, q_off, k_off, glq, glk, scale_in, scale_out, sm_scale,
-             STRIDE_QM, STRIDE_KN, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP,
-             OVERLAP)
+             STRIDE_QM, STRIDE_KN, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP)

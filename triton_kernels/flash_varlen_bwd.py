@@ -106,8 +106,7 @@ def _varlen_bwd_dq(Q, K, V, DO, LSE, DELTA, CU_Q, CU_K, SEQUSED_K,
                    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
-                   SOFTCAP: tl.constexpr, HAS_SEQUSED: tl.constexpr, REVERSE_M: tl.constexpr,
-                   OVERLAP: tl.constexpr):
+                   SOFTCAP: tl.constexpr, HAS_SEQUSED: tl.constexpr, REVERSE_M: tl.constexpr):
     STRIDE_QM: tl.constexpr = NUM_HEADS_Q * HEAD_DIM
     STRIDE_KN: tl.constexpr = NUM_HEADS_K * HEAD_DIM
     GROUP: tl.constexpr = NUM_HEADS_Q // NUM_HEADS_K
@@ -134,4 +133,4 @@ def _varlen_bwd_dq(Q, K, V, DO, LSE, DELTA, CU_Q, CU_K, SEQUSED_K,
                      off_h.to(tl.int64) * total_q + q_start,
                      start_m, seqlen_q, seqlen_k, 0, 0, seqlen_q, seqlen_k, scale_in, scale_out, sm_scale,
                      STRIDE_QM, STRIDE_KN, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT,
-                     SOFTCAP, OVERLAP)
+                     SOFTCAP)

@@ -172,6 +172,5 @@ def plan_backward(spec: AttentionSpec, arch: str = "sm90", overrides: Optional[d
         outputs=(("dq", (b, lq, hq, d), spec.dtype),),
         grid=(math.ceil(lq / q_cfg.block_m), hq, b), num_warps=q_cfg.num_warps, num_stages=q_cfg.num_stages,
         constexprs=tuple(_common_constexprs(spec) + [("BLOCK_M", q_cfg.block_m), ("BLOCK_N", q_cfg.block_n)]
-                         + _mask_constexprs(spec)
-                         + [("REVERSE_M", _reverse_m(spec)), ("OVERLAP", bool(q_cfg.overlap))]))
+                         + _mask_constexprs(spec) + [("REVERSE_M", _reverse_m(spec))]))
     return pre, dkdv, dq

@@ -64,5 +64,5 @@ def plan_backward(spec: AttentionSpec, arch: str = "sm90", overrides: Optional[d
         grid=(max(1, math.ceil(vs.max_seqlen_q / q_cfg.block_m)), hq, spec.batch + 1),
         num_warps=q_cfg.num_warps, num_stages=q_cfg.num_stages,
         constexprs=tuple(_common_constexprs(spec) + [("BLOCK_M", q_cfg.block_m), ("BLOCK_N", q_cfg.block_n)]
-                         + mask_meta + [("REVERSE_M", _reverse_m(spec)), ("OVERLAP", bool(q_cfg.overlap))]))
+                         + mask_meta + [("REVERSE_M", _reverse_m(spec))]))
     return pre, dkdv, dq
