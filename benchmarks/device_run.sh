@@ -4,7 +4,8 @@
 #         timing of the CUDA forward, cluster on/off),
 #         test (GPU pytest suites), bench (side-by-side table), decode (kvcache decode table),
 #         varlen (varlen vs dense table), sweep (Triton tile/variant sweep, SWEEP_ARGS),
-#         ab (C++ timing of d=128 bf16 kernel variants built side by side, AB_VARIANTS),
+#         ab (C++ timing of d=128 bf16 kernel variants built side by side, AB_VARIANTS), abbin (the same for
+#         test programs built elsewhere, AB_BINS),
 #         ncu (Nsight Compute source-level profile of one C++ bench case and of flash-attn3-jax's kernel),
 #         ncutriton (Nsight Compute sections of the Triton forward and flash-attn3-jax's, via profile_fwd.py).
 # Wheels the machine lacks (jax-triton, nvidia-cutlass, flash-attn3-jax) travel in .whl/ (see the device README).
@@ -82,16 +83,29 @@ ab() {
       cmake --build "build/ab-$name" -j 8 >"$OUT/ab-$name-build.log" 2>&1 ) &
   done
   wait
+  local bins=()
   for name in "${names[@]}"; do
     echo "== $name: $(grep -hoE "[0-9]+ bytes spill stores|Used [0-9]+ registers" "$OUT/ab-$name-build.log" | sort | uniq -c | tr '\n' ' ')"
-    timeout 120 "build/ab-$name/fa3jax_test_fwd" --quiet | grep -E "^FAIL|passed"  # which checks fail, not only how many
-  done
-  for r in $(seq ${AB_ROUNDS:-2}); do
-    for name in "${names[@]}"; do
-      timeout 120 "build/ab-$name/fa3jax_test_fwd" --bench-only | grep ^bench | sed "s/^bench/ab $name r$r/"
-    done
+    bins+=("$name=build/ab-$name/fa3jax_test_fwd")
   done
   tar czf "$OUT/ab_build_logs.tgz" -C "$OUT" $(cd "$OUT" && ls ab-*-build.log) && rm -f "$OUT"/ab-*-build.log
+  AB_BINS="${bins[*]}" abbin
+}
+# AB_BINS="name=PATH ...": prebuilt fa3jax_test_fwd programs (the C++ test links cudart statically and has no
+# Python in it, so it can be compiled off the device and carried): each one's checks (the failing ones by name),
+# then AB_ROUNDS alternating timing rounds (AB_ROUNDS=0: checks only).
+abbin() {
+  local spec name bin
+  for spec in ${AB_BINS:-}; do
+    name=${spec%%=*}; bin=${spec#*=}
+    echo "== $name checks: $(timeout 120 "$bin" --quiet | grep -E "^FAIL|passed" | tr '\n' ';')"
+  done
+  for r in $(seq ${AB_ROUNDS:-2}); do
+    for spec in ${AB_BINS:-}; do
+      name=${spec%%=*}; bin=${spec#*=}
+      timeout 120 "$bin" --bench-only | grep ^bench | sed "s/^bench/ab $name r$r/"
+    done
+  done
 }
 # NCU_BIN (default: the build stage's test program), NCU_CASES="B,S,CAUSAL ..." (default 4,4096,1),
 # NCU_VARIANT=dyn|static|cluster; profiles flash-attn3-jax's kernel on the same shapes too. Per-SASS-instruction
@@ -132,7 +146,15 @@ ncutriton() {
   done
   rm -f "$OUT"/prof_*.ncu-rep
 }
-sweep() { timeout ${SWEEP_TIMEOUT:-300} python3 benchmarks/triton_sweep.py ${SWEEP_ARGS:---kernel fwd --cands 128,128,8,3}; }
+# SWEEP_ARGS: triton_sweep.py arguments; several sweeps separated by '|' run one after the other, each under
+# SWEEP_TIMEOUT seconds.
+sweep() {
+  local sets a; IFS='|' read -ra sets <<<"${SWEEP_ARGS:---kernel fwd --cands 128,128,8,3}"
+  for a in "${sets[@]}"; do
+    echo "== sweep:$a"
+    timeout ${SWEEP_TIMEOUT:-300} python3 benchmarks/triton_sweep.py $a
+  done
+}
 
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,temperature.gpu --format=csv,noheader
 for s in "$@"; do
@@ -146,6 +168,7 @@ for s in "$@"; do
     varlen) stage varlen varlen ;;
     sweep) stage sweep sweep ;;
     ab) stage ab ab ;;
+    abbin) stage abbin abbin ;;
     ncu) stage ncu ncuprof ;;
     ncutriton) stage ncutriton ncutriton ;;
     *) echo "unknown stage $s"; exit 2 ;;

@@ -95,8 +95,10 @@ def main():
                     f = bench._timed_fn(lambda q, k, v: fa3jax.flash_mha(q, k, v, is_causal=causal, backend="triton"),
                                         mode)
                     try:
-                        fns[cand] = bench.compile_fn(f, sets[0])[0]  # traced (and the plan taken) now
-                    except Exception as e:  # a config that fails to compile is reported, not fatal
+                        fn = bench.compile_fn(f, sets[0])[0]  # traced (and the plan taken) now
+                        jax.block_until_ready(fn(*sets[0]))  # too much shared memory fails only at launch
+                        fns[cand] = fn
+                    except Exception as e:  # a config that fails to compile or launch is reported, not fatal
                         print(f"{cfg.label()} cfg={cand}: FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
             finally:
                 tuning._TABLE[key] = base
