@@ -60,6 +60,8 @@ def _launches():
     yield "dense-d128-causal", _dense(128, "bfloat16", (-1, 0))
     yield "dense-d72-fp16-window-softcap", _dense(72, "float16", (256, 16), 30.0)
     yield "dense-d256-full", _dense(256, "bfloat16", (-1, -1))
+    yield "dense-d256-causal", _dense(256, "bfloat16", (-1, 0))  # its own table entry
+    yield "dense-d64-full", _dense(64, "float16", (-1, -1))
     vs = _dense(128, "bfloat16", (-1, 0)).replace(mode="varlen", batch=5, varlen=VarlenSpec(3000, 3000, True))
     yield "varlen-d128-causal-seqused", vs
     # the varlen forward's own tile (tuning._VARLEN_FWD), unmasked

@@ -52,7 +52,7 @@ def _put(bucket, arch, causal, fwd, dkdv, dq, pre=_PRE):
                                                               pre)
 
 
-# --- Hopper (sm90); d=128 entries measured on the H100, the rest initial guesses. Every entry fits in 227 KiB of
+# --- Hopper (sm90); d=128 and d=256 entries measured on the H100, d=64 forward too, d=64 backward a guess. Every entry fits in 227 KiB of
 # shared memory (tests/test_triton_aot.py, compiled with jax-triton's divisibility hints). ptxas -v on those
 # compiles (2026-11-25): the forward kernels do not spill except d=72 with softcap (56 B); dK/dV spills at
 # d=128 (64,128,8,1): 484 B, varlen 516 B, d=72 softcap 844 B; d=256 dK/dV 48 B; d=72 dQ 28 B.
@@ -75,8 +75,13 @@ for _causal in (False, True):
     # 128x64/8w/2st+overlap read 0.58-0.61 against 0.59-0.62 in run 5 (64x64 + overlap spills 88 B: 0.47-0.49).
     # d=64 keeps its forward: overlap read 0.90-0.92x of it in run 2.
     _put(128, "sm90", _causal, fwd=(128, 64, 8, 4, True), dkdv=(32, 128, 8, 3, True), dq=(64, 64, 4, 2))
-    # d=256 alternatives without spills: fwd (64, 64, 8, 2); dq (128, 32, 8, 2).
-    _put(256, "sm90", _causal, fwd=(128, 32, 8, 2), dkdv=(16, 64, 8, 2), dq=(64, 32, 8, 2))
+# d=256 measured on the H100 (session 7 run 1, 2026-11-25, b=2 s=8192 h=16 bf16, candidates interleaved in one
+# process, TFLOPS non-causal/causal; benchmarks/RESULTS.md). Forward: 128x32/8w/3st 437/399, 128x64/8w/2st
+# 432/436, the earlier guess 128x32/8w/2st 348/353, 64x64/8w/2st 236/239. fwd+bwd, dK/dV (dQ at the old
+# 64x32/8w/2st): 32x64/8w/2st 163/161, 32x32/4w/2st 157/168, 32x64/8w/2st+overlap 155/166, old 16x64/8w/2st
+# 125/135. dQ (dK/dV at the old entry): 128x32/8w/2st 154/172, 64x32/4w/2st 142/156, old 64x32/8w/2st 125/136.
+_put(256, "sm90", False, fwd=(128, 32, 8, 3), dkdv=(32, 64, 8, 2), dq=(128, 32, 8, 2))
+_put(256, "sm90", True, fwd=(128, 64, 8, 2), dkdv=(32, 32, 4, 2), dq=(128, 32, 8, 2))
 
 # --- Ampere (sm80/sm86/sm89), initial guesses, to be measured (compile for sm_80; small spills remain).
 for _causal in (False, True):
