@@ -5,7 +5,7 @@ Keys are ``(head_dim_bucket, dtype, causal, arch)``: the bucket is the padded he
 == 0`` (any other window uses the non-causal entry), ``arch`` is ``"sm90"``, ``"sm80"``, ...
 
 Entries whose comment does not cite a measurement are initial guesses, to be measured on the target GPU (H100
-SXM for sm90; the d=128 sm90 entries, the varlen forward's and the decode policy are measured). The reasoning
+SXM for sm90; every sm90 entry, the varlen forward's and the decode policy are measured). The reasoning
 behind the guesses:
   * forward: BLOCK_M=128 with 8 warps (two warpgroups, 64 rows each, as wgmma wants), BLOCK_N=128 up to d=128
     and 64 at d=256 so that Q + 2-3 stages of K/V fit in the 227 KiB of shared memory and the fp32
@@ -52,12 +52,17 @@ def _put(bucket, arch, causal, fwd, dkdv, dq, pre=_PRE):
                                                               pre)
 
 
-# --- Hopper (sm90); d=128 and d=256 entries measured on the H100, d=64 forward too, d=64 backward a guess. Every entry fits in 227 KiB of
-# shared memory (tests/test_triton_aot.py, compiled with jax-triton's divisibility hints). ptxas -v on those
-# compiles (2026-11-25): the forward kernels do not spill except d=72 with softcap (56 B); dK/dV spills at
-# d=128 (64,128,8,1): 484 B, varlen 516 B, d=72 softcap 844 B; d=256 dK/dV 48 B; d=72 dQ 28 B.
+# --- Hopper (sm90), every entry measured on the H100. Every entry fits in 227 KiB of shared memory
+# (tests/test_triton_aot.py, compiled with jax-triton's divisibility hints). Some of the fastest entries spill
+# (ptxas -v on those compiles, session 7, bytes of spill stores): d=64 dK/dV 460 (non-causal) / 348 (causal),
+# d=256 dK/dV 564 / 1120, d=256 causal forward 88 and dQ 20; the measured candidates without spills were slower.
+# d=64 backward measured on the H100 (session 7 run 2, b=2 s=8192 h=16 bf16, interleaved with flash-attn3-jax,
+# fwd+bwd ratio to it non-causal/causal): dK/dV (dQ at the old 128x64/8w/2st) 32x128/4w/3st 0.96/0.92, 32x64/4w/3st
+# 0.93/0.93, 64x64/4w/2st 0.85/0.93, the old guess 64x128/8w/2st 0.76/0.85; dQ (dK/dV old) 64x64/4w/3st
+# 0.89/1.04, 64x64/4w/2st 0.88/1.00, old 128x64/8w/2st 0.77/0.86. The forward is session 6 run 2's.
+_put(64, "sm90", False, fwd=(128, 128, 8, 3), dkdv=(32, 128, 4, 3), dq=(64, 64, 4, 3))
+_put(64, "sm90", True, fwd=(128, 128, 8, 3), dkdv=(64, 64, 4, 2), dq=(64, 64, 4, 3))
 for _causal in (False, True):
-    _put(64, "sm90", _causal, fwd=(128, 128, 8, 3), dkdv=(64, 128, 8, 2), dq=(128, 64, 8, 2))
     # d=128 bwd measured on the H100 (2026-11-25, 16k tokens, fwd+bwd TFLOPS, non-causal/causal): dkdv
     # 32x128/8w/2st 337/367 -> 64x128/8w/1st 351/373; dq 128x64/8w/2st 337/367 -> 64x64/4w/2st 351/378.
     # d=128 fwd measured on the H100 (2026-11-25, 16k tokens, fwd TFLOPS, benchmarks/triton_sweep.py; several
