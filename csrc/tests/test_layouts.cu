@@ -55,6 +55,14 @@ int check(const char* name) {
         if (get<0>(rcO(r, c)) != get<0>(rcO(r, 0))) ++errors;
         if (c % 2 == 1 && get<1>(rcO(r, c)) != get<1>(rcO(r, c - 1)) + 1) ++errors;
       }
+    // The mainloop builds the Q (A operand) descriptors from the warpgroup's first thread: every thread of a
+    // warpgroup must see the same A tile.
+    {
+      Tensor cQ = make_identity_tensor(Shape<typename KT::BlkM, typename KT::HDim>{});
+      Tensor a_t = thr_qk.partition_A(cQ);
+      Tensor a_w = mma_qk.get_thread_slice(t / 128 * 128).partition_A(cQ);
+      for (int i = 0; i < size(a_t); ++i) errors += a_t(i) != a_w(i);
+    }
     // The 4 lanes of a quad share rows (quad reductions).
     if (t % 4 != 0) {
       auto thr0 = mma_qk.get_thread_slice(t - t % 4);

@@ -127,7 +127,12 @@ struct FwdMainloop {
     Tensor sK = make_tensor(make_smem_ptr(ss.smem_k.data()), typename KT::SmemLayoutK{});
     Tensor sVt = make_tensor(make_smem_ptr(ss.smem_v.data()), typename KT::SmemLayoutVt{});
 
-    Tensor tSrQ = thr_qk.partition_fragment_A(sQ);   // (MMA, MMA_M, MMA_K) descriptors
+    // The Q descriptors depend only on the warpgroup (every thread of a warpgroup passes the same descriptor to
+    // wgmma), so they are built from the warpgroup's first thread index: mma_wg is warp-uniform (shuffled
+    // from lane 0 in canonical_warp_group_idx), so ptxas keeps them in uniform registers. Built from
+    // mma_tid they sat in 16 vector registers and cost two R2UR per QK^T wgmma (SASS, 8 per key block).
+    auto thr_qk_a = mma_qk.get_thread_slice(mma_wg * 128);
+    Tensor tSrQ = thr_qk_a.partition_fragment_A(sQ);  // (MMA, MMA_M, MMA_K) descriptors
     Tensor tSrK = thr_qk.partition_fragment_B(sK);   // (MMA, MMA_N, MMA_K, stage)
     Tensor tOrV = thr_pv.partition_fragment_B(sVt);  // (MMA, MMA_N, MMA_K, stage)
 
