@@ -1,11 +1,16 @@
-// Host-only check (runs without a GPU) of the register-layout reinterpretations the kernel relies on:
+// Host-only check (runs without a GPU) of the register-layout reinterpretations and key-block ranges the kernel
+// relies on:
 //  * acc_rowcol: every (r, c) of a thread's accumulator view has row = f(r) only, and columns come in
 //    adjacent pairs (c, c+1) -> (col, col+1);
 //  * acc_to_a_regs: the S accumulator (64xN per warpgroup) reinterpreted as the register A operand of the
-//    P V GEMM holds, for every thread and value, the same (row, k) coordinate the RS MMA expects.
+//    P V GEMM holds, for every thread and value, the same (row, k) coordinate the RS MMA expects;
+//  * the Q operand tile depends only on the warpgroup (the mainloop partitions it from the warpgroup's first
+//    thread);
+//  * BlockInfo::unmasked_range agrees with needs_mask on every key block.
 #include <cstdio>
 #include <vector>
 
+#include "fa3jax/block_info.h"
 #include "fa3jax/kernel_traits.h"
 #include "fa3jax/utils.h"
 
@@ -116,8 +121,39 @@ int check_scheduler(int num_m_blocks, int num_heads, int batch, int group, bool 
   return errors != 0;
 }
 
+// BlockInfo::unmasked_range against needs_mask on every key block, over sequence lengths and windows that put
+// block edges on, before and after the diagonal and the key tail.
+template <int kBlockM, int kBlockN>
+int check_unmasked_range() {
+  int errors = 0, cases = 0;
+  int const lens[] = {1, 63, 64, 127, 128, 129, 200, 255, 256, 257, 384, 500, 1000};
+  int const wins[] = {-1, 0, 1, 63, 64, 127, 128, 129, 300};
+  for (int sq : lens)
+    for (int sk : lens)
+      for (int left : wins)
+        for (int right : wins)
+          for (int m = 0; m * kBlockM < sq; ++m) {
+            BlockInfo<kBlockM, kBlockN> const bi(m, sq, sk, left, right);
+            int lo, hi;
+            bi.unmasked_range(lo, hi);
+            ++cases;
+            if (bi.num_blocks() > 0 && (lo < bi.n_min || hi > bi.n_max || lo > hi)) ++errors;
+            for (int n = bi.n_min; n < bi.n_max; ++n) {
+              bool const outside = uint32_t(n - lo) >= uint32_t(hi - lo);  // the mainloop's test
+              if (outside != bi.needs_mask(n)) ++errors;
+            }
+          }
+  std::printf("unmasked_range<%d, %d>: %s (%d cases, %d errors)\n", kBlockM, kBlockN, errors ? "FAIL" : "ok", cases,
+              errors);
+  return errors != 0;
+}
+
 int main() {
   int fails = 0;
+  fails += check_unmasked_range<128, 128>();
+  fails += check_unmasked_range<128, 176>();
+  fails += check_unmasked_range<128, 80>();
+  fails += check_unmasked_range<192, 128>();
   for (bool rev : {false, true}) {
     fails += check_scheduler<1>(16, 16, 8, 32, rev);
     fails += check_scheduler<1>(7, 3, 5, 4, rev);  // last section narrower than the group

@@ -154,10 +154,14 @@ struct FwdMainloop {
     softmax.init();
     cute::wait_barrier(ss.barrier_q, q_iter & 1);
 
+    int unmasked_lo, unmasked_hi;
+    bi.unmasked_range(unmasked_lo, unmasked_hi);
+
     // Softcap + mask + online softmax of block n on S (fp32, in place); o_scale rescales the running O.
     auto softmax_block = [&](int n, float (&o_scale)[kRows]) {
       int const n0 = n * KT::kBlockN;
-      bool const need_mask = bi.needs_mask(n);
+      // n outside [unmasked_lo, unmasked_hi) (unsigned compare; unmasked_hi >= unmasked_lo) == bi.needs_mask(n).
+      bool const need_mask = uint32_t(n - unmasked_lo) >= uint32_t(unmasked_hi - unmasked_lo);
       if (has_softcap) {
         if (need_mask) transform_scores<true, true>(S, rcS, q_lo_tile, n0, bi.shift, bi.seqlen_k, bi.left, bi.right, params.softcap_pre, params.softcap);
         else transform_scores<false, true>(S, rcS, q_lo_tile, n0, bi.shift, bi.seqlen_k, bi.left, bi.right, params.softcap_pre, params.softcap);
