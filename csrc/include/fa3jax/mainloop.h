@@ -114,7 +114,9 @@ struct FwdMainloop {
 
   // Consumer loop. Returns with tOrO holding the unnormalized output and `softmax` the row statistics.
   // q_iter: tiles with loads this CTA ran before (Q barrier phases; 0 = the ring's very first turn).
-  template <class TOrO, class Softmax>
+  // kSoftcap: params.softcap > 0, as a template parameter so that the loop without softcap carries no test of
+  // it (a per-block FSETP + branch in the SASS when it was read at run time).
+  template <bool kSoftcap, class TOrO, class Softmax>
   CUTE_DEVICE static void mma(Params const& params, SharedStorage& ss, Pipeline& pipe_k, Pipeline& pipe_v,
                               PipelineState& st_k, PipelineState& st_v, int q_iter, BI const& bi, int m_block,
                               int mma_tid, int mma_wg, TOrO& tOrO, Softmax& softmax) {
@@ -147,7 +149,6 @@ struct FwdMainloop {
     Tensor rcS = make_tensor(tScS.data(), acc_rowcol(tScS.layout()));
 
     constexpr int kRows = decltype(size<0>(S))::value;
-    bool const has_softcap = params.softcap > 0.f;
     int const q_lo_tile = m_block * KT::kBlockM;
 
     clear(tOrO);
@@ -162,7 +163,7 @@ struct FwdMainloop {
       int const n0 = n * KT::kBlockN;
       // n outside [unmasked_lo, unmasked_hi) (unsigned compare; unmasked_hi >= unmasked_lo) == bi.needs_mask(n).
       bool const need_mask = uint32_t(n - unmasked_lo) >= uint32_t(unmasked_hi - unmasked_lo);
-      if (has_softcap) {
+      if constexpr (kSoftcap) {
         if (need_mask) transform_scores<true, true>(S, rcS, q_lo_tile, n0, bi.shift, bi.seqlen_k, bi.left, bi.right, params.softcap_pre, params.softcap);
         else transform_scores<false, true>(S, rcS, q_lo_tile, n0, bi.shift, bi.seqlen_k, bi.left, bi.right, params.softcap_pre, params.softcap);
       } else if (need_mask) {
