@@ -139,7 +139,8 @@ int check_unmasked_range() {
             ++cases;
             if (bi.num_blocks() > 0 && (lo < bi.n_min || hi > bi.n_max || lo > hi)) ++errors;
             for (int n = bi.n_min; n < bi.n_max; ++n) {
-              bool const outside = uint32_t(n - lo) >= uint32_t(hi - lo);  // the mainloop's test
+              int const it = bi.n_max - 1 - n;  // the mainloop's test, in its visiting order
+              bool const outside = uint32_t(it - (bi.n_max - hi)) >= uint32_t(hi - lo);
               if (outside != bi.needs_mask(n)) ++errors;
             }
           }

@@ -157,12 +157,16 @@ struct FwdMainloop {
 
     int unmasked_lo, unmasked_hi;
     bi.unmasked_range(unmasked_lo, unmasked_hi);
+    // The loop visits blocks n = n_max - 1 - it for it = 0, 1, ...: the unmasked ones are
+    // it in [n_max - unmasked_hi, n_max - unmasked_lo), tested in the loop's own counter (one add, one compare).
+    int const it_unmasked = bi.n_max - unmasked_hi;
+    uint32_t const num_unmasked = uint32_t(unmasked_hi - unmasked_lo);
 
-    // Softcap + mask + online softmax of block n on S (fp32, in place); o_scale rescales the running O.
-    auto softmax_block = [&](int n, float (&o_scale)[kRows]) {
-      int const n0 = n * KT::kBlockN;
-      // n outside [unmasked_lo, unmasked_hi) (unsigned compare; unmasked_hi >= unmasked_lo) == bi.needs_mask(n).
-      bool const need_mask = uint32_t(n - unmasked_lo) >= uint32_t(unmasked_hi - unmasked_lo);
+    // Softcap + mask + online softmax of the it-th block visited on S (fp32, in place); o_scale rescales the
+    // running O.
+    auto softmax_block = [&](int it, float (&o_scale)[kRows]) {
+      int const n0 = (bi.n_max - 1 - it) * KT::kBlockN;
+      bool const need_mask = uint32_t(it - it_unmasked) >= num_unmasked;  // == bi.needs_mask(n_max - 1 - it)
       if constexpr (kSoftcap) {
         if (need_mask) transform_scores<true, true>(S, rcS, q_lo_tile, n0, bi.shift, bi.seqlen_k, bi.left, bi.right, params.softcap_pre, params.softcap);
         else transform_scores<false, true>(S, rcS, q_lo_tile, n0, bi.shift, bi.seqlen_k, bi.left, bi.right, params.softcap_pre, params.softcap);
@@ -194,7 +198,7 @@ struct FwdMainloop {
       warpgroup_fence_operand(tSrS);
       pipe_k.consumer_release(st_k);
       ++st_k;
-      softmax_block(bi.n_max - 1, o_scale);
+      softmax_block(0, o_scale);
       convert_fragment(rP, tSrS);
     }
     for (int it = 1; it < n_iters; ++it) {
@@ -209,7 +213,7 @@ struct FwdMainloop {
       warpgroup_fence_operand(tSrS);
       pipe_k.consumer_release(st_k);
       ++st_k;
-      softmax_block(bi.n_max - 1 - it, o_scale);
+      softmax_block(it, o_scale);
       warpgroup_wait<0>();
       // O and P are operands of the GEMM that just retired: keep every access to them below the wait.
       warpgroup_fence_operand(tOrO);
