@@ -5,7 +5,7 @@
 //  * acc_to_a_regs: the S accumulator (64xN per warpgroup) reinterpreted as the register A operand of the
 //    P V GEMM holds, for every thread and value, the same (row, k) coordinate the RS MMA expects;
 //  * the Q operand tile depends only on the warpgroup (the mainloop partitions it from the warpgroup's first
-//    thread);
+//    thread), and every thread's K / V operand tile starts at the operand's first element (gmma_desc_at);
 //  * BlockInfo::unmasked_range agrees with needs_mask on every key block.
 #include <cstdio>
 #include <vector>
@@ -67,6 +67,16 @@ int check(const char* name) {
       Tensor a_t = thr_qk.partition_A(cQ);
       Tensor a_w = mma_qk.get_thread_slice(t / 128 * 128).partition_A(cQ);
       for (int i = 0; i < size(a_t); ++i) errors += a_t(i) != a_w(i);
+    }
+    // The mainloop rebuilds the K and V descriptors from the operands' first element (gmma_desc_at): every
+    // thread's B tile must start there.
+    {
+      Tensor cK = make_identity_tensor(Shape<typename KT::BlkN, typename KT::HDim>{});
+      Tensor cV = make_identity_tensor(Shape<typename KT::HDim, typename KT::BlkN>{});
+      Tensor b_qk = thr_qk.partition_B(cK);
+      Tensor b_pv = thr_pv.partition_B(cV);
+      errors += get<0>(b_qk(0)) != 0 || get<1>(b_qk(0)) != 0;
+      errors += get<0>(b_pv(0)) != 0 || get<1>(b_pv(0)) != 0;
     }
     // The 4 lanes of a quad share rows (quad reductions).
     if (t % 4 != 0) {

@@ -135,8 +135,16 @@ struct FwdMainloop {
     // mma_tid they sat in 16 vector registers and cost two R2UR per QK^T wgmma (SASS, 8 per key block).
     auto thr_qk_a = mma_qk.get_thread_slice(mma_wg * 128);
     Tensor tSrQ = thr_qk_a.partition_fragment_A(sQ);  // (MMA, MMA_M, MMA_K) descriptors
-    Tensor tSrK = thr_qk.partition_fragment_B(sK);   // (MMA, MMA_N, MMA_K, stage)
-    Tensor tOrV = thr_pv.partition_fragment_B(sVt);  // (MMA, MMA_N, MMA_K, stage)
+    // K/V descriptors from one base: ss sits at a 1024-byte aligned shared address (required anyway by the
+    // 128-byte swizzle with base offset 0 that CuTe's descriptors assume), so each operand's address >> 4 is
+    // (ss >> 4) + its constant offset / 16. Every thread's B tile starts at the operand's first element
+    // (tests/test_layouts.cu). (MMA, MMA_N, MMA_K, stage)
+    uint32_t const ss16 = cute::cast_smem_ptr_to_uint(&ss) >> 4;
+    auto offset16 = [&](auto const& member) {
+      return uint32_t(reinterpret_cast<char const*>(&member) - reinterpret_cast<char const*>(&ss)) >> 4;
+    };
+    Tensor tSrK = gmma_desc_at(thr_qk.partition_fragment_B(sK), ss16 + offset16(ss.smem_k));
+    Tensor tOrV = gmma_desc_at(thr_pv.partition_fragment_B(sVt), ss16 + offset16(ss.smem_v));
 
     Tensor tSrS = partition_fragment_C(mma_qk, Shape<typename KT::BlkM, typename KT::BlkN>{});
     Tensor rP = make_fragment_like<Element>(tSrS);
