@@ -112,6 +112,15 @@ struct FwdMainloop {
     }
   }
 
+  // Frees stage st of a pipeline for the producer. In a 1-CTA launch every consumer thread arrives on its own
+  // CTA's empty barrier, so a local mbarrier.arrive does it; PipelineTmaAsync::consumer_release always takes the
+  // cluster form (mapa + arrive on the mapped address; both forms are .release.cta), which costs an add and a
+  // PRMT more per release in the SASS.
+  CUTE_DEVICE static void release(Pipeline& pipe, typename Pipeline::SharedStorage& storage, PipelineState st) {
+    if constexpr (KT::kClusterM == 1) storage.empty_barrier_[st.index()].arrive();
+    else pipe.consumer_release(st);
+  }
+
   // Consumer loop. Returns with tOrO holding the unnormalized output and `softmax` the row statistics.
   // q_iter: tiles with loads this CTA ran before (Q barrier phases; 0 = the ring's very first turn).
   // kSoftcap: params.softcap > 0, as a template parameter so that the loop without softcap carries no test of
@@ -204,7 +213,7 @@ struct FwdMainloop {
       sched_pass(mma_wg);
       warpgroup_wait<0>();
       warpgroup_fence_operand(tSrS);
-      pipe_k.consumer_release(st_k);
+      release(pipe_k, ss.pipeline_k, st_k);
       ++st_k;
       softmax_block(0, o_scale);
       convert_fragment(rP, tSrS);
@@ -219,14 +228,14 @@ struct FwdMainloop {
       sched_pass(mma_wg);
       warpgroup_wait<1>();  // groups retire in issue order: S is ready, P V may still run
       warpgroup_fence_operand(tSrS);
-      pipe_k.consumer_release(st_k);
+      release(pipe_k, ss.pipeline_k, st_k);
       ++st_k;
       softmax_block(it, o_scale);
       warpgroup_wait<0>();
       // O and P are operands of the GEMM that just retired: keep every access to them below the wait.
       warpgroup_fence_operand(tOrO);
       warpgroup_fence_operand(rP);
-      pipe_v.consumer_release(st_v);
+      release(pipe_v, ss.pipeline_v, st_v);
       ++st_v;
       convert_fragment(rP, tSrS);
     }
@@ -240,7 +249,7 @@ struct FwdMainloop {
     sched_pass(mma_wg);
     warpgroup_wait<0>();
     warpgroup_fence_operand(tOrO);
-    pipe_v.consumer_release(st_v);
+    release(pipe_v, ss.pipeline_v, st_v);
     ++st_v;
   }
 };
