@@ -124,8 +124,9 @@ struct FwdMainloop {
   // Consumer loop. Returns with tOrO holding the unnormalized output and `softmax` the row statistics.
   // q_iter: tiles with loads this CTA ran before (Q barrier phases; 0 = the ring's very first turn).
   // kSoftcap: params.softcap > 0, as a template parameter so that the loop without softcap carries no test of
-  // it (a per-block FSETP + branch in the SASS when it was read at run time).
-  template <bool kSoftcap, class TOrO, class Softmax>
+  // it (a per-block FSETP + branch in the SASS when it was read at run time); kSoftcapRuntime: one loop for both,
+  // testing params.softcap per block (KT::kSoftcapVariants false).
+  template <bool kSoftcap, bool kSoftcapRuntime = false, class TOrO, class Softmax>
   CUTE_DEVICE static void mma(Params const& params, SharedStorage& ss, Pipeline& pipe_k, Pipeline& pipe_v,
                               PipelineState& st_k, PipelineState& st_v, int q_iter, BI const& bi, int m_block,
                               int mma_tid, int mma_wg, TOrO& tOrO, Softmax& softmax) {
@@ -184,7 +185,7 @@ struct FwdMainloop {
     auto softmax_block = [&](int it, float (&o_scale)[kRows]) {
       int const n0 = (bi.n_max - 1 - it) * KT::kBlockN;
       bool const need_mask = uint32_t(it - it_unmasked) >= num_unmasked;  // == bi.needs_mask(n_max - 1 - it)
-      if constexpr (kSoftcap) {
+      if (kSoftcap || (kSoftcapRuntime && params.softcap > 0.f)) {
         if (need_mask) transform_scores<true, true>(S, rcS, q_lo_tile, n0, bi.shift, bi.seqlen_k, bi.left, bi.right, params.softcap_pre, params.softcap);
         else transform_scores<false, true>(S, rcS, q_lo_tile, n0, bi.shift, bi.seqlen_k, bi.left, bi.right, params.softcap_pre, params.softcap);
       } else if (need_mask) {
