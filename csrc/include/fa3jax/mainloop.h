@@ -149,11 +149,12 @@ struct FwdMainloop {
     // 128-byte swizzle with base offset 0 that CuTe's descriptors assume), so each operand's address >> 4 is
     // (ss >> 4) + its constant offset / 16. Every thread's B tile starts at the operand's first element
     // (tests/test_layouts.cu). (MMA, MMA_N, MMA_K, stage)
-    // The mask keeps the 14 bits the descriptor holds, as CuTe's bitfield does: in a cluster launch a CTA's
-    // .shared::cta addresses lie in the .shared::cluster window and carry its rank above bit 17, which the plain
-    // add would carry into the leading-byte-offset field (H100, session 7 run 2: only the second CTA of each
-    // 2-CTA cluster computed garbage). Below 2^14 after the mask, so the add stays exact (228 KiB < 256 KiB).
-    uint32_t const ss16 = (cute::cast_smem_ptr_to_uint(&ss) >> 4) & 0x3fffu;
+    // In a cluster launch the base is masked to the descriptor's 14 bits, as CuTe's bitfield does: unmasked, the
+    // 2-CTA kernel's second CTA computed garbage on the H100 (session 7 run 2; its shared address carries bits
+    // above the field, which the add moved into the leading-byte-offset field). The rank-0 CTA of a 1-CTA launch
+    // needs no mask, and the wide kernel spills 12 B with it (ptxas -v).
+    uint32_t ss16 = cute::cast_smem_ptr_to_uint(&ss) >> 4;
+    if constexpr (KT::kClusterM > 1) ss16 &= 0x3fffu;
     auto offset16 = [&](auto const& member) {
       return uint32_t(reinterpret_cast<char const*>(&member) - reinterpret_cast<char const*>(&ss)) >> 4;
     };
