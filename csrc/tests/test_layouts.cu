@@ -1,11 +1,16 @@
-// Host-only check (runs without a GPU) of the register-layout reinterpretations the kernel relies on:
+// Host-only check (runs without a GPU) of the register-layout reinterpretations and key-block ranges the kernel
+// relies on:
 //  * acc_rowcol: every (r, c) of a thread's accumulator view has row = f(r) only, and columns come in
 //    adjacent pairs (c, c+1) -> (col, col+1);
 //  * acc_to_a_regs: the S accumulator (64xN per warpgroup) reinterpreted as the register A operand of the
-//    P V GEMM holds, for every thread and value, the same (row, k) coordinate the RS MMA expects.
+//    P V GEMM holds, for every thread and value, the same (row, k) coordinate the RS MMA expects;
+//  * the Q operand tile depends only on the warpgroup (the mainloop partitions it from the warpgroup's first
+//    thread), and every thread's K / V operand tile starts at the operand's first element (gmma_desc_at);
+//  * BlockInfo::unmasked_range agrees with needs_mask on every key block.
 #include <cstdio>
 #include <vector>
 
+#include "fa3jax/block_info.h"
 #include "fa3jax/kernel_traits.h"
 #include "fa3jax/utils.h"
 
@@ -55,6 +60,24 @@ int check(const char* name) {
         if (get<0>(rcO(r, c)) != get<0>(rcO(r, 0))) ++errors;
         if (c % 2 == 1 && get<1>(rcO(r, c)) != get<1>(rcO(r, c - 1)) + 1) ++errors;
       }
+    // The mainloop builds the Q (A operand) descriptors from the warpgroup's first thread: every thread of a
+    // warpgroup must see the same A tile.
+    {
+      Tensor cQ = make_identity_tensor(Shape<typename KT::BlkM, typename KT::HDim>{});
+      Tensor a_t = thr_qk.partition_A(cQ);
+      Tensor a_w = mma_qk.get_thread_slice(t / 128 * 128).partition_A(cQ);
+      for (int i = 0; i < size(a_t); ++i) errors += a_t(i) != a_w(i);
+    }
+    // The mainloop rebuilds the K and V descriptors from the operands' first element (gmma_desc_at): every
+    // thread's B tile must start there.
+    {
+      Tensor cK = make_identity_tensor(Shape<typename KT::BlkN, typename KT::HDim>{});
+      Tensor cV = make_identity_tensor(Shape<typename KT::HDim, typename KT::BlkN>{});
+      Tensor b_qk = thr_qk.partition_B(cK);
+      Tensor b_pv = thr_pv.partition_B(cV);
+      errors += get<0>(b_qk(0)) != 0 || get<1>(b_qk(0)) != 0;
+      errors += get<0>(b_pv(0)) != 0 || get<1>(b_pv(0)) != 0;
+    }
     // The 4 lanes of a quad share rows (quad reductions).
     if (t % 4 != 0) {
       auto thr0 = mma_qk.get_thread_slice(t - t % 4);
@@ -108,8 +131,40 @@ int check_scheduler(int num_m_blocks, int num_heads, int batch, int group, bool 
   return errors != 0;
 }
 
+// BlockInfo::unmasked_range against needs_mask on every key block, over sequence lengths and windows that put
+// block edges on, before and after the diagonal and the key tail.
+template <int kBlockM, int kBlockN>
+int check_unmasked_range() {
+  int errors = 0, cases = 0;
+  int const lens[] = {1, 63, 64, 127, 128, 129, 200, 255, 256, 257, 384, 500, 1000};
+  int const wins[] = {-1, 0, 1, 63, 64, 127, 128, 129, 300};
+  for (int sq : lens)
+    for (int sk : lens)
+      for (int left : wins)
+        for (int right : wins)
+          for (int m = 0; m * kBlockM < sq; ++m) {
+            BlockInfo<kBlockM, kBlockN> const bi(m, sq, sk, left, right);
+            int lo, hi;
+            bi.unmasked_range(lo, hi);
+            ++cases;
+            if (bi.num_blocks() > 0 && (lo < bi.n_min || hi > bi.n_max || lo > hi)) ++errors;
+            for (int n = bi.n_min; n < bi.n_max; ++n) {
+              int const it = bi.n_max - 1 - n;  // the mainloop's test, in its visiting order
+              bool const outside = uint32_t(it - (bi.n_max - hi)) >= uint32_t(hi - lo);
+              if (outside != bi.needs_mask(n)) ++errors;
+            }
+          }
+  std::printf("unmasked_range<%d, %d>: %s (%d cases, %d errors)\n", kBlockM, kBlockN, errors ? "FAIL" : "ok", cases,
+              errors);
+  return errors != 0;
+}
+
 int main() {
   int fails = 0;
+  fails += check_unmasked_range<128, 128>();
+  fails += check_unmasked_range<128, 176>();
+  fails += check_unmasked_range<128, 80>();
+  fails += check_unmasked_range<192, 128>();
   for (bool rev : {false, true}) {
     fails += check_scheduler<1>(16, 16, 8, 32, rev);
     fails += check_scheduler<1>(7, 3, 5, 4, rev);  // last section narrower than the group

@@ -135,8 +135,16 @@ __global__ void __launch_bounds__(KT::kNumThreads, 1) fwd_kernel(__grid_constant
       constexpr int kRows = decltype(size<0>(acc_rowcol(tOrO.layout())))::value;
       OnlineSoftmax<kRows> softmax;
       if (bi.num_blocks() > 0) {
-        Mainloop::mma(params, ss, pipe_k, pipe_v, st_k, st_v, q_iter, bi, tile.m_block, mma_tid, mma_wg, tOrO,
-                      softmax);
+        if constexpr (!KT::kSoftcapVariants) {
+          Mainloop::template mma<false, true>(params, ss, pipe_k, pipe_v, st_k, st_v, q_iter, bi, tile.m_block,
+                                              mma_tid, mma_wg, tOrO, softmax);
+        } else if (params.softcap > 0.f) {
+          Mainloop::template mma<true>(params, ss, pipe_k, pipe_v, st_k, st_v, q_iter, bi, tile.m_block, mma_tid,
+                                       mma_wg, tOrO, softmax);
+        } else {
+          Mainloop::template mma<false>(params, ss, pipe_k, pipe_v, st_k, st_v, q_iter, bi, tile.m_block, mma_tid,
+                                        mma_wg, tOrO, softmax);
+        }
         ++q_iter;
       } else {
         clear(tOrO);

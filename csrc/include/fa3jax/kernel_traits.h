@@ -40,6 +40,11 @@ struct FwdKernelTraits {
   using ClusterShape = Shape<Int<kClusterM>, _1, _1>;
   static_assert(kBlockM % 64 == 0 && kHeadDim % 64 == 0 && kBlockN % 16 == 0);
 
+  // Two copies of the consumer loop, with and without softcap (FwdMainloop::mma<kSoftcap>), so that the loop
+  // without softcap has no per-block test of it. Not at d=256: there (240 consumer registers) the second copy made
+  // ptxas spill (ptxas -v: 4 B stores / 12 B loads, nvcc 13.0); that kernel tests softcap per block.
+  static constexpr bool kSoftcapVariants = kHeadDim <= 128;
+
   static constexpr int kNumMmaWG = kBlockM / 64;
   static constexpr int kNumMmaThreads = kNumMmaWG * 128;
   static constexpr int kNumThreads = kNumMmaThreads + 128;  // + one producer warpgroup

@@ -112,9 +112,21 @@ struct FwdMainloop {
     }
   }
 
+  // Frees stage st of a pipeline for the producer. In a 1-CTA launch every consumer thread arrives on its own
+  // CTA's empty barrier, so a local mbarrier.arrive does it; PipelineTmaAsync::consumer_release always takes the
+  // cluster form (mapa + arrive on the mapped address; both forms are .release.cta), which costs an add and a
+  // PRMT more per release in the SASS.
+  CUTE_DEVICE static void release(Pipeline& pipe, typename Pipeline::SharedStorage& storage, PipelineState st) {
+    if constexpr (KT::kClusterM == 1) storage.empty_barrier_[st.index()].arrive();
+    else pipe.consumer_release(st);
+  }
+
   // Consumer loop. Returns with tOrO holding the unnormalized output and `softmax` the row statistics.
   // q_iter: tiles with loads this CTA ran before (Q barrier phases; 0 = the ring's very first turn).
-  template <class TOrO, class Softmax>
+  // kSoftcap: params.softcap > 0, as a template parameter so that the loop without softcap carries no test of
+  // it (a per-block FSETP + branch in the SASS when it was read at run time); kSoftcapRuntime: one loop for both,
+  // testing params.softcap per block (KT::kSoftcapVariants false).
+  template <bool kSoftcap, bool kSoftcapRuntime = false, class TOrO, class Softmax>
   CUTE_DEVICE static void mma(Params const& params, SharedStorage& ss, Pipeline& pipe_k, Pipeline& pipe_v,
                               PipelineState& st_k, PipelineState& st_v, int q_iter, BI const& bi, int m_block,
                               int mma_tid, int mma_wg, TOrO& tOrO, Softmax& softmax) {
@@ -127,9 +139,27 @@ struct FwdMainloop {
     Tensor sK = make_tensor(make_smem_ptr(ss.smem_k.data()), typename KT::SmemLayoutK{});
     Tensor sVt = make_tensor(make_smem_ptr(ss.smem_v.data()), typename KT::SmemLayoutVt{});
 
-    Tensor tSrQ = thr_qk.partition_fragment_A(sQ);   // (MMA, MMA_M, MMA_K) descriptors
-    Tensor tSrK = thr_qk.partition_fragment_B(sK);   // (MMA, MMA_N, MMA_K, stage)
-    Tensor tOrV = thr_pv.partition_fragment_B(sVt);  // (MMA, MMA_N, MMA_K, stage)
+    // The Q descriptors depend only on the warpgroup (every thread of a warpgroup passes the same descriptor to
+    // wgmma), so they are built from the warpgroup's first thread index: mma_wg is warp-uniform (shuffled
+    // from lane 0 in canonical_warp_group_idx), so ptxas keeps them in uniform registers. Built from
+    // mma_tid they sat in 16 vector registers and cost two R2UR per QK^T wgmma (SASS, 8 per key block).
+    auto thr_qk_a = mma_qk.get_thread_slice(mma_wg * 128);
+    Tensor tSrQ = thr_qk_a.partition_fragment_A(sQ);  // (MMA, MMA_M, MMA_K) descriptors
+    // K/V descriptors from one base: ss sits at a 1024-byte aligned shared address (required anyway by the
+    // 128-byte swizzle with base offset 0 that CuTe's descriptors assume), so each operand's address >> 4 is
+    // (ss >> 4) + its constant offset / 16. Every thread's B tile starts at the operand's first element
+    // (tests/test_layouts.cu). (MMA, MMA_N, MMA_K, stage)
+    // In a cluster launch the base is masked to the descriptor's 14 bits, as CuTe's bitfield does: unmasked, the
+    // 2-CTA kernel's second CTA computed garbage on the H100 (session 7 run 2; its shared address carries bits
+    // above the field, which the add moved into the leading-byte-offset field). The rank-0 CTA of a 1-CTA launch
+    // needs no mask, and the wide kernel spills 12 B with it (ptxas -v).
+    uint32_t ss16 = cute::cast_smem_ptr_to_uint(&ss) >> 4;
+    if constexpr (KT::kClusterM > 1) ss16 &= 0x3fffu;
+    auto offset16 = [&](auto const& member) {
+      return uint32_t(reinterpret_cast<char const*>(&member) - reinterpret_cast<char const*>(&ss)) >> 4;
+    };
+    Tensor tSrK = gmma_desc_at(thr_qk.partition_fragment_B(sK), ss16 + offset16(ss.smem_k));
+    Tensor tOrV = gmma_desc_at(thr_pv.partition_fragment_B(sVt), ss16 + offset16(ss.smem_v));
 
     Tensor tSrS = partition_fragment_C(mma_qk, Shape<typename KT::BlkM, typename KT::BlkN>{});
     Tensor rP = make_fragment_like<Element>(tSrS);
@@ -142,18 +172,25 @@ struct FwdMainloop {
     Tensor rcS = make_tensor(tScS.data(), acc_rowcol(tScS.layout()));
 
     constexpr int kRows = decltype(size<0>(S))::value;
-    bool const has_softcap = params.softcap > 0.f;
     int const q_lo_tile = m_block * KT::kBlockM;
 
     clear(tOrO);
     softmax.init();
     cute::wait_barrier(ss.barrier_q, q_iter & 1);
 
-    // Softcap + mask + online softmax of block n on S (fp32, in place); o_scale rescales the running O.
-    auto softmax_block = [&](int n, float (&o_scale)[kRows]) {
-      int const n0 = n * KT::kBlockN;
-      bool const need_mask = bi.needs_mask(n);
-      if (has_softcap) {
+    int unmasked_lo, unmasked_hi;
+    bi.unmasked_range(unmasked_lo, unmasked_hi);
+    // The loop visits blocks n = n_max - 1 - it for it = 0, 1, ...: the unmasked ones are
+    // it in [n_max - unmasked_hi, n_max - unmasked_lo), tested in the loop's own counter (one add, one compare).
+    int const it_unmasked = bi.n_max - unmasked_hi;
+    uint32_t const num_unmasked = uint32_t(unmasked_hi - unmasked_lo);
+
+    // Softcap + mask + online softmax of the it-th block visited on S (fp32, in place); o_scale rescales the
+    // running O.
+    auto softmax_block = [&](int it, float (&o_scale)[kRows]) {
+      int const n0 = (bi.n_max - 1 - it) * KT::kBlockN;
+      bool const need_mask = uint32_t(it - it_unmasked) >= num_unmasked;  // == bi.needs_mask(n_max - 1 - it)
+      if (kSoftcap || (kSoftcapRuntime && params.softcap > 0.f)) {
         if (need_mask) transform_scores<true, true>(S, rcS, q_lo_tile, n0, bi.shift, bi.seqlen_k, bi.left, bi.right, params.softcap_pre, params.softcap);
         else transform_scores<false, true>(S, rcS, q_lo_tile, n0, bi.shift, bi.seqlen_k, bi.left, bi.right, params.softcap_pre, params.softcap);
       } else if (need_mask) {
@@ -182,9 +219,9 @@ struct FwdMainloop {
       sched_pass(mma_wg);
       warpgroup_wait<0>();
       warpgroup_fence_operand(tSrS);
-      pipe_k.consumer_release(st_k);
+      release(pipe_k, ss.pipeline_k, st_k);
       ++st_k;
-      softmax_block(bi.n_max - 1, o_scale);
+      softmax_block(0, o_scale);
       convert_fragment(rP, tSrS);
     }
     for (int it = 1; it < n_iters; ++it) {
@@ -197,14 +234,14 @@ struct FwdMainloop {
       sched_pass(mma_wg);
       warpgroup_wait<1>();  // groups retire in issue order: S is ready, P V may still run
       warpgroup_fence_operand(tSrS);
-      pipe_k.consumer_release(st_k);
+      release(pipe_k, ss.pipeline_k, st_k);
       ++st_k;
-      softmax_block(bi.n_max - 1 - it, o_scale);
+      softmax_block(it, o_scale);
       warpgroup_wait<0>();
       // O and P are operands of the GEMM that just retired: keep every access to them below the wait.
       warpgroup_fence_operand(tOrO);
       warpgroup_fence_operand(rP);
-      pipe_v.consumer_release(st_v);
+      release(pipe_v, ss.pipeline_v, st_v);
       ++st_v;
       convert_fragment(rP, tSrS);
     }
@@ -218,7 +255,7 @@ struct FwdMainloop {
     sched_pass(mma_wg);
     warpgroup_wait<0>();
     warpgroup_fence_operand(tOrO);
-    pipe_v.consumer_release(st_v);
+    release(pipe_v, ss.pipeline_v, st_v);
     ++st_v;
   }
 };

@@ -26,6 +26,19 @@ CUTE_DEVICE void wgmma_issue(TiledMma& tiled_mma, TA& tA, TB const& tB, TC& tC) 
   if constexpr (kARegs) warpgroup_fence_operand(tA);
 }
 
+// CuTe's GMMA descriptor tensor `t` of an smem operand whose first element sits at shared address 16 * smem16,
+// with the 14-bit start-address field (address >> 4) written as a plain add to the other, constant, fields.
+// Equal to CuTe's descriptor (which masks address >> 4 to 14 bits) for every address below 256 KiB, i.e. all of
+// sm90's shared memory (at most 228 KiB per SM). Given smem16 as (CTA base >> 4) + constant, ptxas forms each
+// per-stage, per-k descriptor from one uniform base with adds, instead of rebuilding it with shift + mask + or
+// (SASS: the V descriptors were rebuilt in every key block).
+template <class DescTensor>
+CUTE_DEVICE auto gmma_desc_at(DescTensor const& t, uint32_t smem16) {
+  GMMA::DescriptorIterator it = t.data();
+  it.desc_.reg32_[0] = (it.desc_.reg32_[0] & ~0x3fffu) + smem16;
+  return make_tensor(it, t.layout());
+}
+
 // GMMA accumulator fragment ((2, 2, V), M, N) viewed as (rows = (2, M), cols = (2, V, N)).
 template <class L>
 CUTE_HOST_DEVICE constexpr auto acc_rowcol(L const& l) {
