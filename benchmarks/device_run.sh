@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build, test and benchmark on the GPU machine in one call: bash benchmarks/device_run.sh STAGE...
-# Stages: build (CUDA extension + C++ tests), sanitize (compute-sanitizer + SASS/resource checks), cbench (C++
+# Stages: build (CUDA extension + C++ tests; buildext: the extension only), sanitize (compute-sanitizer + SASS/resource checks), cbench (C++
 #         timing of the CUDA forward, cluster on/off),
 #         test (GPU pytest suites), bench (side-by-side table), decode (kvcache decode table),
 #         varlen (varlen vs dense table), sweep (Triton tile/variant sweep, SWEEP_ARGS),
@@ -32,12 +32,16 @@ stage() { local name=$1; shift; local t0=$SECONDS; "$@" >"$OUT/$name.log" 2>&1; 
           SUMMARY+=("$(printf '%-10s rc=%-3s %4ss  %s' "$name" "$rc" "$((SECONDS - t0))" "$(tail -n 1 "$OUT/$name.log" | cut -c1-90)")");
           return $rc; }
 
-build() {
+build() { buildext && buildtests; }
+buildext() {
   export CUTLASS_INC=$(python3 -c "import cutlass_library,os;print(os.path.join(os.path.dirname(cutlass_library.__file__),'source','include'))")
   FA3JAX_BUILD_CUDA=1 CMAKE_BUILD_PARALLEL_LEVEL=16 timeout 400 python3 -m pip install --no-deps \
     --no-build-isolation --target /tmp/fa3site -q . || return 1
   # tests run from the source tree (python -m pytest puts it first on sys.path): put the extension there too
   cp /tmp/fa3site/fa3jax/backends/cuda/_fa3jax_cuda*.so fa3jax/backends/cuda/ || return 1
+  echo "extension built: $(ls fa3jax/backends/cuda/_fa3jax_cuda*.so)"
+}
+buildtests() {
   cmake -S csrc -B build/csrc-tests -G Ninja -DFA3JAX_PTXAS_VERBOSE=ON -DFA3JAX_BUILD_TESTS=ON \
     -DFA3JAX_HEAD_DIMS="${FA3JAX_HEAD_DIMS:-64;128;256}" -DFA3JAX_DTYPES="${FA3JAX_DTYPES:-bf16;fp16}" >/dev/null \
     && cmake --build build/csrc-tests -j16 2>&1 | grep -E "error|spill|Used [0-9]+ registers" | sort | uniq | head -40
@@ -45,10 +49,12 @@ build() {
   timeout 60 build/csrc-tests/fa3jax_test_layouts && timeout 180 build/csrc-tests/fa3jax_test_fwd
 }
 cbench() { timeout 120 build/csrc-tests/fa3jax_test_fwd --bench --quiet | grep -E "^bench|passed"; }
+# CTEST_BIN: the C++ test program to check (default: the one buildtests made; one built off the device works too)
 sanitize() {
-  timeout 200 compute-sanitizer --tool memcheck --error-exitcode 3 build/csrc-tests/fa3jax_test_fwd --quick --quiet &&
-  timeout 200 compute-sanitizer --tool racecheck --error-exitcode 3 build/csrc-tests/fa3jax_test_fwd --quick --quiet &&
-  cuobjdump --dump-sass build/csrc-tests/fa3jax_test_fwd | grep -oE "(HGMMA|HMMA)\.[0-9A-Za-z.x]+" | sort | uniq -c | head
+  local bin=${CTEST_BIN:-build/csrc-tests/fa3jax_test_fwd}
+  timeout 200 compute-sanitizer --tool memcheck --error-exitcode 3 "$bin" --quick --quiet &&
+  timeout 200 compute-sanitizer --tool racecheck --error-exitcode 3 "$bin" --quick --quiet &&
+  cuobjdump --dump-sass "$bin" | grep -oE "(HGMMA|HMMA)\.[0-9A-Za-z.x]+" | sort | uniq -c | head
 }
 gputest() {
   # xdist spreads Triton/XLA compilation over the 16 cores; no preallocation so 8 workers share the GPU.
@@ -160,6 +166,7 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,temperature.gpu --format=cs
 for s in "$@"; do
   case $s in
     build) stage build build ;;
+    buildext) stage buildext buildext ;;
     sanitize) stage sanitize sanitize ;;
     cbench) stage cbench cbench ;;
     test) stage test gputest ;;
