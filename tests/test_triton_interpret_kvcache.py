@@ -178,11 +178,6 @@ def test_choose_num_splits():
     assert choose_num_splits(8, 8, 32768, 132, programs_per_sm=2) == 4  # 64 * 5 would start a second wave
     assert choose_num_splits(1, 8, 32768, 132, programs_per_sm=4, min_keys_per_split=1024) == 32  # key floor
     assert choose_num_splits(1, 8, 32768, 132, programs_per_sm=4, max_splits=20) == 20
-    # a full machine splits in two only when asked, for at most two waves, and with long enough halves
-    assert choose_num_splits(64, 8, 32768, 132, tail_split_min_keys=16384) == 2
-    assert choose_num_splits(64, 8, 4096, 132, tail_split_min_keys=16384) == 1
-    assert choose_num_splits(64, 8, 32768, 132) == 1
-    assert choose_num_splits(256, 8, 32768, 132, tail_split_min_keys=16384) == 1  # 2048 programs: 7.8 waves
     assert choose_num_splits(1, 1, 600, 132) == 2  # limited by keys per split
     for b in (1, 2, 7):
         for hk in (1, 4, 32):

@@ -19,28 +19,17 @@ MAX_SPLITS = 64
 
 
 def choose_num_splits(batch: int, heads_k: int, cache_len: int, num_sms: int, m_tiles: int = 1,
-                      programs_per_sm: int = 2, min_keys_per_split: int = 256, max_splits: int = MAX_SPLITS,
-                      tail_split_min_keys: int = 0) -> int:
+                      programs_per_sm: int = 2, min_keys_per_split: int = 256, max_splits: int = MAX_SPLITS) -> int:
     """Number of KV splits for a decode launch (pure Python, host side).
 
-    Split when (batch * heads_k * m_tiles) programs leave SMs idle; then take as many splits as fit in one
+    Split only when (batch * heads_k * m_tiles) programs leave SMs idle; then take as many splits as fit in one
     wave of ``programs_per_sm`` programs per SM (a decode program streams K/V, and one per SM does not keep enough
     bytes in flight), rounding down: a partly filled second wave costs more than the split saves (H100, hq=32 hk=8
     b=8, contiguous 32k: 4 splits = 256 programs 2.98 TB/s, 5 splits = 320 programs 2.82). Never go below
     ``min_keys_per_split`` keys per split (a split then costs more in the combine than it saves).
-
-    ``tail_split_min_keys`` (0 = off): when the programs already fill the SMs for at most two waves, split in two
-    anyway if each half keeps at least this many keys. Halving the programs halves the idle tail of the last
-    wave, which pays for the combine only on long caches (H100, paged b=64 hk=8, 512 programs: cache 32k 2 splits
-    2805.6-2812.9 us against 2811.3-2816.2 in three runs; cache 4k 365.8 against 358.9).
     """
     work = max(1, batch * heads_k * m_tiles)
-    if cache_len <= min_keys_per_split:
-        return 1
-    if work >= num_sms * 0.8:
-        full_waves = work <= 2 * programs_per_sm * num_sms
-        if tail_split_min_keys and full_waves and cache_len >= 2 * tail_split_min_keys and max_splits >= 2:
-            return 2
+    if cache_len <= min_keys_per_split or work >= num_sms * 0.8:
         return 1
     want = (programs_per_sm * num_sms) // work
     by_len = max(1, cache_len // min_keys_per_split)
@@ -90,7 +79,7 @@ def plan_forward(spec: AttentionSpec, arch: str = "sm90", num_splits: Optional[i
     splits = kv.num_splits if num_splits is None else num_splits
     if splits <= 0:
         splits = choose_num_splits(b, hk, kv.capacity, num_sms, m_tiles, policy.programs_per_sm,
-                                   policy.min_keys_per_split, policy.max_splits, policy.tail_split_min_keys)
+                                   policy.min_keys_per_split, policy.max_splits)
     splits = max(1, min(int(splits), math.ceil(max(kv.capacity, 1) / block_n), MAX_SPLITS))
     if overrides and "fwd" in overrides:
         warps, stages = cfg.num_warps if block_m >= 128 else min(cfg.num_warps, 4), cfg.num_stages

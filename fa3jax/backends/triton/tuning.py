@@ -114,7 +114,6 @@ class DecodeConfig(NamedTuple):
     programs_per_sm: int  # what the automatic split count aims for
     min_keys_per_split: int  # below this a split costs more in the combine than it saves
     max_splits: int
-    tail_split_min_keys: int = 0  # plan_kvcache.choose_num_splits: 2 splits of a full machine (0 = never)
 
 
 # Measured on the H100 (2026-11-25, hq=32 hk=8 d=128 bf16; benchmarks/RESULTS.md sessions 2 and 5): contiguous:
@@ -124,12 +123,13 @@ class DecodeConfig(NamedTuple):
 # splits 2.46 / 2.95 TB/s at 4k / 32k, against 2.19 / 2.88 with the earlier 9 splits) and at most 16 splits
 # (b=1, 8 programs: 16 splits 2.33 / 2.85 TB/s at 32k / 128k, 32 splits 2.17 / 2.73, 24 splits 2.04 / 2.54), and
 # 3 stages, split or not (b=1 4k 16 splits: 0.72 vs 0.69 TB/s; b=8 4 splits: 2.46 vs 2.43 at 4k, equal at 32k;
-# b=64 32k unsplit: 3.059 vs 3.054; 2 stages 3.005). Paged b=64 (512 programs, two waves): 2 splits at 32k
-# (session 7 runs 1-3: 2811.0 / 2805.6 / 2812.9 us against 2816.2 / 2811.3 / 2815.4 unsplit; 3 splits 2805.7, 4
-# splits 2814.7) but not at 4k (365.8 against 358.9); contiguous b=64 32k stays unsplit (2807.0 against 2837.8).
+# b=64 32k unsplit: 3.059 vs 3.054; 2 stages 3.005). Paged b=64 (512 programs, two waves) stays unsplit: 2 splits
+# gained 2.5-5.7 us at cache 32k in three interleaved sweeps (session 7 runs 1-3) but lost at 4k (365.8 against
+# 358.9 us) and, in the decode suite, at 128k (11276 us against flash-attn3-jax's 11198; unsplit in session 5:
+# 11197 against 11201), so session 7 reverted that rule.
 DECODE = {
     "contiguous": DecodeConfig(64, 4, 3, 4, 2, 256, 64),
-    "paged": DecodeConfig(64, 4, 3, 3, 2, 256, 16, 16384),
+    "paged": DecodeConfig(64, 4, 3, 3, 2, 256, 16),
 }
 
 # Used for any key that is not in the table: small tiles that compile everywhere.
