@@ -7,7 +7,8 @@
 #         ab (C++ timing of d=128 bf16 kernel variants built side by side, AB_VARIANTS), abbin (the same for
 #         test programs built elsewhere, AB_BINS),
 #         ncu (Nsight Compute source-level profile of one C++ bench case and of flash-attn3-jax's kernel),
-#         ncutriton (Nsight Compute sections of the Triton forward and flash-attn3-jax's, via profile_fwd.py).
+#         ncutriton (Nsight Compute sections of the Triton forward and flash-attn3-jax's, via profile_fwd.py),
+#         ncudecode (the same for the decode kernels, via profile_decode.py).
 # Wheels the machine lacks (jax-triton, nvidia-cutlass, flash-attn3-jax) travel in .whl/ (see the device README).
 # Prints a short summary table last; logs go to $OUT.
 set -uo pipefail
@@ -154,6 +155,21 @@ ncutriton() {
 }
 # SWEEP_ARGS: triton_sweep.py arguments; several sweeps separated by '|' run one after the other, each under
 # SWEEP_TIMEOUT seconds.
+# NCU_DECODE="layout,batch,cache,impl ..." (default: paged and contiguous b=64 32k for fa3jax:triton, paged for
+# flash-attn3-jax): Nsight Compute memory and stall sections of the decode kernels (benchmarks/profile_decode.py).
+ncudecode() {
+  local secs="--section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy"
+  local spec layout b c impl rest tag
+  for spec in ${NCU_DECODE:-paged,64,32768,fa3jax:triton contiguous,64,32768,fa3jax:triton paged,64,32768,flash-attn3-jax}; do
+    IFS=, read -r layout b c impl <<<"$spec"; tag=${layout}_b${b}_c${c}_${impl#*:}
+    timeout 200 ncu $secs -k regex:"_decode_fwd|device_kernel" -c 6 -f -o "$OUT/prof_$tag" \
+      python3 benchmarks/profile_decode.py --layout "$layout" --batch "$b" --cache "$c" --impl "$impl" | tail -n 1
+    ncu --import "$OUT/prof_$tag.ncu-rep" --page details >"$OUT/prof_${tag}_details.txt" 2>&1
+    echo "$tag: $(grep -hE "^ +(Duration|DRAM Throughput|L2 Hit Rate|Warp Cycles Per Issued Instruction) " \
+      "$OUT/prof_${tag}_details.txt" | awk '{print $1, $(NF)}' | tr '\n' ' ')"
+  done
+  rm -f "$OUT"/prof_*.ncu-rep
+}
 sweep() {
   local sets a; IFS='|' read -ra sets <<<"${SWEEP_ARGS:---kernel fwd --cands 128,128,8,3}"
   for a in "${sets[@]}"; do
@@ -178,6 +194,7 @@ for s in "$@"; do
     abbin) stage abbin abbin ;;
     ncu) stage ncu ncuprof ;;
     ncutriton) stage ncutriton ncutriton ;;
+    ncudecode) stage ncudecode ncudecode ;;
     *) echo "unknown stage $s"; exit 2 ;;
   esac
 done
