@@ -115,8 +115,9 @@ abbin() {
   done
 }
 # NCU_BIN (default: the build stage's test program), NCU_CASES="B,S,CAUSAL ..." (default 4,4096,1),
-# NCU_VARIANT=dyn|static|cluster; profiles flash-attn3-jax's kernel on the same shapes too. Per-SASS-instruction
-# counters go to CSV; everything comes back as one archive (at most 8 files come back from the device).
+# NCU_VARIANT=dyn|static|cluster, NCU_HEAD_DIM (128), NCU_DTYPE (bf16); profiles flash-attn3-jax's kernel on the same
+# shapes too. Per-SASS-instruction counters go to CSV; everything comes back as one archive (at most 8 files come
+# back from the device).
 ncuprof() {
   local bin=${NCU_BIN:-build/csrc-tests/fa3jax_test_fwd} case b s causal rest tag
   local secs="--section SpeedOfLight --section WarpStateStats --section SourceCounters --section LaunchStats --section Occupancy"
@@ -124,7 +125,8 @@ ncuprof() {
   for case in ${NCU_CASES:-4,4096,1}; do
     b=${case%%,*}; rest=${case#*,}; s=${rest%%,*}; causal=${rest#*,}; tag=b${b}_s${s}_c${causal}
     timeout 240 ncu $secs -k regex:fwd_kernel --launch-skip 3 -c 1 -f -o "$OUT/prof_ours_$tag" \
-      "$bin" --bench-only --case "$case" --variant "${NCU_VARIANT:-dyn}" | tail -n 2
+      "$bin" --bench-only --case "$case" --variant "${NCU_VARIANT:-dyn}" --head-dim "${NCU_HEAD_DIM:-128}" \
+      --dtype "${NCU_DTYPE:-bf16}" | tail -n 2
     PYTHONPATH=$site$PYTHONPATH timeout 240 ncu $secs -k regex:device_kernel --launch-skip 1 -c 1 -f \
       -o "$OUT/prof_fa3_$tag" python3 benchmarks/profile_fwd.py --seqlen "$s" $([ "$causal" = 1 ] && echo --causal) \
       --impl flash-attn3-jax | tail -n 2

@@ -5,11 +5,13 @@
 //   fa3jax_test_fwd            run all tests
 //   fa3jax_test_fwd --quick    one config per instantiation (for racecheck, which is slow)
 //   fa3jax_test_fwd --bench    also time a few large configs (no checking)
-//   fa3jax_test_fwd --bench-only [--case B,S,CAUSAL] [--variant dyn|static|cluster|wide]
+//   fa3jax_test_fwd --bench-only [--case B,S,CAUSAL] [--variant dyn|static|cluster|wide] [--head-dim D]
+//                   [--dtype bf16|fp16]
 //                              only the timings, optionally one case and variant (for Nsight Compute)
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <random>
 #include <string>
@@ -211,9 +213,11 @@ __global__ void fill_uniform(uint16_t* x, size_t n, uint32_t seed, bool bf16) {
 struct BenchFilter {
   int b = 0, s = 0, causal = -1;  // 0 / -1: any
   int variant = -1;               // -1: all
+  int head_dim = 0, dtype = -1;   // 0 / -1: every compiled one (Nsight Compute profiles the first launch it sees)
 };
 
 static void bench(DType dt, int d, BenchFilter const& f) {
+  if ((f.head_dim && f.head_dim != d) || (f.dtype >= 0 && f.dtype != int(dt))) return;
   struct B { int b, s, h; int wr; };
   const B cases[] = {{8, 2048, 16, -1}, {8, 2048, 16, 0}, {4, 4096, 16, -1}, {4, 4096, 16, 0}, {2, 8192, 16, -1},
                      {2, 8192, 16, 0}, {1, 16384, 16, -1}, {1, 16384, 16, 0}};
@@ -275,6 +279,12 @@ int main(int argc, char** argv) {
       filter.variant = v == "dyn" ? int(Variant::kDynamic) : v == "static" ? int(Variant::kStatic)
                      : v == "cluster" ? int(Variant::kCluster) : v == "wide" ? int(Variant::kWide) : -2;
       if (filter.variant == -2) { std::fprintf(stderr, "--variant wants dyn|static|cluster|wide\n"); return 2; }
+    } else if (!std::strcmp(argv[i], "--head-dim") && i + 1 < argc) {
+      filter.head_dim = std::atoi(argv[++i]);
+    } else if (!std::strcmp(argv[i], "--dtype") && i + 1 < argc) {
+      std::string v = argv[++i];
+      filter.dtype = v == "bf16" ? int(DType::kBF16) : v == "fp16" ? int(DType::kFP16) : -2;
+      if (filter.dtype == -2) { std::fprintf(stderr, "--dtype wants bf16|fp16\n"); return 2; }
     } else {
       std::fprintf(stderr, "unknown argument %s\n", argv[i]);
       return 2;
