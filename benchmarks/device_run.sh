@@ -158,12 +158,13 @@ ncutriton() {
 # SWEEP_ARGS: triton_sweep.py arguments; several sweeps separated by '|' run one after the other, each under
 # SWEEP_TIMEOUT seconds.
 # NCU_DECODE="layout,batch,cache,impl ..." (default: paged and contiguous b=64 32k for fa3jax:triton, paged for
-# flash-attn3-jax): Nsight Compute memory and stall sections of the decode kernels (benchmarks/profile_decode.py).
+# flash-attn3-jax:s1; impl names as in fa3jax.bench.decode_impls): Nsight Compute memory and stall sections of the
+# decode kernels (benchmarks/profile_decode.py).
 ncudecode() {
   local secs="--section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy"
   local spec layout b c impl rest tag
-  for spec in ${NCU_DECODE:-paged,64,32768,fa3jax:triton contiguous,64,32768,fa3jax:triton paged,64,32768,flash-attn3-jax}; do
-    IFS=, read -r layout b c impl <<<"$spec"; tag=${layout}_b${b}_c${c}_${impl#*:}
+  for spec in ${NCU_DECODE:-paged,64,32768,fa3jax:triton contiguous,64,32768,fa3jax:triton paged,64,32768,flash-attn3-jax:s1}; do
+    IFS=, read -r layout b c impl <<<"$spec"; tag=${layout}_b${b}_c${c}_${impl//:/-}
     timeout 200 ncu $secs -k regex:"_decode_fwd|device_kernel" -c 6 -f -o "$OUT/prof_$tag" \
       python3 benchmarks/profile_decode.py --layout "$layout" --batch "$b" --cache "$c" --impl "$impl" | tail -n 1
     ncu --import "$OUT/prof_$tag.ncu-rep" --page details >"$OUT/prof_${tag}_details.txt" 2>&1

@@ -16,6 +16,21 @@ import fa3jax
 from fa3jax.backends.triton import tuning
 
 
+def _compiled(label: str, fn, args):
+    """``fn`` compiled and run once on ``args``, or None (reported) when it fails: a candidate can fail to compile
+    or, with too much shared memory, only at launch, and flash-attn3-jax rejects some shapes (head_dim > 128) only
+    when it runs."""
+    from fa3jax import bench
+
+    try:
+        f = bench.compile_fn(fn, args)[0]
+        jax.block_until_ready(f(*args))
+        return f
+    except Exception as e:  # reported, not fatal: the other candidates are still timed
+        print(f"{label}: FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
+        return None
+
+
 def decode_sweep(a):
     """--kernel decode: cands are BLOCK_N,warps,stages,num_splits (0 = the automatic count with tuning.DECODE's
     programs_per_sm/min_keys_per_split) for the layout. Timed as the bench's decode suite (16 chained steps in
@@ -94,21 +109,13 @@ def main():
                     tuning._TABLE[key] = base._replace(**{a.kernel: tile})
                     f = bench._timed_fn(lambda q, k, v: fa3jax.flash_mha(q, k, v, is_causal=causal, backend="triton"),
                                         mode)
-                    try:
-                        fn = bench.compile_fn(f, sets[0])[0]  # traced (and the plan taken) now
-                        jax.block_until_ready(fn(*sets[0]))  # too much shared memory fails only at launch
-                        fns[cand] = fn
-                    except Exception as e:  # a config that fails to compile or launch is reported, not fatal
-                        print(f"{cfg.label()} cfg={cand}: FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
+                    fns[cand] = _compiled(f"{cfg.label()} cfg={cand}", f, sets[0])  # the plan is taken now
             finally:
                 tuning._TABLE[key] = base
             for impl in fa3:
-                try:  # flash-attn3-jax rejects some shapes only when it runs (head_dim > 128)
-                    f = bench.compile_fn(bench._timed_fn(impl.forward(cfg), mode), sets[0])[0]
-                    jax.block_until_ready(f(*sets[0]))
-                    fns[impl.name] = f
-                except Exception as e:
-                    print(f"{cfg.label()} {impl.name}: FAILED {type(e).__name__}: {str(e)[:160]}", flush=True)
+                fns[impl.name] = _compiled(f"{cfg.label()} {impl.name}", bench._timed_fn(impl.forward(cfg), mode),
+                                           sets[0])
+            fns = {name: f for name, f in fns.items() if f is not None}
             res = bench.measure_interleaved(fns, sets, opts)
             ref = res.get(bench.FA3_NAME, {}).get("time_s")
             for name, r in sorted(res.items(), key=lambda kv: kv[1]["time_s"]):
