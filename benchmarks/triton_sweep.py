@@ -33,7 +33,8 @@ def _compiled(label: str, fn, args):
 
 def decode_sweep(a):
     """--kernel decode: cands are BLOCK_N,warps,stages,num_splits (0 = the automatic count with tuning.DECODE's
-    programs_per_sm/min_keys_per_split) for the layout. Timed as the bench's decode suite (16 chained steps in
+    programs_per_sm/min_keys_per_split) or ``policy`` (the table entry), either with an optional ``,k`` (stream-K
+    as the automatic schedule, i.e. with num_splits 0) for the layout. Timed as the bench's decode suite (16 chained steps in
     one executable, caches cycled so that small ones leave L2), all candidates and flash-attn3-jax's
     num_splits 1/4/16 in interleaved rounds (fa3jax.bench.measure_interleaved)."""
     from fa3jax import bench
@@ -50,9 +51,16 @@ def decode_sweep(a):
                 saved = tuning.DECODE[layout]
                 try:
                     for cand in a.cands:
-                        bn, w, st, splits = (int(x) for x in cand.split(","))
-                        tuning.DECODE[layout] = saved._replace(block_n=bn, num_warps=w, stages_split=st,
-                                                               stages_nosplit=st)
+                        parts = cand.split(",")
+                        streamk = parts[-1] == "k"
+                        if streamk:
+                            parts = parts[:-1]
+                        if parts == ["policy"]:  # the table entry as it is
+                            cfg, splits = saved, 0
+                        else:
+                            bn, w, st, splits = (int(x) for x in parts)
+                            cfg = saved._replace(block_n=bn, num_warps=w, stages_split=st, stages_nosplit=st)
+                        tuning.DECODE[layout] = cfg._replace(streamk=streamk)
 
                         def fn(q, kc, vc, sl, pt, _s=splits):
                             return fa3jax.flash_mha_with_kvcache(q, kc, vc, cache_seqlens=sl, page_table=pt,
@@ -75,7 +83,8 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--kernel", choices=["fwd", "bwd_dkdv", "bwd_dq", "decode"], required=True)
     p.add_argument("--cands", nargs="+", required=True,
-                   help="block_m,block_n,warps,stages[,overlap] (decode: BLOCK_N,warps,stages,num_splits)")
+                   help="block_m,block_n,warps,stages[,overlap]; decode: BLOCK_N,warps,stages,num_splits[,k] "
+                        "or policy[,k]")
     p.add_argument("--d", type=int, default=128)
     p.add_argument("--seqlens", default="4096,16384")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])

@@ -81,14 +81,16 @@ def _plans(spec):
         return [plan.plan_forward(spec, "sm90"), *plan.plan_backward(spec, "sm90")]
     if spec.mode == "varlen":
         return [plan_varlen.plan_forward(spec, "sm90"), *plan_varlen_bwd.plan_backward(spec, "sm90")]
-    return list(plan_kvcache.plan_forward(spec, "sm90"))
+    return [*plan_kvcache.plan_forward(spec, "sm90", schedule="split"),
+            *plan_kvcache.plan_forward(spec, "sm90", schedule="streamk")]
 
 
 @pytest.mark.parametrize("spec", [c[1] for c in _launches()], ids=[c[0] for c in _launches()])
 def test_kernels_compile_for_sm90(spec):
     launches = _plans(spec)
     if spec.mode == "kvcache":
-        assert len(launches) == 2, "decode at batch 1 should split (split kernel + combine)"
+        assert [l.kernel for l in launches] == ["_decode_fwd", "_decode_combine", "_decode_fwd_streamk",
+                                                "_decode_combine_streamk"], "batch 1: split, then stream-K"
     for l in launches:
         k = _compile(l, spec.dtype)
         assert k.asm.get("cubin"), l.kernel

@@ -4,8 +4,8 @@ Same worker-subprocess scheme as ``tests/test_triton_interpret.py``. Index array
 ``fa3jax.validation.sanitize_kvcache`` (page tables are passed through unsanitized, with hostile entries).
 The reference materializes each sequence's keys in cache order (cache rows, new keys at ``cache_seqlens + t``),
 drops keys on invalid pages and outside ``[leftpad, seqlens_k)``, and runs ``fa3jax.reference.attention`` with
-positions relative to leftpad. Every case runs with several split counts; all must match the reference and each
-other. On the GPU they run through TritonBackend in the shared suite (tests/test_triton_backend.py).
+positions relative to leftpad. Every case runs with several split counts and stream-K program counts; all must
+match the reference and each other. On the GPU they run through TritonBackend in the shared suite (tests/test_triton_backend.py).
 """
 from __future__ import annotations
 
@@ -25,7 +25,14 @@ from tests.test_triton_interpret import _rel  # noqa: E402
 from tests.test_triton_interpret_varlen import _interpret  # noqa: E402  (NaN-prefilled outputs)
 
 TOL = 1e-2
-SPLITS = (1, 3, 5, 0)  # 0 = auto
+# plan_kvcache.plan_forward keywords per variant: split counts (0 = the automatic count), and stream-K with a
+# fixed number of programs per kv head (13 exceeds some cases' key tiles: programs with no tiles) or automatic.
+VARIANTS = {
+    "s1": dict(num_splits=1), "s3": dict(num_splits=3), "s5": dict(num_splits=5),
+    "s0": dict(num_splits=0, schedule="split"),
+    "k1": dict(num_splits=0, schedule="streamk", programs=1), "k3": dict(num_splits=0, schedule="streamk", programs=3),
+    "k13": dict(num_splits=0, schedule="streamk", programs=13), "k0": dict(num_splits=0, schedule="streamk"),
+}
 
 CASES = {
     # contiguous cache, decode, GQA, one row with an empty cache (all its rows: out 0 / lse -inf)
@@ -44,6 +51,9 @@ CASES = {
     # narrow window with lq > visible keys: some rows see nothing
     "contig_window_3_2_empty_rows": dict(b=1, lq=6, hq=1, hk=1, d=16, cap=48, cache_b=1, seqlens=[2],
                                          new=0, window=(3, 2)),
+    # stream-K across sequences: empty sequences between full ones, partial last tiles
+    "contig_ragged_streamk": dict(b=6, lq=1, hq=4, hk=2, d=32, cap=64, cache_b=6, seqlens=[50, 0, 0, 17, 63, 3],
+                                  window=(-1, 0)),
 }
 
 
@@ -132,20 +142,21 @@ def _run_case(name):
     finite = np.isfinite(ref_lse)
     res = {"n_empty": int((~finite).sum())}
     outs = {}
-    for splits in SPLITS:
-        launches = plan_kvcache.plan_forward(spec, "sm90", num_splits=splits, overrides={"fwd": (16, 16, 4, 1)})
+    for key, kw in VARIANTS.items():
+        launches = plan_kvcache.plan_forward(spec, "sm90", overrides={"fwd": (16, 16, 4, 1)}, **kw)
         arrs = dict(arrays)
         for launch in launches:
             got = _interpret(launch, arrs)
             arrs.update({nm: x for (nm, _, _), x in zip(launch.outputs, got)})
         out, lse = arrs["out"], arrs["lse"]
-        outs[splits] = out
-        res[f"s{splits}_nsplit"] = launches[0].meta["NUM_SPLITS"]
-        res[f"s{splits}_out"] = _rel(out, ref_out)
-        res[f"s{splits}_lse"] = float(np.max(np.abs(lse[finite] - ref_lse[finite]), initial=0.0))
-        res[f"s{splits}_inf"] = bool(np.array_equal(np.isneginf(lse), ~finite) and not np.any(np.isnan(lse)))
-        res[f"s{splits}_empty0"] = bool(np.all(out.transpose(0, 2, 1, 3)[~finite] == 0))
-    res["split_spread"] = max(float(np.max(np.abs(outs[s].astype(np.float64) - outs[1]))) for s in SPLITS)
+        outs[key] = out
+        res[f"{key}_kernel"] = launches[0].kernel
+        res[f"{key}_nsplit"] = launches[0].meta.get("NUM_SPLITS", 0)
+        res[f"{key}_out"] = _rel(out, ref_out)
+        res[f"{key}_lse"] = float(np.max(np.abs(lse[finite] - ref_lse[finite]), initial=0.0))
+        res[f"{key}_inf"] = bool(np.array_equal(np.isneginf(lse), ~finite) and not np.any(np.isnan(lse)))
+        res[f"{key}_empty0"] = bool(np.all(out.transpose(0, 2, 1, 3)[~finite] == 0))
+    res["split_spread"] = max(float(np.max(np.abs(outs[k].astype(np.float64) - outs["s1"]))) for k in VARIANTS)
     return res
 
 
@@ -156,12 +167,13 @@ results = results_fixture(__file__, CASES, nproc=2)
 def test_kvcache_forward_interpreted(results, name):
     r = results[name]
     assert "error" not in r, r.get("error")
-    for s in SPLITS:
-        assert r[f"s{s}_out"] < TOL, (s, r)
-        assert r[f"s{s}_lse"] < 1e-2, (s, r)
-        assert r[f"s{s}_inf"] and r[f"s{s}_empty0"], (s, r)
+    for k in VARIANTS:
+        assert r[f"{k}_out"] < TOL, (k, r)
+        assert r[f"{k}_lse"] < 1e-2, (k, r)
+        assert r[f"{k}_inf"] and r[f"{k}_empty0"], (k, r)
     assert r["s3_nsplit"] > 1  # the split path (partials + combine) really ran
-    assert r["split_spread"] < 5e-3, r  # splits agree within fp16 rounding of the output
+    assert r["s0_kernel"] == "_decode_fwd" and r["k3_kernel"] == "_decode_fwd_streamk"
+    assert r["split_spread"] < 5e-3, r  # splits and stream-K agree within fp16 rounding of the output
 
 
 def test_kvcache_edge_cases_are_exercised(results):
@@ -205,6 +217,28 @@ def test_kvcache_plan():
     assert single.outputs[0][0] == "out"
     assert plan_kvcache.check(spec.replace(kvcache=kvs.__class__(**{**kvs.__dict__, "page_size": 24})))
     assert plan_kvcache.check(spec.replace(dtype="float32"))
+
+    # stream-K: one wave over the kv heads, partial slots (hk, programs + batch), combine grid (hk, batch)
+    decode, combine = plan_kvcache.plan_forward(spec, "sm90", schedule="streamk")
+    g = plan_kvcache.streamk_programs(1, 4, 8192 // 16, 132, 2, 256 // 16)
+    assert g == 32 and decode.kernel == "_decode_fwd_streamk" and decode.grid == (4, g, 1)
+    assert decode.outputs[0] == ("out_acc", (4, g + 1, 16, 128), "float32") and combine.grid == (4, 1, 1)
+    assert combine.outputs == (("out", (1, 1, 32, 128), "bfloat16"), ("lse", (1, 32, 1), "float32"))
+    # explicit split counts and multi-tile queries keep the split kernel
+    assert plan_kvcache.plan_forward(spec, "sm90", num_splits=2, schedule="streamk")[0].kernel == "_decode_fwd"
+    chunk = spec.replace(seqlen_q=64)
+    assert plan_kvcache.plan_forward(chunk, "sm90", schedule="streamk")[0].kernel == "_decode_fwd"
+    with pytest.raises(ValueError, match="schedule"):
+        plan_kvcache.plan_forward(spec, "sm90", schedule="persistent")
+
+
+def test_streamk_programs():
+    from fa3jax.backends.triton.plan_kvcache import streamk_programs
+
+    assert streamk_programs(64, 8, 512, 132) == 33  # one wave of 2 programs per SM over 8 kv heads
+    assert streamk_programs(1, 8, 64, 132, min_tiles=4) == 16  # 64 tiles, at least 4 per program
+    assert streamk_programs(3, 300, 10, 132) == 1  # more kv heads than a wave holds
+    assert streamk_programs(2, 8, 0, 132) == 1
 
 
 if __name__ == "__main__":

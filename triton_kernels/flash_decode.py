@@ -1,4 +1,4 @@
-"""KV-cache (decode / chunked prefill) forward with split-KV, and the kernel that merges the splits.
+"""KV-cache (decode / chunked prefill) forward with split-KV or stream-K, and the kernels that merge the pieces.
 
 Layouts: q (B, LQ, HQ, D); contiguous cache (CACHE_B, capacity, HK, D) read at row ``batch_idx[b]`` (or ``b``);
 paged cache (num_pages, PAGE_SIZE, HK, D) read through ``page_table`` (B, pages_per_seq); k_new/v_new
@@ -15,7 +15,9 @@ GQA packing: one program owns the GROUP query heads of one kv head, as rows ``r 
 position t, head ``hk * GROUP + g``), so K/V tiles are loaded once per group. Split-KV: grid
 (m_tiles * NUM_SPLITS, HK, B); split ``s`` takes a contiguous run of the key tiles that the query tile can see
 and writes a normalized partial (out fp32, lse); with NUM_SPLITS == 1 the kernel writes the final out/lse
-directly. Every output element is written (rows that see nothing: out 0, lse -inf).
+directly. Stream-K (``_decode_fwd_streamk``): a one-wave grid in which every program streams the same number of
+key tiles, across sequence boundaries, then ``_decode_combine_streamk``. Every output element is written (rows
+that see nothing: out 0, lse -inf).
 """
 import triton
 import triton.language as tl
@@ -46,52 +48,10 @@ def _decode_update(acc, l_i, m_i, q, k, v, t_pos, pos, key_ok, row_ok, leftpad, 
 
 
 @triton.jit
-def _decode_fwd(Q, K_CACHE, V_CACHE, K_NEW, V_NEW, SEQLENS_K, CACHE_SEQLENS, LEFTPAD, BATCH_IDX, PAGE_TABLE,
-                seqlen_q, capacity, seqlen_new, num_pages, pages_per_seq, scale_in, scale_out,
-                OUT, LSE,
-                NUM_HEADS_Q: tl.constexpr, NUM_HEADS_K: tl.constexpr,
-                HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
-                PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, HAS_NEW: tl.constexpr,
-                HAS_LEFTPAD: tl.constexpr, HAS_BATCH_IDX: tl.constexpr):
-    """OUT/LSE: (B, LQ, HQ, D) in q's dtype / (B, HQ, LQ) when NUM_SPLITS == 1, else fp32 partials
-    (NUM_SPLITS, B, LQ, HQ, D) / (NUM_SPLITS, B, HQ, LQ). Paged: BLOCK_N divides PAGE_SIZE (a tile never
-    straddles a page)."""
-    GROUP: tl.constexpr = NUM_HEADS_Q // NUM_HEADS_K
-    STRIDE_KN: tl.constexpr = NUM_HEADS_K * HEAD_DIM
-
-    pid0 = tl.program_id(0)
-    split = pid0 % NUM_SPLITS
-    start_m = (pid0 // NUM_SPLITS) * BLOCK_M
-    off_hk = tl.program_id(1)
-    off_b = tl.program_id(2)
-    n_batch = tl.num_programs(2)
-
-    seqlens_k = tl.load(SEQLENS_K + off_b)
-    cache_len = tl.load(CACHE_SEQLENS + off_b)
-    if HAS_LEFTPAD:
-        leftpad = tl.load(LEFTPAD + off_b)
-    else:
-        leftpad = 0
-    sk = seqlens_k - leftpad  # key length the mask sees
-
-    n_rows = seqlen_q * GROUP
-    offs_r = start_m + tl.arange(0, BLOCK_M)
-    row_ok = offs_r < n_rows
-    t_pos = offs_r // GROUP
-    head = off_hk * GROUP + offs_r % GROUP
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM_PAD)
-    d_ok = offs_d < HEAD_DIM
-
-    q_rows = ((off_b.to(tl.int64) * seqlen_q + t_pos) * NUM_HEADS_Q + head) * HEAD_DIM
-    q = tl.load(Q + q_rows[:, None] + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-
-    # Union of the key positions the rows of this tile may see (absolute positions), then tile-aligned.
-    m_last = tl.minimum(start_m + BLOCK_M, n_rows) - 1
-    t_first = start_m // GROUP
-    t_last = m_last // GROUP
+def _key_range(sk, leftpad, seqlen_q, t_first, t_last,
+               BLOCK_N: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr):
+    """Tile-aligned absolute key positions [n_lo, n_hi) that query positions [t_first, t_last] may see
+    (elementwise: scalars for one sequence, or per-sequence vectors for the stream-K layout)."""
     shift = sk - seqlen_q
     lo = 0
     hi = sk
@@ -103,10 +63,29 @@ def _decode_fwd(Q, K_CACHE, V_CACHE, K_NEW, V_NEW, SEQLENS_K, CACHE_SEQLENS, LEF
     hi = hi + leftpad
     n_lo = (lo // BLOCK_N) * BLOCK_N
     n_hi = tl.where(lo < hi, _cdiv(tl.maximum(hi, 0), BLOCK_N) * BLOCK_N, n_lo)
-    per_split = _cdiv((n_hi - n_lo) // BLOCK_N, NUM_SPLITS) * BLOCK_N
-    n_begin = tl.minimum(n_lo + split * per_split, n_hi)
-    n_end = tl.minimum(n_begin + per_split, n_hi)
+    return n_lo, n_hi
 
+
+@triton.jit
+def _decode_keys(acc, l_i, m_i, q, t_pos, row_ok, n_begin, n_end, off_b, off_hk,
+                 K_CACHE, V_CACHE, K_NEW, V_NEW, SEQLENS_K, CACHE_SEQLENS, LEFTPAD, BATCH_IDX, PAGE_TABLE,
+                 seqlen_q, capacity, seqlen_new, num_pages, pages_per_seq, scale_in, scale_out,
+                 NUM_HEADS_K: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+                 BLOCK_N: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
+                 SOFTCAP: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, HAS_NEW: tl.constexpr,
+                 HAS_LEFTPAD: tl.constexpr, HAS_BATCH_IDX: tl.constexpr):
+    """Online softmax of the rows of (off_b, off_hk) over the key tiles [n_begin, n_end) (absolute positions)."""
+    STRIDE_KN: tl.constexpr = NUM_HEADS_K * HEAD_DIM
+    seqlens_k = tl.load(SEQLENS_K + off_b)
+    cache_len = tl.load(CACHE_SEQLENS + off_b)
+    if HAS_LEFTPAD:
+        leftpad = tl.load(LEFTPAD + off_b)
+    else:
+        leftpad = 0
+    sk = seqlens_k - leftpad  # key length the mask sees
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    d_ok = offs_d < HEAD_DIM
     if PAGED:
         pt_row = PAGE_TABLE + off_b.to(tl.int64) * pages_per_seq
     else:
@@ -116,9 +95,6 @@ def _decode_fwd(Q, K_CACHE, V_CACHE, K_NEW, V_NEW, SEQLENS_K, CACHE_SEQLENS, LEF
             cache_row = off_b.to(tl.int64)
     head_off = off_hk * HEAD_DIM
 
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
     # Decode is bandwidth-bound: the hot loop covers the tiles that lie wholly inside the cache and has no
     # branch, so Triton's software pipeliner keeps several K/V tiles in flight (a load under an `if` is not
     # pipelined). The few tiles that reach past cache_seqlens (the partial one and the new keys) take the
@@ -180,11 +156,76 @@ def _decode_fwd(Q, K_CACHE, V_CACHE, K_NEW, V_NEW, SEQLENS_K, CACHE_SEQLENS, LEF
                 v = tl.where(in_cache[:, None], v, v_n.to(v.dtype))
         acc, l_i, m_i = _decode_update(acc, l_i, m_i, q, k, v, t_pos, pos, key_ok, row_ok, leftpad, seqlen_q, sk,
                                        scale_in, scale_out, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP)
+    return acc, l_i, m_i
 
+
+@triton.jit
+def _finish(acc, l_i, m_i):
+    """Normalized output and natural-log LSE of one online softmax (rows that saw nothing: 0 and -inf)."""
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * _LN2)
+    return out, lse
+
+
+@triton.jit
+def _decode_fwd(Q, K_CACHE, V_CACHE, K_NEW, V_NEW, SEQLENS_K, CACHE_SEQLENS, LEFTPAD, BATCH_IDX, PAGE_TABLE,
+                seqlen_q, capacity, seqlen_new, num_pages, pages_per_seq, scale_in, scale_out,
+                OUT, LSE,
+                NUM_HEADS_Q: tl.constexpr, NUM_HEADS_K: tl.constexpr,
+                HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
+                PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, HAS_NEW: tl.constexpr,
+                HAS_LEFTPAD: tl.constexpr, HAS_BATCH_IDX: tl.constexpr):
+    """OUT/LSE: (B, LQ, HQ, D) in q's dtype / (B, HQ, LQ) when NUM_SPLITS == 1, else fp32 partials
+    (NUM_SPLITS, B, LQ, HQ, D) / (NUM_SPLITS, B, HQ, LQ). Paged: BLOCK_N divides PAGE_SIZE (a tile never
+    straddles a page)."""
+    GROUP: tl.constexpr = NUM_HEADS_Q // NUM_HEADS_K
+
+    pid0 = tl.program_id(0)
+    split = pid0 % NUM_SPLITS
+    start_m = (pid0 // NUM_SPLITS) * BLOCK_M
+    off_hk = tl.program_id(1)
+    off_b = tl.program_id(2)
+    n_batch = tl.num_programs(2)
+
+    seqlens_k = tl.load(SEQLENS_K + off_b)
+    if HAS_LEFTPAD:
+        leftpad = tl.load(LEFTPAD + off_b)
+    else:
+        leftpad = 0
+
+    n_rows = seqlen_q * GROUP
+    offs_r = start_m + tl.arange(0, BLOCK_M)
+    row_ok = offs_r < n_rows
+    t_pos = offs_r // GROUP
+    head = off_hk * GROUP + offs_r % GROUP
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    d_ok = offs_d < HEAD_DIM
+
+    q_rows = ((off_b.to(tl.int64) * seqlen_q + t_pos) * NUM_HEADS_Q + head) * HEAD_DIM
+    q = tl.load(Q + q_rows[:, None] + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+
+    # Union of the key positions the rows of this tile may see (absolute positions), then tile-aligned.
+    m_last = tl.minimum(start_m + BLOCK_M, n_rows) - 1
+    n_lo, n_hi = _key_range(seqlens_k - leftpad, leftpad, seqlen_q, start_m // GROUP, m_last // GROUP,
+                            BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT)
+    per_split = _cdiv((n_hi - n_lo) // BLOCK_N, NUM_SPLITS) * BLOCK_N
+    n_begin = tl.minimum(n_lo + split * per_split, n_hi)
+    n_end = tl.minimum(n_begin + per_split, n_hi)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+    acc, l_i, m_i = _decode_keys(acc, l_i, m_i, q, t_pos, row_ok, n_begin, n_end, off_b, off_hk,
+                                 K_CACHE, V_CACHE, K_NEW, V_NEW, SEQLENS_K, CACHE_SEQLENS, LEFTPAD, BATCH_IDX,
+                                 PAGE_TABLE, seqlen_q, capacity, seqlen_new, num_pages, pages_per_seq,
+                                 scale_in, scale_out, NUM_HEADS_K, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N,
+                                 WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, PAGED, PAGE_SIZE, HAS_NEW, HAS_LEFTPAD,
+                                 HAS_BATCH_IDX)
+    out, lse = _finish(acc, l_i, m_i)
     if NUM_SPLITS == 1:
         o_rows = q_rows
         lse_off = (off_b.to(tl.int64) * NUM_HEADS_Q + head) * seqlen_q + t_pos
@@ -195,6 +236,157 @@ def _decode_fwd(Q, K_CACHE, V_CACHE, K_NEW, V_NEW, SEQLENS_K, CACHE_SEQLENS, LEF
     tl.store(OUT + o_rows[:, None] + offs_d[None, :], out.to(OUT.dtype.element_ty),
              mask=row_ok[:, None] & d_ok[None, :])
     tl.store(LSE + lse_off, lse, mask=row_ok)
+
+
+@triton.jit
+def _streamk_layout(SEQLENS_K, LEFTPAD, n_batch, seqlen_q, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
+                    WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, HAS_LEFTPAD: tl.constexpr):
+    """Per sequence (vectors over BLOCK_B >= n_batch): first key position n_lo, key-tile count, and the index of
+    its first tile in the concatenation of every sequence's tiles (the stream one kv head's programs share)."""
+    offs_b = tl.arange(0, BLOCK_B)
+    b_ok = offs_b < n_batch
+    seqlens = tl.load(SEQLENS_K + offs_b, mask=b_ok, other=0)
+    if HAS_LEFTPAD:
+        leftpad = tl.load(LEFTPAD + offs_b, mask=b_ok, other=0)
+    else:
+        leftpad = tl.zeros([BLOCK_B], dtype=tl.int32)
+    # One query tile holds every row (the host only picks stream-K then), so it spans positions [0, seqlen_q).
+    n_lo, n_hi = _key_range(seqlens - leftpad, leftpad, seqlen_q, 0, seqlen_q - 1, BLOCK_N, WINDOW_LEFT,
+                            WINDOW_RIGHT)
+    tiles = tl.where(b_ok, (n_hi - n_lo) // BLOCK_N, 0).to(tl.int64)
+    first = tl.cumsum(tiles, 0) - tiles
+    return offs_b, n_lo, tiles, first
+
+
+@triton.jit
+def _pick(offs, vec, i):
+    """vec[i] as a scalar (vectors here are a few hundred elements, read once per sequence switch)."""
+    return tl.sum(tl.where(offs == i, vec, 0), 0)
+
+
+@triton.jit
+def _decode_fwd_streamk(Q, K_CACHE, V_CACHE, K_NEW, V_NEW, SEQLENS_K, CACHE_SEQLENS, LEFTPAD, BATCH_IDX,
+                        PAGE_TABLE, seqlen_q, capacity, seqlen_new, num_pages, pages_per_seq, scale_in, scale_out,
+                        n_batch, OUT_ACC, LSE_ACC,
+                        NUM_HEADS_Q: tl.constexpr, NUM_HEADS_K: tl.constexpr,
+                        HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
+                        WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
+                        PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, HAS_NEW: tl.constexpr,
+                        HAS_LEFTPAD: tl.constexpr, HAS_BATCH_IDX: tl.constexpr):
+    """Stream-K decode: grid (HK, G). For kv head hk, the key tiles of all sequences are laid end to end and
+    program g takes tiles [g * T // G, (g + 1) * T // G) of that stream (T tiles in all), so every program
+    streams the same number of bytes and the grid is one wave with no tail (a split grid of b * hk programs
+    leaves a partly filled last wave). The HK programs of one g read the same sequence at the same key
+    positions at the same time, as the split grid's neighbours do. Each (program, sequence) piece writes a
+    normalized partial to slot ``g + b`` of OUT_ACC (HK, G + B, BLOCK_M, D) / LSE_ACC (HK, G + B, BLOCK_M):
+    the pieces of one program are consecutive sequences, and consecutive programs meet at most in one
+    sequence, so g + b is unique. Needs seqlen_q * GROUP <= BLOCK_M (one query tile)."""
+    GROUP: tl.constexpr = NUM_HEADS_Q // NUM_HEADS_K
+    off_hk = tl.program_id(0)
+    g = tl.program_id(1).to(tl.int64)
+    n_prog = tl.num_programs(1)
+
+    offs_b, n_lo_b, tiles_b, first_b = _streamk_layout(SEQLENS_K, LEFTPAD, n_batch, seqlen_q, BLOCK_B, BLOCK_N,
+                                                       WINDOW_LEFT, WINDOW_RIGHT, HAS_LEFTPAD)
+    total = tl.sum(tiles_b, 0)
+    begin = g * total // n_prog
+    end = (g + 1) * total // n_prog
+    # Sequences holding this program's first and last tile (sequences without tiles in between are visited
+    # and write an empty partial the combine never reads).
+    b_first = tl.sum(((first_b + tiles_b <= begin) & (offs_b < n_batch)).to(tl.int32), 0)
+    b_last = tl.sum(((first_b + tiles_b <= end - 1) & (offs_b < n_batch)).to(tl.int32), 0)
+    b_stop = tl.where(begin < end, b_last + 1, b_first)
+
+    n_rows = seqlen_q * GROUP
+    offs_r = tl.arange(0, BLOCK_M)
+    row_ok = offs_r < n_rows
+    t_pos = offs_r // GROUP
+    head = off_hk * GROUP + offs_r % GROUP
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    d_ok = offs_d < HEAD_DIM
+    slot_base = off_hk.to(tl.int64) * (n_prog + n_batch) + g
+    for i in range(0, b_stop - b_first):
+        off_b = b_first + i
+        t0 = _pick(offs_b, first_b, off_b)
+        n_lo = _pick(offs_b, n_lo_b, off_b)
+        lo = tl.maximum(begin, t0) - t0
+        hi = tl.minimum(end, t0 + _pick(offs_b, tiles_b, off_b)) - t0
+        q_rows = ((off_b.to(tl.int64) * seqlen_q + t_pos) * NUM_HEADS_Q + head) * HEAD_DIM
+        q = tl.load(Q + q_rows[:, None] + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+        acc, l_i, m_i = _decode_keys(acc, l_i, m_i, q, t_pos, row_ok, (n_lo + lo * BLOCK_N).to(tl.int32),
+                                     (n_lo + hi * BLOCK_N).to(tl.int32), off_b, off_hk,
+                                     K_CACHE, V_CACHE, K_NEW, V_NEW, SEQLENS_K, CACHE_SEQLENS, LEFTPAD,
+                                     BATCH_IDX, PAGE_TABLE, seqlen_q, capacity, seqlen_new, num_pages,
+                                     pages_per_seq, scale_in, scale_out, NUM_HEADS_K, HEAD_DIM, HEAD_DIM_PAD,
+                                     BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, PAGED, PAGE_SIZE, HAS_NEW,
+                                     HAS_LEFTPAD, HAS_BATCH_IDX)
+        out, lse = _finish(acc, l_i, m_i)
+        slot = slot_base + off_b
+        tl.store(OUT_ACC + (slot * BLOCK_M + offs_r[:, None]) * HEAD_DIM + offs_d[None, :], out,
+                 mask=row_ok[:, None] & d_ok[None, :])
+        tl.store(LSE_ACC + slot * BLOCK_M + offs_r, lse, mask=row_ok)
+
+
+@triton.jit
+def _decode_combine_streamk(OUT_ACC, LSE_ACC, SEQLENS_K, LEFTPAD, seqlen_q, n_prog, OUT, LSE,
+                            NUM_HEADS_Q: tl.constexpr, NUM_HEADS_K: tl.constexpr,
+                            HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
+                            WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, HAS_LEFTPAD: tl.constexpr):
+    """Merge the stream-K partials of (kv head, sequence) by LSE into OUT (B, LQ, HQ, D) / LSE (B, HQ, LQ).
+    Grid (HK, B). Recomputes the decode kernel's layout, so it reads exactly the slots that were written: the
+    programs g whose tile range meets the sequence (empty ranges skipped)."""
+    GROUP: tl.constexpr = NUM_HEADS_Q // NUM_HEADS_K
+    off_hk = tl.program_id(0)
+    off_b = tl.program_id(1)
+    n_batch = tl.num_programs(1)
+    offs_b, n_lo_b, tiles_b, first_b = _streamk_layout(SEQLENS_K, LEFTPAD, n_batch, seqlen_q, BLOCK_B, BLOCK_N,
+                                                       WINDOW_LEFT, WINDOW_RIGHT, HAS_LEFTPAD)
+    total = tl.sum(tiles_b, 0)
+    t0 = _pick(offs_b, first_b, off_b)
+    t1 = t0 + _pick(offs_b, tiles_b, off_b)
+    # Program g starts at tile g * total // G: the first program whose range meets [t0, t1) is the last one
+    # starting at or before t0, i.e. ((t0 + 1) * G - 1) // total; likewise for tile t1 - 1.
+    tot_safe = tl.maximum(total, 1)
+    g_first = tl.where(t1 > t0, ((t0 + 1) * n_prog - 1) // tot_safe, 0).to(tl.int32)
+    g_stop = tl.where(t1 > t0, (t1 * n_prog - 1) // tot_safe + 1, 0).to(tl.int32)
+
+    n_rows = seqlen_q * GROUP
+    offs_r = tl.arange(0, BLOCK_M)
+    row_ok = offs_r < n_rows
+    t_pos = offs_r // GROUP
+    head = off_hk * GROUP + offs_r % GROUP
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    d_ok = offs_d < HEAD_DIM
+    m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    s = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+    for i in range(0, g_stop - g_first):
+        g64 = (g_first + i).to(tl.int64)
+        if g64 * total // n_prog < (g64 + 1) * total // n_prog:
+            slot = off_hk.to(tl.int64) * (n_prog + n_batch) + g64 + off_b
+            lse_g = tl.load(LSE_ACC + slot * BLOCK_M + offs_r, mask=row_ok, other=float("-inf"))
+            o_g = tl.load(OUT_ACC + (slot * BLOCK_M + offs_r[:, None]) * HEAD_DIM + offs_d[None, :],
+                          mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            m_new = tl.maximum(m, lse_g)
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m - m_use)
+            w = tl.exp(lse_g - m_use)
+            s = s * alpha + w
+            acc = acc * alpha[:, None] + w[:, None] * o_g
+            m = m_new
+    empty = s == 0.0
+    s_safe = tl.where(empty, 1.0, s)
+    out = acc / s_safe[:, None]
+    lse = tl.where(empty, float("-inf"), tl.where(m == float("-inf"), 0.0, m) + tl.log(s_safe))
+    o_rows = ((off_b.to(tl.int64) * seqlen_q + t_pos) * NUM_HEADS_Q + head) * HEAD_DIM
+    tl.store(OUT + o_rows[:, None] + offs_d[None, :], out.to(OUT.dtype.element_ty),
+             mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(LSE + (off_b.to(tl.int64) * NUM_HEADS_Q + head) * seqlen_q + t_pos, lse, mask=row_ok)
 
 
 @triton.jit

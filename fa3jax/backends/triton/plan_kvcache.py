@@ -16,6 +16,8 @@ from .plan import Launch, _pow2_at_least, score_scales
 
 DEFAULT_NUM_SMS = 132  # H100 SXM
 MAX_SPLITS = 64
+# Stream-K programs read every sequence length (a vector of next_pow2(batch) lanes) to find their tiles.
+STREAMK_MAX_BATCH = 1024
 
 
 def choose_num_splits(batch: int, heads_k: int, cache_len: int, num_sms: int, m_tiles: int = 1,
@@ -34,6 +36,14 @@ def choose_num_splits(batch: int, heads_k: int, cache_len: int, num_sms: int, m_
     want = (programs_per_sm * num_sms) // work
     by_len = max(1, cache_len // min_keys_per_split)
     return int(max(1, min(want, by_len, max_splits, MAX_SPLITS)))
+
+
+def streamk_programs(batch: int, heads_k: int, cache_tiles: int, num_sms: int, programs_per_sm: int = 2,
+                     min_tiles: int = 4) -> int:
+    """Stream-K programs per kv head: one wave (``programs_per_sm`` per SM over all kv heads), but no fewer than
+    ``min_tiles`` key tiles per program at full caches."""
+    wave = max(1, (programs_per_sm * num_sms) // max(1, heads_k))
+    return int(max(1, min(wave, math.ceil(batch * max(cache_tiles, 1) / max(1, min_tiles)))))
 
 
 def check(spec: AttentionSpec) -> Optional[str]:
@@ -64,9 +74,12 @@ def _block_n(spec: AttentionSpec, cfg_block_n: int, policy: tuning.DecodeConfig)
 
 
 def plan_forward(spec: AttentionSpec, arch: str = "sm90", num_splits: Optional[int] = None,
-                 num_sms: int = DEFAULT_NUM_SMS, overrides: Optional[dict] = None) -> tuple[Launch, ...]:
+                 num_sms: int = DEFAULT_NUM_SMS, overrides: Optional[dict] = None,
+                 schedule: Optional[str] = None, programs: Optional[int] = None) -> tuple[Launch, ...]:
     """(decode,) or (decode, combine). ``num_splits``: None -> ``spec.kvcache.num_splits`` (0 = auto).
-    ``overrides``: {"fwd": (block_m, block_n, num_warps, num_stages)}."""
+    ``overrides``: {"fwd": (block_m, block_n, num_warps, num_stages)}. ``schedule`` ("split" | "streamk", None:
+    the layout's policy) applies to the automatic count only; ``programs`` fixes stream-K's programs per kv
+    head (tests)."""
     kv = spec.kvcache
     b, lq, hq, hk, d = spec.batch, spec.seqlen_q, spec.num_heads_q, spec.num_heads_k, spec.head_dim
     group = hq // hk
@@ -77,6 +90,11 @@ def plan_forward(spec: AttentionSpec, arch: str = "sm90", num_splits: Optional[i
     block_n = _block_n(spec, cfg.block_n, policy)
     m_tiles = math.ceil(lq * group / block_m)
     splits = kv.num_splits if num_splits is None else num_splits
+    if schedule not in (None, "split", "streamk"):
+        raise ValueError(f"{schedule=} is not 'split' or 'streamk'")
+    streamk = policy.streamk if schedule is None else schedule == "streamk"
+    if splits <= 0 and streamk and m_tiles == 1 and b <= STREAMK_MAX_BATCH:
+        return _plan_streamk(spec, cfg, block_m, block_n, policy, num_sms, programs)
     if splits <= 0:
         splits = choose_num_splits(b, hk, kv.capacity, num_sms, m_tiles, policy.programs_per_sm,
                                    policy.min_keys_per_split, policy.max_splits)
@@ -93,23 +111,9 @@ def plan_forward(spec: AttentionSpec, arch: str = "sm90", num_splits: Optional[i
     # budget so that two programs can share an SM). Shrinking the tile keeps splits <= key tiles.
     while block_n > 16 and block_n * hd_pad * 4 * max(stages, 1) > 160 * 1024:
         block_n //= 2
-    scale_in, scale_out = score_scales(spec)
-    stand_in = "seqlens_k"
-    args = (("array", "q"), ("array", "k_cache"), ("array", "v_cache"),
-            ("array", "k_new" if kv.seqlen_new else "k_cache"), ("array", "v_new" if kv.seqlen_new else "v_cache"),
-            ("array", "seqlens_k"), ("array", "cache_seqlens"),
-            ("array", "leftpad" if kv.has_cache_leftpad else stand_in),
-            ("array", "batch_idx" if kv.has_cache_batch_idx and not kv.paged else stand_in),
-            ("array", "page_table" if kv.paged else stand_in),
-            ("i32", lq), ("i32", kv.capacity), ("i32", kv.seqlen_new), ("i32", kv.cache_batch),
-            ("i32", kv.pages_per_seq), ("f32", scale_in), ("f32", scale_out))
+    args = _common_args(spec)
     meta = (("NUM_HEADS_Q", hq), ("NUM_HEADS_K", hk), ("HEAD_DIM", d), ("HEAD_DIM_PAD", hd_pad),
-            ("BLOCK_M", block_m), ("BLOCK_N", block_n), ("NUM_SPLITS", splits),
-            ("WINDOW_LEFT", int(spec.window.left)), ("WINDOW_RIGHT", int(spec.window.right)),
-            ("SOFTCAP", bool(spec.softcap > 0.0)), ("PAGED", bool(kv.paged)),
-            ("PAGE_SIZE", int(kv.page_size) if kv.paged else 0), ("HAS_NEW", bool(kv.seqlen_new)),
-            ("HAS_LEFTPAD", bool(kv.has_cache_leftpad)),
-            ("HAS_BATCH_IDX", bool(kv.has_cache_batch_idx and not kv.paged)))
+            ("BLOCK_M", block_m), ("BLOCK_N", block_n), ("NUM_SPLITS", splits)) + _common_meta(spec)
     final = (("out", (b, lq, hq, d), spec.dtype), ("lse", (b, hq, lq), "float32"))
     if splits == 1:
         outputs = final
@@ -125,4 +129,59 @@ def plan_forward(spec: AttentionSpec, arch: str = "sm90", num_splits: Optional[i
                      grid=(math.ceil(lq / cm), hq, b), num_warps=4, num_stages=1,
                      constexprs=(("NUM_HEADS_Q", hq), ("HEAD_DIM", d), ("HEAD_DIM_PAD", hd_pad), ("BLOCK_M", cm),
                                  ("NUM_SPLITS", splits), ("SPLITS_PAD", _pow2_at_least(splits, 2))))
+    return decode, combine
+
+
+def _common_args(spec: AttentionSpec) -> tuple:
+    kv = spec.kvcache
+    scale_in, scale_out = score_scales(spec)
+    stand_in = "seqlens_k"
+    return (("array", "q"), ("array", "k_cache"), ("array", "v_cache"),
+            ("array", "k_new" if kv.seqlen_new else "k_cache"), ("array", "v_new" if kv.seqlen_new else "v_cache"),
+            ("array", "seqlens_k"), ("array", "cache_seqlens"),
+            ("array", "leftpad" if kv.has_cache_leftpad else stand_in),
+            ("array", "batch_idx" if kv.has_cache_batch_idx and not kv.paged else stand_in),
+            ("array", "page_table" if kv.paged else stand_in),
+            ("i32", spec.seqlen_q), ("i32", kv.capacity), ("i32", kv.seqlen_new), ("i32", kv.cache_batch),
+            ("i32", kv.pages_per_seq), ("f32", scale_in), ("f32", scale_out))
+
+
+def _common_meta(spec: AttentionSpec) -> tuple:
+    kv = spec.kvcache
+    return (("WINDOW_LEFT", int(spec.window.left)), ("WINDOW_RIGHT", int(spec.window.right)),
+            ("SOFTCAP", bool(spec.softcap > 0.0)), ("PAGED", bool(kv.paged)),
+            ("PAGE_SIZE", int(kv.page_size) if kv.paged else 0), ("HAS_NEW", bool(kv.seqlen_new)),
+            ("HAS_LEFTPAD", bool(kv.has_cache_leftpad)),
+            ("HAS_BATCH_IDX", bool(kv.has_cache_batch_idx and not kv.paged)))
+
+
+def _plan_streamk(spec: AttentionSpec, cfg: tuning.TileConfig, block_m: int, block_n: int,
+                  policy: tuning.DecodeConfig, num_sms: int, programs: Optional[int]) -> tuple[Launch, ...]:
+    """(stream-K decode, its combine): grid (hk, G) then (hk, b); see ``flash_decode._decode_fwd_streamk``."""
+    kv = spec.kvcache
+    b, lq, hq, hk, d = spec.batch, spec.seqlen_q, spec.num_heads_q, spec.num_heads_k, spec.head_dim
+    hd_pad = tuning.head_dim_pad(d)
+    stages = policy.stages_nosplit
+    while block_n > 16 and block_n * hd_pad * 4 * max(stages, 1) > 160 * 1024:
+        block_n //= 2
+    cache_tiles = math.ceil(max(kv.capacity, 1) / block_n)
+    g = programs or streamk_programs(b, hk, cache_tiles, num_sms, policy.programs_per_sm,
+                                     math.ceil(policy.min_keys_per_split / block_n))
+    block_b = _pow2_at_least(b)
+    shape = (("NUM_HEADS_Q", hq), ("NUM_HEADS_K", hk), ("HEAD_DIM", d), ("HEAD_DIM_PAD", hd_pad),
+             ("BLOCK_M", block_m), ("BLOCK_N", block_n), ("BLOCK_B", block_b))
+    decode = Launch(module="flash_decode", kernel="_decode_fwd_streamk",
+                    args=_common_args(spec) + (("i32", b),),
+                    outputs=(("out_acc", (hk, g + b, block_m, d), "float32"),
+                             ("lse_acc", (hk, g + b, block_m), "float32")),
+                    grid=(hk, g, 1), num_warps=policy.num_warps, num_stages=stages,
+                    constexprs=shape + _common_meta(spec))
+    combine = Launch(module="flash_decode", kernel="_decode_combine_streamk",
+                     args=(("array", "out_acc"), ("array", "lse_acc"), ("array", "seqlens_k"),
+                           ("array", "leftpad" if kv.has_cache_leftpad else "seqlens_k"), ("i32", lq), ("i32", g)),
+                     outputs=(("out", (b, lq, hq, d), spec.dtype), ("lse", (b, hq, lq), "float32")),
+                     grid=(hk, b, 1), num_warps=4, num_stages=1,
+                     constexprs=shape + (
+                         ("WINDOW_LEFT", int(spec.window.left)), ("WINDOW_RIGHT", int(spec.window.right)),
+                         ("HAS_LEFTPAD", bool(kv.has_cache_leftpad))))
     return decode, combine

@@ -114,6 +114,9 @@ class DecodeConfig(NamedTuple):
     programs_per_sm: int  # what the automatic split count aims for
     min_keys_per_split: int  # below this a split costs more in the combine than it saves
     max_splits: int
+    # num_splits=0 (automatic) and one query tile: stream-K (one wave, equal key tiles per program, then a
+    # combine) instead of the split count of choose_num_splits
+    streamk: bool = False
 
 
 # Measured on the H100 (2026-11-25, hq=32 hk=8 d=128 bf16; benchmarks/RESULTS.md sessions 2 and 5): contiguous:
