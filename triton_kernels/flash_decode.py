@@ -259,6 +259,16 @@ def _streamk_layout(SEQLENS_K, LEFTPAD, n_batch, seqlen_q, BLOCK_B: tl.constexpr
 
 
 @triton.jit
+def _group_rows(off_hk, seqlen_q, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
+                HEAD_DIM_PAD: tl.constexpr):
+    """The one query tile of kv head off_hk (GQA packing, rows t * GROUP + g) and the head-dim lanes."""
+    offs_r = tl.arange(0, BLOCK_M)
+    row_ok = offs_r < seqlen_q * GROUP
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    return offs_r, row_ok, offs_r // GROUP, off_hk * GROUP + offs_r % GROUP, offs_d, offs_d < HEAD_DIM
+
+
+@triton.jit
 def _pick(offs, vec, i):
     """vec[i] as a scalar (vectors here are a few hundred elements, read once per sequence switch)."""
     return tl.sum(tl.where(offs == i, vec, 0), 0)
@@ -298,13 +308,8 @@ def _decode_fwd_streamk(Q, K_CACHE, V_CACHE, K_NEW, V_NEW, SEQLENS_K, CACHE_SEQL
     b_last = tl.sum(((first_b + tiles_b <= end - 1) & (offs_b < n_batch)).to(tl.int32), 0)
     b_stop = tl.where(begin < end, b_last + 1, b_first)
 
-    n_rows = seqlen_q * GROUP
-    offs_r = tl.arange(0, BLOCK_M)
-    row_ok = offs_r < n_rows
-    t_pos = offs_r // GROUP
-    head = off_hk * GROUP + offs_r % GROUP
-    offs_d = tl.arange(0, HEAD_DIM_PAD)
-    d_ok = offs_d < HEAD_DIM
+    offs_r, row_ok, t_pos, head, offs_d, d_ok = _group_rows(off_hk, seqlen_q, GROUP, BLOCK_M, HEAD_DIM,
+                                                            HEAD_DIM_PAD)
     slot_base = off_hk.to(tl.int64) * (n_prog + n_batch) + g
     for i in range(0, b_stop - b_first):
         off_b = b_first + i
@@ -355,13 +360,8 @@ def _decode_combine_streamk(OUT_ACC, LSE_ACC, SEQLENS_K, LEFTPAD, seqlen_q, n_pr
     g_first = tl.where(t1 > t0, ((t0 + 1) * n_prog - 1) // tot_safe, 0).to(tl.int32)
     g_stop = tl.where(t1 > t0, (t1 * n_prog - 1) // tot_safe + 1, 0).to(tl.int32)
 
-    n_rows = seqlen_q * GROUP
-    offs_r = tl.arange(0, BLOCK_M)
-    row_ok = offs_r < n_rows
-    t_pos = offs_r // GROUP
-    head = off_hk * GROUP + offs_r % GROUP
-    offs_d = tl.arange(0, HEAD_DIM_PAD)
-    d_ok = offs_d < HEAD_DIM
+    offs_r, row_ok, t_pos, head, offs_d, d_ok = _group_rows(off_hk, seqlen_q, GROUP, BLOCK_M, HEAD_DIM,
+                                                            HEAD_DIM_PAD)
     m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     s = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
