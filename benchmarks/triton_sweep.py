@@ -56,11 +56,11 @@ def decode_sweep(a):
                         if streamk:
                             parts = parts[:-1]
                         if parts == ["policy"]:  # the table entry as it is
-                            cfg, splits = saved, 0
+                            pol, splits = saved, 0
                         else:
                             bn, w, st, splits = (int(x) for x in parts)
-                            cfg = saved._replace(block_n=bn, num_warps=w, stages_split=st, stages_nosplit=st)
-                        tuning.DECODE[layout] = cfg._replace(streamk=streamk)
+                            pol = saved._replace(block_n=bn, num_warps=w, stages_split=st, stages_nosplit=st)
+                        tuning.DECODE[layout] = pol._replace(streamk=streamk)
 
                         def fn(q, kc, vc, sl, pt, _s=splits):
                             return fa3jax.flash_mha_with_kvcache(q, kc, vc, cache_seqlens=sl, page_table=pt,
