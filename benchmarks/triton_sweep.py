@@ -9,6 +9,7 @@ then timed in interleaved rounds (fa3jax.bench.measure_interleaved), each row wi
 from __future__ import annotations
 
 import argparse
+import gc
 
 import jax
 
@@ -33,8 +34,8 @@ def _compiled(label: str, fn, args):
 
 def decode_sweep(a):
     """--kernel decode: cands are BLOCK_N,warps,stages,num_splits (0 = the automatic count with tuning.DECODE's
-    programs_per_sm/min_keys_per_split) or ``policy`` (the table entry), either with an optional ``,k`` (stream-K
-    as the automatic schedule, i.e. with num_splits 0) for the layout. Timed as the bench's decode suite (16 chained steps in
+    programs_per_sm/min_keys_per_split) or ``policy`` (the table entry), either with an optional schedule for
+    num_splits 0 (``,k`` stream-K, ``,b`` whole sequences per program, ``,a`` plan_kvcache.choose_schedule). Timed as the bench's decode suite (16 chained steps in
     one executable, caches cycled so that small ones leave L2), all candidates and flash-attn3-jax's
     num_splits 1/4/16 in interleaved rounds (fa3jax.bench.measure_interleaved)."""
     from fa3jax import bench
@@ -45,22 +46,25 @@ def decode_sweep(a):
         for batch in (int(x) for x in a.batches.split(",")):
             for cache in (int(x) for x in a.caches.split(",")):
                 cfg = bench.DecodeConfig(layout, batch, cache)
-                sets = bench._decode_inputs(cfg, 4 if cfg.kv_bytes < (64 << 20) else 2, seed=batch * 7 + cache)
+                n_sets = 4 if cfg.kv_bytes < (64 << 20) else 2  # as bench.run_decode
+                if cfg.kv_bytes * n_sets * 1.3 > bench.free_device_bytes():
+                    n_sets = 1
+                sets = bench._decode_inputs(cfg, n_sets, seed=batch * 7 + cache)
                 chain = bench.decode_chain_sets(sets)
                 fns = {}
                 saved = tuning.DECODE[layout]
                 try:
                     for cand in a.cands:
                         parts = cand.split(",")
-                        streamk = parts[-1] == "k"
-                        if streamk:
+                        schedule = {"k": "streamk", "b": "batch", "a": "auto"}.get(parts[-1], saved.schedule)
+                        if parts[-1] in ("k", "b", "a"):
                             parts = parts[:-1]
                         if parts == ["policy"]:  # the table entry as it is
                             pol, splits = saved, 0
                         else:
                             bn, w, st, splits = (int(x) for x in parts)
                             pol = saved._replace(block_n=bn, num_warps=w, stages_split=st, stages_nosplit=st)
-                        tuning.DECODE[layout] = pol._replace(streamk=streamk)
+                        tuning.DECODE[layout] = pol._replace(schedule=schedule)
 
                         def fn(q, kc, vc, sl, pt, _s=splits):
                             return fa3jax.flash_mha_with_kvcache(q, kc, vc, cache_seqlens=sl, page_table=pt,
@@ -76,7 +80,11 @@ def decode_sweep(a):
                     t = r["time_s"] / 16
                     print(f"decode {layout} b={batch} cache={cache} {name}: {t * 1e6:.1f} us "
                           f"{cfg.kv_bytes / t / 1e12:.3f} TB/s", flush=True)
-                del sets, chain, fns
+                del sets, chain, fns, res
+                # the next row's caches may need most of the GPU (b=64 at 128k: two sets of 34 GB): drop the
+                # executables and their buffers now
+                jax.clear_caches()
+                gc.collect()
 
 
 def main():
@@ -84,7 +92,7 @@ def main():
     p.add_argument("--kernel", choices=["fwd", "bwd_dkdv", "bwd_dq", "decode"], required=True)
     p.add_argument("--cands", nargs="+", required=True,
                    help="block_m,block_n,warps,stages[,overlap]; decode: BLOCK_N,warps,stages,num_splits[,k] "
-                        "or policy[,k]")
+                        "or policy[,k|b|a]")
     p.add_argument("--d", type=int, default=128)
     p.add_argument("--seqlens", default="4096,16384")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])

@@ -81,16 +81,16 @@ def _plans(spec):
         return [plan.plan_forward(spec, "sm90"), *plan.plan_backward(spec, "sm90")]
     if spec.mode == "varlen":
         return [plan_varlen.plan_forward(spec, "sm90"), *plan_varlen_bwd.plan_backward(spec, "sm90")]
-    return [*plan_kvcache.plan_forward(spec, "sm90", schedule="split"),
-            *plan_kvcache.plan_forward(spec, "sm90", schedule="streamk")]
+    return [l for sched in plan_kvcache.SCHEDULES for l in plan_kvcache.plan_forward(spec, "sm90", schedule=sched)]
 
 
 @pytest.mark.parametrize("spec", [c[1] for c in _launches()], ids=[c[0] for c in _launches()])
 def test_kernels_compile_for_sm90(spec):
     launches = _plans(spec)
     if spec.mode == "kvcache":
-        assert [l.kernel for l in launches] == ["_decode_fwd", "_decode_combine", "_decode_fwd_streamk",
-                                                "_decode_combine_streamk"], "batch 1: split, then stream-K"
+        assert [l.kernel for l in launches] == ["_decode_fwd", "_decode_combine", "_decode_fwd_persistent",
+                                                "_decode_combine_streamk", "_decode_fwd_persistent"], \
+            "batch 1: split + combine, stream-K + combine, whole sequences"
     for l in launches:
         k = _compile(l, spec.dtype)
         assert k.asm.get("cubin"), l.kernel

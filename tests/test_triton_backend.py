@@ -12,19 +12,30 @@ class TestTriton(AttentionSuite):
     dtypes = ("bfloat16", "float16")
 
 
-class TestTritonStreamK(TestTriton):
-    """The kvcache tests again, with stream-K as the automatic decode schedule and every call automatic."""
+
+class _Persistent(TestTriton):
+    """The kvcache tests again, every call automatic (num_splits=0) with the one-wave ``schedule``."""
+
+    schedule = ""
 
     def setup_method(self, method):
         if "kvcache" not in method.__name__:
-            pytest.skip("stream-K changes only the kvcache path (covered by TestTriton)")
+            pytest.skip("the decode schedule changes only the kvcache path (covered by TestTriton)")
 
     @pytest.fixture(autouse=True)
-    def _streamk(self, monkeypatch):
+    def _schedule(self, monkeypatch):
         from fa3jax.backends.triton import tuning
 
         for layout, cfg in list(tuning.DECODE.items()):
-            monkeypatch.setitem(tuning.DECODE, layout, cfg._replace(streamk=True))
+            monkeypatch.setitem(tuning.DECODE, layout, cfg._replace(schedule=self.schedule))
 
     def _kvcache_case(self, **kw):
         return super()._kvcache_case(**{**kw, "num_splits": 0})
+
+
+class TestTritonStreamK(_Persistent):
+    schedule = "streamk"
+
+
+class TestTritonWholeSequences(_Persistent):
+    schedule = "batch"

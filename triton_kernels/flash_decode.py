@@ -15,9 +15,9 @@ GQA packing: one program owns the GROUP query heads of one kv head, as rows ``r 
 position t, head ``hk * GROUP + g``), so K/V tiles are loaded once per group. Split-KV: grid
 (m_tiles * NUM_SPLITS, HK, B); split ``s`` takes a contiguous run of the key tiles that the query tile can see
 and writes a normalized partial (out fp32, lse); with NUM_SPLITS == 1 the kernel writes the final out/lse
-directly. Stream-K (``_decode_fwd_streamk``): a one-wave grid in which every program streams the same number of
-key tiles, across sequence boundaries, then ``_decode_combine_streamk``. Every output element is written (rows
-that see nothing: out 0, lse -inf).
+directly. ``_decode_fwd_persistent``: a one-wave grid whose programs walk several whole sequences, or
+(stream-K) the same number of key tiles across sequence boundaries, then ``_decode_combine_streamk``. Every
+output element is written (rows that see nothing: out 0, lse -inf).
 """
 import triton
 import triton.language as tl
@@ -275,76 +275,102 @@ def _pick(offs, vec, i):
 
 
 @triton.jit
-def _decode_fwd_streamk(Q, K_CACHE, V_CACHE, K_NEW, V_NEW, SEQLENS_K, CACHE_SEQLENS, LEFTPAD, BATCH_IDX,
-                        PAGE_TABLE, seqlen_q, capacity, seqlen_new, num_pages, pages_per_seq, scale_in, scale_out,
-                        n_batch, OUT_ACC, LSE_ACC,
-                        NUM_HEADS_Q: tl.constexpr, NUM_HEADS_K: tl.constexpr,
-                        HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
-                        WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
-                        PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, HAS_NEW: tl.constexpr,
-                        HAS_LEFTPAD: tl.constexpr, HAS_BATCH_IDX: tl.constexpr):
-    """Stream-K decode: grid (HK, G). For kv head hk, the key tiles of all sequences are laid end to end and
-    program g takes tiles [g * T // G, (g + 1) * T // G) of that stream (T tiles in all), so every program
-    streams the same number of bytes and the grid is one wave with no tail (a split grid of b * hk programs
-    leaves a partly filled last wave). The HK programs of one g read the same sequence at the same key
-    positions at the same time, as the split grid's neighbours do. Each (program, sequence) piece writes a
-    normalized partial to slot ``g + b`` of OUT_ACC (HK, G + B, BLOCK_M, D) / LSE_ACC (HK, G + B, BLOCK_M):
-    the pieces of one program are consecutive sequences, and consecutive programs meet at most in one
-    sequence, so g + b is unique. Needs seqlen_q * GROUP <= BLOCK_M (one query tile)."""
+def _decode_fwd_persistent(Q, K_CACHE, V_CACHE, K_NEW, V_NEW, SEQLENS_K, CACHE_SEQLENS, LEFTPAD, BATCH_IDX,
+                           PAGE_TABLE, seqlen_q, capacity, seqlen_new, num_pages, pages_per_seq, scale_in,
+                           scale_out, n_batch, OUT, LSE,
+                           NUM_HEADS_Q: tl.constexpr, NUM_HEADS_K: tl.constexpr,
+                           HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
+                           SEQS_PER_PROGRAM: tl.constexpr,
+                           WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
+                           PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, HAS_NEW: tl.constexpr,
+                           HAS_LEFTPAD: tl.constexpr, HAS_BATCH_IDX: tl.constexpr):
+    """Decode with a one-wave grid (HK, G): each program walks several sequences of one kv head, so that all
+    programs start together and none waits in a second, partly filled wave (a split grid of b * hk programs
+    over two programs per SM leaves one). The HK programs of one g read the same sequence at the same key
+    positions at the same time, as the split grid's neighbours do. Needs seqlen_q * GROUP <= BLOCK_M.
+
+    SEQS_PER_PROGRAM > 0 (whole sequences): program g takes sequences [g * S, (g + 1) * S) and writes the final
+    OUT (B, LQ, HQ, D) / LSE (B, HQ, LQ).
+
+    SEQS_PER_PROGRAM == 0 (stream-K): for kv head hk the key tiles of all sequences are laid end to end and
+    program g takes tiles [g * T // G, (g + 1) * T // G) (T in all), so every program streams the same number
+    of bytes whatever the lengths. Each (program, sequence) piece writes a normalized partial to slot g + b of
+    OUT (HK, G + B, BLOCK_M, D) fp32 / LSE (HK, G + B, BLOCK_M) for ``_decode_combine_streamk``: the pieces of
+    one program are consecutive sequences, and consecutive programs share at most one sequence, so g + b is
+    unique."""
     GROUP: tl.constexpr = NUM_HEADS_Q // NUM_HEADS_K
     off_hk = tl.program_id(0)
     g = tl.program_id(1).to(tl.int64)
     n_prog = tl.num_programs(1)
-
-    offs_b, n_lo_b, tiles_b, first_b = _streamk_layout(SEQLENS_K, LEFTPAD, n_batch, seqlen_q, BLOCK_B, BLOCK_N,
-                                                       WINDOW_LEFT, WINDOW_RIGHT, HAS_LEFTPAD)
-    total = tl.sum(tiles_b, 0)
-    begin = g * total // n_prog
-    end = (g + 1) * total // n_prog
-    # Sequences holding this program's first and last tile (sequences without tiles in between are visited
-    # and write an empty partial the combine never reads).
-    b_first = tl.sum(((first_b + tiles_b <= begin) & (offs_b < n_batch)).to(tl.int32), 0)
-    b_last = tl.sum(((first_b + tiles_b <= end - 1) & (offs_b < n_batch)).to(tl.int32), 0)
-    b_stop = tl.where(begin < end, b_last + 1, b_first)
+    if SEQS_PER_PROGRAM > 0:
+        b_first = tl.program_id(1) * SEQS_PER_PROGRAM
+        b_stop = tl.minimum(b_first + SEQS_PER_PROGRAM, n_batch)
+    else:
+        offs_b, n_lo_b, tiles_b, first_b = _streamk_layout(SEQLENS_K, LEFTPAD, n_batch, seqlen_q, BLOCK_B,
+                                                           BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT, HAS_LEFTPAD)
+        total = tl.sum(tiles_b, 0)
+        begin = g * total // n_prog
+        end = (g + 1) * total // n_prog
+        # Sequences holding this program's first and last tile (sequences without tiles in between are
+        # visited and write an empty partial the combine never reads).
+        b_first = tl.sum(((first_b + tiles_b <= begin) & (offs_b < n_batch)).to(tl.int32), 0)
+        b_last = tl.sum(((first_b + tiles_b <= end - 1) & (offs_b < n_batch)).to(tl.int32), 0)
+        b_stop = tl.where(begin < end, b_last + 1, b_first)
 
     offs_r, row_ok, t_pos, head, offs_d, d_ok = _group_rows(off_hk, seqlen_q, GROUP, BLOCK_M, HEAD_DIM,
                                                             HEAD_DIM_PAD)
     slot_base = off_hk.to(tl.int64) * (n_prog + n_batch) + g
     for i in range(0, b_stop - b_first):
         off_b = b_first + i
-        t0 = _pick(offs_b, first_b, off_b)
-        n_lo = _pick(offs_b, n_lo_b, off_b)
-        lo = tl.maximum(begin, t0) - t0
-        hi = tl.minimum(end, t0 + _pick(offs_b, tiles_b, off_b)) - t0
+        if SEQS_PER_PROGRAM > 0:
+            seqlens_k = tl.load(SEQLENS_K + off_b)
+            if HAS_LEFTPAD:
+                leftpad = tl.load(LEFTPAD + off_b)
+            else:
+                leftpad = 0
+            n_begin, n_end = _key_range(seqlens_k - leftpad, leftpad, seqlen_q, 0, seqlen_q - 1, BLOCK_N,
+                                        WINDOW_LEFT, WINDOW_RIGHT)
+        else:
+            t0 = _pick(offs_b, first_b, off_b)
+            n_lo = _pick(offs_b, n_lo_b, off_b)
+            lo = tl.maximum(begin, t0) - t0
+            hi = tl.minimum(end, t0 + _pick(offs_b, tiles_b, off_b)) - t0
+            n_begin = (n_lo + lo * BLOCK_N).to(tl.int32)
+            n_end = (n_lo + hi * BLOCK_N).to(tl.int32)
         q_rows = ((off_b.to(tl.int64) * seqlen_q + t_pos) * NUM_HEADS_Q + head) * HEAD_DIM
         q = tl.load(Q + q_rows[:, None] + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
-        acc, l_i, m_i = _decode_keys(acc, l_i, m_i, q, t_pos, row_ok, (n_lo + lo * BLOCK_N).to(tl.int32),
-                                     (n_lo + hi * BLOCK_N).to(tl.int32), off_b, off_hk,
+        acc, l_i, m_i = _decode_keys(acc, l_i, m_i, q, t_pos, row_ok, n_begin, n_end, off_b, off_hk,
                                      K_CACHE, V_CACHE, K_NEW, V_NEW, SEQLENS_K, CACHE_SEQLENS, LEFTPAD,
                                      BATCH_IDX, PAGE_TABLE, seqlen_q, capacity, seqlen_new, num_pages,
                                      pages_per_seq, scale_in, scale_out, NUM_HEADS_K, HEAD_DIM, HEAD_DIM_PAD,
                                      BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, PAGED, PAGE_SIZE, HAS_NEW,
                                      HAS_LEFTPAD, HAS_BATCH_IDX)
         out, lse = _finish(acc, l_i, m_i)
-        slot = slot_base + off_b
-        tl.store(OUT_ACC + (slot * BLOCK_M + offs_r[:, None]) * HEAD_DIM + offs_d[None, :], out,
-                 mask=row_ok[:, None] & d_ok[None, :])
-        tl.store(LSE_ACC + slot * BLOCK_M + offs_r, lse, mask=row_ok)
+        if SEQS_PER_PROGRAM > 0:
+            o_off = q_rows[:, None] + offs_d[None, :]
+            lse_off = (off_b.to(tl.int64) * NUM_HEADS_Q + head) * seqlen_q + t_pos
+        else:
+            slot = slot_base + off_b
+            o_off = (slot * BLOCK_M + offs_r[:, None]) * HEAD_DIM + offs_d[None, :]
+            lse_off = slot * BLOCK_M + offs_r
+        tl.store(OUT + o_off, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+        tl.store(LSE + lse_off, lse, mask=row_ok)
 
 
 @triton.jit
-def _decode_combine_streamk(OUT_ACC, LSE_ACC, SEQLENS_K, LEFTPAD, seqlen_q, n_prog, OUT, LSE,
+def _decode_combine_streamk(OUT_ACC, LSE_ACC, SEQLENS_K, LEFTPAD, seqlen_q, OUT, LSE,
                             NUM_HEADS_Q: tl.constexpr, NUM_HEADS_K: tl.constexpr,
                             HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
+                            NUM_PROGRAMS: tl.constexpr, PROGRAMS_PAD: tl.constexpr,
                             WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, HAS_LEFTPAD: tl.constexpr):
     """Merge the stream-K partials of (kv head, sequence) by LSE into OUT (B, LQ, HQ, D) / LSE (B, HQ, LQ).
     Grid (HK, B). Recomputes the decode kernel's layout, so it reads exactly the slots that were written: the
-    programs g whose tile range meets the sequence (empty ranges skipped)."""
+    programs g whose tile range meets the sequence (programs with an empty range carry weight 0)."""
     GROUP: tl.constexpr = NUM_HEADS_Q // NUM_HEADS_K
     off_hk = tl.program_id(0)
     off_b = tl.program_id(1)
@@ -357,32 +383,40 @@ def _decode_combine_streamk(OUT_ACC, LSE_ACC, SEQLENS_K, LEFTPAD, seqlen_q, n_pr
     # Program g starts at tile g * total // G: the first program whose range meets [t0, t1) is the last one
     # starting at or before t0, i.e. ((t0 + 1) * G - 1) // total; likewise for tile t1 - 1.
     tot_safe = tl.maximum(total, 1)
-    g_first = tl.where(t1 > t0, ((t0 + 1) * n_prog - 1) // tot_safe, 0).to(tl.int32)
-    g_stop = tl.where(t1 > t0, (t1 * n_prog - 1) // tot_safe + 1, 0).to(tl.int32)
+    g_first = tl.where(t1 > t0, ((t0 + 1) * NUM_PROGRAMS - 1) // tot_safe, 0)
+    g_stop = tl.where(t1 > t0, (t1 * NUM_PROGRAMS - 1) // tot_safe + 1, 0)
 
     offs_r, row_ok, t_pos, head, offs_d, d_ok = _group_rows(off_hk, seqlen_q, GROUP, BLOCK_M, HEAD_DIM,
                                                             HEAD_DIM_PAD)
-    m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    s = tl.zeros([BLOCK_M], dtype=tl.float32)
+    # All pieces' LSEs at once (a sequence has at most G pieces), then the weighted sum of their outputs with
+    # loads that do not depend on each other.
+    gs = g_first + tl.arange(0, PROGRAMS_PAD).to(tl.int64)
+    has = (gs < g_stop) & (gs * total // NUM_PROGRAMS < (gs + 1) * total // NUM_PROGRAMS)
+    slots = off_hk.to(tl.int64) * (NUM_PROGRAMS + n_batch) + gs + off_b
+    lse_all = tl.load(LSE_ACC + slots[:, None] * BLOCK_M + offs_r[None, :], mask=has[:, None] & row_ok[None, :],
+                      other=float("-inf"))
+    mx = tl.max(lse_all, 0)
+    mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
+    total_w = tl.sum(tl.exp(lse_all - mx_safe[None, :]), 0)
+    # CHUNK pieces per step as one 3-D load: a loop of single-piece loads would wait out one memory latency
+    # per piece (a long sequence at batch 1 has up to G pieces).
+    CHUNK: tl.constexpr = 4
+    offs_c = tl.arange(0, CHUNK).to(tl.int64)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
-    for i in range(0, g_stop - g_first):
-        g64 = (g_first + i).to(tl.int64)
-        if g64 * total // n_prog < (g64 + 1) * total // n_prog:
-            slot = off_hk.to(tl.int64) * (n_prog + n_batch) + g64 + off_b
-            lse_g = tl.load(LSE_ACC + slot * BLOCK_M + offs_r, mask=row_ok, other=float("-inf"))
-            o_g = tl.load(OUT_ACC + (slot * BLOCK_M + offs_r[:, None]) * HEAD_DIM + offs_d[None, :],
-                          mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-            m_new = tl.maximum(m, lse_g)
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp(m - m_use)
-            w = tl.exp(lse_g - m_use)
-            s = s * alpha + w
-            acc = acc * alpha[:, None] + w[:, None] * o_g
-            m = m_new
-    empty = s == 0.0
-    s_safe = tl.where(empty, 1.0, s)
-    out = acc / s_safe[:, None]
-    lse = tl.where(empty, float("-inf"), tl.where(m == float("-inf"), 0.0, m) + tl.log(s_safe))
+    for j0 in range(0, (g_stop - g_first).to(tl.int32), CHUNK):
+        g = g_first + j0 + offs_c
+        ok = (g < g_stop) & (g * total // NUM_PROGRAMS < (g + 1) * total // NUM_PROGRAMS)
+        slot = off_hk.to(tl.int64) * (NUM_PROGRAMS + n_batch) + g + off_b
+        ok2 = ok[:, None] & row_ok[None, :]
+        lse_g = tl.load(LSE_ACC + slot[:, None] * BLOCK_M + offs_r[None, :], mask=ok2, other=float("-inf"))
+        o_ptr = OUT_ACC + ((slot[:, None, None] * BLOCK_M + offs_r[None, :, None]) * HEAD_DIM
+                           + offs_d[None, None, :])
+        o_g = tl.load(o_ptr, mask=ok2[:, :, None] & d_ok[None, None, :], other=0.0)
+        acc += tl.sum(tl.exp(lse_g - mx_safe[None, :])[:, :, None] * o_g, 0)
+    empty = total_w == 0.0
+    t_safe = tl.where(empty, 1.0, total_w)
+    out = acc / t_safe[:, None]
+    lse = tl.where(empty, float("-inf"), mx_safe + tl.log(t_safe))
     o_rows = ((off_b.to(tl.int64) * seqlen_q + t_pos) * NUM_HEADS_Q + head) * HEAD_DIM
     tl.store(OUT + o_rows[:, None] + offs_d[None, :], out.to(OUT.dtype.element_ty),
              mask=row_ok[:, None] & d_ok[None, :])

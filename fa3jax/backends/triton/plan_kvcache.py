@@ -17,7 +17,8 @@ from .plan import Launch, _pow2_at_least, score_scales
 DEFAULT_NUM_SMS = 132  # H100 SXM
 MAX_SPLITS = 64
 # Stream-K programs read every sequence length (a vector of next_pow2(batch) lanes) to find their tiles.
-STREAMK_MAX_BATCH = 1024
+PERSISTENT_MAX_BATCH = 1024
+SCHEDULES = ("split", "streamk", "batch")
 
 
 def choose_num_splits(batch: int, heads_k: int, cache_len: int, num_sms: int, m_tiles: int = 1,
@@ -38,12 +39,34 @@ def choose_num_splits(batch: int, heads_k: int, cache_len: int, num_sms: int, m_
     return int(max(1, min(want, by_len, max_splits, MAX_SPLITS)))
 
 
-def streamk_programs(batch: int, heads_k: int, cache_tiles: int, num_sms: int, programs_per_sm: int = 2,
-                     min_tiles: int = 4) -> int:
-    """Stream-K programs per kv head: one wave (``programs_per_sm`` per SM over all kv heads), but no fewer than
-    ``min_tiles`` key tiles per program at full caches."""
+def choose_schedule(batch: int, heads_k: int, cache_len: int, num_sms: int, m_tiles: int,
+                    policy: tuning.DecodeConfig) -> str:
+    """Decode schedule for num_splits=0: the policy's, or for "auto": whole sequences per program ("batch")
+    when the sequences fill at least one wave (the split grid would leave a partly filled second one), stream-K
+    when each of a wave's programs streams at least ``policy.streamk_min_keys`` keys (else the combine and the
+    per-piece start-up cost more than the balanced wave saves), otherwise splits."""
+    if m_tiles != 1 or batch > PERSISTENT_MAX_BATCH:
+        return "split"
+    if policy.schedule != "auto":
+        return policy.schedule
+    per_head = max(1, (policy.programs_per_sm * num_sms) // max(1, heads_k))
+    if batch >= per_head:
+        return "batch"
+    if batch * cache_len >= per_head * policy.streamk_min_keys:
+        return "streamk"
+    return "split"
+
+
+def persistent_programs(batch: int, heads_k: int, cache_tiles: int, num_sms: int, programs_per_sm: int = 2,
+                        min_tiles: int = 4, whole: bool = False) -> tuple[int, int]:
+    """(programs per kv head G, sequences per program S; 0 = stream-K) of a one-wave grid: at most
+    ``programs_per_sm`` per SM over all kv heads; stream-K keeps at least ``min_tiles`` key tiles per program
+    at full caches, whole sequences are spread evenly (S = ceil(batch / wave), G = ceil(batch / S))."""
     wave = max(1, (programs_per_sm * num_sms) // max(1, heads_k))
-    return int(max(1, min(wave, math.ceil(batch * max(cache_tiles, 1) / max(1, min_tiles)))))
+    if whole:
+        per = math.ceil(batch / wave)
+        return math.ceil(batch / per), per
+    return int(max(1, min(wave, math.ceil(batch * max(cache_tiles, 1) / max(1, min_tiles))))), 0
 
 
 def check(spec: AttentionSpec) -> Optional[str]:
@@ -77,9 +100,9 @@ def plan_forward(spec: AttentionSpec, arch: str = "sm90", num_splits: Optional[i
                  num_sms: int = DEFAULT_NUM_SMS, overrides: Optional[dict] = None,
                  schedule: Optional[str] = None, programs: Optional[int] = None) -> tuple[Launch, ...]:
     """(decode,) or (decode, combine). ``num_splits``: None -> ``spec.kvcache.num_splits`` (0 = auto).
-    ``overrides``: {"fwd": (block_m, block_n, num_warps, num_stages)}. ``schedule`` ("split" | "streamk", None:
-    the layout's policy) applies to the automatic count only; ``programs`` fixes stream-K's programs per kv
-    head (tests)."""
+    ``overrides``: {"fwd": (block_m, block_n, num_warps, num_stages)}. ``schedule`` (one of SCHEDULES; None:
+    :func:`choose_schedule`) applies to num_splits=0 with one query tile only; ``programs`` fixes the programs
+    per kv head of the persistent schedules (tests)."""
     kv = spec.kvcache
     b, lq, hq, hk, d = spec.batch, spec.seqlen_q, spec.num_heads_q, spec.num_heads_k, spec.head_dim
     group = hq // hk
@@ -90,11 +113,12 @@ def plan_forward(spec: AttentionSpec, arch: str = "sm90", num_splits: Optional[i
     block_n = _block_n(spec, cfg.block_n, policy)
     m_tiles = math.ceil(lq * group / block_m)
     splits = kv.num_splits if num_splits is None else num_splits
-    if schedule not in (None, "split", "streamk"):
-        raise ValueError(f"{schedule=} is not 'split' or 'streamk'")
-    streamk = policy.streamk if schedule is None else schedule == "streamk"
-    if splits <= 0 and streamk and m_tiles == 1 and b <= STREAMK_MAX_BATCH:
-        return _plan_streamk(spec, cfg, block_m, block_n, policy, num_sms, programs)
+    if schedule is not None and schedule not in SCHEDULES:
+        raise ValueError(f"{schedule=} is not one of {SCHEDULES}")
+    if schedule is None:
+        schedule = choose_schedule(b, hk, kv.capacity, num_sms, m_tiles, policy)
+    if splits <= 0 and schedule != "split" and m_tiles == 1 and b <= PERSISTENT_MAX_BATCH:
+        return _plan_persistent(spec, block_m, block_n, policy, num_sms, programs, schedule == "batch")
     if splits <= 0:
         splits = choose_num_splits(b, hk, kv.capacity, num_sms, m_tiles, policy.programs_per_sm,
                                    policy.min_keys_per_split, policy.max_splits)
@@ -155,9 +179,10 @@ def _common_meta(spec: AttentionSpec) -> tuple:
             ("HAS_BATCH_IDX", bool(kv.has_cache_batch_idx and not kv.paged)))
 
 
-def _plan_streamk(spec: AttentionSpec, cfg: tuning.TileConfig, block_m: int, block_n: int,
-                  policy: tuning.DecodeConfig, num_sms: int, programs: Optional[int]) -> tuple[Launch, ...]:
-    """(stream-K decode, its combine): grid (hk, G) then (hk, b); see ``flash_decode._decode_fwd_streamk``."""
+def _plan_persistent(spec: AttentionSpec, block_m: int, block_n: int, policy: tuning.DecodeConfig, num_sms: int,
+                     programs: Optional[int], whole: bool) -> tuple[Launch, ...]:
+    """One-wave decode, grid (hk, G): (whole sequences,) or (stream-K, its combine over grid (hk, b)); see
+    ``flash_decode._decode_fwd_persistent``."""
     kv = spec.kvcache
     b, lq, hq, hk, d = spec.batch, spec.seqlen_q, spec.num_heads_q, spec.num_heads_k, spec.head_dim
     hd_pad = tuning.head_dim_pad(d)
@@ -165,23 +190,27 @@ def _plan_streamk(spec: AttentionSpec, cfg: tuning.TileConfig, block_m: int, blo
     while block_n > 16 and block_n * hd_pad * 4 * max(stages, 1) > 160 * 1024:
         block_n //= 2
     cache_tiles = math.ceil(max(kv.capacity, 1) / block_n)
-    g = programs or streamk_programs(b, hk, cache_tiles, num_sms, policy.programs_per_sm,
-                                     math.ceil(policy.min_keys_per_split / block_n))
+    g, per = persistent_programs(b, hk, cache_tiles, num_sms, policy.programs_per_sm,
+                                 math.ceil(policy.min_keys_per_split / block_n), whole)
+    if programs:
+        g, per = (programs, math.ceil(b / programs)) if whole else (programs, 0)
     block_b = _pow2_at_least(b)
     shape = (("NUM_HEADS_Q", hq), ("NUM_HEADS_K", hk), ("HEAD_DIM", d), ("HEAD_DIM_PAD", hd_pad),
              ("BLOCK_M", block_m), ("BLOCK_N", block_n), ("BLOCK_B", block_b))
-    decode = Launch(module="flash_decode", kernel="_decode_fwd_streamk",
-                    args=_common_args(spec) + (("i32", b),),
-                    outputs=(("out_acc", (hk, g + b, block_m, d), "float32"),
-                             ("lse_acc", (hk, g + b, block_m), "float32")),
+    final = (("out", (b, lq, hq, d), spec.dtype), ("lse", (b, hq, lq), "float32"))
+    partial = (("out_acc", (hk, g + b, block_m, d), "float32"), ("lse_acc", (hk, g + b, block_m), "float32"))
+    decode = Launch(module="flash_decode", kernel="_decode_fwd_persistent",
+                    args=_common_args(spec) + (("i32", b),), outputs=final if whole else partial,
                     grid=(hk, g, 1), num_warps=policy.num_warps, num_stages=stages,
-                    constexprs=shape + _common_meta(spec))
+                    constexprs=shape + (("SEQS_PER_PROGRAM", per),) + _common_meta(spec))
+    if whole:
+        return (decode,)
     combine = Launch(module="flash_decode", kernel="_decode_combine_streamk",
                      args=(("array", "out_acc"), ("array", "lse_acc"), ("array", "seqlens_k"),
-                           ("array", "leftpad" if kv.has_cache_leftpad else "seqlens_k"), ("i32", lq), ("i32", g)),
-                     outputs=(("out", (b, lq, hq, d), spec.dtype), ("lse", (b, hq, lq), "float32")),
-                     grid=(hk, b, 1), num_warps=4, num_stages=1,
-                     constexprs=shape + (
-                         ("WINDOW_LEFT", int(spec.window.left)), ("WINDOW_RIGHT", int(spec.window.right)),
-                         ("HAS_LEFTPAD", bool(kv.has_cache_leftpad))))
+                           ("array", "leftpad" if kv.has_cache_leftpad else "seqlens_k"), ("i32", lq)),
+                     outputs=final, grid=(hk, b, 1), num_warps=4, num_stages=3,
+                     constexprs=shape + (("NUM_PROGRAMS", g), ("PROGRAMS_PAD", _pow2_at_least(g, 2)),
+                                         ("WINDOW_LEFT", int(spec.window.left)),
+                                         ("WINDOW_RIGHT", int(spec.window.right)),
+                                         ("HAS_LEFTPAD", bool(kv.has_cache_leftpad))))
     return decode, combine

@@ -114,9 +114,10 @@ class DecodeConfig(NamedTuple):
     programs_per_sm: int  # what the automatic split count aims for
     min_keys_per_split: int  # below this a split costs more in the combine than it saves
     max_splits: int
-    # num_splits=0 (automatic) and one query tile: stream-K (one wave, equal key tiles per program, then a
-    # combine) instead of the split count of choose_num_splits
-    streamk: bool = False
+    # With num_splits=0 and one query tile: "split" (choose_num_splits), "streamk" or "batch" (one-wave grids of
+    # flash_decode._decode_fwd_persistent) or "auto" (plan_kvcache.choose_schedule).
+    schedule: str = "split"
+    streamk_min_keys: int = 16384  # "auto": stream-K only when each program streams at least this many keys
 
 
 # Measured on the H100 (2026-11-25, hq=32 hk=8 d=128 bf16; benchmarks/RESULTS.md sessions 2 and 5): contiguous:
