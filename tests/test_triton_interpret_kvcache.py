@@ -251,13 +251,14 @@ def test_persistent_programs_and_schedule():
     assert persistent_programs(37, 8, 512, 132, whole=True) == (19, 2)
     assert persistent_programs(20, 8, 512, 132, whole=True) == (20, 1)
     auto = tuning.DecodeConfig(64, 4, 3, 3, 2, 256, 16, schedule="auto", streamk_min_keys=16384)
-    assert choose_schedule(64, 8, 32768, 132, 1, auto) == "batch"  # 64 sequences >= 33 programs per head
+    assert choose_schedule(64, 8, 32768, 132, 1, auto) == "streamk"
+    assert choose_schedule(64, 8, 4096, 132, 1, auto) == "split"  # 64 * 4k / 33 < 16k keys per program
     assert choose_schedule(8, 8, 131072, 132, 1, auto) == "streamk"  # 8 * 128k / 33 >= 16k keys per program
     assert choose_schedule(8, 8, 32768, 132, 1, auto) == "split"
     assert choose_schedule(1, 8, 131072, 132, 1, auto) == "split"
     assert choose_schedule(64, 8, 32768, 132, 2, auto) == "split"  # several query tiles
     assert choose_schedule(2048, 8, 4096, 132, 1, auto) == "split"  # too many sequences for one program's lanes
-    assert choose_schedule(64, 8, 32768, 132, 1, auto._replace(schedule="streamk")) == "streamk"
+    assert choose_schedule(64, 8, 4096, 132, 1, auto._replace(schedule="batch")) == "batch"
 
 
 if __name__ == "__main__":

@@ -398,21 +398,17 @@ def _decode_combine_streamk(OUT_ACC, LSE_ACC, SEQLENS_K, LEFTPAD, seqlen_q, OUT,
     mx = tl.max(lse_all, 0)
     mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
     total_w = tl.sum(tl.exp(lse_all - mx_safe[None, :]), 0)
-    # CHUNK pieces per step as one 3-D load: a loop of single-piece loads would wait out one memory latency
-    # per piece (a long sequence at batch 1 has up to G pieces).
-    CHUNK: tl.constexpr = 4
-    offs_c = tl.arange(0, CHUNK).to(tl.int64)
+    # The piece loads do not depend on the running sum, so the pipeliner can prefetch the next piece (a long
+    # sequence at batch 1 has up to G pieces; one memory latency each would add up).
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
-    for j0 in range(0, (g_stop - g_first).to(tl.int32), CHUNK):
-        g = g_first + j0 + offs_c
-        ok = (g < g_stop) & (g * total // NUM_PROGRAMS < (g + 1) * total // NUM_PROGRAMS)
+    for j in range(0, (g_stop - g_first).to(tl.int32)):
+        g = g_first + j
+        ok = g * total // NUM_PROGRAMS < (g + 1) * total // NUM_PROGRAMS
         slot = off_hk.to(tl.int64) * (NUM_PROGRAMS + n_batch) + g + off_b
-        ok2 = ok[:, None] & row_ok[None, :]
-        lse_g = tl.load(LSE_ACC + slot[:, None] * BLOCK_M + offs_r[None, :], mask=ok2, other=float("-inf"))
-        o_ptr = OUT_ACC + ((slot[:, None, None] * BLOCK_M + offs_r[None, :, None]) * HEAD_DIM
-                           + offs_d[None, None, :])
-        o_g = tl.load(o_ptr, mask=ok2[:, :, None] & d_ok[None, None, :], other=0.0)
-        acc += tl.sum(tl.exp(lse_g - mx_safe[None, :])[:, :, None] * o_g, 0)
+        lse_g = tl.load(LSE_ACC + slot * BLOCK_M + offs_r, mask=row_ok & ok, other=float("-inf"))
+        o_g = tl.load(OUT_ACC + (slot * BLOCK_M + offs_r[:, None]) * HEAD_DIM + offs_d[None, :],
+                      mask=(row_ok[:, None] & d_ok[None, :]) & ok, other=0.0)
+        acc += tl.exp(lse_g - mx_safe)[:, None] * o_g
     empty = total_w == 0.0
     t_safe = tl.where(empty, 1.0, total_w)
     out = acc / t_safe[:, None]

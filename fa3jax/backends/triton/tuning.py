@@ -130,10 +130,13 @@ class DecodeConfig(NamedTuple):
 # b=64 32k unsplit: 3.059 vs 3.054; 2 stages 3.005). Paged b=64 (512 programs, two waves) stays unsplit: 2 splits
 # gained 2.5-5.7 us at cache 32k in three interleaved sweeps (session 7 runs 1-3) but lost at 4k (365.8 against
 # 358.9 us) and, in the decode suite, at 128k (11276 us against flash-attn3-jax's 11198; unsplit in session 5:
-# 11197 against 11201), so session 7 reverted that rule.
+# 11197 against 11201), so session 7 reverted that rule. Session 8 (runs 1-3): the one-wave stream-K schedule
+# beats the split grid where each program streams many keys (paged b=64 32k 2807 vs 2816 us, 128k 11158 vs
+# 11213; b=8 128k 1414 vs 1426; contiguous b=64 32k 2795 vs 2802, b=8 128k 1406 vs 1413) and loses below (b=64
+# 4k 368 vs 360, b=8 32k contiguous 364 vs 360, b=1 every cache), hence "auto" with 16k keys per program.
 DECODE = {
-    "contiguous": DecodeConfig(64, 4, 3, 4, 2, 256, 64),
-    "paged": DecodeConfig(64, 4, 3, 3, 2, 256, 16),
+    "contiguous": DecodeConfig(64, 4, 3, 4, 2, 256, 64, schedule="auto"),
+    "paged": DecodeConfig(64, 4, 3, 3, 2, 256, 16, schedule="auto"),
 }
 
 # Used for any key that is not in the table: small tiles that compile everywhere.
