@@ -134,8 +134,10 @@ class DecodeConfig(NamedTuple):
 # beats the split grid where each program streams many keys (paged b=64 32k 2807 vs 2816 us, 128k 11158 vs
 # 11213; b=8 128k 1414 vs 1426; contiguous b=64 32k 2795 vs 2802, b=8 128k 1406 vs 1413) and loses below (b=64
 # 4k 368 vs 360, b=8 32k contiguous 364 vs 360, b=1 every cache), hence "auto" with 16k keys per program.
+# Contiguous b=1 takes at most 16 splits like paged (run 5: 55.6 / 183.5 us at 32k / 128k against 60.7 / 194.0
+# with the 33 that one wave allowed; 24 splits 58.6 / 198.7).
 DECODE = {
-    "contiguous": DecodeConfig(64, 4, 3, 4, 2, 256, 64, schedule="auto"),
+    "contiguous": DecodeConfig(64, 4, 3, 4, 2, 256, 16, schedule="auto"),
     "paged": DecodeConfig(64, 4, 3, 3, 2, 256, 16, schedule="auto"),
 }
 
