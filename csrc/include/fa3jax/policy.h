@@ -27,8 +27,10 @@ template <> struct FwdPolicy<64> {
 template <> struct FwdPolicy<128> {
   // Measured alternatives (H100, 2026-11-25, benchmarks/RESULTS.md session 4): kBlockN 176 (FA3's non-causal
   // choice; TMA epilogue off for shared memory) gains 1-3% at 1 x 16k unmasked but loses 5% at 8 x 2k and 6-9%
-  // causal; 3 K/V stages lose 3-5%; a second Q buffer gains nothing. (All measured while the V load still
-  // took one TMA box per 8 rows, before session 7's V^T layout fix: to be measured again.)
+  // causal; 3 K/V stages lose 3-5%; a second Q buffer gains nothing. Measured again after session 7's V^T
+  // layout fix (session 8 run 8, C++ A/B, median of 3 rounds): the TMA epilogue and 2 stages still win every
+  // case (without the epilogue -0.6% to -8%, 3 stages -0.7% to -11%), and the wide kernel below gains 7-10% from
+  // 8k keys on (2 x 8k 677 vs 630, 1 x 16k 692 vs 635 TFLOP/s) but not at 4 x 4k (625 vs 638).
   static constexpr int kBlockM = 128, kBlockN = FA3JAX_D128_BLOCK_N, kStages = FA3JAX_D128_STAGES;
   static constexpr bool kTmaEpilogue = FA3JAX_D128_TMA_EPILOGUE;
   // The persistent multicast producer spills at 24 registers; 32 fits with consumers at 232, within the 168 x 384
