@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Build, test and benchmark on the GPU machine in one call: bash benchmarks/device_run.sh STAGE...
-# Stages: build (CUDA extension + C++ tests; buildext: the extension only), sanitize (compute-sanitizer + SASS/resource checks), cbench (C++
+# Stages: build (CUDA extension + C++ tests; buildext: the extension only), sanitize (compute-sanitizer + SASS/resource checks),
+#         sanitizetriton (memcheck of the Triton decode schedules with hostile indices), cbench (C++
 #         timing of the CUDA forward, cluster on/off),
 #         test (GPU pytest suites), bench (side-by-side table), decode (kvcache decode table),
 #         varlen (varlen vs dense table), sweep (Triton tile/variant sweep, SWEEP_ARGS),
@@ -51,6 +52,12 @@ buildtests() {
 }
 cbench() { timeout 120 build/csrc-tests/fa3jax_test_fwd --bench --quiet | grep -E "^bench|passed"; }
 # CTEST_BIN: the C++ test program to check (default: the one buildtests made; one built off the device works too)
+# The Triton decode kernels (every schedule) under memcheck with hostile indices; the platform allocator gives each
+# buffer its own allocation so that memcheck sees accesses past any of them.
+sanitizetriton() {
+  XLA_PYTHON_CLIENT_ALLOCATOR=platform timeout 400 compute-sanitizer --tool memcheck --error-exitcode 3 \
+    python3 benchmarks/sanitize_decode.py
+}
 sanitize() {
   local bin=${CTEST_BIN:-build/csrc-tests/fa3jax_test_fwd}
   timeout 200 compute-sanitizer --tool memcheck --error-exitcode 3 "$bin" --quick --quiet &&
@@ -187,6 +194,7 @@ for s in "$@"; do
     build) stage build build ;;
     buildext) stage buildext buildext ;;
     sanitize) stage sanitize sanitize ;;
+    sanitizetriton) stage sanitizetriton sanitizetriton ;;
     cbench) stage cbench cbench ;;
     test) stage test gputest ;;
     bench) stage bench bench ;;
