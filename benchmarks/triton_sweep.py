@@ -35,9 +35,10 @@ def _compiled(label: str, fn, args):
 def decode_sweep(a):
     """--kernel decode: cands are BLOCK_N,warps,stages,num_splits (0 = the automatic count with tuning.DECODE's
     programs_per_sm/min_keys_per_split) or ``policy`` (the table entry), either with an optional schedule for
-    num_splits 0 (``,k`` stream-K, ``,b`` whole sequences per program, ``,a`` plan_kvcache.choose_schedule). Timed as the bench's decode suite (16 chained steps in
-    one executable, caches cycled so that small ones leave L2), all candidates and flash-attn3-jax's
-    num_splits 1/4/16 in interleaved rounds (fa3jax.bench.measure_interleaved)."""
+    num_splits 0 (``,k`` stream-K, ``,b`` whole sequences per program, ``,a`` plan_kvcache.choose_schedule).
+    Timed as the bench's decode suite (16 chained steps in one executable, caches cycled so that small ones
+    leave L2), all candidates and flash-attn3-jax's num_splits 1/4/16 in interleaved rounds
+    (fa3jax.bench.measure_interleaved)."""
     from fa3jax import bench
 
     opts = bench.TimingOptions(repeats=a.repeats)
@@ -46,9 +47,7 @@ def decode_sweep(a):
         for batch in (int(x) for x in a.batches.split(",")):
             for cache in (int(x) for x in a.caches.split(",")):
                 cfg = bench.DecodeConfig(layout, batch, cache)
-                n_sets = 4 if cfg.kv_bytes < (64 << 20) else 2  # as bench.run_decode
-                if cfg.kv_bytes * n_sets * 1.3 > bench.free_device_bytes():
-                    n_sets = 1
+                n_sets = bench.decode_set_count(cfg, bench.free_device_bytes())
                 sets = bench._decode_inputs(cfg, n_sets, seed=batch * 7 + cache)
                 chain = bench.decode_chain_sets(sets)
                 fns = {}

@@ -612,6 +612,13 @@ def measure_copy(nbytes: int, opts: TimingOptions) -> dict:
     return {"bytes_moved": moved, "ms": m["time_s"] * 1e3, "tbps": moved / m["time_s"] / 1e12}
 
 
+def decode_set_count(cfg: DecodeConfig, free: int) -> int:
+    """How many cache sets a decode row cycles through: 4 for small caches (which would otherwise sit in L2), 2
+    for large ones, 1 when two do not fit in ``free`` bytes."""
+    n_sets = 4 if cfg.kv_bytes < (64 << 20) else 2
+    return 1 if cfg.kv_bytes * n_sets * 1.3 > free else n_sets
+
+
 def decode_chain_sets(sets: list) -> list:
     """Argument sets of :func:`_chained` from :func:`_decode_inputs`' sets: q varies per call, and every call walks
     through all cache sets (at least two query sets, so that consecutive calls differ)."""
@@ -657,9 +664,7 @@ def run_decode(configs: list[DecodeConfig], impls: list[DecodeImpl], opts: Timin
             rows += [_drow(cfg, impl.name, "skipped", reason="time budget (--budget-s) spent") for impl in impls]
             continue
         free = free_device_bytes()
-        n_sets = 4 if cfg.kv_bytes < (64 << 20) else 2  # small caches would otherwise sit in L2
-        if cfg.kv_bytes * n_sets * 1.3 > free:
-            n_sets = 1
+        n_sets = decode_set_count(cfg, free)
         if cfg.kv_bytes * 1.3 > free:
             for impl in impls:
                 rows.append(_drow(cfg, impl.name, "skipped",

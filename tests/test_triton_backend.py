@@ -12,7 +12,6 @@ class TestTriton(AttentionSuite):
     dtypes = ("bfloat16", "float16")
 
 
-
 class _Persistent(TestTriton):
     """The kvcache tests again, every call automatic (num_splits=0) with the one-wave ``schedule``."""
 

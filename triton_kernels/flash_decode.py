@@ -170,6 +170,17 @@ def _finish(acc, l_i, m_i):
 
 
 @triton.jit
+def _group_rows(off_hk, start_m, seqlen_q, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
+                HEAD_DIM_PAD: tl.constexpr):
+    """The query tile from row start_m of kv head off_hk (GQA packing: rows r = t * GROUP + g): rows, their
+    validity, query positions t and query heads, and the head-dim lanes with their validity."""
+    offs_r = start_m + tl.arange(0, BLOCK_M)
+    row_ok = offs_r < seqlen_q * GROUP
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    return offs_r, row_ok, offs_r // GROUP, off_hk * GROUP + offs_r % GROUP, offs_d, offs_d < HEAD_DIM
+
+
+@triton.jit
 def _decode_fwd(Q, K_CACHE, V_CACHE, K_NEW, V_NEW, SEQLENS_K, CACHE_SEQLENS, LEFTPAD, BATCH_IDX, PAGE_TABLE,
                 seqlen_q, capacity, seqlen_new, num_pages, pages_per_seq, scale_in, scale_out,
                 OUT, LSE,
@@ -198,12 +209,8 @@ def _decode_fwd(Q, K_CACHE, V_CACHE, K_NEW, V_NEW, SEQLENS_K, CACHE_SEQLENS, LEF
         leftpad = 0
 
     n_rows = seqlen_q * GROUP
-    offs_r = start_m + tl.arange(0, BLOCK_M)
-    row_ok = offs_r < n_rows
-    t_pos = offs_r // GROUP
-    head = off_hk * GROUP + offs_r % GROUP
-    offs_d = tl.arange(0, HEAD_DIM_PAD)
-    d_ok = offs_d < HEAD_DIM
+    offs_r, row_ok, t_pos, head, offs_d, d_ok = _group_rows(off_hk, start_m, seqlen_q, GROUP, BLOCK_M, HEAD_DIM,
+                                                            HEAD_DIM_PAD)
 
     q_rows = ((off_b.to(tl.int64) * seqlen_q + t_pos) * NUM_HEADS_Q + head) * HEAD_DIM
     q = tl.load(Q + q_rows[:, None] + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
@@ -259,16 +266,6 @@ def _streamk_layout(SEQLENS_K, LEFTPAD, n_batch, seqlen_q, BLOCK_B: tl.constexpr
 
 
 @triton.jit
-def _group_rows(off_hk, seqlen_q, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
-                HEAD_DIM_PAD: tl.constexpr):
-    """The one query tile of kv head off_hk (GQA packing, rows t * GROUP + g) and the head-dim lanes."""
-    offs_r = tl.arange(0, BLOCK_M)
-    row_ok = offs_r < seqlen_q * GROUP
-    offs_d = tl.arange(0, HEAD_DIM_PAD)
-    return offs_r, row_ok, offs_r // GROUP, off_hk * GROUP + offs_r % GROUP, offs_d, offs_d < HEAD_DIM
-
-
-@triton.jit
 def _pick(offs, vec, i):
     """vec[i] as a scalar (vectors here are a few hundred elements, read once per sequence switch)."""
     return tl.sum(tl.where(offs == i, vec, 0), 0)
@@ -318,7 +315,7 @@ def _decode_fwd_persistent(Q, K_CACHE, V_CACHE, K_NEW, V_NEW, SEQLENS_K, CACHE_S
         b_last = tl.sum(((first_b + tiles_b <= end - 1) & (offs_b < n_batch)).to(tl.int32), 0)
         b_stop = tl.where(begin < end, b_last + 1, b_first)
 
-    offs_r, row_ok, t_pos, head, offs_d, d_ok = _group_rows(off_hk, seqlen_q, GROUP, BLOCK_M, HEAD_DIM,
+    offs_r, row_ok, t_pos, head, offs_d, d_ok = _group_rows(off_hk, 0, seqlen_q, GROUP, BLOCK_M, HEAD_DIM,
                                                             HEAD_DIM_PAD)
     slot_base = off_hk.to(tl.int64) * (n_prog + n_batch) + g
     for i in range(0, b_stop - b_first):
@@ -386,7 +383,7 @@ def _decode_combine_streamk(OUT_ACC, LSE_ACC, SEQLENS_K, LEFTPAD, seqlen_q, OUT,
     g_first = tl.where(t1 > t0, ((t0 + 1) * NUM_PROGRAMS - 1) // tot_safe, 0)
     g_stop = tl.where(t1 > t0, (t1 * NUM_PROGRAMS - 1) // tot_safe + 1, 0)
 
-    offs_r, row_ok, t_pos, head, offs_d, d_ok = _group_rows(off_hk, seqlen_q, GROUP, BLOCK_M, HEAD_DIM,
+    offs_r, row_ok, t_pos, head, offs_d, d_ok = _group_rows(off_hk, 0, seqlen_q, GROUP, BLOCK_M, HEAD_DIM,
                                                             HEAD_DIM_PAD)
     # All pieces' LSEs at once (a sequence has at most G pieces), then the weighted sum of their outputs with
     # loads that do not depend on each other.
@@ -398,8 +395,8 @@ def _decode_combine_streamk(OUT_ACC, LSE_ACC, SEQLENS_K, LEFTPAD, seqlen_q, OUT,
     mx = tl.max(lse_all, 0)
     mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
     total_w = tl.sum(tl.exp(lse_all - mx_safe[None, :]), 0)
-    # The piece loads do not depend on the running sum, so the pipeliner can prefetch the next piece (a long
-    # sequence at batch 1 has up to G pieces; one memory latency each would add up).
+    # One piece per step; the automatic schedule gives a sequence at most a few pieces (a 3-D load of several
+    # pieces per step measured slower: session 8 run 3).
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
     for j in range(0, (g_stop - g_first).to(tl.int32)):
         g = g_first + j

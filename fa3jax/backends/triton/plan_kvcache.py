@@ -129,10 +129,7 @@ def plan_forward(spec: AttentionSpec, arch: str = "sm90", num_splits: Optional[i
         warps = policy.num_warps
         stages = policy.stages_split if splits > 1 else policy.stages_nosplit
     hd_pad = tuning.head_dim_pad(d)
-    # K and V tiles of every pipeline stage must fit in shared memory (227 KiB on sm90, ~160 KiB kept as the
-    # budget so that two programs can share an SM). Shrinking the tile keeps splits <= key tiles.
-    while block_n > 16 and block_n * hd_pad * 4 * max(stages, 1) > 160 * 1024:
-        block_n //= 2
+    block_n = _fit_stages(block_n, hd_pad, stages)  # shrinking the tile keeps splits <= key tiles
     args = _common_args(spec)
     meta = (("NUM_HEADS_Q", hq), ("NUM_HEADS_K", hk), ("HEAD_DIM", d), ("HEAD_DIM_PAD", hd_pad),
             ("BLOCK_M", block_m), ("BLOCK_N", block_n), ("NUM_SPLITS", splits)) + _common_meta(spec)
@@ -152,6 +149,14 @@ def plan_forward(spec: AttentionSpec, arch: str = "sm90", num_splits: Optional[i
                      constexprs=(("NUM_HEADS_Q", hq), ("HEAD_DIM", d), ("HEAD_DIM_PAD", hd_pad), ("BLOCK_M", cm),
                                  ("NUM_SPLITS", splits), ("SPLITS_PAD", _pow2_at_least(splits, 2))))
     return decode, combine
+
+
+def _fit_stages(block_n: int, hd_pad: int, stages: int) -> int:
+    """block_n halved until the K and V tiles of every pipeline stage fit in shared memory (227 KiB on sm90,
+    ~160 KiB kept as the budget so that two programs can share an SM)."""
+    while block_n > 16 and block_n * hd_pad * 4 * max(stages, 1) > 160 * 1024:
+        block_n //= 2
+    return block_n
 
 
 def _common_args(spec: AttentionSpec) -> tuple:
@@ -185,8 +190,7 @@ def _plan_persistent(spec: AttentionSpec, block_m: int, block_n: int, policy: tu
     b, lq, hq, hk, d = spec.batch, spec.seqlen_q, spec.num_heads_q, spec.num_heads_k, spec.head_dim
     hd_pad = tuning.head_dim_pad(d)
     stages = policy.stages_nosplit
-    while block_n > 16 and block_n * hd_pad * 4 * max(stages, 1) > 160 * 1024:
-        block_n //= 2
+    block_n = _fit_stages(block_n, hd_pad, stages)
     cache_tiles = math.ceil(max(kv.capacity, 1) / block_n)
     g, per = persistent_programs(b, hk, cache_tiles, num_sms, policy.programs_per_sm,
                                  math.ceil(policy.min_keys_per_split / block_n), whole)
