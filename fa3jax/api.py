@@ -1,12 +1,11 @@
-"""Public API, drop-in for flash-attn3-jax 0.2.3 (extra keywords are ours).
+"""Public API, drop-in for flash-attn3-jax 0.2.3 (extra keywords are ours), plus ring attention.
 
-Each function: validate (-> frozen spec) -> plan (registry) -> the shared custom VJP (or the kvcache layer) ->
-backend. Nothing here touches array values except to route them.
+Each function: validate (-> frozen spec) -> plan (registry) -> the shared custom VJP (or the KV-cache layer).
+Nothing here touches array values.
 """
 from __future__ import annotations
 
-from . import kvcache as _kv
-from . import registry, sharding, validation, vjp
+from . import explicit, kvcache, registry, validation, vjp
 
 
 def flash_mha(q, k, v, softmax_scale=None, is_causal=False, window_size=(-1, -1), softcap=0.0,
@@ -21,11 +20,10 @@ def flash_mha(q, k, v, softmax_scale=None, is_causal=False, window_size=(-1, -1)
     spec = validation.validate_dense(q, k, v, softmax_scale=softmax_scale, is_causal=is_causal,
                                      window_size=window_size, softcap=softcap,
                                      return_softmax_lse=return_softmax_lse, deterministic=deterministic)
-    if sharding.explicit_layout(q) is not None:  # sharded in the arrays' types: per shard / ring via shard_map
-        return sharding.explicit_call(q, k, v, return_lse=return_softmax_lse, softmax_scale=spec.softmax_scale,
-                                      is_causal=is_causal, window_size=window_size, softcap=softcap, backend=backend)
-    plan = registry.plan(spec, backend)
-    out, lse = vjp.attention(vjp.Execution(plan), q, k, v, None)
+    if explicit.layout(q) is not None:  # sharded in the arrays' types: per shard (or a ring) via shard_map
+        out, lse = explicit.attention(spec, backend, q, k, v)
+    else:
+        out, lse = vjp.attention(vjp.Execution(registry.plan(spec, backend)), q, k, v, None)
     return (out, lse) if return_softmax_lse else out
 
 
@@ -44,8 +42,7 @@ def flash_mha_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k=None, seqused_k=None, m
                                       softcap=softcap, return_softmax_lse=return_softmax_lse,
                                       deterministic=deterministic)
     args = validation.sanitize_varlen(spec, cu_seqlens_q, cu_seqlens_k, seqused_k)
-    plan = registry.plan(spec, backend)
-    out, lse = vjp.attention(vjp.Execution(plan), q, k, v, args)
+    out, lse = vjp.attention(vjp.Execution(registry.plan(spec, backend)), q, k, v, args)
     return (out, lse) if return_softmax_lse else out
 
 
@@ -67,17 +64,30 @@ def flash_mha_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=No
         softcap=softcap, num_splits=num_splits, return_softmax_lse=return_softmax_lse,
         return_updated_cache=return_updated_cache)
     args, row_ok = validation.sanitize_kvcache(spec, cache_seqlens, cache_batch_idx, cache_leftpad, page_table, k, v)
-    if spec.kvcache.rotary_dim:
-        q_pos, k_pos = _kv.rotary_positions(spec, args)
-        q = _kv.apply_rotary(q, rotary_cos, rotary_sin, q_pos, spec.kvcache.rotary_interleaved)
-        if k is not None:
-            args = args._replace(k_new=_kv.apply_rotary(k, rotary_cos, rotary_sin, k_pos,
-                                                        spec.kvcache.rotary_interleaved))
-    plan = registry.plan(spec, backend)
-    out, lse = vjp.call_kvcache(plan.forward, spec, q, k_cache, v_cache, args)
+    out, lse, caches = kvcache.attention(registry.plan(spec, backend), q, k_cache, v_cache, args, row_ok,
+                                         rotary_cos, rotary_sin)
     result = [out]
     if return_softmax_lse:
         result.append(lse)
     if return_updated_cache:
-        result.append(_kv.updated_caches(spec, k_cache, v_cache, args, row_ok))
+        result.append(caches)
     return result[0] if len(result) == 1 else tuple(result)
+
+
+def ring_attention(q, k, v, axis_name, *, softmax_scale=None, is_causal=False, window_size=(-1, -1), softcap=0.0,
+                   return_softmax_lse=False, layout="contiguous", backend="auto"):
+    """Sequence-parallel attention for code already inside ``shard_map`` over mesh axis ``axis_name``.
+
+    ``q`` (b, lq_local, hq, d) and ``k``/``v`` (b, lk_local, hk, d) are this device's sequence chunks; the
+    global sequences are ``lq_local * n`` / ``lk_local * n`` long (``n`` = the axis size) and are laid out per
+    ``layout``: "contiguous" (device i holds chunk i) or "zigzag" (device i holds chunks i and 2n-1-i of 2n;
+    see :func:`fa3jax.ring.zigzag_permute`), which balances causal work. Masks (causal, window, bottom-right
+    alignment) refer to global positions. Returns the local ``out`` (like q), or ``(out, lse)`` with lse
+    (b, hq, lq_local). Differentiable w.r.t. q, k, v (and through the LSE).
+    """
+    backend = validation.validate_backend(backend)
+    spec, ring = validation.validate_ring(q, k, v, axis_name, layout, softmax_scale=softmax_scale,
+                                          is_causal=is_causal, window_size=window_size, softcap=softcap,
+                                          return_softmax_lse=return_softmax_lse, deterministic=False)
+    out, lse = vjp.attention(vjp.Execution(registry.plan(spec, backend), ring), q, k, v, None)
+    return (out, lse) if return_softmax_lse else out

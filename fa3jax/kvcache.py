@@ -1,13 +1,29 @@
-"""The shared half of ``flash_mha_with_kvcache``: rotary embeddings on q and the new keys, and the functional
-cache update. Both are cheap, memory-bound and identical for every backend; the attention itself is the
-backend's ``kvcache_forward``.
+"""The KV-cache layer of ``flash_mha_with_kvcache``: rotary embeddings on q and the new keys, the backend's
+attention, and the functional cache update. Rotary and the update are cheap, memory-bound and identical for every
+backend; the attention itself is the backend's ``kvcache_forward``.
 """
 from __future__ import annotations
 
 import jax.numpy as jnp
 
+from . import calls
 from .backends.base import KVCacheArgs
+from .registry import Plan
 from .spec import AttentionSpec
+
+
+def attention(plan: Plan, q, k_cache, v_cache, args: KVCacheArgs, row_ok, rotary_cos, rotary_sin):
+    """(out, lse, (k_cache_new, v_cache_new) or None) of a validated call with sanitized ``args``."""
+    spec = plan.spec
+    kv = spec.kvcache
+    if kv.rotary_dim:
+        q_pos, k_pos = rotary_positions(spec, args)
+        q = apply_rotary(q, rotary_cos, rotary_sin, q_pos, kv.rotary_interleaved)
+        if args.k_new is not None:
+            args = args._replace(k_new=apply_rotary(args.k_new, rotary_cos, rotary_sin, k_pos, kv.rotary_interleaved))
+    out, lse = calls.kvcache_forward(plan.forward, spec, q, k_cache, v_cache, args)
+    caches = updated_caches(spec, k_cache, v_cache, args, row_ok) if kv.return_updated_cache else None
+    return out, lse, caches
 
 
 def apply_rotary(x, cos, sin, pos, interleaved: bool):

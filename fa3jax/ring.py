@@ -4,7 +4,7 @@ Every device holds one sequence chunk of q, k, v (dense layout, (b, l_local, h, 
 (``n`` = the axis size): at step ``s`` device ``i`` attends its q chunk to the k/v chunk of device ``i - s``
 and passes that k/v chunk to device ``i + 1`` with ``lax.ppermute`` (in the inputs' own dtype). Partial results
 are merged by their log-sum-exp (:mod:`fa3jax.lse`). Each block is one ordinary backend call on a spec whose
-masks use the global lengths (``mask_seqlen_q/k``) and the runtime global offsets of the block, so causal,
+masks use the global lengths (``global_seqlen_q/k``) and the runtime global offsets of the block, so causal,
 sliding windows, softcap and GQA behave exactly as on the unsharded sequence. Blocks that the mask hides
 entirely are skipped with ``lax.cond`` (the kernel does not run; the permute still happens).
 
@@ -27,12 +27,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from .vma import varying_like
+from . import calls, masking
 from . import lse as _lse
-from . import masking, registry, validation, vjp
 from .backends.base import DenseArgs
+from .manual_axes import varying_like
+from .spec import RingConfig
 
-LAYOUTS = ("contiguous", "zigzag")
 _NEG_INF = float("-inf")
 
 
@@ -87,25 +87,6 @@ def block_is_live(q_lo, len_q, k_lo, len_k, seqlen_q, seqlen_k, window: masking.
 
 
 # ------------------------------------------------------------------------------------------ ring plumbing
-def _check_ring(ex, q, k):
-    spec, cfg = ex.spec, ex.ring
-    n = cfg.axis_size
-    if cfg.layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}; got layout={cfg.layout!r}")
-    if spec.mode != "dense":
-        raise ValueError(f"ring attention supports dense inputs only; got mode={spec.mode!r}")
-    for name, x, total in (("q", q, spec.seqlen_q), ("k", k, spec.seqlen_k)):
-        if x.shape[1] * n != total:
-            raise ValueError(f"{name}: local sequence length {x.shape[1]} times the axis size {n} must equal the "
-                             f"global sequence length {total}")
-        parts = 2 * n if cfg.layout == "zigzag" else n
-        if total % parts:
-            raise ValueError(f"{name}: sequence length {total} must divide by {parts} (axis size {n}, layout "
-                             f"{cfg.layout!r}); got {name}.shape={tuple(x.shape)} per device")
-
-
-
-
 def _offsets(idx, n, total, layout):
     """(P,) int32 global offsets of the P pieces (1 contiguous, 2 zigzag) held by device ``idx``."""
     if layout == "contiguous":
@@ -127,7 +108,8 @@ def _unstack(x, axis):
 
 
 def _block_spec(spec, len_q, len_k):
-    return spec.replace(seqlen_q=len_q, seqlen_k=len_k, mask_seqlen_q=spec.seqlen_q, mask_seqlen_k=spec.seqlen_k)
+    return spec.replace(seqlen_q=len_q, seqlen_k=len_k, has_offsets=True, global_seqlen_q=spec.seqlen_q,
+                        global_seqlen_k=spec.seqlen_k)
 
 
 def _perm(n):
@@ -159,14 +141,13 @@ def _pieces(layout):
 
 
 # ---------------------------------------------------------------------------------------------- forward
-def ring_forward(ex, q, k, v):
-    """(out, lse) of the local q chunk against the whole (ring-distributed) sequence. Inside shard_map.
+def forward(backend_name: str, spec, cfg: RingConfig, q, k, v):
+    """(out, lse) of the local q chunk against the whole (ring-distributed) sequence, each block run by backend
+    ``backend_name``; ``spec`` describes the global sequence. Inside shard_map.
 
     A scan over the ``n`` ring steps: each step sends the held k/v chunk on (the permute is issued first so it
     can overlap the compute; the last step's permute is redundant, the price of tracing the step once) and
     attends every (q piece, k piece) pair that the mask does not hide."""
-    _check_ring(ex, q, k)
-    spec, cfg = ex.spec, ex.ring
     n, name, layout = cfg.axis_size, cfg.axis_name, cfg.layout
     p = _pieces(layout)
     idx = lax.axis_index(name).astype(jnp.int32)
@@ -188,7 +169,7 @@ def ring_forward(ex, q, k, v):
             live = block_is_live(qo, cq, ko, ck, spec.seqlen_q, spec.seqlen_k, spec.window)
 
             def attend(acc):
-                o, l = vjp.call_forward(ex.plan.forward, bspec, _get(qs, a), _get(ks, b), _get(vs, b),
+                o, l = calls.forward(backend_name, bspec, _get(qs, a), _get(ks, b), _get(vs, b),
                                         DenseArgs(qo, ko))
                 mo, ml = _lse.merge(_get(acc[0], a), _get(acc[1], a), o, l, _lse.dense_lse_to_out)
                 return _put(acc[0], a, mo), _put(acc[1], a, ml)
@@ -202,12 +183,10 @@ def ring_forward(ex, q, k, v):
 
 
 # --------------------------------------------------------------------------------------------- backward
-def ring_backward(ex, q, k, v, out, lse, dout, dlse):
+def backward(backend_name: str, spec, cfg: RingConfig, q, k, v, out, lse, dout, dlse):
     """(dq, dk, dv) of the local chunks. ``out``/``lse`` are the merged (global) results of the local q rows,
     so every block's softmax gradient uses the global statistics. fp32 dk/dv accumulators travel with their
     k/v chunk and are home after the n-th permute; dq accumulates locally in fp32."""
-    _check_ring(ex, q, k)
-    spec, cfg = ex.spec, ex.ring
     n, name, layout = cfg.axis_size, cfg.axis_name, cfg.layout
     p = _pieces(layout)
     idx = lax.axis_index(name).astype(jnp.int32)
@@ -233,7 +212,7 @@ def ring_backward(ex, q, k, v, out, lse, dout, dlse):
 
             def grads(c):
                 dq, dk, dv = c
-                g = vjp.call_backward(ex.plan.backward, bspec, _get(qs, a), _get(ks, b), _get(vs, b),
+                g = calls.backward(backend_name, bspec, _get(qs, a), _get(ks, b), _get(vs, b),
                                       _get(outs, a), _get(lses, a), _get(douts, a), _get(dlses, a),
                                       DenseArgs(qo, ko))
                 return (_put(dq, a, _get(dq, a) + g[0].astype(jnp.float32)),
@@ -248,36 +227,3 @@ def ring_backward(ex, q, k, v, out, lse, dout, dlse):
 
     (_, (dk, dv), dq), _ = lax.scan(step, ((k, v), dkv0, dq0), jnp.arange(n, dtype=jnp.int32))
     return (_unstack(dq, 1).astype(q.dtype), _unstack(dk, 1).astype(k.dtype), _unstack(dv, 1).astype(v.dtype))
-
-
-# ------------------------------------------------------------------------------------------- public API
-def ring_attention(q, k, v, axis_name, *, softmax_scale=None, is_causal=False, window_size=(-1, -1), softcap=0.0,
-                   return_softmax_lse=False, layout="contiguous", backend="auto"):
-    """Sequence-parallel attention for code already inside ``shard_map`` over mesh axis ``axis_name``.
-
-    ``q`` (b, lq_local, hq, d) and ``k``/``v`` (b, lk_local, hk, d) are this device's sequence chunks; the
-    global sequences are ``lq_local * n`` / ``lk_local * n`` long (``n`` = the axis size) and are laid out per
-    ``layout``: "contiguous" (device i holds chunk i) or "zigzag" (device i holds chunks i and 2n-1-i of 2n;
-    see :func:`zigzag_permute`), which balances causal work. Masks (causal, window, bottom-right alignment) refer
-    to global positions. Returns the local ``out`` (like q), or ``(out, lse)`` with lse (b, hq, lq_local).
-    Differentiable w.r.t. q, k, v (and through the LSE).
-    """
-    backend = validation.validate_backend(backend)
-    spec = validation.validate_dense(q, k, v, softmax_scale=softmax_scale, is_causal=is_causal,
-                                     window_size=window_size, softcap=softcap,
-                                     return_softmax_lse=return_softmax_lse, deterministic=False)
-    if not isinstance(axis_name, str):
-        raise ValueError(f"axis_name must be the name (str) of one mesh axis; got axis_name={axis_name!r}")
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}; got layout={layout!r}")
-    n = int(lax.axis_size(axis_name))
-    if layout == "zigzag":
-        for nm, x in (("q", q), ("k", k)):
-            if x.shape[1] % 2:
-                raise ValueError(f"{nm}: the zigzag layout needs an even local sequence length; got "
-                                 f"{nm}.shape={tuple(x.shape)}")
-    spec = spec.replace(seqlen_q=spec.seqlen_q * n, seqlen_k=spec.seqlen_k * n)
-    plan = registry.plan(spec, backend)
-    ex = vjp.Execution(plan, vjp.RingConfig(axis_name, n, layout))
-    out, lse = vjp.attention(ex, q, k, v, None)
-    return (out, lse) if return_softmax_lse else out

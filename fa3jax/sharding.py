@@ -1,7 +1,7 @@
 """Automatic sharding of dense backend calls (``flash_mha``) with ``jax.experimental.custom_partitioning``.
 
-Every dense forward/backward backend call without ring offsets (see :func:`fa3jax.vjp.call_forward`) is wrapped
-in a custom-partitioned op when more than one device exists. When XLA's SPMD partitioner meets the op it calls
+Every dense forward/backward backend call without ring offsets is wrapped in a custom-partitioned op when more
+than one device exists (:mod:`fa3jax.vjp` decides, with :func:`routes`). When XLA's SPMD partitioner meets the op it calls
 :func:`_decide` with the sharding of ``q`` and picks, per dimension of the (b, l, h, d) layout:
 
 * batch: sharded as q is (any mesh axes) when the batch divides by their size;
@@ -9,7 +9,7 @@ in a custom-partitioned op when more than one device exists. When XLA's SPMD par
   or, for MQA (``hk == 1``), q heads sharded and the single kv head replicated;
 * sequence: when q's sequence axis is sharded over exactly one mesh axis ``A`` (not also used by batch/heads)
   and both ``lq`` and ``lk`` divide by its size, k/v are sharded the same way and the op runs
-  :func:`fa3jax.ring.ring_forward` / ``ring_backward`` over ``A`` (contiguous layout);
+  :func:`fa3jax.ring.forward` / ``backward`` over ``A`` (contiguous layout);
 * everything else (head_dim, a sequence sharded over several axes, sizes that do not divide, non-mesh
   shardings) is replicated: the partitioner then inserts the gathers, so results stay correct.
 
@@ -22,7 +22,7 @@ same partitioning applies. With a single device nothing is wrapped (the path is 
 under a one-device ``jit`` or inside a fully manual ``shard_map`` the op lowers to the plain backend call.
 
 Arrays whose *type* carries the sharding (meshes with Explicit axes, ``jax.make_mesh``'s default) never reach
-the partitioner as unknown ops: :func:`explicit_call` runs them per shard inside ``shard_map`` instead, with
+the partitioner as unknown ops: :mod:`fa3jax.explicit` runs them per shard inside ``shard_map`` instead, with
 the same rules (ring attention over a sharded sequence axis).
 
 Limits: the sequence axis uses the contiguous layout (causal work is unbalanced across the ring; for balance
@@ -39,7 +39,8 @@ import jax
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from .spec import AttentionSpec
+from . import calls, ring
+from .spec import AttentionSpec, RingConfig
 
 try:  # public alias in JAX 0.10; fall back to the internal class if it moves
     from jax.core import Tracer as _Tracer
@@ -83,15 +84,17 @@ class Decision:
     local: AttentionSpec  # spec of the per-device call (global sequence lengths when ring)
 
 
-def _names(entry) -> tuple:
+def axis_names(entry) -> tuple:
+    """The mesh axis names of one PartitionSpec entry."""
     if entry is None:
         return ()
     return (entry,) if isinstance(entry, str) else tuple(entry)
 
 
-def _size(mesh, entry) -> int:
+def axes_size(mesh, entry) -> int:
+    """How many shards one PartitionSpec entry makes."""
     n = 1
-    for a in _names(entry):
+    for a in axis_names(entry):
         n *= mesh.shape[a]
     return n
 
@@ -101,25 +104,25 @@ def _decide(mesh, spec: AttentionSpec, sharding) -> Decision:
     if isinstance(sharding, NamedSharding) and not mesh.empty:
         entries = tuple(sharding.spec) + (None,) * (4 - len(sharding.spec))
     eb, el, eh = entries[0], entries[1], entries[2]
-    if spec.batch % _size(mesh, eb):
+    if spec.batch % axes_size(mesh, eb):
         eb = None
     hq, hk = spec.num_heads_q, spec.num_heads_k
-    sh = _size(mesh, eh)
+    sh = axes_size(mesh, eh)
     if hq % sh == 0 and hk % sh == 0:
         ekv = eh
     elif hq % sh == 0 and hk == 1:
         ekv = None  # MQA: every device keeps the one kv head
     else:
         eh = ekv = None
-    used = set(_names(eb)) | set(_names(eh))
+    used = set(axis_names(eb)) | set(axis_names(eh))
     seq, n = None, 1
-    names = _names(el)
+    names = axis_names(el)
     if len(names) == 1 and names[0] not in used:
         size = mesh.shape[names[0]]
         if size > 1 and spec.seqlen_q % size == 0 and spec.seqlen_k % size == 0:
             seq, n = names[0], size
-    local = spec.replace(batch=spec.batch // _size(mesh, eb), num_heads_q=hq // _size(mesh, eh),
-                         num_heads_k=hk // _size(mesh, ekv))
+    local = spec.replace(batch=spec.batch // axes_size(mesh, eb), num_heads_q=hq // axes_size(mesh, eh),
+                         num_heads_k=hk // axes_size(mesh, ekv))
     return Decision(eb, eh, ekv, seq, n, local)
 
 
@@ -130,11 +133,8 @@ def _shardings(mesh, d: Decision):
             NamedSharding(mesh, P(d.batch, d.heads, d.seq)))
 
 
-def _ring_ex(backend_name: str, d: Decision, backward: bool):
-    from . import registry, vjp
-
-    plan = registry.Plan(spec=d.local, forward=backend_name, backward=backend_name if backward else None)
-    return vjp.Execution(plan, vjp.RingConfig(d.seq, d.ring_size, "contiguous"))
+def _ring(d: Decision) -> RingConfig:
+    return RingConfig(d.seq, d.ring_size, "contiguous")
 
 
 def _rule(spec: AttentionSpec, backward: bool):
@@ -152,23 +152,11 @@ def _rule(spec: AttentionSpec, backward: bool):
 
 
 # -------------------------------------------------------------------------------------------- the two ops
-def _local_forward(backend_name, spec, q, k, v):
-    from . import registry
-
-    return tuple(registry.get(backend_name).forward(spec, q, k, v, None))
-
-
-def _local_backward(backend_name, spec, q, k, v, out, lse, dout, dlse):
-    from . import registry
-
-    return tuple(registry.get(backend_name).backward(spec, q, k, v, out, lse, dout, dlse, None))
-
-
 @functools.lru_cache(maxsize=None)
 def _forward_op(backend_name: str, spec: AttentionSpec):
     @custom_partitioning
     def op(q, k, v):
-        return _local_forward(backend_name, spec, q, k, v)
+        return calls.local_forward(backend_name, spec, q, k, v, None)
 
     def infer(mesh, arg_shapes, result_shape):
         qs, _, ls = _shardings(mesh, _decide(mesh, spec, arg_shapes[0].sharding))
@@ -180,10 +168,8 @@ def _forward_op(backend_name: str, spec: AttentionSpec):
 
         def lower(q, k, v):
             if d.seq is None:
-                return _local_forward(backend_name, d.local, q, k, v)
-            from . import ring
-
-            return tuple(ring.ring_forward(_ring_ex(backend_name, d, False), q, k, v))
+                return calls.local_forward(backend_name, d.local, q, k, v, None)
+            return tuple(ring.forward(backend_name, d.local, _ring(d), q, k, v))
 
         return mesh, lower, (qs, ls), (qs, ks, ks)
 
@@ -196,7 +182,7 @@ def _forward_op(backend_name: str, spec: AttentionSpec):
 def _backward_op(backend_name: str, spec: AttentionSpec):
     @custom_partitioning
     def op(q, k, v, out, lse, dout, dlse):
-        return _local_backward(backend_name, spec, q, k, v, out, lse, dout, dlse)
+        return calls.local_backward(backend_name, spec, q, k, v, out, lse, dout, dlse, None)
 
     def infer(mesh, arg_shapes, result_shape):
         qs, ks, _ = _shardings(mesh, _decide(mesh, spec, arg_shapes[0].sharding))
@@ -208,10 +194,8 @@ def _backward_op(backend_name: str, spec: AttentionSpec):
 
         def lower(q, k, v, out, lse, dout, dlse):
             if d.seq is None:
-                return _local_backward(backend_name, d.local, q, k, v, out, lse, dout, dlse)
-            from . import ring
-
-            return tuple(ring.ring_backward(_ring_ex(backend_name, d, True), q, k, v, out, lse, dout, dlse))
+                return calls.local_backward(backend_name, d.local, q, k, v, out, lse, dout, dlse, None)
+            return tuple(ring.backward(backend_name, d.local, _ring(d), q, k, v, out, lse, dout, dlse))
 
         return mesh, lower, (qs, ks, ks), (qs, ks, ks, qs, ls, qs, ls)
 
@@ -220,65 +204,11 @@ def _backward_op(backend_name: str, spec: AttentionSpec):
     return op
 
 
-def forward(backend_name: str, spec: AttentionSpec, q, k, v):
-    """(out, lse) of a dense call, partitioned per the input shardings."""
+def forward(backend_name: str, spec: AttentionSpec, q, k, v, args=None):
+    """(out, lse) of a dense call, partitioned per the input shardings (``args``: no ring offsets here)."""
     return tuple(_forward_op(backend_name, spec)(q, k, v))
 
 
-def backward(backend_name: str, spec: AttentionSpec, q, k, v, out, lse, dout, dlse):
+def backward(backend_name: str, spec: AttentionSpec, q, k, v, out, lse, dout, dlse, args=None):
     """(dq, dk, dv) of a dense call, partitioned per the input shardings."""
     return tuple(_backward_op(backend_name, spec)(q, k, v, out, lse, dout, dlse))
-
-
-# ------------------------------------------------------------------- sharding in types (explicit mesh axes)
-def _explicit_spec(x):
-    """(mesh, spec) of an array whose type carries an explicit-axes NamedSharding, else None."""
-    try:
-        sh = getattr(jax.typeof(x), "sharding", None)
-    except TypeError:
-        return None
-    mesh = getattr(sh, "mesh", None)
-    if mesh is None or not getattr(mesh, "axis_names", ()):
-        return None
-    explicit = {n for n, t in zip(mesh.axis_names, getattr(mesh, "axis_types", ())) if "Explicit" in str(t)}
-    spec = tuple(sh.spec) + (None,) * (4 - len(tuple(sh.spec)))
-    if not explicit or not any(a in explicit for e in spec for a in _names(e)):
-        return None
-    return mesh, spec
-
-
-def explicit_layout(q):
-    """(mesh, q's 4-entry spec) when q's *type* carries a sharding over Explicit mesh axes (the ``jax.make_mesh``
-    default), else None. ``custom_partitioning`` does not see such shardings: :func:`explicit_call` handles
-    them with ``shard_map``."""
-    return _explicit_spec(q)
-
-
-def explicit_call(q, k, v, *, return_lse: bool, **kwargs):
-    """``flash_mha`` on explicit-axes arrays, per shard inside ``shard_map``: batch and head shardings of q are
-    kept (k/v heads follow when ``hk`` divides, MQA's single head is replicated, otherwise heads are
-    replicated); a sequence sharded over one mesh axis runs ring attention over it; a head_dim sharding or a
-    sequence sharded over several axes is gathered first (``reshard``), so results never depend on layout."""
-    from . import api, ring
-
-    mesh, qs = _explicit_spec(q)
-    batch, seq, heads = qs[0], qs[1], qs[2]
-    if len(_names(seq)) > 1:
-        seq = None
-    hk = k.shape[2]
-    n_heads = _size(mesh, heads)
-    kv_heads = heads if hk % n_heads == 0 else None
-    if kv_heads is None and hk != 1:
-        heads = None
-    q_spec, kv_spec = P(batch, seq, heads, None), P(batch, seq, kv_heads, None)
-    lse_spec = P(batch, heads, seq)
-    q, k, v = (jax.sharding.reshard(x, NamedSharding(mesh, s)) for x, s in ((q, q_spec), (k, kv_spec), (v, kv_spec)))
-
-    def body(q, k, v):
-        if seq is None:
-            return api.flash_mha(q, k, v, return_softmax_lse=True, **kwargs)
-        return ring.ring_attention(q, k, v, seq, return_softmax_lse=True, **kwargs)
-
-    out, lse = jax.shard_map(body, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec), out_specs=(q_spec, lse_spec))(
-        q, k, v)
-    return (out, lse) if return_lse else out

@@ -35,10 +35,19 @@ class AttentionSpec:
     deterministic: bool = False
     varlen: Optional["VarlenSpec"] = None
     kvcache: Optional["KVCacheSpec"] = None
-    # Ring attention evaluates one block of a longer sequence: masks then use these global lengths and the
-    # runtime offsets passed next to the arrays. ``None`` means the block is the whole sequence.
-    mask_seqlen_q: Optional[int] = None
-    mask_seqlen_k: Optional[int] = None
+    # One block of a longer sequence (ring attention): masks then use the whole sequence's lengths and the
+    # runtime offsets passed next to the arrays. Without offsets the globals equal the call's own lengths.
+    has_offsets: bool = False
+    global_seqlen_q: Optional[int] = None
+    global_seqlen_k: Optional[int] = None
+
+    def __post_init__(self):
+        if not self.has_offsets:  # the call is the whole sequence, whatever replace() carried over
+            object.__setattr__(self, "global_seqlen_q", self.seqlen_q)
+            object.__setattr__(self, "global_seqlen_k", self.seqlen_k)
+        elif self.global_seqlen_q is None or self.global_seqlen_k is None:
+            raise ValueError(f"a block spec needs its global lengths; got {self.global_seqlen_q=}, "
+                             f"{self.global_seqlen_k=}")
 
     @property
     def group_size(self) -> int:
@@ -47,18 +56,6 @@ class AttentionSpec:
     @property
     def causal(self) -> bool:
         return self.window.right == 0
-
-    @property
-    def global_seqlen_q(self) -> int:
-        return self.seqlen_q if self.mask_seqlen_q is None else self.mask_seqlen_q
-
-    @property
-    def global_seqlen_k(self) -> int:
-        return self.seqlen_k if self.mask_seqlen_k is None else self.mask_seqlen_k
-
-    @property
-    def has_offsets(self) -> bool:
-        return self.mask_seqlen_q is not None
 
     def replace(self, **changes) -> "AttentionSpec":
         return dataclasses.replace(self, **changes)
@@ -95,3 +92,17 @@ class KVCacheSpec:
     has_cache_leftpad: bool
     num_splits: int  # 0 = automatic
     return_updated_cache: bool
+
+
+RING_LAYOUTS = ("contiguous", "zigzag")
+
+
+@dataclasses.dataclass(frozen=True)
+class RingConfig:
+    """Sequence-parallel execution inside ``shard_map`` over mesh axis ``axis_name`` of size ``axis_size``:
+    "contiguous" (device i holds chunk i) or "zigzag" (device i holds chunks i and 2n-1-i of 2n, which balances
+    causal work)."""
+
+    axis_name: str
+    axis_size: int
+    layout: str = "contiguous"

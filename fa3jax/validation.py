@@ -15,10 +15,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import registry
+from .backends.base import KVCacheArgs, VarlenArgs
 from .masking import normalize_window
-from .spec import AttentionSpec, KVCacheSpec, VarlenSpec
+from .spec import RING_LAYOUTS, AttentionSpec, KVCacheSpec, RingConfig, VarlenSpec
 
-BACKENDS = ("auto", "cuda", "triton", "xla")
+BACKENDS = ("auto",) + registry.ORDER
 FLOAT_DTYPES = ("float16", "bfloat16", "float32")
 MAX_HEAD_DIM = 256
 
@@ -136,16 +138,36 @@ def _common(q, k, v, *, rank, softmax_scale, is_causal, window_size, softcap, de
 
 # ------------------------------------------------------------------------------------------------ dense
 def validate_dense(q, k, v, *, softmax_scale, is_causal, window_size, softcap, return_softmax_lse,
-                   deterministic) -> AttentionSpec:
+                   deterministic, seq_shards: int = 1) -> AttentionSpec:
+    """``seq_shards``: q/k/v are one of that many sequence chunks (ring attention); the spec describes the whole
+    sequence."""
     dt, hq, hk, d, scale, window, cap = _common(
         q, k, v, rank=4, softmax_scale=softmax_scale, is_causal=is_causal, window_size=window_size,
         softcap=softcap, deterministic=deterministic)
     _bool("return_softmax_lse", return_softmax_lse)
     if q.shape[0] != k.shape[0]:
         raise ValueError(f"q and k must have the same batch size; got q.shape={tuple(q.shape)}, k.shape={tuple(k.shape)}")
-    return AttentionSpec(mode="dense", batch=q.shape[0], seqlen_q=q.shape[1], seqlen_k=k.shape[1],
+    return AttentionSpec(mode="dense", batch=q.shape[0], seqlen_q=q.shape[1] * seq_shards,
+                         seqlen_k=k.shape[1] * seq_shards,
                          num_heads_q=hq, num_heads_k=hk, head_dim=d, dtype=dt, softmax_scale=scale,
                          window=window, softcap=cap, deterministic=bool(deterministic))
+
+
+def validate_ring(q, k, v, axis_name, layout, **dense) -> tuple[AttentionSpec, RingConfig]:
+    """``ring_attention`` inside shard_map: q/k/v are this device's chunks; the spec describes the whole
+    sequence. ``dense``: :func:`validate_dense`'s keywords."""
+    if not isinstance(axis_name, str):
+        raise ValueError(f"axis_name must be the name (str) of one mesh axis; got axis_name={axis_name!r}")
+    if layout not in RING_LAYOUTS:
+        raise ValueError(f"layout must be one of {RING_LAYOUTS}; got layout={layout!r}")
+    n = int(jax.lax.axis_size(axis_name))
+    spec = validate_dense(q, k, v, seq_shards=n, **dense)
+    if layout == "zigzag":  # each device holds two equal halves
+        for name, x in (("q", q), ("k", k)):
+            if x.shape[1] % 2:
+                raise ValueError(f"{name}: the zigzag layout needs an even local sequence length; got "
+                                 f"{name}.shape={tuple(x.shape)}")
+    return spec, RingConfig(axis_name, n, layout)
 
 
 # ----------------------------------------------------------------------------------------------- varlen
@@ -198,8 +220,6 @@ def sanitize_varlen(spec: AttentionSpec, cu_seqlens_q, cu_seqlens_k, seqused_k):
     becomes empty), an entry past the end is clamped to the total; ``seqused_k`` is clamped into
     ``[0, cu_k[b+1] - cu_k[b]]``. Rows of q not covered by any sequence produce out 0 / lse -inf.
     """
-    from .backends.base import VarlenArgs
-
     def clean(cu, total):
         cu = jnp.clip(cu.astype(jnp.int32), 0, total)
         return jax.lax.cummax(cu, axis=0)
@@ -329,8 +349,6 @@ def sanitize_kvcache(spec: AttentionSpec, cache_seqlens, cache_batch_idx, cache_
 
     Returns ``(KVCacheArgs, row_ok)``; ``row_ok`` (b,) bool says which rows may write to the cache (None: all).
     """
-    from .backends.base import KVCacheArgs
-
     kv = spec.kvcache
     b = spec.batch
     if cache_seqlens is None:

@@ -2,7 +2,8 @@
 xla backward on the cuda forward's LSE) until the CUDA backward exists. Head dims and dtypes follow the build."""
 import pytest
 
-from fa3jax.backends.cuda import build_info, targets
+from fa3jax import tuning
+from fa3jax.backends.cuda import build_info
 
 from .suite import AttentionSuite
 
@@ -45,5 +46,5 @@ class TestCuda(AttentionSuite):
         under a causal mask, wide tiles where none were compiled) the dispatcher falls back to the one-CTA one."""
         if ("bf16", 128) not in _BUILT:
             pytest.skip("bf16 d=128 not built")
-        with targets.forced_kernel_variant(variant):
+        with tuning.override(tuning.Tuning(cuda_kernel=variant)):
             self._check_dense(2, 512, 512, 4, 4, 128, causal, (-1, -1), 0.0, "bfloat16")

@@ -94,7 +94,7 @@ def test_ring_attention_matches_unsharded(case):
         lay = unlay = lambda x, axis=1: x  # noqa: E731
 
     local = jax.shard_map(
-        lambda q, k, v: ring.ring_attention(q, k, v, "sp", is_causal=causal, window_size=window, softcap=cap,
+        lambda q, k, v: fa3jax.ring_attention(q, k, v, "sp", is_causal=causal, window_size=window, softcap=cap,
                                             return_softmax_lse=True, layout=layout),
         mesh=mesh, in_specs=P(None, "sp"), out_specs=(P(None, "sp"), P(None, None, "sp")))
     # the layout change happens outside the jitted ring (it is a user-side data layout step)
@@ -119,14 +119,14 @@ def test_ring_attention_validation():
     q = jnp.zeros((1, 3, 2, 8), jnp.float32)
 
     def run(layout, axis="sp"):
-        return jax.shard_map(lambda q: ring.ring_attention(q, q, q, axis, layout=layout), mesh=mesh,
+        return jax.shard_map(lambda q: fa3jax.ring_attention(q, q, q, axis, layout=layout), mesh=mesh,
                              in_specs=P(), out_specs=P())(q)
 
     with pytest.raises(ValueError, match="q"):
         run("zigzag")  # odd local length
     with pytest.raises(ValueError, match="layout"):
         run("spiral")
-    assert fa3jax.ring_attention is ring.ring_attention
+    assert fa3jax.ring_attention is fa3jax.api.ring_attention
 
 
 # ---------------------------------------------------------------------------------------- block skipping
@@ -202,7 +202,7 @@ def test_ring_permutes_keep_bfloat16():
     mesh = _mesh((4,), ("sp",))
     q, k, v, _, _ = _inputs("bfloat16", 4, 4)
     for layout in ("contiguous", "zigzag"):
-        f = jax.jit(jax.shard_map(lambda q, k, v: ring.ring_attention(q, k, v, "sp", is_causal=True, layout=layout),
+        f = jax.jit(jax.shard_map(lambda q, k, v: fa3jax.ring_attention(q, k, v, "sp", is_causal=True, layout=layout),
                                   mesh=mesh, in_specs=P(None, "sp"), out_specs=P(None, "sp")))
         txt = f.lower(q, k, v).as_text()
         permutes = [ln for ln in txt.splitlines() if "collective_permute" in ln]

@@ -139,20 +139,25 @@ def test_no_assert_statements_in_library_code():
 
 
 def test_cuda_kernel_variant_attribute():
-    """The benchmarks' kernel-variant switch: typed as the FFI handler binds it, scoped, and checked."""
+    """The tuning seam's CUDA kernel choice: typed as the FFI handler binds it, scoped to override(), checked."""
     import types
 
     import numpy as np
 
+    from fa3jax import tuning
     from fa3jax.backends.cuda import targets
 
     spec = types.SimpleNamespace(softmax_scale=0.1, window=types.SimpleNamespace(left=-1, right=0), softcap=0.0)
-    assert targets.fwd_attributes(spec)[targets.ATTR_KERNEL_VARIANT] == np.int32(0)
-    with targets.forced_kernel_variant("wide"):
-        attrs = targets.fwd_attributes(spec)
+    assert targets.fwd_attributes(spec, tuning.current())[targets.ATTR_KERNEL_VARIANT] == np.int32(0)
+    with tuning.override(tuning.Tuning(cuda_kernel="wide")):
+        attrs = targets.fwd_attributes(spec, tuning.current())
         assert attrs[targets.ATTR_KERNEL_VARIANT] == np.int32(3)
         assert attrs[targets.ATTR_KERNEL_VARIANT].dtype == np.int32
-    assert targets.fwd_attributes(spec)[targets.ATTR_KERNEL_VARIANT] == np.int32(0)
-    with pytest.raises(ValueError, match="kernel variant"):
-        with targets.forced_kernel_variant("fast"):
+    assert targets.fwd_attributes(spec, tuning.current())[targets.ATTR_KERNEL_VARIANT] == np.int32(0)
+    with pytest.raises(ValueError, match="cuda_kernel"):
+        tuning.Tuning(cuda_kernel="fast")
+    with pytest.raises(ValueError, match="fwd"):
+        tuning.Tuning(fwd=(128, 64))
+    with pytest.raises(TypeError, match="Tuning"):
+        with tuning.override({"fwd": (128, 64, 8, 3)}):
             pass

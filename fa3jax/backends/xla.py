@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from .. import masking
-from ..vma import varying_like
+from ..manual_axes import varying_like
 from ..spec import AttentionSpec
 from .base import Backend, DenseArgs, KVCacheArgs, VarlenArgs
 

@@ -76,9 +76,7 @@ struct FwdKernelTraits {
   // V stored transposed-view: (d, n) with d contiguous (= V's natural row-major layout), MN-major for the MMA.
   // Atoms ordered n first (Step<_2, _1, _3>): each 64-wide d slice of a stage is then one contiguous run of
   // BlkN rows, which TMA fills with one box. With d first, the two d slices interleaved every 8 rows and CuTe
-  // split the V load into one box per 8-row atom (d=128: 70 -> 34 UTMALDG in the kernel's SASS; Nsight Compute,
-  // session 7: our consumers executed their barrier-wait sleep ~20x as often as flash-attn3-jax's). H100, C++
-  // timing, session 7 run 10: +4% to +15% on every d=128 case and variant, median +7%.
+  // split the V load into one box per 8-row atom (d=128: 70 -> 34 UTMALDG; measured in benchmarks/RESULTS.md).
   using SmemLayoutVt = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<Element>{},
                                               Shape<HDim, BlkN, Int<kStages>>{}, Step<_2, _1, _3>{}));
 

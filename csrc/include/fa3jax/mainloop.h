@@ -150,7 +150,7 @@ struct FwdMainloop {
     // (ss >> 4) + its constant offset / 16. Every thread's B tile starts at the operand's first element
     // (tests/test_layouts.cu). (MMA, MMA_N, MMA_K, stage)
     // In a cluster launch the base is masked to the descriptor's 14 bits, as CuTe's bitfield does: unmasked, the
-    // 2-CTA kernel's second CTA computed garbage on the H100 (session 7 run 2; its shared address carries bits
+    // 2-CTA kernel's second CTA computed garbage on the H100 (its shared address carries bits
     // above the field, which the add moved into the leading-byte-offset field). The rank-0 CTA of a 1-CTA launch
     // needs no mask, and the wide kernel spills 12 B with it (ptxas -v).
     uint32_t ss16 = cute::cast_smem_ptr_to_uint(&ss) >> 4;

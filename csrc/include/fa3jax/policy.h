@@ -25,23 +25,16 @@ template <> struct FwdPolicy<64> {
   static constexpr int kProducerRegs = 32, kConsumerRegs = 160;  // 4 warpgroups (512 threads)
 };
 template <> struct FwdPolicy<128> {
-  // Measured alternatives (H100, 2026-11-25, benchmarks/RESULTS.md session 4): kBlockN 176 (FA3's non-causal
-  // choice; TMA epilogue off for shared memory) gains 1-3% at 1 x 16k unmasked but loses 5% at 8 x 2k and 6-9%
-  // causal; 3 K/V stages lose 3-5%; a second Q buffer gains nothing. Measured again after session 7's V^T
-  // layout fix (session 8 run 8, C++ A/B, median of 3 rounds): the TMA epilogue and 2 stages still win every
-  // case (without the epilogue -0.6% to -8%, 3 stages -0.7% to -11%), and the wide kernel below gains 7-10% from
-  // 8k keys on (2 x 8k 677 vs 630, 1 x 16k 692 vs 635 TFLOP/s) but not at 4 x 4k (625 vs 638).
+  // Each alternative (kBlockN 176, 3 stages, no TMA epilogue, a second Q buffer) measured slower on the H100
+  // somewhere in the d=128 table; numbers in benchmarks/RESULTS.md.
   static constexpr int kBlockM = 128, kBlockN = FA3JAX_D128_BLOCK_N, kStages = FA3JAX_D128_STAGES;
   static constexpr bool kTmaEpilogue = FA3JAX_D128_TMA_EPILOGUE;
   // The persistent multicast producer spills at 24 registers; 32 fits with consumers at 232, within the 168 x 384
   // the CTA launches with (both kernels compile without spills, ptxas -v, 2026-11-25).
   static constexpr int kProducerRegs = 32, kConsumerRegs = 232;  // 3 warpgroups (384 threads)
 };
-// Wide key tiles for unmasked inputs with long keys (FA3's non-causal d=128 choice), a separate instantiation.
-// Measured (H100, 2026-11-25, RESULTS.md session 4 run 7, as the d=128 policy itself): +1-3% at 1 x 16k
-// unmasked, -5% at 8 x 2k and 6-9% slower causal, hence only from kMinSeqlenK keys on and without a mask. As its
-// own instantiation (session 5, Python, interleaved rounds, against the 128x128 kernel): 2 x 8k 589 vs 580
-// TFLOP/s, 1 x 16k 611 vs 610 (random-normal inputs) and 634 vs 607 (uniform inputs).
+// Wide key tiles for unmasked inputs with long keys (FA3's non-causal d=128 choice), a separate instantiation:
+// faster from kMinSeqlenK keys on without a mask, slower below and causal (H100; benchmarks/RESULTS.md).
 // 2 x (K + V) of 176 rows leave no room for the O buffer: registers -> global epilogue.
 template <int kHeadDim> struct FwdPolicyWide;
 template <> struct FwdPolicyWide<128> {

@@ -4,9 +4,9 @@ The C++ side (``csrc/ffi/fwd_ffi.cc``) binds the same attribute names; keep the 
 """
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
+
+from ...tuning import DEFAULT, Tuning
 
 # FFI target name -> key of the capsule in ``_fa3jax_cuda.handlers()``.
 FWD_TARGET = "fa3jax_cuda_fwd"
@@ -20,30 +20,16 @@ ATTR_SOFTCAP = "softcap"  # f32, 0 = off
 ATTR_KERNEL_VARIANT = "kernel_variant"  # i32, see KERNEL_VARIANTS
 
 # Which compiled kernel serves a call: "auto" is the dispatch policy (csrc/src/fwd_dispatch.cc); the others force
-# one, where it applies, so that benchmarks can time them side by side in one process.
+# one where it applies (fa3jax.tuning.Tuning.cuda_kernel), so that benchmarks can time them side by side.
 KERNEL_VARIANTS = {"auto": 0, "plain": 1, "cluster": 2, "wide": 3}
-_forced_variant = "auto"
 
 
-@contextlib.contextmanager
-def forced_kernel_variant(name: str):
-    """Calls traced inside this block use kernel variant ``name`` (benchmarks only; not thread-safe)."""
-    global _forced_variant
-    if name not in KERNEL_VARIANTS:
-        raise ValueError(f"kernel variant must be one of {sorted(KERNEL_VARIANTS)}, got {name=!r}")
-    prev, _forced_variant = _forced_variant, name
-    try:
-        yield
-    finally:
-        _forced_variant = prev
-
-
-def fwd_attributes(spec) -> dict:
+def fwd_attributes(spec, tune: Tuning = DEFAULT) -> dict:
     """Keyword attributes of one forward call, typed as the handler binds them."""
     return {
         ATTR_SOFTMAX_SCALE: np.float32(spec.softmax_scale),
         ATTR_WINDOW_LEFT: np.int32(spec.window.left),
         ATTR_WINDOW_RIGHT: np.int32(spec.window.right),
         ATTR_SOFTCAP: np.float32(spec.softcap if spec.softcap > 0 else 0.0),
-        ATTR_KERNEL_VARIANT: np.int32(KERNEL_VARIANTS[_forced_variant]),
+        ATTR_KERNEL_VARIANT: np.int32(KERNEL_VARIANTS[tune.cuda_kernel]),
     }

@@ -1,5 +1,5 @@
-"""shard_map's varying-manual-axes typing (``check_vma``): loop carries and cond branches must agree on which
-mesh axes a value varies over, and fresh constants (zeros, -inf) vary over none."""
+"""Typing fresh values for ``shard_map``'s check (``check_vma``): loop carries and cond branches must agree on
+which manual mesh axes a value varies over, and fresh constants (zeros, -inf) vary over none."""
 from __future__ import annotations
 
 import jax
