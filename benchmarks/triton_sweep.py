@@ -48,7 +48,7 @@ def decode_sweep(a):
             for cache in (int(x) for x in a.caches.split(",")):
                 cfg = bench.DecodeConfig(layout, batch, cache)
                 n_sets = bench.decode_set_count(cfg, bench.free_device_bytes())
-                sets = bench._decode_inputs(cfg, n_sets, seed=batch * 7 + cache)
+                sets = bench.decode_inputs(cfg, n_sets, seed=batch * 7 + cache)
                 chain = bench.decode_chain_sets(sets)
                 fns = {}
                 saved = tuning.DECODE[layout]
@@ -69,11 +69,11 @@ def decode_sweep(a):
                             return fa3jax.flash_mha_with_kvcache(q, kc, vc, cache_seqlens=sl, page_table=pt,
                                                                  num_splits=_s, backend="triton")
 
-                        fns[cand] = bench.compile_fn(bench._chained(fn, 16), chain[0])[0]  # traced now
+                        fns[cand] = bench.compile_fn(bench.chained(fn, 16), chain[0])[0]  # traced now
                 finally:
                     tuning.DECODE[layout] = saved
                 for impl in fa3:
-                    fns[impl.name] = bench.compile_fn(bench._chained(impl.fn, 16), chain[0])[0]
+                    fns[impl.name] = bench.compile_fn(bench.chained(impl.fn, 16), chain[0])[0]
                 res = bench.measure_interleaved(fns, chain, opts)
                 for name, r in sorted(res.items(), key=lambda kv: kv[1]["time_s"]):
                     t = r["time_s"] / 16
@@ -116,20 +116,20 @@ def main():
         base = tuning._TABLE[key]
         for s in (int(x) for x in a.seqlens.split(",")):
             cfg = bench.AttnConfig(mode, causal, dt, a.d, 16, s, 16384 // s)
-            sets = bench._attn_inputs(cfg, 2, seed=s)
+            sets = bench.attn_inputs(cfg, 2, seed=s)
             fns = {}
             try:
                 for cand in a.cands:
                     fields = [int(x) for x in cand.split(",")]
                     tile = tuning.TileConfig(*fields[:4], *map(bool, fields[4:]))
                     tuning._TABLE[key] = base._replace(**{a.kernel: tile})
-                    f = bench._timed_fn(lambda q, k, v: fa3jax.flash_mha(q, k, v, is_causal=causal, backend="triton"),
+                    f = bench.timed_fn(lambda q, k, v: fa3jax.flash_mha(q, k, v, is_causal=causal, backend="triton"),
                                         mode)
                     fns[cand] = _compiled(f"{cfg.label()} cfg={cand}", f, sets[0])  # the plan is taken now
             finally:
                 tuning._TABLE[key] = base
             for impl in fa3:
-                fns[impl.name] = _compiled(f"{cfg.label()} {impl.name}", bench._timed_fn(impl.forward(cfg), mode),
+                fns[impl.name] = _compiled(f"{cfg.label()} {impl.name}", bench.timed_fn(impl.forward(cfg), mode),
                                            sets[0])
             fns = {name: f for name, f in fns.items() if f is not None}
             res = bench.measure_interleaved(fns, sets, opts)
