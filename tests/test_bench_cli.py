@@ -216,3 +216,19 @@ def test_bench_modules_documented_and_acyclic():
         ready = {m for m, d in deps.items() if m not in done and (d - {"__init__"}) <= done}
         assert ready, f"import cycle among {sorted(set(deps) - done)}"
         done |= ready
+
+
+def test_plot_title_and_missing_matplotlib(tmp_path, monkeypatch):
+    """The plot's title names dtype, head dim, heads and tokens; without matplotlib no plot is written and the
+    reason says how to install it."""
+    from fa3jax.bench import plot
+
+    base = dict(mode="fwd", causal=False, dtype="bf16", headdim=128, heads=16, status="ok", impl="fa3jax:xla")
+    rows = [dict(base, seqlen=s, batch=16384 // s, tflops=1.0) for s in (512, 1024)]
+    assert plot.attn_plot_title(rows) == "bf16, d=128, h=16, b*s=16384"
+    assert plot.attn_plot_title(rows + [dict(rows[0], dtype="fp16", headdim=64)]) == \
+        "bf16/fp16, d=64/128, h=16, b*s=16384"
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    why = bench.plot_attn(rows, tmp_path / "x.png")
+    assert why.startswith("no plot: matplotlib not importable") and 'pip install "fa3jax[bench]"' in why
+    assert not (tmp_path / "x.png").exists()

@@ -2,19 +2,30 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import jax
 
-def plot_attn(rows: list[dict], path: Path, title: Optional[str] = None) -> str:
+INSTALL_HINT = 'pip install "fa3jax[bench]"'
+
+
+def attn_plot_title(rows: list[dict]) -> str:
+    """What the timed rows have in common, e.g. ``bf16, d=128, h=16, b*s=16384``; a value that varies is listed
+    with slashes (the legend then names each series' dtype and head dim)."""
+    parts = []
+    for key, fmt in (("dtype", "{}"), ("headdim", "d={}"), ("heads", "h={}")):
+        parts.append(fmt.format("/".join(str(v) for v in sorted({r[key] for r in rows}))))
+    tokens = sorted({r["batch"] * r["seqlen"] for r in rows})
+    return ", ".join(parts + ["b*s=" + "/".join(str(x) for x in tokens)])
+
+def plot_attn(rows: list[dict], path: Path) -> str:
     """TFLOPS vs seqlen per impl, one panel per (mode, causal). Returns '' or why no plot was written."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-    except Exception as e:
-        return f"no plot: matplotlib not importable ({type(e).__name__})"
+    except Exception as e:  # an optional dependency: the run's table and JSON do not need it
+        return f"no plot: matplotlib not importable ({type(e).__name__}); {INSTALL_HINT}"
     ok = [r for r in rows if r["status"] == "ok"]
     if not ok:
         return "no plot: nothing was timed"
@@ -44,8 +55,8 @@ def plot_attn(rows: list[dict], path: Path, title: Optional[str] = None) -> str:
         ax.set_title(f"{mode}, {'causal' if causal else 'non-causal'}")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
-    # ``title``: the run's device when plotting saved results from another machine
-    fig.suptitle(title or f"attention TFLOPS on {jax.devices()[0].device_kind} (jax {jax.__version__})", fontsize=10)
+    fig.suptitle(f"attention TFLOPS, {attn_plot_title(ok)}, on {jax.devices()[0].device_kind} (jax {jax.__version__})",
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
