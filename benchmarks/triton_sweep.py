@@ -79,8 +79,7 @@ def decode_sweep(a):
                     print(f"decode {layout} b={batch} cache={cache} {name}: {t * 1e6:.1f} us "
                           f"{cfg.kv_bytes / t / 1e12:.3f} TB/s", flush=True)
                 del sets, chain, fns, res
-                # the next row's caches may need most of the GPU (b=64 at 128k: two sets of 34 GB): drop the
-                # executables and their buffers now
+                # the next row's caches may need most of the GPU (b=64 at 128k: two sets of 34 GB)
                 jax.clear_caches()
                 gc.collect()
 

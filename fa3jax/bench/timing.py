@@ -68,7 +68,7 @@ def measure(fn: Callable, arg_sets: list, opts: TimingOptions) -> dict:
 def measure_interleaved(fns: dict, arg_sets: list, opts: TimingOptions) -> dict:
     """:func:`measure` for several functions at once, their trials taken in rounds (one trial of each per round,
     the order rotating) so that clock and thermal drift over the run hit every function alike (the H100 runs these
-    kernels at its power limit: one kernel's row moved 5% between two sequential runs, RESULTS.md session 5)."""
+    kernels at its power limit: one kernel's row moved 5% between two sequential runs, benchmarks/RESULTS.md)."""
     names = list(fns)
     prep = {n: _warm(fns[n], arg_sets, opts) for n in names}
     trials: dict = {n: [] for n in names}
