@@ -24,7 +24,7 @@ p.add_argument("--impl", default="all", help="fa3jax:cuda | fa3jax:triton | flas
 p.add_argument("--hlo", action="store_true")
 p.add_argument("--time", action="store_true")
 p.add_argument("--variants", default="", help="with --hlo/--time: also fa3jax:cuda forced to these kernel variants "
-               "(comma list of plain, cluster, wide; fa3jax.backends.cuda.targets.KERNEL_VARIANTS)")
+               "(comma list of plain, cluster, wide; fa3jax.tuning.CUDA_KERNELS)")
 a = p.parse_args()
 b = max(1, 16384 // a.seqlen)
 q, k, v = (jax.random.normal(jax.random.key(i), (b, a.seqlen, 16, 128), jnp.bfloat16) for i in range(3))
@@ -39,16 +39,13 @@ except ImportError as e:
 impls = [(name, f) for name, f in impls if a.impl in ("all", name)]
 if a.hlo or a.time:
     from fa3jax import bench
-
-    import contextlib
-
-    from fa3jax.backends.cuda import targets
+    from fa3jax.tuning import Tuning, override
 
     compiled = {}
     cuda = dict(impls).get("fa3jax:cuda")
     for name, f, variant in [(n, f, None) for n, f in impls] + [
             (f"cuda[{vn}]", cuda, vn) for vn in filter(None, a.variants.split(",")) if cuda is not None]:
-        with targets.forced_kernel_variant(variant) if variant else contextlib.nullcontext():
+        with override(Tuning(cuda_kernel=variant or "auto")):  # "auto": the dispatch policy's own choice
             compiled[name] = jax.jit(f).lower(q, k, v).compile()
     if a.hlo:
         for name, c in compiled.items():

@@ -125,7 +125,7 @@ def test_varlen_guard_rejects_wrong_and_nan():
     def fake(name, fn):
         return bench.VarlenImpl(name, bench.Impl(name, lambda cfg: fn), None)
 
-    impls = [bench.VarlenImpl("fa3jax:xla", bench._fa3jax_varlen_impl("xla"), None),
+    impls = [bench.VarlenImpl("fa3jax:xla", bench.fa3jax_varlen_impl("xla"), None),
              fake("one-sequence", lambda q, k, v, cu: fa3jax.flash_mha(q[None], k[None], v[None], backend="xla")[0]),
              fake("nan", lambda q, k, v, cu: fa3jax.flash_mha_varlen(q, k, v, cu, backend="xla") * jnp.nan)]
     cfg = bench.VarlenConfig("fwd", False, "bf16", 32, 2, 128, 32, bench.varlen_lengths(32, 128))
@@ -195,3 +195,40 @@ def test_measure_interleaved_rounds():
     rounds = [timed[i:i + 4] for i in range(0, 16, 4)]  # a round = one trial (2 calls) of each
     assert [r[0] for r in rounds] == ["a", "b", "a", "b"], rounds  # the order rotates
     assert all(sorted(r) == ["a", "a", "b", "b"] for r in rounds)
+
+
+def test_bench_modules_documented_and_acyclic():
+    """Every module of the fa3jax.bench package says its responsibility in its docstring's first line, and the
+    package's own imports between its modules form no cycle."""
+    import ast
+
+    pkg = ROOT / "fa3jax" / "bench"
+    deps = {}
+    for path in sorted(pkg.glob("*.py")):
+        tree = ast.parse(path.read_text())
+        doc = ast.get_docstring(tree)
+        assert doc and doc.splitlines()[0].strip(), f"{path.name}: no docstring"
+        deps[path.stem] = {n.module.split(".")[0] for n in ast.walk(tree)
+                           if isinstance(n, ast.ImportFrom) and n.level == 1 and n.module}
+    assert {"timing", "impls", "cli", "tables", "plot", "record"} <= set(deps)
+    done: set = set()
+    while len(done) < len(deps):  # peel off modules whose dependencies are all done; a cycle leaves none
+        ready = {m for m, d in deps.items() if m not in done and (d - {"__init__"}) <= done}
+        assert ready, f"import cycle among {sorted(set(deps) - done)}"
+        done |= ready
+
+
+def test_plot_title_and_missing_matplotlib(tmp_path, monkeypatch):
+    """The plot's title names dtype, head dim, heads and tokens; without matplotlib no plot is written and the
+    reason says how to install it."""
+    from fa3jax.bench import plot
+
+    base = dict(mode="fwd", causal=False, dtype="bf16", headdim=128, heads=16, status="ok", impl="fa3jax:xla")
+    rows = [dict(base, seqlen=s, batch=16384 // s, tflops=1.0) for s in (512, 1024)]
+    assert plot.attn_plot_title(rows) == "bf16, d=128, h=16, b*s=16384"
+    assert plot.attn_plot_title(rows + [dict(rows[0], dtype="fp16", headdim=64)]) == \
+        "bf16/fp16, d=64/128, h=16, b*s=16384"
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    why = bench.plot_attn(rows, tmp_path / "x.png")
+    assert why.startswith("no plot: matplotlib not importable") and 'pip install "fa3jax[bench]"' in why
+    assert not (tmp_path / "x.png").exists()

@@ -1,0 +1,158 @@
+"""The attention suite: dense configs, their inputs, and the run that guards and times every impl on each."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional
+
+import jax
+
+from .common import DTYPES, WRONG_TOL, fmt_tflops, out_of_time, short_error
+from .guard import rel_err
+from .impls import Impl, fa3jax_impl
+from .timing import TimingOptions, compile_fn, measure, measure_interleaved, timed_fn
+
+@dataclasses.dataclass(frozen=True)
+class AttnConfig:
+    mode: str  # "fwd" | "fwd+bwd"
+    causal: bool
+    dtype: str
+    headdim: int
+    heads: int
+    seqlen: int
+    batch: int
+
+    @property
+    def flops(self) -> float:
+        f = 4.0 * self.batch * self.seqlen ** 2 * self.heads * self.headdim
+        if self.causal:
+            f /= 2
+        return f * (3.5 if self.mode == "fwd+bwd" else 1.0)
+
+    @property
+    def shape(self):
+        return (self.batch, self.seqlen, self.heads, self.headdim)
+
+    def label(self) -> str:
+        return (f"{self.mode} {'causal' if self.causal else 'full'} {self.dtype} d{self.headdim} "
+                f"b{self.batch} s{self.seqlen}")
+
+
+def attn_configs(o: dict) -> list[AttnConfig]:
+    cfgs = []
+    for mode in o["modes"]:
+        for causal in o["causal"]:
+            for dtype in o["dtypes"]:
+                for d in o["headdims"]:
+                    for s in o["seqlens"]:
+                        cfgs.append(AttnConfig(mode, causal, dtype, d, o["heads"], s, max(1, o["tokens"] // s)))
+    return cfgs
+
+
+def attn_inputs(cfg: AttnConfig, n_sets: int, seed: int):
+    dt = DTYPES[cfg.dtype]
+    sets = []
+    key = jax.random.PRNGKey(seed)
+    for _ in range(n_sets):
+        key, *ks = jax.random.split(key, 5)
+        q, k, v, ct = (jax.random.normal(kk, cfg.shape, dt) for kk in ks)
+        sets.append((q, k, v) if cfg.mode == "fwd" else (q, k, v, ct))
+    return jax.block_until_ready(sets)
+
+
+def run_attn(configs: list[AttnConfig], impls: list[Impl], opts: TimingOptions, check: bool = True,
+             log=print, progress: Optional[Callable] = None, deadline: Optional[float] = None) -> list[dict]:
+    """Attention suite. ``progress(rows)`` is called after every config (to save partial results);
+    configs not started by ``deadline`` (a ``time.perf_counter()`` value) are recorded as skipped."""
+    rows = []
+    guard_cache: dict = {}  # (shape config in fwd mode) -> {impl: forward error}, shared by both modes
+    ref_impl = next((i for i in impls if i.name == "fa3jax:xla"), None) or fa3jax_impl("xla")
+    for cfg in configs:
+        if out_of_time(deadline):
+            rows += [_row(cfg, impl.name, "skipped", reason="time budget (--budget-s) spent") for impl in impls]
+            continue
+        try:
+            sets = attn_inputs(cfg, opts.input_sets, seed=cfg.seqlen * 1009 + cfg.headdim * 7 + len(cfg.dtype))
+        except Exception as e:  # e.g. out of memory
+            for impl in impls:
+                rows.append(_row(cfg, impl.name, "skipped", reason=f"inputs: {short_error(e)}"))
+            continue
+        compiled: dict = {}  # impl name -> (compiled timed fn, scratch bytes), compiled once per config
+
+        def timed(impl):
+            if impl.name not in compiled:
+                compiled[impl.name] = compile_fn(timed_fn(impl.forward(cfg), cfg.mode), sets[0])
+            return compiled[impl.name]
+
+        def forward_out(impl):
+            if cfg.mode == "fwd":  # the timed function is the forward: reuse its compilation
+                return timed(impl)[0](*sets[0])
+            return jax.jit(impl.forward(cfg))(*sets[0][:3])
+
+        guard_key = dataclasses.replace(cfg, mode="fwd")
+        ref_out = None
+        if check and guard_key not in guard_cache:
+            guard_cache[guard_key] = {}
+            try:
+                ref_out = jax.block_until_ready(forward_out(ref_impl))
+            except Exception as e:
+                log(f"  [guard] reference fa3jax:xla failed for {cfg.label()}: {short_error(e)}")
+        ready = {}  # impl name -> (impl, err, note, compiled fn, scratch): passed the guard, compiled
+        for impl in impls:
+            reason = ""
+            try:
+                reason = impl.check(cfg)
+            except Exception as e:
+                reason = f"check failed: {short_error(e)}"
+            if reason:
+                rows.append(_row(cfg, impl.name, "skipped", reason=reason))
+                continue
+            note = impl.note(cfg)
+            err = guard_cache.get(guard_key, {}).get(impl.name)
+            try:
+                if check and err is None and ref_out is not None:
+                    err = rel_err(forward_out(impl), ref_out)
+                    guard_cache[guard_key][impl.name] = err
+                if err is not None and not err <= WRONG_TOL:
+                    rows.append(_row(cfg, impl.name, "WRONG", max_rel_err=err, note=note,
+                                     reason=f"forward max rel err {err:.2e} > {WRONG_TOL} vs fa3jax:xla"))
+                    log(f"  {cfg.label():40s} {impl.name:15s} WRONG (err {err:.2e})")
+                    continue
+                f, scratch = timed(impl)
+                ready[impl.name] = (impl, err, note, f, scratch)
+            except Exception as e:
+                rows.append(_row(cfg, impl.name, "skipped", reason=short_error(e), max_rel_err=err, note=note))
+                log(f"  {cfg.label():40s} {impl.name:15s} skipped: {short_error(e, 80)}")
+        ref_out = None
+        results: dict = {}
+        try:  # one failing impl must not cost the others their row: then time them one by one
+            results = measure_interleaved({n: r[3] for n, r in ready.items()}, sets, opts)
+        except Exception:
+            for name, (impl, err, note, f, scratch) in ready.items():
+                try:
+                    results[name] = measure(f, sets, opts)
+                except Exception as e:
+                    results[name] = e
+        for name, (impl, err, note, f, scratch) in ready.items():
+            m = results[name]
+            if isinstance(m, Exception):
+                rows.append(_row(cfg, name, "skipped", reason=short_error(m), max_rel_err=err, note=note))
+                log(f"  {cfg.label():40s} {name:15s} skipped: {short_error(m, 80)}")
+                continue
+            tflops = cfg.flops / m["time_s"] / 1e12
+            rows.append(_row(cfg, name, "ok", ms=m["time_s"] * 1e3, tflops=tflops, max_rel_err=err,
+                             note=note, scratch_bytes=scratch, trials_ms=[t * 1e3 for t in m["trials_s"]],
+                             calls_per_trial=m["calls_per_trial"]))
+            log(f"  {cfg.label():40s} {name:15s} {m['time_s'] * 1e3:9.3f} ms {fmt_tflops(tflops):>8s} TFLOPS"
+                + (f"  err {err:.1e}" if err is not None else ""))
+        del ready, results
+        del sets, ref_out, compiled
+        if progress:
+            progress(rows)
+    return rows
+
+
+def _row(cfg: AttnConfig, impl: str, status: str, **kw) -> dict:
+    row = dataclasses.asdict(cfg)
+    row.update(impl=impl, status=status, flops=cfg.flops)
+    row.update({k: v for k, v in kw.items() if v not in (None, "")})
+    return row

@@ -1,0 +1,197 @@
+"""The ``python -m fa3jax bench`` command: options, presets, and the run that prints and saves a suite."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import time
+from pathlib import Path
+
+from .attn import attn_configs, run_attn
+from .common import DTYPES, WRONG_TOL
+from .decode import decode_configs, run_decode
+from .env import environment, on_gpu
+from .impls import attn_impls, decode_impls, varlen_impls
+from .plot import plot_attn
+from .record import markdown_section, record_markdown
+from .tables import attn_table, decode_table, varlen_table
+from .timing import TimingOptions
+from .varlen import run_varlen, varlen_configs
+
+def _csv(s, conv=str):
+    return [conv(x) for x in s.split(",") if x.strip()] if s else None
+
+
+def build_parser(prog: str = "python -m fa3jax bench") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Time attention implementations side by side.")
+    p.add_argument("--suite", choices=("attn", "decode", "varlen"), default="attn")
+    p.add_argument("--small", action="store_true",
+                   help="CPU-sized preset (the default on CPU unless sizes are given or --full)")
+    p.add_argument("--full", action="store_true", help="full sizes even on CPU")
+    g = p.add_argument_group("attn suite (--heads, --headdims, --dtypes, --causal, --modes: also varlen)")
+    g.add_argument("--seqlens", help="comma list (default 512,...,16384)")
+    g.add_argument("--tokens", type=int, help="batch * seqlen (default 16384)")
+    g.add_argument("--heads", type=int, help="default 16")
+    g.add_argument("--headdims", help="comma list of 64,128,256 (default 128)")
+    g.add_argument("--dtypes", help="comma list of bf16,fp16 (default both; varlen: bf16)")
+    g.add_argument("--causal", choices=("both", "yes", "no"), default="both")
+    g.add_argument("--modes", help="comma list of fwd,fwd+bwd (default both)")
+    g = p.add_argument_group("decode suite")
+    g.add_argument("--batches", help="comma list (default 1,8,64)")
+    g.add_argument("--caches", help="comma list of cache lengths (default 4096,32768,131072)")
+    g.add_argument("--layouts", help="comma list of contiguous,paged (default both)")
+    g.add_argument("--copy-mib", type=int, help="size of the copy-bandwidth buffer (default 1024 GPU, 32 CPU)")
+    g.add_argument("--unroll", type=int, help="decode steps chained in one jitted call (default 16 GPU, 2 CPU)")
+    g = p.add_argument_group("varlen suite")
+    g.add_argument("--varlen-means", help="comma list of mean sequence lengths L; lengths are drawn uniformly in "
+                                          "[L/2, 3L/2] (default 512,1024,2048,4096,8192)")
+    g.add_argument("--varlen-tokens", type=int, help="total packed tokens, also the dense baseline's batch * L "
+                                                     "(default 16384)")
+    g.add_argument("--varlen-seed", type=int, default=0, help="seed of the length draw (default 0)")
+    g = p.add_argument_group("common")
+    g.add_argument("--impls", help="comma list of impl names or parts (e.g. fa3jax, xla, flash-attn3-jax, "
+                                   "jax.nn:cudnn); default all")
+    g.add_argument("--repeats", type=int, help="timed trials, median reported (default 5; 3 small)")
+    g.add_argument("--min-time", type=float, help="seconds per trial (default 0.05 GPU, 0.01 CPU)")
+    g.add_argument("--max-calls", type=int, help="max calls per trial (default 1000 GPU, 4 CPU)")
+    g.add_argument("--warmup", type=int, default=3)
+    g.add_argument("--input-sets", type=int, default=2, help=">= 2 input sets rotated during timing")
+    g.add_argument("--no-check", action="store_true", help="skip the correctness guard")
+    g.add_argument("--budget-s", type=float, help="start no new config after this many seconds (the rest is "
+                                                  "recorded as skipped); partial JSON is saved after every config")
+    g.add_argument("--out-dir", "--out", default="bench_out",
+                   help="where JSON, PNG and the markdown section go (default ./bench_out)")
+    g.add_argument("--json", help="JSON path (default OUT_DIR/<suite>-<timestamp>.json)")
+    g.add_argument("--plot", help="PNG path (default next to the JSON)")
+    g.add_argument("--no-plot", action="store_true")
+    g.add_argument("--record", action="store_true", help="append a section to benchmarks/RESULTS.md")
+    g.add_argument("--results-md", help="markdown file for --record (default benchmarks/RESULTS.md)")
+    return p
+
+
+SMALL = dict(heads=2, headdims=[64], tokens=1024, seqlens=[256, 512], dtypes=["bf16"], impls=["xla"],
+             repeats=3, batches=[1, 2], caches=[256, 1024], varlen_means=[64, 128], varlen_tokens=512)
+FULL = dict(heads=16, headdims=[128], tokens=16384, seqlens=[512, 1024, 2048, 4096, 8192, 16384],
+            dtypes=["bf16", "fp16"], impls=None, repeats=5, batches=[1, 8, 64], caches=[4096, 32768, 131072],
+            varlen_means=[512, 1024, 2048, 4096, 8192], varlen_tokens=16384)
+
+
+def resolve(args) -> dict:
+    """Merge explicit options over the preset (``--small`` on CPU unless sizes were given or ``--full``)."""
+    sized = any(getattr(args, a) is not None for a in ("seqlens", "tokens", "heads", "headdims", "batches",
+                                                      "caches", "varlen_means", "varlen_tokens"))
+    small = args.small or (not args.full and not sized and not on_gpu())
+    base = dict(SMALL if small else FULL)
+    if args.suite == "varlen":
+        base["dtypes"] = ["bf16"]  # the issue's target is bf16 only; fp16 on request
+    explicit = dict(seqlens=_csv(args.seqlens, int), tokens=args.tokens, heads=args.heads,
+                    headdims=_csv(args.headdims, int), dtypes=_csv(args.dtypes), impls=_csv(args.impls),
+                    repeats=args.repeats, batches=_csv(args.batches, int), caches=_csv(args.caches, int),
+                    copy_mib=args.copy_mib, unroll=args.unroll, varlen_means=_csv(args.varlen_means, int),
+                    varlen_tokens=args.varlen_tokens)
+    gpu = on_gpu()
+    base.update(copy_mib=1024 if gpu else 32, unroll=16 if gpu else 2)  # platform, not preset, defaults
+    base.update({k: v for k, v in explicit.items() if v is not None})
+    base["small"] = small
+    base["modes"] = _csv(args.modes) or ["fwd", "fwd+bwd"]
+    base["causal"] = {"both": [False, True], "yes": [True], "no": [False]}[args.causal]
+    base["layouts"] = _csv(args.layouts) or ["contiguous", "paged"]
+    base["varlen_seed"] = args.varlen_seed
+    base["timing"] = TimingOptions(
+        warmup=args.warmup, repeats=base["repeats"],
+        min_time=args.min_time if args.min_time is not None else (0.05 if gpu else 0.01),
+        max_calls=args.max_calls if args.max_calls is not None else (1000 if gpu else 4),
+        input_sets=max(2, args.input_sets))
+    for m in base["modes"]:
+        if m not in ("fwd", "fwd+bwd"):
+            raise SystemExit(f"unknown mode {m!r} (fwd, fwd+bwd)")
+    for d in base["dtypes"]:
+        if d not in DTYPES:
+            raise SystemExit(f"unknown dtype {d!r} ({', '.join(DTYPES)})")
+    return base
+
+
+def _selected(name: str, tokens) -> bool:
+    if not tokens:
+        return True
+    for t in tokens:
+        if name == t or name.startswith(t + ":") or name.endswith(":" + t):
+            return True
+    return False
+
+
+def main(argv=None, prog: str = "python -m fa3jax bench") -> int:
+    args = build_parser(prog).parse_args(argv)
+    o = resolve(args)
+    env = environment()
+    t_start = time.perf_counter()
+    print(f"fa3jax bench ({args.suite}{', small preset' if o['small'] else ''}) on {env['device_kind']} "
+          f"[{env['platform']}], jax {env['jax']}, commit {env['commit']}")
+    log = lambda s: print(s, flush=True)  # noqa: E731
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    json_path = Path(args.json) if args.json else out_dir / f"{args.suite}-{stamp}.json"
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    options = {k: (dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v) for k, v in o.items()}
+    print(f"JSON (updated after every config): {json_path}")
+
+    def save(rows, copy=None, table=None, complete=False):
+        doc = {"suite": args.suite, "complete": complete, "env": env, "options": options,
+               "elapsed_s": time.perf_counter() - t_start, "wrong_tol": WRONG_TOL,
+               "flops_convention": "fwd 4*b*s^2*h*d (varlen: sum_i 4*s_i^2*h*d; halved if causal); "
+                                   "fwd+bwd 3.5x fwd",
+               "results": rows, "copy": copy, "table": table}
+        tmp = json_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(doc, indent=1, default=str))
+        tmp.replace(json_path)
+
+    deadline = t_start + args.budget_s if args.budget_s else None
+    impls, unavailable = {"attn": attn_impls, "varlen": varlen_impls, "decode": decode_impls}[args.suite]()
+    # decode variants (flash-attn3-jax num_splits) are also selected by their group name
+    impls = [i for i in impls if _selected(i.name, o["impls"]) or _selected(getattr(i, "group", ""), o["impls"])]
+    unavailable = {k: v for k, v in unavailable.items() if _selected(k, o["impls"])}
+    for name, why in unavailable.items():
+        print(f"  {name}: unavailable: {why}")
+    copy = None
+    kw = dict(check=not args.no_check, log=log, progress=save, deadline=deadline)
+    if args.suite == "attn":
+        rows = run_attn(attn_configs(o), impls, o["timing"], **kw)
+    elif args.suite == "varlen":
+        rows = run_varlen(varlen_configs(o), impls, o["timing"], **kw)
+    else:
+        rows, copy = run_decode(decode_configs(o), impls, o["timing"], o["copy_mib"] << 20, unroll=o["unroll"], **kw)
+    for name, why in unavailable.items():
+        rows.append({"impl": name, "status": "unavailable", "reason": why})
+    shown = [r for r in rows if r["status"] != "unavailable"]
+    table = decode_table(shown, copy) if args.suite == "decode" else \
+        {"attn": attn_table, "varlen": varlen_table}[args.suite](shown)
+    elapsed = time.perf_counter() - t_start
+    print()
+    print(table)
+    if unavailable:
+        print()
+        for name, why in unavailable.items():
+            print(f"unavailable: {name}: {why}")
+
+    save(rows, copy, table, complete=True)
+    print(f"\nJSON: {json_path}")
+    if args.suite == "attn" and not args.no_plot:
+        png = Path(args.plot) if args.plot else json_path.with_suffix(".png")
+        why = plot_attn(rows, png)
+        print(why or f"plot: {png}")
+    section = json_path.with_suffix(".md")  # the RESULTS.md section, also kept with the JSON
+    section.write_text(markdown_section(table, env, args.suite))
+    if args.record:
+        md = record_markdown(table, env, args.suite, args.results_md)
+        print(f"recorded in {md}")
+    print(f"elapsed {elapsed:.1f} s")
+    bad = [r for r in rows if r["status"] == "WRONG"]
+    timed = [r for r in rows if r["status"] == "ok"]
+    if bad:
+        print(f"{len(bad)} WRONG result(s)")
+    if not timed:
+        print("nothing was timed")
+    return 1 if (bad or not timed) else 0
+

@@ -1,0 +1,210 @@
+"""The implementations compared: fa3jax's backends, flash-attn3-jax and jax.nn.dot_product_attention, per suite."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+
+import fa3jax
+
+from .common import DENSE, DTYPES, FA3_NAME
+from .env import flash_attn3, on_gpu
+
+@dataclasses.dataclass
+class Impl:
+    """One implementation. ``check(cfg)`` returns '' when it can run ``cfg`` else why not; ``forward(cfg)``
+    returns ``f(q, k, v) -> out``; ``note(cfg)`` says anything worth recording (e.g. a composed backward)."""
+
+    name: str
+    forward: Callable
+    check: Callable = lambda cfg: ""
+    note: Callable = lambda cfg: ""
+
+
+def fa3jax_impl(backend: str) -> Impl:
+    def forward(cfg):
+        return lambda q, k, v: fa3jax.flash_mha(q, k, v, is_causal=cfg.causal, backend=backend)
+
+    def support(cfg):
+        sds = jax.ShapeDtypeStruct(cfg.shape, DTYPES[cfg.dtype])
+        return fa3jax.supports(fa3jax.flash_mha, sds, sds, sds, backend=backend, is_causal=cfg.causal)
+
+    return Impl(f"fa3jax:{backend}", forward, *_support_checks(support, backend))
+
+
+def _support_checks(support: Callable, backend: str) -> tuple[Callable, Callable]:
+    """``check`` and ``note`` of an fa3jax impl from ``support(cfg) -> fa3jax.Support``."""
+
+    def check(cfg):
+        s = support(cfg)
+        if not s.supported:
+            return s.reason
+        if cfg.mode == "fwd+bwd" and s.backward is None:
+            return f"no backward: {s.reason}"
+        return ""
+
+    def note(cfg):
+        if cfg.mode != "fwd+bwd":
+            return ""
+        s = support(cfg)
+        return f"backward by {s.backward}" if s.backward and s.backward != backend else ""
+
+    return check, note
+
+
+def _fa3_impl(mod) -> Impl:
+    def forward(cfg):
+        return lambda q, k, v: mod.flash_mha(q, k, v, is_causal=cfg.causal)
+
+    def check(cfg):
+        if not on_gpu():
+            return "flash-attn3-jax needs a GPU"
+        if cfg.dtype not in ("bf16", "fp16"):
+            return "flash-attn3-jax: bf16/fp16 only"
+        return ""
+
+    return Impl(FA3_NAME, forward, check)
+
+
+def _jax_nn_impl(implementation: str) -> Impl:
+    def forward(cfg):
+        return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=cfg.causal,
+                                                            implementation=implementation)
+
+    def check(cfg):
+        if implementation == "cudnn" and not on_gpu():
+            return "cudnn needs an NVIDIA GPU"
+        return ""
+
+    return Impl(f"jax.nn:{implementation}", forward, check)
+
+
+def attn_impls() -> tuple[list[Impl], dict]:
+    """Every implementation that could run in this process, and {name: reason} for those that cannot at all."""
+    impls, skipped = [], {}
+    for name, ok, reason in fa3jax.backends_info():
+        if ok:
+            impls.append(fa3jax_impl(name))
+        else:
+            skipped[f"fa3jax:{name}"] = reason or "unavailable"
+    mod, reason = flash_attn3()
+    if mod is not None:
+        impls.append(_fa3_impl(mod))
+    else:
+        skipped[FA3_NAME] = reason
+    for implementation in ("cudnn", "xla"):
+        impls.append(_jax_nn_impl(implementation))
+    return impls, skipped
+
+
+ALL_ATTN_IMPL_NAMES = ("fa3jax:cuda", "fa3jax:triton", "fa3jax:xla", FA3_NAME, "jax.nn:cudnn", "jax.nn:xla")
+
+
+@dataclasses.dataclass
+class DecodeImpl:
+    name: str
+    fn: Callable  # f(q, kc, vc, seqlens, page_table) -> out
+    check: Callable = lambda cfg: ""
+    group: str = ""  # rows with the same group are variants of one impl ("best" is taken over them)
+
+
+def decode_impls() -> tuple[list[DecodeImpl], dict]:
+    impls, skipped = [], {}
+    for name, ok, reason in fa3jax.backends_info():
+        if not ok:
+            skipped[f"fa3jax:{name}"] = reason or "unavailable"
+            continue
+
+        def fn(q, kc, vc, sl, pt, _b=name):
+            return fa3jax.flash_mha_with_kvcache(q, kc, vc, cache_seqlens=sl, page_table=pt, num_splits=0,
+                                                 backend=_b)
+
+        def check(cfg, _b=name):
+            dt = DTYPES[cfg.dtype]
+            q = jax.ShapeDtypeStruct((cfg.batch, 1, cfg.heads_q, cfg.headdim), dt)
+            if cfg.layout == "paged":
+                npg = cfg.batch * (cfg.cache // cfg.page_size)
+                c = jax.ShapeDtypeStruct((npg, cfg.page_size, cfg.heads_k, cfg.headdim), dt)
+                pt = jax.ShapeDtypeStruct((cfg.batch, cfg.cache // cfg.page_size), jnp.int32)
+            else:
+                c = jax.ShapeDtypeStruct((cfg.batch, cfg.cache, cfg.heads_k, cfg.headdim), dt)
+                pt = None
+            sl = jax.ShapeDtypeStruct((cfg.batch,), jnp.int32)
+            s = fa3jax.supports(fa3jax.flash_mha_with_kvcache, q, c, c, cache_seqlens=sl, page_table=pt,
+                                num_splits=0, backend=_b)
+            return "" if s.supported else s.reason
+
+        impls.append(DecodeImpl(f"fa3jax:{name}", fn, check))
+    mod, reason = flash_attn3()
+    if mod is None:
+        skipped[FA3_NAME] = reason
+    else:
+        for splits in (1, 4, 16):
+            def fn(q, kc, vc, sl, pt, _s=splits):
+                return mod.flash_mha_with_kvcache(q, kc, vc, cache_seqlens=sl, page_table=pt, num_splits=_s)
+
+            impls.append(DecodeImpl(f"{FA3_NAME}:s{splits}", fn,
+                                    lambda cfg: "" if on_gpu() else "flash-attn3-jax needs a GPU", group=FA3_NAME))
+    return impls, skipped
+
+
+@dataclasses.dataclass
+class VarlenImpl:
+    """A varlen impl (``forward(cfg)`` returns ``f(q, k, v, cu_seqlens) -> out`` on packed tokens) and its
+    dense-equal-tokens baseline, an attn-suite :class:`Impl` run on ``cfg.dense()`` (None: no baseline)."""
+
+    name: str
+    varlen: Impl
+    dense: Optional[Impl]
+
+
+ALL_VARLEN_IMPL_NAMES = ("fa3jax:cuda", "fa3jax:triton", "fa3jax:xla", FA3_NAME)
+
+
+def fa3jax_varlen_impl(backend: str) -> Impl:
+    def forward(cfg):
+        m = cfg.max_seqlen
+        return lambda q, k, v, cu: fa3jax.flash_mha_varlen(q, k, v, cu, cu, max_seqlen_q=m, max_seqlen_k=m,
+                                                           is_causal=cfg.causal, backend=backend)
+
+    def support(cfg):
+        sds = jax.ShapeDtypeStruct(cfg.shape, DTYPES[cfg.dtype])
+        cu = jax.ShapeDtypeStruct((cfg.seqs + 1,), jnp.int32)
+        return fa3jax.supports(fa3jax.flash_mha_varlen, sds, sds, sds, cu, cu, max_seqlen_q=cfg.max_seqlen,
+                               max_seqlen_k=cfg.max_seqlen, is_causal=cfg.causal, backend=backend)
+
+    return Impl(f"fa3jax:{backend}", forward, *_support_checks(support, backend))
+
+
+def _fa3_varlen_impl(mod) -> Impl:
+    def forward(cfg):
+        m = cfg.max_seqlen
+        # by keyword: 0.2.3 has seqused_k between cu_seqlens_k and max_seqlen_q, which its README omits
+        return lambda q, k, v, cu: mod.flash_mha_varlen(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=m,
+                                                        max_seqlen_k=m, is_causal=cfg.causal)
+
+    def check(cfg):
+        if not hasattr(mod, "flash_mha_varlen"):
+            return "flash_attn3_jax has no flash_mha_varlen"
+        return _fa3_impl(mod).check(cfg)
+
+    return Impl(FA3_NAME, forward, check)
+
+
+def varlen_impls() -> tuple[list[VarlenImpl], dict]:
+    impls, skipped = [], {}
+    for name, ok, reason in fa3jax.backends_info():
+        if ok:
+            impls.append(VarlenImpl(f"fa3jax:{name}", fa3jax_varlen_impl(name),
+                                    dataclasses.replace(fa3jax_impl(name), name=f"{DENSE}fa3jax:{name}")))
+        else:
+            skipped[f"fa3jax:{name}"] = reason or "unavailable"
+    mod, reason = flash_attn3()
+    if mod is not None:
+        impls.append(VarlenImpl(FA3_NAME, _fa3_varlen_impl(mod),
+                                dataclasses.replace(_fa3_impl(mod), name=DENSE + FA3_NAME)))
+    else:
+        skipped[FA3_NAME] = reason
+    return impls, skipped
