@@ -64,7 +64,7 @@ def _launches():
     yield "dense-d64-full", _dense(64, "float16", (-1, -1))
     vs = _dense(128, "bfloat16", (-1, 0)).replace(mode="varlen", batch=5, varlen=VarlenSpec(3000, 3000, True))
     yield "varlen-d128-causal-seqused", vs
-    # the varlen forward's own tile (tuning._VARLEN_FWD), unmasked
+    # the varlen forward's own tile (tables._VARLEN_FWD), unmasked
     yield "varlen-d128-full", vs.replace(window=Window(-1, -1), varlen=VarlenSpec(3000, 3000, False))
     for paged in (False, True):
         kv = KVCacheSpec(capacity=32768, cache_batch=128 if paged else 1, paged=paged, page_size=256 if paged else 0,

@@ -23,10 +23,10 @@ class _Persistent(TestTriton):
 
     @pytest.fixture(autouse=True)
     def _schedule(self, monkeypatch):
-        from fa3jax.backends.triton import tuning
+        from fa3jax.backends.triton import tables
 
-        for layout, cfg in list(tuning.DECODE.items()):
-            monkeypatch.setitem(tuning.DECODE, layout, cfg._replace(schedule=self.schedule))
+        for layout, cfg in list(tables.DECODE.items()):
+            monkeypatch.setitem(tables.DECODE, layout, cfg._replace(schedule=self.schedule))
 
     def _kvcache_case(self, **kw):
         return super()._kvcache_case(**{**kw, "num_splits": 0})

@@ -36,7 +36,7 @@ _MIX = {"fwd": (32, 16), "bwd_dkdv": (16, 32), "bwd_dq": (32, 16)}
 _MIX2 = {"fwd": (16, 32), "bwd_dkdv": (32, 16), "bwd_dq": (16, 32)}
 CASES = {
     "full_b2_l37_d64": dict(b=2, lq=37, lk=37, hq=2, hk=2, d=64, window=(-1, -1), blocks=_B16),
-    # overlap (tuning.TileConfig.overlap) is on for the forward and dK/dV kernels except in the cases that set it
+    # overlap (tables.TileConfig.overlap) is on for the forward and dK/dV kernels except in the cases that set it
     # False; the forward takes flash_fwd._fwd_tiles_overlap where the head dim needs no padding and there is no
     # softcap.
     "full_interior_l64": dict(b=1, lq=64, lk=64, hq=1, hk=1, d=16, window=(-1, -1), blocks=_MIX, overlap=False),
@@ -270,12 +270,12 @@ def test_availability_on_cpu_does_not_raise():
 
 
 def test_plan_shapes_and_tuning():
-    from fa3jax.backends.triton import plan, tuning
+    from fa3jax.backends.triton import plan, tables
     from fa3jax.masking import Window
     from fa3jax.spec import AttentionSpec
 
     for d, pad in ((8, 16), (40, 64), (64, 64), (72, 128), (80, 128), (96, 128), (192, 256), (256, 256)):
-        assert tuning.head_dim_pad(d) == pad
+        assert tables.head_dim_pad(d) == pad
     spec = AttentionSpec(mode="dense", batch=2, seqlen_q=1000, seqlen_k=1037, num_heads_q=8, num_heads_k=2,
                          head_dim=96, dtype="bfloat16", softmax_scale=0.1, window=Window(-1, 0))
     fwd = plan.plan_forward(spec, "sm90")
@@ -286,8 +286,8 @@ def test_plan_shapes_and_tuning():
     assert dkdv.grid[1:] == (2, 2) and dq.grid[1:] == (8, 2)
     assert dkdv.outputs[0][1] == (2, 1037, 2, 96)
     # Unknown arch falls back to the default entry; sm89 maps to the sm80 one.
-    assert tuning.lookup(128, "float16", True, "sm75") == tuning.DEFAULT
-    assert tuning.lookup(128, "float16", True, "sm89") == tuning.lookup(128, "float16", True, "sm80")
+    assert tables.lookup(128, "float16", True, "sm75") == tables.DEFAULT
+    assert tables.lookup(128, "float16", True, "sm89") == tables.lookup(128, "float16", True, "sm80")
     bad = spec.replace(dtype="float32")
     assert plan.check(bad) and plan.check(spec.replace(head_dim=320)) and plan.check(spec.replace(mode="varlen"))
     assert plan.check(spec) is None

@@ -240,7 +240,7 @@ def test_kvcache_plan():
 
 
 def test_persistent_programs_and_schedule():
-    from fa3jax.backends.triton import tuning
+    from fa3jax.backends.triton import tables
     from fa3jax.backends.triton.plan_kvcache import choose_schedule, persistent_programs
 
     assert persistent_programs(64, 8, 512, 132) == (33, 0)  # one wave of 2 programs per SM over 8 kv heads
@@ -250,7 +250,7 @@ def test_persistent_programs_and_schedule():
     assert persistent_programs(64, 8, 512, 132, whole=True) == (32, 2)  # 33 per head: 2 sequences each
     assert persistent_programs(37, 8, 512, 132, whole=True) == (19, 2)
     assert persistent_programs(20, 8, 512, 132, whole=True) == (20, 1)
-    auto = tuning.DecodeConfig(64, 4, 3, 3, 2, 256, 16, schedule="auto", streamk_min_keys=16384)
+    auto = tables.DecodeConfig(64, 4, 3, 3, 2, 256, 16, schedule="auto", streamk_min_keys=16384)
     assert choose_schedule(64, 8, 32768, 132, 1, auto) == "streamk"
     assert choose_schedule(64, 8, 4096, 132, 1, auto) == "split"  # 64 * 4k / 33 < 16k keys per program
     assert choose_schedule(8, 8, 131072, 132, 1, auto) == "streamk"  # 8 * 128k / 33 >= 16k keys per program

@@ -143,14 +143,14 @@ def test_varlen_plan():
     assert plan_varlen.plan_forward(empty, "sm90").grid[0] == 1
     # The varlen forward has its own (narrower-key) tile for unmasked d=128 on sm90; causal and other archs keep
     # the dense forward's entry.
-    from fa3jax.backends.triton import tuning
+    from fa3jax.backends.triton import tables
     full = spec.replace(window=Window(-1, -1))  # head_dim 96: the d=128 bucket
     varlen_tile = plan_varlen.plan_forward(full, "sm90").meta
-    assert (varlen_tile["BLOCK_M"], varlen_tile["BLOCK_N"]) == tuple(tuning.lookup_varlen_fwd(96, "bfloat16", False,
+    assert (varlen_tile["BLOCK_M"], varlen_tile["BLOCK_N"]) == tuple(tables.lookup_varlen_fwd(96, "bfloat16", False,
                                                                                               "sm90")[:2])
-    assert tuning.lookup_varlen_fwd(96, "bfloat16", False, "sm90") != tuning.lookup(96, "bfloat16", False, "sm90").fwd
+    assert tables.lookup_varlen_fwd(96, "bfloat16", False, "sm90") != tables.lookup(96, "bfloat16", False, "sm90").fwd
     for causal, arch in ((True, "sm90"), (False, "sm80")):
-        assert tuning.lookup_varlen_fwd(96, "bfloat16", causal, arch) == tuning.lookup(96, "bfloat16", causal, arch).fwd
+        assert tables.lookup_varlen_fwd(96, "bfloat16", causal, arch) == tables.lookup(96, "bfloat16", causal, arch).fwd
 
 
 if __name__ == "__main__":

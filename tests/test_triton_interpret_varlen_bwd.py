@@ -35,7 +35,7 @@ _MIX = {"bwd_dkdv": (16, 32), "bwd_dq": (32, 16)}
 CASES = {
     "full_d64": dict(hq=2, hk=2, d=64, window=(-1, -1), blocks=_B16),
     "causal_d40_seqused_gqa42": dict(hq=4, hk=2, d=40, window=(-1, 0), blocks=_MIX, seqused=[25, 1, 0, 33, 0]),
-    # overlap (tuning.TileConfig.overlap) is on for the dK/dV kernel except where a case sets it False.
+    # overlap (tables.TileConfig.overlap) is on for the dK/dV kernel except where a case sets it False.
     "window_8_4_gqa42": dict(hq=4, hk=2, d=16, window=(8, 4), blocks=_B16, overlap=False),
     "window_16_inf_mqa41_seqused": dict(hq=4, hk=1, d=16, window=(16, -1), blocks=_MIX, seqused=[28, 0, 0, 20, 2]),
     "softcap_causal_d64": dict(hq=2, hk=1, d=64, window=(-1, 0), softcap=2.0, blocks=_B16),

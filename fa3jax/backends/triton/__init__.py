@@ -13,9 +13,9 @@ import jax.numpy as jnp
 from ...spec import AttentionSpec
 from ..base import Backend, DenseArgs, KVCacheArgs, VarlenArgs
 from . import plan as _plan
-from . import plan_kvcache, plan_varlen, plan_varlen_bwd, tuning
+from . import plan_kvcache, plan_varlen, plan_varlen_bwd, tables
 
-__all__ = ["TritonBackend", "tuning"]
+__all__ = ["TritonBackend", "tables"]
 
 _AVAILABILITY: tuple[bool, str] | None = None
 _ARCH: str | None = None

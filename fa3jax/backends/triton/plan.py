@@ -12,7 +12,7 @@ import math
 from typing import Any, Optional
 
 from ...spec import AttentionSpec
-from . import tuning
+from . import tables
 
 LOG2E = 1.4426950408889634
 
@@ -41,7 +41,7 @@ def _pow2_at_least(n: int, floor: int = 16) -> int:
     return p
 
 
-def _fit(cfg: tuning.TileConfig, lq: int, lk: int) -> tuning.TileConfig:
+def _fit(cfg: tables.TileConfig, lq: int, lk: int) -> tables.TileConfig:
     """Shrink tiles that are larger than the problem (decode-like shapes); fewer warps for the smaller tiles."""
     bm = min(cfg.block_m, _pow2_at_least(lq)) if cfg.block_m else 0
     bn = min(cfg.block_n, _pow2_at_least(lk)) if cfg.block_n else 0
@@ -51,14 +51,14 @@ def _fit(cfg: tuning.TileConfig, lq: int, lk: int) -> tuning.TileConfig:
     return cfg._replace(block_m=bm, block_n=bn, num_warps=warps)
 
 
-def configs(spec: AttentionSpec, arch: str, overrides: Optional[dict] = None) -> tuning.KernelConfigs:
+def configs(spec: AttentionSpec, arch: str, overrides: Optional[dict] = None) -> tables.KernelConfigs:
     """Tuning-table entry for ``spec``; ``overrides`` maps a field of KernelConfigs ("fwd", "bwd_dkdv", ...) to a
     (block_m, block_n, num_warps, num_stages) tuple (tests use it to force small tiles)."""
-    cfgs = tuning.lookup(spec.head_dim, spec.dtype, spec.causal, arch)
+    cfgs = tables.lookup(spec.head_dim, spec.dtype, spec.causal, arch)
     if overrides:
-        cfgs = cfgs._replace(**{k: tuning.TileConfig(*v) for k, v in overrides.items()})
+        cfgs = cfgs._replace(**{k: tables.TileConfig(*v) for k, v in overrides.items()})
     lq, lk = spec.seqlen_q, spec.seqlen_k
-    return tuning.KernelConfigs(_fit(cfgs.fwd, lq, lk), _fit(cfgs.bwd_dkdv, lq, lk), _fit(cfgs.bwd_dq, lq, lk),
+    return tables.KernelConfigs(_fit(cfgs.fwd, lq, lk), _fit(cfgs.bwd_dkdv, lq, lk), _fit(cfgs.bwd_dq, lq, lk),
                                 _fit(cfgs.bwd_pre, lq, lk))
 
 
@@ -74,7 +74,7 @@ def _common_constexprs(spec: AttentionSpec) -> list[tuple[str, Any]]:
         ("NUM_HEADS_Q", spec.num_heads_q),
         ("NUM_HEADS_K", spec.num_heads_k),
         ("HEAD_DIM", spec.head_dim),
-        ("HEAD_DIM_PAD", tuning.head_dim_pad(spec.head_dim)),
+        ("HEAD_DIM_PAD", tables.head_dim_pad(spec.head_dim)),
     ]
 
 
@@ -97,7 +97,7 @@ def _reverse_n(spec: AttentionSpec) -> bool:
     return spec.window.left >= 0 and spec.window.right < 0
 
 
-def _fwd_variant_constexprs(spec: AttentionSpec, cfg: tuning.TileConfig) -> list[tuple[str, Any]]:
+def _fwd_variant_constexprs(spec: AttentionSpec, cfg: tables.TileConfig) -> list[tuple[str, Any]]:
     """Constexprs of the forward tile loop shared by the dense and varlen kernels (``flash_fwd._fwd_tiles``)."""
     return [("SCALE_POS", bool(spec.softmax_scale > 0.0)), ("OVERLAP", bool(cfg.overlap))]
 
@@ -154,7 +154,7 @@ def plan_backward(spec: AttentionSpec, arch: str = "sm90", overrides: Optional[d
         args=(("array", "out"), ("array", "dout"), ("array", "dlse" if has_dlse else "out"), ("i32", lq)),
         outputs=(("delta", (b, hq, lq), "float32"),),
         grid=(math.ceil(lq / pre_cfg.block_m), hq, b), num_warps=pre_cfg.num_warps, num_stages=pre_cfg.num_stages,
-        constexprs=(("NUM_HEADS_Q", hq), ("HEAD_DIM", d), ("HEAD_DIM_PAD", tuning.head_dim_pad(d)),
+        constexprs=(("NUM_HEADS_Q", hq), ("HEAD_DIM", d), ("HEAD_DIM_PAD", tables.head_dim_pad(d)),
                     ("BLOCK_M", pre_cfg.block_m), ("HAS_DLSE", bool(has_dlse))))
     args = [("array", n) for n in ("q", "k", "v", "dout", "lse", "delta")]
     args += [("array", "offsets" if spec.has_offsets else "q")]

@@ -11,7 +11,7 @@ import math
 from typing import Optional
 
 from ...spec import AttentionSpec
-from . import tuning
+from . import tables
 from .plan import Launch, _pow2_at_least, score_scales
 
 DEFAULT_NUM_SMS = 132  # H100 SXM
@@ -40,7 +40,7 @@ def choose_num_splits(batch: int, heads_k: int, cache_len: int, num_sms: int, m_
 
 
 def choose_schedule(batch: int, heads_k: int, cache_len: int, num_sms: int, m_tiles: int,
-                    policy: tuning.DecodeConfig) -> str:
+                    policy: tables.DecodeConfig) -> str:
     """Decode schedule for num_splits=0: the policy's, or for "auto": stream-K when each program of one wave
     streams at least ``policy.streamk_min_keys`` keys, else splits. Below that the combine launch and the
     per-piece start-up cost more than the balanced wave saves (H100: 2-8% slower at 4k-32k caches); "batch"
@@ -85,7 +85,7 @@ def check(spec: AttentionSpec) -> Optional[str]:
     return None
 
 
-def _block_n(spec: AttentionSpec, cfg_block_n: int, policy: tuning.DecodeConfig) -> int:
+def _block_n(spec: AttentionSpec, cfg_block_n: int, policy: tables.DecodeConfig) -> int:
     kv = spec.kvcache
     bn = min(cfg_block_n, policy.block_n, _pow2_at_least(max(kv.capacity, 1)))
     if kv.paged:  # a tile must stay inside one page: largest power of two dividing page_size, at most bn
@@ -104,10 +104,10 @@ def plan_forward(spec: AttentionSpec, arch: str = "sm90", num_splits: Optional[i
     kv = spec.kvcache
     b, lq, hq, hk, d = spec.batch, spec.seqlen_q, spec.num_heads_q, spec.num_heads_k, spec.head_dim
     group = hq // hk
-    base = tuning.lookup(d, spec.dtype, spec.causal, arch).fwd
-    cfg = tuning.TileConfig(*overrides["fwd"]) if overrides and "fwd" in overrides else base
+    base = tables.lookup(d, spec.dtype, spec.causal, arch).fwd
+    cfg = tables.TileConfig(*overrides["fwd"]) if overrides and "fwd" in overrides else base
     block_m = min(cfg.block_m, _pow2_at_least(lq * group))
-    policy = tuning.DECODE["paged" if kv.paged else "contiguous"]
+    policy = tables.DECODE["paged" if kv.paged else "contiguous"]
     block_n = _block_n(spec, cfg.block_n, policy)
     m_tiles = math.ceil(lq * group / block_m)
     splits = kv.num_splits if num_splits is None else num_splits
@@ -128,7 +128,7 @@ def plan_forward(spec: AttentionSpec, arch: str = "sm90", num_splits: Optional[i
     else:
         warps = policy.num_warps
         stages = policy.stages_split if splits > 1 else policy.stages_nosplit
-    hd_pad = tuning.head_dim_pad(d)
+    hd_pad = tables.head_dim_pad(d)
     block_n = _fit_stages(block_n, hd_pad, stages)  # shrinking the tile keeps splits <= key tiles
     args = _common_args(spec)
     meta = (("NUM_HEADS_Q", hq), ("NUM_HEADS_K", hk), ("HEAD_DIM", d), ("HEAD_DIM_PAD", hd_pad),
@@ -182,13 +182,13 @@ def _common_meta(spec: AttentionSpec) -> tuple:
             ("HAS_BATCH_IDX", bool(kv.has_cache_batch_idx and not kv.paged)))
 
 
-def _plan_persistent(spec: AttentionSpec, block_m: int, block_n: int, policy: tuning.DecodeConfig, num_sms: int,
+def _plan_persistent(spec: AttentionSpec, block_m: int, block_n: int, policy: tables.DecodeConfig, num_sms: int,
                      programs: Optional[int], whole: bool) -> tuple[Launch, ...]:
     """One-wave decode, grid (hk, G): (whole sequences,) or (stream-K, its combine over grid (hk, b)); see
     ``flash_decode._decode_fwd_persistent``."""
     kv = spec.kvcache
     b, lq, hq, hk, d = spec.batch, spec.seqlen_q, spec.num_heads_q, spec.num_heads_k, spec.head_dim
-    hd_pad = tuning.head_dim_pad(d)
+    hd_pad = tables.head_dim_pad(d)
     stages = policy.stages_nosplit
     block_n = _fit_stages(block_n, hd_pad, stages)
     cache_tiles = math.ceil(max(kv.capacity, 1) / block_n)

@@ -10,7 +10,7 @@ import math
 from typing import Optional
 
 from ...spec import AttentionSpec
-from . import tuning
+from . import tables
 from .plan import Launch, _common_constexprs, _fit, _fwd_variant_constexprs, _reverse_m, score_scales
 
 
@@ -36,9 +36,9 @@ def check(spec: AttentionSpec) -> Optional[str]:
 def plan_forward(spec: AttentionSpec, arch: str = "sm90", overrides: Optional[dict] = None) -> Launch:
     """``overrides``: {"fwd": (block_m, block_n, num_warps, num_stages)} (tests force small tiles)."""
     vs = spec.varlen
-    cfg = tuning.lookup_varlen_fwd(spec.head_dim, spec.dtype, spec.causal, arch)
+    cfg = tables.lookup_varlen_fwd(spec.head_dim, spec.dtype, spec.causal, arch)
     if overrides and "fwd" in overrides:
-        cfg = tuning.TileConfig(*overrides["fwd"])
+        cfg = tables.TileConfig(*overrides["fwd"])
     cfg = _fit(cfg, max(vs.max_seqlen_q, 1), max(vs.max_seqlen_k, 1))
     total_q, hq, d = spec.seqlen_q, spec.num_heads_q, spec.head_dim
     scale_in, scale_out = score_scales(spec)

@@ -13,7 +13,7 @@ import math
 from typing import Optional
 
 from ...spec import AttentionSpec
-from . import tuning
+from . import tables
 from .plan import Launch, _common_constexprs, _fit, _reverse_m, _reverse_n, score_scales
 
 
@@ -22,9 +22,9 @@ def plan_backward(spec: AttentionSpec, arch: str = "sm90", overrides: Optional[d
     """(preprocess, dkdv, dq). ``overrides`` maps "bwd_pre"/"bwd_dkdv"/"bwd_dq" to (block_m, block_n, warps,
     stages) (tests force small tiles)."""
     vs = spec.varlen
-    cfgs = tuning.lookup(spec.head_dim, spec.dtype, spec.causal, arch)
+    cfgs = tables.lookup(spec.head_dim, spec.dtype, spec.causal, arch)
     if overrides:
-        cfgs = cfgs._replace(**{k: tuning.TileConfig(*v) for k, v in overrides.items()})
+        cfgs = cfgs._replace(**{k: tables.TileConfig(*v) for k, v in overrides.items()})
     mq, mk = max(vs.max_seqlen_q, 1), max(vs.max_seqlen_k, 1)
     pre_cfg = _fit(cfgs.bwd_pre, spec.seqlen_q, spec.seqlen_k)
     kv_cfg = _fit(cfgs.bwd_dkdv, mq, mk)
@@ -39,7 +39,7 @@ def plan_backward(spec: AttentionSpec, arch: str = "sm90", overrides: Optional[d
         outputs=(("delta", (hq, total_q), "float32"),),
         grid=(max(1, math.ceil(total_q / pre_cfg.block_m)), hq, 1),
         num_warps=pre_cfg.num_warps, num_stages=pre_cfg.num_stages,
-        constexprs=(("NUM_HEADS_Q", hq), ("HEAD_DIM", d), ("HEAD_DIM_PAD", tuning.head_dim_pad(d)),
+        constexprs=(("NUM_HEADS_Q", hq), ("HEAD_DIM", d), ("HEAD_DIM_PAD", tables.head_dim_pad(d)),
                     ("BLOCK_M", pre_cfg.block_m), ("HAS_DLSE", bool(has_dlse))))
 
     arrays = [("array", n) for n in ("q", "k", "v", "dout", "lse", "delta", "cu_seqlens_q", "cu_seqlens_k")]
