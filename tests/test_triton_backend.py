@@ -35,6 +35,3 @@ class _Persistent(TestTriton):
 class TestTritonStreamK(_Persistent):
     schedule = "streamk"
 
-
-class TestTritonWholeSequences(_Persistent):
-    schedule = "batch"

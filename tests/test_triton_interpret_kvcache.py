@@ -26,15 +26,12 @@ from tests.test_triton_interpret_varlen import _interpret  # noqa: E402  (NaN-pr
 
 TOL = 1e-2
 # plan_kvcache.plan_forward keywords per variant: split counts (0 = the automatic count), and stream-K with a
-# fixed number of programs per kv head (13 exceeds some cases' key tiles: programs with no tiles) or automatic,
-# and whole sequences per program (b1: one program walks the batch).
+# fixed number of programs per kv head (13 exceeds some cases' key tiles: programs with no tiles) or automatic.
 VARIANTS = {
     "s1": dict(num_splits=1), "s3": dict(num_splits=3), "s5": dict(num_splits=5),
     "s0": dict(num_splits=0, schedule="split"),
     "k1": dict(num_splits=0, schedule="streamk", programs=1), "k3": dict(num_splits=0, schedule="streamk", programs=3),
     "k13": dict(num_splits=0, schedule="streamk", programs=13), "k0": dict(num_splits=0, schedule="streamk"),
-    "b1": dict(num_splits=0, schedule="batch", programs=1), "b2": dict(num_splits=0, schedule="batch", programs=2),
-    "b0": dict(num_splits=0, schedule="batch"),
 }
 
 CASES = {
@@ -175,7 +172,7 @@ def test_kvcache_forward_interpreted(results, name):
         assert r[f"{k}_lse"] < 1e-2, (k, r)
         assert r[f"{k}_inf"] and r[f"{k}_empty0"], (k, r)
     assert r["s3_nsplit"] > 1  # the split path (partials + combine) really ran
-    assert r["s0_kernel"] == "_decode_fwd" and r["k3_kernel"] == r["b1_kernel"] == "_decode_fwd_persistent"
+    assert r["s0_kernel"] == "_decode_fwd" and r["k3_kernel"] == "_decode_fwd_persistent"
     assert r["split_spread"] < 5e-3, r  # splits and stream-K agree within fp16 rounding of the output
 
 
@@ -213,7 +210,7 @@ def test_kvcache_plan():
     assert plan_kvcache.check(spec) is None
     decode, combine = plan_kvcache.plan_forward(spec, "sm90")
     meta = decode.meta
-    assert meta["PAGE_SIZE"] % meta["BLOCK_N"] == 0 and meta["BLOCK_N"] == 16  # 48 = 16 * 3
+    assert meta["LAYOUT"][1] % meta["BLOCK_N"] == 0 and meta["BLOCK_N"] == 16  # page 48 = 16 * 3
     assert meta["BLOCK_M"] == 16 and decode.grid == (meta["NUM_SPLITS"], 4, 1) and meta["NUM_SPLITS"] > 1
     assert combine.outputs == (("out", (1, 1, 32, 128), "bfloat16"), ("lse", (1, 32, 1), "float32"))
     (single,) = plan_kvcache.plan_forward(spec, "sm90", num_splits=1)
@@ -223,14 +220,11 @@ def test_kvcache_plan():
 
     # stream-K: one wave over the kv heads, partial slots (hk, programs + batch), combine grid (hk, batch)
     decode, combine = plan_kvcache.plan_forward(spec, "sm90", schedule="streamk")
-    g, per = plan_kvcache.persistent_programs(1, 4, 8192 // 16, 132, 2, 256 // 16)
-    assert (g, per) == (32, 0) and decode.kernel == "_decode_fwd_persistent" and decode.grid == (4, g, 1)
-    assert decode.meta["SEQS_PER_PROGRAM"] == 0 and combine.grid == (4, 1, 1)
+    g = plan_kvcache.persistent_programs(1, 4, 8192 // 16, 132, 2, 256 // 16)
+    assert g == 32 and decode.kernel == "_decode_fwd_persistent" and decode.grid == (4, g, 1)
+    assert combine.grid == (4, 1, 1)
     assert decode.outputs[0] == ("out_acc", (4, g + 1, 16, 128), "float32")
     assert combine.outputs == (("out", (1, 1, 32, 128), "bfloat16"), ("lse", (1, 32, 1), "float32"))
-    # whole sequences: one launch writing the final outputs
-    (whole,) = plan_kvcache.plan_forward(spec.replace(batch=100), "sm90", schedule="batch")
-    assert whole.grid == (4, 50, 1) and whole.meta["SEQS_PER_PROGRAM"] == 2 and whole.outputs[0][0] == "out"
     # explicit split counts and multi-tile queries keep the split kernel
     assert plan_kvcache.plan_forward(spec, "sm90", num_splits=2, schedule="streamk")[0].kernel == "_decode_fwd"
     chunk = spec.replace(seqlen_q=64)
@@ -243,13 +237,10 @@ def test_persistent_programs_and_schedule():
     from fa3jax.backends.triton import tables
     from fa3jax.backends.triton.plan_kvcache import choose_schedule, persistent_programs
 
-    assert persistent_programs(64, 8, 512, 132) == (33, 0)  # one wave of 2 programs per SM over 8 kv heads
-    assert persistent_programs(1, 8, 64, 132, min_tiles=4) == (16, 0)  # 64 tiles, at least 4 per program
-    assert persistent_programs(3, 300, 10, 132) == (1, 0)  # more kv heads than a wave holds
-    assert persistent_programs(2, 8, 0, 132) == (1, 0)
-    assert persistent_programs(64, 8, 512, 132, whole=True) == (32, 2)  # 33 per head: 2 sequences each
-    assert persistent_programs(37, 8, 512, 132, whole=True) == (19, 2)
-    assert persistent_programs(20, 8, 512, 132, whole=True) == (20, 1)
+    assert persistent_programs(64, 8, 512, 132) == 33  # one wave of 2 programs per SM over 8 kv heads
+    assert persistent_programs(1, 8, 64, 132, min_tiles=4) == 16  # 64 tiles, at least 4 per program
+    assert persistent_programs(3, 300, 10, 132) == 1  # more kv heads than a wave holds
+    assert persistent_programs(2, 8, 0, 132) == 1
     auto = tables.DecodeConfig(64, 4, 3, 3, 2, 256, 16, schedule="auto", streamk_min_keys=16384)
     assert choose_schedule(64, 8, 32768, 132, 1, auto) == "streamk"
     assert choose_schedule(64, 8, 4096, 132, 1, auto) == "split"  # 64 * 4k / 33 < 16k keys per program
@@ -258,7 +249,7 @@ def test_persistent_programs_and_schedule():
     assert choose_schedule(1, 8, 131072, 132, 1, auto) == "split"
     assert choose_schedule(64, 8, 32768, 132, 2, auto) == "split"  # several query tiles
     assert choose_schedule(2048, 8, 4096, 132, 1, auto) == "split"  # too many sequences for one program's lanes
-    assert choose_schedule(64, 8, 4096, 132, 1, auto._replace(schedule="batch")) == "batch"
+    assert choose_schedule(64, 8, 4096, 132, 1, auto._replace(schedule="streamk")) == "streamk"
 
 
 if __name__ == "__main__":

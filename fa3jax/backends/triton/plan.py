@@ -79,12 +79,8 @@ def _common_constexprs(spec: AttentionSpec) -> list[tuple[str, Any]]:
 
 
 def _mask_constexprs(spec: AttentionSpec) -> list[tuple[str, Any]]:
-    return [
-        ("WINDOW_LEFT", int(spec.window.left)),
-        ("WINDOW_RIGHT", int(spec.window.right)),
-        ("SOFTCAP", bool(spec.softcap > 0.0)),
-        ("HAS_OFFSETS", bool(spec.has_offsets)),
-    ]
+    return [("MASK", (int(spec.window.left), int(spec.window.right), bool(spec.softcap > 0.0),
+                      bool(spec.has_offsets)))]
 
 
 def _reverse_m(spec: AttentionSpec) -> bool:
@@ -103,8 +99,8 @@ def _fwd_variant_constexprs(spec: AttentionSpec, cfg: tables.TileConfig) -> list
 
 
 def _seq_args(spec: AttentionSpec) -> list[tuple[str, Any]]:
-    return [("i32", spec.seqlen_q), ("i32", spec.seqlen_k),
-            ("i32", spec.global_seqlen_q), ("i32", spec.global_seqlen_k)]
+    return [("array", "offsets" if spec.has_offsets else "q"), ("i32", spec.global_seqlen_q),
+            ("i32", spec.global_seqlen_k), ("i32", spec.seqlen_q), ("i32", spec.seqlen_k)]
 
 
 def check(spec: AttentionSpec) -> Optional[str]:
@@ -128,9 +124,7 @@ def plan_forward(spec: AttentionSpec, arch: str = "sm90", overrides: Optional[di
     cfg = configs(spec, arch, overrides).fwd
     b, lq, hq, d = spec.batch, spec.seqlen_q, spec.num_heads_q, spec.head_dim
     scale_in, scale_out = score_scales(spec)
-    args = [("array", "q"), ("array", "k"), ("array", "v"),
-            # Without offsets the kernel never reads this pointer; q stands in so that no array is created.
-            ("array", "offsets" if spec.has_offsets else "q")]
+    args = [("array", "q"), ("array", "k"), ("array", "v")]
     args += _seq_args(spec) + [("f32", scale_in), ("f32", scale_out)]
     meta = _common_constexprs(spec) + [("BLOCK_M", cfg.block_m), ("BLOCK_N", cfg.block_n)]
     meta += _mask_constexprs(spec) + [("REVERSE_M", _reverse_m(spec))] + _fwd_variant_constexprs(spec, cfg)
@@ -157,7 +151,6 @@ def plan_backward(spec: AttentionSpec, arch: str = "sm90", overrides: Optional[d
         constexprs=(("NUM_HEADS_Q", hq), ("HEAD_DIM", d), ("HEAD_DIM_PAD", tables.head_dim_pad(d)),
                     ("BLOCK_M", pre_cfg.block_m), ("HAS_DLSE", bool(has_dlse))))
     args = [("array", n) for n in ("q", "k", "v", "dout", "lse", "delta")]
-    args += [("array", "offsets" if spec.has_offsets else "q")]
     args += _seq_args(spec) + [("f32", scale_in), ("f32", scale_out), ("f32", spec.softmax_scale)]
     kv_cfg, q_cfg = cfgs.bwd_dkdv, cfgs.bwd_dq
     dkdv = Launch(

@@ -18,7 +18,7 @@ DEFAULT_NUM_SMS = 132  # H100 SXM
 MAX_SPLITS = 64
 # Stream-K programs read every sequence length (a vector of next_pow2(batch) lanes) to find their tiles.
 PERSISTENT_MAX_BATCH = 1024
-SCHEDULES = ("split", "streamk", "batch")
+SCHEDULES = ("split", "streamk")
 
 
 def choose_num_splits(batch: int, heads_k: int, cache_len: int, num_sms: int, m_tiles: int = 1,
@@ -56,15 +56,11 @@ def choose_schedule(batch: int, heads_k: int, cache_len: int, num_sms: int, m_ti
 
 
 def persistent_programs(batch: int, heads_k: int, cache_tiles: int, num_sms: int, programs_per_sm: int = 2,
-                        min_tiles: int = 4, whole: bool = False) -> tuple[int, int]:
-    """(programs per kv head G, sequences per program S; 0 = stream-K) of a one-wave grid: at most
-    ``programs_per_sm`` per SM over all kv heads; stream-K keeps at least ``min_tiles`` key tiles per program
-    at full caches, whole sequences are spread evenly (S = ceil(batch / wave), G = ceil(batch / S))."""
+                        min_tiles: int = 4) -> int:
+    """Programs per kv head G of the one-wave stream-K grid: at most ``programs_per_sm`` per SM over all kv
+    heads, and at least ``min_tiles`` key tiles per program at full caches."""
     wave = max(1, (programs_per_sm * num_sms) // max(1, heads_k))
-    if whole:
-        per = math.ceil(batch / wave)
-        return math.ceil(batch / per), per
-    return int(max(1, min(wave, math.ceil(batch * max(cache_tiles, 1) / max(1, min_tiles))))), 0
+    return int(max(1, min(wave, math.ceil(batch * max(cache_tiles, 1) / max(1, min_tiles)))))
 
 
 def check(spec: AttentionSpec) -> Optional[str]:
@@ -116,7 +112,7 @@ def plan_forward(spec: AttentionSpec, arch: str = "sm90", num_splits: Optional[i
     if schedule is None:
         schedule = choose_schedule(b, hk, kv.capacity, num_sms, m_tiles, policy)
     if splits <= 0 and schedule != "split" and m_tiles == 1 and b <= PERSISTENT_MAX_BATCH:
-        return _plan_persistent(spec, block_m, block_n, policy, num_sms, programs, schedule == "batch")
+        return _plan_persistent(spec, block_m, block_n, policy, num_sms, programs)
     if splits <= 0:
         splits = choose_num_splits(b, hk, kv.capacity, num_sms, m_tiles, policy.programs_per_sm,
                                    policy.min_keys_per_split, policy.max_splits)
@@ -175,15 +171,13 @@ def _common_args(spec: AttentionSpec) -> tuple:
 
 def _common_meta(spec: AttentionSpec) -> tuple:
     kv = spec.kvcache
-    return (("WINDOW_LEFT", int(spec.window.left)), ("WINDOW_RIGHT", int(spec.window.right)),
-            ("SOFTCAP", bool(spec.softcap > 0.0)), ("PAGED", bool(kv.paged)),
-            ("PAGE_SIZE", int(kv.page_size) if kv.paged else 0), ("HAS_NEW", bool(kv.seqlen_new)),
-            ("HAS_LEFTPAD", bool(kv.has_cache_leftpad)),
-            ("HAS_BATCH_IDX", bool(kv.has_cache_batch_idx and not kv.paged)))
+    return (("LAYOUT", (bool(kv.paged), int(kv.page_size) if kv.paged else 0, bool(kv.seqlen_new),
+                        bool(kv.has_cache_leftpad), bool(kv.has_cache_batch_idx and not kv.paged))),
+            ("MASK", (int(spec.window.left), int(spec.window.right), bool(spec.softcap > 0.0), False)))
 
 
 def _plan_persistent(spec: AttentionSpec, block_m: int, block_n: int, policy: tables.DecodeConfig, num_sms: int,
-                     programs: Optional[int], whole: bool) -> tuple[Launch, ...]:
+                     programs: Optional[int]) -> tuple[Launch, ...]:
     """One-wave decode, grid (hk, G): (whole sequences,) or (stream-K, its combine over grid (hk, b)); see
     ``flash_decode._decode_fwd_persistent``."""
     kv = spec.kvcache
@@ -192,27 +186,21 @@ def _plan_persistent(spec: AttentionSpec, block_m: int, block_n: int, policy: ta
     stages = policy.stages_nosplit
     block_n = _fit_stages(block_n, hd_pad, stages)
     cache_tiles = math.ceil(max(kv.capacity, 1) / block_n)
-    g, per = persistent_programs(b, hk, cache_tiles, num_sms, policy.programs_per_sm,
-                                 math.ceil(policy.min_keys_per_split / block_n), whole)
-    if programs:
-        g, per = (programs, math.ceil(b / programs)) if whole else (programs, 0)
+    g = programs or persistent_programs(b, hk, cache_tiles, num_sms, policy.programs_per_sm,
+                                        math.ceil(policy.min_keys_per_split / block_n))
     block_b = _pow2_at_least(b)
     shape = (("NUM_HEADS_Q", hq), ("NUM_HEADS_K", hk), ("HEAD_DIM", d), ("HEAD_DIM_PAD", hd_pad),
              ("BLOCK_M", block_m), ("BLOCK_N", block_n), ("BLOCK_B", block_b))
     final = (("out", (b, lq, hq, d), spec.dtype), ("lse", (b, hq, lq), "float32"))
     partial = (("out_acc", (hk, g + b, block_m, d), "float32"), ("lse_acc", (hk, g + b, block_m), "float32"))
     decode = Launch(module="flash_decode", kernel="_decode_fwd_persistent",
-                    args=_common_args(spec) + (("i32", b),), outputs=final if whole else partial,
+                    args=_common_args(spec) + (("i32", b),), outputs=partial,
                     grid=(hk, g, 1), num_warps=policy.num_warps, num_stages=stages,
-                    constexprs=shape + (("SEQS_PER_PROGRAM", per),) + _common_meta(spec))
-    if whole:
-        return (decode,)
+                    constexprs=shape + _common_meta(spec))
     combine = Launch(module="flash_decode", kernel="_decode_combine_streamk",
                      args=(("array", "out_acc"), ("array", "lse_acc"), ("array", "seqlens_k"),
                            ("array", "leftpad" if kv.has_cache_leftpad else "seqlens_k"), ("i32", lq)),
                      outputs=final, grid=(hk, b, 1), num_warps=4, num_stages=1,
-                     constexprs=shape + (("NUM_PROGRAMS", g), ("PROGRAMS_PAD", _pow2_at_least(g, 2)),
-                                         ("WINDOW_LEFT", int(spec.window.left)),
-                                         ("WINDOW_RIGHT", int(spec.window.right)),
-                                         ("HAS_LEFTPAD", bool(kv.has_cache_leftpad))))
+                     constexprs=shape + (("NUM_PROGRAMS", g), ("PROGRAMS_PAD", _pow2_at_least(g, 2)))
+                     + _common_meta(spec))
     return decode, combine

@@ -47,8 +47,8 @@ def plan_forward(spec: AttentionSpec, arch: str = "sm90", overrides: Optional[di
             ("array", "seqused_k" if vs.has_seqused_k else "cu_seqlens_k"),
             ("i32", total_q), ("i32", spec.batch), ("f32", scale_in), ("f32", scale_out))
     meta = _common_constexprs(spec) + [("BLOCK_M", cfg.block_m), ("BLOCK_N", cfg.block_n)]
-    meta += [("WINDOW_LEFT", int(spec.window.left)), ("WINDOW_RIGHT", int(spec.window.right)),
-             ("SOFTCAP", bool(spec.softcap > 0.0)), ("HAS_SEQUSED", bool(vs.has_seqused_k)),
+    meta += [("MASK", (int(spec.window.left), int(spec.window.right), bool(spec.softcap > 0.0), False)),
+             ("HAS_SEQUSED", bool(vs.has_seqused_k)),
              ("REVERSE_M", _reverse_m(spec))] + _fwd_variant_constexprs(spec, cfg)
     # max(1, ...): with max_seqlen_q == 0 the uncovered-row slice still needs programs.
     grid_m = max(1, math.ceil(vs.max_seqlen_q / cfg.block_m))

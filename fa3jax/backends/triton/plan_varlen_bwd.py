@@ -46,8 +46,8 @@ def plan_backward(spec: AttentionSpec, arch: str = "sm90", overrides: Optional[d
     # Without seqused_k the kernels never read this pointer; cu_seqlens_k stands in.
     arrays += [("array", "seqused_k" if vs.has_seqused_k else "cu_seqlens_k")]
     scales = [("f32", scale_in), ("f32", scale_out), ("f32", spec.softmax_scale)]
-    mask_meta = [("WINDOW_LEFT", int(spec.window.left)), ("WINDOW_RIGHT", int(spec.window.right)),
-                 ("SOFTCAP", bool(spec.softcap > 0.0)), ("HAS_SEQUSED", bool(vs.has_seqused_k))]
+    mask_meta = [("MASK", (int(spec.window.left), int(spec.window.right), bool(spec.softcap > 0.0), False)),
+                 ("HAS_SEQUSED", bool(vs.has_seqused_k))]
     # max(1, ...): with max_seqlen == 0 the extra slice (rows outside every sequence) still needs programs.
     dkdv = Launch(
         module="flash_varlen_bwd", kernel="_varlen_bwd_dkdv",
