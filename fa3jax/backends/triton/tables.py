@@ -47,7 +47,7 @@ def _put(bucket, arch, causal, fwd, dkdv, dq, pre=_PRE):
 
 
 # --- Hopper (sm90), every entry measured on the H100 (see benchmarks/RESULTS.md). All fit in 227 KiB of shared
-# memory (tests/test_triton_aot.py); some of the fastest entries spill a little, and the spill-free candidates were slower.
+# memory (tests/test_triton_aot.py); some of the fastest entries spill a little: spill-free candidates were slower.
 _put(64, "sm90", False, fwd=(128, 128, 8, 3), dkdv=(32, 128, 4, 3), dq=(64, 64, 4, 3))
 _put(64, "sm90", True, fwd=(128, 128, 8, 3), dkdv=(64, 64, 4, 2), dq=(64, 64, 4, 3))
 for _causal in (False, True):
