@@ -29,7 +29,7 @@ from tests.triton_interp_harness import interpret, main, rel, results_fixture  #
 TOL = 1e-2  # relative L2 error; fp16 inputs, fp16 P in the PV product, fp32 accumulation
 
 # name -> case. window is (left, right) after normalization (-1 = unbounded); causal is (left, 0).
-# blocks: tile overrides (block_m, block_n) for fwd / dkdv / dq; small so that several tiles exist.
+# blocks: forced tiles (block_m, block_n) for fwd / dkdv / dq; small so that several tiles exist.
 _B16 = {"fwd": (16, 16), "bwd_dkdv": (16, 16), "bwd_dq": (16, 16)}
 _MIX = {"fwd": (32, 16), "bwd_dkdv": (16, 32), "bwd_dq": (32, 16)}
 _MIX2 = {"fwd": (16, 32), "bwd_dkdv": (32, 16), "bwd_dq": (16, 32)}
@@ -76,10 +76,10 @@ def _reference(c, q, k, v, dout, dlse):
     scale = c.get("scale", 1.0 / np.sqrt(d))
     cap = c.get("softcap", 0.0)
     qo, ko = c.get("offsets", (0, 0))
-    glq, glk = c.get("glen", (c["lq"], c["lk"]))
+    global_seqlen_q, global_seqlen_k = c.get("glen", (c["lq"], c["lk"]))
     rows = np.arange(c["lq"])[:, None] + qo
     cols = np.arange(c["lk"])[None, :] + ko
-    mask = allowed(rows, cols, glq, glk, Window(*c["window"]), np)  # (lq, lk)
+    mask = allowed(rows, cols, global_seqlen_q, global_seqlen_k, Window(*c["window"]), np)  # (lq, lk)
     raw = np.einsum("bqhd,bkhd->bhqk", q, ke) * scale
     if cap > 0:
         t = np.tanh(raw / cap)
@@ -113,11 +113,11 @@ def _spec(c):
     from fa3jax.masking import Window
     from fa3jax.spec import AttentionSpec
 
-    glq, glk = c.get("glen", (None, None))
+    global_seqlen_q, global_seqlen_k = c.get("glen", (None, None))
     return AttentionSpec(mode="dense", batch=c["b"], seqlen_q=c["lq"], seqlen_k=c["lk"], num_heads_q=c["hq"],
                          num_heads_k=c["hk"], head_dim=c["d"], dtype="float16",
                          softmax_scale=float(c.get("scale", 1.0 / np.sqrt(c["d"]))), window=Window(*c["window"]),
-                         softcap=c.get("softcap", 0.0), mask_seqlen_q=glq, mask_seqlen_k=glk)
+                         softcap=c.get("softcap", 0.0), mask_seqlen_q=global_seqlen_q, mask_seqlen_k=global_seqlen_k)
 
 
 def _run_case(name):

@@ -1,7 +1,8 @@
 """The varlen (packed) Triton forward kernel under Triton's CPU interpreter, against ``fa3jax.reference.varlen``.
 
 Same scheme as ``tests/test_triton_interpret.py`` (``tests/triton_interp_harness.py``): kernels run in worker
-subprocesses with ``TRITON_INTERPRET=1``; the test functions read JSON verdicts. Outputs are pre-filled with NaN so that any element the kernel forgets to write (uncovered rows, tiles past a sequence's end) fails.
+subprocesses with ``TRITON_INTERPRET=1``; the test functions read JSON verdicts. Outputs are pre-filled with NaN
+so that any element the kernel forgets to write (uncovered rows, tiles past a sequence's end) fails.
 On the GPU the same kernel runs through TritonBackend in the shared suite (tests/test_triton_backend.py).
 """
 from __future__ import annotations
