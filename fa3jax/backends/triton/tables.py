@@ -10,9 +10,12 @@ the others are guesses to be measured. Why the guesses look as they do:
     head dim so that Q and 2-3 stages of K/V fit in 227 KiB of shared memory and the fp32 accumulator in registers.
   * dK/dV: the key tile is resident (K, V and two fp32 accumulators), so BLOCK_N * D stays small.
   * dQ: the mirror image with one accumulator, so a larger query tile fits.
+
+The tables are read-only module constants; a forced choice goes through :class:`fa3jax.tuning.Tuning`.
 """
 from __future__ import annotations
 
+import types
 from typing import NamedTuple
 
 
@@ -61,11 +64,12 @@ for _causal in (False, True):
     _put(64, "sm80", _causal, fwd=(128, 64, 4, 3), dkdv=(64, 64, 4, 2), dq=(64, 64, 4, 2))
     _put(128, "sm80", _causal, fwd=(128, 64, 8, 2), dkdv=(32, 128, 8, 2), dq=(64, 64, 4, 2))
     _put(256, "sm80", _causal, fwd=(64, 64, 8, 2), dkdv=(32, 32, 4, 1), dq=(64, 32, 8, 2))
+_TABLE = types.MappingProxyType(_TABLE)  # read-only from here on
 
 # Varlen forward: every sequence's last key block is partial and costs a full one, so a narrower BLOCK_N wastes
 # less (measured, unmasked d=128; causal keeps the dense causal entry, already 128x64).
-_VARLEN_FWD: dict[tuple[int, str, bool, str], TileConfig] = {
-    (128, dtype, False, "sm90"): TileConfig(128, 64, 8, 3) for dtype in ("float16", "bfloat16")}
+_VARLEN_FWD = types.MappingProxyType({
+    (128, dtype, False, "sm90"): TileConfig(128, 64, 8, 3) for dtype in ("float16", "bfloat16")})
 
 
 class DecodeConfig(NamedTuple):
@@ -88,10 +92,10 @@ class DecodeConfig(NamedTuple):
 # Measured on the H100 (see benchmarks/RESULTS.md): 3 pipeline stages when split, 4 for an unsplit contiguous
 # cache; splits fill at most one wave of 2 programs per SM and at most 16 (more splits lost to the combine);
 # "auto" takes stream-K only where each program streams >= 16k keys (below that it lost to splits).
-DECODE = {
+DECODE = types.MappingProxyType({
     "contiguous": DecodeConfig(64, 4, 3, 4, 2, 256, 16, schedule="auto"),
     "paged": DecodeConfig(64, 4, 3, 3, 2, 256, 16, schedule="auto"),
-}
+})
 
 # Used for any key that is not in the table: small tiles that compile everywhere.
 DEFAULT = KernelConfigs(TileConfig(64, 64, 4, 2), TileConfig(32, 64, 4, 2), TileConfig(64, 32, 4, 2), _PRE)
