@@ -13,6 +13,15 @@ last query always sees the last key, and ``causal`` is the window ``(left, 0)``.
 
 Everything here is written against an array namespace ``xp`` (numpy or jax.numpy) so that the float64 test
 reference, the XLA backend and the kernel tests evaluate literally the same expression.
+
+A new mask kind (top-left causal, segment ids, ...) touches these files, plus tests: this module (the
+definition: ``allowed`` and ``key_range``); ``backends/triton/plan_common.py``, whose ``mask_group`` alone turns
+the spec's mask into the Triton kernels' ``MASK`` constexpr tuple and runtime mask arguments;
+``triton_kernels/flash_common.py``, whose mask functions (``_allowed``, ``_key_bound``, ``_key_blocks``,
+``_query_blocks``, ``_mask_pos``) are the only kernel code that reads them (every other kernel function passes
+``MASK`` and the runtime group ``pos`` along whole); and ``backends/xla.py`` where it builds the mask other than
+through ``allowed``. A kind that needs runtime data (segment ids) also adds that array to the top-level kernel
+signatures of ``flash_fwd``/``flash_bwd``, which hand it to ``_mask_pos``.
 """
 from __future__ import annotations
 

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import pytest
 
-from fa3jax.backends.triton import launch, plan, plan_kvcache, plan_varlen, plan_varlen_bwd
+from fa3jax.backends.triton import launch, plan_common, plan_decode, plan_dense, plan_varlen, tables
 from fa3jax.masking import Window
 from fa3jax.spec import AttentionSpec, KVCacheSpec, VarlenSpec
+from fa3jax.tuning import Tuning
 
 triton = pytest.importorskip("triton")
 
@@ -28,7 +29,7 @@ def _pointer(name: str, dtype: str) -> str:
     return {"bfloat16": "*bf16", "float16": "*fp16"}[dtype]
 
 
-def _compile(l: plan.Launch, dtype: str):
+def _compile(l: plan_common.Launch, dtype: str):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -64,7 +65,7 @@ def _launches():
     yield "dense-d64-full", _dense(64, "float16", (-1, -1))
     vs = _dense(128, "bfloat16", (-1, 0)).replace(mode="varlen", batch=5, varlen=VarlenSpec(3000, 3000, True))
     yield "varlen-d128-causal-seqused", vs
-    # the varlen forward's own tile (tuning._VARLEN_FWD), unmasked
+    # the varlen forward's own tile (tables.lookup_varlen_fwd), unmasked
     yield "varlen-d128-full", vs.replace(window=Window(-1, -1), varlen=VarlenSpec(3000, 3000, False))
     for paged in (False, True):
         kv = KVCacheSpec(capacity=32768, cache_batch=128 if paged else 1, paged=paged, page_size=256 if paged else 0,
@@ -78,10 +79,12 @@ def _launches():
 
 def _plans(spec):
     if spec.mode == "dense":
-        return [plan.plan_forward(spec, "sm90"), *plan.plan_backward(spec, "sm90")]
+        return [plan_dense.plan_forward(spec, "sm90"), *plan_dense.plan_backward(spec, "sm90")]
     if spec.mode == "varlen":
-        return [plan_varlen.plan_forward(spec, "sm90"), *plan_varlen_bwd.plan_backward(spec, "sm90")]
-    return [l for sched in plan_kvcache.SCHEDULES for l in plan_kvcache.plan_forward(spec, "sm90", schedule=sched)]
+        return [plan_varlen.plan_forward(spec, "sm90"), *plan_varlen.plan_backward(spec, "sm90")]
+    policy = tables.DECODE["paged" if spec.kvcache.paged else "contiguous"]
+    return [l for sched in plan_decode.SCHEDULES
+            for l in plan_decode.plan_forward(spec, "sm90", tune=Tuning(decode=policy._replace(schedule=sched)))]
 
 
 @pytest.mark.parametrize("spec", [c[1] for c in _launches()], ids=[c[0] for c in _launches()])
@@ -89,8 +92,7 @@ def test_kernels_compile_for_sm90(spec):
     launches = _plans(spec)
     if spec.mode == "kvcache":
         assert [l.kernel for l in launches] == ["_decode_fwd", "_decode_combine", "_decode_fwd_persistent",
-                                                "_decode_combine_streamk", "_decode_fwd_persistent"], \
-            "batch 1: split + combine, stream-K + combine, whole sequences"
+                                                "_decode_combine_streamk"], "split + combine, stream-K + combine"
     for l in launches:
         k = _compile(l, spec.dtype)
         assert k.asm.get("cubin"), l.kernel

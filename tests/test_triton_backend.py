@@ -13,7 +13,8 @@ class TestTriton(AttentionSuite):
 
 
 class _Persistent(TestTriton):
-    """The kvcache tests again, every call automatic (num_splits=0) with the one-wave ``schedule``."""
+    """The kvcache tests again, every call automatic (num_splits=0) with the decode ``schedule`` forced through
+    fa3jax.tuning.override (the paged policy serves both cache layouts then)."""
 
     schedule = ""
 
@@ -22,11 +23,12 @@ class _Persistent(TestTriton):
             pytest.skip("the decode schedule changes only the kvcache path (covered by TestTriton)")
 
     @pytest.fixture(autouse=True)
-    def _schedule(self, monkeypatch):
-        from fa3jax.backends.triton import tuning
+    def _schedule(self):
+        from fa3jax.backends.triton import tables
+        from fa3jax.tuning import Tuning, override
 
-        for layout, cfg in list(tuning.DECODE.items()):
-            monkeypatch.setitem(tuning.DECODE, layout, cfg._replace(schedule=self.schedule))
+        with override(Tuning(decode=tables.DECODE["paged"]._replace(schedule=self.schedule))):
+            yield
 
     def _kvcache_case(self, **kw):
         return super()._kvcache_case(**{**kw, "num_splits": 0})
@@ -35,6 +37,3 @@ class _Persistent(TestTriton):
 class TestTritonStreamK(_Persistent):
     schedule = "streamk"
 
-
-class TestTritonWholeSequences(_Persistent):
-    schedule = "batch"

@@ -5,13 +5,11 @@ sticks for the whole process. To leave other tests of the same pytest run untouc
 subprocesses (``python tests/test_triton_interpret.py --worker CASE...``) that set ``TRITON_INTERPRET=1`` before
 importing anything; the test functions only read their JSON verdicts.
 
-Kernel arguments: the interpreter wants objects with ``data_ptr()`` and a few torch-like storage methods; the
-tiny ``_NpTensor`` below provides them over numpy arrays (host memory, so the interpreter reads them in place),
-so torch is not needed. numpy has no bfloat16, so these tests use float16 inputs.
+Kernel arguments are numpy arrays wrapped by ``tests/triton_interp_harness.py`` (float16: numpy has no bfloat16).
 
-The launches come from :mod:`fa3jax.backends.triton.plan`, the same plans the jax-triton path executes, with
-tile sizes forced small so that every tile-range branch (masked edge tiles, unmasked interior tiles, skipped
-tiles) is reached at small sequence lengths.
+The launches come from :mod:`fa3jax.backends.triton.plan_dense`, the same plans the jax-triton path executes,
+with tile sizes forced small (a :class:`fa3jax.tuning.Tuning`) so that every tile-range branch (masked edge
+tiles, unmasked interior tiles, skipped tiles) is reached at small sequence lengths.
 """
 from __future__ import annotations
 
@@ -26,17 +24,18 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from tests.triton_interp_harness import main, results_fixture  # noqa: E402
+from tests.triton_interp_harness import interpret, main, rel, results_fixture  # noqa: E402
+
 TOL = 1e-2  # relative L2 error; fp16 inputs, fp16 P in the PV product, fp32 accumulation
 
 # name -> case. window is (left, right) after normalization (-1 = unbounded); causal is (left, 0).
-# blocks: tile overrides (block_m, block_n) for fwd / dkdv / dq; small so that several tiles exist.
+# blocks: forced tiles (block_m, block_n) for fwd / dkdv / dq; small so that several tiles exist.
 _B16 = {"fwd": (16, 16), "bwd_dkdv": (16, 16), "bwd_dq": (16, 16)}
 _MIX = {"fwd": (32, 16), "bwd_dkdv": (16, 32), "bwd_dq": (32, 16)}
 _MIX2 = {"fwd": (16, 32), "bwd_dkdv": (32, 16), "bwd_dq": (16, 32)}
 CASES = {
     "full_b2_l37_d64": dict(b=2, lq=37, lk=37, hq=2, hk=2, d=64, window=(-1, -1), blocks=_B16),
-    # overlap (tuning.TileConfig.overlap) is on for the forward and dK/dV kernels except in the cases that set it
+    # overlap (tables.TileConfig.overlap) is on for the forward and dK/dV kernels except in the cases that set it
     # False; the forward takes flash_fwd._fwd_tiles_overlap where the head dim needs no padding and there is no
     # softcap.
     "full_interior_l64": dict(b=1, lq=64, lk=64, hq=1, hk=1, d=16, window=(-1, -1), blocks=_MIX, overlap=False),
@@ -66,75 +65,6 @@ CASES = {
 }
 
 
-# ----------------------------------------------------------------------------------------------- worker side
-class _Storage:
-    def __init__(self, t):
-        self.t = t
-
-    def data_ptr(self):
-        return self.t.arr.ctypes.data
-
-    def cpu(self):  # already host memory: the interpreter works in place
-        return self
-
-    def copy_(self, other):
-        pass
-
-
-class _NpTensor:
-    """The slice of the torch.Tensor API that triton/runtime/interpreter.py touches, over a numpy array."""
-
-    def __init__(self, arr, dtype):
-        self.arr = arr
-        self.dtype = dtype
-
-    def data_ptr(self):
-        return self.arr.ctypes.data
-
-    def untyped_storage(self):
-        return _Storage(self)
-
-    def new_empty(self, *args, **kwargs):
-        return _NpTensor(None, self.dtype)
-
-    def set_(self, storage, offset, size, stride):
-        self.arr = storage.t.arr
-        return self
-
-    def storage_offset(self):
-        return 0
-
-    def size(self):
-        return self.arr.shape
-
-    def stride(self):
-        return tuple(s // self.arr.itemsize for s in self.arr.strides)
-
-
-def _interpret(launch, arrays):
-    """Execute a plan.Launch in the interpreter; arrays maps names to contiguous numpy arrays."""
-    import triton.language as tl
-
-    from fa3jax.backends.triton import launch as launch_mod
-
-    tl_types = {np.dtype(np.float16): tl.float16, np.dtype(np.float32): tl.float32,
-                np.dtype(np.int32): tl.int32}
-    np_types = {"float16": np.float16, "float32": np.float32}
-    outs = [np.zeros(shape, np_types[dt]) for _, shape, dt in launch.outputs]
-    args = []
-    for kind, value in launch.args:
-        if kind == "array":
-            a = np.ascontiguousarray(arrays[value])
-            args.append(_NpTensor(a, tl_types[a.dtype]))
-        elif kind == "i32":
-            args.append(int(value))
-        else:
-            args.append(float(np.float32(value)))
-    args += [_NpTensor(o, tl_types[o.dtype]) for o in outs]
-    launch_mod.kernel(launch)[launch.grid](*args, **launch.meta)
-    return outs
-
-
 def _reference(c, q, k, v, dout, dlse):
     """float64 forward and backward from the definition, mask from fa3jax.masking.allowed."""
     from fa3jax.masking import Window, allowed
@@ -146,10 +76,10 @@ def _reference(c, q, k, v, dout, dlse):
     scale = c.get("scale", 1.0 / np.sqrt(d))
     cap = c.get("softcap", 0.0)
     qo, ko = c.get("offsets", (0, 0))
-    glq, glk = c.get("glen", (c["lq"], c["lk"]))
+    global_seqlen_q, global_seqlen_k = c.get("glen", (c["lq"], c["lk"]))
     rows = np.arange(c["lq"])[:, None] + qo
     cols = np.arange(c["lk"])[None, :] + ko
-    mask = allowed(rows, cols, glq, glk, Window(*c["window"]), np)  # (lq, lk)
+    mask = allowed(rows, cols, global_seqlen_q, global_seqlen_k, Window(*c["window"]), np)  # (lq, lk)
     raw = np.einsum("bqhd,bkhd->bhqk", q, ke) * scale
     if cap > 0:
         t = np.tanh(raw / cap)
@@ -183,23 +113,16 @@ def _spec(c):
     from fa3jax.masking import Window
     from fa3jax.spec import AttentionSpec
 
-    glq, glk = c.get("glen", (None, None))
+    global_seqlen_q, global_seqlen_k = c.get("glen", (None, None))
     return AttentionSpec(mode="dense", batch=c["b"], seqlen_q=c["lq"], seqlen_k=c["lk"], num_heads_q=c["hq"],
                          num_heads_k=c["hk"], head_dim=c["d"], dtype="float16",
                          softmax_scale=float(c.get("scale", 1.0 / np.sqrt(c["d"]))), window=Window(*c["window"]),
-                         softcap=c.get("softcap", 0.0), mask_seqlen_q=glq, mask_seqlen_k=glk)
-
-
-def _rel(x, ref):
-    x = np.asarray(x, np.float64)
-    if not np.all(np.isfinite(x)):
-        return float("inf")
-    den = np.linalg.norm(ref)
-    return float(np.linalg.norm(x - ref) / den) if den > 0 else float(np.linalg.norm(x))
+                         softcap=c.get("softcap", 0.0), mask_seqlen_q=global_seqlen_q, mask_seqlen_k=global_seqlen_k)
 
 
 def _run_case(name):
-    from fa3jax.backends.triton import plan
+    from fa3jax.backends.triton import plan_dense
+    from fa3jax.tuning import Tuning
 
     c = CASES[name]
     rng = np.random.default_rng(zlib.crc32(name.encode()))
@@ -213,9 +136,11 @@ def _run_case(name):
     spec = _spec(c)
     arrays = dict(q=q, k=k, v=v, dout=dout, dlse=dlse, offsets=np.asarray(c.get("offsets", (0, 0)), np.int32))
 
-    fwd = plan.plan_forward(spec, "sm90", overrides={"fwd": c["blocks"]["fwd"] + (4, 1, c.get("overlap", True))})
-    out, lse = _interpret(fwd, arrays)
-    res = {"out": _rel(out, ref["out"])}
+    tiles = {key: c["blocks"][key] + (4, 1, c.get("overlap", True)) for key in ("fwd", "bwd_dkdv", "bwd_dq")}
+    tune = Tuning(**tiles)
+    fwd = plan_dense.plan_forward(spec, "sm90", tune)
+    out, lse = interpret(fwd, arrays)
+    res = {"out": rel(out, ref["out"])}
     finite = np.isfinite(ref["lse"])
     res["lse_inf_match"] = bool(np.array_equal(np.isneginf(lse), ~finite))
     res["lse"] = float(np.max(np.abs(lse[finite] - ref["lse"][finite]), initial=0.0))
@@ -224,18 +149,17 @@ def _run_case(name):
     res["empty_out_zero"] = bool(np.all(out[:, empty_rows] == 0))
 
     arrays.update(out=out, lse=lse)
-    overrides = {key: c["blocks"][key] + (4, 1, c.get("overlap", True)) for key in ("bwd_dkdv", "bwd_dq")}
-    pre, dkdv, dq_launch = plan.plan_backward(spec, "sm90", overrides=overrides)
-    (arrays["delta"],) = _interpret(pre, arrays)
-    dk, dv = _interpret(dkdv, arrays)
-    (dq,) = _interpret(dq_launch, arrays)
+    pre, dkdv, dq_launch = plan_dense.plan_backward(spec, "sm90", tune)
+    (arrays["delta"],) = interpret(pre, arrays)
+    dk, dv = interpret(dkdv, arrays)
+    (dq,) = interpret(dq_launch, arrays)
     for key, x in (("dq", dq), ("dk", dk), ("dv", dv)):
-        res[key] = _rel(x, ref[key])
+        res[key] = rel(x, ref[key])
     res["empty_dq_zero"] = bool(np.all(dq[:, empty_rows] == 0))
     res["empty_dkdv_zero"] = bool(np.all(dk[:, ref["col_empty"]] == 0) and np.all(dv[:, ref["col_empty"]] == 0))
     # Repeat the backward: must be bitwise identical (no atomics anywhere).
-    dk2, dv2 = _interpret(dkdv, arrays)
-    (dq2,) = _interpret(dq_launch, arrays)
+    dk2, dv2 = interpret(dkdv, arrays)
+    (dq2,) = interpret(dq_launch, arrays)
     res["bitwise_repeat"] = bool(np.array_equal(dq, dq2) and np.array_equal(dk, dk2) and np.array_equal(dv, dv2))
     return res
 
@@ -270,27 +194,30 @@ def test_availability_on_cpu_does_not_raise():
 
 
 def test_plan_shapes_and_tuning():
-    from fa3jax.backends.triton import plan, tuning
+    from fa3jax.backends.triton import plan_dense, tables
     from fa3jax.masking import Window
     from fa3jax.spec import AttentionSpec
 
     for d, pad in ((8, 16), (40, 64), (64, 64), (72, 128), (80, 128), (96, 128), (192, 256), (256, 256)):
-        assert tuning.head_dim_pad(d) == pad
+        assert tables.head_dim_pad(d) == pad
     spec = AttentionSpec(mode="dense", batch=2, seqlen_q=1000, seqlen_k=1037, num_heads_q=8, num_heads_k=2,
                          head_dim=96, dtype="bfloat16", softmax_scale=0.1, window=Window(-1, 0))
-    fwd = plan.plan_forward(spec, "sm90")
+    fwd = plan_dense.plan_forward(spec, "sm90")
     meta = fwd.meta
     assert meta["HEAD_DIM"] == 96 and meta["HEAD_DIM_PAD"] == 128 and meta["REVERSE_M"]
     assert fwd.grid == (-(-1000 // meta["BLOCK_M"]), 8, 2)
-    pre, dkdv, dq = plan.plan_backward(spec, "sm90")
+    pre, dkdv, dq = plan_dense.plan_backward(spec, "sm90")
     assert dkdv.grid[1:] == (2, 2) and dq.grid[1:] == (8, 2)
     assert dkdv.outputs[0][1] == (2, 1037, 2, 96)
     # Unknown arch falls back to the default entry; sm89 maps to the sm80 one.
-    assert tuning.lookup(128, "float16", True, "sm75") == tuning.DEFAULT
-    assert tuning.lookup(128, "float16", True, "sm89") == tuning.lookup(128, "float16", True, "sm80")
+    assert tables.lookup(128, "float16", True, "sm75") == tables.DEFAULT
+    assert tables.lookup(128, "float16", True, "sm89") == tables.lookup(128, "float16", True, "sm80")
     bad = spec.replace(dtype="float32")
-    assert plan.check(bad) and plan.check(spec.replace(head_dim=320)) and plan.check(spec.replace(mode="varlen"))
-    assert plan.check(spec) is None
+    assert plan_dense.check(bad) and plan_dense.check(spec.replace(mode="varlen"))
+    assert plan_dense.check(spec.replace(num_heads_q=65536, num_heads_k=1))  # grid limit
+    assert plan_dense.check(spec) is None
+    # The mask reaches the kernels as one constexpr group and the runtime offsets/global lengths as arguments.
+    assert meta["MASK"] == (-1, 0, False, False) and ("i32", spec.global_seqlen_k) in fwd.args
 
 
 def test_backend_wiring_with_fake_jax_triton(monkeypatch):
@@ -329,6 +256,13 @@ def test_backend_wiring_with_fake_jax_triton(monkeypatch):
     grads = jax.jit(lambda *xs: be.backward(spec, *xs))(q, k, k, out, lse, q, lse, args)
     assert [g.shape for g in grads] == [q.shape, k.shape, k.shape]
     assert [c[0] for c in calls] == ["_attn_fwd", "_bwd_preprocess", "_bwd_dkdv", "_bwd_dq"]
+    # fa3jax.tuning.override reaches the plans at trace time.
+    from fa3jax.tuning import Tuning, override
+
+    calls.clear()
+    with override(Tuning(fwd=(16, 16, 4, 1))):
+        jax.jit(lambda q, k, v, a: be.forward(spec, q, k, v, a))(q, k, k, args)
+    assert (calls[0][2]["BLOCK_M"], calls[0][2]["BLOCK_N"]) == (16, 16) and calls[0][1][0] == 3
     with pytest.raises(NotImplementedError):
         be.check_forward(spec.replace(dtype="float32"))
 

@@ -20,21 +20,16 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from tests.triton_interp_harness import main, results_fixture  # noqa: E402
-from tests.test_triton_interpret import _rel  # noqa: E402
-from tests.test_triton_interpret_varlen import _interpret  # noqa: E402  (NaN-prefilled outputs)
+from tests.triton_interp_harness import interpret, main, rel, results_fixture  # noqa: E402
 
 TOL = 1e-2
-# plan_kvcache.plan_forward keywords per variant: split counts (0 = the automatic count), and stream-K with a
-# fixed number of programs per kv head (13 exceeds some cases' key tiles: programs with no tiles) or automatic,
-# and whole sequences per program (b1: one program walks the batch).
+# Per variant: the split count (0 = the automatic count) and what the Tuning forces: the decode schedule and, for
+# stream-K, a fixed number of programs per kv head (13 exceeds some cases' key tiles: programs with no tiles).
 VARIANTS = {
     "s1": dict(num_splits=1), "s3": dict(num_splits=3), "s5": dict(num_splits=5),
     "s0": dict(num_splits=0, schedule="split"),
     "k1": dict(num_splits=0, schedule="streamk", programs=1), "k3": dict(num_splits=0, schedule="streamk", programs=3),
     "k13": dict(num_splits=0, schedule="streamk", programs=13), "k0": dict(num_splits=0, schedule="streamk"),
-    "b1": dict(num_splits=0, schedule="batch", programs=1), "b2": dict(num_splits=0, schedule="batch", programs=2),
-    "b0": dict(num_splits=0, schedule="batch"),
 }
 
 CASES = {
@@ -91,9 +86,10 @@ def _run_case(name):
     import jax.numpy as jnp
 
     from fa3jax import reference
-    from fa3jax.backends.triton import plan_kvcache
+    from fa3jax.backends.triton import plan_decode, tables
     from fa3jax.masking import Window
     from fa3jax.spec import AttentionSpec, KVCacheSpec
+    from fa3jax.tuning import Tuning
     from fa3jax.validation import sanitize_kvcache
 
     c = CASES[name]
@@ -125,7 +121,7 @@ def _run_case(name):
     spec = AttentionSpec(mode="kvcache", batch=b, seqlen_q=lq, seqlen_k=cap, num_heads_q=hq, num_heads_k=hk,
                          head_dim=d, dtype="float16", softmax_scale=scale, window=window, softcap=cap_soft,
                          kvcache=kvs)
-    assert plan_kvcache.check(spec) is None, plan_kvcache.check(spec)
+    assert plan_decode.check(spec) is None, plan_decode.check(spec)
     opt = lambda key: None if key not in c else jnp.asarray(c[key], jnp.int32)  # noqa: E731
     sargs, _ = sanitize_kvcache(spec, jnp.asarray(c["seqlens"], jnp.int32), opt("batch_idx"), opt("leftpad"),
                                 None if pt is None else jnp.asarray(pt), k_new, v_new)
@@ -146,16 +142,20 @@ def _run_case(name):
     res = {"n_empty": int((~finite).sum())}
     outs = {}
     for key, kw in VARIANTS.items():
-        launches = plan_kvcache.plan_forward(spec, "sm90", overrides={"fwd": (16, 16, 4, 1)}, **kw)
+        policy = tables.DECODE["paged" if paged else "contiguous"]
+        if "schedule" in kw:
+            policy = policy._replace(schedule=kw["schedule"])
+        tune = Tuning(fwd=(16, 16, 4, 1), decode=policy, decode_programs=kw.get("programs"))
+        launches = plan_decode.plan_forward(spec, "sm90", num_splits=kw["num_splits"], tune=tune)
         arrs = dict(arrays)
         for launch in launches:
-            got = _interpret(launch, arrs)
+            got = interpret(launch, arrs)
             arrs.update({nm: x for (nm, _, _), x in zip(launch.outputs, got)})
         out, lse = arrs["out"], arrs["lse"]
         outs[key] = out
         res[f"{key}_kernel"] = launches[0].kernel
         res[f"{key}_nsplit"] = launches[0].meta.get("NUM_SPLITS", 0)
-        res[f"{key}_out"] = _rel(out, ref_out)
+        res[f"{key}_out"] = rel(out, ref_out)
         res[f"{key}_lse"] = float(np.max(np.abs(lse[finite] - ref_lse[finite]), initial=0.0))
         res[f"{key}_inf"] = bool(np.array_equal(np.isneginf(lse), ~finite) and not np.any(np.isnan(lse)))
         res[f"{key}_empty0"] = bool(np.all(out.transpose(0, 2, 1, 3)[~finite] == 0))
@@ -175,7 +175,7 @@ def test_kvcache_forward_interpreted(results, name):
         assert r[f"{k}_lse"] < 1e-2, (k, r)
         assert r[f"{k}_inf"] and r[f"{k}_empty0"], (k, r)
     assert r["s3_nsplit"] > 1  # the split path (partials + combine) really ran
-    assert r["s0_kernel"] == "_decode_fwd" and r["k3_kernel"] == r["b1_kernel"] == "_decode_fwd_persistent"
+    assert r["s0_kernel"] == "_decode_fwd" and r["k3_kernel"] == "_decode_fwd_persistent"
     assert r["split_spread"] < 5e-3, r  # splits and stream-K agree within fp16 rounding of the output
 
 
@@ -184,7 +184,7 @@ def test_kvcache_edge_cases_are_exercised(results):
 
 
 def test_choose_num_splits():
-    from fa3jax.backends.triton.plan_kvcache import MAX_SPLITS, choose_num_splits
+    from fa3jax.backends.triton.plan_decode import MAX_SPLITS, choose_num_splits
 
     assert choose_num_splits(1, 8, 100, 132) == 1  # short cache
     assert choose_num_splits(64, 16, 32768, 132) == 1  # enough programs already
@@ -201,56 +201,52 @@ def test_choose_num_splits():
 
 
 def test_kvcache_plan():
-    from fa3jax.backends.triton import plan_kvcache
+    from fa3jax.backends.triton import plan_decode, tables
     from fa3jax.masking import Window
     from fa3jax.spec import AttentionSpec, KVCacheSpec
+    from fa3jax.tuning import Tuning
 
     kvs = KVCacheSpec(capacity=8192, cache_batch=600, paged=True, page_size=48, pages_per_seq=171, seqlen_new=1,
                       rotary_dim=0, rotary_interleaved=False, has_cache_batch_idx=False, has_cache_leftpad=False,
                       num_splits=0, return_updated_cache=False)
     spec = AttentionSpec(mode="kvcache", batch=1, seqlen_q=1, seqlen_k=8192, num_heads_q=32, num_heads_k=4,
                          head_dim=128, dtype="bfloat16", softmax_scale=0.1, window=Window(-1, 0), kvcache=kvs)
-    assert plan_kvcache.check(spec) is None
-    decode, combine = plan_kvcache.plan_forward(spec, "sm90")
+    assert plan_decode.check(spec) is None
+    decode, combine = plan_decode.plan_forward(spec, "sm90")
     meta = decode.meta
-    assert meta["PAGE_SIZE"] % meta["BLOCK_N"] == 0 and meta["BLOCK_N"] == 16  # 48 = 16 * 3
+    assert meta["LAYOUT"][1] % meta["BLOCK_N"] == 0 and meta["BLOCK_N"] == 16  # page 48 = 16 * 3
     assert meta["BLOCK_M"] == 16 and decode.grid == (meta["NUM_SPLITS"], 4, 1) and meta["NUM_SPLITS"] > 1
     assert combine.outputs == (("out", (1, 1, 32, 128), "bfloat16"), ("lse", (1, 32, 1), "float32"))
-    (single,) = plan_kvcache.plan_forward(spec, "sm90", num_splits=1)
+    (single,) = plan_decode.plan_forward(spec, "sm90", num_splits=1)
     assert single.outputs[0][0] == "out"
-    assert plan_kvcache.check(spec.replace(kvcache=kvs.__class__(**{**kvs.__dict__, "page_size": 24})))
-    assert plan_kvcache.check(spec.replace(dtype="float32"))
+    assert plan_decode.check(spec.replace(kvcache=kvs.__class__(**{**kvs.__dict__, "page_size": 24})))
+    assert plan_decode.check(spec.replace(dtype="float32"))
 
     # stream-K: one wave over the kv heads, partial slots (hk, programs + batch), combine grid (hk, batch)
-    decode, combine = plan_kvcache.plan_forward(spec, "sm90", schedule="streamk")
-    g, per = plan_kvcache.persistent_programs(1, 4, 8192 // 16, 132, 2, 256 // 16)
-    assert (g, per) == (32, 0) and decode.kernel == "_decode_fwd_persistent" and decode.grid == (4, g, 1)
-    assert decode.meta["SEQS_PER_PROGRAM"] == 0 and combine.grid == (4, 1, 1)
+    streamk = Tuning(decode=tables.DECODE["paged"]._replace(schedule="streamk"))
+    decode, combine = plan_decode.plan_forward(spec, "sm90", tune=streamk)
+    g = plan_decode.persistent_programs(1, 4, 8192 // 16, 132, 2, 256 // 16)
+    assert g == 32 and decode.kernel == "_decode_fwd_persistent" and decode.grid == (4, g, 1)
+    assert combine.grid == (4, 1, 1)
     assert decode.outputs[0] == ("out_acc", (4, g + 1, 16, 128), "float32")
     assert combine.outputs == (("out", (1, 1, 32, 128), "bfloat16"), ("lse", (1, 32, 1), "float32"))
-    # whole sequences: one launch writing the final outputs
-    (whole,) = plan_kvcache.plan_forward(spec.replace(batch=100), "sm90", schedule="batch")
-    assert whole.grid == (4, 50, 1) and whole.meta["SEQS_PER_PROGRAM"] == 2 and whole.outputs[0][0] == "out"
     # explicit split counts and multi-tile queries keep the split kernel
-    assert plan_kvcache.plan_forward(spec, "sm90", num_splits=2, schedule="streamk")[0].kernel == "_decode_fwd"
+    assert plan_decode.plan_forward(spec, "sm90", num_splits=2, tune=streamk)[0].kernel == "_decode_fwd"
     chunk = spec.replace(seqlen_q=64)
-    assert plan_kvcache.plan_forward(chunk, "sm90", schedule="streamk")[0].kernel == "_decode_fwd"
+    assert plan_decode.plan_forward(chunk, "sm90", tune=streamk)[0].kernel == "_decode_fwd"
     with pytest.raises(ValueError, match="schedule"):
-        plan_kvcache.plan_forward(spec, "sm90", schedule="persistent")
+        plan_decode.plan_forward(spec, "sm90", tune=Tuning(decode=streamk.decode._replace(schedule="batch")))
 
 
 def test_persistent_programs_and_schedule():
-    from fa3jax.backends.triton import tuning
-    from fa3jax.backends.triton.plan_kvcache import choose_schedule, persistent_programs
+    from fa3jax.backends.triton import tables
+    from fa3jax.backends.triton.plan_decode import choose_schedule, persistent_programs
 
-    assert persistent_programs(64, 8, 512, 132) == (33, 0)  # one wave of 2 programs per SM over 8 kv heads
-    assert persistent_programs(1, 8, 64, 132, min_tiles=4) == (16, 0)  # 64 tiles, at least 4 per program
-    assert persistent_programs(3, 300, 10, 132) == (1, 0)  # more kv heads than a wave holds
-    assert persistent_programs(2, 8, 0, 132) == (1, 0)
-    assert persistent_programs(64, 8, 512, 132, whole=True) == (32, 2)  # 33 per head: 2 sequences each
-    assert persistent_programs(37, 8, 512, 132, whole=True) == (19, 2)
-    assert persistent_programs(20, 8, 512, 132, whole=True) == (20, 1)
-    auto = tuning.DecodeConfig(64, 4, 3, 3, 2, 256, 16, schedule="auto", streamk_min_keys=16384)
+    assert persistent_programs(64, 8, 512, 132) == 33  # one wave of 2 programs per SM over 8 kv heads
+    assert persistent_programs(1, 8, 64, 132, min_tiles=4) == 16  # 64 tiles, at least 4 per program
+    assert persistent_programs(3, 300, 10, 132) == 1  # more kv heads than a wave holds
+    assert persistent_programs(2, 8, 0, 132) == 1
+    auto = tables.DecodeConfig(64, 4, 3, 3, 2, 256, 16, schedule="auto", streamk_min_keys=16384)
     assert choose_schedule(64, 8, 32768, 132, 1, auto) == "streamk"
     assert choose_schedule(64, 8, 4096, 132, 1, auto) == "split"  # 64 * 4k / 33 < 16k keys per program
     assert choose_schedule(8, 8, 131072, 132, 1, auto) == "streamk"  # 8 * 128k / 33 >= 16k keys per program
@@ -258,7 +254,7 @@ def test_persistent_programs_and_schedule():
     assert choose_schedule(1, 8, 131072, 132, 1, auto) == "split"
     assert choose_schedule(64, 8, 32768, 132, 2, auto) == "split"  # several query tiles
     assert choose_schedule(2048, 8, 4096, 132, 1, auto) == "split"  # too many sequences for one program's lanes
-    assert choose_schedule(64, 8, 4096, 132, 1, auto._replace(schedule="batch")) == "batch"
+    assert choose_schedule(64, 8, 4096, 132, 1, auto._replace(schedule="streamk")) == "streamk"
 
 
 if __name__ == "__main__":

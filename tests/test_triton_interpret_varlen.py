@@ -1,8 +1,8 @@
 """The varlen (packed) Triton forward kernel under Triton's CPU interpreter, against ``fa3jax.reference.varlen``.
 
-Same scheme as ``tests/test_triton_interpret.py`` (whose numpy-backed tensor shim this reuses): kernels run in
-worker subprocesses with ``TRITON_INTERPRET=1``; the test functions read JSON verdicts. Outputs are pre-filled
-with NaN so that any element the kernel forgets to write (uncovered rows, tiles past a sequence's end) fails.
+Same scheme as ``tests/test_triton_interpret.py`` (``tests/triton_interp_harness.py``): kernels run in worker
+subprocesses with ``TRITON_INTERPRET=1``; the test functions read JSON verdicts. Outputs are pre-filled with NaN
+so that any element the kernel forgets to write (uncovered rows, tiles past a sequence's end) fails.
 On the GPU the same kernel runs through TritonBackend in the shared suite (tests/test_triton_backend.py).
 """
 from __future__ import annotations
@@ -18,8 +18,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from tests.triton_interp_harness import main, results_fixture  # noqa: E402
-from tests.test_triton_interpret import _NpTensor, _rel  # noqa: E402
+from tests.triton_interp_harness import interpret, main, rel, results_fixture  # noqa: E402
 
 TOL = 1e-2
 
@@ -38,34 +37,12 @@ CASES = {
 }
 
 
-def _interpret(launch, arrays):
-    """Execute a plan.Launch in the interpreter; outputs start as NaN (float) so unwritten elements show."""
-    import triton.language as tl
-
-    from fa3jax.backends.triton import launch as launch_mod
-
-    tl_types = {np.dtype(np.float16): tl.float16, np.dtype(np.float32): tl.float32, np.dtype(np.int32): tl.int32}
-    np_types = {"float16": np.float16, "float32": np.float32}
-    outs = [np.full(shape, np.nan, np_types[dt]) for _, shape, dt in launch.outputs]
-    args = []
-    for kind, value in launch.args:
-        if kind == "array":
-            a = np.ascontiguousarray(arrays[value])
-            args.append(_NpTensor(a, tl_types[a.dtype]))
-        elif kind == "i32":
-            args.append(int(value))
-        else:
-            args.append(float(np.float32(value)))
-    args += [_NpTensor(o, tl_types[o.dtype]) for o in outs]
-    launch_mod.kernel(launch)[launch.grid](*args, **launch.meta)
-    return outs
-
-
 def _run_case(name):
     from fa3jax import reference
     from fa3jax.backends.triton import plan_varlen
     from fa3jax.masking import Window
     from fa3jax.spec import AttentionSpec, VarlenSpec
+    from fa3jax.tuning import Tuning
 
     c = CASES[name]
     rng = np.random.default_rng(zlib.crc32(name.encode()))
@@ -87,16 +64,16 @@ def _run_case(name):
                          softcap=cap, varlen=VarlenSpec(int(np.diff(cu_q).max()), int(len_k.max()),
                                                         seqused is not None))
     assert plan_varlen.check(spec) is None, plan_varlen.check(spec)
-    launch = plan_varlen.plan_forward(spec, "sm90", overrides={"fwd": c["blocks"] + (4, 1, c.get("overlap", True))})
+    launch = plan_varlen.plan_forward(spec, "sm90", Tuning(fwd=c["blocks"] + (4, 1, c.get("overlap", True))))
     arrays = dict(q=q, k=k, v=v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
                   seqused_k=seqused if seqused is not None else cu_k)
-    out, lse = _interpret(launch, arrays)
+    out, lse = interpret(launch, arrays)
     finite = np.isfinite(ref_lse)
     covered = np.zeros(tq, bool)
     covered[cu_q[0]:cu_q[-1]] = True
     empty = ~finite  # (hq, tq): rows that see nothing (incl. uncovered rows)
     return {
-        "out": _rel(out, ref_out),
+        "out": rel(out, ref_out),
         "lse": float(np.max(np.abs(lse[finite] - ref_lse[finite]), initial=0.0)),
         "lse_inf_match": bool(np.array_equal(np.isneginf(lse), empty)),
         "empty_out_zero": bool(np.all(out.transpose(1, 0, 2)[empty] == 0)),
@@ -143,14 +120,14 @@ def test_varlen_plan():
     assert plan_varlen.plan_forward(empty, "sm90").grid[0] == 1
     # The varlen forward has its own (narrower-key) tile for unmasked d=128 on sm90; causal and other archs keep
     # the dense forward's entry.
-    from fa3jax.backends.triton import tuning
+    from fa3jax.backends.triton import tables
     full = spec.replace(window=Window(-1, -1))  # head_dim 96: the d=128 bucket
     varlen_tile = plan_varlen.plan_forward(full, "sm90").meta
-    assert (varlen_tile["BLOCK_M"], varlen_tile["BLOCK_N"]) == tuple(tuning.lookup_varlen_fwd(96, "bfloat16", False,
+    assert (varlen_tile["BLOCK_M"], varlen_tile["BLOCK_N"]) == tuple(tables.lookup_varlen_fwd(96, "bfloat16", False,
                                                                                               "sm90")[:2])
-    assert tuning.lookup_varlen_fwd(96, "bfloat16", False, "sm90") != tuning.lookup(96, "bfloat16", False, "sm90").fwd
+    assert tables.lookup_varlen_fwd(96, "bfloat16", False, "sm90") != tables.lookup(96, "bfloat16", False, "sm90").fwd
     for causal, arch in ((True, "sm90"), (False, "sm80")):
-        assert tuning.lookup_varlen_fwd(96, "bfloat16", causal, arch) == tuning.lookup(96, "bfloat16", causal, arch).fwd
+        assert tables.lookup_varlen_fwd(96, "bfloat16", causal, arch) == tables.lookup(96, "bfloat16", causal, arch).fwd
 
 
 if __name__ == "__main__":

@@ -19,9 +19,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from tests.triton_interp_harness import main, results_fixture  # noqa: E402
-from tests.test_triton_interpret import _rel  # noqa: E402
-from tests.test_triton_interpret_varlen import _interpret  # noqa: E402
+from tests.triton_interp_harness import interpret, main, rel, results_fixture  # noqa: E402
 
 TOL = 1e-2
 
@@ -35,7 +33,7 @@ _MIX = {"bwd_dkdv": (16, 32), "bwd_dq": (32, 16)}
 CASES = {
     "full_d64": dict(hq=2, hk=2, d=64, window=(-1, -1), blocks=_B16),
     "causal_d40_seqused_gqa42": dict(hq=4, hk=2, d=40, window=(-1, 0), blocks=_MIX, seqused=[25, 1, 0, 33, 0]),
-    # overlap (tuning.TileConfig.overlap) is on for the dK/dV kernel except where a case sets it False.
+    # overlap (tables.TileConfig.overlap) is on for the dK/dV kernel except where a case sets it False.
     "window_8_4_gqa42": dict(hq=4, hk=2, d=16, window=(8, 4), blocks=_B16, overlap=False),
     "window_16_inf_mqa41_seqused": dict(hq=4, hk=1, d=16, window=(16, -1), blocks=_MIX, seqused=[28, 0, 0, 20, 2]),
     "softcap_causal_d64": dict(hq=2, hk=1, d=64, window=(-1, 0), softcap=2.0, blocks=_B16),
@@ -46,9 +44,10 @@ CASES = {
 
 def _run_case(name):
     from fa3jax import reference
-    from fa3jax.backends.triton import plan_varlen, plan_varlen_bwd
+    from fa3jax.backends.triton import plan_varlen
     from fa3jax.masking import Window
     from fa3jax.spec import AttentionSpec, VarlenSpec
+    from fa3jax.tuning import Tuning
 
     c = CASES[name]
     rng = np.random.default_rng(zlib.crc32(name.encode()))
@@ -73,20 +72,20 @@ def _run_case(name):
                          softcap=cap, varlen=VarlenSpec(int(np.diff(cu_q).max()), int(len_k.max()),
                                                         seqused is not None))
     assert plan_varlen.check(spec) is None, plan_varlen.check(spec)
-    overrides = {key: c["blocks"][key] + (4, 1, c.get("overlap", True)) for key in ("bwd_dkdv", "bwd_dq")}
-    pre, dkdv, dq_launch = plan_varlen_bwd.plan_backward(spec, "sm90", overrides=overrides)
+    tune = Tuning(**{key: c["blocks"][key] + (4, 1, c.get("overlap", True)) for key in ("bwd_dkdv", "bwd_dq")})
+    pre, dkdv, dq_launch = plan_varlen.plan_backward(spec, "sm90", tune)
     arrays = dict(q=q, k=k, v=v, dout=dout, dlse=dlse, out=out.astype(np.float16), lse=lse.astype(np.float32),
                   cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, seqused_k=seqused if seqused is not None else cu_k)
-    (arrays["delta"],) = _interpret(pre, arrays)
-    dk, dv = _interpret(dkdv, arrays)
-    (dq,) = _interpret(dq_launch, arrays)
+    (arrays["delta"],) = interpret(pre, arrays)
+    dk, dv = interpret(dkdv, arrays)
+    (dq,) = interpret(dq_launch, arrays)
 
     q_in = np.zeros(tq, bool)
     k_in = np.zeros(tk, bool)
     for b in range(len(cu_q) - 1):
         q_in[cu_q[b]:cu_q[b + 1]] = True
         k_in[cu_k[b]:cu_k[b] + len_k[b]] = True
-    res = {key: _rel(x, ref) for key, x, ref in (("dq", dq, ref_dq), ("dk", dk, ref_dk), ("dv", dv, ref_dv))}
+    res = {key: rel(x, ref) for key, x, ref in (("dq", dq, ref_dq), ("dk", dk, ref_dk), ("dv", dv, ref_dv))}
     res["no_nan"] = bool(all(np.all(np.isfinite(x)) for x in (dq, dk, dv)))
     res["outside_zero"] = bool(np.all(dq[~q_in] == 0) and np.all(dk[~k_in] == 0) and np.all(dv[~k_in] == 0))
     # Structurally zero gradients (rows that see nothing, keys nobody sees) must come out exactly zero.
@@ -94,8 +93,8 @@ def _run_case(name):
                               and np.all(dv[ref_dv == 0] == 0))
     res["n_q_outside"] = int((~q_in).sum())
     res["n_k_outside"] = int((~k_in).sum())
-    dk2, dv2 = _interpret(dkdv, arrays)
-    (dq2,) = _interpret(dq_launch, arrays)
+    dk2, dv2 = interpret(dkdv, arrays)
+    (dq2,) = interpret(dq_launch, arrays)
     res["bitwise_repeat"] = bool(np.array_equal(dq, dq2) and np.array_equal(dk, dk2) and np.array_equal(dv, dv2))
     return res
 
@@ -120,14 +119,14 @@ def test_varlen_backward_edge_cases_are_exercised(results):
 
 
 def test_varlen_backward_plan():
-    from fa3jax.backends.triton import plan_varlen_bwd
+    from fa3jax.backends.triton import plan_varlen
     from fa3jax.masking import Window
     from fa3jax.spec import AttentionSpec, VarlenSpec
 
     spec = AttentionSpec(mode="varlen", batch=3, seqlen_q=1000, seqlen_k=1200, num_heads_q=8, num_heads_k=2,
                          head_dim=96, dtype="bfloat16", softmax_scale=0.1, window=Window(-1, 0),
                          varlen=VarlenSpec(500, 700, True))
-    pre, dkdv, dq = plan_varlen_bwd.plan_backward(spec, "sm90")
+    pre, dkdv, dq = plan_varlen.plan_backward(spec, "sm90")
     assert pre.outputs == (("delta", (8, 1000), "float32"),) and pre.grid[1:] == (8, 1)
     assert dkdv.grid == (-(-700 // dkdv.meta["BLOCK_N"]), 2, 4)
     assert dkdv.outputs == (("dk", (1200, 2, 96), "bfloat16"), ("dv", (1200, 2, 96), "bfloat16"))
@@ -136,7 +135,7 @@ def test_varlen_backward_plan():
     assert ("array", "seqused_k") in dkdv.args and dkdv.meta["HAS_SEQUSED"]
     assert all(k.isupper() for launch in (pre, dkdv, dq) for k in launch.meta)
     empty = spec.replace(varlen=VarlenSpec(0, 0, False))
-    _, dkdv0, dq0 = plan_varlen_bwd.plan_backward(empty, "sm90", has_dlse=False)
+    _, dkdv0, dq0 = plan_varlen.plan_backward(empty, "sm90", has_dlse=False)
     assert dkdv0.grid[0] == 1 and dq0.grid[0] == 1
     assert ("array", "seqused_k") not in dkdv0.args
 

@@ -11,8 +11,8 @@ Scores are recomputed from the saved LSE in the log2 domain: p = exp2(s * log2 e
 import triton
 import triton.language as tl
 
-from .flash_common import (_LOG2E, _allowed, _key_blocks, _load_offsets, _load_rows, _query_blocks, _store_rows,
-                           _tanh)
+from .flash_common import (_LOG2E, _SOFTCAP, _allowed, _key_blocks, _load_rows, _mask_pos, _query_blocks,
+                           _store_rows, _tanh)
 
 
 @triton.jit
@@ -39,25 +39,27 @@ def _bwd_preprocess(O, DO, DLSE, seqlen_q, DELTA,
 
 
 @triton.jit
-def _dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, m_begin, m_end, offs_t, cols_g,
-                seqlen_q, q_off, glq, glk, scale_in, scale_out,
+def _dkdv_tiles(dk, dv, k, v, m_begin, m_end, rows, cols_g, pos, scales,
                 STRIDE_QM: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-                BLOCK_M: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
-                SOFTCAP: tl.constexpr, MASKED: tl.constexpr, OVERLAP: tl.constexpr):
+                BLOCK_M: tl.constexpr, MASK: tl.constexpr, MASKED: tl.constexpr, OVERLAP: tl.constexpr):
     """Accumulate query tiles [m_begin, m_end) into dK (unscaled) and dV, working on transposed scores (N, M)
-    so that both products reduce over the query axis without a transpose of the accumulators."""
+    so that both products reduce over the query axis without a transpose of the accumulators. rows = (q_ptrs,
+    do_ptrs, lse_ptrs, delta_ptrs, offs_t, seqlen_q), scales = (scale_in, scale_out)."""
+    q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, offs_t, seqlen_q = rows
+    scale_in, scale_out = scales
+    q_off, k_off, global_seqlen_q, global_seqlen_k = pos
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     q_ptrs += m_begin.to(tl.int64) * STRIDE_QM
     do_ptrs += m_begin.to(tl.int64) * STRIDE_QM
     lse_ptrs += m_begin
     delta_ptrs += m_begin
     for start_m in range(m_begin, m_end, BLOCK_M):
-        rows = start_m + offs_t
-        q = _load_rows(q_ptrs, rows, seqlen_q, offs_d, HEAD_DIM, HEAD_DIM_PAD, MASKED)
-        do = _load_rows(do_ptrs, rows, seqlen_q, offs_d, HEAD_DIM, HEAD_DIM_PAD, MASKED)
+        m_rows = start_m + offs_t
+        q = _load_rows(q_ptrs, m_rows, seqlen_q, offs_d, HEAD_DIM, HEAD_DIM_PAD, MASKED)
+        do = _load_rows(do_ptrs, m_rows, seqlen_q, offs_d, HEAD_DIM, HEAD_DIM_PAD, MASKED)
         if MASKED:
-            lse = tl.load(lse_ptrs, mask=rows < seqlen_q, other=0.0)
-            delta = tl.load(delta_ptrs, mask=rows < seqlen_q, other=0.0)
+            lse = tl.load(lse_ptrs, mask=m_rows < seqlen_q, other=0.0)
+            delta = tl.load(delta_ptrs, mask=m_rows < seqlen_q, other=0.0)
         else:
             lse = tl.load(lse_ptrs)
             delta = tl.load(delta_ptrs)
@@ -66,7 +68,7 @@ def _dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, m_begin, m_
             # Both score products first: the dV product is then in flight while dS is computed (a dot whose
             # result the loop reads is waited for at once, so only dV/dK can overlap the elementwise work).
             dpt = tl.dot(v, tl.trans(do))
-        if SOFTCAP:
+        if MASK[_SOFTCAP]:
             t = _tanh(st * scale_in)
             s = t * scale_out
         else:
@@ -74,14 +76,14 @@ def _dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, m_begin, m_
         pt = tl.exp2(s - (lse * _LOG2E)[None, :])
         if MASKED:
             # Select after exp2: a row with lse = -inf makes the exponent +inf, never NaN, and is dropped here.
-            ok = _allowed((q_off + rows)[None, :], cols_g[:, None], glq, glk, WINDOW_LEFT, WINDOW_RIGHT)
-            ok = ok & (rows[None, :] < seqlen_q)
+            ok = _allowed((q_off + m_rows)[None, :], cols_g[:, None], global_seqlen_q, global_seqlen_k, MASK)
+            ok = ok & (m_rows[None, :] < seqlen_q)
             pt = tl.where(ok, pt, 0.0)
         dv = tl.dot(pt.to(do.dtype), do, dv)
         if not OVERLAP:
             dpt = tl.dot(v, tl.trans(do))
         dst = pt * (dpt - delta[None, :])
-        if SOFTCAP:
+        if MASK[_SOFTCAP]:
             dst = dst * (1.0 - t * t)
         dk = tl.dot(dst.to(q.dtype), q, dk)
         q_ptrs += BLOCK_M * STRIDE_QM
@@ -92,33 +94,24 @@ def _dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, m_begin, m_
 
 
 @triton.jit
-def _dkdv_ranges(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, m_lo, f_lo, f_hi, m_hi, offs_t, cols_g,
-                 seqlen_q, q_off, glq, glk, scale_in, scale_out,
+def _dkdv_ranges(dk, dv, k, v, m_lo, f_lo, f_hi, m_hi, rows, cols_g, pos, scales,
                  STRIDE_QM: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-                 BLOCK_M: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
-                 SOFTCAP: tl.constexpr, OVERLAP: tl.constexpr):
+                 BLOCK_M: tl.constexpr, MASK: tl.constexpr, OVERLAP: tl.constexpr):
     """One query head's visible query tiles, as _query_blocks' three runs (masked edges, unmasked middle)."""
-    dk, dv = _dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, m_lo, f_lo, offs_t, cols_g,
-                         seqlen_q, q_off, glq, glk, scale_in, scale_out,
-                         STRIDE_QM, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, True,
-                         OVERLAP)
-    dk, dv = _dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, f_lo, f_hi, offs_t, cols_g,
-                         seqlen_q, q_off, glq, glk, scale_in, scale_out,
-                         STRIDE_QM, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, False,
-                         OVERLAP)
-    dk, dv = _dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, f_hi, m_hi, offs_t, cols_g,
-                         seqlen_q, q_off, glq, glk, scale_in, scale_out,
-                         STRIDE_QM, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, True,
-                         OVERLAP)
+    dk, dv = _dkdv_tiles(dk, dv, k, v, m_lo, f_lo, rows, cols_g, pos, scales,
+                         STRIDE_QM, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, MASK, True, OVERLAP)
+    dk, dv = _dkdv_tiles(dk, dv, k, v, f_lo, f_hi, rows, cols_g, pos, scales,
+                         STRIDE_QM, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, MASK, False, OVERLAP)
+    dk, dv = _dkdv_tiles(dk, dv, k, v, f_hi, m_hi, rows, cols_g, pos, scales,
+                         STRIDE_QM, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, MASK, True, OVERLAP)
     return dk, dv
 
 
 @triton.jit
 def _dkdv_tile(Q, K, V, DO, LSE, DELTA, DK, DV, kv_row0, q_base0, stat_base, stat_head_stride,
-               off_hk, start_n, seqlen_q, seqlen_k, q_off, k_off, glq, glk, scale_in, scale_out, sm_scale,
+               off_hk, start_n, seqlen_q, seqlen_k, pos, scales, sm_scale,
                STRIDE_QM: tl.constexpr, STRIDE_KN: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-               HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
+               HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
                OVERLAP: tl.constexpr):
     """dK/dV of one key tile, shared by the dense and varlen kernels: kv_row0 = element offset of the tile's first
     row (this kv head) in K/V/DK/DV, q_base0 = of the sequence's query row 0 (head 0) in Q/DO; query head h's
@@ -133,12 +126,12 @@ def _dkdv_tile(Q, K, V, DO, LSE, DELTA, DK, DV, kv_row0, q_base0, stat_base, sta
     v = _load_rows(V + kv_row0 + tile_k, offs_n, seqlen_k, offs_d, HEAD_DIM, HEAD_DIM_PAD, True)
 
     n_last = tl.minimum(start_n + BLOCK_N, seqlen_k) - 1
-    m_lo, f_lo, f_hi, m_hi = _query_blocks(start_n, n_last, start_n + BLOCK_N <= seqlen_k, seqlen_q,
-                                           q_off, k_off, glq, glk, BLOCK_M, WINDOW_LEFT, WINDOW_RIGHT)
-    cols_g = k_off + offs_n
-    # Out-of-range key rows of a partial tile must see nothing; pushing them past glk does it with no extra
-    # predicate in _allowed.
-    cols_g = tl.where(offs_n < seqlen_k, cols_g, glk)
+    m_lo, f_lo, f_hi, m_hi = _query_blocks(start_n, n_last, start_n + BLOCK_N <= seqlen_k, seqlen_q, pos,
+                                           BLOCK_M, MASK)
+    cols_g = pos[1] + offs_n
+    # Out-of-range key rows of a partial tile must see nothing; pushing them past global_seqlen_k does it with no
+    # extra predicate in _allowed.
+    cols_g = tl.where(offs_n < seqlen_k, cols_g, pos[3])
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
@@ -152,25 +145,22 @@ def _dkdv_tile(Q, K, V, DO, LSE, DELTA, DK, DV, kv_row0, q_base0, stat_base, sta
         stat0 = stat_base + off_h.to(tl.int64) * stat_head_stride
         lse_ptrs = LSE + stat0 + offs_t
         delta_ptrs = DELTA + stat0 + offs_t
-        dk, dv = _dkdv_ranges(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, m_lo, f_lo, f_hi, m_hi, offs_t,
-                              cols_g, seqlen_q, q_off, glq, glk, scale_in, scale_out,
-                              STRIDE_QM, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP,
-                              OVERLAP)
+        dk, dv = _dkdv_ranges(dk, dv, k, v, m_lo, f_lo, f_hi, m_hi,
+                              (q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, offs_t, seqlen_q), cols_g, pos, scales,
+                              STRIDE_QM, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, MASK, OVERLAP)
     dk = dk * sm_scale
     _store_rows(DK + kv_row0 + tile_k, dk.to(DK.dtype.element_ty), offs_n, seqlen_k, offs_d, HEAD_DIM, HEAD_DIM_PAD)
     _store_rows(DV + kv_row0 + tile_k, dv.to(DV.dtype.element_ty), offs_n, seqlen_k, offs_d, HEAD_DIM, HEAD_DIM_PAD)
 
 
 @triton.jit
-def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, OFFS,
-              seqlen_q, seqlen_k, glq, glk, scale_in, scale_out, sm_scale,
+def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, OFFS, global_seqlen_q, global_seqlen_k,
+              seqlen_q, seqlen_k, scale_in, scale_out, sm_scale,
               DK, DV,
               NUM_HEADS_Q: tl.constexpr, NUM_HEADS_K: tl.constexpr,
               HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
-              SOFTCAP: tl.constexpr, HAS_OFFSETS: tl.constexpr, REVERSE_N: tl.constexpr,
-              OVERLAP: tl.constexpr):
+              MASK: tl.constexpr, REVERSE_N: tl.constexpr, OVERLAP: tl.constexpr):
     STRIDE_QM: tl.constexpr = NUM_HEADS_Q * HEAD_DIM
     STRIDE_KN: tl.constexpr = NUM_HEADS_K * HEAD_DIM
     GROUP: tl.constexpr = NUM_HEADS_Q // NUM_HEADS_K
@@ -181,23 +171,24 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, OFFS,
         pid_n = tl.num_programs(0) - 1 - pid_n
     off_hk = tl.program_id(1)
     off_b = tl.program_id(2).to(tl.int64)
-    q_off, k_off = _load_offsets(OFFS, HAS_OFFSETS)
+    pos = _mask_pos(OFFS, global_seqlen_q, global_seqlen_k, MASK)
 
     start_n = pid_n * BLOCK_N
     _dkdv_tile(Q, K, V, DO, LSE, DELTA, DK, DV,
                (off_b * seqlen_k + start_n) * STRIDE_KN + off_hk * HEAD_DIM,
                off_b * seqlen_q * STRIDE_QM, off_b * NUM_HEADS_Q * seqlen_q, seqlen_q,
-               off_hk, start_n, seqlen_q, seqlen_k, q_off, k_off, glq, glk, scale_in, scale_out, sm_scale,
-               STRIDE_QM, STRIDE_KN, GROUP, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT,
-               SOFTCAP, OVERLAP)
+               off_hk, start_n, seqlen_q, seqlen_k, pos, (scale_in, scale_out), sm_scale,
+               STRIDE_QM, STRIDE_KN, GROUP, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, BLOCK_N, MASK, OVERLAP)
 
 
 @triton.jit
-def _dq_tiles(dq, q, do, lse2, delta, k_ptrs, v_ptrs, n_begin, n_end, rows_g, offs_n, offs_d,
-              seqlen_k, k_off, glq, glk, scale_in, scale_out,
+def _dq_tiles(dq, q, do, lse2, delta, n_begin, n_end, keys, rows_g, pos, scales,
               STRIDE_KN: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-              BLOCK_N: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
-              SOFTCAP: tl.constexpr, MASKED: tl.constexpr):
+              BLOCK_N: tl.constexpr, MASK: tl.constexpr, MASKED: tl.constexpr):
+    """Accumulate key tiles [n_begin, n_end) into dQ (unscaled); keys and scales as in flash_fwd._fwd_tiles."""
+    k_ptrs, v_ptrs, offs_n, offs_d, seqlen_k = keys
+    scale_in, scale_out = scales
+    q_off, k_off, global_seqlen_q, global_seqlen_k = pos
     k_ptrs += n_begin.to(tl.int64) * STRIDE_KN
     v_ptrs += n_begin.to(tl.int64) * STRIDE_KN
     for start_n in range(n_begin, n_end, BLOCK_N):
@@ -205,19 +196,19 @@ def _dq_tiles(dq, q, do, lse2, delta, k_ptrs, v_ptrs, n_begin, n_end, rows_g, of
         k = _load_rows(k_ptrs, cols, seqlen_k, offs_d, HEAD_DIM, HEAD_DIM_PAD, MASKED)
         v = _load_rows(v_ptrs, cols, seqlen_k, offs_d, HEAD_DIM, HEAD_DIM_PAD, MASKED)
         qk = tl.dot(q, tl.trans(k))
-        if SOFTCAP:
+        if MASK[_SOFTCAP]:
             t = _tanh(qk * scale_in)
             s = t * scale_out
         else:
             s = qk * scale_in
         p = tl.exp2(s - lse2[:, None])
         if MASKED:
-            ok = _allowed(rows_g[:, None], (k_off + cols)[None, :], glq, glk, WINDOW_LEFT, WINDOW_RIGHT)
+            ok = _allowed(rows_g[:, None], (k_off + cols)[None, :], global_seqlen_q, global_seqlen_k, MASK)
             ok = ok & (cols[None, :] < seqlen_k)
             p = tl.where(ok, p, 0.0)
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
-        if SOFTCAP:
+        if MASK[_SOFTCAP]:
             ds = ds * (1.0 - t * t)
         dq = tl.dot(ds.to(k.dtype), k, dq)
         k_ptrs += BLOCK_N * STRIDE_KN
@@ -226,31 +217,25 @@ def _dq_tiles(dq, q, do, lse2, delta, k_ptrs, v_ptrs, n_begin, n_end, rows_g, of
 
 
 @triton.jit
-def _dq_ranges(q, do, lse2, delta, k_ptrs, v_ptrs, n_lo, f_lo, f_hi, n_hi, rows_g, offs_n, offs_d,
-               seqlen_k, k_off, glq, glk, scale_in, scale_out,
+def _dq_ranges(q, do, lse2, delta, n_lo, f_lo, f_hi, n_hi, keys, rows_g, pos, scales,
                STRIDE_KN: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WINDOW_LEFT: tl.constexpr,
-               WINDOW_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr):
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr):
     """dQ (unscaled) of a query tile over _key_blocks' three runs (masked edges, unmasked middle)."""
     dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
-    dq = _dq_tiles(dq, q, do, lse2, delta, k_ptrs, v_ptrs, n_lo, f_lo, rows_g, offs_n, offs_d,
-                   seqlen_k, k_off, glq, glk, scale_in, scale_out,
-                   STRIDE_KN, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, True)
-    dq = _dq_tiles(dq, q, do, lse2, delta, k_ptrs, v_ptrs, f_lo, f_hi, rows_g, offs_n, offs_d,
-                   seqlen_k, k_off, glq, glk, scale_in, scale_out,
-                   STRIDE_KN, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, False)
-    dq = _dq_tiles(dq, q, do, lse2, delta, k_ptrs, v_ptrs, f_hi, n_hi, rows_g, offs_n, offs_d,
-                   seqlen_k, k_off, glq, glk, scale_in, scale_out,
-                   STRIDE_KN, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, True)
+    dq = _dq_tiles(dq, q, do, lse2, delta, n_lo, f_lo, keys, rows_g, pos, scales,
+                   STRIDE_KN, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, MASK, True)
+    dq = _dq_tiles(dq, q, do, lse2, delta, f_lo, f_hi, keys, rows_g, pos, scales,
+                   STRIDE_KN, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, MASK, False)
+    dq = _dq_tiles(dq, q, do, lse2, delta, f_hi, n_hi, keys, rows_g, pos, scales,
+                   STRIDE_KN, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, MASK, True)
     return dq
 
 
 @triton.jit
 def _dq_tile(Q, K, V, DO, LSE, DELTA, DQ, q_row0, kv_base, stat0, start_m, seqlen_q, seqlen_k,
-             q_off, k_off, glq, glk, scale_in, scale_out, sm_scale,
+             pos, scales, sm_scale,
              STRIDE_QM: tl.constexpr, STRIDE_KN: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
-             SOFTCAP: tl.constexpr):
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr):
     """dQ of one query tile, shared by the dense and varlen kernels: q_row0 = element offset of the tile's first
     row (this head) in Q/DO/DQ, kv_base = of key row 0 (this kv head) in K/V, stat0 = of the sequence's row 0
     (this head) in LSE/DELTA."""
@@ -271,26 +256,23 @@ def _dq_tile(Q, K, V, DO, LSE, DELTA, DQ, q_row0, kv_base, stat0, start_m, seqle
     v_ptrs = V + kv_base + offs_n[:, None] * STRIDE_KN + offs_d[None, :]
 
     m_last = tl.minimum(start_m + BLOCK_M, seqlen_q) - 1
-    n_lo, f_lo, f_hi, n_hi = _key_blocks(start_m, m_last, seqlen_k, q_off, k_off, glq, glk,
-                                         BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT)
-    rows_g = q_off + offs_m
+    n_lo, f_lo, f_hi, n_hi = _key_blocks(start_m, m_last, seqlen_k, pos, BLOCK_N, MASK)
+    rows_g = pos[0] + offs_m
 
-    dq = _dq_ranges(q, do, lse2, delta, k_ptrs, v_ptrs, n_lo, f_lo, f_hi, n_hi, rows_g, offs_n, offs_d,
-                    seqlen_k, k_off, glq, glk, scale_in, scale_out,
-                    STRIDE_KN, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP)
+    dq = _dq_ranges(q, do, lse2, delta, n_lo, f_lo, f_hi, n_hi, (k_ptrs, v_ptrs, offs_n, offs_d, seqlen_k), rows_g,
+                    pos, scales, STRIDE_KN, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, BLOCK_N, MASK)
     dq = dq * sm_scale
     _store_rows(DQ + q_row0 + tile_q, dq.to(DQ.dtype.element_ty), offs_m, seqlen_q, offs_d, HEAD_DIM, HEAD_DIM_PAD)
 
 
 @triton.jit
-def _bwd_dq(Q, K, V, DO, LSE, DELTA, OFFS,
-            seqlen_q, seqlen_k, glq, glk, scale_in, scale_out, sm_scale,
+def _bwd_dq(Q, K, V, DO, LSE, DELTA, OFFS, global_seqlen_q, global_seqlen_k,
+            seqlen_q, seqlen_k, scale_in, scale_out, sm_scale,
             DQ,
             NUM_HEADS_Q: tl.constexpr, NUM_HEADS_K: tl.constexpr,
             HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-            WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
-            SOFTCAP: tl.constexpr, HAS_OFFSETS: tl.constexpr, REVERSE_M: tl.constexpr):
+            MASK: tl.constexpr, REVERSE_M: tl.constexpr):
     STRIDE_QM: tl.constexpr = NUM_HEADS_Q * HEAD_DIM
     STRIDE_KN: tl.constexpr = NUM_HEADS_K * HEAD_DIM
     GROUP: tl.constexpr = NUM_HEADS_Q // NUM_HEADS_K
@@ -301,12 +283,12 @@ def _bwd_dq(Q, K, V, DO, LSE, DELTA, OFFS,
     off_h = tl.program_id(1)
     off_b = tl.program_id(2).to(tl.int64)
     off_hk = off_h // GROUP
-    q_off, k_off = _load_offsets(OFFS, HAS_OFFSETS)
+    pos = _mask_pos(OFFS, global_seqlen_q, global_seqlen_k, MASK)
 
     start_m = pid_m * BLOCK_M
     _dq_tile(Q, K, V, DO, LSE, DELTA, DQ,
              (off_b * seqlen_q + start_m) * STRIDE_QM + off_h * HEAD_DIM,
              off_b * seqlen_k * STRIDE_KN + off_hk * HEAD_DIM,
              (off_b * NUM_HEADS_Q + off_h) * seqlen_q,
-             start_m, seqlen_q, seqlen_k, q_off, k_off, glq, glk, scale_in, scale_out, sm_scale,
-             STRIDE_QM, STRIDE_KN, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP)
+             start_m, seqlen_q, seqlen_k, pos, (scale_in, scale_out), sm_scale,
+             STRIDE_QM, STRIDE_KN, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, BLOCK_N, MASK)

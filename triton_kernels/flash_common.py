@@ -1,9 +1,16 @@
 """Device helpers shared by the forward and backward kernels (pure ``@triton.jit`` code, no host logic).
 
 Every mask decision mirrors ``fa3jax.masking.allowed`` evaluated on *global* positions (row/column index plus
-the runtime q/k offsets of ring attention) against the *global* lengths, with the window constexprs
-``WINDOW_LEFT``/``WINDOW_RIGHT`` (-1 = unbounded). Block ranges are derived from the same inequalities so that
-fully masked tiles are never visited and fully visible tiles skip the elementwise mask.
+the runtime q/k offsets of ring attention) against the *global* lengths. The mask reaches every kernel as two
+groups, passed whole through the helpers:
+
+* ``MASK``, a constexpr tuple built on the host by ``plan_common.mask_group``: ``MASK[_LEFT]``/``MASK[_RIGHT]``
+  the window sides (-1 = unbounded), ``MASK[_SOFTCAP]`` tanh soft-capping of the scores, ``MASK[_OFFSETS]`` ring
+  offsets read from device memory;
+* ``pos``, the runtime tuple ``(q_off, k_off, global_seqlen_q, global_seqlen_k)`` (:func:`_mask_pos`).
+
+Block ranges come from the same inequalities (:func:`_key_bound`) so that fully masked tiles are never visited and
+fully visible tiles skip the elementwise mask.
 """
 import triton
 import triton.language as tl
@@ -12,6 +19,11 @@ _LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = tl.constexpr(0.6931471805599453)
 # tanh(x) = 1 - 2 / (exp(2x) + 1); exp(2x) = exp2(x * 2 * log2(e)).
 _TWO_LOG2E = tl.constexpr(2.8853900817779268)
+# Fields of the MASK constexpr tuple (plan_common.mask_group builds it in this order).
+_LEFT = tl.constexpr(0)
+_RIGHT = tl.constexpr(1)
+_SOFTCAP = tl.constexpr(2)
+_OFFSETS = tl.constexpr(3)
 
 
 @triton.jit
@@ -29,43 +41,53 @@ def _cdiv(x, b: tl.constexpr):
 
 
 @triton.jit
-def _allowed(rows_g, cols_g, glq, glk, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr):
+def _allowed(rows_g, cols_g, global_seqlen_q, global_seqlen_k, MASK: tl.constexpr):
     """Elementwise ``masking.allowed`` on global positions; rows_g is (M, 1) and cols_g (1, N) (or transposed)."""
-    ok = (rows_g >= 0) & (rows_g < glq) & (cols_g >= 0) & (cols_g < glk)
-    diag = rows_g + (glk - glq)
-    if WINDOW_LEFT >= 0:
-        ok = ok & (cols_g >= diag - WINDOW_LEFT)
-    if WINDOW_RIGHT >= 0:
-        ok = ok & (cols_g <= diag + WINDOW_RIGHT)
+    ok = (rows_g >= 0) & (rows_g < global_seqlen_q) & (cols_g >= 0) & (cols_g < global_seqlen_k)
+    diag = rows_g + (global_seqlen_k - global_seqlen_q)
+    if MASK[_LEFT] >= 0:
+        ok = ok & (cols_g >= diag - MASK[_LEFT])
+    if MASK[_RIGHT] >= 0:
+        ok = ok & (cols_g <= diag + MASK[_RIGHT])
     return ok
 
 
 @triton.jit
-def _key_blocks(m_first, m_last, seqlen_k, q_off, k_off, glq, glk,
-                BLOCK_N: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr):
+def _key_bound(bound, q_pos, shift, k_off, UPPER: tl.constexpr, MASK: tl.constexpr):
+    """``masking.key_range``, one side: the lower (UPPER=False) or upper bound ``bound`` on the keys (local index =
+    global - k_off) narrowed to those global query row ``q_pos`` may see, shift = global_seqlen_k -
+    global_seqlen_q. The one definition of the window arithmetic behind every key range."""
+    if UPPER:
+        if MASK[_RIGHT] >= 0:
+            bound = tl.minimum(bound, q_pos + shift + MASK[_RIGHT] + 1 - k_off)
+    else:
+        if MASK[_LEFT] >= 0:
+            bound = tl.maximum(bound, q_pos + shift - MASK[_LEFT] - k_off)
+    return bound
+
+
+@triton.jit
+def _key_blocks(m_first, m_last, seqlen_k, pos, BLOCK_N: tl.constexpr, MASK: tl.constexpr):
     """Key tiles for the valid local query rows [m_first, m_last] (inclusive), as three tile-aligned key ranges.
 
     Returns (n_lo, f_lo, f_hi, n_hi) in key positions: [n_lo, f_lo) and [f_hi, n_hi) need the elementwise mask,
     [f_lo, f_hi) is visible to every row of the query tile. Tiles outside [n_lo, n_hi) see no allowed pair.
     """
-    shift = glk - glq
+    q_off, k_off, global_seqlen_q, global_seqlen_k = pos
+    shift = global_seqlen_k - global_seqlen_q
     g_first = q_off + m_first
     g_last = q_off + m_last
-    # Union over rows: only rows with a valid global position can see anything.
+    # Only rows with a valid global position can see anything.
     gu_first = tl.maximum(g_first, 0)
-    gu_last = tl.minimum(g_last, glq - 1)
-    u_lo = tl.maximum(0, -k_off)
-    u_hi = tl.minimum(seqlen_k, glk - k_off)
-    # Intersection over rows: the key range every row of the tile may see.
-    a_lo = u_lo
-    a_hi = u_hi
-    if WINDOW_LEFT >= 0:
-        u_lo = tl.maximum(u_lo, gu_first + shift - WINDOW_LEFT - k_off)
-        a_lo = tl.maximum(a_lo, g_last + shift - WINDOW_LEFT - k_off)
-    if WINDOW_RIGHT >= 0:
-        u_hi = tl.minimum(u_hi, gu_last + shift + WINDOW_RIGHT + 1 - k_off)
-        a_hi = tl.minimum(a_hi, g_first + shift + WINDOW_RIGHT + 1 - k_off)
-    rows_valid = (g_first >= 0) & (g_last < glq)
+    gu_last = tl.minimum(g_last, global_seqlen_q - 1)
+    lo = tl.maximum(0, -k_off)
+    hi = tl.minimum(seqlen_k, global_seqlen_k - k_off)
+    # Union over the rows [gu_first, gu_last], and intersection (a_*): the keys every row of the tile may see.
+    u_lo = _key_bound(lo, gu_first, shift, k_off, False, MASK)
+    a_lo = _key_bound(lo, g_last, shift, k_off, False, MASK)
+    u_hi = _key_bound(hi, gu_last, shift, k_off, True, MASK)
+    a_hi = _key_bound(hi, g_first, shift, k_off, True, MASK)
+    rows_valid = (g_first >= 0) & (g_last < global_seqlen_q)
     u_hi = tl.where(gu_first <= gu_last, u_hi, u_lo)
     n_lo = (u_lo // BLOCK_N) * BLOCK_N
     n_hi = tl.maximum(_cdiv(tl.maximum(u_hi, 0), BLOCK_N) * BLOCK_N, n_lo)
@@ -79,31 +101,43 @@ def _key_blocks(m_first, m_last, seqlen_k, q_off, k_off, glq, glk,
 
 
 @triton.jit
-def _query_blocks(n_first, n_last, n_tile_full, seqlen_q, q_off, k_off, glq, glk,
-                  BLOCK_M: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr):
+def _key_tiles(seqlen_k, leftpad, seqlen_q, t_first, t_last, BLOCK_N: tl.constexpr, MASK: tl.constexpr):
+    """Decode: tile-aligned absolute key positions [n_lo, n_hi) that query positions [t_first, t_last] may see,
+    keys [leftpad, leftpad + seqlen_k) (elementwise: scalars for one sequence, or per-sequence vectors)."""
+    shift = seqlen_k - seqlen_q
+    lo = _key_bound(0, t_first, shift, 0, False, MASK) + leftpad
+    hi = _key_bound(seqlen_k, t_last, shift, 0, True, MASK) + leftpad
+    n_lo = (lo // BLOCK_N) * BLOCK_N
+    n_hi = tl.where(lo < hi, _cdiv(tl.maximum(hi, 0), BLOCK_N) * BLOCK_N, n_lo)
+    return n_lo, n_hi
+
+
+@triton.jit
+def _query_blocks(n_first, n_last, n_tile_full, seqlen_q, pos, BLOCK_M: tl.constexpr, MASK: tl.constexpr):
     """Query tiles that can see the valid local keys [n_first, n_last] (inclusive); transpose of _key_blocks.
 
     ``n_tile_full`` says the key tile has no out-of-range column, a precondition for skipping the mask.
     Returns (m_lo, f_lo, f_hi, m_hi) in query positions, with the same meaning as in _key_blocks. A full query
     tile here also has all its rows inside [0, seqlen_q), because out-of-range rows must not contribute to dK/dV.
     """
-    shift = glk - glq
+    q_off, k_off, global_seqlen_q, global_seqlen_k = pos
+    shift = global_seqlen_k - global_seqlen_q
     g_first = k_off + n_first
     g_last = k_off + n_last
     gu_first = tl.maximum(g_first, 0)
-    gu_last = tl.minimum(g_last, glk - 1)
+    gu_last = tl.minimum(g_last, global_seqlen_k - 1)
     u_lo = tl.maximum(0, -q_off)
-    u_hi = tl.minimum(seqlen_q, glq - q_off)
+    u_hi = tl.minimum(seqlen_q, global_seqlen_q - q_off)
     a_lo = u_lo
     a_hi = u_hi
-    # key j visible from row i  <=>  j - shift - right <= i <= j - shift + left
-    if WINDOW_RIGHT >= 0:
-        u_lo = tl.maximum(u_lo, gu_first - shift - WINDOW_RIGHT - q_off)
-        a_lo = tl.maximum(a_lo, g_last - shift - WINDOW_RIGHT - q_off)
-    if WINDOW_LEFT >= 0:
-        u_hi = tl.minimum(u_hi, gu_last - shift + WINDOW_LEFT + 1 - q_off)
-        a_hi = tl.minimum(a_hi, g_first - shift + WINDOW_LEFT + 1 - q_off)
-    cols_valid = (g_first >= 0) & (g_last < glk) & n_tile_full
+    # key j visible from row i  <=>  j - shift - right <= i <= j - shift + left (_key_bound solved for i)
+    if MASK[_RIGHT] >= 0:
+        u_lo = tl.maximum(u_lo, gu_first - shift - MASK[_RIGHT] - q_off)
+        a_lo = tl.maximum(a_lo, g_last - shift - MASK[_RIGHT] - q_off)
+    if MASK[_LEFT] >= 0:
+        u_hi = tl.minimum(u_hi, gu_last - shift + MASK[_LEFT] + 1 - q_off)
+        a_hi = tl.minimum(a_hi, g_first - shift + MASK[_LEFT] + 1 - q_off)
+    cols_valid = (g_first >= 0) & (g_last < global_seqlen_k) & n_tile_full
     u_hi = tl.where(gu_first <= gu_last, u_hi, u_lo)
     m_lo = (u_lo // BLOCK_M) * BLOCK_M
     m_hi = tl.maximum(_cdiv(tl.maximum(u_hi, 0), BLOCK_M) * BLOCK_M, m_lo)
@@ -145,15 +179,16 @@ def _store_rows(ptrs, x, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, HEAD_DIM_
 
 
 @triton.jit
-def _load_offsets(OFFS, HAS_OFFSETS: tl.constexpr):
-    # Ring attention passes traced offsets, so they live in device memory rather than in scalar arguments.
-    if HAS_OFFSETS:
+def _mask_pos(OFFS, global_seqlen_q, global_seqlen_k, MASK: tl.constexpr):
+    """The runtime mask group ``pos``. Ring attention passes traced offsets, so they live in device memory rather
+    than in scalar arguments."""
+    if MASK[_OFFSETS]:
         q_off = tl.load(OFFS)
         k_off = tl.load(OFFS + 1)
     else:
         q_off = 0
         k_off = 0
-    return q_off, k_off
+    return q_off, k_off, global_seqlen_q, global_seqlen_k
 
 
 @triton.jit

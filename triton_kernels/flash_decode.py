@@ -15,26 +15,39 @@ GQA packing: one program owns the GROUP query heads of one kv head, as rows ``r 
 position t, head ``hk * GROUP + g``), so K/V tiles are loaded once per group. Split-KV: grid
 (m_tiles * NUM_SPLITS, HK, B); split ``s`` takes a contiguous run of the key tiles that the query tile can see
 and writes a normalized partial (out fp32, lse); with NUM_SPLITS == 1 the kernel writes the final out/lse
-directly. ``_decode_fwd_persistent``: a one-wave grid whose programs walk several whole sequences, or
-(stream-K) the same number of key tiles across sequence boundaries, then ``_decode_combine_streamk``. Every
-output element is written (rows that see nothing: out 0, lse -inf).
+directly. ``_decode_fwd_persistent`` (stream-K): a one-wave grid whose programs take the same number of key
+tiles across sequence boundaries, then ``_decode_combine_streamk``. Every output element is written (rows that
+see nothing: out 0, lse -inf).
+
+Argument groups passed whole through the helpers: ``cache`` = (K_CACHE, V_CACHE, K_NEW, V_NEW, SEQLENS_K,
+CACHE_SEQLENS, LEFTPAD, BATCH_IDX, PAGE_TABLE), ``dims`` = (seqlen_q, capacity, seqlen_new, num_pages,
+pages_per_seq), ``scales`` = (scale_in, scale_out), the constexpr ``LAYOUT`` = (PAGED, PAGE_SIZE, HAS_NEW,
+HAS_LEFTPAD, HAS_BATCH_IDX) and the mask group ``MASK`` (``flash_common``).
 """
 import triton
 import triton.language as tl
 
-from .flash_common import _LN2, _allowed, _cdiv, _tanh
+from .flash_common import _LN2, _SOFTCAP, _allowed, _cdiv, _key_tiles, _tanh
+
+# Fields of the LAYOUT constexpr tuple (plan_decode builds it in this order).
+_PAGED = tl.constexpr(0)
+_PAGE_SIZE = tl.constexpr(1)
+_HAS_NEW = tl.constexpr(2)
+_HAS_LEFTPAD = tl.constexpr(3)
+_HAS_BATCH_IDX = tl.constexpr(4)
 
 
 @triton.jit
-def _decode_update(acc, l_i, m_i, q, k, v, t_pos, pos, key_ok, row_ok, leftpad, seqlen_q, sk, scale_in, scale_out,
-                   WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr):
+def _decode_update(acc, l_i, m_i, q, k, v, t_pos, pos, key_ok, row_ok, leftpad, seqlen_q, sk, scales,
+                   MASK: tl.constexpr):
     """Online-softmax step of one key tile (every score masked: decode tiles are few and memory-bound)."""
+    scale_in, scale_out = scales
     qk = tl.dot(q, tl.trans(k.to(q.dtype)))
-    if SOFTCAP:
+    if MASK[_SOFTCAP]:
         s = _tanh(qk * scale_in) * scale_out
     else:
         s = qk * scale_in
-    ok = _allowed(t_pos[:, None], (pos - leftpad)[None, :], seqlen_q, sk, WINDOW_LEFT, WINDOW_RIGHT)
+    ok = _allowed(t_pos[:, None], (pos - leftpad)[None, :], seqlen_q, sk, MASK)
     ok = ok & key_ok[None, :] & row_ok[:, None]
     s = tl.where(ok, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -48,33 +61,17 @@ def _decode_update(acc, l_i, m_i, q, k, v, t_pos, pos, key_ok, row_ok, leftpad, 
 
 
 @triton.jit
-def _key_range(sk, leftpad, seqlen_q, t_first, t_last,
-               BLOCK_N: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr):
-    """Tile-aligned absolute key positions [n_lo, n_hi) that query positions [t_first, t_last] may see
-    (elementwise: scalars for one sequence, or per-sequence vectors for the stream-K layout)."""
-    shift = sk - seqlen_q
-    lo = 0
-    hi = sk
-    if WINDOW_LEFT >= 0:
-        lo = tl.maximum(lo, t_first + shift - WINDOW_LEFT)
-    if WINDOW_RIGHT >= 0:
-        hi = tl.minimum(hi, t_last + shift + WINDOW_RIGHT + 1)
-    lo = lo + leftpad
-    hi = hi + leftpad
-    n_lo = (lo // BLOCK_N) * BLOCK_N
-    n_hi = tl.where(lo < hi, _cdiv(tl.maximum(hi, 0), BLOCK_N) * BLOCK_N, n_lo)
-    return n_lo, n_hi
-
-
-@triton.jit
-def _decode_keys(acc, l_i, m_i, q, t_pos, row_ok, n_begin, n_end, off_b, off_hk,
-                 K_CACHE, V_CACHE, K_NEW, V_NEW, SEQLENS_K, CACHE_SEQLENS, LEFTPAD, BATCH_IDX, PAGE_TABLE,
-                 seqlen_q, capacity, seqlen_new, num_pages, pages_per_seq, scale_in, scale_out,
+def _decode_keys(acc, l_i, m_i, q, t_pos, row_ok, n_begin, n_end, off_b, off_hk, cache, dims, scales,
                  NUM_HEADS_K: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-                 BLOCK_N: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
-                 SOFTCAP: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, HAS_NEW: tl.constexpr,
-                 HAS_LEFTPAD: tl.constexpr, HAS_BATCH_IDX: tl.constexpr):
+                 BLOCK_N: tl.constexpr, LAYOUT: tl.constexpr, MASK: tl.constexpr):
     """Online softmax of the rows of (off_b, off_hk) over the key tiles [n_begin, n_end) (absolute positions)."""
+    K_CACHE, V_CACHE, K_NEW, V_NEW, SEQLENS_K, CACHE_SEQLENS, LEFTPAD, BATCH_IDX, PAGE_TABLE = cache
+    seqlen_q, capacity, seqlen_new, num_pages, pages_per_seq = dims
+    PAGED: tl.constexpr = LAYOUT[_PAGED]
+    PAGE_SIZE: tl.constexpr = LAYOUT[_PAGE_SIZE]
+    HAS_NEW: tl.constexpr = LAYOUT[_HAS_NEW]
+    HAS_LEFTPAD: tl.constexpr = LAYOUT[_HAS_LEFTPAD]
+    HAS_BATCH_IDX: tl.constexpr = LAYOUT[_HAS_BATCH_IDX]
     STRIDE_KN: tl.constexpr = NUM_HEADS_K * HEAD_DIM
     seqlens_k = tl.load(SEQLENS_K + off_b)
     cache_len = tl.load(CACHE_SEQLENS + off_b)
@@ -121,7 +118,7 @@ def _decode_keys(acc, l_i, m_i, q, t_pos, row_ok, n_begin, n_end, off_b, off_hk,
             k = tl.load(K_CACHE + kv_off)
             v = tl.load(V_CACHE + kv_off)
         acc, l_i, m_i = _decode_update(acc, l_i, m_i, q, k, v, t_pos, pos, key_ok, row_ok, leftpad, seqlen_q, sk,
-                                       scale_in, scale_out, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP)
+                                       scales, MASK)
     for start_n in range(n_mid, n_end, BLOCK_N):
         pos = start_n + offs_n
         in_cache = pos < cache_len
@@ -155,7 +152,7 @@ def _decode_keys(acc, l_i, m_i, q, t_pos, row_ok, n_begin, n_end, off_b, off_hk,
                 k = tl.where(in_cache[:, None], k, k_n.to(k.dtype))
                 v = tl.where(in_cache[:, None], v, v_n.to(v.dtype))
         acc, l_i, m_i = _decode_update(acc, l_i, m_i, q, k, v, t_pos, pos, key_ok, row_ok, leftpad, seqlen_q, sk,
-                                       scale_in, scale_out, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP)
+                                       scales, MASK)
     return acc, l_i, m_i
 
 
@@ -187,9 +184,7 @@ def _decode_fwd(Q, K_CACHE, V_CACHE, K_NEW, V_NEW, SEQLENS_K, CACHE_SEQLENS, LEF
                 NUM_HEADS_Q: tl.constexpr, NUM_HEADS_K: tl.constexpr,
                 HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
-                PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, HAS_NEW: tl.constexpr,
-                HAS_LEFTPAD: tl.constexpr, HAS_BATCH_IDX: tl.constexpr):
+                LAYOUT: tl.constexpr, MASK: tl.constexpr):
     """OUT/LSE: (B, LQ, HQ, D) in q's dtype / (B, HQ, LQ) when NUM_SPLITS == 1, else fp32 partials
     (NUM_SPLITS, B, LQ, HQ, D) / (NUM_SPLITS, B, HQ, LQ). Paged: BLOCK_N divides PAGE_SIZE (a tile never
     straddles a page)."""
@@ -203,7 +198,7 @@ def _decode_fwd(Q, K_CACHE, V_CACHE, K_NEW, V_NEW, SEQLENS_K, CACHE_SEQLENS, LEF
     n_batch = tl.num_programs(2)
 
     seqlens_k = tl.load(SEQLENS_K + off_b)
-    if HAS_LEFTPAD:
+    if LAYOUT[_HAS_LEFTPAD]:
         leftpad = tl.load(LEFTPAD + off_b)
     else:
         leftpad = 0
@@ -217,8 +212,8 @@ def _decode_fwd(Q, K_CACHE, V_CACHE, K_NEW, V_NEW, SEQLENS_K, CACHE_SEQLENS, LEF
 
     # Union of the key positions the rows of this tile may see (absolute positions), then tile-aligned.
     m_last = tl.minimum(start_m + BLOCK_M, n_rows) - 1
-    n_lo, n_hi = _key_range(seqlens_k - leftpad, leftpad, seqlen_q, start_m // GROUP, m_last // GROUP,
-                            BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT)
+    n_lo, n_hi = _key_tiles(seqlens_k - leftpad, leftpad, seqlen_q, start_m // GROUP, m_last // GROUP, BLOCK_N,
+                            MASK)
     per_split = _cdiv((n_hi - n_lo) // BLOCK_N, NUM_SPLITS) * BLOCK_N
     n_begin = tl.minimum(n_lo + split * per_split, n_hi)
     n_end = tl.minimum(n_begin + per_split, n_hi)
@@ -227,11 +222,9 @@ def _decode_fwd(Q, K_CACHE, V_CACHE, K_NEW, V_NEW, SEQLENS_K, CACHE_SEQLENS, LEF
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
     acc, l_i, m_i = _decode_keys(acc, l_i, m_i, q, t_pos, row_ok, n_begin, n_end, off_b, off_hk,
-                                 K_CACHE, V_CACHE, K_NEW, V_NEW, SEQLENS_K, CACHE_SEQLENS, LEFTPAD, BATCH_IDX,
-                                 PAGE_TABLE, seqlen_q, capacity, seqlen_new, num_pages, pages_per_seq,
-                                 scale_in, scale_out, NUM_HEADS_K, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N,
-                                 WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, PAGED, PAGE_SIZE, HAS_NEW, HAS_LEFTPAD,
-                                 HAS_BATCH_IDX)
+                                 (K_CACHE, V_CACHE, K_NEW, V_NEW, SEQLENS_K, CACHE_SEQLENS, LEFTPAD, BATCH_IDX,
+                                  PAGE_TABLE), (seqlen_q, capacity, seqlen_new, num_pages, pages_per_seq),
+                                 (scale_in, scale_out), NUM_HEADS_K, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, LAYOUT, MASK)
     out, lse = _finish(acc, l_i, m_i)
     if NUM_SPLITS == 1:
         o_rows = q_rows
@@ -247,7 +240,7 @@ def _decode_fwd(Q, K_CACHE, V_CACHE, K_NEW, V_NEW, SEQLENS_K, CACHE_SEQLENS, LEF
 
 @triton.jit
 def _streamk_layout(SEQLENS_K, LEFTPAD, n_batch, seqlen_q, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
-                    WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, HAS_LEFTPAD: tl.constexpr):
+                    MASK: tl.constexpr, HAS_LEFTPAD: tl.constexpr):
     """Per sequence (vectors over BLOCK_B >= n_batch): first key position n_lo, key-tile count, and the index of
     its first tile in the concatenation of every sequence's tiles (the stream one kv head's programs share)."""
     offs_b = tl.arange(0, BLOCK_B)
@@ -258,8 +251,7 @@ def _streamk_layout(SEQLENS_K, LEFTPAD, n_batch, seqlen_q, BLOCK_B: tl.constexpr
     else:
         leftpad = tl.zeros([BLOCK_B], dtype=tl.int32)
     # One query tile holds every row (the host only picks stream-K then), so it spans positions [0, seqlen_q).
-    n_lo, n_hi = _key_range(seqlens - leftpad, leftpad, seqlen_q, 0, seqlen_q - 1, BLOCK_N, WINDOW_LEFT,
-                            WINDOW_RIGHT)
+    n_lo, n_hi = _key_tiles(seqlens - leftpad, leftpad, seqlen_q, 0, seqlen_q - 1, BLOCK_N, MASK)
     tiles = tl.where(b_ok, (n_hi - n_lo) // BLOCK_N, 0).to(tl.int64)
     first = tl.cumsum(tiles, 0) - tiles
     return offs_b, n_lo, tiles, first
@@ -278,82 +270,57 @@ def _decode_fwd_persistent(Q, K_CACHE, V_CACHE, K_NEW, V_NEW, SEQLENS_K, CACHE_S
                            NUM_HEADS_Q: tl.constexpr, NUM_HEADS_K: tl.constexpr,
                            HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
-                           SEQS_PER_PROGRAM: tl.constexpr,
-                           WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
-                           PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, HAS_NEW: tl.constexpr,
-                           HAS_LEFTPAD: tl.constexpr, HAS_BATCH_IDX: tl.constexpr):
-    """Decode with a one-wave grid (HK, G): each program walks several sequences of one kv head, so that all
-    programs start together and none waits in a second, partly filled wave (a split grid of b * hk programs
-    over two programs per SM leaves one). The HK programs of one g read the same sequence at the same key
-    positions at the same time, as the split grid's neighbours do. Needs seqlen_q * GROUP <= BLOCK_M.
+                           LAYOUT: tl.constexpr, MASK: tl.constexpr):
+    """Stream-K decode with a one-wave grid (HK, G): all programs start together and none waits in a second,
+    partly filled wave (a split grid of b * hk programs over two programs per SM leaves one). The HK programs of
+    one g read the same sequence at the same key positions at the same time, as the split grid's neighbours do.
+    Needs seqlen_q * GROUP <= BLOCK_M.
 
-    SEQS_PER_PROGRAM > 0 (whole sequences): program g takes sequences [g * S, (g + 1) * S) and writes the final
-    OUT (B, LQ, HQ, D) / LSE (B, HQ, LQ).
-
-    SEQS_PER_PROGRAM == 0 (stream-K): for kv head hk the key tiles of all sequences are laid end to end and
-    program g takes tiles [g * T // G, (g + 1) * T // G) (T in all), so every program streams the same number
-    of bytes whatever the lengths. Each (program, sequence) piece writes a normalized partial to slot g + b of
-    OUT (HK, G + B, BLOCK_M, D) fp32 / LSE (HK, G + B, BLOCK_M) for ``_decode_combine_streamk``: the pieces of
-    one program are consecutive sequences, and consecutive programs share at most one sequence, so g + b is
-    unique."""
+    For kv head hk the key tiles of all sequences are laid end to end and program g takes tiles
+    [g * T // G, (g + 1) * T // G) (T in all), so every program streams the same number of bytes whatever the
+    lengths. Each (program, sequence) piece writes a normalized partial to slot g + b of OUT (HK, G + B, BLOCK_M,
+    D) fp32 / LSE (HK, G + B, BLOCK_M) for ``_decode_combine_streamk``: the pieces of one program are consecutive
+    sequences, and consecutive programs share at most one sequence, so g + b is unique."""
     GROUP: tl.constexpr = NUM_HEADS_Q // NUM_HEADS_K
     off_hk = tl.program_id(0)
     g = tl.program_id(1).to(tl.int64)
     n_prog = tl.num_programs(1)
-    if SEQS_PER_PROGRAM > 0:
-        b_first = tl.program_id(1) * SEQS_PER_PROGRAM
-        b_stop = tl.minimum(b_first + SEQS_PER_PROGRAM, n_batch)
-    else:
-        offs_b, n_lo_b, tiles_b, first_b = _streamk_layout(SEQLENS_K, LEFTPAD, n_batch, seqlen_q, BLOCK_B,
-                                                           BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT, HAS_LEFTPAD)
-        total = tl.sum(tiles_b, 0)
-        begin = g * total // n_prog
-        end = (g + 1) * total // n_prog
-        # Sequences holding this program's first and last tile (sequences without tiles in between are
-        # visited and write an empty partial the combine never reads).
-        b_first = tl.sum(((first_b + tiles_b <= begin) & (offs_b < n_batch)).to(tl.int32), 0)
-        b_last = tl.sum(((first_b + tiles_b <= end - 1) & (offs_b < n_batch)).to(tl.int32), 0)
-        b_stop = tl.where(begin < end, b_last + 1, b_first)
+    offs_b, n_lo_b, tiles_b, first_b = _streamk_layout(SEQLENS_K, LEFTPAD, n_batch, seqlen_q, BLOCK_B, BLOCK_N,
+                                                       MASK, LAYOUT[_HAS_LEFTPAD])
+    total = tl.sum(tiles_b, 0)
+    begin = g * total // n_prog
+    end = (g + 1) * total // n_prog
+    # Sequences holding this program's first and last tile (sequences without tiles in between are visited and
+    # write an empty partial the combine never reads).
+    b_first = tl.sum(((first_b + tiles_b <= begin) & (offs_b < n_batch)).to(tl.int32), 0)
+    b_last = tl.sum(((first_b + tiles_b <= end - 1) & (offs_b < n_batch)).to(tl.int32), 0)
+    b_stop = tl.where(begin < end, b_last + 1, b_first)
 
     offs_r, row_ok, t_pos, head, offs_d, d_ok = _group_rows(off_hk, 0, seqlen_q, GROUP, BLOCK_M, HEAD_DIM,
                                                             HEAD_DIM_PAD)
     slot_base = off_hk.to(tl.int64) * (n_prog + n_batch) + g
     for i in range(0, b_stop - b_first):
         off_b = b_first + i
-        if SEQS_PER_PROGRAM > 0:
-            seqlens_k = tl.load(SEQLENS_K + off_b)
-            if HAS_LEFTPAD:
-                leftpad = tl.load(LEFTPAD + off_b)
-            else:
-                leftpad = 0
-            n_begin, n_end = _key_range(seqlens_k - leftpad, leftpad, seqlen_q, 0, seqlen_q - 1, BLOCK_N,
-                                        WINDOW_LEFT, WINDOW_RIGHT)
-        else:
-            t0 = _pick(offs_b, first_b, off_b)
-            n_lo = _pick(offs_b, n_lo_b, off_b)
-            lo = tl.maximum(begin, t0) - t0
-            hi = tl.minimum(end, t0 + _pick(offs_b, tiles_b, off_b)) - t0
-            n_begin = (n_lo + lo * BLOCK_N).to(tl.int32)
-            n_end = (n_lo + hi * BLOCK_N).to(tl.int32)
+        t0 = _pick(offs_b, first_b, off_b)
+        n_lo = _pick(offs_b, n_lo_b, off_b)
+        lo = tl.maximum(begin, t0) - t0
+        hi = tl.minimum(end, t0 + _pick(offs_b, tiles_b, off_b)) - t0
+        n_begin = (n_lo + lo * BLOCK_N).to(tl.int32)
+        n_end = (n_lo + hi * BLOCK_N).to(tl.int32)
         q_rows = ((off_b.to(tl.int64) * seqlen_q + t_pos) * NUM_HEADS_Q + head) * HEAD_DIM
         q = tl.load(Q + q_rows[:, None] + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
         acc, l_i, m_i = _decode_keys(acc, l_i, m_i, q, t_pos, row_ok, n_begin, n_end, off_b, off_hk,
-                                     K_CACHE, V_CACHE, K_NEW, V_NEW, SEQLENS_K, CACHE_SEQLENS, LEFTPAD,
-                                     BATCH_IDX, PAGE_TABLE, seqlen_q, capacity, seqlen_new, num_pages,
-                                     pages_per_seq, scale_in, scale_out, NUM_HEADS_K, HEAD_DIM, HEAD_DIM_PAD,
-                                     BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, PAGED, PAGE_SIZE, HAS_NEW,
-                                     HAS_LEFTPAD, HAS_BATCH_IDX)
+                                     (K_CACHE, V_CACHE, K_NEW, V_NEW, SEQLENS_K, CACHE_SEQLENS, LEFTPAD, BATCH_IDX,
+                                      PAGE_TABLE), (seqlen_q, capacity, seqlen_new, num_pages, pages_per_seq),
+                                     (scale_in, scale_out), NUM_HEADS_K, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, LAYOUT,
+                                     MASK)
         out, lse = _finish(acc, l_i, m_i)
-        if SEQS_PER_PROGRAM > 0:
-            o_off = q_rows[:, None] + offs_d[None, :]
-            lse_off = (off_b.to(tl.int64) * NUM_HEADS_Q + head) * seqlen_q + t_pos
-        else:
-            slot = slot_base + off_b
-            o_off = (slot * BLOCK_M + offs_r[:, None]) * HEAD_DIM + offs_d[None, :]
-            lse_off = slot * BLOCK_M + offs_r
+        slot = slot_base + off_b
+        o_off = (slot * BLOCK_M + offs_r[:, None]) * HEAD_DIM + offs_d[None, :]
+        lse_off = slot * BLOCK_M + offs_r
         tl.store(OUT + o_off, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
         tl.store(LSE + lse_off, lse, mask=row_ok)
 
@@ -364,7 +331,7 @@ def _decode_combine_streamk(OUT_ACC, LSE_ACC, SEQLENS_K, LEFTPAD, seqlen_q, OUT,
                             HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
                             NUM_PROGRAMS: tl.constexpr, PROGRAMS_PAD: tl.constexpr,
-                            WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, HAS_LEFTPAD: tl.constexpr):
+                            LAYOUT: tl.constexpr, MASK: tl.constexpr):
     """Merge the stream-K partials of (kv head, sequence) by LSE into OUT (B, LQ, HQ, D) / LSE (B, HQ, LQ).
     Grid (HK, B). Recomputes the decode kernel's layout, so it reads exactly the slots that were written: the
     programs g whose tile range meets the sequence (programs with an empty range carry weight 0)."""
@@ -373,7 +340,7 @@ def _decode_combine_streamk(OUT_ACC, LSE_ACC, SEQLENS_K, LEFTPAD, seqlen_q, OUT,
     off_b = tl.program_id(1)
     n_batch = tl.num_programs(1)
     offs_b, n_lo_b, tiles_b, first_b = _streamk_layout(SEQLENS_K, LEFTPAD, n_batch, seqlen_q, BLOCK_B, BLOCK_N,
-                                                       WINDOW_LEFT, WINDOW_RIGHT, HAS_LEFTPAD)
+                                                       MASK, LAYOUT[_HAS_LEFTPAD])
     total = tl.sum(tiles_b, 0)
     t0 = _pick(offs_b, first_b, off_b)
     t1 = t0 + _pick(offs_b, tiles_b, off_b)
@@ -396,7 +363,7 @@ def _decode_combine_streamk(OUT_ACC, LSE_ACC, SEQLENS_K, LEFTPAD, seqlen_q, OUT,
     mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
     total_w = tl.sum(tl.exp(lse_all - mx_safe[None, :]), 0)
     # One piece per step; the automatic schedule gives a sequence at most a few pieces (a 3-D load of several
-    # pieces per step measured slower: session 8 run 3).
+    # pieces per step measured slower; benchmarks/RESULTS.md).
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
     for j in range(0, (g_stop - g_first).to(tl.int32)):
         g = g_first + j

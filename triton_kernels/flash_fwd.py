@@ -6,7 +6,7 @@ every row): q/out (B, Lq, HQ, D), k/v (B, Lk, HK, D), lse float32 (B, HQ, Lq) in
 import triton
 import triton.language as tl
 
-from .flash_common import (_LN2, _allowed, _key_blocks, _load_offsets, _load_rows, _store_rows, _tanh)
+from .flash_common import (_LN2, _SOFTCAP, _allowed, _key_blocks, _load_rows, _mask_pos, _store_rows, _tanh)
 
 
 @triton.jit
@@ -34,19 +34,20 @@ def _online_softmax(s, l_i, m_i, scale_in, SCALE_IN_EXP: tl.constexpr, MASKED: t
 
 
 @triton.jit
-def _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, n_begin, n_end, rows_g, offs_n, offs_d,
-               seqlen_k, k_off, glq, glk, scale_in, scale_out,
+def _fwd_tiles(acc, l_i, m_i, q, n_begin, n_end, keys, rows_g, pos, scales,
                STRIDE_KN: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-               BLOCK_N: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
-               SOFTCAP: tl.constexpr, MASKED: tl.constexpr, SCALE_POS: tl.constexpr):
-    """Accumulate key tiles [n_begin, n_end). Scores live in the log2 domain (log2(e) folded into the scale) so
-    the exponentials are bare exp2. MASKED=False is the hot path: no predicates, no -inf handling.
+               BLOCK_N: tl.constexpr, MASK: tl.constexpr, MASKED: tl.constexpr, SCALE_POS: tl.constexpr):
+    """Accumulate key tiles [n_begin, n_end); keys = (k_ptrs, v_ptrs, offs_n, offs_d, seqlen_k), scales =
+    (scale_in, scale_out). Scores live in the log2 domain (log2(e) folded into the scale) so the exponentials are
+    bare exp2. MASKED=False is the hot path: no predicates, no -inf handling.
 
     SCALE_POS (scale_in > 0, no softcap): the row max is taken on the raw products and the scale is applied
     inside the exponent, so scale and subtraction are one FMA per score (the softmax, not the MMA, is the
-    bottleneck on Hopper: FA3 paper, section 3). Conditional rescaling (FA4: rescale only when a row max grows
-    by more than 2^8) was measured 10-12% slower on the H100: the branch stops Triton from pipelining the loop
-    (benchmarks/RESULTS.md)."""
+    bottleneck on Hopper: FA3 paper, section 3). Conditional rescaling (FA4) measured slower: its branch stops
+    Triton from pipelining the loop (benchmarks/RESULTS.md)."""
+    k_ptrs, v_ptrs, offs_n, offs_d, seqlen_k = keys
+    scale_in, scale_out = scales
+    q_off, k_off, global_seqlen_q, global_seqlen_k = pos
     # 64-bit start: n_begin * HK * D can pass 2^31 for long sequences; then plain pointer increments.
     k_ptrs += n_begin.to(tl.int64) * STRIDE_KN
     v_ptrs += n_begin.to(tl.int64) * STRIDE_KN
@@ -54,7 +55,7 @@ def _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, n_begin, n_end, rows_g, offs_n,
         cols = start_n + offs_n
         k = _load_rows(k_ptrs, cols, seqlen_k, offs_d, HEAD_DIM, HEAD_DIM_PAD, MASKED)
         qk = tl.dot(q, tl.trans(k))
-        if SOFTCAP:
+        if MASK[_SOFTCAP]:
             s = _tanh(qk * scale_in) * scale_out
         elif SCALE_POS:
             s = qk
@@ -62,10 +63,10 @@ def _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, n_begin, n_end, rows_g, offs_n,
             # Scaled before the mask: -inf times a negative scale would be +inf.
             s = qk * scale_in
         if MASKED:
-            ok = _allowed(rows_g[:, None], (k_off + cols)[None, :], glq, glk, WINDOW_LEFT, WINDOW_RIGHT)
+            ok = _allowed(rows_g[:, None], (k_off + cols)[None, :], global_seqlen_q, global_seqlen_k, MASK)
             ok = ok & (cols[None, :] < seqlen_k)
             s = tl.where(ok, s, float("-inf"))
-        p, alpha, l_i, m_i = _online_softmax(s, l_i, m_i, scale_in, SCALE_POS and not SOFTCAP, MASKED)
+        p, alpha, l_i, m_i = _online_softmax(s, l_i, m_i, scale_in, SCALE_POS and not MASK[_SOFTCAP], MASKED)
         acc = acc * alpha[:, None]
         v = _load_rows(v_ptrs, cols, seqlen_k, offs_d, HEAD_DIM, HEAD_DIM_PAD, MASKED)
         acc = tl.dot(p.to(v.dtype), v, acc)
@@ -80,7 +81,7 @@ def _fwd_tiles_overlap(acc, l_i, m_i, q, k_ptrs, v_ptrs, n_begin, n_end, scale_i
     """The unmasked run [n_begin, n_end) (no softcap, scale_in > 0) with QK^T of the next tile issued before the
     PV product of this one (after FA3 paper, section 3.2, intra-warpgroup overlap): PV of tile j then runs while the
     warpgroup computes the softmax of tile j+1. QK^T itself is still waited for at once, since Triton keeps only
-    accumulating products in flight (benchmarks/RESULTS.md, session 6)."""
+    accumulating products in flight (benchmarks/RESULTS.md)."""
     if n_begin < n_end:
         k_ptrs += n_begin.to(tl.int64) * STRIDE_KN
         v_ptrs += n_begin.to(tl.int64) * STRIDE_KN
@@ -101,11 +102,9 @@ def _fwd_tiles_overlap(acc, l_i, m_i, q, k_ptrs, v_ptrs, n_begin, n_end, scale_i
 
 
 @triton.jit
-def _fwd_ranges(q, k_ptrs, v_ptrs, n_lo, f_lo, f_hi, n_hi, rows_g, offs_n, offs_d,
-                seqlen_k, k_off, glq, glk, scale_in, scale_out,
+def _fwd_ranges(q, n_lo, f_lo, f_hi, n_hi, keys, rows_g, pos, scales,
                 STRIDE_KN: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WINDOW_LEFT: tl.constexpr,
-                WINDOW_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, SCALE_POS: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr, SCALE_POS: tl.constexpr,
                 OVERLAP: tl.constexpr):
     """A query tile against its visible keys, given as _key_blocks' three runs (masked edge tiles around the
     fully visible middle). Returns (out, lse): rows that saw no key get out 0 and LSE -inf, as the contract
@@ -113,22 +112,16 @@ def _fwd_ranges(q, k_ptrs, v_ptrs, n_lo, f_lo, f_hi, n_hi, rows_g, offs_n, offs_
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, n_lo, f_lo, rows_g, offs_n, offs_d,
-                               seqlen_k, k_off, glq, glk, scale_in, scale_out,
-                               STRIDE_KN, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT,
-                               SOFTCAP, True, SCALE_POS)
-    if OVERLAP and SCALE_POS and not SOFTCAP and HEAD_DIM == HEAD_DIM_PAD:
-        acc, l_i, m_i = _fwd_tiles_overlap(acc, l_i, m_i, q, k_ptrs, v_ptrs, f_lo, f_hi, scale_in,
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, n_lo, f_lo, keys, rows_g, pos, scales,
+                               STRIDE_KN, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, MASK, True, SCALE_POS)
+    if OVERLAP and SCALE_POS and not MASK[_SOFTCAP] and HEAD_DIM == HEAD_DIM_PAD:
+        acc, l_i, m_i = _fwd_tiles_overlap(acc, l_i, m_i, q, keys[0], keys[1], f_lo, f_hi, scales[0],
                                            STRIDE_KN, BLOCK_N)
     else:
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, f_lo, f_hi, rows_g, offs_n, offs_d,
-                                   seqlen_k, k_off, glq, glk, scale_in, scale_out,
-                                   STRIDE_KN, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT,
-                                   SOFTCAP, False, SCALE_POS)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, f_hi, n_hi, rows_g, offs_n, offs_d,
-                               seqlen_k, k_off, glq, glk, scale_in, scale_out,
-                               STRIDE_KN, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT,
-                               SOFTCAP, True, SCALE_POS)
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, f_lo, f_hi, keys, rows_g, pos, scales,
+                                   STRIDE_KN, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, MASK, False, SCALE_POS)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, f_hi, n_hi, keys, rows_g, pos, scales,
+                               STRIDE_KN, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, MASK, True, SCALE_POS)
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
@@ -137,11 +130,9 @@ def _fwd_ranges(q, k_ptrs, v_ptrs, n_lo, f_lo, f_hi, n_hi, rows_g, offs_n, offs_
 
 
 @triton.jit
-def _fwd_tile(Q, K, V, OUT, LSE, q_row0, kv_base, lse_row0, start_m, seqlen_q, seqlen_k,
-              q_off, k_off, glq, glk, scale_in, scale_out,
+def _fwd_tile(Q, K, V, OUT, LSE, q_row0, kv_base, lse_row0, start_m, seqlen_q, seqlen_k, pos, scales,
               STRIDE_QM: tl.constexpr, STRIDE_KN: tl.constexpr, HEAD_DIM: tl.constexpr,
-              HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
+              HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
               SCALE_POS: tl.constexpr, OVERLAP: tl.constexpr):
     """One query tile, shared by the dense and varlen kernels, which differ only in where a sequence starts:
     q_row0 = element offset of the tile's first row (this head) in Q/OUT, kv_base = of key row 0 (this kv head)
@@ -157,29 +148,26 @@ def _fwd_tile(Q, K, V, OUT, LSE, q_row0, kv_base, lse_row0, start_m, seqlen_q, s
     v_ptrs = V + kv_base + offs_n[:, None] * STRIDE_KN + offs_d[None, :]
 
     m_last = tl.minimum(start_m + BLOCK_M, seqlen_q) - 1
-    n_lo, f_lo, f_hi, n_hi = _key_blocks(start_m, m_last, seqlen_k, q_off, k_off, glq, glk,
-                                         BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT)
-    rows_g = q_off + offs_m
+    n_lo, f_lo, f_hi, n_hi = _key_blocks(start_m, m_last, seqlen_k, pos, BLOCK_N, MASK)
+    rows_g = pos[0] + offs_m
 
-    out, lse = _fwd_ranges(q, k_ptrs, v_ptrs, n_lo, f_lo, f_hi, n_hi, rows_g, offs_n, offs_d,
-                           seqlen_k, k_off, glq, glk, scale_in, scale_out, STRIDE_KN, HEAD_DIM, HEAD_DIM_PAD,
-                           BLOCK_M, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, SCALE_POS, OVERLAP)
+    out, lse = _fwd_ranges(q, n_lo, f_lo, f_hi, n_hi, (k_ptrs, v_ptrs, offs_n, offs_d, seqlen_k), rows_g, pos,
+                           scales, STRIDE_KN, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, BLOCK_N, MASK, SCALE_POS, OVERLAP)
     _store_rows(OUT + q_row0 + tile_q, out.to(OUT.dtype.element_ty), offs_m, seqlen_q, offs_d, HEAD_DIM, HEAD_DIM_PAD)
     tl.store(LSE + lse_row0 + offs_m, lse, mask=offs_m < seqlen_q)
 
 
 @triton.jit
-def _attn_fwd(Q, K, V, OFFS,
-              seqlen_q, seqlen_k, glq, glk, scale_in, scale_out,
+def _attn_fwd(Q, K, V, OFFS, global_seqlen_q, global_seqlen_k,
+              seqlen_q, seqlen_k, scale_in, scale_out,
               OUT, LSE,
               NUM_HEADS_Q: tl.constexpr, NUM_HEADS_K: tl.constexpr,
               HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
-              SOFTCAP: tl.constexpr, HAS_OFFSETS: tl.constexpr, REVERSE_M: tl.constexpr,
-              SCALE_POS: tl.constexpr, OVERLAP: tl.constexpr):
+              MASK: tl.constexpr, REVERSE_M: tl.constexpr, SCALE_POS: tl.constexpr, OVERLAP: tl.constexpr):
     """scale_in/scale_out: without softcap s2 = qk * scale_in (scale_in = softmax_scale * log2 e); with softcap
-    s2 = tanh(qk * scale_in) * scale_out (scale_in = softmax_scale / c, scale_out = c * log2 e)."""
+    s2 = tanh(qk * scale_in) * scale_out (scale_in = softmax_scale / c, scale_out = c * log2 e). OFFS and the
+    global lengths are the runtime half of the mask group (flash_common._mask_pos)."""
     STRIDE_QM: tl.constexpr = NUM_HEADS_Q * HEAD_DIM
     STRIDE_KN: tl.constexpr = NUM_HEADS_K * HEAD_DIM
     GROUP: tl.constexpr = NUM_HEADS_Q // NUM_HEADS_K
@@ -193,12 +181,11 @@ def _attn_fwd(Q, K, V, OFFS,
     off_b = tl.program_id(2).to(tl.int64)
     off_hk = off_h // GROUP
 
-    q_off, k_off = _load_offsets(OFFS, HAS_OFFSETS)
+    pos = _mask_pos(OFFS, global_seqlen_q, global_seqlen_k, MASK)
     start_m = pid_m * BLOCK_M
     _fwd_tile(Q, K, V, OUT, LSE,
               (off_b * seqlen_q + start_m) * STRIDE_QM + off_h * HEAD_DIM,
               off_b * seqlen_k * STRIDE_KN + off_hk * HEAD_DIM,
               (off_b * NUM_HEADS_Q + off_h) * seqlen_q,
-              start_m, seqlen_q, seqlen_k, q_off, k_off, glq, glk, scale_in, scale_out,
-              STRIDE_QM, STRIDE_KN, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT,
-              SOFTCAP, SCALE_POS, OVERLAP)
+              start_m, seqlen_q, seqlen_k, pos, (scale_in, scale_out),
+              STRIDE_QM, STRIDE_KN, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, BLOCK_N, MASK, SCALE_POS, OVERLAP)

@@ -52,8 +52,7 @@ def _varlen_attn_fwd(Q, K, V, CU_Q, CU_K, SEQUSED_K,
                      NUM_HEADS_Q: tl.constexpr, NUM_HEADS_K: tl.constexpr,
                      HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
-                     SOFTCAP: tl.constexpr, HAS_SEQUSED: tl.constexpr, REVERSE_M: tl.constexpr,
+                     MASK: tl.constexpr, HAS_SEQUSED: tl.constexpr, REVERSE_M: tl.constexpr,
                      SCALE_POS: tl.constexpr, OVERLAP: tl.constexpr):
     """scale_in/scale_out as in ``flash_fwd._attn_fwd`` (log2 domain, optional softcap)."""
     STRIDE_QM: tl.constexpr = NUM_HEADS_Q * HEAD_DIM
@@ -79,6 +78,5 @@ def _varlen_attn_fwd(Q, K, V, CU_Q, CU_K, SEQUSED_K,
                       (q_start + start_m).to(tl.int64) * STRIDE_QM + off_h * HEAD_DIM,
                       k_start.to(tl.int64) * STRIDE_KN + off_hk * HEAD_DIM,
                       off_h.to(tl.int64) * total_q + q_start,
-                      start_m, seqlen_q, seqlen_k, 0, 0, seqlen_q, seqlen_k, scale_in, scale_out,
-                      STRIDE_QM, STRIDE_KN, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT,
-                      SOFTCAP, SCALE_POS, OVERLAP)
+                      start_m, seqlen_q, seqlen_k, (0, 0, seqlen_q, seqlen_k), (scale_in, scale_out),
+                      STRIDE_QM, STRIDE_KN, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, BLOCK_N, MASK, SCALE_POS, OVERLAP)

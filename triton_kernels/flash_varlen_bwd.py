@@ -57,8 +57,7 @@ def _varlen_bwd_dkdv(Q, K, V, DO, LSE, DELTA, CU_Q, CU_K, SEQUSED_K,
                      NUM_HEADS_Q: tl.constexpr, NUM_HEADS_K: tl.constexpr,
                      HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
-                     SOFTCAP: tl.constexpr, HAS_SEQUSED: tl.constexpr, REVERSE_N: tl.constexpr,
+                     MASK: tl.constexpr, HAS_SEQUSED: tl.constexpr, REVERSE_N: tl.constexpr,
                      OVERLAP: tl.constexpr):
     STRIDE_QM: tl.constexpr = NUM_HEADS_Q * HEAD_DIM
     STRIDE_KN: tl.constexpr = NUM_HEADS_K * HEAD_DIM
@@ -93,9 +92,8 @@ def _varlen_bwd_dkdv(Q, K, V, DO, LSE, DELTA, CU_Q, CU_K, SEQUSED_K,
             _dkdv_tile(Q, K, V, DO, LSE, DELTA, DK, DV,
                        (k_start + start_n).to(tl.int64) * STRIDE_KN + off_hk * HEAD_DIM,
                        q_start.to(tl.int64) * STRIDE_QM, q_start.to(tl.int64), total_q,
-                       off_hk, start_n, seqlen_q, seqlen_k, 0, 0, seqlen_q, seqlen_k, scale_in, scale_out, sm_scale,
-                       STRIDE_QM, STRIDE_KN, GROUP, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, BLOCK_N, WINDOW_LEFT,
-                       WINDOW_RIGHT, SOFTCAP, OVERLAP)
+                       off_hk, start_n, seqlen_q, seqlen_k, (0, 0, seqlen_q, seqlen_k), (scale_in, scale_out),
+                       sm_scale, STRIDE_QM, STRIDE_KN, GROUP, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, BLOCK_N, MASK, OVERLAP)
 
 
 @triton.jit
@@ -105,8 +103,7 @@ def _varlen_bwd_dq(Q, K, V, DO, LSE, DELTA, CU_Q, CU_K, SEQUSED_K,
                    NUM_HEADS_Q: tl.constexpr, NUM_HEADS_K: tl.constexpr,
                    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
-                   SOFTCAP: tl.constexpr, HAS_SEQUSED: tl.constexpr, REVERSE_M: tl.constexpr):
+                   MASK: tl.constexpr, HAS_SEQUSED: tl.constexpr, REVERSE_M: tl.constexpr):
     STRIDE_QM: tl.constexpr = NUM_HEADS_Q * HEAD_DIM
     STRIDE_KN: tl.constexpr = NUM_HEADS_K * HEAD_DIM
     GROUP: tl.constexpr = NUM_HEADS_Q // NUM_HEADS_K
@@ -131,6 +128,5 @@ def _varlen_bwd_dq(Q, K, V, DO, LSE, DELTA, CU_Q, CU_K, SEQUSED_K,
                      (q_start + start_m).to(tl.int64) * STRIDE_QM + off_h * HEAD_DIM,
                      k_start.to(tl.int64) * STRIDE_KN + off_hk * HEAD_DIM,
                      off_h.to(tl.int64) * total_q + q_start,
-                     start_m, seqlen_q, seqlen_k, 0, 0, seqlen_q, seqlen_k, scale_in, scale_out, sm_scale,
-                     STRIDE_QM, STRIDE_KN, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT,
-                     SOFTCAP)
+                     start_m, seqlen_q, seqlen_k, (0, 0, seqlen_q, seqlen_k), (scale_in, scale_out), sm_scale,
+                     STRIDE_QM, STRIDE_KN, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, BLOCK_N, MASK)

@@ -3,7 +3,9 @@
 Modes: dense and varlen (forward and backward), kvcache (split-KV decode + LSE combine). The backward is
 deterministic by construction (no atomics: dK/dV and dQ come from separate kernels that each own their output
 rows, and the GQA group is reduced in-kernel in a fixed order), so ``spec.deterministic`` needs no special path.
-Launch decisions live in the ``plan*`` modules (pure Python); this module only maps arrays onto them.
+Launch decisions live in the ``plan_*`` modules (pure Python, one per kernel family: ``plan_dense``,
+``plan_varlen``, ``plan_decode``); this module maps arrays onto them and passes them the Tuning in force
+(:func:`fa3jax.tuning.current`).
 """
 from __future__ import annotations
 
@@ -11,11 +13,11 @@ import jax
 import jax.numpy as jnp
 
 from ...spec import AttentionSpec
+from ...tuning import current as _current_tuning
 from ..base import Backend, DenseArgs, KVCacheArgs, VarlenArgs
-from . import plan as _plan
-from . import plan_kvcache, plan_varlen, plan_varlen_bwd, tuning
+from . import plan_decode, plan_dense, plan_varlen, tables
 
-__all__ = ["TritonBackend", "tuning"]
+__all__ = ["TritonBackend", "tables"]
 
 _AVAILABILITY: tuple[bool, str] | None = None
 _ARCH: str | None = None
@@ -52,9 +54,9 @@ def _probe() -> tuple[bool, str, str]:
 def _num_sms() -> int:
     """Streaming multiprocessors of the default GPU (the split-KV heuristic fills them)."""
     try:
-        return int(getattr(jax.devices()[0], "core_count", 0)) or plan_kvcache.DEFAULT_NUM_SMS
+        return int(getattr(jax.devices()[0], "core_count", 0)) or plan_decode.DEFAULT_NUM_SMS
     except Exception:  # noqa: BLE001 - a heuristic input, never a reason to fail
-        return plan_kvcache.DEFAULT_NUM_SMS
+        return plan_decode.DEFAULT_NUM_SMS
 
 
 def _empty(shape_out, dtype, shape_lse):
@@ -78,7 +80,7 @@ def _offsets(spec: AttentionSpec, args):
                       jnp.asarray(args.k_offset, jnp.int32).reshape(())])
 
 
-_CHECKS = {"dense": _plan.check, "varlen": plan_varlen.check, "kvcache": plan_kvcache.check}
+_CHECKS = {"dense": plan_dense.check, "varlen": plan_varlen.check, "kvcache": plan_decode.check}
 
 
 class TritonBackend(Backend):
@@ -108,7 +110,7 @@ class TritonBackend(Backend):
         b, lq, hq, d = spec.batch, spec.seqlen_q, spec.num_heads_q, spec.head_dim
         if b * lq * hq == 0 or spec.seqlen_k == 0:  # no key anywhere: every row is empty
             return _empty((b, lq, hq, d), q.dtype, (b, hq, lq))
-        fwd = _plan.plan_forward(spec, _arch())
+        fwd = plan_dense.plan_forward(spec, _arch(), _current_tuning())
         arrays = {"q": q, "k": k, "v": v, "offsets": _offsets(spec, args)}
         out, lse = launch.call(fwd, arrays)
         return out, lse
@@ -124,10 +126,10 @@ class TritonBackend(Backend):
             arrays["dlse"] = dlse.astype(jnp.float32)
         if spec.mode == "varlen":
             arrays.update(_varlen_arrays(args))
-            pre, dkdv, dq = plan_varlen_bwd.plan_backward(spec, _arch(), has_dlse=dlse is not None)
+            pre, dkdv, dq = plan_varlen.plan_backward(spec, _arch(), _current_tuning(), has_dlse=dlse is not None)
         else:
             arrays["offsets"] = _offsets(spec, args)
-            pre, dkdv, dq = _plan.plan_backward(spec, _arch(), has_dlse=dlse is not None)
+            pre, dkdv, dq = plan_dense.plan_backward(spec, _arch(), _current_tuning(), has_dlse=dlse is not None)
         (arrays["delta"],) = launch.call(pre, arrays)
         dk_, dv_ = launch.call(dkdv, arrays)
         (dq_,) = launch.call(dq, arrays)
@@ -140,7 +142,7 @@ class TritonBackend(Backend):
         if total_q * hq == 0 or spec.seqlen_k == 0:
             return _empty((total_q, hq, d), q.dtype, (hq, total_q))
         arrays = {"q": q, "k": k, "v": v, **_varlen_arrays(args)}
-        return launch.call(plan_varlen.plan_forward(spec, _arch()), arrays)
+        return launch.call(plan_varlen.plan_forward(spec, _arch(), _current_tuning()), arrays)
 
     def kvcache_forward(self, spec: AttentionSpec, q, k_cache, v_cache, args: KVCacheArgs):
         from . import launch
@@ -157,7 +159,7 @@ class TritonBackend(Backend):
                 arrays[name] = jnp.asarray(x, jnp.int32)
         if args.k_new is not None:
             arrays["k_new"], arrays["v_new"] = args.k_new.astype(q.dtype), args.v_new.astype(q.dtype)
-        for launch_ in plan_kvcache.plan_forward(spec, _arch(), num_sms=_num_sms()):
+        for launch_ in plan_decode.plan_forward(spec, _arch(), num_sms=_num_sms(), tune=_current_tuning()):
             outs = launch.call(launch_, arrays)
             arrays.update({name: x for (name, _, _), x in zip(launch_.outputs, outs)})
         return arrays["out"], arrays["lse"]

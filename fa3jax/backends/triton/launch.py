@@ -1,4 +1,4 @@
-"""Executes :class:`~fa3jax.backends.triton.plan.Launch` plans through jax-triton, and finds the kernel modules.
+"""Executes :class:`~fa3jax.backends.triton.plan_common.Launch` plans through jax-triton, and finds the kernel modules.
 
 Importing this module imports neither triton nor jax_triton; they are loaded on the first launch.
 """
@@ -11,7 +11,7 @@ import sys
 
 import numpy as np
 
-from .plan import Launch
+from .plan_common import Launch
 
 _KERNELS_PKG = "fa3jax.triton_kernels"
 

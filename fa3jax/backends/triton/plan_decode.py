@@ -1,4 +1,5 @@
-"""Launch plans of the KV-cache (decode) kernels, ``triton_kernels/flash_decode.py``, and the split heuristic.
+"""Launch plans of the KV-cache (decode) kernels, ``triton_kernels/flash_decode.py``: the split-KV grid with its
+combine, the stream-K grid with its combine, and the choice between them.
 
 Array names: q k_cache v_cache k_new v_new seqlens_k cache_seqlens leftpad batch_idx page_table (int32 for the
 index arrays; absent optional arrays are replaced by a stand-in the kernel never reads). With more than one split
@@ -11,14 +12,15 @@ import math
 from typing import Optional
 
 from ...spec import AttentionSpec
-from . import tuning
-from .plan import Launch, _pow2_at_least, score_scales
+from ...tuning import DEFAULT, Tuning
+from . import tables
+from .plan_common import GRID_LIMIT, Launch, mask_group, pow2_at_least, score_scales, tile, unsupported_dtype
 
 DEFAULT_NUM_SMS = 132  # H100 SXM
 MAX_SPLITS = 64
 # Stream-K programs read every sequence length (a vector of next_pow2(batch) lanes) to find their tiles.
 PERSISTENT_MAX_BATCH = 1024
-SCHEDULES = ("split", "streamk", "batch")
+SCHEDULES = ("split", "streamk")
 
 
 def choose_num_splits(batch: int, heads_k: int, cache_len: int, num_sms: int, m_tiles: int = 1,
@@ -26,10 +28,9 @@ def choose_num_splits(batch: int, heads_k: int, cache_len: int, num_sms: int, m_
     """Number of KV splits for a decode launch (pure Python, host side).
 
     Split only when (batch * heads_k * m_tiles) programs leave SMs idle; then take as many splits as fit in one
-    wave of ``programs_per_sm`` programs per SM (a decode program streams K/V, and one per SM does not keep enough
-    bytes in flight), rounding down: a partly filled second wave costs more than the split saves (H100, hq=32 hk=8
-    b=8, contiguous 32k: 4 splits = 256 programs 2.98 TB/s, 5 splits = 320 programs 2.82). Never go below
-    ``min_keys_per_split`` keys per split (a split then costs more in the combine than it saves).
+    wave of ``programs_per_sm`` programs per SM (one decode program per SM keeps too few bytes in flight),
+    rounding down: a partly filled second wave costs more than the split saves (benchmarks/RESULTS.md). Never go
+    below ``min_keys_per_split`` keys per split (a split then costs more in the combine than it saves).
     """
     work = max(1, batch * heads_k * m_tiles)
     if cache_len <= min_keys_per_split or work >= num_sms * 0.8:
@@ -40,11 +41,10 @@ def choose_num_splits(batch: int, heads_k: int, cache_len: int, num_sms: int, m_
 
 
 def choose_schedule(batch: int, heads_k: int, cache_len: int, num_sms: int, m_tiles: int,
-                    policy: tuning.DecodeConfig) -> str:
+                    policy: tables.DecodeConfig) -> str:
     """Decode schedule for num_splits=0: the policy's, or for "auto": stream-K when each program of one wave
-    streams at least ``policy.streamk_min_keys`` keys, else splits. Below that the combine launch and the
-    per-piece start-up cost more than the balanced wave saves (H100: 2-8% slower at 4k-32k caches); "batch"
-    (whole sequences) measured no better than splits at b=64 and is not picked."""
+    streams at least ``policy.streamk_min_keys`` keys, else splits (below that the combine launch and the
+    per-piece start-up cost more than the balanced wave saves)."""
     if m_tiles != 1 or batch > PERSISTENT_MAX_BATCH:
         return "split"
     if policy.schedule != "auto":
@@ -56,38 +56,38 @@ def choose_schedule(batch: int, heads_k: int, cache_len: int, num_sms: int, m_ti
 
 
 def persistent_programs(batch: int, heads_k: int, cache_tiles: int, num_sms: int, programs_per_sm: int = 2,
-                        min_tiles: int = 4, whole: bool = False) -> tuple[int, int]:
-    """(programs per kv head G, sequences per program S; 0 = stream-K) of a one-wave grid: at most
-    ``programs_per_sm`` per SM over all kv heads; stream-K keeps at least ``min_tiles`` key tiles per program
-    at full caches, whole sequences are spread evenly (S = ceil(batch / wave), G = ceil(batch / S))."""
+                        min_tiles: int = 4) -> int:
+    """Programs per kv head G of the one-wave stream-K grid: at most ``programs_per_sm`` per SM over all kv
+    heads, and at least ``min_tiles`` key tiles per program at full caches."""
     wave = max(1, (programs_per_sm * num_sms) // max(1, heads_k))
-    if whole:
-        per = math.ceil(batch / wave)
-        return math.ceil(batch / per), per
-    return int(max(1, min(wave, math.ceil(batch * max(cache_tiles, 1) / max(1, min_tiles))))), 0
+    return int(max(1, min(wave, math.ceil(batch * max(cache_tiles, 1) / max(1, min_tiles)))))
 
 
 def check(spec: AttentionSpec) -> Optional[str]:
-    """Reason the decode kernel cannot serve ``spec`` (None if it can)."""
+    """Reason the decode kernels cannot serve ``spec`` (None if they can); validation already holds the rest."""
     kv = spec.kvcache
     if spec.mode != "kvcache" or kv is None:
         return "triton kvcache: not a kvcache spec"
-    if spec.dtype not in ("float16", "bfloat16"):
-        return f"triton kvcache: dtype {spec.dtype} not supported (float16/bfloat16 only)"
-    if not 1 <= spec.head_dim <= 256:
-        return f"triton kvcache: head_dim {spec.head_dim} outside [1, 256]"
-    if spec.num_heads_k < 1 or spec.num_heads_q % spec.num_heads_k:
-        return "triton kvcache: num_heads_q must be a multiple of num_heads_k"
     if kv.paged and (kv.page_size < 16 or kv.page_size % 16):
         return f"triton kvcache: page_size {kv.page_size} is not a multiple of 16"
-    if spec.batch > 65535 or spec.num_heads_k > 65535:
-        return "triton kvcache: more than 65535 batch rows or kv heads (grid limit)"
-    return None
+    if spec.batch > GRID_LIMIT or spec.num_heads_k > GRID_LIMIT:
+        return f"triton kvcache: more than {GRID_LIMIT} batch rows or kv heads (grid limit)"
+    return unsupported_dtype(spec, "kvcache")
 
 
-def _block_n(spec: AttentionSpec, cfg_block_n: int, policy: tuning.DecodeConfig) -> int:
+def policy(spec: AttentionSpec, tune: Tuning = DEFAULT) -> tables.DecodeConfig:
+    """The decode policy for ``spec``'s cache layout (or the one ``tune`` forces)."""
+    forced = tune.decode
+    if forced is None:
+        return tables.DECODE["paged" if spec.kvcache.paged else "contiguous"]
+    if forced.schedule not in SCHEDULES + ("auto",):
+        raise ValueError(f"decode schedule {forced.schedule!r} is not one of {SCHEDULES + ('auto',)}")
+    return forced
+
+
+def _block_n(spec: AttentionSpec, cfg_block_n: int, pol: tables.DecodeConfig) -> int:
     kv = spec.kvcache
-    bn = min(cfg_block_n, policy.block_n, _pow2_at_least(max(kv.capacity, 1)))
+    bn = min(cfg_block_n, pol.block_n, pow2_at_least(max(kv.capacity, 1)))
     if kv.paged:  # a tile must stay inside one page: largest power of two dividing page_size, at most bn
         p = kv.page_size & -kv.page_size
         bn = min(bn, p)
@@ -95,59 +95,51 @@ def _block_n(spec: AttentionSpec, cfg_block_n: int, policy: tuning.DecodeConfig)
 
 
 def plan_forward(spec: AttentionSpec, arch: str = "sm90", num_splits: Optional[int] = None,
-                 num_sms: int = DEFAULT_NUM_SMS, overrides: Optional[dict] = None,
-                 schedule: Optional[str] = None, programs: Optional[int] = None) -> tuple[Launch, ...]:
-    """(decode,) or (decode, combine). ``num_splits``: None -> ``spec.kvcache.num_splits`` (0 = auto).
-    ``overrides``: {"fwd": (block_m, block_n, num_warps, num_stages)}. ``schedule`` (one of SCHEDULES; None:
-    :func:`choose_schedule`) applies to num_splits=0 with one query tile only; ``programs`` fixes the programs
-    per kv head of the persistent schedules (tests)."""
+                 num_sms: int = DEFAULT_NUM_SMS, tune: Tuning = DEFAULT) -> tuple[Launch, ...]:
+    """(decode,) or (decode, combine). ``num_splits``: None -> ``spec.kvcache.num_splits`` (0 = auto: the
+    policy's schedule, which applies with one query tile only)."""
     kv = spec.kvcache
     b, lq, hq, hk, d = spec.batch, spec.seqlen_q, spec.num_heads_q, spec.num_heads_k, spec.head_dim
     group = hq // hk
-    base = tuning.lookup(d, spec.dtype, spec.causal, arch).fwd
-    cfg = tuning.TileConfig(*overrides["fwd"]) if overrides and "fwd" in overrides else base
-    block_m = min(cfg.block_m, _pow2_at_least(lq * group))
-    policy = tuning.DECODE["paged" if kv.paged else "contiguous"]
-    block_n = _block_n(spec, cfg.block_n, policy)
+    cfg = tile(tune, "fwd", tables.lookup(d, spec.dtype, spec.causal, arch).fwd)
+    block_m = min(cfg.block_m, pow2_at_least(lq * group))
+    pol = policy(spec, tune)
+    block_n = _block_n(spec, cfg.block_n, pol)
     m_tiles = math.ceil(lq * group / block_m)
     splits = kv.num_splits if num_splits is None else num_splits
-    if schedule is not None and schedule not in SCHEDULES:
-        raise ValueError(f"{schedule=} is not one of {SCHEDULES}")
-    if schedule is None:
-        schedule = choose_schedule(b, hk, kv.capacity, num_sms, m_tiles, policy)
-    if splits <= 0 and schedule != "split" and m_tiles == 1 and b <= PERSISTENT_MAX_BATCH:
-        return _plan_persistent(spec, block_m, block_n, policy, num_sms, programs, schedule == "batch")
+    schedule = choose_schedule(b, hk, kv.capacity, num_sms, m_tiles, pol)
+    if splits <= 0 and schedule == "streamk":
+        return _plan_streamk(spec, block_m, block_n, pol, num_sms, tune.decode_programs)
     if splits <= 0:
-        splits = choose_num_splits(b, hk, kv.capacity, num_sms, m_tiles, policy.programs_per_sm,
-                                   policy.min_keys_per_split, policy.max_splits)
+        splits = choose_num_splits(b, hk, kv.capacity, num_sms, m_tiles, pol.programs_per_sm,
+                                   pol.min_keys_per_split, pol.max_splits)
     splits = max(1, min(int(splits), math.ceil(max(kv.capacity, 1) / block_n), MAX_SPLITS))
-    if overrides and "fwd" in overrides:
+    if tune.fwd is not None:
         warps, stages = cfg.num_warps if block_m >= 128 else min(cfg.num_warps, 4), cfg.num_stages
     elif block_m >= 128:  # chunked prefill with many rows: the forward's tiles
         warps, stages = cfg.num_warps, cfg.num_stages
     else:
-        warps = policy.num_warps
-        stages = policy.stages_split if splits > 1 else policy.stages_nosplit
-    hd_pad = tuning.head_dim_pad(d)
+        warps = pol.num_warps
+        stages = pol.stages_split if splits > 1 else pol.stages_nosplit
+    hd_pad = tables.head_dim_pad(d)
     block_n = _fit_stages(block_n, hd_pad, stages)  # shrinking the tile keeps splits <= key tiles
-    args = _common_args(spec)
     meta = (("NUM_HEADS_Q", hq), ("NUM_HEADS_K", hk), ("HEAD_DIM", d), ("HEAD_DIM_PAD", hd_pad),
-            ("BLOCK_M", block_m), ("BLOCK_N", block_n), ("NUM_SPLITS", splits)) + _common_meta(spec)
+            ("BLOCK_M", block_m), ("BLOCK_N", block_n), ("NUM_SPLITS", splits)) + _layout_and_mask(spec)
     final = (("out", (b, lq, hq, d), spec.dtype), ("lse", (b, hq, lq), "float32"))
     if splits == 1:
         outputs = final
     else:
         outputs = (("out_acc", (splits, b, lq, hq, d), "float32"), ("lse_acc", (splits, b, hq, lq), "float32"))
-    decode = Launch(module="flash_decode", kernel="_decode_fwd", args=args, outputs=outputs,
+    decode = Launch(module="flash_decode", kernel="_decode_fwd", args=_common_args(spec), outputs=outputs,
                     grid=(m_tiles * splits, hk, b), num_warps=warps, num_stages=stages, constexprs=meta)
     if splits == 1:
         return (decode,)
-    cm = min(64, _pow2_at_least(lq))
+    cm = min(64, pow2_at_least(lq))
     combine = Launch(module="flash_decode", kernel="_decode_combine",
                      args=(("array", "out_acc"), ("array", "lse_acc"), ("i32", lq)), outputs=final,
                      grid=(math.ceil(lq / cm), hq, b), num_warps=4, num_stages=1,
                      constexprs=(("NUM_HEADS_Q", hq), ("HEAD_DIM", d), ("HEAD_DIM_PAD", hd_pad), ("BLOCK_M", cm),
-                                 ("NUM_SPLITS", splits), ("SPLITS_PAD", _pow2_at_least(splits, 2))))
+                                 ("NUM_SPLITS", splits), ("SPLITS_PAD", pow2_at_least(splits, 2))))
     return decode, combine
 
 
@@ -173,46 +165,38 @@ def _common_args(spec: AttentionSpec) -> tuple:
             ("i32", kv.pages_per_seq), ("f32", scale_in), ("f32", scale_out))
 
 
-def _common_meta(spec: AttentionSpec) -> tuple:
+def _layout_and_mask(spec: AttentionSpec) -> tuple:
+    """The cache-layout constexpr group LAYOUT (field order: flash_decode._PAGED ...) and the mask group."""
     kv = spec.kvcache
-    return (("WINDOW_LEFT", int(spec.window.left)), ("WINDOW_RIGHT", int(spec.window.right)),
-            ("SOFTCAP", bool(spec.softcap > 0.0)), ("PAGED", bool(kv.paged)),
-            ("PAGE_SIZE", int(kv.page_size) if kv.paged else 0), ("HAS_NEW", bool(kv.seqlen_new)),
-            ("HAS_LEFTPAD", bool(kv.has_cache_leftpad)),
-            ("HAS_BATCH_IDX", bool(kv.has_cache_batch_idx and not kv.paged)))
+    layout = (bool(kv.paged), int(kv.page_size) if kv.paged else 0, bool(kv.seqlen_new), bool(kv.has_cache_leftpad),
+              bool(kv.has_cache_batch_idx and not kv.paged))
+    return (("LAYOUT", layout),) + tuple(mask_group(spec)[1])
 
 
-def _plan_persistent(spec: AttentionSpec, block_m: int, block_n: int, policy: tuning.DecodeConfig, num_sms: int,
-                     programs: Optional[int], whole: bool) -> tuple[Launch, ...]:
-    """One-wave decode, grid (hk, G): (whole sequences,) or (stream-K, its combine over grid (hk, b)); see
-    ``flash_decode._decode_fwd_persistent``."""
+def _plan_streamk(spec: AttentionSpec, block_m: int, block_n: int, pol: tables.DecodeConfig, num_sms: int,
+                  programs: Optional[int]) -> tuple[Launch, Launch]:
+    """One-wave stream-K decode over grid (hk, G), then its combine over grid (hk, b); see
+    ``flash_decode._decode_fwd_persistent``. ``programs`` forces G."""
     kv = spec.kvcache
     b, lq, hq, hk, d = spec.batch, spec.seqlen_q, spec.num_heads_q, spec.num_heads_k, spec.head_dim
-    hd_pad = tuning.head_dim_pad(d)
-    stages = policy.stages_nosplit
+    hd_pad = tables.head_dim_pad(d)
+    stages = pol.stages_nosplit
     block_n = _fit_stages(block_n, hd_pad, stages)
     cache_tiles = math.ceil(max(kv.capacity, 1) / block_n)
-    g, per = persistent_programs(b, hk, cache_tiles, num_sms, policy.programs_per_sm,
-                                 math.ceil(policy.min_keys_per_split / block_n), whole)
-    if programs:
-        g, per = (programs, math.ceil(b / programs)) if whole else (programs, 0)
-    block_b = _pow2_at_least(b)
+    g = programs or persistent_programs(b, hk, cache_tiles, num_sms, pol.programs_per_sm,
+                                        math.ceil(pol.min_keys_per_split / block_n))
     shape = (("NUM_HEADS_Q", hq), ("NUM_HEADS_K", hk), ("HEAD_DIM", d), ("HEAD_DIM_PAD", hd_pad),
-             ("BLOCK_M", block_m), ("BLOCK_N", block_n), ("BLOCK_B", block_b))
+             ("BLOCK_M", block_m), ("BLOCK_N", block_n), ("BLOCK_B", pow2_at_least(b)))
     final = (("out", (b, lq, hq, d), spec.dtype), ("lse", (b, hq, lq), "float32"))
     partial = (("out_acc", (hk, g + b, block_m, d), "float32"), ("lse_acc", (hk, g + b, block_m), "float32"))
     decode = Launch(module="flash_decode", kernel="_decode_fwd_persistent",
-                    args=_common_args(spec) + (("i32", b),), outputs=final if whole else partial,
-                    grid=(hk, g, 1), num_warps=policy.num_warps, num_stages=stages,
-                    constexprs=shape + (("SEQS_PER_PROGRAM", per),) + _common_meta(spec))
-    if whole:
-        return (decode,)
+                    args=_common_args(spec) + (("i32", b),), outputs=partial,
+                    grid=(hk, g, 1), num_warps=pol.num_warps, num_stages=stages,
+                    constexprs=shape + _layout_and_mask(spec))
     combine = Launch(module="flash_decode", kernel="_decode_combine_streamk",
                      args=(("array", "out_acc"), ("array", "lse_acc"), ("array", "seqlens_k"),
                            ("array", "leftpad" if kv.has_cache_leftpad else "seqlens_k"), ("i32", lq)),
                      outputs=final, grid=(hk, b, 1), num_warps=4, num_stages=1,
-                     constexprs=shape + (("NUM_PROGRAMS", g), ("PROGRAMS_PAD", _pow2_at_least(g, 2)),
-                                         ("WINDOW_LEFT", int(spec.window.left)),
-                                         ("WINDOW_RIGHT", int(spec.window.right)),
-                                         ("HAS_LEFTPAD", bool(kv.has_cache_leftpad))))
+                     constexprs=shape + (("NUM_PROGRAMS", g), ("PROGRAMS_PAD", pow2_at_least(g, 2)))
+                     + _layout_and_mask(spec))
     return decode, combine
