@@ -35,7 +35,7 @@ def _compiled(label: str, fn, args):
 def decode_sweep(a):
     """--kernel decode: cands are BLOCK_N,warps,stages,num_splits (0 = the automatic count with tables.DECODE's
     programs_per_sm/min_keys_per_split) or ``policy`` (the table entry), either with an optional schedule for
-    num_splits 0 (``,k`` stream-K, ``,a`` plan_kvcache.choose_schedule); each is forced through
+    num_splits 0 (``,k`` stream-K, ``,a`` plan_decode.choose_schedule); each is forced through
     ``fa3jax.tuning.override`` while its function is compiled.
     Timed as the bench's decode suite (16 chained steps in one executable, caches cycled so that small ones
     leave L2), all candidates and flash-attn3-jax's num_splits 1/4/16 in interleaved rounds

@@ -29,8 +29,9 @@ TOL = {"bfloat16": 2e-2, "float16": 1e-2}
 def _spec(b, lq, lk, hq, hk, d, dtype, window=(-1, -1), softcap=0.0, glen=None):
     return AttentionSpec(mode="dense", batch=b, seqlen_q=lq, seqlen_k=lk, num_heads_q=hq, num_heads_k=hk,
                          head_dim=d, dtype=dtype, softmax_scale=1.0 / math.sqrt(d), window=Window(*window),
-                         softcap=softcap, mask_seqlen_q=None if glen is None else glen[0],
-                         mask_seqlen_k=None if glen is None else glen[1])
+                         softcap=softcap, has_offsets=glen is not None,
+                         global_seqlen_q=None if glen is None else glen[0],
+                         global_seqlen_k=None if glen is None else glen[1])
 
 
 def _inputs(spec, seed=0):

@@ -117,7 +117,8 @@ def _spec(c):
     return AttentionSpec(mode="dense", batch=c["b"], seqlen_q=c["lq"], seqlen_k=c["lk"], num_heads_q=c["hq"],
                          num_heads_k=c["hk"], head_dim=c["d"], dtype="float16",
                          softmax_scale=float(c.get("scale", 1.0 / np.sqrt(c["d"]))), window=Window(*c["window"]),
-                         softcap=c.get("softcap", 0.0), mask_seqlen_q=global_seqlen_q, mask_seqlen_k=global_seqlen_k)
+                         softcap=c.get("softcap", 0.0), has_offsets=global_seqlen_q is not None,
+                         global_seqlen_q=global_seqlen_q, global_seqlen_k=global_seqlen_k)
 
 
 def _run_case(name):
@@ -246,7 +247,7 @@ def test_backend_wiring_with_fake_jax_triton(monkeypatch):
     monkeypatch.setattr(launch, "kernel", lambda lnch: lnch.kernel)
     spec = AttentionSpec(mode="dense", batch=2, seqlen_q=33, seqlen_k=47, num_heads_q=4, num_heads_k=2,
                          head_dim=40, dtype="bfloat16", softmax_scale=0.2, window=Window(8, 0),
-                         mask_seqlen_q=100, mask_seqlen_k=100)
+                         has_offsets=True, global_seqlen_q=100, global_seqlen_k=100)
     q = jnp.ones((2, 33, 4, 40), jnp.bfloat16)
     k = jnp.ones((2, 47, 2, 40), jnp.bfloat16)
     args = DenseArgs(jnp.int32(10), jnp.int32(3))
