@@ -98,37 +98,34 @@ def _note_fallback(reason: str):
         log.info("fa3jax: falling back: %s", reason)
 
 
+def _first(names, check: str, spec: AttentionSpec) -> tuple[Optional[str], list[str]]:
+    """The first of ``names`` that serves ``spec`` for ``check`` (or None), and the reasons of those before it."""
+    reasons = []
+    for name in names:
+        reason = _try(name, check, spec)
+        if not reason:
+            return name, reasons
+        reasons.append(reason)
+    return None, reasons
+
+
 def plan(spec: AttentionSpec, requested: str) -> Plan:
     """Choose the forward and backward backends for ``spec``. Raises BackendUnavailableError for an explicit
     backend that cannot serve the forward (naming the backend and the reason)."""
-    notes = []
     if requested == "auto":
-        fwd = None
-        for name in ORDER:
-            reason = _try(name, "forward", spec)
-            if not reason:
-                fwd = name
-                break
-            notes.append(reason)
+        fwd, notes = _first(ORDER, "forward", spec)
+        for name, reason in zip(ORDER, notes):
             if availability(name)[0]:
                 _note_fallback(reason)
         if fwd is None:  # xla serves every valid spec, so this is a bug, not a user error
             raise BackendUnavailableError("no backend can serve this call: " + "; ".join(notes))
     else:
-        reason = _try(requested, "forward", spec)
-        if reason:
-            raise BackendUnavailableError(f"backend={requested!r} cannot serve this call: {reason}")
-        fwd = requested
+        fwd, notes = _first((requested,), "forward", spec)
+        if fwd is None:
+            raise BackendUnavailableError(f"backend={requested!r} cannot serve this call: {notes[0]}")
     bwd, bwd_reason = None, ""
     if spec.mode != "kvcache":
-        candidates = (fwd,) + tuple(n for n in ORDER[ORDER.index(fwd) + 1:])
-        reasons = []
-        for name in candidates:
-            reason = _try(name, "backward", spec)
-            if not reason:
-                bwd = name
-                break
-            reasons.append(reason)
+        bwd, reasons = _first((fwd,) + ORDER[ORDER.index(fwd) + 1:], "backward", spec)
         bwd_reason = "; ".join(reasons)
         if bwd is not None and bwd != fwd:
             notes.append(f"backward by {bwd} on the {fwd} forward's LSE ({bwd_reason})")

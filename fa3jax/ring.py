@@ -140,14 +140,30 @@ def _pieces(layout):
     return 2 if layout == "zigzag" else 1
 
 
+def _ring_step(spec, cfg: RingConfig, idx, s, kv, q_offs, cq, ck, visit, carry):
+    """Step ``s`` of the ring: send the held k/v chunk on (issued first so that it can overlap the compute) and
+    run ``visit(carry, a, b, offsets, ks, vs)`` on every (q piece a, k piece b) pair the mask does not hide.
+    Returns (the next k/v chunk, carry)."""
+    n, p = cfg.axis_size, _pieces(cfg.layout)
+    nxt = tuple(lax.ppermute(x, cfg.axis_name, _perm(n)) for x in kv) if n > 1 else kv
+    ks, vs = _stack(kv[0], p, 1), _stack(kv[1], p, 1)
+    k_offs = _offsets((idx - s) % n, n, spec.seqlen_k, cfg.layout)
+
+    def pair(c, a, b):
+        qo, ko = _get(q_offs, a), _get(k_offs, b)
+        live = block_is_live(qo, cq, ko, ck, spec.seqlen_q, spec.seqlen_k, spec.window)
+        return lax.cond(live, lambda c: visit(c, a, b, DenseArgs(qo, ko), ks, vs), lambda c: c, c)
+
+    return nxt, _pairs(p, p, pair, carry)
+
+
 # ---------------------------------------------------------------------------------------------- forward
 def forward(backend_name: str, spec, cfg: RingConfig, q, k, v):
     """(out, lse) of the local q chunk against the whole (ring-distributed) sequence, each block run by backend
     ``backend_name``; ``spec`` describes the global sequence. Inside shard_map.
 
-    A scan over the ``n`` ring steps: each step sends the held k/v chunk on (the permute is issued first so it
-    can overlap the compute; the last step's permute is redundant, the price of tracing the step once) and
-    attends every (q piece, k piece) pair that the mask does not hide."""
+    A scan over the ``n`` ring steps (:func:`_ring_step`; the last step's permute is redundant, the price of
+    tracing the step once)."""
     n, name, layout = cfg.axis_size, cfg.axis_name, cfg.layout
     p = _pieces(layout)
     idx = lax.axis_index(name).astype(jnp.int32)
@@ -158,25 +174,14 @@ def forward(backend_name: str, spec, cfg: RingConfig, q, k, v):
     acc0 = (jnp.zeros(qs.shape, jnp.float32), jnp.full((p, q.shape[0], q.shape[2], cq), _NEG_INF, jnp.float32))
     acc0 = tuple(varying_like(x, q, k, v, q_offs) for x in acc0)
 
+    def attend(acc, a, b, offsets, ks, vs):
+        o, l = calls.forward(backend_name, bspec, _get(qs, a), _get(ks, b), _get(vs, b), offsets)
+        mo, ml = _lse.merge(_get(acc[0], a), _get(acc[1], a), o, l, _lse.dense_lse_to_out)
+        return _put(acc[0], a, mo), _put(acc[1], a, ml)
+
     def step(carry, s):
         kv, acc = carry
-        nxt = tuple(lax.ppermute(x, name, _perm(n)) for x in kv) if n > 1 else kv
-        ks, vs = _stack(kv[0], p, 1), _stack(kv[1], p, 1)
-        k_offs = _offsets((idx - s) % n, n, spec.seqlen_k, layout)
-
-        def pair(acc, a, b):
-            qo, ko = _get(q_offs, a), _get(k_offs, b)
-            live = block_is_live(qo, cq, ko, ck, spec.seqlen_q, spec.seqlen_k, spec.window)
-
-            def attend(acc):
-                o, l = calls.forward(backend_name, bspec, _get(qs, a), _get(ks, b), _get(vs, b),
-                                        DenseArgs(qo, ko))
-                mo, ml = _lse.merge(_get(acc[0], a), _get(acc[1], a), o, l, _lse.dense_lse_to_out)
-                return _put(acc[0], a, mo), _put(acc[1], a, ml)
-
-            return lax.cond(live, attend, lambda acc: acc, acc)
-
-        return (nxt, _pairs(p, p, pair, acc)), None
+        return _ring_step(spec, cfg, idx, s, kv, q_offs, cq, ck, attend, acc), None
 
     (_, (o, l)), _ = lax.scan(step, ((k, v), acc0), jnp.arange(n, dtype=jnp.int32))
     return _unstack(o, 1).astype(q.dtype), _unstack(l, 2)
@@ -200,28 +205,17 @@ def backward(backend_name: str, spec, cfg: RingConfig, q, k, v, out, lse, dout, 
             jnp.zeros((p, v.shape[0], ck) + v.shape[2:], jnp.float32))
     dq0, dkv0 = jax.tree.map(lambda x: varying_like(x, q, k, v, out, lse, dout, dlse, q_offs), (dq0, dkv0))
 
+    def grads(c, a, b, offsets, ks, vs):
+        dq, dk, dv = c
+        g = calls.backward(backend_name, bspec, _get(qs, a), _get(ks, b), _get(vs, b), _get(outs, a),
+                           _get(lses, a), _get(douts, a), _get(dlses, a), offsets)
+        return (_put(dq, a, _get(dq, a) + g[0].astype(jnp.float32)),
+                _put(dk, b, _get(dk, b) + g[1].astype(jnp.float32)),
+                _put(dv, b, _get(dv, b) + g[2].astype(jnp.float32)))
+
     def step(carry, s):
         kv, dkv, dq = carry
-        nxt = tuple(lax.ppermute(x, name, _perm(n)) for x in kv) if n > 1 else kv
-        ks, vs = _stack(kv[0], p, 1), _stack(kv[1], p, 1)
-        k_offs = _offsets((idx - s) % n, n, spec.seqlen_k, layout)
-
-        def pair(c, a, b):
-            qo, ko = _get(q_offs, a), _get(k_offs, b)
-            live = block_is_live(qo, cq, ko, ck, spec.seqlen_q, spec.seqlen_k, spec.window)
-
-            def grads(c):
-                dq, dk, dv = c
-                g = calls.backward(backend_name, bspec, _get(qs, a), _get(ks, b), _get(vs, b),
-                                      _get(outs, a), _get(lses, a), _get(douts, a), _get(dlses, a),
-                                      DenseArgs(qo, ko))
-                return (_put(dq, a, _get(dq, a) + g[0].astype(jnp.float32)),
-                        _put(dk, b, _get(dk, b) + g[1].astype(jnp.float32)),
-                        _put(dv, b, _get(dv, b) + g[2].astype(jnp.float32)))
-
-            return lax.cond(live, grads, lambda c: c, c)
-
-        dq, dk, dv = _pairs(p, p, pair, (dq,) + dkv)
+        nxt, (dq, dk, dv) = _ring_step(spec, cfg, idx, s, kv, q_offs, cq, ck, grads, (dq,) + dkv)
         dkv = tuple(lax.ppermute(x, name, _perm(n)) for x in (dk, dv)) if n > 1 else (dk, dv)
         return (nxt, dkv, dq), None
 
