@@ -57,9 +57,6 @@ struct FwdMainloop {
     auto [tQgQ, tQsQ] = tma_partition(params.tma_q, _0{}, Layout<_1>{}, group_modes<0, 2>(sQ), group_modes<0, 2>(gQ));
     auto [tKgK, tKsK] = tma_partition(params.tma_k, 0, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gK));
     auto [tVgV, tVsV] = tma_partition(params.tma_v, 0, Layout<_1>{}, group_modes<0, 2>(sVt), group_modes<0, 2>(gVt));
-    auto kv_copy = [&](auto const& tma, auto& barrier, auto const& src, auto&& dst) {
-      copy(tma.with(barrier), src, dst);
-    };
 
     if (q_iter > 0) cute::wait_barrier(ss.barrier_q_empty, (q_iter - 1) & 1);
     if (lane0) {
@@ -73,18 +70,18 @@ struct FwdMainloop {
     // (Nsight Compute: ~10 failed K waits per key block, 13% of stall samples on long scoreboard).
     int n = bi.n_max - 1;
     pipe_k.producer_acquire(st);
-    if (lane0) kv_copy(params.tma_k, *pipe_k.producer_get_barrier(st), tKgK(_, n), tKsK(_, st.index()));
+    if (lane0) copy(params.tma_k.with(*pipe_k.producer_get_barrier(st)), tKgK(_, n), tKsK(_, st.index()));
     for (; n > bi.n_min; --n) {
       PipelineState next = st;
       ++next;
       pipe_k.producer_acquire(next);
-      if (lane0) kv_copy(params.tma_k, *pipe_k.producer_get_barrier(next), tKgK(_, n - 1), tKsK(_, next.index()));
+      if (lane0) copy(params.tma_k.with(*pipe_k.producer_get_barrier(next)), tKgK(_, n - 1), tKsK(_, next.index()));
       pipe_v.producer_acquire(st);
-      if (lane0) kv_copy(params.tma_v, *pipe_v.producer_get_barrier(st), tVgV(_, n), tVsV(_, st.index()));
+      if (lane0) copy(params.tma_v.with(*pipe_v.producer_get_barrier(st)), tVgV(_, n), tVsV(_, st.index()));
       st = next;
     }
     pipe_v.producer_acquire(st);
-    if (lane0) kv_copy(params.tma_v, *pipe_v.producer_get_barrier(st), tVgV(_, n), tVsV(_, st.index()));
+    if (lane0) copy(params.tma_v.with(*pipe_v.producer_get_barrier(st)), tVgV(_, n), tVsV(_, st.index()));
     ++st;
   }
 
@@ -110,7 +107,7 @@ struct FwdMainloop {
   // Frees stage st of a pipeline for the producer: every consumer thread arrives on its own CTA's empty
   // barrier with a local mbarrier.arrive. PipelineTmaAsync::consumer_release always takes the cluster form (mapa
   // + arrive on the mapped address), which costs an add and a PRMT more per release in the SASS.
-  CUTE_DEVICE static void release(Pipeline&, typename Pipeline::SharedStorage& storage, PipelineState st) {
+  CUTE_DEVICE static void release(typename Pipeline::SharedStorage& storage, PipelineState st) {
     storage.empty_barrier_[st.index()].arrive();
   }
 
@@ -209,7 +206,7 @@ struct FwdMainloop {
       sched_pass(mma_wg);
       warpgroup_wait<0>();
       warpgroup_fence_operand(tSrS);
-      release(pipe_k, ss.pipeline_k, st_k);
+      release(ss.pipeline_k, st_k);
       ++st_k;
       softmax_block(0, o_scale);
       convert_fragment(rP, tSrS);
@@ -224,14 +221,14 @@ struct FwdMainloop {
       sched_pass(mma_wg);
       warpgroup_wait<1>();  // groups retire in issue order: S is ready, P V may still run
       warpgroup_fence_operand(tSrS);
-      release(pipe_k, ss.pipeline_k, st_k);
+      release(ss.pipeline_k, st_k);
       ++st_k;
       softmax_block(it, o_scale);
       warpgroup_wait<0>();
       // O and P are operands of the GEMM that just retired: keep every access to them below the wait.
       warpgroup_fence_operand(tOrO);
       warpgroup_fence_operand(rP);
-      release(pipe_v, ss.pipeline_v, st_v);
+      release(ss.pipeline_v, st_v);
       ++st_v;
       convert_fragment(rP, tSrS);
     }
@@ -245,7 +242,7 @@ struct FwdMainloop {
     sched_pass(mma_wg);
     warpgroup_wait<0>();
     warpgroup_fence_operand(tOrO);
-    release(pipe_v, ss.pipeline_v, st_v);
+    release(ss.pipeline_v, st_v);
     ++st_v;
   }
 };

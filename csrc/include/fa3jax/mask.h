@@ -61,36 +61,21 @@ struct QBlockMask {
 };
 
 // One key block: the query blocks [m_min, m_max) that see any of its keys, and which of them need the element
-// mask (rows past seqlen_q count as masked: a backward must not let zero-filled query rows into dK/dV).
+// mask. Keys as rows and queries as columns, this is a query-block mask of the transposed problem with the
+// window's sides swapped (j >= i + shift - left <=> i <= j - shift + left).
 template <int kBlockM, int kBlockN>
 struct KBlockMask {
-  int k_lo, k_hi;  // valid keys of this block: [k_lo, k_hi)
+  QBlockMask<kBlockN, kBlockM> t;  // the transposed problem
   int m_min, m_max;  // query blocks [m_min, m_max)
-  int shift, seqlen_q, left, right;
 
-  CUTE_HOST_DEVICE KBlockMask(int n_block, int seqlen_q_, int seqlen_k, int left_, int right_)
-      : seqlen_q(seqlen_q_), left(left_), right(right_) {
-    k_lo = n_block * kBlockN;
-    k_hi = min(k_lo + kBlockN, seqlen_k);
-    shift = seqlen_k - seqlen_q;
-    // Key j is seen by rows i with j - shift - right <= i (right bound) and i <= j - shift + left (left bound).
-    int lo = 0, hi = seqlen_q;
-    if (right >= 0) lo = max(0, k_lo - shift - right);
-    if (left >= 0) hi = min(seqlen_q, (k_hi - 1) - shift + left + 1);
-    m_min = lo / kBlockM;
-    m_max = (k_hi <= k_lo || hi <= lo) ? m_min : (hi + kBlockM - 1) / kBlockM;
-  }
+  CUTE_HOST_DEVICE KBlockMask(int n_block, int seqlen_q, int seqlen_k, int left, int right)
+      : t(n_block, seqlen_k, seqlen_q, right, left), m_min(t.n_min), m_max(t.n_max) {}
 
   CUTE_HOST_DEVICE int num_blocks() const { return m_max - m_min; }
 
-  // True unless every (row in the query block, key in [k_lo, k_hi)) pair is allowed.
-  CUTE_HOST_DEVICE bool needs_mask(int m_block) const {
-    int m0 = m_block * kBlockM, m1 = m0 + kBlockM;  // rows [m0, m1)
-    if (m1 > seqlen_q || k_hi - k_lo < kBlockN) return true;
-    if (left >= 0 && k_lo < (m1 - 1) + shift - left) return true;
-    if (right >= 0 && k_hi - 1 > m0 + shift + right) return true;
-    return false;
-  }
+  // True unless every (row in the query block, key in the key block) pair is allowed; rows past seqlen_q and
+  // keys past seqlen_k both count (a backward must not let zero-filled rows or keys into dK/dV or dQ).
+  CUTE_HOST_DEVICE bool needs_mask(int m_block) const { return t.q_hi - t.q_lo < kBlockN || t.needs_mask(m_block); }
 };
 
 // Element mask of one score tile S (rows, cols) in place: disallowed scores -> -inf. rc: identity coordinates
