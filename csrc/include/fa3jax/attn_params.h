@@ -42,7 +42,7 @@ struct AppendKV {
   bool enabled() const { return k_new != nullptr; }
 };
 
-// What every pass of one attention call reads. Dense layout: q (b, sq, hq, d), k/v (b, sk, hk, d).
+// What every pass of one attention call reads: q (b, sq, hq, d) and k/v (b, sk, hk, d) at their strides.
 struct AttnCore {
   const void* q = nullptr;
   const void* k = nullptr;
