@@ -2,7 +2,7 @@
 # Build, test and benchmark on the GPU machine in one call: bash benchmarks/device_run.sh STAGE...
 # Stages: build (CUDA extension + C++ tests; buildext: the extension only), sanitize (compute-sanitizer + SASS/resource checks),
 #         sanitizetriton (memcheck of the Triton decode schedules with hostile indices), cbench (C++
-#         timing of the CUDA forward, cluster on/off),
+#         timing of the CUDA forward: dynamic/static tile assignment, wide kernel),
 #         test (GPU pytest suites), bench (side-by-side table), decode (kvcache decode table),
 #         varlen (varlen vs dense table), sweep (Triton tile/variant sweep, SWEEP_ARGS),
 #         ab (C++ timing of d=128 bf16 kernel variants built side by side, AB_VARIANTS), abbin (the same for
@@ -83,17 +83,17 @@ varlen() {
   local site=""; [ -d /tmp/fa3site/fa3jax ] && site=/tmp/fa3site:
   PYTHONPATH=$site$PYTHONPATH python3 benchmarks/run.py --suite varlen --out "$OUT" ${VARLEN_ARGS:-}
 }
-# AB_VARIANTS="name=SRC[:FLAGS] ...": SRC is a tree holding csrc/ ("." = this one, or an untracked `git archive`
-# of another commit so that it travels), FLAGS ';'-separated nvcc flags (policy knobs, e.g.
-# -DFA3JAX_D128_TMA_EPILOGUE=0). Builds in parallel, checks each variant, then times them in AB_ROUNDS
+# AB_VARIANTS="name=SRC[:POLICY] ...": SRC is a tree holding csrc/ ("." = this one, or an untracked `git archive`
+# of another commit so that it travels), POLICY tile-policy overrides for csrc/generate_instantiations.py (e.g.
+# d128.block_n=176,d128.tma_epilogue=0). Builds in parallel, checks each variant, then times them in AB_ROUNDS
 # alternating rounds so that clock drift hits every variant alike.
 ab() {
-  local names=() name rest src flags
+  local names=() name rest src policy
   for spec in ${AB_VARIANTS:-cur=.}; do
-    name=${spec%%=*}; rest=${spec#*=}; src=${rest%%:*}; flags=""; [[ $rest == *:* ]] && flags=${rest#*:}
+    name=${spec%%=*}; rest=${spec#*=}; src=${rest%%:*}; policy=""; [[ $rest == *:* ]] && policy=${rest#*:}
     names+=("$name")
     ( cmake -S "$src/csrc" -B "build/ab-$name" -G Ninja -DFA3JAX_HEAD_DIMS=128 -DFA3JAX_DTYPES=bf16 \
-        -DFA3JAX_PTXAS_VERBOSE=ON "-DFA3JAX_EXTRA_CUDA_FLAGS=$flags" >/dev/null &&
+        -DFA3JAX_PTXAS_VERBOSE=ON "-DFA3JAX_POLICY=$policy" >/dev/null &&
       cmake --build "build/ab-$name" -j 8 >"$OUT/ab-$name-build.log" 2>&1 ) &
   done
   wait
@@ -122,7 +122,7 @@ abbin() {
   done
 }
 # NCU_BIN (default: the build stage's test program), NCU_CASES="B,S,CAUSAL ..." (default 4,4096,1),
-# NCU_VARIANT=dyn|static|cluster, NCU_HEAD_DIM (128), NCU_DTYPE (bf16); profiles flash-attn3-jax's kernel on the same
+# NCU_VARIANT=dyn|static|wide, NCU_HEAD_DIM (128), NCU_DTYPE (bf16); profiles flash-attn3-jax's kernel on the same
 # shapes too. Per-SASS-instruction counters go to CSV; everything comes back as one archive (at most 8 files come
 # back from the device).
 ncuprof() {

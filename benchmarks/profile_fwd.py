@@ -24,7 +24,7 @@ p.add_argument("--impl", default="all", help="fa3jax:cuda | fa3jax:triton | flas
 p.add_argument("--hlo", action="store_true")
 p.add_argument("--time", action="store_true")
 p.add_argument("--variants", default="", help="with --hlo/--time: also fa3jax:cuda forced to these kernel variants "
-               "(comma list of plain, cluster, wide; fa3jax.tuning.CUDA_KERNELS)")
+               "(comma list of plain, wide; fa3jax.tuning.CUDA_KERNELS)")
 a = p.parse_args()
 b = max(1, 16384 // a.seqlen)
 q, k, v = (jax.random.normal(jax.random.key(i), (b, a.seqlen, 16, 128), jnp.bfloat16) for i in range(3))

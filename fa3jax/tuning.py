@@ -18,7 +18,7 @@ import contextvars
 import dataclasses
 from typing import Any, Optional
 
-CUDA_KERNELS = ("auto", "plain", "cluster", "wide")
+CUDA_KERNELS = ("auto", "plain", "wide")
 
 
 @dataclasses.dataclass(frozen=True)

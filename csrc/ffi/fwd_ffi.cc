@@ -1,13 +1,15 @@
-// XLA FFI handler of the dense forward. Typed checks on every input; every failure returns an ffi::Error.
+// XLA FFI handler of the dense forward. Typed checks on every input; every failure returns an ffi::Error, and
+// nothing throws across the FFI.
 // Stateless: nothing is kept between calls. Not declared command-buffer compatible (each call runs
 // cudaFuncSetAttribute and builds TMA descriptors on the host).
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <utility>
 
 #include <cuda_runtime_api.h>
 
-#include "fa3jax/fwd_api.h"
+#include "fa3jax/attn_params.h"
 #include "fa3jax/ffi_handlers.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -46,26 +48,27 @@ ffi::Error FwdImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyB
   if (b >= lim || sq >= lim || sk >= lim || hq >= lim || hk >= lim) return bad("dimension too large");
 
   fa3jax::FwdParams p;
-  p.q = q.untyped_data();
-  p.k = k.untyped_data();
-  p.v = v.untyped_data();
+  fa3jax::AttnCore& c = p.core;
+  c.q = q.untyped_data();
+  c.k = k.untyped_data();
+  c.v = v.untyped_data();
+  c.batch = int(b);
+  c.seqlen_q = int(sq);
+  c.seqlen_k = int(sk);
+  c.num_heads_q = int(hq);
+  c.num_heads_k = int(hk);
+  c.head_dim = int(d);
+  c.dtype = dtype;
+  c.softmax_scale = softmax_scale;
+  c.window_left = window_left;
+  c.window_right = window_right;
+  c.softcap = softcap;
+  c.set_dense_strides();  // XLA buffers are row-major
   p.out = out->untyped_data();
   p.lse = lse->typed_data();
-  p.batch = int(b);
-  p.seqlen_q = int(sq);
-  p.seqlen_k = int(sk);
-  p.num_heads_q = int(hq);
-  p.num_heads_k = int(hk);
-  p.head_dim = int(d);
-  p.dtype = dtype;
-  p.softmax_scale = softmax_scale;
-  p.window_left = window_left;
-  p.window_right = window_right;
-  p.softcap = softcap;
-  // 0: the dispatch policy's choice; 1: one-CTA kernel with FwdPolicy tiles; 2: two-CTA cluster where it applies;
-  // 3: wide key tiles where compiled (benchmarks compare them in one process; see targets.py).
-  if (kernel_variant < 0 || kernel_variant > 3) return bad("kernel_variant must be 0..3");
-  p.allow_cluster = kernel_variant == 2;
+  // 0: the dispatch policy's choice; 1: FwdPolicy tiles; 3: wide key tiles where compiled (benchmarks compare
+  // them in one process; see targets.py). 2 (a removed 2-CTA kernel) is refused so that a stale caller errs.
+  if (kernel_variant != 0 && kernel_variant != 1 && kernel_variant != 3) return bad("kernel_variant must be 0, 1 or 3");
   p.wide_tiles = kernel_variant == 0 ? -1 : (kernel_variant == 3 ? 1 : 0);
   if (const char* msg = fa3jax::fwd_check(p)) return bad(msg);
   // The persistent kernel's tile counter (stream-ordered scratch: freed when this handler returns, reused only
@@ -82,9 +85,23 @@ ffi::Error FwdImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyB
   return ffi::Error::Success();
 }
 
+// No exception crosses the FFI: the messages above allocate (std::string) and could throw std::bad_alloc. The
+// fallback message fits the small-string buffer, so building it does not allocate.
+ffi::Error Fwd(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer q, ffi::AnyBuffer k,
+               ffi::AnyBuffer v, ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::Buffer<ffi::F32>> lse,
+               float softmax_scale, int32_t window_left, int32_t window_right, float softcap,
+               int32_t kernel_variant) noexcept {
+  try {
+    return FwdImpl(stream, std::move(scratch), q, k, v, out, lse, softmax_scale, window_left, window_right, softcap,
+                   kernel_variant);
+  } catch (...) {
+    return ffi::Error(ffi::ErrorCode::kInternal, "fa3jax: failed");
+  }
+}
+
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(Fa3jaxCudaFwd, FwdImpl,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Fa3jaxCudaFwd, Fwd,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
                                   .Ctx<ffi::ScratchAllocator>()

@@ -8,7 +8,7 @@
 #include <nanobind/stl/string.h>
 
 #include "fa3jax/ffi_handlers.h"
-#include "fa3jax/fwd_api.h"
+#include "fa3jax/attn_params.h"
 
 namespace nb = nanobind;
 

@@ -6,12 +6,15 @@
 //    P V GEMM holds, for every thread and value, the same (row, k) coordinate the RS MMA expects;
 //  * the Q operand tile depends only on the warpgroup (the mainloop partitions it from the warpgroup's first
 //    thread), and every thread's K / V operand tile starts at the operand's first element (gmma_desc_at);
-//  * BlockInfo::unmasked_range agrees with needs_mask on every key block.
+//  * mask.h against its element rule: a query block's key blocks and a key block's query blocks are exactly
+//    those holding an allowed pair, needs_mask is true iff a block holds a disallowed pair, and
+//    QBlockMask::unmasked_range agrees with needs_mask on every key block;
+//  * the persistent scheduler's unit order (a bijection onto the tiles).
 #include <cstdio>
 #include <vector>
 
-#include "fa3jax/block_info.h"
 #include "fa3jax/kernel_traits.h"
+#include "fa3jax/mask.h"
 #include "fa3jax/utils.h"
 
 using namespace cute;
@@ -91,13 +94,11 @@ int check(const char* name) {
   return errors ? 1 : 0;
 }
 
-// The scheduler's unit -> (query block, head, batch) map: a bijection onto all tiles for every order, query
-// blocks non-increasing within each (head, batch) section under reverse_m (heaviest first), and the CTAs of a
-// cluster on adjacent query blocks of one (head, batch).
-template <int kClusterM>
+// The scheduler's unit -> (query block, head, batch) map: a bijection onto all tiles for every order, and query
+// blocks non-increasing within each (head, batch) section under reverse_m (heaviest first).
 int check_scheduler(int num_m_blocks, int num_heads, int batch, int group, bool reverse_m) {
   SchedulerParams p{};
-  p.num_m_units = num_m_blocks / kClusterM;
+  p.num_m_units = num_m_blocks;
   p.num_heads = num_heads;
   p.num_hb = num_heads * batch;
   p.num_units = p.num_m_units * p.num_hb;
@@ -106,17 +107,12 @@ int check_scheduler(int num_m_blocks, int num_heads, int batch, int group, bool 
   std::vector<int> seen(size_t(num_m_blocks) * num_heads * batch, 0);
   int errors = 0, prev_m = -1, prev_section = -1;
   for (int u = 0; u < p.num_units; ++u) {
-    for (int r = 0; r < kClusterM; ++r) {
-      FwdTile const t = PersistentTileScheduler<kClusterM>::tile(p, u, r);
-      bool const in_range = t.m_block >= 0 && t.m_block < num_m_blocks && t.head >= 0 && t.head < num_heads &&
-                            t.batch >= 0 && t.batch < batch;
-      if (!in_range) { ++errors; continue; }
-      ++seen[(size_t(t.batch) * num_heads + t.head) * num_m_blocks + t.m_block];
-      FwdTile const t0 = PersistentTileScheduler<kClusterM>::tile(p, u, 0);
-      if (t.head != t0.head || t.batch != t0.batch || t.m_block != t0.m_block + r) ++errors;
-    }
+    FwdTile const t = PersistentTileScheduler::tile(p, u);
+    bool const in_range = t.m_block >= 0 && t.m_block < num_m_blocks && t.head >= 0 && t.head < num_heads &&
+                          t.batch >= 0 && t.batch < batch;
+    if (!in_range) { ++errors; continue; }
+    ++seen[(size_t(t.batch) * num_heads + t.head) * num_m_blocks + t.m_block];
     if (reverse_m) {
-      FwdTile const t = PersistentTileScheduler<kClusterM>::tile(p, u, 0);
       int const section = (t.batch * num_heads + t.head) / group;
       if (section == prev_section && t.m_block > prev_m) ++errors;
       if (section < prev_section) ++errors;
@@ -126,55 +122,96 @@ int check_scheduler(int num_m_blocks, int num_heads, int batch, int group, bool 
   }
   for (int c : seen) errors += c != 1;
   if (errors)
-    std::printf("scheduler<%d> m=%d h=%d b=%d group=%d reverse=%d: %d errors\n", kClusterM, num_m_blocks, num_heads,
-                batch, group, int(reverse_m), errors);
+    std::printf("scheduler m=%d h=%d b=%d group=%d reverse=%d: %d errors\n", num_m_blocks, num_heads, batch, group,
+                int(reverse_m), errors);
   return errors != 0;
 }
 
-// BlockInfo::unmasked_range against needs_mask on every key block, over sequence lengths and windows that put
-// block edges on, before and after the diagonal and the key tail.
+// Whether the (query block m, key block n) tile holds an allowed / a disallowed pair (rows and keys past the
+// lengths count as disallowed), by the element rule.
+struct TileTruth {
+  bool any_allowed = false, any_disallowed = false;
+};
 template <int kBlockM, int kBlockN>
-int check_unmasked_range() {
+TileTruth tile_truth(int m, int n, int sq, int sk, int left, int right, bool clip_rows) {
+  TileTruth t;
+  for (int i = m * kBlockM; i < (m + 1) * kBlockM; ++i) {
+    if (clip_rows && i >= sq) break;  // QBlockMask::needs_mask looks at valid rows only (the forward)
+    for (int j = n * kBlockN; j < (n + 1) * kBlockN; ++j) {
+      bool const a = mask_allows(i, j, sq, sk, left, right);
+      t.any_allowed |= a;
+      t.any_disallowed |= !a;
+    }
+  }
+  return t;
+}
+
+// Both block masks against the element rule, and QBlockMask::unmasked_range against needs_mask, over sequence
+// lengths and windows that put block edges on, before and after the diagonal and the tails.
+template <int kBlockM, int kBlockN>
+int check_masks() {
   int errors = 0, cases = 0;
-  int const lens[] = {1, 63, 64, 127, 128, 129, 200, 255, 256, 257, 384, 500, 1000};
-  int const wins[] = {-1, 0, 1, 63, 64, 127, 128, 129, 300};
+  int const lens[] = {1, 63, 64, 127, 128, 129, 200, 256, 257, 500};
+  int const wins[] = {-1, 0, 1, 63, 64, 128, 129, 300};
   for (int sq : lens)
     for (int sk : lens)
       for (int left : wins)
-        for (int right : wins)
-          for (int m = 0; m * kBlockM < sq; ++m) {
-            BlockInfo<kBlockM, kBlockN> const bi(m, sq, sk, left, right);
+        for (int right : wins) {
+          int const mb = (sq + kBlockM - 1) / kBlockM, nb = (sk + kBlockN - 1) / kBlockN;
+          std::vector<TileTruth> fwd(size_t(mb) * nb), bwd(size_t(mb) * nb);
+          for (int m = 0; m < mb; ++m)
+            for (int n = 0; n < nb; ++n) {
+              fwd[size_t(m) * nb + n] = tile_truth<kBlockM, kBlockN>(m, n, sq, sk, left, right, true);
+              bwd[size_t(m) * nb + n] = tile_truth<kBlockM, kBlockN>(m, n, sq, sk, left, right, false);
+            }
+          for (int m = 0; m < mb; ++m) {
+            QBlockMask<kBlockM, kBlockN> const bi(m, sq, sk, left, right);
             int lo, hi;
             bi.unmasked_range(lo, hi);
             ++cases;
             if (bi.num_blocks() > 0 && (lo < bi.n_min || hi > bi.n_max || lo > hi)) ++errors;
-            for (int n = bi.n_min; n < bi.n_max; ++n) {
+            for (int n = 0; n < nb; ++n) {
+              TileTruth const t = fwd[size_t(m) * nb + n];
+              bool const in = n >= bi.n_min && n < bi.n_max;
+              if (in != t.any_allowed) ++errors;
+              if (!in) continue;
+              if (bi.needs_mask(n) != t.any_disallowed) ++errors;
               int const it = bi.n_max - 1 - n;  // the mainloop's test, in its visiting order
               bool const outside = uint32_t(it - (bi.n_max - hi)) >= uint32_t(hi - lo);
               if (outside != bi.needs_mask(n)) ++errors;
             }
           }
-  std::printf("unmasked_range<%d, %d>: %s (%d cases, %d errors)\n", kBlockM, kBlockN, errors ? "FAIL" : "ok", cases,
-              errors);
+          for (int n = 0; n < nb; ++n) {
+            KBlockMask<kBlockM, kBlockN> const kb(n, sq, sk, left, right);
+            ++cases;
+            for (int m = 0; m < mb; ++m) {
+              TileTruth const t = bwd[size_t(m) * nb + n];
+              bool const in = m >= kb.m_min && m < kb.m_max;
+              if (in != t.any_allowed) ++errors;
+              if (in && kb.needs_mask(m) != t.any_disallowed) ++errors;
+            }
+          }
+        }
+  std::printf("masks<%d, %d>: %s (%d cases, %d errors)\n", kBlockM, kBlockN, errors ? "FAIL" : "ok", cases, errors);
   return errors != 0;
 }
 
 int main() {
   int fails = 0;
-  fails += check_unmasked_range<128, 128>();
-  fails += check_unmasked_range<128, 176>();
-  fails += check_unmasked_range<128, 80>();
-  fails += check_unmasked_range<192, 128>();
+  fails += check_masks<128, 128>();
+  fails += check_masks<128, 176>();
+  fails += check_masks<128, 80>();
+  fails += check_masks<192, 128>();
+  fails += check_masks<64, 128>();
   for (bool rev : {false, true}) {
-    fails += check_scheduler<1>(16, 16, 8, 32, rev);
-    fails += check_scheduler<1>(7, 3, 5, 4, rev);  // last section narrower than the group
-    fails += check_scheduler<1>(128, 16, 1, 4, rev);
-    fails += check_scheduler<1>(1, 1, 1, 1, rev);
-    fails += check_scheduler<2>(16, 6, 3, 5, rev);
+    fails += check_scheduler(16, 16, 8, 32, rev);
+    fails += check_scheduler(7, 3, 5, 4, rev);  // last section narrower than the group
+    fails += check_scheduler(128, 16, 1, 4, rev);
+    fails += check_scheduler(1, 1, 1, 1, rev);
+    fails += check_scheduler(16, 6, 3, 5, rev);
   }
   std::printf("scheduler: %s\n", fails ? "FAIL" : "ok");
   fails += check<FwdKernelTraits<cutlass::bfloat16_t, 128, 128, 128, 2, 24, 240>>("bf16 d128 128x128");
-  fails += check<FwdKernelTraits<cutlass::bfloat16_t, 128, 128, 128, 2, 32, 232, 2>>("bf16 d128 128x128 cluster2");
   fails += check<FwdKernelTraits<cutlass::half_t, 64, 192, 128, 2, 32, 160>>("fp16 d64 192x128");
   fails += check<FwdKernelTraits<cutlass::bfloat16_t, 256, 128, 80, 2, 24, 240>>("bf16 d256 128x80");
   return fails;

@@ -11,6 +11,7 @@
 #include <cutlass/arch/barrier.h>
 
 #include "kernel_traits.h"
+#include "seq_info.h"
 #include "tile_scheduler.h"
 #include "utils.h"
 
@@ -75,11 +76,12 @@ struct FwdEpilogue {
       }
     } else {
       Element* out = static_cast<Element*>(params.out);
+      SeqInfo const seq = SeqInfo::dense(tile.batch, sq, params.seqlen_k);
       CUTE_UNROLL
       for (int r = 0; r < kRows; ++r) {
         int const row = q_lo + int(get<0>(rc(r, 0)));
         if (row < sq) {
-          Element* orow = out + ((int64_t(tile.batch) * sq + row) * hq + tile.head) * KT::kHeadDim;
+          Element* orow = out + ((seq.offset_q + row) * hq + tile.head) * KT::kHeadDim;
           CUTE_UNROLL
           for (int c = 0; c < size<1>(O); c += 2) {
             int const col = int(get<1>(rc(r, c)));

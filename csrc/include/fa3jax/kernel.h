@@ -1,15 +1,15 @@
 // The forward kernel: warp-specialized (warpgroup 0 = TMA producer, warpgroups 1.. = MMA consumers),
-// register reallocation with setmaxnreg, K/V pipelines on mbarriers, persistent tile scheduler, optional
-// 2-CTA cluster with K/V multicast.
+// register reallocation with setmaxnreg, K/V pipelines on mbarriers, persistent tile scheduler.
 #pragma once
 
 #include <cutlass/arch/reg_reconfig.h>
 #include <cutlass/arch/barrier.h>
 
-#include "block_info.h"
 #include "epilogue.h"
 #include "kernel_traits.h"
 #include "mainloop.h"
+#include "mask.h"
+#include "seq_info.h"
 #include "softmax.h"
 #include "tile_scheduler.h"
 
@@ -49,29 +49,22 @@ __global__ void __launch_bounds__(KT::kNumThreads, 1) fwd_kernel(__grid_constant
   pp.num_consumers = KT::kNumMmaThreads;
   pp.transaction_bytes = KT::kBytesKV;
   // Both constructors initialize their barriers from warp 0 and fence the initialization.
-  // With a cluster, each consumer warpgroup releases a stage to the producers of every CTA of the cluster
-  // (they all write into this CTA's buffers); the pipelines count those arrivals.
   Pipeline pipe_k(ss.pipeline_k, pp, typename KT::ClusterShape{});
   Pipeline pipe_v(ss.pipeline_v, pp, typename KT::ClusterShape{});
-  if constexpr (KT::kClusterM > 1) {
-    // A peer's multicast may signal our barriers as soon as it starts: all of them must be initialized first.
-    cute::cluster_arrive_relaxed();
-    cute::cluster_wait();
-  } else {
-    __syncthreads();
-  }
+  __syncthreads();
 
-  using Scheduler = PersistentTileScheduler<KT::kClusterM>;
-  using BI = BlockInfo<KT::kBlockM, KT::kBlockN>;
+  using Scheduler = PersistentTileScheduler;
+  using BI = QBlockMask<KT::kBlockM, KT::kBlockN>;
   auto block_info = [&](FwdTile const& t) {
-    return BI(t.m_block, params.seqlen_q, params.seqlen_k, params.window_left, params.window_right);
+    SeqInfo const seq = SeqInfo::dense(t.batch, params.seqlen_q, params.seqlen_k);
+    return BI(t.m_block, seq.seqlen_q, seq.seqlen_k, params.window_left, params.window_right);
   };
 
   // Dynamic assignment: work units travel from the producer warp (lane 0) to the consumers through ss.unit (one
   // slot, full/empty barriers); a unit >= num_units ends both loops. Static: both sides compute them.
   volatile int* const unit_slot = &ss.unit;
   int const num_units = params.sched.num_units;
-  bool const dynamic = KT::kClusterM == 1 && params.sched.counter != nullptr;  // clusters: static only
+  bool const dynamic = params.sched.counter != nullptr;
 
   if (wg_idx == 0) {
     cutlass::arch::warpgroup_reg_dealloc<KT::kProducerRegs>();
@@ -89,7 +82,7 @@ __global__ void __launch_bounds__(KT::kNumThreads, 1) fwd_kernel(__grid_constant
           }
         }
         if (u >= num_units) break;
-        FwdTile const tile = Scheduler::tile(params.sched, u, Scheduler::cta_rank());
+        FwdTile const tile = Scheduler::tile(params.sched, u);
         BI const bi = block_info(tile);
         if (bi.num_blocks() > 0) {  // else the consumers write 0 / -inf without loads
           Mainloop::load(params, ss, pipe_k, pipe_v, st, q_iter, tile, bi);
@@ -105,7 +98,7 @@ __global__ void __launch_bounds__(KT::kNumThreads, 1) fwd_kernel(__grid_constant
           u = Scheduler::static_unit(k + 1);
         }
       }
-      // Do not exit while a stage may still be released (by this CTA's or a peer's consumers).
+      // Do not exit while a stage may still be released by the consumers.
       pipe_k.producer_tail(st);
       pipe_v.producer_tail(st);
     }
@@ -128,7 +121,7 @@ __global__ void __launch_bounds__(KT::kNumThreads, 1) fwd_kernel(__grid_constant
         u = Scheduler::static_unit(k);
       }
       if (u >= num_units) break;
-      FwdTile const tile = Scheduler::tile(params.sched, u, Scheduler::cta_rank());
+      FwdTile const tile = Scheduler::tile(params.sched, u);
       BI const bi = block_info(tile);
       typename KT::TiledMmaPV mma_pv;
       Tensor tOrO = partition_fragment_C(mma_pv, Shape<typename KT::BlkM, typename KT::HDim>{});

@@ -18,7 +18,7 @@ namespace fa3jax {
 using namespace cute;
 
 template <class Element_, int kHeadDim_, int kBlockM_, int kBlockN_, int kStages_, int kProducerRegs_,
-          int kConsumerRegs_, int kClusterM_ = 1, bool kTmaEpilogue_ = false>
+          int kConsumerRegs_, bool kTmaEpilogue_ = false>
 struct FwdKernelTraits {
   using Element = Element_;
   static constexpr int kHeadDim = kHeadDim_;
@@ -27,17 +27,12 @@ struct FwdKernelTraits {
   static constexpr int kStages = kStages_;
   static constexpr int kProducerRegs = kProducerRegs_;
   static constexpr int kConsumerRegs = kConsumerRegs_;
-  // CTAs of a cluster work on adjacent query blocks of one (head, batch) and share every K/V tile: each CTA's
-  // TMA fetches 1/kClusterM of a tile and multicasts it to all of them, which divides the L2->SM traffic per
-  // FLOP by kClusterM (cp.async.bulk.tensor .multicast::cluster; FA3 runs d=128 with a (2,1,1) cluster). Only valid when all CTAs of a cluster
-  // visit the same key blocks (no causal/window mask), which the launcher guarantees.
-  static constexpr int kClusterM = kClusterM_;
   // Epilogue through shared memory and one TMA store per consumer warpgroup (64 rows): the warpgroup moves on
   // to its next tile as soon as its rows sit in shared memory, instead of issuing ~D/2 scattered 4-byte
   // global stores per row (costly on short tiles: causal, s <= 2k). Needs a BlockM x D buffer of its own.
   static constexpr bool kTmaEpilogue = kTmaEpilogue_;
-  static_assert(kClusterM == 1 || kClusterM == 2);
-  using ClusterShape = Shape<Int<kClusterM>, _1, _1>;
+  // One CTA per cluster (a 2-CTA K/V-multicast variant measured within +-2%, benchmarks/RESULTS.md).
+  using ClusterShape = Shape<_1, _1, _1>;
   static_assert(kBlockM % 64 == 0 && kHeadDim % 64 == 0 && kBlockN % 16 == 0);
 
   // Two copies of the consumer loop, with and without softcap (FwdMainloop::mma<kSoftcap>), so that the loop
@@ -85,8 +80,6 @@ struct FwdKernelTraits {
   using GStrideQK = Stride<int64_t, _1, int64_t, int64_t>;
   using GStrideVt = Stride<_1, int64_t, int64_t, int64_t>;
 
-  using TmaLoadKV = std::conditional_t<kClusterM == 1, SM90_TMA_LOAD, SM90_TMA_LOAD_MULTICAST>;
-
   // TMA descriptors: built on the host per call by these functions, whose return types are the Params fields.
   template <class GTensor>
   static auto make_tma_q(GTensor const& g) {
@@ -94,11 +87,11 @@ struct FwdKernelTraits {
   }
   template <class GTensor>
   static auto make_tma_k(GTensor const& g) {
-    return make_tma_copy(TmaLoadKV{}, g, SmemLayoutK{}(_, _, _0{}), Shape<BlkN, HDim>{}, Int<kClusterM>{});
+    return make_tma_copy(SM90_TMA_LOAD{}, g, SmemLayoutK{}(_, _, _0{}), Shape<BlkN, HDim>{}, _1{});
   }
   template <class GTensor>
   static auto make_tma_v(GTensor const& g) {
-    return make_tma_copy(TmaLoadKV{}, g, SmemLayoutVt{}(_, _, _0{}), Shape<HDim, BlkN>{}, Int<kClusterM>{});
+    return make_tma_copy(SM90_TMA_LOAD{}, g, SmemLayoutVt{}(_, _, _0{}), Shape<HDim, BlkN>{}, _1{});
   }
   using GTensorQK = decltype(make_tensor(make_gmem_ptr(static_cast<Element const*>(nullptr)), GShape{}, GStrideQK{}));
   using GTensorVt = decltype(make_tensor(make_gmem_ptr(static_cast<Element const*>(nullptr)), GShape{}, GStrideVt{}));

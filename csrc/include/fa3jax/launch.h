@@ -8,9 +8,9 @@
 #include <type_traits>
 #include <cutlass/numeric_types.h>
 
-#include "fwd_api.h"
+#include "attn_params.h"
 #include "kernel.h"
-#include "policy.h"
+#include "fwd_policy.h"  // generated (generate_instantiations.py)
 
 namespace fa3jax {
 
@@ -18,36 +18,38 @@ template <DType kDType> struct ElementOf;
 template <> struct ElementOf<DType::kBF16> { using type = cutlass::bfloat16_t; };
 template <> struct ElementOf<DType::kFP16> { using type = cutlass::half_t; };
 
-template <class P, DType kDType, int kHeadDim, int kClusterM>
+template <class P, DType kDType, int kHeadDim>
 using FwdTraitsOf = FwdKernelTraits<typename ElementOf<kDType>::type, kHeadDim, P::kBlockM, P::kBlockN, P::kStages,
-                                    P::kProducerRegs, P::kConsumerRegs, kClusterM, P::kTmaEpilogue>;
-template <DType kDType, int kHeadDim, int kClusterM, bool kWide = false>
-using FwdTraitsFor = FwdTraitsOf<std::conditional_t<kWide, FwdPolicyWide<kHeadDim>, FwdPolicy<kHeadDim>>, kDType,
-                                 kHeadDim, kClusterM>;
+                                    P::kProducerRegs, P::kConsumerRegs, P::kTmaEpilogue>;
+template <DType kDType, int kHeadDim, bool kWide>
+using FwdTraitsFor =
+    FwdTraitsOf<std::conditional_t<kWide, FwdPolicyWide<kHeadDim>, FwdPolicy<kHeadDim>>, kDType, kHeadDim>;
 
-template <DType kDType, int kHeadDim, int kClusterM, bool kWide = false>
-FwdStatus launch_fwd(const FwdParams& p, cudaStream_t stream) {
-  using KT = FwdTraitsFor<kDType, kHeadDim, kClusterM, kWide>;
+template <DType kDType, int kHeadDim, bool kWide>
+FwdStatus launch_fwd(const FwdParams& fp, cudaStream_t stream) {
+  using KT = FwdTraitsFor<kDType, kHeadDim, kWide>;
   using Element = typename KT::Element;
   constexpr int D = kHeadDim;
+  AttnCore const& p = fp.core;
   int const b = p.batch, sq = p.seqlen_q, sk = p.seqlen_k, hq = p.num_heads_q, hk = p.num_heads_k;
 
+  // q/k/v through TMA at the caller's strides; out is dense (the register epilogue addresses it so).
   auto q = make_tensor(make_gmem_ptr(static_cast<Element const*>(p.q)), make_shape(sq, D, hq, b),
-                       make_stride(int64_t(hq) * D, _1{}, int64_t(D), int64_t(sq) * hq * D));
+                       make_stride(p.q_stride.row, _1{}, p.q_stride.head, p.q_stride.batch));
   auto k = make_tensor(make_gmem_ptr(static_cast<Element const*>(p.k)), make_shape(sk, D, hk, b),
-                       make_stride(int64_t(hk) * D, _1{}, int64_t(D), int64_t(sk) * hk * D));
-  auto o = make_tensor(make_gmem_ptr(static_cast<Element*>(p.out)), make_shape(sq, D, hq, b),
-                      make_stride(int64_t(hq) * D, _1{}, int64_t(D), int64_t(sq) * hq * D));
+                       make_stride(p.k_stride.row, _1{}, p.k_stride.head, p.k_stride.batch));
+  auto o = make_tensor(make_gmem_ptr(static_cast<Element*>(fp.out)), make_shape(sq, D, hq, b),
+                       make_stride(int64_t(hq) * D, _1{}, int64_t(D), int64_t(sq) * hq * D));
   auto vt = make_tensor(make_gmem_ptr(static_cast<Element const*>(p.v)), make_shape(D, sk, hk, b),
-                        make_stride(_1{}, int64_t(hk) * D, int64_t(D), int64_t(sk) * hk * D));
+                        make_stride(_1{}, p.v_stride.row, p.v_stride.head, p.v_stride.batch));
 
   typename KT::Params kp{
       KT::make_tma_q(q),
       KT::make_tma_k(k),
       KT::make_tma_v(vt),
       KT::make_tma_o(o),
-      p.out,
-      p.lse,
+      fp.out,
+      fp.lse,
       SchedulerParams{},
       b, sq, sk, hq, hk, hq / hk,
       p.window_left < 0 ? -1 : p.window_left,
@@ -68,10 +70,8 @@ FwdStatus launch_fwd(const FwdParams& p, cudaStream_t stream) {
   constexpr int smem = KT::kSmemBytes;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return {err, "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)"};
-  int const num_m_blocks = (sq + KT::kBlockM - 1) / KT::kBlockM;
-  if (num_m_blocks % KT::kClusterM != 0) return {cudaErrorInvalidValue, "query blocks not a multiple of the cluster"};
   SchedulerParams& sp = kp.sched;
-  sp.num_m_units = num_m_blocks / KT::kClusterM;
+  sp.num_m_units = (sq + KT::kBlockM - 1) / KT::kBlockM;
   sp.num_heads = hq;
   sp.num_hb = hq * b;
   if (int64_t(sp.num_m_units) * sp.num_hb > INT32_MAX) return {cudaErrorInvalidValue, "too many tiles"};
@@ -85,8 +85,8 @@ FwdStatus launch_fwd(const FwdParams& p, cudaStream_t stream) {
   // Dynamic assignment only where tiles differ in length (causal-like masks): it costs a shared-memory hand-off
   // per tile, and with equal tiles round robin is already balanced.
   sp.counter = nullptr;
-  if (KT::kClusterM == 1 && p.workspace != nullptr && (p.window_left >= 0 || p.window_right >= 0)) {
-    sp.counter = static_cast<int*>(p.workspace);
+  if (fp.workspace != nullptr && (p.window_left >= 0 || p.window_right >= 0)) {
+    sp.counter = static_cast<int*>(fp.workspace);
     err = cudaMemsetAsync(sp.counter, 0, sizeof(int), stream);
     if (err != cudaSuccess) return {err, "cudaMemsetAsync(tile counter)"};
   }
@@ -94,26 +94,10 @@ FwdStatus launch_fwd(const FwdParams& p, cudaStream_t stream) {
   err = cudaGetDevice(&device);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device);
   if (err != cudaSuccess) return {err, "cudaDeviceGetAttribute(MultiProcessorCount)"};
-  // One CTA per SM (shared memory holds one CTA's tiles); a cluster takes kClusterM SMs.
-  dim3 const grid(PersistentTileScheduler<KT::kClusterM>::num_ctas(sp, num_sms / KT::kClusterM));
-  if constexpr (KT::kClusterM == 1) {
-    kernel<<<grid, KT::kNumThreads, smem, stream>>>(kp);
-    err = cudaGetLastError();
-  } else {
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = KT::kClusterM;
-    attr[0].val.clusterDim.y = 1;
-    attr[0].val.clusterDim.z = 1;
-    cudaLaunchConfig_t cfg{};
-    cfg.gridDim = grid;
-    cfg.blockDim = dim3(KT::kNumThreads);
-    cfg.dynamicSmemBytes = smem;
-    cfg.stream = stream;
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
-    err = cudaLaunchKernelEx(&cfg, kernel, kp);
-  }
+  // One CTA per SM (shared memory holds one CTA's tiles).
+  dim3 const grid(PersistentTileScheduler::num_ctas(sp, num_sms));
+  kernel<<<grid, KT::kNumThreads, smem, stream>>>(kp);
+  err = cudaGetLastError();
   if (err != cudaSuccess) return {err, "kernel launch"};
   return {};
 }

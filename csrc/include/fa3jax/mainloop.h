@@ -10,8 +10,8 @@
 // runs under the PV GEMM of block n+1 (P_{n+1} lives in its own registers, S is only read after its GEMM).
 #pragma once
 
-#include "block_info.h"
 #include "kernel_traits.h"
+#include "mask.h"
 #include "softmax.h"
 #include "tile_scheduler.h"
 #include "utils.h"
@@ -25,7 +25,7 @@ struct FwdMainloop {
   using SharedStorage = typename KT::SharedStorage;
   using Pipeline = typename KT::Pipeline;
   using PipelineState = typename KT::PipelineState;
-  using BI = BlockInfo<KT::kBlockM, KT::kBlockN>;
+  using BI = QBlockMask<KT::kBlockM, KT::kBlockN>;
   static constexpr int kNumMmaWG = KT::kNumMmaWG;
   static constexpr int kFirstSchedBarrier = 1;  // ids 1 .. kNumMmaWG
 
@@ -54,17 +54,9 @@ struct FwdMainloop {
     Tensor gVt = local_tile(mVt(_, _, head_k, tile.batch), Shape<typename KT::HDim, typename KT::BlkN>{},
                             make_coord(_0{}, _));  // (D, N, n)
 
-    // Under a cluster this CTA fetches its 1/kClusterM slice of each K/V tile and multicasts it (mask: all CTAs).
-    int const rank = PersistentTileScheduler<KT::kClusterM>::cta_rank();
-    constexpr uint16_t kMcastMask = uint16_t((1u << KT::kClusterM) - 1);
-    auto kv_layout = Layout<Int<KT::kClusterM>>{};
     auto [tQgQ, tQsQ] = tma_partition(params.tma_q, _0{}, Layout<_1>{}, group_modes<0, 2>(sQ), group_modes<0, 2>(gQ));
-    auto [tKgK, tKsK] = tma_partition(params.tma_k, rank, kv_layout, group_modes<0, 2>(sK), group_modes<0, 2>(gK));
-    auto [tVgV, tVsV] = tma_partition(params.tma_v, rank, kv_layout, group_modes<0, 2>(sVt), group_modes<0, 2>(gVt));
-    auto kv_copy = [&](auto const& tma, auto& barrier, auto const& src, auto&& dst) {
-      if constexpr (KT::kClusterM > 1) copy(tma.with(barrier, kMcastMask), src, dst);
-      else copy(tma.with(barrier), src, dst);
-    };
+    auto [tKgK, tKsK] = tma_partition(params.tma_k, 0, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gK));
+    auto [tVgV, tVsV] = tma_partition(params.tma_v, 0, Layout<_1>{}, group_modes<0, 2>(sVt), group_modes<0, 2>(gVt));
 
     if (q_iter > 0) cute::wait_barrier(ss.barrier_q_empty, (q_iter - 1) & 1);
     if (lane0) {
@@ -78,18 +70,18 @@ struct FwdMainloop {
     // (Nsight Compute: ~10 failed K waits per key block, 13% of stall samples on long scoreboard).
     int n = bi.n_max - 1;
     pipe_k.producer_acquire(st);
-    if (lane0) kv_copy(params.tma_k, *pipe_k.producer_get_barrier(st), tKgK(_, n), tKsK(_, st.index()));
+    if (lane0) copy(params.tma_k.with(*pipe_k.producer_get_barrier(st)), tKgK(_, n), tKsK(_, st.index()));
     for (; n > bi.n_min; --n) {
       PipelineState next = st;
       ++next;
       pipe_k.producer_acquire(next);
-      if (lane0) kv_copy(params.tma_k, *pipe_k.producer_get_barrier(next), tKgK(_, n - 1), tKsK(_, next.index()));
+      if (lane0) copy(params.tma_k.with(*pipe_k.producer_get_barrier(next)), tKgK(_, n - 1), tKsK(_, next.index()));
       pipe_v.producer_acquire(st);
-      if (lane0) kv_copy(params.tma_v, *pipe_v.producer_get_barrier(st), tVgV(_, n), tVsV(_, st.index()));
+      if (lane0) copy(params.tma_v.with(*pipe_v.producer_get_barrier(st)), tVgV(_, n), tVsV(_, st.index()));
       st = next;
     }
     pipe_v.producer_acquire(st);
-    if (lane0) kv_copy(params.tma_v, *pipe_v.producer_get_barrier(st), tVgV(_, n), tVsV(_, st.index()));
+    if (lane0) copy(params.tma_v.with(*pipe_v.producer_get_barrier(st)), tVgV(_, n), tVsV(_, st.index()));
     ++st;
   }
 
@@ -112,13 +104,11 @@ struct FwdMainloop {
     }
   }
 
-  // Frees stage st of a pipeline for the producer. In a 1-CTA launch every consumer thread arrives on its own
-  // CTA's empty barrier, so a local mbarrier.arrive does it; PipelineTmaAsync::consumer_release always takes the
-  // cluster form (mapa + arrive on the mapped address; both forms are .release.cta), which costs an add and a
-  // PRMT more per release in the SASS.
-  CUTE_DEVICE static void release(Pipeline& pipe, typename Pipeline::SharedStorage& storage, PipelineState st) {
-    if constexpr (KT::kClusterM == 1) storage.empty_barrier_[st.index()].arrive();
-    else pipe.consumer_release(st);
+  // Frees stage st of a pipeline for the producer: every consumer thread arrives on its own CTA's empty
+  // barrier with a local mbarrier.arrive. PipelineTmaAsync::consumer_release always takes the cluster form (mapa
+  // + arrive on the mapped address), which costs an add and a PRMT more per release in the SASS.
+  CUTE_DEVICE static void release(typename Pipeline::SharedStorage& storage, PipelineState st) {
+    storage.empty_barrier_[st.index()].arrive();
   }
 
   // Consumer loop. Returns with tOrO holding the unnormalized output and `softmax` the row statistics.
@@ -149,12 +139,9 @@ struct FwdMainloop {
     // 128-byte swizzle with base offset 0 that CuTe's descriptors assume), so each operand's address >> 4 is
     // (ss >> 4) + its constant offset / 16. Every thread's B tile starts at the operand's first element
     // (tests/test_layouts.cu). (MMA, MMA_N, MMA_K, stage)
-    // In a cluster launch the base is masked to the descriptor's 14 bits, as CuTe's bitfield does: unmasked, the
-    // 2-CTA kernel's second CTA computed garbage on the H100 (its shared address carries bits
-    // above the field, which the add moved into the leading-byte-offset field). The rank-0 CTA of a 1-CTA launch
-    // needs no mask, and the wide kernel spills 12 B with it (ptxas -v).
-    uint32_t ss16 = cute::cast_smem_ptr_to_uint(&ss) >> 4;
-    if constexpr (KT::kClusterM > 1) ss16 &= 0x3fffu;
+    // Unmasked to the descriptor's 14 bits: a CTA's shared window starts at 0 (a cluster peer's would carry
+    // bits above the field); the wide kernel spills 12 B with the mask (ptxas -v).
+    uint32_t const ss16 = cute::cast_smem_ptr_to_uint(&ss) >> 4;
     auto offset16 = [&](auto const& member) {
       return uint32_t(reinterpret_cast<char const*>(&member) - reinterpret_cast<char const*>(&ss)) >> 4;
     };
@@ -219,7 +206,7 @@ struct FwdMainloop {
       sched_pass(mma_wg);
       warpgroup_wait<0>();
       warpgroup_fence_operand(tSrS);
-      release(pipe_k, ss.pipeline_k, st_k);
+      release(ss.pipeline_k, st_k);
       ++st_k;
       softmax_block(0, o_scale);
       convert_fragment(rP, tSrS);
@@ -234,14 +221,14 @@ struct FwdMainloop {
       sched_pass(mma_wg);
       warpgroup_wait<1>();  // groups retire in issue order: S is ready, P V may still run
       warpgroup_fence_operand(tSrS);
-      release(pipe_k, ss.pipeline_k, st_k);
+      release(ss.pipeline_k, st_k);
       ++st_k;
       softmax_block(it, o_scale);
       warpgroup_wait<0>();
       // O and P are operands of the GEMM that just retired: keep every access to them below the wait.
       warpgroup_fence_operand(tOrO);
       warpgroup_fence_operand(rP);
-      release(pipe_v, ss.pipeline_v, st_v);
+      release(ss.pipeline_v, st_v);
       ++st_v;
       convert_fragment(rP, tSrS);
     }
@@ -255,7 +242,7 @@ struct FwdMainloop {
     sched_pass(mma_wg);
     warpgroup_wait<0>();
     warpgroup_fence_operand(tOrO);
-    release(pipe_v, ss.pipeline_v, st_v);
+    release(ss.pipeline_v, st_v);
     ++st_v;
   }
 };

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cmath>
+#include "mask.h"
 #include "utils.h"
 
 namespace fa3jax {
@@ -59,7 +60,7 @@ struct OnlineSoftmax {
   }
 };
 
-// Softcap (optional) then masking of one S tile. rc: identity coordinates of the tile, same view as S.
+// Softcap (optional) then masking (mask.h) of one S tile. rc: identity coordinates of the tile, same view as S.
 template <bool kMask, bool kSoftcap, class TS, class TC>
 CUTE_DEVICE void transform_scores(TS& S, TC const& rc, int q_lo_tile, int n0, int shift, int seqlen_k, int left,
                                   int right, float softcap_pre, float softcap) {
@@ -67,19 +68,7 @@ CUTE_DEVICE void transform_scores(TS& S, TC const& rc, int q_lo_tile, int n0, in
     CUTE_UNROLL
     for (int i = 0; i < size(S); ++i) S(i) = softcap * tanh_approx(S(i) * softcap_pre);
   }
-  if constexpr (kMask) {
-    CUTE_UNROLL
-    for (int r = 0; r < size<0>(S); ++r) {
-      int const diag = q_lo_tile + int(get<0>(rc(r, 0))) + shift;
-      int const lo = left >= 0 ? diag - left : 0;
-      int const hi = right >= 0 ? min(diag + right, seqlen_k - 1) : seqlen_k - 1;  // inclusive
-      CUTE_UNROLL
-      for (int c = 0; c < size<1>(S); ++c) {
-        int const col = n0 + int(get<1>(rc(r, c)));
-        if (col < lo || col > hi) S(r, c) = -INFINITY;
-      }
-    }
-  }
+  if constexpr (kMask) apply_mask(S, rc, q_lo_tile, n0, shift, seqlen_k, left, right);
 }
 
 }  // namespace fa3jax

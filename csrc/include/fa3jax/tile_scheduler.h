@@ -1,14 +1,12 @@
 // Persistent tile scheduler. The grid holds as many CTAs as fit on the GPU at once (one per SM: the tiles fill
-// shared memory); after its first unit each cluster takes the next one statically (round robin) or from a
-// global counter (dynamic: used for masks whose tiles differ in length, see launch.h). A unit is
-// kClusterM adjacent query blocks of one (head, batch), one block per CTA of the cluster, so the CTAs of a
-// cluster share every K/V tile. Persistence lets the producer load the next tile's Q and first K/V blocks while
-// the consumers still finish the current tile (their last P V GEMM and the epilogue); with one CTA per tile that
+// shared memory); after its first unit each CTA takes the next one statically (round robin) or from a global
+// counter (dynamic: used for masks whose tiles differ in length, see launch.h). A unit is one (query block,
+// head, batch) tile. Persistence lets the producer load the next tile's Q and first K/V blocks while the
+// consumers still finish the current tile (their last P V GEMM and the epilogue); with one CTA per tile that
 // load latency and the CTA launch are exposed once per tile, which costs most on short rows (causal, s <= 2k).
 #pragma once
 
 #include <cute/config.hpp>
-#include <cute/arch/cluster_sm90.hpp>
 
 namespace fa3jax {
 
@@ -18,7 +16,7 @@ struct FwdTile {
 
 // Host-computed description of the unit order.
 struct SchedulerParams {
-  int num_m_units;  // query blocks / kClusterM
+  int num_m_units;  // query blocks
   int num_heads;    // query heads
   int num_hb;       // num_heads * batch
   int num_units;    // num_m_units * num_hb
@@ -31,28 +29,25 @@ struct SchedulerParams {
   int* counter;  // zeroed before the launch: dynamic unit assignment; nullptr: static (see dynamic_unit)
 };
 
-template <int kClusterM>
 struct PersistentTileScheduler {
-  // Grid size: `max_clusters` = clusters that fit on the device at once.
-  static int num_ctas(SchedulerParams const& p, int max_clusters) {
-    int const clusters = p.num_units < max_clusters ? p.num_units : max_clusters;
-    return (clusters < 1 ? 1 : clusters) * kClusterM;
+  // Grid size: `max_ctas` = CTAs that fit on the device at once.
+  static int num_ctas(SchedulerParams const& p, int max_ctas) {
+    int const ctas = p.num_units < max_ctas ? p.num_units : max_ctas;
+    return ctas < 1 ? 1 : ctas;
   }
 
-  CUTE_DEVICE static int num_clusters() { return int(gridDim.x) / kClusterM; }
-  CUTE_DEVICE static int first_unit() { return int(blockIdx.x) / kClusterM; }
-  CUTE_DEVICE static int cta_rank() { return kClusterM > 1 ? int(cute::block_rank_in_cluster()) : 0; }
+  CUTE_DEVICE static int num_ctas() { return int(gridDim.x); }
+  CUTE_DEVICE static int first_unit() { return int(blockIdx.x); }
   // Static assignment: round robin, round k = units [k*C, (k+1)*C). Computed from blockIdx, so the compiler
   // keeps everything derived from it (TMA coordinates, trip counts) in uniform registers.
-  CUTE_DEVICE static int static_unit(int k) { return k * num_clusters() + first_unit(); }
-  // Dynamic assignment (p.counter set; 1-CTA kernels only): the next unnumbered unit, so a CTA that drew short
-  // tiles takes more of them, as the hardware's block dispatch would. Drawn by lane 0 of the producer warp and
-  // handed to the consumers through shared memory.
-  CUTE_DEVICE static int dynamic_unit(SchedulerParams const& p) { return num_clusters() + atomicAdd(p.counter, 1); }
+  CUTE_DEVICE static int static_unit(int k) { return k * num_ctas() + first_unit(); }
+  // Dynamic assignment (p.counter set): the next unnumbered unit, so a CTA that drew short tiles takes more of
+  // them, as the hardware's block dispatch would. Drawn by lane 0 of the producer warp and handed to the
+  // consumers through shared memory.
+  CUTE_DEVICE static int dynamic_unit(SchedulerParams const& p) { return num_ctas() + atomicAdd(p.counter, 1); }
 
-  // rank: this CTA's rank in its cluster. Host-callable so that the ordering is tested without a GPU
-  // (tests/test_layouts.cu).
-  CUTE_HOST_DEVICE static FwdTile tile(SchedulerParams const& p, int unit, int rank) {
+  // Host-callable so that the ordering is tested without a GPU (tests/test_layouts.cu).
+  CUTE_HOST_DEVICE static FwdTile tile(SchedulerParams const& p, int unit) {
     int m_unit, hb;
     if (!p.reverse_m) {
       hb = unit / p.num_m_units;
@@ -68,7 +63,7 @@ struct PersistentTileScheduler {
       hb = hb0 + (idx - row * width);
     }
     int const batch = hb / p.num_heads;
-    return {m_unit * kClusterM + rank, hb - batch * p.num_heads, batch};
+    return {m_unit, hb - batch * p.num_heads, batch};
   }
 };
 

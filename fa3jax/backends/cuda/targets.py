@@ -21,7 +21,8 @@ ATTR_KERNEL_VARIANT = "kernel_variant"  # i32, see KERNEL_VARIANTS
 
 # Which compiled kernel serves a call: "auto" is the dispatch policy (csrc/src/fwd_dispatch.cc); the others force
 # one where it applies (fa3jax.tuning.Tuning.cuda_kernel), so that benchmarks can time them side by side.
-KERNEL_VARIANTS = {"auto": 0, "plain": 1, "cluster": 2, "wide": 3}
+# 2 belonged to a removed 2-CTA kernel; the handler refuses it.
+KERNEL_VARIANTS = {"auto": 0, "plain": 1, "wide": 3}
 
 
 def fwd_attributes(spec, tune: Tuning = DEFAULT) -> dict:

@@ -1,0 +1,120 @@
+// Plain C++ interface of the attention kernels. No CUTLASS / CuTe / Python in here: the FFI layer, the nanobind
+// module and the standalone tests include only this header.
+//
+// One parameter set per kernel family member: AttnCore (what every pass reads: pointers, strides, shapes,
+// scale, softcap, window) plus optional parts that later features fill (varlen offsets, paged K/V, appended
+// keys), and per pass its outputs and workspace (FwdParams; a backward adds its own).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <cuda_runtime_api.h>
+
+namespace fa3jax {
+
+enum class DType : int { kBF16 = 0, kFP16 = 1 };
+
+// Element strides of a (batch, seq, head, d) tensor; d is contiguous (TMA needs a unit inner stride).
+struct Strides {
+  int64_t row = 0, head = 0, batch = 0;
+};
+
+// Variable-length batches (packed rows, FA's cu_seqlens convention). Off while cu_seqlens_q is null.
+struct VarlenSeqs {
+  const int* cu_seqlens_q = nullptr;  // (batch + 1) row offsets into the packed q / out
+  const int* cu_seqlens_k = nullptr;  // (batch + 1) row offsets into the packed k / v
+  const int* seqused_k = nullptr;     // optional: keys used per sequence (<= its cu_seqlens_k length)
+  bool enabled() const { return cu_seqlens_q != nullptr; }
+};
+
+// Paged K/V cache: k/v are (num_pages, page_size, heads_k, d). Off while block_table is null.
+struct PagedKV {
+  const int* block_table = nullptr;  // (batch, max_pages_per_seq) page indices
+  int page_size = 0, max_pages_per_seq = 0;
+  bool enabled() const { return block_table != nullptr; }
+};
+
+// Keys/values appended to the cache before attending (decode with a new token block). Off while k_new is null.
+struct AppendKV {
+  const void* k_new = nullptr;
+  const void* v_new = nullptr;
+  int seqlen_new = 0;
+  bool enabled() const { return k_new != nullptr; }
+};
+
+// What every pass of one attention call reads: q (b, sq, hq, d) and k/v (b, sk, hk, d) at their strides.
+struct AttnCore {
+  const void* q = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  Strides q_stride, k_stride, v_stride;
+  int batch = 0, seqlen_q = 0, seqlen_k = 0, num_heads_q = 0, num_heads_k = 0, head_dim = 0;
+  DType dtype = DType::kBF16;
+  float softmax_scale = 1.f;
+  float softcap = 0.f;    // <= 0: off
+  int window_left = -1;   // -1: unbounded (bottom-right aligned window, see fa3jax/masking.py)
+  int window_right = -1;  // causal == (window_left, 0)
+  VarlenSeqs varlen;
+  PagedKV paged;
+  AppendKV append;
+
+  // Contiguous q/k/v of the shapes above.
+  void set_dense_strides() {
+    q_stride = {int64_t(num_heads_q) * head_dim, int64_t(head_dim), int64_t(seqlen_q) * num_heads_q * head_dim};
+    k_stride = {int64_t(num_heads_k) * head_dim, int64_t(head_dim), int64_t(seqlen_k) * num_heads_k * head_dim};
+    v_stride = k_stride;
+  }
+};
+
+// Split-K/V forward (partial outputs combined afterwards). Off while num_splits <= 1.
+struct Splits {
+  int num_splits = 1;
+  float* out_accum = nullptr;  // (num_splits, b, hq, sq, d)
+  float* lse_accum = nullptr;  // (num_splits, b, hq, sq)
+};
+
+// Forward: core + outputs + workspace. out is dense like q (b, sq, hq, d); lse float32 (b, hq, sq).
+struct FwdParams {
+  AttnCore core;
+  void* out = nullptr;
+  float* lse = nullptr;
+  Splits splits;
+  // Device memory of at least kFwdWorkspaceBytes (the caller's; reset by run_fwd on `stream`): the persistent
+  // kernel then assigns tiles dynamically under windowed/causal masks (tiles of unequal length). nullptr:
+  // static round-robin assignment always.
+  void* workspace = nullptr;
+  // Wide key tiles (FwdPolicyWide, where compiled): -1 = where the policy says (unmasked, long keys), 0 = never,
+  // 1 = always (tests, benchmarks).
+  int wide_tiles = -1;
+};
+
+inline constexpr size_t kFwdWorkspaceBytes = 16;
+
+// Status of a launch: `error` is cudaSuccess on success; otherwise `what` names the failing step (static string).
+struct FwdStatus {
+  cudaError_t error = cudaSuccess;
+  const char* what = "";
+  bool ok() const { return error == cudaSuccess && what[0] == '\0'; }
+};
+
+// Checks the parameters (shapes, strides, pointers, alignment, compiled-in instantiations) without launching.
+// Returns nullptr when fine, else a static message.
+const char* fwd_check(const FwdParams& p);
+
+// Checks, then launches on `stream`. Never throws.
+FwdStatus run_fwd(const FwdParams& p, cudaStream_t stream);
+
+// Whether (dtype, head_dim) was compiled into this build, and whether with a wide-key-tile kernel.
+bool fwd_compiled(DType dtype, int head_dim);
+bool fwd_compiled_wide(DType dtype, int head_dim);
+
+// Compiled instantiations as "bf16:128;fp16:64;..." (static string), and the target arch.
+const char* fwd_compiled_list();
+const char* fwd_arch();
+
+// Per-instantiation entry points (defined in generated translation units). kWide: FwdPolicyWide's tiles instead
+// of FwdPolicy's.
+template <DType kDType, int kHeadDim, bool kWide>
+FwdStatus run_fwd_instance(const FwdParams& p, cudaStream_t stream);
+
+}  // namespace fa3jax

@@ -1,0 +1,99 @@
+// The attention mask, in one place: the element rule, the key blocks a query block touches (forward, dQ) and the
+// query blocks a key block touches (dK/dV), and which of those blocks need element-wise masking.
+// Mirrors fa3jax/masking.py: query i may see key j iff 0 <= i < seqlen_q, 0 <= j < seqlen_k and, with
+// diag = i + (seqlen_k - seqlen_q) (bottom-right alignment), (left < 0 or j >= diag - left) and
+// (right < 0 or j <= diag + right). Causal is (left, 0). Windows: -1 = unbounded.
+#pragma once
+
+#include <cute/config.hpp>
+#include <cute/tensor.hpp>
+
+namespace fa3jax {
+
+// The element rule, host and device (tests compare the block ranges below against it).
+CUTE_HOST_DEVICE bool mask_allows(int i, int j, int seqlen_q, int seqlen_k, int left, int right) {
+  int const diag = i + seqlen_k - seqlen_q;
+  return i >= 0 && i < seqlen_q && j >= 0 && j < seqlen_k && (left < 0 || j >= diag - left) &&
+         (right < 0 || j <= diag + right);
+}
+
+// One query block: its key blocks [n_min, n_max) and which of them need the element mask.
+template <int kBlockM, int kBlockN>
+struct QBlockMask {
+  int q_lo, q_hi;  // valid query rows of this block: [q_lo, q_hi)
+  int n_min, n_max;  // key blocks [n_min, n_max)
+  int shift, seqlen_k, left, right;
+
+  CUTE_HOST_DEVICE QBlockMask(int m_block, int seqlen_q, int seqlen_k_, int left_, int right_)
+      : seqlen_k(seqlen_k_), left(left_), right(right_) {
+    q_lo = m_block * kBlockM;
+    q_hi = min(q_lo + kBlockM, seqlen_q);
+    shift = seqlen_k - seqlen_q;
+    int lo = 0, hi = seqlen_k;
+    if (left >= 0) lo = max(0, q_lo + shift - left);
+    if (right >= 0) hi = min(seqlen_k, (q_hi - 1) + shift + right + 1);
+    n_min = lo / kBlockN;
+    n_max = (q_hi <= q_lo || hi <= lo) ? n_min : (hi + kBlockN - 1) / kBlockN;
+  }
+
+  CUTE_HOST_DEVICE int num_blocks() const { return n_max - n_min; }
+
+  // True unless every (row in [q_lo, q_hi), key in the block) pair is allowed.
+  CUTE_HOST_DEVICE bool needs_mask(int n_block) const {
+    int n0 = n_block * kBlockN, n1 = n0 + kBlockN;  // keys [n0, n1)
+    if (n1 > seqlen_k) return true;
+    if (left >= 0 && n0 < (q_hi - 1) + shift - left) return true;
+    if (right >= 0 && n1 - 1 > q_lo + shift + right) return true;
+    return false;
+  }
+
+  // The blocks of [n_min, n_max) that need no mask form one contiguous range [lo, hi): each condition above
+  // holds for all blocks from some index up (n1 > seqlen_k, the right bound) or below (the left bound). The
+  // mainloop tests a block against this range (two integer ops) instead of evaluating needs_mask per block
+  // (about 12 uniform-datapath instructions per key block in the SASS). Scans from both ends, so the cost per
+  // tile is the number of masked blocks. lo == hi when every block needs a mask.
+  CUTE_HOST_DEVICE void unmasked_range(int& lo, int& hi) const {
+    hi = n_max;
+    while (hi > n_min && needs_mask(hi - 1)) --hi;
+    lo = n_min;
+    while (lo < hi && needs_mask(lo)) ++lo;
+  }
+};
+
+// One key block: the query blocks [m_min, m_max) that see any of its keys, and which of them need the element
+// mask. Keys as rows and queries as columns, this is a query-block mask of the transposed problem with the
+// window's sides swapped (j >= i + shift - left <=> i <= j - shift + left).
+template <int kBlockM, int kBlockN>
+struct KBlockMask {
+  QBlockMask<kBlockN, kBlockM> t;  // the transposed problem
+  int m_min, m_max;  // query blocks [m_min, m_max)
+
+  CUTE_HOST_DEVICE KBlockMask(int n_block, int seqlen_q, int seqlen_k, int left, int right)
+      : t(n_block, seqlen_k, seqlen_q, right, left), m_min(t.n_min), m_max(t.n_max) {}
+
+  CUTE_HOST_DEVICE int num_blocks() const { return m_max - m_min; }
+
+  // True unless every (row in the query block, key in the key block) pair is allowed; rows past seqlen_q and
+  // keys past seqlen_k both count (a backward must not let zero-filled rows or keys into dK/dV or dQ).
+  CUTE_HOST_DEVICE bool needs_mask(int m_block) const { return t.q_hi - t.q_lo < kBlockN || t.needs_mask(m_block); }
+};
+
+// Element mask of one score tile S (rows, cols) in place: disallowed scores -> -inf. rc: identity coordinates
+// of the tile in the same view; the tile's first row is query q_lo_tile, its first column key n0.
+template <class TS, class TC>
+CUTE_DEVICE void apply_mask(TS& S, TC const& rc, int q_lo_tile, int n0, int shift, int seqlen_k, int left,
+                            int right) {
+  CUTE_UNROLL
+  for (int r = 0; r < cute::size<0>(S); ++r) {
+    int const diag = q_lo_tile + int(cute::get<0>(rc(r, 0))) + shift;
+    int const lo = left >= 0 ? diag - left : 0;
+    int const hi = right >= 0 ? min(diag + right, seqlen_k - 1) : seqlen_k - 1;  // inclusive
+    CUTE_UNROLL
+    for (int c = 0; c < cute::size<1>(S); ++c) {
+      int const col = n0 + int(cute::get<1>(rc(r, c)));
+      if (col < lo || col > hi) S(r, c) = -INFINITY;
+    }
+  }
+}
+
+}  // namespace fa3jax
