@@ -1,4 +1,5 @@
-"""Public API, drop-in for flash-attn3-jax 0.2.3 (extra keywords are ours), plus ring attention.
+"""Public API, drop-in for flash-attn3-jax 0.2.3 (its parameters in its order; ours are keyword-only), plus ring
+attention.
 
 Each function: validate (-> frozen spec) -> plan (registry) -> the shared custom VJP (or the KV-cache layer).
 Nothing here touches array values.
@@ -8,7 +9,7 @@ from __future__ import annotations
 from . import explicit, kvcache, registry, validation, vjp
 
 
-def flash_mha(q, k, v, softmax_scale=None, is_causal=False, window_size=(-1, -1), softcap=0.0,
+def flash_mha(q, k, v, softmax_scale=None, is_causal=False, window_size=(-1, -1), *, softcap=0.0,
               return_softmax_lse=False, deterministic=False, backend="auto"):
     """Attention over (batch, seqlen, heads, head_dim) tensors.
 
@@ -27,8 +28,8 @@ def flash_mha(q, k, v, softmax_scale=None, is_causal=False, window_size=(-1, -1)
     return (out, lse) if return_softmax_lse else out
 
 
-def flash_mha_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k=None, seqused_k=None, max_seqlen_q=-1, max_seqlen_k=-1,
-                     softmax_scale=None, is_causal=False, window_size=(-1, -1), softcap=0.0,
+def flash_mha_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k=None, max_seqlen_q=-1, max_seqlen_k=-1, softmax_scale=None,
+                     is_causal=False, window_size=(-1, -1), *, seqused_k=None, softcap=0.0,
                      return_softmax_lse=False, deterministic=False, backend="auto"):
     """Attention over packed variable-length sequences: q (total_q, heads, d), k/v (total_k, heads_k, d).
 
@@ -47,10 +48,9 @@ def flash_mha_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k=None, seqused_k=None, m
 
 
 def flash_mha_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=None, cache_batch_idx=None,
-                           cache_leftpad=None, page_table=None, rotary_cos=None, rotary_sin=None,
-                           rotary_interleaved=True, softmax_scale=None, is_causal=False, window_size=(-1, -1),
-                           softcap=0.0, num_splits=1, return_softmax_lse=False, return_updated_cache=False,
-                           backend="auto"):
+                           cache_leftpad=None, page_table=None, rotary_cos=None, rotary_sin=None, softmax_scale=None,
+                           is_causal=False, window_size=(-1, -1), num_splits=1, return_softmax_lse=False, *,
+                           rotary_interleaved=True, softcap=0.0, return_updated_cache=False, backend="auto"):
     """Decoding / chunked prefill against a contiguous or paged KV cache (inference only: no gradient).
 
     The input caches are never modified. Returns ``out``, then ``lse`` if ``return_softmax_lse``, then
