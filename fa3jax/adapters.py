@@ -1,5 +1,5 @@
 """JAX-ecosystem entry points on top of the public API: ``jax.nn.dot_product_attention``'s signature and
-semantics.
+semantics, and an ``attention_fn`` for Flax's ``MultiHeadAttention``.
 
 jax.nn aligns its causal mask and local windows top-left (query ``i`` sees keys ``i - left <= j <= i + right``),
 FlashAttention bottom-right (shifted by ``seqlen_k - seqlen_q``). The adapter turns one into the other without a
@@ -162,3 +162,41 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
     residual = jax.lax.stop_gradient(jnp.where(empty, masked, lse).astype(key.dtype))
     return out, residual
 
+
+def flax_attention_fn(query, key, value, bias=None, mask=None, broadcast_dropout=True, dropout_rng=None,
+                      dropout_rate=0.0, deterministic=False, dtype=None, precision=None, module=None,
+                      promote_dtype=None, is_causal=False, *, implementation=None):
+    """An ``attention_fn`` for ``flax.nnx.MultiHeadAttention`` (Flax's ``dot_product_attention`` signature).
+
+    Served: any batch dims, GQA, ``is_causal`` (pass it to the layer call), ``dtype`` promotion as Flax does,
+    dropout only when inactive (``dropout_rate == 0`` or ``deterministic``). Refused with ValueError: active
+    dropout, ``bias``, every ``mask`` (including Flax's decode-cache mask; use ``is_causal`` or
+    :func:`dot_product_attention`'s sequence lengths) and ``module`` (sowing attention weights, which are never
+    formed). ``precision`` is ignored: the kernels accumulate in float32. Pick a backend with
+    ``functools.partial(flax_attention_fn, implementation="xla")``.
+    """
+    if dropout_rate > 0.0 and not deterministic:
+        raise ValueError(f"fa3jax attention has no dropout: got dropout_rate={dropout_rate} with "
+                         f"deterministic={deterministic} (use dropout_rate=0 or deterministic=True)")
+    if module is not None:
+        raise ValueError("fa3jax attention never forms the attention weights, so it cannot sow them "
+                         "(MultiHeadAttention(..., sow_weights=False))")
+    for name, x in (("bias", bias), ("mask", mask)):
+        if x is not None:
+            raise ValueError(f"fa3jax attention_fn takes no {name} (got {name} of shape {getattr(x, 'shape', None)}):"
+                             f" call the layer with is_causal=True for a causal mask (decode-cache masks are not "
+                             f"supported)")
+    if promote_dtype is None:
+        from flax.nnx.nn import dtypes  # only Flax users get here; fa3jax does not depend on Flax
+
+        promote_dtype = dtypes.promote_dtype
+    query, key, value = promote_dtype((query, key, value), dtype=dtype)
+    shape = query.shape
+    if query.ndim > 4:  # fold the batch dims into one, as Flax does
+
+        def flat(x):
+            return x.reshape((-1,) + x.shape[-3:])
+
+        query, key, value = flat(query), flat(key), flat(value)
+    out = dot_product_attention(query, key, value, is_causal=is_causal, implementation=implementation)
+    return out.reshape(shape[:-1] + out.shape[-1:])

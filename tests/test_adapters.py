@@ -1,5 +1,5 @@
 """fa3jax.dot_product_attention against jax.nn.dot_product_attention(implementation="xla"), forward and
-gradients."""
+gradients, and the Flax attention_fn against Flax's default attention."""
 import functools
 
 import jax
@@ -81,3 +81,31 @@ def test_refusals_name_the_argument(kwargs, words):
     with pytest.raises(ValueError, match=words):
         fa3jax.dot_product_attention(x, x, x, **kwargs)
 
+
+def test_flax_multihead_attention_matches_default():
+    nnx = pytest.importorskip("flax.nnx")
+    x = jax.random.normal(jax.random.key(0), (2, 3, 10, 32), jnp.float32)  # two batch dims
+
+    def layer(**kw):
+        return nnx.MultiHeadAttention(num_heads=4, in_features=32, qkv_features=32, num_kv_heads=2, decode=False,
+                                      rngs=nnx.Rngs(7), **kw)
+
+    ours = layer(attention_fn=functools.partial(fa3jax.flax_attention_fn, implementation="xla"))
+    default = layer()
+    for causal in (False, True):
+        np.testing.assert_allclose(np.asarray(ours(x, is_causal=causal)), np.asarray(default(x, is_causal=causal)),
+                                   atol=2e-5, rtol=2e-5)
+    with pytest.raises(ValueError, match="no mask"):
+        ours(x, mask=jnp.ones((10, 10), bool))
+    with pytest.raises(ValueError, match="no dropout"):
+        layer(attention_fn=fa3jax.flax_attention_fn, dropout_rate=0.1)(x, deterministic=False, rngs=nnx.Rngs(1))
+    eval_out = layer(attention_fn=fa3jax.flax_attention_fn, dropout_rate=0.1)(x, deterministic=True)
+    np.testing.assert_allclose(np.asarray(eval_out), np.asarray(default(x)), atol=2e-5, rtol=2e-5)
+
+
+def test_importing_fa3jax_does_not_import_flax():
+    import subprocess
+    import sys
+
+    code = "import sys, fa3jax; sys.exit('flax' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=fa3jax.__path__[0] + "/..").returncode == 0
