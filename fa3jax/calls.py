@@ -34,7 +34,7 @@ def _lse_layout(spec: AttentionSpec) -> str:
 
 
 def _meta_layouts(spec: AttentionSpec) -> tuple:
-    return ("scalar", "scalar") if spec.mode == "dense" else ("meta", "meta", "meta")
+    return ("scalar", "scalar", "b", "b") if spec.mode == "dense" else ("meta", "meta", "meta")
 
 
 def _pack(spec: AttentionSpec, args) -> tuple:
@@ -46,7 +46,7 @@ def _pack(spec: AttentionSpec, args) -> tuple:
 
 def _unpack(spec: AttentionSpec, meta):
     if spec.mode == "dense":
-        return DenseArgs(*meta) if spec.has_offsets else None
+        return DenseArgs(*meta) if spec.has_offsets or spec.has_segment_ids else None
     return VarlenArgs(*meta)
 
 

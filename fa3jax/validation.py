@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import registry
-from .backends.base import KVCacheArgs, VarlenArgs
+from .backends.base import DenseArgs, KVCacheArgs, VarlenArgs
 from .masking import normalize_window
 from .spec import RING_LAYOUTS, AttentionSpec, KVCacheSpec, RingConfig, VarlenSpec
 
@@ -156,7 +156,7 @@ def _common(q, k, v, *, rank, softmax_scale, is_causal, window_size, softcap, de
 
 # ------------------------------------------------------------------------------------------------ dense
 def validate_dense(q, k, v, *, softmax_scale, is_causal, window_size, softcap, return_softmax_lse,
-                   deterministic, seq_shards: int = 1) -> AttentionSpec:
+                   deterministic, seq_shards: int = 1, q_segment_ids=None, kv_segment_ids=None) -> AttentionSpec:
     """``seq_shards``: q/k/v are one of that many sequence chunks (ring attention); the spec describes the whole
     sequence."""
     dt, hq, hk, d, scale, window, cap = _common(
@@ -165,10 +165,28 @@ def validate_dense(q, k, v, *, softmax_scale, is_causal, window_size, softcap, r
     _bool("return_softmax_lse", return_softmax_lse)
     if q.shape[0] != k.shape[0]:
         raise ValueError(f"q and k must have the same batch size; got q.shape={tuple(q.shape)}, k.shape={tuple(k.shape)}")
+    if (q_segment_ids is None) != (kv_segment_ids is None):
+        raise ValueError("q_segment_ids and kv_segment_ids must be given together")
+    if q_segment_ids is not None:
+        for name, ids, x in (("q_segment_ids", q_segment_ids, q), ("kv_segment_ids", kv_segment_ids, k)):
+            shape = integer_array_like(name, ids)
+            if shape != tuple(x.shape[:2]):
+                raise ValueError(f"{name} must have shape (batch, seqlen)={tuple(x.shape[:2])}; "
+                                 f"got {name}.shape={shape}")
     return AttentionSpec(mode="dense", batch=q.shape[0], seqlen_q=q.shape[1] * seq_shards,
                          seqlen_k=k.shape[1] * seq_shards,
                          num_heads_q=hq, num_heads_k=hk, head_dim=d, dtype=dt, softmax_scale=scale,
-                         window=window, softcap=cap, deterministic=bool(deterministic))
+                         window=window, softcap=cap, deterministic=bool(deterministic),
+                         has_segment_ids=q_segment_ids is not None)
+
+
+def sanitize_dense(spec: AttentionSpec, q_segment_ids, kv_segment_ids) -> Optional[DenseArgs]:
+    """The runtime arguments of a dense call: None, or the segment ids as int32 (any value is safe: ids are only
+    compared)."""
+    if not spec.has_segment_ids:
+        return None
+    return DenseArgs(q_segment_ids=jnp.asarray(q_segment_ids).astype(jnp.int32),
+                     k_segment_ids=jnp.asarray(kv_segment_ids).astype(jnp.int32))
 
 
 def validate_ring(q, k, v, axis_name, layout, **dense) -> tuple[AttentionSpec, RingConfig]:
