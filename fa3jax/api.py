@@ -1,4 +1,5 @@
-"""Public API, drop-in for flash-attn3-jax 0.2.3 (extra keywords are ours), plus ring attention.
+"""Public API, drop-in for flash-attn3-jax 0.2.3 (its parameters in its order; ours are keyword-only), plus ring
+attention.
 
 Each function: validate (-> frozen spec) -> plan (registry) -> the shared custom VJP (or the KV-cache layer).
 Nothing here touches array values.
@@ -8,27 +9,36 @@ from __future__ import annotations
 from . import explicit, kvcache, registry, validation, vjp
 
 
-def flash_mha(q, k, v, softmax_scale=None, is_causal=False, window_size=(-1, -1), softcap=0.0,
-              return_softmax_lse=False, deterministic=False, backend="auto"):
+def flash_mha(q, k, v, softmax_scale=None, is_causal=False, window_size=(-1, -1), *, softcap=0.0,
+              return_softmax_lse=False, deterministic=False, q_segment_ids=None, kv_segment_ids=None,
+              backend="auto"):
     """Attention over (batch, seqlen, heads, head_dim) tensors.
 
     Returns ``out`` (like q), or ``(out, lse)`` with lse float32 (batch, heads_q, seqlen_q) when
     ``return_softmax_lse``. Differentiable w.r.t. q, k, v, including through the LSE. GQA/MQA when
     ``heads_q % heads_k == 0``. Masks follow :mod:`fa3jax.masking` (FlashAttention's bottom-right convention).
+
+    Packed sequences: with ``q_segment_ids`` (b, seqlen_q) and ``kv_segment_ids`` (b, seqlen_k), integers, a
+    query sees only keys of equal id; causal/window masks use positions in the packed row, which is "inside each
+    segment" when q and k share the packing. Served by the xla backend for now.
     """
     backend = validation.validate_backend(backend)
     spec = validation.validate_dense(q, k, v, softmax_scale=softmax_scale, is_causal=is_causal,
                                      window_size=window_size, softcap=softcap,
-                                     return_softmax_lse=return_softmax_lse, deterministic=deterministic)
+                                     return_softmax_lse=return_softmax_lse, deterministic=deterministic,
+                                     q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids)
+    args = validation.sanitize_dense(spec, q_segment_ids, kv_segment_ids)
     if explicit.layout(q) is not None:  # sharded in the arrays' types: per shard (or a ring) via shard_map
+        if args is not None:
+            raise NotImplementedError("segment ids with Explicit-axes sharded arrays are not supported yet")
         out, lse = explicit.attention(spec, backend, q, k, v)
     else:
-        out, lse = vjp.attention(vjp.Execution(registry.plan(spec, backend)), q, k, v, None)
+        out, lse = vjp.attention(vjp.Execution(registry.plan(spec, backend)), q, k, v, args)
     return (out, lse) if return_softmax_lse else out
 
 
-def flash_mha_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k=None, seqused_k=None, max_seqlen_q=-1, max_seqlen_k=-1,
-                     softmax_scale=None, is_causal=False, window_size=(-1, -1), softcap=0.0,
+def flash_mha_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k=None, max_seqlen_q=-1, max_seqlen_k=-1, softmax_scale=None,
+                     is_causal=False, window_size=(-1, -1), *, seqused_k=None, softcap=0.0,
                      return_softmax_lse=False, deterministic=False, backend="auto"):
     """Attention over packed variable-length sequences: q (total_q, heads, d), k/v (total_k, heads_k, d).
 
@@ -47,10 +57,9 @@ def flash_mha_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k=None, seqused_k=None, m
 
 
 def flash_mha_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=None, cache_batch_idx=None,
-                           cache_leftpad=None, page_table=None, rotary_cos=None, rotary_sin=None,
-                           rotary_interleaved=True, softmax_scale=None, is_causal=False, window_size=(-1, -1),
-                           softcap=0.0, num_splits=1, return_softmax_lse=False, return_updated_cache=False,
-                           backend="auto"):
+                           cache_leftpad=None, page_table=None, rotary_cos=None, rotary_sin=None, softmax_scale=None,
+                           is_causal=False, window_size=(-1, -1), num_splits=1, return_softmax_lse=False, *,
+                           rotary_interleaved=True, softcap=0.0, return_updated_cache=False, backend="auto"):
     """Decoding / chunked prefill against a contiguous or paged KV cache (inference only: no gradient).
 
     The input caches are never modified. Returns ``out``, then ``lse`` if ``return_softmax_lse``, then

@@ -15,6 +15,7 @@ The rule calls the wrapped function again, so nested ``vmap`` folds once per lev
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable
 
 import jax
@@ -41,12 +42,16 @@ def _unfold(x, axis, size):
     return jnp.moveaxis(x, axis, 0)
 
 
+@functools.lru_cache(maxsize=1024)
 def batched(fn: Callable, spec: AttentionSpec, layouts: tuple, out_layouts: tuple):
-    """Wrap ``fn(spec, *arrays) -> tuple`` with a vmap rule.
+    """Wrap ``fn(spec, *arrays) -> tuple`` with a vmap rule, jitted.
 
     ``layouts``/``out_layouts`` give, per positional array argument / output, one of ``"b"`` (batch on axis 0),
     ``"tokens"`` (varlen (total, h, d)), ``"lse"`` (varlen (h, total)), ``"meta"`` (index metadata: must be
     unbatched to fold, else sequential), or ``"scalar"`` (ring offsets: same). ``None`` arguments are allowed.
+
+    Cached per (fn, spec, layouts), so ``fn`` must compare by value (e.g. a frozen dataclass of statics, not a
+    closure): a repeated eager call then reuses the jitted wrapper and its compilation.
     """
 
     @custom_vmap
@@ -78,7 +83,7 @@ def batched(fn: Callable, spec: AttentionSpec, layouts: tuple, out_layouts: tupl
         outs = tuple(_unfold(o, ax, axis_size) for o, ax in zip(outs, axes_out))
         return outs, tuple(True for _ in outs)
 
-    return call
+    return jax.jit(call)
 
 
 def _sequential(fn, spec, axis_size, in_batched, arrays, n_out):

@@ -7,6 +7,9 @@ custom-partitioned op of :mod:`fa3jax.sharding`).
 """
 from __future__ import annotations
 
+import dataclasses
+from typing import Callable
+
 from . import batching, registry
 from .backends.base import DenseArgs, KVCacheArgs, VarlenArgs
 from .spec import AttentionSpec
@@ -31,7 +34,7 @@ def _lse_layout(spec: AttentionSpec) -> str:
 
 
 def _meta_layouts(spec: AttentionSpec) -> tuple:
-    return ("scalar", "scalar") if spec.mode == "dense" else ("meta", "meta", "meta")
+    return ("scalar", "scalar", "b", "b") if spec.mode == "dense" else ("meta", "meta", "meta")
 
 
 def _pack(spec: AttentionSpec, args) -> tuple:
@@ -43,39 +46,56 @@ def _pack(spec: AttentionSpec, args) -> tuple:
 
 def _unpack(spec: AttentionSpec, meta):
     if spec.mode == "dense":
-        return DenseArgs(*meta) if spec.has_offsets else None
+        return DenseArgs(*meta) if spec.has_offsets or spec.has_segment_ids else None
     return VarlenArgs(*meta)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Forward:
+    """``fn`` of :func:`fa3jax.batching.batched` for a dense/varlen forward: hashable statics only, so the
+    batched wrapper (and its compilation) is reused across calls."""
+
+    backend_name: str
+    impl: Callable
+
+    def __call__(self, spec, q, k, v, *meta):
+        return self.impl(self.backend_name, spec, q, k, v, _unpack(spec, meta))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Backward:
+    backend_name: str
+    impl: Callable
+
+    def __call__(self, spec, q, k, v, out, lse, dout, dlse, *meta):
+        return self.impl(self.backend_name, spec, q, k, v, out, lse, dout, dlse, _unpack(spec, meta))
+
+
+@dataclasses.dataclass(frozen=True)
+class _KVCacheForward:
+    backend_name: str
+
+    def __call__(self, spec, q, k_cache, v_cache, *meta):
+        backend = registry.get(self.backend_name)
+        return tuple(backend.kvcache_forward(spec, q, k_cache, v_cache, KVCacheArgs(*meta)))
 
 
 def forward(backend_name: str, spec: AttentionSpec, q, k, v, args, impl=local_forward):
     """(out, lse) of a dense or varlen call; ``impl(backend_name, spec, q, k, v, args)`` runs it."""
-
-    def fn(spec, q, k, v, *meta):
-        return impl(backend_name, spec, q, k, v, _unpack(spec, meta))
-
     a = _token_layout(spec)
-    return batching.batched(fn, spec, (a, a, a) + _meta_layouts(spec), (a, _lse_layout(spec)))(
-        q, k, v, *_pack(spec, args))
+    return batching.batched(_Forward(backend_name, impl), spec, (a, a, a) + _meta_layouts(spec),
+                            (a, _lse_layout(spec)))(q, k, v, *_pack(spec, args))
 
 
 def backward(backend_name: str, spec: AttentionSpec, q, k, v, out, lse, dout, dlse, args, impl=local_backward):
     """(dq, dk, dv) of a dense or varlen call; ``impl`` as in :func:`forward`."""
-
-    def fn(spec, q, k, v, out, lse, dout, dlse, *meta):
-        return impl(backend_name, spec, q, k, v, out, lse, dout, dlse, _unpack(spec, meta))
-
     a, l = _token_layout(spec), _lse_layout(spec)
-    return batching.batched(fn, spec, (a, a, a, a, l, a, l) + _meta_layouts(spec), (a, a, a))(
-        q, k, v, out, lse, dout, dlse, *_pack(spec, args))
+    return batching.batched(_Backward(backend_name, impl), spec, (a, a, a, a, l, a, l) + _meta_layouts(spec),
+                            (a, a, a))(q, k, v, out, lse, dout, dlse, *_pack(spec, args))
 
 
 def kvcache_forward(backend_name: str, spec: AttentionSpec, q, k_cache, v_cache, args: KVCacheArgs):
     """(out, lse) of a KV-cache call. Under vmap it runs sequentially (the index arrays usually differ per
     example, so there is no axis to fold into)."""
-    backend = registry.get(backend_name)
-
-    def fn(spec, q, k_cache, v_cache, *meta):
-        return tuple(backend.kvcache_forward(spec, q, k_cache, v_cache, KVCacheArgs(*meta)))
-
     layouts = ("meta",) * (3 + len(KVCacheArgs._fields))
-    return batching.batched(fn, spec, layouts, ("b", "b"))(q, k_cache, v_cache, *args)
+    return batching.batched(_KVCacheForward(backend_name), spec, layouts, ("b", "b"))(q, k_cache, v_cache, *args)

@@ -129,11 +129,17 @@ def _pairs(pq, pk, fn, carry):
     the pairs when there are several), so the kernel is compiled once whatever the layout."""
     if pq * pk == 1:
         return fn(carry, 0, 0)
+    return _count(lambda c, p: fn(c, p // pk, p % pk), carry, pq * pk)
 
-    def body(c, p):
-        return fn(c, p // pk, p % pk), None
 
-    return lax.scan(body, carry, jnp.arange(pq * pk, dtype=jnp.int32))[0]
+def _count(body, carry, n):
+    """``body(carry, i)`` for i in range(n) in one scan; i is a carried counter, not scanned ``xs``, so the loop
+    has no dynamic-slice of an index array."""
+    def step(c, _):
+        c, i = c
+        return (body(c, i), i + 1), None
+
+    return lax.scan(step, (carry, jnp.int32(0)), None, length=n)[0][0]
 
 
 def _pieces(layout):
@@ -181,9 +187,9 @@ def forward(backend_name: str, spec, cfg: RingConfig, q, k, v):
 
     def step(carry, s):
         kv, acc = carry
-        return _ring_step(spec, cfg, idx, s, kv, q_offs, cq, ck, attend, acc), None
+        return _ring_step(spec, cfg, idx, s, kv, q_offs, cq, ck, attend, acc)
 
-    (_, (o, l)), _ = lax.scan(step, ((k, v), acc0), jnp.arange(n, dtype=jnp.int32))
+    _, (o, l) = _count(step, ((k, v), acc0), n)
     return _unstack(o, 1).astype(q.dtype), _unstack(l, 2)
 
 
@@ -217,7 +223,7 @@ def backward(backend_name: str, spec, cfg: RingConfig, q, k, v, out, lse, dout, 
         kv, dkv, dq = carry
         nxt, (dq, dk, dv) = _ring_step(spec, cfg, idx, s, kv, q_offs, cq, ck, grads, (dq,) + dkv)
         dkv = tuple(lax.ppermute(x, name, _perm(n)) for x in (dk, dv)) if n > 1 else (dk, dv)
-        return (nxt, dkv, dq), None
+        return nxt, dkv, dq
 
-    (_, (dk, dv), dq), _ = lax.scan(step, ((k, v), dkv0, dq0), jnp.arange(n, dtype=jnp.int32))
+    _, (dk, dv), dq = _count(step, ((k, v), dkv0, dq0), n)
     return (_unstack(dq, 1).astype(q.dtype), _unstack(dk, 1).astype(k.dtype), _unstack(dv, 1).astype(v.dtype))

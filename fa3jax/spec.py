@@ -40,6 +40,8 @@ class AttentionSpec:
     has_offsets: bool = False
     global_seqlen_q: Optional[int] = None
     global_seqlen_k: Optional[int] = None
+    # dense only: packed sequences; a query sees only keys of its own segment id (DenseArgs carries the ids)
+    has_segment_ids: bool = False
 
     def __post_init__(self):
         if not self.has_offsets:  # the call is the whole sequence, whatever replace() carried over

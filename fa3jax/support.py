@@ -17,10 +17,11 @@ class Support:
     notes: tuple = ()
 
 
+# each validator's parameters carry the public names, so a bound call passes on by keyword whatever the order
 _VALIDATORS = {
-    api.flash_mha: (validation.validate_dense, 3),
-    api.flash_mha_varlen: (validation.validate_varlen, 8),
-    api.flash_mha_with_kvcache: (validation.validate_kvcache, 12),
+    api.flash_mha: validation.validate_dense,
+    api.flash_mha_varlen: validation.validate_varlen,
+    api.flash_mha_with_kvcache: validation.validate_kvcache,
 }
 
 
@@ -31,10 +32,7 @@ def _spec_for(fn, args, kwargs):
     bound.apply_defaults()
     a = dict(bound.arguments)
     backend = validation.validate_backend(a.pop("backend"))
-    validator, npos = _VALIDATORS[fn]
-    names = list(a)
-    positional = [a.pop(n) for n in names[:npos]]
-    spec = validator(*positional, **a)  # the keyword arguments the call would validate, unchanged
+    spec = _VALIDATORS[fn](**a)  # the arguments the call would validate, unchanged
     return spec, backend
 
 

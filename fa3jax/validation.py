@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import registry
-from .backends.base import KVCacheArgs, VarlenArgs
+from .backends.base import DenseArgs, KVCacheArgs, VarlenArgs
 from .masking import normalize_window
 from .spec import RING_LAYOUTS, AttentionSpec, KVCacheSpec, RingConfig, VarlenSpec
 
@@ -53,6 +53,20 @@ def _int32_array(name: str, x, shape: tuple, what: str):
     if tuple(x.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {shape} {what}; got {name}.shape={tuple(x.shape)}")
     return x
+
+
+def integer_array_like(name: str, x) -> tuple:
+    """The shape of ``x`` if it is an array, list or tuple of integers of any width (sanitize makes it int32);
+    floats and bools are refused."""
+    if isinstance(x, (list, tuple)):
+        try:
+            x = np.asarray(x)
+        except ValueError:
+            raise TypeError(f"{name} must be an int or an integer array-like; got a ragged {type(x).__name__}")
+    if not _is_array(x) or not jnp.issubdtype(x.dtype, jnp.integer):
+        raise TypeError(f"{name} must be an int or an integer array-like; got "
+                        + (f"{name}.dtype={jnp.dtype(x.dtype).name}" if _is_array(x) else type(x).__name__))
+    return tuple(x.shape)
 
 
 def _python_scalar(name: str, x, *, allow_none=False, kind="real") -> Optional[float]:
@@ -105,26 +119,30 @@ def _window(window_size, is_causal):
     return normalize_window(window_size, _bool("is_causal", is_causal))
 
 
-def _common(q, k, v, *, rank, softmax_scale, is_causal, window_size, softcap, deterministic):
-    """Checks shared by all three entry points; returns (dtype, hq, hk, d, scale, window, softcap)."""
+def _common(q, k, v, *, rank, softmax_scale, is_causal, window_size, softcap, deterministic, names=("q", "k", "v")):
+    """Checks shared by all three entry points; returns (dtype, hq, hk, d, scale, window, softcap). ``names``: what
+    the caller calls q, k, v (the KV-cache entry point checks its caches here)."""
+    nq, nk, nv = names
     what = "(batch, seqlen, heads, head_dim)" if rank == 4 else "(total_tokens, heads, head_dim)"
-    for name, x in (("q", q), ("k", k), ("v", v)):
+    for name, x in zip(names, (q, k, v)):
         _array(name, x, rank, what)
-    dt = _float_dtype("q", q)
-    for name, x in (("k", k), ("v", v)):
+    dt = _float_dtype(nq, q)
+    for name, x in ((nk, k), (nv, v)):
         if _float_dtype(name, x) != dt:
-            raise TypeError(f"q, k and v must share a dtype; got q.dtype={dt}, {name}.dtype={jnp.dtype(x.dtype).name}")
+            raise TypeError(f"{nq}, {nk} and {nv} must share a dtype; got {nq}.dtype={dt}, "
+                            f"{name}.dtype={jnp.dtype(x.dtype).name}")
     hq, d = q.shape[-2], q.shape[-1]
     hk = k.shape[-2]
+    shapes = f"{nq}.shape={tuple(q.shape)}, {nk}.shape={tuple(k.shape)}"
     if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape; got k.shape={tuple(k.shape)}, v.shape={tuple(v.shape)}")
+        raise ValueError(f"{nk} and {nv} must have the same shape; got {nk}.shape={tuple(k.shape)}, "
+                         f"{nv}.shape={tuple(v.shape)}")
     if k.shape[-1] != d:
-        raise ValueError(f"q and k must have the same head_dim; got q.shape={tuple(q.shape)}, k.shape={tuple(k.shape)}")
+        raise ValueError(f"{nq} and {nk} must have the same head_dim; got {shapes}")
     if not 1 <= d <= MAX_HEAD_DIM:
-        raise ValueError(f"head_dim must be in [1, {MAX_HEAD_DIM}]; got q.shape={tuple(q.shape)}")
+        raise ValueError(f"head_dim must be in [1, {MAX_HEAD_DIM}]; got {nq}.shape={tuple(q.shape)}")
     if hq < 1 or hk < 1 or hq % hk != 0:
-        raise ValueError(f"num_heads_q must be a positive multiple of num_heads_k (GQA/MQA); "
-                         f"got q.shape={tuple(q.shape)}, k.shape={tuple(k.shape)}")
+        raise ValueError(f"num_heads_q must be a positive multiple of num_heads_k (GQA/MQA); got {shapes}")
     scale = _python_scalar("softmax_scale", softmax_scale, allow_none=True)
     if scale is None:
         scale = 1.0 / math.sqrt(d)
@@ -138,7 +156,7 @@ def _common(q, k, v, *, rank, softmax_scale, is_causal, window_size, softcap, de
 
 # ------------------------------------------------------------------------------------------------ dense
 def validate_dense(q, k, v, *, softmax_scale, is_causal, window_size, softcap, return_softmax_lse,
-                   deterministic, seq_shards: int = 1) -> AttentionSpec:
+                   deterministic, seq_shards: int = 1, q_segment_ids=None, kv_segment_ids=None) -> AttentionSpec:
     """``seq_shards``: q/k/v are one of that many sequence chunks (ring attention); the spec describes the whole
     sequence."""
     dt, hq, hk, d, scale, window, cap = _common(
@@ -147,10 +165,28 @@ def validate_dense(q, k, v, *, softmax_scale, is_causal, window_size, softcap, r
     _bool("return_softmax_lse", return_softmax_lse)
     if q.shape[0] != k.shape[0]:
         raise ValueError(f"q and k must have the same batch size; got q.shape={tuple(q.shape)}, k.shape={tuple(k.shape)}")
+    if (q_segment_ids is None) != (kv_segment_ids is None):
+        raise ValueError("q_segment_ids and kv_segment_ids must be given together")
+    if q_segment_ids is not None:
+        for name, ids, x in (("q_segment_ids", q_segment_ids, q), ("kv_segment_ids", kv_segment_ids, k)):
+            shape = integer_array_like(name, ids)
+            if shape != tuple(x.shape[:2]):
+                raise ValueError(f"{name} must have shape (batch, seqlen)={tuple(x.shape[:2])}; "
+                                 f"got {name}.shape={shape}")
     return AttentionSpec(mode="dense", batch=q.shape[0], seqlen_q=q.shape[1] * seq_shards,
                          seqlen_k=k.shape[1] * seq_shards,
                          num_heads_q=hq, num_heads_k=hk, head_dim=d, dtype=dt, softmax_scale=scale,
-                         window=window, softcap=cap, deterministic=bool(deterministic))
+                         window=window, softcap=cap, deterministic=bool(deterministic),
+                         has_segment_ids=q_segment_ids is not None)
+
+
+def sanitize_dense(spec: AttentionSpec, q_segment_ids, kv_segment_ids) -> Optional[DenseArgs]:
+    """The runtime arguments of a dense call: None, or the segment ids as int32 (any value is safe: ids are only
+    compared)."""
+    if not spec.has_segment_ids:
+        return None
+    return DenseArgs(q_segment_ids=jnp.asarray(q_segment_ids).astype(jnp.int32),
+                     k_segment_ids=jnp.asarray(kv_segment_ids).astype(jnp.int32))
 
 
 def validate_ring(q, k, v, axis_name, layout, **dense) -> tuple[AttentionSpec, RingConfig]:
@@ -238,20 +274,24 @@ def validate_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, 
                      num_splits, return_softmax_lse, return_updated_cache) -> AttentionSpec:
     dt, hq, hk, d, scale, window, cap = _common(
         q, k_cache, v_cache, rank=4, softmax_scale=softmax_scale, is_causal=is_causal, window_size=window_size,
-        softcap=softcap, deterministic=False)
+        softcap=softcap, deterministic=False, names=("q", "k_cache", "v_cache"))
     _bool("return_softmax_lse", return_softmax_lse)
     _bool("return_updated_cache", return_updated_cache)
     _bool("rotary_interleaved", rotary_interleaved)
     b, lq = q.shape[0], q.shape[1]
     paged = page_table is not None
+    if cache_batch_idx is not None:
+        _int32_array("cache_batch_idx", cache_batch_idx, (b,), "(batch,)")
     if paged:
-        if not _is_array(page_table) or len(page_table.shape) != 2 or page_table.shape[0] != b:
-            raise ValueError(f"page_table must be an int32 array of shape (batch, max_pages_per_seq) with "
-                             f"batch={b}; got " + (f"page_table.shape={tuple(page_table.shape)}"
-                                                   if _is_array(page_table) else type(page_table).__name__))
-        _int32_array("page_table", page_table, tuple(page_table.shape), "(batch, max_pages_per_seq)")
-        if cache_batch_idx is not None:
-            raise ValueError("cache_batch_idx cannot be combined with page_table (map pages instead)")
+        # with cache_batch_idx the table has one row per cache slot, as in FlashAttention: b reads row idx[b]
+        rows, what = ((b, "(batch, max_pages_per_seq)") if cache_batch_idx is None else
+                      (None, "(cache_slots, max_pages_per_seq) (rows picked by cache_batch_idx)"))
+        if (not _is_array(page_table) or len(page_table.shape) != 2 or page_table.shape[0] < 1
+                or rows not in (None, page_table.shape[0])):
+            raise ValueError(f"page_table must be an int32 array of shape {what} with batch={b}; got "
+                             + (f"page_table.shape={tuple(page_table.shape)}" if _is_array(page_table)
+                                else type(page_table).__name__))
+        _int32_array("page_table", page_table, tuple(page_table.shape), what)
         if cache_leftpad is not None:
             raise ValueError("cache_leftpad cannot be combined with page_table")
         num_pages, page_size = k_cache.shape[0], k_cache.shape[1]
@@ -264,12 +304,9 @@ def validate_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, 
     else:
         cache_batch, capacity = k_cache.shape[0], k_cache.shape[1]
         page_size = pages_per_seq = 0
-        if cache_batch_idx is None:
-            if cache_batch != b:
-                raise ValueError(f"k_cache batch must equal q batch unless cache_batch_idx is given; "
-                                 f"got q.shape={tuple(q.shape)}, k_cache.shape={tuple(k_cache.shape)}")
-        else:
-            _int32_array("cache_batch_idx", cache_batch_idx, (b,), "(batch,)")
+        if cache_batch_idx is None and cache_batch != b:
+            raise ValueError(f"k_cache batch must equal q batch unless cache_batch_idx is given; "
+                             f"got q.shape={tuple(q.shape)}, k_cache.shape={tuple(k_cache.shape)}")
         if cache_leftpad is not None:
             _int32_array("cache_leftpad", cache_leftpad, (b,), "(batch,)")
 
@@ -297,15 +334,11 @@ def validate_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, 
             if not 0 <= int(cache_seqlens) <= capacity - seqlen_new:
                 raise ValueError(f"cache_seqlens must be in [0, capacity - seqlen_new] = [0, {capacity - seqlen_new}]; "
                                  f"got cache_seqlens={int(cache_seqlens)}")
-        elif _is_array(cache_seqlens):
-            if jnp.dtype(cache_seqlens.dtype) != jnp.int32:
-                raise TypeError(f"cache_seqlens must be an int or an int32 array; got "
-                                f"cache_seqlens.dtype={jnp.dtype(cache_seqlens.dtype).name}")
-            if tuple(cache_seqlens.shape) not in ((), (b,)):
-                raise ValueError(f"cache_seqlens must be a scalar or have shape (batch,)=({b},); "
-                                 f"got cache_seqlens.shape={tuple(cache_seqlens.shape)}")
         else:
-            raise TypeError(f"cache_seqlens must be an int or an int32 array; got {type(cache_seqlens).__name__}")
+            shape = integer_array_like("cache_seqlens", cache_seqlens)
+            if shape not in ((), (b,)):
+                raise ValueError(f"cache_seqlens must be a scalar or have shape (batch,)=({b},); "
+                                 f"got cache_seqlens.shape={shape}")
 
     rotary_dim = 0
     if (rotary_cos is None) != (rotary_sin is None):
@@ -330,7 +363,8 @@ def validate_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, 
 
     kv = KVCacheSpec(capacity=capacity, cache_batch=cache_batch, paged=paged, page_size=page_size,
                      pages_per_seq=pages_per_seq, seqlen_new=seqlen_new, rotary_dim=rotary_dim,
-                     rotary_interleaved=bool(rotary_interleaved), has_cache_batch_idx=cache_batch_idx is not None,
+                     rotary_interleaved=bool(rotary_interleaved),
+                     has_cache_batch_idx=cache_batch_idx is not None and not paged,  # paged: folded into the table
                      has_cache_leftpad=cache_leftpad is not None, num_splits=splits,
                      return_updated_cache=bool(return_updated_cache))
     return AttentionSpec(mode="kvcache", batch=b, seqlen_q=lq, seqlen_k=capacity, num_heads_q=hq, num_heads_k=hk,
@@ -342,8 +376,9 @@ def sanitize_kvcache(spec: AttentionSpec, cache_seqlens, cache_batch_idx, cache_
 
     * ``cache_seqlens`` is clamped into ``[0, capacity - seqlen_new]``.
     * ``cache_leftpad`` is clamped into ``[0, cache_seqlens]``.
-    * a ``cache_batch_idx`` entry outside ``[0, cache_batch)``: that sequence sees an empty cache (only its new
-      keys) and nothing is written to any cache for it.
+    * a ``cache_batch_idx`` entry outside ``[0, cache slots)`` (paged: the page-table rows): that sequence sees
+      an empty cache (only its new keys) and nothing is written to any cache for it. Paged, the table's rows are
+      gathered here, so backends receive one row per query batch.
     * ``page_table`` entries outside ``[0, num_pages)`` are never dereferenced: the keys on such a page are
       masked out and new keys falling on it are not written.
 
@@ -354,14 +389,18 @@ def sanitize_kvcache(spec: AttentionSpec, cache_seqlens, cache_batch_idx, cache_
     if cache_seqlens is None:
         seqlens = jnp.full((b,), kv.capacity - kv.seqlen_new, jnp.int32)
     else:
-        seqlens = jnp.broadcast_to(jnp.asarray(cache_seqlens, jnp.int32), (b,))
+        seqlens = jnp.broadcast_to(jnp.asarray(cache_seqlens).astype(jnp.int32), (b,))
     seqlens = jnp.clip(seqlens, 0, kv.capacity - kv.seqlen_new)
     batch_idx, row_ok = None, None
     if cache_batch_idx is not None:
-        row_ok = (cache_batch_idx >= 0) & (cache_batch_idx < kv.cache_batch)
+        slots = page_table.shape[0] if kv.paged else kv.cache_batch
+        row_ok = (cache_batch_idx >= 0) & (cache_batch_idx < slots)
         seqlens = jnp.where(row_ok, seqlens, 0)
         # out-of-range rows read row 0 with an empty window; their writes are dropped (see updated_caches)
         batch_idx = jnp.where(row_ok, cache_batch_idx, 0).astype(jnp.int32)
+        if kv.paged:  # backends see one table row per query batch; -1 pages: masked keys, dropped writes
+            page_table = jnp.where(row_ok[:, None], page_table[batch_idx], -1)
+            batch_idx = None
     leftpad = None
     if cache_leftpad is not None:
         leftpad = jnp.clip(cache_leftpad.astype(jnp.int32), 0, seqlens)

@@ -164,10 +164,10 @@ class AttentionSuite:
         low = reference.varlen(q64, k64, v64, cu_q, cu_k, used, impl=functools.partial(naive_lowp, dtype=dt), **kw)
 
         def f(q, k, v):
-            return fa3jax.flash_mha_varlen(q, k, v, jnp.asarray(cu_q), jnp.asarray(cu_k),
-                                           None if used is None else jnp.asarray(used), max(lens_q), max(lens_k),
-                                           is_causal=causal, window_size=window, softcap=softcap,
-                                           return_softmax_lse=True, backend=self.backend)
+            return fa3jax.flash_mha_varlen(q, k, v, jnp.asarray(cu_q), jnp.asarray(cu_k), max(lens_q), max(lens_k),
+                                           seqused_k=None if used is None else jnp.asarray(used), is_causal=causal,
+                                           window_size=window, softcap=softcap, return_softmax_lse=True,
+                                           backend=self.backend)
 
         (out, lse), pull = jax.vjp(jax.jit(f), q, k, v)
         check("out", out, ref[0], low[0], dt)
@@ -189,11 +189,13 @@ class AttentionSuite:
         page = 16
         q, _ = rand(rng, (b, lq, hq, d), dt)
         cache_rows = 5 if batch_idx else b
-        if paged:
-            npages = b * cap // page + 2
+        bidx = np.array([4, 0, 2], np.int32) if batch_idx else None
+        if paged:  # with batch_idx: one page-table row per cache slot, sequence i reads row bidx[i]
+            npages = cache_rows * cap // page + 2
             kc, _ = rand(rng, (npages, page, hk, d), dt)
             vc, _ = rand(rng, (npages, page, hk, d), dt)
-            pt = rng.permutation(npages)[: b * (cap // page)].reshape(b, cap // page).astype(np.int32)
+            pt = rng.permutation(npages)[: cache_rows * (cap // page)].reshape(cache_rows, cap // page).astype(np.int32)
+            pt_used = pt if bidx is None else pt[bidx]
         else:
             kc, _ = rand(rng, (cache_rows, cap, hk, d), dt)
             vc, _ = rand(rng, (cache_rows, cap, hk, d), dt)
@@ -205,7 +207,6 @@ class AttentionSuite:
             vn, _ = rand(rng, (b, snew, hk, d), dt)
         seqlens = np.array([20, 0, 45], np.int32)
         lp = np.array([3, 0, 10], np.int32) if leftpad else None
-        bidx = np.array([4, 0, 2], np.int32) if batch_idx else None
         cos = sin = None
         if rotary:
             rd = 16
@@ -226,7 +227,7 @@ class AttentionSuite:
         f64 = lambda x: np.asarray(jnp.asarray(x).astype(jnp.float32), np.float64)
         q64, kc64, vc64 = f64(q), f64(kc), f64(vc)
         if paged:
-            keys, vals = kc64[pt].reshape(b, cap, hk, d), vc64[pt].reshape(b, cap, hk, d)
+            keys, vals = kc64[pt_used].reshape(b, cap, hk, d), vc64[pt_used].reshape(b, cap, hk, d)
         else:
             rows = np.arange(b) if bidx is None else bidx
             keys, vals = kc64[rows].copy(), vc64[rows].copy()
@@ -249,11 +250,14 @@ class AttentionSuite:
         check("lse", lse, ref[1], low[1], dt)
         # updated caches: new keys written, everything else untouched
         if paged:
-            got = np.asarray(kc2.astype(jnp.float32))[pt].reshape(b, cap, hk, d)
+            got = np.asarray(kc2.astype(jnp.float32))[pt_used].reshape(b, cap, hk, d)
         else:
             rows = np.arange(b) if bidx is None else bidx
             got = np.asarray(kc2.astype(jnp.float32))[rows]
-        np.testing.assert_array_equal(got, keys.astype(np.float32))
+        if rotary:  # rotated new keys: our eager apply_rotary vs the jitted call's fused one may differ by 1 ulp
+            np.testing.assert_allclose(got, keys.astype(np.float32), rtol=float(jnp.finfo(dt).eps), atol=0)
+        else:
+            np.testing.assert_array_equal(got, keys.astype(np.float32))
         return out
 
     @pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
@@ -269,6 +273,9 @@ class AttentionSuite:
 
     def test_kvcache_leftpad_and_batch_idx(self):
         self._kvcache_case(paged=False, new=True, leftpad=True, batch_idx=True, rotary=False)
+
+    def test_kvcache_paged_with_batch_idx(self):
+        self._kvcache_case(paged=True, new=True, leftpad=False, batch_idx=True, rotary=False)
 
     def test_kvcache_window_decode(self):
         self._kvcache_case(paged=True, new=True, leftpad=False, batch_idx=False, rotary=False, causal=False,
@@ -320,6 +327,17 @@ class AttentionSuite:
                                                    cache_batch_idx=jnp.asarray([7, -1], jnp.int32),
                                                    return_softmax_lse=True, num_splits=0, backend=self.backend)
         assert np.all(np.asarray(out2, np.float32) == 0) and np.all(np.isneginf(np.asarray(lse2)))
+        # paged: an out-of-range batch index sees an empty cache too, and writes nothing
+        kn = jnp.ones((2, 1, 1, 16), kc.dtype)
+        out3, lse3, (kc3, _) = fa3jax.flash_mha_with_kvcache(
+            q, kc, vc, kn, kn, cache_seqlens=3, page_table=jnp.asarray([[1, 2], [0, 3]], jnp.int32),
+            cache_batch_idx=jnp.asarray([9, 1], jnp.int32), return_softmax_lse=True, return_updated_cache=True,
+            num_splits=0, backend=self.backend)
+        r = reference.attention(q64[0], np.ones((1, 1, 16)), np.ones((1, 1, 16)), scale=0.25, window=win)
+        np.testing.assert_allclose(np.asarray(out3[0], np.float32), r[0], atol=2e-2)  # only its own new key
+        np.testing.assert_allclose(np.asarray(lse3[0]), r[1], atol=2e-2)
+        changed = np.any(np.asarray(kc3.astype(jnp.float32)) != np.asarray(kc.astype(jnp.float32)), axis=(1, 2, 3))
+        assert changed.tolist() == [True, False, False, False]  # row 1 (slot 1 -> pages 0, 3) writes page 0 only
 
     # --------------------------------------------------------------------------------------- vmap
     @pytest.mark.parametrize("in_axes", [(0, 0, 0), (1, None, None), (0, None, 2)])

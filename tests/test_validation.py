@@ -1,6 +1,7 @@
 """Every malformed call raises ValueError/TypeError naming the argument, before any kernel runs."""
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import fa3jax
@@ -78,15 +79,24 @@ DQ = arr((2, 1, 4, 32))
 @pytest.mark.parametrize("kwargs,exc,words", [
     (dict(page_table=jnp.zeros((3, 4), jnp.int32)), ValueError, r"page_table must be an int32 array of shape \(batch, max_pages_per_seq\)"),
     (dict(page_table=jnp.zeros((2, 4), jnp.float32)), TypeError, "page_table must be int32"),
-    (dict(page_table=jnp.zeros((2, 4), jnp.int32), cache_batch_idx=jnp.zeros((2,), jnp.int32)), ValueError,
-     "cache_batch_idx cannot be combined with page_table"),
+    (dict(page_table=jnp.zeros((2, 4), jnp.int32), cache_batch_idx=jnp.zeros((3,), jnp.int32)), ValueError,
+     r"cache_batch_idx must have shape \(2,\)"),
+    (dict(page_table=jnp.zeros((2, 4), jnp.int32), cache_leftpad=jnp.zeros((2,), jnp.int32)), ValueError,
+     "cache_leftpad cannot be combined with page_table"),
+    (dict(k_cache=arr((2, 64, 2, 16)), v_cache=arr((2, 64, 2, 16))), ValueError,
+     r"q and k_cache must have the same head_dim; got q.shape=\(2, 1, 4, 32\), k_cache.shape=\(2, 64, 2, 16\)"),
+    (dict(v_cache=arr((2, 63, 2, 32))), ValueError, "k_cache and v_cache must have the same shape"),
+    (dict(k_cache=arr((2, 64, 2, 32), jnp.float16)), TypeError, "q, k_cache and v_cache must share a dtype"),
+    (dict(cache_seqlens=[1.0, 2.0]), TypeError, "cache_seqlens must be an int or an integer array-like"),
+    (dict(cache_seqlens=np.array([True, False])), TypeError, "cache_seqlens must be an int or an integer array-like"),
+    (dict(cache_seqlens=[[1, 2]]), ValueError, "cache_seqlens must be a scalar or have shape"),
     (dict(cache_batch_idx=jnp.zeros((3,), jnp.int32)), ValueError, r"cache_batch_idx must have shape \(2,\)"),
     (dict(k_cache=arr((3, 64, 2, 32)), v_cache=arr((3, 64, 2, 32))), ValueError, "k_cache batch must equal q batch"),
     (dict(k=arr((2, 1, 2, 32))), ValueError, "k and v .* must be given together"),
     (dict(k=arr((2, 1, 4, 32)), v=arr((2, 1, 4, 32)), cache_seqlens=3), ValueError, r"k \(new\) must have shape"),
     (dict(k=arr((2, 1, 2, 32)), v=arr((2, 1, 2, 32))), ValueError, "cache_seqlens is required"),
     (dict(cache_seqlens=65), ValueError, "cache_seqlens must be in"),
-    (dict(cache_seqlens=jnp.zeros((2,), jnp.float32)), TypeError, "cache_seqlens must be an int or an int32 array"),
+    (dict(cache_seqlens=jnp.zeros((2,), jnp.float32)), TypeError, "cache_seqlens must be an int or an integer array"),
     (dict(cache_seqlens=jnp.zeros((3,), jnp.int32)), ValueError, "cache_seqlens must be a scalar or have shape"),
     (dict(rotary_cos=arr((64, 8), jnp.float32)), ValueError, "rotary_cos and rotary_sin must be given together"),
     (dict(rotary_cos=arr((64, 20), jnp.float32), rotary_sin=arr((64, 20), jnp.float32)), ValueError, "rotary_dim"),

@@ -28,6 +28,9 @@ class DenseArgs(NamedTuple):
 
     q_offset: Optional[jax.Array] = None
     k_offset: Optional[jax.Array] = None
+    # int32 (b, seqlen_q) / (b, seqlen_k) when ``spec.has_segment_ids``: query i sees key j only if the ids match
+    q_segment_ids: Optional[jax.Array] = None
+    k_segment_ids: Optional[jax.Array] = None
 
 
 class VarlenArgs(NamedTuple):

@@ -207,8 +207,11 @@ def _dense_meta(spec: AttentionSpec, args: DenseArgs):
     qpos = jnp.broadcast_to(jnp.arange(lq, dtype=jnp.int32) + qo, (b, lq))
     kpos = jnp.broadcast_to(jnp.arange(lk, dtype=jnp.int32) + ko, (b, lk))
     zq = jnp.zeros((b, lq), jnp.int32)
-    rows = _Rows(qpos, zq, zq + spec.global_seqlen_q, zq + spec.global_seqlen_k)
-    return rows, _Cols(kpos, jnp.zeros((b, lk), jnp.int32))
+    qseg, kseg = zq, jnp.zeros((b, lk), jnp.int32)
+    if spec.has_segment_ids:
+        qseg, kseg = args.q_segment_ids, args.k_segment_ids
+    rows = _Rows(qpos, qseg, zq + spec.global_seqlen_q, zq + spec.global_seqlen_k)
+    return rows, _Cols(kpos, kseg)
 
 
 def _varlen_meta(spec: AttentionSpec, args: VarlenArgs):

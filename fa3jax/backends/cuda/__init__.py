@@ -100,6 +100,8 @@ class CudaBackend(Backend):
             raise NotImplementedError(reason)
         if spec.has_offsets:
             raise NotImplementedError("cuda: ring-attention block offsets are not supported")
+        if spec.has_segment_ids:
+            raise NotImplementedError("cuda: segment ids (packed sequences) are not supported")
         dt = _DTYPE_NAMES.get(spec.dtype)
         if dt is None:
             raise NotImplementedError(f"cuda: dtype {spec.dtype} not supported (bfloat16, float16 only)")

@@ -91,6 +91,8 @@ class TritonBackend(Backend):
         return _AVAILABILITY
 
     def check_forward(self, spec: AttentionSpec) -> None:
+        if spec.has_segment_ids:
+            raise NotImplementedError("triton: segment ids (packed sequences) are not supported yet")
         check = _CHECKS.get(spec.mode)
         reason = f"triton: unknown mode {spec.mode!r}" if check is None else check(spec)
         if reason:
