@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
-from . import batching, registry
+from . import batching, registry, tuning
 from .backends.base import DenseArgs, KVCacheArgs, VarlenArgs
 from .spec import AttentionSpec
 
@@ -57,6 +57,7 @@ class _Forward:
 
     backend_name: str
     impl: Callable
+    tune: tuning.Tuning  # part of the cache key: a call traced under another override traces anew
 
     def __call__(self, spec, q, k, v, *meta):
         return self.impl(self.backend_name, spec, q, k, v, _unpack(spec, meta))
@@ -66,6 +67,7 @@ class _Forward:
 class _Backward:
     backend_name: str
     impl: Callable
+    tune: tuning.Tuning
 
     def __call__(self, spec, q, k, v, out, lse, dout, dlse, *meta):
         return self.impl(self.backend_name, spec, q, k, v, out, lse, dout, dlse, _unpack(spec, meta))
@@ -74,6 +76,7 @@ class _Backward:
 @dataclasses.dataclass(frozen=True)
 class _KVCacheForward:
     backend_name: str
+    tune: tuning.Tuning
 
     def __call__(self, spec, q, k_cache, v_cache, *meta):
         backend = registry.get(self.backend_name)
@@ -83,19 +86,22 @@ class _KVCacheForward:
 def forward(backend_name: str, spec: AttentionSpec, q, k, v, args, impl=local_forward):
     """(out, lse) of a dense or varlen call; ``impl(backend_name, spec, q, k, v, args)`` runs it."""
     a = _token_layout(spec)
-    return batching.batched(_Forward(backend_name, impl), spec, (a, a, a) + _meta_layouts(spec),
-                            (a, _lse_layout(spec)))(q, k, v, *_pack(spec, args))
+    fn = _Forward(backend_name, impl, tuning.current())
+    return batching.batched(fn, spec, (a, a, a) + _meta_layouts(spec), (a, _lse_layout(spec)))(
+        q, k, v, *_pack(spec, args))
 
 
 def backward(backend_name: str, spec: AttentionSpec, q, k, v, out, lse, dout, dlse, args, impl=local_backward):
     """(dq, dk, dv) of a dense or varlen call; ``impl`` as in :func:`forward`."""
     a, l = _token_layout(spec), _lse_layout(spec)
-    return batching.batched(_Backward(backend_name, impl), spec, (a, a, a, a, l, a, l) + _meta_layouts(spec),
-                            (a, a, a))(q, k, v, out, lse, dout, dlse, *_pack(spec, args))
+    fn = _Backward(backend_name, impl, tuning.current())
+    return batching.batched(fn, spec, (a, a, a, a, l, a, l) + _meta_layouts(spec), (a, a, a))(
+        q, k, v, out, lse, dout, dlse, *_pack(spec, args))
 
 
 def kvcache_forward(backend_name: str, spec: AttentionSpec, q, k_cache, v_cache, args: KVCacheArgs):
     """(out, lse) of a KV-cache call. Under vmap it runs sequentially (the index arrays usually differ per
     example, so there is no axis to fold into)."""
     layouts = ("meta",) * (3 + len(KVCacheArgs._fields))
-    return batching.batched(_KVCacheForward(backend_name), spec, layouts, ("b", "b"))(q, k_cache, v_cache, *args)
+    fn = _KVCacheForward(backend_name, tuning.current())
+    return batching.batched(fn, spec, layouts, ("b", "b"))(q, k_cache, v_cache, *args)

@@ -114,3 +114,30 @@ def test_repeated_eager_calls_do_not_recompile():
         again = [_COMPILES.count(fn) for _ in range(2)]
         assert first > 0, name  # the counter sees compilations at all
         assert again == [0, 0], (name, first, again)
+
+
+def test_tuning_override_retraces_cached_calls(monkeypatch):
+    """Backend calls are cached per spec for eager reuse, but a call made under another fa3jax.tuning override
+    traces again, so the plans see the Tuning in force (the benchmarks' sweeps rely on it)."""
+    import types
+
+    from fa3jax import calls, registry, tuning
+    from fa3jax.masking import Window
+    from fa3jax.spec import AttentionSpec
+
+    seen = []
+
+    def forward(spec, q, k, v, args):
+        seen.append(tuning.current())
+        return jnp.zeros_like(q), jnp.zeros((q.shape[0], q.shape[2], q.shape[1]), jnp.float32)
+
+    monkeypatch.setattr(registry, "get", lambda name: types.SimpleNamespace(forward=forward))
+    spec = AttentionSpec(mode="dense", batch=1, seqlen_q=8, seqlen_k=8, num_heads_q=2, num_heads_k=2, head_dim=16,
+                         dtype="float32", softmax_scale=0.25, window=Window(-1, -1))
+    q = jnp.ones((1, 8, 2, 16), jnp.float32)
+    forced = tuning.Tuning(fwd=(16, 16, 4, 1))
+    calls.forward("fake", spec, q, q, q, None)
+    calls.forward("fake", spec, q, q, q, None)  # same statics: the cached trace, no second trace
+    with tuning.override(forced):
+        calls.forward("fake", spec, q, q, q, None)
+    assert seen == [tuning.DEFAULT, forced]
