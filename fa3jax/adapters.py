@@ -102,7 +102,7 @@ def _varlen(query, key, value, win: _TopLeft, scale, backend, q_len, kv_len):
     used = jnp.stack([lk, zeros], 1).reshape(-1)
     q = jnp.pad(query, ((0, 0), (0, stride - t), (0, 0), (0, 0))).reshape(b * stride, n, h)
     out, lse = api.flash_mha_varlen(q, key.reshape(b * s, kh, h), value.reshape(b * s, kh, h), cu_q.astype(jnp.int32),
-                                    cu_k.astype(jnp.int32), stride, s, scale, False, window, seqused_k=used,
+                                    cu_k.astype(jnp.int32), used, stride, s, scale, False, window,
                                     return_softmax_lse=True, backend=backend)
     out = out.reshape(b, stride, n, h)[:, :t]
     lse = jnp.moveaxis(lse.reshape(n, b, stride), 1, 0)[..., :t]

@@ -37,8 +37,8 @@ def flash_mha(q, k, v, softmax_scale=None, is_causal=False, window_size=(-1, -1)
     return (out, lse) if return_softmax_lse else out
 
 
-def flash_mha_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k=None, max_seqlen_q=-1, max_seqlen_k=-1, softmax_scale=None,
-                     is_causal=False, window_size=(-1, -1), *, seqused_k=None, softcap=0.0,
+def flash_mha_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k=None, seqused_k=None, max_seqlen_q=-1, max_seqlen_k=-1,
+                     softmax_scale=None, is_causal=False, window_size=(-1, -1), *, softcap=0.0,
                      return_softmax_lse=False, deterministic=False, backend="auto"):
     """Attention over packed variable-length sequences: q (total_q, heads, d), k/v (total_k, heads_k, d).
 

@@ -164,10 +164,10 @@ class AttentionSuite:
         low = reference.varlen(q64, k64, v64, cu_q, cu_k, used, impl=functools.partial(naive_lowp, dtype=dt), **kw)
 
         def f(q, k, v):
-            return fa3jax.flash_mha_varlen(q, k, v, jnp.asarray(cu_q), jnp.asarray(cu_k), max(lens_q), max(lens_k),
-                                           seqused_k=None if used is None else jnp.asarray(used), is_causal=causal,
-                                           window_size=window, softcap=softcap, return_softmax_lse=True,
-                                           backend=self.backend)
+            return fa3jax.flash_mha_varlen(q, k, v, jnp.asarray(cu_q), jnp.asarray(cu_k),
+                                           None if used is None else jnp.asarray(used), max(lens_q), max(lens_k),
+                                           is_causal=causal, window_size=window, softcap=softcap,
+                                           return_softmax_lse=True, backend=self.backend)
 
         (out, lse), pull = jax.vjp(jax.jit(f), q, k, v)
         check("out", out, ref[0], low[0], dt)

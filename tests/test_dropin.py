@@ -8,12 +8,12 @@ import pytest
 
 import fa3jax
 
-# flash-attn3-jax 0.2.3's parameters, in order, from the signature blocks of its README
-# (/work/shared/reference/flash-attn3-jax-README.md)
+# flash-attn3-jax 0.2.3's parameters, in order, as its code defines them (its README's varlen block omits
+# seqused_k, which the code takes right after cu_seqlens_k)
 FA3JAX_023 = {
     "flash_mha": ["q", "k", "v", "softmax_scale", "is_causal", "window_size"],
-    "flash_mha_varlen": ["q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k",
-                         "softmax_scale", "is_causal", "window_size"],
+    "flash_mha_varlen": ["q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "seqused_k", "max_seqlen_q",
+                         "max_seqlen_k", "softmax_scale", "is_causal", "window_size"],
     "flash_mha_with_kvcache": ["q", "k_cache", "v_cache", "k", "v", "cache_seqlens", "cache_batch_idx",
                                "cache_leftpad", "page_table", "rotary_cos", "rotary_sin", "softmax_scale",
                                "is_causal", "window_size", "num_splits", "return_softmax_lse"],
@@ -56,11 +56,11 @@ def test_varlen_positional_call_as_in_023():
     rng = np.random.default_rng(1)
     q = jnp.asarray(rng.standard_normal((12, 2, 16)), jnp.float32)
     cu = jnp.asarray([0, 5, 12], jnp.int32)
-    out = fa3jax.flash_mha_varlen(q, q, q, cu, cu, 7, 7, 0.5, True, (-1, -1), backend="xla")
+    out = fa3jax.flash_mha_varlen(q, q, q, cu, cu, None, 7, 7, 0.5, True, (-1, -1), backend="xla")
     want = fa3jax.flash_mha_varlen(q, q, q, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=7, max_seqlen_k=7,
                                    softmax_scale=0.5, is_causal=True, backend="xla")
     np.testing.assert_array_equal(np.asarray(out), np.asarray(want))
-    assert fa3jax.supports(fa3jax.flash_mha_varlen, q, q, q, cu, cu, 7, 7, 0.5, True, backend="xla").supported
+    assert fa3jax.supports(fa3jax.flash_mha_varlen, q, q, q, cu, cu, None, 7, 7, 0.5, True, backend="xla").supported
 
 
 @pytest.mark.parametrize("lens", [np.array([7, 20], np.int64), [7, 20], np.int64(9), np.array(9, np.int16)],

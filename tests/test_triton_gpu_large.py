@@ -53,9 +53,8 @@ def test_varlen_multi_tile(d, window, seqused):
     do, dl = _normal(ks[3], (tq, hq, d), dt), jax.random.normal(ks[4], (hq, tq), jnp.float32)
 
     def run(backend, q, k, v, do, dl):
-        f = lambda q, k, v: fa3jax.flash_mha_varlen(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k),
-                                                    seqused_k=used, window_size=window, return_softmax_lse=True,
-                                                    backend=backend)
+        f = lambda q, k, v: fa3jax.flash_mha_varlen(q, k, v, cu_q, cu_k, used, max(lens_q), max(lens_k),
+                                                    window_size=window, return_softmax_lse=True, backend=backend)
         (out, lse), pull = jax.vjp(f, q, k, v)
         return (out, lse) + tuple(pull((do, dl)))
 
