@@ -42,7 +42,7 @@ def _window(local_window_size, is_causal) -> _TopLeft:
             raise ValueError(f"local_window_size must be an int >= 0 or a pair (left, right) of them; "
                              f"got local_window_size={local_window_size!r}")
         left, right = (int(w) for w in local_window_size)
-    if validation._bool("is_causal", is_causal):
+    if validation.check_bool("is_causal", is_causal):
         right = 0 if right is None else min(right, 0)
     return _TopLeft(left, right)
 
@@ -128,14 +128,14 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS} (fa3jax backends; None = automatic); "
                          f"got implementation={implementation!r}")
-    validation._bool("return_residual", return_residual)
+    validation.check_bool("return_residual", return_residual)
     backend = "auto" if implementation is None else implementation
     win = _window(local_window_size, is_causal)
     rank = getattr(query, "ndim", None)
     if rank == 3:  # TNH: one batch row
         query, key, value = (x[None] if getattr(x, "ndim", None) == 3 else x for x in (query, key, value))
     for name, x in (("query", query), ("key", key), ("value", value)):
-        validation._array(name, x, 4, "(batch, seqlen, heads, head_dim)")
+        validation.check_array(name, x, 4, "(batch, seqlen, heads, head_dim)")
     b, t = query.shape[0], query.shape[1]
     s = key.shape[1]
     q_len = _lengths("query_seq_lengths", query_seq_lengths, b, t)

@@ -30,7 +30,7 @@ def _is_array(x) -> bool:
     return hasattr(x, "shape") and hasattr(x, "dtype") and not isinstance(x, (numbers.Number, np.generic))
 
 
-def _array(name: str, x, ndim: int, what: str):
+def check_array(name: str, x, ndim: int, what: str):
     if not _is_array(x):
         raise TypeError(f"{name} must be an array {what}; got {type(x).__name__}")
     if len(x.shape) != ndim:
@@ -95,7 +95,7 @@ def _python_scalar(name: str, x, *, allow_none=False, kind="real") -> Optional[f
     return x
 
 
-def _bool(name: str, x) -> bool:
+def check_bool(name: str, x) -> bool:
     if isinstance(x, (bool, np.bool_)):
         return bool(x)
     raise TypeError(f"{name} must be a bool; got {name}={x!r}")
@@ -116,7 +116,7 @@ def _window(window_size, is_causal):
             raise TypeError(f"window_size must hold ints; got window_size={window_size!r} ({side}={w!r})")
         if w < -1:
             raise ValueError(f"window_size entries must be >= -1 (-1 = unbounded); got window_size={window_size!r}")
-    return normalize_window(window_size, _bool("is_causal", is_causal))
+    return normalize_window(window_size, check_bool("is_causal", is_causal))
 
 
 def _common(q, k, v, *, rank, softmax_scale, is_causal, window_size, softcap, deterministic, names=("q", "k", "v")):
@@ -125,7 +125,7 @@ def _common(q, k, v, *, rank, softmax_scale, is_causal, window_size, softcap, de
     nq, nk, nv = names
     what = "(batch, seqlen, heads, head_dim)" if rank == 4 else "(total_tokens, heads, head_dim)"
     for name, x in zip(names, (q, k, v)):
-        _array(name, x, rank, what)
+        check_array(name, x, rank, what)
     dt = _float_dtype(nq, q)
     for name, x in ((nk, k), (nv, v)):
         if _float_dtype(name, x) != dt:
@@ -150,7 +150,7 @@ def _common(q, k, v, *, rank, softmax_scale, is_causal, window_size, softcap, de
     if cap < 0:
         raise ValueError(f"softcap must be >= 0 (0 disables it); got softcap={softcap!r}")
     window = _window(window_size, is_causal)
-    _bool("deterministic", deterministic)
+    check_bool("deterministic", deterministic)
     return dt, hq, hk, d, scale, window, cap
 
 
@@ -162,7 +162,7 @@ def validate_dense(q, k, v, *, softmax_scale, is_causal, window_size, softcap, r
     dt, hq, hk, d, scale, window, cap = _common(
         q, k, v, rank=4, softmax_scale=softmax_scale, is_causal=is_causal, window_size=window_size,
         softcap=softcap, deterministic=deterministic)
-    _bool("return_softmax_lse", return_softmax_lse)
+    check_bool("return_softmax_lse", return_softmax_lse)
     if q.shape[0] != k.shape[0]:
         raise ValueError(f"q and k must have the same batch size; got q.shape={tuple(q.shape)}, k.shape={tuple(k.shape)}")
     if (q_segment_ids is None) != (kv_segment_ids is None):
@@ -225,7 +225,7 @@ def validate_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q
     dt, hq, hk, d, scale, window, cap = _common(
         q, k, v, rank=3, softmax_scale=softmax_scale, is_causal=is_causal, window_size=window_size,
         softcap=softcap, deterministic=deterministic)
-    _bool("return_softmax_lse", return_softmax_lse)
+    check_bool("return_softmax_lse", return_softmax_lse)
     if not _is_array(cu_seqlens_q) or len(cu_seqlens_q.shape) != 1 or cu_seqlens_q.shape[0] < 2:
         raise ValueError("cu_seqlens_q must be an int32 array of shape (batch + 1,) with batch >= 1; got "
                          + (f"cu_seqlens_q.shape={tuple(cu_seqlens_q.shape)}" if _is_array(cu_seqlens_q)
@@ -275,9 +275,9 @@ def validate_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, 
     dt, hq, hk, d, scale, window, cap = _common(
         q, k_cache, v_cache, rank=4, softmax_scale=softmax_scale, is_causal=is_causal, window_size=window_size,
         softcap=softcap, deterministic=False, names=("q", "k_cache", "v_cache"))
-    _bool("return_softmax_lse", return_softmax_lse)
-    _bool("return_updated_cache", return_updated_cache)
-    _bool("rotary_interleaved", rotary_interleaved)
+    check_bool("return_softmax_lse", return_softmax_lse)
+    check_bool("return_updated_cache", return_updated_cache)
+    check_bool("rotary_interleaved", rotary_interleaved)
     b, lq = q.shape[0], q.shape[1]
     paged = page_table is not None
     if cache_batch_idx is not None:
@@ -314,8 +314,8 @@ def validate_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, 
     if (k is None) != (v is None):
         raise ValueError("k and v (new keys/values) must be given together")
     if k is not None:
-        _array("k", k, 4, "(batch, seqlen_new, heads_k, head_dim)")
-        _array("v", v, 4, "(batch, seqlen_new, heads_k, head_dim)")
+        check_array("k", k, 4, "(batch, seqlen_new, heads_k, head_dim)")
+        check_array("v", v, 4, "(batch, seqlen_new, heads_k, head_dim)")
         expect = (b, k.shape[1], hk, d)
         for name, x in (("k", k), ("v", v)):
             if tuple(x.shape) != expect:
@@ -344,7 +344,7 @@ def validate_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, 
     if (rotary_cos is None) != (rotary_sin is None):
         raise ValueError("rotary_cos and rotary_sin must be given together")
     if rotary_cos is not None:
-        _array("rotary_cos", rotary_cos, 2, "(seqlen_ro, rotary_dim / 2)")
+        check_array("rotary_cos", rotary_cos, 2, "(seqlen_ro, rotary_dim / 2)")
         if tuple(rotary_sin.shape) != tuple(rotary_cos.shape):
             raise ValueError(f"rotary_sin must match rotary_cos; got rotary_cos.shape={tuple(rotary_cos.shape)}, "
                              f"rotary_sin.shape={tuple(getattr(rotary_sin, 'shape', ()))}")
