@@ -21,6 +21,16 @@ def _run(*args, timeout=120):
                           text=True, timeout=timeout)
 
 
+def _png_title(path: Path) -> str:
+    """The PNG's Title text chunk (the plot's suptitle), after checking the file is a PNG."""
+    from PIL import Image
+
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.size[0] > 100 and im.size[1] > 100
+        return im.text["Title"]
+
+
 def test_info():
     r = _run("info")
     assert r.returncode == 0, r.stdout + r.stderr
@@ -54,6 +64,34 @@ def test_bench_small(tmp_path):
         assert row["ms"] > 0 and row["tflops"] > 0 and row["max_rel_err"] <= bench.WRONG_TOL
         assert row["batch"] * row["seqlen"] == 1024 and row["heads"] == 2 and row["headdim"] == 64
     assert (tmp_path / files[0].with_suffix(".md").name).exists()
+    assert _png_title(files[0].with_suffix(".png")).startswith("attention TFLOPS, bf16, d=64, h=2, b*s=1024, on cpu")
+    assert f"plot: {files[0].with_suffix('.png')}" in r.stdout
+
+
+def test_bench_decode_small(tmp_path):
+    """The decode suite's CPU preset: every row timed by fa3jax:xla, its table, JSON and bar plot."""
+    png = tmp_path / "plots" / "decode.png"  # --plot chooses the PNG's path (its folder is created)
+    r = _run("bench", "--suite", "decode", "--small", "--out-dir", str(tmp_path), "--plot", str(png), timeout=150)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "| layout | batch | cache | K/V MiB | fa3jax:xla |" in r.stdout
+    files = list(tmp_path.glob("decode-*.json"))
+    assert len(files) == 1, list(tmp_path.iterdir())
+    doc = json.loads(files[0].read_text())
+    assert doc["complete"] and doc["suite"] == "decode" and doc["copy"]["tbps"] > 0
+    ok = [row for row in doc["results"] if row["status"] == "ok"]
+    assert {(row["impl"], row["layout"], row["batch"], row["cache"]) for row in ok} == {
+        ("fa3jax:xla", lay, b, c) for lay in ("contiguous", "paged") for b in (1, 2) for c in (256, 1024)}
+    assert all(row["tbps"] > 0 and row["max_rel_err"] <= bench.WRONG_TOL for row in ok)
+    assert _png_title(png).startswith("decode bandwidth, bf16, d=128, hq=32, hk=8, on cpu")
+    assert f"plot: {png}" in r.stdout and not list(tmp_path.glob("*.png"))
+
+
+def test_bench_no_plot(tmp_path):
+    r = _run("bench", "--suite", "varlen", "--small", "--varlen-means", "64", "--varlen-tokens", "256", "--modes",
+             "fwd", "--causal", "no", "--no-plot", "--out-dir", str(tmp_path), timeout=150)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert len(list(tmp_path.glob("varlen-*.json"))) == 1 and not list(tmp_path.glob("*.png"))
+    assert "plot:" not in r.stdout
 
 
 def test_flops_convention():
@@ -102,6 +140,8 @@ def test_bench_varlen_small(tmp_path):
         else:
             assert math.isfinite(row["dense_ratio"]) and row["dense_ratio"] > 0
     assert (tmp_path / files[0].with_suffix(".md").name).exists()
+    assert _png_title(files[0].with_suffix(".png")).startswith(
+        "varlen TFLOPS (dense baseline dashed), bf16, d=64, h=2, 256 tokens, on cpu")
 
 
 def test_varlen_lengths_and_flops():
@@ -219,7 +259,7 @@ def test_bench_modules_documented_and_acyclic():
 
 
 def test_plot_title_and_missing_matplotlib(tmp_path, monkeypatch):
-    """The plot's title names dtype, head dim, heads and tokens; without matplotlib no plot is written and the
+    """The plots' titles name dtype, head dim, heads and tokens; without matplotlib no plot is written and the
     reason says how to install it."""
     from fa3jax.bench import plot
 
@@ -228,7 +268,16 @@ def test_plot_title_and_missing_matplotlib(tmp_path, monkeypatch):
     assert plot.attn_plot_title(rows) == "bf16, d=128, h=16, b*s=16384"
     assert plot.attn_plot_title(rows + [dict(rows[0], dtype="fp16", headdim=64)]) == \
         "bf16/fp16, d=64/128, h=16, b*s=16384"
+    vrows = [dict(base, kind="varlen", tokens=16384, mean=m) for m in (512, 1024)]
+    assert plot.varlen_plot_title(vrows) == "bf16, d=128, h=16, 16384 tokens"
+    drows = [dict(status="ok", impl="fa3jax:xla", layout="paged", batch=b, cache=4096, dtype="bf16", headdim=128,
+                  heads_q=32, heads_k=hk, tbps=1.0) for b, hk in ((1, 8), (8, 4))]
+    assert plot.decode_plot_title(drows) == "bf16, d=128, hq=32, hk=4/8"
+    assert bench.plot_decode([dict(drows[0], status="skipped")], None, tmp_path / "d.png") == \
+        "no plot: nothing was timed"
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
-    why = bench.plot_attn(rows, tmp_path / "x.png")
-    assert why.startswith("no plot: matplotlib not importable") and 'pip install "fa3jax[bench]"' in why
-    assert not (tmp_path / "x.png").exists()
+    for name, plot_fn in (("a", lambda p: bench.plot_attn(rows, p)), ("v", lambda p: bench.plot_varlen(vrows, p)),
+                          ("d", lambda p: bench.plot_decode(drows, {"tbps": 2.0}, p))):
+        why = plot_fn(tmp_path / f"{name}.png")
+        assert why.startswith("no plot: matplotlib not importable") and 'pip install "fa3jax[bench]"' in why
+        assert not (tmp_path / f"{name}.png").exists()

@@ -21,7 +21,8 @@ varlen the sum over sequences of 4 * s_i^2 * h * d; ``fwd+bwd`` counts 3.5x that
 timed as one jitted ``grad`` of ``sum(out * cotangent)`` w.r.t. q, k, v (which runs the forward too).
 
 Modules: ``common`` (shared names), ``env`` (where it runs), ``timing``, ``guard``, ``impls``, one per suite
-(``attn``, ``decode``, ``varlen``), ``tables`` (markdown), ``plot``, ``record`` (RESULTS.md), ``cli``.
+(``attn``, ``decode``, ``varlen``), ``tables`` (markdown), ``plot`` (one PNG per
+run, every suite), ``record`` (RESULTS.md), ``cli``.
 """
 from .attn import AttnConfig, attn_configs, attn_inputs, run_attn
 from .cli import build_parser, main, resolve
@@ -32,7 +33,7 @@ from .env import environment, free_device_bytes, git_commit, on_gpu, platform_na
 from .guard import dense_reference, padded_reference, rel_err, varlen_reference
 from .impls import (ALL_ATTN_IMPL_NAMES, ALL_VARLEN_IMPL_NAMES, DecodeImpl, Impl, VarlenImpl, attn_impls, decode_impls,
                     fa3jax_impl, fa3jax_varlen_impl, varlen_impls)
-from .plot import plot_attn
+from .plot import plot_attn, plot_decode, plot_varlen
 from .record import default_results_md, markdown_section, record_markdown
 from .tables import attn_table, decode_table, varlen_table
 from .timing import TimingOptions, chained, compile_fn, measure, measure_interleaved, timed_fn
@@ -45,6 +46,7 @@ __all__ = [
     "decode_impls", "decode_inputs", "decode_set_count", "decode_table", "default_results_md", "dense_reference",
     "environment", "fa3jax_impl", "fa3jax_varlen_impl", "free_device_bytes", "git_commit", "main", "markdown_section",
     "measure", "measure_copy", "measure_interleaved", "on_gpu", "padded_reference", "platform_name", "plot_attn",
+    "plot_decode", "plot_varlen",
     "record_markdown", "rel_err", "resolve", "run_attn", "run_decode", "run_varlen", "timed_fn", "varlen_configs",
     "varlen_impls", "varlen_inputs", "varlen_lengths", "varlen_reference", "varlen_table",
 ]

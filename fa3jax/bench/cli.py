@@ -13,7 +13,7 @@ from .common import DTYPES, WRONG_TOL
 from .decode import decode_configs, run_decode
 from .env import environment, on_gpu
 from .impls import attn_impls, decode_impls, varlen_impls
-from .plot import plot_attn
+from .plot import plot_attn, plot_decode, plot_varlen
 from .record import markdown_section, record_markdown
 from .tables import attn_table, decode_table, varlen_table
 from .timing import TimingOptions
@@ -177,9 +177,11 @@ def main(argv=None, prog: str = "python -m fa3jax bench") -> int:
 
     save(rows, copy, table, complete=True)
     print(f"\nJSON: {json_path}")
-    if args.suite == "attn" and not args.no_plot:
+    if not args.no_plot:
         png = Path(args.plot) if args.plot else json_path.with_suffix(".png")
-        why = plot_attn(rows, png)
+        png.parent.mkdir(parents=True, exist_ok=True)
+        why = plot_decode(rows, copy, png) if args.suite == "decode" else \
+            {"attn": plot_attn, "varlen": plot_varlen}[args.suite](rows, png)
         print(why or f"plot: {png}")
     section = json_path.with_suffix(".md")  # the RESULTS.md section, also kept with the JSON
     section.write_text(markdown_section(table, env, args.suite))
