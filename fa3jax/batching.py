@@ -6,7 +6,7 @@ Kernels launched through custom calls have no batching rule of their own. Every 
 * dense / kvcache-free calls: the vmapped axis is merged into the batch axis (axis 0 of every array), so
   ``vmap`` costs one launch with ``V * b`` batch rows;
 * varlen calls with unbatched ``cu_seqlens``: merged into the heads axis (GQA stays consistent because query
-  head ``v * hq + h`` maps to kv head ``v * hk + h // G``);
+  head ``v * hq + h`` maps to kv head ``v * hk + h // G``; per-head arrays such as the sinks are tiled to match);
 * anything else (batched index arrays, kvcache, batched ring offsets): a sequential ``lax.map``, correct and
   memory-light.
 
@@ -48,7 +48,8 @@ def batched(fn: Callable, spec: AttentionSpec, layouts: tuple, out_layouts: tupl
 
     ``layouts``/``out_layouts`` give, per positional array argument / output, one of ``"b"`` (batch on axis 0),
     ``"tokens"`` (varlen (total, h, d)), ``"lse"`` (varlen (h, total)), ``"meta"`` (index metadata: must be
-    unbatched to fold, else sequential), or ``"scalar"`` (ring offsets: same). ``None`` arguments are allowed.
+    unbatched to fold, else sequential), ``"scalar"`` (ring offsets: same), or ``"heads"`` (one value per query
+    head, e.g. the sinks: dense, as "meta"; varlen, folded with the heads). ``None`` arguments are allowed.
 
     Cached per (fn, spec, layouts), so ``fn`` must compare by value (e.g. a frozen dataclass of statics, not a
     closure): a repeated eager call then reuses the jitted wrapper and its compilation.
@@ -61,8 +62,9 @@ def batched(fn: Callable, spec: AttentionSpec, layouts: tuple, out_layouts: tupl
     @call.def_vmap
     def rule(axis_size, in_batched, *arrays):
         flags = [jax.tree_util.tree_reduce(lambda a, b: a or b, f, False) for f in in_batched]
-        foldable = all(not f for f, lay in zip(flags, layouts) if lay in ("meta", "scalar"))
-        kinds = {lay for lay in layouts if lay not in ("meta", "scalar")}
+        static = ("meta", "scalar", "heads") if spec.mode == "dense" else ("meta", "scalar")
+        foldable = all(not f for f, lay in zip(flags, layouts) if lay in static)
+        kinds = {lay for lay in layouts if lay not in ("meta", "scalar", "heads")}
         if foldable and kinds <= {"b"} and spec.mode == "dense":
             new_spec = dataclasses.replace(spec, batch=spec.batch * axis_size)
             axes_in = [0 if lay == "b" else None for lay in layouts]
@@ -70,7 +72,7 @@ def batched(fn: Callable, spec: AttentionSpec, layouts: tuple, out_layouts: tupl
         elif foldable and kinds <= {"tokens", "lse"} and spec.mode == "varlen":
             new_spec = dataclasses.replace(spec, num_heads_q=spec.num_heads_q * axis_size,
                                            num_heads_k=spec.num_heads_k * axis_size)
-            head = {"tokens": 1, "lse": 0}
+            head = {"tokens": 1, "lse": 0, "heads": 0}
             axes_in = [head.get(lay) for lay in layouts]
             axes_out = [head[lay] for lay in out_layouts]
         else:

@@ -34,7 +34,8 @@ def _lse_layout(spec: AttentionSpec) -> str:
 
 
 def _meta_layouts(spec: AttentionSpec) -> tuple:
-    return ("scalar", "scalar", "b", "b") if spec.mode == "dense" else ("meta", "meta", "meta")
+    """Layouts of the DenseArgs / VarlenArgs fields, in order (the sinks last: one value per query head)."""
+    return ("scalar", "scalar", "b", "b", "heads") if spec.mode == "dense" else ("meta", "meta", "meta", "heads")
 
 
 def _pack(spec: AttentionSpec, args) -> tuple:
@@ -46,7 +47,7 @@ def _pack(spec: AttentionSpec, args) -> tuple:
 
 def _unpack(spec: AttentionSpec, meta):
     if spec.mode == "dense":
-        return DenseArgs(*meta) if spec.has_offsets or spec.has_segment_ids else None
+        return DenseArgs(*meta) if spec.has_offsets or spec.has_segment_ids or spec.has_sinks else None
     return VarlenArgs(*meta)
 
 

@@ -9,7 +9,8 @@ sequence with ``seqlen_k`` keys iff
 
 This is FlashAttention's convention: windows are aligned to the bottom-right corner of the score matrix, so the
 last query always sees the last key, and ``causal`` is the window ``(left, 0)``. A query row that can see no key
-(possible when ``seqlen_q > seqlen_k`` under causal, or with a narrow window) produces output 0 and LSE -inf.
+(possible when ``seqlen_q > seqlen_k`` under causal, or with a narrow window) produces output 0 and LSE -inf
+(with attention sinks: LSE = the head's sink, which joins every row's denominator).
 
 Everything here is written against an array namespace ``xp`` (numpy or jax.numpy) so that the float64 test
 reference, the XLA backend and the kernel tests evaluate literally the same expression.

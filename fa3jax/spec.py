@@ -19,6 +19,8 @@ class AttentionSpec:
       * ``dense``:   q (batch, seqlen_q, hq, d), k/v (batch, seqlen_k, hk, d)
       * ``varlen``:  q (seqlen_q=total_q, hq, d), k/v (seqlen_k=total_k, hk, d), ``batch`` sequences
       * ``kvcache``: q (batch, seqlen_q, hq, d), caches described by :class:`KVCacheSpec`
+
+    v (and out) have head dim ``head_dim_v`` (<= ``head_dim``; MLA), equal to ``head_dim`` unless given.
     """
 
     mode: str
@@ -42,8 +44,13 @@ class AttentionSpec:
     global_seqlen_k: Optional[int] = None
     # dense only: packed sequences; a query sees only keys of its own segment id (DenseArgs carries the ids)
     has_segment_ids: bool = False
+    # attention sinks: one float32 logit per query head joins every row's softmax denominator (the args carry it)
+    has_sinks: bool = False
+    head_dim_v: Optional[int] = None  # None: head_dim
 
     def __post_init__(self):
+        if self.head_dim_v is None:
+            object.__setattr__(self, "head_dim_v", self.head_dim)
         if not self.has_offsets:  # the call is the whole sequence, whatever replace() carried over
             object.__setattr__(self, "global_seqlen_q", self.seqlen_q)
             object.__setattr__(self, "global_seqlen_k", self.seqlen_k)

@@ -120,8 +120,8 @@ def _window(window_size, is_causal):
 
 
 def _common(q, k, v, *, rank, softmax_scale, is_causal, window_size, softcap, deterministic, names=("q", "k", "v")):
-    """Checks shared by all three entry points; returns (dtype, hq, hk, d, scale, window, softcap). ``names``: what
-    the caller calls q, k, v (the KV-cache entry point checks its caches here)."""
+    """Checks shared by all three entry points; returns (dtype, hq, hk, d, dv, scale, window, softcap). ``names``:
+    what the caller calls q, k, v (the KV-cache entry point checks its caches here)."""
     nq, nk, nv = names
     what = "(batch, seqlen, heads, head_dim)" if rank == 4 else "(total_tokens, heads, head_dim)"
     for name, x in zip(names, (q, k, v)):
@@ -134,13 +134,17 @@ def _common(q, k, v, *, rank, softmax_scale, is_causal, window_size, softcap, de
     hq, d = q.shape[-2], q.shape[-1]
     hk = k.shape[-2]
     shapes = f"{nq}.shape={tuple(q.shape)}, {nk}.shape={tuple(k.shape)}"
-    if k.shape != v.shape:
-        raise ValueError(f"{nk} and {nv} must have the same shape; got {nk}.shape={tuple(k.shape)}, "
-                         f"{nv}.shape={tuple(v.shape)}")
+    if k.shape[:-1] != v.shape[:-1]:
+        raise ValueError(f"{nk} and {nv} must have the same shape but for the head dim; got "
+                         f"{nk}.shape={tuple(k.shape)}, {nv}.shape={tuple(v.shape)}")
     if k.shape[-1] != d:
         raise ValueError(f"{nq} and {nk} must have the same head_dim; got {shapes}")
     if not 1 <= d <= MAX_HEAD_DIM:
         raise ValueError(f"head_dim must be in [1, {MAX_HEAD_DIM}]; got {nq}.shape={tuple(q.shape)}")
+    dv = v.shape[-1]
+    if not 1 <= dv <= d:  # MLA: a value head dim below the q/k one
+        raise ValueError(f"{nv}'s head dim must be in [1, head_dim of {nq}/{nk}] (d_v <= d_qk); got "
+                         f"{nq}.shape={tuple(q.shape)}, {nv}.shape={tuple(v.shape)}")
     if hq < 1 or hk < 1 or hq % hk != 0:
         raise ValueError(f"num_heads_q must be a positive multiple of num_heads_k (GQA/MQA); got {shapes}")
     scale = _python_scalar("softmax_scale", softmax_scale, allow_none=True)
@@ -151,15 +155,29 @@ def _common(q, k, v, *, rank, softmax_scale, is_causal, window_size, softcap, de
         raise ValueError(f"softcap must be >= 0 (0 disables it); got softcap={softcap!r}")
     window = _window(window_size, is_causal)
     check_bool("deterministic", deterministic)
-    return dt, hq, hk, d, scale, window, cap
+    return dt, hq, hk, d, dv, scale, window, cap
+
+
+def _check_sinks(sinks, hq: int) -> bool:
+    """``sinks``: None, or a float32 array (hq,) of per-head logits. Returns whether they are given."""
+    if sinks is None:
+        return False
+    if not _is_array(sinks):
+        raise TypeError(f"sinks must be a float32 array of shape (num_heads_q,)=({hq},); got {type(sinks).__name__}")
+    if jnp.dtype(sinks.dtype) != jnp.float32:
+        raise TypeError(f"sinks must be float32; got sinks.dtype={jnp.dtype(sinks.dtype).name}")
+    if tuple(sinks.shape) != (hq,):
+        raise ValueError(f"sinks must have shape (num_heads_q,)=({hq},); got sinks.shape={tuple(sinks.shape)}")
+    return True
 
 
 # ------------------------------------------------------------------------------------------------ dense
 def validate_dense(q, k, v, *, softmax_scale, is_causal, window_size, softcap, return_softmax_lse,
-                   deterministic, seq_shards: int = 1, q_segment_ids=None, kv_segment_ids=None) -> AttentionSpec:
+                   deterministic, seq_shards: int = 1, q_segment_ids=None, kv_segment_ids=None,
+                   sinks=None) -> AttentionSpec:
     """``seq_shards``: q/k/v are one of that many sequence chunks (ring attention); the spec describes the whole
     sequence."""
-    dt, hq, hk, d, scale, window, cap = _common(
+    dt, hq, hk, d, dv, scale, window, cap = _common(
         q, k, v, rank=4, softmax_scale=softmax_scale, is_causal=is_causal, window_size=window_size,
         softcap=softcap, deterministic=deterministic)
     check_bool("return_softmax_lse", return_softmax_lse)
@@ -177,16 +195,19 @@ def validate_dense(q, k, v, *, softmax_scale, is_causal, window_size, softcap, r
                          seqlen_k=k.shape[1] * seq_shards,
                          num_heads_q=hq, num_heads_k=hk, head_dim=d, dtype=dt, softmax_scale=scale,
                          window=window, softcap=cap, deterministic=bool(deterministic),
-                         has_segment_ids=q_segment_ids is not None)
+                         has_segment_ids=q_segment_ids is not None, has_sinks=_check_sinks(sinks, hq),
+                         head_dim_v=dv)
 
 
-def sanitize_dense(spec: AttentionSpec, q_segment_ids, kv_segment_ids) -> Optional[DenseArgs]:
+def sanitize_dense(spec: AttentionSpec, q_segment_ids, kv_segment_ids, sinks=None) -> Optional[DenseArgs]:
     """The runtime arguments of a dense call: None, or the segment ids as int32 (any value is safe: ids are only
-    compared)."""
-    if not spec.has_segment_ids:
+    compared) and the sinks."""
+    if not (spec.has_segment_ids or spec.has_sinks):
         return None
+    if not spec.has_segment_ids:
+        return DenseArgs(sinks=sinks)
     return DenseArgs(q_segment_ids=jnp.asarray(q_segment_ids).astype(jnp.int32),
-                     k_segment_ids=jnp.asarray(kv_segment_ids).astype(jnp.int32))
+                     k_segment_ids=jnp.asarray(kv_segment_ids).astype(jnp.int32), sinks=sinks)
 
 
 def validate_ring(q, k, v, axis_name, layout, **dense) -> tuple[AttentionSpec, RingConfig]:
@@ -221,8 +242,8 @@ def _max_seqlen(name: str, value, cu, total: int) -> int:
 
 def validate_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k, *,
                     softmax_scale, is_causal, window_size, softcap, return_softmax_lse,
-                    deterministic) -> AttentionSpec:
-    dt, hq, hk, d, scale, window, cap = _common(
+                    deterministic, sinks=None) -> AttentionSpec:
+    dt, hq, hk, d, dv, scale, window, cap = _common(
         q, k, v, rank=3, softmax_scale=softmax_scale, is_causal=is_causal, window_size=window_size,
         softcap=softcap, deterministic=deterministic)
     check_bool("return_softmax_lse", return_softmax_lse)
@@ -245,11 +266,11 @@ def validate_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q
                      k.shape[0])
     return AttentionSpec(mode="varlen", batch=nb, seqlen_q=q.shape[0], seqlen_k=k.shape[0], num_heads_q=hq,
                          num_heads_k=hk, head_dim=d, dtype=dt, softmax_scale=scale, window=window, softcap=cap,
-                         deterministic=bool(deterministic),
+                         deterministic=bool(deterministic), has_sinks=_check_sinks(sinks, hq), head_dim_v=dv,
                          varlen=VarlenSpec(max_seqlen_q=mq, max_seqlen_k=mk, has_seqused_k=seqused_k is not None))
 
 
-def sanitize_varlen(spec: AttentionSpec, cu_seqlens_q, cu_seqlens_k, seqused_k):
+def sanitize_varlen(spec: AttentionSpec, cu_seqlens_q, cu_seqlens_k, seqused_k, sinks=None):
     """Make user cu_seqlens safe to index with: clamp into [0, total] and force them non-decreasing.
 
     Documented behaviour for malformed values: a decreasing entry is raised to its predecessor (that sequence
@@ -265,16 +286,19 @@ def sanitize_varlen(spec: AttentionSpec, cu_seqlens_q, cu_seqlens_k, seqused_k):
     used = None
     if seqused_k is not None:
         used = jnp.clip(seqused_k.astype(jnp.int32), 0, cu_k[1:] - cu_k[:-1])
-    return VarlenArgs(cu_q, cu_k, used)
+    return VarlenArgs(cu_q, cu_k, used, sinks)
 
 
 # ----------------------------------------------------------------------------------------------- kvcache
 def validate_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, cache_leftpad, page_table,
                      rotary_cos, rotary_sin, rotary_interleaved, *, softmax_scale, is_causal, window_size, softcap,
-                     num_splits, return_softmax_lse, return_updated_cache) -> AttentionSpec:
-    dt, hq, hk, d, scale, window, cap = _common(
+                     num_splits, return_softmax_lse, return_updated_cache, sinks=None) -> AttentionSpec:
+    dt, hq, hk, d, dv, scale, window, cap = _common(
         q, k_cache, v_cache, rank=4, softmax_scale=softmax_scale, is_causal=is_causal, window_size=window_size,
         softcap=softcap, deterministic=False, names=("q", "k_cache", "v_cache"))
+    if dv != d:
+        raise ValueError(f"the KV cache needs v_cache's head dim equal to k_cache's (no MLA cache yet); got "
+                         f"k_cache.shape={tuple(k_cache.shape)}, v_cache.shape={tuple(v_cache.shape)}")
     check_bool("return_softmax_lse", return_softmax_lse)
     check_bool("return_updated_cache", return_updated_cache)
     check_bool("rotary_interleaved", rotary_interleaved)
@@ -368,10 +392,12 @@ def validate_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, 
                      has_cache_leftpad=cache_leftpad is not None, num_splits=splits,
                      return_updated_cache=bool(return_updated_cache))
     return AttentionSpec(mode="kvcache", batch=b, seqlen_q=lq, seqlen_k=capacity, num_heads_q=hq, num_heads_k=hk,
-                         head_dim=d, dtype=dt, softmax_scale=scale, window=window, softcap=cap, kvcache=kv)
+                         head_dim=d, dtype=dt, softmax_scale=scale, window=window, softcap=cap, kvcache=kv,
+                         has_sinks=_check_sinks(sinks, hq))
 
 
-def sanitize_kvcache(spec: AttentionSpec, cache_seqlens, cache_batch_idx, cache_leftpad, page_table, k_new, v_new):
+def sanitize_kvcache(spec: AttentionSpec, cache_seqlens, cache_batch_idx, cache_leftpad, page_table, k_new, v_new,
+                     sinks=None):
     """Clamp user indices so no backend can touch memory outside the caches. Documented behaviour:
 
     * ``cache_seqlens`` is clamped into ``[0, capacity - seqlen_new]``.
@@ -405,4 +431,4 @@ def sanitize_kvcache(spec: AttentionSpec, cache_seqlens, cache_batch_idx, cache_
     if cache_leftpad is not None:
         leftpad = jnp.clip(cache_leftpad.astype(jnp.int32), 0, seqlens)
     return KVCacheArgs(seqlens_k=seqlens + kv.seqlen_new, cache_seqlens=seqlens, leftpad=leftpad,
-                       batch_idx=batch_idx, page_table=page_table, k_new=k_new, v_new=v_new), row_ok
+                       batch_idx=batch_idx, page_table=page_table, k_new=k_new, v_new=v_new, sinks=sinks), row_ok

@@ -2,7 +2,7 @@
 
 The forward runs the plan's forward backend and saves (q, k, v, out, lse); the backward runs the plan's backward
 backend on those residuals, with the cotangent of the LSE folded in (so ``return_softmax_lse=True`` outputs are
-differentiable too). A plan whose forward and backward backends differ (cuda forward, triton/xla backward)
+differentiable too). The sinks (a runtime arg) get their cotangent here, from out and LSE (:func:`sink_grad`). A plan whose forward and backward backends differ (cuda forward, triton/xla backward)
 works because every backend uses the same LSE convention (natural log, -inf for empty rows).
 
 Each half goes one of three ways: a ring over a mesh axis (:mod:`fa3jax.ring`), the custom-partitioned op when
@@ -84,8 +84,24 @@ def _bwd(ex: Execution, res, cts):
         dq, dk, dv = ring.backward(ex.plan.backward, ex.spec, ex.ring, q, k, v, out, lse, dout, dlse)
     else:
         dq, dk, dv = _backward_call(ex.plan.backward, ex.spec, q, k, v, out, lse, dout, dlse, args)
-    zero_args = jax.tree_util.tree_map(lambda _: None, args)
-    return dq, dk, dv, zero_args
+    dargs = jax.tree_util.tree_map(lambda _: None, args)  # index metadata: no cotangent
+    if ex.spec.has_sinks:
+        dargs = dargs._replace(sinks=sink_grad(args.sinks, out, lse, dout, dlse))
+    return dq, dk, dv, dargs
+
+
+def sink_grad(sinks, out, lse, dout, dlse):
+    """Cotangent of the sinks (float32 (hq,)) of a dense or varlen call, from its sink-inclusive out and LSE.
+
+    With ``p_sink[i] = exp(sink - lse[i])`` (the sink's softmax weight in row i), ``d out[i] / d sink =
+    -p_sink[i] out[i]`` and ``d lse[i] / d sink = p_sink[i]``, so ``d sink = -sum_i p_sink[i] (rowsum(dO[i] * O[i])
+    - dlse[i])``, summed over every row of the head. Layouts: dense out (b, l, hq, dv), lse (b, hq, l); varlen
+    out (total, hq, dv), lse (hq, total).
+    """
+    delta = jnp.swapaxes(jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), -1), -1, -2) - dlse
+    p_sink = jnp.where(lse == -jnp.inf, 0.0, jnp.exp(sinks[:, None] - lse))
+    axes = tuple(i for i in range(lse.ndim) if i != lse.ndim - 2)
+    return -jnp.sum(p_sink * delta, axis=axes)
 
 
 attention.defvjp(_fwd, _bwd)

@@ -9,8 +9,14 @@ Array conventions (all backends):
   * dense   q (b, lq, hq, d), k/v (b, lk, hk, d); out like q; lse float32 (b, hq, lq)
   * varlen  q (total_q, hq, d), k/v (total_k, hk, d); out like q; lse float32 (hq, total_q)
   * kvcache q (b, lq, hq, d); out like q; lse float32 (b, hq, lq)
-Rows that see no key: out 0, lse -inf. The backward takes ``dlse`` (cotangent of the LSE, zeros when unused)
+Rows that see no key: out 0, lse -inf (with sinks: lse = the head's sink). v and out may have a smaller head
+dim than q/k (``spec.head_dim_v``, MLA). The backward takes ``dlse`` (cotangent of the LSE, zeros when unused)
 and folds it into the softmax gradient: ``ds = p * (dp - (rowsum(dO * O) - dlse))``.
+
+Attention sinks (``spec.has_sinks``): the args' ``sinks`` (float32 (hq,)) is one logit per query head, compared
+with the scaled (and soft-capped) scores, that joins every row's denominator and carries no value. The forward
+returns the sink-inclusive out and LSE; the backward's formula above is then unchanged (p = exp(s - lse) with
+that LSE), and the sinks' own gradient is taken by :func:`fa3jax.vjp.sink_grad` from out/lse alone.
 """
 from __future__ import annotations
 
@@ -31,6 +37,7 @@ class DenseArgs(NamedTuple):
     # int32 (b, seqlen_q) / (b, seqlen_k) when ``spec.has_segment_ids``: query i sees key j only if the ids match
     q_segment_ids: Optional[jax.Array] = None
     k_segment_ids: Optional[jax.Array] = None
+    sinks: Optional[jax.Array] = None  # float32 (hq,) when ``spec.has_sinks``
 
 
 class VarlenArgs(NamedTuple):
@@ -40,6 +47,7 @@ class VarlenArgs(NamedTuple):
     cu_seqlens_q: jax.Array
     cu_seqlens_k: jax.Array
     seqused_k: Optional[jax.Array] = None
+    sinks: Optional[jax.Array] = None  # float32 (hq,) when ``spec.has_sinks``
 
 
 class KVCacheArgs(NamedTuple):
@@ -66,6 +74,7 @@ class KVCacheArgs(NamedTuple):
     page_table: Optional[jax.Array] = None
     k_new: Optional[jax.Array] = None
     v_new: Optional[jax.Array] = None
+    sinks: Optional[jax.Array] = None  # float32 (hq,) when ``spec.has_sinks``
 
 
 class Backend:

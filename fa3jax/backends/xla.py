@@ -83,10 +83,11 @@ def _scores(qb, kb, spec: AttentionSpec):
     return s, None
 
 
-def _core_forward(spec: AttentionSpec, q, k, v, rows: _Rows, cols: _Cols):
-    """q (B, Lq, Hq, D), k/v (B, Lk, Hk, D) -> out (B, Lq, Hq, D) in q.dtype, lse (B, Hq, Lq) fp32."""
+def _core_forward(spec: AttentionSpec, q, k, v, rows: _Rows, cols: _Cols, sinks=None):
+    """q (B, Lq, Hq, D), k (B, Lk, Hk, D), v (B, Lk, Hk, Dv) -> out (B, Lq, Hq, Dv) in q.dtype, lse (B, Hq, Lq)
+    fp32. ``sinks`` (Hq,) fp32 or None: each head's sink logit joins every row's denominator (no value)."""
     B, lq, hq, d = q.shape
-    lk, hk = k.shape[1], k.shape[2]
+    lk, hk, dv = k.shape[1], k.shape[2], v.shape[-1]
     g = hq // hk
     bq, bk = _block_sizes(lq, lk)
     nq, nk = -(-lq // bq), -(-lk // bk)
@@ -101,7 +102,7 @@ def _core_forward(spec: AttentionSpec, q, k, v, rows: _Rows, cols: _Cols):
         qb, rb = args
         qb = qb.astype(jnp.float32) if q.dtype == jnp.float32 else qb
         init = (jnp.full((B, hk, g, bq), _NEG_INF, jnp.float32), jnp.zeros((B, hk, g, bq), jnp.float32),
-                jnp.zeros((B, bq, hk, g, d), jnp.float32))
+                jnp.zeros((B, bq, hk, g, dv), jnp.float32))
         init = tuple(varying_like(x, qb, rb, k, v, cols) for x in init)
 
         def step(carry, kv):
@@ -125,21 +126,29 @@ def _core_forward(spec: AttentionSpec, q, k, v, rows: _Rows, cols: _Cols):
 
         (m, l, acc), _ = lax.scan(step, init, (kp, vp, cols_b))
         empty = l == 0.0
-        out = acc / jnp.moveaxis(jnp.where(empty, 1.0, l), 3, 1)[..., None]
         lse = jnp.where(empty, _NEG_INF, m + jnp.log(jnp.where(empty, 1.0, l)))
+        norm = jnp.where(empty, 1.0, l)
+        if sinks is not None:  # the sink joins the denominator once: l -> l + exp(sink - m), in the LSE domain
+            sink = sinks.reshape(1, hk, g, 1)
+            lse_s = jnp.logaddexp(lse, sink)
+            # out = acc / (l + exp(sink - m)) = acc / l * exp(lse - lse_s); 0 where no key (acc = 0)
+            norm = norm / jnp.where(empty | (lse_s == _NEG_INF), 1.0, jnp.exp(lse - lse_s))
+            lse = lse_s
+        out = acc / jnp.moveaxis(norm, 3, 1)[..., None]
         return out.astype(q.dtype), lse
 
     out, lse = lax.map(one_q_block, (qp, rows_b))
-    out = _unblocks(out)[:, :lq].reshape(B, lq, hq, d)
+    out = _unblocks(out)[:, :lq].reshape(B, lq, hq, dv)
     lse = jnp.moveaxis(lse, 0, 3).reshape(B, hk, g, nq * bq)[..., :lq].reshape(B, hq, lq)
     return out, lse
 
 
 def _core_backward(spec: AttentionSpec, q, k, v, out, lse, dout, dlse, rows: _Rows, cols: _Cols):
     """Blockwise gradients from the saved LSE. One pass over KV blocks (outer) and query blocks (inner): dK/dV
-    accumulate in the inner carry, dQ in a full-size fp32 carry. Sequential, hence bitwise deterministic."""
+    accumulate in the inner carry, dQ in a full-size fp32 carry. Sequential, hence bitwise deterministic.
+    With sinks, ``out``/``lse`` are the sink-inclusive ones and nothing else changes (see backends.base)."""
     B, lq, hq, d = q.shape
-    lk, hk = k.shape[1], k.shape[2]
+    lk, hk, dv_dim = k.shape[1], k.shape[2], v.shape[-1]
     g = hq // hk
     bq, bk = _block_sizes(lq, lk)
     nq, nk = -(-lq // bq), -(-lk // bk)
@@ -186,8 +195,8 @@ def _core_backward(spec: AttentionSpec, q, k, v, out, lse, dout, dlse, rows: _Ro
 
             return lax.cond(jnp.any(mask), grads, lambda c: c, carry), None
 
-        zeros = varying_like(jnp.zeros((B, bk, hk, d), jnp.float32), q, k, v, dout, rows, cols)
-        (dk, dv, dq_all), _ = lax.scan(inner, (zeros, zeros, dq_all),
+        zeros = [varying_like(jnp.zeros((B, bk, hk, n), jnp.float32), q, k, v, dout, rows, cols) for n in (d, dv_dim)]
+        (dk, dv, dq_all), _ = lax.scan(inner, (*zeros, dq_all),
                                        (jnp.arange(nq), qp, dop, lsep, deltap, rows_b))
         return dq_all, (dk, dv)
 
@@ -281,12 +290,13 @@ class XlaBackend(Backend):
             raise NotImplementedError("xla: flash_mha_with_kvcache has no backward (inference API)")
 
     def forward(self, spec, q, k, v, args):
+        sinks = args.sinks if spec.has_sinks else None
         if spec.mode == "varlen":
             rows, cols = _varlen_meta(spec, args)
-            out, lse = _core_forward(spec, q[None], k[None], v[None], rows, cols)
+            out, lse = _core_forward(spec, q[None], k[None], v[None], rows, cols, sinks)
             return out[0], lse[0]
         rows, cols = _dense_meta(spec, args)
-        return _core_forward(spec, q, k, v, rows, cols)
+        return _core_forward(spec, q, k, v, rows, cols, sinks)
 
     def backward(self, spec, q, k, v, out, lse, dout, dlse, args):
         if spec.mode == "varlen":
@@ -299,4 +309,5 @@ class XlaBackend(Backend):
 
     def kvcache_forward(self, spec, q, k_cache, v_cache, args):
         keys, vals, rows, cols = _kvcache_keys(spec, k_cache, v_cache, args)
-        return _core_forward(spec, q, keys, vals, rows, cols)
+        # one pass over every key (no split-KV here), so the sink is counted once per row
+        return _core_forward(spec, q, keys, vals, rows, cols, args.sinks if spec.has_sinks else None)

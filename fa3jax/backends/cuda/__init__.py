@@ -95,6 +95,11 @@ class CudaBackend(Backend):
     def check_forward(self, spec: AttentionSpec) -> None:
         if spec.mode != "dense":
             raise NotImplementedError(f"cuda: only dense mode has a kernel (got {spec.mode!r})")
+        if spec.has_sinks:
+            raise NotImplementedError("cuda: sinks not implemented yet")
+        if spec.head_dim_v != spec.head_dim:
+            raise NotImplementedError(f"cuda: a value head dim different from the q/k one (MLA) is not "
+                                      f"implemented yet; got {spec.head_dim_v=}, {spec.head_dim=}")
         ext, reason = _load_extension()
         if ext is None:
             raise NotImplementedError(reason)

@@ -93,6 +93,11 @@ class TritonBackend(Backend):
     def check_forward(self, spec: AttentionSpec) -> None:
         if spec.has_segment_ids:
             raise NotImplementedError("triton: segment ids (packed sequences) are not supported yet")
+        if spec.has_sinks:
+            raise NotImplementedError("triton: sinks not implemented yet")
+        if spec.head_dim_v != spec.head_dim:
+            raise NotImplementedError(f"triton: a value head dim different from the q/k one (MLA) is not "
+                                      f"implemented yet; got {spec.head_dim_v=}, {spec.head_dim=}")
         check = _CHECKS.get(spec.mode)
         reason = f"triton: unknown mode {spec.mode!r}" if check is None else check(spec)
         if reason:
