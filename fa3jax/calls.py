@@ -47,7 +47,7 @@ def _pack(spec: AttentionSpec, args) -> tuple:
 
 def _unpack(spec: AttentionSpec, meta):
     if spec.mode == "dense":
-        return DenseArgs(*meta) if spec.has_offsets or spec.has_segment_ids or spec.has_sinks else None
+        return DenseArgs(*meta) if spec.has_dense_args else None
     return VarlenArgs(*meta)
 
 

@@ -54,9 +54,9 @@ def _multi_device() -> bool:
 
 
 def routes(spec: AttentionSpec) -> bool:
-    """Whether a backend call with ``spec`` goes through the custom-partitioned op."""
-    return (spec.mode == "dense" and not spec.has_offsets and not spec.has_segment_ids and not spec.has_sinks
-            and _multi_device())
+    """Whether a backend call with ``spec`` goes through the custom-partitioned op (which partitions q/k/v only,
+    so calls with runtime arrays beside them stay plain)."""
+    return spec.mode == "dense" and not spec.has_dense_args and _multi_device()
 
 
 def eager_sharded(*arrays) -> bool:

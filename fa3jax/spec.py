@@ -59,6 +59,11 @@ class AttentionSpec:
                              f"{self.global_seqlen_k=}")
 
     @property
+    def has_dense_args(self) -> bool:
+        """Whether a dense call carries runtime arrays beside q/k/v (DenseArgs: ring offsets, segment ids, sinks)."""
+        return self.has_offsets or self.has_segment_ids or self.has_sinks
+
+    @property
     def group_size(self) -> int:
         return self.num_heads_q // self.num_heads_k
 

@@ -2,8 +2,9 @@
 
 The forward runs the plan's forward backend and saves (q, k, v, out, lse); the backward runs the plan's backward
 backend on those residuals, with the cotangent of the LSE folded in (so ``return_softmax_lse=True`` outputs are
-differentiable too). The sinks (a runtime arg) get their cotangent here, from out and LSE (:func:`sink_grad`). A plan whose forward and backward backends differ (cuda forward, triton/xla backward)
-works because every backend uses the same LSE convention (natural log, -inf for empty rows).
+differentiable too). The sinks (a runtime arg) get their cotangent here, from out and LSE (:func:`sink_grad`).
+A plan whose forward and backward backends differ (cuda forward, triton/xla backward) works because every backend
+uses the same LSE convention (natural log, -inf for empty rows).
 
 Each half goes one of three ways: a ring over a mesh axis (:mod:`fa3jax.ring`), the custom-partitioned op when
 several devices exist (:mod:`fa3jax.sharding`), or the plain backend call (:mod:`fa3jax.calls`).
