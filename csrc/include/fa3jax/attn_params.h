@@ -112,6 +112,43 @@ bool fwd_compiled_wide(DType dtype, int head_dim);
 const char* fwd_compiled_list();
 const char* fwd_arch();
 
+// Backward: core + the forward's out/LSE + the cotangents + gradients, and the fp32 workspace the passes share.
+// Rows of the per-row buffers are padded to kBwdBlockM so that the main kernel's query tiles never need a bound.
+inline constexpr int kBwdBlockM = 128;
+struct BwdParams {
+  AttnCore core;
+  const void* out = nullptr;   // (b, sq, hq, d), like q
+  const void* dout = nullptr;  // (b, sq, hq, d)
+  const float* lse = nullptr;  // (b, hq, sq), natural log, -inf for rows that saw no key
+  const float* dlse = nullptr; // (b, hq, sq) cotangent of the LSE, or nullptr (zero)
+  void* dq = nullptr;          // (b, sq, hq, d)
+  void* dk = nullptr;          // (b, sk, hk, d)
+  void* dv = nullptr;          // (b, sk, hk, d)
+  // Workspace (bwd_workspace_bytes): dq_accum fp32 (b, hq, sq_pad, d); delta and lse_log2 fp32 (b, hq, sq_pad);
+  // with GQA also dk_accum / dv_accum fp32 (b, sk, hk, d), summed over each group's query heads.
+  void* workspace = nullptr;
+};
+
+// The backward's workspace, carved from BwdParams::workspace (all fp32, 256-byte aligned parts).
+struct BwdWorkspace {
+  float* dq_accum = nullptr;
+  float* delta = nullptr;     // rowsum(dO * O) - dlse: the softmax gradient's row term (FA2 paper, Alg. 2)
+  float* lse_log2 = nullptr;  // lse * log2(e); +inf where lse is -inf so that exp2(s - lse_log2) is 0
+  float* dk_accum = nullptr;  // GQA only
+  float* dv_accum = nullptr;
+};
+size_t bwd_workspace_bytes(const BwdParams& p);
+BwdWorkspace bwd_workspace(const BwdParams& p);
+
+// Checks the parameters without launching; nullptr when fine, else a static message.
+const char* bwd_check(const BwdParams& p);
+
+// The passes around the main kernel, each on `stream`, never throwing:
+//   preprocess:  delta, lse_log2 (padded rows: 0 and +inf) and dq_accum zeroed (dk/dv_accum too with GQA);
+//   postprocess: dq = dq_accum * softmax_scale in the input dtype (and dk, dv from their accumulators with GQA).
+FwdStatus run_bwd_preprocess(const BwdParams& p, cudaStream_t stream);
+FwdStatus run_bwd_postprocess(const BwdParams& p, cudaStream_t stream);
+
 // Per-instantiation entry points (defined in generated translation units). kWide: FwdPolicyWide's tiles instead
 // of FwdPolicy's.
 template <DType kDType, int kHeadDim, bool kWide>

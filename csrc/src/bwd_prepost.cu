@@ -1,0 +1,177 @@
+// The passes around the backward's main kernel (FA3's structure: preprocess, main loop, postprocess), plain CUDA:
+// they are memory-bound row and element sweeps, so no TMA or WGMMA. Layouts are those of attn_params.h.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "fa3jax/attn_params.h"
+
+namespace fa3jax {
+namespace {
+
+constexpr size_t kAlign = 256;
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr int kRowsPerBlock = 8;  // one warp per row
+
+size_t align_up(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
+int64_t padded_rows(int seqlen_q) { return (int64_t(seqlen_q) + kBwdBlockM - 1) / kBwdBlockM * kBwdBlockM; }
+bool grouped(const AttnCore& c) { return c.num_heads_q != c.num_heads_k; }
+
+struct Sizes {
+  size_t dq_accum, row, kv_accum;
+};
+Sizes sizes(const AttnCore& c) {
+  size_t rows = size_t(c.batch) * c.num_heads_q * padded_rows(c.seqlen_q);
+  size_t kv = grouped(c) ? size_t(c.batch) * c.seqlen_k * c.num_heads_k * c.head_dim : 0;
+  return {align_up(rows * c.head_dim * sizeof(float)), align_up(rows * sizeof(float)), align_up(kv * sizeof(float))};
+}
+
+template <class T> struct Cvt;
+template <> struct Cvt<__nv_bfloat16> {
+  static __device__ float load(__nv_bfloat16 x) { return __bfloat162float(x); }
+  static __device__ __nv_bfloat16 store(float x) { return __float2bfloat16_rn(x); }
+};
+template <> struct Cvt<__half> {
+  static __device__ float load(__half x) { return __half2float(x); }
+  static __device__ __half store(float x) { return __float2half_rn(x); }
+};
+
+// Grid (padded rows / kRowsPerBlock, hq, b); warp w of a block owns one query row of one head.
+template <class T>
+__global__ void bwd_preprocess_kernel(const T* __restrict__ out, const T* __restrict__ dout,
+                                      const float* __restrict__ lse, const float* __restrict__ dlse,
+                                      BwdWorkspace ws, int seqlen_q, int64_t rows_pad, int num_heads_q, int d) {
+  int const lane = threadIdx.x % 32;
+  int64_t const row = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / 32;
+  int const h = blockIdx.y;
+  int64_t const b = blockIdx.z;
+  int64_t const stat = (b * num_heads_q + h) * rows_pad + row;  // padded (b, hq, sq_pad) index
+  float* acc = ws.dq_accum + stat * d;
+  for (int t = lane; t < d; t += 32) acc[t] = 0.f;
+  float sum = 0.f;
+  bool const valid = row < seqlen_q;
+  if (valid) {
+    int64_t const base = ((b * seqlen_q + row) * num_heads_q + h) * d;
+    for (int t = lane; t < d; t += 32) sum += Cvt<T>::load(out[base + t]) * Cvt<T>::load(dout[base + t]);
+  }
+  for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+  if (lane == 0) {
+    int64_t const dense = (b * num_heads_q + h) * seqlen_q + row;  // unpadded (b, hq, sq) index
+    float const l = valid ? lse[dense] : -INFINITY;
+    ws.delta[stat] = valid ? sum - (dlse ? dlse[dense] : 0.f) : 0.f;
+    ws.lse_log2[stat] = l == -INFINITY ? INFINITY : l * kLog2e;
+  }
+}
+
+// dq (b, sq, hq, d) from dq_accum (b, hq, sq_pad, d), scaled once here rather than in every partial.
+template <class T>
+__global__ void bwd_convert_dq_kernel(const float* __restrict__ acc, T* __restrict__ dq, int seqlen_q,
+                                      int64_t rows_pad, int num_heads_q, int d, int64_t total, float scale) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+    int64_t const t = i % d, h = (i / d) % num_heads_q, row = (i / (int64_t(d) * num_heads_q)) % seqlen_q;
+    int64_t const b = i / (int64_t(d) * num_heads_q * seqlen_q);
+    dq[i] = Cvt<T>::store(acc[((b * num_heads_q + h) * rows_pad + row) * d + t] * scale);
+  }
+}
+
+// dk or dv (b, sk, hk, d) from its fp32 accumulator of the same layout (GQA: the group's sum).
+template <class T>
+__global__ void bwd_convert_kv_kernel(const float* __restrict__ acc, T* __restrict__ out, int64_t total) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x)
+    out[i] = Cvt<T>::store(acc[i]);
+}
+
+// Grid-stride sweeps of 256 threads, capped at a few waves of any GPU.
+int sweep_blocks(int64_t total) { return int(std::max<int64_t>(1, std::min<int64_t>((total + 255) / 256, 4096))); }
+
+template <class T>
+FwdStatus preprocess(const BwdParams& p, cudaStream_t stream) {
+  AttnCore const& c = p.core;
+  BwdWorkspace const ws = bwd_workspace(p);
+  int64_t const rows_pad = padded_rows(c.seqlen_q);
+  dim3 grid(unsigned(rows_pad / kRowsPerBlock), unsigned(c.num_heads_q), unsigned(c.batch));
+  bwd_preprocess_kernel<T><<<grid, 32 * kRowsPerBlock, 0, stream>>>(
+      static_cast<const T*>(p.out), static_cast<const T*>(p.dout), p.lse, p.dlse, ws, c.seqlen_q, rows_pad,
+      c.num_heads_q, c.head_dim);
+  if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return {e, "bwd preprocess launch"};
+  if (grouped(c)) {
+    size_t const bytes = sizes(c).kv_accum;
+    if (cudaError_t e = cudaMemsetAsync(ws.dk_accum, 0, bytes, stream); e != cudaSuccess) return {e, "dk_accum"};
+    if (cudaError_t e = cudaMemsetAsync(ws.dv_accum, 0, bytes, stream); e != cudaSuccess) return {e, "dv_accum"};
+  }
+  return {};
+}
+
+template <class T>
+FwdStatus postprocess(const BwdParams& p, cudaStream_t stream) {
+  AttnCore const& c = p.core;
+  BwdWorkspace const ws = bwd_workspace(p);
+  int64_t const total_q = int64_t(c.batch) * c.seqlen_q * c.num_heads_q * c.head_dim;
+  bwd_convert_dq_kernel<T><<<sweep_blocks(total_q), 256, 0, stream>>>(
+      ws.dq_accum, static_cast<T*>(p.dq), c.seqlen_q, padded_rows(c.seqlen_q), c.num_heads_q, c.head_dim,
+      total_q, c.softmax_scale);
+  if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return {e, "bwd dq convert launch"};
+  if (grouped(c)) {
+    int64_t const total_k = int64_t(c.batch) * c.seqlen_k * c.num_heads_k * c.head_dim;
+    bwd_convert_kv_kernel<T><<<sweep_blocks(total_k), 256, 0, stream>>>(ws.dk_accum, static_cast<T*>(p.dk), total_k);
+    bwd_convert_kv_kernel<T><<<sweep_blocks(total_k), 256, 0, stream>>>(ws.dv_accum, static_cast<T*>(p.dv), total_k);
+    if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return {e, "bwd dk/dv convert launch"};
+  }
+  return {};
+}
+
+bool empty(const AttnCore& c) { return c.batch == 0 || c.seqlen_q == 0 || c.num_heads_q == 0; }
+
+}  // namespace
+
+size_t bwd_workspace_bytes(const BwdParams& p) {
+  Sizes const s = sizes(p.core);
+  return s.dq_accum + 2 * s.row + 2 * s.kv_accum;
+}
+
+BwdWorkspace bwd_workspace(const BwdParams& p) {
+  Sizes const s = sizes(p.core);
+  char* base = static_cast<char*>(p.workspace);
+  BwdWorkspace ws;
+  ws.dq_accum = reinterpret_cast<float*>(base);
+  ws.delta = reinterpret_cast<float*>(base + s.dq_accum);
+  ws.lse_log2 = reinterpret_cast<float*>(base + s.dq_accum + s.row);
+  if (s.kv_accum) {
+    ws.dk_accum = reinterpret_cast<float*>(base + s.dq_accum + 2 * s.row);
+    ws.dv_accum = reinterpret_cast<float*>(base + s.dq_accum + 2 * s.row + s.kv_accum);
+  }
+  return ws;
+}
+
+const char* bwd_check(const BwdParams& p) {
+  AttnCore const& c = p.core;
+  if (c.batch < 0 || c.seqlen_q < 0 || c.seqlen_k < 0 || c.num_heads_q < 0 || c.num_heads_k < 0)
+    return "negative dimension";
+  if (c.head_dim < 1 || c.head_dim > 256) return "head_dim must be in [1, 256]";
+  if (c.dtype != DType::kBF16 && c.dtype != DType::kFP16) return "dtype must be bfloat16 or float16";
+  if (c.num_heads_k < 1 || c.num_heads_q % c.num_heads_k != 0)
+    return "num_heads_q must be a positive multiple of num_heads_k";
+  if (c.varlen.enabled() || c.paged.enabled() || c.append.enabled()) return "backward: dense calls only";
+  if (empty(c)) return nullptr;  // nothing to do
+  if (!p.out || !p.dout || !p.lse || !p.dq || !p.workspace) return "null buffer";
+  if (grouped(c) && (!p.dk || !p.dv)) return "null buffer";
+  if (reinterpret_cast<uintptr_t>(p.workspace) % kAlign) return "workspace must be 256-byte aligned";
+  return nullptr;
+}
+
+FwdStatus run_bwd_preprocess(const BwdParams& p, cudaStream_t stream) {
+  if (const char* why = bwd_check(p)) return {cudaErrorInvalidValue, why};
+  if (empty(p.core)) return {};
+  return p.core.dtype == DType::kBF16 ? preprocess<__nv_bfloat16>(p, stream) : preprocess<__half>(p, stream);
+}
+
+FwdStatus run_bwd_postprocess(const BwdParams& p, cudaStream_t stream) {
+  if (const char* why = bwd_check(p)) return {cudaErrorInvalidValue, why};
+  if (empty(p.core)) return {};
+  return p.core.dtype == DType::kBF16 ? postprocess<__nv_bfloat16>(p, stream) : postprocess<__half>(p, stream);
+}
+
+}  // namespace fa3jax
