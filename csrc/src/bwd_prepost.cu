@@ -1,5 +1,6 @@
 // The passes around the backward's main kernel (FA3's structure: preprocess, main loop, postprocess), plain CUDA:
-// they are memory-bound row and element sweeps, so no TMA or WGMMA. Layouts are those of attn_params.h.
+// they are memory-bound row and element sweeps, so no TMA or WGMMA. Layouts are those of attn_params.h and
+// bwd_layout.h.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -18,15 +19,13 @@ constexpr int kRowsPerBlock = 8;  // one warp per row
 
 size_t align_up(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
 int64_t padded_rows(int seqlen_q) { return (int64_t(seqlen_q) + kBwdBlockM - 1) / kBwdBlockM * kBwdBlockM; }
-bool grouped(const AttnCore& c) { return c.num_heads_q != c.num_heads_k; }
 
 struct Sizes {
-  size_t dq_accum, row, kv_accum;
+  size_t dq_accum, row;
 };
 Sizes sizes(const AttnCore& c) {
   size_t rows = size_t(c.batch) * c.num_heads_q * padded_rows(c.seqlen_q);
-  size_t kv = grouped(c) ? size_t(c.batch) * c.seqlen_k * c.num_heads_k * c.head_dim : 0;
-  return {align_up(rows * c.head_dim * sizeof(float)), align_up(rows * sizeof(float)), align_up(kv * sizeof(float))};
+  return {align_up(rows * c.head_dim * sizeof(float)), align_up(rows * sizeof(float))};
 }
 
 template <class T> struct Cvt;
@@ -66,22 +65,17 @@ __global__ void bwd_preprocess_kernel(const T* __restrict__ out, const T* __rest
   }
 }
 
-// dq (b, sq, hq, d) from dq_accum (b, hq, sq_pad, d), scaled once here rather than in every partial.
+// dq (b, sq, hq, d) from dq_accum (tiles of bwd_layout.h), scaled once here rather than in every partial.
 template <class T>
 __global__ void bwd_convert_dq_kernel(const float* __restrict__ acc, T* __restrict__ dq, int seqlen_q,
                                       int64_t rows_pad, int num_heads_q, int d, int64_t total, float scale) {
+  int const cols_per_wg = d / kBwdNumMmaWG;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
     int64_t const t = i % d, h = (i / d) % num_heads_q, row = (i / (int64_t(d) * num_heads_q)) % seqlen_q;
     int64_t const b = i / (int64_t(d) * num_heads_q * seqlen_q);
-    dq[i] = Cvt<T>::store(acc[((b * num_heads_q + h) * rows_pad + row) * d + t] * scale);
+    int64_t const tile = ((b * num_heads_q + h) * rows_pad + row / kBwdBlockM * kBwdBlockM) * d;
+    dq[i] = Cvt<T>::store(acc[tile + dq_tile_index(int(row % kBwdBlockM), int(t), cols_per_wg)] * scale);
   }
-}
-
-// dk or dv (b, sk, hk, d) from its fp32 accumulator of the same layout (GQA: the group's sum).
-template <class T>
-__global__ void bwd_convert_kv_kernel(const float* __restrict__ acc, T* __restrict__ out, int64_t total) {
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x)
-    out[i] = Cvt<T>::store(acc[i]);
 }
 
 // Grid-stride sweeps of 256 threads, capped at a few waves of any GPU.
@@ -97,11 +91,6 @@ FwdStatus preprocess(const BwdParams& p, cudaStream_t stream) {
       static_cast<const T*>(p.out), static_cast<const T*>(p.dout), p.lse, p.dlse, ws, c.seqlen_q, rows_pad,
       c.num_heads_q, c.head_dim);
   if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return {e, "bwd preprocess launch"};
-  if (grouped(c)) {
-    size_t const bytes = sizes(c).kv_accum;
-    if (cudaError_t e = cudaMemsetAsync(ws.dk_accum, 0, bytes, stream); e != cudaSuccess) return {e, "dk_accum"};
-    if (cudaError_t e = cudaMemsetAsync(ws.dv_accum, 0, bytes, stream); e != cudaSuccess) return {e, "dv_accum"};
-  }
   return {};
 }
 
@@ -114,12 +103,6 @@ FwdStatus postprocess(const BwdParams& p, cudaStream_t stream) {
       ws.dq_accum, static_cast<T*>(p.dq), c.seqlen_q, padded_rows(c.seqlen_q), c.num_heads_q, c.head_dim,
       total_q, c.softmax_scale);
   if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return {e, "bwd dq convert launch"};
-  if (grouped(c)) {
-    int64_t const total_k = int64_t(c.batch) * c.seqlen_k * c.num_heads_k * c.head_dim;
-    bwd_convert_kv_kernel<T><<<sweep_blocks(total_k), 256, 0, stream>>>(ws.dk_accum, static_cast<T*>(p.dk), total_k);
-    bwd_convert_kv_kernel<T><<<sweep_blocks(total_k), 256, 0, stream>>>(ws.dv_accum, static_cast<T*>(p.dv), total_k);
-    if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return {e, "bwd dk/dv convert launch"};
-  }
   return {};
 }
 
@@ -129,7 +112,7 @@ bool empty(const AttnCore& c) { return c.batch == 0 || c.seqlen_q == 0 || c.num_
 
 size_t bwd_workspace_bytes(const BwdParams& p) {
   Sizes const s = sizes(p.core);
-  return s.dq_accum + 2 * s.row + 2 * s.kv_accum;
+  return s.dq_accum + 2 * s.row;
 }
 
 BwdWorkspace bwd_workspace(const BwdParams& p) {
@@ -139,27 +122,7 @@ BwdWorkspace bwd_workspace(const BwdParams& p) {
   ws.dq_accum = reinterpret_cast<float*>(base);
   ws.delta = reinterpret_cast<float*>(base + s.dq_accum);
   ws.lse_log2 = reinterpret_cast<float*>(base + s.dq_accum + s.row);
-  if (s.kv_accum) {
-    ws.dk_accum = reinterpret_cast<float*>(base + s.dq_accum + 2 * s.row);
-    ws.dv_accum = reinterpret_cast<float*>(base + s.dq_accum + 2 * s.row + s.kv_accum);
-  }
   return ws;
-}
-
-const char* bwd_check(const BwdParams& p) {
-  AttnCore const& c = p.core;
-  if (c.batch < 0 || c.seqlen_q < 0 || c.seqlen_k < 0 || c.num_heads_q < 0 || c.num_heads_k < 0)
-    return "negative dimension";
-  if (c.head_dim < 1 || c.head_dim > 256) return "head_dim must be in [1, 256]";
-  if (c.dtype != DType::kBF16 && c.dtype != DType::kFP16) return "dtype must be bfloat16 or float16";
-  if (c.num_heads_k < 1 || c.num_heads_q % c.num_heads_k != 0)
-    return "num_heads_q must be a positive multiple of num_heads_k";
-  if (c.varlen.enabled() || c.paged.enabled() || c.append.enabled()) return "backward: dense calls only";
-  if (empty(c)) return nullptr;  // nothing to do
-  if (!p.out || !p.dout || !p.lse || !p.dq || !p.workspace) return "null buffer";
-  if (grouped(c) && (!p.dk || !p.dv)) return "null buffer";
-  if (reinterpret_cast<uintptr_t>(p.workspace) % kAlign) return "workspace must be 256-byte aligned";
-  return nullptr;
 }
 
 FwdStatus run_bwd_preprocess(const BwdParams& p, cudaStream_t stream) {

@@ -4,7 +4,8 @@
 #include <initializer_list>
 
 #include "fa3jax/attn_params.h"
-#include "fwd_policy.h"  // generated
+#include "checks.h"
+#include "policy.h"  // generated
 
 namespace fa3jax {
 
@@ -37,16 +38,6 @@ const char* fwd_compiled_list() {
 
 const char* fwd_arch() { return "sm_90a"; }
 
-static bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
-
-// TMA: byte strides positive multiples of 16 below 2^40; the inner (d) stride is 1 (implied by Strides).
-static bool tma_strides_ok(Strides const& s) {
-  int64_t const elem = 2, lim = int64_t(1) << 40;
-  for (int64_t x : {s.row, s.head, s.batch})
-    if (x <= 0 || (x * elem) % 16 != 0 || x * elem >= lim) return false;
-  return true;
-}
-
 const char* fwd_check(const FwdParams& fp) {
   AttnCore const& p = fp.core;
   if (p.batch < 0 || p.seqlen_q < 0 || p.seqlen_k < 0 || p.num_heads_q < 0 || p.num_heads_k < 0)
@@ -77,7 +68,7 @@ FwdStatus run_fwd(const FwdParams& p, cudaStream_t stream) {
   if (const char* msg = fwd_check(p)) return {cudaErrorInvalidValue, msg};
   AttnCore const& c = p.core;
   if (c.batch == 0 || c.seqlen_q == 0 || c.num_heads_q == 0) return {};
-  // Wide key tiles only pay on long unmasked rows (fwd_policy.h); tests force them with wide_tiles = 1.
+  // Wide key tiles only pay on long unmasked rows (policy.h); tests force them with wide_tiles = 1.
   bool const unmasked = c.window_left < 0 && c.window_right < 0;
 #define FA3JAX_FWD_INSTANCE(e, n, d)
 #define FA3JAX_FWD_WIDE_INSTANCE(e, n, d)                                                           \

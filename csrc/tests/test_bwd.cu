@@ -1,201 +1,271 @@
-// Standalone test of the backward's preprocess and postprocess passes (no Python) against a CPU reference, on
-// random inputs with some rows that saw no key (lse = -inf) and GQA. Exits nonzero on any failure; meant to run
-// directly and under compute-sanitizer. The main backward kernel gets its own checks when it lands.
+// Standalone test of the backward (no Python): run_bwd (preprocess, main kernel, postprocess) on small configs of
+// every compiled instantiation against a float64 CPU reference of dq, dk, dv, on random inputs, with the
+// forward's out/lse from the reference. Exits nonzero on any failure; meant to run directly and under
+// compute-sanitizer.
+//
+//   fa3jax_test_bwd            run all tests
+//   fa3jax_test_bwd --quick    one config per instantiation (for racecheck, which is slow)
+//   fa3jax_test_bwd --bench    also time the backward (and the forward) on the benchmark shapes (no checking)
+//   fa3jax_test_bwd --bench-only [--head-dim D]
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <random>
+#include <string>
 #include <vector>
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
-#include "fa3jax/attn_params.h"
+#include "test_common.h"
 
 using fa3jax::DType;
 
-#define CK(x)                                                                                            \
-  do {                                                                                                   \
-    cudaError_t e_ = (x);                                                                                \
-    if (e_ != cudaSuccess) {                                                                             \
-      std::fprintf(stderr, "CUDA error %s at %s:%d: %s\n", cudaGetErrorString(e_), __FILE__, __LINE__, #x); \
-      std::exit(2);                                                                                      \
-    }                                                                                                    \
-  } while (0)
-
-static uint16_t to_bits(float x, DType dt) {
-  uint16_t r;
-  if (dt == DType::kBF16) {
-    __nv_bfloat16 h = __float2bfloat16(x);
-    std::memcpy(&r, &h, 2);
-  } else {
-    __half h = __float2half(x);
-    std::memcpy(&r, &h, 2);
-  }
-  return r;
-}
-static float from_bits(uint16_t r, DType dt) {
-  if (dt == DType::kBF16) {
-    __nv_bfloat16 h;
-    std::memcpy(&h, &r, 2);
-    return __bfloat162float(h);
-  }
-  __half h;
-  std::memcpy(&h, &r, 2);
-  return __half2float(h);
-}
+struct Config {
+  int b, sq, sk, hq, hk, wl, wr;
+  float softcap;
+  bool dlse;
+  const char* name;
+};
 
 template <class T> static T* upload(const std::vector<T>& h) {
   T* d = nullptr;
-  CK(cudaMalloc(&d, h.size() * sizeof(T) + 1));
+  CK(cudaMalloc(&d, h.size() * sizeof(T) + 16));
   CK(cudaMemcpy(d, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice));
   return d;
 }
-template <class T> static std::vector<T> download(const T* d, size_t n) {
+template <class T> static std::vector<T> download(const void* d, size_t n) {
   std::vector<T> h(n);
   CK(cudaMemcpy(h.data(), d, n * sizeof(T), cudaMemcpyDeviceToHost));
   return h;
 }
 
-struct Case {
-  int b, sq, sk, hq, hk, d;
-  bool with_dlse;
-};
-
-static int g_failures = 0;
-static void expect(bool ok, const char* what, const Case& c, DType dt, size_t at, double got, double want) {
-  if (ok) return;
-  if (++g_failures <= 10)
-    std::printf("FAIL %s (b=%d sq=%d sk=%d hq=%d hk=%d d=%d %s) at %zu: got %.6g want %.6g\n", what, c.b, c.sq, c.sk,
-                c.hq, c.hk, c.d, dt == DType::kBF16 ? "bf16" : "fp16", at, got, want);
-}
-
-static void run_case(const Case& c, DType dt, std::mt19937& rng) {
-  std::normal_distribution<float> dist(0.f, 1.f);
-  size_t const nq = size_t(c.b) * c.sq * c.hq * c.d, nk = size_t(c.b) * c.sk * c.hk * c.d;
-  size_t const nl = size_t(c.b) * c.hq * c.sq;
-  std::vector<uint16_t> o(nq), dout(nq);
-  for (auto& x : o) x = to_bits(dist(rng), dt);
-  for (auto& x : dout) x = to_bits(dist(rng), dt);
-  std::vector<float> lse(nl), dlse(nl);
-  for (size_t i = 0; i < nl; ++i) {
-    lse[i] = (i % 7 == 3) ? -INFINITY : dist(rng) * 4.f;  // some rows saw no key
-    dlse[i] = dist(rng);
-  }
-
-  fa3jax::BwdParams p;
-  p.core.batch = c.b, p.core.seqlen_q = c.sq, p.core.seqlen_k = c.sk;
-  p.core.num_heads_q = c.hq, p.core.num_heads_k = c.hk, p.core.head_dim = c.d, p.core.dtype = dt;
-  p.core.softmax_scale = 1.f / std::sqrt(float(c.d));
-  p.core.set_dense_strides();
-  p.out = upload(o), p.dout = upload(dout), p.lse = upload(lse), p.dlse = c.with_dlse ? upload(dlse) : nullptr;
-  CK(cudaMalloc(&p.dq, nq * 2));
-  CK(cudaMalloc(&p.dk, nk * 2));
-  CK(cudaMalloc(&p.dv, nk * 2));
-  size_t const ws_bytes = fa3jax::bwd_workspace_bytes(p);
-  CK(cudaMalloc(&p.workspace, ws_bytes));
-  CK(cudaMemset(p.workspace, 0xff, ws_bytes));  // NaN everywhere: whatever a pass should write and does not shows
-  if (const char* why = fa3jax::bwd_check(p)) {
-    std::printf("FAIL bwd_check: %s\n", why);
-    ++g_failures;
-    return;
-  }
-
-  fa3jax::FwdStatus st = fa3jax::run_bwd_preprocess(p, 0);
-  if (!st.ok()) {
-    std::printf("FAIL preprocess: %s (%s)\n", st.what, cudaGetErrorString(st.error));
-    ++g_failures;
-    return;
-  }
-  CK(cudaDeviceSynchronize());
-  fa3jax::BwdWorkspace const ws = fa3jax::bwd_workspace(p);
-  int64_t const rows_pad = (c.sq + fa3jax::kBwdBlockM - 1) / fa3jax::kBwdBlockM * fa3jax::kBwdBlockM;
-  size_t const nrow = size_t(c.b) * c.hq * rows_pad;
-  auto delta = download(ws.delta, nrow), lse2 = download(ws.lse_log2, nrow);
-  auto acc = download(ws.dq_accum, nrow * c.d);
+// Gradients of sum(out * dout) + sum(lse * dlse) in float64 (FA2 paper, Alg. 2), from the same rounded inputs.
+static void ref_backward(RefShape const& c, const std::vector<float>& q, const std::vector<float>& k,
+                         const std::vector<float>& v, const std::vector<float>& out, const std::vector<float>& lse,
+                         const std::vector<float>& dout, const std::vector<float>* dlse, std::vector<double>& dq,
+                         std::vector<double>& dk, std::vector<double>& dv) {
+  int const g = c.hq / c.hk, d = c.d;
+  std::vector<double> s;
   for (int b = 0; b < c.b; ++b)
     for (int h = 0; h < c.hq; ++h)
-      for (int64_t i = 0; i < rows_pad; ++i) {
-        size_t const at = (size_t(b) * c.hq + h) * rows_pad + i;
-        double want_delta = 0, want_lse2 = INFINITY;
-        if (i < c.sq) {
-          size_t const dense = (size_t(b) * c.hq + h) * c.sq + i;
-          for (int t = 0; t < c.d; ++t) {
-            size_t const e = ((size_t(b) * c.sq + i) * c.hq + h) * c.d + t;
-            want_delta += double(from_bits(o[e], dt)) * from_bits(dout[e], dt);
+      for (int i = 0; i < c.sq; ++i) {
+        size_t const li = (size_t(b) * c.hq + h) * c.sq + i;
+        if (std::isinf(lse[li])) continue;  // no key: zero gradients
+        ref_scores(c, b, h, i, q, k, s);
+        size_t const qi = ((size_t(b) * c.sq + i) * c.hq + h) * d;
+        double delta = 0;
+        for (int t = 0; t < d; ++t) delta += double(dout[qi + t]) * out[qi + t];
+        if (dlse) delta -= (*dlse)[li];
+        for (int j = 0; j < c.sk; ++j) {
+          if (s[j] == -INFINITY) continue;
+          size_t const kj = ((size_t(b) * c.sk + j) * c.hk + h / g) * d;
+          double const p = std::exp(s[j] - double(lse[li]));
+          double dp = 0;
+          for (int t = 0; t < d; ++t) dp += double(dout[qi + t]) * v[kj + t];
+          double ds = p * (dp - delta);
+          if (c.softcap > 0) {
+            double const th = s[j] / c.softcap;
+            ds *= 1 - th * th;
           }
-          if (c.with_dlse) want_delta -= dlse[dense];
-          want_lse2 = lse[dense] == -INFINITY ? INFINITY : double(lse[dense]) * 1.4426950408889634;
+          ds *= c.scale;
+          for (int t = 0; t < d; ++t) {
+            dq[qi + t] += ds * k[kj + t];
+            dk[kj + t] += ds * q[qi + t];
+            dv[kj + t] += p * dout[qi + t];
+          }
         }
-        expect(std::fabs(delta[at] - want_delta) <= 1e-4 * (1 + std::fabs(want_delta)), "delta", c, dt, at,
-               delta[at], want_delta);
-        expect(std::isinf(want_lse2) ? (std::isinf(lse2[at]) && lse2[at] > 0)
-                                     : std::fabs(lse2[at] - want_lse2) <= 1e-5 * (1 + std::fabs(want_lse2)),
-               "lse_log2", c, dt, at, lse2[at], want_lse2);
-        for (int t = 0; t < c.d; ++t) expect(acc[at * c.d + t] == 0.f, "dq_accum zeroed", c, dt, at, acc[at * c.d + t], 0);
       }
-  if (c.hq != c.hk) {
-    auto dka = download(ws.dk_accum, nk), dva = download(ws.dv_accum, nk);
-    for (size_t i = 0; i < nk; ++i) {
-      expect(dka[i] == 0.f, "dk_accum zeroed", c, dt, i, dka[i], 0);
-      expect(dva[i] == 0.f, "dv_accum zeroed", c, dt, i, dva[i], 0);
-    }
-  }
-
-  // Postprocess: random accumulators in, dq = bf16(acc * scale), dk/dv = bf16(acc) with GQA.
-  std::vector<float> hacc(nrow * c.d), hka(nk), hva(nk);
-  for (auto& x : hacc) x = dist(rng) * 10.f;
-  for (auto& x : hka) x = dist(rng);
-  for (auto& x : hva) x = dist(rng);
-  CK(cudaMemcpy(ws.dq_accum, hacc.data(), hacc.size() * 4, cudaMemcpyHostToDevice));
-  if (c.hq != c.hk) {
-    CK(cudaMemcpy(ws.dk_accum, hka.data(), nk * 4, cudaMemcpyHostToDevice));
-    CK(cudaMemcpy(ws.dv_accum, hva.data(), nk * 4, cudaMemcpyHostToDevice));
-  }
-  st = fa3jax::run_bwd_postprocess(p, 0);
-  if (!st.ok()) {
-    std::printf("FAIL postprocess: %s (%s)\n", st.what, cudaGetErrorString(st.error));
-    ++g_failures;
-    return;
-  }
-  CK(cudaDeviceSynchronize());
-  auto dq = download(static_cast<uint16_t*>(p.dq), nq);
-  for (int b = 0; b < c.b; ++b)
-    for (int i = 0; i < c.sq; ++i)
-      for (int h = 0; h < c.hq; ++h)
-        for (int t = 0; t < c.d; ++t) {
-          size_t const e = ((size_t(b) * c.sq + i) * c.hq + h) * c.d + t;
-          float const want = from_bits(to_bits(hacc[((size_t(b) * c.hq + h) * rows_pad + i) * c.d + t] *
-                                               p.core.softmax_scale, dt), dt);
-          expect(from_bits(dq[e], dt) == want, "dq", c, dt, e, from_bits(dq[e], dt), want);
-        }
-  if (c.hq != c.hk) {
-    auto dk = download(static_cast<uint16_t*>(p.dk), nk), dv = download(static_cast<uint16_t*>(p.dv), nk);
-    for (size_t i = 0; i < nk; ++i) {
-      expect(from_bits(dk[i], dt) == from_bits(to_bits(hka[i], dt), dt), "dk", c, dt, i, from_bits(dk[i], dt), hka[i]);
-      expect(from_bits(dv[i], dt) == from_bits(to_bits(hva[i], dt), dt), "dv", c, dt, i, from_bits(dv[i], dt), hva[i]);
-    }
-  }
-  for (const void* ptr : {p.out, p.dout, static_cast<const void*>(p.lse), static_cast<const void*>(p.dlse),
-                          static_cast<const void*>(p.dq), static_cast<const void*>(p.dk),
-                          static_cast<const void*>(p.dv), static_cast<const void*>(p.workspace)})
-    if (ptr) CK(cudaFree(const_cast<void*>(ptr)));
 }
 
-int main() {
-  std::mt19937 rng(1234);
-  const Case cases[] = {
-      {2, 200, 150, 4, 4, 128, true},  // rows past a tile edge, MHA
-      {1, 77, 300, 8, 2, 64, false},   // GQA, no LSE cotangent
-      {2, 129, 129, 3, 1, 256, true},  // MQA, d=256
-      {1, 5, 9, 2, 2, 40, true},       // a head dim no tile has
+// max |got - want| / max(max |want|, 1e-3) over one gradient, and non-finite count.
+static double rel_err(const std::vector<uint16_t>& got, const std::vector<double>& want, DType dt, size_t& bad) {
+  double err = 0, mag = 1e-3;
+  for (size_t i = 0; i < want.size(); ++i) {
+    float const x = from_bits(got[i], dt);
+    if (!std::isfinite(x)) {
+      ++bad;
+      continue;
+    }
+    err = std::max(err, std::fabs(x - want[i]));
+    mag = std::max(mag, std::fabs(want[i]));
+  }
+  return err / mag;
+}
+
+static bool run_one(DType dt, int d, const Config& c, std::mt19937& rng, bool verbose) {
+  RefShape const rs{c.b, c.sq, c.sk, c.hq, c.hk, d, c.wl, c.wr, c.softcap, 1.f / std::sqrt(float(d))};
+  size_t const nq = size_t(c.b) * c.sq * c.hq * d, nk = size_t(c.b) * c.sk * c.hk * d;
+  size_t const nl = size_t(c.b) * c.hq * c.sq;
+  std::normal_distribution<float> dist(0.f, 1.f);
+  auto rounded = [&](size_t n, std::vector<uint16_t>& bits) {
+    std::vector<float> f(n);
+    bits.resize(n);
+    for (size_t i = 0; i < n; ++i) {
+      bits[i] = to_bits(dist(rng), dt);
+      f[i] = from_bits(bits[i], dt);
+    }
+    return f;
   };
-  int n = 0;
+  std::vector<uint16_t> qb, kb, vb, dob, ob(nq);
+  std::vector<float> q = rounded(nq, qb), k = rounded(nk, kb), v = rounded(nk, vb), dout = rounded(nq, dob);
+  std::vector<float> out(nq), lse(nl), dlse(nl);
+  ref_forward(rs, q, k, v, out, lse);
+  for (size_t i = 0; i < nq; ++i) {
+    ob[i] = to_bits(out[i], dt);
+    out[i] = from_bits(ob[i], dt);  // the kernel's delta sees the rounded output, as it would in training
+  }
+  for (auto& x : dlse) x = dist(rng);
+  std::vector<double> rdq(nq, 0.0), rdk(nk, 0.0), rdv(nk, 0.0);
+  ref_backward(rs, q, k, v, out, lse, dout, c.dlse ? &dlse : nullptr, rdq, rdk, rdv);
+
+  fa3jax::BwdParams p;
+  fa3jax::AttnCore& core = p.core;
+  core.batch = c.b, core.seqlen_q = c.sq, core.seqlen_k = c.sk, core.num_heads_q = c.hq, core.num_heads_k = c.hk;
+  core.head_dim = d, core.dtype = dt, core.softmax_scale = rs.scale, core.softcap = c.softcap;
+  core.window_left = c.wl, core.window_right = c.wr;
+  core.set_dense_strides();
+  core.q = upload(qb), core.k = upload(kb), core.v = upload(vb);
+  p.out = upload(ob), p.dout = upload(dob), p.lse = upload(lse), p.dlse = c.dlse ? upload(dlse) : nullptr;
+  // NaN-filled outputs and workspace: whatever a pass should write and does not shows up.
+  CK(cudaMalloc(&p.dq, nq * 2 + 16));
+  CK(cudaMalloc(&p.dk, nk * 2 + 16));
+  CK(cudaMalloc(&p.dv, nk * 2 + 16));
+  CK(cudaMemset(p.dq, 0xff, nq * 2));
+  CK(cudaMemset(p.dk, 0xff, nk * 2));
+  CK(cudaMemset(p.dv, 0xff, nk * 2));
+  size_t const ws = fa3jax::bwd_workspace_bytes(p);
+  CK(cudaMalloc(&p.workspace, ws));
+  CK(cudaMemset(p.workspace, 0xff, ws));
+  fa3jax::FwdStatus st = fa3jax::run_bwd(p, 0);
+  bool ok = st.ok();
+  if (!ok) std::printf("FAIL run_bwd: %s (%s)\n", st.what, cudaGetErrorString(st.error));
+  CK(cudaDeviceSynchronize());
+  size_t bad = 0;
+  double const eq = rel_err(download<uint16_t>(p.dq, nq), rdq, dt, bad);
+  double const ek = rel_err(download<uint16_t>(p.dk, nk), rdk, dt, bad);
+  double const ev = rel_err(download<uint16_t>(p.dv, nk), rdv, dt, bad);
+  // bf16 keeps 8 bits: its rounding of P, dS and the outputs gives ~1e-2 relative errors at the extremes.
+  double const tol = dt == DType::kBF16 ? 3e-2 : 5e-3;
+  ok = ok && bad == 0 && eq <= tol && ek <= tol && ev <= tol;
+  if (!ok || verbose)
+    std::printf("%s %s d=%d %-26s b=%d sq=%d sk=%d hq=%d hk=%d win=(%d,%d) cap=%g dlse=%d: rel err dq=%.2e dk=%.2e "
+                "dv=%.2e non-finite=%zu\n",
+                ok ? "ok  " : "FAIL", dt == DType::kBF16 ? "bf16" : "fp16", d, c.name, c.b, c.sq, c.sk, c.hq, c.hk,
+                c.wl, c.wr, c.softcap, int(c.dlse), eq, ek, ev, bad);
+  for (const void* ptr : {core.q, core.k, core.v, p.out, p.dout, static_cast<const void*>(p.lse),
+                          static_cast<const void*>(p.dlse), static_cast<const void*>(p.dq),
+                          static_cast<const void*>(p.dk), static_cast<const void*>(p.dv),
+                          static_cast<const void*>(p.workspace)})
+    if (ptr) CK(cudaFree(const_cast<void*>(ptr)));
+  return ok;
+}
+
+// Timings of the forward and the whole backward on the issue's shapes (h=16, b*s=16384), random inputs; the
+// forward's out/lse feed the backward. TFLOPS with FA's count: fwd 4*b*s^2*h*d (halved causal), bwd 2.5x that.
+static void bench(DType dt, int d) {
+  int const h = 16;
+  for (int s : {512, 1024, 2048, 4096, 8192, 16384}) {
+    for (int causal : {0, 1}) {
+      int const b = 16384 / s;
+      size_t const n = size_t(b) * s * h * d;
+      fa3jax::FwdParams fp;
+      fa3jax::AttnCore& c = fp.core;
+      c.batch = b, c.seqlen_q = s, c.seqlen_k = s, c.num_heads_q = h, c.num_heads_k = h, c.head_dim = d;
+      c.dtype = dt, c.softmax_scale = 1.f / std::sqrt(float(d)), c.window_right = causal ? 0 : -1;
+      c.set_dense_strides();
+      void *q, *k, *v, *o, *dout, *dq, *dk, *dv, *fws, *bws;
+      float* lse;
+      for (void** ptr : {&q, &k, &v, &o, &dout, &dq, &dk, &dv}) CK(cudaMalloc(ptr, n * 2));
+      CK(cudaMalloc(&lse, size_t(b) * h * s * 4));
+      uint32_t seed = 1;
+      for (void* ptr : {q, k, v, dout}) fill_uniform<<<1024, 256>>>(static_cast<uint16_t*>(ptr), n, seed++, dt == DType::kBF16);
+      CK(cudaMalloc(&fws, fa3jax::kFwdWorkspaceBytes));
+      c.q = q, c.k = k, c.v = v, fp.out = o, fp.lse = lse, fp.workspace = fws;
+      fa3jax::BwdParams bp;
+      bp.core = c, bp.out = o, bp.dout = dout, bp.lse = lse, bp.dq = dq, bp.dk = dk, bp.dv = dv;
+      CK(cudaMalloc(&bws, fa3jax::bwd_workspace_bytes(bp)));
+      bp.workspace = bws;
+      cudaEvent_t e0, e1, e2;
+      CK(cudaEventCreate(&e0)); CK(cudaEventCreate(&e1)); CK(cudaEventCreate(&e2));
+      auto fwd = [&] { fa3jax::FwdStatus st = fa3jax::run_fwd(fp, 0); if (!st.ok()) std::printf("fwd: %s\n", st.what); };
+      auto bwd = [&] { fa3jax::FwdStatus st = fa3jax::run_bwd(bp, 0); if (!st.ok()) std::printf("bwd: %s\n", st.what); };
+      fwd(); bwd(); fwd(); bwd();
+      CK(cudaDeviceSynchronize());
+      int const iters = 10;
+      float tf = 0, tb = 0;
+      for (int round = 0; round < 3; ++round) {  // interleaved rounds, best of 3
+        CK(cudaEventRecord(e0));
+        for (int i = 0; i < iters; ++i) fwd();
+        CK(cudaEventRecord(e1));
+        for (int i = 0; i < iters; ++i) bwd();
+        CK(cudaEventRecord(e2));
+        CK(cudaEventSynchronize(e2));
+        float a, bb;
+        CK(cudaEventElapsedTime(&a, e0, e1));
+        CK(cudaEventElapsedTime(&bb, e1, e2));
+        tf = round == 0 ? a : std::min(tf, a);
+        tb = round == 0 ? bb : std::min(tb, bb);
+      }
+      tf /= iters, tb /= iters;
+      double const flops = 4.0 * b * double(s) * s * h * d / (causal ? 2 : 1);
+      std::printf("bench %s d=%d b=%d s=%d h=%d %s: fwd %.3f ms %.0f TFLOPS | bwd %.3f ms %.0f TFLOPS | fwd+bwd %.0f TFLOPS\n",
+                  dt == DType::kBF16 ? "bf16" : "fp16", d, b, s, h, causal ? "causal" : "full", tf, flops / tf / 1e9,
+                  tb, 2.5 * flops / tb / 1e9, 3.5 * flops / (tf + tb) / 1e9);
+      for (void* ptr : {q, k, v, o, dout, dq, dk, dv, fws, bws, static_cast<void*>(lse)}) CK(cudaFree(ptr));
+      CK(cudaEventDestroy(e0)); CK(cudaEventDestroy(e1)); CK(cudaEventDestroy(e2));
+    }
+  }
+}
+
+int main(int argc, char** argv) {
+  std::setvbuf(stdout, nullptr, _IOLBF, 0);
+  bool quick = false, do_bench = false, bench_only = false;
+  int only_d = 0;
+  for (int i = 1; i < argc; ++i) {
+    if (!std::strcmp(argv[i], "--quick")) quick = true;
+    else if (!std::strcmp(argv[i], "--bench")) do_bench = true;
+    else if (!std::strcmp(argv[i], "--bench-only")) do_bench = bench_only = true;
+    else if (!std::strcmp(argv[i], "--head-dim") && i + 1 < argc) only_d = std::atoi(argv[++i]);
+    else {
+      std::fprintf(stderr, "unknown argument %s\n", argv[i]);
+      return 2;
+    }
+  }
+  int dev;
+  cudaDeviceProp prop;
+  CK(cudaGetDevice(&dev));
+  CK(cudaGetDeviceProperties(&prop, dev));
+  std::printf("device: %s (sm_%d%d); backward compiled: %s\n", prop.name, prop.major, prop.minor,
+              fa3jax::bwd_compiled_list());
+  if (prop.major != 9 || prop.minor != 0) {
+    std::printf("needs an sm_90 GPU\n");
+    return 3;
+  }
+  const Config configs[] = {
+      {1, 128, 128, 1, 1, -1, -1, 0.f, false, "full-aligned"},
+      {2, 200, 150, 4, 4, -1, -1, 0.f, true, "full-ragged+dlse"},
+      {2, 300, 300, 2, 2, -1, 0, 0.f, false, "causal"},
+      {1, 77, 300, 8, 2, -1, 0, 0.f, true, "gqa-causal-sq<sk"},
+      {1, 300, 77, 2, 2, -1, 0, 0.f, false, "causal-sq>sk(empty rows)"},
+      {1, 333, 333, 2, 1, 64, 32, 0.f, false, "mqa-window(64,32)"},
+      {1, 64, 1000, 2, 2, 10, 5, 0.f, false, "narrow-window(empty keys)"},
+      {1, 190, 260, 2, 2, -1, 0, 30.f, true, "causal-softcap30"},
+      {1, 256, 256, 2, 2, -1, -1, 5.f, false, "full-softcap5"},
+      {2, 7, 3, 3, 1, -1, -1, 0.f, false, "tiny"},
+  };
+  std::mt19937 rng(1234);
+  int failures = 0, runs = 0;
   for (DType dt : {DType::kBF16, DType::kFP16})
-    for (const Case& c : cases) run_case(c, dt, rng), ++n;
-  std::printf("%d/%d cases run, %d failures: %s\n", n, n, g_failures, g_failures ? "FAILED" : "passed");
-  return g_failures ? 1 : 0;
+    for (int d : {64, 128, 256}) {
+      if (!fa3jax::bwd_compiled(dt, d) || (only_d && d != only_d)) continue;
+      if (!bench_only)
+        for (const Config& c : configs) {
+          ++runs;
+          failures += !run_one(dt, d, c, rng, true);
+          if (quick) break;
+        }
+      if (do_bench && dt == DType::kBF16) bench(dt, d);
+    }
+  std::printf("%d/%d backward configs passed: %s\n", runs - failures, runs, failures ? "FAILED" : "passed");
+  return failures ? 1 : 0;
 }

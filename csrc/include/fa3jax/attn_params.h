@@ -10,6 +10,8 @@
 #include <cstdint>
 #include <cuda_runtime_api.h>
 
+#include "bwd_layout.h"
+
 namespace fa3jax {
 
 enum class DType : int { kBF16 = 0, kFP16 = 1 };
@@ -113,19 +115,19 @@ const char* fwd_compiled_list();
 const char* fwd_arch();
 
 // Backward: core + the forward's out/LSE + the cotangents + gradients, and the fp32 workspace the passes share.
-// Rows of the per-row buffers are padded to kBwdBlockM so that the main kernel's query tiles never need a bound.
-inline constexpr int kBwdBlockM = 128;
+// Rows of the per-row buffers are padded to kBwdBlockM (bwd_layout.h) so that the main kernel's query tiles never
+// need a bound.
 struct BwdParams {
   AttnCore core;
-  const void* out = nullptr;   // (b, sq, hq, d), like q
-  const void* dout = nullptr;  // (b, sq, hq, d)
+  const void* out = nullptr;   // (b, sq, hq, d), dense
+  const void* dout = nullptr;  // (b, sq, hq, d), dense
   const float* lse = nullptr;  // (b, hq, sq), natural log, -inf for rows that saw no key
   const float* dlse = nullptr; // (b, hq, sq) cotangent of the LSE, or nullptr (zero)
-  void* dq = nullptr;          // (b, sq, hq, d)
-  void* dk = nullptr;          // (b, sk, hk, d)
-  void* dv = nullptr;          // (b, sk, hk, d)
-  // Workspace (bwd_workspace_bytes): dq_accum fp32 (b, hq, sq_pad, d); delta and lse_log2 fp32 (b, hq, sq_pad);
-  // with GQA also dk_accum / dv_accum fp32 (b, sk, hk, d), summed over each group's query heads.
+  void* dq = nullptr;          // (b, sq, hq, d), dense
+  void* dk = nullptr;          // (b, sk, hk, d), dense
+  void* dv = nullptr;          // (b, sk, hk, d), dense
+  // Workspace (bwd_workspace_bytes, 256-byte aligned): dq_accum fp32 (b, hq, sq_pad, d) in the tile order of
+  // bwd_layout.h; delta and lse_log2 fp32 (b, hq, sq_pad).
   void* workspace = nullptr;
 };
 
@@ -134,8 +136,6 @@ struct BwdWorkspace {
   float* dq_accum = nullptr;
   float* delta = nullptr;     // rowsum(dO * O) - dlse: the softmax gradient's row term (FA2 paper, Alg. 2)
   float* lse_log2 = nullptr;  // lse * log2(e); +inf where lse is -inf so that exp2(s - lse_log2) is 0
-  float* dk_accum = nullptr;  // GQA only
-  float* dv_accum = nullptr;
 };
 size_t bwd_workspace_bytes(const BwdParams& p);
 BwdWorkspace bwd_workspace(const BwdParams& p);
@@ -144,10 +144,21 @@ BwdWorkspace bwd_workspace(const BwdParams& p);
 const char* bwd_check(const BwdParams& p);
 
 // The passes around the main kernel, each on `stream`, never throwing:
-//   preprocess:  delta, lse_log2 (padded rows: 0 and +inf) and dq_accum zeroed (dk/dv_accum too with GQA);
-//   postprocess: dq = dq_accum * softmax_scale in the input dtype (and dk, dv from their accumulators with GQA).
+//   preprocess:  delta, lse_log2 (padded rows: 0 and +inf) and dq_accum zeroed;
+//   postprocess: dq = dq_accum * softmax_scale in the input dtype.
 FwdStatus run_bwd_preprocess(const BwdParams& p, cudaStream_t stream);
 FwdStatus run_bwd_postprocess(const BwdParams& p, cudaStream_t stream);
+
+// The whole backward (checks, preprocess, main kernel, postprocess) on `stream`. Never throws.
+FwdStatus run_bwd(const BwdParams& p, cudaStream_t stream);
+
+// Whether (dtype, head_dim) has a compiled backward, and the list as "bf16:128;..." (static string).
+bool bwd_compiled(DType dtype, int head_dim);
+const char* bwd_compiled_list();
+
+// Per-instantiation main kernels (generated translation units).
+template <DType kDType, int kHeadDim>
+FwdStatus run_bwd_instance(const BwdParams& p, BwdWorkspace const& ws, cudaStream_t stream);
 
 // Per-instantiation entry points (defined in generated translation units). kWide: FwdPolicyWide's tiles instead
 // of FwdPolicy's.

@@ -10,7 +10,7 @@
 
 #include "attn_params.h"
 #include "kernel.h"
-#include "fwd_policy.h"  // generated (generate_instantiations.py)
+#include "policy.h"  // generated (generate_instantiations.py)
 
 namespace fa3jax {
 

@@ -1,0 +1,112 @@
+// The backward main kernel: warpgroup 0 = TMA producer, warpgroups 1.. = MMA consumers (64 keys each), register
+// reallocation with setmaxnreg, one CTA per (key block, kv head, batch). dK and dV are accumulated in registers
+// over the group's query heads (GQA/MQA: no per-query-head copies and no fp32 dK/dV buffers) and written once.
+#pragma once
+
+#include <cutlass/arch/barrier.h>
+#include <cutlass/arch/reg_reconfig.h>
+
+#include "bwd_kernel_traits.h"
+#include "bwd_mainloop.h"
+#include "mask.h"
+#include "utils.h"
+
+namespace fa3jax {
+
+// dK (scaled by the softmax scale) and dV of one key block to global memory (b, sk, hk, d), rows < seqlen_k.
+template <class KT, class TdK, class TdV>
+CUTE_DEVICE void bwd_store_dkdv(typename KT::Params const& p, BwdTile const& tile, int mma_tid, TdK const& tdKrdK,
+                                TdV const& tdVrdV) {
+  using Element = typename KT::Element;
+  typename KT::TiledMmadKV mma_dkv;
+  auto thr = mma_dkv.get_thread_slice(mma_tid);
+  Tensor c = make_identity_tensor(Shape<typename KT::BlkN, typename KT::HDim>{});
+  Tensor tc = thr.partition_C(c);
+  Tensor rc = make_tensor(tc.data(), acc_rowcol(tc.layout()));
+  Tensor dK = make_tensor(tdKrdK.data(), acc_rowcol(tdKrdK.layout()));
+  Tensor dV = make_tensor(tdVrdV.data(), acc_rowcol(tdVrdV.layout()));
+  Element* dk = static_cast<Element*>(p.dk);
+  Element* dv = static_cast<Element*>(p.dv);
+  int const n0 = tile.n_block * KT::kBlockN;
+  CUTE_UNROLL
+  for (int r = 0; r < size<0>(dK); ++r) {
+    int const key = n0 + int(get<0>(rc(r, 0)));
+    if (key >= p.seqlen_k) continue;
+    int64_t const row = ((int64_t(tile.batch) * p.seqlen_k + key) * p.num_heads_k + tile.head_k) * KT::kHeadDim;
+    CUTE_UNROLL
+    for (int cc = 0; cc < size<1>(dK); cc += 2) {
+      int const col = int(get<1>(rc(r, cc)));
+      cutlass::Array<Element, 2> k2, v2;
+      k2[0] = Element(dK(r, cc) * p.dk_scale);
+      k2[1] = Element(dK(r, cc + 1) * p.dk_scale);
+      v2[0] = Element(dV(r, cc));
+      v2[1] = Element(dV(r, cc + 1));
+      *reinterpret_cast<cutlass::Array<Element, 2>*>(dk + row + col) = k2;
+      *reinterpret_cast<cutlass::Array<Element, 2>*>(dv + row + col) = v2;
+    }
+  }
+}
+
+// kSoftcap: p.softcap > 0. Two kernels rather than one branch: in one kernel the softcap loop's register pressure
+// (S^T, dP^T and dK/dV live together) made ptxas spill in both loops (88 B; 0 B in the plain kernel alone).
+template <class KT, bool kSoftcap>
+__global__ void __launch_bounds__(KT::kNumThreads, 1) bwd_kernel(__grid_constant__ typename KT::Params const p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  using Mainloop = BwdMainloop<KT>;
+  using Pipeline = typename KT::Pipeline;
+  using PipelineState = typename KT::PipelineState;
+  using SharedStorage = typename KT::SharedStorage;
+
+  extern __shared__ __align__(1024) uint8_t smem_raw[];
+  uintptr_t const base = (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023);
+  SharedStorage& ss = *reinterpret_cast<SharedStorage*>(base);
+
+  int const warp_idx = cutlass::canonical_warp_idx_sync();
+  int const wg_idx = cutlass::canonical_warp_group_idx();
+  bool const is_leader = threadIdx.x == 0;
+  if (is_leader) {
+    cute::prefetch_tma_descriptor(p.tma_q.get_tma_descriptor());
+    cute::prefetch_tma_descriptor(p.tma_do.get_tma_descriptor());
+    cute::prefetch_tma_descriptor(p.tma_k.get_tma_descriptor());
+    cute::prefetch_tma_descriptor(p.tma_v.get_tma_descriptor());
+    cute::initialize_barrier(ss.barrier_kv, 1);
+  }
+  typename Pipeline::Params pp;
+  pp.role = wg_idx == 0 ? Pipeline::ThreadCategory::Producer : Pipeline::ThreadCategory::Consumer;
+  pp.is_leader = is_leader;
+  pp.num_consumers = KT::kNumMmaThreads;
+  pp.transaction_bytes = KT::kBytesStage;
+  Pipeline pipe(ss.pipeline_q, pp, typename KT::ClusterShape{});
+  __syncthreads();
+
+  BwdTile const tile{int(blockIdx.x), int(blockIdx.y), int(blockIdx.z)};
+  typename Mainloop::KM const km(tile.n_block, p.seqlen_q, p.seqlen_k, p.window_left, p.window_right);
+  bool const any = km.num_blocks() > 0;  // else dK = dV = 0 and nothing is loaded
+
+  if (wg_idx == 0) {
+    cutlass::arch::warpgroup_reg_dealloc<KT::kProducerRegs>();
+    if (warp_idx == 0 && any) {
+      PipelineState st = cutlass::make_producer_start_state<Pipeline>();
+      Mainloop::load(p, ss, pipe, st, tile, km);
+      pipe.producer_tail(st);  // do not exit while a stage may still be released
+    }
+  } else {
+    cutlass::arch::warpgroup_reg_alloc<KT::kConsumerRegs>();
+    int const mma_tid = int(threadIdx.x) - 128;
+    int const mma_wg = wg_idx - 1;
+    typename KT::TiledMmadKV mma_dkv;
+    Tensor tdKrdK = partition_fragment_C(mma_dkv, Shape<typename KT::BlkN, typename KT::HDim>{});
+    Tensor tdVrdV = partition_fragment_C(mma_dkv, Shape<typename KT::BlkN, typename KT::HDim>{});
+    clear(tdKrdK);
+    clear(tdVrdV);
+    if (any) {
+      PipelineState st;
+      Mainloop::template mma<kSoftcap>(p, ss, pipe, st, tile, km, mma_tid, mma_wg, tdKrdK, tdVrdV);
+    }
+    bwd_store_dkdv<KT>(p, tile, mma_tid, tdKrdK, tdVrdV);
+    Mainloop::finish(mma_tid);
+  }
+#endif
+}
+
+}  // namespace fa3jax

@@ -1,0 +1,65 @@
+// Host-side launcher of one backward main-kernel instantiation: TMA descriptors for q, dO, k, v, the kernel's
+// params, one CTA per (key block, kv head, batch). Included only by the generated per-instantiation units; the
+// passes around it (preprocess, postprocess) and the checks are in src/bwd_dispatch.cc.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "attn_params.h"
+#include "bwd_kernel.h"
+#include "launch.h"  // ElementOf
+#include "policy.h"  // generated (generate_instantiations.py)
+
+namespace fa3jax {
+
+template <DType kDType, int kHeadDim>
+using BwdTraitsFor = BwdKernelTraits<typename ElementOf<kDType>::type, kHeadDim, BwdPolicy<kHeadDim>::kBlockM,
+                                     BwdPolicy<kHeadDim>::kBlockN, BwdPolicy<kHeadDim>::kStages,
+                                     BwdPolicy<kHeadDim>::kProducerRegs, BwdPolicy<kHeadDim>::kConsumerRegs>;
+
+template <DType kDType, int kHeadDim>
+FwdStatus launch_bwd_main(const BwdParams& bp, BwdWorkspace const& ws, cudaStream_t stream) {
+  using KT = BwdTraitsFor<kDType, kHeadDim>;
+  using Element = typename KT::Element;
+  constexpr int D = kHeadDim;
+  AttnCore const& c = bp.core;
+  int const b = c.batch, sq = c.seqlen_q, sk = c.seqlen_k, hq = c.num_heads_q, hk = c.num_heads_k;
+  auto tensor = [&](void const* ptr, int rows, int heads, Strides const& s) {
+    return make_tensor(make_gmem_ptr(static_cast<Element const*>(ptr)), make_shape(rows, D, heads, b),
+                       make_stride(s.row, _1{}, s.head, s.batch));
+  };
+  Strides const dense_q{int64_t(hq) * D, int64_t(D), int64_t(sq) * hq * D};  // dO is dense like out
+  int const num_m_blocks = (sq + KT::kBlockM - 1) / KT::kBlockM;
+  constexpr float kLog2e = 1.4426950408889634f;
+  bool const capped = c.softcap > 0.f;
+  typename KT::Params kp{
+      KT::make_tma_q(tensor(c.q, sq, hq, c.q_stride)),
+      KT::make_tma_q(tensor(bp.dout, sq, hq, dense_q)),
+      KT::make_tma_k(tensor(c.k, sk, hk, c.k_stride)),
+      KT::make_tma_k(tensor(c.v, sk, hk, c.v_stride)),
+      bp.dk,
+      bp.dv,
+      ws.dq_accum,
+      ws.lse_log2,
+      ws.delta,
+      b, sq, sk, hq, hk, hq / hk, num_m_blocks,
+      c.window_left < 0 ? -1 : c.window_left,
+      c.window_right < 0 ? -1 : c.window_right,
+      capped ? kLog2e : c.softmax_scale * kLog2e,
+      capped ? c.softmax_scale / c.softcap : 0.f,
+      capped ? c.softcap : 0.f,
+      c.softmax_scale};
+
+  auto kernel = capped ? &bwd_kernel<KT, true> : &bwd_kernel<KT, false>;
+  constexpr int smem = KT::kSmemBytes;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err != cudaSuccess) return {err, "cudaFuncSetAttribute(MaxDynamicSharedMemorySize), bwd"};
+  dim3 const grid(unsigned((sk + KT::kBlockN - 1) / KT::kBlockN), unsigned(hk), unsigned(b));
+  kernel<<<grid, KT::kNumThreads, smem, stream>>>(kp);
+  err = cudaGetLastError();
+  if (err != cudaSuccess) return {err, "bwd kernel launch"};
+  return {};
+}
+
+}  // namespace fa3jax

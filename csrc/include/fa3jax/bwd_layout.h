@@ -1,0 +1,35 @@
+// Layout of the backward's fp32 dQ accumulator (BwdWorkspace::dq_accum), shared by the main kernel, which adds
+// into it, and the postprocess, which reads it. Plain C++ (host and device), no CuTe.
+//
+// dq_accum holds one tile of kBwdBlockM x d floats per (batch, query head, query block), tiles in that order.
+// Inside a tile, consumer warpgroup w owns columns [w * C, (w + 1) * C) (C = d / warpgroups) and stores them in
+// its accumulator-register order, value v of thread t at w * kBwdBlockM * C + v * 128 + t: the main kernel then
+// stages a partial in shared memory with conflict-free, coalesced stores and adds the whole slice with one bulk
+// reduce-add. The register order is the m64nCk16 fp32 accumulator's (PTX ISA, wgmma register fragments):
+// row = 16 * warp + lane / 4 + 8 * ((v / 2) % 2), col = 2 * (lane % 4) + v % 2 + 8 * (v / 4).
+#pragma once
+
+#if defined(__CUDACC__)
+#define FA3JAX_HOST_DEVICE __host__ __device__
+#else
+#define FA3JAX_HOST_DEVICE
+#endif
+
+namespace fa3jax {
+
+inline constexpr int kBwdBlockM = 64;  // query rows per step of the main kernel (one WGMMA M)
+
+// Index of element (row, col) of a tile, 0 <= row < kBwdBlockM, 0 <= col < d; cols_per_wg = C above.
+FA3JAX_HOST_DEVICE inline int dq_tile_index(int row, int col, int cols_per_wg) {
+  int const w = col / cols_per_wg, c = col - w * cols_per_wg;
+  int const warp = row / 16, r = row % 16;
+  int const t = warp * 32 + (r % 8) * 4 + (c % 8) / 2;
+  int const v = (c / 8) * 4 + (r / 8) * 2 + (c % 2);
+  return w * kBwdBlockM * cols_per_wg + v * 128 + t;
+}
+
+// Consumer warpgroups of the main kernel for a head dim (one per 64 keys of its key block): fixed by the policy,
+// which the postprocess must agree with; bwd_dispatch.cc checks it against the compiled traits.
+inline constexpr int kBwdNumMmaWG = 2;
+
+}  // namespace fa3jax

@@ -1,0 +1,278 @@
+// Backward mainloop: the TMA producer and the consumer warpgroups' five GEMMs per query block (bwd_kernel_traits.h
+// says which and why transposed).
+//
+// Consumer step for query block m (stage s of the Q/dO ring):
+//   issue S^T = K Q^T and dP^T = V dO^T; wait for S^T; P^T = exp2(S^T * scale_log2 - lse_log2) (mask where the
+//   block needs it), converted to bf16/fp16; issue dV += P^T dO under which dS^T = P^T (dP^T - delta) is formed;
+//   issue dK += dS^T Q; put dS^T in shared memory; once every warpgroup has (named barrier), issue this
+//   warpgroup's columns of dQ = dS K; wait for all; release stage s; add the dQ partial into global memory with a
+//   bulk reduce-add (cp.reduce.async.bulk, fp32 add in L2), so no CTA waits for another.
+// With softcap the scores' tanh is also needed for dS, so that path waits for both S^T and dP^T first.
+#pragma once
+
+#include <cute/arch/copy_sm90.hpp>
+#include <cute/arch/copy_sm90_tma.hpp>
+#include <cutlass/arch/barrier.h>
+
+#include "bwd_kernel_traits.h"
+#include "bwd_layout.h"
+#include "mask.h"
+#include "utils.h"
+
+namespace fa3jax {
+
+// One CTA's work: key block n_block of kv head head_k in batch `batch`, over the query heads of head_k's group.
+struct BwdTile {
+  int n_block, head_k, batch;
+};
+
+// dst (global fp32) += src (shared fp32), `bytes` a multiple of 16, as one asynchronous bulk operation of the
+// issuing thread's bulk group (completed with cute::tma_store_wait, committed with cute::tma_store_arrive).
+CUTE_DEVICE void bulk_reduce_add_f32(float* dst, float const* src, int bytes) {
+  asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n"
+               :
+               : "l"(dst), "r"(cute::cast_smem_ptr_to_uint(src)), "r"(bytes)
+               : "memory");
+}
+
+template <class KT>
+struct BwdMainloop {
+  using Element = typename KT::Element;
+  using Params = typename KT::Params;
+  using SharedStorage = typename KT::SharedStorage;
+  using Pipeline = typename KT::Pipeline;
+  using PipelineState = typename KT::PipelineState;
+  using KM = KBlockMask<KT::kBlockM, KT::kBlockN>;
+  using BlkM = typename KT::BlkM;
+  using BlkN = typename KT::BlkN;
+  using HDim = typename KT::HDim;
+  static constexpr int kBlockM = KT::kBlockM;
+  static constexpr int kHeadDim = KT::kHeadDim;
+  // Named barriers (0 is __syncthreads): dS of all warpgroups in shared memory; then one per warpgroup for its
+  // dQ staging slice.
+  static constexpr int kDsBarrier = 1;
+  static constexpr int kDqBarrier = 2;
+  static_assert(kDqBarrier + KT::kNumMmaWG <= 16, "out of named barriers");
+  static_assert(kBlockM == kBwdBlockM && KT::kNumMmaWG == kBwdNumMmaWG, "dq_accum layout (bwd_layout.h)");
+
+  // Query blocks this CTA visits per query head (0 when no query sees its keys).
+  CUTE_DEVICE static int steps_per_head(KM const& km) { return km.num_blocks(); }
+
+  // Producer, called by the whole warp 0 (lane 0 issues): K and V once, then Q, dO, lse_log2 and delta of every
+  // (query head of the group, query block) in the consumers' order, into the pipeline's stages.
+  CUTE_DEVICE static void load(Params const& p, SharedStorage& ss, Pipeline& pipe, PipelineState& st,
+                               BwdTile const& tile, KM const& km) {
+    bool const lane0 = threadIdx.x % 32 == 0;
+    Tensor sK = make_tensor(make_smem_ptr(ss.smem_k.data()), typename KT::SmemLayoutK{});
+    Tensor sV = make_tensor(make_smem_ptr(ss.smem_v.data()), typename KT::SmemLayoutK{});
+    Tensor sQ = make_tensor(make_smem_ptr(ss.smem_q.data()), typename KT::SmemLayoutQ{});
+    Tensor sdO = make_tensor(make_smem_ptr(ss.smem_do.data()), typename KT::SmemLayoutQ{});
+
+    Tensor mK = p.tma_k.get_tma_tensor(make_shape(p.seqlen_k, int(kHeadDim), p.num_heads_k, p.batch));
+    Tensor mV = p.tma_v.get_tma_tensor(make_shape(p.seqlen_k, int(kHeadDim), p.num_heads_k, p.batch));
+    Tensor gK = local_tile(mK(_, _, tile.head_k, tile.batch), Shape<BlkN, HDim>{}, make_coord(tile.n_block, _0{}));
+    Tensor gV = local_tile(mV(_, _, tile.head_k, tile.batch), Shape<BlkN, HDim>{}, make_coord(tile.n_block, _0{}));
+    auto [tKgK, tKsK] = tma_partition(p.tma_k, _0{}, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gK));
+    auto [tVgV, tVsV] = tma_partition(p.tma_v, _0{}, Layout<_1>{}, group_modes<0, 2>(sV), group_modes<0, 2>(gV));
+    if (lane0) {
+      cute::set_barrier_transaction_bytes(ss.barrier_kv, KT::kBytesKV);
+      copy(p.tma_k.with(ss.barrier_kv), tKgK, tKsK);
+      copy(p.tma_v.with(ss.barrier_kv), tVgV, tVsV);
+    }
+
+    Tensor mQ = p.tma_q.get_tma_tensor(make_shape(p.seqlen_q, int(kHeadDim), p.num_heads_q, p.batch));
+    Tensor mdO = p.tma_do.get_tma_tensor(make_shape(p.seqlen_q, int(kHeadDim), p.num_heads_q, p.batch));
+    int64_t const rows_pad = int64_t(p.num_m_blocks) * kBlockM;
+    for (int g = 0; g < p.group_size; ++g) {
+      int const h = tile.head_k * p.group_size + g;
+      Tensor gQ = local_tile(mQ(_, _, h, tile.batch), Shape<BlkM, HDim>{}, make_coord(_, _0{}));  // (M, D, m)
+      Tensor gdO = local_tile(mdO(_, _, h, tile.batch), Shape<BlkM, HDim>{}, make_coord(_, _0{}));
+      auto [tQgQ, tQsQ] = tma_partition(p.tma_q, _0{}, Layout<_1>{}, group_modes<0, 2>(sQ), group_modes<0, 2>(gQ));
+      auto [tdOgdO, tdOsdO] =
+          tma_partition(p.tma_do, _0{}, Layout<_1>{}, group_modes<0, 2>(sdO), group_modes<0, 2>(gdO));
+      int64_t const row0 = (int64_t(tile.batch) * p.num_heads_q + h) * rows_pad;
+      for (int m = km.m_min; m < km.m_max; ++m) {
+        pipe.producer_acquire(st);
+        if (lane0) {
+          uint64_t* bar = pipe.producer_get_barrier(st);
+          int const s = st.index();
+          copy(p.tma_q.with(*bar), tQgQ(_, m), tQsQ(_, s));
+          copy(p.tma_do.with(*bar), tdOgdO(_, m), tdOsdO(_, s));
+          int64_t const r = row0 + int64_t(m) * kBlockM;
+          SM90_BULK_COPY_G2S::copy(p.lse_log2 + r, bar, ss.smem_lse[s], KT::kBytesRow);
+          SM90_BULK_COPY_G2S::copy(p.delta + r, bar, ss.smem_delta[s], KT::kBytesRow);
+        }
+        ++st;
+      }
+    }
+  }
+
+  // Frees stage st for the producer (a local mbarrier arrive per consumer thread, as in FwdMainloop::release).
+  CUTE_DEVICE static void release(typename Pipeline::SharedStorage& storage, PipelineState st) {
+    storage.empty_barrier_[st.index()].arrive();
+  }
+
+  // Consumer loop over the group's query heads and the query blocks that see this key block. Accumulates dK
+  // (without the softmax scale) and dV in tdKrdK / tdVrdV; adds the dQ partials into p.dq_accum.
+  // kSoftcap: p.softcap > 0 (a template parameter so the plain loop carries no test of it).
+  template <bool kSoftcap, class TdK, class TdV>
+  CUTE_DEVICE static void mma(Params const& p, SharedStorage& ss, Pipeline& pipe, PipelineState& st,
+                              BwdTile const& tile, KM const& km, int mma_tid, int mma_wg, TdK& tdKrdK,
+                              TdV& tdVrdV) {
+    typename KT::TiledMmaSdP mma_sdp;
+    typename KT::TiledMmadKV mma_dkv;
+    typename KT::TiledMmadQ mma_dq;
+    auto thr_sdp = mma_sdp.get_thread_slice(mma_tid);
+    auto thr_dkv = mma_dkv.get_thread_slice(mma_tid);
+    auto thr_dq = mma_dq.get_thread_slice(mma_tid);
+
+    Tensor sK = make_tensor(make_smem_ptr(ss.smem_k.data()), typename KT::SmemLayoutK{});
+    Tensor sV = make_tensor(make_smem_ptr(ss.smem_v.data()), typename KT::SmemLayoutK{});
+    Tensor sKt = make_tensor(make_smem_ptr(ss.smem_k.data()), typename KT::SmemLayoutKt{});
+    Tensor sQ = make_tensor(make_smem_ptr(ss.smem_q.data()), typename KT::SmemLayoutQ{});
+    Tensor sQt = make_tensor(make_smem_ptr(ss.smem_q.data()), typename KT::SmemLayoutQt{});
+    Tensor sdO = make_tensor(make_smem_ptr(ss.smem_do.data()), typename KT::SmemLayoutQ{});
+    Tensor sdOt = make_tensor(make_smem_ptr(ss.smem_do.data()), typename KT::SmemLayoutQt{});
+    Tensor sdS = make_tensor(make_smem_ptr(ss.smem_ds.data()), typename KT::SmemLayoutdS{});
+    Tensor sdSt = make_tensor(make_smem_ptr(ss.smem_ds.data()), typename KT::SmemLayoutdSt{});
+
+    // GMMA descriptors (MMA, MMA_M|N, MMA_K[, stage or buffer]).
+    Tensor tSrK = thr_sdp.partition_fragment_A(sK);
+    Tensor tSrQ = thr_sdp.partition_fragment_B(sQ);
+    Tensor tdPrV = thr_sdp.partition_fragment_A(sV);
+    Tensor tdPrdO = thr_sdp.partition_fragment_B(sdO);
+    Tensor tdVrdO = thr_dkv.partition_fragment_B(sdOt);
+    Tensor tdKrQ = thr_dkv.partition_fragment_B(sQt);
+    Tensor tdQrdS = thr_dq.partition_fragment_A(sdS);
+    Tensor tdQrK = thr_dq.partition_fragment_B(sKt);
+
+    // Accumulators and their register-A views.
+    Tensor tSrS = partition_fragment_C(mma_sdp, Shape<BlkN, BlkM>{});
+    Tensor tdPrdP = partition_fragment_C(mma_sdp, Shape<BlkN, BlkM>{});
+    Tensor tdQrdQ = partition_fragment_C(mma_dq, Shape<BlkM, HDim>{});
+    Tensor rP = make_fragment_like<Element>(tSrS);
+    Tensor rdS = make_fragment_like<Element>(tdPrdP);
+    Tensor tdVrP = make_tensor(rP.data(), acc_to_a_regs(rP.layout()));
+    Tensor tdKrdS = make_tensor(rdS.data(), acc_to_a_regs(rdS.layout()));
+    Tensor S = make_tensor(tSrS.data(), acc_rowcol(tSrS.layout()));
+    Tensor dP = make_tensor(tdPrdP.data(), acc_rowcol(tdPrdP.layout()));
+    // (key, query) tile coordinates of each S^T element.
+    Tensor cS = make_identity_tensor(Shape<BlkN, BlkM>{});
+    Tensor tScS = thr_sdp.partition_C(cS);
+    Tensor rc = make_tensor(tScS.data(), acc_rowcol(tScS.layout()));
+
+    // dS^T registers -> shared memory with stmatrix (keys as rows, queries contiguous: sdSt).
+    auto ds_copy = make_tiled_copy_C(Copy_Atom<SM90_U32x4_STSM_N, Element>{}, mma_sdp);
+    auto thr_ds_copy = ds_copy.get_thread_slice(mma_tid);
+    Tensor tdSrdS = thr_ds_copy.retile_S(rdS);
+    Tensor tdSsdS = thr_ds_copy.partition_D(sdSt);  // (CPY, CPY_M, CPY_N, buffer)
+
+    float* const sdq = ss.smem_dq.data() + mma_wg * kBlockM * KT::kDqCols;
+    int const wg_tid = mma_tid % 128;
+    bool const dq_issuer = wg_tid == 0;
+    constexpr int kDqBytes = kBlockM * KT::kDqCols * int(sizeof(float));
+    int const n0 = tile.n_block * KT::kBlockN;
+    int64_t const rows_pad = int64_t(p.num_m_blocks) * kBlockM;
+
+    cute::wait_barrier(ss.barrier_kv, 0);
+    int step = 0;
+    for (int g = 0; g < p.group_size; ++g) {
+      int const h = tile.head_k * p.group_size + g;
+      float* const dq_head = p.dq_accum + (int64_t(tile.batch) * p.num_heads_q + h) * rows_pad * kHeadDim +
+                             mma_wg * kBlockM * KT::kDqCols;
+      for (int m = km.m_min; m < km.m_max; ++m, ++step) {
+        int const buf = step & 1;
+        pipe.consumer_wait(st);
+        int const s = st.index();
+        wgmma_issue<true, false>(mma_sdp, tSrK, tSrQ(_, _, _, s), tSrS);
+        wgmma_issue<true, false>(mma_sdp, tdPrV, tdPrdO(_, _, _, s), tdPrdP);
+        bool const need_mask = km.needs_mask(m);
+        int const q0 = m * kBlockM;
+        float const* lse = ss.smem_lse[s];
+        float const* delta = ss.smem_delta[s];
+        auto allowed = [&](int r, int c) {
+          return mask_allows(q0 + int(get<1>(rc(r, c))), n0 + int(get<0>(rc(r, c))), p.seqlen_q, p.seqlen_k,
+                             p.window_left, p.window_right);
+        };
+        if constexpr (!kSoftcap) {
+          warpgroup_wait<1>();  // S^T is ready; dP^T may still run
+          warpgroup_fence_operand(tSrS);
+          CUTE_UNROLL
+          for (int r = 0; r < size<0>(S); ++r) {
+            CUTE_UNROLL
+            for (int c = 0; c < size<1>(S); ++c) {
+              float x = fmaf(S(r, c), p.scale_log2, -lse[get<1>(rc(r, c))]);
+              if (need_mask && !allowed(r, c)) x = -INFINITY;
+              S(r, c) = exp2f(x);
+            }
+          }
+          convert_fragment(rP, tSrS);
+          wgmma_issue<false, true>(mma_dkv, tdVrP, tdVrdO(_, _, _, s), tdVrdV);
+          warpgroup_wait<1>();  // dP^T is ready; dV may still run
+          warpgroup_fence_operand(tdPrdP);
+          CUTE_UNROLL
+          for (int r = 0; r < size<0>(S); ++r) {
+            CUTE_UNROLL
+            for (int c = 0; c < size<1>(S); ++c) dP(r, c) = S(r, c) * (dP(r, c) - delta[get<1>(rc(r, c))]);
+          }
+        } else {
+          warpgroup_wait<0>();
+          warpgroup_fence_operand(tSrS);
+          warpgroup_fence_operand(tdPrdP);
+          constexpr float kLog2e = 1.4426950408889634f;
+          CUTE_UNROLL
+          for (int r = 0; r < size<0>(S); ++r) {
+            CUTE_UNROLL
+            for (int c = 0; c < size<1>(S); ++c) {
+              float const t = tanh_approx(S(r, c) * p.softcap_pre);
+              float x = fmaf(p.softcap * t, kLog2e, -lse[get<1>(rc(r, c))]);
+              if (need_mask && !allowed(r, c)) x = -INFINITY;
+              float const pr = exp2f(x);
+              S(r, c) = pr;
+              // d(softcap * tanh(s * pre)) / ds = scale * (1 - t^2); the scale is applied to dQ and dK at the end.
+              dP(r, c) = pr * (dP(r, c) - delta[get<1>(rc(r, c))]) * (1.f - t * t);
+            }
+          }
+          convert_fragment(rP, tSrS);
+          wgmma_issue<false, true>(mma_dkv, tdVrP, tdVrdO(_, _, _, s), tdVrdV);
+        }
+        convert_fragment(rdS, tdPrdP);
+        wgmma_issue<false, true>(mma_dkv, tdKrdS, tdKrQ(_, _, _, s), tdKrdK);
+        // Every warpgroup's dS^T rows in shared memory (fenced for the async proxy that WGMMA reads through)
+        // before any warpgroup's dQ GEMM. Two buffers: a warpgroup writes buffer b again only two steps later,
+        // after passing this barrier once more, i.e. after every warpgroup's dQ GEMM on b has retired.
+        copy(ds_copy, tdSrdS, tdSsdS(_, _, _, buf));
+        cutlass::arch::fence_view_async_shared();
+        named_barrier_sync(kDsBarrier, KT::kNumMmaThreads);
+        Tensor tdQrdS_buf = tdQrdS(_, _, _, buf);
+        wgmma_issue<true, false>(mma_dq, tdQrdS_buf, tdQrK, tdQrdQ);
+        warpgroup_wait<0>();
+        warpgroup_fence_operand(tdVrdV);
+        warpgroup_fence_operand(tdKrdK);
+        warpgroup_fence_operand(tdQrdQ);
+        release(ss.pipeline_q, st);
+        ++st;
+
+        // dQ partial: registers -> this warpgroup's staging slice (register order, bwd_layout.h) -> one bulk
+        // reduce-add into its slice of the tile. The slice is rewritten only after the previous add has read it.
+        if (dq_issuer) tma_store_wait<0>();
+        named_barrier_sync(kDqBarrier + mma_wg, 128);
+        CUTE_UNROLL
+        for (int v = 0; v < size(tdQrdQ); ++v) sdq[v * 128 + wg_tid] = tdQrdQ(v);
+        cutlass::arch::fence_view_async_shared();
+        named_barrier_sync(kDqBarrier + mma_wg, 128);
+        if (dq_issuer) {
+          bulk_reduce_add_f32(dq_head + int64_t(m) * kBlockM * kHeadDim, sdq, kDqBytes);
+          tma_store_arrive();
+        }
+      }
+    }
+  }
+
+  // Before the CTA exits: the last bulk reduce-add must have read its shared-memory source.
+  CUTE_DEVICE static void finish(int mma_tid) {
+    if (mma_tid % 128 == 0) tma_store_wait<0>();
+  }
+};
+
+}  // namespace fa3jax
