@@ -6,7 +6,7 @@
 //   fa3jax_test_bwd            run all tests
 //   fa3jax_test_bwd --quick    one config per instantiation (for racecheck, which is slow)
 //   fa3jax_test_bwd --bench    also time the backward (and the forward) on the benchmark shapes (no checking)
-//   fa3jax_test_bwd --bench-only [--head-dim D]
+//   fa3jax_test_bwd --bench-only [--head-dim D] [--case S,CAUSAL]   (b = 16384 / S, h = 16; for Nsight Compute)
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -162,10 +162,11 @@ static bool run_one(DType dt, int d, const Config& c, std::mt19937& rng, bool ve
 
 // Timings of the forward and the whole backward on the issue's shapes (h=16, b*s=16384), random inputs; the
 // forward's out/lse feed the backward. TFLOPS with FA's count: fwd 4*b*s^2*h*d (halved causal), bwd 2.5x that.
-static void bench(DType dt, int d) {
+static void bench(DType dt, int d, int only_s, int only_causal) {
   int const h = 16;
   for (int s : {512, 1024, 2048, 4096, 8192, 16384}) {
     for (int causal : {0, 1}) {
+      if ((only_s && s != only_s) || (only_causal >= 0 && causal != only_causal)) continue;
       int const b = 16384 / s;
       size_t const n = size_t(b) * s * h * d;
       fa3jax::FwdParams fp;
@@ -220,12 +221,18 @@ static void bench(DType dt, int d) {
 int main(int argc, char** argv) {
   std::setvbuf(stdout, nullptr, _IOLBF, 0);
   bool quick = false, do_bench = false, bench_only = false;
-  int only_d = 0;
+  int only_d = 0, only_s = 0, only_causal = -1;
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--quick")) quick = true;
     else if (!std::strcmp(argv[i], "--bench")) do_bench = true;
     else if (!std::strcmp(argv[i], "--bench-only")) do_bench = bench_only = true;
     else if (!std::strcmp(argv[i], "--head-dim") && i + 1 < argc) only_d = std::atoi(argv[++i]);
+    else if (!std::strcmp(argv[i], "--case") && i + 1 < argc) {
+      if (std::sscanf(argv[++i], "%d,%d", &only_s, &only_causal) != 2) {
+        std::fprintf(stderr, "--case wants S,CAUSAL (e.g. 4096,0)\n");
+        return 2;
+      }
+    }
     else {
       std::fprintf(stderr, "unknown argument %s\n", argv[i]);
       return 2;
@@ -264,7 +271,7 @@ int main(int argc, char** argv) {
           failures += !run_one(dt, d, c, rng, true);
           if (quick) break;
         }
-      if (do_bench && dt == DType::kBF16) bench(dt, d);
+      if (do_bench && dt == DType::kBF16) bench(dt, d, only_s, only_causal);
     }
   std::printf("%d/%d backward configs passed: %s\n", runs - failures, runs, failures ? "FAILED" : "passed");
   return failures ? 1 : 0;

@@ -27,7 +27,7 @@ namespace fa3jax {
 using namespace cute;
 
 template <class Element_, int kHeadDim_, int kBlockM_, int kBlockN_, int kStages_, int kProducerRegs_,
-          int kConsumerRegs_>
+          int kConsumerRegs_, bool kPrefetch_>
 struct BwdKernelTraits {
   using Element = Element_;
   static constexpr int kHeadDim = kHeadDim_;
@@ -36,6 +36,7 @@ struct BwdKernelTraits {
   static constexpr int kStages = kStages_;  // Q / dO / LSE / delta stages in flight
   static constexpr int kProducerRegs = kProducerRegs_;
   static constexpr int kConsumerRegs = kConsumerRegs_;
+  static constexpr bool kPrefetch = kPrefetch_;  // next step's S^T / dP^T GEMMs issued before this step's dQ wait
   using ClusterShape = Shape<_1, _1, _1>;
 
   static constexpr int kNumMmaWG = kBlockN / 64;  // one warpgroup per 64 keys

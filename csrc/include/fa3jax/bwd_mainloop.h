@@ -55,9 +55,6 @@ struct BwdMainloop {
   static_assert(kDqBarrier + KT::kNumMmaWG <= 16, "out of named barriers");
   static_assert(kBlockM == kBwdBlockM && KT::kNumMmaWG == kBwdNumMmaWG, "dq_accum layout (bwd_layout.h)");
 
-  // Query blocks this CTA visits per query head (0 when no query sees its keys).
-  CUTE_DEVICE static int steps_per_head(KM const& km) { return km.num_blocks(); }
-
   // Producer, called by the whole warp 0 (lane 0 issues): K and V once, then Q, dO, lse_log2 and delta of every
   // (query head of the group, query block) in the consumers' order, into the pipeline's stages.
   CUTE_DEVICE static void load(Params const& p, SharedStorage& ss, Pipeline& pipe, PipelineState& st,
@@ -112,13 +109,25 @@ struct BwdMainloop {
     storage.empty_barrier_[st.index()].arrive();
   }
 
-  // Consumer loop over the group's query heads and the query blocks that see this key block. Accumulates dK
-  // (without the softmax scale) and dV in tdKrdK / tdVrdV; adds the dQ partials into p.dq_accum.
-  // kSoftcap: p.softcap > 0 (a template parameter so the plain loop carries no test of it).
+  // (query head, query block) of step `step` of this CTA's loop: the group's heads in order, each over the query
+  // blocks [m_min, m_max) that see the key block. Producer, dQ writer and consumers walk the same sequence.
+  CUTE_DEVICE static void step_coords(Params const& p, BwdTile const& tile, KM const& km, int step, int& h,
+                                      int& m) {
+    int const n = km.num_blocks();
+    int const g = step / n;
+    h = tile.head_k * p.group_size + g;
+    m = km.m_min + (step - g * n);
+  }
+
+  // Consumer loop over the steps (step_coords). Accumulates dK (without the softmax scale) and dV in tdKrdK /
+  // tdVrdV; adds each dQ partial into p.dq_accum. kSoftcap: p.softcap > 0 (a template parameter so the plain
+  // loop carries no test of it). kPrefetch: the next step's S^T and dP^T GEMMs are issued before this step's dQ
+  // GEMM is waited for, so the tensor cores stay busy while the partial is staged.
   template <bool kSoftcap, class TdK, class TdV>
   CUTE_DEVICE static void mma(Params const& p, SharedStorage& ss, Pipeline& pipe, PipelineState& st,
                               BwdTile const& tile, KM const& km, int mma_tid, int mma_wg, TdK& tdKrdK,
                               TdV& tdVrdV) {
+    constexpr bool kPrefetch = KT::kPrefetch;
     typename KT::TiledMmaSdP mma_sdp;
     typename KT::TiledMmadKV mma_dkv;
     typename KT::TiledMmadQ mma_dq;
@@ -171,103 +180,122 @@ struct BwdMainloop {
     int const wg_tid = mma_tid % 128;
     bool const dq_issuer = wg_tid == 0;
     constexpr int kDqBytes = kBlockM * KT::kDqCols * int(sizeof(float));
-    int const n0 = tile.n_block * KT::kBlockN;
     int64_t const rows_pad = int64_t(p.num_m_blocks) * kBlockM;
+    int const n0 = tile.n_block * KT::kBlockN;
+    int const n_steps = p.group_size * km.num_blocks();
+
+    auto issue_sdp = [&](int s) {
+      wgmma_issue<true, false>(mma_sdp, tSrK, tSrQ(_, _, _, s), tSrS);
+      wgmma_issue<true, false>(mma_sdp, tdPrV, tdPrdO(_, _, _, s), tdPrdP);
+    };
 
     cute::wait_barrier(ss.barrier_kv, 0);
-    int step = 0;
-    for (int g = 0; g < p.group_size; ++g) {
-      int const h = tile.head_k * p.group_size + g;
-      float* const dq_head = p.dq_accum + (int64_t(tile.batch) * p.num_heads_q + h) * rows_pad * kHeadDim +
-                             mma_wg * kBlockM * KT::kDqCols;
-      for (int m = km.m_min; m < km.m_max; ++m, ++step) {
-        int const buf = step & 1;
+    if constexpr (kPrefetch) {
+      pipe.consumer_wait(st);
+      issue_sdp(st.index());
+    }
+    for (int step = 0; step < n_steps; ++step) {
+      int h, m;
+      step_coords(p, tile, km, step, h, m);
+      int const buf = step & 1;
+      if constexpr (!kPrefetch) {
         pipe.consumer_wait(st);
-        int const s = st.index();
-        wgmma_issue<true, false>(mma_sdp, tSrK, tSrQ(_, _, _, s), tSrS);
-        wgmma_issue<true, false>(mma_sdp, tdPrV, tdPrdO(_, _, _, s), tdPrdP);
-        bool const need_mask = km.needs_mask(m);
-        int const q0 = m * kBlockM;
-        float const* lse = ss.smem_lse[s];
-        float const* delta = ss.smem_delta[s];
-        auto allowed = [&](int r, int c) {
-          return mask_allows(q0 + int(get<1>(rc(r, c))), n0 + int(get<0>(rc(r, c))), p.seqlen_q, p.seqlen_k,
-                             p.window_left, p.window_right);
-        };
-        if constexpr (!kSoftcap) {
-          warpgroup_wait<1>();  // S^T is ready; dP^T may still run
-          warpgroup_fence_operand(tSrS);
-          CUTE_UNROLL
-          for (int r = 0; r < size<0>(S); ++r) {
-            CUTE_UNROLL
-            for (int c = 0; c < size<1>(S); ++c) {
-              float x = fmaf(S(r, c), p.scale_log2, -lse[get<1>(rc(r, c))]);
-              if (need_mask && !allowed(r, c)) x = -INFINITY;
-              S(r, c) = exp2f(x);
-            }
-          }
-          convert_fragment(rP, tSrS);
-          wgmma_issue<false, true>(mma_dkv, tdVrP, tdVrdO(_, _, _, s), tdVrdV);
-          warpgroup_wait<1>();  // dP^T is ready; dV may still run
-          warpgroup_fence_operand(tdPrdP);
-          CUTE_UNROLL
-          for (int r = 0; r < size<0>(S); ++r) {
-            CUTE_UNROLL
-            for (int c = 0; c < size<1>(S); ++c) dP(r, c) = S(r, c) * (dP(r, c) - delta[get<1>(rc(r, c))]);
-          }
-        } else {
-          warpgroup_wait<0>();
-          warpgroup_fence_operand(tSrS);
-          warpgroup_fence_operand(tdPrdP);
-          constexpr float kLog2e = 1.4426950408889634f;
-          CUTE_UNROLL
-          for (int r = 0; r < size<0>(S); ++r) {
-            CUTE_UNROLL
-            for (int c = 0; c < size<1>(S); ++c) {
-              float const t = tanh_approx(S(r, c) * p.softcap_pre);
-              float x = fmaf(p.softcap * t, kLog2e, -lse[get<1>(rc(r, c))]);
-              if (need_mask && !allowed(r, c)) x = -INFINITY;
-              float const pr = exp2f(x);
-              S(r, c) = pr;
-              // d(softcap * tanh(s * pre)) / ds = scale * (1 - t^2); the scale is applied to dQ and dK at the end.
-              dP(r, c) = pr * (dP(r, c) - delta[get<1>(rc(r, c))]) * (1.f - t * t);
-            }
-          }
-          convert_fragment(rP, tSrS);
-          wgmma_issue<false, true>(mma_dkv, tdVrP, tdVrdO(_, _, _, s), tdVrdV);
-        }
-        convert_fragment(rdS, tdPrdP);
-        wgmma_issue<false, true>(mma_dkv, tdKrdS, tdKrQ(_, _, _, s), tdKrdK);
-        // Every warpgroup's dS^T rows in shared memory (fenced for the async proxy that WGMMA reads through)
-        // before any warpgroup's dQ GEMM. Two buffers: a warpgroup writes buffer b again only two steps later,
-        // after passing this barrier once more, i.e. after every warpgroup's dQ GEMM on b has retired.
-        copy(ds_copy, tdSrdS, tdSsdS(_, _, _, buf));
-        cutlass::arch::fence_view_async_shared();
-        named_barrier_sync(kDsBarrier, KT::kNumMmaThreads);
-        Tensor tdQrdS_buf = tdQrdS(_, _, _, buf);
-        wgmma_issue<true, false>(mma_dq, tdQrdS_buf, tdQrK, tdQrdQ);
-        warpgroup_wait<0>();
-        warpgroup_fence_operand(tdVrdV);
-        warpgroup_fence_operand(tdKrdK);
-        warpgroup_fence_operand(tdQrdQ);
-        release(ss.pipeline_q, st);
-        ++st;
-
-        // dQ partial: registers -> this warpgroup's staging slice (register order, bwd_layout.h) -> one bulk
-        // reduce-add into its slice of the tile. The slice is rewritten only after the previous add has read it.
-        if (dq_issuer) tma_store_wait<0>();
-        named_barrier_sync(kDqBarrier + mma_wg, 128);
+        issue_sdp(st.index());
+      }
+      int const s = st.index();
+      bool const need_mask = km.needs_mask(m);
+      int const q0 = m * kBlockM;
+      float const* lse = ss.smem_lse[s];
+      float const* delta = ss.smem_delta[s];
+      auto allowed = [&](int r, int c) {
+        return mask_allows(q0 + int(get<1>(rc(r, c))), n0 + int(get<0>(rc(r, c))), p.seqlen_q, p.seqlen_k,
+                           p.window_left, p.window_right);
+      };
+      if constexpr (!kSoftcap) {
+        warpgroup_wait<1>();  // S^T is ready; dP^T may still run
+        warpgroup_fence_operand(tSrS);
         CUTE_UNROLL
-        for (int v = 0; v < size(tdQrdQ); ++v) sdq[v * 128 + wg_tid] = tdQrdQ(v);
-        cutlass::arch::fence_view_async_shared();
-        named_barrier_sync(kDqBarrier + mma_wg, 128);
-        if (dq_issuer) {
-          bulk_reduce_add_f32(dq_head + int64_t(m) * kBlockM * kHeadDim, sdq, kDqBytes);
-          tma_store_arrive();
+        for (int r = 0; r < size<0>(S); ++r) {
+          CUTE_UNROLL
+          for (int c = 0; c < size<1>(S); ++c) {
+            float x = fmaf(S(r, c), p.scale_log2, -lse[get<1>(rc(r, c))]);
+            if (need_mask && !allowed(r, c)) x = -INFINITY;
+            S(r, c) = exp2f(x);
+          }
         }
+        convert_fragment(rP, tSrS);
+        wgmma_issue<false, true>(mma_dkv, tdVrP, tdVrdO(_, _, _, s), tdVrdV);
+        warpgroup_wait<1>();  // dP^T is ready; dV may still run
+        warpgroup_fence_operand(tdPrdP);
+        CUTE_UNROLL
+        for (int r = 0; r < size<0>(S); ++r) {
+          CUTE_UNROLL
+          for (int c = 0; c < size<1>(S); ++c) dP(r, c) = S(r, c) * (dP(r, c) - delta[get<1>(rc(r, c))]);
+        }
+      } else {
+        warpgroup_wait<0>();
+        warpgroup_fence_operand(tSrS);
+        warpgroup_fence_operand(tdPrdP);
+        constexpr float kLog2e = 1.4426950408889634f;
+        CUTE_UNROLL
+        for (int r = 0; r < size<0>(S); ++r) {
+          CUTE_UNROLL
+          for (int c = 0; c < size<1>(S); ++c) {
+            float const t = tanh_approx(S(r, c) * p.softcap_pre);
+            float x = fmaf(p.softcap * t, kLog2e, -lse[get<1>(rc(r, c))]);
+            if (need_mask && !allowed(r, c)) x = -INFINITY;
+            float const pr = exp2f(x);
+            S(r, c) = pr;
+            // d(softcap * tanh(s * pre)) / ds = scale * (1 - t^2); the scale is applied to dQ and dK at the end.
+            dP(r, c) = pr * (dP(r, c) - delta[get<1>(rc(r, c))]) * (1.f - t * t);
+          }
+        }
+        convert_fragment(rP, tSrS);
+        wgmma_issue<false, true>(mma_dkv, tdVrP, tdVrdO(_, _, _, s), tdVrdV);
+      }
+      convert_fragment(rdS, tdPrdP);
+      wgmma_issue<false, true>(mma_dkv, tdKrdS, tdKrQ(_, _, _, s), tdKrdK);
+      // Every warpgroup's dS^T rows in shared memory (fenced for the async proxy that WGMMA reads through)
+      // before any warpgroup's dQ GEMM. Two buffers: a warpgroup writes buffer b again only two steps later,
+      // after passing this barrier once more, i.e. after every warpgroup's dQ GEMM on b has retired.
+      copy(ds_copy, tdSrdS, tdSsdS(_, _, _, buf));
+      cutlass::arch::fence_view_async_shared();
+      named_barrier_sync(kDsBarrier, KT::kNumMmaThreads);
+      Tensor tdQrdS_buf = tdQrdS(_, _, _, buf);
+      wgmma_issue<true, false>(mma_dq, tdQrdS_buf, tdQrK, tdQrdQ);
+      PipelineState next = st;
+      ++next;
+      if (kPrefetch && step + 1 < n_steps) {
+        pipe.consumer_wait(next);
+        issue_sdp(next.index());
+        warpgroup_wait<2>();  // dV, dK and dQ of this step have retired; the next S^T / dP^T may still run
+      } else {
+        warpgroup_wait<0>();
+      }
+      warpgroup_fence_operand(tdVrdV);
+      warpgroup_fence_operand(tdKrdK);
+      warpgroup_fence_operand(tdQrdQ);
+      release(ss.pipeline_q, st);
+      st = next;
+
+      // dQ partial: registers -> this warpgroup's staging slice (register order, bwd_layout.h) -> one bulk
+      // reduce-add into its slice of the tile. The slice is rewritten only after the previous add has read it
+      // (issued a step earlier, so the wait rarely waits). A separate writer warp that took the adds off the
+      // consumers (FA3's choice) made ptxas spill ~300 B in this loop (nvcc 13.0).
+      if (dq_issuer) tma_store_wait<0>();
+      named_barrier_sync(kDqBarrier + mma_wg, 128);
+      CUTE_UNROLL
+      for (int v = 0; v < size(tdQrdQ); ++v) sdq[v * 128 + wg_tid] = tdQrdQ(v);
+      cutlass::arch::fence_view_async_shared();
+      named_barrier_sync(kDqBarrier + mma_wg, 128);
+      if (dq_issuer) {
+        int64_t const tile_row = (int64_t(tile.batch) * p.num_heads_q + h) * rows_pad + int64_t(m) * kBlockM;
+        bulk_reduce_add_f32(p.dq_accum + tile_row * kHeadDim + mma_wg * kBlockM * KT::kDqCols, sdq, kDqBytes);
+        tma_store_arrive();
       }
     }
   }
+
 
   // Before the CTA exits: the last bulk reduce-add must have read its shared-memory source.
   CUTE_DEVICE static void finish(int mma_tid) {
