@@ -15,6 +15,7 @@ import pytest
 
 import fa3jax
 from fa3jax import masking, reference, validation
+from fa3jax.spec import KVCacheSpec
 from fa3jax.backends.cuda import CudaBackend
 from fa3jax.backends.triton import TritonBackend
 
@@ -270,7 +271,9 @@ class TestSinksMlaXla(SinksMlaSuite):
 
 
 class TestSinksMlaTriton(SinksMlaSuite):
-    """Skips (through supports()) until the Triton kernels serve sinks / MLA."""
+    """The Triton kernels (sinks everywhere, MLA dense/varlen); on a GPU machine. Where the backend is unavailable
+    (no GPU) every case skips through supports(), as do the float32 cases (Triton serves fp16/bf16 only). CPU
+    coverage of the same kernels: tests/test_triton_interpret_sinks_mla.py."""
     backend = "triton"
 
 
@@ -309,7 +312,7 @@ def test_value_head_dim_validation():
                                      softcap=0.0, return_softmax_lse=False, deterministic=False).head_dim_v == 32
 
 
-@pytest.mark.parametrize("backend_cls", [TritonBackend, CudaBackend])
+@pytest.mark.parametrize("backend_cls", [CudaBackend])
 def test_gpu_backends_refuse_with_reason(backend_cls):
     kw = dict(softmax_scale=None, is_causal=False, window_size=(-1, -1), softcap=0.0, return_softmax_lse=False,
               deterministic=False)
@@ -321,6 +324,30 @@ def test_gpu_backends_refuse_with_reason(backend_cls):
     spec = validation.validate_dense(q, k, v, **kw)
     with pytest.raises(NotImplementedError, match="MLA"):
         backend_cls().check_forward(spec)
+
+
+def test_triton_serves_sinks_and_mla_but_not_mla_kvcache():
+    """Triton's capability checks accept sinks (dense, varlen, KV cache) and MLA (dense, varlen, fwd and bwd), and
+    refuse MLA on the KV cache with a reason (validation refuses it before any backend anyway)."""
+    kw = dict(softmax_scale=None, is_causal=True, window_size=(-1, -1), softcap=0.0, return_softmax_lse=False,
+              deterministic=False)
+    be = TritonBackend()
+    q, k, v = _qkv(d=192, dv=128, dtype=jnp.bfloat16)
+    spec = validation.validate_dense(q, k, v, sinks=jnp.zeros(4, jnp.float32), **kw)
+    assert spec.has_sinks and spec.head_dim_v == 128
+    be.check_forward(spec)
+    be.check_backward(spec)
+    vspec = validation.validate_varlen(q[0], k[0], v[0], jnp.asarray([0, 8], jnp.int32), None, None, -1, -1,
+                                       sinks=jnp.zeros(4, jnp.float32), **kw)
+    be.check_forward(vspec)
+    be.check_backward(vspec)
+    kv = KVCacheSpec(capacity=64, cache_batch=2, paged=False, page_size=0, pages_per_seq=0, seqlen_new=0,
+                     rotary_dim=0, rotary_interleaved=False, has_cache_batch_idx=False, has_cache_leftpad=False,
+                     num_splits=0, return_updated_cache=False)
+    kspec = spec.replace(mode="kvcache", batch=2, seqlen_q=1, seqlen_k=64, head_dim=128, head_dim_v=128, kvcache=kv)
+    be.check_forward(kspec)
+    with pytest.raises(NotImplementedError, match="MLA"):
+        be.check_forward(kspec.replace(head_dim_v=8))
 
 
 def test_auto_falls_back_to_xla_for_sinks_and_mla():

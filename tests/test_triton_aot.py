@@ -17,7 +17,7 @@ triton = pytest.importorskip("triton")
 
 _INT_ARRAYS = {"cu_seqlens_q", "cu_seqlens_k", "seqused_k", "offsets", "seqlens_k", "cache_seqlens", "leftpad",
                "batch_idx", "page_table"}
-_F32_ARRAYS = {"lse", "delta", "dlse", "out_acc", "lse_acc"}
+_F32_ARRAYS = {"lse", "delta", "dlse", "out_acc", "lse_acc", "sinks"}
 _SMEM_LIMIT = 227 * 1024  # sm90 per block
 
 
@@ -67,6 +67,11 @@ def _launches():
     yield "varlen-d128-causal-seqused", vs
     # the varlen forward's own tile (tables.lookup_varlen_fwd), unmasked
     yield "varlen-d128-full", vs.replace(window=Window(-1, -1), varlen=VarlenSpec(3000, 3000, False))
+    # MLA (value head dim below the q/k one) on the q/k head dim's table entry, and attention sinks
+    yield "dense-mla192-128-causal-sinks", _dense(192, "bfloat16", (-1, 0)).replace(head_dim_v=128, has_sinks=True)
+    yield "dense-mla192-128-full", _dense(192, "bfloat16", (-1, -1)).replace(head_dim_v=128)
+    yield "dense-mla128-64-full-sinks", _dense(128, "bfloat16", (-1, -1)).replace(head_dim_v=64, has_sinks=True)
+    yield "varlen-mla192-128-causal-sinks", vs.replace(head_dim=192, head_dim_v=128, has_sinks=True)
     for paged in (False, True):
         kv = KVCacheSpec(capacity=32768, cache_batch=128 if paged else 1, paged=paged, page_size=256 if paged else 0,
                          pages_per_seq=128 if paged else 0, seqlen_new=1, rotary_dim=0, rotary_interleaved=False,
@@ -75,6 +80,7 @@ def _launches():
                            head_dim=128, dtype="bfloat16", softmax_scale=128 ** -0.5, window=Window(-1, 0),
                            kvcache=kv)
         yield f"decode-{'paged' if paged else 'contiguous'}", ks
+        yield f"decode-{'paged' if paged else 'contiguous'}-sinks", ks.replace(has_sinks=True)
 
 
 def _plans(spec):

@@ -1,6 +1,8 @@
 """TritonBackend on a real NVIDIA GPU (compute capability >= 8.0) against a float32 jnp reference.
 
 Run on the GPU machine:  pytest -m gpu tests/test_triton_gpu.py -q   (add -s -m "gpu and slow" for the timings)
+The sinks/MLA tests at the end (test_sinks_*) check against the float64 reference; their reference dominates the
+run time (a few seconds per case on the host CPU).
 Everything here skips cleanly where the backend is unavailable (no GPU, no triton/jax_triton).
 """
 from __future__ import annotations
@@ -187,3 +189,131 @@ def test_report_tflops(d, causal):
     t_fb = _bench(fb, q, k, v, dout, dlse)
     print(f"\n[triton] d={d} causal={causal} b={b} h={h} l={seq}: fwd {flops / t_f / 1e12:.0f} TFLOPS "
           f"({t_f * 1e3:.2f} ms), fwd+bwd {3.5 * flops / t_fb / 1e12:.0f} TFLOPS ({t_fb * 1e3:.2f} ms)")
+
+
+# ------------------------------------------------------------------- attention sinks and MLA (d_v < d_qk)
+# Through the public API (backend="triton"), against the float64 reference (fa3jax.reference) with the tolerance
+# rule of tests/helpers.py: 3x the error of the reference computed with every intermediate in the input dtype.
+# Gradients include the sinks' (fa3jax.vjp.sink_grad on the kernels' sink-inclusive out/LSE) and an LSE cotangent.
+import functools  # noqa: E402
+
+import fa3jax  # noqa: E402
+from fa3jax import masking, reference  # noqa: E402
+from fa3jax.backends.triton import tables  # noqa: E402
+from fa3jax.tuning import Tuning, override  # noqa: E402
+
+from .helpers import check, naive_lowp, rand  # noqa: E402
+
+
+def _sinks_arg(rng, hq, on):
+    return jnp.asarray(rng.standard_normal(hq) * 2.0, jnp.float32) if on else None
+
+
+def _check_against_reference(ref, low, got, dtype, names):
+    for name, g, r, lo in zip(names, got, ref, low):
+        check(name, g, r, lo, dtype)
+
+
+@pytest.mark.parametrize("d,dv", [(128, 128), (192, 128), (128, 64)], ids=lambda x: str(x))
+@pytest.mark.parametrize("lq,lk,window,softcap", [
+    (1000, 1000, (-1, -1), 0.0), (1000, 1000, (-1, 0), 0.0), (1031, 513, (-1, 0), 0.0),  # rows that see no key
+    (1000, 1100, (128, 64), 0.0), (1000, 1000, (256, -1), 30.0)], ids=["full", "causal", "causal_empty_rows",
+                                                                      "win128_64", "win256_inf_softcap"])
+@pytest.mark.parametrize("sinks", [True, False], ids=["sinks", "nosinks"])
+def test_sinks_mla_dense(d, dv, lq, lk, window, softcap, sinks):
+    if not sinks and d == dv:
+        pytest.skip("plain attention: test_head_dims and the tests above")
+    # hq=4: the float64 reference (and its bf16 twin) dominates the run time at these lengths
+    dtype, b, hq, hk = "bfloat16", 2, 4, 2
+    rng = np.random.default_rng(hash((d, dv, lq, lk, window, softcap, sinks)) % 2**32)
+    q, q64 = rand(rng, (b, lq, hq, d), dtype)
+    k, k64 = rand(rng, (b, lk, hk, d), dtype)
+    v, v64 = rand(rng, (b, lk, hk, dv), dtype)
+    do, do64 = rand(rng, (b, lq, hq, dv), dtype)
+    dl64 = rng.standard_normal((b, hq, lq))
+    s = _sinks_arg(rng, hq, sinks)
+    kw = dict(window_size=window, softcap=softcap, return_softmax_lse=True, backend="triton")
+    (out, lse), pull = jax.vjp(jax.jit(lambda q, k, v, s: fa3jax.flash_mha(q, k, v, sinks=s, **kw)), q, k, v, s)
+    assert out.shape == (b, lq, hq, dv)
+    grads = pull((do, jnp.asarray(dl64, jnp.float32)))
+    rkw = dict(scale=1.0 / math.sqrt(d), window=masking.normalize_window(window, False), softcap=softcap,
+               dout=do64, dlse=dl64, sinks=None if s is None else np.asarray(s, np.float64))
+    ref = reference.dense(q64, k64, v64, **rkw)
+    low = reference.dense(q64, k64, v64, impl=functools.partial(naive_lowp, dtype=dtype), **rkw)
+    names = ("out", "lse", "dq", "dk", "dv", "dsinks")[:len(ref)]
+    _check_against_reference(ref, low, (out, lse) + tuple(grads[:len(ref) - 2]), dtype, names)
+
+
+@pytest.mark.parametrize("d,dv", [(128, 128), (192, 128), (128, 64)], ids=lambda x: str(x))
+@pytest.mark.parametrize("window", [(-1, -1), (-1, 0), (64, 32)], ids=["full", "causal", "win64_32"])
+@pytest.mark.parametrize("seqused", [False, True])
+def test_sinks_mla_varlen(d, dv, window, seqused):
+    dtype, hq, hk = "bfloat16", 4, 2
+    rng = np.random.default_rng(hash((d, dv, window, seqused)) % 2**32)
+    lens_q, lens_k = [300, 0, 1000, 17, 513], [350, 5, 1000, 0, 513]
+    cu_q = np.concatenate([[0], np.cumsum(lens_q)]).astype(np.int32)
+    cu_k = np.concatenate([[0], np.cumsum(lens_k)]).astype(np.int32)
+    tq, tk = int(cu_q[-1]) + 7, int(cu_k[-1])  # 7 trailing q rows belong to no sequence: lse = sink
+    used = np.array([200, 5, 999, 0, 1], np.int32) if seqused else None
+    q, q64 = rand(rng, (tq, hq, d), dtype)
+    k, k64 = rand(rng, (tk, hk, d), dtype)
+    v, v64 = rand(rng, (tk, hk, dv), dtype)
+    do, do64 = rand(rng, (tq, hq, dv), dtype)
+    dl64 = rng.standard_normal((hq, tq))
+    s = _sinks_arg(rng, hq, True)
+    pos = (jnp.asarray(cu_q), jnp.asarray(cu_k), None if used is None else jnp.asarray(used), max(lens_q),
+           max(lens_k))
+    kw = dict(window_size=window, return_softmax_lse=True, backend="triton")
+    f = jax.jit(lambda q, k, v, s: fa3jax.flash_mha_varlen(q, k, v, *pos, sinks=s, **kw))
+    (out, lse), pull = jax.vjp(f, q, k, v, s)
+    grads = pull((do, jnp.asarray(dl64, jnp.float32)))
+    rkw = dict(scale=1.0 / math.sqrt(d), window=masking.normalize_window(window, False), dout=do64, dlse=dl64,
+               sinks=np.asarray(s, np.float64))
+    ref = reference.varlen(q64, k64, v64, cu_q, cu_k, used, **rkw)
+    low = reference.varlen(q64, k64, v64, cu_q, cu_k, used, impl=functools.partial(naive_lowp, dtype=dtype), **rkw)
+    _check_against_reference(ref, low, (out, lse) + tuple(grads), dtype, ("out", "lse", "dq", "dk", "dv", "dsinks"))
+
+
+@pytest.mark.parametrize("schedule", ["splits1", "splits3", "auto_split", "auto_streamk"])
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+@pytest.mark.parametrize("lq,new,window,softcap", [(1, 0, (-1, 0), 0.0), (3, 3, (256, -1), 30.0)],
+                         ids=["decode", "chunk_window_softcap"])
+def test_sinks_kvcache(schedule, paged, lq, new, window, softcap):
+    """The sink counted once by every schedule: unsplit, split-KV + combine, stream-K + combine. Sequence 1 has
+    an empty cache (with lq=1 and no new key its rows see nothing: out 0, lse = sink)."""
+    dtype, b, hq, hk, d, cap, page = "bfloat16", 4, 32, 8, 128, 4096, 256
+    rng = np.random.default_rng(hash((schedule, paged, lq, new)) % 2**32)
+    seqlens = np.array([cap - new - 1, 0, 1000, 2047], np.int32)
+    q, q64 = rand(rng, (b, lq, hq, d), dtype)
+    n_rows = b * cap // page if paged else b
+    shape = (n_rows, page, hk, d) if paged else (b, cap, hk, d)
+    kc, kc64 = rand(rng, shape, dtype)
+    vc, vc64 = rand(rng, shape, dtype)
+    kn, kn64 = rand(rng, (b, new, hk, d), dtype)
+    vn, vn64 = rand(rng, (b, new, hk, d), dtype)
+    pt = rng.permutation(n_rows).reshape(b, cap // page).astype(np.int32) if paged else None
+    s = _sinks_arg(rng, hq, True)
+    if paged:  # each sequence's cache in cache order
+        keys, vals = kc64[pt].reshape(b, cap, hk, d), vc64[pt].reshape(b, cap, hk, d)
+    else:
+        keys, vals = kc64.copy(), vc64.copy()
+    for i in range(b):
+        keys[i, seqlens[i]:seqlens[i] + new] = kn64[i]
+        vals[i, seqlens[i]:seqlens[i] + new] = vn64[i]
+    num_splits = {"splits1": 1, "splits3": 3}.get(schedule, 0)
+    tune = Tuning()
+    if schedule.startswith("auto"):
+        tune = Tuning(decode=tables.DECODE["paged" if paged else "contiguous"]._replace(schedule=schedule[5:]))
+    kw = dict(k=kn if new else None, v=vn if new else None, cache_seqlens=jnp.asarray(seqlens),
+              page_table=None if pt is None else jnp.asarray(pt), window_size=window, softcap=softcap,
+              num_splits=num_splits, return_softmax_lse=True, sinks=s, backend="triton")
+    with override(tune):  # traced here, so the forced schedule is the one compiled
+        out, lse = jax.jit(lambda q, kc, vc: fa3jax.flash_mha_with_kvcache(q, kc, vc, **kw))(q, kc, vc)
+    rkw = dict(scale=1.0 / math.sqrt(d), window=masking.normalize_window(window, False), softcap=softcap,
+               sinks=np.asarray(s, np.float64))
+    ref = reference.kvcache(q64, keys, vals, seqlens + new, **rkw)
+    low = reference.kvcache(q64, keys, vals, seqlens + new, impl=functools.partial(naive_lowp, dtype=dtype), **rkw)
+    _check_against_reference(ref, low, (out, lse), dtype, ("out", "lse"))
+    if lq == 1 and new == 0:
+        np.testing.assert_array_equal(np.asarray(lse[1]), np.broadcast_to(np.asarray(s)[:, None], (hq, lq)))
+        assert np.all(np.asarray(out[1], np.float32) == 0)

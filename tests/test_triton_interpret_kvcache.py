@@ -82,18 +82,16 @@ def _materialize(c, k_cache, v_cache, args):
     return res
 
 
-def _run_case(name):
+def build_case(c, rng, has_sinks=False):
+    """The spec and the kernel arrays (by launch name) of case ``c``: random float16 caches/q/new keys, index
+    arrays through the real ``sanitize_kvcache`` (the page table unsanitized, hostile entries included)."""
     import jax.numpy as jnp
 
-    from fa3jax import reference
-    from fa3jax.backends.triton import plan_decode, tables
+    from fa3jax.backends.triton import plan_decode
     from fa3jax.masking import Window
     from fa3jax.spec import AttentionSpec, KVCacheSpec
-    from fa3jax.tuning import Tuning
     from fa3jax.validation import sanitize_kvcache
 
-    c = CASES[name]
-    rng = np.random.default_rng(zlib.crc32(name.encode()))
     b, lq, hq, hk, d, cap, new = c["b"], c["lq"], c["hq"], c["hk"], c["d"], c["cap"], c.get("new", 0)
     paged = "page" in c
     if paged:
@@ -111,16 +109,14 @@ def _run_case(name):
     q = rng.standard_normal((b, lq, hq, d)).astype(np.float16)
     k_new = rng.standard_normal((b, new, hk, d)).astype(np.float16) if new else None
     v_new = rng.standard_normal((b, new, hk, d)).astype(np.float16) if new else None
-    window = Window(*c["window"])
-    scale = float(1.0 / np.sqrt(d))
-    cap_soft = c.get("softcap", 0.0)
     kvs = KVCacheSpec(capacity=cap, cache_batch=cache_shape[0], paged=paged, page_size=c.get("page", 0),
                       pages_per_seq=pps, seqlen_new=new, rotary_dim=0, rotary_interleaved=False,
                       has_cache_batch_idx="batch_idx" in c, has_cache_leftpad="leftpad" in c, num_splits=0,
                       return_updated_cache=False)
     spec = AttentionSpec(mode="kvcache", batch=b, seqlen_q=lq, seqlen_k=cap, num_heads_q=hq, num_heads_k=hk,
-                         head_dim=d, dtype="float16", softmax_scale=scale, window=window, softcap=cap_soft,
-                         kvcache=kvs)
+                         head_dim=d, dtype="float16", softmax_scale=float(1.0 / np.sqrt(d)),
+                         window=Window(*c["window"]), softcap=c.get("softcap", 0.0), kvcache=kvs,
+                         has_sinks=has_sinks)
     assert plan_decode.check(spec) is None, plan_decode.check(spec)
     opt = lambda key: None if key not in c else jnp.asarray(c[key], jnp.int32)  # noqa: E731
     sargs, _ = sanitize_kvcache(spec, jnp.asarray(c["seqlens"], jnp.int32), opt("batch_idx"), opt("leftpad"),
@@ -132,26 +128,43 @@ def _run_case(name):
     arrays.update(q=q, k_cache=k_cache, v_cache=v_cache)
     if new:
         arrays.update(k_new=k_new, v_new=v_new)
+    return spec, arrays
 
+
+def run_variant(spec, arrays, kw):
+    """Interpret the launches of one ``VARIANTS`` entry in order; returns (out, lse, launches)."""
+    from fa3jax.backends.triton import plan_decode, tables
+    from fa3jax.tuning import Tuning
+
+    policy = tables.DECODE["paged" if spec.kvcache.paged else "contiguous"]
+    if "schedule" in kw:
+        policy = policy._replace(schedule=kw["schedule"])
+    tune = Tuning(fwd=(16, 16, 4, 1), decode=policy, decode_programs=kw.get("programs"))
+    launches = plan_decode.plan_forward(spec, "sm90", num_splits=kw["num_splits"], tune=tune)
+    arrs = dict(arrays)
+    for launch in launches:
+        got = interpret(launch, arrs)
+        arrs.update({nm: x for (nm, _, _), x in zip(launch.outputs, got)})
+    return arrs["out"], arrs["lse"], launches
+
+
+def _run_case(name):
+    from fa3jax import reference
+
+    c = CASES[name]
+    spec, arrays = build_case(c, np.random.default_rng(zlib.crc32(name.encode())))
+    b, lq, hq, d = spec.batch, spec.seqlen_q, spec.num_heads_q, spec.head_dim
+    q = arrays["q"]
     ref_out = np.zeros((b, lq, hq, d))
     ref_lse = np.zeros((b, hq, lq))
-    for i, (ks, vs, kpos, sk) in enumerate(_materialize(c, k_cache, v_cache, arrays)):
-        ref_out[i], ref_lse[i] = reference.attention(q[i], ks, vs, scale=scale, window=window, softcap=cap_soft,
-                                                     seqlen_q=lq, seqlen_k=sk, k_pos=kpos)
+    for i, (ks, vs, kpos, sk) in enumerate(_materialize(c, arrays["k_cache"], arrays["v_cache"], arrays)):
+        ref_out[i], ref_lse[i] = reference.attention(q[i], ks, vs, scale=spec.softmax_scale, window=spec.window,
+                                                     softcap=spec.softcap, seqlen_q=lq, seqlen_k=sk, k_pos=kpos)
     finite = np.isfinite(ref_lse)
     res = {"n_empty": int((~finite).sum())}
     outs = {}
     for key, kw in VARIANTS.items():
-        policy = tables.DECODE["paged" if paged else "contiguous"]
-        if "schedule" in kw:
-            policy = policy._replace(schedule=kw["schedule"])
-        tune = Tuning(fwd=(16, 16, 4, 1), decode=policy, decode_programs=kw.get("programs"))
-        launches = plan_decode.plan_forward(spec, "sm90", num_splits=kw["num_splits"], tune=tune)
-        arrs = dict(arrays)
-        for launch in launches:
-            got = interpret(launch, arrs)
-            arrs.update({nm: x for (nm, _, _), x in zip(launch.outputs, got)})
-        out, lse = arrs["out"], arrs["lse"]
+        out, lse, launches = run_variant(spec, arrays, kw)
         outs[key] = out
         res[f"{key}_kernel"] = launches[0].kernel
         res[f"{key}_nsplit"] = launches[0].meta.get("NUM_SPLITS", 0)

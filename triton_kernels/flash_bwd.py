@@ -6,7 +6,12 @@ whatever ``deterministic`` says:
    every query tile that can see the key tile, in a fixed order, and owns its dK/dV rows outright.
 3. ``_bwd_dq``: one program per (query tile, query head, batch) walking the visible key tiles; owns its dQ rows.
 
-Scores are recomputed from the saved LSE in the log2 domain: p = exp2(s * log2 e - lse * log2 e).
+Scores are recomputed from the saved LSE in the log2 domain: p = exp2(s * log2 e - lse * log2 e). With attention
+sinks that LSE already holds the sink (flash_fwd), so nothing here changes: the sink's own gradient is taken on the
+host (``fa3jax.vjp.sink_grad``).
+
+Head dims: q/k/dq/dk have HEAD_DIM (tiles of HEAD_DIM_PAD lanes), v/out/dout/dv have HEAD_DIM_V <= HEAD_DIM (MLA;
+tiles of HEAD_DIM_V_PAD). The preprocess only reads out/dout and is launched with HEAD_DIM = the value head dim.
 """
 import triton
 import triton.language as tl
@@ -40,7 +45,8 @@ def _bwd_preprocess(O, DO, DLSE, seqlen_q, DELTA,
 
 @triton.jit
 def _dkdv_tiles(dk, dv, k, v, m_begin, m_end, rows, cols_g, pos, scales,
-                STRIDE_QM: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+                STRIDE_QM: tl.constexpr, STRIDE_OM: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+                HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr,
                 BLOCK_M: tl.constexpr, MASK: tl.constexpr, MASKED: tl.constexpr, OVERLAP: tl.constexpr):
     """Accumulate query tiles [m_begin, m_end) into dK (unscaled) and dV, working on transposed scores (N, M)
     so that both products reduce over the query axis without a transpose of the accumulators. rows = (q_ptrs,
@@ -49,14 +55,15 @@ def _dkdv_tiles(dk, dv, k, v, m_begin, m_end, rows, cols_g, pos, scales,
     scale_in, scale_out = scales
     q_off, k_off, global_seqlen_q, global_seqlen_k = pos
     offs_d = tl.arange(0, HEAD_DIM_PAD)
+    offs_dv = tl.arange(0, HEAD_DIM_V_PAD)
     q_ptrs += m_begin.to(tl.int64) * STRIDE_QM
-    do_ptrs += m_begin.to(tl.int64) * STRIDE_QM
+    do_ptrs += m_begin.to(tl.int64) * STRIDE_OM
     lse_ptrs += m_begin
     delta_ptrs += m_begin
     for start_m in range(m_begin, m_end, BLOCK_M):
         m_rows = start_m + offs_t
         q = _load_rows(q_ptrs, m_rows, seqlen_q, offs_d, HEAD_DIM, HEAD_DIM_PAD, MASKED)
-        do = _load_rows(do_ptrs, m_rows, seqlen_q, offs_d, HEAD_DIM, HEAD_DIM_PAD, MASKED)
+        do = _load_rows(do_ptrs, m_rows, seqlen_q, offs_dv, HEAD_DIM_V, HEAD_DIM_V_PAD, MASKED)
         if MASKED:
             lse = tl.load(lse_ptrs, mask=m_rows < seqlen_q, other=0.0)
             delta = tl.load(delta_ptrs, mask=m_rows < seqlen_q, other=0.0)
@@ -87,7 +94,7 @@ def _dkdv_tiles(dk, dv, k, v, m_begin, m_end, rows, cols_g, pos, scales,
             dst = dst * (1.0 - t * t)
         dk = tl.dot(dst.to(q.dtype), q, dk)
         q_ptrs += BLOCK_M * STRIDE_QM
-        do_ptrs += BLOCK_M * STRIDE_QM
+        do_ptrs += BLOCK_M * STRIDE_OM
         lse_ptrs += BLOCK_M
         delta_ptrs += BLOCK_M
     return dk, dv
@@ -95,35 +102,42 @@ def _dkdv_tiles(dk, dv, k, v, m_begin, m_end, rows, cols_g, pos, scales,
 
 @triton.jit
 def _dkdv_ranges(dk, dv, k, v, m_lo, f_lo, f_hi, m_hi, rows, cols_g, pos, scales,
-                 STRIDE_QM: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+                 STRIDE_QM: tl.constexpr, STRIDE_OM: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr,
                  BLOCK_M: tl.constexpr, MASK: tl.constexpr, OVERLAP: tl.constexpr):
     """One query head's visible query tiles, as _query_blocks' three runs (masked edges, unmasked middle)."""
     dk, dv = _dkdv_tiles(dk, dv, k, v, m_lo, f_lo, rows, cols_g, pos, scales,
-                         STRIDE_QM, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, MASK, True, OVERLAP)
+                         STRIDE_QM, STRIDE_OM, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_M, MASK,
+                         True, OVERLAP)
     dk, dv = _dkdv_tiles(dk, dv, k, v, f_lo, f_hi, rows, cols_g, pos, scales,
-                         STRIDE_QM, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, MASK, False, OVERLAP)
+                         STRIDE_QM, STRIDE_OM, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_M, MASK,
+                         False, OVERLAP)
     dk, dv = _dkdv_tiles(dk, dv, k, v, f_hi, m_hi, rows, cols_g, pos, scales,
-                         STRIDE_QM, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, MASK, True, OVERLAP)
+                         STRIDE_QM, STRIDE_OM, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_M, MASK,
+                         True, OVERLAP)
     return dk, dv
 
 
 @triton.jit
-def _dkdv_tile(Q, K, V, DO, LSE, DELTA, DK, DV, kv_row0, q_base0, stat_base, stat_head_stride,
+def _dkdv_tile(Q, K, V, DO, LSE, DELTA, DK, DV, kv_row0, v_row0, q_base0, o_base0, stat_base, stat_head_stride,
                off_hk, start_n, seqlen_q, seqlen_k, pos, scales, sm_scale,
-               STRIDE_QM: tl.constexpr, STRIDE_KN: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-               HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
+               STRIDE_QM: tl.constexpr, STRIDE_KN: tl.constexpr, STRIDE_OM: tl.constexpr, STRIDE_VN: tl.constexpr,
+               GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+               HEAD_DIM_V_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
                OVERLAP: tl.constexpr):
     """dK/dV of one key tile, shared by the dense and varlen kernels: kv_row0 = element offset of the tile's first
-    row (this kv head) in K/V/DK/DV, q_base0 = of the sequence's query row 0 (head 0) in Q/DO; query head h's
-    LSE/delta row 0 sits at stat_base + h * stat_head_stride."""
+    row (this kv head) in K/DK, v_row0 = in V/DV, q_base0 = of the sequence's query row 0 (head 0) in Q, o_base0 =
+    in DO; query head h's LSE/delta row 0 sits at stat_base + h * stat_head_stride."""
     offs_tn = tl.arange(0, BLOCK_N)
     offs_n = start_n + offs_tn
     offs_t = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
+    offs_dv = tl.arange(0, HEAD_DIM_V_PAD)
 
     tile_k = offs_tn[:, None] * STRIDE_KN + offs_d[None, :]
+    tile_v = offs_tn[:, None] * STRIDE_VN + offs_dv[None, :]
     k = _load_rows(K + kv_row0 + tile_k, offs_n, seqlen_k, offs_d, HEAD_DIM, HEAD_DIM_PAD, True)
-    v = _load_rows(V + kv_row0 + tile_k, offs_n, seqlen_k, offs_d, HEAD_DIM, HEAD_DIM_PAD, True)
+    v = _load_rows(V + v_row0 + tile_v, offs_n, seqlen_k, offs_dv, HEAD_DIM_V, HEAD_DIM_V_PAD, True)
 
     n_last = tl.minimum(start_n + BLOCK_N, seqlen_k) - 1
     m_lo, f_lo, f_hi, m_hi = _query_blocks(start_n, n_last, start_n + BLOCK_N <= seqlen_k, seqlen_q, pos,
@@ -134,23 +148,26 @@ def _dkdv_tile(Q, K, V, DO, LSE, DELTA, DK, DV, kv_row0, q_base0, stat_base, sta
     cols_g = tl.where(offs_n < seqlen_k, cols_g, pos[3])
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM_V_PAD], dtype=tl.float32)
     tile_q = offs_t[:, None] * STRIDE_QM + offs_d[None, :]
+    tile_o = offs_t[:, None] * STRIDE_OM + offs_dv[None, :]
     # The GQA group is reduced here, in a fixed head order: no atomics and no (B, Lk, HQ, D) scratch buffer.
     for g in range(GROUP):
         off_h = off_hk * GROUP + g
         q_base = q_base0 + off_h * HEAD_DIM
         q_ptrs = Q + q_base + tile_q
-        do_ptrs = DO + q_base + tile_q
+        do_ptrs = DO + (o_base0 + off_h * HEAD_DIM_V) + tile_o
         stat0 = stat_base + off_h.to(tl.int64) * stat_head_stride
         lse_ptrs = LSE + stat0 + offs_t
         delta_ptrs = DELTA + stat0 + offs_t
         dk, dv = _dkdv_ranges(dk, dv, k, v, m_lo, f_lo, f_hi, m_hi,
                               (q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, offs_t, seqlen_q), cols_g, pos, scales,
-                              STRIDE_QM, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, MASK, OVERLAP)
+                              STRIDE_QM, STRIDE_OM, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_M,
+                              MASK, OVERLAP)
     dk = dk * sm_scale
     _store_rows(DK + kv_row0 + tile_k, dk.to(DK.dtype.element_ty), offs_n, seqlen_k, offs_d, HEAD_DIM, HEAD_DIM_PAD)
-    _store_rows(DV + kv_row0 + tile_k, dv.to(DV.dtype.element_ty), offs_n, seqlen_k, offs_d, HEAD_DIM, HEAD_DIM_PAD)
+    _store_rows(DV + v_row0 + tile_v, dv.to(DV.dtype.element_ty), offs_n, seqlen_k, offs_dv, HEAD_DIM_V,
+                HEAD_DIM_V_PAD)
 
 
 @triton.jit
@@ -159,10 +176,13 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, OFFS, global_seqlen_q, global_seqlen_k,
               DK, DV,
               NUM_HEADS_Q: tl.constexpr, NUM_HEADS_K: tl.constexpr,
               HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+              HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               MASK: tl.constexpr, REVERSE_N: tl.constexpr, OVERLAP: tl.constexpr):
     STRIDE_QM: tl.constexpr = NUM_HEADS_Q * HEAD_DIM
     STRIDE_KN: tl.constexpr = NUM_HEADS_K * HEAD_DIM
+    STRIDE_OM: tl.constexpr = NUM_HEADS_Q * HEAD_DIM_V
+    STRIDE_VN: tl.constexpr = NUM_HEADS_K * HEAD_DIM_V
     GROUP: tl.constexpr = NUM_HEADS_Q // NUM_HEADS_K
 
     pid_n = tl.program_id(0)
@@ -176,25 +196,28 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, OFFS, global_seqlen_q, global_seqlen_k,
     start_n = pid_n * BLOCK_N
     _dkdv_tile(Q, K, V, DO, LSE, DELTA, DK, DV,
                (off_b * seqlen_k + start_n) * STRIDE_KN + off_hk * HEAD_DIM,
-               off_b * seqlen_q * STRIDE_QM, off_b * NUM_HEADS_Q * seqlen_q, seqlen_q,
+               (off_b * seqlen_k + start_n) * STRIDE_VN + off_hk * HEAD_DIM_V,
+               off_b * seqlen_q * STRIDE_QM, off_b * seqlen_q * STRIDE_OM, off_b * NUM_HEADS_Q * seqlen_q, seqlen_q,
                off_hk, start_n, seqlen_q, seqlen_k, pos, (scale_in, scale_out), sm_scale,
-               STRIDE_QM, STRIDE_KN, GROUP, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, BLOCK_N, MASK, OVERLAP)
+               STRIDE_QM, STRIDE_KN, STRIDE_OM, STRIDE_VN, GROUP, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD,
+               BLOCK_M, BLOCK_N, MASK, OVERLAP)
 
 
 @triton.jit
 def _dq_tiles(dq, q, do, lse2, delta, n_begin, n_end, keys, rows_g, pos, scales,
-              STRIDE_KN: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+              STRIDE_KN: tl.constexpr, STRIDE_VN: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+              HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr,
               BLOCK_N: tl.constexpr, MASK: tl.constexpr, MASKED: tl.constexpr):
     """Accumulate key tiles [n_begin, n_end) into dQ (unscaled); keys and scales as in flash_fwd._fwd_tiles."""
-    k_ptrs, v_ptrs, offs_n, offs_d, seqlen_k = keys
+    k_ptrs, v_ptrs, offs_n, offs_d, offs_dv, seqlen_k = keys
     scale_in, scale_out = scales
     q_off, k_off, global_seqlen_q, global_seqlen_k = pos
     k_ptrs += n_begin.to(tl.int64) * STRIDE_KN
-    v_ptrs += n_begin.to(tl.int64) * STRIDE_KN
+    v_ptrs += n_begin.to(tl.int64) * STRIDE_VN
     for start_n in range(n_begin, n_end, BLOCK_N):
         cols = start_n + offs_n
         k = _load_rows(k_ptrs, cols, seqlen_k, offs_d, HEAD_DIM, HEAD_DIM_PAD, MASKED)
-        v = _load_rows(v_ptrs, cols, seqlen_k, offs_d, HEAD_DIM, HEAD_DIM_PAD, MASKED)
+        v = _load_rows(v_ptrs, cols, seqlen_k, offs_dv, HEAD_DIM_V, HEAD_DIM_V_PAD, MASKED)
         qk = tl.dot(q, tl.trans(k))
         if MASK[_SOFTCAP]:
             t = _tanh(qk * scale_in)
@@ -212,55 +235,60 @@ def _dq_tiles(dq, q, do, lse2, delta, n_begin, n_end, keys, rows_g, pos, scales,
             ds = ds * (1.0 - t * t)
         dq = tl.dot(ds.to(k.dtype), k, dq)
         k_ptrs += BLOCK_N * STRIDE_KN
-        v_ptrs += BLOCK_N * STRIDE_KN
+        v_ptrs += BLOCK_N * STRIDE_VN
     return dq
 
 
 @triton.jit
 def _dq_ranges(q, do, lse2, delta, n_lo, f_lo, f_hi, n_hi, keys, rows_g, pos, scales,
-               STRIDE_KN: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+               STRIDE_KN: tl.constexpr, STRIDE_VN: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+               HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr):
     """dQ (unscaled) of a query tile over _key_blocks' three runs (masked edges, unmasked middle)."""
     dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
     dq = _dq_tiles(dq, q, do, lse2, delta, n_lo, f_lo, keys, rows_g, pos, scales,
-                   STRIDE_KN, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, MASK, True)
+                   STRIDE_KN, STRIDE_VN, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_N, MASK, True)
     dq = _dq_tiles(dq, q, do, lse2, delta, f_lo, f_hi, keys, rows_g, pos, scales,
-                   STRIDE_KN, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, MASK, False)
+                   STRIDE_KN, STRIDE_VN, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_N, MASK, False)
     dq = _dq_tiles(dq, q, do, lse2, delta, f_hi, n_hi, keys, rows_g, pos, scales,
-                   STRIDE_KN, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, MASK, True)
+                   STRIDE_KN, STRIDE_VN, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_N, MASK, True)
     return dq
 
 
 @triton.jit
-def _dq_tile(Q, K, V, DO, LSE, DELTA, DQ, q_row0, kv_base, stat0, start_m, seqlen_q, seqlen_k,
+def _dq_tile(Q, K, V, DO, LSE, DELTA, DQ, q_row0, kv_base, o_row0, v_base, stat0, start_m, seqlen_q, seqlen_k,
              pos, scales, sm_scale,
-             STRIDE_QM: tl.constexpr, STRIDE_KN: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr):
+             STRIDE_QM: tl.constexpr, STRIDE_KN: tl.constexpr, STRIDE_OM: tl.constexpr, STRIDE_VN: tl.constexpr,
+             HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+             HEAD_DIM_V_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr):
     """dQ of one query tile, shared by the dense and varlen kernels: q_row0 = element offset of the tile's first
-    row (this head) in Q/DO/DQ, kv_base = of key row 0 (this kv head) in K/V, stat0 = of the sequence's row 0
-    (this head) in LSE/DELTA."""
+    row (this head) in Q/DQ, o_row0 = in DO, kv_base = of key row 0 (this kv head) in K, v_base = in V, stat0 = of
+    the sequence's row 0 (this head) in LSE/DELTA."""
     offs_t = tl.arange(0, BLOCK_M)
     offs_m = start_m + offs_t
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
+    offs_dv = tl.arange(0, HEAD_DIM_V_PAD)
 
     tile_q = offs_t[:, None] * STRIDE_QM + offs_d[None, :]
+    tile_o = offs_t[:, None] * STRIDE_OM + offs_dv[None, :]
     q = _load_rows(Q + q_row0 + tile_q, offs_m, seqlen_q, offs_d, HEAD_DIM, HEAD_DIM_PAD, True)
-    do = _load_rows(DO + q_row0 + tile_q, offs_m, seqlen_q, offs_d, HEAD_DIM, HEAD_DIM_PAD, True)
+    do = _load_rows(DO + o_row0 + tile_o, offs_m, seqlen_q, offs_dv, HEAD_DIM_V, HEAD_DIM_V_PAD, True)
     stat = stat0 + offs_m
     # Padding rows read lse = 0 and delta = 0: finite values, and their dQ is never stored.
     lse2 = tl.load(LSE + stat, mask=offs_m < seqlen_q, other=0.0) * _LOG2E
     delta = tl.load(DELTA + stat, mask=offs_m < seqlen_q, other=0.0)
 
     k_ptrs = K + kv_base + offs_n[:, None] * STRIDE_KN + offs_d[None, :]
-    v_ptrs = V + kv_base + offs_n[:, None] * STRIDE_KN + offs_d[None, :]
+    v_ptrs = V + v_base + offs_n[:, None] * STRIDE_VN + offs_dv[None, :]
 
     m_last = tl.minimum(start_m + BLOCK_M, seqlen_q) - 1
     n_lo, f_lo, f_hi, n_hi = _key_blocks(start_m, m_last, seqlen_k, pos, BLOCK_N, MASK)
     rows_g = pos[0] + offs_m
 
-    dq = _dq_ranges(q, do, lse2, delta, n_lo, f_lo, f_hi, n_hi, (k_ptrs, v_ptrs, offs_n, offs_d, seqlen_k), rows_g,
-                    pos, scales, STRIDE_KN, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, BLOCK_N, MASK)
+    dq = _dq_ranges(q, do, lse2, delta, n_lo, f_lo, f_hi, n_hi, (k_ptrs, v_ptrs, offs_n, offs_d, offs_dv, seqlen_k),
+                    rows_g, pos, scales, STRIDE_KN, STRIDE_VN, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD,
+                    BLOCK_M, BLOCK_N, MASK)
     dq = dq * sm_scale
     _store_rows(DQ + q_row0 + tile_q, dq.to(DQ.dtype.element_ty), offs_m, seqlen_q, offs_d, HEAD_DIM, HEAD_DIM_PAD)
 
@@ -271,10 +299,13 @@ def _bwd_dq(Q, K, V, DO, LSE, DELTA, OFFS, global_seqlen_q, global_seqlen_k,
             DQ,
             NUM_HEADS_Q: tl.constexpr, NUM_HEADS_K: tl.constexpr,
             HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+            HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
             MASK: tl.constexpr, REVERSE_M: tl.constexpr):
     STRIDE_QM: tl.constexpr = NUM_HEADS_Q * HEAD_DIM
     STRIDE_KN: tl.constexpr = NUM_HEADS_K * HEAD_DIM
+    STRIDE_OM: tl.constexpr = NUM_HEADS_Q * HEAD_DIM_V
+    STRIDE_VN: tl.constexpr = NUM_HEADS_K * HEAD_DIM_V
     GROUP: tl.constexpr = NUM_HEADS_Q // NUM_HEADS_K
 
     pid_m = tl.program_id(0)
@@ -289,6 +320,9 @@ def _bwd_dq(Q, K, V, DO, LSE, DELTA, OFFS, global_seqlen_q, global_seqlen_k,
     _dq_tile(Q, K, V, DO, LSE, DELTA, DQ,
              (off_b * seqlen_q + start_m) * STRIDE_QM + off_h * HEAD_DIM,
              off_b * seqlen_k * STRIDE_KN + off_hk * HEAD_DIM,
+             (off_b * seqlen_q + start_m) * STRIDE_OM + off_h * HEAD_DIM_V,
+             off_b * seqlen_k * STRIDE_VN + off_hk * HEAD_DIM_V,
              (off_b * NUM_HEADS_Q + off_h) * seqlen_q,
              start_m, seqlen_q, seqlen_k, pos, (scale_in, scale_out), sm_scale,
-             STRIDE_QM, STRIDE_KN, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, BLOCK_N, MASK)
+             STRIDE_QM, STRIDE_KN, STRIDE_OM, STRIDE_VN, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD,
+             BLOCK_M, BLOCK_N, MASK)

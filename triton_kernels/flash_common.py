@@ -35,6 +35,22 @@ def _tanh(x):
 
 
 @triton.jit
+def _finish_with_sink(acc, l_i, m_i, sink):
+    """Normalized output and natural-log LSE of one online softmax (``m_i`` in the log2 domain) whose denominator
+    also holds the attention sink (natural-log logit, a scalar or one per row): l + 2^(sink * log2 e - m). The
+    sink carries no value, so it only rescales. Rows that saw no key: out 0 and lse = sink exactly."""
+    s2 = sink * _LOG2E
+    m_f = tl.maximum(m_i, s2)
+    m_use = tl.where(m_f == float("-inf"), 0.0, m_f)  # sink -inf and no key: nothing to subtract
+    alpha = tl.exp2(m_i - m_use)
+    l_f = l_i * alpha + tl.exp2(s2 - m_use)
+    l_safe = tl.where(l_f == 0.0, 1.0, l_f)
+    out = acc * (alpha / l_safe)[:, None]
+    lse = tl.where(l_i == 0.0, sink, (m_use + tl.log2(l_safe)) * _LN2)
+    return out, lse
+
+
+@triton.jit
 def _cdiv(x, b: tl.constexpr):
     # Callers guarantee x >= 0, so truncating division is floor division here.
     return (x + (b - 1)) // b

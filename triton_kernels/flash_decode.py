@@ -19,6 +19,11 @@ directly. ``_decode_fwd_persistent`` (stream-K): a one-wave grid whose programs 
 tiles across sequence boundaries, then ``_decode_combine_streamk``. Every output element is written (rows that
 see nothing: out 0, lse -inf).
 
+Attention sinks (HAS_SINKS, SINKS float32 (HQ,)): the partials are sink-free and the sink joins each row's
+denominator exactly once, where the pieces become the final out/lse: in ``_decode_fwd`` itself when NUM_SPLITS == 1,
+else in ``_decode_combine`` / ``_decode_combine_streamk`` as one more LSE term with no value. Rows that see no key
+then get out 0 and lse = the sink.
+
 Argument groups passed whole through the helpers: ``cache`` = (K_CACHE, V_CACHE, K_NEW, V_NEW, SEQLENS_K,
 CACHE_SEQLENS, LEFTPAD, BATCH_IDX, PAGE_TABLE), ``dims`` = (seqlen_q, capacity, seqlen_new, num_pages,
 pages_per_seq), ``scales`` = (scale_in, scale_out), the constexpr ``LAYOUT`` = (PAGED, PAGE_SIZE, HAS_NEW,
@@ -27,7 +32,7 @@ HAS_LEFTPAD, HAS_BATCH_IDX) and the mask group ``MASK`` (``flash_common``).
 import triton
 import triton.language as tl
 
-from .flash_common import _LN2, _SOFTCAP, _allowed, _cdiv, _key_tiles, _tanh
+from .flash_common import _LN2, _SOFTCAP, _allowed, _cdiv, _finish_with_sink, _key_tiles, _tanh
 
 # Fields of the LAYOUT constexpr tuple (plan_decode builds it in this order).
 _PAGED = tl.constexpr(0)
@@ -179,15 +184,16 @@ def _group_rows(off_hk, start_m, seqlen_q, GROUP: tl.constexpr, BLOCK_M: tl.cons
 
 @triton.jit
 def _decode_fwd(Q, K_CACHE, V_CACHE, K_NEW, V_NEW, SEQLENS_K, CACHE_SEQLENS, LEFTPAD, BATCH_IDX, PAGE_TABLE,
-                seqlen_q, capacity, seqlen_new, num_pages, pages_per_seq, scale_in, scale_out,
+                seqlen_q, capacity, seqlen_new, num_pages, pages_per_seq, scale_in, scale_out, SINKS,
                 OUT, LSE,
                 NUM_HEADS_Q: tl.constexpr, NUM_HEADS_K: tl.constexpr,
                 HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                LAYOUT: tl.constexpr, MASK: tl.constexpr):
+                LAYOUT: tl.constexpr, MASK: tl.constexpr, HAS_SINKS: tl.constexpr):
     """OUT/LSE: (B, LQ, HQ, D) in q's dtype / (B, HQ, LQ) when NUM_SPLITS == 1, else fp32 partials
     (NUM_SPLITS, B, LQ, HQ, D) / (NUM_SPLITS, B, HQ, LQ). Paged: BLOCK_N divides PAGE_SIZE (a tile never
-    straddles a page)."""
+    straddles a page). SINKS is read only with HAS_SINKS and NUM_SPLITS == 1 (split partials stay sink-free: the
+    combine adds the sink once)."""
     GROUP: tl.constexpr = NUM_HEADS_Q // NUM_HEADS_K
 
     pid0 = tl.program_id(0)
@@ -225,7 +231,10 @@ def _decode_fwd(Q, K_CACHE, V_CACHE, K_NEW, V_NEW, SEQLENS_K, CACHE_SEQLENS, LEF
                                  (K_CACHE, V_CACHE, K_NEW, V_NEW, SEQLENS_K, CACHE_SEQLENS, LEFTPAD, BATCH_IDX,
                                   PAGE_TABLE), (seqlen_q, capacity, seqlen_new, num_pages, pages_per_seq),
                                  (scale_in, scale_out), NUM_HEADS_K, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, LAYOUT, MASK)
-    out, lse = _finish(acc, l_i, m_i)
+    if HAS_SINKS and NUM_SPLITS == 1:
+        out, lse = _finish_with_sink(acc, l_i, m_i, tl.load(SINKS + head, mask=row_ok, other=0.0))
+    else:
+        out, lse = _finish(acc, l_i, m_i)
     if NUM_SPLITS == 1:
         o_rows = q_rows
         lse_off = (off_b.to(tl.int64) * NUM_HEADS_Q + head) * seqlen_q + t_pos
@@ -326,15 +335,16 @@ def _decode_fwd_persistent(Q, K_CACHE, V_CACHE, K_NEW, V_NEW, SEQLENS_K, CACHE_S
 
 
 @triton.jit
-def _decode_combine_streamk(OUT_ACC, LSE_ACC, SEQLENS_K, LEFTPAD, seqlen_q, OUT, LSE,
+def _decode_combine_streamk(OUT_ACC, LSE_ACC, SEQLENS_K, LEFTPAD, SINKS, seqlen_q, OUT, LSE,
                             NUM_HEADS_Q: tl.constexpr, NUM_HEADS_K: tl.constexpr,
                             HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
                             NUM_PROGRAMS: tl.constexpr, PROGRAMS_PAD: tl.constexpr,
-                            LAYOUT: tl.constexpr, MASK: tl.constexpr):
+                            LAYOUT: tl.constexpr, MASK: tl.constexpr, HAS_SINKS: tl.constexpr):
     """Merge the stream-K partials of (kv head, sequence) by LSE into OUT (B, LQ, HQ, D) / LSE (B, HQ, LQ).
     Grid (HK, B). Recomputes the decode kernel's layout, so it reads exactly the slots that were written: the
-    programs g whose tile range meets the sequence (programs with an empty range carry weight 0)."""
+    programs g whose tile range meets the sequence (programs with an empty range carry weight 0). HAS_SINKS: each
+    row's sink (SINKS[head]) is one more LSE term with no value, added here once."""
     GROUP: tl.constexpr = NUM_HEADS_Q // NUM_HEADS_K
     off_hk = tl.program_id(0)
     off_b = tl.program_id(1)
@@ -360,8 +370,13 @@ def _decode_combine_streamk(OUT_ACC, LSE_ACC, SEQLENS_K, LEFTPAD, seqlen_q, OUT,
     lse_all = tl.load(LSE_ACC + slots[:, None] * BLOCK_M + offs_r[None, :], mask=has[:, None] & row_ok[None, :],
                       other=float("-inf"))
     mx = tl.max(lse_all, 0)
+    if HAS_SINKS:
+        sink = tl.load(SINKS + head, mask=row_ok, other=0.0)
+        mx = tl.maximum(mx, sink)
     mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
     total_w = tl.sum(tl.exp(lse_all - mx_safe[None, :]), 0)
+    if HAS_SINKS:
+        total_w += tl.exp(sink - mx_safe)
     # One piece per step; the automatic schedule gives a sequence at most a few pieces (a 3-D load of several
     # pieces per step measured slower; benchmarks/RESULTS.md).
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
@@ -384,11 +399,13 @@ def _decode_combine_streamk(OUT_ACC, LSE_ACC, SEQLENS_K, LEFTPAD, seqlen_q, OUT,
 
 
 @triton.jit
-def _decode_combine(OUT_ACC, LSE_ACC, seqlen_q, OUT, LSE,
+def _decode_combine(OUT_ACC, LSE_ACC, SINKS, seqlen_q, OUT, LSE,
                     NUM_HEADS_Q: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-                    BLOCK_M: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr):
+                    BLOCK_M: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
+                    HAS_SINKS: tl.constexpr):
     """Merge NUM_SPLITS normalized partials by their LSE. Grid (cdiv(LQ, BLOCK_M), HQ, B). Splits with lse -inf
-    carry weight 0; a row empty in every split gets out 0 / lse -inf."""
+    carry weight 0; a row empty in every split gets out 0 / lse -inf. HAS_SINKS: the head's sink SINKS[h] is one
+    more LSE term with no value, added here once (so an empty row gets lse = sink)."""
     start_m = tl.program_id(0) * BLOCK_M
     off_h = tl.program_id(1)
     off_b = tl.program_id(2).to(tl.int64)
@@ -402,8 +419,13 @@ def _decode_combine(OUT_ACC, LSE_ACC, seqlen_q, OUT, LSE,
     lse_all = tl.load(LSE_ACC + ((offs_s[:, None].to(tl.int64) * n_batch + off_b) * NUM_HEADS_Q + off_h) * seqlen_q
                       + offs_m[None, :], mask=(offs_s[:, None] < NUM_SPLITS) & m_ok[None, :], other=float("-inf"))
     mx = tl.max(lse_all, 0)
+    if HAS_SINKS:
+        sink = tl.load(SINKS + off_h)
+        mx = tl.maximum(mx, sink)
     mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
     total = tl.sum(tl.exp(lse_all - mx_safe[None, :]), 0)
+    if HAS_SINKS:
+        total += tl.exp(sink - mx_safe)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
     for s in range(NUM_SPLITS):
         sb = s * n_batch + off_b

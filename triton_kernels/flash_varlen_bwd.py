@@ -1,7 +1,7 @@
 """Variable-length (packed) FlashAttention backward: the varlen twin of ``flash_bwd.py``.
 
-Layouts as in ``flash_varlen.py``: q/out/dout/dq (TOTAL_Q, HQ, D), k/v/dk/dv (TOTAL_K, HK, D), lse and delta
-float32 (HQ, TOTAL_Q). Sequence ``b`` owns q rows ``[cu_q[b], cu_q[b+1])`` and k rows ``[cu_k[b], cu_k[b] +
+Layouts as in ``flash_varlen.py``: q/dq (TOTAL_Q, HQ, D), out/dout (TOTAL_Q, HQ, DV), k/dk (TOTAL_K, HK, D), v/dv
+(TOTAL_K, HK, DV) with DV = HEAD_DIM_V <= D (MLA), lse and delta float32 (HQ, TOTAL_Q). Sequence ``b`` owns q rows ``[cu_q[b], cu_q[b+1])`` and k rows ``[cu_k[b], cu_k[b] +
 len_k[b])``, ``len_k`` = ``seqused_k[b]`` (HAS_SEQUSED) or the cu_k difference; index arrays are sanitized on the
 host (non-decreasing, in range, seqused_k <= the cu_k difference).
 
@@ -56,11 +56,14 @@ def _varlen_bwd_dkdv(Q, K, V, DO, LSE, DELTA, CU_Q, CU_K, SEQUSED_K,
                      DK, DV,
                      NUM_HEADS_Q: tl.constexpr, NUM_HEADS_K: tl.constexpr,
                      HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+                     HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      MASK: tl.constexpr, HAS_SEQUSED: tl.constexpr, REVERSE_N: tl.constexpr,
                      OVERLAP: tl.constexpr):
     STRIDE_QM: tl.constexpr = NUM_HEADS_Q * HEAD_DIM
     STRIDE_KN: tl.constexpr = NUM_HEADS_K * HEAD_DIM
+    STRIDE_OM: tl.constexpr = NUM_HEADS_Q * HEAD_DIM_V
+    STRIDE_VN: tl.constexpr = NUM_HEADS_K * HEAD_DIM_V
     GROUP: tl.constexpr = NUM_HEADS_Q // NUM_HEADS_K
 
     pid = tl.program_id(0)
@@ -77,7 +80,7 @@ def _varlen_bwd_dkdv(Q, K, V, DO, LSE, DELTA, CU_Q, CU_K, SEQUSED_K,
         _zero_ranges(DK, 0, first, last, total_k - last, off_hk, pid, n_progs,
                      STRIDE_KN, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N)
         _zero_ranges(DV, 0, first, last, total_k - last, off_hk, pid, n_progs,
-                     STRIDE_KN, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N)
+                     STRIDE_VN, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_N)
     else:
         q_start, seqlen_q, k_start, seqlen_k, k_span = _seq_bounds(CU_Q, CU_K, SEQUSED_K, off_b, HAS_SEQUSED)
         # Rows of this sequence's cu_k span that no key tile computes: past seqused_k (or past the grid).
@@ -85,15 +88,17 @@ def _varlen_bwd_dkdv(Q, K, V, DO, LSE, DELTA, CU_Q, CU_K, SEQUSED_K,
         _zero_ranges(DK, k_start + gap_lo, k_span - gap_lo, 0, 0, off_hk, pid, n_progs,
                      STRIDE_KN, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N)
         _zero_ranges(DV, k_start + gap_lo, k_span - gap_lo, 0, 0, off_hk, pid, n_progs,
-                     STRIDE_KN, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N)
+                     STRIDE_VN, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_N)
         start_n = pid_n * BLOCK_N
         if start_n < seqlen_k:
             # Local positions: no offsets; key rows past the sequence's end are pushed past seqlen_k.
             _dkdv_tile(Q, K, V, DO, LSE, DELTA, DK, DV,
                        (k_start + start_n).to(tl.int64) * STRIDE_KN + off_hk * HEAD_DIM,
-                       q_start.to(tl.int64) * STRIDE_QM, q_start.to(tl.int64), total_q,
-                       off_hk, start_n, seqlen_q, seqlen_k, (0, 0, seqlen_q, seqlen_k), (scale_in, scale_out),
-                       sm_scale, STRIDE_QM, STRIDE_KN, GROUP, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, BLOCK_N, MASK, OVERLAP)
+                       (k_start + start_n).to(tl.int64) * STRIDE_VN + off_hk * HEAD_DIM_V,
+                       q_start.to(tl.int64) * STRIDE_QM, q_start.to(tl.int64) * STRIDE_OM, q_start.to(tl.int64),
+                       total_q, off_hk, start_n, seqlen_q, seqlen_k, (0, 0, seqlen_q, seqlen_k),
+                       (scale_in, scale_out), sm_scale, STRIDE_QM, STRIDE_KN, STRIDE_OM, STRIDE_VN, GROUP, HEAD_DIM,
+                       HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_M, BLOCK_N, MASK, OVERLAP)
 
 
 @triton.jit
@@ -102,10 +107,13 @@ def _varlen_bwd_dq(Q, K, V, DO, LSE, DELTA, CU_Q, CU_K, SEQUSED_K,
                    DQ,
                    NUM_HEADS_Q: tl.constexpr, NUM_HEADS_K: tl.constexpr,
                    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+                   HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    MASK: tl.constexpr, HAS_SEQUSED: tl.constexpr, REVERSE_M: tl.constexpr):
     STRIDE_QM: tl.constexpr = NUM_HEADS_Q * HEAD_DIM
     STRIDE_KN: tl.constexpr = NUM_HEADS_K * HEAD_DIM
+    STRIDE_OM: tl.constexpr = NUM_HEADS_Q * HEAD_DIM_V
+    STRIDE_VN: tl.constexpr = NUM_HEADS_K * HEAD_DIM_V
     GROUP: tl.constexpr = NUM_HEADS_Q // NUM_HEADS_K
 
     pid_m = tl.program_id(0)
@@ -127,6 +135,9 @@ def _varlen_bwd_dq(Q, K, V, DO, LSE, DELTA, CU_Q, CU_K, SEQUSED_K,
             _dq_tile(Q, K, V, DO, LSE, DELTA, DQ,
                      (q_start + start_m).to(tl.int64) * STRIDE_QM + off_h * HEAD_DIM,
                      k_start.to(tl.int64) * STRIDE_KN + off_hk * HEAD_DIM,
+                     (q_start + start_m).to(tl.int64) * STRIDE_OM + off_h * HEAD_DIM_V,
+                     k_start.to(tl.int64) * STRIDE_VN + off_hk * HEAD_DIM_V,
                      off_h.to(tl.int64) * total_q + q_start,
                      start_m, seqlen_q, seqlen_k, (0, 0, seqlen_q, seqlen_k), (scale_in, scale_out), sm_scale,
-                     STRIDE_QM, STRIDE_KN, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, BLOCK_N, MASK)
+                     STRIDE_QM, STRIDE_KN, STRIDE_OM, STRIDE_VN, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD,
+                     BLOCK_M, BLOCK_N, MASK)

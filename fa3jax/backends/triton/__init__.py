@@ -1,6 +1,8 @@
 """Triton backend: FlashAttention-2 style kernels (``fa3jax.triton_kernels``) launched through jax-triton.
 
-Modes: dense and varlen (forward and backward), kvcache (split-KV decode + LSE combine). The backward is
+Modes: dense and varlen (forward and backward), kvcache (split-KV decode + LSE combine); attention sinks in every
+mode (the forward kernels fold them into out/LSE; the backward needs nothing more, see ``backends.base``); a value
+head dim below the q/k one (MLA) in dense and varlen, forward and backward. The backward is
 deterministic by construction (no atomics: dK/dV and dQ come from separate kernels that each own their output
 rows, and the GQA group is reduced in-kernel in a fixed order), so ``spec.deterministic`` needs no special path.
 Launch decisions live in the ``plan_*`` modules (pure Python, one per kernel family: ``plan_dense``,
@@ -59,8 +61,14 @@ def _num_sms() -> int:
         return plan_decode.DEFAULT_NUM_SMS
 
 
-def _empty(shape_out, dtype, shape_lse):
-    return jnp.zeros(shape_out, dtype), jnp.full(shape_lse, -jnp.inf, jnp.float32)
+def _empty(shape_out, dtype, shape_lse, spec: AttentionSpec, args, head_axis: int):
+    """out 0 and lse -inf (with sinks: the head's sink, along ``head_axis`` of the LSE) for a call with no key."""
+    lse = jnp.full(shape_lse, -jnp.inf, jnp.float32)
+    if spec.has_sinks:
+        shape = [1] * len(shape_lse)
+        shape[head_axis] = shape_lse[head_axis]
+        lse = jnp.broadcast_to(jnp.asarray(args.sinks, jnp.float32).reshape(shape), shape_lse)
+    return jnp.zeros(shape_out, dtype), lse
 
 
 def _arch() -> str:
@@ -93,11 +101,6 @@ class TritonBackend(Backend):
     def check_forward(self, spec: AttentionSpec) -> None:
         if spec.has_segment_ids:
             raise NotImplementedError("triton: segment ids (packed sequences) are not supported yet")
-        if spec.has_sinks:
-            raise NotImplementedError("triton: sinks not implemented yet")
-        if spec.head_dim_v != spec.head_dim:
-            raise NotImplementedError(f"triton: a value head dim different from the q/k one (MLA) is not "
-                                      f"implemented yet; got {spec.head_dim_v=}, {spec.head_dim=}")
         check = _CHECKS.get(spec.mode)
         reason = f"triton: unknown mode {spec.mode!r}" if check is None else check(spec)
         if reason:
@@ -114,11 +117,11 @@ class TritonBackend(Backend):
         self.check_forward(spec)
         if spec.mode == "varlen":
             return self._varlen_forward(spec, q, k, v, args)
-        b, lq, hq, d = spec.batch, spec.seqlen_q, spec.num_heads_q, spec.head_dim
+        b, lq, hq, dv = spec.batch, spec.seqlen_q, spec.num_heads_q, spec.head_dim_v
         if b * lq * hq == 0 or spec.seqlen_k == 0:  # no key anywhere: every row is empty
-            return _empty((b, lq, hq, d), q.dtype, (b, hq, lq))
+            return _empty((b, lq, hq, dv), q.dtype, (b, hq, lq), spec, args, 1)
         fwd = plan_dense.plan_forward(spec, _arch(), _current_tuning())
-        arrays = {"q": q, "k": k, "v": v, "offsets": _offsets(spec, args)}
+        arrays = {"q": q, "k": k, "v": v, "offsets": _offsets(spec, args), **_sinks(spec, args)}
         out, lse = launch.call(fwd, arrays)
         return out, lse
 
@@ -145,10 +148,10 @@ class TritonBackend(Backend):
     def _varlen_forward(self, spec: AttentionSpec, q, k, v, args: VarlenArgs):
         from . import launch
 
-        total_q, hq, d = spec.seqlen_q, spec.num_heads_q, spec.head_dim
+        total_q, hq, dv = spec.seqlen_q, spec.num_heads_q, spec.head_dim_v
         if total_q * hq == 0 or spec.seqlen_k == 0:
-            return _empty((total_q, hq, d), q.dtype, (hq, total_q))
-        arrays = {"q": q, "k": k, "v": v, **_varlen_arrays(args)}
+            return _empty((total_q, hq, dv), q.dtype, (hq, total_q), spec, args, 0)
+        arrays = {"q": q, "k": k, "v": v, **_varlen_arrays(args), **_sinks(spec, args)}
         return launch.call(plan_varlen.plan_forward(spec, _arch(), _current_tuning()), arrays)
 
     def kvcache_forward(self, spec: AttentionSpec, q, k_cache, v_cache, args: KVCacheArgs):
@@ -157,8 +160,8 @@ class TritonBackend(Backend):
         self.check_forward(spec)
         b, lq, hq, d = spec.batch, spec.seqlen_q, spec.num_heads_q, spec.head_dim
         if b * lq * hq == 0 or spec.kvcache.capacity == 0:
-            return _empty((b, lq, hq, d), q.dtype, (b, hq, lq))
-        arrays = {"q": q, "k_cache": k_cache, "v_cache": v_cache}
+            return _empty((b, lq, hq, d), q.dtype, (b, hq, lq), spec, args, 1)
+        arrays = {"q": q, "k_cache": k_cache, "v_cache": v_cache, **_sinks(spec, args)}
         # The stand-ins for absent optional arrays are never read by the kernels (their HAS_* flag is off).
         for name in ("seqlens_k", "cache_seqlens", "leftpad", "batch_idx", "page_table"):
             x = getattr(args, name)
@@ -170,6 +173,14 @@ class TritonBackend(Backend):
             outs = launch.call(launch_, arrays)
             arrays.update({name: x for (name, _, _), x in zip(launch_.outputs, outs)})
         return arrays["out"], arrays["lse"]
+
+
+def _sinks(spec: AttentionSpec, args) -> dict:
+    if not spec.has_sinks:
+        return {}
+    if args is None or args.sinks is None:
+        raise ValueError("triton: spec.has_sinks but the args carry no sinks")
+    return {"sinks": jnp.asarray(args.sinks, jnp.float32)}
 
 
 def _varlen_arrays(args: VarlenArgs) -> dict:

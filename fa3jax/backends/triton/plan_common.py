@@ -68,8 +68,17 @@ def score_scales(spec: AttentionSpec) -> tuple[float, float]:
 
 
 def shape_constexprs(spec: AttentionSpec) -> list[tuple[str, Any]]:
+    """Head counts and head dims of the dense/varlen kernels: HEAD_DIM for q/k, HEAD_DIM_V for v/out (MLA: may be
+    smaller), each with the padded power of two its tiles use."""
     return [("NUM_HEADS_Q", spec.num_heads_q), ("NUM_HEADS_K", spec.num_heads_k), ("HEAD_DIM", spec.head_dim),
-            ("HEAD_DIM_PAD", tables.head_dim_pad(spec.head_dim))]
+            ("HEAD_DIM_PAD", tables.head_dim_pad(spec.head_dim)), ("HEAD_DIM_V", spec.head_dim_v),
+            ("HEAD_DIM_V_PAD", tables.head_dim_pad(spec.head_dim_v))]
+
+
+def sinks_group(spec: AttentionSpec, stand_in: str) -> tuple[tuple[str, Any], tuple[str, Any]]:
+    """The sinks as a kernel argument and its constexpr: (("array", "sinks"), ("HAS_SINKS", True)), or without
+    sinks the array ``stand_in`` (never read) and HAS_SINKS False, which compiles the sink-free kernel."""
+    return ("array", "sinks" if spec.has_sinks else stand_in), ("HAS_SINKS", bool(spec.has_sinks))
 
 
 def mask_group(spec: AttentionSpec) -> tuple[list[tuple[str, Any]], list[tuple[str, Any]]]:
@@ -106,8 +115,9 @@ def fwd_variant_constexprs(spec: AttentionSpec, cfg: tables.TileConfig) -> list[
 def preprocess_launch(spec: AttentionSpec, cfg: tables.TileConfig, batch: int, rows: int, has_dlse: bool,
                       delta_shape: tuple[int, ...]) -> Launch:
     """``flash_bwd._bwd_preprocess`` (delta = rowsum(dO * O) - dLSE) over ``batch`` x ``rows`` query rows; the
-    varlen plan passes batch 1 and rows = total_q, whose (1, hq, total_q) delta layout is (hq, total_q)."""
-    hq, d = spec.num_heads_q, spec.head_dim
+    varlen plan passes batch 1 and rows = total_q, whose (1, hq, total_q) delta layout is (hq, total_q). It reads
+    only out/dout, so its HEAD_DIM is the value head dim."""
+    hq, d = spec.num_heads_q, spec.head_dim_v
     return Launch(
         module="flash_bwd", kernel="_bwd_preprocess",
         args=(("array", "out"), ("array", "dout"), ("array", "dlse" if has_dlse else "out"), ("i32", rows)),

@@ -4,7 +4,8 @@ combine, the stream-K grid with its combine, and the choice between them.
 Array names: q k_cache v_cache k_new v_new seqlens_k cache_seqlens leftpad batch_idx page_table (int32 for the
 index arrays; absent optional arrays are replaced by a stand-in the kernel never reads). With more than one split
 the first launch outputs out_acc/lse_acc (fp32 partials) and a second launch, ``_decode_combine``, merges them
-into out/lse. No jax, no triton import here.
+into out/lse. ``sinks`` (float32 (hq,)) goes to the launch that produces the final out/lse (the unsplit decode, or
+the combine), so that it is counted once. No jax, no triton import here.
 """
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from typing import Optional
 from ...spec import AttentionSpec
 from ...tuning import DEFAULT, Tuning
 from . import tables
-from .plan_common import GRID_LIMIT, Launch, mask_group, pow2_at_least, score_scales, tile, unsupported_dtype
+from .plan_common import (GRID_LIMIT, Launch, mask_group, pow2_at_least, score_scales, sinks_group, tile,
+                          unsupported_dtype)
 
 DEFAULT_NUM_SMS = 132  # H100 SXM
 MAX_SPLITS = 64
@@ -72,6 +74,9 @@ def check(spec: AttentionSpec) -> Optional[str]:
         return f"triton kvcache: page_size {kv.page_size} is not a multiple of 16"
     if spec.batch > GRID_LIMIT or spec.num_heads_k > GRID_LIMIT:
         return f"triton kvcache: more than {GRID_LIMIT} batch rows or kv heads (grid limit)"
+    if spec.head_dim_v != spec.head_dim:
+        return (f"triton kvcache: a value head dim different from the q/k one (MLA) is not supported; got "
+                f"{spec.head_dim_v=}, {spec.head_dim=}")
     return unsupported_dtype(spec, "kvcache")
 
 
@@ -130,16 +135,20 @@ def plan_forward(spec: AttentionSpec, arch: str = "sm90", num_splits: Optional[i
         outputs = final
     else:
         outputs = (("out_acc", (splits, b, lq, hq, d), "float32"), ("lse_acc", (splits, b, hq, lq), "float32"))
-    decode = Launch(module="flash_decode", kernel="_decode_fwd", args=_common_args(spec), outputs=outputs,
-                    grid=(m_tiles * splits, hk, b), num_warps=warps, num_stages=stages, constexprs=meta)
+    # The sink is counted once: by the decode launch when unsplit (its HAS_SINKS acts only with NUM_SPLITS == 1),
+    # else by the combine.
+    sinks_arg, sinks_meta = sinks_group(spec, "seqlens_k")
+    decode = Launch(module="flash_decode", kernel="_decode_fwd", args=_common_args(spec) + (sinks_arg,),
+                    outputs=outputs, grid=(m_tiles * splits, hk, b), num_warps=warps, num_stages=stages,
+                    constexprs=meta + ((sinks_meta[0], sinks_meta[1] and splits == 1),))
     if splits == 1:
         return (decode,)
     cm = min(64, pow2_at_least(lq))
     combine = Launch(module="flash_decode", kernel="_decode_combine",
-                     args=(("array", "out_acc"), ("array", "lse_acc"), ("i32", lq)), outputs=final,
-                     grid=(math.ceil(lq / cm), hq, b), num_warps=4, num_stages=1,
+                     args=(("array", "out_acc"), ("array", "lse_acc"), sinks_group(spec, "lse_acc")[0], ("i32", lq)),
+                     outputs=final, grid=(math.ceil(lq / cm), hq, b), num_warps=4, num_stages=1,
                      constexprs=(("NUM_HEADS_Q", hq), ("HEAD_DIM", d), ("HEAD_DIM_PAD", hd_pad), ("BLOCK_M", cm),
-                                 ("NUM_SPLITS", splits), ("SPLITS_PAD", pow2_at_least(splits, 2))))
+                                 ("NUM_SPLITS", splits), ("SPLITS_PAD", pow2_at_least(splits, 2)), sinks_meta))
     return decode, combine
 
 
@@ -193,10 +202,11 @@ def _plan_streamk(spec: AttentionSpec, block_m: int, block_n: int, pol: tables.D
                     args=_common_args(spec) + (("i32", b),), outputs=partial,
                     grid=(hk, g, 1), num_warps=pol.num_warps, num_stages=stages,
                     constexprs=shape + _layout_and_mask(spec))
+    sinks_arg, sinks_meta = sinks_group(spec, "seqlens_k")  # the partials are sink-free: the combine adds it once
     combine = Launch(module="flash_decode", kernel="_decode_combine_streamk",
                      args=(("array", "out_acc"), ("array", "lse_acc"), ("array", "seqlens_k"),
-                           ("array", "leftpad" if kv.has_cache_leftpad else "seqlens_k"), ("i32", lq)),
+                           ("array", "leftpad" if kv.has_cache_leftpad else "seqlens_k"), sinks_arg, ("i32", lq)),
                      outputs=final, grid=(hk, b, 1), num_warps=4, num_stages=1,
                      constexprs=shape + (("NUM_PROGRAMS", g), ("PROGRAMS_PAD", pow2_at_least(g, 2)))
-                     + _layout_and_mask(spec))
+                     + _layout_and_mask(spec) + (sinks_meta,))
     return decode, combine

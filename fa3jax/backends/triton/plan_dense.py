@@ -1,8 +1,9 @@
 """Launch plans of the dense kernels: forward ``flash_fwd._attn_fwd``, backward ``flash_bwd`` (preprocess, dK/dV,
 dQ).
 
-Array names: q k v out dout lse dlse offsets, then delta from the preprocess. Layouts: q/out (B, Lq, HQ, D),
-k/v (B, Lk, HK, D), lse/delta float32 (B, HQ, Lq). No jax, no triton import here.
+Array names: q k v sinks out dout lse dlse offsets, then delta from the preprocess. Layouts: q (B, Lq, HQ, D),
+k (B, Lk, HK, D), v (B, Lk, HK, DV), out (B, Lq, HQ, DV) with DV = spec.head_dim_v, lse/delta float32 (B, HQ, Lq),
+sinks float32 (HQ,) (forward only: the backward needs no sink). No jax, no triton import here.
 """
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from ...spec import AttentionSpec
 from ...tuning import DEFAULT, Tuning
 from . import tables
 from .plan_common import (GRID_LIMIT, Launch, fit, fwd_variant_constexprs, mask_group, preprocess_launch,
-                          reverse_m, reverse_n, score_scales, shape_constexprs, tile, unsupported_dtype)
+                          reverse_m, reverse_n, score_scales, shape_constexprs, sinks_group, tile,
+                          unsupported_dtype)
 
 
 def check(spec: AttentionSpec) -> Optional[str]:
@@ -35,16 +37,17 @@ def configs(spec: AttentionSpec, arch: str, tune: Tuning = DEFAULT) -> tables.Ke
 
 def plan_forward(spec: AttentionSpec, arch: str = "sm90", tune: Tuning = DEFAULT) -> Launch:
     cfg = configs(spec, arch, tune).fwd
-    b, lq, hq, d = spec.batch, spec.seqlen_q, spec.num_heads_q, spec.head_dim
+    b, lq, hq, dv = spec.batch, spec.seqlen_q, spec.num_heads_q, spec.head_dim_v
     scale_in, scale_out = score_scales(spec)
     mask_args, mask_meta = mask_group(spec)
-    args = [("array", "q"), ("array", "k"), ("array", "v"), *mask_args,
+    sinks_arg, sinks_meta = sinks_group(spec, "q")
+    args = [("array", "q"), ("array", "k"), ("array", "v"), sinks_arg, *mask_args,
             ("i32", spec.seqlen_q), ("i32", spec.seqlen_k), ("f32", scale_in), ("f32", scale_out)]
     meta = shape_constexprs(spec) + [("BLOCK_M", cfg.block_m), ("BLOCK_N", cfg.block_n)]
-    meta += mask_meta + [("REVERSE_M", reverse_m(spec))] + fwd_variant_constexprs(spec, cfg)
+    meta += mask_meta + [("REVERSE_M", reverse_m(spec))] + fwd_variant_constexprs(spec, cfg) + [sinks_meta]
     return Launch(
         module="flash_fwd", kernel="_attn_fwd", args=tuple(args),
-        outputs=(("out", (b, lq, hq, d), spec.dtype), ("lse", (b, hq, lq), "float32")),
+        outputs=(("out", (b, lq, hq, dv), spec.dtype), ("lse", (b, hq, lq), "float32")),
         grid=(math.ceil(lq / cfg.block_m), hq, b), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         constexprs=tuple(meta))
 
@@ -63,7 +66,7 @@ def plan_backward(spec: AttentionSpec, arch: str = "sm90", tune: Tuning = DEFAUL
     kv_cfg, q_cfg = cfgs.bwd_dkdv, cfgs.bwd_dq
     dkdv = Launch(
         module="flash_bwd", kernel="_bwd_dkdv", args=tuple(args),
-        outputs=(("dk", (b, lk, hk, d), spec.dtype), ("dv", (b, lk, hk, d), spec.dtype)),
+        outputs=(("dk", (b, lk, hk, d), spec.dtype), ("dv", (b, lk, hk, spec.head_dim_v), spec.dtype)),
         grid=(math.ceil(lk / kv_cfg.block_n), hk, b), num_warps=kv_cfg.num_warps, num_stages=kv_cfg.num_stages,
         constexprs=tuple(shape_constexprs(spec) + [("BLOCK_M", kv_cfg.block_m), ("BLOCK_N", kv_cfg.block_n)]
                          + mask_meta + [("REVERSE_N", reverse_n(spec)), ("OVERLAP", bool(kv_cfg.overlap))]))

@@ -1,9 +1,10 @@
 """Launch plans of the varlen (packed) kernels: forward ``flash_varlen._varlen_attn_fwd``, backward
 ``flash_varlen_bwd`` (after the dense preprocess).
 
-Array names: q k v out dout lse dlse cu_seqlens_q cu_seqlens_k seqused_k (int32), then delta from the preprocess.
-Outputs: out (total_q, hq, d) in the input dtype, lse (hq, total_q) float32; delta (hq, total_q) float32; dk, dv
-(total_k, hk, d) and dq (total_q, hq, d) in the input dtype. Every output element is written by the kernels
+Array names: q k v sinks out dout lse dlse cu_seqlens_q cu_seqlens_k seqused_k (int32), then delta from the
+preprocess. Outputs: out (total_q, hq, dv) in the input dtype (dv = spec.head_dim_v), lse (hq, total_q) float32;
+delta (hq, total_q) float32; dk (total_k, hk, d), dv (total_k, hk, dv) and dq (total_q, hq, d) in the input dtype.
+sinks float32 (hq,): forward only. Every output element is written by the kernels
 (uncovered q rows get 0 / -inf, rows outside every sequence or past seqused_k get zero gradients), so no output
 needs a pre-fill. No jax, no triton import here.
 """
@@ -16,7 +17,8 @@ from ...spec import AttentionSpec
 from ...tuning import DEFAULT, Tuning
 from . import tables
 from .plan_common import (GRID_LIMIT, Launch, fit, fwd_variant_constexprs, mask_group, preprocess_launch,
-                          reverse_m, reverse_n, score_scales, shape_constexprs, tile, unsupported_dtype)
+                          reverse_m, reverse_n, score_scales, shape_constexprs, sinks_group, tile,
+                          unsupported_dtype)
 
 
 def check(spec: AttentionSpec) -> Optional[str]:
@@ -42,19 +44,20 @@ def plan_forward(spec: AttentionSpec, arch: str = "sm90", tune: Tuning = DEFAULT
     vs = spec.varlen
     cfg = tile(tune, "fwd", tables.lookup_varlen_fwd(spec.head_dim, spec.dtype, spec.causal, arch))
     cfg = fit(cfg, max(vs.max_seqlen_q, 1), max(vs.max_seqlen_k, 1))
-    total_q, hq, d = spec.seqlen_q, spec.num_heads_q, spec.head_dim
+    total_q, hq, dv = spec.seqlen_q, spec.num_heads_q, spec.head_dim_v
     scale_in, scale_out = score_scales(spec)
     mask_args, mask_meta = mask_group(spec)
-    args = [("array", "q"), ("array", "k"), ("array", "v"), *_sequence_args(spec), *mask_args,
+    sinks_arg, sinks_meta = sinks_group(spec, "q")
+    args = [("array", "q"), ("array", "k"), ("array", "v"), sinks_arg, *_sequence_args(spec), *mask_args,
             ("i32", total_q), ("i32", spec.batch), ("f32", scale_in), ("f32", scale_out)]
     meta = shape_constexprs(spec) + [("BLOCK_M", cfg.block_m), ("BLOCK_N", cfg.block_n)]
     meta += mask_meta + [("HAS_SEQUSED", bool(vs.has_seqused_k)), ("REVERSE_M", reverse_m(spec))]
-    meta += fwd_variant_constexprs(spec, cfg)
+    meta += fwd_variant_constexprs(spec, cfg) + [sinks_meta]
     # max(1, ...): with max_seqlen_q == 0 the uncovered-row slice still needs programs.
     grid_m = max(1, math.ceil(vs.max_seqlen_q / cfg.block_m))
     return Launch(
         module="flash_varlen", kernel="_varlen_attn_fwd", args=tuple(args),
-        outputs=(("out", (total_q, hq, d), spec.dtype), ("lse", (hq, total_q), "float32")),
+        outputs=(("out", (total_q, hq, dv), spec.dtype), ("lse", (hq, total_q), "float32")),
         grid=(grid_m, hq, spec.batch + 1), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         constexprs=tuple(meta))
 
@@ -80,7 +83,7 @@ def plan_backward(spec: AttentionSpec, arch: str = "sm90", tune: Tuning = DEFAUL
     dkdv = Launch(
         module="flash_varlen_bwd", kernel="_varlen_bwd_dkdv",
         args=tuple(arrays + [("i32", total_q), ("i32", total_k), ("i32", spec.batch)] + scales),
-        outputs=(("dk", (total_k, hk, d), spec.dtype), ("dv", (total_k, hk, d), spec.dtype)),
+        outputs=(("dk", (total_k, hk, d), spec.dtype), ("dv", (total_k, hk, spec.head_dim_v), spec.dtype)),
         grid=(max(1, math.ceil(vs.max_seqlen_k / kv_cfg.block_n)), hk, spec.batch + 1),
         num_warps=kv_cfg.num_warps, num_stages=kv_cfg.num_stages,
         constexprs=tuple(shape_constexprs(spec) + [("BLOCK_M", kv_cfg.block_m), ("BLOCK_N", kv_cfg.block_n)]

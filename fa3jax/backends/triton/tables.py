@@ -11,6 +11,10 @@ the others are guesses to be measured. Why the guesses look as they do:
   * dK/dV: the key tile is resident (K, V and two fp32 accumulators), so BLOCK_N * D stays small.
   * dQ: the mirror image with one accumulator, so a larger query tile fits.
 
+A value head dim below the q/k one (MLA, e.g. 192/128) uses the q/k head dim's entry: its V/O tiles are narrower,
+so the entry needs less shared memory than with d_v = d (192/128 and 128/64 compile for sm_90 within 227 KiB,
+tests/test_triton_aot.py; not measured on the GPU yet). Attention sinks change no tile (one load per program).
+
 The tables are read-only module constants; a forced choice goes through :class:`fa3jax.tuning.Tuning`.
 """
 from __future__ import annotations
