@@ -10,6 +10,7 @@ import functools
 import re
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -53,6 +54,30 @@ def test_unavailable_on_cpu_with_reason():
     assert not sup.supported and "cudnn: JAX default backend is 'cpu'" in sup.reason
     with pytest.raises(NotImplementedError, match="cudnn: JAX default backend"):
         fa3jax.dot_product_attention(q, q, q, implementation="cudnn")
+
+
+class _FakeDevice:
+    def __init__(self, cc, kind):
+        self.compute_capability, self.device_kind = cc, kind
+
+
+@pytest.mark.parametrize("cc,platform,cudnn,expected", [
+    ("9.0", "cuda 12080", 90800, (True, "")),
+    ("8.0", "cuda 12080", 90800, (True, "")),
+    ("7.5", "cuda 12080", 90800, (False, "cudnn: cuDNN flash attention needs compute capability >= 8.0 (sm80); "
+                                        "found 7.5 (fake)")),
+    ("gfx90a", "rocm 60300", 0, (False, "cudnn: needs an NVIDIA GPU with CUDA; found fake (rocm 60300)")),
+    ("10.3", "cuda 12080", 90800, (False, "cudnn: compute capability 10.3 needs cuDNN >= 9.11; found 90800")),
+    ("10.3", "cuda 12080", 91100, (True, "")),
+])
+def test_availability_on_gpus(monkeypatch, cc, platform, cudnn, expected):
+    """The availability probe on (faked) GPU platforms: sm80+ NVIDIA only, and jax's cuDNN version rule."""
+    fas, _ = cudnn_mod._jax_cudnn()
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(jax, "devices", lambda *a: [_FakeDevice(cc, "fake")])
+    monkeypatch.setattr(jax.extend.backend, "get_backend", lambda *a: type("B", (), {"platform_version": platform}))
+    monkeypatch.setattr(fas, "check_cudnn_version", lambda: cudnn)
+    assert CudnnBackend().availability() == expected
 
 
 @pytest.mark.parametrize("kwargs,words", [
@@ -185,6 +210,32 @@ def test_top_left_and_bottom_right_differ_when_lengths_differ():
     top_left = jax.nn.dot_product_attention(q, k, k, is_causal=True, implementation="xla")
     ours = fa3jax.flash_mha(q, k, k, is_causal=True, backend="xla")
     assert float(jnp.max(jnp.abs(top_left - ours))) > 0.1
+
+
+@pytest.mark.parametrize("kwargs", [dict(causal=True), dict(lq=48, lk=80), dict(window=(9, 0), hk=1)])
+def test_lse_cotangent_term_on_cpu(monkeypatch, kwargs):
+    """The backward's handling of the LSE cotangent (cuDNN's kernel ignores it), checked on CPU by standing in the
+    xla backend for cuDNN's forward and its dlse-free backward: the result must equal xla's own backward with dlse."""
+    spec = _spec(b=2, hq=4, d=32, dtype=jnp.float16, **{"hk": 2, **kwargs})
+    xla = registry.get("xla")
+    monkeypatch.setattr(CudnnBackend, "_attend", lambda self, spec, q, k, v: xla.forward(spec, q, k, v, None))
+    monkeypatch.setattr(CudnnBackend, "_grads", lambda self, spec, q, k, v, out, lse, dout: xla.backward(
+        spec, q, k, v, out, lse, dout, jnp.zeros_like(lse), None))
+    rng = np.random.default_rng(7)
+    q, _ = rand(rng, (spec.batch, spec.seqlen_q, spec.num_heads_q, spec.head_dim), "float16")
+    k, _ = rand(rng, (spec.batch, spec.seqlen_k, spec.num_heads_k, spec.head_dim), "float16")
+    v, _ = rand(rng, (spec.batch, spec.seqlen_k, spec.num_heads_k, spec.head_dim), "float16")
+    do, _ = rand(rng, q.shape, "float16")
+    dlse = jnp.asarray(rng.standard_normal((spec.batch, spec.num_heads_q, spec.seqlen_q)), jnp.float32)
+    out, lse = xla.forward(spec, q, k, v, None)
+    backend = CudnnBackend(compute_capability=(9, 0))
+    for cot in (dlse, jnp.zeros_like(dlse)):  # the zero cotangent takes the cheap branch
+        got = jax.jit(lambda *a: backend.backward(spec, *a, None))(q, k, v, out, lse, do, cot)
+        want = xla.backward(spec, q, k, v, out, lse, do, cot, None)
+        for name, x, y in zip(("dq", "dk", "dv"), got, want):
+            x, y = np.asarray(x, np.float32), np.asarray(y, np.float32)
+            err = np.linalg.norm(x - y) / np.linalg.norm(y)
+            assert err < 5e-3, f"{name}: relative error {err:.2e} with the LSE cotangent {cot.any()}"
 
 
 def _export_for_cuda(monkeypatch, spec, with_backward=True):

@@ -40,6 +40,7 @@ import inspect
 from typing import Optional
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 from jax import lax
 
@@ -152,7 +153,7 @@ class CudnnBackend(Backend):
             if platform != "gpu":
                 return False, f"cudnn: JAX default backend is {platform!r}, not 'gpu'"
             dev = jax.devices()[0]
-            version = str(getattr(getattr(dev, "client", None), "platform_version", ""))
+            version = str(jax.extend.backend.get_backend().platform_version)  # what jax's own cc checks read
             cc = _parse_cc(getattr(dev, "compute_capability", None))
             if cc is None or "cuda" not in version.lower():
                 return False, f"cudnn: needs an NVIDIA GPU with CUDA; found {dev.device_kind} ({version or platform})"
