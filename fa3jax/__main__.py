@@ -100,11 +100,13 @@ def cmd_bench(rest) -> int:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    from .registry import ORDER
+
     p = argparse.ArgumentParser(prog="fa3jax", description="FlashAttention for JAX: info, demo, benchmarks.")
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("info", help="backends available here and why not, versions, default device")
     d = sub.add_parser("demo", help="tiny forward+backward checked against the float64 reference")
-    d.add_argument("--backend", default="auto", choices=("auto", "cuda", "triton", "xla"))
+    d.add_argument("--backend", default="auto", choices=("auto",) + ORDER)
     d.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
     d.add_argument("--seqlen", type=int, default=128)
     d.add_argument("--no-causal", action="store_true")

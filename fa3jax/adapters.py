@@ -18,9 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import api, validation
+from . import api, registry, validation
 
-IMPLEMENTATIONS = (None, "cuda", "triton", "xla")
+IMPLEMENTATIONS = (None,) + registry.ORDER
 
 
 class _TopLeft(NamedTuple):
@@ -115,7 +115,8 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
     """``jax.nn.dot_product_attention`` served by fa3jax: same arguments, layout (``BTNH`` or ``TNH``), masks
     (top-left causal and windows, per-batch lengths), GQA and results, forward and gradients.
 
-    ``implementation`` names an fa3jax backend: ``"cuda"``, ``"triton"``, ``"xla"`` or None (automatic).
+    ``implementation`` names an fa3jax backend: ``"cuda"``, ``"cudnn"``, ``"triton"``, ``"xla"`` or None
+    (automatic).
     ``bias`` and ``mask`` are not supported (ValueError): express masks through ``is_causal``,
     ``local_window_size`` and the sequence lengths. ``return_residual=True`` also returns the log-sum-exp
     (``BTN``, no gradient) as jax.nn does.

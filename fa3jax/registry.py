@@ -1,8 +1,9 @@
 """Backend registry: which backends exist, which can run here, and which one serves a given spec.
 
-``auto`` tries cuda (Hopper), then triton (NVIDIA sm80+), then xla, moving on when a backend is unavailable or
-raises ``NotImplementedError`` for the spec. The backward is planned separately: a backend without a backward
-for the spec (e.g. cuda today) is paired with the next backend that has one, reusing the forward's LSE.
+``auto`` tries cuda (Hopper), then cudnn (jaxlib's cuDNN kernels, NVIDIA sm80+), then triton (NVIDIA sm80+), then
+xla, moving on when a backend is unavailable or raises ``NotImplementedError`` for the spec. The backward is planned
+separately: a backend without a backward for the spec (e.g. cuda today, or cudnn under ``deterministic=True``) is
+paired with the next backend in that order that has one, reusing the forward's LSE.
 """
 from __future__ import annotations
 
@@ -17,9 +18,10 @@ from .spec import AttentionSpec
 
 log = logging.getLogger("fa3jax")
 
-ORDER = ("cuda", "triton", "xla")
+ORDER = ("cuda", "cudnn", "triton", "xla")
 _MODULES = {
     "cuda": ("fa3jax.backends.cuda", "CudaBackend"),
+    "cudnn": ("fa3jax.backends.cudnn", "CudnnBackend"),
     "triton": ("fa3jax.backends.triton", "TritonBackend"),
     "xla": ("fa3jax.backends.xla", "XlaBackend"),
 }

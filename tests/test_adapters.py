@@ -72,7 +72,7 @@ def test_residual_rank3_and_bfloat16():
 @pytest.mark.parametrize("kwargs,words", [
     (dict(bias=jnp.zeros((1, 1, 8, 8))), "does not take bias"),
     (dict(mask=jnp.ones((1, 1, 8, 8), bool)), "does not take mask"),
-    (dict(implementation="cudnn"), "implementation must be one of"),
+    (dict(implementation="pallas"), "implementation must be one of"),
     (dict(local_window_size=(-1, 2)), "local_window_size must be"),
     (dict(query_seq_lengths=jnp.asarray([3, 4], jnp.int32)), r"query_seq_lengths must have shape \(batch,\)=\(1,\)"),
 ])

@@ -34,7 +34,7 @@ Q, K, V = arr((2, 8, 4, 32)), arr((2, 8, 2, 32)), arr((2, 8, 2, 32))
     (dict(softmax_scale="x"), TypeError, "softmax_scale must be a real number"),
     (dict(softmax_scale=float("nan")), ValueError, "softmax_scale must be finite"),
     (dict(is_causal=1), TypeError, "is_causal must be a bool"),
-    (dict(backend="cudnn"), ValueError, "backend must be one of"),
+    (dict(backend="pallas"), ValueError, "backend must be one of"),
     (dict(q=[[1.0]]), TypeError, "q must be an array"),
 ])
 def test_dense_bad_input(kwargs, exc, words):
@@ -121,7 +121,7 @@ def test_explicit_backend_that_cannot_serve_names_backend_and_reason():
 def test_supports_query_before_tracing():
     s = fa3jax.supports(fa3jax.flash_mha, S((2, 8, 4, 32), BF), S((2, 8, 2, 32), BF), S((2, 8, 2, 32), BF),
                         is_causal=True)
-    assert s.supported and s.forward in ("cuda", "triton", "xla") and s.backward is not None
+    assert s.supported and s.forward in ("cuda", "cudnn", "triton", "xla") and s.backward is not None
     kv = fa3jax.supports(fa3jax.flash_mha_with_kvcache, S((2, 1, 4, 32), BF), S((2, 64, 2, 32), BF),
                          S((2, 64, 2, 32), BF), cache_seqlens=3)
     assert kv.supported and kv.backward is None and "inference" in kv.reason
@@ -131,9 +131,9 @@ def test_supports_query_before_tracing():
 
 def test_backends_info_reports_every_backend_with_reason():
     info = {name: (ok, why) for name, ok, why in fa3jax.backends_info()}
-    assert set(info) == {"cuda", "triton", "xla"}
+    assert set(info) == {"cuda", "cudnn", "triton", "xla"}
     assert info["xla"][0]
-    for name in ("cuda", "triton"):
+    for name in ("cuda", "cudnn", "triton"):
         ok, why = info[name]
         assert ok or why, f"{name} unavailable without a reason"
 

@@ -10,9 +10,10 @@ Suites
     next to its dense-equal-tokens baseline (``dense:<impl>``: ``flash_mha`` on batch 16384 // L of seqlen L), with
     the ratio varlen TFLOPS / dense TFLOPS.
 
-Implementations ("impls", :mod:`.impls`): ``fa3jax:cuda``, ``fa3jax:triton``, ``fa3jax:xla`` (each only where
-available and where ``fa3jax.supports`` says yes), ``flash-attn3-jax`` (when importable), ``jax.nn:cudnn`` and
-``jax.nn:xla`` (``jax.nn.dot_product_attention``). Anything that cannot run is recorded as skipped, with the reason.
+Implementations ("impls", :mod:`.impls`): ``fa3jax:cuda``, ``fa3jax:cudnn``, ``fa3jax:triton``, ``fa3jax:xla``
+(each only where available and where ``fa3jax.supports`` says yes), ``flash-attn3-jax`` (when importable),
+``jax.nn:cudnn`` and ``jax.nn:xla`` (``jax.nn.dot_product_attention``). Anything that cannot run is recorded as
+skipped, with the reason.
 
 Timing method: :mod:`.timing`. Correctness guard: :mod:`.guard`.
 

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 import fa3jax
+from fa3jax import registry
 
 from .common import DENSE, DTYPES, FA3_NAME
 from .env import flash_attn3, on_gpu
@@ -99,7 +100,7 @@ def attn_impls() -> tuple[list[Impl], dict]:
     return impls, skipped
 
 
-ALL_ATTN_IMPL_NAMES = ("fa3jax:cuda", "fa3jax:triton", "fa3jax:xla", FA3_NAME, "jax.nn:cudnn", "jax.nn:xla")
+ALL_ATTN_IMPL_NAMES = tuple(f"fa3jax:{n}" for n in registry.ORDER) + (FA3_NAME, "jax.nn:cudnn", "jax.nn:xla")
 
 
 @dataclasses.dataclass
