@@ -1,8 +1,13 @@
-"""The shared suite on the CUDA backend (Hopper only). Gradients run through the registry's composition (triton or
-xla backward on the cuda forward's LSE) until the CUDA backward exists. Head dims and dtypes follow the build."""
+"""The shared suite on the CUDA backend (Hopper only). Gradients run through the CUDA backward where it is built
+for the (dtype, head_dim), else through the registry's composition (another backend's backward on the cuda
+forward's LSE). Head dims and dtypes follow the build."""
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
-from fa3jax import tuning
+import fa3jax
+from fa3jax import registry, tuning, validation
 from fa3jax.backends.cuda import build_info
 
 from .suite import AttentionSuite
@@ -10,6 +15,7 @@ from .suite import AttentionSuite
 pytestmark = pytest.mark.gpu
 
 _BUILT = {(str(t), int(d)) for t, d in build_info().get("instances", ())}
+_BUILT_BWD = {(str(t), int(d)) for t, d in build_info().get("bwd_instances", ())}
 _NAMES = {"bf16": "bfloat16", "fp16": "float16"}
 
 
@@ -48,3 +54,46 @@ class TestCuda(AttentionSuite):
             pytest.skip("bf16 d=128 not built")
         with tuning.override(tuning.Tuning(cuda_kernel=variant)):
             self._check_dense(2, 512, 512, 4, 4, 128, causal, (-1, -1), 0.0, "bfloat16")
+
+
+def _dense_spec(q, k, v, **kw):
+    return validation.validate_dense(q, k, v, softmax_scale=None, is_causal=kw.get("is_causal", False),
+                                     window_size=(-1, -1), softcap=0.0, return_softmax_lse=False,
+                                     deterministic=kw.get("deterministic", False))
+
+
+@pytest.mark.parametrize("instance", sorted(_BUILT_BWD) or [("bf16", 128)], ids=lambda i: f"{i[0]}-d{i[1]}")
+@pytest.mark.parametrize("causal", [False, True])
+def test_backward_is_cudas_own_and_matches_triton(instance, causal):
+    """Where a backward instantiation is built, the plan's backward is cuda (not a composition), and its gradients
+    agree with the triton backward's on the same inputs (both also meet the float64 reference in TestCuda)."""
+    if instance not in _BUILT_BWD:
+        pytest.skip("no CUDA backward built")
+    dtype, d = _NAMES[instance[0]], instance[1]
+    rng = np.random.default_rng(7 + d + causal)
+    q, k, v = (jnp.asarray(rng.standard_normal((2, 333, h, d)), dtype) for h in (4, 2, 2))
+    spec = _dense_spec(q, k, v, is_causal=causal)
+    plan = registry.plan(spec, "cuda")
+    assert (plan.forward, plan.backward) == ("cuda", "cuda"), plan
+    do = jnp.asarray(rng.standard_normal(q.shape), dtype)
+
+    def grads(backend):
+        f = lambda q, k, v: fa3jax.flash_mha(q, k, v, is_causal=causal, backend=backend)  # noqa: E731
+        return jax.vjp(f, q, k, v)[1](do)
+
+    tol = 2e-2 if dtype == "bfloat16" else 3e-3
+    for name, a, b in zip(("dq", "dk", "dv"), grads("cuda"), grads("triton")):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        assert np.all(np.isfinite(a)), name
+        err = np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-3)
+        assert err < tol, (name, err)
+
+
+def test_deterministic_backward_falls_back_with_a_reason():
+    if not _BUILT_BWD:
+        pytest.skip("no CUDA backward built")
+    dtype, d = _NAMES[sorted(_BUILT_BWD)[0][0]], sorted(_BUILT_BWD)[0][1]
+    q = jnp.zeros((1, 64, 2, d), dtype)
+    plan = registry.plan(_dense_spec(q, q, q, deterministic=True), "cuda")
+    assert plan.forward == "cuda" and plan.backward not in (None, "cuda"), plan
+    assert "deterministic" in plan.backward_reason

@@ -12,32 +12,38 @@
 
 namespace nb = nanobind;
 
+// "bf16:128;fp16:64;..." -> [("bf16", 128), ("fp16", 64), ...]
+static nb::list instance_list(std::string const& s) {
+  nb::list pairs;
+  size_t pos = 0;
+  while (pos < s.size()) {
+    size_t end = s.find(';', pos);
+    if (end == std::string::npos) end = s.size();
+    std::string const item = s.substr(pos, end - pos);
+    size_t const c = item.find(':');
+    if (c != std::string::npos) pairs.append(nb::make_tuple(item.substr(0, c), std::atoi(item.c_str() + c + 1)));
+    pos = end + 1;
+  }
+  return pairs;
+}
+
 NB_MODULE(_fa3jax_cuda, m) {
   m.def("handlers", []() {
     nb::dict d;
     d["fwd"] = nb::capsule(reinterpret_cast<void*>(&Fa3jaxCudaFwd));
+    d["bwd"] = nb::capsule(reinterpret_cast<void*>(&Fa3jaxCudaBwd));
     return d;
   });
   m.def("build_info", []() {
-    // fwd_compiled_list() is "bf16:128;fp16:64;..."
+    nb::list fwd_pairs = instance_list(fa3jax::fwd_compiled_list());
     std::vector<std::string> dtypes;
     std::vector<int> dims;
-    nb::list pairs;
-    std::string const s = fa3jax::fwd_compiled_list();
-    size_t pos = 0;
-    while (pos < s.size()) {
-      size_t end = s.find(';', pos);
-      if (end == std::string::npos) end = s.size();
-      std::string const item = s.substr(pos, end - pos);
-      size_t const c = item.find(':');
-      if (c != std::string::npos) {
-        std::string const dt = item.substr(0, c);
-        int const hd = std::atoi(item.c_str() + c + 1);
-        pairs.append(nb::make_tuple(dt, hd));
-        if (std::find(dtypes.begin(), dtypes.end(), dt) == dtypes.end()) dtypes.push_back(dt);
-        if (std::find(dims.begin(), dims.end(), hd) == dims.end()) dims.push_back(hd);
-      }
-      pos = end + 1;
+    for (auto item : fwd_pairs) {
+      auto t = nb::cast<nb::tuple>(item);
+      std::string const dt = nb::cast<std::string>(t[0]);
+      int const hd = nb::cast<int>(t[1]);
+      if (std::find(dtypes.begin(), dtypes.end(), dt) == dtypes.end()) dtypes.push_back(dt);
+      if (std::find(dims.begin(), dims.end(), hd) == dims.end()) dims.push_back(hd);
     }
     std::sort(dims.begin(), dims.end());
     nb::list ldims, ldtypes;
@@ -46,7 +52,8 @@ NB_MODULE(_fa3jax_cuda, m) {
     nb::dict d;
     d["head_dims"] = ldims;
     d["dtypes"] = ldtypes;
-    d["instances"] = pairs;
+    d["instances"] = fwd_pairs;
+    d["bwd_instances"] = instance_list(fa3jax::bwd_compiled_list());
     d["arch"] = fa3jax::fwd_arch();
     d["cuda_runtime_version"] = int(CUDART_VERSION);
     return d;

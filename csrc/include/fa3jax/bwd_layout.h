@@ -3,9 +3,10 @@
 //
 // dq_accum holds one tile of kBwdBlockM x d floats per (batch, query head, query block), tiles in that order.
 // Inside a tile, consumer warpgroup w owns columns [w * C, (w + 1) * C) (C = d / warpgroups) and stores them in
-// its accumulator-register order, value v of thread t at w * kBwdBlockM * C + v * 128 + t: the main kernel then
-// stages a partial in shared memory with conflict-free, coalesced stores and adds the whole slice with one bulk
-// reduce-add. The register order is the m64nCk16 fp32 accumulator's (PTX ISA, wgmma register fragments):
+// its accumulator-register order, values v..v+3 (v % 4 == 0) of thread t as one 16-byte group at
+// w * kBwdBlockM * C + (v / 4) * 512 + 4 * t + v % 4: a warp's 16-byte stores or vector reductions then cover 512
+// contiguous bytes (conflict-free in shared memory, whole sectors in L2). The register order is the m64nCk16 fp32
+// accumulator's (PTX ISA, wgmma register fragments):
 // row = 16 * warp + lane / 4 + 8 * ((v / 2) % 2), col = 2 * (lane % 4) + v % 2 + 8 * (v / 4).
 #pragma once
 
@@ -25,7 +26,7 @@ FA3JAX_HOST_DEVICE inline int dq_tile_index(int row, int col, int cols_per_wg) {
   int const warp = row / 16, r = row % 16;
   int const t = warp * 32 + (r % 8) * 4 + (c % 8) / 2;
   int const v = (c / 8) * 4 + (r / 8) * 2 + (c % 2);
-  return w * kBwdBlockM * cols_per_wg + v * 128 + t;
+  return w * kBwdBlockM * cols_per_wg + (v / 4) * 512 + 4 * t + v % 4;
 }
 
 // Consumer warpgroups of the main kernel for a head dim (one per 64 keys of its key block): fixed by the policy,

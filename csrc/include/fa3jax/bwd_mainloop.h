@@ -35,6 +35,12 @@ CUTE_DEVICE void bulk_reduce_add_f32(float* dst, float const* src, int bytes) {
                : "memory");
 }
 
+// dst[0..3] += (a, b, c, d) in fp32 at L2 (one vector reduction; dst 16-byte aligned).
+CUTE_DEVICE void red_add_v4_f32(float* dst, float a, float b, float c, float d) {
+  asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"l"(dst), "f"(a), "f"(b), "f"(c), "f"(d)
+               : "memory");
+}
+
 template <class KT>
 struct BwdMainloop {
   using Element = typename KT::Element;
@@ -278,20 +284,31 @@ struct BwdMainloop {
       release(ss.pipeline_q, st);
       st = next;
 
-      // dQ partial: registers -> this warpgroup's staging slice (register order, bwd_layout.h) -> one bulk
-      // reduce-add into its slice of the tile. The slice is rewritten only after the previous add has read it
-      // (issued a step earlier, so the wait rarely waits). A separate writer warp that took the adds off the
-      // consumers (FA3's choice) made ptxas spill ~300 B in this loop (nvcc 13.0).
-      if (dq_issuer) tma_store_wait<0>();
-      named_barrier_sync(kDqBarrier + mma_wg, 128);
-      CUTE_UNROLL
-      for (int v = 0; v < size(tdQrdQ); ++v) sdq[v * 128 + wg_tid] = tdQrdQ(v);
-      cutlass::arch::fence_view_async_shared();
-      named_barrier_sync(kDqBarrier + mma_wg, 128);
-      if (dq_issuer) {
-        int64_t const tile_row = (int64_t(tile.batch) * p.num_heads_q + h) * rows_pad + int64_t(m) * kBlockM;
-        bulk_reduce_add_f32(p.dq_accum + tile_row * kHeadDim + mma_wg * kBlockM * KT::kDqCols, sdq, kDqBytes);
-        tma_store_arrive();
+      // dQ partial into dq_accum (bwd_layout.h order). kDqRed: fp32 vector reductions (red.global.add.v4.f32)
+      // straight from the registers. Else through this warpgroup's staging slice and one bulk reduce-add of it; the
+      // slice is rewritten only after the previous add has read it (issued a step earlier, so the wait rarely
+      // waits). A separate writer warp that took the adds off the consumers (FA3's choice) made ptxas spill ~300 B
+      // in this loop (nvcc 13.0).
+      float* const dq_slice = p.dq_accum + ((int64_t(tile.batch) * p.num_heads_q + h) * rows_pad + int64_t(m) * kBlockM) * kHeadDim +
+                              mma_wg * kBlockM * KT::kDqCols;
+      static_assert(decltype(size(tdQrdQ))::value % 4 == 0);
+      if constexpr (KT::kDqRed) {
+        CUTE_UNROLL
+        for (int v = 0; v < size(tdQrdQ); v += 4)
+          red_add_v4_f32(dq_slice + (v / 4) * 512 + 4 * wg_tid, tdQrdQ(v), tdQrdQ(v + 1), tdQrdQ(v + 2), tdQrdQ(v + 3));
+      } else {
+        if (dq_issuer) tma_store_wait<0>();
+        named_barrier_sync(kDqBarrier + mma_wg, 128);
+        CUTE_UNROLL
+        for (int v = 0; v < size(tdQrdQ); v += 4)
+          *reinterpret_cast<float4*>(sdq + (v / 4) * 512 + 4 * wg_tid) =
+              make_float4(tdQrdQ(v), tdQrdQ(v + 1), tdQrdQ(v + 2), tdQrdQ(v + 3));
+        cutlass::arch::fence_view_async_shared();
+        named_barrier_sync(kDqBarrier + mma_wg, 128);
+        if (dq_issuer) {
+          bulk_reduce_add_f32(dq_slice, sdq, kDqBytes);
+          tma_store_arrive();
+        }
       }
     }
   }

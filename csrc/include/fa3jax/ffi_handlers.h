@@ -5,4 +5,5 @@
 
 extern "C" {
 XLA_FFI_Error* Fa3jaxCudaFwd(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* Fa3jaxCudaBwd(XLA_FFI_CallFrame* call_frame);
 }

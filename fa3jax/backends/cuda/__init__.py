@@ -1,8 +1,8 @@
-"""Hopper (sm_90a) CUDA backend: FlashAttention-3 style forward kernel behind XLA FFI.
+"""Hopper (sm_90a) CUDA backend: FlashAttention-3 style forward and backward kernels behind XLA FFI.
 
 The compiled part lives in ``_fa3jax_cuda`` (built only with ``FA3JAX_BUILD_CUDA=1``); everything here works,
-and reports unavailability, without it. There is no backward kernel: the registry pairs this forward (and its
-LSE) with another backend's backward.
+and reports unavailability, without it. Where the backward kernel does not serve a call (see check_backward),
+the registry pairs this forward (and its LSE) with another backend's backward.
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ _NOT_BUILT = "fa3jax was installed without the CUDA extension; rebuild with FA3J
 _DTYPE_NAMES = {"bfloat16": "bf16", "float16": "fp16"}
 # The persistent kernel numbers its (query block, head, batch) tiles with int32; query blocks are >= 64 rows.
 _MAX_TILES = 2**31 - 1
+_MAX_GRID_YZ = 65535  # CUDA's grid y/z limit
 
 _register_lock = threading.Lock()
 _registered = False
@@ -92,7 +93,8 @@ class CudaBackend(Backend):
         except Exception as e:  # noqa: BLE001 - availability never raises
             return False, f"cuda: availability check failed: {type(e).__name__}: {e}"
 
-    def check_forward(self, spec: AttentionSpec) -> None:
+    def _check_dense(self, spec: AttentionSpec, instances_key: str, what: str) -> None:
+        """Refusals shared by the forward and backward kernels (dense calls, compiled instantiations)."""
         if spec.mode != "dense":
             raise NotImplementedError(f"cuda: only dense mode has a kernel (got {spec.mode!r})")
         if spec.has_sinks:
@@ -110,24 +112,30 @@ class CudaBackend(Backend):
         dt = _DTYPE_NAMES.get(spec.dtype)
         if dt is None:
             raise NotImplementedError(f"cuda: dtype {spec.dtype} not supported (bfloat16, float16 only)")
-        info = build_info()
-        instances = {(str(t), int(d)) for t, d in info.get("instances", ())}
+        instances = {(str(t), int(d)) for t, d in build_info().get(instances_key, ())}
         if (dt, spec.head_dim) not in instances:
-            built = sorted(instances)
             raise NotImplementedError(
-                f"cuda: (dtype={spec.dtype}, head_dim={spec.head_dim}) not compiled in (built: {built}); "
-                "rebuild with FA3JAX_HEAD_DIMS / FA3JAX_DTYPES")
+                f"cuda: no {what} kernel for (dtype={spec.dtype}, head_dim={spec.head_dim}) in this build "
+                f"(built: {sorted(instances)}); rebuild with FA3JAX_HEAD_DIMS / FA3JAX_DTYPES")
         if spec.seqlen_k < 1:
             raise NotImplementedError("cuda: seqlen_k == 0 is not supported")
-        tiles = -(-spec.seqlen_q // 64) * spec.num_heads_q * spec.batch
-        if tiles > _MAX_TILES:
-            raise NotImplementedError(f"cuda: {tiles=} query tiles exceed the kernel's int32 tile index")
         if not spec.softmax_scale > 0:
             raise NotImplementedError("cuda: softmax_scale must be > 0")
 
+    def check_forward(self, spec: AttentionSpec) -> None:
+        self._check_dense(spec, "instances", "forward")
+        tiles = -(-spec.seqlen_q // 64) * spec.num_heads_q * spec.batch
+        if tiles > _MAX_TILES:
+            raise NotImplementedError(f"cuda: {tiles=} query tiles exceed the kernel's int32 tile index")
+
     def check_backward(self, spec: AttentionSpec) -> None:
-        raise NotImplementedError(
-            "cuda: no backward kernel yet; use the triton or xla backward (with this forward's LSE)")
+        self._check_dense(spec, "bwd_instances", "backward")
+        if spec.deterministic:
+            raise NotImplementedError("cuda: deterministic=True is not implemented by the backward kernel (its "
+                                      "dQ partials are added in no fixed order)")
+        if spec.batch > _MAX_GRID_YZ or spec.num_heads_k > _MAX_GRID_YZ:
+            raise NotImplementedError(f"cuda: the backward grid is (key blocks, heads_k, batch); {spec.batch=} and "
+                                      f"{spec.num_heads_k=} must be <= {_MAX_GRID_YZ}")
 
     def forward(self, spec: AttentionSpec, q, k, v, args):
         self.check_forward(spec)
@@ -141,6 +149,17 @@ class CudaBackend(Backend):
         call = jax.ffi.ffi_call(targets.FWD_TARGET, out_types, vmap_method="sequential")
         out, lse = call(q, k, v, **targets.fwd_attributes(spec, tuning.current()))
         return out, lse
+
+    def backward(self, spec: AttentionSpec, q, k, v, out, lse, dout, dlse, args):
+        self.check_backward(spec)
+        ext, _ = _load_extension()
+        _register_targets(ext)
+        out_types = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
+                     jax.ShapeDtypeStruct(v.shape, v.dtype))
+        call = jax.ffi.ffi_call(targets.BWD_TARGET, out_types, vmap_method="sequential")
+        dq, dk, dv = call(q, k, v, out.astype(q.dtype), lse.astype(jnp.float32), dout.astype(q.dtype),
+                          dlse.astype(jnp.float32), **targets.bwd_attributes(spec))
+        return dq, dk, dv
 
 
 __all__ = ["CudaBackend", "build_info"]

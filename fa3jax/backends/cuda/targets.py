@@ -10,9 +10,10 @@ from ...tuning import DEFAULT, Tuning
 
 # FFI target name -> key of the capsule in ``_fa3jax_cuda.handlers()``.
 FWD_TARGET = "fa3jax_cuda_fwd"
-HANDLERS = {FWD_TARGET: "fwd"}
+BWD_TARGET = "fa3jax_cuda_bwd"  # (q, k, v, out, lse, dout, dlse) -> (dq, dk, dv); csrc/ffi/bwd_ffi.cc
+HANDLERS = {FWD_TARGET: "fwd", BWD_TARGET: "bwd"}
 
-# Attributes of FWD_TARGET, with their FFI types.
+# Attributes of FWD_TARGET (BWD_TARGET: the first four), with their FFI types.
 ATTR_SOFTMAX_SCALE = "softmax_scale"  # f32
 ATTR_WINDOW_LEFT = "window_left"  # i32, -1 = unbounded
 ATTR_WINDOW_RIGHT = "window_right"  # i32, -1 = unbounded; causal is 0
@@ -25,12 +26,16 @@ ATTR_KERNEL_VARIANT = "kernel_variant"  # i32, see KERNEL_VARIANTS
 KERNEL_VARIANTS = {"auto": 0, "plain": 1, "wide": 3}
 
 
-def fwd_attributes(spec, tune: Tuning = DEFAULT) -> dict:
-    """Keyword attributes of one forward call, typed as the handler binds them."""
+def bwd_attributes(spec) -> dict:
+    """Keyword attributes of one backward call, typed as the handler binds them."""
     return {
         ATTR_SOFTMAX_SCALE: np.float32(spec.softmax_scale),
         ATTR_WINDOW_LEFT: np.int32(spec.window.left),
         ATTR_WINDOW_RIGHT: np.int32(spec.window.right),
         ATTR_SOFTCAP: np.float32(spec.softcap if spec.softcap > 0 else 0.0),
-        ATTR_KERNEL_VARIANT: np.int32(KERNEL_VARIANTS[tune.cuda_kernel]),
     }
+
+
+def fwd_attributes(spec, tune: Tuning = DEFAULT) -> dict:
+    """Keyword attributes of one forward call, typed as the handler binds them."""
+    return {**bwd_attributes(spec), ATTR_KERNEL_VARIANT: np.int32(KERNEL_VARIANTS[tune.cuda_kernel])}

@@ -1,0 +1,94 @@
+// XLA FFI handler of the dense backward: dq, dk, dv from q, k, v, the forward's out and lse, and the cotangents
+// dout and dlse. Typed checks on every input; every failure returns an ffi::Error, and nothing throws across the
+// FFI. Stateless: the fp32 workspace (dq accumulator, per-row terms) is stream-ordered scratch of this call.
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <utility>
+
+#include <cuda_runtime_api.h>
+
+#include "fa3jax/attn_params.h"
+#include "fa3jax/ffi_handlers.h"
+#include "ffi_common.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+using fa3jax_ffi::dims_str;
+
+bool same_dims(ffi::Span<const int64_t> a, ffi::Span<const int64_t> b) {
+  if (a.size() != b.size()) return false;
+  for (size_t i = 0; i < a.size(); ++i)
+    if (a[i] != b[i]) return false;
+  return true;
+}
+
+ffi::Error BwdImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer q, ffi::AnyBuffer k,
+                   ffi::AnyBuffer v, ffi::AnyBuffer out, ffi::Buffer<ffi::F32> lse, ffi::AnyBuffer dout,
+                   ffi::Buffer<ffi::F32> dlse, ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
+                   ffi::Result<ffi::AnyBuffer> dv, float softmax_scale, int32_t window_left, int32_t window_right,
+                   float softcap) {
+  auto bad = [](std::string m) { return ffi::Error(ffi::ErrorCode::kInvalidArgument, "fa3jax_cuda_bwd: " + m); };
+  fa3jax::BwdParams p;
+  fa3jax::AttnCore& c = p.core;
+  std::string const why = fa3jax_ffi::dense_core(q, k, v, softmax_scale, window_left, window_right, softcap, c);
+  if (!why.empty()) return bad(why);
+  ffi::DataType const dt = q.element_type();
+  for (auto const* buf : {&out, &dout})
+    if (buf->element_type() != dt || !same_dims(buf->dimensions(), q.dimensions()))
+      return bad("out and dout must have q's dtype and shape " + dims_str(q.dimensions()));
+  if (dq->element_type() != dt || !same_dims(dq->dimensions(), q.dimensions()))
+    return bad("dq must have q's dtype and shape");
+  if (dk->element_type() != dt || !same_dims(dk->dimensions(), k.dimensions()) || dv->element_type() != dt ||
+      !same_dims(dv->dimensions(), v.dimensions()))
+    return bad("dk and dv must have k's dtype and shape " + dims_str(k.dimensions()));
+  for (auto const* buf : {&lse, &dlse}) {
+    auto ld = buf->dimensions();
+    if (ld.size() != 3 || ld[0] != c.batch || ld[1] != c.num_heads_q || ld[2] != c.seqlen_q)
+      return bad("lse and dlse shapes " + dims_str(ld) + " must be (batch, heads_q, seqlen_q)");
+  }
+  p.out = out.untyped_data();
+  p.dout = dout.untyped_data();
+  p.lse = lse.typed_data();
+  p.dlse = dlse.typed_data();
+  p.dq = dq->untyped_data();
+  p.dk = dk->untyped_data();
+  p.dv = dv->untyped_data();
+  if (const char* msg = fa3jax::bwd_check(p)) return bad(msg);
+  std::optional<void*> ws = scratch.Allocate(fa3jax::bwd_workspace_bytes(p), 256);
+  if (!ws.has_value())
+    return ffi::Error(ffi::ErrorCode::kResourceExhausted, "fa3jax_cuda_bwd: scratch allocation failed");
+  p.workspace = *ws;
+  fa3jax::FwdStatus st = fa3jax::run_bwd(p, stream);
+  if (!st.ok()) {
+    return ffi::Error(ffi::ErrorCode::kInternal, std::string("fa3jax_cuda_bwd: ") + st.what + ": " +
+                                                     cudaGetErrorString(st.error));
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error Bwd(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer q, ffi::AnyBuffer k,
+               ffi::AnyBuffer v, ffi::AnyBuffer out, ffi::Buffer<ffi::F32> lse, ffi::AnyBuffer dout,
+               ffi::Buffer<ffi::F32> dlse, ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
+               ffi::Result<ffi::AnyBuffer> dv, float softmax_scale, int32_t window_left, int32_t window_right,
+               float softcap) noexcept {
+  return fa3jax_ffi::no_throw([&] {
+    return BwdImpl(stream, std::move(scratch), q, k, v, out, lse, dout, dlse, dq, dk, dv, softmax_scale,
+                   window_left, window_right, softcap);
+  });
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Fa3jaxCudaBwd, Bwd,
+                              fa3jax_ffi::bind_mask_attrs(fa3jax_ffi::bind_dense_inputs(ffi::Ffi::Bind())
+                                                              .Arg<ffi::AnyBuffer>()          // out
+                                                              .Arg<ffi::Buffer<ffi::F32>>()  // lse
+                                                              .Arg<ffi::AnyBuffer>()          // dout
+                                                              .Arg<ffi::Buffer<ffi::F32>>()  // dlse
+                                                              .Ret<ffi::AnyBuffer>()          // dq
+                                                              .Ret<ffi::AnyBuffer>()          // dk
+                                                              .Ret<ffi::AnyBuffer>()));       // dv

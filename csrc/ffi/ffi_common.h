@@ -1,0 +1,93 @@
+// Helpers shared by the XLA FFI handlers (host only).
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <utility>
+
+#include <cuda_runtime_api.h>
+
+#include "fa3jax/attn_params.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace fa3jax_ffi {
+
+namespace ffi = xla::ffi;
+
+inline std::string dims_str(ffi::Span<const int64_t> d) {
+  std::string s = "(";
+  for (size_t i = 0; i < d.size(); ++i) s += (i ? ", " : "") + std::to_string(d[i]);
+  return s + ")";
+}
+
+// The kernels' dtype of an FFI element type; false for anything but bfloat16 / float16.
+inline bool kernel_dtype(ffi::DataType dt, fa3jax::DType& out) {
+  if (dt == ffi::DataType::BF16) out = fa3jax::DType::kBF16;
+  else if (dt == ffi::DataType::F16) out = fa3jax::DType::kFP16;
+  else return false;
+  return true;
+}
+
+// Shapes and attributes of a dense call into `c` (q (b, sq, hq, d), k/v (b, sk, hk, d), row-major XLA buffers).
+// Returns an empty string when they are consistent, else what is wrong.
+inline std::string dense_core(ffi::AnyBuffer const& q, ffi::AnyBuffer const& k, ffi::AnyBuffer const& v,
+                              float softmax_scale, int32_t window_left, int32_t window_right, float softcap,
+                              fa3jax::AttnCore& c) {
+  auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4) return "expected q, k and v of rank 4";
+  if (!kernel_dtype(q.element_type(), c.dtype)) return "q must be bfloat16 or float16";
+  if (k.element_type() != q.element_type() || v.element_type() != q.element_type())
+    return "q, k and v must share one dtype";
+  int64_t const b = qd[0], sq = qd[1], hq = qd[2], d = qd[3], sk = kd[1], hk = kd[2];
+  if (kd[0] != b || kd[3] != d || vd[0] != b || vd[1] != sk || vd[2] != hk || vd[3] != d)
+    return "k/v shapes " + dims_str(kd) + ", " + dims_str(vd) + " do not match q " + dims_str(qd);
+  int64_t const lim = int64_t(1) << 31;
+  if (b >= lim || sq >= lim || sk >= lim || hq >= lim || hk >= lim) return "dimension too large";
+  c.q = q.untyped_data();
+  c.k = k.untyped_data();
+  c.v = v.untyped_data();
+  c.batch = int(b);
+  c.seqlen_q = int(sq);
+  c.seqlen_k = int(sk);
+  c.num_heads_q = int(hq);
+  c.num_heads_k = int(hk);
+  c.head_dim = int(d);
+  c.softmax_scale = softmax_scale;
+  c.window_left = window_left;
+  c.window_right = window_right;
+  c.softcap = softcap;
+  c.set_dense_strides();  // XLA buffers are row-major
+  return "";
+}
+
+// Binding prefix of a dense handler: stream, scratch allocator, then q, k, v.
+template <class B>
+auto bind_dense_inputs(B b) {
+  return std::move(b).template Ctx<ffi::PlatformStream<cudaStream_t>>()
+      .template Ctx<ffi::ScratchAllocator>()
+      .template Arg<ffi::AnyBuffer>()   // q
+      .template Arg<ffi::AnyBuffer>()   // k
+      .template Arg<ffi::AnyBuffer>();  // v
+}
+
+// Attributes every dense handler takes, in this order (fa3jax/backends/cuda/targets.py names them).
+template <class B>
+auto bind_mask_attrs(B b) {
+  return std::move(b).template Attr<float>("softmax_scale")
+      .template Attr<int32_t>("window_left")
+      .template Attr<int32_t>("window_right")
+      .template Attr<float>("softcap");
+}
+
+// Runs a handler body so that no exception crosses the FFI: the bodies' messages allocate (std::string) and could
+// throw std::bad_alloc; the fallback message fits the small-string buffer, so building it does not allocate.
+template <class F>
+ffi::Error no_throw(F&& body) noexcept {
+  try {
+    return body();
+  } catch (...) {
+    return ffi::Error(ffi::ErrorCode::kInternal, "fa3jax: failed");
+  }
+}
+
+}  // namespace fa3jax_ffi
