@@ -38,15 +38,15 @@ POLICY = {
                 "unmasked long keys (+7-10% from 8k keys, benchmarks/RESULTS.md); no room for the O buffer"),
     # Backward main kernel: block_n keys per CTA, one consumer warpgroup per 64 keys (bwd_kernel_traits.h);
     # block_m queries per step (bwd_layout.h fixes it at 64 and 2 warpgroups for the dq_accum tiles).
-    "bwd64": (dict(block_m=64, block_n=128, stages=2, producer_regs=24, consumer_regs=240, prefetch=0, dq_red=0),
+    "bwd64": (dict(block_m=64, block_n=128, stages=2, producer_regs=24, consumer_regs=240, dq_red=0),
               "FA3's d=64/128 shape: 2 consumer warpgroups x 64 keys, dK/dV in registers"),
-    "bwd128": (dict(block_m=64, block_n=128, stages=2, producer_regs=24, consumer_regs=240, prefetch=0, dq_red=0),
+    "bwd128": (dict(block_m=64, block_n=128, stages=2, producer_regs=24, consumer_regs=240, dq_red=0),
                "dK + dV accumulators take 128 of the 240 consumer registers"),
 }
 # Head dims with a backward kernel (d=256's dK + dV alone would take 256 registers per thread in this shape).
 BWD_HEAD_DIMS = (64, 128)
 FIELDS = {"block_m": "kBlockM", "block_n": "kBlockN", "stages": "kStages", "producer_regs": "kProducerRegs",
-          "consumer_regs": "kConsumerRegs", "min_seqlen_k": "kMinSeqlenK", "prefetch": "kPrefetch",
+          "consumer_regs": "kConsumerRegs", "min_seqlen_k": "kMinSeqlenK",
           "dq_red": "kDqRed"}
 
 

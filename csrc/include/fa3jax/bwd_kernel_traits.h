@@ -27,7 +27,7 @@ namespace fa3jax {
 using namespace cute;
 
 template <class Element_, int kHeadDim_, int kBlockM_, int kBlockN_, int kStages_, int kProducerRegs_,
-          int kConsumerRegs_, bool kPrefetch_, bool kDqRed_>
+          int kConsumerRegs_, bool kDqRed_>
 struct BwdKernelTraits {
   using Element = Element_;
   static constexpr int kHeadDim = kHeadDim_;
@@ -36,7 +36,6 @@ struct BwdKernelTraits {
   static constexpr int kStages = kStages_;  // Q / dO / LSE / delta stages in flight
   static constexpr int kProducerRegs = kProducerRegs_;
   static constexpr int kConsumerRegs = kConsumerRegs_;
-  static constexpr bool kPrefetch = kPrefetch_;  // next step's S^T / dP^T GEMMs issued before this step's dQ wait
   static constexpr bool kDqRed = kDqRed_;  // dQ partials by vector reductions from registers, not a bulk reduce
   using ClusterShape = Shape<_1, _1, _1>;
 

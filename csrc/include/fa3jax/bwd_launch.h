@@ -17,7 +17,7 @@ template <DType kDType, int kHeadDim>
 using BwdTraitsFor = BwdKernelTraits<typename ElementOf<kDType>::type, kHeadDim, BwdPolicy<kHeadDim>::kBlockM,
                                      BwdPolicy<kHeadDim>::kBlockN, BwdPolicy<kHeadDim>::kStages,
                                      BwdPolicy<kHeadDim>::kProducerRegs, BwdPolicy<kHeadDim>::kConsumerRegs,
-                                     BwdPolicy<kHeadDim>::kPrefetch != 0, BwdPolicy<kHeadDim>::kDqRed != 0>;
+                                     BwdPolicy<kHeadDim>::kDqRed != 0>;
 
 template <DType kDType, int kHeadDim>
 FwdStatus launch_bwd_main(const BwdParams& bp, BwdWorkspace const& ws, cudaStream_t stream) {

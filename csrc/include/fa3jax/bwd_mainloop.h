@@ -127,13 +127,12 @@ struct BwdMainloop {
 
   // Consumer loop over the steps (step_coords). Accumulates dK (without the softmax scale) and dV in tdKrdK /
   // tdVrdV; adds each dQ partial into p.dq_accum. kSoftcap: p.softcap > 0 (a template parameter so the plain
-  // loop carries no test of it). kPrefetch: the next step's S^T and dP^T GEMMs are issued before this step's dQ
-  // GEMM is waited for, so the tensor cores stay busy while the partial is staged.
+  // loop carries no test of it). Issuing the next step's S^T and dP^T GEMMs before this step's dQ was staged
+  // made ptxas spill 388 B at 240 registers (their accumulators live next to dQ's and dK/dV's).
   template <bool kSoftcap, class TdK, class TdV>
   CUTE_DEVICE static void mma(Params const& p, SharedStorage& ss, Pipeline& pipe, PipelineState& st,
                               BwdTile const& tile, KM const& km, int mma_tid, int mma_wg, TdK& tdKrdK,
                               TdV& tdVrdV) {
-    constexpr bool kPrefetch = KT::kPrefetch;
     typename KT::TiledMmaSdP mma_sdp;
     typename KT::TiledMmadKV mma_dkv;
     typename KT::TiledMmadQ mma_dq;
@@ -196,18 +195,12 @@ struct BwdMainloop {
     };
 
     cute::wait_barrier(ss.barrier_kv, 0);
-    if constexpr (kPrefetch) {
-      pipe.consumer_wait(st);
-      issue_sdp(st.index());
-    }
     for (int step = 0; step < n_steps; ++step) {
       int h, m;
       step_coords(p, tile, km, step, h, m);
       int const buf = step & 1;
-      if constexpr (!kPrefetch) {
-        pipe.consumer_wait(st);
-        issue_sdp(st.index());
-      }
+      pipe.consumer_wait(st);
+      issue_sdp(st.index());
       int const s = st.index();
       bool const need_mask = km.needs_mask(m);
       int const q0 = m * kBlockM;
@@ -260,30 +253,21 @@ struct BwdMainloop {
         wgmma_issue<false, true>(mma_dkv, tdVrP, tdVrdO(_, _, _, s), tdVrdV);
       }
       convert_fragment(rdS, tdPrdP);
-      wgmma_issue<false, true>(mma_dkv, tdKrdS, tdKrQ(_, _, _, s), tdKrdK);
       // Every warpgroup's dS^T rows in shared memory (fenced for the async proxy that WGMMA reads through)
       // before any warpgroup's dQ GEMM. Two buffers: a warpgroup writes buffer b again only two steps later,
       // after passing this barrier once more, i.e. after every warpgroup's dQ GEMM on b has retired.
       copy(ds_copy, tdSrdS, tdSsdS(_, _, _, buf));
       cutlass::arch::fence_view_async_shared();
       named_barrier_sync(kDsBarrier, KT::kNumMmaThreads);
+      // dQ before dK (FA3's order): dQ retires while dK still runs, so the dQ partial is staged and added under
+      // the dK GEMM instead of after every GEMM of the step.
       Tensor tdQrdS_buf = tdQrdS(_, _, _, buf);
       wgmma_issue<true, false>(mma_dq, tdQrdS_buf, tdQrK, tdQrdQ);
-      PipelineState next = st;
-      ++next;
-      if (kPrefetch && step + 1 < n_steps) {
-        pipe.consumer_wait(next);
-        issue_sdp(next.index());
-        warpgroup_wait<2>();  // dV, dK and dQ of this step have retired; the next S^T / dP^T may still run
-      } else {
-        warpgroup_wait<0>();
-      }
+      warpgroup_wait<1>();  // dV has retired (P's registers are free); dQ may still run
       warpgroup_fence_operand(tdVrdV);
-      warpgroup_fence_operand(tdKrdK);
+      wgmma_issue<false, true>(mma_dkv, tdKrdS, tdKrQ(_, _, _, s), tdKrdK);
+      warpgroup_wait<1>();  // dQ has retired; dK may still run
       warpgroup_fence_operand(tdQrdQ);
-      release(ss.pipeline_q, st);
-      st = next;
-
       // dQ partial into dq_accum (bwd_layout.h order). kDqRed: fp32 vector reductions (red.global.add.v4.f32)
       // straight from the registers. Else through this warpgroup's staging slice and one bulk reduce-add of it; the
       // slice is rewritten only after the previous add has read it (issued a step earlier, so the wait rarely
@@ -310,6 +294,10 @@ struct BwdMainloop {
           tma_store_arrive();
         }
       }
+      warpgroup_wait<0>();  // dK has retired (dS's registers are free)
+      warpgroup_fence_operand(tdKrdK);
+      release(ss.pipeline_q, st);
+      ++st;
     }
   }
 
