@@ -30,7 +30,7 @@ ffi::Error BwdImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyB
                    ffi::AnyBuffer v, ffi::AnyBuffer out, ffi::Buffer<ffi::F32> lse, ffi::AnyBuffer dout,
                    ffi::Buffer<ffi::F32> dlse, ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
                    ffi::Result<ffi::AnyBuffer> dv, float softmax_scale, int32_t window_left, int32_t window_right,
-                   float softcap) {
+                   float softcap, int32_t deterministic) {
   auto bad = [](std::string m) { return ffi::Error(ffi::ErrorCode::kInvalidArgument, "fa3jax_cuda_bwd: " + m); };
   fa3jax::BwdParams p;
   fa3jax::AttnCore& c = p.core;
@@ -57,6 +57,8 @@ ffi::Error BwdImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyB
   p.dq = dq->untyped_data();
   p.dk = dk->untyped_data();
   p.dv = dv->untyped_data();
+  if (deterministic != 0 && deterministic != 1) return bad("deterministic must be 0 or 1");
+  p.deterministic = deterministic == 1;
   if (const char* msg = fa3jax::bwd_check(p)) return bad(msg);
   std::optional<void*> ws = scratch.Allocate(fa3jax::bwd_workspace_bytes(p), 256);
   if (!ws.has_value())
@@ -74,10 +76,10 @@ ffi::Error Bwd(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffe
                ffi::AnyBuffer v, ffi::AnyBuffer out, ffi::Buffer<ffi::F32> lse, ffi::AnyBuffer dout,
                ffi::Buffer<ffi::F32> dlse, ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
                ffi::Result<ffi::AnyBuffer> dv, float softmax_scale, int32_t window_left, int32_t window_right,
-               float softcap) noexcept {
+               float softcap, int32_t deterministic) noexcept {
   return fa3jax_ffi::no_throw([&] {
     return BwdImpl(stream, std::move(scratch), q, k, v, out, lse, dout, dlse, dq, dk, dv, softmax_scale,
-                   window_left, window_right, softcap);
+                   window_left, window_right, softcap, deterministic);
   });
 }
 
@@ -91,4 +93,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Fa3jaxCudaBwd, Bwd,
                                                               .Arg<ffi::Buffer<ffi::F32>>()  // dlse
                                                               .Ret<ffi::AnyBuffer>()          // dq
                                                               .Ret<ffi::AnyBuffer>()          // dk
-                                                              .Ret<ffi::AnyBuffer>()));       // dv
+                                                              .Ret<ffi::AnyBuffer>())  // dv
+                                  .Attr<int32_t>("deterministic"));

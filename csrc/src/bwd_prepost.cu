@@ -21,11 +21,13 @@ size_t align_up(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
 int64_t padded_rows(int seqlen_q) { return (int64_t(seqlen_q) + kBwdBlockM - 1) / kBwdBlockM * kBwdBlockM; }
 
 struct Sizes {
-  size_t dq_accum, row;
+  size_t dq_accum, row, sem;
 };
-Sizes sizes(const AttnCore& c) {
+Sizes sizes(const BwdParams& p) {
+  AttnCore const& c = p.core;
   size_t rows = size_t(c.batch) * c.num_heads_q * padded_rows(c.seqlen_q);
-  return {align_up(rows * c.head_dim * sizeof(float)), align_up(rows * sizeof(float))};
+  size_t sem = p.deterministic ? rows / kBwdBlockM * kBwdNumMmaWG * sizeof(int) : 0;
+  return {align_up(rows * c.head_dim * sizeof(float)), align_up(rows * sizeof(float)), align_up(sem)};
 }
 
 template <class T> struct Cvt;
@@ -91,6 +93,10 @@ FwdStatus preprocess(const BwdParams& p, cudaStream_t stream) {
       static_cast<const T*>(p.out), static_cast<const T*>(p.dout), p.lse, p.dlse, ws, c.seqlen_q, rows_pad,
       c.num_heads_q, c.head_dim);
   if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return {e, "bwd preprocess launch"};
+  if (ws.dq_sem != nullptr) {
+    if (cudaError_t e = cudaMemsetAsync(ws.dq_sem, 0, sizes(p).sem, stream); e != cudaSuccess)
+      return {e, "cudaMemsetAsync(dq turn counters)"};
+  }
   return {};
 }
 
@@ -111,17 +117,18 @@ bool empty(const AttnCore& c) { return c.batch == 0 || c.seqlen_q == 0 || c.num_
 }  // namespace
 
 size_t bwd_workspace_bytes(const BwdParams& p) {
-  Sizes const s = sizes(p.core);
-  return s.dq_accum + 2 * s.row;
+  Sizes const s = sizes(p);
+  return s.dq_accum + 2 * s.row + s.sem;
 }
 
 BwdWorkspace bwd_workspace(const BwdParams& p) {
-  Sizes const s = sizes(p.core);
+  Sizes const s = sizes(p);
   char* base = static_cast<char*>(p.workspace);
   BwdWorkspace ws;
   ws.dq_accum = reinterpret_cast<float*>(base);
   ws.delta = reinterpret_cast<float*>(base + s.dq_accum);
   ws.lse_log2 = reinterpret_cast<float*>(base + s.dq_accum + s.row);
+  if (s.sem) ws.dq_sem = reinterpret_cast<int*>(base + s.dq_accum + 2 * s.row);
   return ws;
 }
 

@@ -6,7 +6,8 @@
 //   fa3jax_test_bwd            run all tests
 //   fa3jax_test_bwd --quick    one config per instantiation (for racecheck, which is slow)
 //   fa3jax_test_bwd --bench    also time the backward (and the forward) on the benchmark shapes (no checking)
-//   fa3jax_test_bwd --bench-only [--head-dim D] [--case S,CAUSAL]   (b = 16384 / S, h = 16; for Nsight Compute)
+//   fa3jax_test_bwd --bench-only [--head-dim D] [--case S,CAUSAL] [--deterministic]
+//                              (b = 16384 / S, h = 16; one case for Nsight Compute)
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -92,7 +93,8 @@ static double rel_err(const std::vector<uint16_t>& got, const std::vector<double
   return err / mag;
 }
 
-static bool run_one(DType dt, int d, const Config& c, std::mt19937& rng, bool verbose) {
+// det: deterministic mode, run twice; the second run's dq, dk, dv must equal the first's bit for bit.
+static bool run_one(DType dt, int d, const Config& c, std::mt19937& rng, bool verbose, bool det = false) {
   RefShape const rs{c.b, c.sq, c.sk, c.hq, c.hk, d, c.wl, c.wr, c.softcap, 1.f / std::sqrt(float(d))};
   size_t const nq = size_t(c.b) * c.sq * c.hq * d, nk = size_t(c.b) * c.sk * c.hk * d;
   size_t const nl = size_t(c.b) * c.hq * c.sq;
@@ -124,6 +126,7 @@ static bool run_one(DType dt, int d, const Config& c, std::mt19937& rng, bool ve
   core.head_dim = d, core.dtype = dt, core.softmax_scale = rs.scale, core.softcap = c.softcap;
   core.window_left = c.wl, core.window_right = c.wr;
   core.set_dense_strides();
+  p.deterministic = det;
   core.q = upload(qb), core.k = upload(kb), core.v = upload(vb);
   p.out = upload(ob), p.dout = upload(dob), p.lse = upload(lse), p.dlse = c.dlse ? upload(dlse) : nullptr;
   // NaN-filled outputs and workspace: whatever a pass should write and does not shows up.
@@ -141,17 +144,30 @@ static bool run_one(DType dt, int d, const Config& c, std::mt19937& rng, bool ve
   if (!ok) std::printf("FAIL run_bwd: %s (%s)\n", st.what, cudaGetErrorString(st.error));
   CK(cudaDeviceSynchronize());
   size_t bad = 0;
-  double const eq = rel_err(download<uint16_t>(p.dq, nq), rdq, dt, bad);
-  double const ek = rel_err(download<uint16_t>(p.dk, nk), rdk, dt, bad);
-  double const ev = rel_err(download<uint16_t>(p.dv, nk), rdv, dt, bad);
+  std::vector<uint16_t> const gq = download<uint16_t>(p.dq, nq), gk = download<uint16_t>(p.dk, nk),
+                              gv = download<uint16_t>(p.dv, nk);
+  double const eq = rel_err(gq, rdq, dt, bad);
+  double const ek = rel_err(gk, rdk, dt, bad);
+  double const ev = rel_err(gv, rdv, dt, bad);
+  bool same = true;
+  if (det) {
+    CK(cudaMemset(p.workspace, 0xff, ws));
+    CK(cudaMemset(p.dq, 0xff, nq * 2));
+    st = fa3jax::run_bwd(p, 0);
+    ok = ok && st.ok();
+    CK(cudaDeviceSynchronize());
+    same = download<uint16_t>(p.dq, nq) == gq && download<uint16_t>(p.dk, nk) == gk &&
+           download<uint16_t>(p.dv, nk) == gv;
+  }
   // bf16 keeps 8 bits: its rounding of P, dS and the outputs gives ~1e-2 relative errors at the extremes.
   double const tol = dt == DType::kBF16 ? 3e-2 : 5e-3;
-  ok = ok && bad == 0 && eq <= tol && ek <= tol && ev <= tol;
+  ok = ok && bad == 0 && eq <= tol && ek <= tol && ev <= tol && same;
   if (!ok || verbose)
-    std::printf("%s %s d=%d %-26s b=%d sq=%d sk=%d hq=%d hk=%d win=(%d,%d) cap=%g dlse=%d: rel err dq=%.2e dk=%.2e "
-                "dv=%.2e non-finite=%zu\n",
+    std::printf("%s %s d=%d %-26s b=%d sq=%d sk=%d hq=%d hk=%d win=(%d,%d) cap=%g dlse=%d%s: rel err dq=%.2e dk=%.2e "
+                "dv=%.2e non-finite=%zu%s\n",
                 ok ? "ok  " : "FAIL", dt == DType::kBF16 ? "bf16" : "fp16", d, c.name, c.b, c.sq, c.sk, c.hq, c.hk,
-                c.wl, c.wr, c.softcap, int(c.dlse), eq, ek, ev, bad);
+                c.wl, c.wr, c.softcap, int(c.dlse), det ? " deterministic" : "", eq, ek, ev, bad,
+                same ? "" : " RERUN DIFFERS");
   for (const void* ptr : {core.q, core.k, core.v, p.out, p.dout, static_cast<const void*>(p.lse),
                           static_cast<const void*>(p.dlse), static_cast<const void*>(p.dq),
                           static_cast<const void*>(p.dk), static_cast<const void*>(p.dv),
@@ -162,7 +178,7 @@ static bool run_one(DType dt, int d, const Config& c, std::mt19937& rng, bool ve
 
 // Timings of the forward and the whole backward on the issue's shapes (h=16, b*s=16384), random inputs; the
 // forward's out/lse feed the backward. TFLOPS with FA's count: fwd 4*b*s^2*h*d (halved causal), bwd 2.5x that.
-static void bench(DType dt, int d, int only_s, int only_causal) {
+static void bench(DType dt, int d, int only_s, int only_causal, bool det) {
   int const h = 16;
   for (int s : {512, 1024, 2048, 4096, 8192, 16384}) {
     for (int causal : {0, 1}) {
@@ -184,6 +200,7 @@ static void bench(DType dt, int d, int only_s, int only_causal) {
       c.q = q, c.k = k, c.v = v, fp.out = o, fp.lse = lse, fp.workspace = fws;
       fa3jax::BwdParams bp;
       bp.core = c, bp.out = o, bp.dout = dout, bp.lse = lse, bp.dq = dq, bp.dk = dk, bp.dv = dv;
+      bp.deterministic = det;
       CK(cudaMalloc(&bws, fa3jax::bwd_workspace_bytes(bp)));
       bp.workspace = bws;
       cudaEvent_t e0, e1, e2;
@@ -209,8 +226,9 @@ static void bench(DType dt, int d, int only_s, int only_causal) {
       }
       tf /= iters, tb /= iters;
       double const flops = 4.0 * b * double(s) * s * h * d / (causal ? 2 : 1);
-      std::printf("bench %s d=%d b=%d s=%d h=%d %s: fwd %.3f ms %.0f TFLOPS | bwd %.3f ms %.0f TFLOPS | fwd+bwd %.0f TFLOPS\n",
-                  dt == DType::kBF16 ? "bf16" : "fp16", d, b, s, h, causal ? "causal" : "full", tf, flops / tf / 1e9,
+      std::printf("bench %s d=%d b=%d s=%d h=%d %s%s: fwd %.3f ms %.0f TFLOPS | bwd %.3f ms %.0f TFLOPS | fwd+bwd %.0f TFLOPS\n",
+                  dt == DType::kBF16 ? "bf16" : "fp16", d, b, s, h, causal ? "causal" : "full",
+                  det ? " deterministic" : "", tf, flops / tf / 1e9,
                   tb, 2.5 * flops / tb / 1e9, 3.5 * flops / (tf + tb) / 1e9);
       for (void* ptr : {q, k, v, o, dout, dq, dk, dv, fws, bws, static_cast<void*>(lse)}) CK(cudaFree(ptr));
       CK(cudaEventDestroy(e0)); CK(cudaEventDestroy(e1)); CK(cudaEventDestroy(e2));
@@ -222,11 +240,13 @@ int main(int argc, char** argv) {
   std::setvbuf(stdout, nullptr, _IOLBF, 0);
   bool quick = false, do_bench = false, bench_only = false;
   int only_d = 0, only_s = 0, only_causal = -1;
+  bool det = false;
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--quick")) quick = true;
     else if (!std::strcmp(argv[i], "--bench")) do_bench = true;
     else if (!std::strcmp(argv[i], "--bench-only")) do_bench = bench_only = true;
     else if (!std::strcmp(argv[i], "--head-dim") && i + 1 < argc) only_d = std::atoi(argv[++i]);
+    else if (!std::strcmp(argv[i], "--deterministic")) det = true;
     else if (!std::strcmp(argv[i], "--case") && i + 1 < argc) {
       if (std::sscanf(argv[++i], "%d,%d", &only_s, &only_causal) != 2) {
         std::fprintf(stderr, "--case wants S,CAUSAL (e.g. 4096,0)\n");
@@ -260,18 +280,30 @@ int main(int argc, char** argv) {
       {1, 256, 256, 2, 2, -1, -1, 5.f, false, "full-softcap5"},
       {2, 7, 3, 3, 1, -1, -1, 0.f, false, "tiny"},
   };
+  const Config det_configs[] = {
+      {2, 333, 700, 4, 2, -1, -1, 0.f, true, "gqa-full"},
+      {1, 520, 520, 2, 2, -1, 0, 0.f, false, "causal"},
+      {1, 300, 600, 2, 1, 100, 40, 0.f, false, "mqa-window(100,40)"},
+  };
   std::mt19937 rng(1234);
   int failures = 0, runs = 0;
   for (DType dt : {DType::kBF16, DType::kFP16})
     for (int d : {64, 128, 256}) {
       if (!fa3jax::bwd_compiled(dt, d) || (only_d && d != only_d)) continue;
-      if (!bench_only)
+      if (!bench_only) {
         for (const Config& c : configs) {
           ++runs;
           failures += !run_one(dt, d, c, rng, true);
           if (quick) break;
         }
-      if (do_bench && dt == DType::kBF16) bench(dt, d, only_s, only_causal);
+        // Deterministic mode: bitwise-equal reruns, under masks and GQA, many key blocks per query block.
+        for (const Config& c : det_configs) {
+          ++runs;
+          failures += !run_one(dt, d, c, rng, true, true);
+          if (quick) break;
+        }
+      }
+      if (do_bench && dt == DType::kBF16) bench(dt, d, only_s, only_causal, det);
     }
   std::printf("%d/%d backward configs passed: %s\n", runs - failures, runs, failures ? "FAILED" : "passed");
   return failures ? 1 : 0;

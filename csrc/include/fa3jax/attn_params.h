@@ -127,8 +127,10 @@ struct BwdParams {
   void* dk = nullptr;          // (b, sk, hk, d), dense
   void* dv = nullptr;          // (b, sk, hk, d), dense
   // Workspace (bwd_workspace_bytes, 256-byte aligned): dq_accum fp32 (b, hq, sq_pad, d) in the tile order of
-  // bwd_layout.h; delta and lse_log2 fp32 (b, hq, sq_pad).
+  // bwd_layout.h; delta and lse_log2 fp32 (b, hq, sq_pad); deterministic: int32 turn counters.
   void* workspace = nullptr;
+  // Bitwise-reproducible gradients: dQ partials added in a fixed key-block order (bwd_mainloop.h).
+  bool deterministic = false;
 };
 
 // The backward's workspace, carved from BwdParams::workspace (all fp32, 256-byte aligned parts).
@@ -136,6 +138,7 @@ struct BwdWorkspace {
   float* dq_accum = nullptr;
   float* delta = nullptr;     // rowsum(dO * O) - dlse: the softmax gradient's row term (FA2 paper, Alg. 2)
   float* lse_log2 = nullptr;  // lse * log2(e); +inf where lse is -inf so that exp2(s - lse_log2) is 0
+  int* dq_sem = nullptr;      // deterministic only: (b, hq, sq_pad / kBwdBlockM, kBwdNumMmaWG) turn counters
 };
 size_t bwd_workspace_bytes(const BwdParams& p);
 BwdWorkspace bwd_workspace(const BwdParams& p);
@@ -144,7 +147,7 @@ BwdWorkspace bwd_workspace(const BwdParams& p);
 const char* bwd_check(const BwdParams& p);
 
 // The passes around the main kernel, each on `stream`, never throwing:
-//   preprocess:  delta, lse_log2 (padded rows: 0 and +inf) and dq_accum zeroed;
+//   preprocess:  delta, lse_log2 (padded rows: 0 and +inf), dq_accum (and the turn counters) zeroed;
 //   postprocess: dq = dq_accum * softmax_scale in the input dtype.
 FwdStatus run_bwd_preprocess(const BwdParams& p, cudaStream_t stream);
 FwdStatus run_bwd_postprocess(const BwdParams& p, cudaStream_t stream);

@@ -132,6 +132,7 @@ struct BwdKernelTraits {
     float* dq_accum;        // (b, hq, m blocks, kBlockM * d) tiles, bwd_layout.h
     float const* lse_log2;  // (b, hq, rows padded to kBlockM)
     float const* delta;
+    int* dq_sem;            // deterministic: (b, hq, m blocks, warpgroups) turn counters, zeroed; else nullptr
     int batch, seqlen_q, seqlen_k, num_heads_q, num_heads_k, group_size, num_m_blocks;
     int window_left, window_right;
     float scale_log2;   // multiplier of the (capped) raw score inside exp2

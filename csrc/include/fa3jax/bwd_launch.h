@@ -44,6 +44,7 @@ FwdStatus launch_bwd_main(const BwdParams& bp, BwdWorkspace const& ws, cudaStrea
       ws.dq_accum,
       ws.lse_log2,
       ws.delta,
+      ws.dq_sem,
       b, sq, sk, hq, hk, hq / hk, num_m_blocks,
       c.window_left < 0 ? -1 : c.window_left,
       c.window_right < 0 ? -1 : c.window_right,
@@ -52,6 +53,8 @@ FwdStatus launch_bwd_main(const BwdParams& bp, BwdWorkspace const& ws, cudaStrea
       capped ? c.softcap : 0.f,
       c.softmax_scale};
 
+  if (ws.dq_sem != nullptr && KT::kDqRed)
+    return {cudaErrorInvalidValue, "deterministic backward needs the bulk dQ adds (policy dq_red=0)"};
   auto kernel = capped ? &bwd_kernel<KT, true> : &bwd_kernel<KT, false>;
   constexpr int smem = KT::kSmemBytes;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);

@@ -41,6 +41,24 @@ CUTE_DEVICE void red_add_v4_f32(float* dst, float a, float b, float c, float d) 
                : "memory");
 }
 
+// Deterministic dQ (FA3's scheme, our code): the partials of one (query block, warpgroup slice) are added in
+// key-block order. A CTA waits until the slice's semaphore counts the key blocks before it, adds, and counts
+// itself once its add has completed (checked at its next add, so the wait overlaps a step). Key block n's turn
+// at query block m is n - QBlockMask(m).n_min: the CTAs that touch m are exactly that key-block range, and
+// CTAs are dispatched in blockIdx order, so the ones before it are resident or done (no deadlock).
+CUTE_DEVICE void dq_turn_wait(int const* sem, int turn) {
+  int v;
+  do {
+    asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(v) : "l"(sem) : "memory");
+  } while (v != turn);
+  asm volatile("fence.proxy.async.global;\n" ::: "memory");  // the bulk add below is ordered after the acquire
+}
+CUTE_DEVICE void dq_turn_done(int* sem) {
+  asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");  // this thread's adds have completed, not only read
+  asm volatile("fence.proxy.async.global;\n" ::: "memory");
+  asm volatile("red.release.gpu.global.add.s32 [%0], 1;\n" ::"l"(sem) : "memory");
+}
+
 template <class KT>
 struct BwdMainloop {
   using Element = typename KT::Element;
@@ -188,6 +206,7 @@ struct BwdMainloop {
     int64_t const rows_pad = int64_t(p.num_m_blocks) * kBlockM;
     int const n0 = tile.n_block * KT::kBlockN;
     int const n_steps = p.group_size * km.num_blocks();
+    int* sem_pending = nullptr;  // deterministic mode, issuing thread: the slice whose add is still in flight
 
     auto issue_sdp = [&](int s) {
       wgmma_issue<true, false>(mma_sdp, tSrK, tSrQ(_, _, _, s), tSrS);
@@ -281,7 +300,17 @@ struct BwdMainloop {
         for (int v = 0; v < size(tdQrdQ); v += 4)
           red_add_v4_f32(dq_slice + (v / 4) * 512 + 4 * wg_tid, tdQrdQ(v), tdQrdQ(v + 1), tdQrdQ(v + 2), tdQrdQ(v + 3));
       } else {
-        if (dq_issuer) tma_store_wait<0>();
+        if (dq_issuer) {
+          if (p.dq_sem != nullptr) {
+            if (sem_pending != nullptr) dq_turn_done(sem_pending);
+            sem_pending = p.dq_sem + ((int64_t(tile.batch) * p.num_heads_q + h) * p.num_m_blocks + m) * KT::kNumMmaWG + mma_wg;
+            int const n_min = QBlockMask<kBlockM, KT::kBlockN>(m, p.seqlen_q, p.seqlen_k, p.window_left,
+                                                               p.window_right).n_min;
+            dq_turn_wait(sem_pending, tile.n_block - n_min);
+          } else {
+            tma_store_wait<0>();
+          }
+        }
         named_barrier_sync(kDqBarrier + mma_wg, 128);
         CUTE_UNROLL
         for (int v = 0; v < size(tdQrdQ); v += 4)
@@ -299,6 +328,7 @@ struct BwdMainloop {
       release(ss.pipeline_q, st);
       ++st;
     }
+    if (dq_issuer && sem_pending != nullptr) dq_turn_done(sem_pending);
   }
 
 

@@ -130,9 +130,6 @@ class CudaBackend(Backend):
 
     def check_backward(self, spec: AttentionSpec) -> None:
         self._check_dense(spec, "bwd_instances", "backward")
-        if spec.deterministic:
-            raise NotImplementedError("cuda: deterministic=True is not implemented by the backward kernel (its "
-                                      "dQ partials are added in no fixed order)")
         if spec.batch > _MAX_GRID_YZ or spec.num_heads_k > _MAX_GRID_YZ:
             raise NotImplementedError(f"cuda: the backward grid is (key blocks, heads_k, batch); {spec.batch=} and "
                                       f"{spec.num_heads_k=} must be <= {_MAX_GRID_YZ}")

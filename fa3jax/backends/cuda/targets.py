@@ -13,12 +13,14 @@ FWD_TARGET = "fa3jax_cuda_fwd"
 BWD_TARGET = "fa3jax_cuda_bwd"  # (q, k, v, out, lse, dout, dlse) -> (dq, dk, dv); csrc/ffi/bwd_ffi.cc
 HANDLERS = {FWD_TARGET: "fwd", BWD_TARGET: "bwd"}
 
-# Attributes of FWD_TARGET (BWD_TARGET: the first four), with their FFI types.
+# Attributes, with their FFI types: both targets take the first four, then the forward kernel_variant and the
+# backward deterministic.
 ATTR_SOFTMAX_SCALE = "softmax_scale"  # f32
 ATTR_WINDOW_LEFT = "window_left"  # i32, -1 = unbounded
 ATTR_WINDOW_RIGHT = "window_right"  # i32, -1 = unbounded; causal is 0
 ATTR_SOFTCAP = "softcap"  # f32, 0 = off
-ATTR_KERNEL_VARIANT = "kernel_variant"  # i32, see KERNEL_VARIANTS
+ATTR_KERNEL_VARIANT = "kernel_variant"  # i32, see KERNEL_VARIANTS (forward only)
+ATTR_DETERMINISTIC = "deterministic"  # i32 0/1: dQ partials added in a fixed order (backward only)
 
 # Which compiled kernel serves a call: "auto" is the dispatch policy (csrc/src/fwd_dispatch.cc); the others force
 # one where it applies (fa3jax.tuning.Tuning.cuda_kernel), so that benchmarks can time them side by side.
@@ -26,8 +28,8 @@ ATTR_KERNEL_VARIANT = "kernel_variant"  # i32, see KERNEL_VARIANTS
 KERNEL_VARIANTS = {"auto": 0, "plain": 1, "wide": 3}
 
 
-def bwd_attributes(spec) -> dict:
-    """Keyword attributes of one backward call, typed as the handler binds them."""
+def _mask_attributes(spec) -> dict:
+    """The attributes every dense handler binds first (csrc/ffi/ffi_common.h bind_mask_attrs)."""
     return {
         ATTR_SOFTMAX_SCALE: np.float32(spec.softmax_scale),
         ATTR_WINDOW_LEFT: np.int32(spec.window.left),
@@ -36,6 +38,11 @@ def bwd_attributes(spec) -> dict:
     }
 
 
+def bwd_attributes(spec) -> dict:
+    """Keyword attributes of one backward call, typed as the handler binds them."""
+    return {**_mask_attributes(spec), ATTR_DETERMINISTIC: np.int32(bool(spec.deterministic))}
+
+
 def fwd_attributes(spec, tune: Tuning = DEFAULT) -> dict:
     """Keyword attributes of one forward call, typed as the handler binds them."""
-    return {**bwd_attributes(spec), ATTR_KERNEL_VARIANT: np.int32(KERNEL_VARIANTS[tune.cuda_kernel])}
+    return {**_mask_attributes(spec), ATTR_KERNEL_VARIANT: np.int32(KERNEL_VARIANTS[tune.cuda_kernel])}
