@@ -59,11 +59,12 @@ ffi::Error BwdImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyB
   p.dv = dv->untyped_data();
   if (deterministic != 0 && deterministic != 1) return bad("deterministic must be 0 or 1");
   p.deterministic = deterministic == 1;
-  if (const char* msg = fa3jax::bwd_check(p)) return bad(msg);
+  // The workspace first (its size needs only the shapes checked above): bwd_check requires it.
   std::optional<void*> ws = scratch.Allocate(fa3jax::bwd_workspace_bytes(p), 256);
   if (!ws.has_value())
     return ffi::Error(ffi::ErrorCode::kResourceExhausted, "fa3jax_cuda_bwd: scratch allocation failed");
   p.workspace = *ws;
+  if (const char* msg = fa3jax::bwd_check(p)) return bad(msg);
   fa3jax::FwdStatus st = fa3jax::run_bwd(p, stream);
   if (!st.ok()) {
     return ffi::Error(ffi::ErrorCode::kInternal, std::string("fa3jax_cuda_bwd: ") + st.what + ": " +
