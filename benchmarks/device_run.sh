@@ -37,6 +37,7 @@ stage() { local name=$1; shift; local t0=$SECONDS; "$@" >"$OUT/$name.log" 2>&1; 
 build() { buildext && buildtests; }
 buildext() {
   export CUTLASS_INC=$(python3 -c "import cutlass_library,os;print(os.path.join(os.path.dirname(cutlass_library.__file__),'source','include'))")
+  rm -rf /tmp/fa3site  # pip --target keeps an existing package: a warm machine would test the previous build
   FA3JAX_BUILD_CUDA=1 CMAKE_BUILD_PARALLEL_LEVEL=16 timeout 400 python3 -m pip install --no-deps \
     --no-build-isolation --target /tmp/fa3site -q . || return 1
   # tests run from the source tree (python -m pytest puts it first on sys.path): put the extension there too
