@@ -60,7 +60,8 @@ ffi::Error BwdImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyB
   if (deterministic != 0 && deterministic != 1) return bad("deterministic must be 0 or 1");
   p.deterministic = deterministic == 1;
   // The workspace first (its size needs only the shapes checked above): bwd_check requires it.
-  std::optional<void*> ws = scratch.Allocate(fa3jax::bwd_workspace_bytes(p), 256);
+  // 16-byte alignment (bulk copies and reductions need 16; XLA's scratch allocator refused 256).
+  std::optional<void*> ws = scratch.Allocate(fa3jax::bwd_workspace_bytes(p), 16);
   if (!ws.has_value())
     return ffi::Error(ffi::ErrorCode::kResourceExhausted, "fa3jax_cuda_bwd: scratch allocation failed");
   p.workspace = *ws;

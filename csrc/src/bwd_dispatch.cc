@@ -43,7 +43,7 @@ const char* bwd_check(const BwdParams& p) {
   if (empty(c)) return nullptr;  // nothing to do
   if (!p.out || !p.dout || !p.lse || !p.dq || !p.workspace || !c.q) return "null buffer";
   if (c.seqlen_k > 0 && (!c.k || !c.v || !p.dk || !p.dv)) return "null buffer";
-  if (reinterpret_cast<uintptr_t>(p.workspace) % 256) return "workspace must be 256-byte aligned";
+  if (reinterpret_cast<uintptr_t>(p.workspace) % 16) return "workspace must be 16-byte aligned";
   if (!aligned16(c.q) || !aligned16(c.k) || !aligned16(c.v) || !aligned16(p.dout) || !aligned16(p.dk) ||
       !aligned16(p.dv))
     return "q, k, v, dout, dk and dv must be 16-byte aligned";

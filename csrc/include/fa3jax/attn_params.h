@@ -126,7 +126,7 @@ struct BwdParams {
   void* dq = nullptr;          // (b, sq, hq, d), dense
   void* dk = nullptr;          // (b, sk, hk, d), dense
   void* dv = nullptr;          // (b, sk, hk, d), dense
-  // Workspace (bwd_workspace_bytes, 256-byte aligned): dq_accum fp32 (b, hq, sq_pad, d) in the tile order of
+  // Workspace (bwd_workspace_bytes, 16-byte aligned): dq_accum fp32 (b, hq, sq_pad, d) in the tile order of
   // bwd_layout.h; delta and lse_log2 fp32 (b, hq, sq_pad); deterministic: int32 turn counters.
   void* workspace = nullptr;
   // Bitwise-reproducible gradients: dQ partials added in a fixed key-block order (bwd_mainloop.h).
