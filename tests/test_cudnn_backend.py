@@ -392,3 +392,13 @@ def test_auto_picks_cudnn_after_cuda():
     k = S((2, 384, 8, 128), BF)
     sup = fa3jax.supports(fa3jax.flash_mha, q, k, k, is_causal=True)
     assert sup.forward != "cudnn" and sup.backward != "cudnn"
+
+
+def test_backward_candidates_prefer_cudnn_after_a_cuda_forward_under_auto():
+    """Under auto, a cuda forward's backward tries cuDNN's first (measured faster than cuda's own today), then cuda's
+    own (what cuDNN refuses: softcap, deterministic, bottom-right causal with lq != lk, ...); an explicit
+    backend="cuda" keeps cuda's own first; other forwards keep their own order."""
+    assert registry._backward_candidates("cuda", "auto") == ("cudnn", "cuda", "triton", "xla")
+    assert registry._backward_candidates("cuda", "cuda") == ("cuda", "cudnn", "triton", "xla")
+    assert registry._backward_candidates("triton", "auto") == ("triton", "xla")
+    assert registry._backward_candidates("xla", "auto") == ("xla",)
