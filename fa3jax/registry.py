@@ -4,7 +4,7 @@
 xla, moving on when a backend is unavailable or raises ``NotImplementedError`` for the spec. The backward is planned
 separately: a backend without a backward for the spec (e.g. cuda at d=256, or cudnn under ``deterministic=True``) is
 paired with the next backend in that order that has one, reusing the forward's LSE; under ``auto`` a cuda forward
-tries cuDNN's backward first (``_AUTO_BACKWARD_FIRST``: measured faster than cuda's own today).
+tries cuDNN's backward first (``_backward_candidates``: measured faster than cuda's own today).
 """
 from __future__ import annotations
 
@@ -114,15 +114,16 @@ def _first(names, check: str, spec: AttentionSpec) -> tuple[Optional[str], list[
 
 # Under ``auto``, a cuda forward's backward tries cuDNN's first: on the H100 it is faster than cuda's own backward
 # today (session 10: fwd+bwd 563 vs 502 TFLOPS at 1x16k, d=128; benchmarks/RESULTS.md). cuda's serves what cuDNN
-# refuses (softcap, lq != lk causal, other windows, deterministic=True); ``backend="cuda"`` always uses it.
-_AUTO_BACKWARD_FIRST = {"cuda": "cudnn"}
-
-
-def _backward_candidates(fwd: str, requested: str) -> tuple:
+# refuses (softcap, lq != lk causal, other windows), except deterministic=True, where triton's backward goes first
+# (cuda's fixed-order dQ adds ran at 0.43x its default under a causal mask, below triton's). ``backend="cuda"``
+# always uses cuda's own.
+def _backward_candidates(fwd: str, requested: str, deterministic: bool = False) -> tuple:
     """Backends to try for the backward of a ``fwd`` forward, in order: the forward's own, then the later ones."""
     own = (fwd,) + ORDER[ORDER.index(fwd) + 1:]
-    first = _AUTO_BACKWARD_FIRST.get(fwd) if requested == "auto" else None
-    return own if first is None else (first,) + tuple(n for n in own if n != first)
+    if requested != "auto" or fwd != "cuda":
+        return own
+    first = ("cudnn", "triton") if deterministic else ("cudnn",)
+    return first + tuple(n for n in own if n not in first)
 
 
 def plan(spec: AttentionSpec, requested: str) -> Plan:
@@ -141,7 +142,7 @@ def plan(spec: AttentionSpec, requested: str) -> Plan:
             raise BackendUnavailableError(f"backend={requested!r} cannot serve this call: {notes[0]}")
     bwd, bwd_reason = None, ""
     if spec.mode != "kvcache":
-        bwd, reasons = _first(_backward_candidates(fwd, requested), "backward", spec)
+        bwd, reasons = _first(_backward_candidates(fwd, requested, spec.deterministic), "backward", spec)
         bwd_reason = "; ".join(reasons)
         if bwd is not None and bwd != fwd:
             notes.append(f"backward by {bwd} on the {fwd} forward's LSE ({bwd_reason})")

@@ -396,9 +396,11 @@ def test_auto_picks_cudnn_after_cuda():
 
 def test_backward_candidates_prefer_cudnn_after_a_cuda_forward_under_auto():
     """Under auto, a cuda forward's backward tries cuDNN's first (measured faster than cuda's own today), then cuda's
-    own (what cuDNN refuses: softcap, deterministic, bottom-right causal with lq != lk, ...); an explicit
-    backend="cuda" keeps cuda's own first; other forwards keep their own order."""
+    own (what cuDNN refuses: softcap, bottom-right causal with lq != lk, ...), triton's before it under
+    deterministic=True; an explicit backend="cuda" keeps cuda's own first; other forwards keep their own order."""
     assert registry._backward_candidates("cuda", "auto") == ("cudnn", "cuda", "triton", "xla")
+    # deterministic: cuda's fixed-order dQ adds are slower than triton's backward under a causal mask
+    assert registry._backward_candidates("cuda", "auto", True) == ("cudnn", "triton", "cuda", "xla")
     assert registry._backward_candidates("cuda", "cuda") == ("cuda", "cudnn", "triton", "xla")
     assert registry._backward_candidates("triton", "auto") == ("triton", "xla")
     assert registry._backward_candidates("xla", "auto") == ("xla",)
