@@ -113,10 +113,9 @@ def _first(names, check: str, spec: AttentionSpec) -> tuple[Optional[str], list[
 
 
 # Under ``auto``, a cuda forward's backward tries cuDNN's first: on the H100 it is faster than cuda's own backward
-# today (session 10: fwd+bwd 563 vs 502 TFLOPS at 1x16k, d=128; benchmarks/RESULTS.md). cuda's serves what cuDNN
-# refuses (softcap, lq != lk causal, other windows), except deterministic=True, where triton's backward goes first
-# (cuda's fixed-order dQ adds ran at 0.43x its default under a causal mask, below triton's). ``backend="cuda"``
-# always uses cuda's own.
+# today (benchmarks/RESULTS.md). cuda's serves what cuDNN refuses (softcap, lq != lk causal, other windows), except
+# deterministic=True, where triton's backward goes first (cuda's fixed-order dQ adds are slower than triton's under
+# a causal mask). ``backend="cuda"`` always uses cuda's own.
 def _backward_candidates(fwd: str, requested: str, deterministic: bool = False) -> tuple:
     """Backends to try for the backward of a ``fwd`` forward, in order: the forward's own, then the later ones."""
     own = (fwd,) + ORDER[ORDER.index(fwd) + 1:]
