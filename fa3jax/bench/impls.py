@@ -47,9 +47,11 @@ def _support_checks(support: Callable, backend: str) -> tuple[Callable, Callable
         return ""
 
     def note(cfg):
+        s = support(cfg)
+        if backend == "auto":  # which backends auto chose for this row
+            return s.forward if cfg.mode != "fwd+bwd" else f"{s.forward} fwd, {s.backward} bwd"
         if cfg.mode != "fwd+bwd":
             return ""
-        s = support(cfg)
         return f"backward by {s.backward}" if s.backward and s.backward != backend else ""
 
     return check, note
@@ -85,6 +87,8 @@ def _jax_nn_impl(implementation: str) -> Impl:
 def attn_impls() -> tuple[list[Impl], dict]:
     """Every implementation that could run in this process, and {name: reason} for those that cannot at all."""
     impls, skipped = [], {}
+    if on_gpu():  # what a user gets by default: the registry's forward and backward choice per row
+        impls.append(fa3jax_impl("auto"))
     for name, ok, reason in fa3jax.backends_info():
         if ok:
             impls.append(fa3jax_impl(name))
@@ -100,7 +104,8 @@ def attn_impls() -> tuple[list[Impl], dict]:
     return impls, skipped
 
 
-ALL_ATTN_IMPL_NAMES = tuple(f"fa3jax:{n}" for n in registry.ORDER) + (FA3_NAME, "jax.nn:cudnn", "jax.nn:xla")
+ALL_ATTN_IMPL_NAMES = (("fa3jax:auto",) + tuple(f"fa3jax:{n}" for n in registry.ORDER)
+                       + (FA3_NAME, "jax.nn:cudnn", "jax.nn:xla"))
 
 
 @dataclasses.dataclass
