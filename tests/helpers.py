@@ -5,6 +5,8 @@ error of a naive implementation computed entirely in the input dtype (plus a tin
 """
 from __future__ import annotations
 
+import zlib
+
 import jax.numpy as jnp
 import numpy as np
 
@@ -52,3 +54,9 @@ def check(name, got, ref64, lowp, dtype):
         base = 0.0
     tol = FACTOR * max(base, _FLOOR[dtype])
     assert err <= tol, f"{name}: relative error {err:.3e} > {tol:.3e} (naive {dtype} error {base:.3e})"
+
+
+def seeded_rng(*key):
+    """A NumPy generator seeded from ``key``'s repr: the same inputs in every process (``hash`` of a string is
+    randomized per process, which made a failing case unreproducible)."""
+    return np.random.default_rng(zlib.crc32(repr(key).encode()))

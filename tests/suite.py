@@ -13,7 +13,7 @@ import pytest
 import fa3jax
 from fa3jax import masking, reference
 
-from .helpers import check, naive_lowp, rand
+from .helpers import check, naive_lowp, rand, seeded_rng
 
 DENSE_CASES = [
     # (b, lq, lk, hq, hk, d, causal, window, softcap)
@@ -56,7 +56,7 @@ class AttentionSuite:
         return min((h for h in self.head_dims if h >= d), default=max(self.head_dims))
 
     def _rng(self, *salt):
-        return np.random.default_rng(abs(hash((self.backend,) + salt)) % (2**32))
+        return seeded_rng(self.backend, *salt)
 
     # --------------------------------------------------------------------------------------- dense
     @pytest.mark.parametrize("case", DENSE_CASES, ids=_case_id)

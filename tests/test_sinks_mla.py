@@ -19,7 +19,7 @@ from fa3jax.spec import KVCacheSpec
 from fa3jax.backends.cuda import CudaBackend
 from fa3jax.backends.triton import TritonBackend
 
-from .helpers import check, naive_lowp, rand
+from .helpers import check, naive_lowp, rand, seeded_rng
 
 # (b, lq, lk, hq, hk, d, dv, causal, window, softcap)
 DENSE_CASES = [
@@ -64,7 +64,7 @@ class SinksMlaSuite:
     dtypes = ("bfloat16", "float32")
 
     def _rng(self, *salt):
-        return np.random.default_rng(abs(hash((self.backend, "sinks") + salt)) % (2**32))
+        return seeded_rng(self.backend, "sinks", *salt)
 
     def _require(self, fn, *args, grad=False, **kwargs):
         s = fa3jax.supports(fn, *args, backend=self.backend, **kwargs)
