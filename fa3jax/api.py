@@ -20,7 +20,7 @@ def flash_mha(q, k, v, softmax_scale=None, is_causal=False, window_size=(-1, -1)
 
     Packed sequences: with ``q_segment_ids`` (b, seqlen_q) and ``kv_segment_ids`` (b, seqlen_k), integers, a
     query sees only keys of equal id; causal/window masks use positions in the packed row, which is "inside each
-    segment" when q and k share the packing. Served by the xla backend for now.
+    segment" when q and k share the packing. Served by the triton and xla backends.
     """
     backend = validation.validate_backend(backend)
     spec = validation.validate_dense(q, k, v, softmax_scale=softmax_scale, is_causal=is_causal,

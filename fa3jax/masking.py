@@ -21,8 +21,8 @@ the spec's mask into the Triton kernels' ``MASK`` constexpr tuple and runtime ma
 ``triton_kernels/flash_common.py``, whose mask functions (``_allowed``, ``_key_bound``, ``_key_blocks``,
 ``_query_blocks``, ``_mask_pos``) are the only kernel code that reads them (every other kernel function passes
 ``MASK`` and the runtime group ``pos`` along whole); and ``backends/xla.py`` where it builds the mask other than
-through ``allowed``. A kind that needs runtime data (segment ids) also adds that array to the top-level kernel
-signatures of ``flash_fwd``/``flash_bwd``, which hand it to ``_mask_pos``.
+through ``allowed``. A kind that needs runtime data puts it in the dense kernels' one int32 mask array (ring
+offsets, or segment ids: ``mask_group`` names it, the backend builds it), which ``_mask_pos`` reads into ``pos``.
 """
 from __future__ import annotations
 

@@ -15,13 +15,16 @@ def _f64(x):
 
 
 def attention(q, k, v, *, scale, window, softcap=0.0, seqlen_q=None, seqlen_k=None, q_pos=None, k_pos=None,
-              dout=None, dlse=None, rnd=None, sinks=None):
+              dout=None, dlse=None, rnd=None, sinks=None, q_seg=None, k_seg=None):
     """One sequence: q (lq, hq, d), k (lk, hk, d), v (lk, hk, dv). Returns (out, lse (hq, lq)) and, when ``dout``
     is given, also (dq, dk, dv), and then d sinks (hq,) when ``sinks`` is given. Positions default to 0..l-1,
     lengths to the array lengths.
 
     ``sinks`` (hq,): one logit per head, compared with the scaled (soft-capped) scores, that joins every row's
     denominator and carries no value: a row that sees no key gets out 0, lse = sink.
+
+    ``q_seg`` (lq,) / ``k_seg`` (lk,): packed-sequence segment ids; a query sees only keys of equal id (the
+    position mask unchanged).
 
     ``rnd`` (tests only) rounds every intermediate to a low precision, turning this into the error yardstick
     of a naive low-precision implementation."""
@@ -37,6 +40,8 @@ def attention(q, k, v, *, scale, window, softcap=0.0, seqlen_q=None, seqlen_k=No
     q_pos = np.arange(lq) if q_pos is None else np.asarray(q_pos)
     k_pos = np.arange(lk) if k_pos is None else np.asarray(k_pos)
     mask = masking.allowed(q_pos[:, None], k_pos[None, :], seqlen_q, seqlen_k, window, np)  # (lq, lk)
+    if q_seg is not None:
+        mask = mask & (np.asarray(q_seg)[:, None] == np.asarray(k_seg)[None, :])
     kh = np.repeat(k, g, axis=1)  # query head h -> kv head h // g
     vh = np.repeat(v, g, axis=1)
     raw = rnd(np.einsum("qhd,khd->hqk", q, kh) * scale)
@@ -77,13 +82,19 @@ def _sink_kw(sinks):
     return {} if sinks is None else {"sinks": sinks}
 
 
-def dense(q, k, v, *, scale, window, softcap=0.0, dout=None, dlse=None, impl=None, sinks=None):
+def dense(q, k, v, *, scale, window, softcap=0.0, dout=None, dlse=None, impl=None, sinks=None,
+          q_segment_ids=None, kv_segment_ids=None):
     """Batched (b, l, h, d) wrapper; lse (b, hq, lq); d sinks (hq,) summed over the batch. ``impl`` swaps the
     per-sequence function (tests pass a low-precision twin to measure the error a naive low-precision
-    implementation makes)."""
+    implementation makes). Segment ids (b, lq) / (b, lk): packed sequences, as ``attention``'s q_seg/k_seg."""
+    def seg_kw(i):
+        if q_segment_ids is None:
+            return {}
+        return {"q_seg": np.asarray(q_segment_ids)[i], "k_seg": np.asarray(kv_segment_ids)[i]}
+
     res = [(impl or attention)(q[i], k[i], v[i], scale=scale, window=window, softcap=softcap,
                      dout=None if dout is None else dout[i], dlse=None if dlse is None else dlse[i],
-                     **_sink_kw(sinks))
+                     **_sink_kw(sinks), **seg_kw(i))
            for i in range(q.shape[0])]
     out = [np.stack(parts) for parts in zip(*res)]
     if len(out) == 6:

@@ -1,5 +1,6 @@
 """Packed sequences by segment ids (flash_mha's q_segment_ids / kv_segment_ids): a packed row equals the
-separate sequences, forward and gradients; backends without segment ids refuse, so ``auto`` falls back to xla."""
+separate sequences, forward and gradients; backends without segment ids refuse, so ``auto`` falls back (to triton
+on a GPU, tests/test_triton_interpret_segments.py and tests/test_triton_gpu.py::test_segment_ids; here to xla)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -71,6 +72,12 @@ def test_segment_ids_validation_and_fallback():
         fa3jax.flash_mha(q, k, v, q_segment_ids=ids.astype(jnp.float32), kv_segment_ids=ids)
     s = fa3jax.supports(fa3jax.flash_mha, q, k, v, q_segment_ids=ids, kv_segment_ids=ids)
     assert s.supported and s.forward == "xla" and s.backward == "xla", s
-    for name in ("triton", "cuda"):
+    for name in ("triton", "cuda"):  # triton: no float32 (and no GPU on CPU-only machines); cuda: no segment ids
         assert not fa3jax.supports(fa3jax.flash_mha, q, k, v, q_segment_ids=ids, kv_segment_ids=ids,
                                    backend=name).supported
+    # triton serves segment ids in its dense kernels wherever it is available
+    from fa3jax.backends.triton import TritonBackend
+
+    qb, kb, vb = (x.astype(jnp.bfloat16) for x in (q, k, v))
+    t = fa3jax.supports(fa3jax.flash_mha, qb, kb, vb, q_segment_ids=ids, kv_segment_ids=ids, backend="triton")
+    assert t.supported == TritonBackend().availability()[0], t

@@ -15,8 +15,8 @@ from fa3jax.tuning import Tuning
 
 triton = pytest.importorskip("triton")
 
-_INT_ARRAYS = {"cu_seqlens_q", "cu_seqlens_k", "seqused_k", "offsets", "seqlens_k", "cache_seqlens", "leftpad",
-               "batch_idx", "page_table"}
+_INT_ARRAYS = {"cu_seqlens_q", "cu_seqlens_k", "seqused_k", "offsets", "segment_ids", "seqlens_k",
+               "cache_seqlens", "leftpad", "batch_idx", "page_table"}
 _F32_ARRAYS = {"lse", "delta", "dlse", "out_acc", "lse_acc", "sinks"}
 _SMEM_LIMIT = 227 * 1024  # sm90 per block
 
@@ -72,6 +72,10 @@ def _launches():
     yield "dense-mla192-128-full", _dense(192, "bfloat16", (-1, -1)).replace(head_dim_v=128)
     yield "dense-mla128-64-full-sinks", _dense(128, "bfloat16", (-1, -1)).replace(head_dim_v=64, has_sinks=True)
     yield "varlen-mla192-128-causal-sinks", vs.replace(head_dim=192, head_dim_v=128, has_sinks=True)
+    # packed sequences: segment ids join the element mask (every visited tile takes the masked path)
+    yield "dense-d128-causal-segments", _dense(128, "bfloat16", (-1, 0)).replace(has_segment_ids=True)
+    yield "dense-d72-fp16-window-softcap-segments-sinks", _dense(72, "float16", (256, 16), 30.0).replace(
+        has_segment_ids=True, has_sinks=True)
     for paged in (False, True):
         kv = KVCacheSpec(capacity=32768, cache_batch=128 if paged else 1, paged=paged, page_size=256 if paged else 0,
                          pages_per_seq=128 if paged else 0, seqlen_new=1, rotary_dim=0, rotary_interleaved=False,

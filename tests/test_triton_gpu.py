@@ -224,8 +224,14 @@ def test_sinks_mla_dense(d, dv, lq, lk, window, softcap, sinks):
     if not sinks and d == dv:
         pytest.skip("plain attention: test_head_dims and the tests above")
     # hq=4: the float64 reference (and its bf16 twin) dominates the run time at these lengths
-    dtype, b, hq, hk = "bfloat16", 2, 4, 2
     rng = seeded_rng(d, dv, lq, lk, window, softcap, sinks)
+    _dense_api_check(rng, 2, lq, lk, d, dv, window, softcap, sinks)
+
+
+def _dense_api_check(rng, b, lq, lk, d, dv, window, softcap, sinks, segments=None):
+    """flash_mha(backend="triton") on bf16 inputs (hq=4, hk=2), forward and VJP with an LSE cotangent, against the
+    float64 reference; ``segments`` = (q_ids, k_ids) numpy int32. Returns (out, lse, sinks)."""
+    dtype, hq, hk = "bfloat16", 4, 2
     q, q64 = rand(rng, (b, lq, hq, d), dtype)
     k, k64 = rand(rng, (b, lk, hk, d), dtype)
     v, v64 = rand(rng, (b, lk, hk, dv), dtype)
@@ -233,15 +239,19 @@ def test_sinks_mla_dense(d, dv, lq, lk, window, softcap, sinks):
     dl64 = rng.standard_normal((b, hq, lq))
     s = _sinks_arg(rng, hq, sinks)
     kw = dict(window_size=window, softcap=softcap, return_softmax_lse=True, backend="triton")
+    rkw = dict(scale=1.0 / math.sqrt(d), window=masking.normalize_window(window, False), softcap=softcap,
+               dout=do64, dlse=dl64, sinks=None if s is None else np.asarray(s, np.float64))
+    if segments is not None:
+        kw.update(q_segment_ids=jnp.asarray(segments[0]), kv_segment_ids=jnp.asarray(segments[1]))
+        rkw.update(q_segment_ids=segments[0], kv_segment_ids=segments[1])
     (out, lse), pull = jax.vjp(jax.jit(lambda q, k, v, s: fa3jax.flash_mha(q, k, v, sinks=s, **kw)), q, k, v, s)
     assert out.shape == (b, lq, hq, dv)
     grads = pull((do, jnp.asarray(dl64, jnp.float32)))
-    rkw = dict(scale=1.0 / math.sqrt(d), window=masking.normalize_window(window, False), softcap=softcap,
-               dout=do64, dlse=dl64, sinks=None if s is None else np.asarray(s, np.float64))
     ref = reference.dense(q64, k64, v64, **rkw)
     low = reference.dense(q64, k64, v64, impl=functools.partial(naive_lowp, dtype=dtype), **rkw)
     names = ("out", "lse", "dq", "dk", "dv", "dsinks")[:len(ref)]
     _check_against_reference(ref, low, (out, lse) + tuple(grads[:len(ref) - 2]), dtype, names)
+    return out, lse, s
 
 
 @pytest.mark.parametrize("d,dv", [(128, 128), (192, 128), (128, 64)], ids=lambda x: str(x))
@@ -317,3 +327,48 @@ def test_sinks_kvcache(schedule, paged, lq, new, window, softcap):
     if lq == 1 and new == 0:
         np.testing.assert_array_equal(np.asarray(lse[1]), np.broadcast_to(np.asarray(s)[:, None], (hq, lq)))
         assert np.all(np.asarray(out[1], np.float32) == 0)
+
+
+# Packed sequences: segment ids through the public API (backend="triton"), against the float64 reference with the
+# same ids; the kernels add "same segment" to their element mask (tests/test_triton_interpret_segments.py runs the
+# same kernels under the CPU interpreter).
+def _packed_ids(rng, b, length, n_seg, absent=None):
+    """(b, length) int32: per row, n_seg contiguous segments of random lengths (ids 0..n_seg-1), or with
+    ``absent`` the ids renamed so that id ``absent`` never occurs (its rows on the other side see no key)."""
+    rows = []
+    for _ in range(b):
+        cuts = np.sort(rng.choice(np.arange(1, length), n_seg - 1, replace=False))
+        ids = np.searchsorted(cuts, np.arange(length), side="right").astype(np.int32)
+        rows.append(np.where(ids >= absent, ids + 1, ids) if absent is not None else ids)
+    return np.stack(rows)
+
+
+@pytest.mark.parametrize("d,dv", [(64, 64), (128, 128), (192, 128)], ids=lambda x: str(x))
+@pytest.mark.parametrize("case", ["full", "causal", "win128_64", "cross_causal", "no_key_rows_softcap_sinks",
+                                  "interleaved"])
+def test_segment_ids(d, dv, case):
+    b = 2
+    rng = seeded_rng(d, dv, case)
+    lq = lk = 1000
+    window, softcap, sinks = (-1, -1), 0.0, False
+    qids = kids = _packed_ids(rng, b, lq, 6)
+    if case == "causal":
+        window = (-1, 0)
+    elif case == "win128_64":
+        window = (128, 64)
+    elif case == "cross_causal":  # lq != lk, different packings of q and k
+        lq, lk, window = 1031, 513, (-1, 0)
+        qids, kids = _packed_ids(rng, b, lq, 4), _packed_ids(rng, b, lk, 4)
+    elif case == "no_key_rows_softcap_sinks":  # query segment 2 has no key of its id
+        kids = _packed_ids(rng, b, lk, 5, absent=2)
+        softcap, sinks = 30.0, True
+    elif case == "interleaved":  # ids scattered over the row, not contiguous runs
+        qids = kids = rng.integers(0, 3, (b, lq)).astype(np.int32)
+        window = (-1, 0)
+    out, lse, s = _dense_api_check(rng, b, lq, lk, d, dv, window, softcap, sinks, segments=(qids, kids))
+    if case == "no_key_rows_softcap_sinks":
+        empty = qids == 2  # (b, lq)
+        assert empty.any()
+        assert np.all(np.asarray(out, np.float32)[empty] == 0)
+        np.testing.assert_array_equal(np.asarray(lse).transpose(0, 2, 1)[empty],
+                                      np.broadcast_to(np.asarray(s), (int(empty.sum()), s.shape[0])))

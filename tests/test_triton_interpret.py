@@ -218,7 +218,7 @@ def test_plan_shapes_and_tuning():
     assert plan_dense.check(spec.replace(num_heads_q=65536, num_heads_k=1))  # grid limit
     assert plan_dense.check(spec) is None
     # The mask reaches the kernels as one constexpr group and the runtime offsets/global lengths as arguments.
-    assert meta["MASK"] == (-1, 0, False, False) and ("i32", spec.global_seqlen_k) in fwd.args
+    assert meta["MASK"] == (-1, 0, False, False, False) and ("i32", spec.global_seqlen_k) in fwd.args
 
 
 def test_backend_wiring_with_fake_jax_triton(monkeypatch):

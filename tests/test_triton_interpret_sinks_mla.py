@@ -123,6 +123,17 @@ def _verdicts(res, names, got, ref, low):
         res[name], res[name + "_tol"] = _err(g, r, lo)
 
 
+def fwd_bwd_verdicts(got, ref, low) -> dict:
+    """Verdicts of [out, lse, dq, dk, dv(, dsinks)]: each name's error and tolerance, the names, shapes, no NaN."""
+    res = {}
+    names = ("out", "lse", "dq", "dk", "dv", "dsinks")[:len(got)]
+    _verdicts(res, names, got, ref, low)
+    res["names"] = list(names)
+    res["shapes_ok"] = all(tuple(g.shape) == tuple(r.shape) for g, r in zip(got, ref))
+    res["no_nan"] = bool(all(not np.any(np.isnan(g)) for g in got))
+    return res
+
+
 def _fwd_bwd(plan, spec, c, arrays, sinks):
     """Interpret the plan's forward, then its backward on the kernel's own out/LSE; d sinks by
     ``fa3jax.vjp.sink_grad``. Returns [out, lse, dq, dk, dv(, dsinks)]."""
@@ -141,16 +152,18 @@ def _fwd_bwd(plan, spec, c, arrays, sinks):
     return got
 
 
-def _dense_case(c, rng):
+def dense_problem(c, rng, b, lq, lk, segments=None):
+    """A dense case's float16 inputs, its float64 reference and float16 twin, and its spec: returns (spec,
+    arrays, ref, low, sinks). ``segments``: (q_ids (b, lq), k_ids (b, lk)) for packed sequences (the kernels then
+    read them as ``segment_ids``, query ids then key ids)."""
     import functools
 
     from fa3jax import reference
-    from fa3jax.backends.triton import plan_dense
     from fa3jax.masking import Window
     from fa3jax.spec import AttentionSpec
     from tests.helpers import naive_lowp
 
-    b, lq, lk, hq, hk, d = (c[x] for x in ("b", "lq", "lk", "hq", "hk", "d"))
+    hq, hk, d = c["hq"], c["hk"], c["d"]
     dv = c.get("dv", d)
     q = rng.standard_normal((b, lq, hq, d)).astype(np.float16)
     k = rng.standard_normal((b, lk, hk, d)).astype(np.float16)
@@ -161,16 +174,27 @@ def _dense_case(c, rng):
     scale, cap, window = 1.0 / np.sqrt(d), c.get("softcap", 0.0), Window(*c["window"])
     rkw = dict(scale=scale, window=window, softcap=cap, dout=dout, dlse=dlse,
                sinks=None if sinks is None else sinks.astype(np.float64))
+    arrays = dict(q=q, k=k, v=v, dout=dout, dlse=dlse, sinks=sinks)
+    if segments is not None:
+        rkw.update(q_segment_ids=segments[0], kv_segment_ids=segments[1])
+        arrays["segment_ids"] = np.concatenate([segments[0].reshape(-1), segments[1].reshape(-1)])
     ref = reference.dense(q, k, v, **rkw)
     low = reference.dense(q, k, v, impl=functools.partial(naive_lowp, dtype="float16"), **rkw)
     spec = AttentionSpec(mode="dense", batch=b, seqlen_q=lq, seqlen_k=lk, num_heads_q=hq, num_heads_k=hk,
                          head_dim=d, head_dim_v=dv, dtype="float16", softmax_scale=float(scale), window=window,
-                         softcap=cap, has_sinks=sinks is not None)
-    got = _fwd_bwd(plan_dense, spec, c, dict(q=q, k=k, v=v, dout=dout, dlse=dlse, sinks=sinks), sinks)
+                         softcap=cap, has_sinks=sinks is not None, has_segment_ids=segments is not None)
+    return spec, arrays, ref, low, sinks
+
+
+def _dense_case(c, rng):
+    from fa3jax.backends.triton import plan_dense
     from fa3jax.masking import allowed
 
-    sees = allowed(np.arange(lq)[:, None], np.arange(lk)[None, :], lq, lk, window, np).any(1)
-    return got, ref, low, sinks, np.broadcast_to(~sees, (b, hq, lq))
+    b, lq, lk = c["b"], c["lq"], c["lk"]
+    spec, arrays, ref, low, sinks = dense_problem(c, rng, b, lq, lk)
+    got = _fwd_bwd(plan_dense, spec, c, arrays, sinks)
+    sees = allowed(np.arange(lq)[:, None], np.arange(lk)[None, :], lq, lk, spec.window, np).any(1)
+    return got, ref, low, sinks, np.broadcast_to(~sees, (b, spec.num_heads_q, lq))
 
 
 def _varlen_case(c, rng):
@@ -269,12 +293,7 @@ def _run_case(name):
     if name in KVCACHE:
         return _kv_case(c, rng)
     got, ref, low, sinks, empty = (_dense_case if name in DENSE else _varlen_case)(c, rng)
-    res = {}
-    names = ("out", "lse", "dq", "dk", "dv", "dsinks")[:len(got)]
-    _verdicts(res, names, got, ref, low)
-    res["names"] = list(names)
-    res["shapes_ok"] = all(tuple(g.shape) == tuple(r.shape) for g, r in zip(got, ref))
-    res["no_nan"] = bool(all(not np.any(np.isnan(g)) for g in got))
+    res = fwd_bwd_verdicts(got, ref, low)
     _empty_row_checks(res, got[0], got[1], sinks, empty, (2, 1) if name in DENSE else (1, 0))
     return res
 

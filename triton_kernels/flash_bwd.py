@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from .flash_common import (_LOG2E, _SOFTCAP, _allowed, _key_blocks, _load_rows, _mask_pos, _query_blocks,
-                           _store_rows, _tanh)
+                           _same_segment, _segment_ids, _store_rows, _tanh)
 
 
 @triton.jit
@@ -53,7 +53,9 @@ def _dkdv_tiles(dk, dv, k, v, m_begin, m_end, rows, cols_g, pos, scales,
     do_ptrs, lse_ptrs, delta_ptrs, offs_t, seqlen_q), scales = (scale_in, scale_out)."""
     q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, offs_t, seqlen_q = rows
     scale_in, scale_out = scales
-    q_off, k_off, global_seqlen_q, global_seqlen_k = pos
+    q_off, k_off, global_seqlen_q, global_seqlen_k = pos[0], pos[1], pos[2], pos[3]
+    if MASKED:
+        k_ids = _segment_ids(cols_g, pos, True, MASK)  # segment ids of the key tile, once per run
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     offs_dv = tl.arange(0, HEAD_DIM_V_PAD)
     q_ptrs += m_begin.to(tl.int64) * STRIDE_QM
@@ -85,6 +87,7 @@ def _dkdv_tiles(dk, dv, k, v, m_begin, m_end, rows, cols_g, pos, scales,
             # Select after exp2: a row with lse = -inf makes the exponent +inf, never NaN, and is dropped here.
             ok = _allowed((q_off + m_rows)[None, :], cols_g[:, None], global_seqlen_q, global_seqlen_k, MASK)
             ok = ok & (m_rows[None, :] < seqlen_q)
+            ok = _same_segment(ok, k_ids, q_off + m_rows, pos, False, MASK)
             pt = tl.where(ok, pt, 0.0)
         dv = tl.dot(pt.to(do.dtype), do, dv)
         if not OVERLAP:
@@ -211,7 +214,9 @@ def _dq_tiles(dq, q, do, lse2, delta, n_begin, n_end, keys, rows_g, pos, scales,
     """Accumulate key tiles [n_begin, n_end) into dQ (unscaled); keys and scales as in flash_fwd._fwd_tiles."""
     k_ptrs, v_ptrs, offs_n, offs_d, offs_dv, seqlen_k = keys
     scale_in, scale_out = scales
-    q_off, k_off, global_seqlen_q, global_seqlen_k = pos
+    q_off, k_off, global_seqlen_q, global_seqlen_k = pos[0], pos[1], pos[2], pos[3]
+    if MASKED:
+        q_ids = _segment_ids(rows_g, pos, False, MASK)  # segment ids of the tile's rows, once per run
     k_ptrs += n_begin.to(tl.int64) * STRIDE_KN
     v_ptrs += n_begin.to(tl.int64) * STRIDE_VN
     for start_n in range(n_begin, n_end, BLOCK_N):
@@ -228,6 +233,7 @@ def _dq_tiles(dq, q, do, lse2, delta, n_begin, n_end, keys, rows_g, pos, scales,
         if MASKED:
             ok = _allowed(rows_g[:, None], (k_off + cols)[None, :], global_seqlen_q, global_seqlen_k, MASK)
             ok = ok & (cols[None, :] < seqlen_k)
+            ok = _same_segment(ok, q_ids, k_off + cols, pos, True, MASK)
             p = tl.where(ok, p, 0.0)
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])

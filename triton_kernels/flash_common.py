@@ -6,11 +6,14 @@ groups, passed whole through the helpers:
 
 * ``MASK``, a constexpr tuple built on the host by ``plan_common.mask_group``: ``MASK[_LEFT]``/``MASK[_RIGHT]``
   the window sides (-1 = unbounded), ``MASK[_SOFTCAP]`` tanh soft-capping of the scores, ``MASK[_OFFSETS]`` ring
-  offsets read from device memory;
-* ``pos``, the runtime tuple ``(q_off, k_off, global_seqlen_q, global_seqlen_k)`` (:func:`_mask_pos`).
+  offsets read from device memory, ``MASK[_SEGMENTS]`` packed-sequence segment ids read from device memory;
+* ``pos``, the runtime tuple ``(q_off, k_off, global_seqlen_q, global_seqlen_k)`` (:func:`_mask_pos`), with
+  ``MASK[_SEGMENTS]`` followed by this batch row's query and key segment-id pointers.
 
 Block ranges come from the same inequalities (:func:`_key_bound`) so that fully masked tiles are never visited and
-fully visible tiles skip the elementwise mask.
+fully visible tiles skip the elementwise mask. Segment ids only remove pairs: with them every visited tile takes
+the elementwise path (:func:`_key_blocks`/:func:`_query_blocks` report no fully visible tile), where
+:func:`_same_segment` joins the position mask. Without ``MASK[_SEGMENTS]`` none of that code is generated.
 """
 import triton
 import triton.language as tl
@@ -24,6 +27,7 @@ _LEFT = tl.constexpr(0)
 _RIGHT = tl.constexpr(1)
 _SOFTCAP = tl.constexpr(2)
 _OFFSETS = tl.constexpr(3)
+_SEGMENTS = tl.constexpr(4)
 
 
 @triton.jit
@@ -89,7 +93,7 @@ def _key_blocks(m_first, m_last, seqlen_k, pos, BLOCK_N: tl.constexpr, MASK: tl.
     Returns (n_lo, f_lo, f_hi, n_hi) in key positions: [n_lo, f_lo) and [f_hi, n_hi) need the elementwise mask,
     [f_lo, f_hi) is visible to every row of the query tile. Tiles outside [n_lo, n_hi) see no allowed pair.
     """
-    q_off, k_off, global_seqlen_q, global_seqlen_k = pos
+    q_off, k_off, global_seqlen_q, global_seqlen_k = pos[0], pos[1], pos[2], pos[3]
     shift = global_seqlen_k - global_seqlen_q
     g_first = q_off + m_first
     g_last = q_off + m_last
@@ -109,8 +113,11 @@ def _key_blocks(m_first, m_last, seqlen_k, pos, BLOCK_N: tl.constexpr, MASK: tl.
     n_hi = tl.maximum(_cdiv(tl.maximum(u_hi, 0), BLOCK_N) * BLOCK_N, n_lo)
     f_lo = _cdiv(tl.maximum(a_lo, 0), BLOCK_N) * BLOCK_N
     f_hi = (tl.maximum(a_hi, 0) // BLOCK_N) * BLOCK_N
-    # No full tile: everything goes through the masked path (f_lo = f_hi = n_hi).
+    # No full tile: everything goes through the masked path (f_lo = f_hi = n_hi). Segment ids are checked only
+    # there, so with them no tile counts as full.
     no_full = (f_hi <= f_lo) | (~rows_valid)
+    if MASK[_SEGMENTS]:
+        no_full = True
     f_lo = tl.where(no_full, n_hi, tl.minimum(tl.maximum(f_lo, n_lo), n_hi))
     f_hi = tl.where(no_full, n_hi, tl.minimum(tl.maximum(f_hi, f_lo), n_hi))
     return n_lo, f_lo, f_hi, n_hi
@@ -136,7 +143,7 @@ def _query_blocks(n_first, n_last, n_tile_full, seqlen_q, pos, BLOCK_M: tl.const
     Returns (m_lo, f_lo, f_hi, m_hi) in query positions, with the same meaning as in _key_blocks. A full query
     tile here also has all its rows inside [0, seqlen_q), because out-of-range rows must not contribute to dK/dV.
     """
-    q_off, k_off, global_seqlen_q, global_seqlen_k = pos
+    q_off, k_off, global_seqlen_q, global_seqlen_k = pos[0], pos[1], pos[2], pos[3]
     shift = global_seqlen_k - global_seqlen_q
     g_first = k_off + n_first
     g_last = k_off + n_last
@@ -160,6 +167,8 @@ def _query_blocks(n_first, n_last, n_tile_full, seqlen_q, pos, BLOCK_M: tl.const
     f_lo = _cdiv(tl.maximum(a_lo, 0), BLOCK_M) * BLOCK_M
     f_hi = (tl.maximum(a_hi, 0) // BLOCK_M) * BLOCK_M
     no_full = (f_hi <= f_lo) | (~cols_valid)
+    if MASK[_SEGMENTS]:
+        no_full = True
     f_lo = tl.where(no_full, m_hi, tl.minimum(tl.maximum(f_lo, m_lo), m_hi))
     f_hi = tl.where(no_full, m_hi, tl.minimum(tl.maximum(f_hi, f_lo), m_hi))
     return m_lo, f_lo, f_hi, m_hi
@@ -196,15 +205,51 @@ def _store_rows(ptrs, x, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, HEAD_DIM_
 
 @triton.jit
 def _mask_pos(OFFS, global_seqlen_q, global_seqlen_k, MASK: tl.constexpr):
-    """The runtime mask group ``pos``. Ring attention passes traced offsets, so they live in device memory rather
-    than in scalar arguments."""
+    """The runtime mask group ``pos`` of the dense kernels (batch row ``tl.program_id(2)`` of
+    ``tl.num_programs(2)``). OFFS is the mask's int32 device array, named ``offsets`` or ``segment_ids`` by
+    ``plan_common.mask_group``: ring attention passes traced offsets (two values), so they live in device memory
+    rather than in scalar arguments; segment ids are laid out as all query ids (B, global_seqlen_q) followed by all
+    key ids (B, global_seqlen_k), and ``pos`` then also carries this batch row's two id pointers. The host never
+    combines offsets with segment ids, so with segments local positions equal global ones."""
     if MASK[_OFFSETS]:
         q_off = tl.load(OFFS)
         k_off = tl.load(OFFS + 1)
     else:
         q_off = 0
         k_off = 0
-    return q_off, k_off, global_seqlen_q, global_seqlen_k
+    if MASK[_SEGMENTS]:
+        off_b = tl.program_id(2).to(tl.int64)
+        q_ids = OFFS + off_b * global_seqlen_q
+        k_ids = OFFS + tl.num_programs(2).to(tl.int64) * global_seqlen_q + off_b * global_seqlen_k
+        pos = (q_off, k_off, global_seqlen_q, global_seqlen_k, q_ids, k_ids)
+    else:
+        pos = (q_off, k_off, global_seqlen_q, global_seqlen_k)
+    return pos
+
+
+@triton.jit
+def _segment_ids(idx_g, pos, KEYS: tl.constexpr, MASK: tl.constexpr):
+    """Segment ids of global query (KEYS=False) or key (KEYS=True) positions ``idx_g`` (any shape); positions
+    outside the sequence read -1 (the position mask drops them anyway). Without ``MASK[_SEGMENTS]``: 0, unused."""
+    if MASK[_SEGMENTS]:
+        if KEYS:
+            ids = tl.load(pos[5] + idx_g, mask=(idx_g >= 0) & (idx_g < pos[3]), other=-1)
+        else:
+            ids = tl.load(pos[4] + idx_g, mask=(idx_g >= 0) & (idx_g < pos[2]), other=-1)
+    else:
+        ids = 0
+    return ids
+
+
+@triton.jit
+def _same_segment(ok, fixed_ids, other_g, pos, OTHER_KEYS: tl.constexpr, MASK: tl.constexpr):
+    """``ok`` (A, B) and "same segment". Axis 0 is the side a program holds fixed (query rows in the forward and
+    dQ, key rows of the transposed scores in dK/dV), ``fixed_ids`` (A,) its ids from :func:`_segment_ids`; axis 1
+    the side the loop walks, ``other_g`` (B,) its global positions (keys if OTHER_KEYS), whose ids are loaded
+    here, per tile. Without ``MASK[_SEGMENTS]``: ``ok`` unchanged."""
+    if MASK[_SEGMENTS]:
+        ok = ok & (fixed_ids[:, None] == _segment_ids(other_g, pos, OTHER_KEYS, MASK)[None, :])
+    return ok
 
 
 @triton.jit

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from .flash_common import (_LN2, _SOFTCAP, _allowed, _finish_with_sink, _key_blocks, _load_rows, _mask_pos,
-                           _store_rows, _tanh)
+                           _same_segment, _segment_ids, _store_rows, _tanh)
 
 
 @triton.jit
@@ -56,7 +56,9 @@ def _fwd_tiles(acc, l_i, m_i, q, n_begin, n_end, keys, rows_g, pos, scales,
     Triton from pipelining the loop (benchmarks/RESULTS.md)."""
     k_ptrs, v_ptrs, offs_n, offs_d, offs_dv, seqlen_k = keys
     scale_in, scale_out = scales
-    q_off, k_off, global_seqlen_q, global_seqlen_k = pos
+    q_off, k_off, global_seqlen_q, global_seqlen_k = pos[0], pos[1], pos[2], pos[3]
+    if MASKED:
+        q_ids = _segment_ids(rows_g, pos, False, MASK)  # segment ids of the tile's rows, once per run
     # 64-bit start: n_begin * HK * D can pass 2^31 for long sequences; then plain pointer increments.
     k_ptrs += n_begin.to(tl.int64) * STRIDE_KN
     v_ptrs += n_begin.to(tl.int64) * STRIDE_VN
@@ -74,6 +76,7 @@ def _fwd_tiles(acc, l_i, m_i, q, n_begin, n_end, keys, rows_g, pos, scales,
         if MASKED:
             ok = _allowed(rows_g[:, None], (k_off + cols)[None, :], global_seqlen_q, global_seqlen_k, MASK)
             ok = ok & (cols[None, :] < seqlen_k)
+            ok = _same_segment(ok, q_ids, k_off + cols, pos, True, MASK)
             s = tl.where(ok, s, float("-inf"))
         p, alpha, l_i, m_i = _online_softmax(s, l_i, m_i, scale_in, SCALE_POS and not MASK[_SOFTCAP], MASKED)
         acc = acc * alpha[:, None]

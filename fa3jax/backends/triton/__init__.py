@@ -1,9 +1,10 @@
 """Triton backend: FlashAttention-2 style kernels (``fa3jax.triton_kernels``) launched through jax-triton.
 
-Modes: dense and varlen (forward and backward), kvcache (split-KV decode + LSE combine); attention sinks in every
-mode (the forward kernels fold them into out/LSE; the backward needs nothing more, see ``backends.base``); a value
-head dim below the q/k one (MLA) in dense and varlen, forward and backward. The backward is
-deterministic by construction (no atomics: dK/dV and dQ come from separate kernels that each own their output
+Modes: dense and varlen (forward and backward), kvcache (split-KV decode + LSE combine); packed-sequence segment
+ids in dense (forward and backward; not with ring offsets: an element mask in the kernels, ``flash_common``);
+attention sinks in every mode (the forward kernels fold them into out/LSE; the backward needs nothing more, see
+``backends.base``); a value head dim below the q/k one (MLA) in dense and varlen, forward and backward. The backward
+is deterministic by construction (no atomics: dK/dV and dQ come from separate kernels that each own their output
 rows, and the GQA group is reduced in-kernel in a fixed order), so ``spec.deterministic`` needs no special path.
 Launch decisions live in the ``plan_*`` modules (pure Python, one per kernel family: ``plan_dense``,
 ``plan_varlen``, ``plan_decode``); this module maps arrays onto them and passes them the Tuning in force
@@ -79,13 +80,20 @@ def _arch() -> str:
     return _ARCH or "sm90"
 
 
-def _offsets(spec: AttentionSpec, args):
-    if not spec.has_offsets:
-        return None
-    if args is None or args.q_offset is None or args.k_offset is None:
-        raise ValueError("triton: spec.has_offsets but DenseArgs carries no q_offset/k_offset")
-    return jnp.stack([jnp.asarray(args.q_offset, jnp.int32).reshape(()),
-                      jnp.asarray(args.k_offset, jnp.int32).reshape(())])
+def _mask_arrays(spec: AttentionSpec, args) -> dict:
+    """The dense kernels' runtime mask array (``plan_common.mask_group`` names it): ring offsets, or the segment
+    ids as one int32 vector, all query ids then all key ids; nothing without either."""
+    if spec.has_offsets:
+        if args is None or args.q_offset is None or args.k_offset is None:
+            raise ValueError("triton: spec.has_offsets but DenseArgs carries no q_offset/k_offset")
+        return {"offsets": jnp.stack([jnp.asarray(args.q_offset, jnp.int32).reshape(()),
+                                      jnp.asarray(args.k_offset, jnp.int32).reshape(())])}
+    if spec.has_segment_ids:
+        if args is None or args.q_segment_ids is None or args.k_segment_ids is None:
+            raise ValueError("triton: spec.has_segment_ids but DenseArgs carries no segment ids")
+        return {"segment_ids": jnp.concatenate([jnp.asarray(args.q_segment_ids, jnp.int32).reshape(-1),
+                                                jnp.asarray(args.k_segment_ids, jnp.int32).reshape(-1)])}
+    return {}
 
 
 _CHECKS = {"dense": plan_dense.check, "varlen": plan_varlen.check, "kvcache": plan_decode.check}
@@ -99,8 +107,8 @@ class TritonBackend(Backend):
         return _AVAILABILITY
 
     def check_forward(self, spec: AttentionSpec) -> None:
-        if spec.has_segment_ids:
-            raise NotImplementedError("triton: segment ids (packed sequences) are not supported yet")
+        if spec.has_segment_ids and spec.mode != "dense":
+            raise NotImplementedError(f"triton: segment ids in mode {spec.mode!r} (dense calls only)")
         check = _CHECKS.get(spec.mode)
         reason = f"triton: unknown mode {spec.mode!r}" if check is None else check(spec)
         if reason:
@@ -121,7 +129,7 @@ class TritonBackend(Backend):
         if b * lq * hq == 0 or spec.seqlen_k == 0:  # no key anywhere: every row is empty
             return _empty((b, lq, hq, dv), q.dtype, (b, hq, lq), spec, args, 1)
         fwd = plan_dense.plan_forward(spec, _arch(), _current_tuning())
-        arrays = {"q": q, "k": k, "v": v, "offsets": _offsets(spec, args), **_sinks(spec, args)}
+        arrays = {"q": q, "k": k, "v": v, **_mask_arrays(spec, args), **_sinks(spec, args)}
         out, lse = launch.call(fwd, arrays)
         return out, lse
 
@@ -138,7 +146,7 @@ class TritonBackend(Backend):
             arrays.update(_varlen_arrays(args))
             pre, dkdv, dq = plan_varlen.plan_backward(spec, _arch(), _current_tuning(), has_dlse=dlse is not None)
         else:
-            arrays["offsets"] = _offsets(spec, args)
+            arrays.update(_mask_arrays(spec, args))
             pre, dkdv, dq = plan_dense.plan_backward(spec, _arch(), _current_tuning(), has_dlse=dlse is not None)
         (arrays["delta"],) = launch.call(pre, arrays)
         dk_, dv_ = launch.call(dkdv, arrays)

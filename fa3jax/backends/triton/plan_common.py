@@ -84,16 +84,20 @@ def sinks_group(spec: AttentionSpec, stand_in: str) -> tuple[tuple[str, Any], tu
 def mask_group(spec: AttentionSpec) -> tuple[list[tuple[str, Any]], list[tuple[str, Any]]]:
     """The spec's mask as kernel arguments: (runtime args, constexprs), the only place that spells it out.
 
-    The constexpr ``MASK`` = (window left, window right, softcap on, ring offsets on); field order is
-    ``flash_common._LEFT/_RIGHT/_SOFTCAP/_OFFSETS``. The runtime args (dense kernels only: the offsets array and
-    the global lengths, ``flash_common._mask_pos``) follow the kernel's input arrays; varlen and decode kernels
-    mask with each sequence's own lengths and take none."""
-    mask = (int(spec.window.left), int(spec.window.right), bool(spec.softcap > 0.0), bool(spec.has_offsets))
+    The constexpr ``MASK`` = (window left, window right, softcap on, ring offsets on, segment ids on); field order
+    is ``flash_common._LEFT/_RIGHT/_SOFTCAP/_OFFSETS/_SEGMENTS``. The runtime args (dense kernels only: the mask's
+    int32 array and the global lengths, ``flash_common._mask_pos``) follow the kernel's input arrays; varlen and
+    decode kernels mask with each sequence's own lengths and take none. The array is ``offsets`` (ring: q and k
+    offsets) or ``segment_ids`` (all query ids (b, lq) then all key ids (b, lk), flattened; never together with
+    offsets, see ``plan_dense.check``)."""
+    mask = (int(spec.window.left), int(spec.window.right), bool(spec.softcap > 0.0), bool(spec.has_offsets),
+            bool(spec.has_segment_ids))
     args: list[tuple[str, Any]] = []
     if spec.mode == "dense":
-        # Without offsets the kernel never reads this pointer; q stands in so that no array is created.
-        args = [("array", "offsets" if spec.has_offsets else "q"),
-                ("i32", spec.global_seqlen_q), ("i32", spec.global_seqlen_k)]
+        # Without offsets or segment ids the kernel never reads this pointer; q stands in so that no array is
+        # created.
+        name = "offsets" if spec.has_offsets else "segment_ids" if spec.has_segment_ids else "q"
+        args = [("array", name), ("i32", spec.global_seqlen_q), ("i32", spec.global_seqlen_k)]
     return args, [("MASK", mask)]
 
 

@@ -1,9 +1,10 @@
 """Launch plans of the dense kernels: forward ``flash_fwd._attn_fwd``, backward ``flash_bwd`` (preprocess, dK/dV,
 dQ).
 
-Array names: q k v sinks out dout lse dlse offsets, then delta from the preprocess. Layouts: q (B, Lq, HQ, D),
-k (B, Lk, HK, D), v (B, Lk, HK, DV), out (B, Lq, HQ, DV) with DV = spec.head_dim_v, lse/delta float32 (B, HQ, Lq),
-sinks float32 (HQ,) (forward only: the backward needs no sink). No jax, no triton import here.
+Array names: q k v sinks out dout lse dlse offsets segment_ids, then delta from the preprocess. Layouts: q (B, Lq,
+HQ, D), k (B, Lk, HK, D), v (B, Lk, HK, DV), out (B, Lq, HQ, DV) with DV = spec.head_dim_v, lse/delta float32 (B, HQ,
+Lq), sinks float32 (HQ,) (forward only: the backward needs no sink), segment_ids int32 (B * Lq + B * Lk,): the query
+ids then the key ids, each flattened (``plan_common.mask_group``). No jax, no triton import here.
 """
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ def check(spec: AttentionSpec) -> Optional[str]:
         return f"triton: mode {spec.mode!r} not served by the dense plan"
     if spec.num_heads_q > GRID_LIMIT or spec.batch > GRID_LIMIT:
         return f"triton: more than {GRID_LIMIT} heads or batch rows (grid limit)"
+    if spec.has_segment_ids and spec.has_offsets:
+        return "triton: segment ids together with ring offsets (a sequence-parallel block) are not supported"
     return unsupported_dtype(spec, "dense")
 
 
