@@ -258,16 +258,7 @@ int main(int argc, char** argv) {
       return 2;
     }
   }
-  int dev;
-  cudaDeviceProp prop;
-  CK(cudaGetDevice(&dev));
-  CK(cudaGetDeviceProperties(&prop, dev));
-  std::printf("device: %s (sm_%d%d); backward compiled: %s\n", prop.name, prop.major, prop.minor,
-              fa3jax::bwd_compiled_list());
-  if (prop.major != 9 || prop.minor != 0) {
-    std::printf("needs an sm_90 GPU\n");
-    return 3;
-  }
+  if (!device_is_sm90("backward compiled", fa3jax::bwd_compiled_list())) return 3;
   const Config configs[] = {
       {1, 128, 128, 1, 1, -1, -1, 0.f, false, "full-aligned"},
       {2, 200, 150, 4, 4, -1, -1, 0.f, true, "full-ragged+dlse"},

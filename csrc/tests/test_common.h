@@ -121,3 +121,15 @@ __global__ void fill_uniform(uint16_t* x, size_t n, uint32_t seed, bool bf16) {
     else { __half b = __float2half(v); x[i] = *reinterpret_cast<uint16_t*>(&b); }
   }
 }
+
+// Prints the device and what was compiled ("<what>: <list>"); false unless it is an sm_90 GPU.
+inline bool device_is_sm90(const char* what, const char* compiled) {
+  int dev;
+  cudaDeviceProp prop;
+  CK(cudaGetDevice(&dev));
+  CK(cudaGetDeviceProperties(&prop, dev));
+  std::printf("device: %s (sm_%d%d); %s: %s\n", prop.name, prop.major, prop.minor, what, compiled);
+  if (prop.major == 9 && prop.minor == 0) return true;
+  std::printf("needs an sm_90 GPU\n");
+  return false;
+}

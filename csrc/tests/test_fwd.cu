@@ -197,15 +197,7 @@ int main(int argc, char** argv) {
       return 2;
     }
   }
-  int dev;
-  cudaDeviceProp prop;
-  CK(cudaGetDevice(&dev));
-  CK(cudaGetDeviceProperties(&prop, dev));
-  std::printf("device: %s (sm_%d%d); compiled: %s\n", prop.name, prop.major, prop.minor, fa3jax::fwd_compiled_list());
-  if (prop.major != 9 || prop.minor != 0) {
-    std::printf("needs an sm_90 GPU\n");
-    return 3;
-  }
+  if (!device_is_sm90("compiled", fa3jax::fwd_compiled_list())) return 3;
   const Config configs[] = {
       {1, 128, 128, 1, 1, -1, -1, 0.f, "full-aligned"},
       {2, 200, 333, 4, 2, -1, -1, 0.f, "full-gqa-ragged"},
