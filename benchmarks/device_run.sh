@@ -109,17 +109,18 @@ ab() {
 }
 # AB_BINS="name=PATH ...": prebuilt fa3jax_test_fwd programs (the C++ test links cudart statically and has no
 # Python in it, so it can be compiled off the device and carried): each one's checks (the failing ones by name),
-# then AB_ROUNDS alternating timing rounds (AB_ROUNDS=0: checks only).
+# then AB_ROUNDS alternating timing rounds (AB_ROUNDS=0: checks only). AB_CHECK_ARGS (default --quiet) and
+# AB_BENCH_ARGS go to every program (fa3jax_test_bwd: AB_CHECK_ARGS= , AB_BENCH_ARGS=--deterministic).
 abbin() {
   local spec name bin
   for spec in ${AB_BINS:-}; do
     name=${spec%%=*}; bin=${spec#*=}
-    echo "== $name checks: $(timeout 120 "$bin" --quiet | grep -E "^FAIL|passed" | tr '\n' ';')"
+    echo "== $name checks: $(timeout 120 "$bin" ${AB_CHECK_ARGS---quiet} | grep -E "^FAIL|passed" | tr '\n' ';')"
   done
   for r in $(seq ${AB_ROUNDS:-2}); do
     for spec in ${AB_BINS:-}; do
       name=${spec%%=*}; bin=${spec#*=}
-      timeout 120 "$bin" --bench-only | grep ^bench | sed "s/^bench/ab $name r$r/"
+      timeout 120 "$bin" --bench-only ${AB_BENCH_ARGS:-} | grep ^bench | sed "s/^bench/ab $name r$r/"
     done
   done
 }
