@@ -36,18 +36,22 @@ POLICY = {
     "wide128": (dict(block_m=128, block_n=176, stages=2, tma_epilogue=0, producer_regs=32, consumer_regs=232,
                      min_seqlen_k=8192),
                 "unmasked long keys (+7-10% from 8k keys, benchmarks/RESULTS.md); no room for the O buffer"),
-    # Backward main kernel: block_n keys per CTA, one consumer warpgroup per 64 keys (bwd_kernel_traits.h);
-    # block_m queries per step (bwd_layout.h fixes it at 64 and 2 warpgroups for the dq_accum tiles).
-    "bwd64": (dict(block_m=64, block_n=128, stages=2, producer_regs=24, consumer_regs=240, dq_red=0),
+    # Backward main kernel: block_n keys per CTA, wg consumer warpgroups (bwd_kernel_traits.h: along keys when
+    # block_n = 64 * wg, else along queries and d); block_m queries per step (bwd_layout.h fixes it at 64 and 2
+    # warpgroups for the dq_accum tiles).
+    "bwd64": (dict(block_m=64, block_n=128, wg=2, stages=2, producer_regs=24, consumer_regs=240, dq_red=0),
               "FA3's d=64/128 shape: 2 consumer warpgroups x 64 keys, dK/dV in registers"),
-    "bwd128": (dict(block_m=64, block_n=128, stages=2, producer_regs=24, consumer_regs=240, dq_red=0),
+    "bwd128": (dict(block_m=64, block_n=128, wg=2, stages=2, producer_regs=24, consumer_regs=240, dq_red=0),
                "dK + dV accumulators take 128 of the 240 consumer registers"),
+    "bwd256": (dict(block_m=64, block_n=64, wg=2, stages=2, producer_regs=24, consumer_regs=240, dq_red=1),
+               "64 keys x d/2 of dK + dV per warpgroup (128 registers); K, V, 2 x (Q, dO), P, dS fill 224 KiB, "
+               "so dQ goes out by vector reductions, not a staged bulk add"),
 }
-# Head dims with a backward kernel (d=256's dK + dV alone would take 256 registers per thread in this shape).
-BWD_HEAD_DIMS = (64, 128)
+# Head dims with a backward kernel.
+BWD_HEAD_DIMS = (64, 128, 256)
 FIELDS = {"block_m": "kBlockM", "block_n": "kBlockN", "stages": "kStages", "producer_regs": "kProducerRegs",
           "consumer_regs": "kConsumerRegs", "min_seqlen_k": "kMinSeqlenK",
-          "dq_red": "kDqRed"}
+          "dq_red": "kDqRed", "wg": "kNumMmaWG"}
 
 
 def extended_shapes(pol):

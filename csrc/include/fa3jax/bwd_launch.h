@@ -15,7 +15,8 @@ namespace fa3jax {
 
 template <DType kDType, int kHeadDim>
 using BwdTraitsFor = BwdKernelTraits<typename ElementOf<kDType>::type, kHeadDim, BwdPolicy<kHeadDim>::kBlockM,
-                                     BwdPolicy<kHeadDim>::kBlockN, BwdPolicy<kHeadDim>::kStages,
+                                     BwdPolicy<kHeadDim>::kBlockN, BwdPolicy<kHeadDim>::kNumMmaWG,
+                                     BwdPolicy<kHeadDim>::kStages,
                                      BwdPolicy<kHeadDim>::kProducerRegs, BwdPolicy<kHeadDim>::kConsumerRegs,
                                      BwdPolicy<kHeadDim>::kDqRed != 0>;
 
@@ -53,8 +54,6 @@ FwdStatus launch_bwd_main(const BwdParams& bp, BwdWorkspace const& ws, cudaStrea
       capped ? c.softcap : 0.f,
       c.softmax_scale};
 
-  if (ws.dq_sem != nullptr && KT::kDqRed)
-    return {cudaErrorInvalidValue, "deterministic backward needs the bulk dQ adds (policy dq_red=0)"};
   auto kernel = capped ? &bwd_kernel<KT, true> : &bwd_kernel<KT, false>;
   constexpr int smem = KT::kSmemBytes;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);

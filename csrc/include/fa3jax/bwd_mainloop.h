@@ -1,12 +1,14 @@
 // Backward mainloop: the TMA producer and the consumer warpgroups' five GEMMs per query block (bwd_kernel_traits.h
 // says which and why transposed).
 //
-// Consumer step for query block m (stage s of the Q/dO ring):
+// Consumer step for query block m (stage s of the Q/dO ring), warpgroups along keys (register P^T / dS^T):
 //   issue S^T = K Q^T and dP^T = V dO^T; wait for S^T; P^T = exp2(S^T * scale_log2 - lse_log2) (mask where the
 //   block needs it), converted to bf16/fp16; issue dV += P^T dO under which dS^T = P^T (dP^T - delta) is formed;
-//   issue dK += dS^T Q; put dS^T in shared memory; once every warpgroup has (named barrier), issue this
-//   warpgroup's columns of dQ = dS K; wait for all; release stage s; add the dQ partial into global memory with a
-//   bulk reduce-add (cp.reduce.async.bulk, fp32 add in L2), so no CTA waits for another.
+//   put dS^T in shared memory; once every warpgroup has (named barrier), issue this warpgroup's columns of
+//   dQ = dS K, then dK += dS^T Q; add the dQ partial into global memory with a bulk reduce-add
+//   (cp.reduce.async.bulk, fp32 add in L2) while dK runs, so no CTA waits for another; release stage s.
+// Warpgroups along queries (kPInSmem, d = 256): P^T and dS^T both go to shared memory before the barrier, then
+// dV, dQ and dK are issued as SS GEMMs on this warpgroup's columns.
 // With softcap the scores' tanh is also needed for dS, so that path waits for both S^T and dP^T first.
 #pragma once
 
@@ -167,6 +169,7 @@ struct BwdMainloop {
     Tensor sdOt = make_tensor(make_smem_ptr(ss.smem_do.data()), typename KT::SmemLayoutQt{});
     Tensor sdS = make_tensor(make_smem_ptr(ss.smem_ds.data()), typename KT::SmemLayoutdS{});
     Tensor sdSt = make_tensor(make_smem_ptr(ss.smem_ds.data()), typename KT::SmemLayoutdSt{});
+    Tensor sPt = make_tensor(make_smem_ptr(ss.smem_p.data()), typename KT::SmemLayoutdSt{});  // kPInSmem only
 
     // GMMA descriptors (MMA, MMA_M|N, MMA_K[, stage or buffer]).
     Tensor tSrK = thr_sdp.partition_fragment_A(sK);
@@ -184,8 +187,13 @@ struct BwdMainloop {
     Tensor tdQrdQ = partition_fragment_C(mma_dq, Shape<BlkM, HDim>{});
     Tensor rP = make_fragment_like<Element>(tSrS);
     Tensor rdS = make_fragment_like<Element>(tdPrdP);
-    Tensor tdVrP = make_tensor(rP.data(), acc_to_a_regs(rP.layout()));
-    Tensor tdKrdS = make_tensor(rdS.data(), acc_to_a_regs(rdS.layout()));
+    // dV / dK A operands: registers (the accumulators converted in place) or P^T / dS^T in shared memory.
+    auto dkv_a = [&](auto& r, auto& smem) {
+      if constexpr (KT::kPInSmem) return thr_dkv.partition_fragment_A(smem);
+      else return make_tensor(r.data(), acc_to_a_regs(r.layout()));
+    };
+    auto tdVrP = dkv_a(rP, sPt);
+    auto tdKrdS = dkv_a(rdS, sdSt);
     Tensor S = make_tensor(tSrS.data(), acc_rowcol(tSrS.layout()));
     Tensor dP = make_tensor(tdPrdP.data(), acc_rowcol(tdPrdP.layout()));
     // (key, query) tile coordinates of each S^T element.
@@ -198,6 +206,8 @@ struct BwdMainloop {
     auto thr_ds_copy = ds_copy.get_thread_slice(mma_tid);
     Tensor tdSrdS = thr_ds_copy.retile_S(rdS);
     Tensor tdSsdS = thr_ds_copy.partition_D(sdSt);  // (CPY, CPY_M, CPY_N, buffer)
+    Tensor tdSrP = thr_ds_copy.retile_S(rP);
+    Tensor tPsP = thr_ds_copy.partition_D(sPt);
 
     float* const sdq = ss.smem_dq.data() + mma_wg * kBlockM * KT::kDqCols;
     int const wg_tid = mma_tid % 128;
@@ -242,8 +252,9 @@ struct BwdMainloop {
           }
         }
         convert_fragment(rP, tSrS);
-        wgmma_issue<false, true>(mma_dkv, tdVrP, tdVrdO(_, _, _, s), tdVrdV);
-        warpgroup_wait<1>();  // dP^T is ready; dV may still run
+        if constexpr (!KT::kPInSmem) wgmma_issue<false, true>(mma_dkv, tdVrP, tdVrdO(_, _, _, s), tdVrdV);
+        else copy(ds_copy, tdSrP, tPsP(_, _, _, buf));
+        warpgroup_wait<KT::kPInSmem ? 0 : 1>();  // dP^T is ready; dV may still run
         warpgroup_fence_operand(tdPrdP);
         CUTE_UNROLL
         for (int r = 0; r < size<0>(S); ++r) {
@@ -269,23 +280,34 @@ struct BwdMainloop {
           }
         }
         convert_fragment(rP, tSrS);
-        wgmma_issue<false, true>(mma_dkv, tdVrP, tdVrdO(_, _, _, s), tdVrdV);
+        if constexpr (!KT::kPInSmem) wgmma_issue<false, true>(mma_dkv, tdVrP, tdVrdO(_, _, _, s), tdVrdV);
+        else copy(ds_copy, tdSrP, tPsP(_, _, _, buf));
       }
       convert_fragment(rdS, tdPrdP);
-      // Every warpgroup's dS^T rows in shared memory (fenced for the async proxy that WGMMA reads through)
-      // before any warpgroup's dQ GEMM. Two buffers: a warpgroup writes buffer b again only two steps later,
-      // after passing this barrier once more, i.e. after every warpgroup's dQ GEMM on b has retired.
+      // Every warpgroup's dS^T (and P^T) rows in shared memory (fenced for the async proxy that WGMMA reads
+      // through) before any warpgroup's GEMM on them. Two buffers: a warpgroup writes buffer b again only two
+      // steps later, after passing this barrier once more, i.e. after every warpgroup's GEMMs on b have retired.
       copy(ds_copy, tdSrdS, tdSsdS(_, _, _, buf));
       cutlass::arch::fence_view_async_shared();
       named_barrier_sync(kDsBarrier, KT::kNumMmaThreads);
       // dQ before dK (FA3's order): dQ retires while dK still runs, so the dQ partial is staged and added under
       // the dK GEMM instead of after every GEMM of the step.
       Tensor tdQrdS_buf = tdQrdS(_, _, _, buf);
-      wgmma_issue<true, false>(mma_dq, tdQrdS_buf, tdQrK, tdQrdQ);
-      warpgroup_wait<1>();  // dV has retired (P's registers are free); dQ may still run
-      warpgroup_fence_operand(tdVrdV);
-      wgmma_issue<false, true>(mma_dkv, tdKrdS, tdKrQ(_, _, _, s), tdKrdK);
-      warpgroup_wait<1>();  // dQ has retired; dK may still run
+      if constexpr (KT::kPInSmem) {
+        auto tdVsP = tdVrP(_, _, _, buf);
+        auto tdKsdS = tdKrdS(_, _, _, buf);
+        wgmma_issue<false, false>(mma_dkv, tdVsP, tdVrdO(_, _, _, s), tdVrdV);
+        wgmma_issue<true, false>(mma_dq, tdQrdS_buf, tdQrK, tdQrdQ);
+        wgmma_issue<false, false>(mma_dkv, tdKsdS, tdKrQ(_, _, _, s), tdKrdK);
+        warpgroup_wait<1>();  // dV and dQ have retired; dK may still run
+        warpgroup_fence_operand(tdVrdV);
+      } else {
+        wgmma_issue<true, false>(mma_dq, tdQrdS_buf, tdQrK, tdQrdQ);
+        warpgroup_wait<1>();  // dV has retired (P's registers are free); dQ may still run
+        warpgroup_fence_operand(tdVrdV);
+        wgmma_issue<false, true>(mma_dkv, tdKrdS, tdKrQ(_, _, _, s), tdKrdK);
+        warpgroup_wait<1>();  // dQ has retired; dK may still run
+      }
       warpgroup_fence_operand(tdQrdQ);
       // dQ partial into dq_accum (bwd_layout.h order). kDqRed: fp32 vector reductions (red.global.add.v4.f32)
       // straight from the registers. Else through this warpgroup's staging slice and one bulk reduce-add of it; the
@@ -296,9 +318,24 @@ struct BwdMainloop {
                               mma_wg * kBlockM * KT::kDqCols;
       static_assert(decltype(size(tdQrdQ))::value % 4 == 0);
       if constexpr (KT::kDqRed) {
+        // Deterministic: every thread's reductions of this slice, in key-block turn, fenced before the issuer
+        // counts the turn (no overlap with the next step, unlike the bulk path).
+        int* const sem = p.dq_sem == nullptr ? nullptr
+            : p.dq_sem + ((int64_t(tile.batch) * p.num_heads_q + h) * p.num_m_blocks + m) * KT::kNumMmaWG + mma_wg;
+        if (sem != nullptr) {
+          if (dq_issuer)
+            dq_turn_wait(sem, tile.n_block - QBlockMask<kBlockM, KT::kBlockN>(m, p.seqlen_q, p.seqlen_k,
+                                                                              p.window_left, p.window_right).n_min);
+          named_barrier_sync(kDqBarrier + mma_wg, 128);
+        }
         CUTE_UNROLL
         for (int v = 0; v < size(tdQrdQ); v += 4)
           red_add_v4_f32(dq_slice + (v / 4) * 512 + 4 * wg_tid, tdQrdQ(v), tdQrdQ(v + 1), tdQrdQ(v + 2), tdQrdQ(v + 3));
+        if (sem != nullptr) {
+          __threadfence();
+          named_barrier_sync(kDqBarrier + mma_wg, 128);
+          if (dq_issuer) asm volatile("red.release.gpu.global.add.s32 [%0], 1;\n" ::"l"(sem) : "memory");
+        }
       } else {
         if (dq_issuer) {
           if (p.dq_sem != nullptr) {
