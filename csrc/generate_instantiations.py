@@ -39,11 +39,14 @@ POLICY = {
     # Backward main kernel: block_n keys per CTA, wg consumer warpgroups (bwd_kernel_traits.h: along keys when
     # block_n = 64 * wg, else along queries and d); block_m queries per step (bwd_layout.h fixes it at 64 and 2
     # warpgroups for the dq_accum tiles).
-    "bwd64": (dict(block_m=64, block_n=128, wg=2, stages=2, producer_regs=24, consumer_regs=240, dq_red=0),
+    "bwd64": (dict(block_m=64, block_n=128, wg=2, stages=2, producer_regs=24, consumer_regs=240, dq_red=0,
+                   dq_bufs=2),
               "FA3's d=64/128 shape: 2 consumer warpgroups x 64 keys, dK/dV in registers"),
-    "bwd128": (dict(block_m=64, block_n=128, wg=2, stages=2, producer_regs=24, consumer_regs=240, dq_red=0),
+    "bwd128": (dict(block_m=64, block_n=128, wg=2, stages=2, producer_regs=24, consumer_regs=240, dq_red=0,
+                    dq_bufs=2),
                "dK + dV accumulators take 128 of the 240 consumer registers"),
-    "bwd256": (dict(block_m=64, block_n=64, wg=2, stages=2, producer_regs=24, consumer_regs=240, dq_red=1),
+    "bwd256": (dict(block_m=64, block_n=64, wg=2, stages=2, producer_regs=24, consumer_regs=240, dq_red=1,
+                    dq_bufs=1),
                "64 keys x d/2 of dK + dV per warpgroup (128 registers); K, V, 2 x (Q, dO), P, dS fill 224 KiB, "
                "so dQ goes out by vector reductions, not a staged bulk add"),
 }
@@ -51,7 +54,7 @@ POLICY = {
 BWD_HEAD_DIMS = (64, 128, 256)
 FIELDS = {"block_m": "kBlockM", "block_n": "kBlockN", "stages": "kStages", "producer_regs": "kProducerRegs",
           "consumer_regs": "kConsumerRegs", "min_seqlen_k": "kMinSeqlenK",
-          "dq_red": "kDqRed", "wg": "kNumMmaWG"}
+          "dq_red": "kDqRed", "wg": "kNumMmaWG", "dq_bufs": "kDqBufs"}
 
 
 def extended_shapes(pol):

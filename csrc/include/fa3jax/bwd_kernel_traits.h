@@ -32,7 +32,7 @@ namespace fa3jax {
 using namespace cute;
 
 template <class Element_, int kHeadDim_, int kBlockM_, int kBlockN_, int kNumMmaWG_, int kStages_,
-          int kProducerRegs_, int kConsumerRegs_, bool kDqRed_>
+          int kProducerRegs_, int kConsumerRegs_, bool kDqRed_, int kDqBufs_>
 struct BwdKernelTraits {
   using Element = Element_;
   static constexpr int kHeadDim = kHeadDim_;
@@ -42,6 +42,7 @@ struct BwdKernelTraits {
   static constexpr int kProducerRegs = kProducerRegs_;
   static constexpr int kConsumerRegs = kConsumerRegs_;
   static constexpr bool kDqRed = kDqRed_;  // dQ partials by vector reductions from registers, not a bulk reduce
+  static constexpr int kDqBufs = kDqRed ? 0 : kDqBufs_;  // dQ staging buffers (bulk adds in flight per warpgroup)
   using ClusterShape = Shape<_1, _1, _1>;
 
   static constexpr int kNumMmaWG = kNumMmaWG_;
@@ -123,17 +124,18 @@ struct BwdKernelTraits {
   using Pipeline = cutlass::PipelineTmaAsync<kStages>;
   using PipelineState = typename Pipeline::PipelineState;
 
+  struct Empty {};
   struct SharedStorage {
     alignas(1024) cute::array_aligned<Element, cute::cosize_v<SmemLayoutK>, 1024> smem_k;
     alignas(1024) cute::array_aligned<Element, cute::cosize_v<SmemLayoutK>, 1024> smem_v;
     alignas(1024) cute::array_aligned<Element, cute::cosize_v<SmemLayoutQ>, 1024> smem_q;
     alignas(1024) cute::array_aligned<Element, cute::cosize_v<SmemLayoutQ>, 1024> smem_do;
     alignas(1024) cute::array_aligned<Element, cute::cosize_v<SmemLayoutdSt>, 1024> smem_ds;
-    // P^T, laid out like dS^T (kPInSmem only).
-    alignas(1024) cute::array_aligned<Element, kPInSmem ? cute::cosize_v<SmemLayoutdSt> : 8, 1024> smem_p;
-    // dQ partials, one kBlockM x kDqCols fp32 slice per warpgroup in accumulator-register order (bwd_layout.h);
-    // unused with kDqRed.
-    alignas(128) cute::array_aligned<float, kDqRed ? 32 : kBlockM * kHeadDim, 128> smem_dq;
+    // P^T, laid out like dS^T (kPInSmem only: no bytes otherwise, d=128 fills 227 KiB without it).
+    std::conditional_t<kPInSmem, cute::array_aligned<Element, cute::cosize_v<SmemLayoutdSt>, 1024>, Empty> smem_p;
+    // dQ partials, kDqBufs x one kBlockM x kDqCols fp32 slice per warpgroup in accumulator-register order
+    // (bwd_layout.h); unused with kDqRed.
+    alignas(128) cute::array_aligned<float, kDqRed ? 32 : kDqBufs * kBlockM * kHeadDim, 128> smem_dq;
     alignas(16) float smem_lse[kStages][kBlockM];
     alignas(16) float smem_delta[kStages][kBlockM];
     typename Pipeline::SharedStorage pipeline_q;

@@ -18,7 +18,7 @@ using BwdTraitsFor = BwdKernelTraits<typename ElementOf<kDType>::type, kHeadDim,
                                      BwdPolicy<kHeadDim>::kBlockN, BwdPolicy<kHeadDim>::kNumMmaWG,
                                      BwdPolicy<kHeadDim>::kStages,
                                      BwdPolicy<kHeadDim>::kProducerRegs, BwdPolicy<kHeadDim>::kConsumerRegs,
-                                     BwdPolicy<kHeadDim>::kDqRed != 0>;
+                                     BwdPolicy<kHeadDim>::kDqRed != 0, BwdPolicy<kHeadDim>::kDqBufs>;
 
 template <DType kDType, int kHeadDim>
 FwdStatus launch_bwd_main(const BwdParams& bp, BwdWorkspace const& ws, cudaStream_t stream) {

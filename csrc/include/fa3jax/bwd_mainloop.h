@@ -169,7 +169,11 @@ struct BwdMainloop {
     Tensor sdOt = make_tensor(make_smem_ptr(ss.smem_do.data()), typename KT::SmemLayoutQt{});
     Tensor sdS = make_tensor(make_smem_ptr(ss.smem_ds.data()), typename KT::SmemLayoutdS{});
     Tensor sdSt = make_tensor(make_smem_ptr(ss.smem_ds.data()), typename KT::SmemLayoutdSt{});
-    Tensor sPt = make_tensor(make_smem_ptr(ss.smem_p.data()), typename KT::SmemLayoutdSt{});  // kPInSmem only
+    Element* const p_smem = [&] {
+      if constexpr (KT::kPInSmem) return ss.smem_p.data();
+      else return ss.smem_ds.data();  // unused stand-in
+    }();
+    Tensor sPt = make_tensor(make_smem_ptr(p_smem), typename KT::SmemLayoutdSt{});
 
     // GMMA descriptors (MMA, MMA_M|N, MMA_K[, stage or buffer]).
     Tensor tSrK = thr_sdp.partition_fragment_A(sK);
@@ -209,7 +213,7 @@ struct BwdMainloop {
     Tensor tdSrP = thr_ds_copy.retile_S(rP);
     Tensor tPsP = thr_ds_copy.partition_D(sPt);
 
-    float* const sdq = ss.smem_dq.data() + mma_wg * kBlockM * KT::kDqCols;
+    float* const sdq0 = ss.smem_dq.data() + mma_wg * kBlockM * KT::kDqCols;
     int const wg_tid = mma_tid % 128;
     bool const dq_issuer = wg_tid == 0;
     constexpr int kDqBytes = kBlockM * KT::kDqCols * int(sizeof(float));
@@ -311,9 +315,8 @@ struct BwdMainloop {
       warpgroup_fence_operand(tdQrdQ);
       // dQ partial into dq_accum (bwd_layout.h order). kDqRed: fp32 vector reductions (red.global.add.v4.f32)
       // straight from the registers. Else through this warpgroup's staging slice and one bulk reduce-add of it; the
-      // slice is rewritten only after the previous add has read it (issued a step earlier, so the wait rarely
-      // waits). A separate writer warp that took the adds off the consumers (FA3's choice) made ptxas spill ~300 B
-      // in this loop (nvcc 13.0).
+      // slice (one of kDqBufs, in turn) is rewritten only after the add that last read it has (issued kDqBufs
+      // steps earlier, so the wait rarely waits).
       float* const dq_slice = p.dq_accum + ((int64_t(tile.batch) * p.num_heads_q + h) * rows_pad + int64_t(m) * kBlockM) * kHeadDim +
                               mma_wg * kBlockM * KT::kDqCols;
       static_assert(decltype(size(tdQrdQ))::value % 4 == 0);
@@ -345,10 +348,11 @@ struct BwdMainloop {
                                                                p.window_right).n_min;
             dq_turn_wait(sem_pending, tile.n_block - n_min);
           } else {
-            tma_store_wait<0>();
+            tma_store_wait<(KT::kDqBufs > 1 ? KT::kDqBufs - 1 : 0)>();  // the add that last read this buffer
           }
         }
         named_barrier_sync(kDqBarrier + mma_wg, 128);
+        float* const sdq = sdq0 + (KT::kDqBufs > 1 ? step % KT::kDqBufs : 0) * kBlockM * kHeadDim;
         CUTE_UNROLL
         for (int v = 0; v < size(tdQrdQ); v += 4)
           *reinterpret_cast<float4*>(sdq + (v / 4) * 512 + 4 * wg_tid) =
