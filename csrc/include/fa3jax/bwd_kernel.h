@@ -79,7 +79,10 @@ __global__ void __launch_bounds__(KT::kNumThreads, 1) bwd_kernel(__grid_constant
   Pipeline pipe(ss.pipeline_q, pp, typename KT::ClusterShape{});
   __syncthreads();
 
-  BwdTile const tile{int(blockIdx.x), int(blockIdx.y), int(blockIdx.z)};
+  // Deterministic mode adds dQ partials in descending key-block order (bwd_mainloop.h), so CTAs are dispatched
+  // from the last key block down: the one whose turn comes first is launched first.
+  int const n_block = p.dq_sem != nullptr ? int(gridDim.x) - 1 - int(blockIdx.x) : int(blockIdx.x);
+  BwdTile const tile{n_block, int(blockIdx.y), int(blockIdx.z)};
   typename Mainloop::KM const km(tile.n_block, p.seqlen_q, p.seqlen_k, p.window_left, p.window_right);
   bool const any = km.num_blocks() > 0;  // else dK = dV = 0 and nothing is loaded
 

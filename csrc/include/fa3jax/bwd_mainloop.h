@@ -44,10 +44,12 @@ CUTE_DEVICE void red_add_v4_f32(float* dst, float a, float b, float c, float d) 
 }
 
 // Deterministic dQ (FA3's scheme, our code): the partials of one (query block, warpgroup slice) are added in
-// key-block order. A CTA waits until the slice's semaphore counts the key blocks before it, adds, and counts
-// itself once its add has completed (checked at its next add, so the wait overlaps a step). Key block n's turn
-// at query block m is n - QBlockMask(m).n_min: the CTAs that touch m are exactly that key-block range, and
-// CTAs are dispatched in blockIdx order, so the ones before it are resident or done (no deadlock).
+// descending key-block order. A CTA waits until the slice's semaphore counts the key blocks after it, adds, and
+// counts itself once its add has completed (checked at its next add, so the wait overlaps a step). Key block n's
+// turn at query block m is dq_turn(m, n) = QBlockMask(m).n_max - 1 - n: the CTAs that touch m are exactly that
+// key-block range. Descending, because under a causal mask the last key blocks reach a query block first
+// (ascending order made every CTA wait for key block 0); the kernel dispatches CTAs from the last key block
+// down, so the ones before it in line are resident or done (no deadlock).
 CUTE_DEVICE void dq_turn_wait(int const* sem, int turn) {
   int v;
   do {
@@ -128,6 +130,11 @@ struct BwdMainloop {
         ++st;
       }
     }
+  }
+
+  // Place of key block n in query block m's deterministic dQ order (dq_turn_wait).
+  CUTE_DEVICE static int dq_turn(Params const& p, int m, int n) {
+    return QBlockMask<kBlockM, KT::kBlockN>(m, p.seqlen_q, p.seqlen_k, p.window_left, p.window_right).n_max - 1 - n;
   }
 
   // Frees stage st for the producer (a local mbarrier arrive per consumer thread, as in FwdMainloop::release).
@@ -326,9 +333,7 @@ struct BwdMainloop {
         int* const sem = p.dq_sem == nullptr ? nullptr
             : p.dq_sem + ((int64_t(tile.batch) * p.num_heads_q + h) * p.num_m_blocks + m) * KT::kNumMmaWG + mma_wg;
         if (sem != nullptr) {
-          if (dq_issuer)
-            dq_turn_wait(sem, tile.n_block - QBlockMask<kBlockM, KT::kBlockN>(m, p.seqlen_q, p.seqlen_k,
-                                                                              p.window_left, p.window_right).n_min);
+          if (dq_issuer) dq_turn_wait(sem, dq_turn(p, m, tile.n_block));
           named_barrier_sync(kDqBarrier + mma_wg, 128);
         }
         CUTE_UNROLL
@@ -344,9 +349,7 @@ struct BwdMainloop {
           if (p.dq_sem != nullptr) {
             if (sem_pending != nullptr) dq_turn_done(sem_pending);
             sem_pending = p.dq_sem + ((int64_t(tile.batch) * p.num_heads_q + h) * p.num_m_blocks + m) * KT::kNumMmaWG + mma_wg;
-            int const n_min = QBlockMask<kBlockM, KT::kBlockN>(m, p.seqlen_q, p.seqlen_k, p.window_left,
-                                                               p.window_right).n_min;
-            dq_turn_wait(sem_pending, tile.n_block - n_min);
+            dq_turn_wait(sem_pending, dq_turn(p, m, tile.n_block));
           } else {
             tma_store_wait<(KT::kDqBufs > 1 ? KT::kDqBufs - 1 : 0)>();  // the add that last read this buffer
           }
