@@ -1,15 +1,18 @@
 """The shared suite on the CUDA backend (Hopper only). Gradients run through the CUDA backward where it is built
 for the (dtype, head_dim), else through the registry's composition (another backend's backward on the cuda
 forward's LSE). Head dims and dtypes follow the build."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import fa3jax
-from fa3jax import registry, tuning, validation
+from fa3jax import masking, reference, registry, tuning, validation
 from fa3jax.backends.cuda import build_info
 
+from .helpers import check, naive_lowp, rand, seeded_rng
 from .suite import AttentionSuite
 
 pytestmark = pytest.mark.gpu
@@ -58,8 +61,132 @@ class TestCuda(AttentionSuite):
 
 def _dense_spec(q, k, v, **kw):
     return validation.validate_dense(q, k, v, softmax_scale=None, is_causal=kw.get("is_causal", False),
-                                     window_size=(-1, -1), softcap=0.0, return_softmax_lse=False,
-                                     deterministic=kw.get("deterministic", False))
+                                     window_size=kw.get("window_size", (-1, -1)), softcap=kw.get("softcap", 0.0),
+                                     return_softmax_lse=False, deterministic=kw.get("deterministic", False),
+                                     sinks=kw.get("sinks"))
+
+
+# ------------------------------------------------------------------------------------------ attention sinks
+# (b, lq, lk, hq, hk, causal, window, softcap, sink offset): the offset lifts the sinks of rows that see many keys,
+# where sinks drawn around 0 would weigh too little for the checks to notice them.
+SINK_CASES = [
+    (2, 200, 333, 4, 2, False, (-1, -1), 0.0, 6.0),  # GQA, every row sees every key
+    (1, 300, 190, 4, 2, True, (-1, -1), 0.0, 0.0),  # lq > lk: rows (and whole query blocks) that see no key
+    (1, 130, 400, 4, 1, True, (-1, -1), 0.0, 4.0),  # lq < lk, MQA
+    (2, 257, 257, 2, 2, False, (64, 16), 0.0, 2.0),
+    (1, 150, 150, 4, 2, True, (-1, -1), 20.0, 0.0),  # softcap
+    (1, 129, 700, 4, 2, False, (30, -1), 5.0, 1.0),  # left window + softcap
+]
+
+
+def _sink_case_id(c):
+    b, lq, lk, hq, hk, causal, window, cap, off = c
+    return (f"q{lq}-k{lk}-h{hq}x{hk}-{'causal' if causal else 'w%d_%d' % window}-cap{cap:g}"
+            f"{'-off%g' % off if off else ''}")
+
+
+def _sinks(rng, hq, offset=0.0):
+    return jnp.asarray(rng.uniform(-2.0, 2.0, hq) + offset, jnp.float32)
+
+
+@pytest.mark.parametrize("instance", sorted(_BUILT) or [("bf16", 128)], ids=lambda i: f"{i[0]}-d{i[1]}")
+@pytest.mark.parametrize("case", SINK_CASES, ids=_sink_case_id)
+def test_sinks_forward_and_grads(instance, case):
+    """Sinks on the cuda forward (folded in at normalization) with gradients w.r.t. q, k, v and the sinks against
+    the float64 reference; the backward is cuda's own where built (it only needs the sink-inclusive LSE)."""
+    if instance not in _BUILT:
+        pytest.skip("no CUDA instance built")
+    dtype, d = _NAMES[instance[0]], instance[1]
+    b, lq, lk, hq, hk, causal, window, cap, off = case
+    rng = seeded_rng("cuda", "sinks", instance, case)
+    q, q64 = rand(rng, (b, lq, hq, d), dtype)
+    k, k64 = rand(rng, (b, lk, hk, d), dtype)
+    v, v64 = rand(rng, (b, lk, hk, d), dtype)
+    do, do64 = rand(rng, (b, lq, hq, d), dtype)
+    dl64 = rng.standard_normal((b, hq, lq))
+    sinks = _sinks(rng, hq, off)
+    scale = 0.7 / np.sqrt(d)
+    kw = dict(softmax_scale=scale, is_causal=causal, window_size=window, softcap=cap, return_softmax_lse=True)
+    plan = registry.plan(validation.validate_dense(q, k, v, deterministic=False, sinks=sinks, **kw), "cuda")
+    assert plan.forward == "cuda", plan
+    if instance in _BUILT_BWD:
+        assert plan.backward == "cuda", plan
+    rkw = dict(scale=scale, window=masking.normalize_window(window, causal), softcap=cap, dout=do64, dlse=dl64,
+               sinks=np.asarray(sinks, np.float64))
+    ref = reference.dense(q64, k64, v64, **rkw)
+    low = reference.dense(q64, k64, v64, impl=functools.partial(naive_lowp, dtype=dtype), **rkw)
+
+    def f(q, k, v, sinks):
+        return fa3jax.flash_mha(q, k, v, sinks=sinks, backend="cuda", **kw)
+
+    (out, lse), pull = jax.vjp(jax.jit(f), q, k, v, sinks)
+    check("out", out, ref[0], low[0], dtype)
+    check("lse", lse, ref[1], low[1], dtype)
+    grads = pull((do, jnp.asarray(dl64, jnp.float32)))
+    for name, got, r, lo in zip(("dq", "dk", "dv", "dsinks"), grads, ref[2:], low[2:]):
+        check(name, got, r, lo, dtype)
+    # The case can catch an ignored sink: the sink-free attention misses the output's tolerance.
+    ref0 = reference.dense(q64, k64, v64, **{**rkw, "sinks": None})
+    with pytest.raises(AssertionError):
+        check("out without sinks", ref0[0], ref[0], low[0], dtype)
+
+
+@pytest.mark.parametrize("instance", sorted(_BUILT) or [("bf16", 128)], ids=lambda i: f"{i[0]}-d{i[1]}")
+def test_sinks_rows_that_see_no_key(instance):
+    """A row that sees no key gives out 0 and lse = its head's sink exactly (-inf for a -inf sink), with finite
+    gradients; such a row hands its whole LSE cotangent to the sink."""
+    if instance not in _BUILT:
+        pytest.skip("no CUDA instance built")
+    dtype, d = _NAMES[instance[0]], instance[1]
+    rng = seeded_rng("cuda", "sinks-empty", instance)
+    q, _ = rand(rng, (1, 200, 3, d), dtype)  # causal, lq=200 > lk=60: rows 0..139 see nothing (two query blocks)
+    k, _ = rand(rng, (1, 60, 3, d), dtype)
+    v, _ = rand(rng, (1, 60, 3, d), dtype)
+    sinks = jnp.asarray([0.5, -3.0, -np.inf], jnp.float32)
+
+    def f(q, k, v, s):
+        return fa3jax.flash_mha(q, k, v, is_causal=True, sinks=s, return_softmax_lse=True, backend="cuda")
+
+    out, lse = jax.jit(f)(q, k, v, sinks)
+    assert np.all(np.asarray(out[:, :140], np.float32) == 0)
+    np.testing.assert_array_equal(np.asarray(lse[0, :, :140]), np.broadcast_to(np.asarray(sinks)[:, None], (3, 140)))
+    assert np.all(np.isfinite(np.asarray(lse[:, :, 140:])))
+    mask = jnp.zeros((1, 3, 200), jnp.float32).at[:, :, :140].set(1.0)
+    g = jax.grad(lambda *a: jnp.sum(jnp.where(mask > 0, f(*a)[1], 0.0)), argnums=(0, 1, 2, 3))(q, k, v, sinks)
+    for x in g:
+        assert np.all(np.isfinite(np.asarray(x, np.float32)))
+    np.testing.assert_allclose(np.asarray(g[3]), [140.0, 140.0, 0.0])
+    assert np.all(np.asarray(g[0], np.float32) == 0)
+
+
+@pytest.mark.parametrize("instance", sorted(_BUILT) or [("bf16", 128)], ids=lambda i: f"{i[0]}-d{i[1]}")
+@pytest.mark.parametrize("causal", [False, True])
+def test_sinks_match_triton(instance, causal):
+    """cuda and triton agree on out, lse and the gradients (q, k, v, sinks) of a GQA call with sinks."""
+    if instance not in _BUILT:
+        pytest.skip("no CUDA instance built")
+    dtype, d = _NAMES[instance[0]], instance[1]
+    rng = seeded_rng("cuda", "sinks-vs-triton", instance, causal)
+    q, k, v = (jnp.asarray(rng.standard_normal((2, 333, h, d)), dtype) for h in (4, 2, 2))
+    sinks = _sinks(rng, 4, 0.0 if causal else 6.0)
+    do = jnp.asarray(rng.standard_normal(q.shape), dtype)
+    dl = jnp.asarray(rng.standard_normal((2, 4, 333)), jnp.float32)
+    s = fa3jax.supports(fa3jax.flash_mha, q, k, v, is_causal=causal, sinks=sinks, backend="triton")
+    if not s.supported:
+        pytest.skip(s.reason)
+
+    def run(backend):
+        f = lambda q, k, v, s: fa3jax.flash_mha(q, k, v, is_causal=causal, sinks=s,  # noqa: E731
+                                                return_softmax_lse=True, backend=backend)
+        res, pull = jax.vjp(f, q, k, v, sinks)
+        return (*res, *pull((do, dl)))
+
+    tol = 2e-2 if dtype == "bfloat16" else 3e-3
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv", "dsinks"), run("cuda"), run("triton")):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        assert np.all(np.isfinite(a)), name
+        err = np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-3)
+        assert err < tol, (name, err)
 
 
 @pytest.mark.parametrize("instance", sorted(_BUILT_BWD) or [("bf16", 128)], ids=lambda i: f"{i[0]}-d{i[1]}")

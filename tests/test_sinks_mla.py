@@ -316,14 +316,42 @@ def test_value_head_dim_validation():
 def test_gpu_backends_refuse_with_reason(backend_cls):
     kw = dict(softmax_scale=None, is_causal=False, window_size=(-1, -1), softcap=0.0, return_softmax_lse=False,
               deterministic=False)
-    q, k, v = _qkv(dtype=jnp.bfloat16)
-    spec = validation.validate_dense(q, k, v, sinks=jnp.zeros(4, jnp.float32), **kw)
-    with pytest.raises(NotImplementedError, match="sinks not implemented yet"):
-        backend_cls().check_forward(spec)
     q, k, v = _qkv(d=128, dv=64, dtype=jnp.bfloat16)
     spec = validation.validate_dense(q, k, v, **kw)
     with pytest.raises(NotImplementedError, match="MLA"):
         backend_cls().check_forward(spec)
+
+
+def _fake_cuda_build(monkeypatch, features):
+    """The cuda backend's checks as if an extension with bf16 d=16 kernels (and ``features``) were loaded."""
+    import fa3jax.backends.cuda as cuda_mod
+
+    monkeypatch.setattr(cuda_mod, "_load_extension", lambda: (object(), None))
+    monkeypatch.setattr(cuda_mod, "build_info", lambda: {"instances": [("bf16", 16)], "bwd_instances": [("bf16", 16)],
+                                                         "features": list(features)})
+
+
+def test_cuda_serves_dense_sinks():
+    """The cuda forward folds the sinks in and its backward needs only the sink-inclusive LSE: both checks accept a
+    dense call with sinks (here without a GPU: the extension is faked); varlen stays refused, for its own reason."""
+    kw = dict(softmax_scale=None, is_causal=True, window_size=(-1, -1), softcap=0.0, return_softmax_lse=False,
+              deterministic=False)
+    q, k, v = _qkv(dtype=jnp.bfloat16)
+    spec = validation.validate_dense(q, k, v, sinks=jnp.zeros(4, jnp.float32), **kw)
+    vspec = validation.validate_varlen(q[0], k[0], v[0], jnp.asarray([0, 8], jnp.int32), None, None, -1, -1,
+                                       sinks=jnp.zeros(4, jnp.float32), **kw)
+    with pytest.MonkeyPatch.context() as mp:
+        _fake_cuda_build(mp, ["sinks"])
+        CudaBackend().check_forward(spec)
+        CudaBackend().check_backward(spec)
+        with pytest.raises(NotImplementedError, match="only dense mode"):
+            CudaBackend().check_forward(vspec)
+    with pytest.MonkeyPatch.context() as mp:  # an extension built before the sinks target: refused, with the fix
+        _fake_cuda_build(mp, [])
+        with pytest.raises(NotImplementedError, match="predates attention sinks; rebuild"):
+            CudaBackend().check_forward(spec)
+        CudaBackend().check_forward(spec.replace(has_sinks=False))
+        CudaBackend().check_backward(spec)
 
 
 def test_triton_serves_sinks_and_mla_but_not_mla_kvcache():

@@ -31,6 +31,7 @@ NB_MODULE(_fa3jax_cuda, m) {
   m.def("handlers", []() {
     nb::dict d;
     d["fwd"] = nb::capsule(reinterpret_cast<void*>(&Fa3jaxCudaFwd));
+    d["fwd_sinks"] = nb::capsule(reinterpret_cast<void*>(&Fa3jaxCudaFwdSinks));
     d["bwd"] = nb::capsule(reinterpret_cast<void*>(&Fa3jaxCudaBwd));
     return d;
   });
@@ -55,6 +56,10 @@ NB_MODULE(_fa3jax_cuda, m) {
     d["instances"] = fwd_pairs;
     d["bwd_instances"] = instance_list(fa3jax::bwd_compiled_list());
     d["arch"] = fa3jax::fwd_arch();
+    // Features beyond the plain dense call, so that Python can refuse them on an extension built before them.
+    nb::list features;
+    features.append("sinks");
+    d["features"] = features;
     d["cuda_runtime_version"] = int(CUDART_VERSION);
     return d;
   });

@@ -56,6 +56,7 @@ const char* fwd_check(const FwdParams& fp) {
   if (!p.q || !p.k || !p.v || !fp.out || !fp.lse) return "null buffer";
   if (!aligned16(p.q) || !aligned16(p.k) || !aligned16(p.v) || !aligned16(fp.out))
     return "q, k, v and out must be 16-byte aligned";
+  if ((reinterpret_cast<uintptr_t>(fp.sinks) & 3) != 0) return "sinks must be 4-byte aligned (float32)";
   if (!(p.softmax_scale > 0.f) || p.softcap < 0.f) return "softmax_scale must be > 0 and softcap >= 0";
   if (!tma_strides_ok(p.q_stride) || !tma_strides_ok(p.k_stride) || !tma_strides_ok(p.v_stride))
     return "q/k/v strides must be positive multiples of 16 bytes below 2^40 (AttnCore::set_dense_strides)";

@@ -78,35 +78,40 @@ inline void ref_scores(RefShape const& c, int b, int h, int i, const std::vector
   }
 }
 
-// Forward reference: out (like q) and natural-log lse; rows that see no key get 0 and -inf.
+// Forward reference: out (like q) and natural-log lse; rows that see no key get 0 and -inf. With `sinks` ((hq,)
+// natural-log logits, or nullptr): each head's sink joins every row's denominator with no value, and a row that
+// sees no key gets 0 and lse = its sink.
 inline void ref_forward(RefShape const& c, const std::vector<float>& q, const std::vector<float>& k,
-                        const std::vector<float>& v, std::vector<float>& out, std::vector<float>& lse) {
+                        const std::vector<float>& v, std::vector<float>& out, std::vector<float>& lse,
+                        const std::vector<float>* sinks = nullptr) {
   int const g = c.hq / c.hk;
   std::vector<double> s;
   for (int b = 0; b < c.b; ++b)
     for (int h = 0; h < c.hq; ++h)
       for (int i = 0; i < c.sq; ++i) {
         ref_scores(c, b, h, i, q, k, s);
+        double const sink = sinks ? double((*sinks)[h]) : -INFINITY;
         double m = -INFINITY;
         for (double x : s) m = std::max(m, x);
         float* oi = &out[((size_t(b) * c.sq + i) * c.hq + h) * c.d];
         float& l = lse[(size_t(b) * c.hq + h) * c.sq + i];
         if (m == -INFINITY) {
           for (int t = 0; t < c.d; ++t) oi[t] = 0.f;
-          l = -INFINITY;
+          l = float(sink);
           continue;
         }
-        double sum = 0;
+        double const top = std::max(m, sink);
+        double sum = std::exp(sink - top);  // 0 without sinks
         std::vector<double> o(c.d, 0.0);
         for (int j = 0; j < c.sk; ++j) {
           if (s[j] == -INFINITY) continue;
-          double p = std::exp(s[j] - m);
+          double p = std::exp(s[j] - top);
           sum += p;
           const float* vj = &v[((size_t(b) * c.sk + j) * c.hk + h / g) * c.d];
           for (int t = 0; t < c.d; ++t) o[t] += p * vj[t];
         }
         for (int t = 0; t < c.d; ++t) oi[t] = float(o[t] / sum);
-        l = float(m + std::log(sum));
+        l = float(top + std::log(sum));
       }
 }
 

@@ -25,11 +25,23 @@ struct Config {
   int b, sq, sk, hq, hk, wl, wr;
   float softcap;
   const char* name;
+  // Attention sinks: one uniform [-2, 2) logit per head, plus sink_offset (long rows need one for the sink to
+  // weigh enough that ignoring it would fail); kNegInfSink also sets head 0's sink to -inf (no sink).
+  enum Sinks { kNoSinks, kSinks, kNegInfSink } sinks = kNoSinks;
+  float sink_offset = 0.f;
 };
 
 static void reference(const Config& c, int d, float scale, const std::vector<float>& q, const std::vector<float>& k,
-                      const std::vector<float>& v, std::vector<float>& out, std::vector<float>& lse) {
-  ref_forward(RefShape{c.b, c.sq, c.sk, c.hq, c.hk, d, c.wl, c.wr, c.softcap, scale}, q, k, v, out, lse);
+                      const std::vector<float>& v, std::vector<float>& out, std::vector<float>& lse,
+                      const std::vector<float>* sinks = nullptr) {
+  ref_forward(RefShape{c.b, c.sq, c.sk, c.hq, c.hk, d, c.wl, c.wr, c.softcap, scale}, q, k, v, out, lse, sinks);
+}
+
+// Whether query row i sees any key (the same for every batch and head).
+static bool row_sees_key(const Config& c, int i) {
+  for (int j = 0; j < c.sk; ++j)
+    if (allowed(i, j, c.sq, c.sk, c.wl, c.wr)) return true;
+  return false;
 }
 
 // How the kernel is asked to run: dynamic tile assignment (the FFI's default), static, or the wide-key-tile
@@ -53,9 +65,15 @@ static bool run_one(DType dt, int d, const Config& c, Variant variant, std::mt19
   for (size_t i = 0; i < nk; ++i) { hk_[i] = to_bits(dist(rng), dt); fk[i] = from_bits(hk_[i], dt); }
   for (size_t i = 0; i < nk; ++i) { hv_[i] = to_bits(dist(rng), dt); fv[i] = from_bits(hv_[i], dt); }
   float scale = 1.f / std::sqrt(float(d));
+  std::vector<float> hsinks;
+  if (c.sinks != Config::kNoSinks) {
+    std::uniform_real_distribution<float> sink_dist(-2.f, 2.f);
+    for (int h = 0; h < c.hq; ++h) hsinks.push_back(sink_dist(rng) + c.sink_offset);
+    if (c.sinks == Config::kNegInfSink) hsinks[0] = -INFINITY;
+  }
 
   void *dq, *dk, *dv, *dout;
-  float* dlse;
+  float *dlse, *dsinks = nullptr;
   CK(cudaMalloc(&dq, nq * 2));
   CK(cudaMalloc(&dk, nk * 2));
   CK(cudaMalloc(&dv, nk * 2));
@@ -66,6 +84,10 @@ static bool run_one(DType dt, int d, const Config& c, Variant variant, std::mt19
   CK(cudaMemcpy(dv, hv_.data(), nk * 2, cudaMemcpyHostToDevice));
   CK(cudaMemset(dout, 0xff, nq * 2));  // NaN pattern: catches unwritten outputs
   CK(cudaMemset(dlse, 0xff, nl * 4));
+  if (!hsinks.empty()) {
+    CK(cudaMalloc(&dsinks, hsinks.size() * 4));
+    CK(cudaMemcpy(dsinks, hsinks.data(), hsinks.size() * 4, cudaMemcpyHostToDevice));
+  }
 
   fa3jax::FwdParams p;
   fa3jax::AttnCore& a = p.core;
@@ -74,6 +96,7 @@ static bool run_one(DType dt, int d, const Config& c, Variant variant, std::mt19
   a.head_dim = d; a.dtype = dt; a.softmax_scale = scale; a.window_left = c.wl; a.window_right = c.wr;
   a.softcap = c.softcap;
   a.set_dense_strides();
+  p.sinks = dsinks;
   apply(p, variant);
   fa3jax::FwdStatus st = fa3jax::run_fwd(p, nullptr);
   if (!st.ok()) {
@@ -87,8 +110,9 @@ static bool run_one(DType dt, int d, const Config& c, Variant variant, std::mt19
   CK(cudaMemcpy(hout.data(), dout, nq * 2, cudaMemcpyDeviceToHost));
   CK(cudaMemcpy(hlse.data(), dlse, nl * 4, cudaMemcpyDeviceToHost));
   CK(cudaFree(dq)); CK(cudaFree(dk)); CK(cudaFree(dv)); CK(cudaFree(dout)); CK(cudaFree(dlse));
+  if (dsinks) CK(cudaFree(dsinks));
 
-  reference(c, d, scale, fq, fk, fv, rout, rlse);
+  reference(c, d, scale, fq, fk, fv, rout, rlse, hsinks.empty() ? nullptr : &hsinks);
   double max_err = 0, max_lse_err = 0;
   size_t nan_out = 0, bad_lse_inf = 0;
   for (size_t i = 0; i < nq; ++i) {
@@ -107,12 +131,39 @@ static bool run_one(DType dt, int d, const Config& c, Variant variant, std::mt19
   double tol = dt == DType::kBF16 ? 2.5e-2 : 4e-3;
   double lse_tol = 2e-3 * std::log2(double(c.sk) + 2) + 1e-3;
   bool ok = nan_out == 0 && bad_lse_inf == 0 && max_err <= tol && max_lse_err <= lse_tol;
+  size_t bad_empty = 0;
+  double effect_out = 0, effect_lse = 0;
+  bool sensitive = true;
+  if (!hsinks.empty()) {
+    // Rows that see no key: out exactly 0 and lse exactly the head's sink.
+    for (int i = 0; i < c.sq; ++i) {
+      if (row_sees_key(c, i)) continue;
+      for (int b = 0; b < c.b; ++b)
+        for (int h = 0; h < c.hq; ++h) {
+          float const l = hlse[(size_t(b) * c.hq + h) * c.sq + i];
+          if (!(l == hsinks[h])) ++bad_empty;
+          for (int t = 0; t < d; ++t)
+            if (from_bits(hout[((size_t(b) * c.sq + i) * c.hq + h) * d + t], dt) != 0.f) ++bad_empty;
+        }
+    }
+    // The case must be able to fail: without the sinks the reference moves by more than the tolerances.
+    std::vector<float> nout(nq), nlse(nl);
+    reference(c, d, scale, fq, fk, fv, nout, nlse);
+    for (size_t i = 0; i < nq; ++i) effect_out = std::max(effect_out, double(std::fabs(nout[i] - rout[i])));
+    for (size_t i = 0; i < nl; ++i)
+      if (std::isfinite(nlse[i])) effect_lse = std::max(effect_lse, double(std::fabs(nlse[i] - rlse[i])));
+    sensitive = effect_out > tol && effect_lse > lse_tol;
+    ok = ok && bad_empty == 0 && sensitive;
+  }
   if (!ok || verbose)
     std::printf("%s %s d=%d %-24s%s b=%d sq=%d sk=%d hq=%d hk=%d win=(%d,%d) cap=%g: max|dO|=%.3g max|dLSE|=%.3g "
                 "non-finite out=%zu bad lse=%zu\n",
                 ok ? "ok  " : "FAIL", dt == DType::kBF16 ? "bf16" : "fp16", d, c.name,
                 label(variant), c.b, c.sq, c.sk, c.hq, c.hk,
                 c.wl, c.wr, c.softcap, max_err, max_lse_err, nan_out, bad_lse_inf);
+  if (!hsinks.empty() && (!ok || verbose))
+    std::printf("       sinks: empty-row mismatches=%zu; without the sinks out moves %.3g, lse %.3g%s\n", bad_empty,
+                effect_out, effect_lse, sensitive ? "" : " (not above the tolerances: the case cannot fail)");
   return ok;
 }
 
@@ -212,6 +263,13 @@ int main(int argc, char** argv) {
       {1, 7, 3, 1, 1, -1, -1, 0.f, "tiny"},
       {2, 512, 700, 4, 2, -1, -1, 0.f, "full-gqa-4-query-blocks"},
       {1, 256, 256, 2, 2, -1, -1, 20.f, "full-softcap20"},
+      // Attention sinks (GQA, causal, rows and whole tiles that see no key, softcap, a -inf sink).
+      {2, 200, 333, 4, 2, -1, -1, 0.f, "sinks-full-gqa", Config::kSinks, 6.f},
+      {2, 257, 257, 4, 2, -1, 0, 0.f, "sinks-causal-gqa", Config::kSinks},
+      {1, 300, 100, 4, 2, -1, 0, 0.f, "sinks-causal-sq>sk(empty)", Config::kNegInfSink},
+      {1, 64, 1000, 4, 1, 10, 5, 0.f, "sinks-narrow-window-mqa", Config::kSinks},
+      {1, 190, 190, 4, 2, -1, 0, 30.f, "sinks-causal-softcap30", Config::kSinks},
+      {2, 1, 515, 4, 1, -1, -1, 0.f, "sinks-mqa-decode", Config::kSinks, 6.f},
   };
   CK(cudaMalloc(&g_workspace, fa3jax::kFwdWorkspaceBytes));
   std::mt19937 rng(1234);
@@ -223,8 +281,8 @@ int main(int argc, char** argv) {
       if (!fa3jax::fwd_compiled(dt, d)) continue;
       for (const Config& c : configs) {
         if (bench_only) break;
-        // --quick: one unmasked config and one causal.
-        if (quick && &c != &configs[1] && &c != &configs[2]) continue;
+        // --quick: one unmasked config, one causal and one with sinks and empty rows.
+        if (quick && &c != &configs[1] && &c != &configs[2] && &c != &configs[15]) continue;
         for (Variant v : {Variant::kDynamic, Variant::kStatic, Variant::kWide}) {
           // the wide kernel handles masks too (forced here)
           if (v == Variant::kWide && !fa3jax::fwd_compiled_wide(dt, d)) continue;
@@ -248,6 +306,22 @@ int main(int argc, char** argv) {
     a.varlen.cu_seqlens_q = cu;
     ++runs;
     if (fa3jax::fwd_check(p) == nullptr) { std::printf("FAIL varlen params accepted\n"); ++failures; }
+    // Sinks: accepted when 4-byte aligned, refused (naming them) otherwise. Unlaunched: any aligned address will do.
+    a.varlen.cu_seqlens_q = nullptr;
+    a.q = a.k = a.v = p.out = g_workspace;
+    p.lse = static_cast<float*>(g_workspace);
+    p.sinks = static_cast<const float*>(g_workspace);
+    if (fa3jax::fwd_compiled(a.dtype, a.head_dim)) {
+      ++runs;
+      if (const char* msg = fa3jax::fwd_check(p)) { std::printf("FAIL aligned sinks refused: %s\n", msg); ++failures; }
+    }
+    p.sinks = reinterpret_cast<const float*>(static_cast<const char*>(g_workspace) + 2);
+    const char* msg = fa3jax::fwd_check(p);
+    ++runs;
+    if (msg == nullptr || (fa3jax::fwd_compiled(a.dtype, a.head_dim) && !std::strstr(msg, "sinks"))) {
+      std::printf("FAIL misaligned sinks: %s\n", msg ? msg : "accepted");
+      ++failures;
+    }
   }
   std::printf("%d/%d passed\n", runs - failures, runs);
   return failures == 0 ? 0 : 1;

@@ -80,6 +80,9 @@ struct FwdParams {
   AttnCore core;
   void* out = nullptr;
   float* lse = nullptr;
+  // Attention sinks (gpt-oss): float32 (num_heads_q,), one natural-log logit per query head that joins every row's
+  // softmax denominator and carries no value (rows that see no key: out 0, lse = sink). nullptr: off.
+  const float* sinks = nullptr;
   Splits splits;
   // Device memory of at least kFwdWorkspaceBytes (the caller's; reset by run_fwd on `stream`): the persistent
   // kernel then assigns tiles dynamically under windowed/causal masks (tiles of unequal length). nullptr:

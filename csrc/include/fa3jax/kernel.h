@@ -144,7 +144,12 @@ __global__ void __launch_bounds__(KT::kNumThreads, 1) fwd_kernel(__grid_constant
         softmax.init();
       }
       float inv[kRows], lse[kRows];
-      softmax.finalize(params.lse_scale, inv, lse);
+      // The sink joins the row sums here only, once per tile: the key loop above is the sink-free one.
+      if (params.sinks != nullptr) {
+        softmax.finalize_with_sink(params.scale_log2, params.sinks[tile.head], inv, lse);
+      } else {
+        softmax.finalize(params.lse_scale, inv, lse);
+      }
       Epilogue::store(params, ss, tile, mma_tid, tOrO, inv, lse);
     }
     Mainloop::sched_drain(mma_wg, q_iter > 0);

@@ -148,6 +148,7 @@ struct FwdKernelTraits {
     float softcap_pre;   // softmax_scale / softcap (softcap path only)
     float softcap;       // 0: off
     float lse_scale;     // converts a max in raw-score units to natural-log units
+    float const* sinks;  // (num_heads_q,) natural-log attention sinks, or nullptr (off)
   };
 };
 

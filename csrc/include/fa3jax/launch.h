@@ -54,7 +54,8 @@ FwdStatus launch_fwd(const FwdParams& fp, cudaStream_t stream) {
       b, sq, sk, hq, hk, hq / hk,
       p.window_left < 0 ? -1 : p.window_left,
       p.window_right < 0 ? -1 : p.window_right,
-      0.f, 0.f, 0.f, 0.f};
+      0.f, 0.f, 0.f, 0.f,
+      fp.sinks};
   constexpr float kLog2e = 1.4426950408889634f;
   if (p.softcap > 0.f) {
     kp.softcap = p.softcap;

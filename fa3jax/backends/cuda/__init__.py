@@ -65,7 +65,8 @@ def _register_targets(ext) -> None:
             return
         handlers = ext.handlers()
         for target, key in targets.HANDLERS.items():
-            jax.ffi.register_ffi_target(target, handlers[key], platform="CUDA")
+            if key in handlers:  # an extension built before a target lacks it; check_forward refuses its calls
+                jax.ffi.register_ffi_target(target, handlers[key], platform="CUDA")
         _registered = True
 
 
@@ -97,8 +98,6 @@ class CudaBackend(Backend):
         """Refusals shared by the forward and backward kernels (dense calls, compiled instantiations)."""
         if spec.mode != "dense":
             raise NotImplementedError(f"cuda: only dense mode has a kernel (got {spec.mode!r})")
-        if spec.has_sinks:
-            raise NotImplementedError("cuda: sinks not implemented yet")
         if spec.head_dim_v != spec.head_dim:
             raise NotImplementedError(f"cuda: a value head dim different from the q/k one (MLA) is not "
                                       f"implemented yet; got {spec.head_dim_v=}, {spec.head_dim=}")
@@ -124,11 +123,15 @@ class CudaBackend(Backend):
 
     def check_forward(self, spec: AttentionSpec) -> None:
         self._check_dense(spec, "instances", "forward")
+        if spec.has_sinks and targets.FEATURE_SINKS not in build_info().get("features", ()):
+            raise NotImplementedError("cuda: this build of the CUDA extension predates attention sinks; rebuild it "
+                                      "with FA3JAX_BUILD_CUDA=1")
         tiles = -(-spec.seqlen_q // 64) * spec.num_heads_q * spec.batch
         if tiles > _MAX_TILES:
             raise NotImplementedError(f"cuda: {tiles=} query tiles exceed the kernel's int32 tile index")
 
     def check_backward(self, spec: AttentionSpec) -> None:
+        # Sinks need nothing here: the forward's LSE holds them, and vjp.sink_grad takes their own gradient.
         self._check_dense(spec, "bwd_instances", "backward")
         if spec.batch > _MAX_GRID_YZ or spec.num_heads_k > _MAX_GRID_YZ:
             raise NotImplementedError(f"cuda: the backward grid is (key blocks, heads_k, batch); {spec.batch=} and "
@@ -143,8 +146,12 @@ class CudaBackend(Backend):
             jax.ShapeDtypeStruct(q.shape, q.dtype),
             jax.ShapeDtypeStruct((b, hq, sq), jnp.float32),
         )
+        attrs = targets.fwd_attributes(spec, tuning.current())
+        if spec.has_sinks:
+            call = jax.ffi.ffi_call(targets.FWD_SINKS_TARGET, out_types, vmap_method="sequential")
+            return tuple(call(q, k, v, _sinks(args), **attrs))
         call = jax.ffi.ffi_call(targets.FWD_TARGET, out_types, vmap_method="sequential")
-        out, lse = call(q, k, v, **targets.fwd_attributes(spec, tuning.current()))
+        out, lse = call(q, k, v, **attrs)
         return out, lse
 
     def backward(self, spec: AttentionSpec, q, k, v, out, lse, dout, dlse, args):
@@ -157,6 +164,13 @@ class CudaBackend(Backend):
         dq, dk, dv = call(q, k, v, out.astype(q.dtype), lse.astype(jnp.float32), dout.astype(q.dtype),
                           dlse.astype(jnp.float32), **targets.bwd_attributes(spec))
         return dq, dk, dv
+
+
+def _sinks(args):
+    """The (hq,) float32 sinks of a dense call whose spec has them."""
+    if args is None or args.sinks is None:
+        raise ValueError("cuda: spec.has_sinks but the args carry no sinks")
+    return jnp.asarray(args.sinks, jnp.float32)
 
 
 __all__ = ["CudaBackend", "build_info"]

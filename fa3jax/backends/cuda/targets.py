@@ -9,11 +9,14 @@ import numpy as np
 from ...tuning import DEFAULT, Tuning
 
 # FFI target name -> key of the capsule in ``_fa3jax_cuda.handlers()``.
-FWD_TARGET = "fa3jax_cuda_fwd"
+FWD_TARGET = "fa3jax_cuda_fwd"  # (q, k, v) -> (out, lse); csrc/ffi/fwd_ffi.cc
+FWD_SINKS_TARGET = "fa3jax_cuda_fwd_sinks"  # (q, k, v, sinks float32 (hq,)) -> (out, lse), the forward's attributes
 BWD_TARGET = "fa3jax_cuda_bwd"  # (q, k, v, out, lse, dout, dlse) -> (dq, dk, dv); csrc/ffi/bwd_ffi.cc
-HANDLERS = {FWD_TARGET: "fwd", BWD_TARGET: "bwd"}
+HANDLERS = {FWD_TARGET: "fwd", FWD_SINKS_TARGET: "fwd_sinks", BWD_TARGET: "bwd"}
+# build_info()["features"] entry of an extension that has FWD_SINKS_TARGET (older builds lack both).
+FEATURE_SINKS = "sinks"
 
-# Attributes, with their FFI types: both targets take the first four, then the forward kernel_variant and the
+# Attributes, with their FFI types: all targets take the first four, then the forward kernel_variant and the
 # backward deterministic.
 ATTR_SOFTMAX_SCALE = "softmax_scale"  # f32
 ATTR_WINDOW_LEFT = "window_left"  # i32, -1 = unbounded
