@@ -26,7 +26,9 @@ class TestCuda(AttentionSuite):
     backend = "cuda"
     dtypes = tuple(sorted({_NAMES[t] for t, _ in _BUILT})) or ("bfloat16",)
     head_dims = tuple(sorted({d for _, d in _BUILT})) or (128,)
-    supports_varlen = False
+    # The varlen forward is cuda's; its gradients come from the registry's composition (triton's varlen backward,
+    # else xla's, on the cuda forward's out and LSE).
+    supports_varlen = True
     supports_kvcache = False
     supports_paged = False
 
@@ -239,3 +241,125 @@ def test_deterministic_backward_is_cudas_and_bitwise_repeatable(instance, causal
         again = [np.asarray(g) for g in f(q, k, v)]
         for name, a, b in zip(("dq", "dk", "dv"), first, again):
             assert np.array_equal(a.view(np.uint16), b.view(np.uint16)), name
+
+
+# ------------------------------------------------------------------------------------------ varlen
+# (lens_q, lens_k or None (= lens_q), seqused_k or None, hq, hk, causal, window, softcap, sinks, trailing q rows
+# outside every sequence)
+VARLEN_CASES = [
+    ([0, 1, 63, 64, 65, 129, 700], None, None, 4, 2, False, (-1, -1), 0.0, False, 0),
+    ([65, 0, 1, 64, 63, 300], None, None, 4, 2, True, (-1, -1), 0.0, False, 5),
+    ([100, 7, 0, 300, 64], [300, 1, 5, 100, 64], None, 6, 2, True, (-1, -1), 0.0, False, 0),  # lq != lk
+    ([333, 64, 129, 1], None, None, 4, 1, False, (32, 8), 0.0, False, 0),
+    ([100, 64, 200, 5, 0], [150, 64, 210, 9, 4], [150, 1, 100, 0, 4], 4, 2, False, (-1, -1), 0.0, False, 3),
+    ([190, 65, 300], None, None, 4, 2, True, (-1, -1), 20.0, True, 7),
+    ([200, 60, 1], [333, 0, 10], None, 4, 2, False, (-1, -1), 0.0, True, 0),  # a sequence with no keys
+]
+
+
+def _varlen_case_id(c):
+    lq, lk, used, hq, hk, causal, window, cap, sinks, pad = c
+    return (f"b{len(lq)}-max{max(lq)}-h{hq}x{hk}-{'causal' if causal else 'w%d_%d' % window}-cap{cap:g}"
+            f"{'-lk' if lk else ''}{'-used' if used else ''}{'-sinks' if sinks else ''}{'-pad%d' % pad if pad else ''}")
+
+
+def _varlen_inputs(rng, case, d, dtype):
+    lens_q, lens_k, used, hq, hk, causal, window, cap, with_sinks, pad = case
+    cu_q = np.concatenate([[0], np.cumsum(lens_q)]).astype(np.int32)
+    cu_k = np.concatenate([[0], np.cumsum(lens_k or lens_q)]).astype(np.int32)
+    tq, tk = int(cu_q[-1]) + pad, int(cu_k[-1]) + (pad if lens_k is None else 0)
+    q, q64 = rand(rng, (tq, hq, d), dtype)
+    k, k64 = rand(rng, (tk, hk, d), dtype)
+    v, v64 = rand(rng, (tk, hk, d), dtype)
+    do, do64 = rand(rng, (tq, hq, d), dtype)
+    dl64 = rng.standard_normal((hq, tq))
+    sinks = _sinks(rng, hq, 2.0) if with_sinks else None
+    used = None if used is None else np.asarray(used, np.int32)
+    return cu_q, cu_k, used, (q, k, v, do), (q64, k64, v64, do64), dl64, sinks
+
+
+@pytest.mark.parametrize("instance", sorted(_BUILT) or [("bf16", 128)], ids=lambda i: f"{i[0]}-d{i[1]}")
+@pytest.mark.parametrize("case", VARLEN_CASES, ids=_varlen_case_id)
+def test_varlen_forward_and_grads(instance, case):
+    """The cuda varlen forward (out, lse (hq, total_q)) and the gradients of its composition with another backend's
+    varlen backward, against the float64 reference per sequence: empty sequences and sequences shorter than a
+    tile, lq != lk, GQA/MQA, masks, softcap, seqused_k, sinks, q rows outside every sequence (out 0, lse -inf or
+    the sink)."""
+    if instance not in _BUILT:
+        pytest.skip("no CUDA instance built")
+    dtype, d = _NAMES[instance[0]], instance[1]
+    rng = seeded_rng("cuda", "varlen", instance, case)
+    lens_q, lens_k, _, hq, hk, causal, window, cap, _, _ = case
+    cu_q, cu_k, used, (q, k, v, do), (q64, k64, v64, do64), dl64, sinks = _varlen_inputs(rng, case, d, dtype)
+    scale = 0.7 / np.sqrt(d)
+    kw = dict(softmax_scale=scale, is_causal=causal, window_size=window, softcap=cap, return_softmax_lse=True)
+    max_q, max_k = max(lens_q), max(used if used is not None else (lens_k or lens_q))
+    idx = (jnp.asarray(cu_q), jnp.asarray(cu_k), None if used is None else jnp.asarray(used))
+    spec = validation.validate_varlen(q, k, v, *idx, max_q, max_k, deterministic=False, sinks=sinks, **kw)
+    plan = registry.plan(spec, "cuda")
+    assert plan.forward == "cuda" and plan.backward not in (None, "cuda"), plan
+    rkw = dict(scale=scale, window=masking.normalize_window(window, causal), softcap=cap, dout=do64, dlse=dl64,
+               sinks=None if sinks is None else np.asarray(sinks, np.float64))
+    ref = reference.varlen(q64, k64, v64, cu_q, cu_k, used, **rkw)
+    low = reference.varlen(q64, k64, v64, cu_q, cu_k, used, impl=functools.partial(naive_lowp, dtype=dtype), **rkw)
+
+    def f(q, k, v, sinks):
+        return fa3jax.flash_mha_varlen(q, k, v, *idx, max_q, max_k, sinks=sinks, backend="cuda", **kw)
+
+    (out, lse), pull = jax.vjp(jax.jit(f), q, k, v, sinks)
+    check("out", out, ref[0], low[0], dtype)
+    check("lse", lse, ref[1], low[1], dtype)
+    covered = np.zeros(q.shape[0], bool)
+    for b in range(len(lens_q)):
+        covered[cu_q[b]:cu_q[b + 1]] = True
+    assert np.all(np.asarray(out, np.float32)[~covered] == 0)
+    want = -np.inf if sinks is None else np.asarray(sinks)[:, None]
+    np.testing.assert_array_equal(np.asarray(lse)[:, ~covered], np.broadcast_to(want, (hq, int((~covered).sum()))))
+    grads = pull((do, jnp.asarray(dl64, jnp.float32)))
+    names = ("dq", "dk", "dv") + (("dsinks",) if sinks is not None else ())
+    for name, got, r, lo in zip(names, grads, ref[2:], low[2:]):
+        check(name, got, r, lo, dtype)
+
+
+@pytest.mark.parametrize("instance", sorted(_BUILT) or [("bf16", 128)], ids=lambda i: f"{i[0]}-d{i[1]}")
+@pytest.mark.parametrize("causal", [False, True])
+def test_varlen_matches_triton_under_jit_with_traced_cu_seqlens(instance, causal):
+    """cuda and triton agree on out, lse and the gradients of a GQA varlen call with random lengths (incl. 0 and
+    1) when cu_seqlens are traced jit arguments (max_seqlen_* then default to the totals: the cuda grid has many
+    query blocks past every sequence's end, which its producer skips), with backend="auto" choosing the cuda
+    forward and a composed backward."""
+    if instance not in _BUILT:
+        pytest.skip("no CUDA instance built")
+    dtype, d = _NAMES[instance[0]], instance[1]
+    rng = seeded_rng("cuda", "varlen-vs-triton", instance, causal)
+    lens = [int(x) for x in rng.integers(0, 600, 9)] + [0, 1, 1000]
+    cu = jnp.asarray(np.concatenate([[0], np.cumsum(lens)]), jnp.int32)
+    total = int(cu[-1])
+    q = jnp.asarray(rng.standard_normal((total, 8, d)), dtype)
+    k, v = (jnp.asarray(rng.standard_normal((total, 2, d)), dtype) for _ in range(2))
+    do = jnp.asarray(rng.standard_normal(q.shape), dtype)
+    dl = jnp.asarray(rng.standard_normal((8, total)), jnp.float32)
+    s = fa3jax.supports(fa3jax.flash_mha_varlen, q, k, v, cu, cu, is_causal=causal, backend="triton")
+    if not s.supported:
+        pytest.skip(s.reason)
+    auto = registry.plan(validation.validate_varlen(q, k, v, cu, cu, None, -1, -1, softmax_scale=None,
+                                                    is_causal=causal, window_size=(-1, -1), softcap=0.0,
+                                                    return_softmax_lse=True, deterministic=False), "auto")
+    assert auto.forward == "cuda" and auto.backward != "cuda", auto
+
+    def run(backend):
+        @jax.jit
+        def g(q, k, v, cu, do, dl):
+            f = lambda q, k, v: fa3jax.flash_mha_varlen(q, k, v, cu, cu, is_causal=causal,  # noqa: E731
+                                                        return_softmax_lse=True, backend=backend)
+            res, pull = jax.vjp(f, q, k, v)
+            return (*res, *pull((do, dl)))
+        return g(q, k, v, cu, do, dl)
+
+    tol = 2e-2 if dtype == "bfloat16" else 3e-3
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), run("auto"), run("triton")):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        fin = np.isfinite(b)
+        np.testing.assert_array_equal(np.isfinite(a), fin, err_msg=name)
+        err = np.max(np.abs(a[fin] - b[fin])) / max(np.max(np.abs(b[fin])), 1e-3)
+        assert err < tol, (name, err)

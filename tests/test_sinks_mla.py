@@ -333,7 +333,8 @@ def _fake_cuda_build(monkeypatch, features):
 
 def test_cuda_serves_dense_sinks():
     """The cuda forward folds the sinks in and its backward needs only the sink-inclusive LSE: both checks accept a
-    dense call with sinks (here without a GPU: the extension is faked); varlen stays refused, for its own reason."""
+    dense call with sinks (here without a GPU: the extension is faked); the varlen forward with sinks is served too,
+    its backward refused (the registry composes another backend's), and an extension built before it refuses it."""
     kw = dict(softmax_scale=None, is_causal=True, window_size=(-1, -1), softcap=0.0, return_softmax_lse=False,
               deterministic=False)
     q, k, v = _qkv(dtype=jnp.bfloat16)
@@ -341,10 +342,15 @@ def test_cuda_serves_dense_sinks():
     vspec = validation.validate_varlen(q[0], k[0], v[0], jnp.asarray([0, 8], jnp.int32), None, None, -1, -1,
                                        sinks=jnp.zeros(4, jnp.float32), **kw)
     with pytest.MonkeyPatch.context() as mp:
-        _fake_cuda_build(mp, ["sinks"])
+        _fake_cuda_build(mp, ["sinks", "varlen"])
         CudaBackend().check_forward(spec)
         CudaBackend().check_backward(spec)
-        with pytest.raises(NotImplementedError, match="only dense mode"):
+        CudaBackend().check_forward(vspec)
+        with pytest.raises(NotImplementedError, match="backward kernel serves dense calls only"):
+            CudaBackend().check_backward(vspec)
+    with pytest.MonkeyPatch.context() as mp:  # an extension built before the varlen target
+        _fake_cuda_build(mp, ["sinks"])
+        with pytest.raises(NotImplementedError, match="predates the varlen forward; rebuild"):
             CudaBackend().check_forward(vspec)
     with pytest.MonkeyPatch.context() as mp:  # an extension built before the sinks target: refused, with the fix
         _fake_cuda_build(mp, [])
@@ -352,6 +358,33 @@ def test_cuda_serves_dense_sinks():
             CudaBackend().check_forward(spec)
         CudaBackend().check_forward(spec.replace(has_sinks=False))
         CudaBackend().check_backward(spec)
+
+
+def test_cuda_varlen_forward_composes_another_backward(monkeypatch):
+    """A varlen call planned as if a Hopper GPU with the varlen extension were here: the forward is cuda's, the
+    backward the next backend's that serves varlen (triton where usable, else xla) on the cuda forward's LSE, with
+    backend='cuda' and 'auto' alike and under deterministic=True; the FFI attributes are typed and the max lengths
+    capped at the totals."""
+    from fa3jax import registry
+    from fa3jax.backends.cuda import targets
+
+    real = registry.availability
+    monkeypatch.setattr(registry, "availability", lambda n: (True, "") if n == "cuda" else real(n))
+    _fake_cuda_build(monkeypatch, ["sinks", "varlen"])
+    q, k, v = _qkv(dtype=jnp.bfloat16)
+    cu = jnp.asarray([0, 3, 8], jnp.int32)
+    kw = dict(softmax_scale=None, is_causal=True, window_size=(-1, -1), softcap=0.0, return_softmax_lse=False)
+    want = "triton" if real("triton")[0] else "xla"
+    for det in (False, True):
+        spec = validation.validate_varlen(q[0], k[0], v[0], cu, None, None, 1000, -1, deterministic=det, **kw)
+        for requested in ("cuda", "auto"):
+            plan = registry.plan(spec, requested)
+            assert (plan.forward, plan.backward) == ("cuda", want), plan
+            assert any(f"backward by {want} on the cuda forward's LSE" in n and "dense calls only" in n
+                       for n in plan.notes), plan.notes
+    attrs = targets.varlen_fwd_attributes(spec)
+    assert attrs[targets.ATTR_MAX_SEQLEN_Q] == np.int32(8) and attrs[targets.ATTR_MAX_SEQLEN_Q].dtype == np.int32
+    assert attrs[targets.ATTR_HAS_SEQUSED_K] == 0 and attrs[targets.ATTR_HAS_SINKS] == 0
 
 
 def test_triton_serves_sinks_and_mla_but_not_mla_kvcache():

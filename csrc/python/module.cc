@@ -32,6 +32,7 @@ NB_MODULE(_fa3jax_cuda, m) {
     nb::dict d;
     d["fwd"] = nb::capsule(reinterpret_cast<void*>(&Fa3jaxCudaFwd));
     d["fwd_sinks"] = nb::capsule(reinterpret_cast<void*>(&Fa3jaxCudaFwdSinks));
+    d["fwd_varlen"] = nb::capsule(reinterpret_cast<void*>(&Fa3jaxCudaFwdVarlen));
     d["bwd"] = nb::capsule(reinterpret_cast<void*>(&Fa3jaxCudaBwd));
     return d;
   });
@@ -59,6 +60,7 @@ NB_MODULE(_fa3jax_cuda, m) {
     // Features beyond the plain dense call, so that Python can refuse them on an extension built before them.
     nb::list features;
     features.append("sinks");
+    features.append("varlen");  // the fwd_varlen target (forward only)
     d["features"] = features;
     d["cuda_runtime_version"] = int(CUDART_VERSION);
     return d;

@@ -8,6 +8,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <random>
 #include <vector>
 
 #include <cuda_bf16.h>
@@ -115,6 +116,18 @@ inline void ref_forward(RefShape const& c, const std::vector<float>& q, const st
       }
 }
 
+// n standard-normal values rounded to dt: their bits (for the device) and their float values (for the reference).
+inline void normal_inputs(std::mt19937& rng, fa3jax::DType dt, size_t n, std::vector<uint16_t>& bits,
+                          std::vector<float>& vals) {
+  std::normal_distribution<float> dist(0.f, 1.f);
+  bits.resize(n);
+  vals.resize(n);
+  for (size_t i = 0; i < n; ++i) {
+    bits[i] = to_bits(dist(rng), dt);
+    vals[i] = from_bits(bits[i], dt);
+  }
+}
+
 // Uniform values in [-1, 1) from a hash of the index: the timings should see the power draw of real data
 // (zero-filled inputs let the H100 hold higher clocks, measured ~10% faster on causal rows).
 __global__ void fill_uniform(uint16_t* x, size_t n, uint32_t seed, bool bf16) {
@@ -125,6 +138,23 @@ __global__ void fill_uniform(uint16_t* x, size_t n, uint32_t seed, bool bf16) {
     if (bf16) { __nv_bfloat16 b = __float2bfloat16(v); x[i] = *reinterpret_cast<uint16_t*>(&b); }
     else { __half b = __float2half(v); x[i] = *reinterpret_cast<uint16_t*>(&b); }
   }
+}
+
+// Mean milliseconds of one run_fwd(p) on the default stream over `iters` launches, after 3 warm-up launches.
+inline double time_fwd_ms(fa3jax::FwdParams const& p, int iters = 20) {
+  for (int i = 0; i < 3; ++i) fa3jax::run_fwd(p, nullptr);
+  cudaEvent_t e0, e1;
+  CK(cudaEventCreate(&e0));
+  CK(cudaEventCreate(&e1));
+  CK(cudaEventRecord(e0));
+  for (int i = 0; i < iters; ++i) fa3jax::run_fwd(p, nullptr);
+  CK(cudaEventRecord(e1));
+  CK(cudaEventSynchronize(e1));
+  float ms;
+  CK(cudaEventElapsedTime(&ms, e0, e1));
+  CK(cudaEventDestroy(e0));
+  CK(cudaEventDestroy(e1));
+  return ms / iters;
 }
 
 // Prints the device and what was compiled ("<what>: <list>"); false unless it is an sm_90 GPU.

@@ -58,12 +58,11 @@ static void apply(fa3jax::FwdParams& p, Variant v) {
 
 static bool run_one(DType dt, int d, const Config& c, Variant variant, std::mt19937& rng, bool verbose) {
   size_t nq = size_t(c.b) * c.sq * c.hq * d, nk = size_t(c.b) * c.sk * c.hk * d, nl = size_t(c.b) * c.hq * c.sq;
-  std::normal_distribution<float> dist(0.f, 1.f);
-  std::vector<uint16_t> hq_(nq), hk_(nk), hv_(nk);
-  std::vector<float> fq(nq), fk(nk), fv(nk);
-  for (size_t i = 0; i < nq; ++i) { hq_[i] = to_bits(dist(rng), dt); fq[i] = from_bits(hq_[i], dt); }
-  for (size_t i = 0; i < nk; ++i) { hk_[i] = to_bits(dist(rng), dt); fk[i] = from_bits(hk_[i], dt); }
-  for (size_t i = 0; i < nk; ++i) { hv_[i] = to_bits(dist(rng), dt); fv[i] = from_bits(hv_[i], dt); }
+  std::vector<uint16_t> hq_, hk_, hv_;
+  std::vector<float> fq, fk, fv;
+  normal_inputs(rng, dt, nq, hq_, fq);
+  normal_inputs(rng, dt, nk, hk_, fk);
+  normal_inputs(rng, dt, nk, hv_, fv);
   float scale = 1.f / std::sqrt(float(d));
   std::vector<float> hsinks;
   if (c.sinks != Config::kNoSinks) {
@@ -199,17 +198,7 @@ static void bench(DType dt, int d, BenchFilter const& f) {
       if (v == Variant::kWide && !fa3jax::fwd_compiled_wide(dt, d)) continue;
       if (f.variant >= 0 && f.variant != int(v)) continue;
       apply(p, v);
-      cudaEvent_t e0, e1;
-      CK(cudaEventCreate(&e0)); CK(cudaEventCreate(&e1));
-      for (int i = 0; i < 3; ++i) fa3jax::run_fwd(p, nullptr);
-      const int iters = 20;
-      CK(cudaEventRecord(e0));
-      for (int i = 0; i < iters; ++i) fa3jax::run_fwd(p, nullptr);
-      CK(cudaEventRecord(e1));
-      CK(cudaEventSynchronize(e1));
-      float ms;
-      CK(cudaEventElapsedTime(&ms, e0, e1));
-      ms /= iters;
+      double const ms = time_fwd_ms(p);
       double flops = 4.0 * c.b * c.h * double(c.s) * c.s * d * (c.wr == 0 ? 0.5 : 1.0);
       std::printf("bench %s d=%d b=%d s=%d h=%d %s%s: %.3f ms, %.1f TFLOP/s\n", dt == DType::kBF16 ? "bf16" : "fp16",
                   d, c.b, c.s, c.h, c.wr == 0 ? "causal" : "full  ", label(v), ms, flops / ms * 1e-9);
@@ -299,15 +288,15 @@ int main(int argc, char** argv) {
     a.batch = 1; a.seqlen_q = a.seqlen_k = 16; a.num_heads_q = 3; a.num_heads_k = 2; a.head_dim = 128;
     ++runs;
     if (fa3jax::run_fwd(p, nullptr).ok()) { std::printf("FAIL invalid params accepted\n"); ++failures; }
-    // Features the forward does not implement yet are refused, not ignored.
+    // Features the forward does not implement yet are refused, not ignored (varlen: tests/test_varlen.cu).
     a.num_heads_q = 2;
     a.set_dense_strides();
-    int cu[2] = {0, 16};
-    a.varlen.cu_seqlens_q = cu;
+    int table[1] = {0};
+    a.paged.block_table = table;
     ++runs;
-    if (fa3jax::fwd_check(p) == nullptr) { std::printf("FAIL varlen params accepted\n"); ++failures; }
+    if (fa3jax::fwd_check(p) == nullptr) { std::printf("FAIL paged K/V params accepted\n"); ++failures; }
     // Sinks: accepted when 4-byte aligned, refused (naming them) otherwise. Unlaunched: any aligned address will do.
-    a.varlen.cu_seqlens_q = nullptr;
+    a.paged.block_table = nullptr;
     a.q = a.k = a.v = p.out = g_workspace;
     p.lse = static_cast<float*>(g_workspace);
     p.sinks = static_cast<const float*>(g_workspace);

@@ -21,11 +21,17 @@ struct Strides {
   int64_t row = 0, head = 0, batch = 0;
 };
 
-// Variable-length batches (packed rows, FA's cu_seqlens convention). Off while cu_seqlens_q is null.
+// Variable-length batches (packed rows, FA's cu_seqlens convention). Off while cu_seqlens_q is null. With it on,
+// AttnCore's q/k/v (and out) are packed (total, heads, d): seqlen_q/seqlen_k are the totals, batch the number of
+// sequences, and the strides' batch field is unused. The kernel clamps every offset into [0, total] and every
+// length to >= 0, so hostile values cannot address rows outside the tensors (fa3jax/validation.py sanitizes them
+// first, so that results follow its documented rule).
 struct VarlenSeqs {
   const int* cu_seqlens_q = nullptr;  // (batch + 1) row offsets into the packed q / out
   const int* cu_seqlens_k = nullptr;  // (batch + 1) row offsets into the packed k / v
   const int* seqused_k = nullptr;     // optional: keys used per sequence (<= its cu_seqlens_k length)
+  int max_seqlen_q = 0;  // query blocks per (sequence, head) in the grid: rows past it are not computed
+  int max_seqlen_k = 0;  // a hint for the tile order's L2 sections (0: the total)
   bool enabled() const { return cu_seqlens_q != nullptr; }
 };
 
@@ -75,7 +81,8 @@ struct Splits {
   float* lse_accum = nullptr;  // (num_splits, b, hq, sq)
 };
 
-// Forward: core + outputs + workspace. out is dense like q (b, sq, hq, d); lse float32 (b, hq, sq).
+// Forward: core + outputs + workspace. out is dense like q (b, sq, hq, d); lse float32 (b, hq, sq). Varlen: out
+// (total_q, hq, d), lse (hq, total_q); q rows outside every sequence get out 0 and lse -inf (the sink with sinks).
 struct FwdParams {
   AttnCore core;
   void* out = nullptr;

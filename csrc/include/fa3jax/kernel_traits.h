@@ -18,7 +18,7 @@ namespace fa3jax {
 using namespace cute;
 
 template <class Element_, int kHeadDim_, int kBlockM_, int kBlockN_, int kStages_, int kProducerRegs_,
-          int kConsumerRegs_, bool kTmaEpilogue_ = false>
+          int kConsumerRegs_, bool kTmaEpilogue_ = false, bool kVarlen_ = false>
 struct FwdKernelTraits {
   using Element = Element_;
   static constexpr int kHeadDim = kHeadDim_;
@@ -31,6 +31,9 @@ struct FwdKernelTraits {
   // to its next tile as soon as its rows sit in shared memory, instead of issuing ~D/2 scattered 4-byte
   // global stores per row (costly on short tiles: causal, s <= 2k). Needs a BlockM x D buffer of its own.
   static constexpr bool kTmaEpilogue = kTmaEpilogue_;
+  // Packed variable-length sequences (attn_params.h VarlenSeqs): per-tile offsets and lengths from cu_seqlens
+  // (SeqInfo::varlen), TMA tensors bounded per sequence (launch.h), units past a sequence's end skipped.
+  static constexpr bool kVarlen = kVarlen_;
   // One CTA per cluster (a 2-CTA K/V-multicast variant measured within +-2%, benchmarks/RESULTS.md).
   using ClusterShape = Shape<_1, _1, _1>;
   static_assert(kBlockM % 64 == 0 && kHeadDim % 64 == 0 && kBlockN % 16 == 0);
@@ -142,6 +145,7 @@ struct FwdKernelTraits {
     void* out;
     float* lse;
     SchedulerParams sched;
+    // Varlen: seqlen_q/seqlen_k are the packed totals (the TMA tensors' row extents), batch the sequence count.
     int batch, seqlen_q, seqlen_k, num_heads_q, num_heads_k, group_size;
     int window_left, window_right;
     float scale_log2;    // multiplier of the (capped) raw score inside exp2
@@ -149,6 +153,9 @@ struct FwdKernelTraits {
     float softcap;       // 0: off
     float lse_scale;     // converts a max in raw-score units to natural-log units
     float const* sinks;  // (num_heads_q,) natural-log attention sinks, or nullptr (off)
+    int const* cu_seqlens_q;  // kVarlen only: (batch + 1,) each
+    int const* cu_seqlens_k;
+    int const* seqused_k;     // or nullptr
   };
 };
 
