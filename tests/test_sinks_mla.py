@@ -333,8 +333,8 @@ def _fake_cuda_build(monkeypatch, features):
 
 def test_cuda_serves_dense_sinks():
     """The cuda forward folds the sinks in and its backward needs only the sink-inclusive LSE: both checks accept a
-    dense call with sinks (here without a GPU: the extension is faked); the varlen forward with sinks is served too,
-    its backward refused (the registry composes another backend's), and an extension built before it refuses it."""
+    dense call with sinks (here without a GPU: the extension is faked); the varlen forward and backward with sinks
+    are served too, and an extension built before either refuses it with the fix."""
     kw = dict(softmax_scale=None, is_causal=True, window_size=(-1, -1), softcap=0.0, return_softmax_lse=False,
               deterministic=False)
     q, k, v = _qkv(dtype=jnp.bfloat16)
@@ -342,11 +342,15 @@ def test_cuda_serves_dense_sinks():
     vspec = validation.validate_varlen(q[0], k[0], v[0], jnp.asarray([0, 8], jnp.int32), None, None, -1, -1,
                                        sinks=jnp.zeros(4, jnp.float32), **kw)
     with pytest.MonkeyPatch.context() as mp:
-        _fake_cuda_build(mp, ["sinks", "varlen"])
+        _fake_cuda_build(mp, ["sinks", "varlen", "varlen_bwd"])
         CudaBackend().check_forward(spec)
         CudaBackend().check_backward(spec)
         CudaBackend().check_forward(vspec)
-        with pytest.raises(NotImplementedError, match="backward kernel serves dense calls only"):
+        CudaBackend().check_backward(vspec)
+    with pytest.MonkeyPatch.context() as mp:  # an extension built before the varlen backward target
+        _fake_cuda_build(mp, ["sinks", "varlen"])
+        CudaBackend().check_forward(vspec)
+        with pytest.raises(NotImplementedError, match="predates the varlen backward; rebuild"):
             CudaBackend().check_backward(vspec)
     with pytest.MonkeyPatch.context() as mp:  # an extension built before the varlen target
         _fake_cuda_build(mp, ["sinks"])
@@ -360,11 +364,11 @@ def test_cuda_serves_dense_sinks():
         CudaBackend().check_backward(spec)
 
 
-def test_cuda_varlen_forward_composes_another_backward(monkeypatch):
-    """A varlen call planned as if a Hopper GPU with the varlen extension were here: the forward is cuda's, the
-    backward the next backend's that serves varlen (triton where usable, else xla) on the cuda forward's LSE, with
-    backend='cuda' and 'auto' alike and under deterministic=True; the FFI attributes are typed and the max lengths
-    capped at the totals."""
+def test_cuda_varlen_plans(monkeypatch):
+    """A varlen call planned as if a Hopper GPU with the varlen extension were here: the forward is cuda's; with the
+    varlen backward built, the backward is cuda's too (under 'auto' with deterministic=True triton's, as for dense
+    calls); on an extension built before it, the next backend's that serves varlen (triton where usable, else xla)
+    on the cuda forward's LSE. The FFI attributes are typed and the max lengths capped at the totals."""
     from fa3jax import registry
     from fa3jax.backends.cuda import targets
 
@@ -380,8 +384,17 @@ def test_cuda_varlen_forward_composes_another_backward(monkeypatch):
         for requested in ("cuda", "auto"):
             plan = registry.plan(spec, requested)
             assert (plan.forward, plan.backward) == ("cuda", want), plan
-            assert any(f"backward by {want} on the cuda forward's LSE" in n and "dense calls only" in n
+            assert any(f"backward by {want} on the cuda forward's LSE" in n and "predates the varlen backward" in n
                        for n in plan.notes), plan.notes
+    _fake_cuda_build(monkeypatch, ["sinks", "varlen", "varlen_bwd"])
+    for det in (False, True):
+        spec = validation.validate_varlen(q[0], k[0], v[0], cu, None, None, 1000, -1, deterministic=det, **kw)
+        assert registry.plan(spec, "cuda").backward == "cuda"
+        assert registry.plan(spec, "auto").backward == ("triton" if det and want == "triton" else "cuda")
+    battrs = targets.varlen_bwd_attributes(spec)
+    assert battrs[targets.ATTR_DETERMINISTIC] == 1
+    assert battrs[targets.ATTR_MAX_SEQLEN_K] == min(spec.varlen.max_seqlen_k, spec.seqlen_k)
+    assert battrs[targets.ATTR_HAS_SEQUSED_K] == 0 and targets.ATTR_HAS_SINKS not in battrs
     attrs = targets.varlen_fwd_attributes(spec)
     assert attrs[targets.ATTR_MAX_SEQLEN_Q] == np.int32(8) and attrs[targets.ATTR_MAX_SEQLEN_Q].dtype == np.int32
     assert attrs[targets.ATTR_HAS_SEQUSED_K] == 0 and attrs[targets.ATTR_HAS_SINKS] == 0

@@ -34,6 +34,7 @@ NB_MODULE(_fa3jax_cuda, m) {
     d["fwd_sinks"] = nb::capsule(reinterpret_cast<void*>(&Fa3jaxCudaFwdSinks));
     d["fwd_varlen"] = nb::capsule(reinterpret_cast<void*>(&Fa3jaxCudaFwdVarlen));
     d["bwd"] = nb::capsule(reinterpret_cast<void*>(&Fa3jaxCudaBwd));
+    d["bwd_varlen"] = nb::capsule(reinterpret_cast<void*>(&Fa3jaxCudaBwdVarlen));
     return d;
   });
   m.def("build_info", []() {
@@ -60,7 +61,8 @@ NB_MODULE(_fa3jax_cuda, m) {
     // Features beyond the plain dense call, so that Python can refuse them on an extension built before them.
     nb::list features;
     features.append("sinks");
-    features.append("varlen");  // the fwd_varlen target (forward only)
+    features.append("varlen");      // the fwd_varlen target
+    features.append("varlen_bwd");  // the bwd_varlen target
     d["features"] = features;
     d["cuda_runtime_version"] = int(CUDART_VERSION);
     return d;

@@ -32,7 +32,7 @@ namespace fa3jax {
 using namespace cute;
 
 template <class Element_, int kHeadDim_, int kBlockM_, int kBlockN_, int kNumMmaWG_, int kStages_,
-          int kProducerRegs_, int kConsumerRegs_, bool kDqRed_, int kDqBufs_>
+          int kProducerRegs_, int kConsumerRegs_, bool kDqRed_, int kDqBufs_, bool kVarlen_ = false>
 struct BwdKernelTraits {
   using Element = Element_;
   static constexpr int kHeadDim = kHeadDim_;
@@ -43,6 +43,7 @@ struct BwdKernelTraits {
   static constexpr int kConsumerRegs = kConsumerRegs_;
   static constexpr bool kDqRed = kDqRed_;  // dQ partials by vector reductions from registers, not a bulk reduce
   static constexpr int kDqBufs = kDqRed ? 0 : kDqBufs_;  // dQ staging buffers (bulk adds in flight per warpgroup)
+  static constexpr bool kVarlen = kVarlen_;  // packed sequences (cu_seqlens): per-CTA SeqInfo, bounded TMA views
   using ClusterShape = Shape<_1, _1, _1>;
 
   static constexpr int kNumMmaWG = kNumMmaWG_;
@@ -151,16 +152,24 @@ struct BwdKernelTraits {
     TmaK tma_v;
     void* dk;
     void* dv;
-    float* dq_accum;        // (b, hq, m blocks, kBlockM * d) tiles, bwd_layout.h
-    float const* lse_log2;  // (b, hq, rows padded to kBlockM)
+    float* dq_accum;        // kBlockM x d tiles per padded row block (bwd_layout.h, bwd_stat_row0)
+    float const* lse_log2;  // one float per padded row
     float const* delta;
-    int* dq_sem;            // deterministic: (b, hq, m blocks, warpgroups) turn counters, zeroed; else nullptr
+    int* dq_sem;            // deterministic: warpgroups turn counters per padded row block, zeroed; else nullptr
+    // Dense: the call's lengths. Varlen: the totals (rows of the packed tensors), with the sequences in
+    // cu_seqlens_q/k (+ seqused_k, query lengths capped at max_seqlen_q) and their padded stat rows at
+    // bwd_stat_row0 (attn_params.h).
     int batch, seqlen_q, seqlen_k, num_heads_q, num_heads_k, group_size, num_m_blocks;
     int window_left, window_right;
     float scale_log2;   // multiplier of the (capped) raw score inside exp2
     float softcap_pre;  // softmax_scale / softcap (softcap path only)
     float softcap;      // 0: off
     float dk_scale;     // softmax_scale: dK = scale * dS^T Q
+    int const* cu_seqlens_q;  // varlen only (else nullptr)
+    int const* cu_seqlens_k;
+    int const* seqused_k;
+    int max_seqlen_q;
+    int64_t stat_rows;  // varlen: padded stat rows per query head
   };
 };
 

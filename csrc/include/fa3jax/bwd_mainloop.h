@@ -19,13 +19,19 @@
 #include "bwd_kernel_traits.h"
 #include "bwd_layout.h"
 #include "mask.h"
+#include "seq_info.h"
 #include "utils.h"
 
 namespace fa3jax {
 
-// One CTA's work: key block n_block of kv head head_k in batch `batch`, over the query heads of head_k's group.
+// One CTA's work: key block n_block of kv head head_k in batch `batch`, over the query heads of head_k's group;
+// where its sequence lives (dense or packed rows) and where its padded stat rows start (bwd_layout.h).
 struct BwdTile {
   int n_block, head_k, batch;
+  SeqInfo seq;
+  int64_t stat_base, stat_head_stride;  // stat row of (query head h, query block m): base + h * stride + 64 m
+
+  CUTE_DEVICE int64_t stat_row(int h, int m) const { return stat_base + h * stat_head_stride + int64_t(m) * kBwdBlockM; }
 };
 
 // dst (global fp32) += src (shared fp32), `bytes` a multiple of 16, as one asynchronous bulk operation of the
@@ -93,10 +99,20 @@ struct BwdMainloop {
     Tensor sQ = make_tensor(make_smem_ptr(ss.smem_q.data()), typename KT::SmemLayoutQ{});
     Tensor sdO = make_tensor(make_smem_ptr(ss.smem_do.data()), typename KT::SmemLayoutQ{});
 
-    Tensor mK = p.tma_k.get_tma_tensor(make_shape(p.seqlen_k, int(kHeadDim), p.num_heads_k, p.batch));
-    Tensor mV = p.tma_v.get_tma_tensor(make_shape(p.seqlen_k, int(kHeadDim), p.num_heads_k, p.batch));
-    Tensor gK = local_tile(mK(_, _, tile.head_k, tile.batch), Shape<BlkN, HDim>{}, make_coord(tile.n_block, _0{}));
-    Tensor gV = local_tile(mV(_, _, tile.head_k, tile.batch), Shape<BlkN, HDim>{}, make_coord(tile.n_block, _0{}));
+    // Dense: (row, d, head, batch). Varlen: packed rows as (r, d, head, end) (launch.h's rows_before view): the
+    // sequence is coordinate end = offset + length and its row i is r = total - length + i, so rows past its end
+    // fall outside the tensor and TMA zero-fills them.
+    int const last_k = KT::kVarlen ? int(tile.seq.offset_k) + tile.seq.seqlen_k : tile.batch;
+    int const last_q = KT::kVarlen ? int(tile.seq.offset_q) + tile.seq.seqlen_q : tile.batch;
+    int const r0_k = KT::kVarlen ? p.seqlen_k - tile.seq.seqlen_k : 0;
+    int const r0_q = KT::kVarlen ? p.seqlen_q - tile.seq.seqlen_q : 0;
+    int const ext_k = KT::kVarlen ? p.seqlen_k + 1 : p.batch, ext_q = KT::kVarlen ? p.seqlen_q + 1 : p.batch;
+    Tensor mK = p.tma_k.get_tma_tensor(make_shape(p.seqlen_k, int(kHeadDim), p.num_heads_k, ext_k));
+    Tensor mV = p.tma_v.get_tma_tensor(make_shape(p.seqlen_k, int(kHeadDim), p.num_heads_k, ext_k));
+    Tensor gK = local_tile(domain_offset(make_coord(r0_k, _0{}), mK(_, _, tile.head_k, last_k)), Shape<BlkN, HDim>{},
+                           make_coord(tile.n_block, _0{}));
+    Tensor gV = local_tile(domain_offset(make_coord(r0_k, _0{}), mV(_, _, tile.head_k, last_k)), Shape<BlkN, HDim>{},
+                           make_coord(tile.n_block, _0{}));
     auto [tKgK, tKsK] = tma_partition(p.tma_k, _0{}, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gK));
     auto [tVgV, tVsV] = tma_partition(p.tma_v, _0{}, Layout<_1>{}, group_modes<0, 2>(sV), group_modes<0, 2>(gV));
     if (lane0) {
@@ -105,17 +121,17 @@ struct BwdMainloop {
       copy(p.tma_v.with(ss.barrier_kv), tVgV, tVsV);
     }
 
-    Tensor mQ = p.tma_q.get_tma_tensor(make_shape(p.seqlen_q, int(kHeadDim), p.num_heads_q, p.batch));
-    Tensor mdO = p.tma_do.get_tma_tensor(make_shape(p.seqlen_q, int(kHeadDim), p.num_heads_q, p.batch));
-    int64_t const rows_pad = int64_t(p.num_m_blocks) * kBlockM;
+    Tensor mQ = p.tma_q.get_tma_tensor(make_shape(p.seqlen_q, int(kHeadDim), p.num_heads_q, ext_q));
+    Tensor mdO = p.tma_do.get_tma_tensor(make_shape(p.seqlen_q, int(kHeadDim), p.num_heads_q, ext_q));
     for (int g = 0; g < p.group_size; ++g) {
       int const h = tile.head_k * p.group_size + g;
-      Tensor gQ = local_tile(mQ(_, _, h, tile.batch), Shape<BlkM, HDim>{}, make_coord(_, _0{}));  // (M, D, m)
-      Tensor gdO = local_tile(mdO(_, _, h, tile.batch), Shape<BlkM, HDim>{}, make_coord(_, _0{}));
+      Tensor gQ = local_tile(domain_offset(make_coord(r0_q, _0{}), mQ(_, _, h, last_q)), Shape<BlkM, HDim>{},
+                             make_coord(_, _0{}));  // (M, D, m)
+      Tensor gdO = local_tile(domain_offset(make_coord(r0_q, _0{}), mdO(_, _, h, last_q)), Shape<BlkM, HDim>{},
+                              make_coord(_, _0{}));
       auto [tQgQ, tQsQ] = tma_partition(p.tma_q, _0{}, Layout<_1>{}, group_modes<0, 2>(sQ), group_modes<0, 2>(gQ));
       auto [tdOgdO, tdOsdO] =
           tma_partition(p.tma_do, _0{}, Layout<_1>{}, group_modes<0, 2>(sdO), group_modes<0, 2>(gdO));
-      int64_t const row0 = (int64_t(tile.batch) * p.num_heads_q + h) * rows_pad;
       for (int m = km.m_min; m < km.m_max; ++m) {
         pipe.producer_acquire(st);
         if (lane0) {
@@ -123,7 +139,7 @@ struct BwdMainloop {
           int const s = st.index();
           copy(p.tma_q.with(*bar), tQgQ(_, m), tQsQ(_, s));
           copy(p.tma_do.with(*bar), tdOgdO(_, m), tdOsdO(_, s));
-          int64_t const r = row0 + int64_t(m) * kBlockM;
+          int64_t const r = tile.stat_row(h, m);
           SM90_BULK_COPY_G2S::copy(p.lse_log2 + r, bar, ss.smem_lse[s], KT::kBytesRow);
           SM90_BULK_COPY_G2S::copy(p.delta + r, bar, ss.smem_delta[s], KT::kBytesRow);
         }
@@ -133,8 +149,9 @@ struct BwdMainloop {
   }
 
   // Place of key block n in query block m's deterministic dQ order (dq_turn_wait).
-  CUTE_DEVICE static int dq_turn(Params const& p, int m, int n) {
-    return QBlockMask<kBlockM, KT::kBlockN>(m, p.seqlen_q, p.seqlen_k, p.window_left, p.window_right).n_max - 1 - n;
+  CUTE_DEVICE static int dq_turn(Params const& p, BwdTile const& tile, int m) {
+    return QBlockMask<kBlockM, KT::kBlockN>(m, tile.seq.seqlen_q, tile.seq.seqlen_k, p.window_left,
+                                            p.window_right).n_max - 1 - tile.n_block;
   }
 
   // Frees stage st for the producer (a local mbarrier arrive per consumer thread, as in FwdMainloop::release).
@@ -224,7 +241,6 @@ struct BwdMainloop {
     int const wg_tid = mma_tid % 128;
     bool const dq_issuer = wg_tid == 0;
     constexpr int kDqBytes = kBlockM * KT::kDqCols * int(sizeof(float));
-    int64_t const rows_pad = int64_t(p.num_m_blocks) * kBlockM;
     int const n0 = tile.n_block * KT::kBlockN;
     int const n_steps = p.group_size * km.num_blocks();
     int* sem_pending = nullptr;  // deterministic mode, issuing thread: the slice whose add is still in flight
@@ -247,7 +263,7 @@ struct BwdMainloop {
       float const* lse = ss.smem_lse[s];
       float const* delta = ss.smem_delta[s];
       auto allowed = [&](int r, int c) {
-        return mask_allows(q0 + int(get<1>(rc(r, c))), n0 + int(get<0>(rc(r, c))), p.seqlen_q, p.seqlen_k,
+        return mask_allows(q0 + int(get<1>(rc(r, c))), n0 + int(get<0>(rc(r, c))), tile.seq.seqlen_q, tile.seq.seqlen_k,
                            p.window_left, p.window_right);
       };
       if constexpr (!kSoftcap) {
@@ -324,16 +340,17 @@ struct BwdMainloop {
       // straight from the registers. Else through this warpgroup's staging slice and one bulk reduce-add of it; the
       // slice (one of kDqBufs, in turn) is rewritten only after the add that last read it has (issued kDqBufs
       // steps earlier, so the wait rarely waits).
-      float* const dq_slice = p.dq_accum + ((int64_t(tile.batch) * p.num_heads_q + h) * rows_pad + int64_t(m) * kBlockM) * kHeadDim +
+      int64_t const stat = tile.stat_row(h, m);
+      float* const dq_slice = p.dq_accum + stat * kHeadDim +
                               mma_wg * kBlockM * KT::kDqCols;
       static_assert(decltype(size(tdQrdQ))::value % 4 == 0);
       if constexpr (KT::kDqRed) {
         // Deterministic: every thread's reductions of this slice, in key-block turn, fenced before the issuer
         // counts the turn (no overlap with the next step, unlike the bulk path).
         int* const sem = p.dq_sem == nullptr ? nullptr
-            : p.dq_sem + ((int64_t(tile.batch) * p.num_heads_q + h) * p.num_m_blocks + m) * KT::kNumMmaWG + mma_wg;
+            : p.dq_sem + stat / kBlockM * KT::kNumMmaWG + mma_wg;
         if (sem != nullptr) {
-          if (dq_issuer) dq_turn_wait(sem, dq_turn(p, m, tile.n_block));
+          if (dq_issuer) dq_turn_wait(sem, dq_turn(p, tile, m));
           named_barrier_sync(kDqBarrier + mma_wg, 128);
         }
         CUTE_UNROLL
@@ -348,8 +365,8 @@ struct BwdMainloop {
         if (dq_issuer) {
           if (p.dq_sem != nullptr) {
             if (sem_pending != nullptr) dq_turn_done(sem_pending);
-            sem_pending = p.dq_sem + ((int64_t(tile.batch) * p.num_heads_q + h) * p.num_m_blocks + m) * KT::kNumMmaWG + mma_wg;
-            dq_turn_wait(sem_pending, dq_turn(p, m, tile.n_block));
+            sem_pending = p.dq_sem + stat / kBlockM * KT::kNumMmaWG + mma_wg;
+            dq_turn_wait(sem_pending, dq_turn(p, tile, m));
           } else {
             tma_store_wait<(KT::kDqBufs > 1 ? KT::kDqBufs - 1 : 0)>();  // the add that last read this buffer
           }

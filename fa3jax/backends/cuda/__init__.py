@@ -1,8 +1,8 @@
 """Hopper (sm_90a) CUDA backend: FlashAttention-3 style forward and backward kernels behind XLA FFI.
 
 The compiled part lives in ``_fa3jax_cuda`` (built only with ``FA3JAX_BUILD_CUDA=1``); everything here works,
-and reports unavailability, without it. The forward serves dense and varlen calls; where the backward kernel does
-not serve a call (see check_backward: varlen, head dims built without a backward), the registry pairs this forward
+and reports unavailability, without it. Forward and backward serve dense and varlen calls; where the backward
+kernel does not serve a call (see check_backward: head dims built without a backward), the registry pairs this forward
 (and its LSE, which follows every backend's convention) with another backend's backward.
 """
 from __future__ import annotations
@@ -146,11 +146,18 @@ class CudaBackend(Backend):
 
     def check_backward(self, spec: AttentionSpec) -> None:
         # Sinks need nothing here: the forward's LSE holds them, and vjp.sink_grad takes their own gradient.
-        if spec.mode != "dense":
+        if spec.mode not in ("dense", "varlen"):
             # A cuda forward's LSE follows the shared convention, so the registry composes the next backend's
-            # backward (triton's varlen, else xla's) with it.
-            raise NotImplementedError(f"cuda: the backward kernel serves dense calls only (got {spec.mode!r})")
+            # backward with it.
+            raise NotImplementedError(f"cuda: the backward kernel serves dense and varlen calls (got {spec.mode!r})")
         self._check_common(spec, "bwd_instances", "backward")
+        if spec.mode == "varlen":
+            if targets.FEATURE_VARLEN_BWD not in build_info().get("features", ()):
+                raise NotImplementedError("cuda: this build of the CUDA extension predates the varlen backward; "
+                                          "rebuild it (FA3JAX_BUILD_CUDA=1 pip install .)")
+            if max(spec.seqlen_q, spec.seqlen_k) > _MAX_VARLEN_ROWS:
+                raise NotImplementedError(f"cuda: varlen totals above {_MAX_VARLEN_ROWS} rows exceed the kernel's "
+                                          f"int32 TMA coordinates")
         if spec.batch > _MAX_GRID_YZ or spec.num_heads_k > _MAX_GRID_YZ:
             raise NotImplementedError(f"cuda: the backward grid is (key blocks, heads_k, batch); {spec.batch=} and "
                                       f"{spec.num_heads_k=} must be <= {_MAX_GRID_YZ}")
@@ -193,9 +200,16 @@ class CudaBackend(Backend):
         _register_targets(ext)
         out_types = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
                      jax.ShapeDtypeStruct(v.shape, v.dtype))
+        operands = [q, k, v, out.astype(q.dtype), lse.astype(jnp.float32), dout.astype(q.dtype),
+                    dlse.astype(jnp.float32)]
+        if spec.mode == "varlen":  # packed rows, lse (hq, total_q); index arrays sanitized by validation
+            operands += [args.cu_seqlens_q, args.cu_seqlens_k]
+            if spec.varlen.has_seqused_k:
+                operands.append(args.seqused_k)
+            call = jax.ffi.ffi_call(targets.BWD_VARLEN_TARGET, out_types, vmap_method="sequential")
+            return tuple(call(*operands, **targets.varlen_bwd_attributes(spec)))
         call = jax.ffi.ffi_call(targets.BWD_TARGET, out_types, vmap_method="sequential")
-        dq, dk, dv = call(q, k, v, out.astype(q.dtype), lse.astype(jnp.float32), dout.astype(q.dtype),
-                          dlse.astype(jnp.float32), **targets.bwd_attributes(spec))
+        dq, dk, dv = call(*operands, **targets.bwd_attributes(spec))
         return dq, dk, dv
 
 

@@ -15,11 +15,15 @@ FWD_SINKS_TARGET = "fa3jax_cuda_fwd_sinks"  # (q, k, v, sinks float32 (hq,)) -> 
 # which optional operands follow
 FWD_VARLEN_TARGET = "fa3jax_cuda_fwd_varlen"
 BWD_TARGET = "fa3jax_cuda_bwd"  # (q, k, v, out, lse, dout, dlse) -> (dq, dk, dv); csrc/ffi/bwd_ffi.cc
-HANDLERS = {FWD_TARGET: "fwd", FWD_SINKS_TARGET: "fwd_sinks", FWD_VARLEN_TARGET: "fwd_varlen", BWD_TARGET: "bwd"}
+# (q, k, v, out, lse (hq, total_q), dout, dlse, cu_seqlens_q, cu_seqlens_k[, seqused_k]) -> (dq, dk, dv)
+BWD_VARLEN_TARGET = "fa3jax_cuda_bwd_varlen"
+HANDLERS = {FWD_TARGET: "fwd", FWD_SINKS_TARGET: "fwd_sinks", FWD_VARLEN_TARGET: "fwd_varlen", BWD_TARGET: "bwd",
+            BWD_VARLEN_TARGET: "bwd_varlen"}
 # build_info()["features"] entries of an extension that has FWD_SINKS_TARGET / FWD_VARLEN_TARGET (older builds lack
 # them).
 FEATURE_SINKS = "sinks"
 FEATURE_VARLEN = "varlen"
+FEATURE_VARLEN_BWD = "varlen_bwd"
 
 # Attributes, with their FFI types: all targets take the first four, then the forward kernel_variant and the
 # backward deterministic.
@@ -29,7 +33,7 @@ ATTR_WINDOW_RIGHT = "window_right"  # i32, -1 = unbounded; causal is 0
 ATTR_SOFTCAP = "softcap"  # f32, 0 = off
 ATTR_KERNEL_VARIANT = "kernel_variant"  # i32, see KERNEL_VARIANTS (forward only)
 ATTR_DETERMINISTIC = "deterministic"  # i32 0/1: dQ partials added in a fixed order (backward only)
-# Varlen forward only:
+# Varlen only (has_sinks: forward only):
 ATTR_MAX_SEQLEN_Q = "max_seqlen_q"  # i32: query blocks per sequence in the grid (rows past it are not computed)
 ATTR_MAX_SEQLEN_K = "max_seqlen_k"  # i32: a hint for the tile order
 ATTR_HAS_SEQUSED_K = "has_seqused_k"  # i32 0/1: a seqused_k operand follows cu_seqlens_k
@@ -71,4 +75,15 @@ def varlen_fwd_attributes(spec) -> dict:
         ATTR_MAX_SEQLEN_K: np.int32(min(vs.max_seqlen_k, spec.seqlen_k)),
         ATTR_HAS_SEQUSED_K: np.int32(bool(vs.has_seqused_k)),
         ATTR_HAS_SINKS: np.int32(bool(spec.has_sinks)),
+    }
+
+
+def varlen_bwd_attributes(spec) -> dict:
+    """Keyword attributes of one varlen backward call (the sinks need no operand: the LSE holds them)."""
+    vs = spec.varlen
+    return {
+        **bwd_attributes(spec),
+        ATTR_MAX_SEQLEN_Q: np.int32(min(vs.max_seqlen_q, spec.seqlen_q)),
+        ATTR_MAX_SEQLEN_K: np.int32(min(vs.max_seqlen_k, spec.seqlen_k)),
+        ATTR_HAS_SEQUSED_K: np.int32(bool(vs.has_seqused_k)),
     }
