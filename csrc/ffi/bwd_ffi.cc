@@ -36,6 +36,9 @@ ffi::Error BwdImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyB
   fa3jax::AttnCore& c = p.core;
   std::string const why = fa3jax_ffi::dense_core(q, k, v, softmax_scale, window_left, window_right, softcap, c);
   if (!why.empty()) return bad(why);
+  if (c.value_dim() != c.head_dim)  // before the shape checks below, which assume one head dim
+    return bad("v's head dim " + std::to_string(c.value_dim()) + " must equal q/k's " + std::to_string(c.head_dim) +
+               ": the backward kernel has no MLA (d_v != d) variant");
   ffi::DataType const dt = q.element_type();
   for (auto const* buf : {&out, &dout})
     if (buf->element_type() != dt || !same_dims(buf->dimensions(), q.dimensions()))

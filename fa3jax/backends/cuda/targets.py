@@ -17,9 +17,10 @@ FWD_VARLEN_TARGET = "fa3jax_cuda_fwd_varlen"
 BWD_TARGET = "fa3jax_cuda_bwd"  # (q, k, v, out, lse, dout, dlse) -> (dq, dk, dv); csrc/ffi/bwd_ffi.cc
 HANDLERS = {FWD_TARGET: "fwd", FWD_SINKS_TARGET: "fwd_sinks", FWD_VARLEN_TARGET: "fwd_varlen", BWD_TARGET: "bwd"}
 # build_info()["features"] entries of an extension that has FWD_SINKS_TARGET / FWD_VARLEN_TARGET (older builds lack
-# them).
+# them), and of one whose forward targets take v with a smaller head dim (MLA; build_info()["mla_instances"]).
 FEATURE_SINKS = "sinks"
 FEATURE_VARLEN = "varlen"
+FEATURE_MLA = "mla"
 
 # Attributes, with their FFI types: all targets take the first four, then the forward kernel_variant and the
 # backward deterministic.
