@@ -46,7 +46,7 @@ buildext() {
 }
 buildtests() {
   cmake -S csrc -B build/csrc-tests -G Ninja -DFA3JAX_PTXAS_VERBOSE=ON -DFA3JAX_BUILD_TESTS=ON \
-    -DFA3JAX_HEAD_DIMS="${FA3JAX_HEAD_DIMS:-64;128;256}" -DFA3JAX_DTYPES="${FA3JAX_DTYPES:-bf16;fp16}" >/dev/null \
+    -DFA3JAX_HEAD_DIMS="${FA3JAX_HEAD_DIMS:-64;128;256;192x128;128x64}" -DFA3JAX_DTYPES="${FA3JAX_DTYPES:-bf16;fp16}" >/dev/null \
     && cmake --build build/csrc-tests -j16 2>&1 | grep -E "error|spill|Used [0-9]+ registers" | sort | uniq | head -40
   # timeouts: a pipeline or barrier bug shows up as a hang, not a crash
   timeout 60 build/csrc-tests/fa3jax_test_layouts && timeout 180 build/csrc-tests/fa3jax_test_fwd &&

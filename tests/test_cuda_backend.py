@@ -19,6 +19,7 @@ pytestmark = pytest.mark.gpu
 
 _BUILT = {(str(t), int(d)) for t, d in build_info().get("instances", ())}
 _BUILT_BWD = {(str(t), int(d)) for t, d in build_info().get("bwd_instances", ())}
+_BUILT_MLA = {(str(t), int(d), int(dv)) for t, d, dv in build_info().get("mla_instances", ())}
 _NAMES = {"bf16": "bfloat16", "fp16": "float16"}
 
 
@@ -91,6 +92,43 @@ def _sinks(rng, hq, offset=0.0):
     return jnp.asarray(rng.uniform(-2.0, 2.0, hq) + offset, jnp.float32)
 
 
+def _dense_against_reference(rng, dtype, d, dv, case, sink_offset, backward):
+    """One dense call, cuda forward: out (b, lq, hq, dv), lse and the gradients w.r.t. q, k, v (and the sinks,
+    drawn with ``sink_offset``, None: none) against the float64 reference. ``backward``: "cuda" (the plan's must be
+    cuda's own), "composed" (another backend's on the cuda forward's LSE) or None (either). Returns the float64
+    inputs, the reference's keywords and the reference's results, for further checks."""
+    b, lq, lk, hq, hk, causal, window, cap = case
+    q, q64 = rand(rng, (b, lq, hq, d), dtype)
+    k, k64 = rand(rng, (b, lk, hk, d), dtype)
+    v, v64 = rand(rng, (b, lk, hk, dv), dtype)
+    do, do64 = rand(rng, (b, lq, hq, dv), dtype)
+    dl64 = rng.standard_normal((b, hq, lq))
+    sinks = None if sink_offset is None else _sinks(rng, hq, sink_offset)
+    scale = 0.7 / np.sqrt(d)
+    kw = dict(softmax_scale=scale, is_causal=causal, window_size=window, softcap=cap, return_softmax_lse=True)
+    plan = registry.plan(validation.validate_dense(q, k, v, deterministic=False, sinks=sinks, **kw), "cuda")
+    assert plan.forward == "cuda", plan
+    if backward is not None:
+        assert (plan.backward == "cuda") == (backward == "cuda") and plan.backward is not None, plan
+    rkw = dict(scale=scale, window=masking.normalize_window(window, causal), softcap=cap, dout=do64, dlse=dl64,
+               sinks=None if sinks is None else np.asarray(sinks, np.float64))
+    ref = reference.dense(q64, k64, v64, **rkw)
+    low = reference.dense(q64, k64, v64, impl=functools.partial(naive_lowp, dtype=dtype), **rkw)
+
+    def f(q, k, v, sinks):
+        return fa3jax.flash_mha(q, k, v, sinks=sinks, backend="cuda", **kw)
+
+    (out, lse), pull = jax.vjp(jax.jit(f), q, k, v, sinks)
+    assert out.shape == (b, lq, hq, dv)
+    check("out", out, ref[0], low[0], dtype)
+    check("lse", lse, ref[1], low[1], dtype)
+    grads = pull((do, jnp.asarray(dl64, jnp.float32)))
+    names = ("dq", "dk", "dv") + (("dsinks",) if sinks is not None else ())
+    for name, got, r, lo in zip(names, grads, ref[2:], low[2:]):
+        check(name, got, r, lo, dtype)
+    return (q64, k64, v64), rkw, ref, low
+
+
 @pytest.mark.parametrize("instance", sorted(_BUILT) or [("bf16", 128)], ids=lambda i: f"{i[0]}-d{i[1]}")
 @pytest.mark.parametrize("case", SINK_CASES, ids=_sink_case_id)
 def test_sinks_forward_and_grads(instance, case):
@@ -99,36 +137,11 @@ def test_sinks_forward_and_grads(instance, case):
     if instance not in _BUILT:
         pytest.skip("no CUDA instance built")
     dtype, d = _NAMES[instance[0]], instance[1]
-    b, lq, lk, hq, hk, causal, window, cap, off = case
     rng = seeded_rng("cuda", "sinks", instance, case)
-    q, q64 = rand(rng, (b, lq, hq, d), dtype)
-    k, k64 = rand(rng, (b, lk, hk, d), dtype)
-    v, v64 = rand(rng, (b, lk, hk, d), dtype)
-    do, do64 = rand(rng, (b, lq, hq, d), dtype)
-    dl64 = rng.standard_normal((b, hq, lq))
-    sinks = _sinks(rng, hq, off)
-    scale = 0.7 / np.sqrt(d)
-    kw = dict(softmax_scale=scale, is_causal=causal, window_size=window, softcap=cap, return_softmax_lse=True)
-    plan = registry.plan(validation.validate_dense(q, k, v, deterministic=False, sinks=sinks, **kw), "cuda")
-    assert plan.forward == "cuda", plan
-    if instance in _BUILT_BWD:
-        assert plan.backward == "cuda", plan
-    rkw = dict(scale=scale, window=masking.normalize_window(window, causal), softcap=cap, dout=do64, dlse=dl64,
-               sinks=np.asarray(sinks, np.float64))
-    ref = reference.dense(q64, k64, v64, **rkw)
-    low = reference.dense(q64, k64, v64, impl=functools.partial(naive_lowp, dtype=dtype), **rkw)
-
-    def f(q, k, v, sinks):
-        return fa3jax.flash_mha(q, k, v, sinks=sinks, backend="cuda", **kw)
-
-    (out, lse), pull = jax.vjp(jax.jit(f), q, k, v, sinks)
-    check("out", out, ref[0], low[0], dtype)
-    check("lse", lse, ref[1], low[1], dtype)
-    grads = pull((do, jnp.asarray(dl64, jnp.float32)))
-    for name, got, r, lo in zip(("dq", "dk", "dv", "dsinks"), grads, ref[2:], low[2:]):
-        check(name, got, r, lo, dtype)
+    inputs, rkw, ref, low = _dense_against_reference(rng, dtype, d, d, case[:-1], case[-1],
+                                                     "cuda" if instance in _BUILT_BWD else None)
     # The case can catch an ignored sink: the sink-free attention misses the output's tolerance.
-    ref0 = reference.dense(q64, k64, v64, **{**rkw, "sinks": None})
+    ref0 = reference.dense(*inputs, **{**rkw, "sinks": None})
     with pytest.raises(AssertionError):
         check("out without sinks", ref0[0], ref[0], low[0], dtype)
 
@@ -263,34 +276,29 @@ def _varlen_case_id(c):
             f"{'-lk' if lk else ''}{'-used' if used else ''}{'-sinks' if sinks else ''}{'-pad%d' % pad if pad else ''}")
 
 
-def _varlen_inputs(rng, case, d, dtype):
+def _varlen_inputs(rng, case, d, dtype, dv=None):
+    """Packed inputs of a varlen case; v and the output's cotangent have head dim ``dv`` (None: d)."""
+    dv = dv or d
     lens_q, lens_k, used, hq, hk, causal, window, cap, with_sinks, pad = case
     cu_q = np.concatenate([[0], np.cumsum(lens_q)]).astype(np.int32)
     cu_k = np.concatenate([[0], np.cumsum(lens_k or lens_q)]).astype(np.int32)
     tq, tk = int(cu_q[-1]) + pad, int(cu_k[-1]) + (pad if lens_k is None else 0)
     q, q64 = rand(rng, (tq, hq, d), dtype)
     k, k64 = rand(rng, (tk, hk, d), dtype)
-    v, v64 = rand(rng, (tk, hk, d), dtype)
-    do, do64 = rand(rng, (tq, hq, d), dtype)
+    v, v64 = rand(rng, (tk, hk, dv), dtype)
+    do, do64 = rand(rng, (tq, hq, dv), dtype)
     dl64 = rng.standard_normal((hq, tq))
     sinks = _sinks(rng, hq, 2.0) if with_sinks else None
     used = None if used is None else np.asarray(used, np.int32)
     return cu_q, cu_k, used, (q, k, v, do), (q64, k64, v64, do64), dl64, sinks
 
 
-@pytest.mark.parametrize("instance", sorted(_BUILT) or [("bf16", 128)], ids=lambda i: f"{i[0]}-d{i[1]}")
-@pytest.mark.parametrize("case", VARLEN_CASES, ids=_varlen_case_id)
-def test_varlen_forward_and_grads(instance, case):
-    """The cuda varlen forward (out, lse (hq, total_q)) and the gradients of its composition with another backend's
-    varlen backward, against the float64 reference per sequence: empty sequences and sequences shorter than a
-    tile, lq != lk, GQA/MQA, masks, softcap, seqused_k, sinks, q rows outside every sequence (out 0, lse -inf or
-    the sink)."""
-    if instance not in _BUILT:
-        pytest.skip("no CUDA instance built")
-    dtype, d = _NAMES[instance[0]], instance[1]
-    rng = seeded_rng("cuda", "varlen", instance, case)
+def _varlen_against_reference(rng, dtype, d, dv, case):
+    """One varlen call, cuda forward (v and out with head dim ``dv``), and the gradients of its composition with
+    another backend's varlen backward, against the float64 reference per sequence; the q rows outside every
+    sequence must get out 0 and lse -inf or the sink."""
     lens_q, lens_k, _, hq, hk, causal, window, cap, _, _ = case
-    cu_q, cu_k, used, (q, k, v, do), (q64, k64, v64, do64), dl64, sinks = _varlen_inputs(rng, case, d, dtype)
+    cu_q, cu_k, used, (q, k, v, do), (q64, k64, v64, do64), dl64, sinks = _varlen_inputs(rng, case, d, dtype, dv)
     scale = 0.7 / np.sqrt(d)
     kw = dict(softmax_scale=scale, is_causal=causal, window_size=window, softcap=cap, return_softmax_lse=True)
     max_q, max_k = max(lens_q), max(used if used is not None else (lens_k or lens_q))
@@ -307,6 +315,7 @@ def test_varlen_forward_and_grads(instance, case):
         return fa3jax.flash_mha_varlen(q, k, v, *idx, max_q, max_k, sinks=sinks, backend="cuda", **kw)
 
     (out, lse), pull = jax.vjp(jax.jit(f), q, k, v, sinks)
+    assert out.shape == (q.shape[0], hq, dv)
     check("out", out, ref[0], low[0], dtype)
     check("lse", lse, ref[1], low[1], dtype)
     covered = np.zeros(q.shape[0], bool)
@@ -319,6 +328,21 @@ def test_varlen_forward_and_grads(instance, case):
     names = ("dq", "dk", "dv") + (("dsinks",) if sinks is not None else ())
     for name, got, r, lo in zip(names, grads, ref[2:], low[2:]):
         check(name, got, r, lo, dtype)
+
+
+
+
+@pytest.mark.parametrize("instance", sorted(_BUILT) or [("bf16", 128)], ids=lambda i: f"{i[0]}-d{i[1]}")
+@pytest.mark.parametrize("case", VARLEN_CASES, ids=_varlen_case_id)
+def test_varlen_forward_and_grads(instance, case):
+    """The cuda varlen forward (out, lse (hq, total_q)) and the gradients of its composition with another backend's
+    varlen backward, against the float64 reference per sequence: empty sequences and sequences shorter than a
+    tile, lq != lk, GQA/MQA, masks, softcap, seqused_k, sinks, q rows outside every sequence (out 0, lse -inf or
+    the sink)."""
+    if instance not in _BUILT:
+        pytest.skip("no CUDA instance built")
+    dtype, d = _NAMES[instance[0]], instance[1]
+    _varlen_against_reference(seeded_rng("cuda", "varlen", instance, case), dtype, d, d, case)
 
 
 @pytest.mark.parametrize("instance", sorted(_BUILT) or [("bf16", 128)], ids=lambda i: f"{i[0]}-d{i[1]}")
@@ -363,3 +387,83 @@ def test_varlen_matches_triton_under_jit_with_traced_cu_seqlens(instance, causal
         np.testing.assert_array_equal(np.isfinite(a), fin, err_msg=name)
         err = np.max(np.abs(a[fin] - b[fin])) / max(np.max(np.abs(b[fin])), 1e-3)
         assert err < tol, (name, err)
+
+
+# ------------------------------------------------------------------------------------------ MLA (d_v < d_qk)
+# (b, lq, lk, hq, hk, causal, window, softcap, sink offset or None)
+MLA_CASES = [
+    (2, 200, 333, 4, 2, False, (-1, -1), 0.0, None),  # GQA, ragged tiles
+    (1, 300, 190, 4, 2, True, (-1, -1), 0.0, None),  # lq > lk: rows (and a whole query block) that see no key
+    (1, 130, 400, 2, 1, True, (-1, -1), 0.0, None),  # lq < lk, MQA
+    (2, 257, 257, 2, 2, False, (64, 16), 0.0, None),
+    (1, 150, 150, 4, 2, True, (-1, -1), 20.0, None),  # softcap
+    (2, 200, 333, 4, 2, False, (-1, -1), 0.0, 6.0),  # sinks
+]
+
+
+def _mla_case_id(c):
+    b, lq, lk, hq, hk, causal, window, cap, sink = c
+    return (f"q{lq}-k{lk}-h{hq}x{hk}-{'causal' if causal else 'w%d_%d' % window}-cap{cap:g}"
+            f"{'' if sink is None else '-sinks'}")
+
+
+def _mla_id(i):
+    return f"{i[0]}-d{i[1]}v{i[2]}"
+
+
+@pytest.mark.parametrize("instance", sorted(_BUILT_MLA) or [("bf16", 192, 128)], ids=_mla_id)
+@pytest.mark.parametrize("case", MLA_CASES, ids=_mla_case_id)
+def test_mla_forward_and_grads(instance, case):
+    """The cuda MLA forward (v and out with their own head dim) and the gradients of its composition with another
+    backend's MLA backward (triton, else xla, on the cuda forward's LSE) against the float64 reference: GQA/MQA,
+    masks, softcap, sinks, lq != lk."""
+    if instance not in _BUILT_MLA:
+        pytest.skip("no CUDA MLA instance built")
+    dtype, d, dv = _NAMES[instance[0]], instance[1], instance[2]
+    _dense_against_reference(seeded_rng("cuda", "mla", instance, case), dtype, d, dv, case[:-1], case[-1],
+                             "composed")
+
+
+@pytest.mark.parametrize("instance", sorted(_BUILT_MLA) or [("bf16", 192, 128)], ids=_mla_id)
+@pytest.mark.parametrize("causal", [False, True])
+def test_mla_matches_triton(instance, causal):
+    """cuda (forward, composed backward) and triton agree on out, lse and the gradients of a GQA MLA call, with
+    backend="auto" choosing the cuda forward."""
+    if instance not in _BUILT_MLA:
+        pytest.skip("no CUDA MLA instance built")
+    dtype, d, dv = _NAMES[instance[0]], instance[1], instance[2]
+    rng = seeded_rng("cuda", "mla-vs-triton", instance, causal)
+    q = jnp.asarray(rng.standard_normal((2, 555, 8, d)), dtype)
+    k = jnp.asarray(rng.standard_normal((2, 555, 2, d)), dtype)
+    v = jnp.asarray(rng.standard_normal((2, 555, 2, dv)), dtype)
+    do = jnp.asarray(rng.standard_normal((2, 555, 8, dv)), dtype)
+    dl = jnp.asarray(rng.standard_normal((2, 8, 555)), jnp.float32)
+    s = fa3jax.supports(fa3jax.flash_mha, q, k, v, is_causal=causal, backend="triton")
+    if not s.supported:
+        pytest.skip(s.reason)
+    assert registry.plan(_dense_spec(q, k, v, is_causal=causal), "auto").forward == "cuda"
+
+    def run(backend):
+        f = lambda q, k, v: fa3jax.flash_mha(q, k, v, is_causal=causal, return_softmax_lse=True,  # noqa: E731
+                                             backend=backend)
+        res, pull = jax.vjp(f, q, k, v)
+        return (*res, *pull((do, dl)))
+
+    tol = 2e-2 if dtype == "bfloat16" else 3e-3
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), run("auto"), run("triton")):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        assert np.all(np.isfinite(a)), name
+        err = np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-3)
+        assert err < tol, (name, err)
+
+
+@pytest.mark.parametrize("instance", sorted(_BUILT_MLA) or [("bf16", 192, 128)], ids=_mla_id)
+@pytest.mark.parametrize("case", [VARLEN_CASES[1], VARLEN_CASES[4], VARLEN_CASES[5]], ids=_varlen_case_id)
+def test_mla_varlen_forward_and_grads(instance, case):
+    """The cuda varlen forward with v's own head dim (out (total_q, hq, d_v)) and its composed gradients against the
+    float64 reference per sequence (causal, lq != lk with seqused_k, softcap + sinks, q rows outside every
+    sequence)."""
+    if instance not in _BUILT_MLA:
+        pytest.skip("no CUDA MLA instance built")
+    dtype, d, dv = _NAMES[instance[0]], instance[1], instance[2]
+    _varlen_against_reference(seeded_rng("cuda", "mla-varlen", instance, case), dtype, d, dv, case)

@@ -312,23 +312,68 @@ def test_value_head_dim_validation():
                                      softcap=0.0, return_softmax_lse=False, deterministic=False).head_dim_v == 32
 
 
-@pytest.mark.parametrize("backend_cls", [CudaBackend])
-def test_gpu_backends_refuse_with_reason(backend_cls):
-    kw = dict(softmax_scale=None, is_causal=False, window_size=(-1, -1), softcap=0.0, return_softmax_lse=False,
-              deterministic=False)
-    q, k, v = _qkv(d=128, dv=64, dtype=jnp.bfloat16)
-    spec = validation.validate_dense(q, k, v, **kw)
-    with pytest.raises(NotImplementedError, match="MLA"):
-        backend_cls().check_forward(spec)
-
-
-def _fake_cuda_build(monkeypatch, features):
-    """The cuda backend's checks as if an extension with bf16 d=16 kernels (and ``features``) were loaded."""
+def _fake_cuda_build(monkeypatch, features, mla=()):
+    """The cuda backend's checks as if an extension with bf16 d=16 kernels, the MLA forwards ``mla`` ((dtype, d,
+    dv) triples) and ``features`` were loaded."""
     import fa3jax.backends.cuda as cuda_mod
 
     monkeypatch.setattr(cuda_mod, "_load_extension", lambda: (object(), None))
     monkeypatch.setattr(cuda_mod, "build_info", lambda: {"instances": [("bf16", 16)], "bwd_instances": [("bf16", 16)],
-                                                         "features": list(features)})
+                                                         "mla_instances": list(mla), "features": list(features)})
+
+
+_MLA_KW = dict(softmax_scale=None, is_causal=True, window_size=(-1, -1), softcap=0.0, return_softmax_lse=False)
+
+
+def _mla_specs(d=192, dv=128, dtype=jnp.bfloat16, **kw):
+    """A dense and a varlen spec with v's head dim below q/k's."""
+    q, k, v = _qkv(d=d, dv=dv, dtype=dtype)
+    kw = {**_MLA_KW, "deterministic": False, **kw}
+    return (validation.validate_dense(q, k, v, **kw),
+            validation.validate_varlen(q[0], k[0], v[0], jnp.asarray([0, 3, 8], jnp.int32), None, None, -1, -1,
+                                       **kw))
+
+
+def test_cuda_mla_forward_where_built_backward_refused():
+    """The cuda forward serves MLA (dense, varlen, with sinks) where the build has that (dtype, d, dv) kernel; other
+    pairs, other dtypes and builds that predate MLA are refused naming MLA; the backward always refuses MLA with
+    its reason (the registry composes another backend's). Checked without a GPU: the extension is faked."""
+    spec, vspec = _mla_specs()
+    sspec, _ = _mla_specs(sinks=jnp.zeros(4, jnp.float32))
+    with pytest.MonkeyPatch.context() as mp:
+        _fake_cuda_build(mp, ["sinks", "varlen", "mla"], mla=[("bf16", 192, 128)])
+        for s in (spec, vspec, sspec):
+            CudaBackend().check_forward(s)
+            with pytest.raises(NotImplementedError, match="backward kernel|no MLA variant"):
+                CudaBackend().check_backward(s)
+        with pytest.raises(NotImplementedError, match="no MLA variant"):
+            CudaBackend().check_backward(spec)
+        with pytest.raises(NotImplementedError, match=r"no MLA forward kernel.*head_dim=128, head_dim_v=64.*192"):
+            CudaBackend().check_forward(_mla_specs(128, 64)[0])
+        with pytest.raises(NotImplementedError, match=r"no MLA forward kernel.*float16"):
+            CudaBackend().check_forward(_mla_specs(dtype=jnp.float16)[0])
+    with pytest.MonkeyPatch.context() as mp:  # an extension built before MLA (no "mla" feature, no mla_instances)
+        _fake_cuda_build(mp, ["sinks", "varlen"])
+        with pytest.raises(NotImplementedError, match=r"predates MLA .*; rebuild"):
+            CudaBackend().check_forward(spec)
+
+
+def test_cuda_mla_forward_composes_another_backward(monkeypatch):
+    """An MLA call planned as if a Hopper GPU with the MLA kernels were here: the forward is cuda's, the backward
+    the next backend's that serves MLA (triton where usable, else xla; cudnn refuses MLA) on the cuda forward's
+    LSE, with backend='cuda' and 'auto', dense and varlen, deterministic or not."""
+    from fa3jax import registry
+
+    real = registry.availability
+    monkeypatch.setattr(registry, "availability", lambda n: (True, "") if n == "cuda" else real(n))
+    _fake_cuda_build(monkeypatch, ["sinks", "varlen", "mla"], mla=[("bf16", 192, 128)])
+    want = "triton" if real("triton")[0] else "xla"
+    for det in (False, True):
+        for spec in _mla_specs(deterministic=det):
+            for requested in ("cuda", "auto"):
+                plan = registry.plan(spec, requested)
+                assert (plan.forward, plan.backward) == ("cuda", want), plan
+                assert any(f"backward by {want} on the cuda forward's LSE" in n for n in plan.notes), plan.notes
 
 
 def test_cuda_serves_dense_sinks():

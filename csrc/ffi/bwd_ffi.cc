@@ -34,6 +34,10 @@ ffi::Error RunBwd(const char* target, cudaStream_t stream, ffi::ScratchAllocator
                   int32_t deterministic, fa3jax::BwdParams& p, ffi::AnyBuffer const* q = nullptr,
                   ffi::AnyBuffer const* k = nullptr, ffi::AnyBuffer const* v = nullptr) {
   auto bad = [&](std::string m) { return ffi::Error(ffi::ErrorCode::kInvalidArgument, target + (": " + m)); };
+  fa3jax::AttnCore const& c = p.core;
+  if (c.value_dim() != c.head_dim)  // before the shape checks below, which assume one head dim
+    return bad("v's head dim " + std::to_string(c.value_dim()) + " must equal q/k's " + std::to_string(c.head_dim) +
+               ": the backward kernel has no MLA (d_v != d) variant");
   if (q != nullptr) {
     ffi::DataType const dt = q->element_type();
     for (auto const* buf : {&out, &dout})

@@ -1,6 +1,6 @@
 // XLA FFI handlers of the forward: dense without and with attention sinks, and varlen (packed sequences, optional
-// seqused_k and sinks). Typed checks on every input; every failure returns an ffi::Error, and nothing throws
-// across the FFI.
+// seqused_k and sinks). v (and out) may have a smaller head dim than q/k (MLA) where such a kernel is compiled.
+// Typed checks on every input; every failure returns an ffi::Error, and nothing throws across the FFI.
 // Stateless: nothing is kept between calls. Not declared command-buffer compatible (each call runs
 // cudaFuncSetAttribute and builds TMA descriptors on the host).
 #include <cstdint>
@@ -50,8 +50,9 @@ ffi::Error FwdImpl(const char* target, cudaStream_t stream, ffi::ScratchAllocato
   if (!why.empty()) return bad(why);
   auto od = out->dimensions(), ld = lse->dimensions();
   if (out->element_type() != q.element_type()) return bad("out must have q's dtype");
-  if (od.size() != 4 || od[0] != c.batch || od[1] != c.seqlen_q || od[2] != c.num_heads_q || od[3] != c.head_dim)
-    return bad("out shape " + dims_str(od) + " must equal q's shape");
+  if (od.size() != 4 || od[0] != c.batch || od[1] != c.seqlen_q || od[2] != c.num_heads_q || od[3] != c.value_dim())
+    return bad("out shape " + dims_str(od) + " must be q's shape with v's head dim " +
+               std::to_string(c.value_dim()));
   if (ld.size() != 3 || ld[0] != c.batch || ld[1] != c.num_heads_q || ld[2] != c.seqlen_q)
     return bad("lse shape " + dims_str(ld) + " must be (batch, heads_q, seqlen_q)");
   p.out = out->untyped_data();
@@ -93,9 +94,9 @@ ffi::Error FwdSinks(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::Any
   });
 }
 
-// Varlen: q (total_q, hq, d), k/v (total_k, hk, d), cu_seqlens_q/k int32 (batch + 1,), then, as the flags say,
-// seqused_k int32 (batch,) and sinks float32 (hq,) (optional operands: one target serves the four combinations).
-// Outputs out (total_q, hq, d) and lse float32 (hq, total_q).
+// Varlen: q (total_q, hq, d), k (total_k, hk, d), v (total_k, hk, d_v), cu_seqlens_q/k int32 (batch + 1,), then,
+// as the flags say, seqused_k int32 (batch,) and sinks float32 (hq,) (optional operands: one target serves the four
+// combinations). Outputs out (total_q, hq, d_v) and lse float32 (hq, total_q).
 ffi::Error FwdVarlenImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer q, ffi::AnyBuffer k,
                          ffi::AnyBuffer v, ffi::AnyBuffer cu_seqlens_q, ffi::AnyBuffer cu_seqlens_k,
                          ffi::RemainingArgs rest, ffi::Result<ffi::AnyBuffer> out,
@@ -131,8 +132,9 @@ ffi::Error FwdVarlenImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi
   if (!why.empty()) return bad(why);
   auto od = out->dimensions(), ld = lse->dimensions();
   if (out->element_type() != q.element_type()) return bad("out must have q's dtype");
-  if (od.size() != 3 || od[0] != c.seqlen_q || od[1] != c.num_heads_q || od[2] != c.head_dim)
-    return bad("out shape " + dims_str(od) + " must equal q's shape");
+  if (od.size() != 3 || od[0] != c.seqlen_q || od[1] != c.num_heads_q || od[2] != c.value_dim())
+    return bad("out shape " + dims_str(od) + " must be q's shape with v's head dim " +
+               std::to_string(c.value_dim()));
   if (ld.size() != 2 || ld[0] != c.num_heads_q || ld[1] != c.seqlen_q)
     return bad("lse shape " + dims_str(ld) + " must be (heads_q, total_q)");
   p.out = out->untyped_data();

@@ -43,6 +43,7 @@ const char* bwd_check(const BwdParams& p) {
   if (c.batch < 0 || c.seqlen_q < 0 || c.seqlen_k < 0 || c.num_heads_q < 0 || c.num_heads_k < 0)
     return "negative dimension";
   if (c.dtype != DType::kBF16 && c.dtype != DType::kFP16) return "dtype must be bfloat16 or float16";
+  if (c.value_dim() != c.head_dim) return "head_dim_v != head_dim (MLA): no backward kernel";
   if (!bwd_compiled(c.dtype, c.head_dim)) return "this (dtype, head_dim) has no compiled backward";
   if (c.num_heads_k < 1 || c.num_heads_q % c.num_heads_k != 0)
     return "num_heads_q must be a positive multiple of num_heads_k";

@@ -1,5 +1,5 @@
 // Shared helpers of the standalone CUDA test programs: error checks, 16-bit conversions, the mask rule and the
-// float64 forward reference (q, k, v as float; dense (b, s, h, d) layouts; lse (b, hq, sq)).
+// float64 forward reference (q, k, v as float; dense (b, s, h, d) layouts, v and out (b, s, h, dv); lse (b, hq, sq)).
 #pragma once
 
 #include <algorithm>
@@ -60,6 +60,8 @@ inline bool allowed(int i, int j, int sq, int sk, int wl, int wr) {
 struct RefShape {
   int b, sq, sk, hq, hk, d, wl, wr;
   float softcap, scale;
+  int dv = 0;  // v's and out's head dim (MLA); 0: d
+  int value_dim() const { return dv > 0 ? dv : d; }
 };
 
 // Scores of query row i of head h (b fixed) in float64, -inf where masked; softcap applied.
@@ -85,7 +87,7 @@ inline void ref_scores(RefShape const& c, int b, int h, int i, const std::vector
 inline void ref_forward(RefShape const& c, const std::vector<float>& q, const std::vector<float>& k,
                         const std::vector<float>& v, std::vector<float>& out, std::vector<float>& lse,
                         const std::vector<float>* sinks = nullptr) {
-  int const g = c.hq / c.hk;
+  int const g = c.hq / c.hk, dv = c.value_dim();
   std::vector<double> s;
   for (int b = 0; b < c.b; ++b)
     for (int h = 0; h < c.hq; ++h)
@@ -94,24 +96,24 @@ inline void ref_forward(RefShape const& c, const std::vector<float>& q, const st
         double const sink = sinks ? double((*sinks)[h]) : -INFINITY;
         double m = -INFINITY;
         for (double x : s) m = std::max(m, x);
-        float* oi = &out[((size_t(b) * c.sq + i) * c.hq + h) * c.d];
+        float* oi = &out[((size_t(b) * c.sq + i) * c.hq + h) * dv];
         float& l = lse[(size_t(b) * c.hq + h) * c.sq + i];
         if (m == -INFINITY) {
-          for (int t = 0; t < c.d; ++t) oi[t] = 0.f;
+          for (int t = 0; t < dv; ++t) oi[t] = 0.f;
           l = float(sink);
           continue;
         }
         double const top = std::max(m, sink);
         double sum = std::exp(sink - top);  // 0 without sinks
-        std::vector<double> o(c.d, 0.0);
+        std::vector<double> o(dv, 0.0);
         for (int j = 0; j < c.sk; ++j) {
           if (s[j] == -INFINITY) continue;
           double p = std::exp(s[j] - top);
           sum += p;
-          const float* vj = &v[((size_t(b) * c.sk + j) * c.hk + h / g) * c.d];
-          for (int t = 0; t < c.d; ++t) o[t] += p * vj[t];
+          const float* vj = &v[((size_t(b) * c.sk + j) * c.hk + h / g) * dv];
+          for (int t = 0; t < dv; ++t) o[t] += p * vj[t];
         }
-        for (int t = 0; t < c.d; ++t) oi[t] = float(o[t] / sum);
+        for (int t = 0; t < dv; ++t) oi[t] = float(o[t] / sum);
         l = float(top + std::log(sum));
       }
 }

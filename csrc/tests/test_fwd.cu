@@ -1,11 +1,11 @@
-// Standalone test of the forward kernels (no Python): small configs of every compiled instantiation against a
-// CPU float reference. Exits nonzero on any failure. Meant to be run directly and under compute-sanitizer
-// (memcheck / racecheck / synccheck).
+// Standalone test of the forward kernels (no Python): small configs of every compiled instantiation (MLA ones, with
+// a value head dim below the q/k one, included) against a CPU float reference. Exits nonzero on any failure. Meant
+// to be run directly and under compute-sanitizer (memcheck / racecheck / synccheck).
 //
 //   fa3jax_test_fwd            run all tests
 //   fa3jax_test_fwd --quick    one config per instantiation (for racecheck, which is slow)
 //   fa3jax_test_fwd --bench    also time a few large configs (no checking)
-//   fa3jax_test_fwd --bench-only [--case B,S,CAUSAL] [--variant dyn|static|wide] [--head-dim D]
+//   fa3jax_test_fwd --bench-only [--case B,S,CAUSAL] [--variant dyn|static|wide] [--head-dim D | DxDV]
 //                   [--dtype bf16|fp16]
 //                              only the timings, optionally one case and variant (for Nsight Compute)
 #include <cmath>
@@ -31,10 +31,19 @@ struct Config {
   float sink_offset = 0.f;
 };
 
-static void reference(const Config& c, int d, float scale, const std::vector<float>& q, const std::vector<float>& k,
-                      const std::vector<float>& v, std::vector<float>& out, std::vector<float>& lse,
-                      const std::vector<float>* sinks = nullptr) {
-  ref_forward(RefShape{c.b, c.sq, c.sk, c.hq, c.hk, d, c.wl, c.wr, c.softcap, scale}, q, k, v, out, lse, sinks);
+static void reference(const Config& c, int d, int dv, float scale, const std::vector<float>& q,
+                      const std::vector<float>& k, const std::vector<float>& v, std::vector<float>& out,
+                      std::vector<float>& lse, const std::vector<float>* sinks = nullptr) {
+  ref_forward(RefShape{c.b, c.sq, c.sk, c.hq, c.hk, d, c.wl, c.wr, c.softcap, scale, dv}, q, k, v, out, lse, sinks);
+}
+
+// A compiled forward: q/k head dim d, v/out head dim dv (< d: MLA).
+struct Dims {
+  int d, dv;
+};
+static const Dims kDims[] = {{64, 64}, {128, 128}, {256, 256}, {192, 128}, {128, 64}};
+static std::string dims_label(Dims hd) {
+  return hd.d == hd.dv ? std::to_string(hd.d) : std::to_string(hd.d) + "x" + std::to_string(hd.dv);
 }
 
 // Whether query row i sees any key (the same for every batch and head).
@@ -56,13 +65,15 @@ static void apply(fa3jax::FwdParams& p, Variant v) {
   p.wide_tiles = v == Variant::kWide ? 1 : 0;
 }
 
-static bool run_one(DType dt, int d, const Config& c, Variant variant, std::mt19937& rng, bool verbose) {
+static bool run_one(DType dt, Dims hd, const Config& c, Variant variant, std::mt19937& rng, bool verbose) {
+  int const d = hd.d, dv = hd.dv;
   size_t nq = size_t(c.b) * c.sq * c.hq * d, nk = size_t(c.b) * c.sk * c.hk * d, nl = size_t(c.b) * c.hq * c.sq;
+  size_t nv = size_t(c.b) * c.sk * c.hk * dv, no = size_t(c.b) * c.sq * c.hq * dv;  // v and out: d_v wide
   std::vector<uint16_t> hq_, hk_, hv_;
   std::vector<float> fq, fk, fv;
   normal_inputs(rng, dt, nq, hq_, fq);
   normal_inputs(rng, dt, nk, hk_, fk);
-  normal_inputs(rng, dt, nk, hv_, fv);
+  normal_inputs(rng, dt, nv, hv_, fv);
   float scale = 1.f / std::sqrt(float(d));
   std::vector<float> hsinks;
   if (c.sinks != Config::kNoSinks) {
@@ -71,17 +82,17 @@ static bool run_one(DType dt, int d, const Config& c, Variant variant, std::mt19
     if (c.sinks == Config::kNegInfSink) hsinks[0] = -INFINITY;
   }
 
-  void *dq, *dk, *dv, *dout;
+  void *dq, *dk, *dvv, *dout;
   float *dlse, *dsinks = nullptr;
   CK(cudaMalloc(&dq, nq * 2));
   CK(cudaMalloc(&dk, nk * 2));
-  CK(cudaMalloc(&dv, nk * 2));
-  CK(cudaMalloc(&dout, nq * 2));
+  CK(cudaMalloc(&dvv, nv * 2));
+  CK(cudaMalloc(&dout, no * 2));
   CK(cudaMalloc(&dlse, nl * 4));
   CK(cudaMemcpy(dq, hq_.data(), nq * 2, cudaMemcpyHostToDevice));
   CK(cudaMemcpy(dk, hk_.data(), nk * 2, cudaMemcpyHostToDevice));
-  CK(cudaMemcpy(dv, hv_.data(), nk * 2, cudaMemcpyHostToDevice));
-  CK(cudaMemset(dout, 0xff, nq * 2));  // NaN pattern: catches unwritten outputs
+  CK(cudaMemcpy(dvv, hv_.data(), nv * 2, cudaMemcpyHostToDevice));
+  CK(cudaMemset(dout, 0xff, no * 2));  // NaN pattern: catches unwritten outputs
   CK(cudaMemset(dlse, 0xff, nl * 4));
   if (!hsinks.empty()) {
     CK(cudaMalloc(&dsinks, hsinks.size() * 4));
@@ -90,31 +101,31 @@ static bool run_one(DType dt, int d, const Config& c, Variant variant, std::mt19
 
   fa3jax::FwdParams p;
   fa3jax::AttnCore& a = p.core;
-  a.q = dq; a.k = dk; a.v = dv; p.out = dout; p.lse = dlse;
+  a.q = dq; a.k = dk; a.v = dvv; p.out = dout; p.lse = dlse;
   a.batch = c.b; a.seqlen_q = c.sq; a.seqlen_k = c.sk; a.num_heads_q = c.hq; a.num_heads_k = c.hk;
-  a.head_dim = d; a.dtype = dt; a.softmax_scale = scale; a.window_left = c.wl; a.window_right = c.wr;
+  a.head_dim = d; a.head_dim_v = dv; a.dtype = dt; a.softmax_scale = scale; a.window_left = c.wl; a.window_right = c.wr;
   a.softcap = c.softcap;
   a.set_dense_strides();
   p.sinks = dsinks;
   apply(p, variant);
   fa3jax::FwdStatus st = fa3jax::run_fwd(p, nullptr);
   if (!st.ok()) {
-    std::printf("FAIL %s d=%d %s: launch: %s (%s)\n", dt == DType::kBF16 ? "bf16" : "fp16", d, c.name, st.what,
-                cudaGetErrorString(st.error));
+    std::printf("FAIL %s d=%s %s: launch: %s (%s)\n", dt == DType::kBF16 ? "bf16" : "fp16", dims_label(hd).c_str(),
+                c.name, st.what, cudaGetErrorString(st.error));
     return false;
   }
   CK(cudaDeviceSynchronize());
-  std::vector<uint16_t> hout(nq);
-  std::vector<float> hlse(nl), rout(nq), rlse(nl);
-  CK(cudaMemcpy(hout.data(), dout, nq * 2, cudaMemcpyDeviceToHost));
+  std::vector<uint16_t> hout(no);
+  std::vector<float> hlse(nl), rout(no), rlse(nl);
+  CK(cudaMemcpy(hout.data(), dout, no * 2, cudaMemcpyDeviceToHost));
   CK(cudaMemcpy(hlse.data(), dlse, nl * 4, cudaMemcpyDeviceToHost));
-  CK(cudaFree(dq)); CK(cudaFree(dk)); CK(cudaFree(dv)); CK(cudaFree(dout)); CK(cudaFree(dlse));
+  CK(cudaFree(dq)); CK(cudaFree(dk)); CK(cudaFree(dvv)); CK(cudaFree(dout)); CK(cudaFree(dlse));
   if (dsinks) CK(cudaFree(dsinks));
 
-  reference(c, d, scale, fq, fk, fv, rout, rlse, hsinks.empty() ? nullptr : &hsinks);
+  reference(c, d, dv, scale, fq, fk, fv, rout, rlse, hsinks.empty() ? nullptr : &hsinks);
   double max_err = 0, max_lse_err = 0;
   size_t nan_out = 0, bad_lse_inf = 0;
-  for (size_t i = 0; i < nq; ++i) {
+  for (size_t i = 0; i < no; ++i) {
     float o = from_bits(hout[i], dt);
     if (!std::isfinite(o)) { ++nan_out; continue; }
     max_err = std::max(max_err, double(std::fabs(o - rout[i])));
@@ -141,23 +152,23 @@ static bool run_one(DType dt, int d, const Config& c, Variant variant, std::mt19
         for (int h = 0; h < c.hq; ++h) {
           float const l = hlse[(size_t(b) * c.hq + h) * c.sq + i];
           if (!(l == hsinks[h])) ++bad_empty;
-          for (int t = 0; t < d; ++t)
-            if (from_bits(hout[((size_t(b) * c.sq + i) * c.hq + h) * d + t], dt) != 0.f) ++bad_empty;
+          for (int t = 0; t < dv; ++t)
+            if (from_bits(hout[((size_t(b) * c.sq + i) * c.hq + h) * dv + t], dt) != 0.f) ++bad_empty;
         }
     }
     // The case must be able to fail: without the sinks the reference moves by more than the tolerances.
-    std::vector<float> nout(nq), nlse(nl);
-    reference(c, d, scale, fq, fk, fv, nout, nlse);
-    for (size_t i = 0; i < nq; ++i) effect_out = std::max(effect_out, double(std::fabs(nout[i] - rout[i])));
+    std::vector<float> nout(no), nlse(nl);
+    reference(c, d, dv, scale, fq, fk, fv, nout, nlse);
+    for (size_t i = 0; i < no; ++i) effect_out = std::max(effect_out, double(std::fabs(nout[i] - rout[i])));
     for (size_t i = 0; i < nl; ++i)
       if (std::isfinite(nlse[i])) effect_lse = std::max(effect_lse, double(std::fabs(nlse[i] - rlse[i])));
     sensitive = effect_out > tol && effect_lse > lse_tol;
     ok = ok && bad_empty == 0 && sensitive;
   }
   if (!ok || verbose)
-    std::printf("%s %s d=%d %-24s%s b=%d sq=%d sk=%d hq=%d hk=%d win=(%d,%d) cap=%g: max|dO|=%.3g max|dLSE|=%.3g "
+    std::printf("%s %s d=%-7s %-24s%s b=%d sq=%d sk=%d hq=%d hk=%d win=(%d,%d) cap=%g: max|dO|=%.3g max|dLSE|=%.3g "
                 "non-finite out=%zu bad lse=%zu\n",
-                ok ? "ok  " : "FAIL", dt == DType::kBF16 ? "bf16" : "fp16", d, c.name,
+                ok ? "ok  " : "FAIL", dt == DType::kBF16 ? "bf16" : "fp16", dims_label(hd).c_str(), c.name,
                 label(variant), c.b, c.sq, c.sk, c.hq, c.hk,
                 c.wl, c.wr, c.softcap, max_err, max_lse_err, nan_out, bad_lse_inf);
   if (!hsinks.empty() && (!ok || verbose))
@@ -169,39 +180,46 @@ static bool run_one(DType dt, int d, const Config& c, Variant variant, std::mt19
 struct BenchFilter {
   int b = 0, s = 0, causal = -1;  // 0 / -1: any
   int variant = -1;               // -1: all
-  int head_dim = 0, dtype = -1;   // 0 / -1: every compiled one (Nsight Compute profiles the first launch it sees)
+  int head_dim = 0, head_dim_v = 0;  // 0: every compiled one (Nsight Compute profiles the first launch it sees)
+  int dtype = -1;                     // -1: every compiled one
 };
 
-static void bench(DType dt, int d, BenchFilter const& f) {
-  if ((f.head_dim && f.head_dim != d) || (f.dtype >= 0 && f.dtype != int(dt))) return;
+// FLOPs count 2·b·s²·h·(d + d_v) (QK^T and P V), halved for causal.
+static void bench(DType dt, Dims hd, BenchFilter const& f) {
+  int const d = hd.d, dv = hd.dv;
+  if ((f.head_dim && (f.head_dim != d || (f.head_dim_v ? f.head_dim_v : f.head_dim) != dv)) ||
+      (f.dtype >= 0 && f.dtype != int(dt)))
+    return;
   struct B { int b, s, h; int wr; };
   const B cases[] = {{8, 2048, 16, -1}, {8, 2048, 16, 0}, {4, 4096, 16, -1}, {4, 4096, 16, 0}, {2, 8192, 16, -1},
                      {2, 8192, 16, 0}, {1, 16384, 16, -1}, {1, 16384, 16, 0}};
   for (const B& c : cases) {
     if ((f.b && f.b != c.b) || (f.s && f.s != c.s) || (f.causal >= 0 && f.causal != (c.wr == 0))) continue;
-    size_t n = size_t(c.b) * c.s * c.h * d;
+    size_t n = size_t(c.b) * c.s * c.h * d, nv = size_t(c.b) * c.s * c.h * dv;
     void *q, *k, *v, *o;
     float* l;
-    CK(cudaMalloc(&q, n * 2)); CK(cudaMalloc(&k, n * 2)); CK(cudaMalloc(&v, n * 2)); CK(cudaMalloc(&o, n * 2));
+    CK(cudaMalloc(&q, n * 2)); CK(cudaMalloc(&k, n * 2)); CK(cudaMalloc(&v, nv * 2)); CK(cudaMalloc(&o, nv * 2));
     CK(cudaMalloc(&l, size_t(c.b) * c.h * c.s * 4));
     fill_uniform<<<1024, 256>>>(static_cast<uint16_t*>(q), n, 1u, dt == DType::kBF16);
     fill_uniform<<<1024, 256>>>(static_cast<uint16_t*>(k), n, 2u, dt == DType::kBF16);
-    fill_uniform<<<1024, 256>>>(static_cast<uint16_t*>(v), n, 3u, dt == DType::kBF16);
+    fill_uniform<<<1024, 256>>>(static_cast<uint16_t*>(v), nv, 3u, dt == DType::kBF16);
     CK(cudaGetLastError());
     fa3jax::FwdParams p;
     fa3jax::AttnCore& a = p.core;
     a.q = q; a.k = k; a.v = v; p.out = o; p.lse = l; a.batch = c.b; a.seqlen_q = a.seqlen_k = c.s;
-    a.num_heads_q = a.num_heads_k = c.h; a.head_dim = d; a.dtype = dt; a.softmax_scale = 1.f / std::sqrt(float(d));
+    a.num_heads_q = a.num_heads_k = c.h; a.head_dim = d; a.head_dim_v = dv; a.dtype = dt;
+    a.softmax_scale = 1.f / std::sqrt(float(d));
     a.window_right = c.wr;
     a.set_dense_strides();
     for (Variant v : {Variant::kDynamic, Variant::kStatic, Variant::kWide}) {
-      if (v == Variant::kWide && !fa3jax::fwd_compiled_wide(dt, d)) continue;
+      if (v == Variant::kWide && (d != dv || !fa3jax::fwd_compiled_wide(dt, d))) continue;
       if (f.variant >= 0 && f.variant != int(v)) continue;
       apply(p, v);
       double const ms = time_fwd_ms(p);
-      double flops = 4.0 * c.b * c.h * double(c.s) * c.s * d * (c.wr == 0 ? 0.5 : 1.0);
-      std::printf("bench %s d=%d b=%d s=%d h=%d %s%s: %.3f ms, %.1f TFLOP/s\n", dt == DType::kBF16 ? "bf16" : "fp16",
-                  d, c.b, c.s, c.h, c.wr == 0 ? "causal" : "full  ", label(v), ms, flops / ms * 1e-9);
+      double flops = 2.0 * c.b * c.h * double(c.s) * c.s * (d + dv) * (c.wr == 0 ? 0.5 : 1.0);
+      std::printf("bench %s d=%s b=%d s=%d h=%d %s%s: %.3f ms, %.1f TFLOP/s\n", dt == DType::kBF16 ? "bf16" : "fp16",
+                  dims_label(hd).c_str(), c.b, c.s, c.h, c.wr == 0 ? "causal" : "full  ", label(v), ms,
+                  flops / ms * 1e-9);
     }
     CK(cudaFree(q)); CK(cudaFree(k)); CK(cudaFree(v)); CK(cudaFree(o)); CK(cudaFree(l));
   }
@@ -227,7 +245,11 @@ int main(int argc, char** argv) {
                      : v == "wide" ? int(Variant::kWide) : -2;
       if (filter.variant == -2) { std::fprintf(stderr, "--variant wants dyn|static|wide\n"); return 2; }
     } else if (!std::strcmp(argv[i], "--head-dim") && i + 1 < argc) {
-      filter.head_dim = std::atoi(argv[++i]);
+      // D, or DxDV for an MLA instance
+      if (std::sscanf(argv[++i], "%dx%d", &filter.head_dim, &filter.head_dim_v) < 1) {
+        std::fprintf(stderr, "--head-dim wants D or DxDV (e.g. 128 or 192x128)\n");
+        return 2;
+      }
     } else if (!std::strcmp(argv[i], "--dtype") && i + 1 < argc) {
       std::string v = argv[++i];
       filter.dtype = v == "bf16" ? int(DType::kBF16) : v == "fp16" ? int(DType::kFP16) : -2;
@@ -264,22 +286,22 @@ int main(int argc, char** argv) {
   std::mt19937 rng(1234);
   int failures = 0, runs = 0;
   const DType dts[] = {DType::kBF16, DType::kFP16};
-  const int dims[] = {64, 128, 256};
   for (DType dt : dts)
-    for (int d : dims) {
-      if (!fa3jax::fwd_compiled(dt, d)) continue;
+    for (Dims hd : kDims) {
+      int const d = hd.d;
+      if (!fa3jax::fwd_compiled(dt, d, hd.dv)) continue;
       for (const Config& c : configs) {
         if (bench_only) break;
         // --quick: one unmasked config, one causal and one with sinks and empty rows.
         if (quick && &c != &configs[1] && &c != &configs[2] && &c != &configs[15]) continue;
         for (Variant v : {Variant::kDynamic, Variant::kStatic, Variant::kWide}) {
-          // the wide kernel handles masks too (forced here)
-          if (v == Variant::kWide && !fa3jax::fwd_compiled_wide(dt, d)) continue;
+          // the wide kernel handles masks too (forced here); it is compiled for d_v == d only
+          if (v == Variant::kWide && (hd.dv != d || !fa3jax::fwd_compiled_wide(dt, d))) continue;
           ++runs;
-          if (!run_one(dt, d, c, v, rng, verbose)) ++failures;
+          if (!run_one(dt, hd, c, v, rng, verbose)) ++failures;
         }
       }
-      if (do_bench) bench(dt, d, filter);
+      if (do_bench) bench(dt, hd, filter);
     }
   // Invalid parameters must be rejected, not launched.
   {
@@ -310,6 +332,21 @@ int main(int argc, char** argv) {
     if (msg == nullptr || (fa3jax::fwd_compiled(a.dtype, a.head_dim) && !std::strstr(msg, "sinks"))) {
       std::printf("FAIL misaligned sinks: %s\n", msg ? msg : "accepted");
       ++failures;
+    }
+    // MLA: a value head dim above the q/k one, or a pair without a kernel, is refused naming head_dim_v; a
+    // compiled pair is accepted (unlaunched).
+    p.sinks = nullptr;
+    for (Dims hd : {Dims{128, 256}, Dims{256, 128}, Dims{192, 128}, Dims{128, 64}}) {
+      a.head_dim = hd.d;
+      a.head_dim_v = hd.dv;
+      a.set_dense_strides();
+      bool const built = hd.dv < hd.d && fa3jax::fwd_compiled(a.dtype, hd.d, hd.dv);
+      msg = fa3jax::fwd_check(p);
+      ++runs;
+      if (built ? msg != nullptr : (msg == nullptr || !std::strstr(msg, "head_dim_v"))) {
+        std::printf("FAIL MLA %s check: %s\n", dims_label(hd).c_str(), msg ? msg : "accepted");
+        ++failures;
+      }
     }
   }
   std::printf("%d/%d passed\n", runs - failures, runs);

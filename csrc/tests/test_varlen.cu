@@ -1,7 +1,7 @@
-// Standalone test of the varlen (packed, cu_seqlens) forward: every compiled instantiation against the float64
-// reference per sequence (test_common.h), on packed q (total_q, hq, d), k/v (total_k, hk, d), out like q and lse
-// (hq, total_q). Exits nonzero on any failure. Meant to be run directly and under compute-sanitizer memcheck (the
-// hostile cu_seqlens cases exist for it).
+// Standalone test of the varlen (packed, cu_seqlens) forward: every compiled instantiation (MLA ones included)
+// against the float64 reference per sequence (test_common.h), on packed q (total_q, hq, d), k (total_k, hk, d), v
+// (total_k, hk, dv), out (total_q, hq, dv) and lse (hq, total_q). Exits nonzero on any failure. Meant to be run
+// directly and under compute-sanitizer memcheck (the hostile cu_seqlens cases exist for it).
 //
 //   fa3jax_test_varlen           all cases, dynamic and static tile assignment
 //   fa3jax_test_varlen --quick   a few cases (racecheck / synccheck are slow)
@@ -114,8 +114,17 @@ struct Uploads {
   }
 };
 
-fa3jax::FwdParams make_params(DType dt, int d, const Case& c, const Layout& l, void* q, void* k, void* v, int* cu_q,
-                              int* cu_k, int* used, float* sinks, void* out, float* lse, void* workspace) {
+// A compiled forward: q/k head dim d, v/out head dim dv (< d: MLA).
+struct Dims {
+  int d, dv;
+};
+std::string dims_label(Dims hd) {
+  return hd.d == hd.dv ? std::to_string(hd.d) : std::to_string(hd.d) + "x" + std::to_string(hd.dv);
+}
+
+fa3jax::FwdParams make_params(DType dt, Dims hd, const Case& c, const Layout& l, void* q, void* k, void* v,
+                              int* cu_q, int* cu_k, int* used, float* sinks, void* out, float* lse, void* workspace) {
+  int const d = hd.d;
   fa3jax::FwdParams p;
   fa3jax::AttnCore& a = p.core;
   a.q = q; a.k = k; a.v = v; p.out = out; p.lse = lse;
@@ -125,6 +134,7 @@ fa3jax::FwdParams make_params(DType dt, int d, const Case& c, const Layout& l, v
   a.num_heads_q = c.hq;
   a.num_heads_k = c.hk;
   a.head_dim = d;
+  a.head_dim_v = hd.dv;
   a.dtype = dt;
   a.softmax_scale = 1.f / std::sqrt(float(d));
   a.window_left = c.wl;
@@ -149,57 +159,62 @@ struct Outcome {
   std::vector<float> lse;
 };
 
-// Uploads packed q (total_q, hq, d), k / v (total_k, hk, d), the layout's index arrays (as they are: unsanitized)
-// and the sinks, runs the varlen forward into guarded out / lse and copies them back.
-Outcome run_packed(DType dt, int d, const Case& c, const Layout& l, const std::vector<uint16_t>& q,
+// Uploads packed q (total_q, hq, d), k (total_k, hk, d), v (total_k, hk, dv), the layout's index arrays (as they
+// are: unsanitized) and the sinks, runs the varlen forward into guarded out (total_q, hq, dv) / lse and copies them
+// back.
+Outcome run_packed(DType dt, Dims hd, const Case& c, const Layout& l, const std::vector<uint16_t>& q,
                    const std::vector<uint16_t>& k, const std::vector<uint16_t>& v, const std::vector<float>& sinks,
                    void* workspace) {
   Uploads up;
   Guarded out, lse;
-  out.alloc(q.size() * 2);
+  size_t const n_out = size_t(l.total_q) * c.hq * hd.dv;
+  out.alloc(n_out * 2);
   lse.alloc(size_t(c.hq) * l.total_q * 4);
   fa3jax::FwdParams const p =
-      make_params(dt, d, c, l, up.put(q), up.put(k), up.put(v), up.put(l.cu_q), up.put(l.cu_k), up.put(l.used),
+      make_params(dt, hd, c, l, up.put(q), up.put(k), up.put(v), up.put(l.cu_q), up.put(l.cu_k), up.put(l.used),
                   up.put(sinks), out.mid(), static_cast<float*>(lse.mid()), workspace);
   Outcome r;
   r.st = fa3jax::run_fwd(p, nullptr);
   if (!r.st.ok()) return r;
   CK(cudaDeviceSynchronize());
-  r.out.resize(q.size());
+  r.out.resize(n_out);
   r.lse.resize(size_t(c.hq) * l.total_q);
   r.guards = out.fetch(r.out.data()) & lse.fetch(r.lse.data());
   return r;
 }
 
 // One case on one instantiation; `workspace` null: static tile assignment.
-bool run_case(DType dt, int d, const Case& c, void* workspace, std::mt19937& rng, bool verbose) {
+bool run_case(DType dt, Dims hd, const Case& c, void* workspace, std::mt19937& rng, bool verbose) {
   Layout const l = make_layout(c);
-  int const b = int(c.lens_q.size()), hq = c.hq, hk = c.hk, tq = l.total_q, tk = l.total_k;
+  int const b = int(c.lens_q.size()), hq = c.hq, hk = c.hk, tq = l.total_q, tk = l.total_k, d = hd.d, dv = hd.dv;
   size_t const nq = size_t(tq) * hq * d, nk = size_t(tk) * hk * d, nl = size_t(hq) * tq;
+  size_t const nv = size_t(tk) * hk * dv, no = size_t(tq) * hq * dv;  // v and out: d_v wide
   std::vector<uint16_t> hq_, hk_, hv_;
   std::vector<float> fq, fk, fv;
   normal_inputs(rng, dt, nq, hq_, fq);
   normal_inputs(rng, dt, nk, hk_, fk);
-  normal_inputs(rng, dt, nk, hv_, fv);
+  normal_inputs(rng, dt, nv, hv_, fv);
   // NaN where no result may read: q rows outside every sequence, keys past seqused_k.
   for (int r = 0; r < tq; ++r)
     if (r < l.cu_q[0] || r >= l.cu_q[b])
       for (size_t i = 0; i < size_t(hq) * d; ++i) hq_[size_t(r) * hq * d + i] = kNaN16;
   if (!l.used.empty())
     for (int s = 0; s < b; ++s)
-      for (int r = l.cu_k[s] + l.used[s]; r < l.cu_k[s + 1]; ++r)
-        for (size_t i = 0; i < size_t(hk) * d; ++i) hk_[size_t(r) * hk * d + i] = hv_[size_t(r) * hk * d + i] = kNaN16;
+      for (int r = l.cu_k[s] + l.used[s]; r < l.cu_k[s + 1]; ++r) {
+        for (size_t i = 0; i < size_t(hk) * d; ++i) hk_[size_t(r) * hk * d + i] = kNaN16;
+        for (size_t i = 0; i < size_t(hk) * dv; ++i) hv_[size_t(r) * hk * dv + i] = kNaN16;
+      }
   std::vector<float> hsinks;
   if (c.sinks) {
     std::uniform_real_distribution<float> sd(-2.f, 2.f);
     for (int h = 0; h < hq; ++h) hsinks.push_back(sd(rng) + 3.f);
   }
 
-  Outcome const r = run_packed(dt, d, c, l, hq_, hk_, hv_, hsinks, workspace);
+  Outcome const r = run_packed(dt, hd, c, l, hq_, hk_, hv_, hsinks, workspace);
   char const* mode = workspace ? "" : " [static]";
   if (!r.st.ok()) {
-    std::printf("FAIL %s d=%d %s%s: launch: %s (%s)\n", dt_name(dt), d, c.name, mode, r.st.what,
-                cudaGetErrorString(r.st.error));
+    std::printf("FAIL %s d=%s %s%s: launch: %s (%s)\n", dt_name(dt), dims_label(hd).c_str(), c.name, mode,
+                r.st.what, cudaGetErrorString(r.st.error));
     return false;
   }
   std::vector<uint16_t> const& hout = r.out;
@@ -207,7 +222,7 @@ bool run_case(DType dt, int d, const Case& c, void* workspace, std::mt19937& rng
   bool const guards = r.guards;
 
   // Reference per sequence, on its own rows (test_common.h's dense reference with batch 1).
-  std::vector<float> rout(nq, 0.f), rlse(nl, -INFINITY);
+  std::vector<float> rout(no, 0.f), rlse(nl, -INFINITY);
   float const scale = 1.f / std::sqrt(float(d));
   for (int s = 0; s < b; ++s) {
     int const q0 = l.cu_q[s], lq = l.cu_q[s + 1] - q0, k0 = l.cu_k[s];
@@ -215,11 +230,11 @@ bool run_case(DType dt, int d, const Case& c, void* workspace, std::mt19937& rng
     if (lq == 0) continue;
     std::vector<float> sq_(fq.begin() + size_t(q0) * hq * d, fq.begin() + size_t(q0 + lq) * hq * d);
     std::vector<float> sk_(fk.begin() + size_t(k0) * hk * d, fk.begin() + size_t(k0 + lk) * hk * d);
-    std::vector<float> sv_(fv.begin() + size_t(k0) * hk * d, fv.begin() + size_t(k0 + lk) * hk * d);
-    std::vector<float> o(size_t(lq) * hq * d), ls(size_t(hq) * lq);
-    ref_forward(RefShape{1, lq, lk, hq, hk, d, c.wl, c.wr, c.softcap, scale}, sq_, sk_, sv_, o, ls,
+    std::vector<float> sv_(fv.begin() + size_t(k0) * hk * dv, fv.begin() + size_t(k0 + lk) * hk * dv);
+    std::vector<float> o(size_t(lq) * hq * dv), ls(size_t(hq) * lq);
+    ref_forward(RefShape{1, lq, lk, hq, hk, d, c.wl, c.wr, c.softcap, scale, dv}, sq_, sk_, sv_, o, ls,
                 hsinks.empty() ? nullptr : &hsinks);
-    std::copy(o.begin(), o.end(), rout.begin() + size_t(q0) * hq * d);
+    std::copy(o.begin(), o.end(), rout.begin() + size_t(q0) * hq * dv);
     for (int h = 0; h < hq; ++h)
       for (int i = 0; i < lq; ++i) rlse[size_t(h) * tq + q0 + i] = ls[size_t(h) * lq + i];
   }
@@ -230,13 +245,13 @@ bool run_case(DType dt, int d, const Case& c, void* workspace, std::mt19937& rng
     for (int h = 0; h < hq; ++h) {
       float const want = hsinks.empty() ? -INFINITY : hsinks[h];
       if (!(hlse[size_t(h) * tq + r] == want)) ++bad_uncovered;
-      for (int t = 0; t < d; ++t)
-        if (hout[(size_t(r) * hq + h) * d + t] != 0) ++bad_uncovered;  // +0.0 exactly
+      for (int t = 0; t < dv; ++t)
+        if (hout[(size_t(r) * hq + h) * dv + t] != 0) ++bad_uncovered;  // +0.0 exactly
     }
   }
   double max_err = 0, max_lse_err = 0;
   size_t nan_out = 0, bad_lse = 0;
-  for (size_t i = 0; i < nq; ++i) {
+  for (size_t i = 0; i < no; ++i) {
     float const o = from_bits(hout[i], dt);
     if (!std::isfinite(o)) { ++nan_out; continue; }
     max_err = std::max(max_err, double(std::fabs(o - rout[i])));
@@ -254,10 +269,10 @@ bool run_case(DType dt, int d, const Case& c, void* workspace, std::mt19937& rng
   bool const ok = guards && bad_uncovered == 0 && nan_out == 0 && bad_lse == 0 && max_err <= tol &&
                   max_lse_err <= lse_tol;
   if (!ok || verbose)
-    std::printf("%s %s d=%d %-30s%s b=%d total_q=%d total_k=%d hq=%d hk=%d win=(%d,%d) cap=%g%s: max|dO|=%.3g "
+    std::printf("%s %s d=%-7s %-30s%s b=%d total_q=%d total_k=%d hq=%d hk=%d win=(%d,%d) cap=%g%s: max|dO|=%.3g "
                 "max|dLSE|=%.3g non-finite out=%zu bad lse=%zu uncovered-row errors=%zu guards %s\n",
-                ok ? "ok  " : "FAIL", dt_name(dt), d, c.name, mode, b, tq, tk, hq, hk, c.wl, c.wr, c.softcap,
-                c.sinks ? " sinks" : "", max_err, max_lse_err, nan_out, bad_lse, bad_uncovered,
+                ok ? "ok  " : "FAIL", dt_name(dt), dims_label(hd).c_str(), c.name, mode, b, tq, tk, hq, hk, c.wl,
+                c.wr, c.softcap, c.sinks ? " sinks" : "", max_err, max_lse_err, nan_out, bad_lse, bad_uncovered,
                 guards ? "intact" : "OVERWRITTEN");
   return ok;
 }
@@ -265,7 +280,8 @@ bool run_case(DType dt, int d, const Case& c, void* workspace, std::mt19937& rng
 // Hostile index arrays (unsanitized: decreasing, negative, past the total; seqused_k negative and too long; a
 // max_seqlen_q below a sequence's length): the launch must succeed and write nothing outside out and lse (guards;
 // run under compute-sanitizer memcheck for the reads). Results are unspecified, so they are not compared.
-bool run_hostile(DType dt, int d, void* workspace, bool verbose) {
+bool run_hostile(DType dt, Dims hd, void* workspace, bool verbose) {
+  int const d = hd.d;
   struct H {
     const char* name;
     std::vector<int> cu_q, cu_k, used;
@@ -282,11 +298,12 @@ bool run_hostile(DType dt, int d, void* workspace, bool verbose) {
   std::mt19937 rng(99);
   bool all = true;
   for (const H& h : cases) {
-    size_t const nq = size_t(tq) * hq * d, nk = size_t(tk) * hk * d;
-    std::vector<uint16_t> hq_(nq), hk_(nk);
+    size_t const nq = size_t(tq) * hq * d, nk = size_t(tk) * hk * d, nv = size_t(tk) * hk * hd.dv;
+    std::vector<uint16_t> hq_(nq), hk_(nk), hv_(nv);
     std::uniform_real_distribution<float> u(-1.f, 1.f);
     for (auto& x : hq_) x = to_bits(u(rng), dt);
     for (auto& x : hk_) x = to_bits(u(rng), dt);
+    for (auto& x : hv_) x = to_bits(u(rng), dt);
     Case c{h.name, {}, {}, {}, hq, hk, -1, 0, 0.f, false, 0, 0, 0};
     Layout l;
     l.cu_q = h.cu_q;
@@ -296,11 +313,12 @@ bool run_hostile(DType dt, int d, void* workspace, bool verbose) {
     l.total_k = tk;
     l.max_q = h.max_q;
     l.max_k = tk;
-    Outcome const r = run_packed(dt, d, c, l, hq_, hk_, hk_, {}, workspace);
+    Outcome const r = run_packed(dt, hd, c, l, hq_, hk_, hv_, {}, workspace);
     bool const ok = r.st.ok() && r.guards;
     fa3jax::FwdStatus const& st = r.st;
     if (!ok || verbose)
-      std::printf("%s %s d=%d hostile %-24s%s: %s\n", ok ? "ok  " : "FAIL", dt_name(dt), d, h.name,
+      std::printf("%s %s d=%s hostile %-24s%s: %s\n", ok ? "ok  " : "FAIL", dt_name(dt), dims_label(hd).c_str(),
+                  h.name,
                   workspace ? "" : " [static]", st.ok() ? (ok ? "no write outside out/lse" : "guards OVERWRITTEN")
                                                          : st.what);
     all = all && ok;
@@ -323,18 +341,18 @@ std::vector<int> random_lengths(int total, int mean, std::mt19937& rng) {
 
 // 16k packed tokens, h=16: random lengths (mean 1k, 4k, 8k) and equal lengths, each against the dense kernel on
 // the same per-sequence lengths (equal lengths: one dense call; random: one dense call per distinct length is not
-// what a user runs, so the dense rate printed is that of equal lengths at the mean). TFLOPS count 4 sq sk h d
+// what a user runs, so the dense rate printed is that of equal lengths at the mean). TFLOPS count 2 sq sk h (d + dv)
 // per sequence (halved under causal). No checking.
-void bench(DType dt, int d, void* workspace) {
-  int const total = 16384, h = 16;
-  size_t const n = size_t(total) * h * d;
+void bench(DType dt, Dims hd, void* workspace) {
+  int const total = 16384, h = 16, d = hd.d, dv = hd.dv;
+  size_t const n = size_t(total) * h * d, nv = size_t(total) * h * dv;
   void *q, *k, *v, *o;
   float* l;
-  CK(cudaMalloc(&q, n * 2)); CK(cudaMalloc(&k, n * 2)); CK(cudaMalloc(&v, n * 2)); CK(cudaMalloc(&o, n * 2));
+  CK(cudaMalloc(&q, n * 2)); CK(cudaMalloc(&k, n * 2)); CK(cudaMalloc(&v, nv * 2)); CK(cudaMalloc(&o, nv * 2));
   CK(cudaMalloc(&l, size_t(total) * h * 4));
   fill_uniform<<<1024, 256>>>(static_cast<uint16_t*>(q), n, 1u, dt == DType::kBF16);
   fill_uniform<<<1024, 256>>>(static_cast<uint16_t*>(k), n, 2u, dt == DType::kBF16);
-  fill_uniform<<<1024, 256>>>(static_cast<uint16_t*>(v), n, 3u, dt == DType::kBF16);
+  fill_uniform<<<1024, 256>>>(static_cast<uint16_t*>(v), nv, 3u, dt == DType::kBF16);
   CK(cudaGetLastError());
   std::mt19937 rng(5);
   for (int mean : {1024, 4096, 8192}) {
@@ -345,19 +363,19 @@ void bench(DType dt, int d, void* workspace) {
         Layout lay = make_layout(c);
         Uploads up;
         int* cu = up.put(lay.cu_q);
-        fa3jax::FwdParams p = make_params(dt, d, c, lay, q, k, v, cu, cu, nullptr, nullptr, o, l, workspace);
+        fa3jax::FwdParams p = make_params(dt, hd, c, lay, q, k, v, cu, cu, nullptr, nullptr, o, l, workspace);
         double flops = 0;
-        for (int x : lens) flops += 4.0 * h * double(x) * x * d * (causal ? 0.5 : 1.0);
+        for (int x : lens) flops += 2.0 * h * double(x) * x * (d + dv) * (causal ? 0.5 : 1.0);
         double const ms = time_fwd_ms(p);
-        std::printf("bench %s d=%d varlen total=%d h=%d mean=%d %s %s (b=%zu, max=%d): %.3f ms, %.1f TFLOP/s\n",
-                    dt_name(dt), d, total, h, mean, equal ? "equal " : "random", causal ? "causal" : "full  ",
-                    lens.size(), lay.max_q, ms, flops / ms * 1e-9);
+        std::printf("bench %s d=%s varlen total=%d h=%d mean=%d %s %s (b=%zu, max=%d): %.3f ms, %.1f TFLOP/s\n",
+                    dt_name(dt), dims_label(hd).c_str(), total, h, mean, equal ? "equal " : "random",
+                    causal ? "causal" : "full  ", lens.size(), lay.max_q, ms, flops / ms * 1e-9);
         // Under jit with traced cu_seqlens, max_seqlen_q is the total unless the caller passes it.
         p.core.varlen.max_seqlen_q = total;
         double const ms_t = time_fwd_ms(p);
-        std::printf("bench %s d=%d varlen total=%d h=%d mean=%d %s %s max_seqlen_q=total: %.3f ms, %.1f TFLOP/s\n",
-                    dt_name(dt), d, total, h, mean, equal ? "equal " : "random", causal ? "causal" : "full  ",
-                    ms_t, flops / ms_t * 1e-9);
+        std::printf("bench %s d=%s varlen total=%d h=%d mean=%d %s %s max_seqlen_q=total: %.3f ms, %.1f TFLOP/s\n",
+                    dt_name(dt), dims_label(hd).c_str(), total, h, mean, equal ? "equal " : "random",
+                    causal ? "causal" : "full  ", ms_t, flops / ms_t * 1e-9);
         if (equal) {
           fa3jax::FwdParams pd;
           fa3jax::AttnCore& a = pd.core;
@@ -371,9 +389,9 @@ void bench(DType dt, int d, void* workspace) {
           pd.workspace = workspace;
           pd.wide_tiles = 0;  // the varlen kernel's tiles
           double const ms_d = time_fwd_ms(pd);
-          std::printf("bench %s d=%d dense  b=%d s=%d h=%d %s: %.3f ms, %.1f TFLOP/s (varlen/dense %.3f)\n",
-                      dt_name(dt), d, a.batch, mean, h, causal ? "causal" : "full  ", ms_d, flops / ms_d * 1e-9,
-                      ms_d / ms);
+          std::printf("bench %s d=%s dense  b=%d s=%d h=%d %s: %.3f ms, %.1f TFLOP/s (varlen/dense %.3f)\n",
+                      dt_name(dt), dims_label(hd).c_str(), a.batch, mean, h, causal ? "causal" : "full  ", ms_d,
+                      flops / ms_d * 1e-9, ms_d / ms);
         }
       }
     }
@@ -438,22 +456,22 @@ int main(int argc, char** argv) {
   std::mt19937 rng(1234);
   int failures = 0, runs = 0;
   for (DType dt : {DType::kBF16, DType::kFP16})
-    for (int d : {64, 128, 256}) {
-      if (!fa3jax::fwd_compiled(dt, d)) continue;
+    for (Dims hd : {Dims{64, 64}, Dims{128, 128}, Dims{256, 256}, Dims{192, 128}, Dims{128, 64}}) {
+      if (!fa3jax::fwd_compiled(dt, hd.d, hd.dv)) continue;
       for (size_t i = 0; i < cs.size(); ++i) {
         // --quick: edges under causal, seqused_k, uncovered rows with sinks.
         if (quick && i != 2 && i != 9 && i != 12) continue;
         for (void* ws : {workspace, static_cast<void*>(nullptr)}) {
           ++runs;
-          if (!run_case(dt, d, cs[i], ws, rng, verbose)) ++failures;
+          if (!run_case(dt, hd, cs[i], ws, rng, verbose)) ++failures;
         }
       }
       for (void* ws : {workspace, static_cast<void*>(nullptr)}) {
         ++runs;
-        if (!run_hostile(dt, d, ws, verbose)) ++failures;
+        if (!run_hostile(dt, hd, ws, verbose)) ++failures;
         if (quick) break;
       }
-      if (do_bench) bench(dt, d, workspace);
+      if (do_bench) bench(dt, hd, workspace);
     }
   // Parameters the varlen forward must refuse, not launch.
   {

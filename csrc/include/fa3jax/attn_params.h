@@ -50,13 +50,16 @@ struct AppendKV {
   bool enabled() const { return k_new != nullptr; }
 };
 
-// What every pass of one attention call reads: q (b, sq, hq, d) and k/v (b, sk, hk, d) at their strides.
+// What every pass of one attention call reads: q (b, sq, hq, d), k (b, sk, hk, d) and v (b, sk, hk, d_v) at their
+// strides.
 struct AttnCore {
   const void* q = nullptr;
   const void* k = nullptr;
   const void* v = nullptr;
   Strides q_stride, k_stride, v_stride;
   int batch = 0, seqlen_q = 0, seqlen_k = 0, num_heads_q = 0, num_heads_k = 0, head_dim = 0;
+  // v's (and out's) head dim; 0 means head_dim. Smaller than head_dim for MLA (d_v < d_qk, forward only).
+  int head_dim_v = 0;
   DType dtype = DType::kBF16;
   float softmax_scale = 1.f;
   float softcap = 0.f;    // <= 0: off
@@ -66,11 +69,14 @@ struct AttnCore {
   PagedKV paged;
   AppendKV append;
 
+  int value_dim() const { return head_dim_v != 0 ? head_dim_v : head_dim; }
+
   // Contiguous q/k/v of the shapes above.
   void set_dense_strides() {
+    int64_t const dv = value_dim();
     q_stride = {int64_t(num_heads_q) * head_dim, int64_t(head_dim), int64_t(seqlen_q) * num_heads_q * head_dim};
     k_stride = {int64_t(num_heads_k) * head_dim, int64_t(head_dim), int64_t(seqlen_k) * num_heads_k * head_dim};
-    v_stride = k_stride;
+    v_stride = {int64_t(num_heads_k) * dv, dv, int64_t(seqlen_k) * num_heads_k * dv};
   }
 };
 
@@ -81,8 +87,8 @@ struct Splits {
   float* lse_accum = nullptr;  // (num_splits, b, hq, sq)
 };
 
-// Forward: core + outputs + workspace. out is dense like q (b, sq, hq, d); lse float32 (b, hq, sq). Varlen: out
-// (total_q, hq, d), lse (hq, total_q); q rows outside every sequence get out 0 and lse -inf (the sink with sinks).
+// Forward: core + outputs + workspace. out is dense (b, sq, hq, d_v); lse float32 (b, hq, sq). Varlen: out
+// (total_q, hq, d_v), lse (hq, total_q); q rows outside every sequence get out 0 and lse -inf (the sink with sinks).
 struct FwdParams {
   AttnCore core;
   void* out = nullptr;
@@ -116,11 +122,13 @@ const char* fwd_check(const FwdParams& p);
 // Checks, then launches on `stream`. Never throws.
 FwdStatus run_fwd(const FwdParams& p, cudaStream_t stream);
 
-// Whether (dtype, head_dim) was compiled into this build, and whether with a wide-key-tile kernel.
-bool fwd_compiled(DType dtype, int head_dim);
+// Whether (dtype, head_dim, head_dim_v) was compiled into this build (head_dim_v 0: head_dim), and whether with a
+// wide-key-tile kernel (d_v == d only).
+bool fwd_compiled(DType dtype, int head_dim, int head_dim_v = 0);
 bool fwd_compiled_wide(DType dtype, int head_dim);
 
-// Compiled instantiations as "bf16:128;fp16:64;..." (static string), and the target arch.
+// Compiled instantiations as "bf16:128;fp16:64;bf16:192x128;..." (static string; "DxDV" where d_v != d, MLA), and
+// the target arch.
 const char* fwd_compiled_list();
 const char* fwd_arch();
 
@@ -175,7 +183,7 @@ FwdStatus run_bwd_instance(const BwdParams& p, BwdWorkspace const& ws, cudaStrea
 
 // Per-instantiation entry points (defined in generated translation units). kWide: FwdPolicyWide's tiles instead
 // of FwdPolicy's.
-template <DType kDType, int kHeadDim, bool kWide>
+template <DType kDType, int kHeadDim, int kHeadDimV, bool kWide>
 FwdStatus run_fwd_instance(const FwdParams& p, cudaStream_t stream);
 
 }  // namespace fa3jax

@@ -1,7 +1,7 @@
 // Forward epilogue: normalize O and write it (bf16/fp16) with the natural-log LSE (one lane per row, rows <
 // seqlen_q only).
 //   kTmaEpilogue: each consumer warpgroup converts its 64 rows into its own slice of smem_o (stmatrix), fences
-//   them for the async proxy and one of its threads issues a TMA store of the 64 x D box (rows past seqlen_q are
+//   them for the async proxy and one of its threads issues a TMA store of the 64 x D_v box (rows past seqlen_q are
 //   clipped by the TMA unit); the warpgroup goes on with its next tile while the store drains. The slice is
 //   reused only after that store has read it (bulk wait_group.read at the next epilogue).
 //   Otherwise: 32-bit stores of column pairs straight from the accumulator registers.
@@ -32,7 +32,7 @@ struct FwdEpilogue {
                                 int mma_tid, TOrO& tOrO, float const (&inv)[kRows], float const (&lse)[kRows]) {
     typename KT::TiledMmaPV mma_pv;
     auto thr_pv = mma_pv.get_thread_slice(mma_tid);
-    Tensor cO = make_identity_tensor(Shape<typename KT::BlkM, typename KT::HDim>{});
+    Tensor cO = make_identity_tensor(Shape<typename KT::BlkM, typename KT::HDimV>{});
     Tensor tOcO = thr_pv.partition_C(cO);
     Tensor rc = make_tensor(tOcO.data(), acc_rowcol(tOcO.layout()));
     Tensor O = make_tensor(tOrO.data(), acc_rowcol(tOrO.layout()));
@@ -66,19 +66,19 @@ struct FwdEpilogue {
         auto const gO = [&]() {
           if constexpr (!KT::kVarlen) {
             Tensor mO = params.tma_o.get_tma_tensor(
-                make_shape(params.seqlen_q, int(KT::kHeadDim), params.num_heads_q, params.batch));
-            return local_tile(mO(_, _, tile.head, tile.batch), Shape<_64, typename KT::HDim>{},
+                make_shape(params.seqlen_q, int(KT::kHeadDimV), params.num_heads_q, params.batch));
+            return local_tile(mO(_, _, tile.head, tile.batch), Shape<_64, typename KT::HDimV>{},
                               make_coord(tile.m_block * KT::kNumMmaWG + wg, _0{}));
           } else {
             // Bounded per sequence as the loads are (mainloop.h): rows past its end fall outside the tensor, so
             // the store never writes the next sequence's rows.
             int const tq = params.seqlen_q;
-            Tensor mO = params.tma_o.get_tma_tensor(make_shape(tq, int(KT::kHeadDim), params.num_heads_q, tq + 1));
+            Tensor mO = params.tma_o.get_tma_tensor(make_shape(tq, int(KT::kHeadDimV), params.num_heads_q, tq + 1));
             return local_tile(domain_offset(make_coord(tq - sq, _0{}), mO(_, _, tile.head, int(seq.offset_q) + sq)),
-                              Shape<_64, typename KT::HDim>{}, make_coord(tile.m_block * KT::kNumMmaWG + wg, _0{}));
+                              Shape<_64, typename KT::HDimV>{}, make_coord(tile.m_block * KT::kNumMmaWG + wg, _0{}));
           }
         }();
-        Tensor sO_wg = make_tensor(make_smem_ptr(ss.smem_o.data() + wg * 64 * KT::kHeadDim),
+        Tensor sO_wg = make_tensor(make_smem_ptr(ss.smem_o.data() + wg * 64 * KT::kHeadDimV),
                                    typename KT::SmemLayoutOWG{});
         auto [tOgO, tOsO] = tma_partition(params.tma_o, _0{}, Layout<_1>{}, group_modes<0, 2>(sO_wg),
                                           group_modes<0, 2>(gO));
@@ -92,7 +92,7 @@ struct FwdEpilogue {
       for (int r = 0; r < kRows; ++r) {
         int const row = q_lo + int(get<0>(rc(r, 0)));
         if (row < sq) {
-          Element* orow = out + ((offset_q + row) * hq + tile.head) * KT::kHeadDim;
+          Element* orow = out + ((offset_q + row) * hq + tile.head) * KT::kHeadDimV;
           CUTE_UNROLL
           for (int c = 0; c < size<1>(O); c += 2) {
             int const col = int(get<1>(rc(r, c)));
@@ -124,10 +124,10 @@ struct FwdEpilogue {
     SeqInfo::uncovered_q(params.batch, params.cu_seqlens_q, params.seqlen_q, first, last);
     int const rows = first + (params.seqlen_q - last);
     int const hq = params.num_heads_q;
-    int const pieces = hq * (KT::kHeadDim * int(sizeof(Element)) / 16);
+    int const pieces = hq * (KT::kHeadDimV * int(sizeof(Element)) / 16);
     for (int r = int(blockIdx.x); r < rows; r += int(gridDim.x)) {
       int64_t const row = r < first ? r : r - first + last;
-      uint4* const out = reinterpret_cast<uint4*>(static_cast<Element*>(params.out) + row * hq * KT::kHeadDim);
+      uint4* const out = reinterpret_cast<uint4*>(static_cast<Element*>(params.out) + row * hq * KT::kHeadDimV);
       for (int j = tid; j < pieces; j += nthreads) out[j] = make_uint4(0u, 0u, 0u, 0u);
       for (int h = tid; h < hq; h += nthreads)
         params.lse[int64_t(h) * params.seqlen_q + row] = params.sinks ? params.sinks[h] : -INFINITY;

@@ -47,9 +47,10 @@ __global__ void __launch_bounds__(KT::kNumThreads, 1) fwd_kernel(__grid_constant
   pp.role = wg_idx == 0 ? Pipeline::ThreadCategory::Producer : Pipeline::ThreadCategory::Consumer;
   pp.is_leader = is_leader;
   pp.num_consumers = KT::kNumMmaThreads;
-  pp.transaction_bytes = KT::kBytesKV;
+  pp.transaction_bytes = KT::kBytesK;
   // Both constructors initialize their barriers from warp 0 and fence the initialization.
   Pipeline pipe_k(ss.pipeline_k, pp, typename KT::ClusterShape{});
+  pp.transaction_bytes = KT::kBytesV;  // V tiles are d_v wide (MLA)
   Pipeline pipe_v(ss.pipeline_v, pp, typename KT::ClusterShape{});
   __syncthreads();
 
@@ -157,7 +158,7 @@ __global__ void __launch_bounds__(KT::kNumThreads, 1) fwd_kernel(__grid_constant
       SeqInfo const seq = seq_info(tile);
       BI const bi = block_info(tile, seq);
       typename KT::TiledMmaPV mma_pv;
-      Tensor tOrO = partition_fragment_C(mma_pv, Shape<typename KT::BlkM, typename KT::HDim>{});
+      Tensor tOrO = partition_fragment_C(mma_pv, Shape<typename KT::BlkM, typename KT::HDimV>{});
       constexpr int kRows = decltype(size<0>(acc_rowcol(tOrO.layout())))::value;
       OnlineSoftmax<kRows> softmax;
       if (bi.num_blocks() > 0) {

@@ -19,12 +19,13 @@ template <DType kDType> struct ElementOf;
 template <> struct ElementOf<DType::kBF16> { using type = cutlass::bfloat16_t; };
 template <> struct ElementOf<DType::kFP16> { using type = cutlass::half_t; };
 
-template <class P, DType kDType, int kHeadDim, bool kVarlen = false>
+template <class P, DType kDType, int kHeadDim, int kHeadDimV, bool kVarlen = false>
 using FwdTraitsOf = FwdKernelTraits<typename ElementOf<kDType>::type, kHeadDim, P::kBlockM, P::kBlockN, P::kStages,
-                                    P::kProducerRegs, P::kConsumerRegs, P::kTmaEpilogue, kVarlen>;
-template <DType kDType, int kHeadDim, bool kWide, bool kVarlen = false>
-using FwdTraitsFor =
-    FwdTraitsOf<std::conditional_t<kWide, FwdPolicyWide<kHeadDim>, FwdPolicy<kHeadDim>>, kDType, kHeadDim, kVarlen>;
+                                    P::kProducerRegs, P::kConsumerRegs, P::kTmaEpilogue, kVarlen, kHeadDimV>;
+// Wide key tiles exist for d_v == d only (policy.h has no FwdPolicyWide<d, d_v>).
+template <DType kDType, int kHeadDim, int kHeadDimV, bool kWide, bool kVarlen = false>
+using FwdTraitsFor = FwdTraitsOf<std::conditional_t<kWide, FwdPolicyWide<kHeadDim>, FwdPolicy<kHeadDim, kHeadDimV>>,
+                                 kDType, kHeadDim, kHeadDimV, kVarlen>;
 
 // `p` moved back by `rows` rows of `row_stride` elements, as an address (it may point before the allocation: only
 // the TMA unit adds the coordinates back, see launch_fwd).
@@ -33,17 +34,18 @@ T* rows_before(T* p, int64_t rows, int64_t row_stride) {
   return reinterpret_cast<T*>(reinterpret_cast<uintptr_t>(p) - uintptr_t(rows * row_stride * int64_t(sizeof(T))));
 }
 
-template <DType kDType, int kHeadDim, bool kWide, bool kVarlen = false>
+template <DType kDType, int kHeadDim, int kHeadDimV, bool kWide, bool kVarlen = false>
 FwdStatus launch_fwd(const FwdParams& fp, cudaStream_t stream) {
+  static_assert(!kWide || kHeadDimV == kHeadDim, "wide key tiles are compiled for d_v == d only");
   if constexpr (!kWide && !kVarlen) {
     // The varlen kernel has the FwdPolicy tiles and is compiled in this translation unit.
-    if (fp.core.varlen.enabled()) return launch_fwd<kDType, kHeadDim, false, true>(fp, stream);
+    if (fp.core.varlen.enabled()) return launch_fwd<kDType, kHeadDim, kHeadDimV, false, true>(fp, stream);
   } else if constexpr (kWide) {
     if (fp.core.varlen.enabled()) return {cudaErrorInvalidValue, "varlen has no wide-key-tile kernel"};
   }
-  using KT = FwdTraitsFor<kDType, kHeadDim, kWide, kVarlen>;
+  using KT = FwdTraitsFor<kDType, kHeadDim, kHeadDimV, kWide, kVarlen>;
   using Element = typename KT::Element;
-  constexpr int D = kHeadDim;
+  constexpr int D = kHeadDim, Dv = kHeadDimV;  // q/k and v/out head dims (MLA: Dv < D)
   AttnCore const& p = fp.core;
   int const b = p.batch, sq = p.seqlen_q, sk = p.seqlen_k, hq = p.num_heads_q, hk = p.num_heads_k;
 
@@ -56,7 +58,7 @@ FwdStatus launch_fwd(const FwdParams& fp, cudaStream_t stream) {
   Element const* k_ptr = static_cast<Element const*>(p.k);
   Element const* v_ptr = static_cast<Element const*>(p.v);
   Element* o_ptr = static_cast<Element*>(fp.out);
-  int64_t const o_row = int64_t(hq) * D;
+  int64_t const o_row = int64_t(hq) * Dv;
   int64_t q_last = p.q_stride.batch, k_last = p.k_stride.batch, v_last = p.v_stride.batch, o_last = sq * o_row;
   int q_ext = b, k_ext = b;
   if constexpr (kVarlen) {
@@ -71,9 +73,9 @@ FwdStatus launch_fwd(const FwdParams& fp, cudaStream_t stream) {
                        make_stride(p.q_stride.row, _1{}, p.q_stride.head, q_last));
   auto k = make_tensor(make_gmem_ptr(k_ptr), make_shape(sk, D, hk, k_ext),
                        make_stride(p.k_stride.row, _1{}, p.k_stride.head, k_last));
-  auto o = make_tensor(make_gmem_ptr(o_ptr), make_shape(sq, D, hq, q_ext),
-                       make_stride(o_row, _1{}, int64_t(D), o_last));
-  auto vt = make_tensor(make_gmem_ptr(v_ptr), make_shape(D, sk, hk, k_ext),
+  auto o = make_tensor(make_gmem_ptr(o_ptr), make_shape(sq, Dv, hq, q_ext),
+                       make_stride(o_row, _1{}, int64_t(Dv), o_last));
+  auto vt = make_tensor(make_gmem_ptr(v_ptr), make_shape(Dv, sk, hk, k_ext),
                         make_stride(_1{}, p.v_stride.row, p.v_stride.head, v_last));
 
   typename KT::Params kp{
@@ -120,7 +122,7 @@ FwdStatus launch_fwd(const FwdParams& fp, cudaStream_t stream) {
   // (head, batch) pairs per section of the heavy-first order: as many as keep their K/V within ~32 MiB of the
   // 50 MiB L2 (H100).
   int const rows_k = kVarlen && p.varlen.max_seqlen_k > 0 ? p.varlen.max_seqlen_k : sk;
-  int64_t const kv_bytes = int64_t(rows_k) * D * 2 * int64_t(sizeof(Element));
+  int64_t const kv_bytes = int64_t(rows_k) * (D + Dv) * int64_t(sizeof(Element));
   int64_t const group = (int64_t(32) << 20) / (kv_bytes > 0 ? kv_bytes : 1);
   sp.group = int(group < 1 ? 1 : (group > sp.num_hb ? sp.num_hb : group));
   // Dynamic assignment only where tiles differ in length (causal-like masks): it costs a shared-memory hand-off

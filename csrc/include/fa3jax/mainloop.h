@@ -45,7 +45,7 @@ struct FwdMainloop {
     Tensor sVt = make_tensor(make_smem_ptr(ss.smem_v.data()), typename KT::SmemLayoutVt{});
     int const head_k = tile.head / params.group_size;
 
-    // The tile's (M, D) Q block, (N, D, n) K blocks and (D, N, n) V^T blocks.
+    // The tile's (M, D) Q block, (N, D, n) K blocks and (D_v, N, n) V^T blocks.
     auto [gQ, gK, gVt] = [&]() {
       if constexpr (!KT::kVarlen) {
         Tensor mQ = params.tma_q.get_tma_tensor(
@@ -53,13 +53,13 @@ struct FwdMainloop {
         Tensor mK = params.tma_k.get_tma_tensor(
             make_shape(params.seqlen_k, int(KT::kHeadDim), params.num_heads_k, batch));
         Tensor mVt = params.tma_v.get_tma_tensor(
-            make_shape(int(KT::kHeadDim), params.seqlen_k, params.num_heads_k, batch));
+            make_shape(int(KT::kHeadDimV), params.seqlen_k, params.num_heads_k, batch));
         return cute::make_tuple(
             local_tile(mQ(_, _, tile.head, tile.batch), Shape<typename KT::BlkM, typename KT::HDim>{},
                        make_coord(tile.m_block, _0{})),
             local_tile(mK(_, _, head_k, tile.batch), Shape<typename KT::BlkN, typename KT::HDim>{},
                        make_coord(_, _0{})),
-            local_tile(mVt(_, _, head_k, tile.batch), Shape<typename KT::HDim, typename KT::BlkN>{},
+            local_tile(mVt(_, _, head_k, tile.batch), Shape<typename KT::HDimV, typename KT::BlkN>{},
                        make_coord(_0{}, _)));
       } else {
         // Packed tensors as (row, d, head, end) (launch.h): the sequence is coordinate end = offset + length, its
@@ -68,7 +68,7 @@ struct FwdMainloop {
         int const tq = params.seqlen_q, tk = params.seqlen_k;
         Tensor mQ = params.tma_q.get_tma_tensor(make_shape(tq, int(KT::kHeadDim), params.num_heads_q, tq + 1));
         Tensor mK = params.tma_k.get_tma_tensor(make_shape(tk, int(KT::kHeadDim), params.num_heads_k, tk + 1));
-        Tensor mVt = params.tma_v.get_tma_tensor(make_shape(int(KT::kHeadDim), tk, params.num_heads_k, tk + 1));
+        Tensor mVt = params.tma_v.get_tma_tensor(make_shape(int(KT::kHeadDimV), tk, params.num_heads_k, tk + 1));
         int const end_q = int(seq.offset_q) + seq.seqlen_q, end_k = int(seq.offset_k) + seq.seqlen_k;
         return cute::make_tuple(
             local_tile(domain_offset(make_coord(tq - seq.seqlen_q, _0{}), mQ(_, _, tile.head, end_q)),
@@ -76,7 +76,7 @@ struct FwdMainloop {
             local_tile(domain_offset(make_coord(tk - seq.seqlen_k, _0{}), mK(_, _, head_k, end_k)),
                        Shape<typename KT::BlkN, typename KT::HDim>{}, make_coord(_, _0{})),
             local_tile(domain_offset(make_coord(_0{}, tk - seq.seqlen_k), mVt(_, _, head_k, end_k)),
-                       Shape<typename KT::HDim, typename KT::BlkN>{}, make_coord(_0{}, _)));
+                       Shape<typename KT::HDimV, typename KT::BlkN>{}, make_coord(_0{}, _)));
       }
     }();
 

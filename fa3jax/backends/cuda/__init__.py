@@ -1,9 +1,10 @@
 """Hopper (sm_90a) CUDA backend: FlashAttention-3 style forward and backward kernels behind XLA FFI.
 
 The compiled part lives in ``_fa3jax_cuda`` (built only with ``FA3JAX_BUILD_CUDA=1``); everything here works,
-and reports unavailability, without it. Forward and backward serve dense and varlen calls; where the backward
-kernel does not serve a call (see check_backward: head dims built without a backward), the registry pairs this forward
-(and its LSE, which follows every backend's convention) with another backend's backward.
+and reports unavailability, without it. Forward and backward serve dense and varlen calls, the forward MLA (a
+value head dim below the q/k one) too where built; where the backward kernel does not serve a call (see
+check_backward: MLA, head dims built without a backward), the registry pairs this forward (and its LSE, which
+follows every backend's convention) with another backend's backward.
 """
 from __future__ import annotations
 
@@ -99,9 +100,6 @@ class CudaBackend(Backend):
 
     def _check_common(self, spec: AttentionSpec, instances_key: str, what: str) -> None:
         """Refusals shared by the forward and backward kernels (compiled instantiations, features)."""
-        if spec.head_dim_v != spec.head_dim:
-            raise NotImplementedError(f"cuda: a value head dim different from the q/k one (MLA) is not "
-                                      f"implemented yet; got {spec.head_dim_v=}, {spec.head_dim=}")
         ext, reason = _load_extension()
         if ext is None:
             raise NotImplementedError(reason)
@@ -112,11 +110,22 @@ class CudaBackend(Backend):
         dt = _DTYPE_NAMES.get(spec.dtype)
         if dt is None:
             raise NotImplementedError(f"cuda: dtype {spec.dtype} not supported (bfloat16, float16 only)")
-        instances = {(str(t), int(d)) for t, d in build_info().get(instances_key, ())}
-        if (dt, spec.head_dim) not in instances:
-            raise NotImplementedError(
-                f"cuda: no {what} kernel for (dtype={spec.dtype}, head_dim={spec.head_dim}) in this build "
-                f"(built: {sorted(instances)}); rebuild with FA3JAX_HEAD_DIMS / FA3JAX_DTYPES")
+        if spec.head_dim_v != spec.head_dim:  # only forwards get here (check_backward refuses MLA first)
+            if targets.FEATURE_MLA not in build_info().get("features", ()):
+                raise NotImplementedError("cuda: this build of the CUDA extension predates MLA (a value head dim "
+                                          "below the q/k one); rebuild it with FA3JAX_BUILD_CUDA=1")
+            built = {(str(t), int(d), int(dv)) for t, d, dv in build_info().get("mla_instances", ())}
+            if (dt, spec.head_dim, spec.head_dim_v) not in built:
+                raise NotImplementedError(
+                    f"cuda: no MLA {what} kernel for (dtype={spec.dtype}, head_dim={spec.head_dim}, "
+                    f"head_dim_v={spec.head_dim_v}) in this build (built: {sorted(built)}); rebuild with "
+                    f"FA3JAX_HEAD_DIMS entries D x D_V, e.g. 192x128")
+        else:
+            instances = {(str(t), int(d)) for t, d in build_info().get(instances_key, ())}
+            if (dt, spec.head_dim) not in instances:
+                raise NotImplementedError(
+                    f"cuda: no {what} kernel for (dtype={spec.dtype}, head_dim={spec.head_dim}) in this build "
+                    f"(built: {sorted(instances)}); rebuild with FA3JAX_HEAD_DIMS / FA3JAX_DTYPES")
         if spec.seqlen_k < 1:
             raise NotImplementedError("cuda: seqlen_k == 0 is not supported" if spec.mode == "dense" else
                                       "cuda: varlen with no key rows (total_k == 0) is not supported")
@@ -150,6 +159,9 @@ class CudaBackend(Backend):
             # A cuda forward's LSE follows the shared convention, so the registry composes the next backend's
             # backward with it.
             raise NotImplementedError(f"cuda: the backward kernel serves dense and varlen calls (got {spec.mode!r})")
+        if spec.head_dim_v != spec.head_dim:  # composed likewise: triton's (else xla's) MLA backward
+            raise NotImplementedError(f"cuda: the backward kernel has no MLA variant (value head dim below the "
+                                      f"q/k one); got {spec.head_dim_v=}, {spec.head_dim=}")
         self._check_common(spec, "bwd_instances", "backward")
         if spec.mode == "varlen":
             if targets.FEATURE_VARLEN_BWD not in build_info().get("features", ()):
@@ -170,7 +182,7 @@ class CudaBackend(Backend):
             return self._varlen_forward(spec, q, k, v, args)
         b, sq, hq, _d = q.shape
         out_types = (
-            jax.ShapeDtypeStruct(q.shape, q.dtype),
+            jax.ShapeDtypeStruct((b, sq, hq, spec.head_dim_v), q.dtype),  # v's head dim (MLA)
             jax.ShapeDtypeStruct((b, hq, sq), jnp.float32),
         )
         attrs = targets.fwd_attributes(spec, tuning.current())
@@ -182,10 +194,12 @@ class CudaBackend(Backend):
         return out, lse
 
     def _varlen_forward(self, spec: AttentionSpec, q, k, v, args):
-        """Packed q (total_q, hq, d), k/v (total_k, hk, d) -> out like q, lse (hq, total_q). The index arrays
-        arrive sanitized (fa3jax.validation.sanitize_varlen); the kernel clamps them again for its own safety."""
+        """Packed q (total_q, hq, d), k (total_k, hk, d), v (total_k, hk, d_v) -> out (total_q, hq, d_v), lse (hq,
+        total_q). The index arrays arrive sanitized (fa3jax.validation.sanitize_varlen); the kernel clamps them
+        again for its own safety."""
         total_q, hq, _d = q.shape
-        out_types = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((hq, total_q), jnp.float32))
+        out_types = (jax.ShapeDtypeStruct((total_q, hq, spec.head_dim_v), q.dtype),
+                     jax.ShapeDtypeStruct((hq, total_q), jnp.float32))
         operands = [q, k, v, args.cu_seqlens_q, args.cu_seqlens_k]
         if spec.varlen.has_seqused_k:
             operands.append(args.seqused_k)
