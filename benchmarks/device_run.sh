@@ -6,7 +6,7 @@
 #         test (GPU pytest suites), bench (side-by-side table), decode (kvcache decode table),
 #         varlen (varlen vs dense table), sweep (Triton tile/variant sweep, SWEEP_ARGS),
 #         ab (C++ timing of d=128 bf16 kernel variants built side by side, AB_VARIANTS), abbin (the same for
-#         test programs built elsewhere, AB_BINS),
+#         test programs built elsewhere, AB_BINS), cverify (checks + memcheck of prebuilt test programs, CHECK_BINS),
 #         ncu (Nsight Compute source-level profile of one C++ bench case and of flash-attn3-jax's kernel),
 #         ncutriton (Nsight Compute sections of the Triton forward and flash-attn3-jax's, via profile_fwd.py),
 #         ncudecode (the same for the decode kernels, via profile_decode.py).
@@ -124,6 +124,22 @@ abbin() {
     done
   done
 }
+# CHECK_BINS="name=PATH[:ARGS] ...": prebuilt C++ test programs (carried, see abbin), each run for its checks and
+# then under compute-sanitizer memcheck with --quick (memcheck output goes to $OUT/memcheck-NAME.log); the
+# summary line per program says passed/failed and the sanitizer's error count.
+cverify() {
+  local spec name rest bin args rc=0
+  for spec in ${CHECK_BINS:-}; do
+    name=${spec%%=*}; rest=${spec#*=}; bin=${rest%%:*}; args=""; [[ $rest == *:* ]] && args=${rest#*:}
+    local log st; log=$(timeout 180 "$bin" $args 2>&1); st=$?
+    echo "== $name rc=$st: $(grep -E "^FAIL|passed" <<<"$log" | tr '\n' ';')"
+    [ $st -eq 0 ] || rc=1
+    timeout 200 compute-sanitizer --tool memcheck --error-exitcode 3 "$bin" --quick $args \
+      >"$OUT/memcheck-$name.log" 2>&1
+    echo "== $name memcheck rc=$? $(grep -E "ERROR SUMMARY" "$OUT/memcheck-$name.log" | tail -n 1)"
+  done
+  return $rc
+}
 # NCU_BIN (default: the build stage's test program), NCU_CASES="B,S,CAUSAL ..." (default 4,4096,1),
 # NCU_VARIANT=dyn|static|wide, NCU_HEAD_DIM (128), NCU_DTYPE (bf16); profiles flash-attn3-jax's kernel on the same
 # shapes too. Per-SASS-instruction counters go to CSV; everything comes back as one archive (at most 8 files come
@@ -206,6 +222,7 @@ for s in "$@"; do
     sweep) stage sweep sweep ;;
     ab) stage ab ab ;;
     abbin) stage abbin abbin ;;
+    cverify) stage cverify cverify ;;
     ncu) stage ncu ncuprof ;;
     ncutriton) stage ncutriton ncutriton ;;
     ncudecode) stage ncudecode ncudecode ;;
