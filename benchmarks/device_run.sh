@@ -16,8 +16,9 @@ set -uo pipefail
 OUT=${OUT:-/tmp/fa3jax-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 # the device gets a tree without .git: pass FA3JAX_COMMIT=$(git rev-parse --short HEAD) from here for RESULTS.md
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  || { echo "wheel install failed"; exit 1; }
+# FA3JAX_NO_WHEELS=1: a second invocation beside a running one (e.g. buildext in the background) skips the install
+[ -n "${FA3JAX_NO_WHEELS:-}" ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  --target /tmp/site .whl/*.whl || { echo "wheel install failed"; exit 1; }
 export PYTHONPATH=/tmp/site:$PWD
 # The GPU suites are compile-bound. Compiled Triton kernels and XLA executables persist across device calls when
 # .device_cache travels: unpack a previous call's $OUT/device_cache.tgz into .device_cache and carry it.
@@ -38,7 +39,7 @@ build() { buildext && buildtests; }
 buildext() {
   export CUTLASS_INC=$(python3 -c "import cutlass_library,os;print(os.path.join(os.path.dirname(cutlass_library.__file__),'source','include'))")
   rm -rf /tmp/fa3site  # pip --target keeps an existing package: a warm machine would test the previous build
-  FA3JAX_BUILD_CUDA=1 CMAKE_BUILD_PARALLEL_LEVEL=16 timeout 400 python3 -m pip install --no-deps \
+  FA3JAX_BUILD_CUDA=1 CMAKE_BUILD_PARALLEL_LEVEL=16 timeout ${BUILD_TIMEOUT:-400} python3 -m pip install --no-deps \
     --no-build-isolation --target /tmp/fa3site -q . || return 1
   # tests run from the source tree (python -m pytest puts it first on sys.path): put the extension there too
   cp /tmp/fa3site/fa3jax/backends/cuda/_fa3jax_cuda*.so fa3jax/backends/cuda/ || return 1
