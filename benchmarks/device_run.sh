@@ -108,13 +108,14 @@ ab() {
   tar czf "$OUT/ab_build_logs.tgz" -C "$OUT" $(cd "$OUT" && ls ab-*-build.log) && rm -f "$OUT"/ab-*-build.log
   AB_BINS="${bins[*]}" abbin
 }
-# AB_BINS="name=PATH ...": prebuilt fa3jax_test_fwd programs (the C++ test links cudart statically and has no
+# AB_BINS="name=PATH ..." (AB_SKIP_CHECKS=1: timing only): prebuilt fa3jax_test_fwd programs (the C++ test links cudart statically and has no
 # Python in it, so it can be compiled off the device and carried): each one's checks (the failing ones by name),
 # then AB_ROUNDS alternating timing rounds (AB_ROUNDS=0: checks only). AB_CHECK_ARGS (default --quiet) and
 # AB_BENCH_ARGS go to every program (fa3jax_test_bwd: AB_CHECK_ARGS= , AB_BENCH_ARGS=--deterministic).
 abbin() {
   local spec name bin
   for spec in ${AB_BINS:-}; do
+    [ -n "${AB_SKIP_CHECKS:-}" ] && break  # checked already (e.g. by cverify in an earlier call)
     name=${spec%%=*}; bin=${spec#*=}
     echo "== $name checks: $(timeout 120 "$bin" ${AB_CHECK_ARGS---quiet} | grep -E "^FAIL|passed" | tr '\n' ';')"
   done
