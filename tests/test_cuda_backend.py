@@ -294,9 +294,9 @@ def _varlen_inputs(rng, case, d, dtype, dv=None):
 
 
 def _varlen_against_reference(rng, dtype, d, dv, case):
-    """One varlen call, cuda forward (v and out with head dim ``dv``), and the gradients of its composition with
-    another backend's varlen backward, against the float64 reference per sequence; the q rows outside every
-    sequence must get out 0 and lse -inf or the sink."""
+    """One varlen call, cuda forward (v and out with head dim ``dv``), and its gradients (cuda's own varlen backward
+    where d_v == d; MLA composes another backend's), against the float64 reference per sequence; the q rows outside
+    every sequence must get out 0 and lse -inf or the sink."""
     lens_q, lens_k, _, hq, hk, causal, window, cap, _, _ = case
     cu_q, cu_k, used, (q, k, v, do), (q64, k64, v64, do64), dl64, sinks = _varlen_inputs(rng, case, d, dtype, dv)
     scale = 0.7 / np.sqrt(d)
@@ -305,7 +305,8 @@ def _varlen_against_reference(rng, dtype, d, dv, case):
     idx = (jnp.asarray(cu_q), jnp.asarray(cu_k), None if used is None else jnp.asarray(used))
     spec = validation.validate_varlen(q, k, v, *idx, max_q, max_k, deterministic=False, sinks=sinks, **kw)
     plan = registry.plan(spec, "cuda")
-    assert plan.forward == "cuda" and plan.backward not in (None, "cuda"), plan
+    assert plan.forward == "cuda" and plan.backward is not None, plan
+    assert (plan.backward == "cuda") == (dv == d), plan  # the varlen backward is built for every d_v == d instance
     rkw = dict(scale=scale, window=masking.normalize_window(window, causal), softcap=cap, dout=do64, dlse=dl64,
                sinks=None if sinks is None else np.asarray(sinks, np.float64))
     ref = reference.varlen(q64, k64, v64, cu_q, cu_k, used, **rkw)
@@ -335,8 +336,7 @@ def _varlen_against_reference(rng, dtype, d, dv, case):
 @pytest.mark.parametrize("instance", sorted(_BUILT) or [("bf16", 128)], ids=lambda i: f"{i[0]}-d{i[1]}")
 @pytest.mark.parametrize("case", VARLEN_CASES, ids=_varlen_case_id)
 def test_varlen_forward_and_grads(instance, case):
-    """The cuda varlen forward (out, lse (hq, total_q)) and the gradients of its composition with another backend's
-    varlen backward, against the float64 reference per sequence: empty sequences and sequences shorter than a
+    """The cuda varlen forward (out, lse (hq, total_q)) and the cuda varlen backward, against the float64 reference per sequence: empty sequences and sequences shorter than a
     tile, lq != lk, GQA/MQA, masks, softcap, seqused_k, sinks, q rows outside every sequence (out 0, lse -inf or
     the sink)."""
     if instance not in _BUILT:
@@ -351,7 +351,7 @@ def test_varlen_matches_triton_under_jit_with_traced_cu_seqlens(instance, causal
     """cuda and triton agree on out, lse and the gradients of a GQA varlen call with random lengths (incl. 0 and
     1) when cu_seqlens are traced jit arguments (max_seqlen_* then default to the totals: the cuda grid has many
     query blocks past every sequence's end, which its producer skips), with backend="auto" choosing the cuda
-    forward and a composed backward."""
+    forward and backward."""
     if instance not in _BUILT:
         pytest.skip("no CUDA instance built")
     dtype, d = _NAMES[instance[0]], instance[1]
@@ -369,7 +369,7 @@ def test_varlen_matches_triton_under_jit_with_traced_cu_seqlens(instance, causal
     auto = registry.plan(validation.validate_varlen(q, k, v, cu, cu, None, -1, -1, softmax_scale=None,
                                                     is_causal=causal, window_size=(-1, -1), softcap=0.0,
                                                     return_softmax_lse=True, deterministic=False), "auto")
-    assert auto.forward == "cuda" and auto.backward != "cuda", auto
+    assert (auto.forward, auto.backward) == ("cuda", "cuda"), auto
 
     def run(backend):
         @jax.jit

@@ -222,7 +222,10 @@ bool run_case(DType dt, Dims hd, const Case& c, void* workspace, std::mt19937& r
   bool const guards = r.guards;
 
   // Reference per sequence, on its own rows (test_common.h's dense reference with batch 1).
+  // Rows no sequence computes keep lse -inf, or the sink (their softmax has the sink alone).
   std::vector<float> rout(no, 0.f), rlse(nl, -INFINITY);
+  if (!hsinks.empty())
+    for (int h = 0; h < hq; ++h) std::fill_n(rlse.begin() + size_t(h) * tq, tq, hsinks[h]);
   float const scale = 1.f / std::sqrt(float(d));
   for (int s = 0; s < b; ++s) {
     int const q0 = l.cu_q[s], lq = l.cu_q[s + 1] - q0, k0 = l.cu_k[s];
