@@ -293,10 +293,11 @@ def _varlen_inputs(rng, case, d, dtype, dv=None):
     return cu_q, cu_k, used, (q, k, v, do), (q64, k64, v64, do64), dl64, sinks
 
 
-def _varlen_against_reference(rng, dtype, d, dv, case):
-    """One varlen call, cuda forward (v and out with head dim ``dv``), and its gradients (cuda's own varlen backward
-    where d_v == d; MLA composes another backend's), against the float64 reference per sequence; the q rows outside
-    every sequence must get out 0 and lse -inf or the sink."""
+def _varlen_against_reference(rng, dtype, d, dv, case, backward=None):
+    """One varlen call, cuda forward (v and out with head dim ``dv``), and its gradients, against the float64
+    reference per sequence; the q rows outside every sequence must get out 0 and lse -inf or the sink.
+    ``backward``: whose backward the registry must pick, "cuda" (its own) or "composed" (another backend's); None:
+    "cuda" where d_v == d (the varlen backward is built for every such instance)."""
     lens_q, lens_k, _, hq, hk, causal, window, cap, _, _ = case
     cu_q, cu_k, used, (q, k, v, do), (q64, k64, v64, do64), dl64, sinks = _varlen_inputs(rng, case, d, dtype, dv)
     scale = 0.7 / np.sqrt(d)
@@ -306,7 +307,8 @@ def _varlen_against_reference(rng, dtype, d, dv, case):
     spec = validation.validate_varlen(q, k, v, *idx, max_q, max_k, deterministic=False, sinks=sinks, **kw)
     plan = registry.plan(spec, "cuda")
     assert plan.forward == "cuda" and plan.backward is not None, plan
-    assert (plan.backward == "cuda") == (dv == d), plan  # the varlen backward is built for every d_v == d instance
+    want = backward or ("cuda" if dv == d else "composed")
+    assert (plan.backward == "cuda") == (want == "cuda"), plan
     rkw = dict(scale=scale, window=masking.normalize_window(window, causal), softcap=cap, dout=do64, dlse=dl64,
                sinks=None if sinks is None else np.asarray(sinks, np.float64))
     ref = reference.varlen(q64, k64, v64, cu_q, cu_k, used, **rkw)
@@ -467,3 +469,98 @@ def test_mla_varlen_forward_and_grads(instance, case):
         pytest.skip("no CUDA MLA instance built")
     dtype, d, dv = _NAMES[instance[0]], instance[1], instance[2]
     _varlen_against_reference(seeded_rng("cuda", "mla-varlen", instance, case), dtype, d, dv, case)
+
+
+# ------------------------------------------------------------------------------------------ any head dim
+# Head dims between the built instances (flash-attn3-jax's suite uses 32, 40 and 59): served by the smallest built
+# kernel that holds them, TMA zero-filling the columns past d (multiples of 8) or, for the others (59), on copies
+# zero-padded to the next multiple of 8 (fa3jax/backends/cuda/__init__.py _kernel_head_dim).
+ANY_HEAD_DIMS = (8, 32, 40, 59, 72, 96, 112, 200)
+ANY_DIM_CASES = [
+    (2, 200, 333, 4, 2, False, (-1, -1), 0.0),  # GQA, ragged tiles
+    (1, 300, 190, 4, 2, True, (-1, -1), 0.0),  # lq > lk: rows that see no key
+    (2, 257, 257, 2, 2, False, (64, 16), 0.0),
+    (1, 150, 150, 4, 1, True, (-1, -1), 20.0),  # MQA, softcap
+]
+
+
+def _any_dim_kernel(d, instances):
+    """(dtype, kernel head dim) pairs of ``instances`` that serve head dim ``d`` (the smallest per dtype)."""
+    dp = -(-d // 8) * 8
+    out = {}
+    for t, hd in sorted(instances):
+        if hd >= dp and t not in out:
+            out[t] = hd
+    return out
+
+
+def _any_dim_params(instances=_BUILT):
+    return [(t, d) for d in ANY_HEAD_DIMS for t in sorted(_any_dim_kernel(d, instances))] or [("bf16", 40)]
+
+
+@pytest.mark.parametrize("instance", _any_dim_params(), ids=lambda i: f"{i[0]}-d{i[1]}")
+@pytest.mark.parametrize("case", ANY_DIM_CASES, ids=lambda c: f"q{c[1]}-k{c[2]}-h{c[3]}x{c[4]}-"
+                         f"{'causal' if c[5] else 'w%d_%d' % c[6]}-cap{c[7]:g}")
+def test_any_head_dim_forward_and_grads(instance, case):
+    """A head dim without an instance of its own: the cuda forward, and cuda's own backward where a backward kernel
+    holds it, against the float64 reference (GQA/MQA, causal with rows that see no key, a window, softcap)."""
+    t, d = instance
+    if t not in _any_dim_kernel(d, _BUILT):
+        pytest.skip(f"no CUDA kernel built for {t} d={d}")
+    backward = "cuda" if t in _any_dim_kernel(d, _BUILT_BWD) else "composed"
+    _dense_against_reference(seeded_rng("cuda", "any-d", instance, case), _NAMES[t], d, d, case, None, backward)
+
+
+@pytest.mark.parametrize("instance", _any_dim_params(), ids=lambda i: f"{i[0]}-d{i[1]}")
+def test_any_head_dim_with_sinks(instance):
+    t, d = instance
+    if t not in _any_dim_kernel(d, _BUILT):
+        pytest.skip(f"no CUDA kernel built for {t} d={d}")
+    _dense_against_reference(seeded_rng("cuda", "any-d-sinks", instance), _NAMES[t], d, d, SINK_CASES[1], 2.0,
+                             None)
+
+
+@pytest.mark.parametrize("instance", [i for i in _any_dim_params() if i[1] in (40, 59, 96)] or [("bf16", 40)],
+                         ids=lambda i: f"{i[0]}-d{i[1]}")
+@pytest.mark.parametrize("case", [VARLEN_CASES[1], VARLEN_CASES[4], VARLEN_CASES[5]], ids=_varlen_case_id)
+def test_any_head_dim_varlen_forward_and_grads(instance, case):
+    """The varlen forward and backward at a head dim without an instance of its own, against the float64 reference
+    per sequence (causal, lq != lk with seqused_k, softcap + sinks, q rows outside every sequence)."""
+    t, d = instance
+    if t not in _any_dim_kernel(d, _BUILT):
+        pytest.skip(f"no CUDA kernel built for {t} d={d}")
+    backward = "cuda" if t in _any_dim_kernel(d, _BUILT_BWD) else "composed"
+    _varlen_against_reference(seeded_rng("cuda", "any-d-varlen", instance, case), _NAMES[t], d, d, case, backward)
+
+
+@pytest.mark.parametrize("d", [32, 40, 59])
+def test_flash_attn3_jax_head_dims_run_on_cuda_under_auto(d):
+    """The head dims of flash-attn3-jax's suite plan onto the cuda forward under backend="auto" (the backward there
+    follows the registry's measured order) and onto cuda's own backward under backend="cuda", which agrees with xla
+    on out, lse and the gradients, deterministic mode included."""
+    if "bf16" not in _any_dim_kernel(d, _BUILT_BWD):
+        pytest.skip(f"no CUDA bf16 kernel built for d={d}")
+    rng = seeded_rng("cuda", "fa3-dims", d)
+    q = jnp.asarray(rng.standard_normal((2, 300, 4, d)), jnp.bfloat16)
+    k, v = (jnp.asarray(rng.standard_normal((2, 280, 2, d)), jnp.bfloat16) for _ in range(2))
+    do = jnp.asarray(rng.standard_normal(q.shape), jnp.bfloat16)
+    dl = jnp.asarray(rng.standard_normal((2, 4, 300)), jnp.float32)
+    for det in (False, True):
+        spec = _dense_spec(q, k, v, is_causal=True, deterministic=det)
+        assert registry.plan(spec, "auto").forward == "cuda"
+        plan = registry.plan(spec, "cuda")
+        assert (plan.forward, plan.backward) == ("cuda", "cuda"), plan
+
+        def run(backend):
+            f = lambda q, k, v: fa3jax.flash_mha(q, k, v, is_causal=True, return_softmax_lse=True,  # noqa: E731
+                                                 deterministic=det, backend=backend)
+            res, pull = jax.vjp(f, q, k, v)
+            return (*res, *pull((do, dl)))
+
+        for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), run("cuda"), run("xla")):
+            assert a.shape == b.shape, name
+            a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+            fin = np.isfinite(b)
+            np.testing.assert_array_equal(np.isfinite(a), fin, err_msg=name)
+            err = np.max(np.abs(a[fin] - b[fin])) / max(np.max(np.abs(b[fin])), 1e-3)
+            assert err < 2e-2, (name, det, err)

@@ -73,6 +73,9 @@ NB_MODULE(_fa3jax_cuda, m) {
     features.append("varlen");      // the fwd_varlen target
     features.append("varlen_bwd");  // the bwd_varlen target
     features.append("mla");         // the forward targets take v with its own head dim (mla_instances)
+    // Any head dim that is a multiple of 8 up to the largest instance (fwd_kernel_dim / bwd_kernel_dim), not only
+    // the instances' own.
+    features.append("any_head_dim");
     d["features"] = features;
     d["cuda_runtime_version"] = int(CUDART_VERSION);
     return d;

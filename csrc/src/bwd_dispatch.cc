@@ -16,6 +16,15 @@ bool bwd_compiled(DType dtype, int head_dim) {
   return false;
 }
 
+int bwd_kernel_dim(DType dtype, int head_dim) {
+  int best = 0;  // the narrowest compiled kernel that holds head_dim (instances are listed in no particular order)
+#define FA3JAX_BWD_INSTANCE(e, n, d) \
+  if (dtype == DType::e && head_dim <= d && (best == 0 || d < best)) best = d;
+#include "bwd_instances.inc"
+#undef FA3JAX_BWD_INSTANCE
+  return head_dim >= 1 ? best : 0;
+}
+
 const char* bwd_compiled_list() {
 #define FA3JAX_BWD_INSTANCE(e, n, d) #n ":" #d ";"
   static const char kList[] = ""
@@ -44,7 +53,11 @@ const char* bwd_check(const BwdParams& p) {
     return "negative dimension";
   if (c.dtype != DType::kBF16 && c.dtype != DType::kFP16) return "dtype must be bfloat16 or float16";
   if (c.value_dim() != c.head_dim) return "head_dim_v != head_dim (MLA): no backward kernel";
-  if (!bwd_compiled(c.dtype, c.head_dim)) return "this (dtype, head_dim) has no compiled backward";
+  if (c.head_dim < 1 || c.head_dim > 256) return "head_dim must be in [1, 256]";
+  // TMA addresses rows in 16-byte units (the Python backend pads other head dims to the next multiple of 8).
+  if (c.head_dim % 8 != 0) return "head_dim must be a multiple of 8 (TMA's 16-byte rows)";
+  int const kd = bwd_kernel_dim(c.dtype, c.head_dim);
+  if (kd == 0) return "no compiled backward of this dtype with a head_dim >= the call's";
   if (c.num_heads_k < 1 || c.num_heads_q % c.num_heads_k != 0)
     return "num_heads_q must be a positive multiple of num_heads_k";
   if (c.paged.enabled() || c.append.enabled()) return "backward: dense or varlen calls only";
@@ -60,7 +73,7 @@ const char* bwd_check(const BwdParams& p) {
   int64_t const stat_rows = varlen ? c.num_heads_q * bwd_varlen_stat_rows(c.seqlen_q, c.batch)
                                    : int64_t(c.batch) * c.num_heads_q *
                                          ((int64_t(c.seqlen_q) + kBwdBlockM - 1) / kBwdBlockM) * kBwdBlockM;
-  if (stat_rows * c.head_dim > (int64_t(1) << 40)) return "tensor too large";
+  if (stat_rows * kd > (int64_t(1) << 40)) return "tensor too large";
   if (empty(c) && !(varlen && c.seqlen_q + c.seqlen_k > 0)) return nullptr;  // nothing to do
   if (varlen && (!p.dq || (c.seqlen_k > 0 && (!p.dk || !p.dv)))) return "null buffer";
   if (empty(c)) return nullptr;  // varlen without sequences: only the zeroed gradients
@@ -84,8 +97,9 @@ const char* bwd_check(const BwdParams& p) {
 static FwdStatus run_main(const BwdParams& p, cudaStream_t stream) {
   AttnCore const& c = p.core;
   BwdWorkspace const ws = bwd_workspace(p);
+  int const kd = bwd_kernel_dim(c.dtype, c.head_dim);
 #define FA3JAX_BWD_INSTANCE(e, n, d) \
-  if (c.dtype == DType::e && c.head_dim == d) return run_bwd_instance<DType::e, d>(p, ws, stream);
+  if (c.dtype == DType::e && kd == d) return run_bwd_instance<DType::e, d>(p, ws, stream);
 #include "bwd_instances.inc"
 #undef FA3JAX_BWD_INSTANCE
   return {cudaErrorInvalidValue, "unreachable: backward instantiation missing"};

@@ -29,7 +29,9 @@ Sizes sizes(const BwdParams& p) {
   size_t rows = c.varlen.enabled() ? size_t(c.num_heads_q) * bwd_varlen_stat_rows(c.seqlen_q, c.batch)
                                    : size_t(c.batch) * c.num_heads_q * padded_rows(c.seqlen_q);
   size_t sem = p.deterministic ? rows / kBwdBlockM * kBwdNumMmaWG * sizeof(int) : 0;
-  return {align_up(rows * c.head_dim * sizeof(float)), align_up(rows * sizeof(float)), align_up(sem)};
+  // dq_accum rows are the kernel's width (bwd_kernel_dim), which may exceed the call's head dim.
+  size_t const width = size_t(bwd_kernel_dim(c.dtype, c.head_dim));
+  return {align_up(rows * width * sizeof(float)), align_up(rows * sizeof(float)), align_up(sem)};
 }
 
 template <class T> struct Cvt;
@@ -43,17 +45,19 @@ template <> struct Cvt<__half> {
 };
 
 // Grid (padded rows / kRowsPerBlock, hq, b); warp w of a block owns one query row of one head.
+// d: the call's head dim (out/dout rows); kd: the kernel's (dq_accum rows), >= d.
 template <class T>
 __global__ void bwd_preprocess_kernel(const T* __restrict__ out, const T* __restrict__ dout,
                                       const float* __restrict__ lse, const float* __restrict__ dlse,
-                                      BwdWorkspace ws, int seqlen_q, int64_t rows_pad, int num_heads_q, int d) {
+                                      BwdWorkspace ws, int seqlen_q, int64_t rows_pad, int num_heads_q, int d,
+                                      int kd) {
   int const lane = threadIdx.x % 32;
   int64_t const row = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / 32;
   int const h = blockIdx.y;
   int64_t const b = blockIdx.z;
   int64_t const stat = (b * num_heads_q + h) * rows_pad + row;  // padded (b, hq, sq_pad) index
-  float* acc = ws.dq_accum + stat * d;
-  for (int t = lane; t < d; t += 32) acc[t] = 0.f;
+  float* acc = ws.dq_accum + stat * kd;
+  for (int t = lane; t < kd; t += 32) acc[t] = 0.f;
   float sum = 0.f;
   bool const valid = row < seqlen_q;
   if (valid) {
@@ -76,15 +80,15 @@ template <class T>
 __global__ void bwd_preprocess_varlen_kernel(const T* __restrict__ out, const T* __restrict__ dout,
                                              const float* __restrict__ lse, const float* __restrict__ dlse,
                                              BwdWorkspace ws, VarlenSeqs vs, int total_q, int total_k,
-                                             int64_t stat_rows, int num_heads_q, int d) {
+                                             int64_t stat_rows, int num_heads_q, int d, int kd) {
   int const lane = threadIdx.x % 32;
   int const row = blockIdx.x * kRowsPerBlock + threadIdx.x / 32;
   int const h = blockIdx.y, b = blockIdx.z;
   SeqInfo const seq = SeqInfo::varlen(b, vs.cu_seqlens_q, vs.cu_seqlens_k, vs.seqused_k, total_q, total_k);
   if (row >= (seq.seqlen_q + kBwdBlockM - 1) / kBwdBlockM * kBwdBlockM) return;
   int64_t const stat = h * stat_rows + bwd_varlen_pad_start(int(seq.offset_q), b) + row;
-  float* acc = ws.dq_accum + stat * d;
-  for (int t = lane; t < d; t += 32) acc[t] = 0.f;
+  float* acc = ws.dq_accum + stat * kd;
+  for (int t = lane; t < kd; t += 32) acc[t] = 0.f;
   float sum = 0.f;
   bool const valid = row < seq.seqlen_q;
   if (valid) {
@@ -101,31 +105,32 @@ __global__ void bwd_preprocess_varlen_kernel(const T* __restrict__ out, const T*
 }
 
 // Varlen dq rows (packed (total_q, hq, d), zeroed beforehand) of sequence b, rows below max_seqlen_q; grid as the
-// varlen preprocess.
+// varlen preprocess. dq_accum tiles are kd (the kernel's head dim) wide; only their first d columns are read.
 template <class T>
 __global__ void bwd_convert_dq_varlen_kernel(const float* __restrict__ acc, T* __restrict__ dq, VarlenSeqs vs,
                                              int total_q, int total_k, int64_t stat_rows, int num_heads_q, int d,
-                                             float scale) {
+                                             int kd, float scale) {
   int const lane = threadIdx.x % 32;
   int const row = blockIdx.x * kRowsPerBlock + threadIdx.x / 32;
   int const h = blockIdx.y, b = blockIdx.z;
   SeqInfo const seq = SeqInfo::varlen(b, vs.cu_seqlens_q, vs.cu_seqlens_k, vs.seqused_k, total_q, total_k);
   if (row >= seq.seqlen_q || row >= vs.max_seqlen_q) return;
-  int64_t const tile = (h * stat_rows + bwd_varlen_pad_start(int(seq.offset_q), b) + row / kBwdBlockM * kBwdBlockM) * d;
+  int64_t const tile = (h * stat_rows + bwd_varlen_pad_start(int(seq.offset_q), b) + row / kBwdBlockM * kBwdBlockM) * kd;
   int64_t const base = ((seq.offset_q + row) * num_heads_q + h) * d;
   for (int t = lane; t < d; t += 32)
-    dq[base + t] = Cvt<T>::store(acc[tile + dq_tile_index(row % kBwdBlockM, t, d / kBwdNumMmaWG)] * scale);
+    dq[base + t] = Cvt<T>::store(acc[tile + dq_tile_index(row % kBwdBlockM, t, kd / kBwdNumMmaWG)] * scale);
 }
 
-// dq (b, sq, hq, d) from dq_accum (tiles of bwd_layout.h), scaled once here rather than in every partial.
+// dq (b, sq, hq, d) from dq_accum (tiles of bwd_layout.h, kd >= d wide), scaled once here rather than in every
+// partial.
 template <class T>
 __global__ void bwd_convert_dq_kernel(const float* __restrict__ acc, T* __restrict__ dq, int seqlen_q,
-                                      int64_t rows_pad, int num_heads_q, int d, int64_t total, float scale) {
-  int const cols_per_wg = d / kBwdNumMmaWG;
+                                      int64_t rows_pad, int num_heads_q, int d, int kd, int64_t total, float scale) {
+  int const cols_per_wg = kd / kBwdNumMmaWG;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
     int64_t const t = i % d, h = (i / d) % num_heads_q, row = (i / (int64_t(d) * num_heads_q)) % seqlen_q;
     int64_t const b = i / (int64_t(d) * num_heads_q * seqlen_q);
-    int64_t const tile = ((b * num_heads_q + h) * rows_pad + row / kBwdBlockM * kBwdBlockM) * d;
+    int64_t const tile = ((b * num_heads_q + h) * rows_pad + row / kBwdBlockM * kBwdBlockM) * kd;
     dq[i] = Cvt<T>::store(acc[tile + dq_tile_index(int(row % kBwdBlockM), int(t), cols_per_wg)] * scale);
   }
 }
@@ -145,13 +150,14 @@ FwdStatus preprocess(const BwdParams& p, cudaStream_t stream) {
     if (grid.x > 0)
       bwd_preprocess_varlen_kernel<T><<<grid, 32 * kRowsPerBlock, 0, stream>>>(
           static_cast<const T*>(p.out), static_cast<const T*>(p.dout), p.lse, p.dlse, ws, c.varlen, c.seqlen_q,
-          c.seqlen_k, bwd_varlen_stat_rows(c.seqlen_q, c.batch), c.num_heads_q, c.head_dim);
+          c.seqlen_k, bwd_varlen_stat_rows(c.seqlen_q, c.batch), c.num_heads_q, c.head_dim,
+          bwd_kernel_dim(c.dtype, c.head_dim));
   } else {
     int64_t const rows_pad = padded_rows(c.seqlen_q);
     dim3 grid(unsigned(rows_pad / kRowsPerBlock), unsigned(c.num_heads_q), unsigned(c.batch));
     bwd_preprocess_kernel<T><<<grid, 32 * kRowsPerBlock, 0, stream>>>(
         static_cast<const T*>(p.out), static_cast<const T*>(p.dout), p.lse, p.dlse, ws, c.seqlen_q, rows_pad,
-        c.num_heads_q, c.head_dim);
+        c.num_heads_q, c.head_dim, bwd_kernel_dim(c.dtype, c.head_dim));
   }
   if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return {e, "bwd preprocess launch"};
   if (ws.dq_sem != nullptr) {
@@ -170,14 +176,15 @@ FwdStatus postprocess(const BwdParams& p, cudaStream_t stream) {
     if (grid.x > 0)
       bwd_convert_dq_varlen_kernel<T><<<grid, 32 * kRowsPerBlock, 0, stream>>>(
           ws.dq_accum, static_cast<T*>(p.dq), c.varlen, c.seqlen_q, c.seqlen_k,
-          bwd_varlen_stat_rows(c.seqlen_q, c.batch), c.num_heads_q, c.head_dim, c.softmax_scale);
+          bwd_varlen_stat_rows(c.seqlen_q, c.batch), c.num_heads_q, c.head_dim, bwd_kernel_dim(c.dtype, c.head_dim),
+          c.softmax_scale);
     if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return {e, "bwd dq convert launch"};
     return {};
   }
   int64_t const total_q = int64_t(c.batch) * c.seqlen_q * c.num_heads_q * c.head_dim;
   bwd_convert_dq_kernel<T><<<sweep_blocks(total_q), 256, 0, stream>>>(
       ws.dq_accum, static_cast<T*>(p.dq), c.seqlen_q, padded_rows(c.seqlen_q), c.num_heads_q, c.head_dim,
-      total_q, c.softmax_scale);
+      bwd_kernel_dim(c.dtype, c.head_dim), total_q, c.softmax_scale);
   if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return {e, "bwd dq convert launch"};
   return {};
 }

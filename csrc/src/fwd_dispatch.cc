@@ -29,6 +29,20 @@ bool fwd_compiled_wide(DType dtype, int head_dim) {
   return false;
 }
 
+int fwd_kernel_dim(DType dtype, int head_dim, int head_dim_v) {
+  if (head_dim_v == 0) head_dim_v = head_dim;
+  int best = 0;
+  // MLA: exact pairs only (its policy is per pair); else the narrowest kernel that holds head_dim (the instances
+  // are listed in no particular order).
+#define FA3JAX_FWD_INSTANCE(e, n, d, dv, label)                                                       \
+  if (dtype == DType::e && (head_dim_v != head_dim ? (head_dim == d && head_dim_v == dv)               \
+                                                  : (d == dv && head_dim <= d && (best == 0 || d < best)))) \
+    best = d;
+#include "fwd_instances.inc"
+#undef FA3JAX_FWD_INSTANCE
+  return head_dim >= 1 ? best : 0;
+}
+
 const char* fwd_compiled_list() {
 #define FA3JAX_FWD_INSTANCE(e, n, d, dv, label) #n ":" label ";"
   static const char kList[] = ""
@@ -45,14 +59,14 @@ const char* fwd_check(const FwdParams& fp) {
   if (p.batch < 0 || p.seqlen_q < 0 || p.seqlen_k < 0 || p.num_heads_q < 0 || p.num_heads_k < 0)
     return "negative dimension";
   int const dv = p.value_dim();
-  if (dv == p.head_dim) {
-    if (p.head_dim != 64 && p.head_dim != 128 && p.head_dim != 256) return "head_dim must be 64, 128 or 256";
-  } else if (dv < 0 || dv > p.head_dim) {
-    return "head_dim_v must be in [0, head_dim] (0: head_dim; smaller for MLA)";
-  }
+  if (p.head_dim < 1 || p.head_dim > 256) return "head_dim must be in [1, 256]";
+  if (dv < 0 || dv > p.head_dim) return "head_dim_v must be in [0, head_dim] (0: head_dim; smaller for MLA)";
+  // TMA addresses rows in 16-byte units: a head dim of 2-byte elements must be a multiple of 8 (the Python backend
+  // pads other head dims to the next multiple of 8 and slices the results).
+  if (p.head_dim % 8 != 0 || dv % 8 != 0) return "head_dim and head_dim_v must be multiples of 8 (TMA's 16-byte rows)";
   if (p.dtype != DType::kBF16 && p.dtype != DType::kFP16) return "dtype must be bfloat16 or float16";
-  if (!fwd_compiled(p.dtype, p.head_dim, dv))
-    return dv == p.head_dim ? "this (dtype, head_dim) was not compiled into the extension"
+  if (fwd_kernel_dim(p.dtype, p.head_dim, dv) == 0)
+    return dv == p.head_dim ? "no compiled kernel of this dtype with a head_dim >= the call's"
                             : "this (dtype, head_dim, head_dim_v) was not compiled into the extension (MLA: "
                               "FA3JAX_HEAD_DIMS entries such as 192x128, 128x64)";
   if (p.num_heads_k < 1 || p.num_heads_q % p.num_heads_k != 0)
@@ -99,16 +113,18 @@ FwdStatus run_fwd(const FwdParams& p, cudaStream_t stream) {
   // the FwdPolicy tiles only (launch_fwd).
   bool const unmasked = c.window_left < 0 && c.window_right < 0;
   int const dv = c.value_dim();
+  // The kernel's head dims: the call's, or (d_v == d) the smallest compiled ones that hold them.
+  int const kd = fwd_kernel_dim(c.dtype, c.head_dim, dv), kdv = dv == c.head_dim ? kd : dv;
 #define FA3JAX_FWD_INSTANCE(e, n, d, dv_, label)
 #define FA3JAX_FWD_WIDE_INSTANCE(e, n, d)                                                           \
-  if (c.dtype == DType::e && c.head_dim == d && dv == d && !c.varlen.enabled() &&                    \
+  if (c.dtype == DType::e && kd == d && kdv == d && !c.varlen.enabled() &&                          \
       (p.wide_tiles == 1 || (p.wide_tiles < 0 && unmasked && c.seqlen_k >= FwdPolicyWide<d>::kMinSeqlenK))) \
     return run_fwd_instance<DType::e, d, d, true>(p, stream);
 #include "fwd_instances.inc"
 #undef FA3JAX_FWD_WIDE_INSTANCE
 #undef FA3JAX_FWD_INSTANCE
 #define FA3JAX_FWD_INSTANCE(e, n, d, dv_, label) \
-  if (c.dtype == DType::e && c.head_dim == d && dv == dv_) return run_fwd_instance<DType::e, d, dv_, false>(p, stream);
+  if (c.dtype == DType::e && kd == d && kdv == dv_) return run_fwd_instance<DType::e, d, dv_, false>(p, stream);
 #include "fwd_instances.inc"
 #undef FA3JAX_FWD_INSTANCE
   return {cudaErrorInvalidValue, "unreachable: instantiation missing"};

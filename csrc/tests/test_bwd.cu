@@ -1,7 +1,8 @@
 // Standalone test of the backward (no Python): run_bwd (preprocess, main kernel, postprocess) on small configs of
-// every compiled instantiation against a float64 CPU reference of dq, dk, dv, on random inputs, with the
-// forward's out/lse from the reference. Exits nonzero on any failure; meant to run directly and under
-// compute-sanitizer.
+// every compiled instantiation, and of head dims between them that the smallest kernel holding them serves
+// (bwd_kernel_dim), against a float64 CPU reference of dq, dk, dv, on random inputs, with the forward's out/lse
+// from the reference. Guard bytes after dq, dk and dv catch stores past the call's head dim. Exits nonzero on any
+// failure; meant to run directly and under compute-sanitizer.
 //
 //   fa3jax_test_bwd            run all tests
 //   fa3jax_test_bwd --quick    one config per instantiation (for racecheck, which is slow)
@@ -38,6 +39,31 @@ template <class T> static std::vector<T> download(const void* d, size_t n) {
   std::vector<T> h(n);
   CK(cudaMemcpy(h.data(), d, n * sizeof(T), cudaMemcpyDeviceToHost));
   return h;
+}
+
+// Gradient buffers of n 16-bit elements with kGuard bytes after them, all 0xff (NaN: an unwritten element shows);
+// guard_intact: false if a pass wrote into the guard (a store past the call's head dim in the last row).
+constexpr size_t kGuard = 256;
+static void* alloc_grad(size_t n) {
+  void* p = nullptr;
+  CK(cudaMalloc(&p, n * 2 + kGuard));
+  CK(cudaMemset(p, 0xff, n * 2 + kGuard));
+  return p;
+}
+static bool guard_intact(const void* p, size_t n) {
+  std::vector<uint8_t> g(kGuard);
+  CK(cudaMemcpy(g.data(), static_cast<const char*>(p) + n * 2, kGuard, cudaMemcpyDeviceToHost));
+  for (uint8_t x : g)
+    if (x != 0xff) return false;
+  return true;
+}
+
+// Head dims of the cases: the instances' own, then narrower multiples of 8 that a wider kernel serves.
+static const int kHeadDims[] = {64, 128, 256, 32, 40, 72, 96, 112, 200};
+// "d" or "d(D)" where the kernel D serves d.
+static std::string dim_label(DType dt, int d) {
+  int const kd = fa3jax::bwd_kernel_dim(dt, d);
+  return kd == d ? std::to_string(d) : std::to_string(d) + "(" + std::to_string(kd) + ")";
 }
 
 // Gradients of sum(out * dout) + sum(lse * dlse) in float64 (FA2 paper, Alg. 2), from the same rounded inputs.
@@ -130,12 +156,7 @@ static bool run_one(DType dt, int d, const Config& c, std::mt19937& rng, bool ve
   core.q = upload(qb), core.k = upload(kb), core.v = upload(vb);
   p.out = upload(ob), p.dout = upload(dob), p.lse = upload(lse), p.dlse = c.dlse ? upload(dlse) : nullptr;
   // NaN-filled outputs and workspace: whatever a pass should write and does not shows up.
-  CK(cudaMalloc(&p.dq, nq * 2 + 16));
-  CK(cudaMalloc(&p.dk, nk * 2 + 16));
-  CK(cudaMalloc(&p.dv, nk * 2 + 16));
-  CK(cudaMemset(p.dq, 0xff, nq * 2));
-  CK(cudaMemset(p.dk, 0xff, nk * 2));
-  CK(cudaMemset(p.dv, 0xff, nk * 2));
+  p.dq = alloc_grad(nq), p.dk = alloc_grad(nk), p.dv = alloc_grad(nk);
   size_t const ws = fa3jax::bwd_workspace_bytes(p);
   CK(cudaMalloc(&p.workspace, ws));
   CK(cudaMemset(p.workspace, 0xff, ws));
@@ -149,6 +170,7 @@ static bool run_one(DType dt, int d, const Config& c, std::mt19937& rng, bool ve
   double const eq = rel_err(gq, rdq, dt, bad);
   double const ek = rel_err(gk, rdk, dt, bad);
   double const ev = rel_err(gv, rdv, dt, bad);
+  bool const guards = guard_intact(p.dq, nq) && guard_intact(p.dk, nk) && guard_intact(p.dv, nk);
   bool same = true;
   if (det) {
     CK(cudaMemset(p.workspace, 0xff, ws));
@@ -161,13 +183,13 @@ static bool run_one(DType dt, int d, const Config& c, std::mt19937& rng, bool ve
   }
   // bf16 keeps 8 bits: its rounding of P, dS and the outputs gives ~1e-2 relative errors at the extremes.
   double const tol = dt == DType::kBF16 ? 3e-2 : 5e-3;
-  ok = ok && bad == 0 && eq <= tol && ek <= tol && ev <= tol && same;
+  ok = ok && bad == 0 && eq <= tol && ek <= tol && ev <= tol && same && guards;
   if (!ok || verbose)
-    std::printf("%s %s d=%d %-26s b=%d sq=%d sk=%d hq=%d hk=%d win=(%d,%d) cap=%g dlse=%d%s: rel err dq=%.2e dk=%.2e "
-                "dv=%.2e non-finite=%zu%s\n",
-                ok ? "ok  " : "FAIL", dt == DType::kBF16 ? "bf16" : "fp16", d, c.name, c.b, c.sq, c.sk, c.hq, c.hk,
-                c.wl, c.wr, c.softcap, int(c.dlse), det ? " deterministic" : "", eq, ek, ev, bad,
-                same ? "" : " RERUN DIFFERS");
+    std::printf("%s %s d=%s %-26s b=%d sq=%d sk=%d hq=%d hk=%d win=(%d,%d) cap=%g dlse=%d%s: rel err dq=%.2e dk=%.2e "
+                "dv=%.2e non-finite=%zu%s%s\n",
+                ok ? "ok  " : "FAIL", dt == DType::kBF16 ? "bf16" : "fp16", dim_label(dt, d).c_str(), c.name, c.b,
+                c.sq, c.sk, c.hq, c.hk, c.wl, c.wr, c.softcap, int(c.dlse), det ? " deterministic" : "", eq, ek, ev,
+                bad, same ? "" : " RERUN DIFFERS", guards ? "" : " WROTE PAST A GRADIENT");
   for (const void* ptr : {core.q, core.k, core.v, p.out, p.dout, static_cast<const void*>(p.lse),
                           static_cast<const void*>(p.dlse), static_cast<const void*>(p.dq),
                           static_cast<const void*>(p.dk), static_cast<const void*>(p.dv),
@@ -240,10 +262,7 @@ static bool run_varlen(DType dt, int d, const VarlenConfig& c, std::mt19937& rng
   p.deterministic = det;
   core.q = upload(qb), core.k = upload(kb), core.v = upload(vb);
   p.out = upload(ob), p.dout = upload(dob), p.lse = upload(lse);
-  CK(cudaMalloc(&p.dq, nq * 2 + 16));
-  CK(cudaMalloc(&p.dk, nk * 2 + 16));
-  CK(cudaMalloc(&p.dv, nk * 2 + 16));
-  for (auto [ptr, n] : {std::pair<void*, size_t>{p.dq, nq}, {p.dk, nk}, {p.dv, nk}}) CK(cudaMemset(ptr, 0xff, n * 2));
+  p.dq = alloc_grad(nq), p.dk = alloc_grad(nk), p.dv = alloc_grad(nk);
   size_t const ws = fa3jax::bwd_workspace_bytes(p);
   CK(cudaMalloc(&p.workspace, ws + 16));
   CK(cudaMemset(p.workspace, 0xff, ws));
@@ -255,6 +274,7 @@ static bool run_varlen(DType dt, int d, const VarlenConfig& c, std::mt19937& rng
   std::vector<uint16_t> const gq = download<uint16_t>(p.dq, nq), gk = download<uint16_t>(p.dk, nk),
                               gv = download<uint16_t>(p.dv, nk);
   double const eq = rel_err(gq, rdq, dt, bad), ek = rel_err(gk, rdk, dt, bad), ev = rel_err(gv, rdv, dt, bad);
+  bool const guards = guard_intact(p.dq, nq) && guard_intact(p.dk, nk) && guard_intact(p.dv, nk);
   // Rows no sequence covers and keys past seqused_k: want 0 (rdq/rdk/rdv), and a row no pass wrote stays NaN
   // (the 0xff fill), which rel_err counts as non-finite.
   bool same = true;
@@ -267,12 +287,13 @@ static bool run_varlen(DType dt, int d, const VarlenConfig& c, std::mt19937& rng
            download<uint16_t>(p.dv, nk) == gv;
   }
   double const tol = dt == DType::kBF16 ? 3e-2 : 5e-3;
-  ok = ok && bad == 0 && eq <= tol && ek <= tol && ev <= tol && same;
+  ok = ok && bad == 0 && eq <= tol && ek <= tol && ev <= tol && same && guards;
   if (!ok || verbose)
-    std::printf("%s %s d=%d varlen %-22s seqs=%d tq=%d tk=%d hq=%d hk=%d win=(%d,%d) cap=%g%s: rel err dq=%.2e "
-                "dk=%.2e dv=%.2e non-finite=%zu%s\n",
-                ok ? "ok  " : "FAIL", dt == DType::kBF16 ? "bf16" : "fp16", d, c.name, nb, tq, tk, c.hq, c.hk, c.wl,
-                c.wr, c.softcap, det ? " deterministic" : "", eq, ek, ev, bad, same ? "" : " RERUN DIFFERS");
+    std::printf("%s %s d=%s varlen %-22s seqs=%d tq=%d tk=%d hq=%d hk=%d win=(%d,%d) cap=%g%s: rel err dq=%.2e "
+                "dk=%.2e dv=%.2e non-finite=%zu%s%s\n",
+                ok ? "ok  " : "FAIL", dt == DType::kBF16 ? "bf16" : "fp16", dim_label(dt, d).c_str(), c.name, nb, tq,
+                tk, c.hq, c.hk, c.wl, c.wr, c.softcap, det ? " deterministic" : "", eq, ek, ev, bad,
+                same ? "" : " RERUN DIFFERS", guards ? "" : " WROTE PAST A GRADIENT");
   for (const void* ptr : {core.q, core.k, core.v, p.out, p.dout, static_cast<const void*>(p.lse),
                           static_cast<const void*>(core.varlen.cu_seqlens_q),
                           static_cast<const void*>(core.varlen.cu_seqlens_k),
@@ -392,8 +413,9 @@ int main(int argc, char** argv) {
   std::mt19937 rng(1234);
   int failures = 0, runs = 0;
   for (DType dt : {DType::kBF16, DType::kFP16})
-    for (int d : {64, 128, 256}) {
-      if (!fa3jax::bwd_compiled(dt, d) || (only_d && d != only_d)) continue;
+    for (int d : kHeadDims) {
+      int const kd = fa3jax::bwd_kernel_dim(dt, d);  // the kernel that serves d (0: none in this build)
+      if (kd == 0 || (only_d && d != only_d)) continue;
       if (!bench_only) {
         for (const Config& c : configs) {
           ++runs;
@@ -412,8 +434,37 @@ int main(int argc, char** argv) {
           if (quick) break;
         }
       }
-      if (do_bench && dt == DType::kBF16) bench(dt, d, only_s, only_causal, det);
+      if (do_bench && dt == DType::kBF16 && (kd == d || only_d == d)) bench(dt, d, only_s, only_causal, det);
     }
+  // Head dims: any multiple of 8 up to the widest compiled backward; others refused naming why (unlaunched).
+  if (!bench_only) {
+    fa3jax::BwdParams p;
+    fa3jax::AttnCore& c = p.core;
+    c.batch = 1, c.seqlen_q = c.seqlen_k = 16, c.num_heads_q = c.num_heads_k = 2;
+    int widest = 0;
+    for (int d = 8; d <= 256; d += 8)
+      if (fa3jax::bwd_kernel_dim(c.dtype, d) != 0) widest = d;
+    for (int d : {0, 1, 59, 100, 264, widest, widest + 8}) {
+      c.head_dim = d;
+      c.set_dense_strides();
+      char const* msg = fa3jax::bwd_check(p);
+      bool const valid = d % 8 == 0 && d >= 8 && d <= widest;
+      char const* want = d < 1 || d > 256 ? "[1, 256]" : d % 8 != 0 ? "multiple of 8" : "head_dim >= the call's";
+      ++runs;
+      // A valid head dim gets past the head-dim checks to the missing buffers ("null buffer").
+      if (valid ? (msg == nullptr || !std::strstr(msg, "null buffer")) : (msg == nullptr || !std::strstr(msg, want))) {
+        std::printf("FAIL head_dim=%d check (widest backward %d): %s\n", d, widest, msg ? msg : "accepted");
+        ++failures;
+      }
+    }
+    for (int d = 8; d <= widest; d += 8) {  // the narrowest compiled backward that holds d
+      int const kd = fa3jax::bwd_kernel_dim(c.dtype, d);
+      bool narrowest = kd >= d && fa3jax::bwd_compiled(c.dtype, kd);
+      for (int w = d; w < kd; w += 8) narrowest = narrowest && !fa3jax::bwd_compiled(c.dtype, w);
+      ++runs;
+      if (!narrowest) { std::printf("FAIL bwd_kernel_dim(%d) = %d\n", d, kd); ++failures; }
+    }
+  }
   std::printf("%d/%d backward configs passed: %s\n", runs - failures, runs, failures ? "FAILED" : "passed");
   return failures ? 1 : 0;
 }

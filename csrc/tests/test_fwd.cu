@@ -1,6 +1,7 @@
 // Standalone test of the forward kernels (no Python): small configs of every compiled instantiation (MLA ones, with
-// a value head dim below the q/k one, included) against a CPU float reference. Exits nonzero on any failure. Meant
-// to be run directly and under compute-sanitizer (memcheck / racecheck / synccheck).
+// a value head dim below the q/k one, included), and of head dims between them that the smallest kernel holding
+// them serves (fwd_kernel_dim: 8 .. 120 by the 64/128 kernels, 200 by 256), against a CPU float reference. Exits
+// nonzero on any failure. Meant to be run directly and under compute-sanitizer (memcheck / racecheck / synccheck).
 //
 //   fa3jax_test_fwd            run all tests
 //   fa3jax_test_fwd --quick    one config per instantiation (for racecheck, which is slow)
@@ -41,9 +42,16 @@ static void reference(const Config& c, int d, int dv, float scale, const std::ve
 struct Dims {
   int d, dv;
 };
-static const Dims kDims[] = {{64, 64}, {128, 128}, {256, 256}, {192, 128}, {128, 64}};
+// The instances' own head dims, then narrower ones (multiples of 8: TMA's 16-byte rows) that a wider kernel serves,
+// its TMA loads zero-filling the columns past d and its stores skipping them.
+static const Dims kDims[] = {{64, 64},  {128, 128}, {256, 256}, {192, 128}, {128, 64}, {8, 8},
+                             {32, 32},  {40, 40},   {72, 72},   {96, 96},   {112, 112}, {120, 120}, {200, 200}};
+static DType g_label_dtype = DType::kBF16;  // dims_label's dtype (the kernel serving a head dim depends on it)
+// "D", "DxDV" (MLA), or "d(D)" for a head dim served by the wider kernel D.
 static std::string dims_label(Dims hd) {
-  return hd.d == hd.dv ? std::to_string(hd.d) : std::to_string(hd.d) + "x" + std::to_string(hd.dv);
+  if (hd.d != hd.dv) return std::to_string(hd.d) + "x" + std::to_string(hd.dv);
+  int const kd = fa3jax::fwd_kernel_dim(g_label_dtype, hd.d);
+  return kd == hd.d ? std::to_string(hd.d) : std::to_string(hd.d) + "(" + std::to_string(kd) + ")";
 }
 
 // Whether query row i sees any key (the same for every batch and head).
@@ -87,12 +95,14 @@ static bool run_one(DType dt, Dims hd, const Config& c, Variant variant, std::mt
   CK(cudaMalloc(&dq, nq * 2));
   CK(cudaMalloc(&dk, nk * 2));
   CK(cudaMalloc(&dvv, nv * 2));
-  CK(cudaMalloc(&dout, no * 2));
+  // out with kGuard bytes after it: a store past the call's head dim in the last row would land there.
+  constexpr size_t kGuard = 256;
+  CK(cudaMalloc(&dout, no * 2 + kGuard));
   CK(cudaMalloc(&dlse, nl * 4));
   CK(cudaMemcpy(dq, hq_.data(), nq * 2, cudaMemcpyHostToDevice));
   CK(cudaMemcpy(dk, hk_.data(), nk * 2, cudaMemcpyHostToDevice));
   CK(cudaMemcpy(dvv, hv_.data(), nv * 2, cudaMemcpyHostToDevice));
-  CK(cudaMemset(dout, 0xff, no * 2));  // NaN pattern: catches unwritten outputs
+  CK(cudaMemset(dout, 0xff, no * 2 + kGuard));  // NaN pattern: catches unwritten outputs
   CK(cudaMemset(dlse, 0xff, nl * 4));
   if (!hsinks.empty()) {
     CK(cudaMalloc(&dsinks, hsinks.size() * 4));
@@ -118,6 +128,10 @@ static bool run_one(DType dt, Dims hd, const Config& c, Variant variant, std::mt
   std::vector<uint16_t> hout(no);
   std::vector<float> hlse(nl), rout(no), rlse(nl);
   CK(cudaMemcpy(hout.data(), dout, no * 2, cudaMemcpyDeviceToHost));
+  std::vector<uint8_t> guard(kGuard);
+  CK(cudaMemcpy(guard.data(), static_cast<char*>(dout) + no * 2, kGuard, cudaMemcpyDeviceToHost));
+  size_t guard_hits = 0;
+  for (uint8_t x : guard) guard_hits += x != 0xff;
   CK(cudaMemcpy(hlse.data(), dlse, nl * 4, cudaMemcpyDeviceToHost));
   CK(cudaFree(dq)); CK(cudaFree(dk)); CK(cudaFree(dvv)); CK(cudaFree(dout)); CK(cudaFree(dlse));
   if (dsinks) CK(cudaFree(dsinks));
@@ -140,7 +154,7 @@ static bool run_one(DType dt, Dims hd, const Config& c, Variant variant, std::mt
   }
   double tol = dt == DType::kBF16 ? 2.5e-2 : 4e-3;
   double lse_tol = 2e-3 * std::log2(double(c.sk) + 2) + 1e-3;
-  bool ok = nan_out == 0 && bad_lse_inf == 0 && max_err <= tol && max_lse_err <= lse_tol;
+  bool ok = nan_out == 0 && bad_lse_inf == 0 && max_err <= tol && max_lse_err <= lse_tol && guard_hits == 0;
   size_t bad_empty = 0;
   double effect_out = 0, effect_lse = 0;
   bool sensitive = true;
@@ -167,10 +181,11 @@ static bool run_one(DType dt, Dims hd, const Config& c, Variant variant, std::mt
   }
   if (!ok || verbose)
     std::printf("%s %s d=%-7s %-24s%s b=%d sq=%d sk=%d hq=%d hk=%d win=(%d,%d) cap=%g: max|dO|=%.3g max|dLSE|=%.3g "
-                "non-finite out=%zu bad lse=%zu\n",
+                "non-finite out=%zu bad lse=%zu%s\n",
                 ok ? "ok  " : "FAIL", dt == DType::kBF16 ? "bf16" : "fp16", dims_label(hd).c_str(), c.name,
                 label(variant), c.b, c.sq, c.sk, c.hq, c.hk,
-                c.wl, c.wr, c.softcap, max_err, max_lse_err, nan_out, bad_lse_inf);
+                c.wl, c.wr, c.softcap, max_err, max_lse_err, nan_out, bad_lse_inf,
+                guard_hits ? " WROTE PAST out" : "");
   if (!hsinks.empty() && (!ok || verbose))
     std::printf("       sinks: empty-row mismatches=%zu; without the sinks out moves %.3g, lse %.3g%s\n", bad_empty,
                 effect_out, effect_lse, sensitive ? "" : " (not above the tolerances: the case cannot fail)");
@@ -289,19 +304,21 @@ int main(int argc, char** argv) {
   for (DType dt : dts)
     for (Dims hd : kDims) {
       int const d = hd.d;
-      if (!fa3jax::fwd_compiled(dt, d, hd.dv)) continue;
+      g_label_dtype = dt;
+      int const kd = fa3jax::fwd_kernel_dim(dt, d, hd.dv);  // the kernel that serves d (0: none in this build)
+      if (kd == 0) continue;
       for (const Config& c : configs) {
         if (bench_only) break;
         // --quick: one unmasked config, one causal and one with sinks and empty rows.
         if (quick && &c != &configs[1] && &c != &configs[2] && &c != &configs[15]) continue;
         for (Variant v : {Variant::kDynamic, Variant::kStatic, Variant::kWide}) {
           // the wide kernel handles masks too (forced here); it is compiled for d_v == d only
-          if (v == Variant::kWide && (hd.dv != d || !fa3jax::fwd_compiled_wide(dt, d))) continue;
+          if (v == Variant::kWide && (hd.dv != d || !fa3jax::fwd_compiled_wide(dt, kd))) continue;
           ++runs;
           if (!run_one(dt, hd, c, v, rng, verbose)) ++failures;
         }
       }
-      if (do_bench) bench(dt, hd, filter);
+      if (do_bench && kd == d) bench(dt, hd, filter);
     }
   // Invalid parameters must be rejected, not launched.
   {
@@ -347,6 +364,38 @@ int main(int argc, char** argv) {
         std::printf("FAIL MLA %s check: %s\n", dims_label(hd).c_str(), msg ? msg : "accepted");
         ++failures;
       }
+    }
+  }
+  // Head dims: any multiple of 8 up to the widest compiled kernel; others refused naming why (unlaunched).
+  {
+    fa3jax::FwdParams p;
+    fa3jax::AttnCore& a = p.core;
+    a.batch = 1; a.seqlen_q = a.seqlen_k = 16; a.num_heads_q = a.num_heads_k = 2;
+    a.q = a.k = a.v = p.out = g_workspace;
+    p.lse = static_cast<float*>(g_workspace);
+    int widest = 0;
+    for (int d = 8; d <= 256; d += 8)
+      if (fa3jax::fwd_kernel_dim(a.dtype, d) != 0) widest = d;
+    for (int d : {0, 1, 59, 100, 130, 264, widest, widest + 8}) {
+      a.head_dim = d;
+      a.head_dim_v = 0;
+      a.set_dense_strides();
+      char const* msg = fa3jax::fwd_check(p);
+      bool const valid = d % 8 == 0 && d >= 8 && d <= widest;
+      char const* want = d < 1 || d > 256 ? "[1, 256]" : d % 8 != 0 ? "multiples of 8" : "head_dim >= the call's";
+      ++runs;
+      if (valid ? msg != nullptr : (msg == nullptr || !std::strstr(msg, want))) {
+        std::printf("FAIL head_dim=%d check (widest kernel %d): %s\n", d, widest, msg ? msg : "accepted");
+        ++failures;
+      }
+    }
+    // The choice: the narrowest compiled kernel that holds d.
+    for (int d = 8; d <= widest; d += 8) {
+      int const kd = fa3jax::fwd_kernel_dim(a.dtype, d);
+      bool narrowest = kd >= d && fa3jax::fwd_compiled(a.dtype, kd);
+      for (int w = d; w < kd; w += 8) narrowest = narrowest && !fa3jax::fwd_compiled(a.dtype, w);
+      ++runs;
+      if (!narrowest) { std::printf("FAIL fwd_kernel_dim(%d) = %d\n", d, kd); ++failures; }
     }
   }
   std::printf("%d/%d passed\n", runs - failures, runs);

@@ -51,7 +51,9 @@ struct AppendKV {
 };
 
 // What every pass of one attention call reads: q (b, sq, hq, d), k (b, sk, hk, d) and v (b, sk, hk, d_v) at their
-// strides.
+// strides. d is the call's own head dim (any multiple of 8 up to 256): the smallest compiled kernel that holds it
+// serves it (fwd_kernel_dim / bwd_kernel_dim), its TMA loads zero-filling the columns past d and its stores
+// writing none of them, so no padded copies are made.
 struct AttnCore {
   const void* q = nullptr;
   const void* k = nullptr;
@@ -127,6 +129,11 @@ FwdStatus run_fwd(const FwdParams& p, cudaStream_t stream);
 bool fwd_compiled(DType dtype, int head_dim, int head_dim_v = 0);
 bool fwd_compiled_wide(DType dtype, int head_dim);
 
+// The head dim D of the compiled forward kernel that serves a call's (dtype, head_dim, head_dim_v), or 0 if none:
+// the smallest compiled D >= head_dim where head_dim_v == head_dim (0: head_dim); MLA pairs (head_dim_v < head_dim)
+// only by an exact compiled pair. The one place that chooses the instance (run_fwd, fwd_check and the tests ask it).
+int fwd_kernel_dim(DType dtype, int head_dim, int head_dim_v = 0);
+
 // Compiled instantiations as "bf16:128;fp16:64;bf16:192x128;..." (static string; "DxDV" where d_v != d, MLA), and
 // the target arch.
 const char* fwd_compiled_list();
@@ -144,8 +151,9 @@ struct BwdParams {
   void* dq = nullptr;          // (b, sq, hq, d), dense
   void* dk = nullptr;          // (b, sk, hk, d), dense
   void* dv = nullptr;          // (b, sk, hk, d), dense
-  // Workspace (bwd_workspace_bytes, 16-byte aligned): dq_accum fp32 (b, hq, sq_pad, d) in the tile order of
-  // bwd_layout.h; delta and lse_log2 fp32 (b, hq, sq_pad); deterministic: int32 turn counters.
+  // Workspace (bwd_workspace_bytes, 16-byte aligned): dq_accum fp32 (b, hq, sq_pad, D) in the tile order of
+  // bwd_layout.h (D = bwd_kernel_dim(dtype, d) >= d: the kernel's width; columns past d stay 0); delta and
+  // lse_log2 fp32 (b, hq, sq_pad); deterministic: int32 turn counters.
   void* workspace = nullptr;
   // Bitwise-reproducible gradients: dQ partials added in a fixed key-block order (bwd_mainloop.h).
   bool deterministic = false;
@@ -176,6 +184,9 @@ FwdStatus run_bwd(const BwdParams& p, cudaStream_t stream);
 // Whether (dtype, head_dim) has a compiled backward, and the list as "bf16:128;..." (static string).
 bool bwd_compiled(DType dtype, int head_dim);
 const char* bwd_compiled_list();
+// The head dim D of the compiled backward that serves (dtype, head_dim): the smallest compiled D >= head_dim, 0 if
+// none. dq_accum tiles are D wide (bwd_layout.h), so the workspace is sized by it.
+int bwd_kernel_dim(DType dtype, int head_dim);
 
 // Per-instantiation main kernels (generated translation units).
 template <DType kDType, int kHeadDim>

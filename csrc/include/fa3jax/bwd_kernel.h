@@ -14,7 +14,8 @@
 namespace fa3jax {
 
 // dK (scaled by the softmax scale) and dV of one key block to global memory (rows of hk x d: dense (b, sk, hk, d),
-// varlen packed (total_k, hk, d)), keys < the sequence's seqlen_k.
+// varlen packed (total_k, hk, d)), keys < the sequence's seqlen_k, columns < the call's d (p.head_dim, a multiple of
+// 8, so a column pair is wholly inside or outside).
 template <class KT, class TdK, class TdV>
 CUTE_DEVICE void bwd_store_dkdv(typename KT::Params const& p, BwdTile const& tile, int mma_tid, TdK const& tdKrdK,
                                 TdV const& tdVrdV) {
@@ -29,14 +30,16 @@ CUTE_DEVICE void bwd_store_dkdv(typename KT::Params const& p, BwdTile const& til
   Element* dk = static_cast<Element*>(p.dk);
   Element* dv = static_cast<Element*>(p.dv);
   int const n0 = tile.n_block * KT::kBlockN;
+  int const d = p.head_dim;
   CUTE_UNROLL
   for (int r = 0; r < size<0>(dK); ++r) {
     int const key = n0 + int(get<0>(rc(r, 0)));
     if (key >= tile.seq.seqlen_k) continue;
-    int64_t const row = ((tile.seq.offset_k + key) * p.num_heads_k + tile.head_k) * KT::kHeadDim;
+    int64_t const row = ((tile.seq.offset_k + key) * p.num_heads_k + tile.head_k) * d;
     CUTE_UNROLL
     for (int cc = 0; cc < size<1>(dK); cc += 2) {
       int const col = int(get<1>(rc(r, cc)));
+      if (col >= d) continue;
       cutlass::Array<Element, 2> k2, v2;
       k2[0] = Element(dK(r, cc) * p.dk_scale);
       k2[1] = Element(dK(r, cc + 1) * p.dk_scale);

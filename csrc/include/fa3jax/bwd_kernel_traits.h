@@ -152,7 +152,7 @@ struct BwdKernelTraits {
     TmaK tma_v;
     void* dk;
     void* dv;
-    float* dq_accum;        // kBlockM x d tiles per padded row block (bwd_layout.h, bwd_stat_row0)
+    float* dq_accum;        // kBlockM x kHeadDim tiles per padded row block (bwd_layout.h, bwd_stat_row0)
     float const* lse_log2;  // one float per padded row
     float const* delta;
     int* dq_sem;            // deterministic: warpgroups turn counters per padded row block, zeroed; else nullptr
@@ -170,6 +170,7 @@ struct BwdKernelTraits {
     int const* seqused_k;
     int max_seqlen_q;
     int64_t stat_rows;  // varlen: padded stat rows per query head
+    int head_dim;       // the call's head dim (<= kHeadDim, a multiple of 8): dK/dV row width, columns written
   };
 };
 

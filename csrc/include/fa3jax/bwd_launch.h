@@ -27,9 +27,11 @@ FwdStatus launch_bwd_main(const BwdParams& bp, BwdWorkspace const& ws, cudaStrea
   }
   using KT = BwdTraitsFor<kDType, kHeadDim, kVarlen>;
   using Element = typename KT::Element;
-  constexpr int D = kHeadDim;
   AttnCore const& c = bp.core;
   int const b = c.batch, sq = c.seqlen_q, sk = c.seqlen_k, hq = c.num_heads_q, hk = c.num_heads_k;
+  // The call's head dim (<= kHeadDim, a multiple of 8): the tensors' extent, so that the kHeadDim-wide TMA boxes
+  // zero-fill the columns past it (their dQ/dK/dV columns come out 0: dq_accum keeps them, dK/dV stores skip them).
+  int const d = c.head_dim;
   // Dense: (row, d, head, batch). Varlen: the packed rows as (r, d, head, end) with the base moved back by the
   // total rows (launch.h rows_before; bwd_mainloop.h load says how a sequence addresses it).
   auto tensor = [&](void const* ptr, int rows, int heads, Strides const& s) {
@@ -37,9 +39,9 @@ FwdStatus launch_bwd_main(const BwdParams& bp, BwdWorkspace const& ws, cudaStrea
     int64_t last = s.batch;
     int ext = b;
     if constexpr (kVarlen) base = rows_before(base, rows, s.row), last = s.row, ext = rows + 1;
-    return make_tensor(make_gmem_ptr(base), make_shape(rows, D, heads, ext), make_stride(s.row, _1{}, s.head, last));
+    return make_tensor(make_gmem_ptr(base), make_shape(rows, d, heads, ext), make_stride(s.row, _1{}, s.head, last));
   };
-  Strides const dense_q{int64_t(hq) * D, int64_t(D), int64_t(sq) * hq * D};  // dO is dense like out
+  Strides const dense_q{int64_t(hq) * d, int64_t(d), int64_t(sq) * hq * d};  // dO is dense like out
   int const num_m_blocks = (sq + KT::kBlockM - 1) / KT::kBlockM;
   // Varlen: key blocks of the longest sequence in the grid (CTAs past a sequence's keys exit at once).
   int const rows_k = kVarlen ? (c.varlen.max_seqlen_k > 0 ? std::min(c.varlen.max_seqlen_k, sk) : sk) : sk;
@@ -67,7 +69,8 @@ FwdStatus launch_bwd_main(const BwdParams& bp, BwdWorkspace const& ws, cudaStrea
       c.varlen.cu_seqlens_k,
       c.varlen.seqused_k,
       c.varlen.max_seqlen_q,
-      kVarlen ? bwd_varlen_stat_rows(sq, b) : 0};
+      kVarlen ? bwd_varlen_stat_rows(sq, b) : 0,
+      d};
 
   auto kernel = capped ? &bwd_kernel<KT, true> : &bwd_kernel<KT, false>;
   constexpr int smem = KT::kSmemBytes;

@@ -1,10 +1,10 @@
 // Forward epilogue: normalize O and write it (bf16/fp16) with the natural-log LSE (one lane per row, rows <
 // seqlen_q only).
 //   kTmaEpilogue: each consumer warpgroup converts its 64 rows into its own slice of smem_o (stmatrix), fences
-//   them for the async proxy and one of its threads issues a TMA store of the 64 x D_v box (rows past seqlen_q are
-//   clipped by the TMA unit); the warpgroup goes on with its next tile while the store drains. The slice is
-//   reused only after that store has read it (bulk wait_group.read at the next epilogue).
-//   Otherwise: 32-bit stores of column pairs straight from the accumulator registers.
+//   them for the async proxy and one of its threads issues a TMA store of the 64 x D_v box (rows past seqlen_q and
+//   columns past the call's d_v are clipped by the TMA unit); the warpgroup goes on with its next tile while the
+//   store drains. The slice is reused only after that store has read it (bulk wait_group.read at the next epilogue).
+//   Otherwise: 32-bit stores of column pairs straight from the accumulator registers, columns < d_v only.
 #pragma once
 
 #include <cute/arch/copy_sm90.hpp>
@@ -86,16 +86,20 @@ struct FwdEpilogue {
         tma_store_arrive();
       }
     } else {
+      // Columns past the call's d_v (a narrower head dim served by this kernel) are not written: the pairs start at
+      // even columns and dim_v is a multiple of 8, so a pair is wholly inside or outside.
+      int const dim_v = params.dim_v;
       Element* out = static_cast<Element*>(params.out);
       int64_t const offset_q = KT::kVarlen ? seq.offset_q : SeqInfo::dense(tile.batch, sq, params.seqlen_k).offset_q;
       CUTE_UNROLL
       for (int r = 0; r < kRows; ++r) {
         int const row = q_lo + int(get<0>(rc(r, 0)));
         if (row < sq) {
-          Element* orow = out + ((offset_q + row) * hq + tile.head) * KT::kHeadDimV;
+          Element* orow = out + ((offset_q + row) * hq + tile.head) * dim_v;
           CUTE_UNROLL
           for (int c = 0; c < size<1>(O); c += 2) {
             int const col = int(get<1>(rc(r, c)));
+            if (col >= dim_v) continue;
             cutlass::Array<Element, 2> pair;
             pair[0] = Element(O(r, c) * inv[r]);
             pair[1] = Element(O(r, c + 1) * inv[r]);
@@ -116,7 +120,7 @@ struct FwdEpilogue {
   }
 
   // Varlen: the q rows outside every sequence ([0, cu_seqlens_q[0]) and [cu_seqlens_q[batch], total_q)) get out 0
-  // and lse -inf, or the head's sink (as a row that sees no key). Rows over the CTAs; each row (contiguous, hq x d)
+  // and lse -inf, or the head's sink (as a row that sees no key). Rows over the CTAs; each row (contiguous, hq x d_v)
   // by threads tid of nthreads in 16-byte pieces, with no runtime division (the producer warps run this with
   // their 24-32 registers). Nothing to do (two loads) when the sequences cover q.
   CUTE_DEVICE static void fill_uncovered(Params const& params, int tid, int nthreads) {
@@ -124,10 +128,10 @@ struct FwdEpilogue {
     SeqInfo::uncovered_q(params.batch, params.cu_seqlens_q, params.seqlen_q, first, last);
     int const rows = first + (params.seqlen_q - last);
     int const hq = params.num_heads_q;
-    int const pieces = hq * (KT::kHeadDimV * int(sizeof(Element)) / 16);
+    int const pieces = hq * (params.dim_v * int(sizeof(Element)) / 16);  // dim_v: a multiple of 8
     for (int r = int(blockIdx.x); r < rows; r += int(gridDim.x)) {
       int64_t const row = r < first ? r : r - first + last;
-      uint4* const out = reinterpret_cast<uint4*>(static_cast<Element*>(params.out) + row * hq * KT::kHeadDimV);
+      uint4* const out = reinterpret_cast<uint4*>(static_cast<Element*>(params.out) + row * hq * params.dim_v);
       for (int j = tid; j < pieces; j += nthreads) out[j] = make_uint4(0u, 0u, 0u, 0u);
       for (int h = tid; h < hq; h += nthreads)
         params.lse[int64_t(h) * params.seqlen_q + row] = params.sinks ? params.sinks[h] : -INFINITY;

@@ -162,6 +162,7 @@ struct FwdKernelTraits {
     int const* cu_seqlens_q;  // kVarlen only: (batch + 1,) each
     int const* cu_seqlens_k;
     int const* seqused_k;     // or nullptr
+    int dim_v;  // the call's v/out head dim (<= kHeadDimV, a multiple of 8): out's row width, columns written
   };
 };
 

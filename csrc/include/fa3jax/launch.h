@@ -45,9 +45,12 @@ FwdStatus launch_fwd(const FwdParams& fp, cudaStream_t stream) {
   }
   using KT = FwdTraitsFor<kDType, kHeadDim, kHeadDimV, kWide, kVarlen>;
   using Element = typename KT::Element;
-  constexpr int D = kHeadDim, Dv = kHeadDimV;  // q/k and v/out head dims (MLA: Dv < D)
+  constexpr int D = kHeadDim, Dv = kHeadDimV;  // the kernel's q/k and v/out head dims (MLA: Dv < D)
   AttnCore const& p = fp.core;
   int const b = p.batch, sq = p.seqlen_q, sk = p.seqlen_k, hq = p.num_heads_q, hk = p.num_heads_k;
+  // The call's head dims (<= the kernel's, multiples of 8): the tensors' extents below. TMA boxes stay D (Dv) wide,
+  // so loads zero-fill the columns past d (zero scores and output columns) and stores clip them.
+  int const d = p.head_dim, dv = p.value_dim();
 
   // q/k/v through TMA at the caller's strides; out is dense (the register epilogue addresses it so).
   // Dense: (seq, d, head, batch). Varlen: packed rows as (r, d, head, end), where the last mode, with the row
@@ -58,7 +61,7 @@ FwdStatus launch_fwd(const FwdParams& fp, cudaStream_t stream) {
   Element const* k_ptr = static_cast<Element const*>(p.k);
   Element const* v_ptr = static_cast<Element const*>(p.v);
   Element* o_ptr = static_cast<Element*>(fp.out);
-  int64_t const o_row = int64_t(hq) * Dv;
+  int64_t const o_row = int64_t(hq) * dv;
   int64_t q_last = p.q_stride.batch, k_last = p.k_stride.batch, v_last = p.v_stride.batch, o_last = sq * o_row;
   int q_ext = b, k_ext = b;
   if constexpr (kVarlen) {
@@ -69,13 +72,13 @@ FwdStatus launch_fwd(const FwdParams& fp, cudaStream_t stream) {
     q_last = p.q_stride.row, k_last = p.k_stride.row, v_last = p.v_stride.row, o_last = o_row;
     q_ext = sq + 1, k_ext = sk + 1;
   }
-  auto q = make_tensor(make_gmem_ptr(q_ptr), make_shape(sq, D, hq, q_ext),
+  auto q = make_tensor(make_gmem_ptr(q_ptr), make_shape(sq, d, hq, q_ext),
                        make_stride(p.q_stride.row, _1{}, p.q_stride.head, q_last));
-  auto k = make_tensor(make_gmem_ptr(k_ptr), make_shape(sk, D, hk, k_ext),
+  auto k = make_tensor(make_gmem_ptr(k_ptr), make_shape(sk, d, hk, k_ext),
                        make_stride(p.k_stride.row, _1{}, p.k_stride.head, k_last));
-  auto o = make_tensor(make_gmem_ptr(o_ptr), make_shape(sq, Dv, hq, q_ext),
-                       make_stride(o_row, _1{}, int64_t(Dv), o_last));
-  auto vt = make_tensor(make_gmem_ptr(v_ptr), make_shape(Dv, sk, hk, k_ext),
+  auto o = make_tensor(make_gmem_ptr(o_ptr), make_shape(sq, dv, hq, q_ext),
+                       make_stride(o_row, _1{}, int64_t(dv), o_last));
+  auto vt = make_tensor(make_gmem_ptr(v_ptr), make_shape(dv, sk, hk, k_ext),
                         make_stride(_1{}, p.v_stride.row, p.v_stride.head, v_last));
 
   typename KT::Params kp{
@@ -93,7 +96,8 @@ FwdStatus launch_fwd(const FwdParams& fp, cudaStream_t stream) {
       fp.sinks,
       p.varlen.cu_seqlens_q,
       p.varlen.cu_seqlens_k,
-      p.varlen.seqused_k};
+      p.varlen.seqused_k,
+      dv};
   constexpr float kLog2e = 1.4426950408889634f;
   if (p.softcap > 0.f) {
     kp.softcap = p.softcap;

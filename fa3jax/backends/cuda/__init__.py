@@ -4,7 +4,9 @@ The compiled part lives in ``_fa3jax_cuda`` (built only with ``FA3JAX_BUILD_CUDA
 and reports unavailability, without it. Forward and backward serve dense and varlen calls, the forward MLA (a
 value head dim below the q/k one) too where built; where the backward kernel does not serve a call (see
 check_backward: MLA, head dims built without a backward), the registry pairs this forward (and its LSE, which
-follows every backend's convention) with another backend's backward.
+follows every backend's convention) with another backend's backward. Any head dim up to the largest built one is
+served (by the smallest kernel that holds it, chosen in the C++ dispatch); see _kernel_head_dim for the few that
+need padded copies.
 """
 from __future__ import annotations
 
@@ -122,10 +124,20 @@ class CudaBackend(Backend):
                     f"FA3JAX_HEAD_DIMS entries D x D_V, e.g. 192x128")
         else:
             instances = {(str(t), int(d)) for t, d in build_info().get(instances_key, ())}
-            if (dt, spec.head_dim) not in instances:
+            if targets.FEATURE_ANY_HEAD_DIM in build_info().get("features", ()):
+                # Served by the narrowest kernel that holds the (padded) head dim; the C++ dispatch picks it
+                # (fwd_kernel_dim / bwd_kernel_dim), this only asks whether one exists.
+                d = _kernel_head_dim(spec)
+                if not any(t == dt and d <= hd for t, hd in instances):
+                    raise NotImplementedError(
+                        f"cuda: no {what} kernel for (dtype={spec.dtype}, head_dim={spec.head_dim}) in this build: "
+                        f"none with a head dim >= {d} (built: {sorted(instances)}); rebuild with FA3JAX_HEAD_DIMS "
+                        f"/ FA3JAX_DTYPES")
+            elif (dt, spec.head_dim) not in instances:
                 raise NotImplementedError(
                     f"cuda: no {what} kernel for (dtype={spec.dtype}, head_dim={spec.head_dim}) in this build "
-                    f"(built: {sorted(instances)}); rebuild with FA3JAX_HEAD_DIMS / FA3JAX_DTYPES")
+                    f"(built: {sorted(instances)}; an extension built before any-head-dim support serves only "
+                    f"those); rebuild with FA3JAX_BUILD_CUDA=1, FA3JAX_HEAD_DIMS / FA3JAX_DTYPES")
         if spec.seqlen_k < 1:
             raise NotImplementedError("cuda: seqlen_k == 0 is not supported" if spec.mode == "dense" else
                                       "cuda: varlen with no key rows (total_k == 0) is not supported")
@@ -178,11 +190,19 @@ class CudaBackend(Backend):
         self.check_forward(spec)
         ext, _ = _load_extension()
         _register_targets(ext)
+        d = _kernel_head_dim(spec)
+        if d != spec.head_dim:  # d_v == d here (MLA kernels are exact-match), so v and out pad alike
+            out, lse = self._forward(spec, *(_pad_head_dim(x, d) for x in (q, k, v)), args)
+            return out[..., :spec.head_dim], lse
+        return self._forward(spec, q, k, v, args)
+
+    def _forward(self, spec: AttentionSpec, q, k, v, args):
+        """q, k, v with head dims that are multiples of 8 (the call's, or padded by forward)."""
         if spec.mode == "varlen":
             return self._varlen_forward(spec, q, k, v, args)
         b, sq, hq, _d = q.shape
         out_types = (
-            jax.ShapeDtypeStruct((b, sq, hq, spec.head_dim_v), q.dtype),  # v's head dim (MLA)
+            jax.ShapeDtypeStruct((b, sq, hq, v.shape[-1]), q.dtype),  # v's head dim (MLA)
             jax.ShapeDtypeStruct((b, hq, sq), jnp.float32),
         )
         attrs = targets.fwd_attributes(spec, tuning.current())
@@ -198,7 +218,7 @@ class CudaBackend(Backend):
         total_q). The index arrays arrive sanitized (fa3jax.validation.sanitize_varlen); the kernel clamps them
         again for its own safety."""
         total_q, hq, _d = q.shape
-        out_types = (jax.ShapeDtypeStruct((total_q, hq, spec.head_dim_v), q.dtype),
+        out_types = (jax.ShapeDtypeStruct((total_q, hq, v.shape[-1]), q.dtype),
                      jax.ShapeDtypeStruct((hq, total_q), jnp.float32))
         operands = [q, k, v, args.cu_seqlens_q, args.cu_seqlens_k]
         if spec.varlen.has_seqused_k:
@@ -212,6 +232,15 @@ class CudaBackend(Backend):
         self.check_backward(spec)
         ext, _ = _load_extension()
         _register_targets(ext)
+        d = _kernel_head_dim(spec)
+        if d != spec.head_dim:
+            # Zero columns of out and dout add nothing to rowsum(dO * O); those of the gradients are sliced off.
+            q, k, v, out, dout = (_pad_head_dim(x, d) for x in (q, k, v, out, dout))
+            return tuple(g[..., :spec.head_dim] for g in self._backward(spec, q, k, v, out, lse, dout, dlse, args))
+        return self._backward(spec, q, k, v, out, lse, dout, dlse, args)
+
+    def _backward(self, spec: AttentionSpec, q, k, v, out, lse, dout, dlse, args):
+        """q, k, v, out, dout with head dims that are multiples of 8 (the call's, or padded by backward)."""
         out_types = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
                      jax.ShapeDtypeStruct(v.shape, v.dtype))
         operands = [q, k, v, out.astype(q.dtype), lse.astype(jnp.float32), dout.astype(q.dtype),
@@ -225,6 +254,19 @@ class CudaBackend(Backend):
         call = jax.ffi.ffi_call(targets.BWD_TARGET, out_types, vmap_method="sequential")
         dq, dk, dv = call(*operands, **targets.bwd_attributes(spec))
         return dq, dk, dv
+
+
+def _kernel_head_dim(spec: AttentionSpec) -> int:
+    """The head dim the kernels see: the call's, rounded up to a multiple of 8. TMA needs 16-byte global strides, so
+    a head dim of 2-byte elements that is not a multiple of 8 cannot be read in place (q's head stride is d); such
+    calls get zero-padded copies (zero columns change no score and give output columns that are sliced off).
+    Multiples of 8 below the kernel's width need no copy: the kernel's TMA loads zero-fill the missing columns."""
+    return -(-spec.head_dim // 8) * 8
+
+
+def _pad_head_dim(x, d: int):
+    """x with its last axis zero-padded to d."""
+    return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, d - x.shape[-1])])
 
 
 def _sinks(args):

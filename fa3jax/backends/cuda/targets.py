@@ -25,6 +25,9 @@ FEATURE_SINKS = "sinks"
 FEATURE_VARLEN = "varlen"
 FEATURE_VARLEN_BWD = "varlen_bwd"
 FEATURE_MLA = "mla"
+# ... and of one whose kernels serve every head dim up to their largest instance (a narrower one by the smallest
+# instance that holds it), not only the instances' own.
+FEATURE_ANY_HEAD_DIM = "any_head_dim"
 
 # Attributes, with their FFI types: all targets take the first four, then the forward kernel_variant and the
 # backward deterministic.
