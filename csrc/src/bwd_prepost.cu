@@ -42,11 +42,13 @@ template <> struct Cvt<__half> {
   static __device__ __half store(float x) { return __float2half_rn(x); }
 };
 
-// Grid (padded rows / kRowsPerBlock, hq, b); warp w of a block owns one query row of one head.
+// Grid (padded rows / kRowsPerBlock, hq, b); warp w of a block owns one query row of one head. d: q's head dim (the
+// dq_accum rows), dv: out's and dout's (MLA: smaller).
 template <class T>
 __global__ void bwd_preprocess_kernel(const T* __restrict__ out, const T* __restrict__ dout,
                                       const float* __restrict__ lse, const float* __restrict__ dlse,
-                                      BwdWorkspace ws, int seqlen_q, int64_t rows_pad, int num_heads_q, int d) {
+                                      BwdWorkspace ws, int seqlen_q, int64_t rows_pad, int num_heads_q, int d,
+                                      int dv) {
   int const lane = threadIdx.x % 32;
   int64_t const row = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / 32;
   int const h = blockIdx.y;
@@ -57,8 +59,8 @@ __global__ void bwd_preprocess_kernel(const T* __restrict__ out, const T* __rest
   float sum = 0.f;
   bool const valid = row < seqlen_q;
   if (valid) {
-    int64_t const base = ((b * seqlen_q + row) * num_heads_q + h) * d;
-    for (int t = lane; t < d; t += 32) sum += Cvt<T>::load(out[base + t]) * Cvt<T>::load(dout[base + t]);
+    int64_t const base = ((b * seqlen_q + row) * num_heads_q + h) * dv;
+    for (int t = lane; t < dv; t += 32) sum += Cvt<T>::load(out[base + t]) * Cvt<T>::load(dout[base + t]);
   }
   for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
   if (lane == 0) {
@@ -76,7 +78,7 @@ template <class T>
 __global__ void bwd_preprocess_varlen_kernel(const T* __restrict__ out, const T* __restrict__ dout,
                                              const float* __restrict__ lse, const float* __restrict__ dlse,
                                              BwdWorkspace ws, VarlenSeqs vs, int total_q, int total_k,
-                                             int64_t stat_rows, int num_heads_q, int d) {
+                                             int64_t stat_rows, int num_heads_q, int d, int dv) {
   int const lane = threadIdx.x % 32;
   int const row = blockIdx.x * kRowsPerBlock + threadIdx.x / 32;
   int const h = blockIdx.y, b = blockIdx.z;
@@ -88,8 +90,8 @@ __global__ void bwd_preprocess_varlen_kernel(const T* __restrict__ out, const T*
   float sum = 0.f;
   bool const valid = row < seq.seqlen_q;
   if (valid) {
-    int64_t const base = ((seq.offset_q + row) * num_heads_q + h) * d;
-    for (int t = lane; t < d; t += 32) sum += Cvt<T>::load(out[base + t]) * Cvt<T>::load(dout[base + t]);
+    int64_t const base = ((seq.offset_q + row) * num_heads_q + h) * dv;
+    for (int t = lane; t < dv; t += 32) sum += Cvt<T>::load(out[base + t]) * Cvt<T>::load(dout[base + t]);
   }
   for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
   if (lane == 0) {
@@ -145,13 +147,13 @@ FwdStatus preprocess(const BwdParams& p, cudaStream_t stream) {
     if (grid.x > 0)
       bwd_preprocess_varlen_kernel<T><<<grid, 32 * kRowsPerBlock, 0, stream>>>(
           static_cast<const T*>(p.out), static_cast<const T*>(p.dout), p.lse, p.dlse, ws, c.varlen, c.seqlen_q,
-          c.seqlen_k, bwd_varlen_stat_rows(c.seqlen_q, c.batch), c.num_heads_q, c.head_dim);
+          c.seqlen_k, bwd_varlen_stat_rows(c.seqlen_q, c.batch), c.num_heads_q, c.head_dim, c.value_dim());
   } else {
     int64_t const rows_pad = padded_rows(c.seqlen_q);
     dim3 grid(unsigned(rows_pad / kRowsPerBlock), unsigned(c.num_heads_q), unsigned(c.batch));
     bwd_preprocess_kernel<T><<<grid, 32 * kRowsPerBlock, 0, stream>>>(
         static_cast<const T*>(p.out), static_cast<const T*>(p.dout), p.lse, p.dlse, ws, c.seqlen_q, rows_pad,
-        c.num_heads_q, c.head_dim);
+        c.num_heads_q, c.head_dim, c.value_dim());
   }
   if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return {e, "bwd preprocess launch"};
   if (ws.dq_sem != nullptr) {
