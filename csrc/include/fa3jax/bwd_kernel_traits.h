@@ -10,11 +10,12 @@
 // along d), added into the fp32 dq accumulator in global memory.
 // Computing S and dP transposed puts the key index on the accumulator rows, so P^T and dS^T are the A operands
 // of the dV/dK GEMMs and dS^T's rows (keys) are the K dimension of dQ = dS K. Two ways to split the work:
-// * kBlockN = 64 x warpgroups (d <= 128): each warpgroup owns 64 keys in every GEMM; P^T and dS^T are register
-//   A operands of dV/dK (RS), and only dS^T goes through shared memory (for dQ).
+// * kBlockN = 64 x warpgroups (d <= 128, MLA 128x64): each warpgroup owns 64 keys in every GEMM; P^T and dS^T
+//   are register A operands of dV/dK (RS), and only dS^T goes through shared memory (for dQ).
 // * kBlockN = 64 with two warpgroups (d = 256, where 64 keys x d of dK + dV already take 128 registers per
-//   thread of each warpgroup): the warpgroups split S^T/dP^T along queries and dK/dV along d, so P^T and dS^T
-//   both go through shared memory and dV/dK are SS GEMMs.
+//   thread of each warpgroup; MLA 192x128, where 64 keys x (d + d_v) would take 160): the warpgroups split
+//   S^T/dP^T along queries and dK/dV along d, so P^T and dS^T both go through shared memory and dV/dK are SS
+//   GEMMs.
 // MLA (kHeadDimV < kHeadDim): S^T, dK and dQ run over q/k's d; dP^T (its reduction), dV, V and dO over d_v.
 #pragma once
 

@@ -7,8 +7,8 @@
 //   put dS^T in shared memory; once every warpgroup has (named barrier), issue this warpgroup's columns of
 //   dQ = dS K, then dK += dS^T Q; add the dQ partial into global memory with a bulk reduce-add
 //   (cp.reduce.async.bulk, fp32 add in L2) while dK runs, so no CTA waits for another; release stage s.
-// Warpgroups along queries (kPInSmem, d = 256): P^T and dS^T both go to shared memory before the barrier, then
-// dV, dQ and dK are issued as SS GEMMs on this warpgroup's columns.
+// Warpgroups along queries (kPInSmem, d = 256 and MLA 192x128): P^T and dS^T both go to shared memory before the
+// barrier, then dV, dQ and dK are issued as SS GEMMs on this warpgroup's columns.
 // With softcap the scores' tanh is also needed for dS, so that path waits for both S^T and dP^T first.
 #pragma once
 
