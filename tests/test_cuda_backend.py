@@ -20,6 +20,7 @@ pytestmark = pytest.mark.gpu
 _BUILT = {(str(t), int(d)) for t, d in build_info().get("instances", ())}
 _BUILT_BWD = {(str(t), int(d)) for t, d in build_info().get("bwd_instances", ())}
 _BUILT_MLA = {(str(t), int(d), int(dv)) for t, d, dv in build_info().get("mla_instances", ())}
+_BUILT_MLA_BWD = {(str(t), int(d), int(dv)) for t, d, dv in build_info().get("bwd_mla_instances", ())}
 _NAMES = {"bf16": "bfloat16", "fp16": "float16"}
 
 
@@ -293,11 +294,11 @@ def _varlen_inputs(rng, case, d, dtype, dv=None):
     return cu_q, cu_k, used, (q, k, v, do), (q64, k64, v64, do64), dl64, sinks
 
 
-def _varlen_against_reference(rng, dtype, d, dv, case, backward=None):
-    """One varlen call, cuda forward (v and out with head dim ``dv``), and its gradients, against the float64
+def _varlen_against_reference(rng, dtype, d, dv, case, backward):
+    """One varlen call, cuda forward (v and out with head dim ``dv``), and its gradients against the float64
     reference per sequence; the q rows outside every sequence must get out 0 and lse -inf or the sink.
-    ``backward``: whose backward the registry must pick, "cuda" (its own) or "composed" (another backend's); None:
-    "cuda" where d_v == d (the varlen backward is built for every such instance)."""
+    ``backward``: "cuda" (the plan's must be cuda's own varlen backward) or "composed" (another backend's on the
+    cuda forward's LSE)."""
     lens_q, lens_k, _, hq, hk, causal, window, cap, _, _ = case
     cu_q, cu_k, used, (q, k, v, do), (q64, k64, v64, do64), dl64, sinks = _varlen_inputs(rng, case, d, dtype, dv)
     scale = 0.7 / np.sqrt(d)
@@ -307,8 +308,7 @@ def _varlen_against_reference(rng, dtype, d, dv, case, backward=None):
     spec = validation.validate_varlen(q, k, v, *idx, max_q, max_k, deterministic=False, sinks=sinks, **kw)
     plan = registry.plan(spec, "cuda")
     assert plan.forward == "cuda" and plan.backward is not None, plan
-    want = backward or ("cuda" if dv == d else "composed")
-    assert (plan.backward == "cuda") == (want == "cuda"), plan
+    assert (plan.backward == "cuda") == (backward == "cuda"), plan
     rkw = dict(scale=scale, window=masking.normalize_window(window, causal), softcap=cap, dout=do64, dlse=dl64,
                sinks=None if sinks is None else np.asarray(sinks, np.float64))
     ref = reference.varlen(q64, k64, v64, cu_q, cu_k, used, **rkw)
@@ -344,7 +344,8 @@ def test_varlen_forward_and_grads(instance, case):
     if instance not in _BUILT:
         pytest.skip("no CUDA instance built")
     dtype, d = _NAMES[instance[0]], instance[1]
-    _varlen_against_reference(seeded_rng("cuda", "varlen", instance, case), dtype, d, d, case)
+    _varlen_against_reference(seeded_rng("cuda", "varlen", instance, case), dtype, d, d, case,
+                              "cuda" if instance in _BUILT_BWD else "composed")
 
 
 @pytest.mark.parametrize("instance", sorted(_BUILT) or [("bf16", 128)], ids=lambda i: f"{i[0]}-d{i[1]}")
@@ -413,32 +414,35 @@ def _mla_id(i):
     return f"{i[0]}-d{i[1]}v{i[2]}"
 
 
+def _mla_inputs(rng, dtype, b, lq, lk, hq, hk, d, dv):
+    """Standard-normal q, k (head dim d), v and the output's cotangent (head dim dv)."""
+    return tuple(jnp.asarray(rng.standard_normal(shape), dtype)
+                 for shape in ((b, lq, hq, d), (b, lk, hk, d), (b, lk, hk, dv), (b, lq, hq, dv)))
+
+
 @pytest.mark.parametrize("instance", sorted(_BUILT_MLA) or [("bf16", 192, 128)], ids=_mla_id)
 @pytest.mark.parametrize("case", MLA_CASES, ids=_mla_case_id)
 def test_mla_forward_and_grads(instance, case):
-    """The cuda MLA forward (v and out with their own head dim) and the gradients of its composition with another
-    backend's MLA backward (triton, else xla, on the cuda forward's LSE) against the float64 reference: GQA/MQA,
-    masks, softcap, sinks, lq != lk."""
+    """The cuda MLA forward (v and out with their own head dim) and its gradients against the float64 reference:
+    GQA/MQA, masks, softcap, sinks, lq != lk. The backward is cuda's own MLA kernel where built, else another
+    backend's (triton, else xla) on the cuda forward's LSE."""
     if instance not in _BUILT_MLA:
         pytest.skip("no CUDA MLA instance built")
     dtype, d, dv = _NAMES[instance[0]], instance[1], instance[2]
     _dense_against_reference(seeded_rng("cuda", "mla", instance, case), dtype, d, dv, case[:-1], case[-1],
-                             "composed")
+                             "cuda" if instance in _BUILT_MLA_BWD else "composed")
 
 
 @pytest.mark.parametrize("instance", sorted(_BUILT_MLA) or [("bf16", 192, 128)], ids=_mla_id)
 @pytest.mark.parametrize("causal", [False, True])
 def test_mla_matches_triton(instance, causal):
-    """cuda (forward, composed backward) and triton agree on out, lse and the gradients of a GQA MLA call, with
-    backend="auto" choosing the cuda forward."""
+    """cuda (forward; its own backward where built, else a composed one) and triton agree on out, lse and the
+    gradients of a GQA MLA call, with backend="auto" choosing the cuda forward."""
     if instance not in _BUILT_MLA:
         pytest.skip("no CUDA MLA instance built")
     dtype, d, dv = _NAMES[instance[0]], instance[1], instance[2]
     rng = seeded_rng("cuda", "mla-vs-triton", instance, causal)
-    q = jnp.asarray(rng.standard_normal((2, 555, 8, d)), dtype)
-    k = jnp.asarray(rng.standard_normal((2, 555, 2, d)), dtype)
-    v = jnp.asarray(rng.standard_normal((2, 555, 2, dv)), dtype)
-    do = jnp.asarray(rng.standard_normal((2, 555, 8, dv)), dtype)
+    q, k, v, do = _mla_inputs(rng, dtype, 2, 555, 555, 8, 2, d, dv)
     dl = jnp.asarray(rng.standard_normal((2, 8, 555)), jnp.float32)
     s = fa3jax.supports(fa3jax.flash_mha, q, k, v, is_causal=causal, backend="triton")
     if not s.supported:
@@ -462,13 +466,14 @@ def test_mla_matches_triton(instance, causal):
 @pytest.mark.parametrize("instance", sorted(_BUILT_MLA) or [("bf16", 192, 128)], ids=_mla_id)
 @pytest.mark.parametrize("case", [VARLEN_CASES[1], VARLEN_CASES[4], VARLEN_CASES[5]], ids=_varlen_case_id)
 def test_mla_varlen_forward_and_grads(instance, case):
-    """The cuda varlen forward with v's own head dim (out (total_q, hq, d_v)) and its composed gradients against the
-    float64 reference per sequence (causal, lq != lk with seqused_k, softcap + sinks, q rows outside every
-    sequence)."""
+    """The cuda varlen forward with v's own head dim (out (total_q, hq, d_v)) and its gradients (cuda's own MLA
+    varlen backward where built, else composed) against the float64 reference per sequence (causal, lq != lk with
+    seqused_k, softcap + sinks, q rows outside every sequence)."""
     if instance not in _BUILT_MLA:
         pytest.skip("no CUDA MLA instance built")
     dtype, d, dv = _NAMES[instance[0]], instance[1], instance[2]
-    _varlen_against_reference(seeded_rng("cuda", "mla-varlen", instance, case), dtype, d, dv, case)
+    _varlen_against_reference(seeded_rng("cuda", "mla-varlen", instance, case), dtype, d, dv, case,
+                              "cuda" if instance in _BUILT_MLA_BWD else "composed")
 
 
 # ------------------------------------------------------------------------------------------ any head dim
@@ -564,3 +569,74 @@ def test_flash_attn3_jax_head_dims_run_on_cuda_under_auto(d):
             np.testing.assert_array_equal(np.isfinite(a), fin, err_msg=name)
             err = np.max(np.abs(a[fin] - b[fin])) / max(np.max(np.abs(b[fin])), 1e-3)
             assert err < 2e-2, (name, det, err)
+
+
+# (b, lq, lk, hq, hk, causal, window, softcap): many key and query blocks per CTA, GQA/MQA, every mask kind.
+MLA_BWD_CASES = [
+    (2, 333, 555, 8, 2, False, (-1, -1), 0.0),
+    (1, 600, 600, 4, 1, True, (-1, -1), 0.0),
+    (1, 700, 300, 4, 2, True, (-1, -1), 0.0),  # lq > lk: query blocks that see no key
+    (2, 450, 450, 4, 4, False, (100, 30), 0.0),
+    (1, 400, 520, 4, 2, True, (-1, -1), 30.0),
+]
+
+
+@pytest.mark.parametrize("instance", sorted(_BUILT_MLA_BWD) or [("bf16", 192, 128)], ids=_mla_id)
+@pytest.mark.parametrize("case", MLA_BWD_CASES, ids=lambda c: _mla_case_id((*c, None)))
+def test_mla_backward_is_cudas_own_and_matches_xla(instance, case):
+    """Where an MLA backward is built, the plan's backward is cuda's own, and its gradients (with an LSE cotangent)
+    agree with xla's on the same inputs and the same cuda forward residuals (both also meet the float64 reference in
+    test_mla_forward_and_grads); the dv gradient has v's head dim."""
+    if instance not in _BUILT_MLA_BWD:
+        pytest.skip("no CUDA MLA backward built")
+    dtype, d, dv = _NAMES[instance[0]], instance[1], instance[2]
+    b, lq, lk, hq, hk, causal, window, cap = case
+    rng = seeded_rng("cuda", "mla-bwd-vs-xla", instance, case)
+    q, k, v, do = _mla_inputs(rng, dtype, b, lq, lk, hq, hk, d, dv)
+    dl = jnp.asarray(rng.standard_normal((b, hq, lq)), jnp.float32)
+    kw = dict(is_causal=causal, window_size=window, softcap=cap, return_softmax_lse=True)
+    plan = registry.plan(_dense_spec(q, k, v, is_causal=causal, window_size=window, softcap=cap), "cuda")
+    assert (plan.forward, plan.backward) == ("cuda", "cuda"), plan
+
+    def grads(backend):
+        f = lambda q, k, v: fa3jax.flash_mha(q, k, v, backend=backend, **kw)  # noqa: E731
+        return jax.jit(lambda q, k, v: jax.vjp(f, q, k, v)[1]((do, dl)))(q, k, v)
+
+    got, want = grads("cuda"), grads("xla")
+    assert got[2].shape == v.shape
+    tol = 2e-2 if dtype == "bfloat16" else 3e-3
+    for name, a, b_ in zip(("dq", "dk", "dv"), got, want):
+        a, b_ = np.asarray(a, np.float32), np.asarray(b_, np.float32)
+        assert np.all(np.isfinite(a)), name
+        err = np.max(np.abs(a - b_)) / max(np.max(np.abs(b_)), 1e-3)
+        assert err < tol, (name, err)
+
+
+@pytest.mark.parametrize("instance", sorted(_BUILT_MLA_BWD) or [("bf16", 192, 128)], ids=_mla_id)
+@pytest.mark.parametrize("causal", [False, True])
+def test_mla_deterministic_backward_is_cudas_and_bitwise_repeatable(instance, causal):
+    """deterministic=True stays on cuda's MLA backward under backend='cuda' and two runs give the same bits, dense
+    and varlen, under GQA with many key blocks per query block."""
+    if instance not in _BUILT_MLA_BWD:
+        pytest.skip("no CUDA MLA backward built")
+    dtype, d, dv = _NAMES[instance[0]], instance[1], instance[2]
+    q, k, v, do = _mla_inputs(seeded_rng("cuda", "mla-det", instance, causal), dtype, 2, 700, 900, 4, 2, d, dv)
+    plan = registry.plan(_dense_spec(q, k, v, is_causal=causal, deterministic=True), "cuda")
+    assert (plan.forward, plan.backward) == ("cuda", "cuda"), plan
+    dense = jax.jit(lambda q, k, v: jax.vjp(
+        lambda q, k, v: fa3jax.flash_mha(q, k, v, is_causal=causal, deterministic=True, backend="cuda"),
+        q, k, v)[1](do))
+    cu_q = jnp.asarray([0, 700, 1400], jnp.int32)
+    cu_k = jnp.asarray([0, 900, 1800], jnp.int32)
+    packed = [x.reshape(-1, *x.shape[2:]) for x in (q, k, v, do)]
+    varlen = jax.jit(lambda q, k, v: jax.vjp(
+        lambda q, k, v: fa3jax.flash_mha_varlen(q, k, v, cu_q, cu_k, None, 700, 900, is_causal=causal,
+                                                deterministic=True, backend="cuda"),
+        q, k, v)[1](packed[3]))
+    for f, args in ((dense, (q, k, v)), (varlen, packed[:3])):
+        first = [np.asarray(g) for g in f(*args)]
+        assert first[2].shape == args[2].shape
+        for _ in range(3):
+            again = [np.asarray(g) for g in f(*args)]
+            for name, a, b in zip(("dq", "dk", "dv"), first, again):
+                assert np.array_equal(a.view(np.uint16), b.view(np.uint16)), name

@@ -65,7 +65,9 @@ NB_MODULE(_fa3jax_cuda, m) {
     d["dtypes"] = ldtypes;
     d["instances"] = fwd_pairs;  // (dtype, head_dim) forwards with d_v == d
     d["mla_instances"] = mla;     // (dtype, head_dim, head_dim_v) forwards with d_v < d
-    d["bwd_instances"] = instance_list(fa3jax::bwd_compiled_list());
+    nb::list bwd_mla;
+    d["bwd_instances"] = instance_list(fa3jax::bwd_compiled_list(), &bwd_mla);  // (dtype, head_dim), d_v == d
+    d["bwd_mla_instances"] = bwd_mla;  // (dtype, head_dim, head_dim_v) backwards with d_v < d
     d["arch"] = fa3jax::fwd_arch();
     // Features beyond the plain dense call, so that Python can refuse them on an extension built before them.
     nb::list features;
@@ -73,8 +75,9 @@ NB_MODULE(_fa3jax_cuda, m) {
     features.append("varlen");      // the fwd_varlen target
     features.append("varlen_bwd");  // the bwd_varlen target
     features.append("mla");         // the forward targets take v with its own head dim (mla_instances)
+    features.append("mla_bwd");     // ... and the backward targets (bwd_mla_instances)
     // Any head dim that is a multiple of 8 up to the largest instance (fwd_kernel_dim / bwd_kernel_dim), not only
-    // the instances' own.
+    // the instances' own (d_v == d; MLA pairs stay exact).
     features.append("any_head_dim");
     d["features"] = features;
     d["cuda_runtime_version"] = int(CUDART_VERSION);

@@ -60,7 +60,7 @@ struct AttnCore {
   const void* v = nullptr;
   Strides q_stride, k_stride, v_stride;
   int batch = 0, seqlen_q = 0, seqlen_k = 0, num_heads_q = 0, num_heads_k = 0, head_dim = 0;
-  // v's (and out's) head dim; 0 means head_dim. Smaller than head_dim for MLA (d_v < d_qk, forward only).
+  // v's (and out's) head dim; 0 means head_dim. Smaller than head_dim for MLA (d_v < d_qk).
   int head_dim_v = 0;
   DType dtype = DType::kBF16;
   float softmax_scale = 1.f;
@@ -144,15 +144,15 @@ const char* fwd_arch();
 // need a bound.
 struct BwdParams {
   AttnCore core;
-  const void* out = nullptr;   // (b, sq, hq, d), dense
-  const void* dout = nullptr;  // (b, sq, hq, d), dense
+  const void* out = nullptr;   // (b, sq, hq, d_v), dense
+  const void* dout = nullptr;  // (b, sq, hq, d_v), dense
   const float* lse = nullptr;  // (b, hq, sq), natural log, -inf for rows that saw no key
   const float* dlse = nullptr; // (b, hq, sq) cotangent of the LSE, or nullptr (zero)
   void* dq = nullptr;          // (b, sq, hq, d), dense
   void* dk = nullptr;          // (b, sk, hk, d), dense
-  void* dv = nullptr;          // (b, sk, hk, d), dense
+  void* dv = nullptr;          // (b, sk, hk, d_v), dense
   // Workspace (bwd_workspace_bytes, 16-byte aligned): dq_accum fp32 (b, hq, sq_pad, D) in the tile order of
-  // bwd_layout.h (D = bwd_kernel_dim(dtype, d) >= d: the kernel's width; columns past d stay 0); delta and
+  // bwd_layout.h (D = bwd_kernel_dim(dtype, d, d_v) >= d: the kernel's width; columns past d stay 0); delta and
   // lse_log2 fp32 (b, hq, sq_pad); deterministic: int32 turn counters.
   void* workspace = nullptr;
   // Bitwise-reproducible gradients: dQ partials added in a fixed key-block order (bwd_mainloop.h).
@@ -181,15 +181,17 @@ FwdStatus run_bwd_postprocess(const BwdParams& p, cudaStream_t stream);
 // The whole backward (checks, preprocess, main kernel, postprocess) on `stream`. Never throws.
 FwdStatus run_bwd(const BwdParams& p, cudaStream_t stream);
 
-// Whether (dtype, head_dim) has a compiled backward, and the list as "bf16:128;..." (static string).
-bool bwd_compiled(DType dtype, int head_dim);
+// Whether (dtype, head_dim, head_dim_v) has a compiled backward (head_dim_v 0: head_dim), and the list as
+// "bf16:128;bf16:192x128;..." (static string; "DxDV" where d_v != d, MLA).
+bool bwd_compiled(DType dtype, int head_dim, int head_dim_v = 0);
 const char* bwd_compiled_list();
-// The head dim D of the compiled backward that serves (dtype, head_dim): the smallest compiled D >= head_dim, 0 if
-// none. dq_accum tiles are D wide (bwd_layout.h), so the workspace is sized by it.
-int bwd_kernel_dim(DType dtype, int head_dim);
+// The head dim D of the compiled backward that serves (dtype, head_dim, head_dim_v), or 0 if none: the smallest
+// compiled D >= head_dim where head_dim_v == head_dim (0: head_dim); MLA pairs only by an exact compiled pair (as
+// fwd_kernel_dim). dq_accum tiles are D wide (bwd_layout.h), so the workspace is sized by it.
+int bwd_kernel_dim(DType dtype, int head_dim, int head_dim_v = 0);
 
 // Per-instantiation main kernels (generated translation units).
-template <DType kDType, int kHeadDim>
+template <DType kDType, int kHeadDim, int kHeadDimV>
 FwdStatus run_bwd_instance(const BwdParams& p, BwdWorkspace const& ws, cudaStream_t stream);
 
 // Per-instantiation entry points (defined in generated translation units). kWide: FwdPolicyWide's tiles instead

@@ -1,12 +1,12 @@
 """Hopper (sm_90a) CUDA backend: FlashAttention-3 style forward and backward kernels behind XLA FFI.
 
 The compiled part lives in ``_fa3jax_cuda`` (built only with ``FA3JAX_BUILD_CUDA=1``); everything here works,
-and reports unavailability, without it. Forward and backward serve dense and varlen calls, the forward MLA (a
-value head dim below the q/k one) too where built; where the backward kernel does not serve a call (see
-check_backward: MLA, head dims built without a backward), the registry pairs this forward (and its LSE, which
-follows every backend's convention) with another backend's backward. Any head dim up to the largest built one is
-served (by the smallest kernel that holds it, chosen in the C++ dispatch); see _kernel_head_dim for the few that
-need padded copies.
+and reports unavailability, without it. Forward and backward serve dense and varlen calls, MLA (a value head dim
+below the q/k one) too where built; where the backward kernel does not serve a call (see check_backward: head dims
+or MLA pairs built without a backward), the registry pairs this forward (and its LSE, which follows every backend's
+convention) with another backend's backward. Any head dim up to the largest built one is served (by the smallest
+kernel that holds it, chosen in the C++ dispatch; MLA pairs by their exact kernel only); see _kernel_head_dim for
+the few that need padded copies.
 """
 from __future__ import annotations
 
@@ -100,8 +100,11 @@ class CudaBackend(Backend):
         except Exception as e:  # noqa: BLE001 - availability never raises
             return False, f"cuda: availability check failed: {type(e).__name__}: {e}"
 
-    def _check_common(self, spec: AttentionSpec, instances_key: str, what: str) -> None:
-        """Refusals shared by the forward and backward kernels (compiled instantiations, features)."""
+    def _check_common(self, spec: AttentionSpec, instances_key: str, mla_key: str, mla_feature: str,
+                      what: str) -> None:
+        """Refusals shared by the forward and backward kernels (compiled instantiations, features): build_info's
+        ``instances_key`` lists the (dtype, d) kernels, ``mla_key`` the (dtype, d, d_v) ones of an extension with
+        ``mla_feature``."""
         ext, reason = _load_extension()
         if ext is None:
             raise NotImplementedError(reason)
@@ -112,11 +115,11 @@ class CudaBackend(Backend):
         dt = _DTYPE_NAMES.get(spec.dtype)
         if dt is None:
             raise NotImplementedError(f"cuda: dtype {spec.dtype} not supported (bfloat16, float16 only)")
-        if spec.head_dim_v != spec.head_dim:  # only forwards get here (check_backward refuses MLA first)
-            if targets.FEATURE_MLA not in build_info().get("features", ()):
-                raise NotImplementedError("cuda: this build of the CUDA extension predates MLA (a value head dim "
-                                          "below the q/k one); rebuild it with FA3JAX_BUILD_CUDA=1")
-            built = {(str(t), int(d), int(dv)) for t, d, dv in build_info().get("mla_instances", ())}
+        if spec.head_dim_v != spec.head_dim:
+            if mla_feature not in build_info().get("features", ()):
+                raise NotImplementedError(f"cuda: this build of the CUDA extension predates the MLA {what} (a value "
+                                          f"head dim below the q/k one); rebuild it with FA3JAX_BUILD_CUDA=1")
+            built = {(str(t), int(d), int(dv)) for t, d, dv in build_info().get(mla_key, ())}
             if (dt, spec.head_dim, spec.head_dim_v) not in built:
                 raise NotImplementedError(
                     f"cuda: no MLA {what} kernel for (dtype={spec.dtype}, head_dim={spec.head_dim}, "
@@ -147,7 +150,7 @@ class CudaBackend(Backend):
     def check_forward(self, spec: AttentionSpec) -> None:
         if spec.mode not in ("dense", "varlen"):
             raise NotImplementedError(f"cuda: no forward kernel for mode {spec.mode!r} (dense and varlen only)")
-        self._check_common(spec, "instances", "forward")
+        self._check_common(spec, "instances", "mla_instances", targets.FEATURE_MLA, "forward")
         features = build_info().get("features", ())
         if spec.has_sinks and targets.FEATURE_SINKS not in features:
             raise NotImplementedError("cuda: this build of the CUDA extension predates attention sinks; rebuild it "
@@ -171,10 +174,9 @@ class CudaBackend(Backend):
             # A cuda forward's LSE follows the shared convention, so the registry composes the next backend's
             # backward with it.
             raise NotImplementedError(f"cuda: the backward kernel serves dense and varlen calls (got {spec.mode!r})")
-        if spec.head_dim_v != spec.head_dim:  # composed likewise: triton's (else xla's) MLA backward
-            raise NotImplementedError(f"cuda: the backward kernel has no MLA variant (value head dim below the "
-                                      f"q/k one); got {spec.head_dim_v=}, {spec.head_dim=}")
-        self._check_common(spec, "bwd_instances", "backward")
+        # MLA pairs without a backward kernel (or an extension built before it) are composed likewise: triton's
+        # (else xla's) MLA backward on this forward's LSE.
+        self._check_common(spec, "bwd_instances", "bwd_mla_instances", targets.FEATURE_MLA_BWD, "backward")
         if spec.mode == "varlen":
             if targets.FEATURE_VARLEN_BWD not in build_info().get("features", ()):
                 raise NotImplementedError("cuda: this build of the CUDA extension predates the varlen backward; "
@@ -233,7 +235,7 @@ class CudaBackend(Backend):
         ext, _ = _load_extension()
         _register_targets(ext)
         d = _kernel_head_dim(spec)
-        if d != spec.head_dim:
+        if d != spec.head_dim:  # d_v == d here, as in forward (MLA pairs are exact multiples of 8)
             # Zero columns of out and dout add nothing to rowsum(dO * O); those of the gradients are sliced off.
             q, k, v, out, dout = (_pad_head_dim(x, d) for x in (q, k, v, out, dout))
             return tuple(g[..., :spec.head_dim] for g in self._backward(spec, q, k, v, out, lse, dout, dlse, args))

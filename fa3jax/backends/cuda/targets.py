@@ -20,11 +20,13 @@ BWD_VARLEN_TARGET = "fa3jax_cuda_bwd_varlen"
 HANDLERS = {FWD_TARGET: "fwd", FWD_SINKS_TARGET: "fwd_sinks", FWD_VARLEN_TARGET: "fwd_varlen", BWD_TARGET: "bwd",
             BWD_VARLEN_TARGET: "bwd_varlen"}
 # build_info()["features"] entries of an extension that has FWD_SINKS_TARGET / FWD_VARLEN_TARGET (older builds lack
-# them), and of one whose forward targets take v with a smaller head dim (MLA; build_info()["mla_instances"]).
+# them), of one whose forward targets take v with a smaller head dim (MLA; build_info()["mla_instances"]), and of one
+# whose backward targets do too (build_info()["bwd_mla_instances"]).
 FEATURE_SINKS = "sinks"
 FEATURE_VARLEN = "varlen"
 FEATURE_VARLEN_BWD = "varlen_bwd"
 FEATURE_MLA = "mla"
+FEATURE_MLA_BWD = "mla_bwd"
 # ... and of one whose kernels serve every head dim up to their largest instance (a narrower one by the smallest
 # instance that holds it), not only the instances' own.
 FEATURE_ANY_HEAD_DIM = "any_head_dim"
