@@ -7,8 +7,9 @@ Usage: generate_instantiations.py OUT_DIR --head-dims "64;128;256;192x128;128x64
 A head-dims entry is D (q/k/v all D: forward, its wide variant where a policy has one, and backward) or DxDV (MLA:
 q/k head dim D, v/out head dim DV < D; forward, and backward where a "bwdDxDV" policy exists).
 Writes OUT_DIR/policy.h (FwdPolicy<d[, dv]>, FwdPolicyWide<d>, BwdPolicy<d[, dv]>),
-OUT_DIR/fwd_<dtype>_hdim<d>[_wide].cu, OUT_DIR/fwd_<dtype>_hdim<d>x<dv>.cu, OUT_DIR/bwd_<dtype>_hdim<d>[x<dv>].cu,
-OUT_DIR/fwd_instances.inc, OUT_DIR/bwd_instances.inc and prints the .cu paths (';'-separated).
+OUT_DIR/fwd_<dtype>_hdim<d>[_wide].cu, OUT_DIR/fwd_<dtype>_hdim<d>_kvcache.cu (the KV-cache forward, d_v == d),
+OUT_DIR/fwd_<dtype>_hdim<d>x<dv>.cu, OUT_DIR/bwd_<dtype>_hdim<d>[x<dv>].cu, OUT_DIR/fwd_instances.inc,
+OUT_DIR/bwd_instances.inc and prints the .cu paths (';'-separated).
 --policy (or the FA3JAX_POLICY environment variable; CMake passes its FA3JAX_POLICY cache variable) overrides
 policy fields for A/B builds, e.g. "d128.block_n=176,d128.stages=3,d128.tma_epilogue=0" ("wide128." for the wide
 kernel, "d192x128." for an MLA one, "bwd192x128." for its backward). Files are only rewritten when their content changes, so re-running CMake does
@@ -95,6 +96,17 @@ FwdStatus run_fwd_instance<DType::{enum}, {hdim}, {hdim_v}, {wide}>(const FwdPar
 }}  // namespace fa3jax
 """
 
+KV_TU = HEADER + """// KV-cache forward kernel instantiation: dtype {dtype}, head_dim {hdim} (FwdPolicy's tiles).
+{ext}#include "fa3jax/launch.h"
+
+namespace fa3jax {{
+template <>
+FwdStatus run_fwd_kvcache_instance<DType::{enum}, {hdim}>(const FwdParams& p, cudaStream_t stream) {{
+  return launch_fwd_kvcache<DType::{enum}, {hdim}>(p, stream);
+}}
+}}  // namespace fa3jax
+"""
+
 BWD_TU = HEADER + """// Backward main-kernel instantiation: dtype {dtype}, head_dim {hdim}{mla_note}.
 #include "fa3jax/bwd_launch.h"
 
@@ -110,15 +122,24 @@ FwdStatus run_bwd_instance<DType::{enum}, {hdim}, {hdim_v}>(const BwdParams& p, 
 INC_PROLOGUE = """// FA3JAX_FWD_INSTANCE(enum, name, head_dim, head_dim_v, "label"): kernels with FwdPolicy tiles, one per compiled
 // (dtype, head_dim, head_dim_v); label "D", or "DxDV" where head_dim_v != head_dim (MLA).
 // FA3JAX_FWD_WIDE_INSTANCE(enum, name, head_dim): wide-key-tile kernels; expands to nothing unless defined.
+// FA3JAX_FWD_KVCACHE_INSTANCE(enum, name, head_dim): KV-cache kernels (d_v == d); likewise.
 #ifndef FA3JAX_FWD_WIDE_INSTANCE
 #define FA3JAX_FWD_WIDE_INSTANCE(e, n, d)
 #define FA3JAX_FWD_WIDE_INSTANCE_DEFAULTED
+#endif
+#ifndef FA3JAX_FWD_KVCACHE_INSTANCE
+#define FA3JAX_FWD_KVCACHE_INSTANCE(e, n, d)
+#define FA3JAX_FWD_KVCACHE_INSTANCE_DEFAULTED
 #endif
 """
 
 INC_EPILOGUE = """#ifdef FA3JAX_FWD_WIDE_INSTANCE_DEFAULTED
 #undef FA3JAX_FWD_WIDE_INSTANCE
 #undef FA3JAX_FWD_WIDE_INSTANCE_DEFAULTED
+#endif
+#ifdef FA3JAX_FWD_KVCACHE_INSTANCE_DEFAULTED
+#undef FA3JAX_FWD_KVCACHE_INSTANCE
+#undef FA3JAX_FWD_KVCACHE_INSTANCE_DEFAULTED
 #endif
 """
 
@@ -221,6 +242,12 @@ def main(argv=None):
                 paths.append(p)
                 inc.append(f"FA3JAX_FWD_WIDE_INSTANCE({DTYPES[t]}, {t}, {d})\n" if wide else
                            f'FA3JAX_FWD_INSTANCE({DTYPES[t]}, {t}, {d}, {dv}, "{label}")\n')
+            if d == dv:  # the KV-cache forward: its own TU, so that it compiles beside the dense one
+                p = os.path.join(a.out_dir, f"fwd_{t}_hdim{d}_kvcache.cu")
+                ext = "#define CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED\n" if extended_shapes(policy[f"d{d}"][0]) else ""
+                _write(p, KV_TU.format(dtype=t, hdim=d, enum=DTYPES[t], ext=ext))
+                paths.append(p)
+                inc.append(f"FA3JAX_FWD_KVCACHE_INSTANCE({DTYPES[t]}, {t}, {d})\n")
     inc.append(INC_EPILOGUE)
     _write(os.path.join(a.out_dir, "fwd_instances.inc"), "".join(inc))
     bwd_inc = [HEADER, "// FA3JAX_BWD_INSTANCE(enum, name, head_dim, head_dim_v, \"label\"): one per compiled backward\n"

@@ -640,3 +640,159 @@ def test_mla_deterministic_backward_is_cudas_and_bitwise_repeatable(instance, ca
             again = [np.asarray(g) for g in f(*args)]
             for name, a, b in zip(("dq", "dk", "dv"), first, again):
                 assert np.array_equal(a.view(np.uint16), b.view(np.uint16)), name
+
+
+# ------------------------------------------------------------------------------------------ KV cache
+# cuda's KV-cache forward against the xla backend: the same call on float32 copies of the inputs is the float32
+# reference, and xla on the low-precision inputs the yardstick of helpers.check. Hostile indices follow
+# validation.sanitize_kvcache's documented rule on every backend, so they are compared too.
+_BUILT_KV = {(str(t), int(d)): int(n) for t, d, n in build_info().get("kvcache_instances", ())}
+
+# name: (b, lq, hq, hk, capacity, pages (0: contiguous; else pages of `pages` x the key block), seqlen_new, leftpad,
+# batch_idx, causal, window, softcap, sinks, rotary, hostile)
+KV_CASES = {
+    "decode-gqa": (3, 1, 8, 2, 300, 0, 0, False, False, False, (-1, -1), 0.0, False, False, False),
+    "decode-append-rotary-causal": (2, 1, 4, 4, 512, 0, 1, False, False, True, (-1, -1), 0.0, False, True, False),
+    "prefill-causal-mqa": (2, 200, 4, 1, 1000, 0, 0, False, False, True, (-1, -1), 0.0, False, False, False),
+    "append-leftpad-window": (3, 3, 4, 2, 400, 0, 3, True, False, True, (64, -1), 0.0, False, False, False),
+    "batch_idx-append-softcap-sinks": (3, 2, 6, 3, 260, 0, 2, False, True, True, (-1, -1), 20.0, True, False, False),
+    "chunk-window(20,10)": (2, 40, 4, 2, 500, 0, 40, False, False, False, (20, 10), 0.0, False, False, False),
+    "hostile-contiguous": (3, 2, 4, 2, 200, 0, 1, True, True, True, (-1, -1), 0.0, False, False, True),
+    "paged-decode": (3, 4, 8, 2, 0, 1, 0, False, False, True, (-1, -1), 0.0, False, False, False),
+    "paged-append-batch_idx-rotary": (3, 3, 4, 2, 0, 1, 3, False, True, True, (100, -1), 0.0, True, True, False),
+    "paged-2blocks-prefill": (2, 130, 4, 4, 0, 2, 0, False, False, False, (-1, -1), 10.0, False, False, False),
+    "paged-hostile": (3, 2, 4, 2, 0, 1, 2, False, False, True, (-1, -1), 0.0, False, False, True),
+}
+
+
+def _kv_inputs(rng, dtype, d, block_n, case):
+    """(arrays, kwargs) of one flash_mha_with_kvcache call of KV_CASES ``case``."""
+    b, lq, hq, hk, cap, pages, snew, leftpad, bidx, causal, window, cap_soft, sinks, rotary, hostile = case
+    page = pages * block_n
+    slots = b + 2 if bidx else b
+    if page:
+        pps = 4
+        cap = pps * page
+        npages = slots * pps + 1
+        kc, vc = (jnp.asarray(rng.standard_normal((npages, page, hk, d)), dtype) for _ in range(2))
+        pt = rng.permutation(npages)[: slots * pps].reshape(slots, pps).astype(np.int32)
+        if hostile:
+            pt[0, 1], pt[1, 0], pt[2, 2] = -1, npages, np.iinfo(np.int32).max  # never dereferenced: masked keys
+        pt = jnp.asarray(pt)
+    else:
+        kc, vc = (jnp.asarray(rng.standard_normal((slots, cap, hk, d)), dtype) for _ in range(2))
+        pt = None
+    q = jnp.asarray(rng.standard_normal((b, lq, hq, d)), dtype)
+    kn = vn = None
+    if snew:
+        kn, vn = (jnp.asarray(rng.standard_normal((b, snew, hk, d)), dtype) for _ in range(2))
+    lens = rng.integers(1, cap - snew + 1, b).astype(np.int32)
+    if hostile:
+        lens[0], lens[1] = cap + 1000, -7  # clamped into [0, capacity - seqlen_new]
+    kw = dict(cache_seqlens=jnp.asarray(lens), page_table=pt, is_causal=causal, window_size=window, softcap=cap_soft,
+              return_softmax_lse=True, return_updated_cache=True)
+    if leftpad:
+        lp = rng.integers(0, 40, b).astype(np.int32)
+        if hostile:
+            lp[2] = 10**6  # clamped into [0, cache_seqlens]
+        kw["cache_leftpad"] = jnp.asarray(lp)
+    if bidx:
+        idx = rng.permutation(slots)[:b].astype(np.int32)
+        if hostile:
+            idx[1] = slots + 3  # out of range: an empty cache, no write
+        kw["cache_batch_idx"] = jnp.asarray(idx)
+    if sinks:
+        kw["sinks"] = jnp.asarray(rng.standard_normal(hq) + 2.0, jnp.float32)
+    if rotary:
+        ang = rng.uniform(0, 2 * np.pi, (cap, 16))
+        kw["rotary_cos"], kw["rotary_sin"] = (jnp.asarray(f(ang), jnp.float32) for f in (np.cos, np.sin))
+    return (q, kc, vc, kn, vn), kw
+
+
+def _kv_run(backend, arrays, kw, cast=None):
+    """jit-compiled call (cache_seqlens and the other index arrays traced) of ``backend``; ``cast``: float dtype
+    the float inputs are cast to first (the float32 reference)."""
+    def f(arrays, kw):
+        if cast is not None:
+            arrays = tuple(None if x is None else x.astype(cast) for x in arrays)
+        return fa3jax.flash_mha_with_kvcache(*arrays, **kw, backend=backend)
+    idx = {k: v for k, v in kw.items() if isinstance(v, jax.Array) and k not in ("rotary_cos", "rotary_sin")}
+    static = {k: v for k, v in kw.items() if k not in idx}
+    return jax.jit(lambda arrays, idx: f(arrays, {**static, **idx}))(arrays, idx)
+
+
+@pytest.mark.parametrize("instance", sorted(_BUILT_KV) or [("bf16", 128)], ids=lambda i: f"{i[0]}-d{i[1]}")
+@pytest.mark.parametrize("name", sorted(KV_CASES))
+def test_kvcache_matches_xla(instance, name):
+    """out, lse and the updated caches of cuda's KV-cache forward against xla (float32 reference, low-precision
+    yardstick) with backend="cuda" explicit: contiguous and paged caches, appended k/v with rotary, leftpad,
+    batch_idx, GQA/MQA, causal and windowed masks bottom-right aligned, softcap, sinks, hostile indices."""
+    if instance not in _BUILT_KV:
+        pytest.skip("no CUDA KV-cache instance built")
+    _kv_against_xla(instance, name, _BUILT_KV[instance], "kvcache")
+
+
+def _kv_against_xla(instance, name, block_n, tag):
+    """One KV_CASES call on cuda against xla (see test_kvcache_matches_xla); ``block_n``: the serving kernel's key
+    block (paged cases use pages of multiples of it)."""
+    dtype, d = _NAMES[instance[0]], instance[1]
+    arrays, kw = _kv_inputs(seeded_rng("cuda", tag, instance, name), dtype, d, block_n, KV_CASES[name])
+    assert fa3jax.supports(fa3jax.flash_mha_with_kvcache, *arrays, **kw, backend="cuda").forward == "cuda"
+    out, lse, caches = _kv_run("cuda", arrays, kw)
+    ref_out, ref_lse, _ = _kv_run("xla", arrays, kw, cast=jnp.float32)
+    low_out, low_lse, low_caches = _kv_run("xla", arrays, kw)
+    check("out", out, np.asarray(ref_out, np.float64), np.asarray(low_out.astype(jnp.float32), np.float64), dtype)
+    check("lse", lse, np.asarray(ref_lse, np.float64), np.asarray(low_lse, np.float64), dtype)
+    for got, want in zip(caches, low_caches):  # the shared layer's update: identical on every backend
+        np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32)), np.asarray(want.astype(jnp.float32)))
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+def test_kvcache_traced_cache_seqlens_one_compilation(paged):
+    """cache_seqlens as a traced jit argument: one compilation of the cuda call serves every length (including
+    0 and the full capacity), each matching xla."""
+    instance = ("bf16", 128)
+    if instance not in _BUILT_KV:
+        pytest.skip("bf16 d=128 KV-cache kernel not built")
+    rng = seeded_rng("cuda", "kvcache-traced", paged)
+    bn = _BUILT_KV[instance]
+    b, hq, hk, d = 2, 8, 2, 128
+    if paged:
+        kc, vc = (jnp.asarray(rng.standard_normal((9, 2 * bn, hk, d)), jnp.bfloat16) for _ in range(2))
+        pt = jnp.asarray(rng.permutation(9)[:8].reshape(2, 4), jnp.int32)
+        cap = 8 * bn
+    else:
+        cap, pt = 700, None
+        kc, vc = (jnp.asarray(rng.standard_normal((b, cap, hk, d)), jnp.bfloat16) for _ in range(2))
+    q = jnp.asarray(rng.standard_normal((b, 1, hq, d)), jnp.bfloat16)
+
+    def call(backend):
+        return jax.jit(lambda q, n: fa3jax.flash_mha_with_kvcache(q, kc, vc, cache_seqlens=n, page_table=pt,
+                                                                  return_softmax_lse=True, backend=backend))
+    f, g = call("cuda"), call("xla")
+    for lens in ([3, 129], [cap, 0], [1, cap - 1]):
+        n = jnp.asarray(lens, jnp.int32)
+        (out, lse), (ref_out, ref_lse) = f(q, n), g(q, n)
+        np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref_out, np.float32), atol=2e-2, rtol=0)
+        np.testing.assert_array_equal(np.isneginf(np.asarray(lse)), np.isneginf(np.asarray(ref_lse)))
+        fin = np.isfinite(np.asarray(ref_lse))
+        np.testing.assert_allclose(np.asarray(lse)[fin], np.asarray(ref_lse)[fin], atol=2e-3, rtol=0)
+    assert f._cache_size() == 1
+
+
+# Head dims (multiples of 8) without a KV-cache kernel of their own: served by the narrowest one that holds them (the
+# C++ dispatch's fwd_kernel_dim choice; build_info()["kvcache_head_dims"] gives its key block for paged caches).
+_BUILT_KV_DIMS = {(str(t), int(d)): int(n) for t, d, n in build_info().get("kvcache_head_dims", ())}
+
+
+@pytest.mark.parametrize("instance", [("bf16", 40), ("bf16", 96), ("fp16", 72), ("bf16", 200)],
+                         ids=lambda i: f"{i[0]}-d{i[1]}")
+@pytest.mark.parametrize("name", ["decode-gqa", "append-leftpad-window", "batch_idx-append-softcap-sinks",
+                                  "hostile-contiguous", "paged-append-batch_idx-rotary", "paged-hostile"])
+def test_kvcache_any_head_dim_matches_xla(instance, name):
+    """cuda's KV-cache forward at a head dim between the built kernels (TMA zero-filling the columns past d, the
+    output store clipping them) against xla, contiguous and paged, with appended keys, rotary, sinks and hostile
+    indices."""
+    if instance not in _BUILT_KV_DIMS or instance in _BUILT_KV:
+        pytest.skip(f"no wider CUDA KV-cache kernel built for {instance}")
+    _kv_against_xla(instance, name, _BUILT_KV_DIMS[instance], "kvcache-any-d")

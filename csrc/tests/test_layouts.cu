@@ -9,6 +9,9 @@
 //  * mask.h against its element rule: a query block's key blocks and a key block's query blocks are exactly
 //    those holding an allowed pair, needs_mask is true iff a block holds a disallowed pair, and
 //    QBlockMask::unmasked_range agrees with needs_mask on every key block;
+//  * mask.h's KVBlockMask (the KV-cache forward's virtual key blocks: cache blocks, then appended-key blocks)
+//    against the element rule on each row's key positions: the block range holds every allowed key and no block
+//    without one, a block marked unmasked holds only allowed keys, and block_cols maps columns to positions;
 //  * the persistent scheduler's unit order (a bijection onto the tiles);
 //  * the backward's varlen stat rows (bwd_layout.h): every sequence's padded rows stay inside the buffer for any
 //    cu_seqlens (clamped as the kernels clamp them), and in-order sequences never share a row;
@@ -250,6 +253,61 @@ int check_masks() {
   return errors != 0;
 }
 
+// KVBlockMask against brute force: the keys of a batch row are its cache positions [leftpad, cache_len) and its
+// appended keys at cache_len + t (t < seqlen_new), at mask position (position - leftpad) with key length
+// cache_len + seqlen_new - leftpad. Virtual block n < nc holds cache positions [n N, n N + N) (valid below
+// cache_len), block nc + t the appended keys [t N, t N + N) (valid below seqlen_new).
+template <int kBlockM, int kBlockN>
+int check_kv_masks() {
+  std::mt19937 rng(11);
+  int errors = 0;
+  int const wins[] = {-1, 0, 1, 5, 64, 130};
+  for (int trial = 0; trial < 4000; ++trial) {
+    int const cl = int(rng() % 700), lp = cl ? int(rng() % (cl + 1)) : 0;
+    int const sn = trial % 3 == 0 ? 0 : int(rng() % 300), lq = 1 + int(rng() % 260);
+    int const left = wins[rng() % 6], right = wins[rng() % 6];
+    int const skm = cl + sn - lp;
+    int const nc = (cl + kBlockN - 1) / kBlockN, nb = nc + (sn + kBlockN - 1) / kBlockN;
+    for (int m = 0; m * kBlockM < lq; ++m) {
+      KVBlockMask<kBlockM, kBlockN> const bi(m, lq, cl, lp, sn, left, right);
+      int const q_lo = m * kBlockM, q_hi = std::min(q_lo + kBlockM, lq);
+      for (int n = 0; n < nb; ++n) {
+        bool any_allowed = false, any_disallowed = false;
+        int n0, kmin, kend;
+        bi.block_cols(n, true, n0, kmin, kend);
+        for (int c = 0; c < kBlockN; ++c) {
+          bool valid;
+          int pos;  // cache position of the column
+          if (n < nc) {
+            pos = n * kBlockN + c;
+            valid = pos >= lp && pos < cl;
+          } else {
+            int const t = (n - nc) * kBlockN + c;
+            pos = cl + t;
+            valid = t < sn;
+          }
+          if (n0 + c != pos - lp) ++errors;  // block_cols' column positions
+          bool const in_range = n0 + c >= kmin && n0 + c < kend;
+          if (valid != in_range) ++errors;
+          for (int i = q_lo; i < q_hi; ++i) {
+            bool const a = valid && mask_allows(i, pos - lp, lq, skm, left, right);
+            any_allowed |= a;
+            any_disallowed |= !a;
+          }
+        }
+        bool const in = n >= bi.n_min && n < bi.n_max;
+        if (in != any_allowed) ++errors;
+        if (in && !bi.needs_mask(n0, kmin, kend) && any_disallowed) ++errors;
+        if (errors && errors < 4 && (in != any_allowed))
+          std::printf("kv masks: cl=%d lp=%d sn=%d lq=%d win=(%d,%d) m=%d n=%d: in=%d allowed=%d [%d, %d)\n", cl, lp,
+                      sn, lq, left, right, m, n, in, any_allowed, bi.n_min, bi.n_max);
+      }
+    }
+  }
+  std::printf("kv masks<%d, %d>: %s (%d errors)\n", kBlockM, kBlockN, errors ? "FAIL" : "ok", errors);
+  return errors != 0;
+}
+
 static int check_varlen_stat_rows() {
   std::mt19937 rng(7);
   int errors = 0;
@@ -288,6 +346,9 @@ int main() {
   fails += check_masks<192, 128>();
   fails += check_masks<64, 128>();
   fails += check_masks<64, 64>();  // the d=256 backward's blocks
+  fails += check_kv_masks<128, 128>();
+  fails += check_kv_masks<128, 80>();
+  fails += check_kv_masks<192, 128>();
   for (bool rev : {false, true}) {
     fails += check_scheduler(16, 16, 8, 32, rev);
     fails += check_scheduler(7, 3, 5, 4, rev);  // last section narrower than the group

@@ -35,14 +35,34 @@ struct VarlenSeqs {
   bool enabled() const { return cu_seqlens_q != nullptr; }
 };
 
-// Paged K/V cache: k/v are (num_pages, page_size, heads_k, d). Off while block_table is null.
+// KV cache (decode / chunked prefill, fa3jax/backends/base.py KVCacheArgs). Off while cache_seqlens is null. With
+// it on, AttnCore's q is dense (batch, seqlen_q, hq, d), k/v are the caches: contiguous (cache_slots, capacity,
+// hk, d), or paged (num_pages = cache_slots, page_size, hk, d) with `paged` on; seqlen_k is the capacity (paged:
+// max_pages_per_seq * page_size) and the strides' batch field steps one cache slot (row or page). Batch row b
+// attends to its cache keys [leftpad, cache_len) and then to its `append` keys, at positions cache_len + t.
+// The kernel clamps every index so that no value addresses memory outside the caches (fa3jax/validation.py
+// sanitizes them first, so that results follow its documented rule): cache_len into [0, capacity - seqlen_new],
+// leftpad into [0, cache_len], batch_idx into [0, cache_slots); a page index outside [0, cache_slots) is never
+// dereferenced and masks that page's keys.
+struct KVCacheSeqs {
+  const int* cache_seqlens = nullptr;  // (batch,) keys already in the cache (the appended keys start there)
+  const int* leftpad = nullptr;        // (batch,) first visible cache position, or nullptr (0)
+  const int* batch_idx = nullptr;      // (batch,) cache slot of each batch row (contiguous only), or nullptr (b)
+  int cache_slots = 0;                 // contiguous: the caches' leading dim; paged: num_pages
+  bool enabled() const { return cache_seqlens != nullptr; }
+};
+
+// Paged K/V cache (with KVCacheSeqs): k/v are (num_pages, page_size, heads_k, d). Off while block_table is null.
+// page_size must be a multiple of the kernel's key block (fwd_check says so): each key block then lies in one
+// page and is one TMA load.
 struct PagedKV {
   const int* block_table = nullptr;  // (batch, max_pages_per_seq) page indices
   int page_size = 0, max_pages_per_seq = 0;
   bool enabled() const { return block_table != nullptr; }
 };
 
-// Keys/values appended to the cache before attending (decode with a new token block). Off while k_new is null.
+// Keys/values appended after the cache's keys (with KVCacheSeqs): dense (batch, seqlen_new, heads_k, d) each, read
+// where they are (the caller writes them into the cache separately). Off while k_new is null.
 struct AppendKV {
   const void* k_new = nullptr;
   const void* v_new = nullptr;
@@ -68,6 +88,7 @@ struct AttnCore {
   int window_left = -1;   // -1: unbounded (bottom-right aligned window, see fa3jax/masking.py)
   int window_right = -1;  // causal == (window_left, 0)
   VarlenSeqs varlen;
+  KVCacheSeqs kvcache;
   PagedKV paged;
   AppendKV append;
 
@@ -198,5 +219,13 @@ FwdStatus run_bwd_instance(const BwdParams& p, BwdWorkspace const& ws, cudaStrea
 // of FwdPolicy's.
 template <DType kDType, int kHeadDim, int kHeadDimV, bool kWide>
 FwdStatus run_fwd_instance(const FwdParams& p, cudaStream_t stream);
+// The KV-cache forward (core.kvcache on), FwdPolicy's tiles; a translation unit of its own per (dtype, head_dim).
+template <DType kDType, int kHeadDim>
+FwdStatus run_fwd_kvcache_instance(const FwdParams& p, cudaStream_t stream);
+// Whether a KV-cache call of (dtype, head_dim) has a compiled KV-cache forward, and that kernel's key block (paged
+// caches need page sizes that are multiples of it; 0 when none). The kernel is fwd_kernel_dim's: the narrowest
+// d_v == d instance that holds head_dim (each has a KV-cache kernel beside it); head_dim must be a multiple of 8.
+bool fwd_kvcache_compiled(DType dtype, int head_dim);
+int fwd_kvcache_block_n(DType dtype, int head_dim);
 
 }  // namespace fa3jax
