@@ -51,7 +51,8 @@ buildtests() {
     && cmake --build build/csrc-tests -j16 2>&1 | grep -E "error|spill|Used [0-9]+ registers" | sort | uniq | head -40
   # timeouts: a pipeline or barrier bug shows up as a hang, not a crash
   timeout 60 build/csrc-tests/fa3jax_test_layouts && timeout 180 build/csrc-tests/fa3jax_test_fwd &&
-    timeout 120 build/csrc-tests/fa3jax_test_bwd && timeout 120 build/csrc-tests/fa3jax_test_varlen --quiet
+    timeout 120 build/csrc-tests/fa3jax_test_bwd && timeout 120 build/csrc-tests/fa3jax_test_varlen --quiet &&
+    timeout 120 build/csrc-tests/fa3jax_test_kvcache --quiet
 }
 cbench() { timeout 120 build/csrc-tests/fa3jax_test_fwd --bench --quiet | grep -E "^bench|passed"; }
 # CTEST_BIN: the C++ test program to check (default: the one buildtests made; one built off the device works too)

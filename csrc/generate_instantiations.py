@@ -1,17 +1,18 @@
 #!/usr/bin/env python3
 """Generates the kernels' tile policy and one translation unit per forward (dtype, head_dim[, wide]) and backward
-(dtype, head_dim) instantiation, and per forward (dtype, d_qk, d_v) MLA instantiation.
+(dtype, head_dim) instantiation, and per forward and backward (dtype, d_qk, d_v) MLA instantiation.
 
 Usage: generate_instantiations.py OUT_DIR --head-dims "64;128;256;192x128;128x64" --dtypes "bf16;fp16"
        [--policy KEY=VALUE,...]
 A head-dims entry is D (q/k/v all D: forward, its wide variant where a policy has one, and backward) or DxDV (MLA:
-q/k head dim D, v/out head dim DV < D; forward only).
-Writes OUT_DIR/policy.h (FwdPolicy<d[, dv]>, FwdPolicyWide<d>, BwdPolicy<d>), OUT_DIR/fwd_<dtype>_hdim<d>[_wide].cu,
-OUT_DIR/fwd_<dtype>_hdim<d>x<dv>.cu, OUT_DIR/bwd_<dtype>_hdim<d>.cu, OUT_DIR/fwd_instances.inc,
+q/k head dim D, v/out head dim DV < D; forward, and backward where a "bwdDxDV" policy exists).
+Writes OUT_DIR/policy.h (FwdPolicy<d[, dv]>, FwdPolicyWide<d>, BwdPolicy<d[, dv]>),
+OUT_DIR/fwd_<dtype>_hdim<d>[_wide].cu, OUT_DIR/fwd_<dtype>_hdim<d>_kvcache.cu (the KV-cache forward, d_v == d),
+OUT_DIR/fwd_<dtype>_hdim<d>x<dv>.cu, OUT_DIR/bwd_<dtype>_hdim<d>[x<dv>].cu, OUT_DIR/fwd_instances.inc,
 OUT_DIR/bwd_instances.inc and prints the .cu paths (';'-separated).
 --policy (or the FA3JAX_POLICY environment variable; CMake passes its FA3JAX_POLICY cache variable) overrides
 policy fields for A/B builds, e.g. "d128.block_n=176,d128.stages=3,d128.tma_epilogue=0" ("wide128." for the wide
-kernel, "d192x128." for an MLA one). Files are only rewritten when their content changes, so re-running CMake does
+kernel, "d192x128." for an MLA one, "bwd192x128." for its backward). Files are only rewritten when their content changes, so re-running CMake does
 not trigger rebuilds.
 """
 import argparse
@@ -62,9 +63,17 @@ POLICY = {
                     dq_bufs=1),
                "64 keys x d/2 of dK + dV per warpgroup (128 registers); K, V, 2 x (Q, dO), P, dS fill 224 KiB, "
                "so dQ goes out by vector reductions, not a staged bulk add"),
+    # MLA backward (d_qk x d_v). Not measured yet: shapes chosen to fit, reasoned from bwd128 / bwd256.
+    # 192x128 along keys (block_n=128) would hold dK 96 + dV 64 + S^T 32 + dP^T 32 + dQ 48 = 272 registers per
+    # thread: over 240. So d=256's split (queries for S^T / dP^T, d for dK / dV / dQ): 48 + 32 + 16 + 16 + 48.
+    "bwd192x128": (dict(block_m=64, block_n=64, wg=2, stages=2, producer_regs=24, consumer_regs=240, dq_red=0,
+                        dq_bufs=1),
+                   "d=256's split: K 24 + V 16 + 2 x (Q 24 + dO 16 + P^T 8 + dS^T 8) + one 48 KiB dQ stage = 200 "
+                   "KiB (no room for a second); the bulk dQ add, as at d=128 (A/B: bwd192x128.dq_red=1)"),
+    "bwd128x64": (dict(block_m=64, block_n=128, wg=2, stages=2, producer_regs=24, consumer_regs=240, dq_red=0,
+                       dq_bufs=2),
+                  "d=128's shape with dV half as wide: 64 + 32 (dK + dV) of 240 registers, 160 KiB of smem"),
 }
-# Head dims with a backward kernel.
-BWD_HEAD_DIMS = (64, 128, 256)
 FIELDS = {"block_m": "kBlockM", "block_n": "kBlockN", "stages": "kStages", "producer_regs": "kProducerRegs",
           "consumer_regs": "kConsumerRegs", "min_seqlen_k": "kMinSeqlenK",
           "dq_red": "kDqRed", "wg": "kNumMmaWG", "dq_bufs": "kDqBufs"}
@@ -87,13 +96,25 @@ FwdStatus run_fwd_instance<DType::{enum}, {hdim}, {hdim_v}, {wide}>(const FwdPar
 }}  // namespace fa3jax
 """
 
-BWD_TU = HEADER + """// Backward main-kernel instantiation: dtype {dtype}, head_dim {hdim}.
+KV_TU = HEADER + """// KV-cache forward kernel instantiation: dtype {dtype}, head_dim {hdim} (FwdPolicy's tiles).
+{ext}#include "fa3jax/launch.h"
+
+namespace fa3jax {{
+template <>
+FwdStatus run_fwd_kvcache_instance<DType::{enum}, {hdim}>(const FwdParams& p, cudaStream_t stream) {{
+  return launch_fwd_kvcache<DType::{enum}, {hdim}>(p, stream);
+}}
+}}  // namespace fa3jax
+"""
+
+BWD_TU = HEADER + """// Backward main-kernel instantiation: dtype {dtype}, head_dim {hdim}{mla_note}.
 #include "fa3jax/bwd_launch.h"
 
 namespace fa3jax {{
 template <>
-FwdStatus run_bwd_instance<DType::{enum}, {hdim}>(const BwdParams& p, BwdWorkspace const& ws, cudaStream_t stream) {{
-  return launch_bwd_main<DType::{enum}, {hdim}>(p, ws, stream);
+FwdStatus run_bwd_instance<DType::{enum}, {hdim}, {hdim_v}>(const BwdParams& p, BwdWorkspace const& ws,
+                                                       cudaStream_t stream) {{
+  return launch_bwd_main<DType::{enum}, {hdim}, {hdim_v}>(p, ws, stream);
 }}
 }}  // namespace fa3jax
 """
@@ -101,15 +122,24 @@ FwdStatus run_bwd_instance<DType::{enum}, {hdim}>(const BwdParams& p, BwdWorkspa
 INC_PROLOGUE = """// FA3JAX_FWD_INSTANCE(enum, name, head_dim, head_dim_v, "label"): kernels with FwdPolicy tiles, one per compiled
 // (dtype, head_dim, head_dim_v); label "D", or "DxDV" where head_dim_v != head_dim (MLA).
 // FA3JAX_FWD_WIDE_INSTANCE(enum, name, head_dim): wide-key-tile kernels; expands to nothing unless defined.
+// FA3JAX_FWD_KVCACHE_INSTANCE(enum, name, head_dim): KV-cache kernels (d_v == d); likewise.
 #ifndef FA3JAX_FWD_WIDE_INSTANCE
 #define FA3JAX_FWD_WIDE_INSTANCE(e, n, d)
 #define FA3JAX_FWD_WIDE_INSTANCE_DEFAULTED
+#endif
+#ifndef FA3JAX_FWD_KVCACHE_INSTANCE
+#define FA3JAX_FWD_KVCACHE_INSTANCE(e, n, d)
+#define FA3JAX_FWD_KVCACHE_INSTANCE_DEFAULTED
 #endif
 """
 
 INC_EPILOGUE = """#ifdef FA3JAX_FWD_WIDE_INSTANCE_DEFAULTED
 #undef FA3JAX_FWD_WIDE_INSTANCE
 #undef FA3JAX_FWD_WIDE_INSTANCE_DEFAULTED
+#endif
+#ifdef FA3JAX_FWD_KVCACHE_INSTANCE_DEFAULTED
+#undef FA3JAX_FWD_KVCACHE_INSTANCE
+#undef FA3JAX_FWD_KVCACHE_INSTANCE_DEFAULTED
 #endif
 """
 
@@ -166,7 +196,7 @@ def policy_header(policy):
     lines = [HEADER, "// Tile policy of the kernels per head dim (fields and reasons: generate_instantiations.py).\n",
              "#pragma once\n\nnamespace fa3jax {\n\n",
              "template <int kHeadDim, int kHeadDimV = kHeadDim> struct FwdPolicy;  // kHeadDimV: v/out (MLA)\n",
-             "template <int kHeadDim> struct FwdPolicyWide;\n", "template <int kHeadDim> struct BwdPolicy;\n"]
+             "template <int kHeadDim> struct FwdPolicyWide;\n", "template <int kHeadDim, int kHeadDimV = kHeadDim> struct BwdPolicy;  // kHeadDimV: v/dO (MLA)\n"]
     for name, (pol, why) in policy.items():
         tmpl = {"wide": "FwdPolicyWide", "bwd": "BwdPolicy"}.get(name.rstrip("0123456789x"), "FwdPolicy")
         d = name.lstrip("dwidebw").replace("x", ", ")
@@ -212,17 +242,26 @@ def main(argv=None):
                 paths.append(p)
                 inc.append(f"FA3JAX_FWD_WIDE_INSTANCE({DTYPES[t]}, {t}, {d})\n" if wide else
                            f'FA3JAX_FWD_INSTANCE({DTYPES[t]}, {t}, {d}, {dv}, "{label}")\n')
+            if d == dv:  # the KV-cache forward: its own TU, so that it compiles beside the dense one
+                p = os.path.join(a.out_dir, f"fwd_{t}_hdim{d}_kvcache.cu")
+                ext = "#define CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED\n" if extended_shapes(policy[f"d{d}"][0]) else ""
+                _write(p, KV_TU.format(dtype=t, hdim=d, enum=DTYPES[t], ext=ext))
+                paths.append(p)
+                inc.append(f"FA3JAX_FWD_KVCACHE_INSTANCE({DTYPES[t]}, {t}, {d})\n")
     inc.append(INC_EPILOGUE)
     _write(os.path.join(a.out_dir, "fwd_instances.inc"), "".join(inc))
-    bwd_inc = [HEADER, "// FA3JAX_BWD_INSTANCE(enum, name, head_dim): one per compiled backward (dtype, head_dim).\n"]
+    bwd_inc = [HEADER, "// FA3JAX_BWD_INSTANCE(enum, name, head_dim, head_dim_v, \"label\"): one per compiled backward\n"
+                       "// (dtype, head_dim, head_dim_v); label \"D\", or \"DxDV\" where head_dim_v != head_dim (MLA).\n"]
     for t in dtypes:
         for d, dv in pairs:
-            if d != dv or d not in BWD_HEAD_DIMS:  # no MLA backward kernel
+            label = _label(d, dv)
+            if f"bwd{label}" not in policy:  # a head-dim pair without a backward kernel
                 continue
-            p = os.path.join(a.out_dir, f"bwd_{t}_hdim{d}.cu")
-            _write(p, BWD_TU.format(dtype=t, hdim=d, enum=DTYPES[t]))
+            p = os.path.join(a.out_dir, f"bwd_{t}_hdim{label}.cu")
+            _write(p, BWD_TU.format(dtype=t, hdim=d, hdim_v=dv, enum=DTYPES[t],
+                                    mla_note=f", head_dim_v {dv} (MLA)" if dv != d else ""))
             paths.append(p)
-            bwd_inc.append(f"FA3JAX_BWD_INSTANCE({DTYPES[t]}, {t}, {d})\n")
+            bwd_inc.append(f'FA3JAX_BWD_INSTANCE({DTYPES[t]}, {t}, {d}, {dv}, "{label}")\n')
     _write(os.path.join(a.out_dir, "bwd_instances.inc"), "".join(bwd_inc))
     print(";".join(paths), end="")
 

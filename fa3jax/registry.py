@@ -1,7 +1,7 @@
 """Backend registry: which backends exist, which can run here, and which one serves a given spec.
 
 ``auto`` tries cuda (Hopper), then cudnn (jaxlib's cuDNN kernels, NVIDIA sm80+), then triton (NVIDIA sm80+), then
-xla, moving on when a backend is unavailable or raises ``NotImplementedError`` for the spec. The backward is planned
+xla (KV-cache calls: triton before cuda, see AUTO_ORDER_KVCACHE), moving on when a backend is unavailable or raises ``NotImplementedError`` for the spec. The backward is planned
 separately: a backend without a backward for the spec (e.g. cuda at d=256, or cudnn under ``deterministic=True``) is
 paired with the next backend in that order that has one, reusing the forward's LSE; under ``auto`` a cuda forward
 tries cuDNN's backward first (``_backward_candidates``: measured faster than cuda's own today).
@@ -125,16 +125,30 @@ def _backward_candidates(fwd: str, requested: str, deterministic: bool = False) 
     return first + tuple(n for n in own if n not in first)
 
 
+# Under ``auto``, KV-cache calls try triton before cuda: cuda's KV-cache forward has not been measured against
+# triton's decode kernels (split-KV, stream-K) yet; issue 20 asks for a measured per-shape policy first.
+AUTO_ORDER_KVCACHE = ("triton", "cuda", "cudnn", "xla")
+
+
+def auto_order(spec: AttentionSpec) -> tuple:
+    """The order in which ``auto`` tries the forward backends for ``spec``."""
+    return AUTO_ORDER_KVCACHE if spec.mode == "kvcache" else ORDER
+
+
 def plan(spec: AttentionSpec, requested: str) -> Plan:
     """Choose the forward and backward backends for ``spec``. Raises BackendUnavailableError for an explicit
     backend that cannot serve the forward (naming the backend and the reason)."""
     if requested == "auto":
-        fwd, notes = _first(ORDER, "forward", spec)
-        for name, reason in zip(ORDER, notes):
+        order = auto_order(spec)
+        fwd, notes = _first(order, "forward", spec)
+        for name, reason in zip(order, notes):
             if availability(name)[0]:
                 _note_fallback(reason)
         if fwd is None:  # xla serves every valid spec, so this is a bug, not a user error
             raise BackendUnavailableError("no backend can serve this call: " + "; ".join(notes))
+        if fwd == "triton" and spec.mode == "kvcache":
+            notes.append("kvcache under auto: triton is tried before cuda (cuda's KV-cache kernel is not measured "
+                         "against it yet)")
     else:
         fwd, notes = _first((requested,), "forward", spec)
         if fwd is None:

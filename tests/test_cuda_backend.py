@@ -20,6 +20,7 @@ pytestmark = pytest.mark.gpu
 _BUILT = {(str(t), int(d)) for t, d in build_info().get("instances", ())}
 _BUILT_BWD = {(str(t), int(d)) for t, d in build_info().get("bwd_instances", ())}
 _BUILT_MLA = {(str(t), int(d), int(dv)) for t, d, dv in build_info().get("mla_instances", ())}
+_BUILT_MLA_BWD = {(str(t), int(d), int(dv)) for t, d, dv in build_info().get("bwd_mla_instances", ())}
 _NAMES = {"bf16": "bfloat16", "fp16": "float16"}
 
 
@@ -293,11 +294,11 @@ def _varlen_inputs(rng, case, d, dtype, dv=None):
     return cu_q, cu_k, used, (q, k, v, do), (q64, k64, v64, do64), dl64, sinks
 
 
-def _varlen_against_reference(rng, dtype, d, dv, case, backward=None):
-    """One varlen call, cuda forward (v and out with head dim ``dv``), and its gradients, against the float64
+def _varlen_against_reference(rng, dtype, d, dv, case, backward):
+    """One varlen call, cuda forward (v and out with head dim ``dv``), and its gradients against the float64
     reference per sequence; the q rows outside every sequence must get out 0 and lse -inf or the sink.
-    ``backward``: whose backward the registry must pick, "cuda" (its own) or "composed" (another backend's); None:
-    "cuda" where d_v == d (the varlen backward is built for every such instance)."""
+    ``backward``: "cuda" (the plan's must be cuda's own varlen backward) or "composed" (another backend's on the
+    cuda forward's LSE)."""
     lens_q, lens_k, _, hq, hk, causal, window, cap, _, _ = case
     cu_q, cu_k, used, (q, k, v, do), (q64, k64, v64, do64), dl64, sinks = _varlen_inputs(rng, case, d, dtype, dv)
     scale = 0.7 / np.sqrt(d)
@@ -307,8 +308,7 @@ def _varlen_against_reference(rng, dtype, d, dv, case, backward=None):
     spec = validation.validate_varlen(q, k, v, *idx, max_q, max_k, deterministic=False, sinks=sinks, **kw)
     plan = registry.plan(spec, "cuda")
     assert plan.forward == "cuda" and plan.backward is not None, plan
-    want = backward or ("cuda" if dv == d else "composed")
-    assert (plan.backward == "cuda") == (want == "cuda"), plan
+    assert (plan.backward == "cuda") == (backward == "cuda"), plan
     rkw = dict(scale=scale, window=masking.normalize_window(window, causal), softcap=cap, dout=do64, dlse=dl64,
                sinks=None if sinks is None else np.asarray(sinks, np.float64))
     ref = reference.varlen(q64, k64, v64, cu_q, cu_k, used, **rkw)
@@ -344,7 +344,8 @@ def test_varlen_forward_and_grads(instance, case):
     if instance not in _BUILT:
         pytest.skip("no CUDA instance built")
     dtype, d = _NAMES[instance[0]], instance[1]
-    _varlen_against_reference(seeded_rng("cuda", "varlen", instance, case), dtype, d, d, case)
+    _varlen_against_reference(seeded_rng("cuda", "varlen", instance, case), dtype, d, d, case,
+                              "cuda" if instance in _BUILT_BWD else "composed")
 
 
 @pytest.mark.parametrize("instance", sorted(_BUILT) or [("bf16", 128)], ids=lambda i: f"{i[0]}-d{i[1]}")
@@ -413,32 +414,35 @@ def _mla_id(i):
     return f"{i[0]}-d{i[1]}v{i[2]}"
 
 
+def _mla_inputs(rng, dtype, b, lq, lk, hq, hk, d, dv):
+    """Standard-normal q, k (head dim d), v and the output's cotangent (head dim dv)."""
+    return tuple(jnp.asarray(rng.standard_normal(shape), dtype)
+                 for shape in ((b, lq, hq, d), (b, lk, hk, d), (b, lk, hk, dv), (b, lq, hq, dv)))
+
+
 @pytest.mark.parametrize("instance", sorted(_BUILT_MLA) or [("bf16", 192, 128)], ids=_mla_id)
 @pytest.mark.parametrize("case", MLA_CASES, ids=_mla_case_id)
 def test_mla_forward_and_grads(instance, case):
-    """The cuda MLA forward (v and out with their own head dim) and the gradients of its composition with another
-    backend's MLA backward (triton, else xla, on the cuda forward's LSE) against the float64 reference: GQA/MQA,
-    masks, softcap, sinks, lq != lk."""
+    """The cuda MLA forward (v and out with their own head dim) and its gradients against the float64 reference:
+    GQA/MQA, masks, softcap, sinks, lq != lk. The backward is cuda's own MLA kernel where built, else another
+    backend's (triton, else xla) on the cuda forward's LSE."""
     if instance not in _BUILT_MLA:
         pytest.skip("no CUDA MLA instance built")
     dtype, d, dv = _NAMES[instance[0]], instance[1], instance[2]
     _dense_against_reference(seeded_rng("cuda", "mla", instance, case), dtype, d, dv, case[:-1], case[-1],
-                             "composed")
+                             "cuda" if instance in _BUILT_MLA_BWD else "composed")
 
 
 @pytest.mark.parametrize("instance", sorted(_BUILT_MLA) or [("bf16", 192, 128)], ids=_mla_id)
 @pytest.mark.parametrize("causal", [False, True])
 def test_mla_matches_triton(instance, causal):
-    """cuda (forward, composed backward) and triton agree on out, lse and the gradients of a GQA MLA call, with
-    backend="auto" choosing the cuda forward."""
+    """cuda (forward; its own backward where built, else a composed one) and triton agree on out, lse and the
+    gradients of a GQA MLA call, with backend="auto" choosing the cuda forward."""
     if instance not in _BUILT_MLA:
         pytest.skip("no CUDA MLA instance built")
     dtype, d, dv = _NAMES[instance[0]], instance[1], instance[2]
     rng = seeded_rng("cuda", "mla-vs-triton", instance, causal)
-    q = jnp.asarray(rng.standard_normal((2, 555, 8, d)), dtype)
-    k = jnp.asarray(rng.standard_normal((2, 555, 2, d)), dtype)
-    v = jnp.asarray(rng.standard_normal((2, 555, 2, dv)), dtype)
-    do = jnp.asarray(rng.standard_normal((2, 555, 8, dv)), dtype)
+    q, k, v, do = _mla_inputs(rng, dtype, 2, 555, 555, 8, 2, d, dv)
     dl = jnp.asarray(rng.standard_normal((2, 8, 555)), jnp.float32)
     s = fa3jax.supports(fa3jax.flash_mha, q, k, v, is_causal=causal, backend="triton")
     if not s.supported:
@@ -462,13 +466,14 @@ def test_mla_matches_triton(instance, causal):
 @pytest.mark.parametrize("instance", sorted(_BUILT_MLA) or [("bf16", 192, 128)], ids=_mla_id)
 @pytest.mark.parametrize("case", [VARLEN_CASES[1], VARLEN_CASES[4], VARLEN_CASES[5]], ids=_varlen_case_id)
 def test_mla_varlen_forward_and_grads(instance, case):
-    """The cuda varlen forward with v's own head dim (out (total_q, hq, d_v)) and its composed gradients against the
-    float64 reference per sequence (causal, lq != lk with seqused_k, softcap + sinks, q rows outside every
-    sequence)."""
+    """The cuda varlen forward with v's own head dim (out (total_q, hq, d_v)) and its gradients (cuda's own MLA
+    varlen backward where built, else composed) against the float64 reference per sequence (causal, lq != lk with
+    seqused_k, softcap + sinks, q rows outside every sequence)."""
     if instance not in _BUILT_MLA:
         pytest.skip("no CUDA MLA instance built")
     dtype, d, dv = _NAMES[instance[0]], instance[1], instance[2]
-    _varlen_against_reference(seeded_rng("cuda", "mla-varlen", instance, case), dtype, d, dv, case)
+    _varlen_against_reference(seeded_rng("cuda", "mla-varlen", instance, case), dtype, d, dv, case,
+                              "cuda" if instance in _BUILT_MLA_BWD else "composed")
 
 
 # ------------------------------------------------------------------------------------------ any head dim
@@ -564,3 +569,230 @@ def test_flash_attn3_jax_head_dims_run_on_cuda_under_auto(d):
             np.testing.assert_array_equal(np.isfinite(a), fin, err_msg=name)
             err = np.max(np.abs(a[fin] - b[fin])) / max(np.max(np.abs(b[fin])), 1e-3)
             assert err < 2e-2, (name, det, err)
+
+
+# (b, lq, lk, hq, hk, causal, window, softcap): many key and query blocks per CTA, GQA/MQA, every mask kind.
+MLA_BWD_CASES = [
+    (2, 333, 555, 8, 2, False, (-1, -1), 0.0),
+    (1, 600, 600, 4, 1, True, (-1, -1), 0.0),
+    (1, 700, 300, 4, 2, True, (-1, -1), 0.0),  # lq > lk: query blocks that see no key
+    (2, 450, 450, 4, 4, False, (100, 30), 0.0),
+    (1, 400, 520, 4, 2, True, (-1, -1), 30.0),
+]
+
+
+@pytest.mark.parametrize("instance", sorted(_BUILT_MLA_BWD) or [("bf16", 192, 128)], ids=_mla_id)
+@pytest.mark.parametrize("case", MLA_BWD_CASES, ids=lambda c: _mla_case_id((*c, None)))
+def test_mla_backward_is_cudas_own_and_matches_xla(instance, case):
+    """Where an MLA backward is built, the plan's backward is cuda's own, and its gradients (with an LSE cotangent)
+    agree with xla's on the same inputs and the same cuda forward residuals (both also meet the float64 reference in
+    test_mla_forward_and_grads); the dv gradient has v's head dim."""
+    if instance not in _BUILT_MLA_BWD:
+        pytest.skip("no CUDA MLA backward built")
+    dtype, d, dv = _NAMES[instance[0]], instance[1], instance[2]
+    b, lq, lk, hq, hk, causal, window, cap = case
+    rng = seeded_rng("cuda", "mla-bwd-vs-xla", instance, case)
+    q, k, v, do = _mla_inputs(rng, dtype, b, lq, lk, hq, hk, d, dv)
+    dl = jnp.asarray(rng.standard_normal((b, hq, lq)), jnp.float32)
+    kw = dict(is_causal=causal, window_size=window, softcap=cap, return_softmax_lse=True)
+    plan = registry.plan(_dense_spec(q, k, v, is_causal=causal, window_size=window, softcap=cap), "cuda")
+    assert (plan.forward, plan.backward) == ("cuda", "cuda"), plan
+
+    def grads(backend):
+        f = lambda q, k, v: fa3jax.flash_mha(q, k, v, backend=backend, **kw)  # noqa: E731
+        return jax.jit(lambda q, k, v: jax.vjp(f, q, k, v)[1]((do, dl)))(q, k, v)
+
+    got, want = grads("cuda"), grads("xla")
+    assert got[2].shape == v.shape
+    tol = 2e-2 if dtype == "bfloat16" else 3e-3
+    for name, a, b_ in zip(("dq", "dk", "dv"), got, want):
+        a, b_ = np.asarray(a, np.float32), np.asarray(b_, np.float32)
+        assert np.all(np.isfinite(a)), name
+        err = np.max(np.abs(a - b_)) / max(np.max(np.abs(b_)), 1e-3)
+        assert err < tol, (name, err)
+
+
+@pytest.mark.parametrize("instance", sorted(_BUILT_MLA_BWD) or [("bf16", 192, 128)], ids=_mla_id)
+@pytest.mark.parametrize("causal", [False, True])
+def test_mla_deterministic_backward_is_cudas_and_bitwise_repeatable(instance, causal):
+    """deterministic=True stays on cuda's MLA backward under backend='cuda' and two runs give the same bits, dense
+    and varlen, under GQA with many key blocks per query block."""
+    if instance not in _BUILT_MLA_BWD:
+        pytest.skip("no CUDA MLA backward built")
+    dtype, d, dv = _NAMES[instance[0]], instance[1], instance[2]
+    q, k, v, do = _mla_inputs(seeded_rng("cuda", "mla-det", instance, causal), dtype, 2, 700, 900, 4, 2, d, dv)
+    plan = registry.plan(_dense_spec(q, k, v, is_causal=causal, deterministic=True), "cuda")
+    assert (plan.forward, plan.backward) == ("cuda", "cuda"), plan
+    dense = jax.jit(lambda q, k, v: jax.vjp(
+        lambda q, k, v: fa3jax.flash_mha(q, k, v, is_causal=causal, deterministic=True, backend="cuda"),
+        q, k, v)[1](do))
+    cu_q = jnp.asarray([0, 700, 1400], jnp.int32)
+    cu_k = jnp.asarray([0, 900, 1800], jnp.int32)
+    packed = [x.reshape(-1, *x.shape[2:]) for x in (q, k, v, do)]
+    varlen = jax.jit(lambda q, k, v: jax.vjp(
+        lambda q, k, v: fa3jax.flash_mha_varlen(q, k, v, cu_q, cu_k, None, 700, 900, is_causal=causal,
+                                                deterministic=True, backend="cuda"),
+        q, k, v)[1](packed[3]))
+    for f, args in ((dense, (q, k, v)), (varlen, packed[:3])):
+        first = [np.asarray(g) for g in f(*args)]
+        assert first[2].shape == args[2].shape
+        for _ in range(3):
+            again = [np.asarray(g) for g in f(*args)]
+            for name, a, b in zip(("dq", "dk", "dv"), first, again):
+                assert np.array_equal(a.view(np.uint16), b.view(np.uint16)), name
+
+
+# ------------------------------------------------------------------------------------------ KV cache
+# cuda's KV-cache forward against the xla backend: the same call on float32 copies of the inputs is the float32
+# reference, and xla on the low-precision inputs the yardstick of helpers.check. Hostile indices follow
+# validation.sanitize_kvcache's documented rule on every backend, so they are compared too.
+_BUILT_KV = {(str(t), int(d)): int(n) for t, d, n in build_info().get("kvcache_instances", ())}
+
+# name: (b, lq, hq, hk, capacity, pages (0: contiguous; else pages of `pages` x the key block), seqlen_new, leftpad,
+# batch_idx, causal, window, softcap, sinks, rotary, hostile)
+KV_CASES = {
+    "decode-gqa": (3, 1, 8, 2, 300, 0, 0, False, False, False, (-1, -1), 0.0, False, False, False),
+    "decode-append-rotary-causal": (2, 1, 4, 4, 512, 0, 1, False, False, True, (-1, -1), 0.0, False, True, False),
+    "prefill-causal-mqa": (2, 200, 4, 1, 1000, 0, 0, False, False, True, (-1, -1), 0.0, False, False, False),
+    "append-leftpad-window": (3, 3, 4, 2, 400, 0, 3, True, False, True, (64, -1), 0.0, False, False, False),
+    "batch_idx-append-softcap-sinks": (3, 2, 6, 3, 260, 0, 2, False, True, True, (-1, -1), 20.0, True, False, False),
+    "chunk-window(20,10)": (2, 40, 4, 2, 500, 0, 40, False, False, False, (20, 10), 0.0, False, False, False),
+    "hostile-contiguous": (3, 2, 4, 2, 200, 0, 1, True, True, True, (-1, -1), 0.0, False, False, True),
+    "paged-decode": (3, 4, 8, 2, 0, 1, 0, False, False, True, (-1, -1), 0.0, False, False, False),
+    "paged-append-batch_idx-rotary": (3, 3, 4, 2, 0, 1, 3, False, True, True, (100, -1), 0.0, True, True, False),
+    "paged-2blocks-prefill": (2, 130, 4, 4, 0, 2, 0, False, False, False, (-1, -1), 10.0, False, False, False),
+    "paged-hostile": (3, 2, 4, 2, 0, 1, 2, False, False, True, (-1, -1), 0.0, False, False, True),
+}
+
+
+def _kv_inputs(rng, dtype, d, block_n, case):
+    """(arrays, kwargs) of one flash_mha_with_kvcache call of KV_CASES ``case``."""
+    b, lq, hq, hk, cap, pages, snew, leftpad, bidx, causal, window, cap_soft, sinks, rotary, hostile = case
+    page = pages * block_n
+    slots = b + 2 if bidx else b
+    if page:
+        pps = 4
+        cap = pps * page
+        npages = slots * pps + 1
+        kc, vc = (jnp.asarray(rng.standard_normal((npages, page, hk, d)), dtype) for _ in range(2))
+        pt = rng.permutation(npages)[: slots * pps].reshape(slots, pps).astype(np.int32)
+        if hostile:
+            pt[0, 1], pt[1, 0], pt[2, 2] = -1, npages, np.iinfo(np.int32).max  # never dereferenced: masked keys
+        pt = jnp.asarray(pt)
+    else:
+        kc, vc = (jnp.asarray(rng.standard_normal((slots, cap, hk, d)), dtype) for _ in range(2))
+        pt = None
+    q = jnp.asarray(rng.standard_normal((b, lq, hq, d)), dtype)
+    kn = vn = None
+    if snew:
+        kn, vn = (jnp.asarray(rng.standard_normal((b, snew, hk, d)), dtype) for _ in range(2))
+    lens = rng.integers(1, cap - snew + 1, b).astype(np.int32)
+    if hostile:
+        lens[0], lens[1] = cap + 1000, -7  # clamped into [0, capacity - seqlen_new]
+    kw = dict(cache_seqlens=jnp.asarray(lens), page_table=pt, is_causal=causal, window_size=window, softcap=cap_soft,
+              return_softmax_lse=True, return_updated_cache=True)
+    if leftpad:
+        lp = rng.integers(0, 40, b).astype(np.int32)
+        if hostile:
+            lp[2] = 10**6  # clamped into [0, cache_seqlens]
+        kw["cache_leftpad"] = jnp.asarray(lp)
+    if bidx:
+        idx = rng.permutation(slots)[:b].astype(np.int32)
+        if hostile:
+            idx[1] = slots + 3  # out of range: an empty cache, no write
+        kw["cache_batch_idx"] = jnp.asarray(idx)
+    if sinks:
+        kw["sinks"] = jnp.asarray(rng.standard_normal(hq) + 2.0, jnp.float32)
+    if rotary:
+        ang = rng.uniform(0, 2 * np.pi, (cap, 16))
+        kw["rotary_cos"], kw["rotary_sin"] = (jnp.asarray(f(ang), jnp.float32) for f in (np.cos, np.sin))
+    return (q, kc, vc, kn, vn), kw
+
+
+def _kv_run(backend, arrays, kw, cast=None):
+    """jit-compiled call (cache_seqlens and the other index arrays traced) of ``backend``; ``cast``: float dtype
+    the float inputs are cast to first (the float32 reference)."""
+    def f(arrays, kw):
+        if cast is not None:
+            arrays = tuple(None if x is None else x.astype(cast) for x in arrays)
+        return fa3jax.flash_mha_with_kvcache(*arrays, **kw, backend=backend)
+    idx = {k: v for k, v in kw.items() if isinstance(v, jax.Array) and k not in ("rotary_cos", "rotary_sin")}
+    static = {k: v for k, v in kw.items() if k not in idx}
+    return jax.jit(lambda arrays, idx: f(arrays, {**static, **idx}))(arrays, idx)
+
+
+@pytest.mark.parametrize("instance", sorted(_BUILT_KV) or [("bf16", 128)], ids=lambda i: f"{i[0]}-d{i[1]}")
+@pytest.mark.parametrize("name", sorted(KV_CASES))
+def test_kvcache_matches_xla(instance, name):
+    """out, lse and the updated caches of cuda's KV-cache forward against xla (float32 reference, low-precision
+    yardstick) with backend="cuda" explicit: contiguous and paged caches, appended k/v with rotary, leftpad,
+    batch_idx, GQA/MQA, causal and windowed masks bottom-right aligned, softcap, sinks, hostile indices."""
+    if instance not in _BUILT_KV:
+        pytest.skip("no CUDA KV-cache instance built")
+    _kv_against_xla(instance, name, _BUILT_KV[instance], "kvcache")
+
+
+def _kv_against_xla(instance, name, block_n, tag):
+    """One KV_CASES call on cuda against xla (see test_kvcache_matches_xla); ``block_n``: the serving kernel's key
+    block (paged cases use pages of multiples of it)."""
+    dtype, d = _NAMES[instance[0]], instance[1]
+    arrays, kw = _kv_inputs(seeded_rng("cuda", tag, instance, name), dtype, d, block_n, KV_CASES[name])
+    assert fa3jax.supports(fa3jax.flash_mha_with_kvcache, *arrays, **kw, backend="cuda").forward == "cuda"
+    out, lse, caches = _kv_run("cuda", arrays, kw)
+    ref_out, ref_lse, _ = _kv_run("xla", arrays, kw, cast=jnp.float32)
+    low_out, low_lse, low_caches = _kv_run("xla", arrays, kw)
+    check("out", out, np.asarray(ref_out, np.float64), np.asarray(low_out.astype(jnp.float32), np.float64), dtype)
+    check("lse", lse, np.asarray(ref_lse, np.float64), np.asarray(low_lse, np.float64), dtype)
+    for got, want in zip(caches, low_caches):  # the shared layer's update: identical on every backend
+        np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32)), np.asarray(want.astype(jnp.float32)))
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+def test_kvcache_traced_cache_seqlens_one_compilation(paged):
+    """cache_seqlens as a traced jit argument: one compilation of the cuda call serves every length (including
+    0 and the full capacity), each matching xla."""
+    instance = ("bf16", 128)
+    if instance not in _BUILT_KV:
+        pytest.skip("bf16 d=128 KV-cache kernel not built")
+    rng = seeded_rng("cuda", "kvcache-traced", paged)
+    bn = _BUILT_KV[instance]
+    b, hq, hk, d = 2, 8, 2, 128
+    if paged:
+        kc, vc = (jnp.asarray(rng.standard_normal((9, 2 * bn, hk, d)), jnp.bfloat16) for _ in range(2))
+        pt = jnp.asarray(rng.permutation(9)[:8].reshape(2, 4), jnp.int32)
+        cap = 8 * bn
+    else:
+        cap, pt = 700, None
+        kc, vc = (jnp.asarray(rng.standard_normal((b, cap, hk, d)), jnp.bfloat16) for _ in range(2))
+    q = jnp.asarray(rng.standard_normal((b, 1, hq, d)), jnp.bfloat16)
+
+    def call(backend):
+        return jax.jit(lambda q, n: fa3jax.flash_mha_with_kvcache(q, kc, vc, cache_seqlens=n, page_table=pt,
+                                                                  return_softmax_lse=True, backend=backend))
+    f, g = call("cuda"), call("xla")
+    for lens in ([3, 129], [cap, 0], [1, cap - 1]):
+        n = jnp.asarray(lens, jnp.int32)
+        (out, lse), (ref_out, ref_lse) = f(q, n), g(q, n)
+        np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref_out, np.float32), atol=2e-2, rtol=0)
+        np.testing.assert_array_equal(np.isneginf(np.asarray(lse)), np.isneginf(np.asarray(ref_lse)))
+        fin = np.isfinite(np.asarray(ref_lse))
+        np.testing.assert_allclose(np.asarray(lse)[fin], np.asarray(ref_lse)[fin], atol=2e-3, rtol=0)
+    assert f._cache_size() == 1
+
+
+# Head dims (multiples of 8) without a KV-cache kernel of their own: served by the narrowest one that holds them (the
+# C++ dispatch's fwd_kernel_dim choice; build_info()["kvcache_head_dims"] gives its key block for paged caches).
+_BUILT_KV_DIMS = {(str(t), int(d)): int(n) for t, d, n in build_info().get("kvcache_head_dims", ())}
+
+
+@pytest.mark.parametrize("instance", [("bf16", 40), ("bf16", 96), ("fp16", 72), ("bf16", 200)],
+                         ids=lambda i: f"{i[0]}-d{i[1]}")
+@pytest.mark.parametrize("name", ["decode-gqa", "append-leftpad-window", "batch_idx-append-softcap-sinks",
+                                  "hostile-contiguous", "paged-append-batch_idx-rotary", "paged-hostile"])
+def test_kvcache_any_head_dim_matches_xla(instance, name):
+    """cuda's KV-cache forward at a head dim between the built kernels (TMA zero-filling the columns past d, the
+    output store clipping them) against xla, contiguous and paged, with appended keys, rotary, sinks and hostile
+    indices."""
+    if instance not in _BUILT_KV_DIMS or instance in _BUILT_KV:
+        pytest.skip(f"no wider CUDA KV-cache kernel built for {instance}")
+    _kv_against_xla(instance, name, _BUILT_KV_DIMS[instance], "kvcache-any-d")

@@ -22,13 +22,13 @@ _KW = dict(softmax_scale=None, is_causal=True, window_size=(-1, -1), softcap=0.0
            deterministic=False)
 
 
-def _fake_build(monkeypatch, features=("sinks", "varlen", "varlen_bwd", "mla", "any_head_dim"),
+def _fake_build(monkeypatch, features=("sinks", "varlen", "varlen_bwd", "mla", "mla_bwd", "any_head_dim"),
                 instances=(("bf16", 64), ("bf16", 128)), bwd_instances=(("bf16", 64), ("bf16", 128)),
-                mla=(("bf16", 128, 64),)):
+                mla=(("bf16", 128, 64),), bwd_mla=(("bf16", 128, 64),)):
     monkeypatch.setattr(cuda_mod, "_load_extension", lambda: (object(), None))
     monkeypatch.setattr(cuda_mod, "build_info", lambda: {
         "instances": list(instances), "bwd_instances": list(bwd_instances), "mla_instances": list(mla),
-        "features": list(features)})
+        "bwd_mla_instances": list(bwd_mla), "features": list(features)})
 
 
 def _specs(d, dv=None, dtype=jnp.bfloat16):
@@ -98,14 +98,18 @@ def test_extension_before_any_head_dim_serves_its_instances_only(monkeypatch):
 
 
 def test_mla_stays_exact_match(monkeypatch):
-    """MLA pairs are served by their own compiled pair only, never by a wider one."""
+    """MLA pairs are served by their own compiled pair only, never by a wider one, forward and backward (the
+    backward's MLA instances beside any_head_dim: the narrower-d rule is for d_v == d only)."""
     _fake_build(monkeypatch)
     for spec in _specs(128, 64):
         CudaBackend().check_forward(spec)
+        CudaBackend().check_backward(spec)
     for d, dv in [(120, 64), (128, 56), (64, 32)]:
         for spec in _specs(d, dv):
             with pytest.raises(NotImplementedError, match=rf"no MLA forward kernel .*head_dim={d}, head_dim_v={dv}"):
                 CudaBackend().check_forward(spec)
+            with pytest.raises(NotImplementedError, match=rf"no MLA backward kernel .*head_dim={d}, head_dim_v={dv}"):
+                CudaBackend().check_backward(spec)
 
 
 # ---------------------------------------------------------------------------------- the padding layer

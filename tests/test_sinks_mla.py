@@ -312,17 +312,19 @@ def test_value_head_dim_validation():
                                      softcap=0.0, return_softmax_lse=False, deterministic=False).head_dim_v == 32
 
 
-def _fake_cuda_build(monkeypatch, features, mla=()):
-    """The cuda backend's checks as if an extension with bf16 d=16 kernels, the MLA forwards ``mla`` ((dtype, d,
-    dv) triples) and ``features`` were loaded."""
+def _fake_cuda_build(monkeypatch, features, mla=(), bwd_mla=()):
+    """The cuda backend's checks as if an extension with bf16 d=16 kernels, the MLA forwards ``mla`` and backwards
+    ``bwd_mla`` ((dtype, d, dv) triples) and ``features`` were loaded."""
     import fa3jax.backends.cuda as cuda_mod
 
     monkeypatch.setattr(cuda_mod, "_load_extension", lambda: (object(), None))
     monkeypatch.setattr(cuda_mod, "build_info", lambda: {"instances": [("bf16", 16)], "bwd_instances": [("bf16", 16)],
-                                                         "mla_instances": list(mla), "features": list(features)})
+                                                         "mla_instances": list(mla), "bwd_mla_instances": list(bwd_mla),
+                                                         "features": list(features)})
 
 
 _MLA_KW = dict(softmax_scale=None, is_causal=True, window_size=(-1, -1), softcap=0.0, return_softmax_lse=False)
+_MLA_FEATURES = ["sinks", "varlen", "varlen_bwd", "mla", "mla_bwd"]
 
 
 def _mla_specs(d=192, dv=128, dtype=jnp.bfloat16, **kw):
@@ -334,46 +336,72 @@ def _mla_specs(d=192, dv=128, dtype=jnp.bfloat16, **kw):
                                        **kw))
 
 
-def test_cuda_mla_forward_where_built_backward_refused():
-    """The cuda forward serves MLA (dense, varlen, with sinks) where the build has that (dtype, d, dv) kernel; other
-    pairs, other dtypes and builds that predate MLA are refused naming MLA; the backward always refuses MLA with
-    its reason (the registry composes another backend's). Checked without a GPU: the extension is faked."""
+def test_cuda_mla_forward_and_backward_where_built():
+    """The cuda forward and backward serve MLA (dense, varlen, with sinks, deterministic) where the build has that
+    (dtype, d, dv) kernel; other pairs, other dtypes and builds that predate the MLA forward or backward are refused
+    naming MLA, the pair and the fix (the registry then composes another backend's backward). Checked without a
+    GPU: the extension is faked."""
     spec, vspec = _mla_specs()
     sspec, _ = _mla_specs(sinks=jnp.zeros(4, jnp.float32))
+    dspec, dvspec = _mla_specs(deterministic=True)
     with pytest.MonkeyPatch.context() as mp:
-        _fake_cuda_build(mp, ["sinks", "varlen", "mla"], mla=[("bf16", 192, 128)])
-        for s in (spec, vspec, sspec):
+        _fake_cuda_build(mp, _MLA_FEATURES, mla=[("bf16", 192, 128), ("bf16", 128, 64)],
+                         bwd_mla=[("bf16", 192, 128)])
+        for s in (spec, vspec, sspec, dspec, dvspec):
             CudaBackend().check_forward(s)
-            with pytest.raises(NotImplementedError, match="backward kernel|no MLA variant"):
-                CudaBackend().check_backward(s)
-        with pytest.raises(NotImplementedError, match="no MLA variant"):
-            CudaBackend().check_backward(spec)
-        with pytest.raises(NotImplementedError, match=r"no MLA forward kernel.*head_dim=128, head_dim_v=64.*192"):
-            CudaBackend().check_forward(_mla_specs(128, 64)[0])
+            CudaBackend().check_backward(s)
+        # A forward without its backward: (128, 64) forward only in this fake build.
+        CudaBackend().check_forward(_mla_specs(128, 64)[0])
+        with pytest.raises(NotImplementedError,
+                           match=r"no MLA backward kernel.*head_dim=128, head_dim_v=64.*built: \[\('bf16', 192, 128"):
+            CudaBackend().check_backward(_mla_specs(128, 64)[0])
         with pytest.raises(NotImplementedError, match=r"no MLA forward kernel.*float16"):
             CudaBackend().check_forward(_mla_specs(dtype=jnp.float16)[0])
+        with pytest.raises(NotImplementedError, match=r"no MLA backward kernel.*float16"):
+            CudaBackend().check_backward(_mla_specs(dtype=jnp.float16)[0])
+        with pytest.raises(NotImplementedError, match=r"no MLA forward kernel.*head_dim=256, head_dim_v=128"):
+            CudaBackend().check_forward(_mla_specs(256, 128)[0])
+    with pytest.MonkeyPatch.context() as mp:  # built before the MLA backward: forward served, backward refused
+        _fake_cuda_build(mp, ["sinks", "varlen", "varlen_bwd", "mla"], mla=[("bf16", 192, 128)])
+        for s in (spec, vspec, sspec):
+            CudaBackend().check_forward(s)
+            with pytest.raises(NotImplementedError, match=r"predates the MLA backward .*; rebuild"):
+                CudaBackend().check_backward(s)
     with pytest.MonkeyPatch.context() as mp:  # an extension built before MLA (no "mla" feature, no mla_instances)
         _fake_cuda_build(mp, ["sinks", "varlen"])
-        with pytest.raises(NotImplementedError, match=r"predates MLA .*; rebuild"):
+        with pytest.raises(NotImplementedError, match=r"predates the MLA forward .*; rebuild"):
             CudaBackend().check_forward(spec)
+    with pytest.MonkeyPatch.context() as mp:  # the MLA backward built, the varlen backward not: dense only
+        _fake_cuda_build(mp, ["sinks", "varlen", "mla", "mla_bwd"], mla=[("bf16", 192, 128)],
+                         bwd_mla=[("bf16", 192, 128)])
+        CudaBackend().check_backward(spec)
+        with pytest.raises(NotImplementedError, match="predates the varlen backward"):
+            CudaBackend().check_backward(vspec)
 
 
-def test_cuda_mla_forward_composes_another_backward(monkeypatch):
-    """An MLA call planned as if a Hopper GPU with the MLA kernels were here: the forward is cuda's, the backward
-    the next backend's that serves MLA (triton where usable, else xla; cudnn refuses MLA) on the cuda forward's
-    LSE, with backend='cuda' and 'auto', dense and varlen, deterministic or not."""
+def test_cuda_mla_plans(monkeypatch):
+    """An MLA call planned as if a Hopper GPU with the MLA kernels were here, dense and varlen, deterministic or
+    not: with the MLA backward built, backend='cuda' runs cuda's own backward (under 'auto' cuDNN refuses MLA, and
+    deterministic calls go to triton first, as for d_v == d); on an extension built before it, the backward is the
+    next backend's that serves MLA (triton where usable, else xla; cudnn refuses MLA) on the cuda forward's LSE."""
     from fa3jax import registry
 
     real = registry.availability
     monkeypatch.setattr(registry, "availability", lambda n: (True, "") if n == "cuda" else real(n))
-    _fake_cuda_build(monkeypatch, ["sinks", "varlen", "mla"], mla=[("bf16", 192, 128)])
     want = "triton" if real("triton")[0] else "xla"
+    _fake_cuda_build(monkeypatch, ["sinks", "varlen", "varlen_bwd", "mla"], mla=[("bf16", 192, 128)])
     for det in (False, True):
         for spec in _mla_specs(deterministic=det):
             for requested in ("cuda", "auto"):
                 plan = registry.plan(spec, requested)
                 assert (plan.forward, plan.backward) == ("cuda", want), plan
-                assert any(f"backward by {want} on the cuda forward's LSE" in n for n in plan.notes), plan.notes
+                assert any(f"backward by {want} on the cuda forward's LSE" in n and "predates the MLA backward" in n
+                           for n in plan.notes), plan.notes
+    _fake_cuda_build(monkeypatch, _MLA_FEATURES, mla=[("bf16", 192, 128)], bwd_mla=[("bf16", 192, 128)])
+    for det in (False, True):
+        for spec in _mla_specs(deterministic=det):
+            assert registry.plan(spec, "cuda").backward == "cuda"
+            assert registry.plan(spec, "auto").backward == ("triton" if det and want == "triton" else "cuda")
 
 
 def test_cuda_serves_dense_sinks():

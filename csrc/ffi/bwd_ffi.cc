@@ -1,5 +1,6 @@
 // XLA FFI handlers of the backward, dense and varlen: dq, dk, dv from q, k, v, the forward's out and lse, and the
-// cotangents dout and dlse. Typed checks on every input; every failure returns an ffi::Error, and nothing throws across the
+// cotangents dout and dlse. v, out, dout and dv may have a smaller head dim than q/k (MLA) where such a kernel is
+// compiled. Typed checks on every input; every failure returns an ffi::Error, and nothing throws across the
 // FFI. Stateless: the fp32 workspace (dq accumulator, per-row terms) is stream-ordered scratch of this call.
 #include <cstdint>
 #include <optional>
@@ -26,8 +27,17 @@ bool same_dims(ffi::Span<const int64_t> a, ffi::Span<const int64_t> b) {
   return true;
 }
 
+// a has b's dimensions but for the last (the head dim), which is `last`.
+bool same_dims_but_last(ffi::Span<const int64_t> a, ffi::Span<const int64_t> b, int64_t last) {
+  if (a.size() != b.size() || a.size() == 0 || a[a.size() - 1] != last) return false;
+  for (size_t i = 0; i + 1 < a.size(); ++i)
+    if (a[i] != b[i]) return false;
+  return true;
+}
+
 // The checks on the outputs and the cotangents, the workspace, and the run; shared by both handlers. q, k, v:
-// the inputs whose dtypes and shapes out/dout and dq/dk/dv must have (given when `p` does not fix them).
+// the inputs whose dtypes and shapes out/dout (q's, with v's head dim) and dq/dk/dv must have (given when `p` does
+// not fix them).
 ffi::Error RunBwd(const char* target, cudaStream_t stream, ffi::ScratchAllocator& scratch, ffi::AnyBuffer const& out,
                   ffi::Buffer<ffi::F32> const& lse, ffi::AnyBuffer const& dout, ffi::Buffer<ffi::F32> const& dlse,
                   ffi::Result<ffi::AnyBuffer>& dq, ffi::Result<ffi::AnyBuffer>& dk, ffi::Result<ffi::AnyBuffer>& dv,
@@ -35,19 +45,19 @@ ffi::Error RunBwd(const char* target, cudaStream_t stream, ffi::ScratchAllocator
                   ffi::AnyBuffer const* k = nullptr, ffi::AnyBuffer const* v = nullptr) {
   auto bad = [&](std::string m) { return ffi::Error(ffi::ErrorCode::kInvalidArgument, target + (": " + m)); };
   fa3jax::AttnCore const& c = p.core;
-  if (c.value_dim() != c.head_dim)  // before the shape checks below, which assume one head dim
-    return bad("v's head dim " + std::to_string(c.value_dim()) + " must equal q/k's " + std::to_string(c.head_dim) +
-               ": the backward kernel has no MLA (d_v != d) variant");
   if (q != nullptr) {
     ffi::DataType const dt = q->element_type();
     for (auto const* buf : {&out, &dout})
-      if (buf->element_type() != dt || !same_dims(buf->dimensions(), q->dimensions()))
-        return bad("out and dout must have q's dtype and shape " + dims_str(q->dimensions()));
+      if (buf->element_type() != dt || !same_dims_but_last(buf->dimensions(), q->dimensions(), c.value_dim()))
+        return bad("out and dout (shapes " + dims_str(out.dimensions()) + ", " + dims_str(dout.dimensions()) +
+                   ") must have q's dtype and shape " + dims_str(q->dimensions()) + " with v's head dim " +
+                   std::to_string(c.value_dim()));
     if (dq->element_type() != dt || !same_dims(dq->dimensions(), q->dimensions()))
       return bad("dq must have q's dtype and shape");
     if (dk->element_type() != dt || !same_dims(dk->dimensions(), k->dimensions()) || dv->element_type() != dt ||
         !same_dims(dv->dimensions(), v->dimensions()))
-      return bad("dk and dv must have k's dtype and shape " + dims_str(k->dimensions()));
+      return bad("dk and dv must have k's and v's dtype and shapes " + dims_str(k->dimensions()) + ", " +
+                 dims_str(v->dimensions()));
   }
   p.out = out.untyped_data();
   p.dout = dout.untyped_data();
@@ -91,7 +101,8 @@ ffi::Error BwdImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyB
   return RunBwd("fa3jax_cuda_bwd", stream, scratch, out, lse, dout, dlse, dq, dk, dv, deterministic, p, &q, &k, &v);
 }
 
-// Varlen: packed q (total_q, hq, d), k/v (total_k, hk, d), out/dout like q, lse/dlse (hq, total_q), then
+// Varlen: packed q (total_q, hq, d), k (total_k, hk, d), v (total_k, hk, d_v), out/dout (total_q, hq, d_v),
+// lse/dlse (hq, total_q), then
 // cu_seqlens_q/k int32 (batch + 1,) and, with has_seqused_k, seqused_k int32 (batch,).
 ffi::Error BwdVarlenImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer q, ffi::AnyBuffer k,
                          ffi::AnyBuffer v, ffi::AnyBuffer out, ffi::Buffer<ffi::F32> lse, ffi::AnyBuffer dout,

@@ -1,10 +1,13 @@
-// XLA FFI handlers of the forward: dense without and with attention sinks, and varlen (packed sequences, optional
-// seqused_k and sinks). v (and out) may have a smaller head dim than q/k (MLA) where such a kernel is compiled.
+// XLA FFI handlers of the forward: dense without and with attention sinks, varlen (packed sequences, optional
+// seqused_k and sinks), and the KV cache (contiguous or paged, appended k/v, leftpad, batch_idx, sinks). v (and out)
+// may have a smaller head dim than q/k (MLA) where such a kernel is compiled.
 // Typed checks on every input; every failure returns an ffi::Error, and nothing throws across the FFI.
 // Stateless: nothing is kept between calls. Not declared command-buffer compatible (each call runs
 // cudaFuncSetAttribute and builds TMA descriptors on the host).
 #include <cstdint>
+#include <initializer_list>
 #include <optional>
+#include <tuple>
 #include <string>
 #include <utility>
 
@@ -36,6 +39,17 @@ ffi::Error Launch(const char* target, cudaStream_t stream, ffi::ScratchAllocator
   return ffi::Error::Success();
 }
 
+// The (hq,) float32 sinks operand into p.sinks; else what is wrong with it. Bound untyped so that a wrong dtype gets a
+// message naming the operand (a typed binding's does not).
+std::string set_sinks(ffi::AnyBuffer const& sinks, int64_t hq, fa3jax::FwdParams& p) {
+  auto sd = sinks.dimensions();
+  if (sinks.element_type() != ffi::DataType::F32) return "sinks must be float32";
+  if (sd.size() != 1 || sd[0] != hq)
+    return "sinks shape " + dims_str(sd) + " must be (heads_q,) = (" + std::to_string(hq) + ",)";
+  p.sinks = static_cast<const float*>(sinks.untyped_data());
+  return "";
+}
+
 // sinks: nullptr for the sink-free target, else the (hq,) float32 operand of fa3jax_cuda_fwd_sinks.
 ffi::Error FwdImpl(const char* target, cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer q,
                    ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::AnyBuffer const* sinks,
@@ -58,12 +72,8 @@ ffi::Error FwdImpl(const char* target, cudaStream_t stream, ffi::ScratchAllocato
   p.out = out->untyped_data();
   p.lse = lse->typed_data();
   if (sinks != nullptr) {
-    // Bound untyped so that a wrong dtype gets a message naming the operand (a typed binding's does not).
-    auto sd = sinks->dimensions();
-    if (sinks->element_type() != ffi::DataType::F32) return bad("sinks must be float32");
-    if (sd.size() != 1 || sd[0] != c.num_heads_q)
-      return bad("sinks shape " + dims_str(sd) + " must be (heads_q,) = (" + std::to_string(c.num_heads_q) + ",)");
-    p.sinks = static_cast<const float*>(sinks->untyped_data());
+    std::string const swhy = set_sinks(*sinks, c.num_heads_q, p);
+    if (!swhy.empty()) return bad(swhy);
   }
   // 0: the dispatch policy's choice; 1: FwdPolicy tiles; 3: wide key tiles where compiled (benchmarks compare
   // them in one process; see targets.py). 2 (a removed 2-CTA kernel) is refused so that a stale caller errs.
@@ -140,11 +150,8 @@ ffi::Error FwdVarlenImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi
   p.out = out->untyped_data();
   p.lse = lse->typed_data();
   if (sinks) {
-    auto sd = sinks->dimensions();
-    if (sinks->element_type() != ffi::DataType::F32) return bad("sinks must be float32");
-    if (sd.size() != 1 || sd[0] != c.num_heads_q)
-      return bad("sinks shape " + dims_str(sd) + " must be (heads_q,) = (" + std::to_string(c.num_heads_q) + ",)");
-    p.sinks = static_cast<const float*>(sinks->untyped_data());
+    std::string const swhy = set_sinks(*sinks, c.num_heads_q, p);
+    if (!swhy.empty()) return bad(swhy);
   }
   if (const char* msg = fa3jax::fwd_check(p)) return bad(msg);
   return Launch(target, stream, scratch, p);
@@ -159,6 +166,150 @@ ffi::Error FwdVarlen(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::An
     return FwdVarlenImpl(stream, std::move(scratch), q, k, v, cu_seqlens_q, cu_seqlens_k, rest, out, lse,
                          softmax_scale, window_left, window_right, softcap, max_seqlen_q, max_seqlen_k,
                          has_seqused_k, has_sinks);
+  });
+}
+
+// An int32 operand of shape `want` (its dims), named in the message otherwise.
+std::string check_i32(ffi::AnyBuffer const& x, const char* name, std::initializer_list<int64_t> want) {
+  auto xd = x.dimensions();
+  bool ok = x.element_type() == ffi::DataType::S32 && xd.size() == want.size();
+  size_t i = 0;
+  for (int64_t w : want) ok = ok && xd[i++] == w;
+  if (ok) return "";
+  std::string w = "(";
+  i = 0;
+  for (int64_t v : want) w += (i++ ? ", " : "") + std::to_string(v);
+  return std::string(name) + " must be int32 of shape " + w + ")" + "; got " + dims_str(xd);
+}
+
+// KV cache: q (b, lq, hq, d); k_cache/v_cache contiguous (slots, capacity, hk, d) or paged (num_pages, page_size,
+// hk, d); cache_seqlens int32 (b,) (where the appended keys start: fa3jax KVCacheArgs.cache_seqlens); then, as the
+// flags say, k_new and v_new (b, seqlen_new, hk, d), leftpad int32 (b,), batch_idx int32 (b,) (contiguous only),
+// page_table int32 (b, max_pages_per_seq), sinks float32 (hq,). Outputs out (b, lq, hq, d), lse float32 (b, hq, lq).
+// Index values are the kernel's to clamp (attn_params.h KVCacheSeqs).
+ffi::Error FwdKvcacheImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer q, ffi::AnyBuffer kc,
+                          ffi::AnyBuffer vc, ffi::AnyBuffer cache_seqlens, ffi::RemainingArgs rest,
+                          ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::Buffer<ffi::F32>> lse,
+                          float softmax_scale, int32_t window_left, int32_t window_right, float softcap,
+                          int32_t has_new, int32_t has_leftpad, int32_t has_batch_idx, int32_t has_page_table,
+                          int32_t has_sinks) {
+  const char* target = "fa3jax_cuda_fwd_kvcache";
+  auto bad = [&](std::string m) {
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument, std::string(target) + ": " + m);
+  };
+  for (int32_t f : {has_new, has_leftpad, has_batch_idx, has_page_table, has_sinks})
+    if (f != 0 && f != 1) return bad("has_new, has_leftpad, has_batch_idx, has_page_table and has_sinks must be 0 or 1");
+  if (has_page_table && (has_batch_idx || has_leftpad))
+    return bad("a paged cache takes no batch_idx (fold it into the page table) and no leftpad");
+  size_t const want = size_t(2 * has_new + has_leftpad + has_batch_idx + has_page_table + has_sinks);
+  if (rest.size() != want)
+    return bad("expected " + std::to_string(want) + " operands after cache_seqlens (k_new, v_new: " +
+               std::to_string(2 * has_new) + ", leftpad: " + std::to_string(has_leftpad) + ", batch_idx: " +
+               std::to_string(has_batch_idx) + ", page_table: " + std::to_string(has_page_table) + ", sinks: " +
+               std::to_string(has_sinks) + "), got " + std::to_string(rest.size()));
+  std::optional<ffi::AnyBuffer> k_new, v_new, leftpad, batch_idx, page_table, sinks;
+  size_t next = 0;
+  auto take = [&](bool on, const char* name, std::optional<ffi::AnyBuffer>& dst) -> std::string {
+    if (!on) return "";
+    auto x = rest.get<ffi::AnyBuffer>(next++);
+    if (x.has_error()) return std::string(name) + ": not a buffer";
+    dst = *x;
+    return "";
+  };
+  for (auto [on, name, dst] : {std::tuple<bool, const char*, std::optional<ffi::AnyBuffer>*>{has_new != 0, "k_new", &k_new},
+                               {has_new != 0, "v_new", &v_new}, {has_leftpad != 0, "leftpad", &leftpad},
+                               {has_batch_idx != 0, "batch_idx", &batch_idx},
+                               {has_page_table != 0, "page_table", &page_table}, {has_sinks != 0, "sinks", &sinks}}) {
+    std::string const why = take(on, name, *dst);
+    if (!why.empty()) return bad(why);
+  }
+
+  auto qd = q.dimensions(), kd = kc.dimensions(), vd = vc.dimensions();
+  fa3jax::FwdParams p;
+  fa3jax::AttnCore& c = p.core;
+  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4) return bad("expected q, k_cache and v_cache of rank 4");
+  if (!fa3jax_ffi::kernel_dtype(q.element_type(), c.dtype)) return bad("q must be bfloat16 or float16");
+  if (kc.element_type() != q.element_type() || vc.element_type() != q.element_type())
+    return bad("q, k_cache and v_cache must share one dtype");
+  int64_t const b = qd[0], lq = qd[1], hq = qd[2], d = qd[3], slots = kd[0], slot_rows = kd[1], hk = kd[2];
+  if (kd[3] != d) return bad("k_cache shape " + dims_str(kd) + " must end in q's head dim (q shape " + dims_str(qd) + ")");
+  for (size_t i = 0; i < 4; ++i)
+    if (vd[i] != kd[i]) return bad("v_cache shape " + dims_str(vd) + " must equal k_cache's " + dims_str(kd));
+  std::string why = check_i32(cache_seqlens, "cache_seqlens", {b});
+  if (!why.empty()) return bad(why);
+  int64_t capacity = slot_rows;
+  if (page_table) {
+    auto pd = page_table->dimensions();
+    if (page_table->element_type() != ffi::DataType::S32 || pd.size() != 2 || pd[0] != b || pd[1] < 1)
+      return bad("page_table must be int32 of shape (batch, max_pages_per_seq) with batch " + std::to_string(b) +
+                 "; got " + dims_str(pd));
+    capacity = pd[1] * slot_rows;
+    if (pd[1] >= (int64_t(1) << 31) || capacity >= (int64_t(1) << 31)) return bad("page_table: capacity too large");
+    c.paged.block_table = static_cast<const int*>(page_table->untyped_data());
+    c.paged.page_size = int(slot_rows);
+    c.paged.max_pages_per_seq = int(pd[1]);
+  } else if (!batch_idx && slots != b) {
+    return bad("k_cache shape " + dims_str(kd) + " must have q's batch " + std::to_string(b) +
+               " unless batch_idx is given");
+  }
+  why = fa3jax_ffi::set_core(q, kc, vc, b, lq, capacity, hq, hk, d, d, softmax_scale, window_left, window_right,
+                             softcap, c);
+  if (!why.empty()) return bad(why);
+  if (slots >= (int64_t(1) << 31)) return bad("k_cache: too many slots");
+  // The caches step one slot (a row of the contiguous cache, or a page) per leading index.
+  c.k_stride.batch = c.v_stride.batch = slot_rows * hk * d;
+  c.kvcache.cache_seqlens = static_cast<const int*>(cache_seqlens.untyped_data());
+  c.kvcache.cache_slots = int(slots);
+  if (leftpad) {
+    why = check_i32(*leftpad, "leftpad", {b});
+    if (!why.empty()) return bad(why);
+    c.kvcache.leftpad = static_cast<const int*>(leftpad->untyped_data());
+  }
+  if (batch_idx) {
+    why = check_i32(*batch_idx, "batch_idx", {b});
+    if (!why.empty()) return bad(why);
+    c.kvcache.batch_idx = static_cast<const int*>(batch_idx->untyped_data());
+  }
+  if (k_new) {
+    auto nd = k_new->dimensions(), nvd = v_new->dimensions();
+    if (k_new->element_type() != q.element_type() || v_new->element_type() != q.element_type())
+      return bad("k_new and v_new must have q's dtype");
+    if (nd.size() != 4 || nd[0] != b || nd[2] != hk || nd[3] != d || nd[1] < 1)
+      return bad("k_new shape " + dims_str(nd) + " must be (batch, seqlen_new >= 1, heads_k, head_dim) = (" +
+                 std::to_string(b) + ", *, " + std::to_string(hk) + ", " + std::to_string(d) + ")");
+    if (nvd.size() != 4 || nvd[0] != nd[0] || nvd[1] != nd[1] || nvd[2] != nd[2] || nvd[3] != nd[3])
+      return bad("v_new shape " + dims_str(nvd) + " must equal k_new's " + dims_str(nd));
+    if (nd[1] > capacity) return bad("k_new: seqlen_new " + std::to_string(nd[1]) + " exceeds the capacity " +
+                                     std::to_string(capacity));
+    c.append.k_new = k_new->untyped_data();
+    c.append.v_new = v_new->untyped_data();
+    c.append.seqlen_new = int(nd[1]);
+  }
+  auto od = out->dimensions(), ld = lse->dimensions();
+  if (out->element_type() != q.element_type()) return bad("out must have q's dtype");
+  if (od.size() != 4 || od[0] != b || od[1] != lq || od[2] != hq || od[3] != d)
+    return bad("out shape " + dims_str(od) + " must be q's shape " + dims_str(qd));
+  if (ld.size() != 3 || ld[0] != b || ld[1] != hq || ld[2] != lq)
+    return bad("lse shape " + dims_str(ld) + " must be (batch, heads_q, seqlen_q)");
+  p.out = out->untyped_data();
+  p.lse = lse->typed_data();
+  if (sinks) {
+    why = set_sinks(*sinks, hq, p);
+    if (!why.empty()) return bad(why);
+  }
+  if (const char* msg = fa3jax::fwd_check(p)) return bad(msg);
+  return Launch(target, stream, scratch, p);
+}
+
+ffi::Error FwdKvcache(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer q, ffi::AnyBuffer kc,
+                      ffi::AnyBuffer vc, ffi::AnyBuffer cache_seqlens, ffi::RemainingArgs rest,
+                      ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::Buffer<ffi::F32>> lse, float softmax_scale,
+                      int32_t window_left, int32_t window_right, float softcap, int32_t has_new, int32_t has_leftpad,
+                      int32_t has_batch_idx, int32_t has_page_table, int32_t has_sinks) noexcept {
+  return fa3jax_ffi::no_throw([&] {
+    return FwdKvcacheImpl(stream, std::move(scratch), q, kc, vc, cache_seqlens, rest, out, lse, softmax_scale,
+                          window_left, window_right, softcap, has_new, has_leftpad, has_batch_idx, has_page_table,
+                          has_sinks);
   });
 }
 
@@ -192,4 +343,21 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Fa3jaxCudaFwdVarlen, FwdVarlen,
                                   .Attr<int32_t>("max_seqlen_q")
                                   .Attr<int32_t>("max_seqlen_k")
                                   .Attr<int32_t>("has_seqused_k")
+                                  .Attr<int32_t>("has_sinks"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Fa3jaxCudaFwdKvcache, FwdKvcache,
+                              fa3jax_ffi::bind_mask_attrs(ffi::Ffi::Bind()
+                                                              .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                                              .Ctx<ffi::ScratchAllocator>()
+                                                              .Arg<ffi::AnyBuffer>()   // q
+                                                              .Arg<ffi::AnyBuffer>()   // k_cache
+                                                              .Arg<ffi::AnyBuffer>()   // v_cache
+                                                              .Arg<ffi::AnyBuffer>()   // cache_seqlens
+                                                              .RemainingArgs()         // see FwdKvcacheImpl
+                                                              .Ret<ffi::AnyBuffer>()   // out
+                                                              .Ret<ffi::Buffer<ffi::F32>>())  // lse
+                                  .Attr<int32_t>("has_new")
+                                  .Attr<int32_t>("has_leftpad")
+                                  .Attr<int32_t>("has_batch_idx")
+                                  .Attr<int32_t>("has_page_table")
                                   .Attr<int32_t>("has_sinks"));

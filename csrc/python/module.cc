@@ -40,6 +40,7 @@ NB_MODULE(_fa3jax_cuda, m) {
     d["fwd"] = nb::capsule(reinterpret_cast<void*>(&Fa3jaxCudaFwd));
     d["fwd_sinks"] = nb::capsule(reinterpret_cast<void*>(&Fa3jaxCudaFwdSinks));
     d["fwd_varlen"] = nb::capsule(reinterpret_cast<void*>(&Fa3jaxCudaFwdVarlen));
+    d["fwd_kvcache"] = nb::capsule(reinterpret_cast<void*>(&Fa3jaxCudaFwdKvcache));
     d["bwd"] = nb::capsule(reinterpret_cast<void*>(&Fa3jaxCudaBwd));
     d["bwd_varlen"] = nb::capsule(reinterpret_cast<void*>(&Fa3jaxCudaBwdVarlen));
     return d;
@@ -65,7 +66,30 @@ NB_MODULE(_fa3jax_cuda, m) {
     d["dtypes"] = ldtypes;
     d["instances"] = fwd_pairs;  // (dtype, head_dim) forwards with d_v == d
     d["mla_instances"] = mla;     // (dtype, head_dim, head_dim_v) forwards with d_v < d
-    d["bwd_instances"] = instance_list(fa3jax::bwd_compiled_list());
+    nb::list bwd_mla;
+    d["bwd_instances"] = instance_list(fa3jax::bwd_compiled_list(), &bwd_mla);  // (dtype, head_dim), d_v == d
+    d["bwd_mla_instances"] = bwd_mla;  // (dtype, head_dim, head_dim_v) backwards with d_v < d
+    // (dtype, head_dim, key block) of the KV-cache forwards: a paged cache needs a page size that is a multiple
+    // of the key block (fa3jax::fwd_check).
+    nb::list kv;
+    for (auto item : fwd_pairs) {
+      auto t = nb::cast<nb::tuple>(item);
+      std::string const dt = nb::cast<std::string>(t[0]);
+      int const hd = nb::cast<int>(t[1]);
+      fa3jax::DType const e = dt == "fp16" ? fa3jax::DType::kFP16 : fa3jax::DType::kBF16;
+      int const bn = fa3jax::fwd_kvcache_block_n(e, hd);
+      if (bn > 0) kv.append(nb::make_tuple(dt, hd, bn));
+    }
+    d["kvcache_instances"] = kv;
+    // (dtype, head_dim, key block) for every head dim (a multiple of 8) a KV-cache call may have: the key block of
+    // the kernel the C++ dispatch picks for it (fwd_kvcache_block_n), so that Python never re-derives that choice.
+    nb::list kv_dims;
+    for (auto const& dt : dtypes) {
+      fa3jax::DType const e = dt == "fp16" ? fa3jax::DType::kFP16 : fa3jax::DType::kBF16;
+      for (int hd = 8; hd <= 256; hd += 8)
+        if (int const bn = fa3jax::fwd_kvcache_block_n(e, hd); bn > 0) kv_dims.append(nb::make_tuple(dt, hd, bn));
+    }
+    d["kvcache_head_dims"] = kv_dims;
     d["arch"] = fa3jax::fwd_arch();
     // Features beyond the plain dense call, so that Python can refuse them on an extension built before them.
     nb::list features;
@@ -73,9 +97,11 @@ NB_MODULE(_fa3jax_cuda, m) {
     features.append("varlen");      // the fwd_varlen target
     features.append("varlen_bwd");  // the bwd_varlen target
     features.append("mla");         // the forward targets take v with its own head dim (mla_instances)
+    features.append("mla_bwd");     // ... and the backward targets (bwd_mla_instances)
     // Any head dim that is a multiple of 8 up to the largest instance (fwd_kernel_dim / bwd_kernel_dim), not only
-    // the instances' own.
+    // the instances' own (d_v == d; MLA pairs stay exact).
     features.append("any_head_dim");
+    features.append("kvcache");     // the fwd_kvcache target (kvcache_instances, kvcache_head_dims)
     d["features"] = features;
     d["cuda_runtime_version"] = int(CUDART_VERSION);
     return d;

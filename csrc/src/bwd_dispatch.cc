@@ -1,4 +1,4 @@
-// Backward: parameter checks, (dtype, head_dim) dispatch over the compiled main kernels (generated
+// Backward: parameter checks, (dtype, head_dim, head_dim_v) dispatch over the compiled main kernels (generated
 // bwd_instances.inc), and the three passes in order: preprocess, main kernel, postprocess.
 #include <cstdint>
 #include <utility>
@@ -8,25 +8,31 @@
 
 namespace fa3jax {
 
-bool bwd_compiled(DType dtype, int head_dim) {
-#define FA3JAX_BWD_INSTANCE(e, n, d) \
-  if (dtype == DType::e && head_dim == d) return true;
+bool bwd_compiled(DType dtype, int head_dim, int head_dim_v) {
+  if (head_dim_v == 0) head_dim_v = head_dim;
+#define FA3JAX_BWD_INSTANCE(e, n, d, dv, label) \
+  if (dtype == DType::e && head_dim == d && head_dim_v == dv) return true;
 #include "bwd_instances.inc"
 #undef FA3JAX_BWD_INSTANCE
   return false;
 }
 
-int bwd_kernel_dim(DType dtype, int head_dim) {
-  int best = 0;  // the narrowest compiled kernel that holds head_dim (instances are listed in no particular order)
-#define FA3JAX_BWD_INSTANCE(e, n, d) \
-  if (dtype == DType::e && head_dim <= d && (best == 0 || d < best)) best = d;
+int bwd_kernel_dim(DType dtype, int head_dim, int head_dim_v) {
+  if (head_dim_v == 0) head_dim_v = head_dim;
+  int best = 0;
+  // MLA: exact pairs only (its policy is per pair); else the narrowest kernel that holds head_dim (the instances
+  // are listed in no particular order).
+#define FA3JAX_BWD_INSTANCE(e, n, d, dv, label)                                                       \
+  if (dtype == DType::e && (head_dim_v != head_dim ? (head_dim == d && head_dim_v == dv)               \
+                                                  : (d == dv && head_dim <= d && (best == 0 || d < best)))) \
+    best = d;
 #include "bwd_instances.inc"
 #undef FA3JAX_BWD_INSTANCE
   return head_dim >= 1 ? best : 0;
 }
 
 const char* bwd_compiled_list() {
-#define FA3JAX_BWD_INSTANCE(e, n, d) #n ":" #d ";"
+#define FA3JAX_BWD_INSTANCE(e, n, d, dv, label) #n ":" label ";"
   static const char kList[] = ""
 #include "bwd_instances.inc"
       ;
@@ -41,7 +47,8 @@ static FwdStatus zero_varlen_grads(const BwdParams& p, cudaStream_t stream) {
   AttnCore const& c = p.core;
   size_t const nq = size_t(c.seqlen_q) * c.num_heads_q * c.head_dim * 2;
   size_t const nk = size_t(c.seqlen_k) * c.num_heads_k * c.head_dim * 2;
-  for (auto [ptr, n] : {std::pair<void*, size_t>{p.dq, nq}, {p.dk, nk}, {p.dv, nk}})
+  size_t const nv = size_t(c.seqlen_k) * c.num_heads_k * c.value_dim() * 2;
+  for (auto [ptr, n] : {std::pair<void*, size_t>{p.dq, nq}, {p.dk, nk}, {p.dv, nv}})
     if (n > 0)
       if (cudaError_t e = cudaMemsetAsync(ptr, 0, n, stream); e != cudaSuccess) return {e, "cudaMemsetAsync(grads)"};
   return {};
@@ -52,12 +59,16 @@ const char* bwd_check(const BwdParams& p) {
   if (c.batch < 0 || c.seqlen_q < 0 || c.seqlen_k < 0 || c.num_heads_q < 0 || c.num_heads_k < 0)
     return "negative dimension";
   if (c.dtype != DType::kBF16 && c.dtype != DType::kFP16) return "dtype must be bfloat16 or float16";
-  if (c.value_dim() != c.head_dim) return "head_dim_v != head_dim (MLA): no backward kernel";
+  int const dv = c.value_dim();
   if (c.head_dim < 1 || c.head_dim > 256) return "head_dim must be in [1, 256]";
+  if (dv < 0 || dv > c.head_dim) return "head_dim_v must be in [0, head_dim] (0: head_dim; smaller for MLA)";
   // TMA addresses rows in 16-byte units (the Python backend pads other head dims to the next multiple of 8).
-  if (c.head_dim % 8 != 0) return "head_dim must be a multiple of 8 (TMA's 16-byte rows)";
-  int const kd = bwd_kernel_dim(c.dtype, c.head_dim);
-  if (kd == 0) return "no compiled backward of this dtype with a head_dim >= the call's";
+  if (c.head_dim % 8 != 0 || dv % 8 != 0) return "head_dim and head_dim_v must each be a multiple of 8 (TMA's rows)";
+  int const kd = bwd_kernel_dim(c.dtype, c.head_dim, dv);
+  if (kd == 0)
+    return dv == c.head_dim ? "no compiled backward of this dtype with a head_dim >= the call's"
+                            : "this (dtype, head_dim, head_dim_v) has no compiled backward (MLA: FA3JAX_HEAD_DIMS "
+                              "entries such as 192x128, 128x64)";
   if (c.num_heads_k < 1 || c.num_heads_q % c.num_heads_k != 0)
     return "num_heads_q must be a positive multiple of num_heads_k";
   if (c.paged.enabled() || c.append.enabled()) return "backward: dense or varlen calls only";
@@ -97,9 +108,11 @@ const char* bwd_check(const BwdParams& p) {
 static FwdStatus run_main(const BwdParams& p, cudaStream_t stream) {
   AttnCore const& c = p.core;
   BwdWorkspace const ws = bwd_workspace(p);
-  int const kd = bwd_kernel_dim(c.dtype, c.head_dim);
-#define FA3JAX_BWD_INSTANCE(e, n, d) \
-  if (c.dtype == DType::e && kd == d) return run_bwd_instance<DType::e, d>(p, ws, stream);
+  // MLA: the exact pair; else the narrowest kernel that holds d (bwd_kernel_dim), d_v == d.
+  int const kd = bwd_kernel_dim(c.dtype, c.head_dim, c.value_dim());
+  int const kdv = c.value_dim() == c.head_dim ? kd : c.value_dim();
+#define FA3JAX_BWD_INSTANCE(e, n, d, dv, label) \
+  if (c.dtype == DType::e && kd == d && kdv == dv) return run_bwd_instance<DType::e, d, dv>(p, ws, stream);
 #include "bwd_instances.inc"
 #undef FA3JAX_BWD_INSTANCE
   return {cudaErrorInvalidValue, "unreachable: backward instantiation missing"};

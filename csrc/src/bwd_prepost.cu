@@ -21,6 +21,9 @@ constexpr int kRowsPerBlock = 8;  // one warp per row
 size_t align_up(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
 int64_t padded_rows(int seqlen_q) { return (int64_t(seqlen_q) + kBwdBlockM - 1) / kBwdBlockM * kBwdBlockM; }
 
+// The serving kernel's q/k head dim (bwd_kernel_dim): dq_accum's row width, >= the call's head dim.
+int kernel_dim(const AttnCore& c) { return bwd_kernel_dim(c.dtype, c.head_dim, c.value_dim()); }
+
 struct Sizes {
   size_t dq_accum, row, sem;
 };
@@ -30,7 +33,7 @@ Sizes sizes(const BwdParams& p) {
                                    : size_t(c.batch) * c.num_heads_q * padded_rows(c.seqlen_q);
   size_t sem = p.deterministic ? rows / kBwdBlockM * kBwdNumMmaWG * sizeof(int) : 0;
   // dq_accum rows are the kernel's width (bwd_kernel_dim), which may exceed the call's head dim.
-  size_t const width = size_t(bwd_kernel_dim(c.dtype, c.head_dim));
+  size_t const width = size_t(kernel_dim(c));
   return {align_up(rows * width * sizeof(float)), align_up(rows * sizeof(float)), align_up(sem)};
 }
 
@@ -45,11 +48,11 @@ template <> struct Cvt<__half> {
 };
 
 // Grid (padded rows / kRowsPerBlock, hq, b); warp w of a block owns one query row of one head.
-// d: the call's head dim (out/dout rows); kd: the kernel's (dq_accum rows), >= d.
+// dv: the call's out/dout head dim (MLA: below q's); kd: the kernel's q head dim (dq_accum rows), >= the call's.
 template <class T>
 __global__ void bwd_preprocess_kernel(const T* __restrict__ out, const T* __restrict__ dout,
                                       const float* __restrict__ lse, const float* __restrict__ dlse,
-                                      BwdWorkspace ws, int seqlen_q, int64_t rows_pad, int num_heads_q, int d,
+                                      BwdWorkspace ws, int seqlen_q, int64_t rows_pad, int num_heads_q, int dv,
                                       int kd) {
   int const lane = threadIdx.x % 32;
   int64_t const row = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / 32;
@@ -61,8 +64,8 @@ __global__ void bwd_preprocess_kernel(const T* __restrict__ out, const T* __rest
   float sum = 0.f;
   bool const valid = row < seqlen_q;
   if (valid) {
-    int64_t const base = ((b * seqlen_q + row) * num_heads_q + h) * d;
-    for (int t = lane; t < d; t += 32) sum += Cvt<T>::load(out[base + t]) * Cvt<T>::load(dout[base + t]);
+    int64_t const base = ((b * seqlen_q + row) * num_heads_q + h) * dv;
+    for (int t = lane; t < dv; t += 32) sum += Cvt<T>::load(out[base + t]) * Cvt<T>::load(dout[base + t]);
   }
   for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
   if (lane == 0) {
@@ -80,7 +83,7 @@ template <class T>
 __global__ void bwd_preprocess_varlen_kernel(const T* __restrict__ out, const T* __restrict__ dout,
                                              const float* __restrict__ lse, const float* __restrict__ dlse,
                                              BwdWorkspace ws, VarlenSeqs vs, int total_q, int total_k,
-                                             int64_t stat_rows, int num_heads_q, int d, int kd) {
+                                             int64_t stat_rows, int num_heads_q, int dv, int kd) {
   int const lane = threadIdx.x % 32;
   int const row = blockIdx.x * kRowsPerBlock + threadIdx.x / 32;
   int const h = blockIdx.y, b = blockIdx.z;
@@ -92,8 +95,8 @@ __global__ void bwd_preprocess_varlen_kernel(const T* __restrict__ out, const T*
   float sum = 0.f;
   bool const valid = row < seq.seqlen_q;
   if (valid) {
-    int64_t const base = ((seq.offset_q + row) * num_heads_q + h) * d;
-    for (int t = lane; t < d; t += 32) sum += Cvt<T>::load(out[base + t]) * Cvt<T>::load(dout[base + t]);
+    int64_t const base = ((seq.offset_q + row) * num_heads_q + h) * dv;
+    for (int t = lane; t < dv; t += 32) sum += Cvt<T>::load(out[base + t]) * Cvt<T>::load(dout[base + t]);
   }
   for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
   if (lane == 0) {
@@ -150,14 +153,13 @@ FwdStatus preprocess(const BwdParams& p, cudaStream_t stream) {
     if (grid.x > 0)
       bwd_preprocess_varlen_kernel<T><<<grid, 32 * kRowsPerBlock, 0, stream>>>(
           static_cast<const T*>(p.out), static_cast<const T*>(p.dout), p.lse, p.dlse, ws, c.varlen, c.seqlen_q,
-          c.seqlen_k, bwd_varlen_stat_rows(c.seqlen_q, c.batch), c.num_heads_q, c.head_dim,
-          bwd_kernel_dim(c.dtype, c.head_dim));
+          c.seqlen_k, bwd_varlen_stat_rows(c.seqlen_q, c.batch), c.num_heads_q, c.value_dim(), kernel_dim(c));
   } else {
     int64_t const rows_pad = padded_rows(c.seqlen_q);
     dim3 grid(unsigned(rows_pad / kRowsPerBlock), unsigned(c.num_heads_q), unsigned(c.batch));
     bwd_preprocess_kernel<T><<<grid, 32 * kRowsPerBlock, 0, stream>>>(
         static_cast<const T*>(p.out), static_cast<const T*>(p.dout), p.lse, p.dlse, ws, c.seqlen_q, rows_pad,
-        c.num_heads_q, c.head_dim, bwd_kernel_dim(c.dtype, c.head_dim));
+        c.num_heads_q, c.value_dim(), kernel_dim(c));
   }
   if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return {e, "bwd preprocess launch"};
   if (ws.dq_sem != nullptr) {
@@ -176,15 +178,14 @@ FwdStatus postprocess(const BwdParams& p, cudaStream_t stream) {
     if (grid.x > 0)
       bwd_convert_dq_varlen_kernel<T><<<grid, 32 * kRowsPerBlock, 0, stream>>>(
           ws.dq_accum, static_cast<T*>(p.dq), c.varlen, c.seqlen_q, c.seqlen_k,
-          bwd_varlen_stat_rows(c.seqlen_q, c.batch), c.num_heads_q, c.head_dim, bwd_kernel_dim(c.dtype, c.head_dim),
-          c.softmax_scale);
+          bwd_varlen_stat_rows(c.seqlen_q, c.batch), c.num_heads_q, c.head_dim, kernel_dim(c), c.softmax_scale);
     if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return {e, "bwd dq convert launch"};
     return {};
   }
   int64_t const total_q = int64_t(c.batch) * c.seqlen_q * c.num_heads_q * c.head_dim;
   bwd_convert_dq_kernel<T><<<sweep_blocks(total_q), 256, 0, stream>>>(
       ws.dq_accum, static_cast<T*>(p.dq), c.seqlen_q, padded_rows(c.seqlen_q), c.num_heads_q, c.head_dim,
-      bwd_kernel_dim(c.dtype, c.head_dim), total_q, c.softmax_scale);
+      kernel_dim(c), total_q, c.softmax_scale);
   if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return {e, "bwd dq convert launch"};
   return {};
 }

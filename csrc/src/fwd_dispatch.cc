@@ -43,6 +43,20 @@ int fwd_kernel_dim(DType dtype, int head_dim, int head_dim_v) {
   return head_dim >= 1 ? best : 0;
 }
 
+bool fwd_kvcache_compiled(DType dtype, int head_dim) { return fwd_kvcache_block_n(dtype, head_dim) > 0; }
+
+int fwd_kvcache_block_n(DType dtype, int head_dim) {
+  // The kernel that serves head_dim (fwd_kernel_dim: every d_v == d forward instance has a KV-cache one beside it).
+  int const kd = fwd_kernel_dim(dtype, head_dim);
+#define FA3JAX_FWD_INSTANCE(e, n, d, dv, label)
+#define FA3JAX_FWD_KVCACHE_INSTANCE(e, n, d) \
+  if (dtype == DType::e && kd == d) return FwdPolicy<d, d>::kBlockN;
+#include "fwd_instances.inc"
+#undef FA3JAX_FWD_KVCACHE_INSTANCE
+#undef FA3JAX_FWD_INSTANCE
+  return 0;
+}
+
 const char* fwd_compiled_list() {
 #define FA3JAX_FWD_INSTANCE(e, n, d, dv, label) #n ":" label ";"
   static const char kList[] = ""
@@ -54,8 +68,66 @@ const char* fwd_compiled_list() {
 
 const char* fwd_arch() { return "sm_90a"; }
 
+// fwd_check of a KV-cache call (attn_params.h KVCacheSeqs; launch.h launch_fwd_kvcache says what the kernel needs).
+static const char* kvcache_check(const FwdParams& fp) {
+  AttnCore const& p = fp.core;
+  if (p.varlen.enabled()) return "KV cache: varlen cu_seqlens cannot be combined with a KV cache";
+  if (p.value_dim() != p.head_dim) return "KV cache: head_dim_v must equal head_dim (no MLA cache)";
+  if (p.dtype != DType::kBF16 && p.dtype != DType::kFP16) return "dtype must be bfloat16 or float16";
+  if (p.head_dim < 1 || p.head_dim > 256) return "head_dim must be in [1, 256]";
+  // TMA's 16-byte rows, as fwd_check (the Python backend refuses other head dims here: padding would copy the caches).
+  if (p.head_dim % 8 != 0) return "KV cache: head_dim must be a multiple of 8 (TMA's 16-byte rows)";
+  int const bn = fwd_kvcache_block_n(p.dtype, p.head_dim);  // of the narrowest kernel that holds head_dim
+  if (bn <= 0) return "KV cache: no compiled KV-cache forward of this dtype with a head_dim >= the call's";
+  if (p.num_heads_k < 1 || p.num_heads_q % p.num_heads_k != 0)
+    return "num_heads_q must be a positive multiple of num_heads_k";
+  if (fp.splits.num_splits > 1) return "KV cache: split K/V is not implemented";
+  if ((p.seqlen_q + int64_t(63)) / 64 * p.num_heads_q * p.batch > INT32_MAX) return "too many query tiles";
+  if (p.batch == 0 || p.seqlen_q == 0 || p.num_heads_q == 0) return nullptr;  // nothing to do
+  if (p.seqlen_k < 1 || p.kvcache.cache_slots < 1) return "KV cache: capacity and cache slots must be >= 1";
+  int slot_rows = p.seqlen_k;
+  if (p.paged.enabled()) {
+    if (p.paged.page_size < 1 || p.paged.page_size % bn != 0)
+      return "KV cache: page_size must be a positive multiple of the kernel's key block (fwd_kvcache_block_n)";
+    if (p.paged.max_pages_per_seq < 1 || int64_t(p.paged.max_pages_per_seq) * p.paged.page_size != p.seqlen_k)
+      return "KV cache: the capacity (seqlen_k) must be max_pages_per_seq * page_size";
+    slot_rows = p.paged.page_size;
+  }
+  // TMA row coordinates: up to every cache row, plus a slot and a key block (launch_fwd_kvcache), in int32.
+  if (int64_t(p.kvcache.cache_slots) * slot_rows + slot_rows + bn >= INT32_MAX)
+    return "KV cache: too many cache rows for int32 TMA coordinates";
+  if (p.append.enabled()) {
+    int const sn = p.append.seqlen_new;
+    if (sn < 1 || sn > p.seqlen_k) return "KV cache: seqlen_new must be in [1, capacity]";
+    if (!p.append.v_new) return "KV cache: v_new is null";
+    if (!aligned16(p.append.k_new) || !aligned16(p.append.v_new)) return "k_new and v_new must be 16-byte aligned";
+    if (int64_t(p.batch) * sn + sn + bn >= INT32_MAX) return "KV cache: too many appended rows for int32 TMA coordinates";
+    if (!tma_strides_ok(Strides{int64_t(p.num_heads_k) * p.head_dim, p.head_dim, int64_t(p.num_heads_k) * p.head_dim}))
+      return "k_new/v_new rows must be multiples of 16 bytes";
+  }
+  if (!p.q || !p.k || !p.v || !fp.out || !fp.lse) return "null buffer";
+  if (!aligned16(p.q) || !aligned16(p.k) || !aligned16(p.v) || !aligned16(fp.out))
+    return "q, k, v and out must be 16-byte aligned";
+  if ((reinterpret_cast<uintptr_t>(fp.sinks) & 3) != 0) return "sinks must be 4-byte aligned (float32)";
+  if (!(p.softmax_scale > 0.f) || p.softcap < 0.f) return "softmax_scale must be > 0 and softcap >= 0";
+  // The caches are read as packed rows, slot after slot (launch_fwd_kvcache): one slot's stride is its rows.
+  for (Strides s : {p.k_stride, p.v_stride}) {
+    if (s.batch != int64_t(slot_rows) * s.row) return "KV cache: k/v must be packed slot after slot (batch stride = slot rows x row stride)";
+    s.batch = s.row;
+    if (!tma_strides_ok(s)) return "k/v strides must be positive multiples of 16 bytes below 2^40";
+  }
+  if (!tma_strides_ok(p.q_stride)) return "q strides must be positive multiples of 16 bytes below 2^40";
+  if (int64_t(p.seqlen_q) * p.num_heads_q * p.head_dim * 2 >= (int64_t(1) << 40)) return "tensor too large for TMA";
+  return nullptr;
+}
+
 const char* fwd_check(const FwdParams& fp) {
   AttnCore const& p = fp.core;
+  if (p.kvcache.enabled()) {
+    if (p.batch < 0 || p.seqlen_q < 0 || p.seqlen_k < 0 || p.num_heads_q < 0 || p.num_heads_k < 0)
+      return "negative dimension";
+    return kvcache_check(fp);
+  }
   if (p.batch < 0 || p.seqlen_q < 0 || p.seqlen_k < 0 || p.num_heads_q < 0 || p.num_heads_k < 0)
     return "negative dimension";
   int const dv = p.value_dim();
@@ -71,8 +143,8 @@ const char* fwd_check(const FwdParams& fp) {
                               "FA3JAX_HEAD_DIMS entries such as 192x128, 128x64)";
   if (p.num_heads_k < 1 || p.num_heads_q % p.num_heads_k != 0)
     return "num_heads_q must be a positive multiple of num_heads_k";
-  if (p.paged.enabled() || p.append.enabled() || fp.splits.num_splits > 1)
-    return "paged K/V, appended K/V and split K/V are not implemented by this forward";
+  if (p.paged.enabled() || p.append.enabled()) return "paged and appended K/V need the KV cache (core.kvcache)";
+  if (fp.splits.num_splits > 1) return "split K/V is not implemented by this forward";
   bool const varlen = p.varlen.enabled();
   if (varlen) {
     if (!p.varlen.cu_seqlens_k) return "varlen: cu_seqlens_k is null";
@@ -109,6 +181,16 @@ FwdStatus run_fwd(const FwdParams& p, cudaStream_t stream) {
   if (const char* msg = fwd_check(p)) return {cudaErrorInvalidValue, msg};
   AttnCore const& c = p.core;
   if ((c.batch == 0 && !c.varlen.enabled()) || c.seqlen_q == 0 || c.num_heads_q == 0) return {};
+  if (c.kvcache.enabled()) {
+    int const kd = fwd_kernel_dim(c.dtype, c.head_dim);  // the narrowest kernel that holds head_dim, as dense calls
+#define FA3JAX_FWD_INSTANCE(e, n, d, dv_, label)
+#define FA3JAX_FWD_KVCACHE_INSTANCE(e, n, d) \
+  if (c.dtype == DType::e && kd == d) return run_fwd_kvcache_instance<DType::e, d>(p, stream);
+#include "fwd_instances.inc"
+#undef FA3JAX_FWD_KVCACHE_INSTANCE
+#undef FA3JAX_FWD_INSTANCE
+    return {cudaErrorInvalidValue, "unreachable: KV-cache instantiation missing"};
+  }
   // Wide key tiles only pay on long unmasked rows (policy.h); tests force them with wide_tiles = 1. Varlen has
   // the FwdPolicy tiles only (launch_fwd).
   bool const unmasked = c.window_left < 0 && c.window_right < 0;

@@ -1,13 +1,15 @@
 // Standalone test of the backward (no Python): run_bwd (preprocess, main kernel, postprocess) on small configs of
-// every compiled instantiation, and of head dims between them that the smallest kernel holding them serves
-// (bwd_kernel_dim), against a float64 CPU reference of dq, dk, dv, on random inputs, with the forward's out/lse
-// from the reference. Guard bytes after dq, dk and dv catch stores past the call's head dim. Exits nonzero on any
-// failure; meant to run directly and under compute-sanitizer.
+// every compiled instantiation (MLA ones, v / out / dO / dv with their own head dim d_v < d, included), and of head
+// dims between them that the smallest kernel holding them serves (bwd_kernel_dim; d_v == d), against a float64 CPU
+// reference of dq, dk, dv, on random inputs, with the forward's out/lse from the reference. Guard bytes after dq, dk
+// and dv catch stores past the call's head dims. Exits nonzero on any failure; meant to run directly and under
+// compute-sanitizer.
 //
 //   fa3jax_test_bwd            run all tests
 //   fa3jax_test_bwd --quick    one config per instantiation (for racecheck, which is slow)
+//   fa3jax_test_bwd --head-dim D|DxDV   only that instantiation (e.g. 128 or 192x128)
 //   fa3jax_test_bwd --bench    also time the backward (and the forward) on the benchmark shapes (no checking)
-//   fa3jax_test_bwd --bench-only [--head-dim D] [--case S,CAUSAL] [--deterministic]
+//   fa3jax_test_bwd --bench-only [--head-dim D|DxDV] [--case S,CAUSAL] [--deterministic]
 //                              (b = 16384 / S, h = 16; one case for Nsight Compute)
 #include <cmath>
 #include <cstdint>
@@ -58,20 +60,13 @@ static bool guard_intact(const void* p, size_t n) {
   return true;
 }
 
-// Head dims of the cases: the instances' own, then narrower multiples of 8 that a wider kernel serves.
-static const int kHeadDims[] = {64, 128, 256, 32, 40, 72, 96, 112, 200};
-// "d" or "d(D)" where the kernel D serves d.
-static std::string dim_label(DType dt, int d) {
-  int const kd = fa3jax::bwd_kernel_dim(dt, d);
-  return kd == d ? std::to_string(d) : std::to_string(d) + "(" + std::to_string(kd) + ")";
-}
-
 // Gradients of sum(out * dout) + sum(lse * dlse) in float64 (FA2 paper, Alg. 2), from the same rounded inputs.
+// q, k, dq, dk have head dim c.d; v, out, dout, dv c.value_dim().
 static void ref_backward(RefShape const& c, const std::vector<float>& q, const std::vector<float>& k,
                          const std::vector<float>& v, const std::vector<float>& out, const std::vector<float>& lse,
                          const std::vector<float>& dout, const std::vector<float>* dlse, std::vector<double>& dq,
                          std::vector<double>& dk, std::vector<double>& dv) {
-  int const g = c.hq / c.hk, d = c.d;
+  int const g = c.hq / c.hk, d = c.d, e = c.value_dim();
   std::vector<double> s;
   for (int b = 0; b < c.b; ++b)
     for (int h = 0; h < c.hq; ++h)
@@ -79,16 +74,16 @@ static void ref_backward(RefShape const& c, const std::vector<float>& q, const s
         size_t const li = (size_t(b) * c.hq + h) * c.sq + i;
         if (std::isinf(lse[li])) continue;  // no key: zero gradients
         ref_scores(c, b, h, i, q, k, s);
-        size_t const qi = ((size_t(b) * c.sq + i) * c.hq + h) * d;
+        size_t const qi = ((size_t(b) * c.sq + i) * c.hq + h) * d, oi = ((size_t(b) * c.sq + i) * c.hq + h) * e;
         double delta = 0;
-        for (int t = 0; t < d; ++t) delta += double(dout[qi + t]) * out[qi + t];
+        for (int t = 0; t < e; ++t) delta += double(dout[oi + t]) * out[oi + t];
         if (dlse) delta -= (*dlse)[li];
         for (int j = 0; j < c.sk; ++j) {
           if (s[j] == -INFINITY) continue;
-          size_t const kj = ((size_t(b) * c.sk + j) * c.hk + h / g) * d;
+          size_t const kj = ((size_t(b) * c.sk + j) * c.hk + h / g) * d, vj = ((size_t(b) * c.sk + j) * c.hk + h / g) * e;
           double const p = std::exp(s[j] - double(lse[li]));
           double dp = 0;
-          for (int t = 0; t < d; ++t) dp += double(dout[qi + t]) * v[kj + t];
+          for (int t = 0; t < e; ++t) dp += double(dout[oi + t]) * v[vj + t];
           double ds = p * (dp - delta);
           if (c.softcap > 0) {
             double const th = s[j] / c.softcap;
@@ -98,8 +93,8 @@ static void ref_backward(RefShape const& c, const std::vector<float>& q, const s
           for (int t = 0; t < d; ++t) {
             dq[qi + t] += ds * k[kj + t];
             dk[kj + t] += ds * q[qi + t];
-            dv[kj + t] += p * dout[qi + t];
           }
+          for (int t = 0; t < e; ++t) dv[vj + t] += p * dout[oi + t];
         }
       }
 }
@@ -119,10 +114,27 @@ static double rel_err(const std::vector<uint16_t>& got, const std::vector<double
   return err / mag;
 }
 
+// A call's head dims: q/k head dim d, v/out/dO head dim dv (< d: MLA, served by its exact instance only).
+struct HeadDims {
+  int d, dv;
+};
+// The cases: the instances' own (MLA pairs included), then narrower multiples of 8 (d_v == d) that a wider kernel
+// serves.
+static const HeadDims kHeadDims[] = {{64, 64}, {128, 128}, {256, 256}, {192, 128}, {128, 64}, {32, 32},
+                                     {40, 40}, {72, 72},   {96, 96},   {112, 112}, {200, 200}};
+// "D", "DxDV" (MLA), or "d(D)" where the kernel D serves d.
+static std::string dims_label(DType dt, HeadDims hd) {
+  if (hd.d != hd.dv) return std::to_string(hd.d) + "x" + std::to_string(hd.dv);
+  int const kd = fa3jax::bwd_kernel_dim(dt, hd.d);
+  return kd == hd.d ? std::to_string(hd.d) : std::to_string(hd.d) + "(" + std::to_string(kd) + ")";
+}
+
 // det: deterministic mode, run twice; the second run's dq, dk, dv must equal the first's bit for bit.
-static bool run_one(DType dt, int d, const Config& c, std::mt19937& rng, bool verbose, bool det = false) {
-  RefShape const rs{c.b, c.sq, c.sk, c.hq, c.hk, d, c.wl, c.wr, c.softcap, 1.f / std::sqrt(float(d))};
+static bool run_one(DType dt, HeadDims hd, const Config& c, std::mt19937& rng, bool verbose, bool det = false) {
+  int const d = hd.d;
+  RefShape const rs{c.b, c.sq, c.sk, c.hq, c.hk, d, c.wl, c.wr, c.softcap, 1.f / std::sqrt(float(d)), hd.dv};
   size_t const nq = size_t(c.b) * c.sq * c.hq * d, nk = size_t(c.b) * c.sk * c.hk * d;
+  size_t const no = size_t(c.b) * c.sq * c.hq * hd.dv, nv = size_t(c.b) * c.sk * c.hk * hd.dv;  // d_v wide
   size_t const nl = size_t(c.b) * c.hq * c.sq;
   std::normal_distribution<float> dist(0.f, 1.f);
   auto rounded = [&](size_t n, std::vector<uint16_t>& bits) {
@@ -134,29 +146,29 @@ static bool run_one(DType dt, int d, const Config& c, std::mt19937& rng, bool ve
     }
     return f;
   };
-  std::vector<uint16_t> qb, kb, vb, dob, ob(nq);
-  std::vector<float> q = rounded(nq, qb), k = rounded(nk, kb), v = rounded(nk, vb), dout = rounded(nq, dob);
-  std::vector<float> out(nq), lse(nl), dlse(nl);
+  std::vector<uint16_t> qb, kb, vb, dob, ob(no);
+  std::vector<float> q = rounded(nq, qb), k = rounded(nk, kb), v = rounded(nv, vb), dout = rounded(no, dob);
+  std::vector<float> out(no), lse(nl), dlse(nl);
   ref_forward(rs, q, k, v, out, lse);
-  for (size_t i = 0; i < nq; ++i) {
+  for (size_t i = 0; i < no; ++i) {
     ob[i] = to_bits(out[i], dt);
     out[i] = from_bits(ob[i], dt);  // the kernel's delta sees the rounded output, as it would in training
   }
   for (auto& x : dlse) x = dist(rng);
-  std::vector<double> rdq(nq, 0.0), rdk(nk, 0.0), rdv(nk, 0.0);
+  std::vector<double> rdq(nq, 0.0), rdk(nk, 0.0), rdv(nv, 0.0);
   ref_backward(rs, q, k, v, out, lse, dout, c.dlse ? &dlse : nullptr, rdq, rdk, rdv);
 
   fa3jax::BwdParams p;
   fa3jax::AttnCore& core = p.core;
   core.batch = c.b, core.seqlen_q = c.sq, core.seqlen_k = c.sk, core.num_heads_q = c.hq, core.num_heads_k = c.hk;
-  core.head_dim = d, core.dtype = dt, core.softmax_scale = rs.scale, core.softcap = c.softcap;
+  core.head_dim = d, core.head_dim_v = hd.dv, core.dtype = dt, core.softmax_scale = rs.scale, core.softcap = c.softcap;
   core.window_left = c.wl, core.window_right = c.wr;
   core.set_dense_strides();
   p.deterministic = det;
   core.q = upload(qb), core.k = upload(kb), core.v = upload(vb);
   p.out = upload(ob), p.dout = upload(dob), p.lse = upload(lse), p.dlse = c.dlse ? upload(dlse) : nullptr;
   // NaN-filled outputs and workspace: whatever a pass should write and does not shows up.
-  p.dq = alloc_grad(nq), p.dk = alloc_grad(nk), p.dv = alloc_grad(nk);
+  p.dq = alloc_grad(nq), p.dk = alloc_grad(nk), p.dv = alloc_grad(nv);
   size_t const ws = fa3jax::bwd_workspace_bytes(p);
   CK(cudaMalloc(&p.workspace, ws));
   CK(cudaMemset(p.workspace, 0xff, ws));
@@ -166,11 +178,11 @@ static bool run_one(DType dt, int d, const Config& c, std::mt19937& rng, bool ve
   CK(cudaDeviceSynchronize());
   size_t bad = 0;
   std::vector<uint16_t> const gq = download<uint16_t>(p.dq, nq), gk = download<uint16_t>(p.dk, nk),
-                              gv = download<uint16_t>(p.dv, nk);
+                              gv = download<uint16_t>(p.dv, nv);
   double const eq = rel_err(gq, rdq, dt, bad);
   double const ek = rel_err(gk, rdk, dt, bad);
   double const ev = rel_err(gv, rdv, dt, bad);
-  bool const guards = guard_intact(p.dq, nq) && guard_intact(p.dk, nk) && guard_intact(p.dv, nk);
+  bool const guards = guard_intact(p.dq, nq) && guard_intact(p.dk, nk) && guard_intact(p.dv, nv);
   bool same = true;
   if (det) {
     CK(cudaMemset(p.workspace, 0xff, ws));
@@ -179,7 +191,7 @@ static bool run_one(DType dt, int d, const Config& c, std::mt19937& rng, bool ve
     ok = ok && st.ok();
     CK(cudaDeviceSynchronize());
     same = download<uint16_t>(p.dq, nq) == gq && download<uint16_t>(p.dk, nk) == gk &&
-           download<uint16_t>(p.dv, nk) == gv;
+           download<uint16_t>(p.dv, nv) == gv;
   }
   // bf16 keeps 8 bits: its rounding of P, dS and the outputs gives ~1e-2 relative errors at the extremes.
   double const tol = dt == DType::kBF16 ? 3e-2 : 5e-3;
@@ -187,7 +199,7 @@ static bool run_one(DType dt, int d, const Config& c, std::mt19937& rng, bool ve
   if (!ok || verbose)
     std::printf("%s %s d=%s %-26s b=%d sq=%d sk=%d hq=%d hk=%d win=(%d,%d) cap=%g dlse=%d%s: rel err dq=%.2e dk=%.2e "
                 "dv=%.2e non-finite=%zu%s%s\n",
-                ok ? "ok  " : "FAIL", dt == DType::kBF16 ? "bf16" : "fp16", dim_label(dt, d).c_str(), c.name, c.b,
+                ok ? "ok  " : "FAIL", dt == DType::kBF16 ? "bf16" : "fp16", dims_label(dt, hd).c_str(), c.name, c.b,
                 c.sq, c.sk, c.hq, c.hk, c.wl, c.wr, c.softcap, int(c.dlse), det ? " deterministic" : "", eq, ek, ev,
                 bad, same ? "" : " RERUN DIFFERS", guards ? "" : " WROTE PAST A GRADIENT");
   for (const void* ptr : {core.q, core.k, core.v, p.out, p.dout, static_cast<const void*>(p.lse),
@@ -209,7 +221,9 @@ struct VarlenConfig {
   const char* name;
 };
 
-static bool run_varlen(DType dt, int d, const VarlenConfig& c, std::mt19937& rng, bool verbose, bool det = false) {
+static bool run_varlen(DType dt, HeadDims hd, const VarlenConfig& c, std::mt19937& rng, bool verbose,
+                       bool det = false) {
+  int const d = hd.d, e = hd.dv;
   int const nb = int(c.sq.size());
   std::vector<int> cu_q(1, 0), cu_k(1, 0);
   for (int i = 0; i < nb; ++i) cu_q.push_back(cu_q.back() + c.sq[i]), cu_k.push_back(cu_k.back() + c.sk[i]);
@@ -217,43 +231,44 @@ static bool run_varlen(DType dt, int d, const VarlenConfig& c, std::mt19937& rng
   int max_sq = 0, max_sk = 0;
   for (int i = 0; i < nb; ++i) max_sq = std::max(max_sq, c.sq[i]), max_sk = std::max(max_sk, c.sk[i]);
   size_t const nq = size_t(tq) * c.hq * d, nk = size_t(tk) * c.hk * d;
-  std::vector<uint16_t> qb, kb, vb, dob, ob(nq, 0);
+  size_t const no = size_t(tq) * c.hq * e, nv = size_t(tk) * c.hk * e;  // d_v wide
+  std::vector<uint16_t> qb, kb, vb, dob, ob(no, 0);
   std::vector<float> q, k, v, dout;
   normal_inputs(rng, dt, nq, qb, q);
   normal_inputs(rng, dt, nk, kb, k);
-  normal_inputs(rng, dt, nk, vb, v);
-  normal_inputs(rng, dt, nq, dob, dout);
+  normal_inputs(rng, dt, nv, vb, v);
+  normal_inputs(rng, dt, no, dob, dout);
   std::vector<float> lse(size_t(c.hq) * tq, -INFINITY);
-  std::vector<double> rdq(nq, 0.0), rdk(nk, 0.0), rdv(nk, 0.0);
+  std::vector<double> rdq(nq, 0.0), rdk(nk, 0.0), rdv(nv, 0.0);
   float const scale = 1.f / std::sqrt(float(d));
   for (int i = 0; i < nb; ++i) {
     int const sq = c.sq[i], sk = c.used.empty() ? c.sk[i] : c.used[i];
-    RefShape const rs{1, sq, sk, c.hq, c.hk, d, c.wl, c.wr, c.softcap, scale};
-    size_t const qrow = size_t(c.hq) * d, krow = size_t(c.hk) * d;
+    RefShape const rs{1, sq, sk, c.hq, c.hk, d, c.wl, c.wr, c.softcap, scale, e};
+    size_t const qrow = size_t(c.hq) * d, krow = size_t(c.hk) * d, orow = size_t(c.hq) * e, vrow = size_t(c.hk) * e;
     auto slice = [](const std::vector<float>& x, size_t at, size_t n) {
       return std::vector<float>(x.begin() + at, x.begin() + at + n);
     };
     std::vector<float> qi = slice(q, cu_q[i] * qrow, sq * qrow), ki = slice(k, cu_k[i] * krow, sk * krow),
-                       vi = slice(v, cu_k[i] * krow, sk * krow), doi = slice(dout, cu_q[i] * qrow, sq * qrow);
-    std::vector<float> oi(sq * qrow), li(size_t(c.hq) * sq);
+                       vi = slice(v, cu_k[i] * vrow, sk * vrow), doi = slice(dout, cu_q[i] * orow, sq * orow);
+    std::vector<float> oi(sq * orow), li(size_t(c.hq) * sq);
     ref_forward(rs, qi, ki, vi, oi, li);
     for (size_t j = 0; j < oi.size(); ++j) {
-      ob[cu_q[i] * qrow + j] = to_bits(oi[j], dt);
-      oi[j] = from_bits(ob[cu_q[i] * qrow + j], dt);
+      ob[cu_q[i] * orow + j] = to_bits(oi[j], dt);
+      oi[j] = from_bits(ob[cu_q[i] * orow + j], dt);
     }
     for (int h = 0; h < c.hq; ++h)
       for (int r = 0; r < sq; ++r) lse[size_t(h) * tq + cu_q[i] + r] = li[size_t(h) * sq + r];
-    std::vector<double> dqi(sq * qrow, 0.0), dki(sk * krow, 0.0), dvi(sk * krow, 0.0);
+    std::vector<double> dqi(sq * qrow, 0.0), dki(sk * krow, 0.0), dvi(sk * vrow, 0.0);
     ref_backward(rs, qi, ki, vi, oi, li, doi, nullptr, dqi, dki, dvi);
     std::copy(dqi.begin(), dqi.end(), rdq.begin() + cu_q[i] * qrow);
     std::copy(dki.begin(), dki.end(), rdk.begin() + cu_k[i] * krow);
-    std::copy(dvi.begin(), dvi.end(), rdv.begin() + cu_k[i] * krow);
+    std::copy(dvi.begin(), dvi.end(), rdv.begin() + cu_k[i] * vrow);
   }
 
   fa3jax::BwdParams p;
   fa3jax::AttnCore& core = p.core;
   core.batch = nb, core.seqlen_q = tq, core.seqlen_k = tk, core.num_heads_q = c.hq, core.num_heads_k = c.hk;
-  core.head_dim = d, core.dtype = dt, core.softmax_scale = scale, core.softcap = c.softcap;
+  core.head_dim = d, core.head_dim_v = e, core.dtype = dt, core.softmax_scale = scale, core.softcap = c.softcap;
   core.window_left = c.wl, core.window_right = c.wr;
   core.set_dense_strides();  // packed (total, heads, d): the row and head strides of a dense batch of one
   core.varlen.cu_seqlens_q = upload(cu_q), core.varlen.cu_seqlens_k = upload(cu_k);
@@ -262,7 +277,7 @@ static bool run_varlen(DType dt, int d, const VarlenConfig& c, std::mt19937& rng
   p.deterministic = det;
   core.q = upload(qb), core.k = upload(kb), core.v = upload(vb);
   p.out = upload(ob), p.dout = upload(dob), p.lse = upload(lse);
-  p.dq = alloc_grad(nq), p.dk = alloc_grad(nk), p.dv = alloc_grad(nk);
+  p.dq = alloc_grad(nq), p.dk = alloc_grad(nk), p.dv = alloc_grad(nv);
   size_t const ws = fa3jax::bwd_workspace_bytes(p);
   CK(cudaMalloc(&p.workspace, ws + 16));
   CK(cudaMemset(p.workspace, 0xff, ws));
@@ -272,9 +287,9 @@ static bool run_varlen(DType dt, int d, const VarlenConfig& c, std::mt19937& rng
   CK(cudaDeviceSynchronize());
   size_t bad = 0;
   std::vector<uint16_t> const gq = download<uint16_t>(p.dq, nq), gk = download<uint16_t>(p.dk, nk),
-                              gv = download<uint16_t>(p.dv, nk);
+                              gv = download<uint16_t>(p.dv, nv);
   double const eq = rel_err(gq, rdq, dt, bad), ek = rel_err(gk, rdk, dt, bad), ev = rel_err(gv, rdv, dt, bad);
-  bool const guards = guard_intact(p.dq, nq) && guard_intact(p.dk, nk) && guard_intact(p.dv, nk);
+  bool const guards = guard_intact(p.dq, nq) && guard_intact(p.dk, nk) && guard_intact(p.dv, nv);
   // Rows no sequence covers and keys past seqused_k: want 0 (rdq/rdk/rdv), and a row no pass wrote stays NaN
   // (the 0xff fill), which rel_err counts as non-finite.
   bool same = true;
@@ -284,15 +299,15 @@ static bool run_varlen(DType dt, int d, const VarlenConfig& c, std::mt19937& rng
     ok = ok && st.ok();
     CK(cudaDeviceSynchronize());
     same = download<uint16_t>(p.dq, nq) == gq && download<uint16_t>(p.dk, nk) == gk &&
-           download<uint16_t>(p.dv, nk) == gv;
+           download<uint16_t>(p.dv, nv) == gv;
   }
   double const tol = dt == DType::kBF16 ? 3e-2 : 5e-3;
   ok = ok && bad == 0 && eq <= tol && ek <= tol && ev <= tol && same && guards;
   if (!ok || verbose)
     std::printf("%s %s d=%s varlen %-22s seqs=%d tq=%d tk=%d hq=%d hk=%d win=(%d,%d) cap=%g%s: rel err dq=%.2e "
                 "dk=%.2e dv=%.2e non-finite=%zu%s%s\n",
-                ok ? "ok  " : "FAIL", dt == DType::kBF16 ? "bf16" : "fp16", dim_label(dt, d).c_str(), c.name, nb, tq,
-                tk, c.hq, c.hk, c.wl, c.wr, c.softcap, det ? " deterministic" : "", eq, ek, ev, bad,
+                ok ? "ok  " : "FAIL", dt == DType::kBF16 ? "bf16" : "fp16", dims_label(dt, hd).c_str(), c.name, nb,
+                tq, tk, c.hq, c.hk, c.wl, c.wr, c.softcap, det ? " deterministic" : "", eq, ek, ev, bad,
                 same ? "" : " RERUN DIFFERS", guards ? "" : " WROTE PAST A GRADIENT");
   for (const void* ptr : {core.q, core.k, core.v, p.out, p.dout, static_cast<const void*>(p.lse),
                           static_cast<const void*>(core.varlen.cu_seqlens_q),
@@ -305,25 +320,29 @@ static bool run_varlen(DType dt, int d, const VarlenConfig& c, std::mt19937& rng
 }
 
 // Timings of the forward and the whole backward on the issue's shapes (h=16, b*s=16384), random inputs; the
-// forward's out/lse feed the backward. TFLOPS with FA's count: fwd 4*b*s^2*h*d (halved causal), bwd 2.5x that.
-static void bench(DType dt, int d, int only_s, int only_causal, bool det) {
+// forward's out/lse feed the backward. TFLOPS with FA's count: fwd 2*b*s^2*h*(d + d_v) (halved causal; 4*b*s^2*h*d
+// without MLA), bwd 2*b*s^2*h*(3d + 2d_v) (S^T, dK, dQ over d; dP^T, dV over d_v: 2.5x the forward without MLA).
+static void bench(DType dt, HeadDims hd, int only_s, int only_causal, bool det) {
+  int const d = hd.d, e = hd.dv;
   int const h = 16;
   for (int s : {512, 1024, 2048, 4096, 8192, 16384}) {
     for (int causal : {0, 1}) {
       if ((only_s && s != only_s) || (only_causal >= 0 && causal != only_causal)) continue;
       int const b = 16384 / s;
-      size_t const n = size_t(b) * s * h * d;
+      size_t const n = size_t(b) * s * h * d, nv = size_t(b) * s * h * e;
       fa3jax::FwdParams fp;
       fa3jax::AttnCore& c = fp.core;
       c.batch = b, c.seqlen_q = s, c.seqlen_k = s, c.num_heads_q = h, c.num_heads_k = h, c.head_dim = d;
-      c.dtype = dt, c.softmax_scale = 1.f / std::sqrt(float(d)), c.window_right = causal ? 0 : -1;
+      c.head_dim_v = e, c.dtype = dt, c.softmax_scale = 1.f / std::sqrt(float(d)), c.window_right = causal ? 0 : -1;
       c.set_dense_strides();
       void *q, *k, *v, *o, *dout, *dq, *dk, *dv, *fws, *bws;
       float* lse;
-      for (void** ptr : {&q, &k, &v, &o, &dout, &dq, &dk, &dv}) CK(cudaMalloc(ptr, n * 2));
+      for (void** ptr : {&q, &k, &dq, &dk}) CK(cudaMalloc(ptr, n * 2));
+      for (void** ptr : {&v, &o, &dout, &dv}) CK(cudaMalloc(ptr, nv * 2));
       CK(cudaMalloc(&lse, size_t(b) * h * s * 4));
       uint32_t seed = 1;
-      for (void* ptr : {q, k, v, dout}) fill_uniform<<<1024, 256>>>(static_cast<uint16_t*>(ptr), n, seed++, dt == DType::kBF16);
+      for (void* ptr : {q, k}) fill_uniform<<<1024, 256>>>(static_cast<uint16_t*>(ptr), n, seed++, dt == DType::kBF16);
+      for (void* ptr : {v, dout}) fill_uniform<<<1024, 256>>>(static_cast<uint16_t*>(ptr), nv, seed++, dt == DType::kBF16);
       CK(cudaMalloc(&fws, fa3jax::kFwdWorkspaceBytes));
       c.q = q, c.k = k, c.v = v, fp.out = o, fp.lse = lse, fp.workspace = fws;
       fa3jax::BwdParams bp;
@@ -353,11 +372,12 @@ static void bench(DType dt, int d, int only_s, int only_causal, bool det) {
         tb = round == 0 ? bb : std::min(tb, bb);
       }
       tf /= iters, tb /= iters;
-      double const flops = 4.0 * b * double(s) * s * h * d / (causal ? 2 : 1);
-      std::printf("bench %s d=%d b=%d s=%d h=%d %s%s: fwd %.3f ms %.0f TFLOPS | bwd %.3f ms %.0f TFLOPS | fwd+bwd %.0f TFLOPS\n",
-                  dt == DType::kBF16 ? "bf16" : "fp16", d, b, s, h, causal ? "causal" : "full",
-                  det ? " deterministic" : "", tf, flops / tf / 1e9,
-                  tb, 2.5 * flops / tb / 1e9, 3.5 * flops / (tf + tb) / 1e9);
+      double const unit = 2.0 * b * double(s) * s * h / (causal ? 2 : 1);
+      double const ff = unit * (d + e), fb = unit * (3 * d + 2 * e);
+      std::printf("bench %s d=%s b=%d s=%d h=%d %s%s: fwd %.3f ms %.0f TFLOPS | bwd %.3f ms %.0f TFLOPS | fwd+bwd %.0f TFLOPS\n",
+                  dt == DType::kBF16 ? "bf16" : "fp16", dims_label(dt, hd).c_str(), b, s, h, causal ? "causal" : "full",
+                  det ? " deterministic" : "", tf, ff / tf / 1e9,
+                  tb, fb / tb / 1e9, (ff + fb) / (tf + tb) / 1e9);
       for (void* ptr : {q, k, v, o, dout, dq, dk, dv, fws, bws, static_cast<void*>(lse)}) CK(cudaFree(ptr));
       CK(cudaEventDestroy(e0)); CK(cudaEventDestroy(e1)); CK(cudaEventDestroy(e2));
     }
@@ -367,13 +387,22 @@ static void bench(DType dt, int d, int only_s, int only_causal, bool det) {
 int main(int argc, char** argv) {
   std::setvbuf(stdout, nullptr, _IOLBF, 0);
   bool quick = false, do_bench = false, bench_only = false;
-  int only_d = 0, only_s = 0, only_causal = -1;
+  HeadDims only{0, 0};
+  int only_s = 0, only_causal = -1;
   bool det = false;
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--quick")) quick = true;
     else if (!std::strcmp(argv[i], "--bench")) do_bench = true;
     else if (!std::strcmp(argv[i], "--bench-only")) do_bench = bench_only = true;
-    else if (!std::strcmp(argv[i], "--head-dim") && i + 1 < argc) only_d = std::atoi(argv[++i]);
+    else if (!std::strcmp(argv[i], "--head-dim") && i + 1 < argc) {
+      // D, or DxDV for an MLA instance
+      int const n = std::sscanf(argv[++i], "%dx%d", &only.d, &only.dv);
+      if (n < 1) {
+        std::fprintf(stderr, "--head-dim wants D or DxDV (e.g. 128 or 192x128)\n");
+        return 2;
+      }
+      if (n == 1) only.dv = only.d;
+    }
     else if (!std::strcmp(argv[i], "--deterministic")) det = true;
     else if (!std::strcmp(argv[i], "--case") && i + 1 < argc) {
       if (std::sscanf(argv[++i], "%d,%d", &only_s, &only_causal) != 2) {
@@ -387,6 +416,24 @@ int main(int argc, char** argv) {
     }
   }
   if (!device_is_sm90("backward compiled", fa3jax::bwd_compiled_list())) return 3;
+  int failures = 0, runs = 0;
+  {
+    // bwd_check refuses a value head dim above the q/k one, and a pair without a compiled kernel (an MLA pair
+    // narrower than an instance included: MLA is served by its exact instance only), naming head_dim_v.
+    fa3jax::BwdParams p;
+    fa3jax::AttnCore& a = p.core;
+    a.batch = a.seqlen_q = a.seqlen_k = a.num_heads_q = a.num_heads_k = 1;
+    for (HeadDims hd : {HeadDims{128, 192}, HeadDims{256, 128}, HeadDims{192, 64}, HeadDims{176, 128},
+                        HeadDims{120, 64}}) {
+      a.head_dim = hd.d, a.head_dim_v = hd.dv;
+      const char* msg = fa3jax::bwd_check(p);
+      ++runs;
+      if (msg == nullptr || std::strstr(msg, "head_dim_v") == nullptr) {
+        ++failures;
+        std::printf("FAIL MLA %s check: %s\n", dims_label(a.dtype, hd).c_str(), msg ? msg : "accepted");
+      }
+    }
+  }
   const Config configs[] = {
       {1, 128, 128, 1, 1, -1, -1, 0.f, false, "full-aligned"},
       {2, 200, 150, 4, 4, -1, -1, 0.f, true, "full-ragged+dlse"},
@@ -411,30 +458,30 @@ int main(int argc, char** argv) {
       {{128, 256}, {128, 256}, {}, 2, 2, -1, 0, 30.f, 0, 0, "causal-softcap30"},
   };
   std::mt19937 rng(1234);
-  int failures = 0, runs = 0;
   for (DType dt : {DType::kBF16, DType::kFP16})
-    for (int d : kHeadDims) {
-      int const kd = fa3jax::bwd_kernel_dim(dt, d);  // the kernel that serves d (0: none in this build)
-      if (kd == 0 || (only_d && d != only_d)) continue;
+    for (HeadDims hd : kHeadDims) {
+      // The kernel that serves hd (0: none in this build; MLA pairs only their exact instance).
+      int const kd = fa3jax::bwd_kernel_dim(dt, hd.d, hd.dv);
+      if (kd == 0 || (only.d && (hd.d != only.d || hd.dv != only.dv))) continue;
       if (!bench_only) {
         for (const Config& c : configs) {
           ++runs;
-          failures += !run_one(dt, d, c, rng, true);
+          failures += !run_one(dt, hd, c, rng, true);
           if (quick) break;
         }
         // Deterministic mode: bitwise-equal reruns, under masks and GQA, many key blocks per query block.
         for (const Config& c : det_configs) {
           ++runs;
-          failures += !run_one(dt, d, c, rng, true, true);
+          failures += !run_one(dt, hd, c, rng, true, true);
           if (quick) break;
         }
         for (const VarlenConfig& c : varlen_configs) {
           ++runs;
-          failures += !run_varlen(dt, d, c, rng, true, &c == &varlen_configs[1]);
+          failures += !run_varlen(dt, hd, c, rng, true, &c == &varlen_configs[1]);
           if (quick) break;
         }
       }
-      if (do_bench && dt == DType::kBF16 && (kd == d || only_d == d)) bench(dt, d, only_s, only_causal, det);
+      if (do_bench && dt == DType::kBF16 && (kd == hd.d || only.d == hd.d)) bench(dt, hd, only_s, only_causal, det);
     }
   // Head dims: any multiple of 8 up to the widest compiled backward; others refused naming why (unlaunched).
   if (!bench_only) {

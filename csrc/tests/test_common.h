@@ -48,6 +48,48 @@ inline float from_bits(uint16_t r, fa3jax::DType dt) {
   return __half2float(h);
 }
 
+// Device buffer with kGuardBytes on each side, all filled with 0xff; `mid` is the caller's buffer. fetch() copies
+// the buffer out and says whether every guard byte held (a kernel wrote nothing outside it).
+constexpr size_t kGuardBytes = 256;  // a multiple of 16: mid() stays aligned
+struct Guarded {
+  uint8_t* base = nullptr;
+  size_t bytes = 0;
+  void* mid() const { return base + kGuardBytes; }
+  void alloc(size_t n) {
+    bytes = n;
+    CK(cudaMalloc(&base, n + 2 * kGuardBytes));
+    CK(cudaMemset(base, 0xff, n + 2 * kGuardBytes));
+  }
+  bool fetch(void* host) const {
+    std::vector<uint8_t> all(bytes + 2 * kGuardBytes);
+    CK(cudaMemcpy(all.data(), base, all.size(), cudaMemcpyDeviceToHost));
+    std::memcpy(host, all.data() + kGuardBytes, bytes);
+    for (size_t i = 0; i < kGuardBytes; ++i)
+      if (all[i] != 0xff || all[kGuardBytes + bytes + i] != 0xff) return false;
+    return true;
+  }
+  ~Guarded() {
+    if (base) cudaFree(base);
+  }
+};
+
+// Device copies of host arrays, freed together (an empty array gives nullptr: an absent operand).
+struct Uploads {
+  std::vector<void*> owned;
+  template <class T>
+  T* put(const std::vector<T>& h) {
+    if (h.empty()) return nullptr;
+    T* d = nullptr;
+    CK(cudaMalloc(&d, h.size() * sizeof(T)));
+    CK(cudaMemcpy(d, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice));
+    owned.push_back(d);
+    return d;
+  }
+  ~Uploads() {
+    for (void* x : owned) cudaFree(x);
+  }
+};
+
 // masking.allowed(): bottom-right aligned window, -1 = unbounded.
 inline bool allowed(int i, int j, int sq, int sk, int wl, int wr) {
   if (i < 0 || i >= sq || j < 0 || j >= sk) return false;

@@ -9,13 +9,19 @@
 //  * mask.h against its element rule: a query block's key blocks and a key block's query blocks are exactly
 //    those holding an allowed pair, needs_mask is true iff a block holds a disallowed pair, and
 //    QBlockMask::unmasked_range agrees with needs_mask on every key block;
+//  * mask.h's KVBlockMask (the KV-cache forward's virtual key blocks: cache blocks, then appended-key blocks)
+//    against the element rule on each row's key positions: the block range holds every allowed key and no block
+//    without one, a block marked unmasked holds only allowed keys, and block_cols maps columns to positions;
 //  * the persistent scheduler's unit order (a bijection onto the tiles);
 //  * the backward's varlen stat rows (bwd_layout.h): every sequence's padded rows stay inside the buffer for any
-//    cu_seqlens (clamped as the kernels clamp them), and in-order sequences never share a row.
+//    cu_seqlens (clamped as the kernels clamp them), and in-order sequences never share a row;
+//  * the backward's register layouts per policy (check_bwd), MLA ones included; instantiating the traits also
+//    checks at compile time that the policy's tiles fit shared memory and the register budget.
 #include <cstdio>
 #include <random>
 #include <vector>
 
+#include "fa3jax/bwd_launch.h"  // BwdTraitsFor (the generated policy.h)
 #include "fa3jax/bwd_layout.h"
 #include "fa3jax/kernel_traits.h"
 #include "fa3jax/seq_info.h"
@@ -96,6 +102,52 @@ int check(const char* name) {
     }
   }
   std::printf("%s: %s (%d errors)\n", name, errors ? "FAIL" : "ok", errors);
+  return errors ? 1 : 0;
+}
+
+// The backward main kernel's register layouts (bwd_kernel_traits.h, bwd_mainloop.h): value v of a thread's dQ
+// accumulator goes to w * 64 * C + (v / 4) * 512 + 4 * t + v % 4 (warpgroup w, thread t of it, C = kDqCols), which
+// must be where the postprocess reads its (row, col) (dq_tile_index), once per element; dK's and dV's accumulators
+// cover their tiles once; with P^T / dS^T in registers (warpgroups along keys), the S^T accumulator viewed as an A
+// operand holds the (key, query) coordinates the dV and dK GEMMs expect.
+template <class KT>
+int check_bwd(const char* name) {
+  int errors = 0;
+  typename KT::TiledMmadQ mma_dq;
+  typename KT::TiledMmaSdP mma_sdp;
+  std::vector<int> dq_hits(KT::kBlockM * KT::kHeadDim, 0), dk_hits(KT::kBlockN * KT::kHeadDim, 0),
+      dv_hits(KT::kBlockN * KT::kHeadDimV, 0);
+  // Every (row, col) of a rows x cols accumulator tile once over all threads of `mma`.
+  auto cover = [&](auto mma, int t, auto shape, std::vector<int>& hits) {
+    Tensor c = mma.get_thread_slice(t).partition_C(make_identity_tensor(shape));
+    for (int v = 0; v < size(c); ++v) ++hits[get<0>(c(v)) * size<1>(shape) + get<1>(c(v))];
+  };
+  for (int t = 0; t < KT::kNumMmaThreads; ++t) {
+    Tensor c = mma_dq.get_thread_slice(t).partition_C(make_identity_tensor(Shape<typename KT::BlkM, typename KT::HDim>{}));
+    for (int v = 0; v < size(c); ++v) {
+      int const row = get<0>(c(v)), col = get<1>(c(v));
+      int const written = t / 128 * KT::kBlockM * KT::kDqCols + (v / 4) * 512 + 4 * (t % 128) + v % 4;
+      int const read = dq_tile_index(row, col, KT::kDqCols);
+      if (written != read && errors++ < 5)
+        std::printf("%s: dQ thread %d value %d (%d, %d) written at %d, read at %d\n", name, t, v, row, col, written,
+                    read);
+      if (written >= 0 && written < int(dq_hits.size())) ++dq_hits[written];
+    }
+    cover(typename KT::TiledMmadK{}, t, Shape<typename KT::BlkN, typename KT::HDim>{}, dk_hits);
+    cover(typename KT::TiledMmadV{}, t, Shape<typename KT::BlkN, typename KT::HDimV>{}, dv_hits);
+    if constexpr (!KT::kPInSmem) {
+      Tensor cS = make_identity_tensor(Shape<typename KT::BlkN, typename KT::BlkM>{});
+      Tensor tScS = mma_sdp.get_thread_slice(t).partition_C(cS);
+      Tensor tPcS = make_tensor(tScS.data(), acc_to_a_regs(tScS.layout()));
+      Tensor a_dv = typename KT::TiledMmadV{}.get_thread_slice(t).partition_A(cS);
+      Tensor a_dk = typename KT::TiledMmadK{}.get_thread_slice(t).partition_A(cS);
+      if (size(tPcS) != size(a_dv) || size(tPcS) != size(a_dk)) return std::printf("%s: A size mismatch\n", name), 1;
+      for (int i = 0; i < size(tPcS); ++i) errors += (tPcS(i) != a_dv(i)) + (tPcS(i) != a_dk(i));
+    }
+  }
+  for (auto const* hits : {&dq_hits, &dk_hits, &dv_hits})
+    for (int h : *hits) errors += h != 1;
+  std::printf("bwd %s: %s (%d errors)\n", name, errors ? "FAIL" : "ok", errors);
   return errors ? 1 : 0;
 }
 
@@ -201,6 +253,61 @@ int check_masks() {
   return errors != 0;
 }
 
+// KVBlockMask against brute force: the keys of a batch row are its cache positions [leftpad, cache_len) and its
+// appended keys at cache_len + t (t < seqlen_new), at mask position (position - leftpad) with key length
+// cache_len + seqlen_new - leftpad. Virtual block n < nc holds cache positions [n N, n N + N) (valid below
+// cache_len), block nc + t the appended keys [t N, t N + N) (valid below seqlen_new).
+template <int kBlockM, int kBlockN>
+int check_kv_masks() {
+  std::mt19937 rng(11);
+  int errors = 0;
+  int const wins[] = {-1, 0, 1, 5, 64, 130};
+  for (int trial = 0; trial < 4000; ++trial) {
+    int const cl = int(rng() % 700), lp = cl ? int(rng() % (cl + 1)) : 0;
+    int const sn = trial % 3 == 0 ? 0 : int(rng() % 300), lq = 1 + int(rng() % 260);
+    int const left = wins[rng() % 6], right = wins[rng() % 6];
+    int const skm = cl + sn - lp;
+    int const nc = (cl + kBlockN - 1) / kBlockN, nb = nc + (sn + kBlockN - 1) / kBlockN;
+    for (int m = 0; m * kBlockM < lq; ++m) {
+      KVBlockMask<kBlockM, kBlockN> const bi(m, lq, cl, lp, sn, left, right);
+      int const q_lo = m * kBlockM, q_hi = std::min(q_lo + kBlockM, lq);
+      for (int n = 0; n < nb; ++n) {
+        bool any_allowed = false, any_disallowed = false;
+        int n0, kmin, kend;
+        bi.block_cols(n, true, n0, kmin, kend);
+        for (int c = 0; c < kBlockN; ++c) {
+          bool valid;
+          int pos;  // cache position of the column
+          if (n < nc) {
+            pos = n * kBlockN + c;
+            valid = pos >= lp && pos < cl;
+          } else {
+            int const t = (n - nc) * kBlockN + c;
+            pos = cl + t;
+            valid = t < sn;
+          }
+          if (n0 + c != pos - lp) ++errors;  // block_cols' column positions
+          bool const in_range = n0 + c >= kmin && n0 + c < kend;
+          if (valid != in_range) ++errors;
+          for (int i = q_lo; i < q_hi; ++i) {
+            bool const a = valid && mask_allows(i, pos - lp, lq, skm, left, right);
+            any_allowed |= a;
+            any_disallowed |= !a;
+          }
+        }
+        bool const in = n >= bi.n_min && n < bi.n_max;
+        if (in != any_allowed) ++errors;
+        if (in && !bi.needs_mask(n0, kmin, kend) && any_disallowed) ++errors;
+        if (errors && errors < 4 && (in != any_allowed))
+          std::printf("kv masks: cl=%d lp=%d sn=%d lq=%d win=(%d,%d) m=%d n=%d: in=%d allowed=%d [%d, %d)\n", cl, lp,
+                      sn, lq, left, right, m, n, in, any_allowed, bi.n_min, bi.n_max);
+      }
+    }
+  }
+  std::printf("kv masks<%d, %d>: %s (%d errors)\n", kBlockM, kBlockN, errors ? "FAIL" : "ok", errors);
+  return errors != 0;
+}
+
 static int check_varlen_stat_rows() {
   std::mt19937 rng(7);
   int errors = 0;
@@ -239,6 +346,9 @@ int main() {
   fails += check_masks<192, 128>();
   fails += check_masks<64, 128>();
   fails += check_masks<64, 64>();  // the d=256 backward's blocks
+  fails += check_kv_masks<128, 128>();
+  fails += check_kv_masks<128, 80>();
+  fails += check_kv_masks<192, 128>();
   for (bool rev : {false, true}) {
     fails += check_scheduler(16, 16, 8, 32, rev);
     fails += check_scheduler(7, 3, 5, 4, rev);  // last section narrower than the group
@@ -250,5 +360,10 @@ int main() {
   fails += check<FwdKernelTraits<cutlass::bfloat16_t, 128, 128, 128, 2, 24, 240>>("bf16 d128 128x128");
   fails += check<FwdKernelTraits<cutlass::half_t, 64, 192, 128, 2, 32, 160>>("fp16 d64 192x128");
   fails += check<FwdKernelTraits<cutlass::bfloat16_t, 256, 128, 80, 2, 24, 240>>("bf16 d256 128x80");
+  fails += check_bwd<BwdTraitsFor<DType::kBF16, 64, 64>>("d64");
+  fails += check_bwd<BwdTraitsFor<DType::kBF16, 128, 128>>("d128");
+  fails += check_bwd<BwdTraitsFor<DType::kBF16, 256, 256>>("d256");
+  fails += check_bwd<BwdTraitsFor<DType::kBF16, 192, 128>>("d192x128 (MLA)");
+  fails += check_bwd<BwdTraitsFor<DType::kFP16, 128, 64>>("d128x64 (MLA)");
   return fails;
 }

@@ -26,7 +26,6 @@ using fa3jax::DType;
 
 namespace {
 
-constexpr size_t kGuard = 256;  // bytes before and after out / lse (multiple of 16: out stays aligned)
 constexpr uint16_t kNaN16 = 0x7fff;
 
 struct Case {
@@ -72,47 +71,6 @@ Layout make_layout(const Case& c) {
 }
 
 const char* dt_name(DType dt) { return dt == DType::kBF16 ? "bf16" : "fp16"; }
-
-// Device buffer with `kGuard` bytes on each side, all filled with 0xff; `mid` is the caller's buffer.
-struct Guarded {
-  uint8_t* base = nullptr;
-  size_t bytes = 0;
-  void* mid() const { return base + kGuard; }
-  void alloc(size_t n) {
-    bytes = n;
-    CK(cudaMalloc(&base, n + 2 * kGuard));
-    CK(cudaMemset(base, 0xff, n + 2 * kGuard));
-  }
-  // Copies the buffer out; false if a guard byte changed.
-  bool fetch(void* host) const {
-    std::vector<uint8_t> all(bytes + 2 * kGuard);
-    CK(cudaMemcpy(all.data(), base, all.size(), cudaMemcpyDeviceToHost));
-    std::memcpy(host, all.data() + kGuard, bytes);
-    for (size_t i = 0; i < kGuard; ++i)
-      if (all[i] != 0xff || all[kGuard + bytes + i] != 0xff) return false;
-    return true;
-  }
-  ~Guarded() {
-    if (base) cudaFree(base);
-  }
-};
-
-// Device copies of host arrays, freed together (an empty array gives nullptr: an absent operand).
-struct Uploads {
-  std::vector<void*> owned;
-  template <class T>
-  T* put(const std::vector<T>& h) {
-    if (h.empty()) return nullptr;
-    T* d = nullptr;
-    CK(cudaMalloc(&d, h.size() * sizeof(T)));
-    CK(cudaMemcpy(d, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice));
-    owned.push_back(d);
-    return d;
-  }
-  ~Uploads() {
-    for (void* x : owned) cudaFree(x);
-  }
-};
 
 // A compiled forward: q/k head dim d, v/out head dim dv (< d: MLA).
 struct Dims {

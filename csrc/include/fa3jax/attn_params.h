@@ -35,14 +35,34 @@ struct VarlenSeqs {
   bool enabled() const { return cu_seqlens_q != nullptr; }
 };
 
-// Paged K/V cache: k/v are (num_pages, page_size, heads_k, d). Off while block_table is null.
+// KV cache (decode / chunked prefill, fa3jax/backends/base.py KVCacheArgs). Off while cache_seqlens is null. With
+// it on, AttnCore's q is dense (batch, seqlen_q, hq, d), k/v are the caches: contiguous (cache_slots, capacity,
+// hk, d), or paged (num_pages = cache_slots, page_size, hk, d) with `paged` on; seqlen_k is the capacity (paged:
+// max_pages_per_seq * page_size) and the strides' batch field steps one cache slot (row or page). Batch row b
+// attends to its cache keys [leftpad, cache_len) and then to its `append` keys, at positions cache_len + t.
+// The kernel clamps every index so that no value addresses memory outside the caches (fa3jax/validation.py
+// sanitizes them first, so that results follow its documented rule): cache_len into [0, capacity - seqlen_new],
+// leftpad into [0, cache_len], batch_idx into [0, cache_slots); a page index outside [0, cache_slots) is never
+// dereferenced and masks that page's keys.
+struct KVCacheSeqs {
+  const int* cache_seqlens = nullptr;  // (batch,) keys already in the cache (the appended keys start there)
+  const int* leftpad = nullptr;        // (batch,) first visible cache position, or nullptr (0)
+  const int* batch_idx = nullptr;      // (batch,) cache slot of each batch row (contiguous only), or nullptr (b)
+  int cache_slots = 0;                 // contiguous: the caches' leading dim; paged: num_pages
+  bool enabled() const { return cache_seqlens != nullptr; }
+};
+
+// Paged K/V cache (with KVCacheSeqs): k/v are (num_pages, page_size, heads_k, d). Off while block_table is null.
+// page_size must be a multiple of the kernel's key block (fwd_check says so): each key block then lies in one
+// page and is one TMA load.
 struct PagedKV {
   const int* block_table = nullptr;  // (batch, max_pages_per_seq) page indices
   int page_size = 0, max_pages_per_seq = 0;
   bool enabled() const { return block_table != nullptr; }
 };
 
-// Keys/values appended to the cache before attending (decode with a new token block). Off while k_new is null.
+// Keys/values appended after the cache's keys (with KVCacheSeqs): dense (batch, seqlen_new, heads_k, d) each, read
+// where they are (the caller writes them into the cache separately). Off while k_new is null.
 struct AppendKV {
   const void* k_new = nullptr;
   const void* v_new = nullptr;
@@ -60,7 +80,7 @@ struct AttnCore {
   const void* v = nullptr;
   Strides q_stride, k_stride, v_stride;
   int batch = 0, seqlen_q = 0, seqlen_k = 0, num_heads_q = 0, num_heads_k = 0, head_dim = 0;
-  // v's (and out's) head dim; 0 means head_dim. Smaller than head_dim for MLA (d_v < d_qk, forward only).
+  // v's (and out's) head dim; 0 means head_dim. Smaller than head_dim for MLA (d_v < d_qk).
   int head_dim_v = 0;
   DType dtype = DType::kBF16;
   float softmax_scale = 1.f;
@@ -68,6 +88,7 @@ struct AttnCore {
   int window_left = -1;   // -1: unbounded (bottom-right aligned window, see fa3jax/masking.py)
   int window_right = -1;  // causal == (window_left, 0)
   VarlenSeqs varlen;
+  KVCacheSeqs kvcache;
   PagedKV paged;
   AppendKV append;
 
@@ -144,15 +165,15 @@ const char* fwd_arch();
 // need a bound.
 struct BwdParams {
   AttnCore core;
-  const void* out = nullptr;   // (b, sq, hq, d), dense
-  const void* dout = nullptr;  // (b, sq, hq, d), dense
+  const void* out = nullptr;   // (b, sq, hq, d_v), dense
+  const void* dout = nullptr;  // (b, sq, hq, d_v), dense
   const float* lse = nullptr;  // (b, hq, sq), natural log, -inf for rows that saw no key
   const float* dlse = nullptr; // (b, hq, sq) cotangent of the LSE, or nullptr (zero)
   void* dq = nullptr;          // (b, sq, hq, d), dense
   void* dk = nullptr;          // (b, sk, hk, d), dense
-  void* dv = nullptr;          // (b, sk, hk, d), dense
+  void* dv = nullptr;          // (b, sk, hk, d_v), dense
   // Workspace (bwd_workspace_bytes, 16-byte aligned): dq_accum fp32 (b, hq, sq_pad, D) in the tile order of
-  // bwd_layout.h (D = bwd_kernel_dim(dtype, d) >= d: the kernel's width; columns past d stay 0); delta and
+  // bwd_layout.h (D = bwd_kernel_dim(dtype, d, d_v) >= d: the kernel's width; columns past d stay 0); delta and
   // lse_log2 fp32 (b, hq, sq_pad); deterministic: int32 turn counters.
   void* workspace = nullptr;
   // Bitwise-reproducible gradients: dQ partials added in a fixed key-block order (bwd_mainloop.h).
@@ -181,20 +202,30 @@ FwdStatus run_bwd_postprocess(const BwdParams& p, cudaStream_t stream);
 // The whole backward (checks, preprocess, main kernel, postprocess) on `stream`. Never throws.
 FwdStatus run_bwd(const BwdParams& p, cudaStream_t stream);
 
-// Whether (dtype, head_dim) has a compiled backward, and the list as "bf16:128;..." (static string).
-bool bwd_compiled(DType dtype, int head_dim);
+// Whether (dtype, head_dim, head_dim_v) has a compiled backward (head_dim_v 0: head_dim), and the list as
+// "bf16:128;bf16:192x128;..." (static string; "DxDV" where d_v != d, MLA).
+bool bwd_compiled(DType dtype, int head_dim, int head_dim_v = 0);
 const char* bwd_compiled_list();
-// The head dim D of the compiled backward that serves (dtype, head_dim): the smallest compiled D >= head_dim, 0 if
-// none. dq_accum tiles are D wide (bwd_layout.h), so the workspace is sized by it.
-int bwd_kernel_dim(DType dtype, int head_dim);
+// The head dim D of the compiled backward that serves (dtype, head_dim, head_dim_v), or 0 if none: the smallest
+// compiled D >= head_dim where head_dim_v == head_dim (0: head_dim); MLA pairs only by an exact compiled pair (as
+// fwd_kernel_dim). dq_accum tiles are D wide (bwd_layout.h), so the workspace is sized by it.
+int bwd_kernel_dim(DType dtype, int head_dim, int head_dim_v = 0);
 
 // Per-instantiation main kernels (generated translation units).
-template <DType kDType, int kHeadDim>
+template <DType kDType, int kHeadDim, int kHeadDimV>
 FwdStatus run_bwd_instance(const BwdParams& p, BwdWorkspace const& ws, cudaStream_t stream);
 
 // Per-instantiation entry points (defined in generated translation units). kWide: FwdPolicyWide's tiles instead
 // of FwdPolicy's.
 template <DType kDType, int kHeadDim, int kHeadDimV, bool kWide>
 FwdStatus run_fwd_instance(const FwdParams& p, cudaStream_t stream);
+// The KV-cache forward (core.kvcache on), FwdPolicy's tiles; a translation unit of its own per (dtype, head_dim).
+template <DType kDType, int kHeadDim>
+FwdStatus run_fwd_kvcache_instance(const FwdParams& p, cudaStream_t stream);
+// Whether a KV-cache call of (dtype, head_dim) has a compiled KV-cache forward, and that kernel's key block (paged
+// caches need page sizes that are multiples of it; 0 when none). The kernel is fwd_kernel_dim's: the narrowest
+// d_v == d instance that holds head_dim (each has a KV-cache kernel beside it); head_dim must be a multiple of 8.
+bool fwd_kvcache_compiled(DType dtype, int head_dim);
+int fwd_kvcache_block_n(DType dtype, int head_dim);
 
 }  // namespace fa3jax

@@ -13,42 +13,41 @@
 
 namespace fa3jax {
 
-// dK (scaled by the softmax scale) and dV of one key block to global memory (rows of hk x d: dense (b, sk, hk, d),
-// varlen packed (total_k, hk, d)), keys < the sequence's seqlen_k, columns < the call's d (p.head_dim, a multiple of
-// 8, so a column pair is wholly inside or outside).
+// dK (scaled by the softmax scale) and dV of one key block to global memory (rows of hk x d and hk x d_v: dense
+// (b, sk, hk, d), varlen packed (total_k, hk, d)), keys < the sequence's seqlen_k, columns < the call's d (dK) and
+// d_v (dV) (p.head_dim, p.head_dim_v: multiples of 8, so a column pair is wholly inside or outside).
 template <class KT, class TdK, class TdV>
 CUTE_DEVICE void bwd_store_dkdv(typename KT::Params const& p, BwdTile const& tile, int mma_tid, TdK const& tdKrdK,
                                 TdV const& tdVrdV) {
   using Element = typename KT::Element;
-  typename KT::TiledMmadKV mma_dkv;
-  auto thr = mma_dkv.get_thread_slice(mma_tid);
-  Tensor c = make_identity_tensor(Shape<typename KT::BlkN, typename KT::HDim>{});
-  Tensor tc = thr.partition_C(c);
-  Tensor rc = make_tensor(tc.data(), acc_rowcol(tc.layout()));
-  Tensor dK = make_tensor(tdKrdK.data(), acc_rowcol(tdKrdK.layout()));
-  Tensor dV = make_tensor(tdVrdV.data(), acc_rowcol(tdVrdV.layout()));
-  Element* dk = static_cast<Element*>(p.dk);
-  Element* dv = static_cast<Element*>(p.dv);
   int const n0 = tile.n_block * KT::kBlockN;
-  int const d = p.head_dim;
-  CUTE_UNROLL
-  for (int r = 0; r < size<0>(dK); ++r) {
-    int const key = n0 + int(get<0>(rc(r, 0)));
-    if (key >= tile.seq.seqlen_k) continue;
-    int64_t const row = ((tile.seq.offset_k + key) * p.num_heads_k + tile.head_k) * d;
+  // One gradient: accumulator `acc` of tiled MMA `mma` (keys x kDim) times `scale`, into `out`: rows `width` wide
+  // (the call's head dim, <= kDim), columns past it not written.
+  auto store = [&](auto mma, auto const& acc, auto dim, int width, Element* out, float scale) {
+    constexpr int kDim = decltype(dim)::value;
+    auto thr = mma.get_thread_slice(mma_tid);
+    Tensor c = make_identity_tensor(Shape<typename KT::BlkN, Int<kDim>>{});
+    Tensor tc = thr.partition_C(c);
+    Tensor rc = make_tensor(tc.data(), acc_rowcol(tc.layout()));
+    Tensor g = make_tensor(acc.data(), acc_rowcol(acc.layout()));
     CUTE_UNROLL
-    for (int cc = 0; cc < size<1>(dK); cc += 2) {
-      int const col = int(get<1>(rc(r, cc)));
-      if (col >= d) continue;
-      cutlass::Array<Element, 2> k2, v2;
-      k2[0] = Element(dK(r, cc) * p.dk_scale);
-      k2[1] = Element(dK(r, cc + 1) * p.dk_scale);
-      v2[0] = Element(dV(r, cc));
-      v2[1] = Element(dV(r, cc + 1));
-      *reinterpret_cast<cutlass::Array<Element, 2>*>(dk + row + col) = k2;
-      *reinterpret_cast<cutlass::Array<Element, 2>*>(dv + row + col) = v2;
+    for (int r = 0; r < size<0>(g); ++r) {
+      int const key = n0 + int(get<0>(rc(r, 0)));
+      if (key >= tile.seq.seqlen_k) continue;
+      int64_t const row = ((tile.seq.offset_k + key) * p.num_heads_k + tile.head_k) * width;
+      CUTE_UNROLL
+      for (int cc = 0; cc < size<1>(g); cc += 2) {
+        int const col = int(get<1>(rc(r, cc)));
+        if (col >= width) continue;
+        cutlass::Array<Element, 2> x2;
+        x2[0] = Element(g(r, cc) * scale);
+        x2[1] = Element(g(r, cc + 1) * scale);
+        *reinterpret_cast<cutlass::Array<Element, 2>*>(out + row + col) = x2;
+      }
     }
-  }
+  };
+  store(typename KT::TiledMmadK{}, tdKrdK, Int<KT::kHeadDim>{}, p.head_dim, static_cast<Element*>(p.dk), p.dk_scale);
+  store(typename KT::TiledMmadV{}, tdVrdV, Int<KT::kHeadDimV>{}, p.head_dim_v, static_cast<Element*>(p.dv), 1.f);
 }
 
 // The CTA's tile: its sequence (dense, or packed by cu_seqlens with lengths clamped as SeqInfo::varlen does) and
@@ -118,9 +117,8 @@ __global__ void __launch_bounds__(KT::kNumThreads, 1) bwd_kernel(__grid_constant
     cutlass::arch::warpgroup_reg_alloc<KT::kConsumerRegs>();
     int const mma_tid = int(threadIdx.x) - 128;
     int const mma_wg = wg_idx - 1;
-    typename KT::TiledMmadKV mma_dkv;
-    Tensor tdKrdK = partition_fragment_C(mma_dkv, Shape<typename KT::BlkN, typename KT::HDim>{});
-    Tensor tdVrdV = partition_fragment_C(mma_dkv, Shape<typename KT::BlkN, typename KT::HDim>{});
+    Tensor tdKrdK = partition_fragment_C(typename KT::TiledMmadK{}, Shape<typename KT::BlkN, typename KT::HDim>{});
+    Tensor tdVrdV = partition_fragment_C(typename KT::TiledMmadV{}, Shape<typename KT::BlkN, typename KT::HDimV>{});
     clear(tdKrdK);
     clear(tdVrdV);
     if (any) {

@@ -10,11 +10,13 @@
 // along d), added into the fp32 dq accumulator in global memory.
 // Computing S and dP transposed puts the key index on the accumulator rows, so P^T and dS^T are the A operands
 // of the dV/dK GEMMs and dS^T's rows (keys) are the K dimension of dQ = dS K. Two ways to split the work:
-// * kBlockN = 64 x warpgroups (d <= 128): each warpgroup owns 64 keys in every GEMM; P^T and dS^T are register
-//   A operands of dV/dK (RS), and only dS^T goes through shared memory (for dQ).
+// * kBlockN = 64 x warpgroups (d <= 128, MLA 128x64): each warpgroup owns 64 keys in every GEMM; P^T and dS^T
+//   are register A operands of dV/dK (RS), and only dS^T goes through shared memory (for dQ).
 // * kBlockN = 64 with two warpgroups (d = 256, where 64 keys x d of dK + dV already take 128 registers per
-//   thread of each warpgroup): the warpgroups split S^T/dP^T along queries and dK/dV along d, so P^T and dS^T
-//   both go through shared memory and dV/dK are SS GEMMs.
+//   thread of each warpgroup; MLA 192x128, where 64 keys x (d + d_v) would take 160): the warpgroups split
+//   S^T/dP^T along queries and dK/dV along d, so P^T and dS^T both go through shared memory and dV/dK are SS
+//   GEMMs.
+// MLA (kHeadDimV < kHeadDim): S^T, dK and dQ run over q/k's d; dP^T (its reduction), dV, V and dO over d_v.
 #pragma once
 
 #include <type_traits>
@@ -32,10 +34,12 @@ namespace fa3jax {
 using namespace cute;
 
 template <class Element_, int kHeadDim_, int kBlockM_, int kBlockN_, int kNumMmaWG_, int kStages_,
-          int kProducerRegs_, int kConsumerRegs_, bool kDqRed_, int kDqBufs_, bool kVarlen_ = false>
+          int kProducerRegs_, int kConsumerRegs_, bool kDqRed_, int kDqBufs_, bool kVarlen_ = false,
+          int kHeadDimV_ = kHeadDim_>
 struct BwdKernelTraits {
   using Element = Element_;
-  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kHeadDim = kHeadDim_;    // q/k: S^T's reduction, dK, dQ
+  static constexpr int kHeadDimV = kHeadDimV_;  // v/dO (MLA: smaller): dP^T's reduction, dV
   static constexpr int kBlockM = kBlockM_;  // queries per step of the loop
   static constexpr int kBlockN = kBlockN_;  // keys per CTA
   static constexpr int kStages = kStages_;  // Q / dO / LSE / delta stages in flight
@@ -56,14 +60,17 @@ struct BwdKernelTraits {
   static constexpr int kLaunchRegs = (65536 / kNumThreads) / 8 * 8;
   static_assert(kProducerRegs * 128 + kConsumerRegs * kNumMmaThreads <= kLaunchRegs * kNumThreads,
                 "register reallocation exceeds the CTA's launch allocation (the kernel would hang)");
-  static_assert(kBlockN % 64 == 0 && kBlockM % 64 == 0 && kHeadDim % 64 == 0);
+  static_assert(kBlockN % 64 == 0 && kBlockM % 64 == 0 && kHeadDim % 64 == 0 && kHeadDimV % 64 == 0 &&
+                kHeadDimV <= kHeadDim);
   static constexpr int kDqCols = kHeadDim / kNumMmaWG;  // dQ columns per warpgroup
   static_assert(kDqCols % 16 == 0);
-  static constexpr int kDkvCols = kPInSmem ? kHeadDim / kNumMmaWG : kHeadDim;  // dK / dV columns per warpgroup
+  static constexpr int kDkCols = kPInSmem ? kHeadDim / kNumMmaWG : kHeadDim;    // dK columns per warpgroup
+  static constexpr int kDvCols = kPInSmem ? kHeadDimV / kNumMmaWG : kHeadDimV;  // dV columns per warpgroup
 
   using BlkM = Int<kBlockM>;
   using BlkN = Int<kBlockN>;
   using HDim = Int<kHeadDim>;
+  using HDimV = Int<kHeadDimV>;
   using AtomAlongM = Layout<Shape<Int<kNumMmaWG>, _1, _1>>;
   using AtomAlongN = Layout<Shape<_1, Int<kNumMmaWG>, _1>>;
 
@@ -71,16 +78,20 @@ struct BwdKernelTraits {
   using TiledMmaSdP = decltype(make_tiled_mma(
       GMMA::ss_op_selector<Element, Element, float, Shape<_64, Int<kBlockM / kWgQ>, HDim>>(),
       Layout<Shape<Int<kWgKeys>, Int<kWgQ>, _1>>{}));
-  // dV += P^T dO and dK += dS^T Q: (keys, d, queries), B = dO / Q viewed as (d, queries); A in registers
-  // (warpgroups along keys) or, kPInSmem, P^T / dS^T from shared memory (warpgroups along d).
-  using TiledMmadKVRS = decltype(make_tiled_mma(
-      GMMA::rs_op_selector<Element, Element, float, Shape<_64, HDim, BlkM>, GMMA::Major::K, GMMA::Major::MN>(),
-      AtomAlongM{}));
-  using TiledMmadKVSS = decltype(make_tiled_mma(
-      GMMA::ss_op_selector<Element, Element, float, Shape<_64, Int<kDkvCols>, BlkM>, GMMA::Major::K,
-                           GMMA::Major::MN>(),
-      AtomAlongN{}));
-  using TiledMmadKV = std::conditional_t<kPInSmem, TiledMmadKVSS, TiledMmadKVRS>;
+  // (The selector's K only picks the atom: the same tiled MMA serves dP^T's d_v-long reduction.)
+  // dV += P^T dO and dK += dS^T Q: (keys, d_v or d, queries), B = dO / Q viewed as (d_v / d, queries); A in
+  // registers (warpgroups along keys) or, kPInSmem, P^T / dS^T from shared memory (warpgroups along d_v / d).
+  template <int kDim, int kCols>
+  using TiledMmaGrad = std::conditional_t<
+      kPInSmem,
+      decltype(make_tiled_mma(GMMA::ss_op_selector<Element, Element, float, Shape<_64, Int<kCols>, BlkM>,
+                                                   GMMA::Major::K, GMMA::Major::MN>(),
+                              AtomAlongN{})),
+      decltype(make_tiled_mma(GMMA::rs_op_selector<Element, Element, float, Shape<_64, Int<kDim>, BlkM>,
+                                                   GMMA::Major::K, GMMA::Major::MN>(),
+                              AtomAlongM{}))>;
+  using TiledMmadK = TiledMmaGrad<kHeadDim, kDkCols>;
+  using TiledMmadV = TiledMmaGrad<kHeadDimV, kDvCols>;
   // dQ = dS K: (queries, d, keys), warpgroups along d; A = dS (queries, keys) and B = K viewed as (d, keys),
   // both MN-major.
   using TiledMmadQ = decltype(make_tiled_mma(
@@ -88,13 +99,30 @@ struct BwdKernelTraits {
                            GMMA::Major::MN>(),
       AtomAlongN{}));
 
-  using SmemLayoutK = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<Element>{}, Shape<BlkN, HDim>{}));
-  using SmemLayoutQ =
-      decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<Element>{}, Shape<BlkM, HDim, Int<kStages>>{}));
-  // Transposed views of the same bytes, as the MN-major B operands (d, rows): K-major 128-byte-swizzled rows of
-  // 64 elements are also the MN-major canonical layout of the transpose.
+  // K-major swizzle atom of a tensor whose transpose is an MN-major B operand sliced kCols wide per warpgroup.
+  // An MN-major descriptor walks whole atoms from its start address, so a slice must either stay inside one atom
+  // (d = 64's 32-column dQ slices) or consist of whole ones: 128-byte swizzle (64 elements of 16 bits) where it
+  // can, else 64-byte (32 elements; MLA d = 192: dQ's and dK's 96-column slices of K^T and Q^T).
+  static_assert(sizeof(Element) == 2);
+  template <int kCols>
+  static constexpr bool kSw128 = kCols % 64 == 0 || 64 % kCols == 0;
+  template <int kCols>
+  using SwizzleAtom = std::conditional_t<kSw128<kCols>, GMMA::Layout_K_SW128_Atom<Element>,
+                                         GMMA::Layout_K_SW64_Atom<Element>>;
+  static_assert((kSw128<kDqCols> || kDqCols % 32 == 0) && (kSw128<kDkCols> || kDkCols % 32 == 0) &&
+                    (kSw128<kDvCols> || kDvCols % 32 == 0),
+                "no swizzle atom fits the warpgroups' column slices");
+  using SmemLayoutK = decltype(tile_to_shape(SwizzleAtom<kDqCols>{}, Shape<BlkN, HDim>{}));
+  using SmemLayoutV = decltype(tile_to_shape(SwizzleAtom<kHeadDimV>{}, Shape<BlkN, HDimV>{}));  // A of dP^T only
+  using SmemLayoutQ = decltype(tile_to_shape(SwizzleAtom<kDkCols>{}, Shape<BlkM, HDim, Int<kStages>>{}));
+  using SmemLayoutdO = decltype(tile_to_shape(SwizzleAtom<kDvCols>{}, Shape<BlkM, HDimV, Int<kStages>>{}));
+  // Transposed views of the same bytes, as the MN-major B operands (d, rows): K-major swizzled rows of an atom's
+  // width are also the MN-major canonical layout of the transpose.
   using SmemLayoutQt = decltype(composition(
       SmemLayoutQ{}, make_layout(Shape<HDim, BlkM, Int<kStages>>{}, Stride<BlkM, _1, Int<kBlockM * kHeadDim>>{})));
+  using SmemLayoutdOt = decltype(composition(
+      SmemLayoutdO{},
+      make_layout(Shape<HDimV, BlkM, Int<kStages>>{}, Stride<BlkM, _1, Int<kBlockM * kHeadDimV>>{})));
   using SmemLayoutKt =
       decltype(composition(SmemLayoutK{}, make_layout(Shape<HDim, BlkN>{}, Stride<BlkN, _1>{})));
   // dS^T as (keys, queries, buffer) with queries contiguous, written from the dS^T accumulators by stmatrix like
@@ -111,16 +139,26 @@ struct BwdKernelTraits {
     return make_tma_copy(SM90_TMA_LOAD{}, g, SmemLayoutQ{}(_, _, _0{}), Shape<BlkM, HDim>{}, _1{});
   }
   template <class G>
+  static auto make_tma_do(G const& g) {
+    return make_tma_copy(SM90_TMA_LOAD{}, g, SmemLayoutdO{}(_, _, _0{}), Shape<BlkM, HDimV>{}, _1{});
+  }
+  template <class G>
   static auto make_tma_k(G const& g) {
     return make_tma_copy(SM90_TMA_LOAD{}, g, SmemLayoutK{}, Shape<BlkN, HDim>{}, _1{});
   }
+  template <class G>
+  static auto make_tma_v(G const& g) {
+    return make_tma_copy(SM90_TMA_LOAD{}, g, SmemLayoutV{}, Shape<BlkN, HDimV>{}, _1{});
+  }
   using TmaQ = decltype(make_tma_q(std::declval<GTensor>()));
+  using TmadO = decltype(make_tma_do(std::declval<GTensor>()));
   using TmaK = decltype(make_tma_k(std::declval<GTensor>()));
+  using TmaV = decltype(make_tma_v(std::declval<GTensor>()));
 
-  static constexpr uint32_t kBytesQ = kBlockM * kHeadDim * sizeof(Element);
   static constexpr uint32_t kBytesRow = kBlockM * sizeof(float);
-  static constexpr uint32_t kBytesStage = 2 * kBytesQ + 2 * kBytesRow;  // Q, dO, lse_log2, delta
-  static constexpr uint32_t kBytesKV = 2 * kBlockN * kHeadDim * sizeof(Element);
+  // Q, dO, lse_log2, delta
+  static constexpr uint32_t kBytesStage = kBlockM * (kHeadDim + kHeadDimV) * sizeof(Element) + 2 * kBytesRow;
+  static constexpr uint32_t kBytesKV = kBlockN * (kHeadDim + kHeadDimV) * sizeof(Element);
 
   using Pipeline = cutlass::PipelineTmaAsync<kStages>;
   using PipelineState = typename Pipeline::PipelineState;
@@ -128,9 +166,9 @@ struct BwdKernelTraits {
   struct Empty {};
   struct SharedStorage {
     alignas(1024) cute::array_aligned<Element, cute::cosize_v<SmemLayoutK>, 1024> smem_k;
-    alignas(1024) cute::array_aligned<Element, cute::cosize_v<SmemLayoutK>, 1024> smem_v;
+    alignas(1024) cute::array_aligned<Element, cute::cosize_v<SmemLayoutV>, 1024> smem_v;
     alignas(1024) cute::array_aligned<Element, cute::cosize_v<SmemLayoutQ>, 1024> smem_q;
-    alignas(1024) cute::array_aligned<Element, cute::cosize_v<SmemLayoutQ>, 1024> smem_do;
+    alignas(1024) cute::array_aligned<Element, cute::cosize_v<SmemLayoutdO>, 1024> smem_do;
     alignas(1024) cute::array_aligned<Element, cute::cosize_v<SmemLayoutdSt>, 1024> smem_ds;
     // P^T, laid out like dS^T (kPInSmem only: no bytes otherwise, d=128 fills 227 KiB without it).
     std::conditional_t<kPInSmem, cute::array_aligned<Element, cute::cosize_v<SmemLayoutdSt>, 1024>, Empty> smem_p;
@@ -147,11 +185,11 @@ struct BwdKernelTraits {
 
   struct Params {
     TmaQ tma_q;
-    TmaQ tma_do;
+    TmadO tma_do;
     TmaK tma_k;
-    TmaK tma_v;
-    void* dk;
-    void* dv;
+    TmaV tma_v;
+    void* dk;  // like k: rows of hk x d (the call's d)
+    void* dv;  // like v: rows of hk x d_v (the call's d_v)
     float* dq_accum;        // kBlockM x kHeadDim tiles per padded row block (bwd_layout.h, bwd_stat_row0)
     float const* lse_log2;  // one float per padded row
     float const* delta;
@@ -170,7 +208,10 @@ struct BwdKernelTraits {
     int const* seqused_k;
     int max_seqlen_q;
     int64_t stat_rows;  // varlen: padded stat rows per query head
-    int head_dim;       // the call's head dim (<= kHeadDim, a multiple of 8): dK/dV row width, columns written
+    // The call's head dims (multiples of 8): dK's (<= kHeadDim) and dV's (<= kHeadDimV) row widths, columns written.
+    // d_v == d, or (MLA) exactly the kernel's pair.
+    int head_dim;
+    int head_dim_v;
   };
 };
 

@@ -13,45 +13,45 @@
 
 namespace fa3jax {
 
-template <DType kDType, int kHeadDim, bool kVarlen = false>
-using BwdTraitsFor = BwdKernelTraits<typename ElementOf<kDType>::type, kHeadDim, BwdPolicy<kHeadDim>::kBlockM,
-                                     BwdPolicy<kHeadDim>::kBlockN, BwdPolicy<kHeadDim>::kNumMmaWG,
-                                     BwdPolicy<kHeadDim>::kStages,
-                                     BwdPolicy<kHeadDim>::kProducerRegs, BwdPolicy<kHeadDim>::kConsumerRegs,
-                                     BwdPolicy<kHeadDim>::kDqRed != 0, BwdPolicy<kHeadDim>::kDqBufs, kVarlen>;
+template <DType kDType, int kHeadDim, int kHeadDimV, bool kVarlen = false, class P = BwdPolicy<kHeadDim, kHeadDimV>>
+using BwdTraitsFor = BwdKernelTraits<typename ElementOf<kDType>::type, kHeadDim, P::kBlockM, P::kBlockN, P::kNumMmaWG,
+                                     P::kStages, P::kProducerRegs, P::kConsumerRegs, P::kDqRed != 0, P::kDqBufs,
+                                     kVarlen, kHeadDimV>;
 
-template <DType kDType, int kHeadDim, bool kVarlen = false>
+// kHeadDimV: v's, out's and dO's head dim (MLA: below kHeadDim).
+template <DType kDType, int kHeadDim, int kHeadDimV, bool kVarlen = false>
 FwdStatus launch_bwd_main(const BwdParams& bp, BwdWorkspace const& ws, cudaStream_t stream) {
   if constexpr (!kVarlen) {  // the varlen kernel is compiled in the same translation unit
-    if (bp.core.varlen.enabled()) return launch_bwd_main<kDType, kHeadDim, true>(bp, ws, stream);
+    if (bp.core.varlen.enabled()) return launch_bwd_main<kDType, kHeadDim, kHeadDimV, true>(bp, ws, stream);
   }
-  using KT = BwdTraitsFor<kDType, kHeadDim, kVarlen>;
+  using KT = BwdTraitsFor<kDType, kHeadDim, kHeadDimV, kVarlen>;
   using Element = typename KT::Element;
   AttnCore const& c = bp.core;
   int const b = c.batch, sq = c.seqlen_q, sk = c.seqlen_k, hq = c.num_heads_q, hk = c.num_heads_k;
-  // The call's head dim (<= kHeadDim, a multiple of 8): the tensors' extent, so that the kHeadDim-wide TMA boxes
-  // zero-fill the columns past it (their dQ/dK/dV columns come out 0: dq_accum keeps them, dK/dV stores skip them).
-  int const d = c.head_dim;
-  // Dense: (row, d, head, batch). Varlen: the packed rows as (r, d, head, end) with the base moved back by the
+  // The call's head dims (multiples of 8; d <= kHeadDim, d_v <= kHeadDimV; MLA: exactly the kernel's pair): the
+  // tensors' extents, so that the kernel-wide TMA boxes zero-fill the columns past them (their dQ/dK/dV columns come
+  // out 0: dq_accum keeps them, dK/dV stores skip them).
+  int const d = c.head_dim, dv = c.value_dim();
+  // Dense: (row, dim, head, batch). Varlen: the packed rows as (r, dim, head, end) with the base moved back by the
   // total rows (launch.h rows_before; bwd_mainloop.h load says how a sequence addresses it).
-  auto tensor = [&](void const* ptr, int rows, int heads, Strides const& s) {
+  auto tensor = [&](void const* ptr, int rows, int dim, int heads, Strides const& s) {
     Element const* base = static_cast<Element const*>(ptr);
     int64_t last = s.batch;
     int ext = b;
     if constexpr (kVarlen) base = rows_before(base, rows, s.row), last = s.row, ext = rows + 1;
-    return make_tensor(make_gmem_ptr(base), make_shape(rows, d, heads, ext), make_stride(s.row, _1{}, s.head, last));
+    return make_tensor(make_gmem_ptr(base), make_shape(rows, dim, heads, ext), make_stride(s.row, _1{}, s.head, last));
   };
-  Strides const dense_q{int64_t(hq) * d, int64_t(d), int64_t(sq) * hq * d};  // dO is dense like out
+  Strides const dense_do{int64_t(hq) * dv, int64_t(dv), int64_t(sq) * hq * dv};  // dO is dense like out
   int const num_m_blocks = (sq + KT::kBlockM - 1) / KT::kBlockM;
   // Varlen: key blocks of the longest sequence in the grid (CTAs past a sequence's keys exit at once).
   int const rows_k = kVarlen ? (c.varlen.max_seqlen_k > 0 ? std::min(c.varlen.max_seqlen_k, sk) : sk) : sk;
   constexpr float kLog2e = 1.4426950408889634f;
   bool const capped = c.softcap > 0.f;
   typename KT::Params kp{
-      KT::make_tma_q(tensor(c.q, sq, hq, c.q_stride)),
-      KT::make_tma_q(tensor(bp.dout, sq, hq, dense_q)),
-      KT::make_tma_k(tensor(c.k, sk, hk, c.k_stride)),
-      KT::make_tma_k(tensor(c.v, sk, hk, c.v_stride)),
+      KT::make_tma_q(tensor(c.q, sq, d, hq, c.q_stride)),
+      KT::make_tma_do(tensor(bp.dout, sq, dv, hq, dense_do)),
+      KT::make_tma_k(tensor(c.k, sk, d, hk, c.k_stride)),
+      KT::make_tma_v(tensor(c.v, sk, dv, hk, c.v_stride)),
       bp.dk,
       bp.dv,
       ws.dq_accum,
@@ -70,7 +70,8 @@ FwdStatus launch_bwd_main(const BwdParams& bp, BwdWorkspace const& ws, cudaStrea
       c.varlen.seqused_k,
       c.varlen.max_seqlen_q,
       kVarlen ? bwd_varlen_stat_rows(sq, b) : 0,
-      d};
+      d,
+      dv};
 
   auto kernel = capped ? &bwd_kernel<KT, true> : &bwd_kernel<KT, false>;
   constexpr int smem = KT::kSmemBytes;

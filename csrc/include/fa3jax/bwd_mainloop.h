@@ -7,8 +7,8 @@
 //   put dS^T in shared memory; once every warpgroup has (named barrier), issue this warpgroup's columns of
 //   dQ = dS K, then dK += dS^T Q; add the dQ partial into global memory with a bulk reduce-add
 //   (cp.reduce.async.bulk, fp32 add in L2) while dK runs, so no CTA waits for another; release stage s.
-// Warpgroups along queries (kPInSmem, d = 256): P^T and dS^T both go to shared memory before the barrier, then
-// dV, dQ and dK are issued as SS GEMMs on this warpgroup's columns.
+// Warpgroups along queries (kPInSmem, d = 256 and MLA 192x128): P^T and dS^T both go to shared memory before the
+// barrier, then dV, dQ and dK are issued as SS GEMMs on this warpgroup's columns.
 // With softcap the scores' tanh is also needed for dS, so that path waits for both S^T and dP^T first.
 #pragma once
 
@@ -80,8 +80,10 @@ struct BwdMainloop {
   using BlkM = typename KT::BlkM;
   using BlkN = typename KT::BlkN;
   using HDim = typename KT::HDim;
+  using HDimV = typename KT::HDimV;
   static constexpr int kBlockM = KT::kBlockM;
   static constexpr int kHeadDim = KT::kHeadDim;
+  static constexpr int kHeadDimV = KT::kHeadDimV;
   // Named barriers (0 is __syncthreads): dS of all warpgroups in shared memory; then one per warpgroup for its
   // dQ staging slice.
   static constexpr int kDsBarrier = 1;
@@ -95,9 +97,9 @@ struct BwdMainloop {
                                BwdTile const& tile, KM const& km) {
     bool const lane0 = threadIdx.x % 32 == 0;
     Tensor sK = make_tensor(make_smem_ptr(ss.smem_k.data()), typename KT::SmemLayoutK{});
-    Tensor sV = make_tensor(make_smem_ptr(ss.smem_v.data()), typename KT::SmemLayoutK{});
+    Tensor sV = make_tensor(make_smem_ptr(ss.smem_v.data()), typename KT::SmemLayoutV{});
     Tensor sQ = make_tensor(make_smem_ptr(ss.smem_q.data()), typename KT::SmemLayoutQ{});
-    Tensor sdO = make_tensor(make_smem_ptr(ss.smem_do.data()), typename KT::SmemLayoutQ{});
+    Tensor sdO = make_tensor(make_smem_ptr(ss.smem_do.data()), typename KT::SmemLayoutdO{});
 
     // Dense: (row, d, head, batch). Varlen: packed rows as (r, d, head, end) (launch.h's rows_before view): the
     // sequence is coordinate end = offset + length and its row i is r = total - length + i, so rows past its end
@@ -108,10 +110,10 @@ struct BwdMainloop {
     int const r0_q = KT::kVarlen ? p.seqlen_q - tile.seq.seqlen_q : 0;
     int const ext_k = KT::kVarlen ? p.seqlen_k + 1 : p.batch, ext_q = KT::kVarlen ? p.seqlen_q + 1 : p.batch;
     Tensor mK = p.tma_k.get_tma_tensor(make_shape(p.seqlen_k, int(kHeadDim), p.num_heads_k, ext_k));
-    Tensor mV = p.tma_v.get_tma_tensor(make_shape(p.seqlen_k, int(kHeadDim), p.num_heads_k, ext_k));
+    Tensor mV = p.tma_v.get_tma_tensor(make_shape(p.seqlen_k, int(kHeadDimV), p.num_heads_k, ext_k));
     Tensor gK = local_tile(domain_offset(make_coord(r0_k, _0{}), mK(_, _, tile.head_k, last_k)), Shape<BlkN, HDim>{},
                            make_coord(tile.n_block, _0{}));
-    Tensor gV = local_tile(domain_offset(make_coord(r0_k, _0{}), mV(_, _, tile.head_k, last_k)), Shape<BlkN, HDim>{},
+    Tensor gV = local_tile(domain_offset(make_coord(r0_k, _0{}), mV(_, _, tile.head_k, last_k)), Shape<BlkN, HDimV>{},
                            make_coord(tile.n_block, _0{}));
     auto [tKgK, tKsK] = tma_partition(p.tma_k, _0{}, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gK));
     auto [tVgV, tVsV] = tma_partition(p.tma_v, _0{}, Layout<_1>{}, group_modes<0, 2>(sV), group_modes<0, 2>(gV));
@@ -122,12 +124,12 @@ struct BwdMainloop {
     }
 
     Tensor mQ = p.tma_q.get_tma_tensor(make_shape(p.seqlen_q, int(kHeadDim), p.num_heads_q, ext_q));
-    Tensor mdO = p.tma_do.get_tma_tensor(make_shape(p.seqlen_q, int(kHeadDim), p.num_heads_q, ext_q));
+    Tensor mdO = p.tma_do.get_tma_tensor(make_shape(p.seqlen_q, int(kHeadDimV), p.num_heads_q, ext_q));
     for (int g = 0; g < p.group_size; ++g) {
       int const h = tile.head_k * p.group_size + g;
       Tensor gQ = local_tile(domain_offset(make_coord(r0_q, _0{}), mQ(_, _, h, last_q)), Shape<BlkM, HDim>{},
                              make_coord(_, _0{}));  // (M, D, m)
-      Tensor gdO = local_tile(domain_offset(make_coord(r0_q, _0{}), mdO(_, _, h, last_q)), Shape<BlkM, HDim>{},
+      Tensor gdO = local_tile(domain_offset(make_coord(r0_q, _0{}), mdO(_, _, h, last_q)), Shape<BlkM, HDimV>{},
                               make_coord(_, _0{}));
       auto [tQgQ, tQsQ] = tma_partition(p.tma_q, _0{}, Layout<_1>{}, group_modes<0, 2>(sQ), group_modes<0, 2>(gQ));
       auto [tdOgdO, tdOsdO] =
@@ -178,19 +180,21 @@ struct BwdMainloop {
                               BwdTile const& tile, KM const& km, int mma_tid, int mma_wg, TdK& tdKrdK,
                               TdV& tdVrdV) {
     typename KT::TiledMmaSdP mma_sdp;
-    typename KT::TiledMmadKV mma_dkv;
+    typename KT::TiledMmadK mma_dk;
+    typename KT::TiledMmadV mma_dv;
     typename KT::TiledMmadQ mma_dq;
     auto thr_sdp = mma_sdp.get_thread_slice(mma_tid);
-    auto thr_dkv = mma_dkv.get_thread_slice(mma_tid);
+    auto thr_dk = mma_dk.get_thread_slice(mma_tid);
+    auto thr_dv = mma_dv.get_thread_slice(mma_tid);
     auto thr_dq = mma_dq.get_thread_slice(mma_tid);
 
     Tensor sK = make_tensor(make_smem_ptr(ss.smem_k.data()), typename KT::SmemLayoutK{});
-    Tensor sV = make_tensor(make_smem_ptr(ss.smem_v.data()), typename KT::SmemLayoutK{});
+    Tensor sV = make_tensor(make_smem_ptr(ss.smem_v.data()), typename KT::SmemLayoutV{});
     Tensor sKt = make_tensor(make_smem_ptr(ss.smem_k.data()), typename KT::SmemLayoutKt{});
     Tensor sQ = make_tensor(make_smem_ptr(ss.smem_q.data()), typename KT::SmemLayoutQ{});
     Tensor sQt = make_tensor(make_smem_ptr(ss.smem_q.data()), typename KT::SmemLayoutQt{});
-    Tensor sdO = make_tensor(make_smem_ptr(ss.smem_do.data()), typename KT::SmemLayoutQ{});
-    Tensor sdOt = make_tensor(make_smem_ptr(ss.smem_do.data()), typename KT::SmemLayoutQt{});
+    Tensor sdO = make_tensor(make_smem_ptr(ss.smem_do.data()), typename KT::SmemLayoutdO{});
+    Tensor sdOt = make_tensor(make_smem_ptr(ss.smem_do.data()), typename KT::SmemLayoutdOt{});
     Tensor sdS = make_tensor(make_smem_ptr(ss.smem_ds.data()), typename KT::SmemLayoutdS{});
     Tensor sdSt = make_tensor(make_smem_ptr(ss.smem_ds.data()), typename KT::SmemLayoutdSt{});
     Element* const p_smem = [&] {
@@ -204,8 +208,8 @@ struct BwdMainloop {
     Tensor tSrQ = thr_sdp.partition_fragment_B(sQ);
     Tensor tdPrV = thr_sdp.partition_fragment_A(sV);
     Tensor tdPrdO = thr_sdp.partition_fragment_B(sdO);
-    Tensor tdVrdO = thr_dkv.partition_fragment_B(sdOt);
-    Tensor tdKrQ = thr_dkv.partition_fragment_B(sQt);
+    Tensor tdVrdO = thr_dv.partition_fragment_B(sdOt);
+    Tensor tdKrQ = thr_dk.partition_fragment_B(sQt);
     Tensor tdQrdS = thr_dq.partition_fragment_A(sdS);
     Tensor tdQrK = thr_dq.partition_fragment_B(sKt);
 
@@ -216,12 +220,12 @@ struct BwdMainloop {
     Tensor rP = make_fragment_like<Element>(tSrS);
     Tensor rdS = make_fragment_like<Element>(tdPrdP);
     // dV / dK A operands: registers (the accumulators converted in place) or P^T / dS^T in shared memory.
-    auto dkv_a = [&](auto& r, auto& smem) {
-      if constexpr (KT::kPInSmem) return thr_dkv.partition_fragment_A(smem);
+    auto dkv_a = [&](auto const& thr, auto& r, auto& smem) {
+      if constexpr (KT::kPInSmem) return thr.partition_fragment_A(smem);
       else return make_tensor(r.data(), acc_to_a_regs(r.layout()));
     };
-    auto tdVrP = dkv_a(rP, sPt);
-    auto tdKrdS = dkv_a(rdS, sdSt);
+    auto tdVrP = dkv_a(thr_dv, rP, sPt);
+    auto tdKrdS = dkv_a(thr_dk, rdS, sdSt);
     Tensor S = make_tensor(tSrS.data(), acc_rowcol(tSrS.layout()));
     Tensor dP = make_tensor(tdPrdP.data(), acc_rowcol(tdPrdP.layout()));
     // (key, query) tile coordinates of each S^T element.
@@ -279,7 +283,7 @@ struct BwdMainloop {
           }
         }
         convert_fragment(rP, tSrS);
-        if constexpr (!KT::kPInSmem) wgmma_issue<false, true>(mma_dkv, tdVrP, tdVrdO(_, _, _, s), tdVrdV);
+        if constexpr (!KT::kPInSmem) wgmma_issue<false, true>(mma_dv, tdVrP, tdVrdO(_, _, _, s), tdVrdV);
         else copy(ds_copy, tdSrP, tPsP(_, _, _, buf));
         warpgroup_wait<KT::kPInSmem ? 0 : 1>();  // dP^T is ready; dV may still run
         warpgroup_fence_operand(tdPrdP);
@@ -307,7 +311,7 @@ struct BwdMainloop {
           }
         }
         convert_fragment(rP, tSrS);
-        if constexpr (!KT::kPInSmem) wgmma_issue<false, true>(mma_dkv, tdVrP, tdVrdO(_, _, _, s), tdVrdV);
+        if constexpr (!KT::kPInSmem) wgmma_issue<false, true>(mma_dv, tdVrP, tdVrdO(_, _, _, s), tdVrdV);
         else copy(ds_copy, tdSrP, tPsP(_, _, _, buf));
       }
       convert_fragment(rdS, tdPrdP);
@@ -323,16 +327,16 @@ struct BwdMainloop {
       if constexpr (KT::kPInSmem) {
         auto tdVsP = tdVrP(_, _, _, buf);
         auto tdKsdS = tdKrdS(_, _, _, buf);
-        wgmma_issue<false, false>(mma_dkv, tdVsP, tdVrdO(_, _, _, s), tdVrdV);
+        wgmma_issue<false, false>(mma_dv, tdVsP, tdVrdO(_, _, _, s), tdVrdV);
         wgmma_issue<true, false>(mma_dq, tdQrdS_buf, tdQrK, tdQrdQ);
-        wgmma_issue<false, false>(mma_dkv, tdKsdS, tdKrQ(_, _, _, s), tdKrdK);
+        wgmma_issue<false, false>(mma_dk, tdKsdS, tdKrQ(_, _, _, s), tdKrdK);
         warpgroup_wait<1>();  // dV and dQ have retired; dK may still run
         warpgroup_fence_operand(tdVrdV);
       } else {
         wgmma_issue<true, false>(mma_dq, tdQrdS_buf, tdQrK, tdQrdQ);
         warpgroup_wait<1>();  // dV has retired (P's registers are free); dQ may still run
         warpgroup_fence_operand(tdVrdV);
-        wgmma_issue<false, true>(mma_dkv, tdKrdS, tdKrQ(_, _, _, s), tdKrdK);
+        wgmma_issue<false, true>(mma_dk, tdKrdS, tdKrQ(_, _, _, s), tdKrdK);
         warpgroup_wait<1>();  // dQ has retired; dK may still run
       }
       warpgroup_fence_operand(tdQrdQ);

@@ -2,6 +2,8 @@
 // register reallocation with setmaxnreg, K/V pipelines on mbarriers, persistent tile scheduler.
 #pragma once
 
+#include <type_traits>
+
 #include <cutlass/arch/reg_reconfig.h>
 #include <cutlass/arch/barrier.h>
 
@@ -55,7 +57,8 @@ __global__ void __launch_bounds__(KT::kNumThreads, 1) fwd_kernel(__grid_constant
   __syncthreads();
 
   using Scheduler = PersistentTileScheduler;
-  using BI = QBlockMask<KT::kBlockM, KT::kBlockN>;
+  using BI = std::conditional_t<KT::kKVCache, KVBlockMask<KT::kBlockM, KT::kBlockN>,
+                                QBlockMask<KT::kBlockM, KT::kBlockN>>;
   // Where a tile's sequence lives. Varlen: read from cu_seqlens by every lane of a warp (one broadcast load) and
   // shuffled from lane 0, so that the compiler knows the values are warp-uniform (see the unit hand-off below).
   auto seq_info = [&](FwdTile const& t) {
@@ -71,8 +74,26 @@ __global__ void __launch_bounds__(KT::kNumThreads, 1) fwd_kernel(__grid_constant
       return SeqInfo::dense(t.batch, params.seqlen_q, params.seqlen_k);
     }
   };
-  auto block_info = [&](FwdTile const& t, SeqInfo const& seq) {
-    return BI(t.m_block, seq.seqlen_q, seq.seqlen_k, params.window_left, params.window_right);
+  // KV cache: the batch row's clamped lengths and cache slot (seq_info.h KVCacheSeq), warp-uniform as above.
+  auto kv_info = [&](FwdTile const& t) {
+    if constexpr (KT::kKVCache) {
+      KVCacheSeq s = KVCacheSeq::make(t.batch, params.cache_seqlens, params.leftpad, params.batch_idx,
+                                      params.seqlen_k, params.seqlen_new, params.cache_slots);
+      s.cache_len = __shfl_sync(0xffffffffu, s.cache_len, 0);
+      s.leftpad = __shfl_sync(0xffffffffu, s.leftpad, 0);
+      s.slot = __shfl_sync(0xffffffffu, s.slot, 0);
+      return s;
+    } else {
+      return KVCacheSeq{0, 0, 0};
+    }
+  };
+  auto block_info = [&](FwdTile const& t, SeqInfo const& seq, KVCacheSeq const& kv) {
+    if constexpr (KT::kKVCache) {
+      return BI(t.m_block, seq.seqlen_q, kv.cache_len, kv.leftpad, params.seqlen_new, params.window_left,
+                params.window_right);
+    } else {
+      return BI(t.m_block, seq.seqlen_q, seq.seqlen_k, params.window_left, params.window_right);
+    }
   };
 
   // Dynamic assignment: work units travel from the producer warp (lane 0) to the consumers through ss.unit (one
@@ -120,9 +141,11 @@ __global__ void __launch_bounds__(KT::kNumThreads, 1) fwd_kernel(__grid_constant
         if (u >= num_units) break;
         FwdTile const tile = Scheduler::tile(params.sched, u);
         SeqInfo const seq = seq_info(tile);
-        BI const bi = block_info(tile, seq);
+        KVCacheSeq const kv = kv_info(tile);
+        BI const bi = block_info(tile, seq, kv);
         if (bi.num_blocks() > 0) {  // else the consumers write 0 / -inf without loads
-          Mainloop::load(params, ss, pipe_k, pipe_v, st, q_iter, tile, seq, bi);
+          if constexpr (KT::kKVCache) Mainloop::load_kvcache(params, ss, pipe_k, pipe_v, st, q_iter, tile, kv, bi);
+          else Mainloop::load(params, ss, pipe_k, pipe_v, st, q_iter, tile, seq, bi);
           ++q_iter;
         }
         // Drawn (dynamic) once this tile's loads are issued, about kStages key blocks before the consumers need it.
@@ -156,7 +179,7 @@ __global__ void __launch_bounds__(KT::kNumThreads, 1) fwd_kernel(__grid_constant
       if (u >= num_units) break;
       FwdTile const tile = Scheduler::tile(params.sched, u);
       SeqInfo const seq = seq_info(tile);
-      BI const bi = block_info(tile, seq);
+      BI const bi = block_info(tile, seq, kv_info(tile));
       typename KT::TiledMmaPV mma_pv;
       Tensor tOrO = partition_fragment_C(mma_pv, Shape<typename KT::BlkM, typename KT::HDimV>{});
       constexpr int kRows = decltype(size<0>(acc_rowcol(tOrO.layout())))::value;
@@ -164,13 +187,13 @@ __global__ void __launch_bounds__(KT::kNumThreads, 1) fwd_kernel(__grid_constant
       if (bi.num_blocks() > 0) {
         if constexpr (!KT::kSoftcapVariants) {
           Mainloop::template mma<false, true>(params, ss, pipe_k, pipe_v, st_k, st_v, q_iter, bi, tile.m_block,
-                                              mma_tid, mma_wg, tOrO, softmax);
+                                              mma_tid, mma_wg, tOrO, softmax, tile.batch);
         } else if (params.softcap > 0.f) {
           Mainloop::template mma<true>(params, ss, pipe_k, pipe_v, st_k, st_v, q_iter, bi, tile.m_block, mma_tid,
-                                       mma_wg, tOrO, softmax);
+                                       mma_wg, tOrO, softmax, tile.batch);
         } else {
           Mainloop::template mma<false>(params, ss, pipe_k, pipe_v, st_k, st_v, q_iter, bi, tile.m_block, mma_tid,
-                                        mma_wg, tOrO, softmax);
+                                        mma_wg, tOrO, softmax, tile.batch);
         }
         ++q_iter;
       } else {

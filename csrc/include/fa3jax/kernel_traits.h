@@ -18,7 +18,8 @@ namespace fa3jax {
 using namespace cute;
 
 template <class Element_, int kHeadDim_, int kBlockM_, int kBlockN_, int kStages_, int kProducerRegs_,
-          int kConsumerRegs_, bool kTmaEpilogue_ = false, bool kVarlen_ = false, int kHeadDimV_ = kHeadDim_>
+          int kConsumerRegs_, bool kTmaEpilogue_ = false, bool kVarlen_ = false, int kHeadDimV_ = kHeadDim_,
+          bool kKVCache_ = false>
 struct FwdKernelTraits {
   using Element = Element_;
   static constexpr int kHeadDim = kHeadDim_;  // q/k: Q and K tiles, the QK^T GEMM's reduction
@@ -36,6 +37,10 @@ struct FwdKernelTraits {
   // Packed variable-length sequences (attn_params.h VarlenSeqs): per-tile offsets and lengths from cu_seqlens
   // (SeqInfo::varlen), TMA tensors bounded per sequence (launch.h), units past a sequence's end skipped.
   static constexpr bool kVarlen = kVarlen_;
+  // KV cache (attn_params.h KVCacheSeqs): dense q/out; keys from the cache (contiguous or paged) and then from the
+  // appended k/v, per batch row bounded by its lengths (mask.h KVBlockMask, FwdMainloop::load_kvcache).
+  static constexpr bool kKVCache = kKVCache_;
+  static_assert(!(kVarlen && kKVCache), "varlen and KV cache are separate kernels");
   // One CTA per cluster (a 2-CTA K/V-multicast variant measured within +-2%, benchmarks/RESULTS.md).
   using ClusterShape = Shape<_1, _1, _1>;
   static_assert(kBlockM % 64 == 0 && kHeadDim % 64 == 0 && kHeadDimV % 64 == 0 && kBlockN % 16 == 0);
@@ -163,6 +168,17 @@ struct FwdKernelTraits {
     int const* cu_seqlens_k;
     int const* seqused_k;     // or nullptr
     int dim_v;  // the call's v/out head dim (<= kHeadDimV, a multiple of 8): out's row width, columns written
+    // kKVCache only (launch.h): tma_k/tma_v then read the caches as packed rows (row, d, head, end) over
+    // cache_rows = cache_slots * slot_rows rows, tma_k_new/tma_v_new the appended keys likewise over batch *
+    // seqlen_new rows; a slot (cache row or page) is a "sequence" ending at row end, so rows past its valid
+    // length are zero-filled by TMA (as varlen's).
+    TmaK tma_k_new;
+    TmaV tma_v_new;
+    int const* cache_seqlens;  // (batch,)
+    int const* leftpad;        // or nullptr
+    int const* batch_idx;      // or nullptr (contiguous only)
+    int const* page_table;     // (batch, pages_per_seq) or nullptr (contiguous)
+    int cache_slots, slot_rows, pages_per_seq, seqlen_new;  // slot_rows: capacity (contiguous) or page_size
   };
 };
 

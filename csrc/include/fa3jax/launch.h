@@ -19,9 +19,10 @@ template <DType kDType> struct ElementOf;
 template <> struct ElementOf<DType::kBF16> { using type = cutlass::bfloat16_t; };
 template <> struct ElementOf<DType::kFP16> { using type = cutlass::half_t; };
 
-template <class P, DType kDType, int kHeadDim, int kHeadDimV, bool kVarlen = false>
+template <class P, DType kDType, int kHeadDim, int kHeadDimV, bool kVarlen = false, bool kKVCache = false>
 using FwdTraitsOf = FwdKernelTraits<typename ElementOf<kDType>::type, kHeadDim, P::kBlockM, P::kBlockN, P::kStages,
-                                    P::kProducerRegs, P::kConsumerRegs, P::kTmaEpilogue, kVarlen, kHeadDimV>;
+                                    P::kProducerRegs, P::kConsumerRegs, P::kTmaEpilogue, kVarlen, kHeadDimV,
+                                    kKVCache>;
 // Wide key tiles exist for d_v == d only (policy.h has no FwdPolicyWide<d, d_v>).
 template <DType kDType, int kHeadDim, int kHeadDimV, bool kWide, bool kVarlen = false>
 using FwdTraitsFor = FwdTraitsOf<std::conditional_t<kWide, FwdPolicyWide<kHeadDim>, FwdPolicy<kHeadDim, kHeadDimV>>,
@@ -32,6 +33,40 @@ using FwdTraitsFor = FwdTraitsOf<std::conditional_t<kWide, FwdPolicyWide<kHeadDi
 template <class T>
 T* rows_before(T* p, int64_t rows, int64_t row_stride) {
   return reinterpret_cast<T*>(reinterpret_cast<uintptr_t>(p) - uintptr_t(rows * row_stride * int64_t(sizeof(T))));
+}
+
+// Scale fields of the kernel's params from the call's softmax_scale / softcap.
+template <class KP>
+void set_score_scales(KP& kp, AttnCore const& p) {
+  constexpr float kLog2e = 1.4426950408889634f;
+  if (p.softcap > 0.f) {
+    kp.softcap = p.softcap;
+    kp.softcap_pre = p.softmax_scale / p.softcap;
+    kp.scale_log2 = kLog2e;
+    kp.lse_scale = 1.f;
+  } else {
+    kp.scale_log2 = p.softmax_scale * kLog2e;
+    kp.lse_scale = p.softmax_scale;
+  }
+}
+
+// Sets the smem attribute and launches the persistent kernel: one CTA per SM (shared memory holds one CTA's tiles),
+// at most one per unit unless all_sms.
+template <class KT>
+FwdStatus launch_persistent(typename KT::Params const& kp, bool all_sms, cudaStream_t stream) {
+  auto kernel = &fwd_kernel<KT>;
+  constexpr int smem = KT::kSmemBytes;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err != cudaSuccess) return {err, "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)"};
+  int device = 0, num_sms = 0;
+  err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device);
+  if (err != cudaSuccess) return {err, "cudaDeviceGetAttribute(MultiProcessorCount)"};
+  dim3 const grid(all_sms ? (num_sms > 0 ? num_sms : 1) : PersistentTileScheduler::num_ctas(kp.sched, num_sms));
+  kernel<<<grid, KT::kNumThreads, smem, stream>>>(kp);
+  err = cudaGetLastError();
+  if (err != cudaSuccess) return {err, "kernel launch"};
+  return {};
 }
 
 template <DType kDType, int kHeadDim, int kHeadDimV, bool kWide, bool kVarlen = false>
@@ -97,22 +132,10 @@ FwdStatus launch_fwd(const FwdParams& fp, cudaStream_t stream) {
       p.varlen.cu_seqlens_q,
       p.varlen.cu_seqlens_k,
       p.varlen.seqused_k,
-      dv};
-  constexpr float kLog2e = 1.4426950408889634f;
-  if (p.softcap > 0.f) {
-    kp.softcap = p.softcap;
-    kp.softcap_pre = p.softmax_scale / p.softcap;
-    kp.scale_log2 = kLog2e;
-    kp.lse_scale = 1.f;
-  } else {
-    kp.scale_log2 = p.softmax_scale * kLog2e;
-    kp.lse_scale = p.softmax_scale;
-  }
+      dv,
+      {}, {}, nullptr, nullptr, nullptr, nullptr, 0, 0, 0, 0};  // no KV cache (launch_fwd_kvcache)
+  set_score_scales(kp, p);
 
-  auto kernel = &fwd_kernel<KT>;
-  constexpr int smem = KT::kSmemBytes;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  if (err != cudaSuccess) return {err, "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)"};
   SchedulerParams& sp = kp.sched;
   // Varlen: query blocks of the longest sequence for every one (the kernel skips those past a sequence's end);
   // no sequence is longer than the total.
@@ -135,20 +158,108 @@ FwdStatus launch_fwd(const FwdParams& fp, cudaStream_t stream) {
   sp.counter = nullptr;
   if (fp.workspace != nullptr && (p.window_left >= 0 || p.window_right >= 0 || kVarlen)) {
     sp.counter = static_cast<int*>(fp.workspace);
-    err = cudaMemsetAsync(sp.counter, 0, sizeof(int), stream);
+    cudaError_t const err = cudaMemsetAsync(sp.counter, 0, sizeof(int), stream);
     if (err != cudaSuccess) return {err, "cudaMemsetAsync(tile counter)"};
   }
-  int device = 0, num_sms = 0;
-  err = cudaGetDevice(&device);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device);
-  if (err != cudaSuccess) return {err, "cudaDeviceGetAttribute(MultiProcessorCount)"};
-  // One CTA per SM (shared memory holds one CTA's tiles). Varlen: on every SM, whatever the unit count, since
-  // units past a sequence's end are skipped and every CTA writes a share of the rows outside the sequences.
-  dim3 const grid(kVarlen ? (num_sms > 0 ? num_sms : 1) : PersistentTileScheduler::num_ctas(sp, num_sms));
-  kernel<<<grid, KT::kNumThreads, smem, stream>>>(kp);
-  err = cudaGetLastError();
-  if (err != cudaSuccess) return {err, "kernel launch"};
-  return {};
+  // Varlen: on every SM, whatever the unit count, since units past a sequence's end are skipped and every CTA
+  // writes a share of the rows outside the sequences.
+  return launch_persistent<KT>(kp, kVarlen, stream);
+}
+
+// The KV-cache forward (attn_params.h KVCacheSeqs, FwdPolicy's tiles). q/out/lse are the dense kernel's. The caches
+// are read as packed rows (kernel_traits.h Params): all cache_slots * slot_rows rows of k (and v) in one
+// (row, d, head, end) tensor whose base moves back by that total, so a slot (a batch row of the contiguous cache, or
+// a page) of valid length len ending at row end reads rows total - len + i, and rows at or past len lie outside
+// the tensor (zero-filled loads, as launch_fwd's varlen tensors). The appended k/v (batch, seqlen_new, hk, d) are
+// viewed the same way with one slot per batch row. fwd_check has checked shapes, strides and that every coordinate
+// fits int32.
+template <DType kDType, int kHeadDim>
+FwdStatus launch_fwd_kvcache(const FwdParams& fp, cudaStream_t stream) {
+  using KT = FwdTraitsOf<FwdPolicy<kHeadDim, kHeadDim>, kDType, kHeadDim, kHeadDim, false, true>;
+  using Element = typename KT::Element;
+  AttnCore const& p = fp.core;
+  // The call's head dim (<= kHeadDim, a multiple of 8; fwd_kernel_dim chose this kernel): the tensors' extent, as in
+  // launch_fwd, so the kHeadDim-wide boxes zero-fill the columns past it and the output store clips them.
+  int const d = p.head_dim;
+  int const b = p.batch, sq = p.seqlen_q, hq = p.num_heads_q, hk = p.num_heads_k;
+  bool const paged = p.paged.enabled();
+  int const slot_rows = paged ? p.paged.page_size : p.seqlen_k;
+  int const slots = p.kvcache.cache_slots;
+  int const total = slots * slot_rows;
+  int const sn = p.append.enabled() ? p.append.seqlen_new : 0;
+
+  Element const* q_ptr = static_cast<Element const*>(p.q);
+  Element* o_ptr = static_cast<Element*>(fp.out);
+  int64_t const o_row = int64_t(hq) * d;
+  auto q = make_tensor(make_gmem_ptr(q_ptr), make_shape(sq, d, hq, b),
+                       make_stride(p.q_stride.row, _1{}, p.q_stride.head, p.q_stride.batch));
+  auto o = make_tensor(make_gmem_ptr(o_ptr), make_shape(sq, d, hq, b),
+                       make_stride(o_row, _1{}, int64_t(d), sq * o_row));
+  auto rows_k = [&](void const* base, Strides st, int rows) {
+    Element const* ptr = rows_before(static_cast<Element const*>(base), rows, st.row);
+    return make_tensor(make_gmem_ptr(ptr), make_shape(rows, d, hk, rows + 1),
+                       make_stride(st.row, _1{}, st.head, st.row));
+  };
+  auto rows_vt = [&](void const* base, Strides st, int rows) {
+    Element const* ptr = rows_before(static_cast<Element const*>(base), rows, st.row);
+    return make_tensor(make_gmem_ptr(ptr), make_shape(d, rows, hk, rows + 1),
+                       make_stride(_1{}, st.row, st.head, st.row));
+  };
+  auto k = rows_k(p.k, p.k_stride, total);
+  auto vt = rows_vt(p.v, p.v_stride, total);
+  // Without appended keys the kernel never reads tma_*_new (no virtual block past the cache's): the cache's
+  // descriptors stand in.
+  Strides const new_stride{int64_t(hk) * d, int64_t(d), int64_t(sn) * hk * d};
+  auto k_new = sn > 0 ? rows_k(p.append.k_new, new_stride, b * sn) : k;
+  auto vt_new = sn > 0 ? rows_vt(p.append.v_new, new_stride, b * sn) : vt;
+
+  typename KT::Params kp{};
+  kp.tma_q = KT::make_tma_q(q);
+  kp.tma_k = KT::make_tma_k(k);
+  kp.tma_v = KT::make_tma_v(vt);
+  kp.tma_o = KT::make_tma_o(o);
+  kp.tma_k_new = KT::make_tma_k(k_new);
+  kp.tma_v_new = KT::make_tma_v(vt_new);
+  kp.out = fp.out;
+  kp.lse = fp.lse;
+  kp.batch = b;
+  kp.seqlen_q = sq;
+  kp.seqlen_k = p.seqlen_k;  // the capacity
+  kp.num_heads_q = hq;
+  kp.num_heads_k = hk;
+  kp.group_size = hq / hk;
+  kp.window_left = p.window_left < 0 ? -1 : p.window_left;
+  kp.window_right = p.window_right < 0 ? -1 : p.window_right;
+  set_score_scales(kp, p);
+  kp.sinks = fp.sinks;
+  kp.dim_v = d;  // out's row width and the register epilogue's column bound (d_v == d here)
+  kp.cache_seqlens = p.kvcache.cache_seqlens;
+  kp.leftpad = p.kvcache.leftpad;
+  kp.batch_idx = paged ? nullptr : p.kvcache.batch_idx;
+  kp.page_table = paged ? p.paged.block_table : nullptr;
+  kp.cache_slots = slots;
+  kp.slot_rows = slot_rows;
+  kp.pages_per_seq = paged ? p.paged.max_pages_per_seq : 1;
+  kp.seqlen_new = sn;
+
+  SchedulerParams& sp = kp.sched;
+  sp.num_m_units = (sq + KT::kBlockM - 1) / KT::kBlockM;
+  sp.num_heads = hq;
+  sp.num_hb = hq * b;
+  if (int64_t(sp.num_m_units) * sp.num_hb > INT32_MAX) return {cudaErrorInvalidValue, "too many tiles"};
+  sp.num_units = sp.num_m_units * sp.num_hb;
+  sp.reverse_m = p.window_right >= 0;
+  int64_t const kv_bytes = (int64_t(p.seqlen_k) + sn) * 2 * kHeadDim * int64_t(sizeof(Element));
+  int64_t const group = (int64_t(32) << 20) / (kv_bytes > 0 ? kv_bytes : 1);
+  sp.group = int(group < 1 ? 1 : (group > sp.num_hb ? sp.num_hb : group));
+  // Rows of different batch entries have different lengths: dynamic assignment balances them.
+  sp.counter = nullptr;
+  if (fp.workspace != nullptr) {
+    sp.counter = static_cast<int*>(fp.workspace);
+    cudaError_t const err = cudaMemsetAsync(sp.counter, 0, sizeof(int), stream);
+    if (err != cudaSuccess) return {err, "cudaMemsetAsync(tile counter)"};
+  }
+  return launch_persistent<KT>(kp, false, stream);
 }
 
 }  // namespace fa3jax

@@ -111,6 +111,98 @@ struct FwdMainloop {
     ++st;
   }
 
+  // KV cache: where virtual key block n (mask.h KVBlockMask) comes from, as a packed-rows view (launch.h): rows
+  // [total - len, total) of the view are the source's valid rows, the block starts at its row `row0`, and `end` is
+  // the view's last coordinate (slot start + len). Rows past len fall outside the tensor: TMA zero-fills them.
+  struct KVSource {
+    bool is_new;  // the appended keys (tma_*_new), else the cache
+    int total, end, len, row0;
+  };
+  template <class KVBI>
+  CUTE_DEVICE static KVSource kv_source(Params const& params, KVCacheSeq const& kv, KVBI const& bi, int batch,
+                                        int n) {
+    if (n >= bi.nc) {
+      int const sn = params.seqlen_new, total = params.batch * sn;
+      return {true, total, batch * sn + sn, sn, (n - bi.nc) * KT::kBlockN};
+    }
+    int const rows = params.slot_rows, total = params.cache_slots * rows;
+    int const row = n * KT::kBlockN;
+    if (params.page_table == nullptr) return {false, total, kv.slot * rows + kv.cache_len, kv.cache_len, row};
+    // Paged: page_size is a multiple of kBlockN (fwd_check), so the block lies in one page. A page index out of
+    // range is never dereferenced: an empty view (every row zero-filled), and the consumers mask the block.
+    int const ps = min(row / rows, params.pages_per_seq - 1);
+    int const page = params.page_table[int64_t(batch) * params.pages_per_seq + ps];
+    bool const ok = page >= 0 && page < params.cache_slots;
+    int const valid = ok ? max(0, min(rows, kv.cache_len - ps * rows)) : 0;
+    return {false, total, ok ? page * rows + valid : 0, valid, row - ps * rows};
+  }
+
+  // KV-cache counterpart of load(): Q as the dense kernel's, then virtual key blocks n_max-1 .. n_min, each one TMA
+  // load from the cache or the appended keys (kv_source), in load()'s order (K one block ahead of V).
+  template <class KVBI>
+  CUTE_DEVICE static void load_kvcache(Params const& params, SharedStorage& ss, Pipeline& pipe_k, Pipeline& pipe_v,
+                                       PipelineState& st, int q_iter, FwdTile const& tile, KVCacheSeq const& kv,
+                                       KVBI const& bi) {
+    bool const lane0 = threadIdx.x % 32 == 0;
+    Tensor sQ = make_tensor(make_smem_ptr(ss.smem_q.data()), typename KT::SmemLayoutQ{});
+    Tensor sK = make_tensor(make_smem_ptr(ss.smem_k.data()), typename KT::SmemLayoutK{});
+    Tensor sVt = make_tensor(make_smem_ptr(ss.smem_v.data()), typename KT::SmemLayoutVt{});
+    int const head_k = tile.head / params.group_size;
+
+    Tensor mQ = params.tma_q.get_tma_tensor(
+        make_shape(params.seqlen_q, int(KT::kHeadDim), params.num_heads_q, params.batch));
+    Tensor gQ = local_tile(mQ(_, _, tile.head, tile.batch), Shape<typename KT::BlkM, typename KT::HDim>{},
+                           make_coord(tile.m_block, _0{}));
+    auto [tQgQ, tQsQ] = tma_partition(params.tma_q, _0{}, Layout<_1>{}, group_modes<0, 2>(sQ), group_modes<0, 2>(gQ));
+    if (q_iter > 0) cute::wait_barrier(ss.barrier_q_empty, (q_iter - 1) & 1);
+    if (lane0) {
+      cute::set_barrier_transaction_bytes(ss.barrier_q, KT::kBytesQ);
+      copy(params.tma_q.with(ss.barrier_q), tQgQ, tQsQ);
+    }
+
+    auto copy_k = [&](auto const& tma, KVSource const& x, PipelineState s) {
+      Tensor mK = tma.get_tma_tensor(make_shape(x.total, int(KT::kHeadDim), params.num_heads_k, x.total + 1));
+      Tensor gK = local_tile(domain_offset(make_coord(x.total - x.len + x.row0, _0{}), mK(_, _, head_k, x.end)),
+                             Shape<typename KT::BlkN, typename KT::HDim>{}, make_coord(_, _0{}));
+      auto [tKgK, tKsK] = tma_partition(tma, 0, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gK));
+      if (lane0) copy(tma.with(*pipe_k.producer_get_barrier(s)), tKgK(_, 0), tKsK(_, s.index()));
+    };
+    auto copy_v = [&](auto const& tma, KVSource const& x, PipelineState s) {
+      Tensor mVt = tma.get_tma_tensor(make_shape(int(KT::kHeadDimV), x.total, params.num_heads_k, x.total + 1));
+      Tensor gVt = local_tile(domain_offset(make_coord(_0{}, x.total - x.len + x.row0), mVt(_, _, head_k, x.end)),
+                              Shape<typename KT::HDimV, typename KT::BlkN>{}, make_coord(_0{}, _));
+      auto [tVgV, tVsV] = tma_partition(tma, 0, Layout<_1>{}, group_modes<0, 2>(sVt), group_modes<0, 2>(gVt));
+      if (lane0) copy(tma.with(*pipe_v.producer_get_barrier(s)), tVgV(_, 0), tVsV(_, s.index()));
+    };
+    // One branch per descriptor (not a pointer chosen at run time), so that each TMA names a kernel parameter.
+    auto issue_k = [&](int n, PipelineState s) {
+      KVSource const x = kv_source(params, kv, bi, tile.batch, n);
+      if (x.is_new) copy_k(params.tma_k_new, x, s);
+      else copy_k(params.tma_k, x, s);
+    };
+    auto issue_v = [&](int n, PipelineState s) {
+      KVSource const x = kv_source(params, kv, bi, tile.batch, n);
+      if (x.is_new) copy_v(params.tma_v_new, x, s);
+      else copy_v(params.tma_v, x, s);
+    };
+
+    int n = bi.n_max - 1;
+    pipe_k.producer_acquire(st);
+    issue_k(n, st);
+    for (; n > bi.n_min; --n) {
+      PipelineState next = st;
+      ++next;
+      pipe_k.producer_acquire(next);
+      issue_k(n - 1, next);
+      pipe_v.producer_acquire(st);
+      issue_v(n, st);
+      st = next;
+    }
+    pipe_v.producer_acquire(st);
+    issue_v(n, st);
+    ++st;
+  }
+
   // Scheduling ring: warpgroup w waits for its turn on barrier (first + w) and hands the turn to w + 1. The
   // ring runs across the tiles of a persistent CTA: warpgroup 0 skips only its very first wait, and consumes the
   // last warpgroup's final hand-over after its last tile (sched_drain), so every barrier phase gets exactly 128
@@ -142,10 +234,11 @@ struct FwdMainloop {
   // kSoftcap: params.softcap > 0, as a template parameter so that the loop without softcap carries no test of
   // it (a per-block FSETP + branch in the SASS when it was read at run time); kSoftcapRuntime: one loop for both,
   // testing params.softcap per block (KT::kSoftcapVariants false).
-  template <bool kSoftcap, bool kSoftcapRuntime = false, class TOrO, class Softmax>
+  // BInfo: QBlockMask, or KVBlockMask for the KV-cache kernel (batch: the tile's batch row, for its page table).
+  template <bool kSoftcap, bool kSoftcapRuntime = false, class BInfo, class TOrO, class Softmax>
   CUTE_DEVICE static void mma(Params const& params, SharedStorage& ss, Pipeline& pipe_k, Pipeline& pipe_v,
-                              PipelineState& st_k, PipelineState& st_v, int q_iter, BI const& bi, int m_block,
-                              int mma_tid, int mma_wg, TOrO& tOrO, Softmax& softmax) {
+                              PipelineState& st_k, PipelineState& st_v, int q_iter, BInfo const& bi, int m_block,
+                              int mma_tid, int mma_wg, TOrO& tOrO, Softmax& softmax, int batch = 0) {
     typename KT::TiledMmaQK mma_qk;
     typename KT::TiledMmaPV mma_pv;
     auto thr_qk = mma_qk.get_thread_slice(mma_tid);
@@ -191,8 +284,8 @@ struct FwdMainloop {
     softmax.init();
     cute::wait_barrier(ss.barrier_q, q_iter & 1);
 
-    int unmasked_lo, unmasked_hi;
-    bi.unmasked_range(unmasked_lo, unmasked_hi);
+    int unmasked_lo = 0, unmasked_hi = 0;
+    if constexpr (!KT::kKVCache) bi.unmasked_range(unmasked_lo, unmasked_hi);
     // The loop visits blocks n = n_max - 1 - it for it = 0, 1, ...: the unmasked ones are
     // it in [n_max - unmasked_hi, n_max - unmasked_lo), tested in the loop's own counter (one add, one compare).
     int const it_unmasked = bi.n_max - unmasked_hi;
@@ -201,6 +294,28 @@ struct FwdMainloop {
     // Softcap + mask + online softmax of the it-th block visited on S (fp32, in place); o_scale rescales the
     // running O.
     auto softmax_block = [&](int it, float (&o_scale)[kRows]) {
+      if constexpr (KT::kKVCache) {
+        // Virtual blocks mix sources and partial ends, so masked blocks need not form one range: test each.
+        // The page-table entry is an L1-resident broadcast load (the producer read it for the same block).
+        int const n = bi.n_max - 1 - it;
+        bool page_ok = true;
+        if (params.page_table != nullptr && bi.is_cache(n)) {
+          int const ps = min(n * KT::kBlockN / params.slot_rows, params.pages_per_seq - 1);
+          int const page = params.page_table[int64_t(batch) * params.pages_per_seq + ps];
+          page_ok = page >= 0 && page < params.cache_slots;
+        }
+        int n0, kmin, kend;
+        bi.block_cols(n, page_ok, n0, kmin, kend);
+        bool const cap = kSoftcap || (kSoftcapRuntime && params.softcap > 0.f);
+        if (cap) {
+          CUTE_UNROLL
+          for (int i = 0; i < size(S); ++i) S(i) = params.softcap * tanh_approx(S(i) * params.softcap_pre);
+        }
+        if (bi.needs_mask(n0, kmin, kend))
+          apply_mask_range(S, rcS, q_lo_tile, n0, bi.shift, kmin, kend, bi.left, bi.right);
+        softmax.step(S, params.scale_log2, o_scale);
+        return;
+      }
       int const n0 = (bi.n_max - 1 - it) * KT::kBlockN;
       bool const need_mask = uint32_t(it - it_unmasked) >= num_unmasked;  // == bi.needs_mask(n_max - 1 - it)
       if (kSoftcap || (kSoftcapRuntime && params.softcap > 0.f)) {

@@ -96,4 +96,85 @@ CUTE_DEVICE void apply_mask(TS& S, TC const& rc, int q_lo_tile, int n0, int shif
   }
 }
 
+// KV cache (fa3jax/backends/base.py KVCacheArgs): batch row b sees its cache keys at positions [leftpad,
+// cache_len) and its seqlen_new appended keys at [cache_len, cache_len + seqlen_new); the mask reads key position
+// j - leftpad against the key length cache_len + seqlen_new - leftpad (fa3jax/backends/xla.py _kvcache_keys). The
+// kernel walks "virtual" key blocks: [0, nc) read the cache (block n: positions [n N, n N + N)), [nc, nc + nn)
+// the appended keys (block nc + t: positions cache_len + [t N, t N + N)), so a block never mixes two sources.
+// Positions below are in mask units (j - leftpad), as the element rule above takes them.
+template <int kBlockM, int kBlockN>
+struct KVBlockMask {
+  int q_lo, q_hi;    // valid query rows of this block: [q_lo, q_hi)
+  int n_min, n_max;  // virtual key blocks [n_min, n_max)
+  int shift, seqlen_k, left, right;  // the element rule's terms (seqlen_k: cache_len + seqlen_new - leftpad)
+  int cache_len, leftpad, nc;        // nc: cache blocks
+
+  // cache_len in [0, capacity], leftpad in [0, cache_len], seqlen_new >= 0 (the kernel clamps them first).
+  CUTE_HOST_DEVICE KVBlockMask(int m_block, int seqlen_q, int cache_len_, int leftpad_, int seqlen_new, int left_,
+                               int right_)
+      : left(left_), right(right_), cache_len(cache_len_), leftpad(leftpad_) {
+    seqlen_k = cache_len + seqlen_new - leftpad;
+    shift = seqlen_k - seqlen_q;
+    nc = (cache_len + kBlockN - 1) / kBlockN;
+    q_lo = m_block * kBlockM;
+    q_hi = min(q_lo + kBlockM, seqlen_q);
+    int lo = 0, hi = seqlen_k;  // visible mask positions of the block's rows
+    if (left >= 0) lo = max(0, q_lo + shift - left);
+    if (right >= 0) hi = min(seqlen_k, (q_hi - 1) + shift + right + 1);
+    n_min = n_max = 0;
+    if (q_hi <= q_lo || hi <= lo) return;
+    int const plo = lo + leftpad, phi = hi + leftpad;  // cache positions
+    // Cache part [plo, min(phi, cache_len)), appended part [max(plo, cache_len), phi): when both are non-empty
+    // the first ends with block nc - 1 and the second starts with block nc, so the range is contiguous.
+    bool const has_cache = plo < min(phi, cache_len), has_new = max(plo, cache_len) < phi;
+    n_min = has_cache ? plo / kBlockN : nc + (max(plo, cache_len) - cache_len) / kBlockN;
+    n_max = has_new ? nc + (phi - cache_len + kBlockN - 1) / kBlockN : (min(phi, cache_len) + kBlockN - 1) / kBlockN;
+  }
+
+  CUTE_HOST_DEVICE int num_blocks() const { return n_max - n_min; }
+  CUTE_HOST_DEVICE bool is_cache(int n) const { return n < nc; }
+
+  // Virtual block n: mask position of its column 0 and the columns' valid mask positions [kmin, kend) (cache
+  // keys from leftpad to cache_len, or the appended keys; page_ok false: a paged block whose page index is out of
+  // range, none).
+  CUTE_HOST_DEVICE void block_cols(int n, bool page_ok, int& n0, int& kmin, int& kend) const {
+    if (n < nc) {
+      n0 = n * kBlockN - leftpad;
+      kmin = 0;
+      kend = page_ok ? cache_len - leftpad : 0;
+    } else {
+      n0 = cache_len + (n - nc) * kBlockN - leftpad;
+      kmin = cache_len - leftpad;
+      kend = seqlen_k;
+    }
+  }
+
+  // True unless every (row in [q_lo, q_hi), column of block n) pair is allowed.
+  CUTE_HOST_DEVICE bool needs_mask(int n0, int kmin, int kend) const {
+    int const n1 = n0 + kBlockN;
+    if (n0 < kmin || n1 > kend) return true;
+    if (left >= 0 && n0 < (q_hi - 1) + shift - left) return true;
+    if (right >= 0 && n1 - 1 > q_lo + shift + right) return true;
+    return false;
+  }
+};
+
+// Element mask of one score tile with an explicit valid column range [kmin, kend) (KV cache blocks): like
+// apply_mask, with the tile's columns at mask positions n0 + c.
+template <class TS, class TC>
+CUTE_DEVICE void apply_mask_range(TS& S, TC const& rc, int q_lo_tile, int n0, int shift, int kmin, int kend,
+                                  int left, int right) {
+  CUTE_UNROLL
+  for (int r = 0; r < cute::size<0>(S); ++r) {
+    int const diag = q_lo_tile + int(cute::get<0>(rc(r, 0))) + shift;
+    int const lo = left >= 0 ? max(diag - left, kmin) : kmin;
+    int const hi = right >= 0 ? min(diag + right, kend - 1) : kend - 1;  // inclusive
+    CUTE_UNROLL
+    for (int c = 0; c < cute::size<1>(S); ++c) {
+      int const col = n0 + int(cute::get<1>(rc(r, c)));
+      if (col < lo || col > hi) S(r, c) = -INFINITY;
+    }
+  }
+}
+
 }  // namespace fa3jax

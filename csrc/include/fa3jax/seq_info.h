@@ -39,4 +39,23 @@ struct SeqInfo {
   CUTE_HOST_DEVICE static int clamp(int x, int lo, int hi) { return x < lo ? lo : (x > hi ? hi : x); }
 };
 
+// One batch row of a KV-cache call (attn_params.h KVCacheSeqs), clamped so that any values stay inside the caches:
+// cache_len into [0, capacity - seqlen_new] (validation's rule), leftpad into [0, cache_len], the contiguous
+// cache's slot (batch_idx, else the row itself) into [0, cache_slots).
+struct KVCacheSeq {
+  int cache_len, leftpad, slot;
+
+  CUTE_HOST_DEVICE static KVCacheSeq make(int batch, int const* cache_seqlens, int const* leftpad,
+                                          int const* batch_idx, int capacity, int seqlen_new, int cache_slots) {
+    int const cap = capacity - seqlen_new > 0 ? capacity - seqlen_new : 0;
+    int const len = clamp(cache_seqlens[batch], 0, cap);
+    int const lp = leftpad ? clamp(leftpad[batch], 0, len) : 0;
+    int const slot = clamp(batch_idx ? batch_idx[batch] : batch, 0, cache_slots > 0 ? cache_slots - 1 : 0);
+    return {len, lp, slot};
+  }
+
+ private:
+  CUTE_HOST_DEVICE static int clamp(int x, int lo, int hi) { return x < lo ? lo : (x > hi ? hi : x); }
+};
+
 }  // namespace fa3jax

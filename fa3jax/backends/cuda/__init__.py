@@ -1,12 +1,15 @@
 """Hopper (sm_90a) CUDA backend: FlashAttention-3 style forward and backward kernels behind XLA FFI.
 
 The compiled part lives in ``_fa3jax_cuda`` (built only with ``FA3JAX_BUILD_CUDA=1``); everything here works,
-and reports unavailability, without it. Forward and backward serve dense and varlen calls, the forward MLA (a
-value head dim below the q/k one) too where built; where the backward kernel does not serve a call (see
-check_backward: MLA, head dims built without a backward), the registry pairs this forward (and its LSE, which
-follows every backend's convention) with another backend's backward. Any head dim up to the largest built one is
-served (by the smallest kernel that holds it, chosen in the C++ dispatch); see _kernel_head_dim for the few that
-need padded copies.
+and reports unavailability, without it. Forward and backward serve dense and varlen calls, MLA (a value head dim
+below the q/k one) too where built; where the backward kernel does not serve a call (see check_backward: head dims
+or MLA pairs built without a backward), the registry pairs this forward (and its LSE, which follows every backend's
+convention) with another backend's backward. Any head dim up to the largest built one is served (by the smallest
+kernel that holds it, chosen in the C++ dispatch; MLA pairs by their exact kernel only); see _kernel_head_dim for
+the few that need padded copies.
+``kvcache_forward`` serves KV-cache calls (contiguous and paged caches, appended k/v, leftpad, batch_idx, GQA,
+masks, softcap, sinks; head dims that are multiples of 8, by the same kernel choice) in one pass over each row's
+keys; ``auto`` still tries triton first for them (fa3jax.registry: not measured yet).
 """
 from __future__ import annotations
 
@@ -100,8 +103,11 @@ class CudaBackend(Backend):
         except Exception as e:  # noqa: BLE001 - availability never raises
             return False, f"cuda: availability check failed: {type(e).__name__}: {e}"
 
-    def _check_common(self, spec: AttentionSpec, instances_key: str, what: str) -> None:
-        """Refusals shared by the forward and backward kernels (compiled instantiations, features)."""
+    def _check_common(self, spec: AttentionSpec, instances_key: str, mla_key: str, mla_feature: str,
+                      what: str) -> None:
+        """Refusals shared by the forward and backward kernels (compiled instantiations, features): build_info's
+        ``instances_key`` lists the (dtype, d) kernels, ``mla_key`` the (dtype, d, d_v) ones of an extension with
+        ``mla_feature``."""
         ext, reason = _load_extension()
         if ext is None:
             raise NotImplementedError(reason)
@@ -112,11 +118,11 @@ class CudaBackend(Backend):
         dt = _DTYPE_NAMES.get(spec.dtype)
         if dt is None:
             raise NotImplementedError(f"cuda: dtype {spec.dtype} not supported (bfloat16, float16 only)")
-        if spec.head_dim_v != spec.head_dim:  # only forwards get here (check_backward refuses MLA first)
-            if targets.FEATURE_MLA not in build_info().get("features", ()):
-                raise NotImplementedError("cuda: this build of the CUDA extension predates MLA (a value head dim "
-                                          "below the q/k one); rebuild it with FA3JAX_BUILD_CUDA=1")
-            built = {(str(t), int(d), int(dv)) for t, d, dv in build_info().get("mla_instances", ())}
+        if spec.head_dim_v != spec.head_dim:
+            if mla_feature not in build_info().get("features", ()):
+                raise NotImplementedError(f"cuda: this build of the CUDA extension predates the MLA {what} (a value "
+                                          f"head dim below the q/k one); rebuild it with FA3JAX_BUILD_CUDA=1")
+            built = {(str(t), int(d), int(dv)) for t, d, dv in build_info().get(mla_key, ())}
             if (dt, spec.head_dim, spec.head_dim_v) not in built:
                 raise NotImplementedError(
                     f"cuda: no MLA {what} kernel for (dtype={spec.dtype}, head_dim={spec.head_dim}, "
@@ -144,10 +150,62 @@ class CudaBackend(Backend):
         if not spec.softmax_scale > 0:
             raise NotImplementedError("cuda: softmax_scale must be > 0")
 
+    def _check_kvcache(self, spec: AttentionSpec) -> None:
+        """Refusals of the KV-cache forward (csrc fwd_check's kvcache_check says the same in C++)."""
+        ext, reason = _load_extension()
+        if ext is None:
+            raise NotImplementedError(reason)
+        info = build_info()
+        if targets.FEATURE_KVCACHE not in info.get("features", ()):
+            raise NotImplementedError("cuda: this build of the CUDA extension predates the KV-cache forward; rebuild "
+                                      "it with FA3JAX_BUILD_CUDA=1")
+        dt = _DTYPE_NAMES.get(spec.dtype)
+        if dt is None:
+            raise NotImplementedError(f"cuda: dtype {spec.dtype} not supported (bfloat16, float16 only)")
+        if spec.head_dim_v != spec.head_dim:
+            raise NotImplementedError(f"cuda: no MLA KV-cache kernel (value head dim below the q/k one); got "
+                                      f"{spec.head_dim_v=}, {spec.head_dim=}")
+        if targets.FEATURE_ANY_HEAD_DIM in info.get("features", ()):
+            if spec.head_dim % 8:
+                # The dense path pads q/k/v to a multiple of 8; here that would copy the whole caches per call.
+                raise NotImplementedError(f"cuda: the KV-cache forward needs a head dim that is a multiple of 8 "
+                                          f"(zero-padding would copy the caches); got {spec.head_dim=}")
+            # Every head dim some kernel serves, with the key block of the one the C++ dispatch picks for it.
+            blocks = {(str(t), int(d)): int(n) for t, d, n in info.get("kvcache_head_dims", ())}
+        else:  # an extension built before any-head-dim support: the instances' own head dims only
+            blocks = {(str(t), int(d)): int(n) for t, d, n in info.get("kvcache_instances", ())}
+        block_n = blocks.get((dt, spec.head_dim))
+        if block_n is None:
+            built = sorted((t, d) for t, d, _ in info.get("kvcache_instances", ()))
+            raise NotImplementedError(
+                f"cuda: no KV-cache kernel for (dtype={spec.dtype}, head_dim={spec.head_dim}) in this build (built: "
+                f"{built}; any_head_dim builds serve head dims up to the largest); rebuild with FA3JAX_HEAD_DIMS / "
+                f"FA3JAX_DTYPES")
+        kv = spec.kvcache
+        if kv.capacity < 1:
+            raise NotImplementedError(f"cuda: an empty cache ({kv.capacity=}) is not supported")
+        # Each key block is one TMA load, so it must lie in one page; smaller or odd pages would need a gather.
+        if kv.paged and kv.page_size % block_n:
+            raise NotImplementedError(f"cuda: paged caches need a page_size that is a multiple of the kernel's key "
+                                      f"block {block_n}; got {kv.page_size=}")
+        slot_rows = kv.page_size if kv.paged else kv.capacity
+        if (kv.cache_batch * slot_rows + slot_rows + block_n >= 2**31
+                or spec.batch * kv.seqlen_new + kv.seqlen_new + block_n >= 2**31):
+            raise NotImplementedError(f"cuda: caches of {kv.cache_batch} x {slot_rows} rows (or {spec.batch} x "
+                                      f"{kv.seqlen_new} new rows) exceed the kernel's int32 TMA coordinates")
+        if not spec.softmax_scale > 0:
+            raise NotImplementedError("cuda: softmax_scale must be > 0")
+        tiles = -(-spec.seqlen_q // 64) * spec.num_heads_q * spec.batch
+        if tiles > _MAX_TILES:
+            raise NotImplementedError(f"cuda: {tiles=} query tiles exceed the kernel's int32 tile index")
+
     def check_forward(self, spec: AttentionSpec) -> None:
+        if spec.mode == "kvcache":
+            self._check_kvcache(spec)
+            return
         if spec.mode not in ("dense", "varlen"):
             raise NotImplementedError(f"cuda: no forward kernel for mode {spec.mode!r} (dense and varlen only)")
-        self._check_common(spec, "instances", "forward")
+        self._check_common(spec, "instances", "mla_instances", targets.FEATURE_MLA, "forward")
         features = build_info().get("features", ())
         if spec.has_sinks and targets.FEATURE_SINKS not in features:
             raise NotImplementedError("cuda: this build of the CUDA extension predates attention sinks; rebuild it "
@@ -171,10 +229,9 @@ class CudaBackend(Backend):
             # A cuda forward's LSE follows the shared convention, so the registry composes the next backend's
             # backward with it.
             raise NotImplementedError(f"cuda: the backward kernel serves dense and varlen calls (got {spec.mode!r})")
-        if spec.head_dim_v != spec.head_dim:  # composed likewise: triton's (else xla's) MLA backward
-            raise NotImplementedError(f"cuda: the backward kernel has no MLA variant (value head dim below the "
-                                      f"q/k one); got {spec.head_dim_v=}, {spec.head_dim=}")
-        self._check_common(spec, "bwd_instances", "backward")
+        # MLA pairs without a backward kernel (or an extension built before it) are composed likewise: triton's
+        # (else xla's) MLA backward on this forward's LSE.
+        self._check_common(spec, "bwd_instances", "bwd_mla_instances", targets.FEATURE_MLA_BWD, "backward")
         if spec.mode == "varlen":
             if targets.FEATURE_VARLEN_BWD not in build_info().get("features", ()):
                 raise NotImplementedError("cuda: this build of the CUDA extension predates the varlen backward; "
@@ -228,12 +285,39 @@ class CudaBackend(Backend):
         call = jax.ffi.ffi_call(targets.FWD_VARLEN_TARGET, out_types, vmap_method="sequential")
         return tuple(call(*operands, **targets.varlen_fwd_attributes(spec)))
 
+    def kvcache_forward(self, spec: AttentionSpec, q, k_cache, v_cache, args):
+        """q (b, lq, hq, d) with rotary applied, the caches as the caller passed them (contiguous (slots, capacity,
+        hk, d) or paged (num_pages, page_size, hk, d)) and the sanitized ``KVCacheArgs``: the kernel attends to each
+        row's cache keys [leftpad, cache_seqlens) and then to its new keys where they are (k_new/v_new, not the
+        cache: backends/base.py's contract), clamping every index again for its own safety. ``num_splits`` is a
+        scheduling hint this kernel does not take: it runs one pass over each row's keys (equal results)."""
+        self.check_forward(spec)
+        ext, _ = _load_extension()
+        _register_targets(ext)
+        kv = spec.kvcache
+        b, lq, hq, d = spec.batch, spec.seqlen_q, spec.num_heads_q, spec.head_dim
+        out_types = (jax.ShapeDtypeStruct((b, lq, hq, d), q.dtype), jax.ShapeDtypeStruct((b, hq, lq), jnp.float32))
+        i32 = lambda x: jnp.asarray(x, jnp.int32)  # noqa: E731
+        operands = [q, k_cache, v_cache, i32(args.cache_seqlens)]
+        if kv.seqlen_new:
+            operands += [args.k_new.astype(q.dtype), args.v_new.astype(q.dtype)]
+        if kv.has_cache_leftpad:
+            operands.append(i32(args.leftpad))
+        if kv.has_cache_batch_idx and not kv.paged:
+            operands.append(i32(args.batch_idx))
+        if kv.paged:
+            operands.append(i32(args.page_table))
+        if spec.has_sinks:
+            operands.append(_sinks(args))
+        call = jax.ffi.ffi_call(targets.FWD_KVCACHE_TARGET, out_types, vmap_method="sequential")
+        return tuple(call(*operands, **targets.kvcache_fwd_attributes(spec)))
+
     def backward(self, spec: AttentionSpec, q, k, v, out, lse, dout, dlse, args):
         self.check_backward(spec)
         ext, _ = _load_extension()
         _register_targets(ext)
         d = _kernel_head_dim(spec)
-        if d != spec.head_dim:
+        if d != spec.head_dim:  # d_v == d here, as in forward (MLA pairs are exact multiples of 8)
             # Zero columns of out and dout add nothing to rowsum(dO * O); those of the gradients are sliced off.
             q, k, v, out, dout = (_pad_head_dim(x, d) for x in (q, k, v, out, dout))
             return tuple(g[..., :spec.head_dim] for g in self._backward(spec, q, k, v, out, lse, dout, dlse, args))

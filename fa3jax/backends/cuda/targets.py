@@ -14,20 +14,28 @@ FWD_SINKS_TARGET = "fa3jax_cuda_fwd_sinks"  # (q, k, v, sinks float32 (hq,)) -> 
 # (q, k, v, cu_seqlens_q, cu_seqlens_k[, seqused_k][, sinks]) -> (out, lse (hq, total_q)); the varlen attributes say
 # which optional operands follow
 FWD_VARLEN_TARGET = "fa3jax_cuda_fwd_varlen"
+# (q, k_cache, v_cache, cache_seqlens[, k_new, v_new][, leftpad][, batch_idx][, page_table][, sinks]) -> (out, lse
+# (b, hq, lq)); the KV-cache attributes say which optional operands follow
+FWD_KVCACHE_TARGET = "fa3jax_cuda_fwd_kvcache"
 BWD_TARGET = "fa3jax_cuda_bwd"  # (q, k, v, out, lse, dout, dlse) -> (dq, dk, dv); csrc/ffi/bwd_ffi.cc
 # (q, k, v, out, lse (hq, total_q), dout, dlse, cu_seqlens_q, cu_seqlens_k[, seqused_k]) -> (dq, dk, dv)
 BWD_VARLEN_TARGET = "fa3jax_cuda_bwd_varlen"
-HANDLERS = {FWD_TARGET: "fwd", FWD_SINKS_TARGET: "fwd_sinks", FWD_VARLEN_TARGET: "fwd_varlen", BWD_TARGET: "bwd",
-            BWD_VARLEN_TARGET: "bwd_varlen"}
+HANDLERS = {FWD_TARGET: "fwd", FWD_SINKS_TARGET: "fwd_sinks", FWD_VARLEN_TARGET: "fwd_varlen",
+            FWD_KVCACHE_TARGET: "fwd_kvcache", BWD_TARGET: "bwd", BWD_VARLEN_TARGET: "bwd_varlen"}
 # build_info()["features"] entries of an extension that has FWD_SINKS_TARGET / FWD_VARLEN_TARGET (older builds lack
-# them), and of one whose forward targets take v with a smaller head dim (MLA; build_info()["mla_instances"]).
+# them), of one whose forward targets take v with a smaller head dim (MLA; build_info()["mla_instances"]), and of one
+# whose backward targets do too (build_info()["bwd_mla_instances"]).
 FEATURE_SINKS = "sinks"
 FEATURE_VARLEN = "varlen"
 FEATURE_VARLEN_BWD = "varlen_bwd"
 FEATURE_MLA = "mla"
+FEATURE_MLA_BWD = "mla_bwd"
 # ... and of one whose kernels serve every head dim up to their largest instance (a narrower one by the smallest
 # instance that holds it), not only the instances' own.
 FEATURE_ANY_HEAD_DIM = "any_head_dim"
+# ... and of one with FWD_KVCACHE_TARGET (build_info()["kvcache_instances"]: (dtype, head_dim, key block) of
+# the kernels; with FEATURE_ANY_HEAD_DIM, build_info()["kvcache_head_dims"]: the same for every head dim served).
+FEATURE_KVCACHE = "kvcache"
 
 # Attributes, with their FFI types: all targets take the first four, then the forward kernel_variant and the
 # backward deterministic.
@@ -42,6 +50,11 @@ ATTR_MAX_SEQLEN_Q = "max_seqlen_q"  # i32: query blocks per sequence in the grid
 ATTR_MAX_SEQLEN_K = "max_seqlen_k"  # i32: a hint for the tile order
 ATTR_HAS_SEQUSED_K = "has_seqused_k"  # i32 0/1: a seqused_k operand follows cu_seqlens_k
 ATTR_HAS_SINKS = "has_sinks"  # i32 0/1: a sinks operand comes last
+# KV cache only (with ATTR_HAS_SINKS), each i32 0/1: which optional operands follow cache_seqlens, in this order.
+ATTR_HAS_NEW = "has_new"  # k_new and v_new
+ATTR_HAS_LEFTPAD = "has_leftpad"
+ATTR_HAS_BATCH_IDX = "has_batch_idx"  # contiguous caches only
+ATTR_HAS_PAGE_TABLE = "has_page_table"
 
 # Which compiled kernel serves a call: "auto" is the dispatch policy (csrc/src/fwd_dispatch.cc); the others force
 # one where it applies (fa3jax.tuning.Tuning.cuda_kernel), so that benchmarks can time them side by side.
@@ -90,4 +103,17 @@ def varlen_bwd_attributes(spec) -> dict:
         ATTR_MAX_SEQLEN_Q: np.int32(min(vs.max_seqlen_q, spec.seqlen_q)),
         ATTR_MAX_SEQLEN_K: np.int32(min(vs.max_seqlen_k, spec.seqlen_k)),
         ATTR_HAS_SEQUSED_K: np.int32(bool(vs.has_seqused_k)),
+    }
+
+
+def kvcache_fwd_attributes(spec) -> dict:
+    """Keyword attributes of one KV-cache forward call (the operands they announce: backends/cuda kvcache_forward)."""
+    kv = spec.kvcache
+    return {
+        **_mask_attributes(spec),
+        ATTR_HAS_NEW: np.int32(kv.seqlen_new > 0),
+        ATTR_HAS_LEFTPAD: np.int32(bool(kv.has_cache_leftpad)),
+        ATTR_HAS_BATCH_IDX: np.int32(bool(kv.has_cache_batch_idx and not kv.paged)),
+        ATTR_HAS_PAGE_TABLE: np.int32(bool(kv.paged)),
+        ATTR_HAS_SINKS: np.int32(bool(spec.has_sinks)),
     }

@@ -1,0 +1,396 @@
+// Standalone test of the KV-cache forward (attn_params.h KVCacheSeqs): every compiled KV-cache instantiation, and head
+// dims between them that the narrowest kernel holding them serves (fwd_kernel_dim), against a float64 host
+// reference, on contiguous and paged caches with appended k/v, leftpad, batch_idx, GQA, every mask kind, softcap and
+// sinks, including hostile index arrays (cache_seqlens past the capacity or negative, batch_idx and page-table
+// entries out of range, leftpad past the cache) whose results follow the kernel's documented clamping rule
+// (seq_info.h KVCacheSeq; a page index out of range masks that page's keys). Exits nonzero on any
+// failure. Meant to be run directly and under compute-sanitizer memcheck (the hostile cases exist for it).
+//
+//   fa3jax_test_kvcache          all cases, dynamic and static tile assignment
+//   fa3jax_test_kvcache --quick  a few cases (racecheck / synccheck are slow)
+//   fa3jax_test_kvcache --quiet  print failures and the summary only
+//
+// Cache rows that no result may read hold NaN (rows at or past a sequence's cache length, pages no table entry
+// names, the whole cache slot of no batch row), so a kernel that lets them into a result fails; guard bytes around
+// out and lse must stay as they were.
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "test_common.h"
+
+using fa3jax::DType;
+
+namespace {
+
+constexpr uint16_t kNaN16 = 0x7fff;
+
+struct Case {
+  const char* name;
+  int b, lq, hq, hk;
+  int capacity;    // contiguous: the cache's rows per slot; paged: ignored (pages_per_seq * page_size)
+  int slots;       // contiguous: cache slots (the caches' leading dim); paged: num_pages
+  int page_mult;   // 0: contiguous; else page_size = page_mult * the kernel's key block
+  int pages_per_seq;
+  int seqlen_new;
+  std::vector<int> cache_seqlens, leftpad, batch_idx, page_table;  // raw (hostile allowed); empty: absent
+  int wl, wr;
+  float softcap;
+  bool sinks;
+};
+
+const char* dt_name(DType dt) { return dt == DType::kBF16 ? "bf16" : "fp16"; }
+
+// "d", or "d(D)" where the kernel D serves d.
+std::string dim_label(DType dt, int d) {
+  int const kd = fa3jax::fwd_kernel_dim(dt, d);
+  return kd == d ? std::to_string(d) : std::to_string(d) + "(" + std::to_string(kd) + ")";
+}
+
+int clampi(int64_t x, int64_t lo, int64_t hi) { return int(x < lo ? lo : (x > hi ? hi : x)); }
+
+// The kernel's view of batch row bb (seq_info.h KVCacheSeq::make): clamped cache length, leftpad and slot.
+struct Row {
+  int cache_len, leftpad, slot;
+};
+Row row_of(const Case& c, int capacity, int bb) {
+  int const cap = std::max(capacity - c.seqlen_new, 0);
+  Row r;
+  r.cache_len = clampi(c.cache_seqlens[bb], 0, cap);
+  r.leftpad = c.leftpad.empty() ? 0 : clampi(c.leftpad[bb], 0, r.cache_len);
+  r.slot = clampi(c.batch_idx.empty() ? bb : c.batch_idx[bb], 0, std::max(c.slots - 1, 0));
+  return r;
+}
+
+// One case on one instantiation; `workspace` null: static tile assignment.
+bool run_case(DType dt, int d, const Case& c, void* workspace, std::mt19937& rng, bool verbose) {
+  int const bn = fa3jax::fwd_kvcache_block_n(dt, d);
+  bool const paged = c.page_mult > 0;
+  int const page_size = paged ? c.page_mult * bn : 0;
+  int const slot_rows = paged ? page_size : c.capacity;
+  int const capacity = paged ? c.pages_per_seq * page_size : c.capacity;
+  int const b = c.b, lq = c.lq, hq = c.hq, hk = c.hk, sn = c.seqlen_new, g = hq / hk;
+  size_t const n_cache = size_t(c.slots) * slot_rows * hk * d;
+  std::vector<uint16_t> bq, bk, bv, bkn, bvn;
+  std::vector<float> fq, fk, fv, fkn, fvn;
+  normal_inputs(rng, dt, size_t(b) * lq * hq * d, bq, fq);
+  normal_inputs(rng, dt, n_cache, bk, fk);
+  normal_inputs(rng, dt, n_cache, bv, fv);
+  if (sn > 0) {
+    normal_inputs(rng, dt, size_t(b) * sn * hk * d, bkn, fkn);
+    normal_inputs(rng, dt, size_t(b) * sn * hk * d, bvn, fvn);
+  }
+  // Which cache rows some result reads (the kernel may load the rest of a partly valid key block only where it
+  // lies below the block's valid rows, i.e. before leftpad: those stay finite); all others become NaN.
+  std::vector<char> readable(size_t(c.slots) * slot_rows, 0);
+  std::vector<Row> rows(b);
+  for (int bb = 0; bb < b; ++bb) {
+    rows[bb] = row_of(c, capacity, bb);
+    for (int j = 0; j < rows[bb].cache_len; ++j) {
+      if (!paged) {
+        readable[size_t(rows[bb].slot) * slot_rows + j] = 1;
+        continue;
+      }
+      int const page = c.page_table[size_t(bb) * c.pages_per_seq + j / page_size];
+      if (page >= 0 && page < c.slots) readable[size_t(page) * slot_rows + j % page_size] = 1;
+    }
+  }
+  for (size_t r = 0; r < readable.size(); ++r)
+    if (!readable[r])
+      for (int i = 0; i < hk * d; ++i) bk[r * hk * d + i] = bv[r * hk * d + i] = kNaN16;
+  std::vector<float> hsinks;
+  if (c.sinks) {
+    std::uniform_real_distribution<float> sd(-2.f, 2.f);
+    for (int h = 0; h < hq; ++h) hsinks.push_back(sd(rng) + 3.f);
+  }
+
+  Uploads up;
+  Guarded out, lse;
+  size_t const no = size_t(b) * lq * hq * d, nl = size_t(b) * hq * lq;
+  out.alloc(no * 2);
+  lse.alloc(nl * 4);
+  fa3jax::FwdParams p;
+  fa3jax::AttnCore& a = p.core;
+  a.q = up.put(bq);
+  a.k = up.put(bk);
+  a.v = up.put(bv);
+  a.batch = b;
+  a.seqlen_q = lq;
+  a.seqlen_k = capacity;
+  a.num_heads_q = hq;
+  a.num_heads_k = hk;
+  a.head_dim = d;
+  a.dtype = dt;
+  a.softmax_scale = 1.f / std::sqrt(float(d));
+  a.window_left = c.wl;
+  a.window_right = c.wr;
+  a.softcap = c.softcap;
+  a.set_dense_strides();
+  a.k_stride.batch = a.v_stride.batch = int64_t(slot_rows) * hk * d;  // one slot (cache row or page)
+  a.kvcache.cache_seqlens = up.put(c.cache_seqlens);
+  a.kvcache.leftpad = up.put(c.leftpad);
+  a.kvcache.batch_idx = up.put(c.batch_idx);
+  a.kvcache.cache_slots = c.slots;
+  if (paged) {
+    a.paged.block_table = up.put(c.page_table);
+    a.paged.page_size = page_size;
+    a.paged.max_pages_per_seq = c.pages_per_seq;
+  }
+  if (sn > 0) {
+    a.append.k_new = up.put(bkn);
+    a.append.v_new = up.put(bvn);
+    a.append.seqlen_new = sn;
+  }
+  p.out = out.mid();
+  p.lse = static_cast<float*>(lse.mid());
+  p.sinks = up.put(hsinks);
+  p.workspace = workspace;
+  fa3jax::FwdStatus const st = fa3jax::run_fwd(p, nullptr);
+  char const* mode = workspace ? "" : " [static]";
+  if (!st.ok()) {
+    std::printf("FAIL %s d=%s %s%s: launch: %s (%s)\n", dt_name(dt), dim_label(dt, d).c_str(), c.name, mode, st.what,
+                cudaGetErrorString(st.error));
+    return false;
+  }
+  CK(cudaDeviceSynchronize());
+  std::vector<uint16_t> hout(no);
+  std::vector<float> hlse(nl);
+  bool const guards = out.fetch(hout.data()) & lse.fetch(hlse.data());
+
+  // float64 reference: row bb's keys are its cache keys [leftpad, cache_len) (paged: those on valid pages) then
+  // its appended keys, at mask positions j - leftpad with key length cache_len + sn - leftpad.
+  double max_err = 0, max_lse_err = 0;
+  size_t nan_out = 0, bad_lse = 0;
+  float const scale = a.softmax_scale;
+  for (int bb = 0; bb < b; ++bb) {
+    Row const r = rows[bb];
+    int const skm = r.cache_len + sn - r.leftpad;
+    std::vector<const float*> kr, vr;  // per visible key: k and v rows (head 0), and its mask position
+    std::vector<int> pos;
+    for (int j = r.leftpad; j < r.cache_len; ++j) {
+      size_t row;
+      if (paged) {
+        int const page = c.page_table[size_t(bb) * c.pages_per_seq + j / page_size];
+        if (page < 0 || page >= c.slots) continue;
+        row = size_t(page) * slot_rows + j % page_size;
+      } else {
+        row = size_t(r.slot) * slot_rows + j;
+      }
+      kr.push_back(&fk[row * hk * d]);
+      vr.push_back(&fv[row * hk * d]);
+      pos.push_back(j - r.leftpad);
+    }
+    for (int t = 0; t < sn; ++t) {
+      kr.push_back(&fkn[(size_t(bb) * sn + t) * hk * d]);
+      vr.push_back(&fvn[(size_t(bb) * sn + t) * hk * d]);
+      pos.push_back(r.cache_len + t - r.leftpad);
+    }
+    for (int h = 0; h < hq; ++h)
+      for (int i = 0; i < lq; ++i) {
+        const float* qi = &fq[((size_t(bb) * lq + i) * hq + h) * d];
+        std::vector<double> s(kr.size(), -INFINITY);
+        double m = -INFINITY;
+        for (size_t j = 0; j < kr.size(); ++j) {
+          if (!allowed(i, pos[j], lq, skm, c.wl, c.wr)) continue;
+          const float* kj = kr[j] + size_t(h / g) * d;
+          double acc = 0;
+          for (int t = 0; t < d; ++t) acc += double(qi[t]) * kj[t];
+          acc *= scale;
+          if (c.softcap > 0) acc = c.softcap * std::tanh(acc / c.softcap);
+          s[j] = acc;
+          m = std::max(m, acc);
+        }
+        double const sink = hsinks.empty() ? -INFINITY : double(hsinks[h]);
+        std::vector<double> o(d, 0.0);
+        double rl = sink;
+        if (m != -INFINITY) {
+          double const top = std::max(m, sink);
+          double sum = std::exp(sink - top);
+          for (size_t j = 0; j < kr.size(); ++j) {
+            if (s[j] == -INFINITY) continue;
+            double const pj = std::exp(s[j] - top);
+            sum += pj;
+            const float* vj = vr[j] + size_t(h / g) * d;
+            for (int t = 0; t < d; ++t) o[t] += pj * vj[t];
+          }
+          for (int t = 0; t < d; ++t) o[t] /= sum;
+          rl = top + std::log(sum);
+        }
+        for (int t = 0; t < d; ++t) {
+          float const x = from_bits(hout[((size_t(bb) * lq + i) * hq + h) * d + t], dt);
+          if (!std::isfinite(x)) { ++nan_out; continue; }
+          if (m == -INFINITY && x != 0.f) ++nan_out;  // a row that sees no key: exactly 0
+          max_err = std::max(max_err, std::fabs(x - o[t]));
+        }
+        float const l = hlse[(size_t(bb) * hq + h) * lq + i];
+        if (std::isinf(rl)) {
+          if (!(l == float(rl))) ++bad_lse;
+        } else if (!std::isfinite(l)) {
+          ++bad_lse;
+        } else {
+          max_lse_err = std::max(max_lse_err, std::fabs(l - rl));
+        }
+      }
+  }
+  double const tol = dt == DType::kBF16 ? 2.5e-2 : 4e-3;
+  double const lse_tol = 2e-3 * std::log2(double(capacity + sn) + 2) + 1e-3;
+  bool const ok = guards && nan_out == 0 && bad_lse == 0 && max_err <= tol && max_lse_err <= lse_tol;
+  if (!ok || verbose)
+    std::printf("%s %s d=%-7s %-28s%s b=%d lq=%d hq=%d hk=%d %s cap=%d new=%d win=(%d,%d) softcap=%g%s: max|dO|=%.3g "
+                "max|dLSE|=%.3g bad out=%zu bad lse=%zu guards %s\n",
+                ok ? "ok  " : "FAIL", dt_name(dt), dim_label(dt, d).c_str(), c.name, mode, b, lq, hq, hk,
+                paged ? ("paged(" + std::to_string(page_size) + ")").c_str() : "contiguous", capacity, sn, c.wl, c.wr,
+                c.softcap, c.sinks ? " sinks" : "", max_err, max_lse_err, nan_out, bad_lse,
+                guards ? "intact" : "OVERWRITTEN");
+  return ok;
+}
+
+// A random page table: pages_per_seq entries per batch row, distinct pages where there are enough.
+std::vector<int> random_pages(int b, int pages_per_seq, int num_pages, std::mt19937& rng) {
+  std::vector<int> perm(num_pages);
+  for (int i = 0; i < num_pages; ++i) perm[i] = i;
+  std::shuffle(perm.begin(), perm.end(), rng);
+  std::vector<int> t;
+  for (int i = 0; i < b * pages_per_seq; ++i) t.push_back(perm[size_t(i) % num_pages]);
+  return t;
+}
+
+std::vector<Case> cases() {
+  std::mt19937 rng(11);
+  int const kMin = INT32_MIN, kMax = INT32_MAX;
+  std::vector<Case> cs = {
+      {"decode", 3, 1, 8, 2, 300, 3, 0, 0, 0, {1, 150, 300}, {}, {}, {}, -1, -1, 0.f, false},
+      {"decode-append-causal", 2, 5, 4, 4, 512, 2, 0, 0, 5, {100, 0}, {}, {}, {}, -1, 0, 0.f, false},
+      {"prefill-causal-mqa", 2, 200, 4, 1, 1000, 2, 0, 0, 0, {700, 333}, {}, {}, {}, -1, 0, 0.f, false},
+      {"append-window-leftpad", 3, 3, 4, 2, 400, 3, 0, 0, 3, {250, 10, 397}, {30, 5, 0}, {}, {}, 64, 0, 0.f, false},
+      {"softcap-sinks-causal", 2, 65, 4, 2, 256, 2, 0, 0, 0, {256, 129}, {}, {}, {}, -1, 0, 30.f, true},
+      {"batch_idx-append", 3, 2, 6, 3, 260, 5, 0, 0, 2, {100, 200, 50}, {}, {4, 0, 2}, {}, -1, 0, 0.f, false},
+      {"more-queries-than-keys", 1, 70, 2, 1, 128, 1, 0, 0, 0, {3}, {}, {}, {}, -1, 0, 0.f, false},
+      {"empty-cache+sinks", 2, 4, 2, 2, 64, 2, 0, 0, 0, {0, 0}, {}, {}, {}, -1, -1, 0.f, true},
+      {"window(20,10)-append", 2, 40, 4, 2, 500, 2, 0, 0, 40, {300, 41}, {}, {}, {}, 20, 10, 0.f, false},
+      {"hostile-contiguous", 4, 3, 4, 2, 200, 3, 0, 0, 1, {-5, 1 << 30, kMin, 77}, {-3, 1 << 30, 5, kMin},
+       {-1, 7, kMax, 1}, {}, -1, 0, 0.f, false},
+      {"hostile-extremes", 3, 2, 2, 1, 130, 2, 0, 0, 0, {kMax, kMin, 129}, {kMax, 0, kMax}, {kMin, kMax, -1}, {},
+       -1, -1, 5.f, false},
+  };
+  // Paged (page_mult x the key block per page).
+  Case p1{"paged-decode-causal", 3, 4, 8, 2, 0, 10, 1, 4, 0, {300, 512, 0}, {}, {}, {}, -1, 0, 0.f, false};
+  p1.page_table = random_pages(3, 4, 10, rng);
+  Case p2{"paged-append-hostile", 3, 3, 4, 2, 0, 6, 1, 5, 3, {600, 200, -1}, {}, {}, {}, 100, 0, 0.f, true};
+  p2.page_table = random_pages(3, 5, 6, rng);
+  p2.page_table[1] = -1;
+  p2.page_table[5] = 6;       // == num_pages
+  p2.page_table[6] = kMax;
+  p2.page_table[12] = kMin;
+  Case p3{"paged-2blocks-prefill-full", 2, 130, 4, 4, 0, 5, 2, 2, 0, {400, 257}, {}, {}, {}, -1, -1, 0.f, false};
+  p3.page_table = random_pages(2, 2, 5, rng);
+  Case p4{"paged-shared-pages-softcap", 2, 1, 4, 1, 0, 3, 1, 3, 1, {250, 383}, {}, {}, {}, -1, -1, 15.f, false};
+  p4.page_table = {2, 0, 1, 2, 0, 1};  // two rows sharing pages (a shared prefix)
+  cs.push_back(p1);
+  cs.push_back(p2);
+  cs.push_back(p3);
+  cs.push_back(p4);
+  return cs;
+}
+
+// Parameters the KV-cache forward must refuse, not launch: every refusal is a fwd_check message.
+int check_refusals(DType dt, int d, void* buf, int& runs) {
+  int failures = 0;
+  int const bn = fa3jax::fwd_kvcache_block_n(dt, d);
+  int seqlens[2] = {0, 0};
+  auto base = [&]() {
+    fa3jax::FwdParams p;
+    fa3jax::AttnCore& a = p.core;
+    a.batch = 2; a.seqlen_q = 4; a.seqlen_k = 4 * bn; a.num_heads_q = a.num_heads_k = 2; a.head_dim = d;
+    a.dtype = dt;
+    a.set_dense_strides();
+    a.k_stride.batch = a.v_stride.batch = int64_t(bn) * 2 * d;  // paged below: one page of bn rows
+    a.q = a.k = a.v = p.out = buf;
+    p.lse = static_cast<float*>(buf);
+    a.kvcache.cache_seqlens = seqlens;
+    a.kvcache.cache_slots = 3;
+    a.paged.block_table = seqlens;
+    a.paged.page_size = bn;
+    a.paged.max_pages_per_seq = 4;
+    return p;
+  };
+  struct R {
+    const char* what;
+    void (*edit)(fa3jax::FwdParams&);
+  };
+  const R refusals[] = {
+      {"page size not a multiple of the key block", [](fa3jax::FwdParams& p) { p.core.paged.page_size += 8; }},
+      {"capacity != pages x page size", [](fa3jax::FwdParams& p) { p.core.seqlen_k += 1; }},
+      {"split K/V", [](fa3jax::FwdParams& p) { p.splits.num_splits = 2; }},
+      {"no cache slots", [](fa3jax::FwdParams& p) { p.core.kvcache.cache_slots = 0; }},
+      {"slots not packed", [](fa3jax::FwdParams& p) { p.core.k_stride.batch += 8; }},
+      {"seqlen_new > capacity",
+       [](fa3jax::FwdParams& p) {
+         p.core.append.k_new = p.core.append.v_new = p.core.q;
+         p.core.append.seqlen_new = p.core.seqlen_k + 1;
+       }},
+      {"MLA cache", [](fa3jax::FwdParams& p) { p.core.head_dim_v = p.core.head_dim / 2; }},
+      {"head_dim not a multiple of 8", [](fa3jax::FwdParams& p) { p.core.head_dim -= 4; }},
+      {"head_dim above every kernel", [](fa3jax::FwdParams& p) { p.core.head_dim = 264; }},
+  };
+  ++runs;
+  if (const char* msg = fa3jax::fwd_check(base())) {
+    std::printf("FAIL %s d=%s valid KV-cache params refused: %s\n", dt_name(dt), dim_label(dt, d).c_str(), msg);
+    ++failures;
+  }
+  for (R const& r : refusals) {
+    fa3jax::FwdParams p = base();
+    r.edit(p);
+    ++runs;
+    if (fa3jax::fwd_check(p) == nullptr) {
+      std::printf("FAIL %s d=%s accepted: %s\n", dt_name(dt), dim_label(dt, d).c_str(), r.what);
+      ++failures;
+    }
+  }
+  return failures;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::setvbuf(stdout, nullptr, _IOLBF, 0);
+  bool quick = false, verbose = true;
+  for (int i = 1; i < argc; ++i) {
+    if (!std::strcmp(argv[i], "--quick")) quick = true;
+    else if (!std::strcmp(argv[i], "--quiet")) verbose = false;
+    else {
+      std::fprintf(stderr, "unknown argument %s\n", argv[i]);
+      return 2;
+    }
+  }
+  if (!device_is_sm90("compiled", fa3jax::fwd_compiled_list())) return 3;
+  void* workspace = nullptr;
+  CK(cudaMalloc(&workspace, 4096));
+  std::vector<Case> const cs = cases();
+  std::mt19937 rng(4321);
+  int failures = 0, runs = 0;
+  for (DType dt : {DType::kBF16, DType::kFP16})
+    // The instances' own head dims, then narrower multiples of 8 that a wider kernel serves (its TMA loads
+    // zero-filling the columns past d, its output store clipping them).
+    for (int d : {64, 128, 256, 40, 96, 200}) {
+      if (!fa3jax::fwd_kvcache_compiled(dt, d)) continue;
+      for (size_t i = 0; i < cs.size(); ++i) {
+        // --quick: append with leftpad, the hostile contiguous case and the hostile paged one.
+        if (quick && i != 3 && i != 9 && i != 12) continue;
+        for (void* ws : {workspace, static_cast<void*>(nullptr)}) {
+          ++runs;
+          if (!run_case(dt, d, cs[i], ws, rng, verbose)) ++failures;
+        }
+      }
+      failures += check_refusals(dt, d, workspace, runs);
+    }
+  if (runs == 0) std::printf("FAIL no KV-cache forward compiled\n");
+  CK(cudaFree(workspace));
+  std::printf("%d/%d passed\n", runs - failures, runs);
+  return failures == 0 && runs > 0 ? 0 : 1;
+}
