@@ -6,7 +6,7 @@
 #         test (GPU pytest suites), bench (side-by-side table), decode (kvcache decode table),
 #         varlen (varlen vs dense table), sweep (Triton tile/variant sweep, SWEEP_ARGS),
 #         ab (C++ timing of d=128 bf16 kernel variants built side by side, AB_VARIANTS), abbin (the same for
-#         test programs built elsewhere, AB_BINS),
+#         test programs built elsewhere, AB_BINS), cverify (checks + memcheck of prebuilt test programs, CHECK_BINS),
 #         ncu (Nsight Compute source-level profile of one C++ bench case and of flash-attn3-jax's kernel),
 #         ncutriton (Nsight Compute sections of the Triton forward and flash-attn3-jax's, via profile_fwd.py),
 #         ncudecode (the same for the decode kernels, via profile_decode.py).
@@ -16,8 +16,9 @@ set -uo pipefail
 OUT=${OUT:-/tmp/fa3jax-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 # the device gets a tree without .git: pass FA3JAX_COMMIT=$(git rev-parse --short HEAD) from here for RESULTS.md
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  || { echo "wheel install failed"; exit 1; }
+# FA3JAX_NO_WHEELS=1: a second invocation beside a running one (e.g. buildext in the background) skips the install
+[ -n "${FA3JAX_NO_WHEELS:-}" ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  --target /tmp/site .whl/*.whl || { echo "wheel install failed"; exit 1; }
 export PYTHONPATH=/tmp/site:$PWD
 # The GPU suites are compile-bound. Compiled Triton kernels and XLA executables persist across device calls when
 # .device_cache travels: unpack a previous call's $OUT/device_cache.tgz into .device_cache and carry it.
@@ -38,7 +39,7 @@ build() { buildext && buildtests; }
 buildext() {
   export CUTLASS_INC=$(python3 -c "import cutlass_library,os;print(os.path.join(os.path.dirname(cutlass_library.__file__),'source','include'))")
   rm -rf /tmp/fa3site  # pip --target keeps an existing package: a warm machine would test the previous build
-  FA3JAX_BUILD_CUDA=1 CMAKE_BUILD_PARALLEL_LEVEL=16 timeout 400 python3 -m pip install --no-deps \
+  FA3JAX_BUILD_CUDA=1 CMAKE_BUILD_PARALLEL_LEVEL=16 timeout ${BUILD_TIMEOUT:-400} python3 -m pip install --no-deps \
     --no-build-isolation --target /tmp/fa3site -q . || return 1
   # tests run from the source tree (python -m pytest puts it first on sys.path): put the extension there too
   cp /tmp/fa3site/fa3jax/backends/cuda/_fa3jax_cuda*.so fa3jax/backends/cuda/ || return 1
@@ -46,11 +47,11 @@ buildext() {
 }
 buildtests() {
   cmake -S csrc -B build/csrc-tests -G Ninja -DFA3JAX_PTXAS_VERBOSE=ON -DFA3JAX_BUILD_TESTS=ON \
-    -DFA3JAX_HEAD_DIMS="${FA3JAX_HEAD_DIMS:-64;128;256}" -DFA3JAX_DTYPES="${FA3JAX_DTYPES:-bf16;fp16}" >/dev/null \
+    -DFA3JAX_HEAD_DIMS="${FA3JAX_HEAD_DIMS:-64;128;256;192x128;128x64}" -DFA3JAX_DTYPES="${FA3JAX_DTYPES:-bf16;fp16}" >/dev/null \
     && cmake --build build/csrc-tests -j16 2>&1 | grep -E "error|spill|Used [0-9]+ registers" | sort | uniq | head -40
   # timeouts: a pipeline or barrier bug shows up as a hang, not a crash
   timeout 60 build/csrc-tests/fa3jax_test_layouts && timeout 180 build/csrc-tests/fa3jax_test_fwd &&
-    timeout 60 build/csrc-tests/fa3jax_test_bwd
+    timeout 120 build/csrc-tests/fa3jax_test_bwd && timeout 120 build/csrc-tests/fa3jax_test_varlen --quiet
 }
 cbench() { timeout 120 build/csrc-tests/fa3jax_test_fwd --bench --quiet | grep -E "^bench|passed"; }
 # CTEST_BIN: the C++ test program to check (default: the one buildtests made; one built off the device works too)
@@ -107,13 +108,14 @@ ab() {
   tar czf "$OUT/ab_build_logs.tgz" -C "$OUT" $(cd "$OUT" && ls ab-*-build.log) && rm -f "$OUT"/ab-*-build.log
   AB_BINS="${bins[*]}" abbin
 }
-# AB_BINS="name=PATH ...": prebuilt fa3jax_test_fwd programs (the C++ test links cudart statically and has no
+# AB_BINS="name=PATH ..." (AB_SKIP_CHECKS=1: timing only): prebuilt fa3jax_test_fwd programs (the C++ test links cudart statically and has no
 # Python in it, so it can be compiled off the device and carried): each one's checks (the failing ones by name),
 # then AB_ROUNDS alternating timing rounds (AB_ROUNDS=0: checks only). AB_CHECK_ARGS (default --quiet) and
 # AB_BENCH_ARGS go to every program (fa3jax_test_bwd: AB_CHECK_ARGS= , AB_BENCH_ARGS=--deterministic).
 abbin() {
   local spec name bin
   for spec in ${AB_BINS:-}; do
+    [ -n "${AB_SKIP_CHECKS:-}" ] && break  # checked already (e.g. by cverify in an earlier call)
     name=${spec%%=*}; bin=${spec#*=}
     echo "== $name checks: $(timeout 120 "$bin" ${AB_CHECK_ARGS---quiet} | grep -E "^FAIL|passed" | tr '\n' ';')"
   done
@@ -123,6 +125,22 @@ abbin() {
       timeout 120 "$bin" --bench-only ${AB_BENCH_ARGS:-} | grep ^bench | sed "s/^bench/ab $name r$r/"
     done
   done
+}
+# CHECK_BINS="name=PATH[:ARGS] ...": prebuilt C++ test programs (carried, see abbin), each run for its checks and
+# then under compute-sanitizer memcheck with --quick (memcheck output goes to $OUT/memcheck-NAME.log); the
+# summary line per program says passed/failed and the sanitizer's error count.
+cverify() {
+  local spec name rest bin args rc=0
+  for spec in ${CHECK_BINS:-}; do
+    name=${spec%%=*}; rest=${spec#*=}; bin=${rest%%:*}; args=""; [[ $rest == *:* ]] && args=${rest#*:}
+    local log st; log=$(timeout 180 "$bin" $args 2>&1); st=$?
+    echo "== $name rc=$st: $(grep -E "^FAIL|passed" <<<"$log" | tr '\n' ';')"
+    [ $st -eq 0 ] || rc=1
+    timeout 200 compute-sanitizer --tool memcheck --error-exitcode 3 "$bin" --quick $args \
+      >"$OUT/memcheck-$name.log" 2>&1
+    echo "== $name memcheck rc=$? $(grep -E "ERROR SUMMARY" "$OUT/memcheck-$name.log" | tail -n 1)"
+  done
+  return $rc
 }
 # NCU_BIN (default: the build stage's test program), NCU_CASES="B,S,CAUSAL ..." (default 4,4096,1),
 # NCU_VARIANT=dyn|static|wide, NCU_HEAD_DIM (128), NCU_DTYPE (bf16); profiles flash-attn3-jax's kernel on the same
@@ -206,6 +224,7 @@ for s in "$@"; do
     sweep) stage sweep sweep ;;
     ab) stage ab ab ;;
     abbin) stage abbin abbin ;;
+    cverify) stage cverify cverify ;;
     ncu) stage ncu ncuprof ;;
     ncutriton) stage ncutriton ncutriton ;;
     ncudecode) stage ncudecode ncudecode ;;

@@ -152,7 +152,7 @@ class AttentionSuite:
         lens_k = [7, 3, 12, 0, 9]
         cu_q = np.concatenate([[0], np.cumsum(lens_q)]).astype(np.int32)
         cu_k = np.concatenate([[0], np.cumsum(lens_k)]).astype(np.int32)
-        tq, tk, d = int(cu_q[-1]) + 3, int(cu_k[-1]), 16  # 3 trailing q rows belong to no sequence
+        tq, tk, d = int(cu_q[-1]) + 3, int(cu_k[-1]), self._d(16)  # 3 trailing q rows belong to no sequence
         q, q64 = rand(rng, (tq, hq, d), dt)
         k, k64 = rand(rng, (tk, hk, d), dt)
         v, v64 = rand(rng, (tk, hk, d), dt)

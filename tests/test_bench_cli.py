@@ -102,6 +102,27 @@ def test_flops_convention():
     assert bench.DecodeConfig("paged", 8, 4096).kv_bytes == 2 * 8 * 4096 * 8 * 128 * 2
 
 
+def test_mla_rows(tmp_path):
+    """--mla / --headdim-v: FLOPs count 2·b·s²·h·(d + d_v), rows and table carry d x d_v, v has its own head dim,
+    impls without MLA skip with a reason; configs without it keep their rows' fields."""
+    mla = bench.AttnConfig("fwd", False, "bf16", 192, 16, 2048, 8, headdim_v=128)
+    assert mla.flops == 2 * 8 * 2048**2 * 16 * (192 + 128) and mla.shape_v == (8, 2048, 16, 128)
+    assert "d192x128" in mla.label()
+    from fa3jax.bench import attn
+    assert "headdim_v" not in attn._row(bench.AttnConfig("fwd", False, "bf16", 128, 16, 1024, 16), "x", "ok")
+    from fa3jax.bench.cli import build_parser, resolve
+    o = resolve(build_parser().parse_args(["--mla"]))
+    assert (o["headdims"], o["headdim_v"], o["dtypes"], o["seqlens"], o["tokens"], o["heads"]) == \
+        ([192], 128, ["bf16"], [2048, 16384], 16384, 16)
+    r = _run("bench", "--mla", "--seqlens", "64", "--tokens", "128", "--heads", "2", "--modes", "fwd", "--causal",
+             "yes", "--impls", "xla", "--no-plot", "--out-dir", str(tmp_path), timeout=150)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "| fwd | yes | bf16 | 192x128 | 2 | 64 | 2 |" in r.stdout, r.stdout
+    assert "v's head dim must equal q/k's (no MLA)" in r.stdout
+    rows = json.loads(next(tmp_path.glob("attn-*.json")).read_text())["results"]
+    assert any(x["impl"] == "fa3jax:xla" and x["status"] == "ok" and x["headdim_v"] == 128 for x in rows)
+
+
 def test_table_marks_wrong_skips_and_ratio():
     base = dict(mode="fwd", causal=False, dtype="bf16", headdim=128, heads=16, seqlen=512, batch=32)
     rows = [

@@ -1,21 +1,25 @@
 """The shared suite on the CUDA backend (Hopper only). Gradients run through the CUDA backward where it is built
 for the (dtype, head_dim), else through the registry's composition (another backend's backward on the cuda
 forward's LSE). Head dims and dtypes follow the build."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import fa3jax
-from fa3jax import registry, tuning, validation
+from fa3jax import masking, reference, registry, tuning, validation
 from fa3jax.backends.cuda import build_info
 
+from .helpers import check, naive_lowp, rand, seeded_rng
 from .suite import AttentionSuite
 
 pytestmark = pytest.mark.gpu
 
 _BUILT = {(str(t), int(d)) for t, d in build_info().get("instances", ())}
 _BUILT_BWD = {(str(t), int(d)) for t, d in build_info().get("bwd_instances", ())}
+_BUILT_MLA = {(str(t), int(d), int(dv)) for t, d, dv in build_info().get("mla_instances", ())}
 _NAMES = {"bf16": "bfloat16", "fp16": "float16"}
 
 
@@ -23,7 +27,9 @@ class TestCuda(AttentionSuite):
     backend = "cuda"
     dtypes = tuple(sorted({_NAMES[t] for t, _ in _BUILT})) or ("bfloat16",)
     head_dims = tuple(sorted({d for _, d in _BUILT})) or (128,)
-    supports_varlen = False
+    # The varlen forward is cuda's; its gradients come from the registry's composition (triton's varlen backward,
+    # else xla's, on the cuda forward's out and LSE).
+    supports_varlen = True
     supports_kvcache = False
     supports_paged = False
 
@@ -58,8 +64,144 @@ class TestCuda(AttentionSuite):
 
 def _dense_spec(q, k, v, **kw):
     return validation.validate_dense(q, k, v, softmax_scale=None, is_causal=kw.get("is_causal", False),
-                                     window_size=(-1, -1), softcap=0.0, return_softmax_lse=False,
-                                     deterministic=kw.get("deterministic", False))
+                                     window_size=kw.get("window_size", (-1, -1)), softcap=kw.get("softcap", 0.0),
+                                     return_softmax_lse=False, deterministic=kw.get("deterministic", False),
+                                     sinks=kw.get("sinks"))
+
+
+# ------------------------------------------------------------------------------------------ attention sinks
+# (b, lq, lk, hq, hk, causal, window, softcap, sink offset): the offset lifts the sinks of rows that see many keys,
+# where sinks drawn around 0 would weigh too little for the checks to notice them.
+SINK_CASES = [
+    (2, 200, 333, 4, 2, False, (-1, -1), 0.0, 6.0),  # GQA, every row sees every key
+    (1, 300, 190, 4, 2, True, (-1, -1), 0.0, 0.0),  # lq > lk: rows (and whole query blocks) that see no key
+    (1, 130, 400, 4, 1, True, (-1, -1), 0.0, 4.0),  # lq < lk, MQA
+    (2, 257, 257, 2, 2, False, (64, 16), 0.0, 2.0),
+    (1, 150, 150, 4, 2, True, (-1, -1), 20.0, 0.0),  # softcap
+    (1, 129, 700, 4, 2, False, (30, -1), 5.0, 1.0),  # left window + softcap
+]
+
+
+def _sink_case_id(c):
+    b, lq, lk, hq, hk, causal, window, cap, off = c
+    return (f"q{lq}-k{lk}-h{hq}x{hk}-{'causal' if causal else 'w%d_%d' % window}-cap{cap:g}"
+            f"{'-off%g' % off if off else ''}")
+
+
+def _sinks(rng, hq, offset=0.0):
+    return jnp.asarray(rng.uniform(-2.0, 2.0, hq) + offset, jnp.float32)
+
+
+def _dense_against_reference(rng, dtype, d, dv, case, sink_offset, backward):
+    """One dense call, cuda forward: out (b, lq, hq, dv), lse and the gradients w.r.t. q, k, v (and the sinks,
+    drawn with ``sink_offset``, None: none) against the float64 reference. ``backward``: "cuda" (the plan's must be
+    cuda's own), "composed" (another backend's on the cuda forward's LSE) or None (either). Returns the float64
+    inputs, the reference's keywords and the reference's results, for further checks."""
+    b, lq, lk, hq, hk, causal, window, cap = case
+    q, q64 = rand(rng, (b, lq, hq, d), dtype)
+    k, k64 = rand(rng, (b, lk, hk, d), dtype)
+    v, v64 = rand(rng, (b, lk, hk, dv), dtype)
+    do, do64 = rand(rng, (b, lq, hq, dv), dtype)
+    dl64 = rng.standard_normal((b, hq, lq))
+    sinks = None if sink_offset is None else _sinks(rng, hq, sink_offset)
+    scale = 0.7 / np.sqrt(d)
+    kw = dict(softmax_scale=scale, is_causal=causal, window_size=window, softcap=cap, return_softmax_lse=True)
+    plan = registry.plan(validation.validate_dense(q, k, v, deterministic=False, sinks=sinks, **kw), "cuda")
+    assert plan.forward == "cuda", plan
+    if backward is not None:
+        assert (plan.backward == "cuda") == (backward == "cuda") and plan.backward is not None, plan
+    rkw = dict(scale=scale, window=masking.normalize_window(window, causal), softcap=cap, dout=do64, dlse=dl64,
+               sinks=None if sinks is None else np.asarray(sinks, np.float64))
+    ref = reference.dense(q64, k64, v64, **rkw)
+    low = reference.dense(q64, k64, v64, impl=functools.partial(naive_lowp, dtype=dtype), **rkw)
+
+    def f(q, k, v, sinks):
+        return fa3jax.flash_mha(q, k, v, sinks=sinks, backend="cuda", **kw)
+
+    (out, lse), pull = jax.vjp(jax.jit(f), q, k, v, sinks)
+    assert out.shape == (b, lq, hq, dv)
+    check("out", out, ref[0], low[0], dtype)
+    check("lse", lse, ref[1], low[1], dtype)
+    grads = pull((do, jnp.asarray(dl64, jnp.float32)))
+    names = ("dq", "dk", "dv") + (("dsinks",) if sinks is not None else ())
+    for name, got, r, lo in zip(names, grads, ref[2:], low[2:]):
+        check(name, got, r, lo, dtype)
+    return (q64, k64, v64), rkw, ref, low
+
+
+@pytest.mark.parametrize("instance", sorted(_BUILT) or [("bf16", 128)], ids=lambda i: f"{i[0]}-d{i[1]}")
+@pytest.mark.parametrize("case", SINK_CASES, ids=_sink_case_id)
+def test_sinks_forward_and_grads(instance, case):
+    """Sinks on the cuda forward (folded in at normalization) with gradients w.r.t. q, k, v and the sinks against
+    the float64 reference; the backward is cuda's own where built (it only needs the sink-inclusive LSE)."""
+    if instance not in _BUILT:
+        pytest.skip("no CUDA instance built")
+    dtype, d = _NAMES[instance[0]], instance[1]
+    rng = seeded_rng("cuda", "sinks", instance, case)
+    inputs, rkw, ref, low = _dense_against_reference(rng, dtype, d, d, case[:-1], case[-1],
+                                                     "cuda" if instance in _BUILT_BWD else None)
+    # The case can catch an ignored sink: the sink-free attention misses the output's tolerance.
+    ref0 = reference.dense(*inputs, **{**rkw, "sinks": None})
+    with pytest.raises(AssertionError):
+        check("out without sinks", ref0[0], ref[0], low[0], dtype)
+
+
+@pytest.mark.parametrize("instance", sorted(_BUILT) or [("bf16", 128)], ids=lambda i: f"{i[0]}-d{i[1]}")
+def test_sinks_rows_that_see_no_key(instance):
+    """A row that sees no key gives out 0 and lse = its head's sink exactly (-inf for a -inf sink), with finite
+    gradients; such a row hands its whole LSE cotangent to the sink."""
+    if instance not in _BUILT:
+        pytest.skip("no CUDA instance built")
+    dtype, d = _NAMES[instance[0]], instance[1]
+    rng = seeded_rng("cuda", "sinks-empty", instance)
+    q, _ = rand(rng, (1, 200, 3, d), dtype)  # causal, lq=200 > lk=60: rows 0..139 see nothing (two query blocks)
+    k, _ = rand(rng, (1, 60, 3, d), dtype)
+    v, _ = rand(rng, (1, 60, 3, d), dtype)
+    sinks = jnp.asarray([0.5, -3.0, -np.inf], jnp.float32)
+
+    def f(q, k, v, s):
+        return fa3jax.flash_mha(q, k, v, is_causal=True, sinks=s, return_softmax_lse=True, backend="cuda")
+
+    out, lse = jax.jit(f)(q, k, v, sinks)
+    assert np.all(np.asarray(out[:, :140], np.float32) == 0)
+    np.testing.assert_array_equal(np.asarray(lse[0, :, :140]), np.broadcast_to(np.asarray(sinks)[:, None], (3, 140)))
+    assert np.all(np.isfinite(np.asarray(lse[:, :, 140:])))
+    mask = jnp.zeros((1, 3, 200), jnp.float32).at[:, :, :140].set(1.0)
+    g = jax.grad(lambda *a: jnp.sum(jnp.where(mask > 0, f(*a)[1], 0.0)), argnums=(0, 1, 2, 3))(q, k, v, sinks)
+    for x in g:
+        assert np.all(np.isfinite(np.asarray(x, np.float32)))
+    np.testing.assert_allclose(np.asarray(g[3]), [140.0, 140.0, 0.0])
+    assert np.all(np.asarray(g[0], np.float32) == 0)
+
+
+@pytest.mark.parametrize("instance", sorted(_BUILT) or [("bf16", 128)], ids=lambda i: f"{i[0]}-d{i[1]}")
+@pytest.mark.parametrize("causal", [False, True])
+def test_sinks_match_triton(instance, causal):
+    """cuda and triton agree on out, lse and the gradients (q, k, v, sinks) of a GQA call with sinks."""
+    if instance not in _BUILT:
+        pytest.skip("no CUDA instance built")
+    dtype, d = _NAMES[instance[0]], instance[1]
+    rng = seeded_rng("cuda", "sinks-vs-triton", instance, causal)
+    q, k, v = (jnp.asarray(rng.standard_normal((2, 333, h, d)), dtype) for h in (4, 2, 2))
+    sinks = _sinks(rng, 4, 0.0 if causal else 6.0)
+    do = jnp.asarray(rng.standard_normal(q.shape), dtype)
+    dl = jnp.asarray(rng.standard_normal((2, 4, 333)), jnp.float32)
+    s = fa3jax.supports(fa3jax.flash_mha, q, k, v, is_causal=causal, sinks=sinks, backend="triton")
+    if not s.supported:
+        pytest.skip(s.reason)
+
+    def run(backend):
+        f = lambda q, k, v, s: fa3jax.flash_mha(q, k, v, is_causal=causal, sinks=s,  # noqa: E731
+                                                return_softmax_lse=True, backend=backend)
+        res, pull = jax.vjp(f, q, k, v, sinks)
+        return (*res, *pull((do, dl)))
+
+    tol = 2e-2 if dtype == "bfloat16" else 3e-3
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv", "dsinks"), run("cuda"), run("triton")):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        assert np.all(np.isfinite(a)), name
+        err = np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-3)
+        assert err < tol, (name, err)
 
 
 @pytest.mark.parametrize("instance", sorted(_BUILT_BWD) or [("bf16", 128)], ids=lambda i: f"{i[0]}-d{i[1]}")
@@ -89,14 +231,16 @@ def test_backward_is_cudas_own_and_matches_triton(instance, causal):
         assert err < tol, (name, err)
 
 
+@pytest.mark.parametrize("instance", sorted(_BUILT_BWD) or [("bf16", 128)], ids=lambda i: f"{i[0]}-d{i[1]}")
 @pytest.mark.parametrize("causal", [False, True])
-def test_deterministic_backward_is_cudas_and_bitwise_repeatable(causal):
+def test_deterministic_backward_is_cudas_and_bitwise_repeatable(instance, causal):
     """deterministic=True stays on the cuda backward (dQ partials added in key-block order) and two runs give the
-    same bits, under GQA and with many key blocks per query block."""
-    if not _BUILT_BWD:
+    same bits, under GQA and with many key blocks per query block, for every built (dtype, head_dim) (d=256 adds
+    its dQ by vector reductions, the others by bulk adds)."""
+    if instance not in _BUILT_BWD:
         pytest.skip("no CUDA backward built")
-    dtype, d = _NAMES[sorted(_BUILT_BWD)[0][0]], sorted(_BUILT_BWD)[0][1]
-    rng = np.random.default_rng(11 + causal)
+    dtype, d = _NAMES[instance[0]], instance[1]
+    rng = np.random.default_rng(11 + causal + d)
     q = jnp.asarray(rng.standard_normal((2, 700, 4, d)), dtype)
     k, v = (jnp.asarray(rng.standard_normal((2, 900, 2, d)), dtype) for _ in range(2))
     do = jnp.asarray(rng.standard_normal(q.shape), dtype)
@@ -110,3 +254,216 @@ def test_deterministic_backward_is_cudas_and_bitwise_repeatable(causal):
         again = [np.asarray(g) for g in f(q, k, v)]
         for name, a, b in zip(("dq", "dk", "dv"), first, again):
             assert np.array_equal(a.view(np.uint16), b.view(np.uint16)), name
+
+
+# ------------------------------------------------------------------------------------------ varlen
+# (lens_q, lens_k or None (= lens_q), seqused_k or None, hq, hk, causal, window, softcap, sinks, trailing q rows
+# outside every sequence)
+VARLEN_CASES = [
+    ([0, 1, 63, 64, 65, 129, 700], None, None, 4, 2, False, (-1, -1), 0.0, False, 0),
+    ([65, 0, 1, 64, 63, 300], None, None, 4, 2, True, (-1, -1), 0.0, False, 5),
+    ([100, 7, 0, 300, 64], [300, 1, 5, 100, 64], None, 6, 2, True, (-1, -1), 0.0, False, 0),  # lq != lk
+    ([333, 64, 129, 1], None, None, 4, 1, False, (32, 8), 0.0, False, 0),
+    ([100, 64, 200, 5, 0], [150, 64, 210, 9, 4], [150, 1, 100, 0, 4], 4, 2, False, (-1, -1), 0.0, False, 3),
+    ([190, 65, 300], None, None, 4, 2, True, (-1, -1), 20.0, True, 7),
+    ([200, 60, 1], [333, 0, 10], None, 4, 2, False, (-1, -1), 0.0, True, 0),  # a sequence with no keys
+]
+
+
+def _varlen_case_id(c):
+    lq, lk, used, hq, hk, causal, window, cap, sinks, pad = c
+    return (f"b{len(lq)}-max{max(lq)}-h{hq}x{hk}-{'causal' if causal else 'w%d_%d' % window}-cap{cap:g}"
+            f"{'-lk' if lk else ''}{'-used' if used else ''}{'-sinks' if sinks else ''}{'-pad%d' % pad if pad else ''}")
+
+
+def _varlen_inputs(rng, case, d, dtype, dv=None):
+    """Packed inputs of a varlen case; v and the output's cotangent have head dim ``dv`` (None: d)."""
+    dv = dv or d
+    lens_q, lens_k, used, hq, hk, causal, window, cap, with_sinks, pad = case
+    cu_q = np.concatenate([[0], np.cumsum(lens_q)]).astype(np.int32)
+    cu_k = np.concatenate([[0], np.cumsum(lens_k or lens_q)]).astype(np.int32)
+    tq, tk = int(cu_q[-1]) + pad, int(cu_k[-1]) + (pad if lens_k is None else 0)
+    q, q64 = rand(rng, (tq, hq, d), dtype)
+    k, k64 = rand(rng, (tk, hk, d), dtype)
+    v, v64 = rand(rng, (tk, hk, dv), dtype)
+    do, do64 = rand(rng, (tq, hq, dv), dtype)
+    dl64 = rng.standard_normal((hq, tq))
+    sinks = _sinks(rng, hq, 2.0) if with_sinks else None
+    used = None if used is None else np.asarray(used, np.int32)
+    return cu_q, cu_k, used, (q, k, v, do), (q64, k64, v64, do64), dl64, sinks
+
+
+def _varlen_against_reference(rng, dtype, d, dv, case):
+    """One varlen call, cuda forward (v and out with head dim ``dv``), and its gradients (cuda's own varlen backward
+    where d_v == d; MLA composes another backend's), against the float64 reference per sequence; the q rows outside
+    every sequence must get out 0 and lse -inf or the sink."""
+    lens_q, lens_k, _, hq, hk, causal, window, cap, _, _ = case
+    cu_q, cu_k, used, (q, k, v, do), (q64, k64, v64, do64), dl64, sinks = _varlen_inputs(rng, case, d, dtype, dv)
+    scale = 0.7 / np.sqrt(d)
+    kw = dict(softmax_scale=scale, is_causal=causal, window_size=window, softcap=cap, return_softmax_lse=True)
+    max_q, max_k = max(lens_q), max(used if used is not None else (lens_k or lens_q))
+    idx = (jnp.asarray(cu_q), jnp.asarray(cu_k), None if used is None else jnp.asarray(used))
+    spec = validation.validate_varlen(q, k, v, *idx, max_q, max_k, deterministic=False, sinks=sinks, **kw)
+    plan = registry.plan(spec, "cuda")
+    assert plan.forward == "cuda" and plan.backward is not None, plan
+    assert (plan.backward == "cuda") == (dv == d), plan  # the varlen backward is built for every d_v == d instance
+    rkw = dict(scale=scale, window=masking.normalize_window(window, causal), softcap=cap, dout=do64, dlse=dl64,
+               sinks=None if sinks is None else np.asarray(sinks, np.float64))
+    ref = reference.varlen(q64, k64, v64, cu_q, cu_k, used, **rkw)
+    low = reference.varlen(q64, k64, v64, cu_q, cu_k, used, impl=functools.partial(naive_lowp, dtype=dtype), **rkw)
+
+    def f(q, k, v, sinks):
+        return fa3jax.flash_mha_varlen(q, k, v, *idx, max_q, max_k, sinks=sinks, backend="cuda", **kw)
+
+    (out, lse), pull = jax.vjp(jax.jit(f), q, k, v, sinks)
+    assert out.shape == (q.shape[0], hq, dv)
+    check("out", out, ref[0], low[0], dtype)
+    check("lse", lse, ref[1], low[1], dtype)
+    covered = np.zeros(q.shape[0], bool)
+    for b in range(len(lens_q)):
+        covered[cu_q[b]:cu_q[b + 1]] = True
+    assert np.all(np.asarray(out, np.float32)[~covered] == 0)
+    want = -np.inf if sinks is None else np.asarray(sinks)[:, None]
+    np.testing.assert_array_equal(np.asarray(lse)[:, ~covered], np.broadcast_to(want, (hq, int((~covered).sum()))))
+    grads = pull((do, jnp.asarray(dl64, jnp.float32)))
+    names = ("dq", "dk", "dv") + (("dsinks",) if sinks is not None else ())
+    for name, got, r, lo in zip(names, grads, ref[2:], low[2:]):
+        check(name, got, r, lo, dtype)
+
+
+
+
+@pytest.mark.parametrize("instance", sorted(_BUILT) or [("bf16", 128)], ids=lambda i: f"{i[0]}-d{i[1]}")
+@pytest.mark.parametrize("case", VARLEN_CASES, ids=_varlen_case_id)
+def test_varlen_forward_and_grads(instance, case):
+    """The cuda varlen forward (out, lse (hq, total_q)) and the cuda varlen backward, against the float64 reference per sequence: empty sequences and sequences shorter than a
+    tile, lq != lk, GQA/MQA, masks, softcap, seqused_k, sinks, q rows outside every sequence (out 0, lse -inf or
+    the sink)."""
+    if instance not in _BUILT:
+        pytest.skip("no CUDA instance built")
+    dtype, d = _NAMES[instance[0]], instance[1]
+    _varlen_against_reference(seeded_rng("cuda", "varlen", instance, case), dtype, d, d, case)
+
+
+@pytest.mark.parametrize("instance", sorted(_BUILT) or [("bf16", 128)], ids=lambda i: f"{i[0]}-d{i[1]}")
+@pytest.mark.parametrize("causal", [False, True])
+def test_varlen_matches_triton_under_jit_with_traced_cu_seqlens(instance, causal):
+    """cuda and triton agree on out, lse and the gradients of a GQA varlen call with random lengths (incl. 0 and
+    1) when cu_seqlens are traced jit arguments (max_seqlen_* then default to the totals: the cuda grid has many
+    query blocks past every sequence's end, which its producer skips), with backend="auto" choosing the cuda
+    forward and backward."""
+    if instance not in _BUILT:
+        pytest.skip("no CUDA instance built")
+    dtype, d = _NAMES[instance[0]], instance[1]
+    rng = seeded_rng("cuda", "varlen-vs-triton", instance, causal)
+    lens = [int(x) for x in rng.integers(0, 600, 9)] + [0, 1, 1000]
+    cu = jnp.asarray(np.concatenate([[0], np.cumsum(lens)]), jnp.int32)
+    total = int(cu[-1])
+    q = jnp.asarray(rng.standard_normal((total, 8, d)), dtype)
+    k, v = (jnp.asarray(rng.standard_normal((total, 2, d)), dtype) for _ in range(2))
+    do = jnp.asarray(rng.standard_normal(q.shape), dtype)
+    dl = jnp.asarray(rng.standard_normal((8, total)), jnp.float32)
+    s = fa3jax.supports(fa3jax.flash_mha_varlen, q, k, v, cu, cu, is_causal=causal, backend="triton")
+    if not s.supported:
+        pytest.skip(s.reason)
+    auto = registry.plan(validation.validate_varlen(q, k, v, cu, cu, None, -1, -1, softmax_scale=None,
+                                                    is_causal=causal, window_size=(-1, -1), softcap=0.0,
+                                                    return_softmax_lse=True, deterministic=False), "auto")
+    assert (auto.forward, auto.backward) == ("cuda", "cuda"), auto
+
+    def run(backend):
+        @jax.jit
+        def g(q, k, v, cu, do, dl):
+            f = lambda q, k, v: fa3jax.flash_mha_varlen(q, k, v, cu, cu, is_causal=causal,  # noqa: E731
+                                                        return_softmax_lse=True, backend=backend)
+            res, pull = jax.vjp(f, q, k, v)
+            return (*res, *pull((do, dl)))
+        return g(q, k, v, cu, do, dl)
+
+    tol = 2e-2 if dtype == "bfloat16" else 3e-3
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), run("auto"), run("triton")):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        fin = np.isfinite(b)
+        np.testing.assert_array_equal(np.isfinite(a), fin, err_msg=name)
+        err = np.max(np.abs(a[fin] - b[fin])) / max(np.max(np.abs(b[fin])), 1e-3)
+        assert err < tol, (name, err)
+
+
+# ------------------------------------------------------------------------------------------ MLA (d_v < d_qk)
+# (b, lq, lk, hq, hk, causal, window, softcap, sink offset or None)
+MLA_CASES = [
+    (2, 200, 333, 4, 2, False, (-1, -1), 0.0, None),  # GQA, ragged tiles
+    (1, 300, 190, 4, 2, True, (-1, -1), 0.0, None),  # lq > lk: rows (and a whole query block) that see no key
+    (1, 130, 400, 2, 1, True, (-1, -1), 0.0, None),  # lq < lk, MQA
+    (2, 257, 257, 2, 2, False, (64, 16), 0.0, None),
+    (1, 150, 150, 4, 2, True, (-1, -1), 20.0, None),  # softcap
+    (2, 200, 333, 4, 2, False, (-1, -1), 0.0, 6.0),  # sinks
+]
+
+
+def _mla_case_id(c):
+    b, lq, lk, hq, hk, causal, window, cap, sink = c
+    return (f"q{lq}-k{lk}-h{hq}x{hk}-{'causal' if causal else 'w%d_%d' % window}-cap{cap:g}"
+            f"{'' if sink is None else '-sinks'}")
+
+
+def _mla_id(i):
+    return f"{i[0]}-d{i[1]}v{i[2]}"
+
+
+@pytest.mark.parametrize("instance", sorted(_BUILT_MLA) or [("bf16", 192, 128)], ids=_mla_id)
+@pytest.mark.parametrize("case", MLA_CASES, ids=_mla_case_id)
+def test_mla_forward_and_grads(instance, case):
+    """The cuda MLA forward (v and out with their own head dim) and the gradients of its composition with another
+    backend's MLA backward (triton, else xla, on the cuda forward's LSE) against the float64 reference: GQA/MQA,
+    masks, softcap, sinks, lq != lk."""
+    if instance not in _BUILT_MLA:
+        pytest.skip("no CUDA MLA instance built")
+    dtype, d, dv = _NAMES[instance[0]], instance[1], instance[2]
+    _dense_against_reference(seeded_rng("cuda", "mla", instance, case), dtype, d, dv, case[:-1], case[-1],
+                             "composed")
+
+
+@pytest.mark.parametrize("instance", sorted(_BUILT_MLA) or [("bf16", 192, 128)], ids=_mla_id)
+@pytest.mark.parametrize("causal", [False, True])
+def test_mla_matches_triton(instance, causal):
+    """cuda (forward, composed backward) and triton agree on out, lse and the gradients of a GQA MLA call, with
+    backend="auto" choosing the cuda forward."""
+    if instance not in _BUILT_MLA:
+        pytest.skip("no CUDA MLA instance built")
+    dtype, d, dv = _NAMES[instance[0]], instance[1], instance[2]
+    rng = seeded_rng("cuda", "mla-vs-triton", instance, causal)
+    q = jnp.asarray(rng.standard_normal((2, 555, 8, d)), dtype)
+    k = jnp.asarray(rng.standard_normal((2, 555, 2, d)), dtype)
+    v = jnp.asarray(rng.standard_normal((2, 555, 2, dv)), dtype)
+    do = jnp.asarray(rng.standard_normal((2, 555, 8, dv)), dtype)
+    dl = jnp.asarray(rng.standard_normal((2, 8, 555)), jnp.float32)
+    s = fa3jax.supports(fa3jax.flash_mha, q, k, v, is_causal=causal, backend="triton")
+    if not s.supported:
+        pytest.skip(s.reason)
+    assert registry.plan(_dense_spec(q, k, v, is_causal=causal), "auto").forward == "cuda"
+
+    def run(backend):
+        f = lambda q, k, v: fa3jax.flash_mha(q, k, v, is_causal=causal, return_softmax_lse=True,  # noqa: E731
+                                             backend=backend)
+        res, pull = jax.vjp(f, q, k, v)
+        return (*res, *pull((do, dl)))
+
+    tol = 2e-2 if dtype == "bfloat16" else 3e-3
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), run("auto"), run("triton")):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        assert np.all(np.isfinite(a)), name
+        err = np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-3)
+        assert err < tol, (name, err)
+
+
+@pytest.mark.parametrize("instance", sorted(_BUILT_MLA) or [("bf16", 192, 128)], ids=_mla_id)
+@pytest.mark.parametrize("case", [VARLEN_CASES[1], VARLEN_CASES[4], VARLEN_CASES[5]], ids=_varlen_case_id)
+def test_mla_varlen_forward_and_grads(instance, case):
+    """The cuda varlen forward with v's own head dim (out (total_q, hq, d_v)) and its composed gradients against the
+    float64 reference per sequence (causal, lq != lk with seqused_k, softcap + sinks, q rows outside every
+    sequence)."""
+    if instance not in _BUILT_MLA:
+        pytest.skip("no CUDA MLA instance built")
+    dtype, d, dv = _NAMES[instance[0]], instance[1], instance[2]
+    _varlen_against_reference(seeded_rng("cuda", "mla-varlen", instance, case), dtype, d, dv, case)

@@ -312,18 +312,137 @@ def test_value_head_dim_validation():
                                      softcap=0.0, return_softmax_lse=False, deterministic=False).head_dim_v == 32
 
 
-@pytest.mark.parametrize("backend_cls", [CudaBackend])
-def test_gpu_backends_refuse_with_reason(backend_cls):
-    kw = dict(softmax_scale=None, is_causal=False, window_size=(-1, -1), softcap=0.0, return_softmax_lse=False,
+def _fake_cuda_build(monkeypatch, features, mla=()):
+    """The cuda backend's checks as if an extension with bf16 d=16 kernels, the MLA forwards ``mla`` ((dtype, d,
+    dv) triples) and ``features`` were loaded."""
+    import fa3jax.backends.cuda as cuda_mod
+
+    monkeypatch.setattr(cuda_mod, "_load_extension", lambda: (object(), None))
+    monkeypatch.setattr(cuda_mod, "build_info", lambda: {"instances": [("bf16", 16)], "bwd_instances": [("bf16", 16)],
+                                                         "mla_instances": list(mla), "features": list(features)})
+
+
+_MLA_KW = dict(softmax_scale=None, is_causal=True, window_size=(-1, -1), softcap=0.0, return_softmax_lse=False)
+
+
+def _mla_specs(d=192, dv=128, dtype=jnp.bfloat16, **kw):
+    """A dense and a varlen spec with v's head dim below q/k's."""
+    q, k, v = _qkv(d=d, dv=dv, dtype=dtype)
+    kw = {**_MLA_KW, "deterministic": False, **kw}
+    return (validation.validate_dense(q, k, v, **kw),
+            validation.validate_varlen(q[0], k[0], v[0], jnp.asarray([0, 3, 8], jnp.int32), None, None, -1, -1,
+                                       **kw))
+
+
+def test_cuda_mla_forward_where_built_backward_refused():
+    """The cuda forward serves MLA (dense, varlen, with sinks) where the build has that (dtype, d, dv) kernel; other
+    pairs, other dtypes and builds that predate MLA are refused naming MLA; the backward always refuses MLA with
+    its reason (the registry composes another backend's). Checked without a GPU: the extension is faked."""
+    spec, vspec = _mla_specs()
+    sspec, _ = _mla_specs(sinks=jnp.zeros(4, jnp.float32))
+    with pytest.MonkeyPatch.context() as mp:
+        _fake_cuda_build(mp, ["sinks", "varlen", "mla"], mla=[("bf16", 192, 128)])
+        for s in (spec, vspec, sspec):
+            CudaBackend().check_forward(s)
+            with pytest.raises(NotImplementedError, match="backward kernel|no MLA variant"):
+                CudaBackend().check_backward(s)
+        with pytest.raises(NotImplementedError, match="no MLA variant"):
+            CudaBackend().check_backward(spec)
+        with pytest.raises(NotImplementedError, match=r"no MLA forward kernel.*head_dim=128, head_dim_v=64.*192"):
+            CudaBackend().check_forward(_mla_specs(128, 64)[0])
+        with pytest.raises(NotImplementedError, match=r"no MLA forward kernel.*float16"):
+            CudaBackend().check_forward(_mla_specs(dtype=jnp.float16)[0])
+    with pytest.MonkeyPatch.context() as mp:  # an extension built before MLA (no "mla" feature, no mla_instances)
+        _fake_cuda_build(mp, ["sinks", "varlen"])
+        with pytest.raises(NotImplementedError, match=r"predates MLA .*; rebuild"):
+            CudaBackend().check_forward(spec)
+
+
+def test_cuda_mla_forward_composes_another_backward(monkeypatch):
+    """An MLA call planned as if a Hopper GPU with the MLA kernels were here: the forward is cuda's, the backward
+    the next backend's that serves MLA (triton where usable, else xla; cudnn refuses MLA) on the cuda forward's
+    LSE, with backend='cuda' and 'auto', dense and varlen, deterministic or not."""
+    from fa3jax import registry
+
+    real = registry.availability
+    monkeypatch.setattr(registry, "availability", lambda n: (True, "") if n == "cuda" else real(n))
+    _fake_cuda_build(monkeypatch, ["sinks", "varlen", "mla"], mla=[("bf16", 192, 128)])
+    want = "triton" if real("triton")[0] else "xla"
+    for det in (False, True):
+        for spec in _mla_specs(deterministic=det):
+            for requested in ("cuda", "auto"):
+                plan = registry.plan(spec, requested)
+                assert (plan.forward, plan.backward) == ("cuda", want), plan
+                assert any(f"backward by {want} on the cuda forward's LSE" in n for n in plan.notes), plan.notes
+
+
+def test_cuda_serves_dense_sinks():
+    """The cuda forward folds the sinks in and its backward needs only the sink-inclusive LSE: both checks accept a
+    dense call with sinks (here without a GPU: the extension is faked); the varlen forward and backward with sinks
+    are served too, and an extension built before either refuses it with the fix."""
+    kw = dict(softmax_scale=None, is_causal=True, window_size=(-1, -1), softcap=0.0, return_softmax_lse=False,
               deterministic=False)
     q, k, v = _qkv(dtype=jnp.bfloat16)
     spec = validation.validate_dense(q, k, v, sinks=jnp.zeros(4, jnp.float32), **kw)
-    with pytest.raises(NotImplementedError, match="sinks not implemented yet"):
-        backend_cls().check_forward(spec)
-    q, k, v = _qkv(d=128, dv=64, dtype=jnp.bfloat16)
-    spec = validation.validate_dense(q, k, v, **kw)
-    with pytest.raises(NotImplementedError, match="MLA"):
-        backend_cls().check_forward(spec)
+    vspec = validation.validate_varlen(q[0], k[0], v[0], jnp.asarray([0, 8], jnp.int32), None, None, -1, -1,
+                                       sinks=jnp.zeros(4, jnp.float32), **kw)
+    with pytest.MonkeyPatch.context() as mp:
+        _fake_cuda_build(mp, ["sinks", "varlen", "varlen_bwd"])
+        CudaBackend().check_forward(spec)
+        CudaBackend().check_backward(spec)
+        CudaBackend().check_forward(vspec)
+        CudaBackend().check_backward(vspec)
+    with pytest.MonkeyPatch.context() as mp:  # an extension built before the varlen backward target
+        _fake_cuda_build(mp, ["sinks", "varlen"])
+        CudaBackend().check_forward(vspec)
+        with pytest.raises(NotImplementedError, match="predates the varlen backward; rebuild"):
+            CudaBackend().check_backward(vspec)
+    with pytest.MonkeyPatch.context() as mp:  # an extension built before the varlen target
+        _fake_cuda_build(mp, ["sinks"])
+        with pytest.raises(NotImplementedError, match="predates the varlen forward; rebuild"):
+            CudaBackend().check_forward(vspec)
+    with pytest.MonkeyPatch.context() as mp:  # an extension built before the sinks target: refused, with the fix
+        _fake_cuda_build(mp, [])
+        with pytest.raises(NotImplementedError, match="predates attention sinks; rebuild"):
+            CudaBackend().check_forward(spec)
+        CudaBackend().check_forward(spec.replace(has_sinks=False))
+        CudaBackend().check_backward(spec)
+
+
+def test_cuda_varlen_plans(monkeypatch):
+    """A varlen call planned as if a Hopper GPU with the varlen extension were here: the forward is cuda's; with the
+    varlen backward built, the backward is cuda's too (under 'auto' with deterministic=True triton's, as for dense
+    calls); on an extension built before it, the next backend's that serves varlen (triton where usable, else xla)
+    on the cuda forward's LSE. The FFI attributes are typed and the max lengths capped at the totals."""
+    from fa3jax import registry
+    from fa3jax.backends.cuda import targets
+
+    real = registry.availability
+    monkeypatch.setattr(registry, "availability", lambda n: (True, "") if n == "cuda" else real(n))
+    _fake_cuda_build(monkeypatch, ["sinks", "varlen"])
+    q, k, v = _qkv(dtype=jnp.bfloat16)
+    cu = jnp.asarray([0, 3, 8], jnp.int32)
+    kw = dict(softmax_scale=None, is_causal=True, window_size=(-1, -1), softcap=0.0, return_softmax_lse=False)
+    want = "triton" if real("triton")[0] else "xla"
+    for det in (False, True):
+        spec = validation.validate_varlen(q[0], k[0], v[0], cu, None, None, 1000, -1, deterministic=det, **kw)
+        for requested in ("cuda", "auto"):
+            plan = registry.plan(spec, requested)
+            assert (plan.forward, plan.backward) == ("cuda", want), plan
+            assert any(f"backward by {want} on the cuda forward's LSE" in n and "predates the varlen backward" in n
+                       for n in plan.notes), plan.notes
+    _fake_cuda_build(monkeypatch, ["sinks", "varlen", "varlen_bwd"])
+    for det in (False, True):
+        spec = validation.validate_varlen(q[0], k[0], v[0], cu, None, None, 1000, -1, deterministic=det, **kw)
+        assert registry.plan(spec, "cuda").backward == "cuda"
+        assert registry.plan(spec, "auto").backward == ("triton" if det and want == "triton" else "cuda")
+    battrs = targets.varlen_bwd_attributes(spec)
+    assert battrs[targets.ATTR_DETERMINISTIC] == 1
+    assert battrs[targets.ATTR_MAX_SEQLEN_K] == min(spec.varlen.max_seqlen_k, spec.seqlen_k)
+    assert battrs[targets.ATTR_HAS_SEQUSED_K] == 0 and targets.ATTR_HAS_SINKS not in battrs
+    attrs = targets.varlen_fwd_attributes(spec)
+    assert attrs[targets.ATTR_MAX_SEQLEN_Q] == np.int32(8) and attrs[targets.ATTR_MAX_SEQLEN_Q].dtype == np.int32
+    assert attrs[targets.ATTR_HAS_SEQUSED_K] == 0 and attrs[targets.ATTR_HAS_SINKS] == 0
 
 
 def test_triton_serves_sinks_and_mla_but_not_mla_kvcache():

@@ -1,5 +1,5 @@
-// XLA FFI handler of the dense backward: dq, dk, dv from q, k, v, the forward's out and lse, and the cotangents
-// dout and dlse. Typed checks on every input; every failure returns an ffi::Error, and nothing throws across the
+// XLA FFI handlers of the backward, dense and varlen: dq, dk, dv from q, k, v, the forward's out and lse, and the
+// cotangents dout and dlse. Typed checks on every input; every failure returns an ffi::Error, and nothing throws across the
 // FFI. Stateless: the fp32 workspace (dq accumulator, per-row terms) is stream-ordered scratch of this call.
 #include <cstdint>
 #include <optional>
@@ -26,29 +26,28 @@ bool same_dims(ffi::Span<const int64_t> a, ffi::Span<const int64_t> b) {
   return true;
 }
 
-ffi::Error BwdImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer q, ffi::AnyBuffer k,
-                   ffi::AnyBuffer v, ffi::AnyBuffer out, ffi::Buffer<ffi::F32> lse, ffi::AnyBuffer dout,
-                   ffi::Buffer<ffi::F32> dlse, ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
-                   ffi::Result<ffi::AnyBuffer> dv, float softmax_scale, int32_t window_left, int32_t window_right,
-                   float softcap, int32_t deterministic) {
-  auto bad = [](std::string m) { return ffi::Error(ffi::ErrorCode::kInvalidArgument, "fa3jax_cuda_bwd: " + m); };
-  fa3jax::BwdParams p;
-  fa3jax::AttnCore& c = p.core;
-  std::string const why = fa3jax_ffi::dense_core(q, k, v, softmax_scale, window_left, window_right, softcap, c);
-  if (!why.empty()) return bad(why);
-  ffi::DataType const dt = q.element_type();
-  for (auto const* buf : {&out, &dout})
-    if (buf->element_type() != dt || !same_dims(buf->dimensions(), q.dimensions()))
-      return bad("out and dout must have q's dtype and shape " + dims_str(q.dimensions()));
-  if (dq->element_type() != dt || !same_dims(dq->dimensions(), q.dimensions()))
-    return bad("dq must have q's dtype and shape");
-  if (dk->element_type() != dt || !same_dims(dk->dimensions(), k.dimensions()) || dv->element_type() != dt ||
-      !same_dims(dv->dimensions(), v.dimensions()))
-    return bad("dk and dv must have k's dtype and shape " + dims_str(k.dimensions()));
-  for (auto const* buf : {&lse, &dlse}) {
-    auto ld = buf->dimensions();
-    if (ld.size() != 3 || ld[0] != c.batch || ld[1] != c.num_heads_q || ld[2] != c.seqlen_q)
-      return bad("lse and dlse shapes " + dims_str(ld) + " must be (batch, heads_q, seqlen_q)");
+// The checks on the outputs and the cotangents, the workspace, and the run; shared by both handlers. q, k, v:
+// the inputs whose dtypes and shapes out/dout and dq/dk/dv must have (given when `p` does not fix them).
+ffi::Error RunBwd(const char* target, cudaStream_t stream, ffi::ScratchAllocator& scratch, ffi::AnyBuffer const& out,
+                  ffi::Buffer<ffi::F32> const& lse, ffi::AnyBuffer const& dout, ffi::Buffer<ffi::F32> const& dlse,
+                  ffi::Result<ffi::AnyBuffer>& dq, ffi::Result<ffi::AnyBuffer>& dk, ffi::Result<ffi::AnyBuffer>& dv,
+                  int32_t deterministic, fa3jax::BwdParams& p, ffi::AnyBuffer const* q = nullptr,
+                  ffi::AnyBuffer const* k = nullptr, ffi::AnyBuffer const* v = nullptr) {
+  auto bad = [&](std::string m) { return ffi::Error(ffi::ErrorCode::kInvalidArgument, target + (": " + m)); };
+  fa3jax::AttnCore const& c = p.core;
+  if (c.value_dim() != c.head_dim)  // before the shape checks below, which assume one head dim
+    return bad("v's head dim " + std::to_string(c.value_dim()) + " must equal q/k's " + std::to_string(c.head_dim) +
+               ": the backward kernel has no MLA (d_v != d) variant");
+  if (q != nullptr) {
+    ffi::DataType const dt = q->element_type();
+    for (auto const* buf : {&out, &dout})
+      if (buf->element_type() != dt || !same_dims(buf->dimensions(), q->dimensions()))
+        return bad("out and dout must have q's dtype and shape " + dims_str(q->dimensions()));
+    if (dq->element_type() != dt || !same_dims(dq->dimensions(), q->dimensions()))
+      return bad("dq must have q's dtype and shape");
+    if (dk->element_type() != dt || !same_dims(dk->dimensions(), k->dimensions()) || dv->element_type() != dt ||
+        !same_dims(dv->dimensions(), v->dimensions()))
+      return bad("dk and dv must have k's dtype and shape " + dims_str(k->dimensions()));
   }
   p.out = out.untyped_data();
   p.dout = dout.untyped_data();
@@ -63,15 +62,68 @@ ffi::Error BwdImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyB
   // 16-byte alignment (bulk copies and reductions need 16; XLA's scratch allocator refused 256).
   std::optional<void*> ws = scratch.Allocate(fa3jax::bwd_workspace_bytes(p), 16);
   if (!ws.has_value())
-    return ffi::Error(ffi::ErrorCode::kResourceExhausted, "fa3jax_cuda_bwd: scratch allocation failed");
+    return ffi::Error(ffi::ErrorCode::kResourceExhausted, std::string(target) + ": scratch allocation failed");
   p.workspace = *ws;
   if (const char* msg = fa3jax::bwd_check(p)) return bad(msg);
   fa3jax::FwdStatus st = fa3jax::run_bwd(p, stream);
   if (!st.ok()) {
-    return ffi::Error(ffi::ErrorCode::kInternal, std::string("fa3jax_cuda_bwd: ") + st.what + ": " +
+    return ffi::Error(ffi::ErrorCode::kInternal, std::string(target) + ": " + st.what + ": " +
                                                      cudaGetErrorString(st.error));
   }
   return ffi::Error::Success();
+}
+
+ffi::Error BwdImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer q, ffi::AnyBuffer k,
+                   ffi::AnyBuffer v, ffi::AnyBuffer out, ffi::Buffer<ffi::F32> lse, ffi::AnyBuffer dout,
+                   ffi::Buffer<ffi::F32> dlse, ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
+                   ffi::Result<ffi::AnyBuffer> dv, float softmax_scale, int32_t window_left, int32_t window_right,
+                   float softcap, int32_t deterministic) {
+  auto bad = [](std::string m) { return ffi::Error(ffi::ErrorCode::kInvalidArgument, "fa3jax_cuda_bwd: " + m); };
+  fa3jax::BwdParams p;
+  fa3jax::AttnCore& c = p.core;
+  std::string const why = fa3jax_ffi::dense_core(q, k, v, softmax_scale, window_left, window_right, softcap, c);
+  if (!why.empty()) return bad(why);
+  for (auto const* buf : {&lse, &dlse}) {
+    auto ld = buf->dimensions();
+    if (ld.size() != 3 || ld[0] != c.batch || ld[1] != c.num_heads_q || ld[2] != c.seqlen_q)
+      return bad("lse and dlse shapes " + dims_str(ld) + " must be (batch, heads_q, seqlen_q)");
+  }
+  return RunBwd("fa3jax_cuda_bwd", stream, scratch, out, lse, dout, dlse, dq, dk, dv, deterministic, p, &q, &k, &v);
+}
+
+// Varlen: packed q (total_q, hq, d), k/v (total_k, hk, d), out/dout like q, lse/dlse (hq, total_q), then
+// cu_seqlens_q/k int32 (batch + 1,) and, with has_seqused_k, seqused_k int32 (batch,).
+ffi::Error BwdVarlenImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer q, ffi::AnyBuffer k,
+                         ffi::AnyBuffer v, ffi::AnyBuffer out, ffi::Buffer<ffi::F32> lse, ffi::AnyBuffer dout,
+                         ffi::Buffer<ffi::F32> dlse, ffi::AnyBuffer cu_seqlens_q, ffi::AnyBuffer cu_seqlens_k,
+                         ffi::RemainingArgs rest, ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
+                         ffi::Result<ffi::AnyBuffer> dv, float softmax_scale, int32_t window_left,
+                         int32_t window_right, float softcap, int32_t deterministic, int32_t max_seqlen_q,
+                         int32_t max_seqlen_k, int32_t has_seqused_k) {
+  const char* target = "fa3jax_cuda_bwd_varlen";
+  auto bad = [&](std::string m) { return ffi::Error(ffi::ErrorCode::kInvalidArgument, target + (": " + m)); };
+  if (has_seqused_k != 0 && has_seqused_k != 1) return bad("has_seqused_k must be 0 or 1");
+  if (rest.size() != size_t(has_seqused_k))
+    return bad("expected " + std::to_string(has_seqused_k) + " operands after cu_seqlens_k (seqused_k), got " +
+               std::to_string(rest.size()));
+  std::optional<ffi::AnyBuffer> used;
+  if (has_seqused_k) {
+    auto x = rest.get<ffi::AnyBuffer>(0);
+    if (x.has_error()) return bad("seqused_k: not a buffer");
+    used = *x;
+  }
+  fa3jax::BwdParams p;
+  fa3jax::AttnCore& c = p.core;
+  std::string const why =
+      fa3jax_ffi::varlen_core(q, k, v, cu_seqlens_q, cu_seqlens_k, used ? &*used : nullptr, softmax_scale,
+                              window_left, window_right, softcap, max_seqlen_q, max_seqlen_k, c);
+  if (!why.empty()) return bad(why);
+  for (auto const* buf : {&lse, &dlse}) {
+    auto ld = buf->dimensions();
+    if (ld.size() != 2 || ld[0] != c.num_heads_q || ld[1] != c.seqlen_q)
+      return bad("lse and dlse shapes " + dims_str(ld) + " must be (heads_q, total_q)");
+  }
+  return RunBwd(target, stream, scratch, out, lse, dout, dlse, dq, dk, dv, deterministic, p, &q, &k, &v);
 }
 
 ffi::Error Bwd(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer q, ffi::AnyBuffer k,
@@ -85,7 +137,38 @@ ffi::Error Bwd(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffe
   });
 }
 
+ffi::Error BwdVarlen(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer q, ffi::AnyBuffer k,
+                     ffi::AnyBuffer v, ffi::AnyBuffer out, ffi::Buffer<ffi::F32> lse, ffi::AnyBuffer dout,
+                     ffi::Buffer<ffi::F32> dlse, ffi::AnyBuffer cu_seqlens_q, ffi::AnyBuffer cu_seqlens_k,
+                     ffi::RemainingArgs rest, ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
+                     ffi::Result<ffi::AnyBuffer> dv, float softmax_scale, int32_t window_left, int32_t window_right,
+                     float softcap, int32_t deterministic, int32_t max_seqlen_q, int32_t max_seqlen_k,
+                     int32_t has_seqused_k) noexcept {
+  return fa3jax_ffi::no_throw([&] {
+    return BwdVarlenImpl(stream, std::move(scratch), q, k, v, out, lse, dout, dlse, cu_seqlens_q, cu_seqlens_k, rest,
+                         dq, dk, dv, softmax_scale, window_left, window_right, softcap, deterministic, max_seqlen_q,
+                         max_seqlen_k, has_seqused_k);
+  });
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Fa3jaxCudaBwdVarlen, BwdVarlen,
+                              fa3jax_ffi::bind_mask_attrs(fa3jax_ffi::bind_dense_inputs(ffi::Ffi::Bind())
+                                                              .Arg<ffi::AnyBuffer>()          // out
+                                                              .Arg<ffi::Buffer<ffi::F32>>()  // lse
+                                                              .Arg<ffi::AnyBuffer>()          // dout
+                                                              .Arg<ffi::Buffer<ffi::F32>>()  // dlse
+                                                              .Arg<ffi::AnyBuffer>()          // cu_seqlens_q
+                                                              .Arg<ffi::AnyBuffer>()          // cu_seqlens_k
+                                                              .RemainingArgs()                // [seqused_k]
+                                                              .Ret<ffi::AnyBuffer>()          // dq
+                                                              .Ret<ffi::AnyBuffer>()          // dk
+                                                              .Ret<ffi::AnyBuffer>())         // dv
+                                  .Attr<int32_t>("deterministic")
+                                  .Attr<int32_t>("max_seqlen_q")
+                                  .Attr<int32_t>("max_seqlen_k")
+                                  .Attr<int32_t>("has_seqused_k"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Fa3jaxCudaBwd, Bwd,
                               fa3jax_ffi::bind_mask_attrs(fa3jax_ffi::bind_dense_inputs(ffi::Ffi::Bind())

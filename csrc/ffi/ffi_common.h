@@ -28,21 +28,15 @@ inline bool kernel_dtype(ffi::DataType dt, fa3jax::DType& out) {
   return true;
 }
 
-// Shapes and attributes of a dense call into `c` (q (b, sq, hq, d), k/v (b, sk, hk, d), row-major XLA buffers).
-// Returns an empty string when they are consistent, else what is wrong.
-inline std::string dense_core(ffi::AnyBuffer const& q, ffi::AnyBuffer const& k, ffi::AnyBuffer const& v,
-                              float softmax_scale, int32_t window_left, int32_t window_right, float softcap,
-                              fa3jax::AttnCore& c) {
-  auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
-  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4) return "expected q, k and v of rank 4";
-  if (!kernel_dtype(q.element_type(), c.dtype)) return "q must be bfloat16 or float16";
-  if (k.element_type() != q.element_type() || v.element_type() != q.element_type())
-    return "q, k and v must share one dtype";
-  int64_t const b = qd[0], sq = qd[1], hq = qd[2], d = qd[3], sk = kd[1], hk = kd[2];
-  if (kd[0] != b || kd[3] != d || vd[0] != b || vd[1] != sk || vd[2] != hk || vd[3] != d)
-    return "k/v shapes " + dims_str(kd) + ", " + dims_str(vd) + " do not match q " + dims_str(qd);
+// The part of a call's checks that dense and varlen share: the dimensions fit the kernels' int32 fields, then
+// pointers, shapes, strides (row-major XLA buffers; varlen's batch stride is unused) and attributes into `c`.
+inline std::string set_core(ffi::AnyBuffer const& q, ffi::AnyBuffer const& k, ffi::AnyBuffer const& v, int64_t b,
+                            int64_t sq, int64_t sk, int64_t hq, int64_t hk, int64_t d, int64_t dv,
+                            float softmax_scale, int32_t window_left, int32_t window_right, float softcap,
+                            fa3jax::AttnCore& c) {
   int64_t const lim = int64_t(1) << 31;
-  if (b >= lim || sq >= lim || sk >= lim || hq >= lim || hk >= lim) return "dimension too large";
+  if (b >= lim || sq >= lim || sk >= lim || hq >= lim || hk >= lim || d >= lim || dv >= lim)
+    return "dimension too large";
   c.q = q.untyped_data();
   c.k = k.untyped_data();
   c.v = v.untyped_data();
@@ -52,11 +46,90 @@ inline std::string dense_core(ffi::AnyBuffer const& q, ffi::AnyBuffer const& k, 
   c.num_heads_q = int(hq);
   c.num_heads_k = int(hk);
   c.head_dim = int(d);
+  c.head_dim_v = int(dv);
   c.softmax_scale = softmax_scale;
   c.window_left = window_left;
   c.window_right = window_right;
   c.softcap = softcap;
-  c.set_dense_strides();  // XLA buffers are row-major
+  c.set_dense_strides();
+  return "";
+}
+
+// v's head dim d_v: d, or smaller (MLA; the kernels' checks say which pairs were compiled).
+inline std::string check_value_dim(ffi::Span<const int64_t> vd, int64_t d) {
+  int64_t const dv = vd[vd.size() - 1];
+  if (dv < 1 || dv > d)
+    return "v's head dim " + std::to_string(dv) + " (v shape " + dims_str(vd) + ") must be in [1, " +
+           std::to_string(d) + "] (q/k's head dim; smaller for MLA)";
+  return "";
+}
+
+// Shapes and attributes of a dense call into `c` (q (b, sq, hq, d), k (b, sk, hk, d), v (b, sk, hk, d_v) with
+// d_v <= d, row-major XLA buffers). Returns an empty string when they are consistent, else what is wrong, naming
+// the operand.
+inline std::string dense_core(ffi::AnyBuffer const& q, ffi::AnyBuffer const& k, ffi::AnyBuffer const& v,
+                              float softmax_scale, int32_t window_left, int32_t window_right, float softcap,
+                              fa3jax::AttnCore& c) {
+  auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4) return "expected q, k and v of rank 4";
+  if (!kernel_dtype(q.element_type(), c.dtype)) return "q must be bfloat16 or float16";
+  if (k.element_type() != q.element_type() || v.element_type() != q.element_type())
+    return "q, k and v must share one dtype";
+  int64_t const b = qd[0], sq = qd[1], hq = qd[2], d = qd[3], sk = kd[1], hk = kd[2];
+  if (kd[0] != b || kd[3] != d)
+    return "k shape " + dims_str(kd) + " must be (batch, seqlen_k, heads_k, head_dim) with q's batch and head dim " +
+           "(q shape " + dims_str(qd) + ")";
+  if (vd[0] != b || vd[1] != sk || vd[2] != hk)
+    return "v shape " + dims_str(vd) + " must be k's " + dims_str(kd) + " but for the head dim";
+  std::string const why = check_value_dim(vd, d);
+  if (!why.empty()) return why;
+  return set_core(q, k, v, b, sq, sk, hq, hk, d, vd[3], softmax_scale, window_left, window_right, softcap, c);
+}
+
+// Shapes and attributes of a varlen call into `c`: packed q (total_q, hq, d), k (total_k, hk, d), v (total_k, hk,
+// d_v) with d_v <= d, and the index
+// operands cu_seqlens_q/k (int32 (batch + 1,)) and seqused_k (int32 (batch,), or nullptr); their values are the
+// kernel's to clamp (attn_params.h VarlenSeqs). Returns an empty string when consistent, else what is wrong,
+// naming the operand.
+inline std::string varlen_core(ffi::AnyBuffer const& q, ffi::AnyBuffer const& k, ffi::AnyBuffer const& v,
+                               ffi::AnyBuffer const& cu_q, ffi::AnyBuffer const& cu_k, ffi::AnyBuffer const* used,
+                               float softmax_scale, int32_t window_left, int32_t window_right, float softcap,
+                               int32_t max_seqlen_q, int32_t max_seqlen_k, fa3jax::AttnCore& c) {
+  auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
+  if (qd.size() != 3 || kd.size() != 3 || vd.size() != 3)
+    return "expected packed q, k and v of rank 3 (total, heads, head_dim)";
+  if (!kernel_dtype(q.element_type(), c.dtype)) return "q must be bfloat16 or float16";
+  if (k.element_type() != q.element_type() || v.element_type() != q.element_type())
+    return "q, k and v must share one dtype";
+  int64_t const tq = qd[0], hq = qd[1], d = qd[2], tk = kd[0], hk = kd[1];
+  if (kd[2] != d)
+    return "k shape " + dims_str(kd) + " must be (total_k, heads_k, head_dim) with q's head dim (q shape " +
+           dims_str(qd) + ")";
+  if (vd[0] != tk || vd[1] != hk)
+    return "v shape " + dims_str(vd) + " must be k's " + dims_str(kd) + " but for the head dim";
+  std::string const vwhy = check_value_dim(vd, d);
+  if (!vwhy.empty()) return vwhy;
+  auto cqd = cu_q.dimensions(), ckd = cu_k.dimensions();
+  if (cu_q.element_type() != ffi::DataType::S32 || cqd.size() != 1 || cqd[0] < 1)
+    return "cu_seqlens_q must be int32 of shape (batch + 1,); got " + dims_str(cqd);
+  int64_t const b = cqd[0] - 1;
+  if (cu_k.element_type() != ffi::DataType::S32 || ckd.size() != 1 || ckd[0] != b + 1)
+    return "cu_seqlens_k must be int32 of shape (batch + 1,) = (" + std::to_string(b + 1) + ",); got " +
+           dims_str(ckd);
+  if (used != nullptr) {
+    auto ud = used->dimensions();
+    if (used->element_type() != ffi::DataType::S32 || ud.size() != 1 || ud[0] != b)
+      return "seqused_k must be int32 of shape (batch,) = (" + std::to_string(b) + ",); got " + dims_str(ud);
+  }
+  if (max_seqlen_q < 0 || max_seqlen_k < 0) return "max_seqlen_q and max_seqlen_k must be >= 0";
+  std::string const why =
+      set_core(q, k, v, b, tq, tk, hq, hk, d, vd[2], softmax_scale, window_left, window_right, softcap, c);
+  if (!why.empty()) return why;
+  c.varlen.cu_seqlens_q = static_cast<const int*>(cu_q.untyped_data());
+  c.varlen.cu_seqlens_k = static_cast<const int*>(cu_k.untyped_data());
+  c.varlen.seqused_k = used ? static_cast<const int*>(used->untyped_data()) : nullptr;
+  c.varlen.max_seqlen_q = max_seqlen_q;
+  c.varlen.max_seqlen_k = max_seqlen_k;
   return "";
 }
 

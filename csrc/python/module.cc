@@ -12,8 +12,9 @@
 
 namespace nb = nanobind;
 
-// "bf16:128;fp16:64;..." -> [("bf16", 128), ("fp16", 64), ...]
-static nb::list instance_list(std::string const& s) {
+// "bf16:128;fp16:64;bf16:192x128;..." -> pairs [("bf16", 128), ("fp16", 64), ...] of the entries with one head
+// dim, and, if `mla` is given, triples [("bf16", 192, 128), ...] of the "DxDV" ones (MLA) into it.
+static nb::list instance_list(std::string const& s, nb::list* mla = nullptr) {
   nb::list pairs;
   size_t pos = 0;
   while (pos < s.size()) {
@@ -21,7 +22,13 @@ static nb::list instance_list(std::string const& s) {
     if (end == std::string::npos) end = s.size();
     std::string const item = s.substr(pos, end - pos);
     size_t const c = item.find(':');
-    if (c != std::string::npos) pairs.append(nb::make_tuple(item.substr(0, c), std::atoi(item.c_str() + c + 1)));
+    if (c != std::string::npos) {
+      size_t const x = item.find('x', c);
+      std::string const dt = item.substr(0, c);
+      int const d = std::atoi(item.c_str() + c + 1);
+      if (x == std::string::npos) pairs.append(nb::make_tuple(dt, d));
+      else if (mla != nullptr) mla->append(nb::make_tuple(dt, d, std::atoi(item.c_str() + x + 1)));
+    }
     pos = end + 1;
   }
   return pairs;
@@ -31,11 +38,15 @@ NB_MODULE(_fa3jax_cuda, m) {
   m.def("handlers", []() {
     nb::dict d;
     d["fwd"] = nb::capsule(reinterpret_cast<void*>(&Fa3jaxCudaFwd));
+    d["fwd_sinks"] = nb::capsule(reinterpret_cast<void*>(&Fa3jaxCudaFwdSinks));
+    d["fwd_varlen"] = nb::capsule(reinterpret_cast<void*>(&Fa3jaxCudaFwdVarlen));
     d["bwd"] = nb::capsule(reinterpret_cast<void*>(&Fa3jaxCudaBwd));
+    d["bwd_varlen"] = nb::capsule(reinterpret_cast<void*>(&Fa3jaxCudaBwdVarlen));
     return d;
   });
   m.def("build_info", []() {
-    nb::list fwd_pairs = instance_list(fa3jax::fwd_compiled_list());
+    nb::list mla;
+    nb::list fwd_pairs = instance_list(fa3jax::fwd_compiled_list(), &mla);
     std::vector<std::string> dtypes;
     std::vector<int> dims;
     for (auto item : fwd_pairs) {
@@ -52,9 +63,17 @@ NB_MODULE(_fa3jax_cuda, m) {
     nb::dict d;
     d["head_dims"] = ldims;
     d["dtypes"] = ldtypes;
-    d["instances"] = fwd_pairs;
+    d["instances"] = fwd_pairs;  // (dtype, head_dim) forwards with d_v == d
+    d["mla_instances"] = mla;     // (dtype, head_dim, head_dim_v) forwards with d_v < d
     d["bwd_instances"] = instance_list(fa3jax::bwd_compiled_list());
     d["arch"] = fa3jax::fwd_arch();
+    // Features beyond the plain dense call, so that Python can refuse them on an extension built before them.
+    nb::list features;
+    features.append("sinks");
+    features.append("varlen");      // the fwd_varlen target
+    features.append("varlen_bwd");  // the bwd_varlen target
+    features.append("mla");         // the forward targets take v with its own head dim (mla_instances)
+    d["features"] = features;
     d["cuda_runtime_version"] = int(CUDART_VERSION);
     return d;
   });

@@ -9,6 +9,7 @@
 #include <cuda_fp16.h>
 
 #include "fa3jax/attn_params.h"
+#include "fa3jax/seq_info.h"
 
 namespace fa3jax {
 namespace {
@@ -25,7 +26,8 @@ struct Sizes {
 };
 Sizes sizes(const BwdParams& p) {
   AttnCore const& c = p.core;
-  size_t rows = size_t(c.batch) * c.num_heads_q * padded_rows(c.seqlen_q);
+  size_t rows = c.varlen.enabled() ? size_t(c.num_heads_q) * bwd_varlen_stat_rows(c.seqlen_q, c.batch)
+                                   : size_t(c.batch) * c.num_heads_q * padded_rows(c.seqlen_q);
   size_t sem = p.deterministic ? rows / kBwdBlockM * kBwdNumMmaWG * sizeof(int) : 0;
   return {align_up(rows * c.head_dim * sizeof(float)), align_up(rows * sizeof(float)), align_up(sem)};
 }
@@ -67,6 +69,54 @@ __global__ void bwd_preprocess_kernel(const T* __restrict__ out, const T* __rest
   }
 }
 
+// Varlen (packed rows, lse (hq, total_q)): grid (rows of max_seqlen_q padded to kBwdBlockM / kRowsPerBlock, hq,
+// b); warp w of a block owns row `row` of sequence b, whose stat rows start at bwd_varlen_pad_start. Rows past
+// the grid (sequences longer than max_seqlen_q) are never read by the main kernel either.
+template <class T>
+__global__ void bwd_preprocess_varlen_kernel(const T* __restrict__ out, const T* __restrict__ dout,
+                                             const float* __restrict__ lse, const float* __restrict__ dlse,
+                                             BwdWorkspace ws, VarlenSeqs vs, int total_q, int total_k,
+                                             int64_t stat_rows, int num_heads_q, int d) {
+  int const lane = threadIdx.x % 32;
+  int const row = blockIdx.x * kRowsPerBlock + threadIdx.x / 32;
+  int const h = blockIdx.y, b = blockIdx.z;
+  SeqInfo const seq = SeqInfo::varlen(b, vs.cu_seqlens_q, vs.cu_seqlens_k, vs.seqused_k, total_q, total_k);
+  if (row >= (seq.seqlen_q + kBwdBlockM - 1) / kBwdBlockM * kBwdBlockM) return;
+  int64_t const stat = h * stat_rows + bwd_varlen_pad_start(int(seq.offset_q), b) + row;
+  float* acc = ws.dq_accum + stat * d;
+  for (int t = lane; t < d; t += 32) acc[t] = 0.f;
+  float sum = 0.f;
+  bool const valid = row < seq.seqlen_q;
+  if (valid) {
+    int64_t const base = ((seq.offset_q + row) * num_heads_q + h) * d;
+    for (int t = lane; t < d; t += 32) sum += Cvt<T>::load(out[base + t]) * Cvt<T>::load(dout[base + t]);
+  }
+  for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+  if (lane == 0) {
+    int64_t const li = int64_t(h) * total_q + seq.offset_q + row;
+    float const l = valid ? lse[li] : -INFINITY;
+    ws.delta[stat] = valid ? sum - (dlse ? dlse[li] : 0.f) : 0.f;
+    ws.lse_log2[stat] = l == -INFINITY ? INFINITY : l * kLog2e;
+  }
+}
+
+// Varlen dq rows (packed (total_q, hq, d), zeroed beforehand) of sequence b, rows below max_seqlen_q; grid as the
+// varlen preprocess.
+template <class T>
+__global__ void bwd_convert_dq_varlen_kernel(const float* __restrict__ acc, T* __restrict__ dq, VarlenSeqs vs,
+                                             int total_q, int total_k, int64_t stat_rows, int num_heads_q, int d,
+                                             float scale) {
+  int const lane = threadIdx.x % 32;
+  int const row = blockIdx.x * kRowsPerBlock + threadIdx.x / 32;
+  int const h = blockIdx.y, b = blockIdx.z;
+  SeqInfo const seq = SeqInfo::varlen(b, vs.cu_seqlens_q, vs.cu_seqlens_k, vs.seqused_k, total_q, total_k);
+  if (row >= seq.seqlen_q || row >= vs.max_seqlen_q) return;
+  int64_t const tile = (h * stat_rows + bwd_varlen_pad_start(int(seq.offset_q), b) + row / kBwdBlockM * kBwdBlockM) * d;
+  int64_t const base = ((seq.offset_q + row) * num_heads_q + h) * d;
+  for (int t = lane; t < d; t += 32)
+    dq[base + t] = Cvt<T>::store(acc[tile + dq_tile_index(row % kBwdBlockM, t, d / kBwdNumMmaWG)] * scale);
+}
+
 // dq (b, sq, hq, d) from dq_accum (tiles of bwd_layout.h), scaled once here rather than in every partial.
 template <class T>
 __global__ void bwd_convert_dq_kernel(const float* __restrict__ acc, T* __restrict__ dq, int seqlen_q,
@@ -80,6 +130,9 @@ __global__ void bwd_convert_dq_kernel(const float* __restrict__ acc, T* __restri
   }
 }
 
+// Varlen: query rows per sequence that the passes cover (max_seqlen_q, at most the total, as the forward's grid).
+int varlen_rows_q(const AttnCore& c) { return std::max(0, std::min(c.varlen.max_seqlen_q, c.seqlen_q)); }
+
 // Grid-stride sweeps of 256 threads, capped at a few waves of any GPU.
 int sweep_blocks(int64_t total) { return int(std::max<int64_t>(1, std::min<int64_t>((total + 255) / 256, 4096))); }
 
@@ -87,11 +140,19 @@ template <class T>
 FwdStatus preprocess(const BwdParams& p, cudaStream_t stream) {
   AttnCore const& c = p.core;
   BwdWorkspace const ws = bwd_workspace(p);
-  int64_t const rows_pad = padded_rows(c.seqlen_q);
-  dim3 grid(unsigned(rows_pad / kRowsPerBlock), unsigned(c.num_heads_q), unsigned(c.batch));
-  bwd_preprocess_kernel<T><<<grid, 32 * kRowsPerBlock, 0, stream>>>(
-      static_cast<const T*>(p.out), static_cast<const T*>(p.dout), p.lse, p.dlse, ws, c.seqlen_q, rows_pad,
-      c.num_heads_q, c.head_dim);
+  if (c.varlen.enabled()) {
+    dim3 grid(unsigned(padded_rows(varlen_rows_q(c)) / kRowsPerBlock), unsigned(c.num_heads_q), unsigned(c.batch));
+    if (grid.x > 0)
+      bwd_preprocess_varlen_kernel<T><<<grid, 32 * kRowsPerBlock, 0, stream>>>(
+          static_cast<const T*>(p.out), static_cast<const T*>(p.dout), p.lse, p.dlse, ws, c.varlen, c.seqlen_q,
+          c.seqlen_k, bwd_varlen_stat_rows(c.seqlen_q, c.batch), c.num_heads_q, c.head_dim);
+  } else {
+    int64_t const rows_pad = padded_rows(c.seqlen_q);
+    dim3 grid(unsigned(rows_pad / kRowsPerBlock), unsigned(c.num_heads_q), unsigned(c.batch));
+    bwd_preprocess_kernel<T><<<grid, 32 * kRowsPerBlock, 0, stream>>>(
+        static_cast<const T*>(p.out), static_cast<const T*>(p.dout), p.lse, p.dlse, ws, c.seqlen_q, rows_pad,
+        c.num_heads_q, c.head_dim);
+  }
   if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return {e, "bwd preprocess launch"};
   if (ws.dq_sem != nullptr) {
     if (cudaError_t e = cudaMemsetAsync(ws.dq_sem, 0, sizes(p).sem, stream); e != cudaSuccess)
@@ -104,6 +165,15 @@ template <class T>
 FwdStatus postprocess(const BwdParams& p, cudaStream_t stream) {
   AttnCore const& c = p.core;
   BwdWorkspace const ws = bwd_workspace(p);
+  if (c.varlen.enabled()) {
+    dim3 grid(unsigned(padded_rows(varlen_rows_q(c)) / kRowsPerBlock), unsigned(c.num_heads_q), unsigned(c.batch));
+    if (grid.x > 0)
+      bwd_convert_dq_varlen_kernel<T><<<grid, 32 * kRowsPerBlock, 0, stream>>>(
+          ws.dq_accum, static_cast<T*>(p.dq), c.varlen, c.seqlen_q, c.seqlen_k,
+          bwd_varlen_stat_rows(c.seqlen_q, c.batch), c.num_heads_q, c.head_dim, c.softmax_scale);
+    if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return {e, "bwd dq convert launch"};
+    return {};
+  }
   int64_t const total_q = int64_t(c.batch) * c.seqlen_q * c.num_heads_q * c.head_dim;
   bwd_convert_dq_kernel<T><<<sweep_blocks(total_q), 256, 0, stream>>>(
       ws.dq_accum, static_cast<T*>(p.dq), c.seqlen_q, padded_rows(c.seqlen_q), c.num_heads_q, c.head_dim,

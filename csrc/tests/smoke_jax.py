@@ -51,12 +51,16 @@ def main():
         (2, 1, 777, 8, 1, 128, "float16", Window(-1, -1), 0.0),
         (1, 257, 257, 2, 2, 64, "bfloat16", Window(-1, 0), 0.0),
         (1, 257, 257, 2, 2, 256, "bfloat16", Window(-1, 0), 0.0),
+        # MLA (v's head dim below q/k's): the last field is d_v
+        (1, 300, 500, 4, 2, 192, "bfloat16", Window(-1, 0), 0.0, 128),
+        (2, 200, 333, 4, 2, 128, "float16", Window(-1, -1), 0.0, 64),
     ]
     failures = 0
     rng = np.random.default_rng(0)
-    for b, sq, sk, hq, hk, d, dt, win, cap in cases:
+    for b, sq, sk, hq, hk, d, dt, win, cap, *dv in cases:
+        dv = dv[0] if dv else d
         spec = AttentionSpec(mode="dense", batch=b, seqlen_q=sq, seqlen_k=sk, num_heads_q=hq, num_heads_k=hk,
-                             head_dim=d, dtype=dt, softmax_scale=d ** -0.5, window=win, softcap=cap)
+                             head_dim=d, dtype=dt, softmax_scale=d ** -0.5, window=win, softcap=cap, head_dim_v=dv)
         try:
             be.check_forward(spec)
         except NotImplementedError as e:
@@ -64,7 +68,7 @@ def main():
             continue
         q = jnp.asarray(rng.standard_normal((b, sq, hq, d)), dt)
         k = jnp.asarray(rng.standard_normal((b, sk, hk, d)), dt)
-        v = jnp.asarray(rng.standard_normal((b, sk, hk, d)), dt)
+        v = jnp.asarray(rng.standard_normal((b, sk, hk, dv)), dt)
         out, lse = jax.jit(lambda q, k, v: be.forward(spec, q, k, v, None))(q, k, v)
         ro, rl = reference(q, k, v, spec.softmax_scale, win, cap)
         out = np.asarray(out, np.float64)
@@ -74,7 +78,7 @@ def main():
         lerr = np.abs(np.where(np.isfinite(rl), lse - rl, 0)).max()
         good = np.isfinite(out).all() and inf_ok and err < (3e-2 if dt == "bfloat16" else 5e-3) and lerr < 2e-2
         failures += not good
-        print(f"{'ok  ' if good else 'FAIL'} {dt} d={d} b={b} sq={sq} sk={sk} hq={hq} hk={hk} win={tuple(win)} "
+        print(f"{'ok  ' if good else 'FAIL'} {dt} d={d}{'' if dv == d else f'x{dv}'} b={b} sq={sq} sk={sk} hq={hq} hk={hk} win={tuple(win)} "
               f"cap={cap}: max|dO|={err:.3g} max|dLSE|={lerr:.3g} -inf rows match={inf_ok}")
     print("failures:", failures)
     return 1 if failures else 0

@@ -176,6 +176,113 @@ static bool run_one(DType dt, int d, const Config& c, std::mt19937& rng, bool ve
   return ok;
 }
 
+// Varlen: sequences packed back to back (cu_seqlens), optional seqused_k, q/k rows after the last sequence that no
+// sequence covers (their gradients must be 0), max_seqlen_q = the longest sequence. The reference is the dense
+// one per sequence (b = 1, keys cut to seqused_k); out and lse come from it as in run_one.
+struct VarlenConfig {
+  std::vector<int> sq, sk, used;  // used: seqused_k per sequence, or empty
+  int hq, hk, wl, wr;
+  float softcap;
+  int tail_q, tail_k;  // uncovered rows after the last sequence
+  const char* name;
+};
+
+static bool run_varlen(DType dt, int d, const VarlenConfig& c, std::mt19937& rng, bool verbose, bool det = false) {
+  int const nb = int(c.sq.size());
+  std::vector<int> cu_q(1, 0), cu_k(1, 0);
+  for (int i = 0; i < nb; ++i) cu_q.push_back(cu_q.back() + c.sq[i]), cu_k.push_back(cu_k.back() + c.sk[i]);
+  int const tq = cu_q.back() + c.tail_q, tk = cu_k.back() + c.tail_k;
+  int max_sq = 0, max_sk = 0;
+  for (int i = 0; i < nb; ++i) max_sq = std::max(max_sq, c.sq[i]), max_sk = std::max(max_sk, c.sk[i]);
+  size_t const nq = size_t(tq) * c.hq * d, nk = size_t(tk) * c.hk * d;
+  std::vector<uint16_t> qb, kb, vb, dob, ob(nq, 0);
+  std::vector<float> q, k, v, dout;
+  normal_inputs(rng, dt, nq, qb, q);
+  normal_inputs(rng, dt, nk, kb, k);
+  normal_inputs(rng, dt, nk, vb, v);
+  normal_inputs(rng, dt, nq, dob, dout);
+  std::vector<float> lse(size_t(c.hq) * tq, -INFINITY);
+  std::vector<double> rdq(nq, 0.0), rdk(nk, 0.0), rdv(nk, 0.0);
+  float const scale = 1.f / std::sqrt(float(d));
+  for (int i = 0; i < nb; ++i) {
+    int const sq = c.sq[i], sk = c.used.empty() ? c.sk[i] : c.used[i];
+    RefShape const rs{1, sq, sk, c.hq, c.hk, d, c.wl, c.wr, c.softcap, scale};
+    size_t const qrow = size_t(c.hq) * d, krow = size_t(c.hk) * d;
+    auto slice = [](const std::vector<float>& x, size_t at, size_t n) {
+      return std::vector<float>(x.begin() + at, x.begin() + at + n);
+    };
+    std::vector<float> qi = slice(q, cu_q[i] * qrow, sq * qrow), ki = slice(k, cu_k[i] * krow, sk * krow),
+                       vi = slice(v, cu_k[i] * krow, sk * krow), doi = slice(dout, cu_q[i] * qrow, sq * qrow);
+    std::vector<float> oi(sq * qrow), li(size_t(c.hq) * sq);
+    ref_forward(rs, qi, ki, vi, oi, li);
+    for (size_t j = 0; j < oi.size(); ++j) {
+      ob[cu_q[i] * qrow + j] = to_bits(oi[j], dt);
+      oi[j] = from_bits(ob[cu_q[i] * qrow + j], dt);
+    }
+    for (int h = 0; h < c.hq; ++h)
+      for (int r = 0; r < sq; ++r) lse[size_t(h) * tq + cu_q[i] + r] = li[size_t(h) * sq + r];
+    std::vector<double> dqi(sq * qrow, 0.0), dki(sk * krow, 0.0), dvi(sk * krow, 0.0);
+    ref_backward(rs, qi, ki, vi, oi, li, doi, nullptr, dqi, dki, dvi);
+    std::copy(dqi.begin(), dqi.end(), rdq.begin() + cu_q[i] * qrow);
+    std::copy(dki.begin(), dki.end(), rdk.begin() + cu_k[i] * krow);
+    std::copy(dvi.begin(), dvi.end(), rdv.begin() + cu_k[i] * krow);
+  }
+
+  fa3jax::BwdParams p;
+  fa3jax::AttnCore& core = p.core;
+  core.batch = nb, core.seqlen_q = tq, core.seqlen_k = tk, core.num_heads_q = c.hq, core.num_heads_k = c.hk;
+  core.head_dim = d, core.dtype = dt, core.softmax_scale = scale, core.softcap = c.softcap;
+  core.window_left = c.wl, core.window_right = c.wr;
+  core.set_dense_strides();  // packed (total, heads, d): the row and head strides of a dense batch of one
+  core.varlen.cu_seqlens_q = upload(cu_q), core.varlen.cu_seqlens_k = upload(cu_k);
+  core.varlen.seqused_k = c.used.empty() ? nullptr : upload(c.used);
+  core.varlen.max_seqlen_q = max_sq, core.varlen.max_seqlen_k = max_sk;
+  p.deterministic = det;
+  core.q = upload(qb), core.k = upload(kb), core.v = upload(vb);
+  p.out = upload(ob), p.dout = upload(dob), p.lse = upload(lse);
+  CK(cudaMalloc(&p.dq, nq * 2 + 16));
+  CK(cudaMalloc(&p.dk, nk * 2 + 16));
+  CK(cudaMalloc(&p.dv, nk * 2 + 16));
+  for (auto [ptr, n] : {std::pair<void*, size_t>{p.dq, nq}, {p.dk, nk}, {p.dv, nk}}) CK(cudaMemset(ptr, 0xff, n * 2));
+  size_t const ws = fa3jax::bwd_workspace_bytes(p);
+  CK(cudaMalloc(&p.workspace, ws + 16));
+  CK(cudaMemset(p.workspace, 0xff, ws));
+  fa3jax::FwdStatus st = fa3jax::run_bwd(p, 0);
+  bool ok = st.ok();
+  if (!ok) std::printf("FAIL run_bwd (varlen): %s (%s)\n", st.what, cudaGetErrorString(st.error));
+  CK(cudaDeviceSynchronize());
+  size_t bad = 0;
+  std::vector<uint16_t> const gq = download<uint16_t>(p.dq, nq), gk = download<uint16_t>(p.dk, nk),
+                              gv = download<uint16_t>(p.dv, nk);
+  double const eq = rel_err(gq, rdq, dt, bad), ek = rel_err(gk, rdk, dt, bad), ev = rel_err(gv, rdv, dt, bad);
+  // Rows no sequence covers and keys past seqused_k: want 0 (rdq/rdk/rdv), and a row no pass wrote stays NaN
+  // (the 0xff fill), which rel_err counts as non-finite.
+  bool same = true;
+  if (det) {
+    CK(cudaMemset(p.workspace, 0xff, ws));
+    st = fa3jax::run_bwd(p, 0);
+    ok = ok && st.ok();
+    CK(cudaDeviceSynchronize());
+    same = download<uint16_t>(p.dq, nq) == gq && download<uint16_t>(p.dk, nk) == gk &&
+           download<uint16_t>(p.dv, nk) == gv;
+  }
+  double const tol = dt == DType::kBF16 ? 3e-2 : 5e-3;
+  ok = ok && bad == 0 && eq <= tol && ek <= tol && ev <= tol && same;
+  if (!ok || verbose)
+    std::printf("%s %s d=%d varlen %-22s seqs=%d tq=%d tk=%d hq=%d hk=%d win=(%d,%d) cap=%g%s: rel err dq=%.2e "
+                "dk=%.2e dv=%.2e non-finite=%zu%s\n",
+                ok ? "ok  " : "FAIL", dt == DType::kBF16 ? "bf16" : "fp16", d, c.name, nb, tq, tk, c.hq, c.hk, c.wl,
+                c.wr, c.softcap, det ? " deterministic" : "", eq, ek, ev, bad, same ? "" : " RERUN DIFFERS");
+  for (const void* ptr : {core.q, core.k, core.v, p.out, p.dout, static_cast<const void*>(p.lse),
+                          static_cast<const void*>(core.varlen.cu_seqlens_q),
+                          static_cast<const void*>(core.varlen.cu_seqlens_k),
+                          static_cast<const void*>(core.varlen.seqused_k), static_cast<const void*>(p.dq),
+                          static_cast<const void*>(p.dk), static_cast<const void*>(p.dv),
+                          static_cast<const void*>(p.workspace)})
+    if (ptr) CK(cudaFree(const_cast<void*>(ptr)));
+  return ok;
+}
+
 // Timings of the forward and the whole backward on the issue's shapes (h=16, b*s=16384), random inputs; the
 // forward's out/lse feed the backward. TFLOPS with FA's count: fwd 4*b*s^2*h*d (halved causal), bwd 2.5x that.
 static void bench(DType dt, int d, int only_s, int only_causal, bool det) {
@@ -276,6 +383,12 @@ int main(int argc, char** argv) {
       {1, 520, 520, 2, 2, -1, 0, 0.f, false, "causal"},
       {1, 300, 600, 2, 1, 100, 40, 0.f, false, "mqa-window(100,40)"},
   };
+  const VarlenConfig varlen_configs[] = {
+      {{1, 63, 64, 65, 200, 0, 130}, {1, 63, 64, 65, 200, 0, 130}, {}, 4, 2, -1, -1, 0.f, 0, 0, "full-gqa"},
+      {{300, 17, 129}, {300, 40, 100}, {}, 2, 2, -1, 0, 0.f, 33, 20, "causal+uncovered rows"},
+      {{150, 90}, {260, 300}, {200, 7}, 4, 1, 64, 16, 0.f, 0, 10, "mqa-window+seqused_k"},
+      {{128, 256}, {128, 256}, {}, 2, 2, -1, 0, 30.f, 0, 0, "causal-softcap30"},
+  };
   std::mt19937 rng(1234);
   int failures = 0, runs = 0;
   for (DType dt : {DType::kBF16, DType::kFP16})
@@ -291,6 +404,11 @@ int main(int argc, char** argv) {
         for (const Config& c : det_configs) {
           ++runs;
           failures += !run_one(dt, d, c, rng, true, true);
+          if (quick) break;
+        }
+        for (const VarlenConfig& c : varlen_configs) {
+          ++runs;
+          failures += !run_varlen(dt, d, c, rng, true, &c == &varlen_configs[1]);
           if (quick) break;
         }
       }

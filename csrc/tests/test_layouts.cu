@@ -9,11 +9,16 @@
 //  * mask.h against its element rule: a query block's key blocks and a key block's query blocks are exactly
 //    those holding an allowed pair, needs_mask is true iff a block holds a disallowed pair, and
 //    QBlockMask::unmasked_range agrees with needs_mask on every key block;
-//  * the persistent scheduler's unit order (a bijection onto the tiles).
+//  * the persistent scheduler's unit order (a bijection onto the tiles);
+//  * the backward's varlen stat rows (bwd_layout.h): every sequence's padded rows stay inside the buffer for any
+//    cu_seqlens (clamped as the kernels clamp them), and in-order sequences never share a row.
 #include <cstdio>
+#include <random>
 #include <vector>
 
+#include "fa3jax/bwd_layout.h"
 #include "fa3jax/kernel_traits.h"
+#include "fa3jax/seq_info.h"
 #include "fa3jax/mask.h"
 #include "fa3jax/utils.h"
 
@@ -196,13 +201,44 @@ int check_masks() {
   return errors != 0;
 }
 
+static int check_varlen_stat_rows() {
+  std::mt19937 rng(7);
+  int errors = 0;
+  for (int trial = 0; trial < 20000; ++trial) {
+    int const batch = 1 + int(rng() % 9);
+    bool const hostile = trial % 2 == 1;
+    std::vector<int> cu(batch + 1, 0), cu_k(batch + 1, 0);
+    for (int b = 1; b <= batch; ++b) cu[b] = cu[b - 1] + int(rng() % 200);  // empty sequences included
+    int const total = cu[batch] + int(rng() % 100);  // rows after the last sequence
+    if (hostile)  // any order, out of range both ways
+      for (int& x : cu) x = int(rng() % (total + 300)) - 150;
+    int64_t const rows = fa3jax::bwd_varlen_stat_rows(total, batch);
+    int64_t prev_end = 0;
+    for (int b = 0; b < batch; ++b) {
+      fa3jax::SeqInfo const s = fa3jax::SeqInfo::varlen(b, cu.data(), cu_k.data(), nullptr, total, 0);
+      int64_t const start = fa3jax::bwd_varlen_pad_start(int(s.offset_q), b);
+      int64_t const end = start + (s.seqlen_q + fa3jax::kBwdBlockM - 1) / fa3jax::kBwdBlockM * fa3jax::kBwdBlockM;
+      bool const bad = start < 0 || end > rows || start % fa3jax::kBwdBlockM != 0 || (!hostile && start < prev_end);
+      if (bad && errors++ < 5)
+        std::printf("varlen stat rows: trial %d seq %d q0=%lld len=%d -> [%lld, %lld) of %lld (prev end %lld)\n",
+                    trial, b, (long long)s.offset_q, s.seqlen_q, (long long)start, (long long)end, (long long)rows,
+                    (long long)prev_end);
+      prev_end = end;
+    }
+  }
+  std::printf("varlen stat rows: %s (%d errors)\n", errors ? "FAIL" : "ok", errors);
+  return errors != 0;
+}
+
 int main() {
   int fails = 0;
+  fails += check_varlen_stat_rows();
   fails += check_masks<128, 128>();
   fails += check_masks<128, 176>();
   fails += check_masks<128, 80>();
   fails += check_masks<192, 128>();
   fails += check_masks<64, 128>();
+  fails += check_masks<64, 64>();  // the d=256 backward's blocks
   for (bool rev : {false, true}) {
     fails += check_scheduler(16, 16, 8, 32, rev);
     fails += check_scheduler(7, 3, 5, 4, rev);  // last section narrower than the group

@@ -20,10 +20,16 @@ class AttnConfig:
     heads: int
     seqlen: int
     batch: int
+    headdim_v: Optional[int] = None  # v's (and out's) head dim when below headdim (MLA); None: headdim
+
+    @property
+    def dv(self) -> int:
+        return self.headdim_v or self.headdim
 
     @property
     def flops(self) -> float:
-        f = 4.0 * self.batch * self.seqlen ** 2 * self.heads * self.headdim
+        # QK^T and P V: 2·b·s²·h·(d + d_v) (= 4·b·s²·h·d without MLA)
+        f = 2.0 * self.batch * self.seqlen ** 2 * self.heads * (self.headdim + self.dv)
         if self.causal:
             f /= 2
         return f * (3.5 if self.mode == "fwd+bwd" else 1.0)
@@ -32,8 +38,16 @@ class AttnConfig:
     def shape(self):
         return (self.batch, self.seqlen, self.heads, self.headdim)
 
+    @property
+    def shape_v(self):
+        """v's and out's (and the cotangent's) shape."""
+        return (self.batch, self.seqlen, self.heads, self.dv)
+
+    def dlabel(self) -> str:
+        return f"{self.headdim}" if self.headdim_v is None else f"{self.headdim}x{self.headdim_v}"
+
     def label(self) -> str:
-        return (f"{self.mode} {'causal' if self.causal else 'full'} {self.dtype} d{self.headdim} "
+        return (f"{self.mode} {'causal' if self.causal else 'full'} {self.dtype} d{self.dlabel()} "
                 f"b{self.batch} s{self.seqlen}")
 
 
@@ -44,17 +58,21 @@ def attn_configs(o: dict) -> list[AttnConfig]:
             for dtype in o["dtypes"]:
                 for d in o["headdims"]:
                     for s in o["seqlens"]:
-                        cfgs.append(AttnConfig(mode, causal, dtype, d, o["heads"], s, max(1, o["tokens"] // s)))
+                        cfgs.append(AttnConfig(mode, causal, dtype, d, o["heads"], s, max(1, o["tokens"] // s),
+                                               headdim_v=o.get("headdim_v")))
     return cfgs
 
 
 def attn_inputs(cfg: AttnConfig, n_sets: int, seed: int):
+    """``n_sets`` input sets (q, k, v[, the output's cotangent]) of ``cfg`` (or any config with a ``shape``)."""
     dt = DTYPES[cfg.dtype]
+    shape_v = getattr(cfg, "shape_v", cfg.shape)  # the varlen suite's configs have one head dim
     sets = []
     key = jax.random.PRNGKey(seed)
     for _ in range(n_sets):
         key, *ks = jax.random.split(key, 5)
-        q, k, v, ct = (jax.random.normal(kk, cfg.shape, dt) for kk in ks)
+        q, k, v, ct = (jax.random.normal(kk, shape, dt)
+                       for kk, shape in zip(ks, (cfg.shape, cfg.shape, shape_v, shape_v)))
         sets.append((q, k, v) if cfg.mode == "fwd" else (q, k, v, ct))
     return jax.block_until_ready(sets)
 
@@ -153,6 +171,8 @@ def run_attn(configs: list[AttnConfig], impls: list[Impl], opts: TimingOptions, 
 
 def _row(cfg: AttnConfig, impl: str, status: str, **kw) -> dict:
     row = dataclasses.asdict(cfg)
+    if cfg.headdim_v is None:  # rows without MLA keep their fields
+        del row["headdim_v"]
     row.update(impl=impl, status=status, flops=cfg.flops)
     row.update({k: v for k, v in kw.items() if v not in (None, "")})
     return row

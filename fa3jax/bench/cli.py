@@ -34,6 +34,10 @@ def build_parser(prog: str = "python -m fa3jax bench") -> argparse.ArgumentParse
     g.add_argument("--tokens", type=int, help="batch * seqlen (default 16384)")
     g.add_argument("--heads", type=int, help="default 16")
     g.add_argument("--headdims", help="comma list of 64,128,256 (default 128)")
+    g.add_argument("--headdim-v", type=int, help="v's head dim, below each --headdims entry (MLA; attn suite); "
+                   "FLOPs then count 2*b*s^2*h*(d + d_v)")
+    g.add_argument("--mla", action="store_true", help="MLA rows: d=192, d_v=128, bf16, seqlens 2048,16384 (8x2k, "
+                   "1x16k at 16k tokens); explicit options override")
     g.add_argument("--dtypes", help="comma list of bf16,fp16 (default both; varlen: bf16)")
     g.add_argument("--causal", choices=("both", "yes", "no"), default="both")
     g.add_argument("--modes", help="comma list of fwd,fwd+bwd (default both)")
@@ -80,13 +84,16 @@ FULL = dict(heads=16, headdims=[128], tokens=16384, seqlens=[512, 1024, 2048, 40
 def resolve(args) -> dict:
     """Merge explicit options over the preset (``--small`` on CPU unless sizes were given or ``--full``)."""
     sized = any(getattr(args, a) is not None for a in ("seqlens", "tokens", "heads", "headdims", "batches",
-                                                      "caches", "varlen_means", "varlen_tokens"))
+                                                      "caches", "varlen_means", "varlen_tokens")) or args.mla
     small = args.small or (not args.full and not sized and not on_gpu())
     base = dict(SMALL if small else FULL)
     if args.suite == "varlen":
         base["dtypes"] = ["bf16"]  # the issue's target is bf16 only; fp16 on request
+    if args.mla:  # the MLA row set (issue 22): DeepSeek's 192/128 at 16k tokens
+        base.update(headdims=[192], headdim_v=128, dtypes=["bf16"], seqlens=[2048, 16384])
     explicit = dict(seqlens=_csv(args.seqlens, int), tokens=args.tokens, heads=args.heads,
-                    headdims=_csv(args.headdims, int), dtypes=_csv(args.dtypes), impls=_csv(args.impls),
+                    headdims=_csv(args.headdims, int), headdim_v=args.headdim_v, dtypes=_csv(args.dtypes),
+                    impls=_csv(args.impls),
                     repeats=args.repeats, batches=_csv(args.batches, int), caches=_csv(args.caches, int),
                     copy_mib=args.copy_mib, unroll=args.unroll, varlen_means=_csv(args.varlen_means, int),
                     varlen_tokens=args.varlen_tokens)
@@ -109,6 +116,12 @@ def resolve(args) -> dict:
     for d in base["dtypes"]:
         if d not in DTYPES:
             raise SystemExit(f"unknown dtype {d!r} ({', '.join(DTYPES)})")
+    dv = base.get("headdim_v")
+    if dv is not None:
+        if args.suite != "attn":
+            raise SystemExit("--headdim-v / --mla: attn suite only")
+        if not all(0 < dv < d for d in base["headdims"]):
+            raise SystemExit(f"--headdim-v {dv} must be below every --headdims entry {base['headdims']}")
     return base
 
 
@@ -141,7 +154,8 @@ def main(argv=None, prog: str = "python -m fa3jax bench") -> int:
         doc = {"suite": args.suite, "complete": complete, "env": env, "options": options,
                "elapsed_s": time.perf_counter() - t_start, "wrong_tol": WRONG_TOL,
                "flops_convention": "fwd 4*b*s^2*h*d (varlen: sum_i 4*s_i^2*h*d; halved if causal); "
-                                   "fwd+bwd 3.5x fwd",
+                                   "fwd+bwd 3.5x fwd" + ("; MLA: 2*b*s^2*h*(d + d_v) for 4*b*s^2*h*d"
+                                                         if o.get("headdim_v") else ""),
                "results": rows, "copy": copy, "table": table}
         tmp = json_path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(doc, indent=1, default=str))

@@ -30,9 +30,15 @@ def fa3jax_impl(backend: str) -> Impl:
 
     def support(cfg):
         sds = jax.ShapeDtypeStruct(cfg.shape, DTYPES[cfg.dtype])
-        return fa3jax.supports(fa3jax.flash_mha, sds, sds, sds, backend=backend, is_causal=cfg.causal)
+        sds_v = jax.ShapeDtypeStruct(getattr(cfg, "shape_v", cfg.shape), DTYPES[cfg.dtype])  # MLA: v's head dim
+        return fa3jax.supports(fa3jax.flash_mha, sds, sds, sds_v, backend=backend, is_causal=cfg.causal)
 
     return Impl(f"fa3jax:{backend}", forward, *_support_checks(support, backend))
+
+
+def _no_mla(cfg, who: str) -> str:
+    """Why ``who`` cannot run an MLA config ('' for a config without one)."""
+    return f"{who}: v's head dim must equal q/k's (no MLA)" if getattr(cfg, "headdim_v", None) else ""
 
 
 def _support_checks(support: Callable, backend: str) -> tuple[Callable, Callable]:
@@ -66,7 +72,7 @@ def _fa3_impl(mod) -> Impl:
             return "flash-attn3-jax needs a GPU"
         if cfg.dtype not in ("bf16", "fp16"):
             return "flash-attn3-jax: bf16/fp16 only"
-        return ""
+        return _no_mla(cfg, "flash-attn3-jax")
 
     return Impl(FA3_NAME, forward, check)
 
@@ -79,7 +85,7 @@ def _jax_nn_impl(implementation: str) -> Impl:
     def check(cfg):
         if implementation == "cudnn" and not on_gpu():
             return "cudnn needs an NVIDIA GPU"
-        return ""
+        return _no_mla(cfg, "jax.nn.dot_product_attention")
 
     return Impl(f"jax.nn:{implementation}", forward, check)
 

@@ -49,11 +49,16 @@ def _cell(r: Optional[dict], ok_text: Callable[[dict], str], footnote) -> str:
     return f"skip [{footnote(r.get('reason', '?'))}]"
 
 
+def _dlabel(r: dict) -> str:
+    """The head dim column: d, or d x d_v for MLA rows."""
+    return f"{r['headdim']}x{r['headdim_v']}" if r.get("headdim_v") else str(r["headdim"])
+
+
 def attn_table(rows: list[dict]) -> str:
     """Markdown table: one row per config, one column per impl; cells 'TFLOPS / ms' and the speed ratio vs
     flash-attn3-jax (>1: faster) when it was timed."""
     impls = _col_order({r["impl"] for r in rows}, ALL_ATTN_IMPL_NAMES)
-    keys, by = _group(rows, lambda r: (r["mode"], r["causal"], r["dtype"], r["headdim"], r["heads"], r["seqlen"],
+    keys, by = _group(rows, lambda r: (r["mode"], r["causal"], r["dtype"], _dlabel(r), r["heads"], r["seqlen"],
                                        r["batch"]))
     footnote = _Footnotes()
 

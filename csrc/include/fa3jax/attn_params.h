@@ -21,11 +21,17 @@ struct Strides {
   int64_t row = 0, head = 0, batch = 0;
 };
 
-// Variable-length batches (packed rows, FA's cu_seqlens convention). Off while cu_seqlens_q is null.
+// Variable-length batches (packed rows, FA's cu_seqlens convention). Off while cu_seqlens_q is null. With it on,
+// AttnCore's q/k/v (and out) are packed (total, heads, d): seqlen_q/seqlen_k are the totals, batch the number of
+// sequences, and the strides' batch field is unused. The kernel clamps every offset into [0, total] and every
+// length to >= 0, so hostile values cannot address rows outside the tensors (fa3jax/validation.py sanitizes them
+// first, so that results follow its documented rule).
 struct VarlenSeqs {
   const int* cu_seqlens_q = nullptr;  // (batch + 1) row offsets into the packed q / out
   const int* cu_seqlens_k = nullptr;  // (batch + 1) row offsets into the packed k / v
   const int* seqused_k = nullptr;     // optional: keys used per sequence (<= its cu_seqlens_k length)
+  int max_seqlen_q = 0;  // query blocks per (sequence, head) in the grid: rows past it are not computed
+  int max_seqlen_k = 0;  // a hint for the tile order's L2 sections (0: the total)
   bool enabled() const { return cu_seqlens_q != nullptr; }
 };
 
@@ -44,13 +50,16 @@ struct AppendKV {
   bool enabled() const { return k_new != nullptr; }
 };
 
-// What every pass of one attention call reads: q (b, sq, hq, d) and k/v (b, sk, hk, d) at their strides.
+// What every pass of one attention call reads: q (b, sq, hq, d), k (b, sk, hk, d) and v (b, sk, hk, d_v) at their
+// strides.
 struct AttnCore {
   const void* q = nullptr;
   const void* k = nullptr;
   const void* v = nullptr;
   Strides q_stride, k_stride, v_stride;
   int batch = 0, seqlen_q = 0, seqlen_k = 0, num_heads_q = 0, num_heads_k = 0, head_dim = 0;
+  // v's (and out's) head dim; 0 means head_dim. Smaller than head_dim for MLA (d_v < d_qk, forward only).
+  int head_dim_v = 0;
   DType dtype = DType::kBF16;
   float softmax_scale = 1.f;
   float softcap = 0.f;    // <= 0: off
@@ -60,11 +69,14 @@ struct AttnCore {
   PagedKV paged;
   AppendKV append;
 
+  int value_dim() const { return head_dim_v != 0 ? head_dim_v : head_dim; }
+
   // Contiguous q/k/v of the shapes above.
   void set_dense_strides() {
+    int64_t const dv = value_dim();
     q_stride = {int64_t(num_heads_q) * head_dim, int64_t(head_dim), int64_t(seqlen_q) * num_heads_q * head_dim};
     k_stride = {int64_t(num_heads_k) * head_dim, int64_t(head_dim), int64_t(seqlen_k) * num_heads_k * head_dim};
-    v_stride = k_stride;
+    v_stride = {int64_t(num_heads_k) * dv, dv, int64_t(seqlen_k) * num_heads_k * dv};
   }
 };
 
@@ -75,11 +87,15 @@ struct Splits {
   float* lse_accum = nullptr;  // (num_splits, b, hq, sq)
 };
 
-// Forward: core + outputs + workspace. out is dense like q (b, sq, hq, d); lse float32 (b, hq, sq).
+// Forward: core + outputs + workspace. out is dense (b, sq, hq, d_v); lse float32 (b, hq, sq). Varlen: out
+// (total_q, hq, d_v), lse (hq, total_q); q rows outside every sequence get out 0 and lse -inf (the sink with sinks).
 struct FwdParams {
   AttnCore core;
   void* out = nullptr;
   float* lse = nullptr;
+  // Attention sinks (gpt-oss): float32 (num_heads_q,), one natural-log logit per query head that joins every row's
+  // softmax denominator and carries no value (rows that see no key: out 0, lse = sink). nullptr: off.
+  const float* sinks = nullptr;
   Splits splits;
   // Device memory of at least kFwdWorkspaceBytes (the caller's; reset by run_fwd on `stream`): the persistent
   // kernel then assigns tiles dynamically under windowed/causal masks (tiles of unequal length). nullptr:
@@ -106,11 +122,13 @@ const char* fwd_check(const FwdParams& p);
 // Checks, then launches on `stream`. Never throws.
 FwdStatus run_fwd(const FwdParams& p, cudaStream_t stream);
 
-// Whether (dtype, head_dim) was compiled into this build, and whether with a wide-key-tile kernel.
-bool fwd_compiled(DType dtype, int head_dim);
+// Whether (dtype, head_dim, head_dim_v) was compiled into this build (head_dim_v 0: head_dim), and whether with a
+// wide-key-tile kernel (d_v == d only).
+bool fwd_compiled(DType dtype, int head_dim, int head_dim_v = 0);
 bool fwd_compiled_wide(DType dtype, int head_dim);
 
-// Compiled instantiations as "bf16:128;fp16:64;..." (static string), and the target arch.
+// Compiled instantiations as "bf16:128;fp16:64;bf16:192x128;..." (static string; "DxDV" where d_v != d, MLA), and
+// the target arch.
 const char* fwd_compiled_list();
 const char* fwd_arch();
 
@@ -165,7 +183,7 @@ FwdStatus run_bwd_instance(const BwdParams& p, BwdWorkspace const& ws, cudaStrea
 
 // Per-instantiation entry points (defined in generated translation units). kWide: FwdPolicyWide's tiles instead
 // of FwdPolicy's.
-template <DType kDType, int kHeadDim, bool kWide>
+template <DType kDType, int kHeadDim, int kHeadDimV, bool kWide>
 FwdStatus run_fwd_instance(const FwdParams& p, cudaStream_t stream);
 
 }  // namespace fa3jax

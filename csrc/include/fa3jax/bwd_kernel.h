@@ -13,7 +13,8 @@
 
 namespace fa3jax {
 
-// dK (scaled by the softmax scale) and dV of one key block to global memory (b, sk, hk, d), rows < seqlen_k.
+// dK (scaled by the softmax scale) and dV of one key block to global memory (rows of hk x d: dense (b, sk, hk, d),
+// varlen packed (total_k, hk, d)), keys < the sequence's seqlen_k.
 template <class KT, class TdK, class TdV>
 CUTE_DEVICE void bwd_store_dkdv(typename KT::Params const& p, BwdTile const& tile, int mma_tid, TdK const& tdKrdK,
                                 TdV const& tdVrdV) {
@@ -31,8 +32,8 @@ CUTE_DEVICE void bwd_store_dkdv(typename KT::Params const& p, BwdTile const& til
   CUTE_UNROLL
   for (int r = 0; r < size<0>(dK); ++r) {
     int const key = n0 + int(get<0>(rc(r, 0)));
-    if (key >= p.seqlen_k) continue;
-    int64_t const row = ((int64_t(tile.batch) * p.seqlen_k + key) * p.num_heads_k + tile.head_k) * KT::kHeadDim;
+    if (key >= tile.seq.seqlen_k) continue;
+    int64_t const row = ((tile.seq.offset_k + key) * p.num_heads_k + tile.head_k) * KT::kHeadDim;
     CUTE_UNROLL
     for (int cc = 0; cc < size<1>(dK); cc += 2) {
       int const col = int(get<1>(rc(r, cc)));
@@ -44,6 +45,20 @@ CUTE_DEVICE void bwd_store_dkdv(typename KT::Params const& p, BwdTile const& til
       *reinterpret_cast<cutlass::Array<Element, 2>*>(dk + row + col) = k2;
       *reinterpret_cast<cutlass::Array<Element, 2>*>(dv + row + col) = v2;
     }
+  }
+}
+
+// The CTA's tile: its sequence (dense, or packed by cu_seqlens with lengths clamped as SeqInfo::varlen does) and
+// its stat rows (bwd_layout.h).
+template <class KT>
+CUTE_DEVICE BwdTile make_bwd_tile(typename KT::Params const& p, int n_block, int head_k, int batch) {
+  if constexpr (KT::kVarlen) {
+    SeqInfo const seq = SeqInfo::varlen(batch, p.cu_seqlens_q, p.cu_seqlens_k, p.seqused_k, p.seqlen_q, p.seqlen_k);
+    return {n_block, head_k, batch, seq, bwd_varlen_pad_start(int(seq.offset_q), batch), p.stat_rows};
+  } else {
+    int64_t const rows_pad = int64_t(p.num_m_blocks) * KT::kBlockM;
+    return {n_block, head_k, batch, SeqInfo::dense(batch, p.seqlen_q, p.seqlen_k),
+            int64_t(batch) * p.num_heads_q * rows_pad, rows_pad};
   }
 }
 
@@ -79,9 +94,15 @@ __global__ void __launch_bounds__(KT::kNumThreads, 1) bwd_kernel(__grid_constant
   Pipeline pipe(ss.pipeline_q, pp, typename KT::ClusterShape{});
   __syncthreads();
 
-  BwdTile const tile{int(blockIdx.x), int(blockIdx.y), int(blockIdx.z)};
-  typename Mainloop::KM const km(tile.n_block, p.seqlen_q, p.seqlen_k, p.window_left, p.window_right);
-  bool const any = km.num_blocks() > 0;  // else dK = dV = 0 and nothing is loaded
+  // Deterministic mode adds dQ partials in descending key-block order (bwd_mainloop.h), so CTAs are dispatched
+  // from the last key block down: the one whose turn comes first is launched first.
+  int const n_block = p.dq_sem != nullptr ? int(gridDim.x) - 1 - int(blockIdx.x) : int(blockIdx.x);
+  BwdTile const tile = make_bwd_tile<KT>(p, n_block, int(blockIdx.y), int(blockIdx.z));
+  typename Mainloop::KM km(tile.n_block, tile.seq.seqlen_q, tile.seq.seqlen_k, p.window_left, p.window_right);
+  if constexpr (KT::kVarlen)  // query blocks past max_seqlen_q: not computed (the forward's grid), not preprocessed
+    km.m_max = max(km.m_min, min(km.m_max, (p.max_seqlen_q + KT::kBlockM - 1) / KT::kBlockM));
+  // Else dK = dV = 0 and nothing is loaded (varlen: key blocks past this sequence's keys have no rows at all).
+  bool const any = tile.n_block * KT::kBlockN < tile.seq.seqlen_k && km.num_blocks() > 0;
 
   if (wg_idx == 0) {
     cutlass::arch::warpgroup_reg_dealloc<KT::kProducerRegs>();

@@ -13,25 +13,36 @@
 
 namespace fa3jax {
 
-template <DType kDType, int kHeadDim>
+template <DType kDType, int kHeadDim, bool kVarlen = false>
 using BwdTraitsFor = BwdKernelTraits<typename ElementOf<kDType>::type, kHeadDim, BwdPolicy<kHeadDim>::kBlockM,
-                                     BwdPolicy<kHeadDim>::kBlockN, BwdPolicy<kHeadDim>::kStages,
+                                     BwdPolicy<kHeadDim>::kBlockN, BwdPolicy<kHeadDim>::kNumMmaWG,
+                                     BwdPolicy<kHeadDim>::kStages,
                                      BwdPolicy<kHeadDim>::kProducerRegs, BwdPolicy<kHeadDim>::kConsumerRegs,
-                                     BwdPolicy<kHeadDim>::kDqRed != 0>;
+                                     BwdPolicy<kHeadDim>::kDqRed != 0, BwdPolicy<kHeadDim>::kDqBufs, kVarlen>;
 
-template <DType kDType, int kHeadDim>
+template <DType kDType, int kHeadDim, bool kVarlen = false>
 FwdStatus launch_bwd_main(const BwdParams& bp, BwdWorkspace const& ws, cudaStream_t stream) {
-  using KT = BwdTraitsFor<kDType, kHeadDim>;
+  if constexpr (!kVarlen) {  // the varlen kernel is compiled in the same translation unit
+    if (bp.core.varlen.enabled()) return launch_bwd_main<kDType, kHeadDim, true>(bp, ws, stream);
+  }
+  using KT = BwdTraitsFor<kDType, kHeadDim, kVarlen>;
   using Element = typename KT::Element;
   constexpr int D = kHeadDim;
   AttnCore const& c = bp.core;
   int const b = c.batch, sq = c.seqlen_q, sk = c.seqlen_k, hq = c.num_heads_q, hk = c.num_heads_k;
+  // Dense: (row, d, head, batch). Varlen: the packed rows as (r, d, head, end) with the base moved back by the
+  // total rows (launch.h rows_before; bwd_mainloop.h load says how a sequence addresses it).
   auto tensor = [&](void const* ptr, int rows, int heads, Strides const& s) {
-    return make_tensor(make_gmem_ptr(static_cast<Element const*>(ptr)), make_shape(rows, D, heads, b),
-                       make_stride(s.row, _1{}, s.head, s.batch));
+    Element const* base = static_cast<Element const*>(ptr);
+    int64_t last = s.batch;
+    int ext = b;
+    if constexpr (kVarlen) base = rows_before(base, rows, s.row), last = s.row, ext = rows + 1;
+    return make_tensor(make_gmem_ptr(base), make_shape(rows, D, heads, ext), make_stride(s.row, _1{}, s.head, last));
   };
   Strides const dense_q{int64_t(hq) * D, int64_t(D), int64_t(sq) * hq * D};  // dO is dense like out
   int const num_m_blocks = (sq + KT::kBlockM - 1) / KT::kBlockM;
+  // Varlen: key blocks of the longest sequence in the grid (CTAs past a sequence's keys exit at once).
+  int const rows_k = kVarlen ? (c.varlen.max_seqlen_k > 0 ? std::min(c.varlen.max_seqlen_k, sk) : sk) : sk;
   constexpr float kLog2e = 1.4426950408889634f;
   bool const capped = c.softcap > 0.f;
   typename KT::Params kp{
@@ -51,15 +62,18 @@ FwdStatus launch_bwd_main(const BwdParams& bp, BwdWorkspace const& ws, cudaStrea
       capped ? kLog2e : c.softmax_scale * kLog2e,
       capped ? c.softmax_scale / c.softcap : 0.f,
       capped ? c.softcap : 0.f,
-      c.softmax_scale};
+      c.softmax_scale,
+      c.varlen.cu_seqlens_q,
+      c.varlen.cu_seqlens_k,
+      c.varlen.seqused_k,
+      c.varlen.max_seqlen_q,
+      kVarlen ? bwd_varlen_stat_rows(sq, b) : 0};
 
-  if (ws.dq_sem != nullptr && KT::kDqRed)
-    return {cudaErrorInvalidValue, "deterministic backward needs the bulk dQ adds (policy dq_red=0)"};
   auto kernel = capped ? &bwd_kernel<KT, true> : &bwd_kernel<KT, false>;
   constexpr int smem = KT::kSmemBytes;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return {err, "cudaFuncSetAttribute(MaxDynamicSharedMemorySize), bwd"};
-  dim3 const grid(unsigned((sk + KT::kBlockN - 1) / KT::kBlockN), unsigned(hk), unsigned(b));
+  dim3 const grid(unsigned(std::max(1, (rows_k + KT::kBlockN - 1) / KT::kBlockN)), unsigned(hk), unsigned(b));
   kernel<<<grid, KT::kNumThreads, smem, stream>>>(kp);
   err = cudaGetLastError();
   if (err != cudaSuccess) return {err, "bwd kernel launch"};

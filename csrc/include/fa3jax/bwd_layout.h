@@ -10,6 +10,8 @@
 // row = 16 * warp + lane / 4 + 8 * ((v / 2) % 2), col = 2 * (lane % 4) + v % 2 + 8 * (v / 4).
 #pragma once
 
+#include <cstdint>
+
 #if defined(__CUDACC__)
 #define FA3JAX_HOST_DEVICE __host__ __device__
 #else
@@ -27,6 +29,18 @@ FA3JAX_HOST_DEVICE inline int dq_tile_index(int row, int col, int cols_per_wg) {
   int const t = warp * 32 + (r % 8) * 4 + (c % 8) / 2;
   int const v = (c / 8) * 4 + (r / 8) * 2 + (c % 2);
   return w * kBwdBlockM * cols_per_wg + (v / 4) * 512 + 4 * t + v % 4;
+}
+
+// Per-row buffers (delta, lse_log2, dq_accum rows, turn counters per 64 rows) are indexed by padded "stat rows".
+// Dense: (batch, query head, query rows padded to kBwdBlockM). Varlen: (query head, stat rows), where the sequence
+// b starting at packed row q0 begins at bwd_varlen_pad_start(q0, b) = (q0 / 64 + b) * 64: in-order sequences stay
+// disjoint, each padded to whole 64-row blocks, and any clamped q0 + length <= total_q stays below
+// bwd_varlen_stat_rows(total_q, batch).
+FA3JAX_HOST_DEVICE inline int64_t bwd_varlen_stat_rows(int total_q, int batch) {
+  return (int64_t(total_q) / kBwdBlockM + batch + 1) * kBwdBlockM;
+}
+FA3JAX_HOST_DEVICE inline int64_t bwd_varlen_pad_start(int q0, int batch_index) {
+  return (int64_t(q0) / kBwdBlockM + batch_index) * kBwdBlockM;
 }
 
 // Consumer warpgroups of the main kernel for a head dim (one per 64 keys of its key block): fixed by the policy,

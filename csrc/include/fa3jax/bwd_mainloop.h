@@ -1,12 +1,14 @@
 // Backward mainloop: the TMA producer and the consumer warpgroups' five GEMMs per query block (bwd_kernel_traits.h
 // says which and why transposed).
 //
-// Consumer step for query block m (stage s of the Q/dO ring):
+// Consumer step for query block m (stage s of the Q/dO ring), warpgroups along keys (register P^T / dS^T):
 //   issue S^T = K Q^T and dP^T = V dO^T; wait for S^T; P^T = exp2(S^T * scale_log2 - lse_log2) (mask where the
 //   block needs it), converted to bf16/fp16; issue dV += P^T dO under which dS^T = P^T (dP^T - delta) is formed;
-//   issue dK += dS^T Q; put dS^T in shared memory; once every warpgroup has (named barrier), issue this
-//   warpgroup's columns of dQ = dS K; wait for all; release stage s; add the dQ partial into global memory with a
-//   bulk reduce-add (cp.reduce.async.bulk, fp32 add in L2), so no CTA waits for another.
+//   put dS^T in shared memory; once every warpgroup has (named barrier), issue this warpgroup's columns of
+//   dQ = dS K, then dK += dS^T Q; add the dQ partial into global memory with a bulk reduce-add
+//   (cp.reduce.async.bulk, fp32 add in L2) while dK runs, so no CTA waits for another; release stage s.
+// Warpgroups along queries (kPInSmem, d = 256): P^T and dS^T both go to shared memory before the barrier, then
+// dV, dQ and dK are issued as SS GEMMs on this warpgroup's columns.
 // With softcap the scores' tanh is also needed for dS, so that path waits for both S^T and dP^T first.
 #pragma once
 
@@ -17,13 +19,19 @@
 #include "bwd_kernel_traits.h"
 #include "bwd_layout.h"
 #include "mask.h"
+#include "seq_info.h"
 #include "utils.h"
 
 namespace fa3jax {
 
-// One CTA's work: key block n_block of kv head head_k in batch `batch`, over the query heads of head_k's group.
+// One CTA's work: key block n_block of kv head head_k in batch `batch`, over the query heads of head_k's group;
+// where its sequence lives (dense or packed rows) and where its padded stat rows start (bwd_layout.h).
 struct BwdTile {
   int n_block, head_k, batch;
+  SeqInfo seq;
+  int64_t stat_base, stat_head_stride;  // stat row of (query head h, query block m): base + h * stride + 64 m
+
+  CUTE_DEVICE int64_t stat_row(int h, int m) const { return stat_base + h * stat_head_stride + int64_t(m) * kBwdBlockM; }
 };
 
 // dst (global fp32) += src (shared fp32), `bytes` a multiple of 16, as one asynchronous bulk operation of the
@@ -42,10 +50,12 @@ CUTE_DEVICE void red_add_v4_f32(float* dst, float a, float b, float c, float d) 
 }
 
 // Deterministic dQ (FA3's scheme, our code): the partials of one (query block, warpgroup slice) are added in
-// key-block order. A CTA waits until the slice's semaphore counts the key blocks before it, adds, and counts
-// itself once its add has completed (checked at its next add, so the wait overlaps a step). Key block n's turn
-// at query block m is n - QBlockMask(m).n_min: the CTAs that touch m are exactly that key-block range, and
-// CTAs are dispatched in blockIdx order, so the ones before it are resident or done (no deadlock).
+// descending key-block order. A CTA waits until the slice's semaphore counts the key blocks after it, adds, and
+// counts itself once its add has completed (checked at its next add, so the wait overlaps a step). Key block n's
+// turn at query block m is dq_turn(m, n) = QBlockMask(m).n_max - 1 - n: the CTAs that touch m are exactly that
+// key-block range. Descending, because under a causal mask the last key blocks reach a query block first
+// (ascending order made every CTA wait for key block 0); the kernel dispatches CTAs from the last key block
+// down, so the ones before it in line are resident or done (no deadlock).
 CUTE_DEVICE void dq_turn_wait(int const* sem, int turn) {
   int v;
   do {
@@ -89,10 +99,20 @@ struct BwdMainloop {
     Tensor sQ = make_tensor(make_smem_ptr(ss.smem_q.data()), typename KT::SmemLayoutQ{});
     Tensor sdO = make_tensor(make_smem_ptr(ss.smem_do.data()), typename KT::SmemLayoutQ{});
 
-    Tensor mK = p.tma_k.get_tma_tensor(make_shape(p.seqlen_k, int(kHeadDim), p.num_heads_k, p.batch));
-    Tensor mV = p.tma_v.get_tma_tensor(make_shape(p.seqlen_k, int(kHeadDim), p.num_heads_k, p.batch));
-    Tensor gK = local_tile(mK(_, _, tile.head_k, tile.batch), Shape<BlkN, HDim>{}, make_coord(tile.n_block, _0{}));
-    Tensor gV = local_tile(mV(_, _, tile.head_k, tile.batch), Shape<BlkN, HDim>{}, make_coord(tile.n_block, _0{}));
+    // Dense: (row, d, head, batch). Varlen: packed rows as (r, d, head, end) (launch.h's rows_before view): the
+    // sequence is coordinate end = offset + length and its row i is r = total - length + i, so rows past its end
+    // fall outside the tensor and TMA zero-fills them.
+    int const last_k = KT::kVarlen ? int(tile.seq.offset_k) + tile.seq.seqlen_k : tile.batch;
+    int const last_q = KT::kVarlen ? int(tile.seq.offset_q) + tile.seq.seqlen_q : tile.batch;
+    int const r0_k = KT::kVarlen ? p.seqlen_k - tile.seq.seqlen_k : 0;
+    int const r0_q = KT::kVarlen ? p.seqlen_q - tile.seq.seqlen_q : 0;
+    int const ext_k = KT::kVarlen ? p.seqlen_k + 1 : p.batch, ext_q = KT::kVarlen ? p.seqlen_q + 1 : p.batch;
+    Tensor mK = p.tma_k.get_tma_tensor(make_shape(p.seqlen_k, int(kHeadDim), p.num_heads_k, ext_k));
+    Tensor mV = p.tma_v.get_tma_tensor(make_shape(p.seqlen_k, int(kHeadDim), p.num_heads_k, ext_k));
+    Tensor gK = local_tile(domain_offset(make_coord(r0_k, _0{}), mK(_, _, tile.head_k, last_k)), Shape<BlkN, HDim>{},
+                           make_coord(tile.n_block, _0{}));
+    Tensor gV = local_tile(domain_offset(make_coord(r0_k, _0{}), mV(_, _, tile.head_k, last_k)), Shape<BlkN, HDim>{},
+                           make_coord(tile.n_block, _0{}));
     auto [tKgK, tKsK] = tma_partition(p.tma_k, _0{}, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gK));
     auto [tVgV, tVsV] = tma_partition(p.tma_v, _0{}, Layout<_1>{}, group_modes<0, 2>(sV), group_modes<0, 2>(gV));
     if (lane0) {
@@ -101,17 +121,17 @@ struct BwdMainloop {
       copy(p.tma_v.with(ss.barrier_kv), tVgV, tVsV);
     }
 
-    Tensor mQ = p.tma_q.get_tma_tensor(make_shape(p.seqlen_q, int(kHeadDim), p.num_heads_q, p.batch));
-    Tensor mdO = p.tma_do.get_tma_tensor(make_shape(p.seqlen_q, int(kHeadDim), p.num_heads_q, p.batch));
-    int64_t const rows_pad = int64_t(p.num_m_blocks) * kBlockM;
+    Tensor mQ = p.tma_q.get_tma_tensor(make_shape(p.seqlen_q, int(kHeadDim), p.num_heads_q, ext_q));
+    Tensor mdO = p.tma_do.get_tma_tensor(make_shape(p.seqlen_q, int(kHeadDim), p.num_heads_q, ext_q));
     for (int g = 0; g < p.group_size; ++g) {
       int const h = tile.head_k * p.group_size + g;
-      Tensor gQ = local_tile(mQ(_, _, h, tile.batch), Shape<BlkM, HDim>{}, make_coord(_, _0{}));  // (M, D, m)
-      Tensor gdO = local_tile(mdO(_, _, h, tile.batch), Shape<BlkM, HDim>{}, make_coord(_, _0{}));
+      Tensor gQ = local_tile(domain_offset(make_coord(r0_q, _0{}), mQ(_, _, h, last_q)), Shape<BlkM, HDim>{},
+                             make_coord(_, _0{}));  // (M, D, m)
+      Tensor gdO = local_tile(domain_offset(make_coord(r0_q, _0{}), mdO(_, _, h, last_q)), Shape<BlkM, HDim>{},
+                              make_coord(_, _0{}));
       auto [tQgQ, tQsQ] = tma_partition(p.tma_q, _0{}, Layout<_1>{}, group_modes<0, 2>(sQ), group_modes<0, 2>(gQ));
       auto [tdOgdO, tdOsdO] =
           tma_partition(p.tma_do, _0{}, Layout<_1>{}, group_modes<0, 2>(sdO), group_modes<0, 2>(gdO));
-      int64_t const row0 = (int64_t(tile.batch) * p.num_heads_q + h) * rows_pad;
       for (int m = km.m_min; m < km.m_max; ++m) {
         pipe.producer_acquire(st);
         if (lane0) {
@@ -119,13 +139,19 @@ struct BwdMainloop {
           int const s = st.index();
           copy(p.tma_q.with(*bar), tQgQ(_, m), tQsQ(_, s));
           copy(p.tma_do.with(*bar), tdOgdO(_, m), tdOsdO(_, s));
-          int64_t const r = row0 + int64_t(m) * kBlockM;
+          int64_t const r = tile.stat_row(h, m);
           SM90_BULK_COPY_G2S::copy(p.lse_log2 + r, bar, ss.smem_lse[s], KT::kBytesRow);
           SM90_BULK_COPY_G2S::copy(p.delta + r, bar, ss.smem_delta[s], KT::kBytesRow);
         }
         ++st;
       }
     }
+  }
+
+  // Place of key block n in query block m's deterministic dQ order (dq_turn_wait).
+  CUTE_DEVICE static int dq_turn(Params const& p, BwdTile const& tile, int m) {
+    return QBlockMask<kBlockM, KT::kBlockN>(m, tile.seq.seqlen_q, tile.seq.seqlen_k, p.window_left,
+                                            p.window_right).n_max - 1 - tile.n_block;
   }
 
   // Frees stage st for the producer (a local mbarrier arrive per consumer thread, as in FwdMainloop::release).
@@ -167,6 +193,11 @@ struct BwdMainloop {
     Tensor sdOt = make_tensor(make_smem_ptr(ss.smem_do.data()), typename KT::SmemLayoutQt{});
     Tensor sdS = make_tensor(make_smem_ptr(ss.smem_ds.data()), typename KT::SmemLayoutdS{});
     Tensor sdSt = make_tensor(make_smem_ptr(ss.smem_ds.data()), typename KT::SmemLayoutdSt{});
+    Element* const p_smem = [&] {
+      if constexpr (KT::kPInSmem) return ss.smem_p.data();
+      else return ss.smem_ds.data();  // unused stand-in
+    }();
+    Tensor sPt = make_tensor(make_smem_ptr(p_smem), typename KT::SmemLayoutdSt{});
 
     // GMMA descriptors (MMA, MMA_M|N, MMA_K[, stage or buffer]).
     Tensor tSrK = thr_sdp.partition_fragment_A(sK);
@@ -184,8 +215,13 @@ struct BwdMainloop {
     Tensor tdQrdQ = partition_fragment_C(mma_dq, Shape<BlkM, HDim>{});
     Tensor rP = make_fragment_like<Element>(tSrS);
     Tensor rdS = make_fragment_like<Element>(tdPrdP);
-    Tensor tdVrP = make_tensor(rP.data(), acc_to_a_regs(rP.layout()));
-    Tensor tdKrdS = make_tensor(rdS.data(), acc_to_a_regs(rdS.layout()));
+    // dV / dK A operands: registers (the accumulators converted in place) or P^T / dS^T in shared memory.
+    auto dkv_a = [&](auto& r, auto& smem) {
+      if constexpr (KT::kPInSmem) return thr_dkv.partition_fragment_A(smem);
+      else return make_tensor(r.data(), acc_to_a_regs(r.layout()));
+    };
+    auto tdVrP = dkv_a(rP, sPt);
+    auto tdKrdS = dkv_a(rdS, sdSt);
     Tensor S = make_tensor(tSrS.data(), acc_rowcol(tSrS.layout()));
     Tensor dP = make_tensor(tdPrdP.data(), acc_rowcol(tdPrdP.layout()));
     // (key, query) tile coordinates of each S^T element.
@@ -198,12 +234,13 @@ struct BwdMainloop {
     auto thr_ds_copy = ds_copy.get_thread_slice(mma_tid);
     Tensor tdSrdS = thr_ds_copy.retile_S(rdS);
     Tensor tdSsdS = thr_ds_copy.partition_D(sdSt);  // (CPY, CPY_M, CPY_N, buffer)
+    Tensor tdSrP = thr_ds_copy.retile_S(rP);
+    Tensor tPsP = thr_ds_copy.partition_D(sPt);
 
-    float* const sdq = ss.smem_dq.data() + mma_wg * kBlockM * KT::kDqCols;
+    float* const sdq0 = ss.smem_dq.data() + mma_wg * kBlockM * KT::kDqCols;
     int const wg_tid = mma_tid % 128;
     bool const dq_issuer = wg_tid == 0;
     constexpr int kDqBytes = kBlockM * KT::kDqCols * int(sizeof(float));
-    int64_t const rows_pad = int64_t(p.num_m_blocks) * kBlockM;
     int const n0 = tile.n_block * KT::kBlockN;
     int const n_steps = p.group_size * km.num_blocks();
     int* sem_pending = nullptr;  // deterministic mode, issuing thread: the slice whose add is still in flight
@@ -226,7 +263,7 @@ struct BwdMainloop {
       float const* lse = ss.smem_lse[s];
       float const* delta = ss.smem_delta[s];
       auto allowed = [&](int r, int c) {
-        return mask_allows(q0 + int(get<1>(rc(r, c))), n0 + int(get<0>(rc(r, c))), p.seqlen_q, p.seqlen_k,
+        return mask_allows(q0 + int(get<1>(rc(r, c))), n0 + int(get<0>(rc(r, c))), tile.seq.seqlen_q, tile.seq.seqlen_k,
                            p.window_left, p.window_right);
       };
       if constexpr (!kSoftcap) {
@@ -242,8 +279,9 @@ struct BwdMainloop {
           }
         }
         convert_fragment(rP, tSrS);
-        wgmma_issue<false, true>(mma_dkv, tdVrP, tdVrdO(_, _, _, s), tdVrdV);
-        warpgroup_wait<1>();  // dP^T is ready; dV may still run
+        if constexpr (!KT::kPInSmem) wgmma_issue<false, true>(mma_dkv, tdVrP, tdVrdO(_, _, _, s), tdVrdV);
+        else copy(ds_copy, tdSrP, tPsP(_, _, _, buf));
+        warpgroup_wait<KT::kPInSmem ? 0 : 1>();  // dP^T is ready; dV may still run
         warpgroup_fence_operand(tdPrdP);
         CUTE_UNROLL
         for (int r = 0; r < size<0>(S); ++r) {
@@ -269,49 +307,72 @@ struct BwdMainloop {
           }
         }
         convert_fragment(rP, tSrS);
-        wgmma_issue<false, true>(mma_dkv, tdVrP, tdVrdO(_, _, _, s), tdVrdV);
+        if constexpr (!KT::kPInSmem) wgmma_issue<false, true>(mma_dkv, tdVrP, tdVrdO(_, _, _, s), tdVrdV);
+        else copy(ds_copy, tdSrP, tPsP(_, _, _, buf));
       }
       convert_fragment(rdS, tdPrdP);
-      // Every warpgroup's dS^T rows in shared memory (fenced for the async proxy that WGMMA reads through)
-      // before any warpgroup's dQ GEMM. Two buffers: a warpgroup writes buffer b again only two steps later,
-      // after passing this barrier once more, i.e. after every warpgroup's dQ GEMM on b has retired.
+      // Every warpgroup's dS^T (and P^T) rows in shared memory (fenced for the async proxy that WGMMA reads
+      // through) before any warpgroup's GEMM on them. Two buffers: a warpgroup writes buffer b again only two
+      // steps later, after passing this barrier once more, i.e. after every warpgroup's GEMMs on b have retired.
       copy(ds_copy, tdSrdS, tdSsdS(_, _, _, buf));
       cutlass::arch::fence_view_async_shared();
       named_barrier_sync(kDsBarrier, KT::kNumMmaThreads);
       // dQ before dK (FA3's order): dQ retires while dK still runs, so the dQ partial is staged and added under
       // the dK GEMM instead of after every GEMM of the step.
       Tensor tdQrdS_buf = tdQrdS(_, _, _, buf);
-      wgmma_issue<true, false>(mma_dq, tdQrdS_buf, tdQrK, tdQrdQ);
-      warpgroup_wait<1>();  // dV has retired (P's registers are free); dQ may still run
-      warpgroup_fence_operand(tdVrdV);
-      wgmma_issue<false, true>(mma_dkv, tdKrdS, tdKrQ(_, _, _, s), tdKrdK);
-      warpgroup_wait<1>();  // dQ has retired; dK may still run
+      if constexpr (KT::kPInSmem) {
+        auto tdVsP = tdVrP(_, _, _, buf);
+        auto tdKsdS = tdKrdS(_, _, _, buf);
+        wgmma_issue<false, false>(mma_dkv, tdVsP, tdVrdO(_, _, _, s), tdVrdV);
+        wgmma_issue<true, false>(mma_dq, tdQrdS_buf, tdQrK, tdQrdQ);
+        wgmma_issue<false, false>(mma_dkv, tdKsdS, tdKrQ(_, _, _, s), tdKrdK);
+        warpgroup_wait<1>();  // dV and dQ have retired; dK may still run
+        warpgroup_fence_operand(tdVrdV);
+      } else {
+        wgmma_issue<true, false>(mma_dq, tdQrdS_buf, tdQrK, tdQrdQ);
+        warpgroup_wait<1>();  // dV has retired (P's registers are free); dQ may still run
+        warpgroup_fence_operand(tdVrdV);
+        wgmma_issue<false, true>(mma_dkv, tdKrdS, tdKrQ(_, _, _, s), tdKrdK);
+        warpgroup_wait<1>();  // dQ has retired; dK may still run
+      }
       warpgroup_fence_operand(tdQrdQ);
       // dQ partial into dq_accum (bwd_layout.h order). kDqRed: fp32 vector reductions (red.global.add.v4.f32)
       // straight from the registers. Else through this warpgroup's staging slice and one bulk reduce-add of it; the
-      // slice is rewritten only after the previous add has read it (issued a step earlier, so the wait rarely
-      // waits). A separate writer warp that took the adds off the consumers (FA3's choice) made ptxas spill ~300 B
-      // in this loop (nvcc 13.0).
-      float* const dq_slice = p.dq_accum + ((int64_t(tile.batch) * p.num_heads_q + h) * rows_pad + int64_t(m) * kBlockM) * kHeadDim +
+      // slice (one of kDqBufs, in turn) is rewritten only after the add that last read it has (issued kDqBufs
+      // steps earlier, so the wait rarely waits).
+      int64_t const stat = tile.stat_row(h, m);
+      float* const dq_slice = p.dq_accum + stat * kHeadDim +
                               mma_wg * kBlockM * KT::kDqCols;
       static_assert(decltype(size(tdQrdQ))::value % 4 == 0);
       if constexpr (KT::kDqRed) {
+        // Deterministic: every thread's reductions of this slice, in key-block turn, fenced before the issuer
+        // counts the turn (no overlap with the next step, unlike the bulk path).
+        int* const sem = p.dq_sem == nullptr ? nullptr
+            : p.dq_sem + stat / kBlockM * KT::kNumMmaWG + mma_wg;
+        if (sem != nullptr) {
+          if (dq_issuer) dq_turn_wait(sem, dq_turn(p, tile, m));
+          named_barrier_sync(kDqBarrier + mma_wg, 128);
+        }
         CUTE_UNROLL
         for (int v = 0; v < size(tdQrdQ); v += 4)
           red_add_v4_f32(dq_slice + (v / 4) * 512 + 4 * wg_tid, tdQrdQ(v), tdQrdQ(v + 1), tdQrdQ(v + 2), tdQrdQ(v + 3));
+        if (sem != nullptr) {
+          __threadfence();
+          named_barrier_sync(kDqBarrier + mma_wg, 128);
+          if (dq_issuer) asm volatile("red.release.gpu.global.add.s32 [%0], 1;\n" ::"l"(sem) : "memory");
+        }
       } else {
         if (dq_issuer) {
           if (p.dq_sem != nullptr) {
             if (sem_pending != nullptr) dq_turn_done(sem_pending);
-            sem_pending = p.dq_sem + ((int64_t(tile.batch) * p.num_heads_q + h) * p.num_m_blocks + m) * KT::kNumMmaWG + mma_wg;
-            int const n_min = QBlockMask<kBlockM, KT::kBlockN>(m, p.seqlen_q, p.seqlen_k, p.window_left,
-                                                               p.window_right).n_min;
-            dq_turn_wait(sem_pending, tile.n_block - n_min);
+            sem_pending = p.dq_sem + stat / kBlockM * KT::kNumMmaWG + mma_wg;
+            dq_turn_wait(sem_pending, dq_turn(p, tile, m));
           } else {
-            tma_store_wait<0>();
+            tma_store_wait<(KT::kDqBufs > 1 ? KT::kDqBufs - 1 : 0)>();  // the add that last read this buffer
           }
         }
         named_barrier_sync(kDqBarrier + mma_wg, 128);
+        float* const sdq = sdq0 + (KT::kDqBufs > 1 ? step % KT::kDqBufs : 0) * kBlockM * kHeadDim;
         CUTE_UNROLL
         for (int v = 0; v < size(tdQrdQ); v += 4)
           *reinterpret_cast<float4*>(sdq + (v / 4) * 512 + 4 * wg_tid) =

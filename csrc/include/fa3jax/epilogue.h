@@ -1,7 +1,7 @@
 // Forward epilogue: normalize O and write it (bf16/fp16) with the natural-log LSE (one lane per row, rows <
 // seqlen_q only).
 //   kTmaEpilogue: each consumer warpgroup converts its 64 rows into its own slice of smem_o (stmatrix), fences
-//   them for the async proxy and one of its threads issues a TMA store of the 64 x D box (rows past seqlen_q are
+//   them for the async proxy and one of its threads issues a TMA store of the 64 x D_v box (rows past seqlen_q are
 //   clipped by the TMA unit); the warpgroup goes on with its next tile while the store drains. The slice is
 //   reused only after that store has read it (bulk wait_group.read at the next epilogue).
 //   Otherwise: 32-bit stores of column pairs straight from the accumulator registers.
@@ -28,18 +28,18 @@ struct FwdEpilogue {
 
   // tOrO: consumer accumulator (unnormalized); inv/lse per thread row (acc_rowcol order).
   template <class TOrO, int kRows>
-  CUTE_DEVICE static void store(Params const& params, SharedStorage& ss, FwdTile const& tile, int mma_tid,
-                                TOrO& tOrO, float const (&inv)[kRows], float const (&lse)[kRows]) {
+  CUTE_DEVICE static void store(Params const& params, SharedStorage& ss, FwdTile const& tile, SeqInfo const& seq,
+                                int mma_tid, TOrO& tOrO, float const (&inv)[kRows], float const (&lse)[kRows]) {
     typename KT::TiledMmaPV mma_pv;
     auto thr_pv = mma_pv.get_thread_slice(mma_tid);
-    Tensor cO = make_identity_tensor(Shape<typename KT::BlkM, typename KT::HDim>{});
+    Tensor cO = make_identity_tensor(Shape<typename KT::BlkM, typename KT::HDimV>{});
     Tensor tOcO = thr_pv.partition_C(cO);
     Tensor rc = make_tensor(tOcO.data(), acc_rowcol(tOcO.layout()));
     Tensor O = make_tensor(tOrO.data(), acc_rowcol(tOrO.layout()));
     static_assert(decltype(size<0>(O))::value == kRows);
     static_assert(decltype(size<1>(O))::value % 2 == 0);
 
-    int const hq = params.num_heads_q, sq = params.seqlen_q;
+    int const hq = params.num_heads_q, sq = KT::kVarlen ? seq.seqlen_q : params.seqlen_q;
     int const q_lo = tile.m_block * KT::kBlockM;
 
     if constexpr (KT::kTmaEpilogue) {
@@ -63,11 +63,22 @@ struct FwdEpilogue {
       cutlass::arch::fence_view_async_shared();  // generic-proxy smem writes -> visible to the TMA unit
       named_barrier_sync(kFirstBarrier + wg, 128);
       if (issuer) {
-        Tensor mO = params.tma_o.get_tma_tensor(
-            make_shape(params.seqlen_q, int(KT::kHeadDim), params.num_heads_q, params.batch));
-        Tensor gO = local_tile(mO(_, _, tile.head, tile.batch), Shape<_64, typename KT::HDim>{},
-                               make_coord(tile.m_block * KT::kNumMmaWG + wg, _0{}));
-        Tensor sO_wg = make_tensor(make_smem_ptr(ss.smem_o.data() + wg * 64 * KT::kHeadDim),
+        auto const gO = [&]() {
+          if constexpr (!KT::kVarlen) {
+            Tensor mO = params.tma_o.get_tma_tensor(
+                make_shape(params.seqlen_q, int(KT::kHeadDimV), params.num_heads_q, params.batch));
+            return local_tile(mO(_, _, tile.head, tile.batch), Shape<_64, typename KT::HDimV>{},
+                              make_coord(tile.m_block * KT::kNumMmaWG + wg, _0{}));
+          } else {
+            // Bounded per sequence as the loads are (mainloop.h): rows past its end fall outside the tensor, so
+            // the store never writes the next sequence's rows.
+            int const tq = params.seqlen_q;
+            Tensor mO = params.tma_o.get_tma_tensor(make_shape(tq, int(KT::kHeadDimV), params.num_heads_q, tq + 1));
+            return local_tile(domain_offset(make_coord(tq - sq, _0{}), mO(_, _, tile.head, int(seq.offset_q) + sq)),
+                              Shape<_64, typename KT::HDimV>{}, make_coord(tile.m_block * KT::kNumMmaWG + wg, _0{}));
+          }
+        }();
+        Tensor sO_wg = make_tensor(make_smem_ptr(ss.smem_o.data() + wg * 64 * KT::kHeadDimV),
                                    typename KT::SmemLayoutOWG{});
         auto [tOgO, tOsO] = tma_partition(params.tma_o, _0{}, Layout<_1>{}, group_modes<0, 2>(sO_wg),
                                           group_modes<0, 2>(gO));
@@ -76,12 +87,12 @@ struct FwdEpilogue {
       }
     } else {
       Element* out = static_cast<Element*>(params.out);
-      SeqInfo const seq = SeqInfo::dense(tile.batch, sq, params.seqlen_k);
+      int64_t const offset_q = KT::kVarlen ? seq.offset_q : SeqInfo::dense(tile.batch, sq, params.seqlen_k).offset_q;
       CUTE_UNROLL
       for (int r = 0; r < kRows; ++r) {
         int const row = q_lo + int(get<0>(rc(r, 0)));
         if (row < sq) {
-          Element* orow = out + ((seq.offset_q + row) * hq + tile.head) * KT::kHeadDim;
+          Element* orow = out + ((offset_q + row) * hq + tile.head) * KT::kHeadDimV;
           CUTE_UNROLL
           for (int c = 0; c < size<1>(O); c += 2) {
             int const col = int(get<1>(rc(r, c)));
@@ -93,10 +104,33 @@ struct FwdEpilogue {
         }
       }
     }
+    // LSE: dense (b, hq, sq), varlen (hq, total_q).
     CUTE_UNROLL
     for (int r = 0; r < kRows; ++r) {
       int const row = q_lo + int(get<0>(rc(r, 0)));
-      if (row < sq && mma_tid % 4 == 0) params.lse[(int64_t(tile.batch) * hq + tile.head) * sq + row] = lse[r];
+      if (row < sq && mma_tid % 4 == 0) {
+        if constexpr (KT::kVarlen) params.lse[int64_t(tile.head) * params.seqlen_q + seq.offset_q + row] = lse[r];
+        else params.lse[(int64_t(tile.batch) * hq + tile.head) * sq + row] = lse[r];
+      }
+    }
+  }
+
+  // Varlen: the q rows outside every sequence ([0, cu_seqlens_q[0]) and [cu_seqlens_q[batch], total_q)) get out 0
+  // and lse -inf, or the head's sink (as a row that sees no key). Rows over the CTAs; each row (contiguous, hq x d)
+  // by threads tid of nthreads in 16-byte pieces, with no runtime division (the producer warps run this with
+  // their 24-32 registers). Nothing to do (two loads) when the sequences cover q.
+  CUTE_DEVICE static void fill_uncovered(Params const& params, int tid, int nthreads) {
+    int first, last;
+    SeqInfo::uncovered_q(params.batch, params.cu_seqlens_q, params.seqlen_q, first, last);
+    int const rows = first + (params.seqlen_q - last);
+    int const hq = params.num_heads_q;
+    int const pieces = hq * (KT::kHeadDimV * int(sizeof(Element)) / 16);
+    for (int r = int(blockIdx.x); r < rows; r += int(gridDim.x)) {
+      int64_t const row = r < first ? r : r - first + last;
+      uint4* const out = reinterpret_cast<uint4*>(static_cast<Element*>(params.out) + row * hq * KT::kHeadDimV);
+      for (int j = tid; j < pieces; j += nthreads) out[j] = make_uint4(0u, 0u, 0u, 0u);
+      for (int h = tid; h < hq; h += nthreads)
+        params.lse[int64_t(h) * params.seqlen_q + row] = params.sinks ? params.sinks[h] : -INFINITY;
     }
   }
 

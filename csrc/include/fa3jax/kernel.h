@@ -47,24 +47,41 @@ __global__ void __launch_bounds__(KT::kNumThreads, 1) fwd_kernel(__grid_constant
   pp.role = wg_idx == 0 ? Pipeline::ThreadCategory::Producer : Pipeline::ThreadCategory::Consumer;
   pp.is_leader = is_leader;
   pp.num_consumers = KT::kNumMmaThreads;
-  pp.transaction_bytes = KT::kBytesKV;
+  pp.transaction_bytes = KT::kBytesK;
   // Both constructors initialize their barriers from warp 0 and fence the initialization.
   Pipeline pipe_k(ss.pipeline_k, pp, typename KT::ClusterShape{});
+  pp.transaction_bytes = KT::kBytesV;  // V tiles are d_v wide (MLA)
   Pipeline pipe_v(ss.pipeline_v, pp, typename KT::ClusterShape{});
   __syncthreads();
 
   using Scheduler = PersistentTileScheduler;
   using BI = QBlockMask<KT::kBlockM, KT::kBlockN>;
-  auto block_info = [&](FwdTile const& t) {
-    SeqInfo const seq = SeqInfo::dense(t.batch, params.seqlen_q, params.seqlen_k);
+  // Where a tile's sequence lives. Varlen: read from cu_seqlens by every lane of a warp (one broadcast load) and
+  // shuffled from lane 0, so that the compiler knows the values are warp-uniform (see the unit hand-off below).
+  auto seq_info = [&](FwdTile const& t) {
+    if constexpr (KT::kVarlen) {
+      SeqInfo s = SeqInfo::varlen(t.batch, params.cu_seqlens_q, params.cu_seqlens_k, params.seqused_k,
+                                  params.seqlen_q, params.seqlen_k);
+      s.offset_q = __shfl_sync(0xffffffffu, int(s.offset_q), 0);  // offsets are <= the int32 totals
+      s.offset_k = __shfl_sync(0xffffffffu, int(s.offset_k), 0);
+      s.seqlen_q = __shfl_sync(0xffffffffu, s.seqlen_q, 0);
+      s.seqlen_k = __shfl_sync(0xffffffffu, s.seqlen_k, 0);
+      return s;
+    } else {
+      return SeqInfo::dense(t.batch, params.seqlen_q, params.seqlen_k);
+    }
+  };
+  auto block_info = [&](FwdTile const& t, SeqInfo const& seq) {
     return BI(t.m_block, seq.seqlen_q, seq.seqlen_k, params.window_left, params.window_right);
   };
 
   // Dynamic assignment: work units travel from the producer warp (lane 0) to the consumers through ss.unit (one
-  // slot, full/empty barriers); a unit >= num_units ends both loops. Static: both sides compute them.
+  // slot, full/empty barriers); a unit >= num_units ends both loops. Static: both sides compute them. Varlen
+  // always hands units over: the producer skips those past their sequence's end, which the consumers never see.
   volatile int* const unit_slot = &ss.unit;
   int const num_units = params.sched.num_units;
   bool const dynamic = params.sched.counter != nullptr;
+  bool const handoff = dynamic || KT::kVarlen;
 
   if (wg_idx == 0) {
     cutlass::arch::warpgroup_reg_dealloc<KT::kProducerRegs>();
@@ -73,8 +90,27 @@ __global__ void __launch_bounds__(KT::kNumThreads, 1) fwd_kernel(__grid_constant
       PipelineState st = cutlass::make_producer_start_state<Pipeline>();
       int q_iter = 0;
       int u = Scheduler::first_unit();
-      for (int k = 0;; ++k) {
+      // The unit after u (k: this loop's round).
+      auto next_unit = [&](int u, int k) {
         if (dynamic) {
+          // Broadcast so that the next tile's coordinates stay warp-uniform.
+          int drawn = 0;
+          if (lane0) drawn = Scheduler::dynamic_unit(params.sched);
+          return __shfl_sync(0xffffffffu, drawn, 0);
+        }
+        if constexpr (KT::kVarlen) return u + Scheduler::num_ctas();  // rounds skipped below do not count k
+        else return Scheduler::static_unit(k + 1);
+      };
+      for (int k = 0;; ++k) {
+        if constexpr (KT::kVarlen) {
+          // Query blocks are counted from max_seqlen_q: skip those past their sequence's end (no loads, no stores).
+          while (u < num_units) {
+            FwdTile const t = Scheduler::tile(params.sched, u);
+            if (t.m_block * KT::kBlockM < seq_info(t).seqlen_q) break;
+            u = next_unit(u, k);
+          }
+        }
+        if (handoff) {
           if (k > 0) cute::wait_barrier(ss.barrier_unit_empty, (k - 1) & 1);
           if (lane0) {
             *unit_slot = u;
@@ -83,24 +119,21 @@ __global__ void __launch_bounds__(KT::kNumThreads, 1) fwd_kernel(__grid_constant
         }
         if (u >= num_units) break;
         FwdTile const tile = Scheduler::tile(params.sched, u);
-        BI const bi = block_info(tile);
+        SeqInfo const seq = seq_info(tile);
+        BI const bi = block_info(tile, seq);
         if (bi.num_blocks() > 0) {  // else the consumers write 0 / -inf without loads
-          Mainloop::load(params, ss, pipe_k, pipe_v, st, q_iter, tile, bi);
+          Mainloop::load(params, ss, pipe_k, pipe_v, st, q_iter, tile, seq, bi);
           ++q_iter;
         }
-        if (dynamic) {
-          // Drawn once this tile's loads are issued, about kStages key blocks before the consumers need it;
-          // broadcast so that the next tile's coordinates stay warp-uniform.
-          int drawn = 0;
-          if (lane0) drawn = Scheduler::dynamic_unit(params.sched);
-          u = __shfl_sync(0xffffffffu, drawn, 0);
-        } else {
-          u = Scheduler::static_unit(k + 1);
-        }
+        // Drawn (dynamic) once this tile's loads are issued, about kStages key blocks before the consumers need it.
+        u = next_unit(u, k);
       }
       // Do not exit while a stage may still be released by the consumers.
       pipe_k.producer_tail(st);
       pipe_v.producer_tail(st);
+    } else if constexpr (KT::kVarlen) {
+      // The producer warpgroup's idle warps write the q rows outside every sequence, so no output needs a pre-fill.
+      Epilogue::fill_uncovered(params, int(threadIdx.x) - 32, 96);
     }
   } else {
     cutlass::arch::warpgroup_reg_alloc<KT::kConsumerRegs>();
@@ -110,7 +143,7 @@ __global__ void __launch_bounds__(KT::kNumThreads, 1) fwd_kernel(__grid_constant
     int q_iter = 0;
     for (int k = 0;; ++k) {
       int u;
-      if (dynamic) {
+      if (handoff) {
         cute::wait_barrier(ss.barrier_unit_full, k & 1);
         // Broadcast from lane 0 so the compiler knows the unit (and every trip count derived from it) is warp-
         // uniform: read as a plain per-thread load, the tile loops count as divergent and the WGMMA
@@ -122,9 +155,10 @@ __global__ void __launch_bounds__(KT::kNumThreads, 1) fwd_kernel(__grid_constant
       }
       if (u >= num_units) break;
       FwdTile const tile = Scheduler::tile(params.sched, u);
-      BI const bi = block_info(tile);
+      SeqInfo const seq = seq_info(tile);
+      BI const bi = block_info(tile, seq);
       typename KT::TiledMmaPV mma_pv;
-      Tensor tOrO = partition_fragment_C(mma_pv, Shape<typename KT::BlkM, typename KT::HDim>{});
+      Tensor tOrO = partition_fragment_C(mma_pv, Shape<typename KT::BlkM, typename KT::HDimV>{});
       constexpr int kRows = decltype(size<0>(acc_rowcol(tOrO.layout())))::value;
       OnlineSoftmax<kRows> softmax;
       if (bi.num_blocks() > 0) {
@@ -144,8 +178,13 @@ __global__ void __launch_bounds__(KT::kNumThreads, 1) fwd_kernel(__grid_constant
         softmax.init();
       }
       float inv[kRows], lse[kRows];
-      softmax.finalize(params.lse_scale, inv, lse);
-      Epilogue::store(params, ss, tile, mma_tid, tOrO, inv, lse);
+      // The sink joins the row sums here only, once per tile: the key loop above is the sink-free one.
+      if (params.sinks != nullptr) {
+        softmax.finalize_with_sink(params.scale_log2, params.sinks[tile.head], inv, lse);
+      } else {
+        softmax.finalize(params.lse_scale, inv, lse);
+      }
+      Epilogue::store(params, ss, tile, seq, mma_tid, tOrO, inv, lse);
     }
     Mainloop::sched_drain(mma_wg, q_iter > 0);
     Epilogue::finish(mma_tid);

@@ -18,10 +18,12 @@ namespace fa3jax {
 using namespace cute;
 
 template <class Element_, int kHeadDim_, int kBlockM_, int kBlockN_, int kStages_, int kProducerRegs_,
-          int kConsumerRegs_, bool kTmaEpilogue_ = false>
+          int kConsumerRegs_, bool kTmaEpilogue_ = false, bool kVarlen_ = false, int kHeadDimV_ = kHeadDim_>
 struct FwdKernelTraits {
   using Element = Element_;
-  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kHeadDim = kHeadDim_;  // q/k: Q and K tiles, the QK^T GEMM's reduction
+  // v/out (MLA: smaller than kHeadDim): V and O tiles, the P V GEMM's N, the epilogue.
+  static constexpr int kHeadDimV = kHeadDimV_;
   static constexpr int kBlockM = kBlockM_;
   static constexpr int kBlockN = kBlockN_;
   static constexpr int kStages = kStages_;
@@ -31,14 +33,18 @@ struct FwdKernelTraits {
   // to its next tile as soon as its rows sit in shared memory, instead of issuing ~D/2 scattered 4-byte
   // global stores per row (costly on short tiles: causal, s <= 2k). Needs a BlockM x D buffer of its own.
   static constexpr bool kTmaEpilogue = kTmaEpilogue_;
+  // Packed variable-length sequences (attn_params.h VarlenSeqs): per-tile offsets and lengths from cu_seqlens
+  // (SeqInfo::varlen), TMA tensors bounded per sequence (launch.h), units past a sequence's end skipped.
+  static constexpr bool kVarlen = kVarlen_;
   // One CTA per cluster (a 2-CTA K/V-multicast variant measured within +-2%, benchmarks/RESULTS.md).
   using ClusterShape = Shape<_1, _1, _1>;
-  static_assert(kBlockM % 64 == 0 && kHeadDim % 64 == 0 && kBlockN % 16 == 0);
+  static_assert(kBlockM % 64 == 0 && kHeadDim % 64 == 0 && kHeadDimV % 64 == 0 && kBlockN % 16 == 0);
 
   // Two copies of the consumer loop, with and without softcap (FwdMainloop::mma<kSoftcap>), so that the loop
   // without softcap has no per-block test of it. Not at d=256: there (240 consumer registers) the second copy made
-  // ptxas spill (ptxas -v: 4 B stores / 12 B loads, nvcc 13.0); that kernel tests softcap per block.
-  static constexpr bool kSoftcapVariants = kHeadDim <= 128;
+  // ptxas spill (ptxas -v: 4 B stores / 12 B loads, nvcc 13.0); that kernel tests softcap per block. The O
+  // accumulator (kHeadDimV wide) is what fills the registers, so MLA 192/128 gets the two copies as d=128 does.
+  static constexpr bool kSoftcapVariants = kHeadDimV <= 128;
 
   static constexpr int kNumMmaWG = kBlockM / 64;
   static constexpr int kNumMmaThreads = kNumMmaWG * 128;
@@ -52,13 +58,15 @@ struct FwdKernelTraits {
   using BlkM = Int<kBlockM>;
   using BlkN = Int<kBlockN>;
   using HDim = Int<kHeadDim>;
+  using HDimV = Int<kHeadDimV>;
 
   // S = Q K^T: both operands K-major in smem. O += P V: P from registers, V^T MN-major in smem.
   using AtomLayout = Layout<Shape<Int<kNumMmaWG>, _1, _1>>;
   using TiledMmaQK = decltype(make_tiled_mma(
       GMMA::ss_op_selector<Element, Element, float, Shape<_64, BlkN, HDim>>(), AtomLayout{}));
   using TiledMmaPV = decltype(make_tiled_mma(
-      GMMA::rs_op_selector<Element, Element, float, Shape<_64, HDim, BlkN>, GMMA::Major::K, GMMA::Major::MN>(),
+      GMMA::rs_op_selector<Element, Element, float, Shape<_64, HDimV, BlkN>, GMMA::Major::K,
+                           GMMA::Major::MN>(),
       AtomLayout{}));
   // WGMMA N sizes that are not multiples of 32 (d=256's 80-wide key tile) need the extended atoms; without
   // them the selector silently falls back to narrow atoms. Generated TUs define the macro where needed.
@@ -73,9 +81,9 @@ struct FwdKernelTraits {
   // BlkN rows, which TMA fills with one box. With d first, the two d slices interleaved every 8 rows and CuTe
   // split the V load into one box per 8-row atom (d=128: 70 -> 34 UTMALDG; measured in benchmarks/RESULTS.md).
   using SmemLayoutVt = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<Element>{},
-                                              Shape<HDim, BlkN, Int<kStages>>{}, Step<_2, _1, _3>{}));
+                                              Shape<HDimV, BlkN, Int<kStages>>{}, Step<_2, _1, _3>{}));
 
-  // Global tensors: Q/K as (seq, d, head, batch); V as (d, seq, head, batch).
+  // Global tensors: Q/K as (seq, d, head, batch); V as (d_v, seq, head, batch).
   using GShape = Shape<int32_t, int32_t, int32_t, int32_t>;
   using GStrideQK = Stride<int64_t, _1, int64_t, int64_t>;
   using GStrideVt = Stride<_1, int64_t, int64_t, int64_t>;
@@ -91,18 +99,18 @@ struct FwdKernelTraits {
   }
   template <class GTensor>
   static auto make_tma_v(GTensor const& g) {
-    return make_tma_copy(SM90_TMA_LOAD{}, g, SmemLayoutVt{}(_, _, _0{}), Shape<HDim, BlkN>{}, _1{});
+    return make_tma_copy(SM90_TMA_LOAD{}, g, SmemLayoutVt{}(_, _, _0{}), Shape<HDimV, BlkN>{}, _1{});
   }
   using GTensorQK = decltype(make_tensor(make_gmem_ptr(static_cast<Element const*>(nullptr)), GShape{}, GStrideQK{}));
   using GTensorVt = decltype(make_tensor(make_gmem_ptr(static_cast<Element const*>(nullptr)), GShape{}, GStrideVt{}));
   // O: one warpgroup's 64 rows per TMA store (each warpgroup stores its own rows on its own schedule).
-  using SmemLayoutOWG = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<Element>{}, Shape<_64, HDim>{}));
+  using SmemLayoutOWG = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<Element>{}, Shape<_64, HDimV>{}));
   // Whole tile = the warpgroups' 64-row slices one after another (the epilogue's register -> smem copy
   // addresses it by tile row; each TMA store reads one contiguous slice).
-  using SmemLayoutO = decltype(tile_to_shape(SmemLayoutOWG{}, Shape<BlkM, HDim>{}));
+  using SmemLayoutO = decltype(tile_to_shape(SmemLayoutOWG{}, Shape<BlkM, HDimV>{}));
   template <class GTensor>
   static auto make_tma_o(GTensor const& g) {
-    return make_tma_copy(SM90_TMA_STORE{}, g, SmemLayoutOWG{}, Shape<_64, HDim>{}, _1{});
+    return make_tma_copy(SM90_TMA_STORE{}, g, SmemLayoutOWG{}, Shape<_64, HDimV>{}, _1{});
   }
   using GTensorO = decltype(make_tensor(make_gmem_ptr(static_cast<Element*>(nullptr)), GShape{}, GStrideQK{}));
   using TmaO = decltype(make_tma_o(std::declval<GTensorO>()));
@@ -111,7 +119,8 @@ struct FwdKernelTraits {
   using TmaV = decltype(make_tma_v(std::declval<GTensorVt>()));
 
   static constexpr uint32_t kBytesQ = kBlockM * kHeadDim * sizeof(Element);
-  static constexpr uint32_t kBytesKV = kBlockN * kHeadDim * sizeof(Element);
+  static constexpr uint32_t kBytesK = kBlockN * kHeadDim * sizeof(Element);
+  static constexpr uint32_t kBytesV = kBlockN * kHeadDimV * sizeof(Element);  // the V pipeline's transaction bytes
 
   using Pipeline = cutlass::PipelineTmaAsync<kStages>;
   using PipelineState = typename Pipeline::PipelineState;
@@ -142,12 +151,17 @@ struct FwdKernelTraits {
     void* out;
     float* lse;
     SchedulerParams sched;
+    // Varlen: seqlen_q/seqlen_k are the packed totals (the TMA tensors' row extents), batch the sequence count.
     int batch, seqlen_q, seqlen_k, num_heads_q, num_heads_k, group_size;
     int window_left, window_right;
     float scale_log2;    // multiplier of the (capped) raw score inside exp2
     float softcap_pre;   // softmax_scale / softcap (softcap path only)
     float softcap;       // 0: off
     float lse_scale;     // converts a max in raw-score units to natural-log units
+    float const* sinks;  // (num_heads_q,) natural-log attention sinks, or nullptr (off)
+    int const* cu_seqlens_q;  // kVarlen only: (batch + 1,) each
+    int const* cu_seqlens_k;
+    int const* seqused_k;     // or nullptr
   };
 };
 

@@ -3,6 +3,7 @@
 // Included only by the generated per-instantiation translation units.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
@@ -18,30 +19,64 @@ template <DType kDType> struct ElementOf;
 template <> struct ElementOf<DType::kBF16> { using type = cutlass::bfloat16_t; };
 template <> struct ElementOf<DType::kFP16> { using type = cutlass::half_t; };
 
-template <class P, DType kDType, int kHeadDim>
+template <class P, DType kDType, int kHeadDim, int kHeadDimV, bool kVarlen = false>
 using FwdTraitsOf = FwdKernelTraits<typename ElementOf<kDType>::type, kHeadDim, P::kBlockM, P::kBlockN, P::kStages,
-                                    P::kProducerRegs, P::kConsumerRegs, P::kTmaEpilogue>;
-template <DType kDType, int kHeadDim, bool kWide>
-using FwdTraitsFor =
-    FwdTraitsOf<std::conditional_t<kWide, FwdPolicyWide<kHeadDim>, FwdPolicy<kHeadDim>>, kDType, kHeadDim>;
+                                    P::kProducerRegs, P::kConsumerRegs, P::kTmaEpilogue, kVarlen, kHeadDimV>;
+// Wide key tiles exist for d_v == d only (policy.h has no FwdPolicyWide<d, d_v>).
+template <DType kDType, int kHeadDim, int kHeadDimV, bool kWide, bool kVarlen = false>
+using FwdTraitsFor = FwdTraitsOf<std::conditional_t<kWide, FwdPolicyWide<kHeadDim>, FwdPolicy<kHeadDim, kHeadDimV>>,
+                                 kDType, kHeadDim, kHeadDimV, kVarlen>;
 
-template <DType kDType, int kHeadDim, bool kWide>
+// `p` moved back by `rows` rows of `row_stride` elements, as an address (it may point before the allocation: only
+// the TMA unit adds the coordinates back, see launch_fwd).
+template <class T>
+T* rows_before(T* p, int64_t rows, int64_t row_stride) {
+  return reinterpret_cast<T*>(reinterpret_cast<uintptr_t>(p) - uintptr_t(rows * row_stride * int64_t(sizeof(T))));
+}
+
+template <DType kDType, int kHeadDim, int kHeadDimV, bool kWide, bool kVarlen = false>
 FwdStatus launch_fwd(const FwdParams& fp, cudaStream_t stream) {
-  using KT = FwdTraitsFor<kDType, kHeadDim, kWide>;
+  static_assert(!kWide || kHeadDimV == kHeadDim, "wide key tiles are compiled for d_v == d only");
+  if constexpr (!kWide && !kVarlen) {
+    // The varlen kernel has the FwdPolicy tiles and is compiled in this translation unit.
+    if (fp.core.varlen.enabled()) return launch_fwd<kDType, kHeadDim, kHeadDimV, false, true>(fp, stream);
+  } else if constexpr (kWide) {
+    if (fp.core.varlen.enabled()) return {cudaErrorInvalidValue, "varlen has no wide-key-tile kernel"};
+  }
+  using KT = FwdTraitsFor<kDType, kHeadDim, kHeadDimV, kWide, kVarlen>;
   using Element = typename KT::Element;
-  constexpr int D = kHeadDim;
+  constexpr int D = kHeadDim, Dv = kHeadDimV;  // q/k and v/out head dims (MLA: Dv < D)
   AttnCore const& p = fp.core;
   int const b = p.batch, sq = p.seqlen_q, sk = p.seqlen_k, hq = p.num_heads_q, hk = p.num_heads_k;
 
   // q/k/v through TMA at the caller's strides; out is dense (the register epilogue addresses it so).
-  auto q = make_tensor(make_gmem_ptr(static_cast<Element const*>(p.q)), make_shape(sq, D, hq, b),
-                       make_stride(p.q_stride.row, _1{}, p.q_stride.head, p.q_stride.batch));
-  auto k = make_tensor(make_gmem_ptr(static_cast<Element const*>(p.k)), make_shape(sk, D, hk, b),
-                       make_stride(p.k_stride.row, _1{}, p.k_stride.head, p.k_stride.batch));
-  auto o = make_tensor(make_gmem_ptr(static_cast<Element*>(fp.out)), make_shape(sq, D, hq, b),
-                       make_stride(int64_t(hq) * D, _1{}, int64_t(D), int64_t(sq) * hq * D));
-  auto vt = make_tensor(make_gmem_ptr(static_cast<Element const*>(p.v)), make_shape(D, sk, hk, b),
-                        make_stride(_1{}, p.v_stride.row, p.v_stride.head, p.v_stride.batch));
+  // Dense: (seq, d, head, batch). Varlen: packed rows as (r, d, head, end), where the last mode, with the row
+  // stride too, is a sequence's end row (offset + length) and the base moves back by total rows: row i of that
+  // sequence is r = total - length + i, rows past its end have r >= total and lie outside the tensor, so TMA
+  // zero-fills their loads and drops their stores (one descriptor for all sequences; mainloop.h, epilogue.h).
+  Element const* q_ptr = static_cast<Element const*>(p.q);
+  Element const* k_ptr = static_cast<Element const*>(p.k);
+  Element const* v_ptr = static_cast<Element const*>(p.v);
+  Element* o_ptr = static_cast<Element*>(fp.out);
+  int64_t const o_row = int64_t(hq) * Dv;
+  int64_t q_last = p.q_stride.batch, k_last = p.k_stride.batch, v_last = p.v_stride.batch, o_last = sq * o_row;
+  int q_ext = b, k_ext = b;
+  if constexpr (kVarlen) {
+    q_ptr = rows_before(q_ptr, sq, p.q_stride.row);
+    k_ptr = rows_before(k_ptr, sk, p.k_stride.row);
+    v_ptr = rows_before(v_ptr, sk, p.v_stride.row);
+    o_ptr = rows_before(o_ptr, sq, o_row);
+    q_last = p.q_stride.row, k_last = p.k_stride.row, v_last = p.v_stride.row, o_last = o_row;
+    q_ext = sq + 1, k_ext = sk + 1;
+  }
+  auto q = make_tensor(make_gmem_ptr(q_ptr), make_shape(sq, D, hq, q_ext),
+                       make_stride(p.q_stride.row, _1{}, p.q_stride.head, q_last));
+  auto k = make_tensor(make_gmem_ptr(k_ptr), make_shape(sk, D, hk, k_ext),
+                       make_stride(p.k_stride.row, _1{}, p.k_stride.head, k_last));
+  auto o = make_tensor(make_gmem_ptr(o_ptr), make_shape(sq, Dv, hq, q_ext),
+                       make_stride(o_row, _1{}, int64_t(Dv), o_last));
+  auto vt = make_tensor(make_gmem_ptr(v_ptr), make_shape(Dv, sk, hk, k_ext),
+                        make_stride(_1{}, p.v_stride.row, p.v_stride.head, v_last));
 
   typename KT::Params kp{
       KT::make_tma_q(q),
@@ -54,7 +89,11 @@ FwdStatus launch_fwd(const FwdParams& fp, cudaStream_t stream) {
       b, sq, sk, hq, hk, hq / hk,
       p.window_left < 0 ? -1 : p.window_left,
       p.window_right < 0 ? -1 : p.window_right,
-      0.f, 0.f, 0.f, 0.f};
+      0.f, 0.f, 0.f, 0.f,
+      fp.sinks,
+      p.varlen.cu_seqlens_q,
+      p.varlen.cu_seqlens_k,
+      p.varlen.seqused_k};
   constexpr float kLog2e = 1.4426950408889634f;
   if (p.softcap > 0.f) {
     kp.softcap = p.softcap;
@@ -71,7 +110,10 @@ FwdStatus launch_fwd(const FwdParams& fp, cudaStream_t stream) {
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return {err, "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)"};
   SchedulerParams& sp = kp.sched;
-  sp.num_m_units = (sq + KT::kBlockM - 1) / KT::kBlockM;
+  // Varlen: query blocks of the longest sequence for every one (the kernel skips those past a sequence's end);
+  // no sequence is longer than the total.
+  int const rows_q = kVarlen ? std::min(p.varlen.max_seqlen_q, sq) : sq;
+  sp.num_m_units = (rows_q + KT::kBlockM - 1) / KT::kBlockM;
   sp.num_heads = hq;
   sp.num_hb = hq * b;
   if (int64_t(sp.num_m_units) * sp.num_hb > INT32_MAX) return {cudaErrorInvalidValue, "too many tiles"};
@@ -79,13 +121,15 @@ FwdStatus launch_fwd(const FwdParams& fp, cudaStream_t stream) {
   sp.reverse_m = p.window_right >= 0;  // a right bound gives the last query blocks the most keys
   // (head, batch) pairs per section of the heavy-first order: as many as keep their K/V within ~32 MiB of the
   // 50 MiB L2 (H100).
-  int64_t const kv_bytes = int64_t(sk) * D * 2 * int64_t(sizeof(Element));
+  int const rows_k = kVarlen && p.varlen.max_seqlen_k > 0 ? p.varlen.max_seqlen_k : sk;
+  int64_t const kv_bytes = int64_t(rows_k) * (D + Dv) * int64_t(sizeof(Element));
   int64_t const group = (int64_t(32) << 20) / (kv_bytes > 0 ? kv_bytes : 1);
   sp.group = int(group < 1 ? 1 : (group > sp.num_hb ? sp.num_hb : group));
   // Dynamic assignment only where tiles differ in length (causal-like masks): it costs a shared-memory hand-off
   // per tile, and with equal tiles round robin is already balanced.
+  // Varlen too: sequences of unequal lengths give tiles of unequal length.
   sp.counter = nullptr;
-  if (fp.workspace != nullptr && (p.window_left >= 0 || p.window_right >= 0)) {
+  if (fp.workspace != nullptr && (p.window_left >= 0 || p.window_right >= 0 || kVarlen)) {
     sp.counter = static_cast<int*>(fp.workspace);
     err = cudaMemsetAsync(sp.counter, 0, sizeof(int), stream);
     if (err != cudaSuccess) return {err, "cudaMemsetAsync(tile counter)"};
@@ -94,8 +138,9 @@ FwdStatus launch_fwd(const FwdParams& fp, cudaStream_t stream) {
   err = cudaGetDevice(&device);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device);
   if (err != cudaSuccess) return {err, "cudaDeviceGetAttribute(MultiProcessorCount)"};
-  // One CTA per SM (shared memory holds one CTA's tiles).
-  dim3 const grid(PersistentTileScheduler::num_ctas(sp, num_sms));
+  // One CTA per SM (shared memory holds one CTA's tiles). Varlen: on every SM, whatever the unit count, since
+  // units past a sequence's end are skipped and every CTA writes a share of the rows outside the sequences.
+  dim3 const grid(kVarlen ? (num_sms > 0 ? num_sms : 1) : PersistentTileScheduler::num_ctas(sp, num_sms));
   kernel<<<grid, KT::kNumThreads, smem, stream>>>(kp);
   err = cudaGetLastError();
   if (err != cudaSuccess) return {err, "kernel launch"};

@@ -12,6 +12,7 @@
 
 #include "kernel_traits.h"
 #include "mask.h"
+#include "seq_info.h"
 #include "softmax.h"
 #include "tile_scheduler.h"
 #include "utils.h"
@@ -35,24 +36,49 @@ struct FwdMainloop {
   // Called by the whole producer warp with warp-uniform arguments, so the TMA coordinates stay in uniform
   // registers; lane 0 issues the copies and the barrier arrivals (the pipelines' is_leader is thread 0).
   CUTE_DEVICE static void load(Params const& params, SharedStorage& ss, Pipeline& pipe_k, Pipeline& pipe_v,
-                               PipelineState& st, int q_iter, FwdTile const& tile, BI const& bi) {
+                               PipelineState& st, int q_iter, FwdTile const& tile, SeqInfo const& seq,
+                               BI const& bi) {
     bool const lane0 = threadIdx.x % 32 == 0;
     int const batch = params.batch;
     Tensor sQ = make_tensor(make_smem_ptr(ss.smem_q.data()), typename KT::SmemLayoutQ{});
     Tensor sK = make_tensor(make_smem_ptr(ss.smem_k.data()), typename KT::SmemLayoutK{});
     Tensor sVt = make_tensor(make_smem_ptr(ss.smem_v.data()), typename KT::SmemLayoutVt{});
-
-    Tensor mQ = params.tma_q.get_tma_tensor(make_shape(params.seqlen_q, int(KT::kHeadDim), params.num_heads_q, batch));
-    Tensor mK = params.tma_k.get_tma_tensor(make_shape(params.seqlen_k, int(KT::kHeadDim), params.num_heads_k, batch));
-    Tensor mVt = params.tma_v.get_tma_tensor(make_shape(int(KT::kHeadDim), params.seqlen_k, params.num_heads_k, batch));
-
     int const head_k = tile.head / params.group_size;
-    Tensor gQ = local_tile(mQ(_, _, tile.head, tile.batch), Shape<typename KT::BlkM, typename KT::HDim>{},
-                           make_coord(tile.m_block, _0{}));  // (M, D)
-    Tensor gK = local_tile(mK(_, _, head_k, tile.batch), Shape<typename KT::BlkN, typename KT::HDim>{},
-                           make_coord(_, _0{}));  // (N, D, n)
-    Tensor gVt = local_tile(mVt(_, _, head_k, tile.batch), Shape<typename KT::HDim, typename KT::BlkN>{},
-                            make_coord(_0{}, _));  // (D, N, n)
+
+    // The tile's (M, D) Q block, (N, D, n) K blocks and (D_v, N, n) V^T blocks.
+    auto [gQ, gK, gVt] = [&]() {
+      if constexpr (!KT::kVarlen) {
+        Tensor mQ = params.tma_q.get_tma_tensor(
+            make_shape(params.seqlen_q, int(KT::kHeadDim), params.num_heads_q, batch));
+        Tensor mK = params.tma_k.get_tma_tensor(
+            make_shape(params.seqlen_k, int(KT::kHeadDim), params.num_heads_k, batch));
+        Tensor mVt = params.tma_v.get_tma_tensor(
+            make_shape(int(KT::kHeadDimV), params.seqlen_k, params.num_heads_k, batch));
+        return cute::make_tuple(
+            local_tile(mQ(_, _, tile.head, tile.batch), Shape<typename KT::BlkM, typename KT::HDim>{},
+                       make_coord(tile.m_block, _0{})),
+            local_tile(mK(_, _, head_k, tile.batch), Shape<typename KT::BlkN, typename KT::HDim>{},
+                       make_coord(_, _0{})),
+            local_tile(mVt(_, _, head_k, tile.batch), Shape<typename KT::HDimV, typename KT::BlkN>{},
+                       make_coord(_0{}, _)));
+      } else {
+        // Packed tensors as (row, d, head, end) (launch.h): the sequence is coordinate end = offset + length, its
+        // row i is r = total - length + i, so rows past its end fall outside the tensor and TMA zero-fills them
+        // (keys past seqused_k included: their scores are masked and their zero values add nothing).
+        int const tq = params.seqlen_q, tk = params.seqlen_k;
+        Tensor mQ = params.tma_q.get_tma_tensor(make_shape(tq, int(KT::kHeadDim), params.num_heads_q, tq + 1));
+        Tensor mK = params.tma_k.get_tma_tensor(make_shape(tk, int(KT::kHeadDim), params.num_heads_k, tk + 1));
+        Tensor mVt = params.tma_v.get_tma_tensor(make_shape(int(KT::kHeadDimV), tk, params.num_heads_k, tk + 1));
+        int const end_q = int(seq.offset_q) + seq.seqlen_q, end_k = int(seq.offset_k) + seq.seqlen_k;
+        return cute::make_tuple(
+            local_tile(domain_offset(make_coord(tq - seq.seqlen_q, _0{}), mQ(_, _, tile.head, end_q)),
+                       Shape<typename KT::BlkM, typename KT::HDim>{}, make_coord(tile.m_block, _0{})),
+            local_tile(domain_offset(make_coord(tk - seq.seqlen_k, _0{}), mK(_, _, head_k, end_k)),
+                       Shape<typename KT::BlkN, typename KT::HDim>{}, make_coord(_, _0{})),
+            local_tile(domain_offset(make_coord(_0{}, tk - seq.seqlen_k), mVt(_, _, head_k, end_k)),
+                       Shape<typename KT::HDimV, typename KT::BlkN>{}, make_coord(_0{}, _)));
+      }
+    }();
 
     auto [tQgQ, tQsQ] = tma_partition(params.tma_q, _0{}, Layout<_1>{}, group_modes<0, 2>(sQ), group_modes<0, 2>(gQ));
     auto [tKgK, tKsK] = tma_partition(params.tma_k, 0, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gK));

@@ -17,13 +17,26 @@ struct SeqInfo {
   CUTE_HOST_DEVICE static SeqInfo dense(int batch, int seqlen_q, int seqlen_k) {
     return {int64_t(batch) * seqlen_q, int64_t(batch) * seqlen_k, seqlen_q, seqlen_k};
   }
-  // Packed batch (attn_params.h VarlenSeqs): offsets from cu_seqlens, keys optionally cut to seqused_k.
+  // Packed batch (attn_params.h VarlenSeqs): offsets from cu_seqlens, keys optionally cut to seqused_k. Clamped
+  // so that any values keep [offset, offset + length) inside [0, total): offsets into [0, total], ends into
+  // [offset, total], seqused_k into [0, length]. (Hostile but in-range values may still make sequences overlap;
+  // fa3jax/validation.py makes them non-decreasing first.)
   CUTE_HOST_DEVICE static SeqInfo varlen(int batch, int const* cu_seqlens_q, int const* cu_seqlens_k,
-                                         int const* seqused_k) {
-    int const q0 = cu_seqlens_q[batch], k0 = cu_seqlens_k[batch];
-    int const sk = seqused_k ? seqused_k[batch] : cu_seqlens_k[batch + 1] - k0;
-    return {int64_t(q0), int64_t(k0), cu_seqlens_q[batch + 1] - q0, sk};
+                                         int const* seqused_k, int total_q, int total_k) {
+    int const q0 = clamp(cu_seqlens_q[batch], 0, total_q), q1 = clamp(cu_seqlens_q[batch + 1], q0, total_q);
+    int const k0 = clamp(cu_seqlens_k[batch], 0, total_k), k1 = clamp(cu_seqlens_k[batch + 1], k0, total_k);
+    int const sk = seqused_k ? clamp(seqused_k[batch], 0, k1 - k0) : k1 - k0;
+    return {int64_t(q0), int64_t(k0), q1 - q0, sk};
   }
+
+  // Rows of q outside every sequence: [0, first) and [last, total_q), clamped as above.
+  CUTE_HOST_DEVICE static void uncovered_q(int batch, int const* cu_seqlens_q, int total_q, int& first, int& last) {
+    first = clamp(cu_seqlens_q[0], 0, total_q);
+    last = clamp(cu_seqlens_q[batch], first, total_q);
+  }
+
+ private:
+  CUTE_HOST_DEVICE static int clamp(int x, int lo, int hi) { return x < lo ? lo : (x > hi ? hi : x); }
 };
 
 }  // namespace fa3jax

@@ -58,6 +58,26 @@ struct OnlineSoftmax {
       lse[r] = empty ? -INFINITY : row_max[r] * lse_scale + __logf(sum);
     }
   }
+
+  // finalize() with an attention sink (natural-log logit `sink`) in every row's denominator; it carries no value,
+  // so it only rescales: with m = max * scale_log2 and s = sink * log2 e, M = max(m, s),
+  // l = sum * 2^(m - M) + 2^(s - M), inv = 2^(m - M) / l, lse = (M + log2 l) * ln 2.
+  // Rows that saw no key: inv 0, lse = sink exactly (also when the sink is -inf).
+  CUTE_DEVICE void finalize_with_sink(float scale_log2, float sink, float (&inv)[kRows], float (&lse)[kRows]) {
+    constexpr float kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
+    float const s = sink * kLog2e;
+    CUTE_UNROLL
+    for (int r = 0; r < kRows; ++r) {
+      float const sum = quad_sum(row_sum[r]);
+      bool const empty = !(sum > 0.f);
+      float const m = row_max[r] * scale_log2;  // the same product step() subtracted from the exponents
+      float const top = fmaxf(m, s);            // finite unless the row is empty and the sink -inf
+      float const alpha = exp2f(m - top);
+      float const l = fmaf(sum, alpha, exp2f(s - top));
+      inv[r] = empty ? 0.f : alpha / l;
+      lse[r] = empty ? sink : (top + __log2f(l)) * kLn2;
+    }
+  }
 };
 
 // Softcap (optional) then masking (mask.h) of one S tile. rc: identity coordinates of the tile, same view as S.

@@ -1,8 +1,10 @@
 """Hopper (sm_90a) CUDA backend: FlashAttention-3 style forward and backward kernels behind XLA FFI.
 
 The compiled part lives in ``_fa3jax_cuda`` (built only with ``FA3JAX_BUILD_CUDA=1``); everything here works,
-and reports unavailability, without it. Where the backward kernel does not serve a call (see check_backward),
-the registry pairs this forward (and its LSE) with another backend's backward.
+and reports unavailability, without it. Forward and backward serve dense and varlen calls, the forward MLA (a
+value head dim below the q/k one) too where built; where the backward kernel does not serve a call (see
+check_backward: MLA, head dims built without a backward), the registry pairs this forward (and its LSE, which
+follows every backend's convention) with another backend's backward.
 """
 from __future__ import annotations
 
@@ -24,6 +26,8 @@ _NOT_BUILT = "fa3jax was installed without the CUDA extension; rebuild with FA3J
 _DTYPE_NAMES = {"bfloat16": "bf16", "float16": "fp16"}
 # The persistent kernel numbers its (query block, head, batch) tiles with int32; query blocks are >= 64 rows.
 _MAX_TILES = 2**31 - 1
+# Varlen TMA coordinates are int32: a sequence's end row and rows up to the total plus a tile (fwd_check).
+_MAX_VARLEN_ROWS = 2**31 - 1 - 1024
 _MAX_GRID_YZ = 65535  # CUDA's grid y/z limit
 
 _register_lock = threading.Lock()
@@ -65,7 +69,8 @@ def _register_targets(ext) -> None:
             return
         handlers = ext.handlers()
         for target, key in targets.HANDLERS.items():
-            jax.ffi.register_ffi_target(target, handlers[key], platform="CUDA")
+            if key in handlers:  # an extension built before a target lacks it; check_forward refuses its calls
+                jax.ffi.register_ffi_target(target, handlers[key], platform="CUDA")
         _registered = True
 
 
@@ -93,15 +98,8 @@ class CudaBackend(Backend):
         except Exception as e:  # noqa: BLE001 - availability never raises
             return False, f"cuda: availability check failed: {type(e).__name__}: {e}"
 
-    def _check_dense(self, spec: AttentionSpec, instances_key: str, what: str) -> None:
-        """Refusals shared by the forward and backward kernels (dense calls, compiled instantiations)."""
-        if spec.mode != "dense":
-            raise NotImplementedError(f"cuda: only dense mode has a kernel (got {spec.mode!r})")
-        if spec.has_sinks:
-            raise NotImplementedError("cuda: sinks not implemented yet")
-        if spec.head_dim_v != spec.head_dim:
-            raise NotImplementedError(f"cuda: a value head dim different from the q/k one (MLA) is not "
-                                      f"implemented yet; got {spec.head_dim_v=}, {spec.head_dim=}")
+    def _check_common(self, spec: AttentionSpec, instances_key: str, what: str) -> None:
+        """Refusals shared by the forward and backward kernels (compiled instantiations, features)."""
         ext, reason = _load_extension()
         if ext is None:
             raise NotImplementedError(reason)
@@ -112,24 +110,66 @@ class CudaBackend(Backend):
         dt = _DTYPE_NAMES.get(spec.dtype)
         if dt is None:
             raise NotImplementedError(f"cuda: dtype {spec.dtype} not supported (bfloat16, float16 only)")
-        instances = {(str(t), int(d)) for t, d in build_info().get(instances_key, ())}
-        if (dt, spec.head_dim) not in instances:
-            raise NotImplementedError(
-                f"cuda: no {what} kernel for (dtype={spec.dtype}, head_dim={spec.head_dim}) in this build "
-                f"(built: {sorted(instances)}); rebuild with FA3JAX_HEAD_DIMS / FA3JAX_DTYPES")
+        if spec.head_dim_v != spec.head_dim:  # only forwards get here (check_backward refuses MLA first)
+            if targets.FEATURE_MLA not in build_info().get("features", ()):
+                raise NotImplementedError("cuda: this build of the CUDA extension predates MLA (a value head dim "
+                                          "below the q/k one); rebuild it with FA3JAX_BUILD_CUDA=1")
+            built = {(str(t), int(d), int(dv)) for t, d, dv in build_info().get("mla_instances", ())}
+            if (dt, spec.head_dim, spec.head_dim_v) not in built:
+                raise NotImplementedError(
+                    f"cuda: no MLA {what} kernel for (dtype={spec.dtype}, head_dim={spec.head_dim}, "
+                    f"head_dim_v={spec.head_dim_v}) in this build (built: {sorted(built)}); rebuild with "
+                    f"FA3JAX_HEAD_DIMS entries D x D_V, e.g. 192x128")
+        else:
+            instances = {(str(t), int(d)) for t, d in build_info().get(instances_key, ())}
+            if (dt, spec.head_dim) not in instances:
+                raise NotImplementedError(
+                    f"cuda: no {what} kernel for (dtype={spec.dtype}, head_dim={spec.head_dim}) in this build "
+                    f"(built: {sorted(instances)}); rebuild with FA3JAX_HEAD_DIMS / FA3JAX_DTYPES")
         if spec.seqlen_k < 1:
-            raise NotImplementedError("cuda: seqlen_k == 0 is not supported")
+            raise NotImplementedError("cuda: seqlen_k == 0 is not supported" if spec.mode == "dense" else
+                                      "cuda: varlen with no key rows (total_k == 0) is not supported")
         if not spec.softmax_scale > 0:
             raise NotImplementedError("cuda: softmax_scale must be > 0")
 
     def check_forward(self, spec: AttentionSpec) -> None:
-        self._check_dense(spec, "instances", "forward")
-        tiles = -(-spec.seqlen_q // 64) * spec.num_heads_q * spec.batch
+        if spec.mode not in ("dense", "varlen"):
+            raise NotImplementedError(f"cuda: no forward kernel for mode {spec.mode!r} (dense and varlen only)")
+        self._check_common(spec, "instances", "forward")
+        features = build_info().get("features", ())
+        if spec.has_sinks and targets.FEATURE_SINKS not in features:
+            raise NotImplementedError("cuda: this build of the CUDA extension predates attention sinks; rebuild it "
+                                      "with FA3JAX_BUILD_CUDA=1")
+        rows = spec.seqlen_q
+        if spec.mode == "varlen":
+            if targets.FEATURE_VARLEN not in features:
+                raise NotImplementedError("cuda: this build of the CUDA extension predates the varlen forward; "
+                                          "rebuild it with FA3JAX_BUILD_CUDA=1")
+            if max(spec.seqlen_q, spec.seqlen_k) > _MAX_VARLEN_ROWS:
+                raise NotImplementedError(f"cuda: varlen totals above {_MAX_VARLEN_ROWS} rows exceed the kernel's "
+                                          f"int32 TMA coordinates")
+            rows = min(spec.varlen.max_seqlen_q, spec.seqlen_q)  # the grid's query blocks per sequence
+        tiles = -(-rows // 64) * spec.num_heads_q * spec.batch
         if tiles > _MAX_TILES:
             raise NotImplementedError(f"cuda: {tiles=} query tiles exceed the kernel's int32 tile index")
 
     def check_backward(self, spec: AttentionSpec) -> None:
-        self._check_dense(spec, "bwd_instances", "backward")
+        # Sinks need nothing here: the forward's LSE holds them, and vjp.sink_grad takes their own gradient.
+        if spec.mode not in ("dense", "varlen"):
+            # A cuda forward's LSE follows the shared convention, so the registry composes the next backend's
+            # backward with it.
+            raise NotImplementedError(f"cuda: the backward kernel serves dense and varlen calls (got {spec.mode!r})")
+        if spec.head_dim_v != spec.head_dim:  # composed likewise: triton's (else xla's) MLA backward
+            raise NotImplementedError(f"cuda: the backward kernel has no MLA variant (value head dim below the "
+                                      f"q/k one); got {spec.head_dim_v=}, {spec.head_dim=}")
+        self._check_common(spec, "bwd_instances", "backward")
+        if spec.mode == "varlen":
+            if targets.FEATURE_VARLEN_BWD not in build_info().get("features", ()):
+                raise NotImplementedError("cuda: this build of the CUDA extension predates the varlen backward; "
+                                          "rebuild it (FA3JAX_BUILD_CUDA=1 pip install .)")
+            if max(spec.seqlen_q, spec.seqlen_k) > _MAX_VARLEN_ROWS:
+                raise NotImplementedError(f"cuda: varlen totals above {_MAX_VARLEN_ROWS} rows exceed the kernel's "
+                                          f"int32 TMA coordinates")
         if spec.batch > _MAX_GRID_YZ or spec.num_heads_k > _MAX_GRID_YZ:
             raise NotImplementedError(f"cuda: the backward grid is (key blocks, heads_k, batch); {spec.batch=} and "
                                       f"{spec.num_heads_k=} must be <= {_MAX_GRID_YZ}")
@@ -138,14 +178,35 @@ class CudaBackend(Backend):
         self.check_forward(spec)
         ext, _ = _load_extension()
         _register_targets(ext)
+        if spec.mode == "varlen":
+            return self._varlen_forward(spec, q, k, v, args)
         b, sq, hq, _d = q.shape
         out_types = (
-            jax.ShapeDtypeStruct(q.shape, q.dtype),
+            jax.ShapeDtypeStruct((b, sq, hq, spec.head_dim_v), q.dtype),  # v's head dim (MLA)
             jax.ShapeDtypeStruct((b, hq, sq), jnp.float32),
         )
+        attrs = targets.fwd_attributes(spec, tuning.current())
+        if spec.has_sinks:
+            call = jax.ffi.ffi_call(targets.FWD_SINKS_TARGET, out_types, vmap_method="sequential")
+            return tuple(call(q, k, v, _sinks(args), **attrs))
         call = jax.ffi.ffi_call(targets.FWD_TARGET, out_types, vmap_method="sequential")
-        out, lse = call(q, k, v, **targets.fwd_attributes(spec, tuning.current()))
+        out, lse = call(q, k, v, **attrs)
         return out, lse
+
+    def _varlen_forward(self, spec: AttentionSpec, q, k, v, args):
+        """Packed q (total_q, hq, d), k (total_k, hk, d), v (total_k, hk, d_v) -> out (total_q, hq, d_v), lse (hq,
+        total_q). The index arrays arrive sanitized (fa3jax.validation.sanitize_varlen); the kernel clamps them
+        again for its own safety."""
+        total_q, hq, _d = q.shape
+        out_types = (jax.ShapeDtypeStruct((total_q, hq, spec.head_dim_v), q.dtype),
+                     jax.ShapeDtypeStruct((hq, total_q), jnp.float32))
+        operands = [q, k, v, args.cu_seqlens_q, args.cu_seqlens_k]
+        if spec.varlen.has_seqused_k:
+            operands.append(args.seqused_k)
+        if spec.has_sinks:
+            operands.append(_sinks(args))
+        call = jax.ffi.ffi_call(targets.FWD_VARLEN_TARGET, out_types, vmap_method="sequential")
+        return tuple(call(*operands, **targets.varlen_fwd_attributes(spec)))
 
     def backward(self, spec: AttentionSpec, q, k, v, out, lse, dout, dlse, args):
         self.check_backward(spec)
@@ -153,10 +214,24 @@ class CudaBackend(Backend):
         _register_targets(ext)
         out_types = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
                      jax.ShapeDtypeStruct(v.shape, v.dtype))
+        operands = [q, k, v, out.astype(q.dtype), lse.astype(jnp.float32), dout.astype(q.dtype),
+                    dlse.astype(jnp.float32)]
+        if spec.mode == "varlen":  # packed rows, lse (hq, total_q); index arrays sanitized by validation
+            operands += [args.cu_seqlens_q, args.cu_seqlens_k]
+            if spec.varlen.has_seqused_k:
+                operands.append(args.seqused_k)
+            call = jax.ffi.ffi_call(targets.BWD_VARLEN_TARGET, out_types, vmap_method="sequential")
+            return tuple(call(*operands, **targets.varlen_bwd_attributes(spec)))
         call = jax.ffi.ffi_call(targets.BWD_TARGET, out_types, vmap_method="sequential")
-        dq, dk, dv = call(q, k, v, out.astype(q.dtype), lse.astype(jnp.float32), dout.astype(q.dtype),
-                          dlse.astype(jnp.float32), **targets.bwd_attributes(spec))
+        dq, dk, dv = call(*operands, **targets.bwd_attributes(spec))
         return dq, dk, dv
+
+
+def _sinks(args):
+    """The (hq,) float32 sinks of a call whose spec has them."""
+    if args is None or args.sinks is None:
+        raise ValueError("cuda: spec.has_sinks but the args carry no sinks")
+    return jnp.asarray(args.sinks, jnp.float32)
 
 
 __all__ = ["CudaBackend", "build_info"]
