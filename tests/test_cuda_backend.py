@@ -28,8 +28,8 @@ class TestCuda(AttentionSuite):
     backend = "cuda"
     dtypes = tuple(sorted({_NAMES[t] for t, _ in _BUILT})) or ("bfloat16",)
     head_dims = tuple(sorted({d for _, d in _BUILT})) or (128,)
-    # The varlen forward is cuda's; its gradients come from the registry's composition (triton's varlen backward,
-    # else xla's, on the cuda forward's out and LSE).
+    # Varlen forward and backward are cuda's (extensions built before the varlen backward compose another
+    # backend's backward with the cuda forward's out and LSE).
     supports_varlen = True
     supports_kvcache = False
     supports_paged = False
