@@ -187,6 +187,32 @@ int check_scheduler(int num_m_blocks, int num_heads, int batch, int group, bool 
   return errors != 0;
 }
 
+// The backward's heaviest-first CTA order (bwd_kernel.h bwd_lpt_tile): a bijection onto all (key block, kv head,
+// batch) tiles, key blocks non-decreasing within each section of `group` (kv head, batch) pairs, sections in order,
+// and the first CTAs on key block 0 (the longest under a right window bound).
+int check_bwd_lpt(int num_n, int hk, int batch, int group) {
+  int const units = num_n * hk * batch;
+  std::vector<int> seen(size_t(units), 0);
+  int errors = 0, prev_n = -1, prev_section = -1;
+  for (int u = 0; u < units; ++u) {
+    FwdTile const t = bwd_lpt_tile(num_n, hk, batch, group, u);
+    if (t.m_block < 0 || t.m_block >= num_n || t.head < 0 || t.head >= hk || t.batch < 0 || t.batch >= batch) {
+      ++errors;
+      continue;
+    }
+    ++seen[(size_t(t.batch) * hk + t.head) * num_n + t.m_block];
+    int const section = (t.batch * hk + t.head) / group;
+    if (section == prev_section && t.m_block < prev_n) ++errors;
+    if (section < prev_section) ++errors;
+    if (u < std::min(group, hk * batch) && t.m_block != 0) ++errors;
+    prev_section = section;
+    prev_n = t.m_block;
+  }
+  for (int c : seen) errors += c != 1;
+  if (errors) std::printf("bwd lpt n=%d hk=%d b=%d group=%d: %d errors\n", num_n, hk, batch, group, errors);
+  return errors != 0;
+}
+
 // Whether the (query block m, key block n) tile holds an allowed / a disallowed pair (rows and keys past the
 // lengths count as disallowed), by the element rule.
 struct TileTruth {
@@ -378,6 +404,11 @@ int main() {
     fails += check_scheduler(1, 8, 3, 4, rev, 7);   // split-KV decode: parts of one (head, batch) adjacent
     fails += check_scheduler(3, 2, 2, 3, rev, 16);
   }
+  fails += check_bwd_lpt(32, 16, 4, 8);  // 4 x 4k causal, d = 128
+  fails += check_bwd_lpt(128, 16, 1, 2);  // 1 x 16k
+  fails += check_bwd_lpt(5, 3, 5, 4);     // last section narrower than the group
+  fails += check_bwd_lpt(1, 1, 1, 1);
+  fails += check_bwd_lpt(7, 8, 2, 64);    // one section holds every pair
   std::printf("scheduler: %s\n", fails ? "FAIL" : "ok");
   fails += check<FwdKernelTraits<cutlass::bfloat16_t, 128, 128, 128, 2, 24, 240>>("bf16 d128 128x128");
   fails += check<FwdKernelTraits<cutlass::half_t, 64, 192, 128, 2, 32, 160>>("fp16 d64 192x128");

@@ -9,6 +9,7 @@
 #include "bwd_kernel_traits.h"
 #include "bwd_mainloop.h"
 #include "mask.h"
+#include "tile_scheduler.h"
 #include "utils.h"
 
 namespace fa3jax {
@@ -50,6 +51,18 @@ CUTE_DEVICE void bwd_store_dkdv(typename KT::Params const& p, BwdTile const& til
   store(typename KT::TiledMmadV{}, tdVrdV, Int<KT::kHeadDimV>{}, p.head_dim_v, static_cast<Element*>(p.dv), 1.f);
 }
 
+// kLpt: CTA `unit` (blockIdx linearized, x fastest) of a (num_n key blocks, hk, batch) grid -> (key block in
+// m_block, kv head, batch), heaviest first under a right window bound (key block 0 sees the most query blocks):
+// over sections of `group` (kv head, batch) pairs whose Q, dO and dq_accum fit in L2 together, key block 0 of
+// every pair, then key block 1, ... (the forward's heavy-first unit order, tile_scheduler.h, read backwards).
+CUTE_HOST_DEVICE FwdTile bwd_lpt_tile(int num_n, int hk, int batch, int group, int unit) {
+  int const hb = hk * batch;
+  SchedulerParams const sp{num_n, hk, hb, num_n * hb, group, true, nullptr};
+  FwdTile t = PersistentTileScheduler::tile(sp, unit);
+  t.m_block = num_n - 1 - t.m_block;
+  return t;
+}
+
 // The CTA's tile: its sequence (dense, or packed by cu_seqlens with lengths clamped as SeqInfo::varlen does) and
 // its stat rows (bwd_layout.h).
 template <class KT>
@@ -87,6 +100,13 @@ __global__ void __launch_bounds__(KT::kNumThreads, 1) bwd_kernel(__grid_constant
     cute::prefetch_tma_descriptor(p.tma_k.get_tma_descriptor());
     cute::prefetch_tma_descriptor(p.tma_v.get_tma_descriptor());
     cute::initialize_barrier(ss.barrier_kv, 1);
+    if constexpr (KT::kWriterWarp) {
+      for (int w = 0; w < KT::kNumMmaWG; ++w)
+        for (int b = 0; b < KT::kDqBufs; ++b) {
+          cute::initialize_barrier(ss.barrier_dq_full[w][b], 128);  // one warpgroup's threads
+          cute::initialize_barrier(ss.barrier_dq_empty[w][b], 1);   // the writer's lane 0
+        }
+    }
   }
   typename Pipeline::Params pp;
   pp.role = wg_idx == 0 ? Pipeline::ThreadCategory::Producer : Pipeline::ThreadCategory::Consumer;
@@ -98,8 +118,16 @@ __global__ void __launch_bounds__(KT::kNumThreads, 1) bwd_kernel(__grid_constant
 
   // Deterministic mode adds dQ partials in descending key-block order (bwd_mainloop.h), so CTAs are dispatched
   // from the last key block down: the one whose turn comes first is launched first.
-  int const n_block = p.dq_sem != nullptr ? int(gridDim.x) - 1 - int(blockIdx.x) : int(blockIdx.x);
-  BwdTile const tile = make_bwd_tile<KT>(p, n_block, int(blockIdx.y), int(blockIdx.z));
+  int n_block = p.dq_sem != nullptr ? int(gridDim.x) - 1 - int(blockIdx.x) : int(blockIdx.x);
+  int head_k = int(blockIdx.y), batch = int(blockIdx.z);
+  if constexpr (KT::kLpt) {
+    if (p.lpt_group > 0) {
+      int const unit = int(blockIdx.x) + int(gridDim.x) * (int(blockIdx.y) + int(gridDim.y) * int(blockIdx.z));
+      FwdTile const t = bwd_lpt_tile(int(gridDim.x), int(gridDim.y), int(gridDim.z), p.lpt_group, unit);
+      n_block = t.m_block, head_k = t.head, batch = t.batch;
+    }
+  }
+  BwdTile const tile = make_bwd_tile<KT>(p, n_block, head_k, batch);
   typename Mainloop::KM km(tile.n_block, tile.seq.seqlen_q, tile.seq.seqlen_k, p.window_left, p.window_right);
   if constexpr (KT::kVarlen)  // query blocks past max_seqlen_q: not computed (the forward's grid), not preprocessed
     km.m_max = max(km.m_min, min(km.m_max, (p.max_seqlen_q + KT::kBlockM - 1) / KT::kBlockM));
@@ -112,6 +140,8 @@ __global__ void __launch_bounds__(KT::kNumThreads, 1) bwd_kernel(__grid_constant
       PipelineState st = cutlass::make_producer_start_state<Pipeline>();
       Mainloop::load(p, ss, pipe, st, tile, km);
       pipe.producer_tail(st);  // do not exit while a stage may still be released
+    } else if (KT::kWriterWarp && warp_idx == 1 && any) {
+      Mainloop::write_dq(p, ss, tile, km);
     }
   } else {
     cutlass::arch::warpgroup_reg_alloc<KT::kConsumerRegs>();

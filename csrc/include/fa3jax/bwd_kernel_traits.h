@@ -35,7 +35,8 @@ using namespace cute;
 
 template <class Element_, int kHeadDim_, int kBlockM_, int kBlockN_, int kNumMmaWG_, int kStages_,
           int kProducerRegs_, int kConsumerRegs_, bool kDqRed_, int kDqBufs_, bool kVarlen_ = false,
-          int kHeadDimV_ = kHeadDim_>
+          int kHeadDimV_ = kHeadDim_, bool kWriterWarp_ = false, bool kLpt_ = false, bool kL2Hint_ = false,
+          bool kMaskSplit_ = false>
 struct BwdKernelTraits {
   using Element = Element_;
   static constexpr int kHeadDim = kHeadDim_;    // q/k: S^T's reduction, dK, dQ
@@ -48,6 +49,12 @@ struct BwdKernelTraits {
   static constexpr bool kDqRed = kDqRed_;  // dQ partials by vector reductions from registers, not a bulk reduce
   static constexpr int kDqBufs = kDqRed ? 0 : kDqBufs_;  // dQ staging buffers (bulk adds in flight per warpgroup)
   static constexpr bool kVarlen = kVarlen_;  // packed sequences (cu_seqlens): per-CTA SeqInfo, bounded TMA views
+  // A/B switches (generate_instantiations.py BWD_AB): a dQ writer warp issues the staged bulk adds (bulk path
+  // only); heaviest-first key-block order for causal-like masks; L2 evict-last hints on Q, dO and the dQ adds.
+  static constexpr bool kWriterWarp = kWriterWarp_ && !kDqRed;
+  static constexpr bool kLpt = kLpt_;
+  static constexpr bool kL2Hint = kL2Hint_;
+  static constexpr bool kMaskSplit = kMaskSplit_;  // exp2 loop without the element mask for unmasked blocks
   using ClusterShape = Shape<_1, _1, _1>;
 
   static constexpr int kNumMmaWG = kNumMmaWG_;
@@ -179,6 +186,10 @@ struct BwdKernelTraits {
     alignas(16) float smem_delta[kStages][kBlockM];
     typename Pipeline::SharedStorage pipeline_q;
     alignas(8) uint64_t barrier_kv;
+    // kWriterWarp: per (warpgroup, staging buffer), "partial staged" (128 consumer arrivals) and "add has read
+    // it" (1 writer arrival).
+    alignas(8) uint64_t barrier_dq_full[kWriterWarp ? kNumMmaWG : 1][kWriterWarp ? kDqBufs : 1];
+    alignas(8) uint64_t barrier_dq_empty[kWriterWarp ? kNumMmaWG : 1][kWriterWarp ? kDqBufs : 1];
   };
   static constexpr int kSmemBytes = int(sizeof(SharedStorage)) + 1024;
   static_assert(kSmemBytes <= 227 * 1024, "tiles x stages exceed sm90's 227 KiB of shared memory per block");
@@ -212,6 +223,7 @@ struct BwdKernelTraits {
     // d_v == d, or (MLA) exactly the kernel's pair.
     int head_dim;
     int head_dim_v;
+    int lpt_group;  // kLpt: (kv head, batch) pairs per L2 section of the heaviest-first order; 0: blockIdx order
   };
 };
 

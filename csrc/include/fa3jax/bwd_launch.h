@@ -16,7 +16,8 @@ namespace fa3jax {
 template <DType kDType, int kHeadDim, int kHeadDimV, bool kVarlen = false, class P = BwdPolicy<kHeadDim, kHeadDimV>>
 using BwdTraitsFor = BwdKernelTraits<typename ElementOf<kDType>::type, kHeadDim, P::kBlockM, P::kBlockN, P::kNumMmaWG,
                                      P::kStages, P::kProducerRegs, P::kConsumerRegs, P::kDqRed != 0, P::kDqBufs,
-                                     kVarlen, kHeadDimV>;
+                                     kVarlen, kHeadDimV, P::kWriterWarp != 0, P::kLpt != 0, P::kL2Hint != 0,
+                                     P::kMaskSplit != 0>;
 
 // kHeadDimV: v's, out's and dO's head dim (MLA: below kHeadDim).
 template <DType kDType, int kHeadDim, int kHeadDimV, bool kVarlen = false>
@@ -71,7 +72,18 @@ FwdStatus launch_bwd_main(const BwdParams& bp, BwdWorkspace const& ws, cudaStrea
       c.varlen.max_seqlen_q,
       kVarlen ? bwd_varlen_stat_rows(sq, b) : 0,
       d,
-      dv};
+      dv,
+      0};
+  // kLpt: heaviest key blocks first where a right window bound makes key block 0 the longest (dense, default
+  // mode: deterministic mode keeps its descending dispatch, which its turn order relies on). Sections of (kv head,
+  // batch) pairs whose Q, dO (group_size query heads) and fp32 dq_accum take ~32 MiB of L2 together.
+  if constexpr (KT::kLpt && !kVarlen) {
+    if (c.window_right >= 0 && ws.dq_sem == nullptr) {
+      int64_t const per_hb = int64_t(hq / hk) * sq * ((d + dv) * int64_t(sizeof(Element)) + d * int64_t(sizeof(float)));
+      int64_t const group = (int64_t(32) << 20) / (per_hb > 0 ? per_hb : 1);
+      kp.lpt_group = int(std::max<int64_t>(1, std::min<int64_t>(group, int64_t(hk) * b)));
+    }
+  }
 
   auto kernel = capped ? &bwd_kernel<KT, true> : &bwd_kernel<KT, false>;
   constexpr int smem = KT::kSmemBytes;

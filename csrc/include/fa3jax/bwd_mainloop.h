@@ -36,11 +36,21 @@ struct BwdTile {
 
 // dst (global fp32) += src (shared fp32), `bytes` a multiple of 16, as one asynchronous bulk operation of the
 // issuing thread's bulk group (completed with cute::tma_store_wait, committed with cute::tma_store_arrive).
+// kEvictLast: the L2 lines of dst are kept over others (every key block's CTA adds into them again).
+template <bool kEvictLast = false>
 CUTE_DEVICE void bulk_reduce_add_f32(float* dst, float const* src, int bytes) {
-  asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n"
-               :
-               : "l"(dst), "r"(cute::cast_smem_ptr_to_uint(src)), "r"(bytes)
-               : "memory");
+  if constexpr (kEvictLast) {
+    asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.L2::cache_hint.add.f32 [%0], [%1], %2, %3;\n"
+                 :
+                 : "l"(dst), "r"(cute::cast_smem_ptr_to_uint(src)), "r"(bytes),
+                   "l"(uint64_t(TMA::CacheHintSm90::EVICT_LAST))
+                 : "memory");
+  } else {
+    asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n"
+                 :
+                 : "l"(dst), "r"(cute::cast_smem_ptr_to_uint(src)), "r"(bytes)
+                 : "memory");
+  }
 }
 
 // dst[0..3] += (a, b, c, d) in fp32 at L2 (one vector reduction; dst 16-byte aligned).
@@ -139,8 +149,10 @@ struct BwdMainloop {
         if (lane0) {
           uint64_t* bar = pipe.producer_get_barrier(st);
           int const s = st.index();
-          copy(p.tma_q.with(*bar), tQgQ(_, m), tQsQ(_, s));
-          copy(p.tma_do.with(*bar), tdOgdO(_, m), tdOsdO(_, s));
+          // kL2Hint: Q and dO are read again by every key block's CTA of this head, K and V once.
+          constexpr auto hint = KT::kL2Hint ? TMA::CacheHintSm90::EVICT_LAST : TMA::CacheHintSm90::EVICT_NORMAL;
+          copy(p.tma_q.with(*bar, 0, hint), tQgQ(_, m), tQsQ(_, s));
+          copy(p.tma_do.with(*bar, 0, hint), tdOgdO(_, m), tdOsdO(_, s));
           int64_t const r = tile.stat_row(h, m);
           SM90_BULK_COPY_G2S::copy(p.lse_log2 + r, bar, ss.smem_lse[s], KT::kBytesRow);
           SM90_BULK_COPY_G2S::copy(p.delta + r, bar, ss.smem_delta[s], KT::kBytesRow);
@@ -154,6 +166,57 @@ struct BwdMainloop {
   CUTE_DEVICE static int dq_turn(Params const& p, BwdTile const& tile, int m) {
     return QBlockMask<kBlockM, KT::kBlockN>(m, tile.seq.seqlen_q, tile.seq.seqlen_k, p.window_left,
                                             p.window_right).n_max - 1 - tile.n_block;
+  }
+
+  // The dQ writer (kWriterWarp; warp 1 of the producer warpgroup, lane 0 issues; FA3's split, our code). Step by
+  // step, as each consumer warpgroup's partial lands in its staging slice (buffer step % kDqBufs), one bulk
+  // reduce-add of the slice into dq_accum (deterministic mode: in its key-block turn, dq_turn_wait); a buffer is
+  // handed back once the add that read it has finished reading, kDqBufs - 1 steps later (0: right after its add).
+  // The consumers thus never wait for an add's read nor sync among themselves for it.
+  CUTE_DEVICE static void write_dq(Params const& p, SharedStorage& ss, BwdTile const& tile, KM const& km) {
+    constexpr int kWG = KT::kNumMmaWG, kBufs = KT::kDqBufs;
+    constexpr int kSlice = kBlockM * KT::kDqCols;  // floats per warpgroup slice
+    bool const lane0 = threadIdx.x % 32 == 0;
+    int const n_steps = p.group_size * km.num_blocks();
+    int* sem_pending[kWG] = {};  // deterministic mode: each slice's add still to be counted (dq_turn_done)
+    for (int step = 0; step < n_steps; ++step) {
+      int h, m;
+      step_coords(p, tile, km, step, h, m);
+      int64_t const stat = tile.stat_row(h, m);
+      float* const dq_tile = p.dq_accum + stat * kHeadDim;
+      int const b = kBufs > 1 ? step % kBufs : 0;
+      float const* const sdq = ss.smem_dq.data() + b * kBlockM * kHeadDim;
+      CUTE_UNROLL
+      for (int w = 0; w < kWG; ++w) {
+        cute::wait_barrier(ss.barrier_dq_full[w][b], (step / kBufs) & 1);
+        if (lane0) {
+          if (p.dq_sem != nullptr) {
+            if (sem_pending[w] != nullptr) dq_turn_done(sem_pending[w]);
+            sem_pending[w] = p.dq_sem + stat / kBlockM * kWG + w;
+            dq_turn_wait(sem_pending[w], dq_turn(p, tile, m));
+          }
+          bulk_reduce_add_f32<KT::kL2Hint>(dq_tile + w * kSlice, sdq + w * kSlice, kSlice * int(sizeof(float)));
+          tma_store_arrive();
+        }
+      }
+      // Hand back the buffers of step step - (kBufs - 1): its adds are followed by (kBufs - 1) x kWG newer ones,
+      // and warpgroup w's by kWG - 1 - w of its own step.
+      int const done = step - (kBufs - 1);
+      if (lane0 && done >= 0) {
+        int const bd = kBufs > 1 ? done % kBufs : 0;
+        for_each(make_int_sequence<kWG>{}, [&](auto w) {
+          tma_store_wait<(kBufs - 1) * kWG + kWG - 1 - decltype(w)::value>();
+          cute::arrive_barrier(ss.barrier_dq_empty[decltype(w)::value][bd]);
+        });
+      }
+      __syncwarp();
+    }
+    if (lane0) {
+      CUTE_UNROLL
+      for (int w = 0; w < kWG; ++w)
+        if (sem_pending[w] != nullptr) dq_turn_done(sem_pending[w]);
+      tma_store_wait<0>();  // every add has read its slice before the CTA's shared memory goes away
+    }
   }
 
   // Frees stage st for the producer (a local mbarrier arrive per consumer thread, as in FwdMainloop::release).
@@ -273,14 +336,24 @@ struct BwdMainloop {
       if constexpr (!kSoftcap) {
         warpgroup_wait<1>();  // S^T is ready; dP^T may still run
         warpgroup_fence_operand(tSrS);
-        CUTE_UNROLL
-        for (int r = 0; r < size<0>(S); ++r) {
+        // masked: a runtime bool (the element test under a per-block predicate), or with kMaskSplit a compile-time
+        // one: two copies of the loop, the unmasked one free of mask arithmetic.
+        auto exp_scores = [&](auto masked) {
           CUTE_UNROLL
-          for (int c = 0; c < size<1>(S); ++c) {
-            float x = fmaf(S(r, c), p.scale_log2, -lse[get<1>(rc(r, c))]);
-            if (need_mask && !allowed(r, c)) x = -INFINITY;
-            S(r, c) = exp2f(x);
+          for (int r = 0; r < size<0>(S); ++r) {
+            CUTE_UNROLL
+            for (int c = 0; c < size<1>(S); ++c) {
+              float x = fmaf(S(r, c), p.scale_log2, -lse[get<1>(rc(r, c))]);
+              if (masked && !allowed(r, c)) x = -INFINITY;
+              S(r, c) = exp2f(x);
+            }
           }
+        };
+        if constexpr (KT::kMaskSplit) {
+          if (need_mask) exp_scores(cute::true_type{});
+          else exp_scores(cute::false_type{});
+        } else {
+          exp_scores(need_mask);
         }
         convert_fragment(rP, tSrS);
         if constexpr (!KT::kPInSmem) wgmma_issue<false, true>(mma_dv, tdVrP, tdVrdO(_, _, _, s), tdVrdV);
@@ -365,6 +438,18 @@ struct BwdMainloop {
           named_barrier_sync(kDqBarrier + mma_wg, 128);
           if (dq_issuer) asm volatile("red.release.gpu.global.add.s32 [%0], 1;\n" ::"l"(sem) : "memory");
         }
+      } else if constexpr (KT::kWriterWarp) {
+        // Staged for the writer warp (write_dq) in buffer step % kDqBufs, once the add that read that buffer
+        // kDqBufs steps ago has handed it back.
+        int const b = KT::kDqBufs > 1 ? step % KT::kDqBufs : 0;
+        if (step >= KT::kDqBufs) cute::wait_barrier(ss.barrier_dq_empty[mma_wg][b], (step / KT::kDqBufs - 1) & 1);
+        float* const sdq = sdq0 + b * kBlockM * kHeadDim;
+        CUTE_UNROLL
+        for (int v = 0; v < size(tdQrdQ); v += 4)
+          *reinterpret_cast<float4*>(sdq + (v / 4) * 512 + 4 * wg_tid) =
+              make_float4(tdQrdQ(v), tdQrdQ(v + 1), tdQrdQ(v + 2), tdQrdQ(v + 3));
+        cutlass::arch::fence_view_async_shared();
+        cute::arrive_barrier(ss.barrier_dq_full[mma_wg][b]);
       } else {
         if (dq_issuer) {
           if (p.dq_sem != nullptr) {
@@ -384,7 +469,7 @@ struct BwdMainloop {
         cutlass::arch::fence_view_async_shared();
         named_barrier_sync(kDqBarrier + mma_wg, 128);
         if (dq_issuer) {
-          bulk_reduce_add_f32(dq_slice, sdq, kDqBytes);
+          bulk_reduce_add_f32<KT::kL2Hint>(dq_slice, sdq, kDqBytes);
           tma_store_arrive();
         }
       }
