@@ -11,7 +11,7 @@
 #         ncutriton (Nsight Compute sections of the Triton forward and flash-attn3-jax's, via profile_fwd.py),
 #         ncudecode (the same for the decode kernels, via profile_decode.py).
 # Wheels the machine lacks (jax-triton, nvidia-cutlass, flash-attn3-jax) travel in .whl/ (see the device README).
-# Prints a short summary table last; logs go to $OUT.
+# Prints a short summary table last; logs go to $OUT, packed into $OUT/logs.tgz on exit.
 set -uo pipefail
 OUT=${OUT:-/tmp/fa3jax-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -29,7 +29,15 @@ save_cache() {  # carry limit is 64 MiB for everything: keep the archive well un
   tar czf "$OUT/device_cache.tgz" -C .device_cache . 2>/dev/null
   [ "$(stat -c %s "$OUT/device_cache.tgz" 2>/dev/null || echo 0)" -lt $((48 << 20)) ] || rm -f "$OUT/device_cache.tgz"
 }
-trap save_cache EXIT
+# At most 8 files come back from a device call: on exit, every log and result under $OUT (the cache archive
+# aside) goes into one $OUT/logs.tgz (FA3JAX_LOOSE_LOGS=1 keeps them loose).
+pack_logs() {
+  [ -n "${FA3JAX_LOOSE_LOGS:-}" ] && return
+  (cd "$OUT" && ls -A | grep -vxE "device_cache.tgz|logs.tgz" >/tmp/fa3jax-logs.list && [ -s /tmp/fa3jax-logs.list ] &&
+    tar czf /tmp/fa3jax-logs.tgz -T /tmp/fa3jax-logs.list && xargs -d '\n' rm -rf </tmp/fa3jax-logs.list &&
+    mv /tmp/fa3jax-logs.tgz logs.tgz)
+}
+trap 'save_cache; pack_logs' EXIT
 SUMMARY=()
 stage() { local name=$1; shift; local t0=$SECONDS; "$@" >"$OUT/$name.log" 2>&1; local rc=$?;
           SUMMARY+=("$(printf '%-10s rc=%-3s %4ss  %s' "$name" "$rc" "$((SECONDS - t0))" "$(tail -n 1 "$OUT/$name.log" | cut -c1-90)")");
