@@ -28,17 +28,21 @@ using fa3jax_ffi::dims_str;
 // handler returns, reused only by work queued after the kernel).
 // Split-KV calls (p.splits.num_splits > 1) get their fp32 parts from the same allocation, after the counter.
 ffi::Error Launch(const char* target, cudaStream_t stream, ffi::ScratchAllocator& scratch, fa3jax::FwdParams& p) {
-  size_t const head = 256;  // the counter's part, padded so that the split buffers start 256-byte aligned
+  // XLA's scratch allocator refuses alignments above 16 bytes (it failed every call when asked for 256), so the
+  // split buffers are aligned by hand: the counter's part, then up to 255 bytes of padding to a 256-byte boundary.
+  size_t const head = 256;
   static_assert(fa3jax::kFwdWorkspaceBytes <= 256);
   size_t const split_bytes = fa3jax::fwd_splits_workspace_bytes(p);
-  std::optional<void*> ws = scratch.Allocate(split_bytes > 0 ? head + split_bytes : fa3jax::kFwdWorkspaceBytes,
-                                             256);
+  size_t const bytes = split_bytes > 0 ? head + 255 + split_bytes : fa3jax::kFwdWorkspaceBytes;
+  std::optional<void*> ws = scratch.Allocate(bytes, 16);
   if (!ws.has_value())
     return ffi::Error(ffi::ErrorCode::kResourceExhausted, std::string(target) + ": scratch allocation of " +
-                                                              std::to_string(head + split_bytes) +
-                                                              " bytes (split-KV parts included) failed");
+                                                              std::to_string(bytes) + " bytes failed");
   p.workspace = *ws;
-  if (split_bytes > 0) fa3jax::fwd_splits_workspace(p, static_cast<char*>(*ws) + head);
+  if (split_bytes > 0) {
+    uintptr_t const parts = (reinterpret_cast<uintptr_t>(*ws) + head + 255) & ~uintptr_t(255);
+    fa3jax::fwd_splits_workspace(p, reinterpret_cast<char*>(parts));
+  }
   fa3jax::FwdStatus st = fa3jax::run_fwd(p, stream);
   if (!st.ok()) {
     return ffi::Error(ffi::ErrorCode::kInternal, std::string(target) + ": " + st.what + ": " +
