@@ -329,9 +329,14 @@ struct BwdMainloop {
       int const q0 = m * kBlockM;
       float const* lse = ss.smem_lse[s];
       float const* delta = ss.smem_delta[s];
-      auto allowed = [&](int r, int c) {
-        return mask_allows(q0 + int(get<1>(rc(r, c))), n0 + int(get<0>(rc(r, c))), tile.seq.seqlen_q, tile.seq.seqlen_k,
-                           p.window_left, p.window_right);
+      // Masked blocks: key row r sees the queries [lo, hi] (key_query_range), two compares per element.
+      auto row_range = [&](int r, int& lo, int& hi) {
+        key_query_range(n0 + int(get<0>(rc(r, 0))), tile.seq.seqlen_q, tile.seq.seqlen_k, p.window_left,
+                        p.window_right, lo, hi);
+      };
+      auto outside = [&](int c, int lo, int hi) {
+        int const q = q0 + int(get<1>(rc(0, c)));
+        return q < lo || q > hi;
       };
       if constexpr (!kSoftcap) {
         warpgroup_wait<1>();  // S^T is ready; dP^T may still run
@@ -341,10 +346,12 @@ struct BwdMainloop {
         auto exp_scores = [&](auto masked) {
           CUTE_UNROLL
           for (int r = 0; r < size<0>(S); ++r) {
+            int lo = 0, hi = 0;
+            if (masked) row_range(r, lo, hi);
             CUTE_UNROLL
             for (int c = 0; c < size<1>(S); ++c) {
               float x = fmaf(S(r, c), p.scale_log2, -lse[get<1>(rc(r, c))]);
-              if (masked && !allowed(r, c)) x = -INFINITY;
+              if (masked && outside(c, lo, hi)) x = -INFINITY;
               S(r, c) = exp2f(x);
             }
           }
@@ -372,11 +379,13 @@ struct BwdMainloop {
         constexpr float kLog2e = 1.4426950408889634f;
         CUTE_UNROLL
         for (int r = 0; r < size<0>(S); ++r) {
+          int lo = 0, hi = 0;
+          if (need_mask) row_range(r, lo, hi);
           CUTE_UNROLL
           for (int c = 0; c < size<1>(S); ++c) {
             float const t = tanh_approx(S(r, c) * p.softcap_pre);
             float x = fmaf(p.softcap * t, kLog2e, -lse[get<1>(rc(r, c))]);
-            if (need_mask && !allowed(r, c)) x = -INFINITY;
+            if (need_mask && outside(c, lo, hi)) x = -INFINITY;
             float const pr = exp2f(x);
             S(r, c) = pr;
             // d(softcap * tanh(s * pre)) / ds = scale * (1 - t^2); the scale is applied to dQ and dK at the end.
