@@ -247,9 +247,6 @@ struct BwdMainloop {
     typename KT::TiledMmadV mma_dv;
     typename KT::TiledMmadQ mma_dq;
     auto thr_sdp = mma_sdp.get_thread_slice(mma_tid);
-    auto thr_dk = mma_dk.get_thread_slice(mma_tid);
-    auto thr_dv = mma_dv.get_thread_slice(mma_tid);
-    auto thr_dq = mma_dq.get_thread_slice(mma_tid);
 
     Tensor sK = make_tensor(make_smem_ptr(ss.smem_k.data()), typename KT::SmemLayoutK{});
     Tensor sV = make_tensor(make_smem_ptr(ss.smem_v.data()), typename KT::SmemLayoutV{});
@@ -267,14 +264,21 @@ struct BwdMainloop {
     Tensor sPt = make_tensor(make_smem_ptr(p_smem), typename KT::SmemLayoutdSt{});
 
     // GMMA descriptors (MMA, MMA_M|N, MMA_K[, stage or buffer]).
-    Tensor tSrK = thr_sdp.partition_fragment_A(sK);
-    Tensor tSrQ = thr_sdp.partition_fragment_B(sQ);
-    Tensor tdPrV = thr_sdp.partition_fragment_A(sV);
-    Tensor tdPrdO = thr_sdp.partition_fragment_B(sdO);
-    Tensor tdVrdO = thr_dv.partition_fragment_B(sdOt);
-    Tensor tdKrQ = thr_dk.partition_fragment_B(sQt);
-    Tensor tdQrdS = thr_dq.partition_fragment_A(sdS);
-    Tensor tdQrK = thr_dq.partition_fragment_B(sKt);
+    // Shared-memory operand descriptors are one per warpgroup, so they are partitioned from the warpgroup's first
+    // thread (mma_wg is warp-uniform): ptxas then keeps them in uniform registers instead of building each in
+    // vector registers and moving it over with R2UR before every wgmma (as the forward does, mainloop.h).
+    auto wg_sdp = mma_sdp.get_thread_slice(mma_wg * 128);
+    auto wg_dk = mma_dk.get_thread_slice(mma_wg * 128);
+    auto wg_dv = mma_dv.get_thread_slice(mma_wg * 128);
+    auto wg_dq = mma_dq.get_thread_slice(mma_wg * 128);
+    Tensor tSrK = wg_sdp.partition_fragment_A(sK);
+    Tensor tSrQ = wg_sdp.partition_fragment_B(sQ);
+    Tensor tdPrV = wg_sdp.partition_fragment_A(sV);
+    Tensor tdPrdO = wg_sdp.partition_fragment_B(sdO);
+    Tensor tdVrdO = wg_dv.partition_fragment_B(sdOt);
+    Tensor tdKrQ = wg_dk.partition_fragment_B(sQt);
+    Tensor tdQrdS = wg_dq.partition_fragment_A(sdS);
+    Tensor tdQrK = wg_dq.partition_fragment_B(sKt);
 
     // Accumulators and their register-A views.
     Tensor tSrS = partition_fragment_C(mma_sdp, Shape<BlkN, BlkM>{});
@@ -287,8 +291,8 @@ struct BwdMainloop {
       if constexpr (KT::kPInSmem) return thr.partition_fragment_A(smem);
       else return make_tensor(r.data(), acc_to_a_regs(r.layout()));
     };
-    auto tdVrP = dkv_a(thr_dv, rP, sPt);
-    auto tdKrdS = dkv_a(thr_dk, rdS, sdSt);
+    auto tdVrP = dkv_a(wg_dv, rP, sPt);
+    auto tdKrdS = dkv_a(wg_dk, rdS, sdSt);
     Tensor S = make_tensor(tSrS.data(), acc_rowcol(tSrS.layout()));
     Tensor dP = make_tensor(tdPrdP.data(), acc_rowcol(tdPrdP.layout()));
     // (key, query) tile coordinates of each S^T element.
