@@ -232,6 +232,25 @@ TileTruth tile_truth(int m, int n, int sq, int sk, int left, int right, bool cli
   return t;
 }
 
+// key_query_range against the element rule: for random lengths and windows, every (query, key) pair, keys and
+// queries past both ends included.
+int check_key_query_range() {
+  std::mt19937 rng(5);
+  int errors = 0;
+  int const wins[] = {-1, 0, 1, 3, 17, 64, 200};
+  for (int trial = 0; trial < 3000; ++trial) {
+    int const sq = 1 + int(rng() % 150), sk = 1 + int(rng() % 150);
+    int const left = wins[rng() % 7], right = wins[rng() % 7];
+    for (int j = -2; j < sk + 2; ++j) {
+      int lo, hi;
+      key_query_range(j, sq, sk, left, right, lo, hi);
+      for (int i = -2; i < sq + 2; ++i) errors += (i >= lo && i <= hi) != mask_allows(i, j, sq, sk, left, right);
+    }
+  }
+  std::printf("key_query_range: %s (%d errors)\n", errors ? "FAIL" : "ok", errors);
+  return errors != 0;
+}
+
 // Both block masks against the element rule, and QBlockMask::unmasked_range against needs_mask, over sequence
 // lengths and windows that put block edges on, before and after the diagonal and the tails.
 template <int kBlockM, int kBlockN>
@@ -386,6 +405,7 @@ static int check_varlen_stat_rows() {
 int main() {
   int fails = 0;
   fails += check_varlen_stat_rows();
+  fails += check_key_query_range();
   fails += check_masks<128, 128>();
   fails += check_masks<128, 176>();
   fails += check_masks<128, 80>();

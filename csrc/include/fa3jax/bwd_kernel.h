@@ -88,7 +88,9 @@ __global__ void __launch_bounds__(KT::kNumThreads, 1) bwd_kernel(__grid_constant
   using SharedStorage = typename KT::SharedStorage;
 
   extern __shared__ __align__(1024) uint8_t smem_raw[];
-  uintptr_t const base = (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023);
+  // Offset from smem_raw itself (not an integer address) so that the compiler keeps the shared state space: the
+  // stat loads and dQ staging stores become LDS/STS instead of generic LD/ST with 64-bit address math.
+  uint8_t* const base = smem_raw + ((1024 - (reinterpret_cast<uintptr_t>(smem_raw) & 1023)) & 1023);
   SharedStorage& ss = *reinterpret_cast<SharedStorage*>(base);
 
   int const warp_idx = cutlass::canonical_warp_idx_sync();

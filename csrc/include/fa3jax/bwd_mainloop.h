@@ -247,9 +247,6 @@ struct BwdMainloop {
     typename KT::TiledMmadV mma_dv;
     typename KT::TiledMmadQ mma_dq;
     auto thr_sdp = mma_sdp.get_thread_slice(mma_tid);
-    auto thr_dk = mma_dk.get_thread_slice(mma_tid);
-    auto thr_dv = mma_dv.get_thread_slice(mma_tid);
-    auto thr_dq = mma_dq.get_thread_slice(mma_tid);
 
     Tensor sK = make_tensor(make_smem_ptr(ss.smem_k.data()), typename KT::SmemLayoutK{});
     Tensor sV = make_tensor(make_smem_ptr(ss.smem_v.data()), typename KT::SmemLayoutV{});
@@ -267,14 +264,21 @@ struct BwdMainloop {
     Tensor sPt = make_tensor(make_smem_ptr(p_smem), typename KT::SmemLayoutdSt{});
 
     // GMMA descriptors (MMA, MMA_M|N, MMA_K[, stage or buffer]).
-    Tensor tSrK = thr_sdp.partition_fragment_A(sK);
-    Tensor tSrQ = thr_sdp.partition_fragment_B(sQ);
-    Tensor tdPrV = thr_sdp.partition_fragment_A(sV);
-    Tensor tdPrdO = thr_sdp.partition_fragment_B(sdO);
-    Tensor tdVrdO = thr_dv.partition_fragment_B(sdOt);
-    Tensor tdKrQ = thr_dk.partition_fragment_B(sQt);
-    Tensor tdQrdS = thr_dq.partition_fragment_A(sdS);
-    Tensor tdQrK = thr_dq.partition_fragment_B(sKt);
+    // Shared-memory operand descriptors are one per warpgroup, so they are partitioned from the warpgroup's first
+    // thread (mma_wg is warp-uniform): ptxas then keeps them in uniform registers instead of building each in
+    // vector registers and moving it over with R2UR before every wgmma (as the forward does, mainloop.h).
+    auto wg_sdp = mma_sdp.get_thread_slice(mma_wg * 128);
+    auto wg_dk = mma_dk.get_thread_slice(mma_wg * 128);
+    auto wg_dv = mma_dv.get_thread_slice(mma_wg * 128);
+    auto wg_dq = mma_dq.get_thread_slice(mma_wg * 128);
+    Tensor tSrK = wg_sdp.partition_fragment_A(sK);
+    Tensor tSrQ = wg_sdp.partition_fragment_B(sQ);
+    Tensor tdPrV = wg_sdp.partition_fragment_A(sV);
+    Tensor tdPrdO = wg_sdp.partition_fragment_B(sdO);
+    Tensor tdVrdO = wg_dv.partition_fragment_B(sdOt);
+    Tensor tdKrQ = wg_dk.partition_fragment_B(sQt);
+    Tensor tdQrdS = wg_dq.partition_fragment_A(sdS);
+    Tensor tdQrK = wg_dq.partition_fragment_B(sKt);
 
     // Accumulators and their register-A views.
     Tensor tSrS = partition_fragment_C(mma_sdp, Shape<BlkN, BlkM>{});
@@ -287,8 +291,8 @@ struct BwdMainloop {
       if constexpr (KT::kPInSmem) return thr.partition_fragment_A(smem);
       else return make_tensor(r.data(), acc_to_a_regs(r.layout()));
     };
-    auto tdVrP = dkv_a(thr_dv, rP, sPt);
-    auto tdKrdS = dkv_a(thr_dk, rdS, sdSt);
+    auto tdVrP = dkv_a(wg_dv, rP, sPt);
+    auto tdKrdS = dkv_a(wg_dk, rdS, sdSt);
     Tensor S = make_tensor(tSrS.data(), acc_rowcol(tSrS.layout()));
     Tensor dP = make_tensor(tdPrdP.data(), acc_rowcol(tdPrdP.layout()));
     // (key, query) tile coordinates of each S^T element.
@@ -329,9 +333,14 @@ struct BwdMainloop {
       int const q0 = m * kBlockM;
       float const* lse = ss.smem_lse[s];
       float const* delta = ss.smem_delta[s];
-      auto allowed = [&](int r, int c) {
-        return mask_allows(q0 + int(get<1>(rc(r, c))), n0 + int(get<0>(rc(r, c))), tile.seq.seqlen_q, tile.seq.seqlen_k,
-                           p.window_left, p.window_right);
+      // Masked blocks: key row r sees the queries [lo, hi] (key_query_range), two compares per element.
+      auto row_range = [&](int r, int& lo, int& hi) {
+        key_query_range(n0 + int(get<0>(rc(r, 0))), tile.seq.seqlen_q, tile.seq.seqlen_k, p.window_left,
+                        p.window_right, lo, hi);
+      };
+      auto outside = [&](int c, int lo, int hi) {
+        int const q = q0 + int(get<1>(rc(0, c)));
+        return q < lo || q > hi;
       };
       if constexpr (!kSoftcap) {
         warpgroup_wait<1>();  // S^T is ready; dP^T may still run
@@ -341,10 +350,12 @@ struct BwdMainloop {
         auto exp_scores = [&](auto masked) {
           CUTE_UNROLL
           for (int r = 0; r < size<0>(S); ++r) {
+            int lo = 0, hi = 0;
+            if (masked) row_range(r, lo, hi);
             CUTE_UNROLL
             for (int c = 0; c < size<1>(S); ++c) {
               float x = fmaf(S(r, c), p.scale_log2, -lse[get<1>(rc(r, c))]);
-              if (masked && !allowed(r, c)) x = -INFINITY;
+              if (masked && outside(c, lo, hi)) x = -INFINITY;
               S(r, c) = exp2f(x);
             }
           }
@@ -372,11 +383,13 @@ struct BwdMainloop {
         constexpr float kLog2e = 1.4426950408889634f;
         CUTE_UNROLL
         for (int r = 0; r < size<0>(S); ++r) {
+          int lo = 0, hi = 0;
+          if (need_mask) row_range(r, lo, hi);
           CUTE_UNROLL
           for (int c = 0; c < size<1>(S); ++c) {
             float const t = tanh_approx(S(r, c) * p.softcap_pre);
             float x = fmaf(p.softcap * t, kLog2e, -lse[get<1>(rc(r, c))]);
-            if (need_mask && !allowed(r, c)) x = -INFINITY;
+            if (need_mask && outside(c, lo, hi)) x = -INFINITY;
             float const pr = exp2f(x);
             S(r, c) = pr;
             // d(softcap * tanh(s * pre)) / ds = scale * (1 - t^2); the scale is applied to dQ and dK at the end.

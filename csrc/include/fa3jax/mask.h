@@ -17,6 +17,16 @@ CUTE_HOST_DEVICE bool mask_allows(int i, int j, int seqlen_q, int seqlen_k, int 
          (right < 0 || j <= diag + right);
 }
 
+// The element rule per key: key j sees exactly the queries [lo, hi] (inclusive; lo > hi: none), the rule solved for
+// i (j >= i + shift - left <=> i <= j - shift + left). The backward's S^T tiles have keys as rows, so a masked
+// block costs two compares per element against this row range instead of the whole rule.
+CUTE_HOST_DEVICE void key_query_range(int j, int seqlen_q, int seqlen_k, int left, int right, int& lo, int& hi) {
+  int const diag = j + seqlen_q - seqlen_k;  // the query on key j's diagonal
+  lo = right >= 0 ? max(0, diag - right) : 0;
+  hi = left >= 0 ? min(seqlen_q - 1, diag + left) : seqlen_q - 1;
+  if (j < 0 || j >= seqlen_k) lo = seqlen_q;
+}
+
 // One query block: its key blocks [n_min, n_max) and which of them need the element mask.
 template <int kBlockM, int kBlockN>
 struct QBlockMask {
