@@ -667,19 +667,22 @@ KV_CASES = {
 }
 
 
-def _kv_inputs(rng, dtype, d, block_n, case):
-    """(arrays, kwargs) of one flash_mha_with_kvcache call of KV_CASES ``case``."""
+def _kv_inputs(rng, dtype, d, block_n, case, page_rows=None):
+    """(arrays, kwargs) of one flash_mha_with_kvcache call of KV_CASES ``case``; ``page_rows``: the page size of a
+    paged case instead of its multiple of ``block_n`` (with at least 4 key blocks of capacity)."""
     b, lq, hq, hk, cap, pages, snew, leftpad, bidx, causal, window, cap_soft, sinks, rotary, hostile = case
-    page = pages * block_n
+    page = page_rows if pages and page_rows else pages * block_n
     slots = b + 2 if bidx else b
     if page:
-        pps = 4
+        pps = 4 if not page_rows else max(4, -(-4 * block_n // page_rows))
         cap = pps * page
         npages = slots * pps + 1
         kc, vc = (jnp.asarray(rng.standard_normal((npages, page, hk, d)), dtype) for _ in range(2))
         pt = rng.permutation(npages)[: slots * pps].reshape(slots, pps).astype(np.int32)
         if hostile:
             pt[0, 1], pt[1, 0], pt[2, 2] = -1, npages, np.iinfo(np.int32).max  # never dereferenced: masked keys
+            if page_rows:  # pages inside a key block that also holds valid ones: only their columns are masked
+                pt[0, pps // 2 + 1], pt[2, 1] = np.iinfo(np.int32).min, -5
         pt = jnp.asarray(pt)
     else:
         kc, vc = (jnp.asarray(rng.standard_normal((slots, cap, hk, d)), dtype) for _ in range(2))
@@ -723,22 +726,38 @@ def _kv_run(backend, arrays, kw, cast=None):
     return jax.jit(lambda arrays, idx: f(arrays, {**static, **idx}))(arrays, idx)
 
 
+# Page sizes whose key blocks span pages (not multiples of the key block: 128, or 80 at d=256): multiples of 8 rows
+# are read as TMA boxes inside pages, the others gathered row by row by the producer (C++ fwd_kvcache_load).
+KV_PAGE_ROWS = (1, 3, 8, 12, 16, 64, 100, 200, 256, 264, 300)
+# (case, page_rows): every case with its own pages (multiples of the key block; None), and the paged ones with each
+# page size above.
+KV_CASE_PAGES = [(name, None) for name in sorted(KV_CASES)] + [
+    (name, rows) for name in ("paged-2blocks-prefill", "paged-append-batch_idx-rotary", "paged-decode",
+                              "paged-hostile") for rows in KV_PAGE_ROWS]
+
+
 @pytest.mark.parametrize("instance", sorted(_BUILT_KV) or [("bf16", 128)], ids=lambda i: f"{i[0]}-d{i[1]}")
-@pytest.mark.parametrize("name", sorted(KV_CASES))
-def test_kvcache_matches_xla(instance, name):
+@pytest.mark.parametrize("name, page_rows", KV_CASE_PAGES,
+                         ids=[n if r is None else f"{n}-page{r}" for n, r in KV_CASE_PAGES])
+def test_kvcache_matches_xla(instance, name, page_rows):
     """out, lse and the updated caches of cuda's KV-cache forward against xla (float32 reference, low-precision
-    yardstick) with backend="cuda" explicit: contiguous and paged caches, appended k/v with rotary, leftpad,
+    yardstick) with backend="cuda" explicit: contiguous and paged caches (pages of whole key blocks, and of sizes
+    whose key blocks span pages, hostile page-table entries inside them), appended k/v with rotary, leftpad,
     batch_idx, GQA/MQA, causal and windowed masks bottom-right aligned, softcap, sinks, hostile indices."""
     if instance not in _BUILT_KV:
         pytest.skip("no CUDA KV-cache instance built")
-    _kv_against_xla(instance, name, _BUILT_KV[instance], "kvcache")
+    if page_rows and targets.FEATURE_KVCACHE_ANY_PAGE not in build_info().get("features", ()):
+        pytest.skip("this CUDA extension predates pages that are not multiples of the key block")
+    _kv_against_xla(instance, name, _BUILT_KV[instance], "kvcache", page_rows=page_rows)
 
 
-def _kv_against_xla(instance, name, block_n, tag, **extra):
+def _kv_against_xla(instance, name, block_n, tag, page_rows=None, **extra):
     """One KV_CASES call on cuda against xla (see test_kvcache_matches_xla); ``block_n``: the serving kernel's key
-    block (paged cases use pages of multiples of it); ``extra``: more keyword arguments of the call (num_splits)."""
+    block (paged cases use pages of multiples of it unless ``page_rows``); ``extra``: more keyword arguments of the
+    call (num_splits)."""
     dtype, d = _NAMES[instance[0]], instance[1]
-    arrays, kw = _kv_inputs(seeded_rng("cuda", tag, instance, name), dtype, d, block_n, KV_CASES[name])
+    key = (tag, instance, name) + ((page_rows,) if page_rows else ())  # the earlier cases keep their inputs
+    arrays, kw = _kv_inputs(seeded_rng("cuda", *key), dtype, d, block_n, KV_CASES[name], page_rows)
     kw.update(extra)
     assert fa3jax.supports(fa3jax.flash_mha_with_kvcache, *arrays, **kw, backend="cuda").forward == "cuda"
     out, lse, caches = _kv_run("cuda", arrays, kw)

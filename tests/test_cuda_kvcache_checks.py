@@ -64,13 +64,39 @@ def test_serves_contiguous_paged_and_options(built):
 @pytest.mark.parametrize("make, words", [
     (lambda: _spec(q_shape=(2, 3, 8, 128), cache=(2, 512, 2, 128), dtype=jnp.float32), "dtype float32"),
     (lambda: _spec(q_shape=(2, 3, 8, 64), cache=(2, 512, 2, 64)), "no KV-cache kernel for .*head_dim=64"),
+    # A build without kvcache_any_page (the fixture's) reads a key block from one page only.
     (lambda: _spec(cache=(9, 64, 2, 128), page_table=jnp.zeros((2, 4), jnp.int32)), "page_size that is a multiple of"),
     (lambda: _spec(cache=(9, 192, 2, 128), page_table=jnp.zeros((2, 4), jnp.int32)), "page_size that is a multiple of"),
+    (lambda: _spec(cache=(9, 1, 2, 128), page_table=jnp.zeros((2, 4), jnp.int32)), "rebuild it for any page size"),
     (lambda: _spec(cache=(2, 0, 2, 128)), "empty cache"),
 ])
 def test_refuses_what_the_kernel_cannot_serve(built, make, words):
     with pytest.raises(NotImplementedError, match=words):
         cuda.CudaBackend().check_forward(make())
+
+
+_ANY_PAGE = ("sinks", "varlen", "varlen_bwd", "mla", "kvcache", targets.FEATURE_KVCACHE_ANY_PAGE)
+
+
+@pytest.mark.parametrize("page_size", [1, 3, 8, 12, 16, 64, 100, 128, 192, 200, 256, 264, 300])
+@pytest.mark.parametrize("new", [0, 2])
+def test_any_page_build_serves_every_page_size(built, page_size, new):
+    """An extension with kvcache_any_page serves page sizes that are not multiples of the key block (TMA boxes
+    inside pages or the producer's row gather, chosen in C++) as well as multiples, with appended keys too."""
+    built["info"] = _info(features=_ANY_PAGE)
+    pt = jnp.zeros((2, max(4, -(-300 // page_size))), jnp.int32)
+    cuda.CudaBackend().check_forward(_spec(cache=(9, page_size, 2, 128), page_table=pt, new=new))
+
+
+def test_any_page_build_refuses_caches_past_int32_coordinates(built):
+    """The kernel's page-box coordinates are int32 (C++ kvcache_check's rule): a pool of pages x page_size rows
+    at 2^31 is refused with the reason, whatever the page size."""
+    built["info"] = _info(features=_ANY_PAGE)
+    be = cuda.CudaBackend()
+    for page_size in (3, 64, 256):
+        pages = 2**31 // page_size
+        with pytest.raises(NotImplementedError, match="int32"):
+            be.check_forward(_spec(cache=(pages, page_size, 2, 128), page_table=jnp.zeros((2, 4), jnp.int32)))
 
 
 def _any_dim_info():
@@ -95,6 +121,10 @@ def test_any_head_dim_build_serves_head_dims_between_its_kernels(built):
         be.check_forward(_spec(q_shape=(2, 3, 8, 96), cache=(9, 128, 2, 96), page_table=jnp.zeros((2, 4), jnp.int32)))
     with pytest.raises(NotImplementedError, match="multiple of the kernel's key block 128"):
         be.check_forward(_spec(q_shape=(2, 3, 8, 40), cache=(9, 80, 2, 40), page_table=jnp.zeros((2, 4), jnp.int32)))
+    # ... which a build with kvcache_any_page serves.
+    built["info"]["features"].append(targets.FEATURE_KVCACHE_ANY_PAGE)
+    be.check_forward(_spec(q_shape=(2, 3, 8, 96), cache=(9, 128, 2, 96), page_table=jnp.zeros((2, 4), jnp.int32)))
+    be.check_forward(_spec(q_shape=(2, 3, 8, 40), cache=(9, 80, 2, 40), page_table=jnp.zeros((2, 4), jnp.int32)))
 
 
 @pytest.mark.parametrize("d, words", [(59, "multiple of 8 .*head_dim=59"), (3, "multiple of 8 .*head_dim=3")])

@@ -69,8 +69,8 @@ NB_MODULE(_fa3jax_cuda, m) {
     nb::list bwd_mla;
     d["bwd_instances"] = instance_list(fa3jax::bwd_compiled_list(), &bwd_mla);  // (dtype, head_dim), d_v == d
     d["bwd_mla_instances"] = bwd_mla;  // (dtype, head_dim, head_dim_v) backwards with d_v < d
-    // (dtype, head_dim, key block) of the KV-cache forwards: a paged cache needs a page size that is a multiple
-    // of the key block (fa3jax::fwd_check).
+    // (dtype, head_dim, key block) of the KV-cache forwards: paged caches of a multiple of the key block take the
+    // whole-block TMA path, others read key blocks spanning pages (fa3jax::fwd_kvcache_load).
     nb::list kv;
     for (auto item : fwd_pairs) {
       auto t = nb::cast<nb::tuple>(item);
@@ -104,6 +104,9 @@ NB_MODULE(_fa3jax_cuda, m) {
     features.append("kvcache");     // the fwd_kvcache target (kvcache_instances, kvcache_head_dims)
     // ... taking a num_splits attribute: split-KV with its combine, and GQA packing for decode.
     features.append("kvcache_splits");
+    // ... serving every page size >= 1 (fa3jax::fwd_kvcache_load: page boxes or the row gather where key blocks span
+    // pages).
+    features.append("kvcache_any_page");
     d["features"] = features;
     d["cuda_runtime_version"] = int(CUDART_VERSION);
     return d;

@@ -63,6 +63,25 @@ static std::pair<int, int> kvcache_tiles(DType dtype, int head_dim) {
 int fwd_kvcache_block_n(DType dtype, int head_dim) { return kvcache_tiles(dtype, head_dim).second; }
 int fwd_kvcache_block_m(DType dtype, int head_dim) { return kvcache_tiles(dtype, head_dim).first; }
 
+int fwd_kvcache_box_rows(int page_size, int block_n) {
+  int a = page_size, b = block_n;
+  while (b != 0) {
+    int const t = a % b;
+    a = b;
+    b = t;
+  }
+  return a;
+}
+
+KVLoad fwd_kvcache_load(const FwdParams& p) {
+  AttnCore const& c = p.core;
+  int const bn = fwd_kvcache_block_n(c.dtype, c.head_dim);
+  int const ps = c.paged.page_size;
+  if (!c.paged.enabled() || bn <= 0 || ps < 1 || ps % bn == 0) return KVLoad::kBlocks;
+  // A box must start on a swizzle atom (8 rows of 128 bytes) and stay inside one page.
+  return ps % 8 == 0 ? KVLoad::kBoxes : KVLoad::kGather;
+}
+
 bool fwd_kvcache_pack_gqa(const FwdParams& p) {
   AttnCore const& c = p.core;
   if (p.pack_gqa == 0 || c.num_heads_k < 1 || c.num_heads_q <= c.num_heads_k) return false;
@@ -164,8 +183,7 @@ static const char* kvcache_check(const FwdParams& fp) {
   if (p.seqlen_k < 1 || p.kvcache.cache_slots < 1) return "KV cache: capacity and cache slots must be >= 1";
   int slot_rows = p.seqlen_k;
   if (p.paged.enabled()) {
-    if (p.paged.page_size < 1 || p.paged.page_size % bn != 0)
-      return "KV cache: page_size must be a positive multiple of the kernel's key block (fwd_kvcache_block_n)";
+    if (p.paged.page_size < 1) return "KV cache: page_size must be >= 1";
     if (p.paged.max_pages_per_seq < 1 || int64_t(p.paged.max_pages_per_seq) * p.paged.page_size != p.seqlen_k)
       return "KV cache: the capacity (seqlen_k) must be max_pages_per_seq * page_size";
     slot_rows = p.paged.page_size;

@@ -1,7 +1,8 @@
 // Standalone test of the KV-cache forward (attn_params.h KVCacheSeqs): every compiled KV-cache instantiation, and head
 // dims between them that the narrowest kernel holding them serves (fwd_kernel_dim), against a float64 host
-// reference, on contiguous and paged caches with appended k/v, leftpad, batch_idx, GQA, every mask kind, softcap and
-// sinks, including hostile index arrays (cache_seqlens past the capacity or negative, batch_idx and page-table
+// reference, on contiguous and paged caches (page sizes that are multiples of the key block, and ones whose key
+// blocks span pages: TMA boxes inside pages or the producer's row gather) with appended k/v, leftpad, batch_idx,
+// GQA, every mask kind, softcap and sinks, including hostile index arrays (cache_seqlens past the capacity or negative, batch_idx and page-table
 // entries out of range, leftpad past the cache) whose results follow the kernel's documented clamping rule
 // (seq_info.h KVCacheSeq; a page index out of range masks that page's keys). Exits nonzero on any
 // failure. Meant to be run directly and under compute-sanitizer memcheck (the hostile cases exist for it).
@@ -35,7 +36,7 @@ struct Case {
   int b, lq, hq, hk;
   int capacity;    // contiguous: the cache's rows per slot; paged: ignored (pages_per_seq * page_size)
   int slots;       // contiguous: cache slots (the caches' leading dim); paged: num_pages
-  int page_mult;   // 0: contiguous; else page_size = page_mult * the kernel's key block
+  int page_mult;   // 0: contiguous (unless page_rows); else page_size = page_mult * the kernel's key block
   int pages_per_seq;
   int seqlen_new;
   std::vector<int> cache_seqlens, leftpad, batch_idx, page_table;  // raw (hostile allowed); empty: absent
@@ -44,6 +45,8 @@ struct Case {
   bool sinks;
   int splits = 1;  // split-KV parts (FwdParams::splits; > 1: fp32 parts and the combine pass)
   int pack = -1;   // FwdParams::pack_gqa: -1 the policy (decode packs), 0 never, 1 whenever hq > hk
+  int page_rows = 0;  // > 0: paged with this page_size whatever the key block (blocks spanning pages: TMA boxes or
+                      // the producer's gather, fwd_kvcache_load)
 };
 
 const char* dt_name(DType dt) { return dt == DType::kBF16 ? "bf16" : "fp16"; }
@@ -72,8 +75,8 @@ Row row_of(const Case& c, int capacity, int bb) {
 // One case on one instantiation; `workspace` null: static tile assignment.
 bool run_case(DType dt, int d, const Case& c, void* workspace, std::mt19937& rng, bool verbose) {
   int const bn = fa3jax::fwd_kvcache_block_n(dt, d);
-  bool const paged = c.page_mult > 0;
-  int const page_size = paged ? c.page_mult * bn : 0;
+  bool const paged = c.page_mult > 0 || c.page_rows > 0;
+  int const page_size = c.page_rows > 0 ? c.page_rows : c.page_mult * bn;
   int const slot_rows = paged ? page_size : c.capacity;
   int const capacity = paged ? c.pages_per_seq * page_size : c.capacity;
   int const b = c.b, lq = c.lq, hq = c.hq, hk = c.hk, sn = c.seqlen_new, g = hq / hk;
@@ -163,8 +166,11 @@ bool run_case(DType dt, int d, const Case& c, void* workspace, std::mt19937& rng
     fa3jax::fwd_splits_workspace(p, split_ws);
   }
   fa3jax::FwdStatus const st = fa3jax::run_fwd(p, nullptr);
+  fa3jax::KVLoad const load = fa3jax::fwd_kvcache_load(p);
   std::string const mode_s = std::string(workspace ? "" : " [static]") + (packed ? " [packed]" : "") +
-                             (c.splits > 1 ? " [splits=" + std::to_string(c.splits) + "]" : "");
+                             (c.splits > 1 ? " [splits=" + std::to_string(c.splits) + "]" : "") +
+                             (load == fa3jax::KVLoad::kBoxes ? " [page boxes]" :
+                              load == fa3jax::KVLoad::kGather ? " [page gather]" : "");
   char const* mode = mode_s.c_str();
   if (split_ws != nullptr) {
     CK(cudaDeviceSynchronize());
@@ -352,6 +358,41 @@ std::vector<Case> cases() {
                 0.f, true, 6});
   cs.push_back({"pack-forced-split2-mqa-prefill", 2, 33, 4, 1, 700, 2, 0, 0, 0, {650, 130}, {}, {}, {}, -1, 0, 0.f,
                 false, 2, 1});
+
+  // Page sizes that are not multiples of the key block (128; 80 at d=256), so that key blocks span pages: multiples
+  // of 8 rows read per TMA box inside a page (8, 16, 64, 200, 264; 256 at d=256), others gathered by the producer
+  // (1, 3, 12, 100, 300). Hostile entries (negative, == num_pages, INT32_MAX / MIN) sit inside rows' cache lengths,
+  // so their pages' columns must be masked inside a block that also holds valid pages.
+  auto paged = [&](const char* name, int ps, int b, int lq, int hq, int hk, int pps, int num_pages, int sn,
+                   std::vector<int> seqlens, int wl, int wr, float softcap, bool sinks, int splits,
+                   std::vector<int> hostile) {
+    Case c{name, b, lq, hq, hk, 0, num_pages, 0, pps, sn, std::move(seqlens), {}, {}, {}, wl, wr, softcap, sinks,
+           splits};
+    c.page_rows = ps;
+    c.page_table = random_pages(b, pps, num_pages, rng);
+    int const bad[4] = {-1, num_pages, kMax, kMin};
+    for (size_t i = 0; i < hostile.size(); ++i) c.page_table[size_t(hostile[i])] = bad[i % 4];
+    return c;
+  };
+  cs.push_back(paged("page1-gather-decode-gqa", 1, 2, 1, 8, 2, 300, 700, 0, {299, 77}, -1, -1, 0.f, false, 1,
+                     {5, 130, 131, 300 + 40}));
+  cs.push_back(paged("page3-gather-append-causal-hostile", 3, 3, 4, 4, 2, 90, 200, 4, {250, 100, 266}, -1, 0, 0.f,
+                     false, 1, {0, 41, 42, 90 + 10, 180 + 87}));
+  cs.push_back(paged("page8-boxes-window-sinks-hostile", 8, 2, 20, 4, 4, 40, 90, 20, {300, 33}, 50, 0, 0.f, true, 1,
+                     {3, 17, 40 + 2}));
+  cs.push_back(paged("page12-gather-softcap", 12, 2, 3, 6, 3, 25, 60, 0, {290, 150}, -1, -1, 20.f, false, 1, {}));
+  cs.push_back(paged("page16-boxes-prefill-causal-hostile", 16, 2, 150, 4, 2, 20, 45, 0, {319, 170}, -1, 0, 0.f,
+                     false, 1, {1, 9, 20 + 4}));
+  cs.push_back(paged("page64-boxes-split3-append-hostile", 64, 3, 2, 8, 2, 6, 20, 2, {380, 5, 200}, -1, 0, 0.f, true,
+                     3, {1, 6 + 0, 12 + 2}));
+  cs.push_back(paged("page100-gather-append-window", 100, 2, 5, 4, 2, 4, 9, 5, {390, 101}, 64, 3, 0.f, false, 1,
+                     {4 + 1}));
+  cs.push_back(paged("page200-boxes-decode-hostile", 200, 2, 1, 4, 1, 3, 7, 1, {590, 201}, -1, 0, 0.f, false, 1,
+                     {1, 3 + 0}));
+  cs.push_back(paged("page256-decode-split2", 256, 2, 1, 8, 2, 3, 7, 0, {700, 257}, -1, -1, 0.f, true, 2, {}));
+  cs.push_back(paged("page264-boxes-prefill-sinks", 264, 2, 70, 4, 2, 3, 7, 0, {792, 265}, -1, 0, 0.f, true, 1, {}));
+  cs.push_back(paged("page300-gather-split2-hostile", 300, 3, 3, 4, 2, 3, 8, 3, {850, 1, 300}, -1, 0, 0.f, false, 2,
+                     {1, 3 + 0, 6 + 0}));
   return cs;
 }
 
@@ -429,7 +470,7 @@ int check_refusals(DType dt, int d, void* buf, int& runs) {
     void (*edit)(fa3jax::FwdParams&);
   };
   const R refusals[] = {
-      {"page size not a multiple of the key block", [](fa3jax::FwdParams& p) { p.core.paged.page_size += 8; }},
+      {"page size 0", [](fa3jax::FwdParams& p) { p.core.paged.page_size = 0; }},
       {"capacity != pages x page size", [](fa3jax::FwdParams& p) { p.core.seqlen_k += 1; }},
       {"split K/V without its buffers", [](fa3jax::FwdParams& p) { p.splits.num_splits = 2; }},
       {"num_splits above kMaxSplits",
@@ -458,6 +499,37 @@ int check_refusals(DType dt, int d, void* buf, int& runs) {
   if (const char* msg = fa3jax::fwd_check(base())) {
     std::printf("FAIL %s d=%s valid KV-cache params refused: %s\n", dt_name(dt), dim_label(dt, d).c_str(), msg);
     ++failures;
+  }
+  // Every page size is served: the whole-block TMA path for multiples of the key block, boxes of gcd(page size,
+  // key block) rows for multiples of 8, the gather otherwise (fwd_kvcache_load, fwd_kvcache_box_rows).
+  for (int ps : {1, 3, 8, 12, 16, 40, 64, 100, 200, 264, 300, bn, 2 * bn, 3 * bn}) {
+    fa3jax::FwdParams p = base();
+    p.core.paged.page_size = ps;
+    p.core.seqlen_k = 4 * ps;
+    p.core.k_stride.batch = p.core.v_stride.batch = int64_t(ps) * 2 * d;
+    fa3jax::KVLoad const want = ps % bn == 0 ? fa3jax::KVLoad::kBlocks
+                                : ps % 8 == 0 ? fa3jax::KVLoad::kBoxes : fa3jax::KVLoad::kGather;
+    int g = ps, h = bn;  // gcd, the box rows kBoxes must use
+    while (h != 0) { int const t = g % h; g = h; h = t; }
+    runs += 3;
+    const char* msg = fa3jax::fwd_check(p);
+    bool const bad_box = want == fa3jax::KVLoad::kBoxes &&
+                         (fa3jax::fwd_kvcache_box_rows(ps, bn) != g || g % 8 != 0 || bn % g != 0 || ps % g != 0);
+    if (msg != nullptr || fa3jax::fwd_kvcache_load(p) != want || bad_box) {
+      std::printf("FAIL %s d=%s page_size %d: %s, load %d (want %d), box rows %d\n", dt_name(dt),
+                  dim_label(dt, d).c_str(), ps, msg ? msg : "accepted", int(fa3jax::fwd_kvcache_load(p)), int(want),
+                  fa3jax::fwd_kvcache_box_rows(ps, bn));
+      ++failures;
+    }
+  }
+  {  // a contiguous cache always takes the whole-block path
+    fa3jax::FwdParams p = base();
+    p.core.paged = {};
+    ++runs;
+    if (fa3jax::fwd_kvcache_load(p) != fa3jax::KVLoad::kBlocks) {
+      std::printf("FAIL %s d=%s contiguous cache not on the whole-block path\n", dt_name(dt), dim_label(dt, d).c_str());
+      ++failures;
+    }
   }
   for (R const& r : refusals) {
     fa3jax::FwdParams p = base();
@@ -500,7 +572,9 @@ int main(int argc, char** argv) {
         // hostile indices (contiguous, paged) and packing with splits.
         std::string const name = cs[i].name;
         bool const in_quick = i == 3 || i == 9 || i == 12 || name == "split3-hostile-contiguous" ||
-                              name == "split7-paged-append-hostile" || name == "pack-split6-decode-g8-sinks";
+                              name == "split7-paged-append-hostile" || name == "pack-split6-decode-g8-sinks" ||
+                              name == "page3-gather-append-causal-hostile" ||
+                              name == "page8-boxes-window-sinks-hostile" || name == "page300-gather-split2-hostile";
         if (quick && !in_quick) continue;
         for (void* ws : {workspace, static_cast<void*>(nullptr)}) {
           ++runs;

@@ -16,6 +16,10 @@
 //  * the persistent scheduler's unit order (a bijection onto the tiles);
 //  * the backward's varlen stat rows (bwd_layout.h): every sequence's padded rows stay inside the buffer for any
 //    cu_seqlens (clamped as the kernels clamp them), and in-order sequences never share a row;
+//  * the KV-cache forward's paged loads of blocks spanning pages: a K / V^T stage keeps each 64-column slice as rows
+//    of 128 bytes swizzled by row % 8 (kv_chunk_offset, where the page gather writes and where a 128-byte-swizzled
+//    TMA box of 64 columns x 8k rows starting on a swizzle atom lands), and kv_colmask_col names each thread's
+//    accumulator columns (the consumers' page mask);
 //  * the backward's register layouts per policy (check_bwd), MLA ones included; instantiating the traits also
 //    checks at compile time that the policy's tiles fit shared memory and the register budget.
 #include <cstdio>
@@ -103,6 +107,48 @@ int check(const char* name) {
     }
   }
   std::printf("%s: %s (%d errors)\n", name, errors ? "FAIL" : "ok", errors);
+  return errors ? 1 : 0;
+}
+
+// KV cache, pages spanning key blocks (mainloop.h copy_boxes, gather_rows, store_colmask; mask.h kv_colmask_col).
+template <class KT>
+int check_kv_paged(const char* name) {
+  using E = typename KT::Element;
+  int errors = 0;
+  // The layouts' swizzles act on shared addresses (smem_ptr_flag): read the addresses the kernel's tensors give, off
+  // a 1024-byte aligned base as SharedStorage's (never dereferenced here).
+  E* const base = reinterpret_cast<E*>(uintptr_t(1) << 20);
+  Tensor sK = make_tensor(make_smem_ptr(base), typename KT::SmemLayoutK{});
+  Tensor sVt = make_tensor(make_smem_ptr(base), typename KT::SmemLayoutVt{});
+  auto at = [&](E const* p) { return uint32_t(reinterpret_cast<char const*>(p) - reinterpret_cast<char const*>(base)); };
+  for (int s = 0; s < KT::kStages; ++s)
+    for (int row = 0; row < KT::kBlockN; ++row)
+      for (int col = 0; col < KT::kHeadDim; col += 8) {
+        uint32_t const want = KT::kv_chunk_offset(row, col);
+        // The gather's 16-byte chunk: 8 contiguous elements at the stage's offset, in K and in V^T alike.
+        for (int i = 0; i < 8; ++i) {
+          errors += at(&sK(row, col + i, s)) != s * KT::kStageBytesK + want + i * sizeof(E);
+          errors += at(&sVt(col + i, row, s)) != s * KT::kStageBytesV + want + i * sizeof(E);
+        }
+        // A 128-byte-swizzled TMA box of 64 columns starting at row r0 (a multiple of 8) lands its row r, chunk j at
+        // box base + r * 128 + (j ^ (r % 8)) * 16 when the base is 1024-byte aligned (the swizzle reads address bits
+        // 7-9): the stage offsets are 1024-byte aligned and the box base is the offset of (r0, slice start).
+        int const r0 = row / 8 * 8, c0 = col / 64 * 64;
+        uint32_t const box = s * KT::kStageBytesK + KT::kv_chunk_offset(r0, c0);
+        errors += box % 1024 != 0 || KT::kStageBytesK % 1024 != 0;
+        errors += s * KT::kStageBytesK + want != box + (row - r0) * 128 + (((col - c0) / 8) ^ (row % 8)) * 16;
+      }
+  // Each thread's accumulator column c is kv_colmask_col(lane % 4, c).
+  typename KT::TiledMmaQK mma_qk;
+  for (int t = 0; t < KT::kNumMmaThreads; ++t) {
+    Tensor cS = make_identity_tensor(Shape<typename KT::BlkM, typename KT::BlkN>{});
+    Tensor tScS = mma_qk.get_thread_slice(t).partition_C(cS);
+    Tensor rc = make_tensor(tScS.data(), acc_rowcol(tScS.layout()));
+    errors += size<1>(rc) > 32;
+    for (int r = 0; r < size<0>(rc); ++r)
+      for (int c = 0; c < size<1>(rc); ++c) errors += int(get<1>(rc(r, c))) != kv_colmask_col(t % 4, c);
+  }
+  std::printf("%s paged KV layouts: %s (%d errors)\n", name, errors ? "FAIL" : "ok", errors);
   return errors ? 1 : 0;
 }
 
@@ -433,6 +479,12 @@ int main() {
   fails += check<FwdKernelTraits<cutlass::bfloat16_t, 128, 128, 128, 2, 24, 240>>("bf16 d128 128x128");
   fails += check<FwdKernelTraits<cutlass::half_t, 64, 192, 128, 2, 32, 160>>("fp16 d64 192x128");
   fails += check<FwdKernelTraits<cutlass::bfloat16_t, 256, 128, 80, 2, 24, 240>>("bf16 d256 128x80");
+  // The KV-cache kernels' tiles (generate_instantiations.py FwdPolicy: d64 192x128, d128 128x128, d256 128x80).
+  fails += check_kv_paged<FwdKernelTraits<cutlass::half_t, 64, 192, 128, 2, 32, 160, false, false, 64, true>>("d64");
+  fails += check_kv_paged<FwdKernelTraits<cutlass::bfloat16_t, 128, 128, 128, 2, 32, 232, true, false, 128, true>>(
+      "d128");
+  fails += check_kv_paged<FwdKernelTraits<cutlass::bfloat16_t, 256, 128, 80, 2, 24, 240, false, false, 256, true>>(
+      "d256");
   fails += check_bwd<BwdTraitsFor<DType::kBF16, 64, 64>>("d64");
   fails += check_bwd<BwdTraitsFor<DType::kBF16, 128, 128>>("d128");
   fails += check_bwd<BwdTraitsFor<DType::kBF16, 256, 256>>("d256");

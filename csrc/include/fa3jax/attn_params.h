@@ -53,8 +53,7 @@ struct KVCacheSeqs {
 };
 
 // Paged K/V cache (with KVCacheSeqs): k/v are (num_pages, page_size, heads_k, d). Off while block_table is null.
-// page_size must be a multiple of the kernel's key block (fwd_check says so): each key block then lies in one
-// page and is one TMA load.
+// Any page_size >= 1: fwd_kvcache_load says how the kernel reads a key block that spans pages.
 struct PagedKV {
   const int* block_table = nullptr;  // (batch, max_pages_per_seq) page indices
   int page_size = 0, max_pages_per_seq = 0;
@@ -231,11 +230,25 @@ FwdStatus run_fwd_instance(const FwdParams& p, cudaStream_t stream);
 template <DType kDType, int kHeadDim>
 FwdStatus run_fwd_kvcache_instance(const FwdParams& p, cudaStream_t stream);
 // Whether a KV-cache call of (dtype, head_dim) has a compiled KV-cache forward, and that kernel's key block (paged
-// caches need page sizes that are multiples of it; 0 when none). The kernel is fwd_kernel_dim's: the narrowest
+// caches of a multiple of it take the TMA fast path, fwd_kvcache_load; 0 when none). The kernel is fwd_kernel_dim's: the narrowest
 // d_v == d instance that holds head_dim (each has a KV-cache kernel beside it); head_dim must be a multiple of 8.
 bool fwd_kvcache_compiled(DType dtype, int head_dim);
 int fwd_kvcache_block_n(DType dtype, int head_dim);
 int fwd_kvcache_block_m(DType dtype, int head_dim);  // that kernel's query tile (0 when none)
+
+// How the KV-cache forward reads its cache's key blocks (kernel_traits.h Params::kv_load), chosen per call by
+// fwd_kvcache_load, the one place that decides it:
+//   kBlocks  contiguous caches, or pages of a multiple of the key block: one TMA box per key block (the fast path)
+//   kBoxes   pages of a multiple of 8 rows (the 128-byte swizzle atom): TMA boxes of fwd_kvcache_box_rows rows,
+//            each inside one page, all on the stage's barrier with the block's transaction bytes
+//   kGather  any other page size: the producer warp copies the block's rows with 16-byte cp.async
+// In the last two a key block spans pages, so a page index out of range masks that page's columns only (the
+// producer leaves a per-block column mask in shared memory for the consumers).
+enum class KVLoad : int { kBlocks = 0, kBoxes = 1, kGather = 2 };
+KVLoad fwd_kvcache_load(const FwdParams& p);
+// kBoxes' rows per TMA box: gcd(page_size, block_n), a multiple of 8 that divides both, so a box never crosses a
+// page and lands on a 1024-byte (swizzle-atom) boundary of the stage.
+int fwd_kvcache_box_rows(int page_size, int block_n);
 
 // Whether a KV-cache call's tiles pack the query heads of one kv head (p.pack_gqa; policy: num_heads_q >
 // num_heads_k and seqlen_q * group <= the query tile, i.e. decode, where one unpacked query would fill one row of

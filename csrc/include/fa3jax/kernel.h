@@ -108,7 +108,10 @@ __global__ void __launch_bounds__(KT::kNumThreads, 1) fwd_kernel(__grid_constant
 
   if (wg_idx == 0) {
     cutlass::arch::warpgroup_reg_dealloc<KT::kProducerRegs>();
-    if (warp_idx == 0) {  // the whole warp, so that units and coordinates are warp-uniform (see load)
+    // The producer warp's loop over its tiles. kSpansPages (KV cache): its paged cache blocks span pages
+    // (Params::kv_load kBoxes / kGather); a copy of the loop of its own, so that the kBlocks one keeps its registers
+    // (the producer has 24-32, and the page gathers' state spilled the shared loop's).
+    auto produce = [&](auto spans_pages) {
       bool const lane0 = threadIdx.x % 32 == 0;  // lane 0: the shuffles below broadcast from it
       PipelineState st = cutlass::make_producer_start_state<Pipeline>();
       int q_iter = 0;
@@ -146,8 +149,12 @@ __global__ void __launch_bounds__(KT::kNumThreads, 1) fwd_kernel(__grid_constant
         KVCacheSeq const kv = kv_info(tile);
         BI const bi = block_info(tile, seq, kv);
         if (bi.num_blocks() > 0) {  // else the consumers write 0 / -inf without loads
-          if constexpr (KT::kKVCache) Mainloop::load_kvcache(params, ss, pipe_k, pipe_v, st, q_iter, tile, kv, bi);
-          else Mainloop::load(params, ss, pipe_k, pipe_v, st, q_iter, tile, seq, bi);
+          if constexpr (KT::kKVCache) {
+            Mainloop::template load_kvcache<decltype(spans_pages)::value>(params, ss, pipe_k, pipe_v, st, q_iter,
+                                                                          tile, kv, bi);
+          } else {
+            Mainloop::load(params, ss, pipe_k, pipe_v, st, q_iter, tile, seq, bi);
+          }
           ++q_iter;
         }
         // Drawn (dynamic) once this tile's loads are issued, about kStages key blocks before the consumers need it.
@@ -156,6 +163,14 @@ __global__ void __launch_bounds__(KT::kNumThreads, 1) fwd_kernel(__grid_constant
       // Do not exit while a stage may still be released by the consumers.
       pipe_k.producer_tail(st);
       pipe_v.producer_tail(st);
+    };
+    if (warp_idx == 0) {  // the whole warp, so that units and coordinates are warp-uniform (see load)
+      if constexpr (KT::kKVCache) {
+        if (params.kv_load != KVLoad::kBlocks) produce(cute::true_type{});
+        else produce(cute::false_type{});
+      } else {
+        produce(cute::false_type{});
+      }
     } else if constexpr (KT::kVarlen) {
       // The producer warpgroup's idle warps write the q rows outside every sequence, so no output needs a pre-fill.
       Epilogue::fill_uncovered(params, int(threadIdx.x) - 32, 96);

@@ -11,6 +11,7 @@
 #include <cutlass/numeric_types.h>
 #include <cutlass/pipeline/sm90_pipeline.hpp>
 
+#include "attn_params.h"
 #include "tile_scheduler.h"
 
 namespace fa3jax {
@@ -88,6 +89,16 @@ struct FwdKernelTraits {
   using SmemLayoutVt = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<Element>{},
                                               Shape<HDimV, BlkN, Int<kStages>>{}, Step<_2, _1, _3>{}));
 
+  // Byte offset of row `row`'s 8 columns from `col` (a multiple of 8) within one stage of SmemLayoutK (row = key, col =
+  // d) or of SmemLayoutVt (col = d_v, row = key): both keep each 64-column slice of a stage as kBlockN rows of 128
+  // bytes whose 16-byte chunks are swizzled by row % 8 (test_layouts checks it against the layouts). The KV-cache
+  // producer's page gather writes there what a TMA box would (mainloop.h gather_rows).
+  static constexpr uint32_t kStageBytesK = kBlockN * kHeadDim * sizeof(Element);
+  static constexpr uint32_t kStageBytesV = kBlockN * kHeadDimV * sizeof(Element);
+  CUTE_HOST_DEVICE static constexpr uint32_t kv_chunk_offset(int row, int col) {
+    return uint32_t(col / 64) * (kBlockN * 128) + uint32_t(row) * 128 + uint32_t(((col / 8) % 8) ^ (row % 8)) * 16;
+  }
+
   // Global tensors: Q/K as (seq, d, head, batch); V as (d_v, seq, head, batch).
   using GShape = Shape<int32_t, int32_t, int32_t, int32_t>;
   using GStrideQK = Stride<int64_t, _1, int64_t, int64_t>;
@@ -142,6 +153,12 @@ struct FwdKernelTraits {
     alignas(8) uint64_t barrier_unit_full;   // producer wrote the next work unit
     alignas(8) uint64_t barrier_unit_empty;  // consumers read it
     int unit;
+    // KV cache, kv_load kBoxes / kGather: per key block, which of its columns lie on a page whose index is out of
+    // range, as one 32-bit word per quad lane (mask.h kv_colmask_col), written by the producer before the block's K
+    // stage fills and read by the consumers after they release it, so a ring of 2 x kStages slots (slot = stage +
+    // kStages x consumer phase): a slot is rewritten only once the consumers released the K stage kStages blocks
+    // later, after their softmax of the block that used it.
+    uint32_t kv_colmask[kKVCache ? 2 * kStages : 1][4];
   };
   // + 1024 so the kernel can align the dynamic smem base itself.
   static constexpr int kSmemBytes = int(sizeof(SharedStorage)) + 1024;
@@ -190,6 +207,15 @@ struct FwdKernelTraits {
     int pack = 1;
     void const* q_ptr = nullptr;  // kKVCache with pack > 1: q and its element strides (the packed gather)
     int64_t q_stride_row = 0, q_stride_head = 0, q_stride_batch = 0;
+    // kKVCache, paged: how cache blocks are read (attn_params.h KVLoad, fwd_kvcache_load). kBoxes: tma_page_k/v
+    // view the caches as tma_k/v do, as (d, row, head, end) with boxes of (64, box_rows, 1, 1) (launch.h). kGather:
+    // the caches' base pointers and element strides (row, head).
+    KVLoad kv_load = KVLoad::kBlocks;
+    int box_rows = 0;
+    cute::TmaDescriptor tma_page_k{}, tma_page_v{};
+    void const* k_cache = nullptr;
+    void const* v_cache = nullptr;
+    int64_t k_stride_row = 0, k_stride_head = 0, v_stride_row = 0, v_stride_head = 0;
   };
 };
 

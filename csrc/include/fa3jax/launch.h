@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
+#include <cutlass/cuda_host_adapter.hpp>
 #include <cutlass/numeric_types.h>
 
 #include "attn_params.h"
@@ -166,6 +167,28 @@ FwdStatus launch_fwd(const FwdParams& fp, cudaStream_t stream) {
   return launch_persistent<KT>(kp, kVarlen, stream);
 }
 
+// KVLoad::kBoxes' descriptor of one cache (k or v): the packed-rows view of launch_fwd_kvcache, (d, row, head, end)
+// over `total` rows with its base moved back by them (rows past a page's valid length fall outside: zero-filled),
+// boxes of 64 columns (one 128-byte swizzle row) by box_rows rows with the 128-byte swizzle: one box fills rows of
+// one 64-column slice of a K stage or a V^T stage, which both keep each slice as rows of 128 bytes (SmemLayoutK,
+// SmemLayoutVt; test_layouts checks that the gather's addresses agree).
+template <DType kDType>
+bool encode_page_boxes(cute::TmaDescriptor* desc, void const* base, Strides st, int d, int total, int hk,
+                       int box_rows) {
+  using Element = typename ElementOf<kDType>::type;
+  Element const* ptr = rows_before(static_cast<Element const*>(base), total, st.row);
+  constexpr uint64_t kBytes = sizeof(Element);
+  cuuint64_t dims[4] = {cuuint64_t(d), cuuint64_t(total), cuuint64_t(hk), cuuint64_t(total) + 1};
+  cuuint64_t strides[3] = {cuuint64_t(st.row) * kBytes, cuuint64_t(st.head) * kBytes, cuuint64_t(st.row) * kBytes};
+  cuuint32_t box[4] = {64, cuuint32_t(box_rows), 1, 1};
+  cuuint32_t unit[4] = {1, 1, 1, 1};
+  CUresult const r = cutlass::call_cuTensorMapEncodeTiled(
+      desc, kDType == DType::kBF16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 4,
+      const_cast<Element*>(ptr), dims, strides, box, unit, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+      CU_TENSOR_MAP_L2_PROMOTION_L2_128B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return r == CUDA_SUCCESS;
+}
+
 // The KV-cache forward (attn_params.h KVCacheSeqs, FwdPolicy's tiles). q/out/lse are the dense kernel's. The caches
 // are read as packed rows (kernel_traits.h Params): all cache_slots * slot_rows rows of k (and v) in one
 // (row, d, head, end) tensor whose base moves back by that total, so a slot (a batch row of the contiguous cache, or
@@ -241,6 +264,21 @@ FwdStatus launch_fwd_kvcache(const FwdParams& fp, cudaStream_t stream) {
   kp.slot_rows = slot_rows;
   kp.pages_per_seq = paged ? p.paged.max_pages_per_seq : 1;
   kp.seqlen_new = sn;
+  // Key blocks spanning pages (fwd_kvcache_load decides): TMA boxes inside pages, or the producer's gather.
+  kp.kv_load = fwd_kvcache_load(fp);
+  if (kp.kv_load == KVLoad::kBoxes) {
+    kp.box_rows = fwd_kvcache_box_rows(slot_rows, KT::kBlockN);
+    if (!encode_page_boxes<kDType>(&kp.tma_page_k, p.k, p.k_stride, d, total, hk, kp.box_rows) ||
+        !encode_page_boxes<kDType>(&kp.tma_page_v, p.v, p.v_stride, d, total, hk, kp.box_rows))
+      return {cudaErrorInvalidValue, "cuTensorMapEncodeTiled (paged K/V boxes)"};
+  } else if (kp.kv_load == KVLoad::kGather) {
+    kp.k_cache = p.k;
+    kp.v_cache = p.v;
+    kp.k_stride_row = p.k_stride.row;
+    kp.k_stride_head = p.k_stride.head;
+    kp.v_stride_row = p.v_stride.row;
+    kp.v_stride_head = p.v_stride.head;
+  }
   // Split-KV: the tiles write fp32 parts for run_fwd_combine (fwd_check has checked the buffers).
   int const splits = fp.splits.num_splits > 1 ? fp.splits.num_splits : 1;
   kp.num_splits = splits;

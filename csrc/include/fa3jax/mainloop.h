@@ -130,7 +130,7 @@ struct FwdMainloop {
     int const rows = params.slot_rows, total = params.cache_slots * rows;
     int const row = n * KT::kBlockN;
     if (params.page_table == nullptr) return {false, total, kv.slot * rows + kv.cache_len, kv.cache_len, row};
-    // Paged: page_size is a multiple of kBlockN (fwd_check), so the block lies in one page. A page index out of
+    // Paged, kv_load kBlocks: page_size is a multiple of kBlockN, so the block lies in one page. A page index out of
     // range is never dereferenced: an empty view (every row zero-filled), and the consumers mask the block.
     int const ps = min(row / rows, params.pages_per_seq - 1);
     int const page = params.page_table[int64_t(batch) * params.pages_per_seq + ps];
@@ -168,9 +168,98 @@ struct FwdMainloop {
     if (lane == 0) cute::arrive_barrier(ss.barrier_q);
   }
 
+  // Paged caches whose key blocks span pages (Params::kv_load kBoxes / kGather). Each is called by the whole producer
+  // warp with warp-uniform arguments.
+  //
+  // The columns of cache block n whose page index is out of range (below the row's cache length: later columns are
+  // masked anyway), as the consumers' quad-lane words (mask.h kv_colmask_col) in SharedStorage::kv_colmask slot
+  // `slot`; lane 0 stores them, so its arrive on the block's K barrier releases them to the consumers.
+  CUTE_DEVICE static void store_colmask(Params const& params, SharedStorage& ss, KVCacheSeq const& kv, int batch, int n,
+                                        int slot) {
+    int const lane = int(threadIdx.x % 32);
+    CUTE_UNROLL
+    for (int q = 0; q < 4; ++q) {
+      int const col = kv_colmask_col(q, lane);
+      int const pos = n * KT::kBlockN + col;
+      bool bad = false;
+      if (lane < KT::kBlockN / 4 && pos < kv.cache_len) {  // pos < capacity: its page slot is inside the table row
+        int const page = params.page_table[int64_t(batch) * params.pages_per_seq + pos / params.slot_rows];
+        bad = page < 0 || page >= params.cache_slots;
+      }
+      uint32_t const bits = __ballot_sync(0xffffffffu, bad);
+      if (lane == 0) ss.kv_colmask[slot][q] = bits;
+    }
+  }
+
+  // kBoxes: cache block n as kBlockN / box_rows boxes (box_rows >= 8 divides kBlockN and page_size: a box lies in one
+  // page and starts on a swizzle atom), one TMA copy per box and 64-column slice; lane i issues box i's. Each box
+  // reads its page as kv_source reads a whole-page block: a packed-rows view ending at the page's valid length, so
+  // rows past it (and every row of a page index out of range, never dereferenced) are zero-filled. dst(row, col): the
+  // stage's smem address of (row, col). The boxes' bytes add up to the block's (kBytesK = kBytesV here).
+  template <class Dst>
+  CUTE_DEVICE static void copy_boxes(Params const& params, cute::TmaDescriptor const& desc, uint64_t* bar,
+                                     KVCacheSeq const& kv, int batch, int head_k, int n, Dst const& dst) {
+    int const lane = int(threadIdx.x % 32);
+    int const g = params.box_rows, ps = params.slot_rows;
+    if (lane * g >= KT::kBlockN) return;
+    int const pos = n * KT::kBlockN + lane * g;  // the box's first cache position
+    int const pi = pos / ps;
+    int const page =
+        pi < params.pages_per_seq ? params.page_table[int64_t(batch) * params.pages_per_seq + pi] : -1;
+    bool const ok = page >= 0 && page < params.cache_slots;
+    int const valid = ok ? max(0, min(ps, kv.cache_len - pi * ps)) : 0;
+    int const total = params.cache_slots * ps;
+    int const row = total - valid + (pos - pi * ps), end = ok ? page * ps + valid : 0;
+    CUTE_UNROLL
+    for (int c = 0; c < KT::kHeadDim; c += 64)
+      SM90_TMA_LOAD_4D::copy(&desc, bar, uint64_t(TMA::CacheHintSm90::EVICT_NORMAL), dst(lane * g, c), c, row, head_k,
+                             end);
+  }
+
+  // kGather: cache block n's rows copied with 16-byte cp.async into the stage at shared address `stage` (K or V^T,
+  // whose layouts agree: KT::kv_chunk_offset, where a TMA box would put them). Each lane owns one 16-byte chunk of a
+  // row (a row's bytes are contiguous in memory: coalesced reads) and rows step by 32 / chunks per row; the page is
+  // tracked incrementally (one division per block) and its table entry read once per page. A row past the cache
+  // length or on a page out of range, and the columns past the call's head dim, are zero-filled without a read.
+  // base: the cache at the tile's kv head. The copies complete in load_spanning's flush.
+  CUTE_DEVICE static void gather_rows(Params const& params, Element const* base, int64_t stride_row,
+                                      KVCacheSeq const& kv, int batch, int n, uint32_t stage) {
+    constexpr int kChunks = KT::kHeadDim / 8;
+    static_assert(kChunks <= 32 && 32 % kChunks == 0 && KT::kBlockN % (32 / kChunks) == 0);
+    constexpr int kRowStep = 32 / kChunks;
+    int const lane = int(threadIdx.x % 32);
+    int const c = lane % kChunks;
+    int const ps = params.slot_rows;
+    bool const lane_live = c < params.dim_v / 8;  // the call's head dim (d_v == d here)
+    int const* table = params.page_table + int64_t(batch) * params.pages_per_seq;
+    Element const* const src0 = base + c * 8;
+    int r = lane / kChunks;
+    int pos = n * KT::kBlockN + r;
+    int pi = pos / ps, off = pos - pi * ps;
+    int last = -1, page = -1;
+#pragma unroll 1  // the producer's 24-32 registers
+    for (; r < KT::kBlockN; r += kRowStep, pos += kRowStep, off += kRowStep) {
+      while (off >= ps) {
+        off -= ps;
+        ++pi;
+      }
+      if (pi != last) {
+        last = pi;
+        page = pi < params.pages_per_seq ? table[pi] : -1;
+      }
+      bool const live = lane_live && pos < kv.cache_len && page >= 0 && page < params.cache_slots;
+      Element const* src = live ? src0 + int64_t(page * ps + off) * stride_row : base;
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(stage + KT::kv_chunk_offset(r, c * 8)),
+                   "l"(src), "r"(live ? 16u : 0u)
+                   : "memory");
+    }
+  }
+
   // KV-cache counterpart of load(): Q as the dense kernel's, then virtual key blocks n_max-1 .. n_min, each one TMA
   // load from the cache or the appended keys (kv_source), in load()'s order (K one block ahead of V).
-  template <class KVBI>
+  // kSpansPages (kv_load kBoxes / kGather, fwd_kernel instantiates the producer loop once per value, so that the
+  // kBlocks loop keeps its registers): cache blocks read per box or row instead (above).
+  template <bool kSpansPages, class KVBI>
   CUTE_DEVICE static void load_kvcache(Params const& params, SharedStorage& ss, Pipeline& pipe_k, Pipeline& pipe_v,
                                        PipelineState& st, int q_iter, FwdTile const& tile, KVCacheSeq const& kv,
                                        KVBI const& bi) {
@@ -223,20 +312,104 @@ struct FwdMainloop {
       else copy_v(params.tma_v, x, s);
     };
 
+    if constexpr (!kSpansPages) {
+      int n = bi.n_max - 1;
+      pipe_k.producer_acquire(st);
+      issue_k(n, st);
+      for (; n > bi.n_min; --n) {
+        PipelineState next = st;
+        ++next;
+        pipe_k.producer_acquire(next);
+        issue_k(n - 1, next);
+        pipe_v.producer_acquire(st);
+        issue_v(n, st);
+        st = next;
+      }
+      pipe_v.producer_acquire(st);
+      issue_v(n, st);
+      ++st;
+    } else {
+      load_spanning(params, ss, pipe_k, pipe_v, st, tile, kv, bi, head_k, issue_k, issue_v);
+    }
+  }
+
+  // The key blocks of load_kvcache<true>: cache blocks spanning pages. The K stage's barrier also releases the
+  // block's column mask (store_colmask before lane 0's arrive).
+  template <class KVBI, class IssueK, class IssueV>
+  CUTE_DEVICE static void load_spanning(Params const& params, SharedStorage& ss, Pipeline& pipe_k, Pipeline& pipe_v,
+                                        PipelineState& st, FwdTile const& tile, KVCacheSeq const& kv, KVBI const& bi,
+                                        int head_k, IssueK const& issue_k, IssueV const& issue_v) {
+    bool const lane0 = threadIdx.x % 32 == 0;
+    Tensor sK = make_tensor(make_smem_ptr(ss.smem_k.data()), typename KT::SmemLayoutK{});
+    Tensor sVt = make_tensor(make_smem_ptr(ss.smem_v.data()), typename KT::SmemLayoutVt{});
+    // kGather fills a stage with plain cp.async, which no barrier counts: each lane waits for its own copies and
+    // fences them for the consumers' wgmma (async proxy) before lane 0 arrives on the stage's barrier (its one
+    // expected arrival, no transaction bytes), in flush. flush runs once per K/V pair: a pending K block is never
+    // what the V stage acquired in between waits for (the consumers free that stage with the P V GEMM of the block
+    // kStages back, which needs only earlier K blocks).
+    int pend_k = -1, pend_v = -1;  // kGather: stages filled since the last flush
+    auto load_k = [&](int n, PipelineState s) {
+      if (!bi.is_cache(n)) {
+        pipe_k.producer_acquire(s);
+        issue_k(n, s);
+        return;
+      }
+      ss.pipeline_k.empty_barrier_[s.index()].wait(s.phase());
+      store_colmask(params, ss, kv, tile.batch, n, int(s.index() + KT::kStages * (s.phase() ^ 1)));
+      if (params.kv_load == KVLoad::kBoxes) {
+        if (lane0) ss.pipeline_k.full_barrier_[s.index()].arrive_and_expect_tx(KT::kBytesK);
+        __syncwarp();  // the expected bytes before any lane's box lands
+        auto const dst = [&](int row, int col) { return &sK(row, col, s.index()); };
+        copy_boxes(params, params.tma_page_k, pipe_k.producer_get_barrier(s), kv, tile.batch, head_k, n, dst);
+      } else {
+        gather_rows(params, static_cast<Element const*>(params.k_cache) + int64_t(head_k) * params.k_stride_head,
+                    params.k_stride_row, kv, tile.batch, n,
+                    cute::cast_smem_ptr_to_uint(ss.smem_k.data()) + s.index() * KT::kStageBytesK);
+        pend_k = int(s.index());
+      }
+    };
+    auto load_v = [&](int n, PipelineState s) {
+      if (!bi.is_cache(n)) {
+        pipe_v.producer_acquire(s);
+        issue_v(n, s);
+        return;
+      }
+      if (params.kv_load == KVLoad::kBoxes) {
+        pipe_v.producer_acquire(s);
+        __syncwarp();
+        auto const dst = [&](int row, int col) { return &sVt(col, row, s.index()); };
+        copy_boxes(params, params.tma_page_v, pipe_v.producer_get_barrier(s), kv, tile.batch, head_k, n, dst);
+      } else {
+        ss.pipeline_v.empty_barrier_[s.index()].wait(s.phase());
+        gather_rows(params, static_cast<Element const*>(params.v_cache) + int64_t(head_k) * params.v_stride_head,
+                    params.v_stride_row, kv, tile.batch, n,
+                    cute::cast_smem_ptr_to_uint(ss.smem_v.data()) + s.index() * KT::kStageBytesV);
+        pend_v = int(s.index());
+      }
+    };
+    auto flush = [&]() {
+      if (pend_k < 0 && pend_v < 0) return;
+      asm volatile("cp.async.wait_all;\n" ::: "memory");
+      cutlass::arch::fence_view_async_shared();
+      __syncwarp();
+      if (lane0) {
+        if (pend_k >= 0) ss.pipeline_k.full_barrier_[pend_k].arrive();
+        if (pend_v >= 0) ss.pipeline_v.full_barrier_[pend_v].arrive();
+      }
+      pend_k = pend_v = -1;
+    };
     int n = bi.n_max - 1;
-    pipe_k.producer_acquire(st);
-    issue_k(n, st);
+    load_k(n, st);
     for (; n > bi.n_min; --n) {
       PipelineState next = st;
       ++next;
-      pipe_k.producer_acquire(next);
-      issue_k(n - 1, next);
-      pipe_v.producer_acquire(st);
-      issue_v(n, st);
+      load_k(n - 1, next);
+      load_v(n, st);
+      flush();
       st = next;
     }
-    pipe_v.producer_acquire(st);
-    issue_v(n, st);
+    load_v(n, st);
+    flush();
     ++st;
   }
 
@@ -345,7 +518,7 @@ struct FwdMainloop {
         // The page-table entry is an L1-resident broadcast load (the producer read it for the same block).
         int const n = bi.n_max - 1 - it;
         bool page_ok = true;
-        if (params.page_table != nullptr && bi.is_cache(n)) {
+        if (params.page_table != nullptr && params.kv_load == KVLoad::kBlocks && bi.is_cache(n)) {
           int const ps = min(n * KT::kBlockN / params.slot_rows, params.pages_per_seq - 1);
           int const page = params.page_table[int64_t(batch) * params.pages_per_seq + ps];
           page_ok = page >= 0 && page < params.cache_slots;
@@ -357,8 +530,16 @@ struct FwdMainloop {
           CUTE_UNROLL
           for (int i = 0; i < size(S); ++i) S(i) = params.softcap * tanh_approx(S(i) * params.softcap_pre);
         }
-        if (bi.needs_mask(n0, kmin, kend))
-          apply_mask_range(S, rcS, qrow, n0, bi.shift, kmin, kend, bi.left, bi.right);
+        // Blocks spanning pages: the producer's column mask (store_colmask), this lane's quad word in the ring slot
+        // of block n's K state, the one before st_k (released and advanced above).
+        uint32_t kill = 0;
+        if (params.kv_load != KVLoad::kBlocks && bi.is_cache(n)) {
+          bool const wrapped = st_k.index() == 0;
+          int const stage = wrapped ? KT::kStages - 1 : int(st_k.index()) - 1;
+          kill = ss.kv_colmask[stage + KT::kStages * int(st_k.phase() ^ (wrapped ? 1u : 0u))][threadIdx.x % 4];
+        }
+        if (kill != 0 || bi.needs_mask(n0, kmin, kend))
+          apply_mask_range(S, rcS, qrow, n0, bi.shift, kmin, kend, bi.left, bi.right, kill);
         softmax.step(S, params.scale_log2, o_scale);
         return;
       }

@@ -186,10 +186,12 @@ struct KVBlockMask {
 
 // Element mask of one score tile with an explicit valid column range [kmin, kend) (KV cache blocks): like
 // apply_mask, with the tile's columns at mask positions n0 + c. qrow[r]: the query index of the thread's row r
-// (with GQA packing not the tile row itself: KVBlockMask's pack).
+// (with GQA packing not the tile row itself: KVBlockMask's pack). kill: columns c (the thread's c-th, bit c) masked
+// whatever their position: keys on a page whose index is out of range (kv_colmask_col).
 template <class TS, class TC, int kRows>
 CUTE_DEVICE void apply_mask_range(TS& S, TC const& rc, int const (&qrow)[kRows], int n0, int shift, int kmin,
-                                  int kend, int left, int right) {
+                                  int kend, int left, int right, uint32_t kill = 0) {
+  static_assert(decltype(cute::size<1>(S))::value <= 32);
   static_assert(decltype(cute::size<0>(S))::value == kRows);
   CUTE_UNROLL
   for (int r = 0; r < kRows; ++r) {
@@ -199,9 +201,14 @@ CUTE_DEVICE void apply_mask_range(TS& S, TC const& rc, int const (&qrow)[kRows],
     CUTE_UNROLL
     for (int c = 0; c < cute::size<1>(S); ++c) {
       int const col = n0 + int(cute::get<1>(rc(r, c)));
-      if (col < lo || col > hi) S(r, c) = -INFINITY;
+      if (col < lo || col > hi || ((kill >> c) & 1u)) S(r, c) = -INFINITY;
     }
   }
 }
+
+// KV cache, paged blocks spanning pages: a thread's accumulator column c (of size<1>(S) <= 32) is
+// 8 (c / 2) + 2 (lane % 4) + c % 2 (the SM90 accumulator layout; test_layouts checks it), so the 4 lanes of a quad
+// need 4 masks of 32 bits: kv_colmask_col is the column that bit c of quad lane q's mask stands for.
+CUTE_HOST_DEVICE constexpr int kv_colmask_col(int q, int c) { return 8 * (c / 2) + 2 * q + c % 2; }
 
 }  // namespace fa3jax

@@ -7,7 +7,8 @@ or MLA pairs built without a backward), the registry pairs this forward (and its
 convention) with another backend's backward. Any head dim up to the largest built one is served (by the smallest
 kernel that holds it, chosen in the C++ dispatch; MLA pairs by their exact kernel only); see _kernel_head_dim for
 the few that need padded copies.
-``kvcache_forward`` serves KV-cache calls (contiguous and paged caches, appended k/v, leftpad, batch_idx, GQA,
+``kvcache_forward`` serves KV-cache calls (contiguous and paged caches of any page size, appended k/v, leftpad,
+batch_idx, GQA,
 masks, softcap, sinks; head dims that are multiples of 8, by the same kernel choice), with split-KV (``num_splits``;
 0 = the C++ rule fwd_kvcache_num_splits) combined by LSE in the same FFI call, and the query heads of one kv head
 packed into one tile for decode; ``auto`` still tries triton first for them (fa3jax.registry: not measured yet).
@@ -185,10 +186,13 @@ class CudaBackend(Backend):
         kv = spec.kvcache
         if kv.capacity < 1:
             raise NotImplementedError(f"cuda: an empty cache ({kv.capacity=}) is not supported")
-        # Each key block is one TMA load, so it must lie in one page; smaller or odd pages would need a gather.
-        if kv.paged and kv.page_size % block_n:
-            raise NotImplementedError(f"cuda: paged caches need a page_size that is a multiple of the kernel's key "
-                                      f"block {block_n}; got {kv.page_size=}")
+        # Pages of a multiple of the key block hold whole key blocks (one TMA load each); other page sizes need a
+        # kernel that reads key blocks spanning pages (C++ fwd_kvcache_load), which older builds lack.
+        if (kv.paged and kv.page_size % block_n
+                and targets.FEATURE_KVCACHE_ANY_PAGE not in info.get("features", ())):
+            raise NotImplementedError(f"cuda: this build of the CUDA extension needs a page_size that is a multiple of "
+                                      f"the kernel's key block {block_n}; got {kv.page_size=} (rebuild it for any page "
+                                      f"size)")
         slot_rows = kv.page_size if kv.paged else kv.capacity
         if (kv.cache_batch * slot_rows + slot_rows + block_n >= 2**31
                 or spec.batch * kv.seqlen_new + kv.seqlen_new + block_n >= 2**31):

@@ -38,6 +38,9 @@ FEATURE_ANY_HEAD_DIM = "any_head_dim"
 FEATURE_KVCACHE = "kvcache"
 # ... and of one whose FWD_KVCACHE_TARGET takes ATTR_NUM_SPLITS (split-KV with its combine, GQA packing for decode).
 FEATURE_KVCACHE_SPLITS = "kvcache_splits"
+# ... and of one whose KV-cache kernel serves every page size (key blocks spanning pages: TMA boxes inside pages for
+# multiples of 8 rows, the producer's row gather otherwise); older ones need multiples of the key block.
+FEATURE_KVCACHE_ANY_PAGE = "kvcache_any_page"
 
 # Attributes, with their FFI types: all targets take the first four, then the forward kernel_variant and the
 # backward deterministic.
