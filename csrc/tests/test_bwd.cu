@@ -445,6 +445,9 @@ int main(int argc, char** argv) {
       {1, 190, 260, 2, 2, -1, 0, 30.f, true, "causal-softcap30"},
       {1, 256, 256, 2, 2, -1, -1, 5.f, false, "full-softcap5"},
       {2, 7, 3, 3, 1, -1, -1, 0.f, false, "tiny"},
+      // Whole and partial query tiles of both heights (400 = 5 x 80 = 6.25 x 64), GQA, unmasked (the 80-row tile
+      // where the policy has block_m=80).
+      {1, 400, 517, 4, 2, -1, -1, 0.f, true, "gqa-full-400x517"},
   };
   const Config det_configs[] = {
       {2, 333, 700, 4, 2, -1, -1, 0.f, true, "gqa-full"},

@@ -15,8 +15,10 @@
 //  * the persistent scheduler's unit order (a bijection onto the tiles);
 //  * the backward's varlen stat rows (bwd_layout.h): every sequence's padded rows stay inside the buffer for any
 //    cu_seqlens (clamped as the kernels clamp them), and in-order sequences never share a row;
-//  * the backward's register layouts per policy (check_bwd), MLA ones included; instantiating the traits also
+//  * the backward's register layouts per policy (check_bwd), MLA ones included, and of the 80-row tile (dQ
+//    transposed: its accumulator order against dq_tile_index's 80-row case); instantiating the traits also
 //    checks at compile time that the policy's tiles fit shared memory and the register budget.
+#include <algorithm>
 #include <cstdio>
 #include <random>
 #include <vector>
@@ -123,11 +125,12 @@ int check_bwd(const char* name) {
     for (int v = 0; v < size(c); ++v) ++hits[get<0>(c(v)) * size<1>(shape) + get<1>(c(v))];
   };
   for (int t = 0; t < KT::kNumMmaThreads; ++t) {
-    Tensor c = mma_dq.get_thread_slice(t).partition_C(make_identity_tensor(Shape<typename KT::BlkM, typename KT::HDim>{}));
+    Tensor c = mma_dq.get_thread_slice(t).partition_C(make_identity_tensor(typename KT::DqTile{}));
     for (int v = 0; v < size(c); ++v) {
-      int const row = get<0>(c(v)), col = get<1>(c(v));
+      int row = get<0>(c(v)), col = get<1>(c(v));  // (query, column of d), or (column, query) if swapped
+      if constexpr (KT::kDqSwapAB) std::swap(row, col);
       int const written = t / 128 * KT::kBlockM * KT::kDqCols + (v / 4) * 512 + 4 * (t % 128) + v % 4;
-      int const read = dq_tile_index(row, col, KT::kDqCols);
+      int const read = dq_tile_index(row, col, KT::kDqCols, KT::kBlockM);
       if (written != read && errors++ < 5)
         std::printf("%s: dQ thread %d value %d (%d, %d) written at %d, read at %d\n", name, t, v, row, col, written,
                     read);
@@ -396,5 +399,8 @@ int main() {
   fails += check_bwd<BwdTraitsFor<DType::kBF16, 256, 256>>("d256");
   fails += check_bwd<BwdTraitsFor<DType::kBF16, 192, 128>>("d192x128 (MLA)");
   fails += check_bwd<BwdTraitsFor<DType::kFP16, 128, 64>>("d128x64 (MLA)");
+  // The 80-row tile (policy block_m=80: dQ^T = K^T dS^T), whatever this build's policy.
+  fails += check_bwd<BwdTraitsFor<DType::kBF16, 128, 128, false, kBwdBlockMWide>>("d128 80-row");
+  fails += check_bwd<BwdTraitsFor<DType::kFP16, 128, 64, false, kBwdBlockMWide>>("d128x64 (MLA) 80-row");
   return fails;
 }

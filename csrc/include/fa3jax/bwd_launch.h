@@ -13,19 +13,29 @@
 
 namespace fa3jax {
 
-template <DType kDType, int kHeadDim, int kHeadDimV, bool kVarlen = false, class P = BwdPolicy<kHeadDim, kHeadDimV>>
-using BwdTraitsFor = BwdKernelTraits<typename ElementOf<kDType>::type, kHeadDim, P::kBlockM, P::kBlockN, P::kNumMmaWG,
-                                     P::kStages, P::kProducerRegs, P::kConsumerRegs, P::kDqRed != 0, P::kDqBufs,
-                                     kVarlen, kHeadDimV, P::kWriterWarp != 0, P::kLpt != 0, P::kL2Hint != 0,
-                                     P::kMaskSplit != 0>;
+// kBlockM: kBwdBlockM for every call, or the policy's block_m (80) for those bwd_tile_m gives it; the 80-row
+// kernel keeps one dQ staging buffer (K 32 + V 32 + 2 x (Q 20 + dO 20) + dS 40 + dQ 40 = 224 KiB: no room for a
+// second).
+template <DType kDType, int kHeadDim, int kHeadDimV, bool kVarlen = false, int kBlockM = kBwdBlockM,
+          class P = BwdPolicy<kHeadDim, kHeadDimV>>
+using BwdTraitsFor = BwdKernelTraits<typename ElementOf<kDType>::type, kHeadDim, kBlockM, P::kBlockN, P::kNumMmaWG,
+                                     P::kStages, P::kProducerRegs, P::kConsumerRegs, P::kDqRed != 0,
+                                     kBlockM == kBwdBlockM ? P::kDqBufs : 1, kVarlen, kHeadDimV,
+                                     P::kWriterWarp != 0, P::kLpt != 0, P::kL2Hint != 0, P::kMaskSplit != 0>;
 
 // kHeadDimV: v's, out's and dO's head dim (MLA: below kHeadDim).
-template <DType kDType, int kHeadDim, int kHeadDimV, bool kVarlen = false>
+template <DType kDType, int kHeadDim, int kHeadDimV, bool kVarlen = false, int kBlockM = kBwdBlockM>
 FwdStatus launch_bwd_main(const BwdParams& bp, BwdWorkspace const& ws, cudaStream_t stream) {
-  if constexpr (!kVarlen) {  // the varlen kernel is compiled in the same translation unit
+  if constexpr (!kVarlen && kBlockM == kBwdBlockM) {  // the varlen and 80-row kernels: same translation unit
     if (bp.core.varlen.enabled()) return launch_bwd_main<kDType, kHeadDim, kHeadDimV, true>(bp, ws, stream);
+    constexpr int kWide = BwdPolicy<kHeadDim, kHeadDimV>::kBlockM;
+    if constexpr (kWide != kBwdBlockM) {
+      if (ws.tile_m == kWide) return launch_bwd_main<kDType, kHeadDim, kHeadDimV, false, kWide>(bp, ws, stream);
+    }
   }
-  using KT = BwdTraitsFor<kDType, kHeadDim, kHeadDimV, kVarlen>;
+  using KT = BwdTraitsFor<kDType, kHeadDim, kHeadDimV, kVarlen, kBlockM>;
+  // The stat rows were padded for this tile (bwd_tile_m, the one place that picks it).
+  if (ws.tile_m != KT::kBlockM) return {cudaErrorInvalidValue, "bwd: workspace tile height differs from the kernel's"};
   using Element = typename KT::Element;
   AttnCore const& c = bp.core;
   int const b = c.batch, sq = c.seqlen_q, sk = c.seqlen_k, hq = c.num_heads_q, hk = c.num_heads_k;
@@ -85,7 +95,10 @@ FwdStatus launch_bwd_main(const BwdParams& bp, BwdWorkspace const& ws, cudaStrea
     }
   }
 
-  auto kernel = capped ? &bwd_kernel<KT, true> : &bwd_kernel<KT, false>;
+  auto kernel = &bwd_kernel<KT, false>;
+  if constexpr (kBlockM == kBwdBlockM) {  // bwd_tile_m gives softcap calls the 64-row kernel only
+    if (capped) kernel = &bwd_kernel<KT, true>;
+  }
   constexpr int smem = KT::kSmemBytes;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return {err, "cudaFuncSetAttribute(MaxDynamicSharedMemorySize), bwd"};

@@ -10,6 +10,8 @@
 // Warpgroups along queries (kPInSmem, d = 256 and MLA 192x128): P^T and dS^T both go to shared memory before the
 // barrier, then dV, dQ and dK are issued as SS GEMMs on this warpgroup's columns.
 // With softcap the scores' tanh is also needed for dS, so that path waits for both S^T and dP^T first.
+// 80-row tiles (kDqSwapAB) issue dQ^T = K^T dS^T instead of dQ = dS K, otherwise the same step; the staged slice
+// then holds the transposed accumulator, which the postprocess reads as such (bwd_layout.h dq_tile_index).
 #pragma once
 
 #include <cute/arch/copy_sm90.hpp>
@@ -29,9 +31,10 @@ namespace fa3jax {
 struct BwdTile {
   int n_block, head_k, batch;
   SeqInfo seq;
-  int64_t stat_base, stat_head_stride;  // stat row of (query head h, query block m): base + h * stride + 64 m
+  int64_t stat_base, stat_head_stride;  // stat row of (query head h, query block m): base + h * stride + tile_m m
+  int tile_m;                           // the kernel's kBlockM (a constant where the tile is built)
 
-  CUTE_DEVICE int64_t stat_row(int h, int m) const { return stat_base + h * stat_head_stride + int64_t(m) * kBwdBlockM; }
+  CUTE_DEVICE int64_t stat_row(int h, int m) const { return stat_base + h * stat_head_stride + int64_t(m) * tile_m; }
 };
 
 // dst (global fp32) += src (shared fp32), `bytes` a multiple of 16, as one asynchronous bulk operation of the
@@ -99,7 +102,9 @@ struct BwdMainloop {
   static constexpr int kDsBarrier = 1;
   static constexpr int kDqBarrier = 2;
   static_assert(kDqBarrier + KT::kNumMmaWG <= 16, "out of named barriers");
-  static_assert(kBlockM == kBwdBlockM && KT::kNumMmaWG == kBwdNumMmaWG, "dq_accum layout (bwd_layout.h)");
+  static_assert((kBlockM == kBwdBlockM || (kBlockM == kBwdBlockMWide && !KT::kVarlen)) &&
+                    KT::kNumMmaWG == kBwdNumMmaWG,
+                "dq_accum layout (bwd_layout.h)");
 
   // Producer, called by the whole warp 0 (lane 0 issues): K and V once, then Q, dO, lse_log2 and delta of every
   // (query head of the group, query block) in the consumers' order, into the pipeline's stages.
@@ -273,13 +278,24 @@ struct BwdMainloop {
     Tensor tdPrdO = thr_sdp.partition_fragment_B(sdO);
     Tensor tdVrdO = thr_dv.partition_fragment_B(sdOt);
     Tensor tdKrQ = thr_dk.partition_fragment_B(sQt);
-    Tensor tdQrdS = thr_dq.partition_fragment_A(sdS);
-    Tensor tdQrK = thr_dq.partition_fragment_B(sKt);
+    // dQ = dS K (A = dS, B = K^T's view), or with kDqSwapAB dQ^T = K^T dS^T (A = K^T, B = dS).
+    auto tdQrdS = [&] {
+      if constexpr (KT::kDqSwapAB) return thr_dq.partition_fragment_B(sdS);
+      else return thr_dq.partition_fragment_A(sdS);
+    }();
+    auto tdQrK = [&] {
+      if constexpr (KT::kDqSwapAB) return thr_dq.partition_fragment_A(sKt);
+      else return thr_dq.partition_fragment_B(sKt);
+    }();
+    auto issue_dq = [&](auto const& ds_buf, auto& acc) {
+      if constexpr (KT::kDqSwapAB) wgmma_issue<true, false>(mma_dq, tdQrK, ds_buf, acc);
+      else wgmma_issue<true, false>(mma_dq, ds_buf, tdQrK, acc);
+    };
 
     // Accumulators and their register-A views.
     Tensor tSrS = partition_fragment_C(mma_sdp, Shape<BlkN, BlkM>{});
     Tensor tdPrdP = partition_fragment_C(mma_sdp, Shape<BlkN, BlkM>{});
-    Tensor tdQrdQ = partition_fragment_C(mma_dq, Shape<BlkM, HDim>{});
+    Tensor tdQrdQ = partition_fragment_C(mma_dq, typename KT::DqTile{});
     Tensor rP = make_fragment_like<Element>(tSrS);
     Tensor rdS = make_fragment_like<Element>(tdPrdP);
     // dV / dK A operands: registers (the accumulators converted in place) or P^T / dS^T in shared memory.
@@ -396,17 +412,17 @@ struct BwdMainloop {
       named_barrier_sync(kDsBarrier, KT::kNumMmaThreads);
       // dQ before dK (FA3's order): dQ retires while dK still runs, so the dQ partial is staged and added under
       // the dK GEMM instead of after every GEMM of the step.
-      Tensor tdQrdS_buf = tdQrdS(_, _, _, buf);
+      auto tdQrdS_buf = tdQrdS(_, _, _, buf);
       if constexpr (KT::kPInSmem) {
         auto tdVsP = tdVrP(_, _, _, buf);
         auto tdKsdS = tdKrdS(_, _, _, buf);
         wgmma_issue<false, false>(mma_dv, tdVsP, tdVrdO(_, _, _, s), tdVrdV);
-        wgmma_issue<true, false>(mma_dq, tdQrdS_buf, tdQrK, tdQrdQ);
+        issue_dq(tdQrdS_buf, tdQrdQ);
         wgmma_issue<false, false>(mma_dk, tdKsdS, tdKrQ(_, _, _, s), tdKrdK);
         warpgroup_wait<1>();  // dV and dQ have retired; dK may still run
         warpgroup_fence_operand(tdVrdV);
       } else {
-        wgmma_issue<true, false>(mma_dq, tdQrdS_buf, tdQrK, tdQrdQ);
+        issue_dq(tdQrdS_buf, tdQrdQ);
         warpgroup_wait<1>();  // dV has retired (P's registers are free); dQ may still run
         warpgroup_fence_operand(tdVrdV);
         wgmma_issue<false, true>(mma_dk, tdKrdS, tdKrQ(_, _, _, s), tdKrdK);
