@@ -4,14 +4,15 @@
 #         sanitizetriton (memcheck of the Triton decode schedules with hostile indices), cbench (C++
 #         timing of the CUDA forward: dynamic/static tile assignment, wide kernel),
 #         test (GPU pytest suites), bench (side-by-side table), decode (kvcache decode table),
-#         varlen (varlen vs dense table), sweep (Triton tile/variant sweep, SWEEP_ARGS),
+#         varlen (varlen vs dense table), prefill (chunked prefill vs flash-attn3-jax, PREFILL_ARGS),
+#         sweep (Triton tile/variant sweep, SWEEP_ARGS),
 #         ab (C++ timing of d=128 bf16 kernel variants built side by side, AB_VARIANTS), abbin (the same for
 #         test programs built elsewhere, AB_BINS), cverify (checks + memcheck of prebuilt test programs, CHECK_BINS),
 #         ncu (Nsight Compute source-level profile of one C++ bench case and of flash-attn3-jax's kernel),
 #         ncutriton (Nsight Compute sections of the Triton forward and flash-attn3-jax's, via profile_fwd.py),
 #         ncudecode (the same for the decode kernels, via profile_decode.py).
 # Wheels the machine lacks (jax-triton, nvidia-cutlass, flash-attn3-jax) travel in .whl/ (see the device README).
-# Prints a short summary table last; logs go to $OUT.
+# Prints a short summary table last; logs go to $OUT, packed into $OUT/logs.tgz on exit.
 set -uo pipefail
 OUT=${OUT:-/tmp/fa3jax-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -29,7 +30,15 @@ save_cache() {  # carry limit is 64 MiB for everything: keep the archive well un
   tar czf "$OUT/device_cache.tgz" -C .device_cache . 2>/dev/null
   [ "$(stat -c %s "$OUT/device_cache.tgz" 2>/dev/null || echo 0)" -lt $((48 << 20)) ] || rm -f "$OUT/device_cache.tgz"
 }
-trap save_cache EXIT
+# At most 8 files come back from a device call: on exit, every log and result under $OUT (the cache archive
+# aside) goes into one $OUT/logs.tgz (FA3JAX_LOOSE_LOGS=1 keeps them loose).
+pack_logs() {
+  [ -n "${FA3JAX_LOOSE_LOGS:-}" ] && return
+  (cd "$OUT" && ls -A | grep -vxE "device_cache.tgz|logs.tgz" >/tmp/fa3jax-logs.list && [ -s /tmp/fa3jax-logs.list ] &&
+    tar czf /tmp/fa3jax-logs.tgz -T /tmp/fa3jax-logs.list && xargs -d '\n' rm -rf </tmp/fa3jax-logs.list &&
+    mv /tmp/fa3jax-logs.tgz logs.tgz)
+}
+trap 'save_cache; pack_logs' EXIT
 SUMMARY=()
 stage() { local name=$1; shift; local t0=$SECONDS; "$@" >"$OUT/$name.log" 2>&1; local rc=$?;
           SUMMARY+=("$(printf '%-10s rc=%-3s %4ss  %s' "$name" "$rc" "$((SECONDS - t0))" "$(tail -n 1 "$OUT/$name.log" | cut -c1-90)")");
@@ -86,6 +95,10 @@ decode() {
 varlen() {
   local site=""; [ -d /tmp/fa3site/fa3jax ] && site=/tmp/fa3site:
   PYTHONPATH=$site$PYTHONPATH python3 benchmarks/run.py --suite varlen --out "$OUT" ${VARLEN_ARGS:-}
+}
+prefill() {
+  local site=""; [ -d /tmp/fa3site/fa3jax ] && site=/tmp/fa3site:
+  PYTHONPATH=$site$PYTHONPATH python3 benchmarks/run.py --suite prefill --out "$OUT" ${PREFILL_ARGS:-}
 }
 # AB_VARIANTS="name=SRC[:POLICY] ...": SRC is a tree holding csrc/ ("." = this one, or an untracked `git archive`
 # of another commit so that it travels), POLICY tile-policy overrides for csrc/generate_instantiations.py (e.g.
@@ -222,6 +235,7 @@ for s in "$@"; do
     bench) stage bench bench ;;
     decode) stage decode decode ;;
     varlen) stage varlen varlen ;;
+    prefill) stage prefill prefill ;;
     sweep) stage sweep sweep ;;
     ab) stage ab ab ;;
     abbin) stage abbin abbin ;;

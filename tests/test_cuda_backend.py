@@ -10,7 +10,7 @@ import pytest
 
 import fa3jax
 from fa3jax import masking, reference, registry, tuning, validation
-from fa3jax.backends.cuda import build_info
+from fa3jax.backends.cuda import build_info, targets
 
 from .helpers import check, naive_lowp, rand, seeded_rng
 from .suite import AttentionSuite
@@ -28,8 +28,8 @@ class TestCuda(AttentionSuite):
     backend = "cuda"
     dtypes = tuple(sorted({_NAMES[t] for t, _ in _BUILT})) or ("bfloat16",)
     head_dims = tuple(sorted({d for _, d in _BUILT})) or (128,)
-    # The varlen forward is cuda's; its gradients come from the registry's composition (triton's varlen backward,
-    # else xla's, on the cuda forward's out and LSE).
+    # Varlen forward and backward are cuda's (extensions built before the varlen backward compose another
+    # backend's backward with the cuda forward's out and LSE).
     supports_varlen = True
     supports_kvcache = False
     supports_paged = False
@@ -662,6 +662,8 @@ KV_CASES = {
     "paged-append-batch_idx-rotary": (3, 3, 4, 2, 0, 1, 3, False, True, True, (100, -1), 0.0, True, True, False),
     "paged-2blocks-prefill": (2, 130, 4, 4, 0, 2, 0, False, False, False, (-1, -1), 10.0, False, False, False),
     "paged-hostile": (3, 2, 4, 2, 0, 1, 2, False, False, True, (-1, -1), 0.0, False, False, True),
+    # Batch-1 GQA decode over a long cache: the case split-KV (num_splits=0 splits it) and GQA packing are for.
+    "decode-gqa-long-sinks": (1, 1, 32, 8, 4096, 0, 0, False, False, False, (-1, -1), 0.0, True, False, False),
 }
 
 
@@ -732,11 +734,12 @@ def test_kvcache_matches_xla(instance, name):
     _kv_against_xla(instance, name, _BUILT_KV[instance], "kvcache")
 
 
-def _kv_against_xla(instance, name, block_n, tag):
+def _kv_against_xla(instance, name, block_n, tag, **extra):
     """One KV_CASES call on cuda against xla (see test_kvcache_matches_xla); ``block_n``: the serving kernel's key
-    block (paged cases use pages of multiples of it)."""
+    block (paged cases use pages of multiples of it); ``extra``: more keyword arguments of the call (num_splits)."""
     dtype, d = _NAMES[instance[0]], instance[1]
     arrays, kw = _kv_inputs(seeded_rng("cuda", tag, instance, name), dtype, d, block_n, KV_CASES[name])
+    kw.update(extra)
     assert fa3jax.supports(fa3jax.flash_mha_with_kvcache, *arrays, **kw, backend="cuda").forward == "cuda"
     out, lse, caches = _kv_run("cuda", arrays, kw)
     ref_out, ref_lse, _ = _kv_run("xla", arrays, kw, cast=jnp.float32)
@@ -747,14 +750,31 @@ def _kv_against_xla(instance, name, block_n, tag):
         np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32)), np.asarray(want.astype(jnp.float32)))
 
 
-@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
-def test_kvcache_traced_cache_seqlens_one_compilation(paged):
-    """cache_seqlens as a traced jit argument: one compilation of the cuda call serves every length (including
-    0 and the full capacity), each matching xla."""
+@pytest.mark.parametrize("num_splits", [0, 1, 3])
+@pytest.mark.parametrize("name", ["decode-gqa", "decode-gqa-long-sinks", "append-leftpad-window",
+                                  "batch_idx-append-softcap-sinks", "prefill-causal-mqa", "hostile-contiguous",
+                                  "paged-decode", "paged-append-batch_idx-rotary", "paged-hostile"])
+def test_kvcache_num_splits_matches_xla(name, num_splits):
+    """Split-KV (each row's key blocks in num_splits parts merged by LSE, the sink counted once; 0 = the kernel's
+    automatic rule) and GQA packing (the decode cases) against xla, with hostile indices and empty splits (short
+    rows), contiguous and paged."""
     instance = ("bf16", 128)
     if instance not in _BUILT_KV:
         pytest.skip("bf16 d=128 KV-cache kernel not built")
-    rng = seeded_rng("cuda", "kvcache-traced", paged)
+    if targets.FEATURE_KVCACHE_SPLITS not in build_info().get("features", ()):
+        pytest.skip("this CUDA extension predates split-KV")
+    _kv_against_xla(instance, name, _BUILT_KV[instance], f"kvcache-splits{num_splits}", num_splits=num_splits)
+
+
+@pytest.mark.parametrize("num_splits", [1, 0, 5])
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+def test_kvcache_traced_cache_seqlens_one_compilation(paged, num_splits):
+    """cache_seqlens as a traced jit argument: one compilation of the cuda call serves every length (including
+    0 and the full capacity), each matching xla, unsplit and split."""
+    instance = ("bf16", 128)
+    if instance not in _BUILT_KV:
+        pytest.skip("bf16 d=128 KV-cache kernel not built")
+    rng = seeded_rng("cuda", "kvcache-traced", paged, num_splits)
     bn = _BUILT_KV[instance]
     b, hq, hk, d = 2, 8, 2, 128
     if paged:
@@ -768,7 +788,8 @@ def test_kvcache_traced_cache_seqlens_one_compilation(paged):
 
     def call(backend):
         return jax.jit(lambda q, n: fa3jax.flash_mha_with_kvcache(q, kc, vc, cache_seqlens=n, page_table=pt,
-                                                                  return_softmax_lse=True, backend=backend))
+                                                                  num_splits=num_splits, return_softmax_lse=True,
+                                                                  backend=backend))
     f, g = call("cuda"), call("xla")
     for lens in ([3, 129], [cap, 0], [1, cap - 1]):
         n = jnp.asarray(lens, jnp.int32)

@@ -138,10 +138,15 @@ def test_the_backward_stays_refused(built):
         cuda.CudaBackend().check_backward(_spec())
 
 
+@pytest.mark.parametrize("splits_feature", [False, True], ids=["pre-splits-build", "splits-build"])
 @pytest.mark.parametrize("paged", [False, True])
-def test_ffi_operands_and_attributes(built, monkeypatch, paged):
+def test_ffi_operands_and_attributes(built, monkeypatch, paged, splits_feature):
     """The operands follow the FFI target's order (q, k_cache, v_cache, cache_seqlens, then k_new/v_new, leftpad,
-    batch_idx, page_table, sinks as the int32 flags announce) with the sanitized index arrays."""
+    batch_idx, page_table, sinks as the int32 flags announce) with the sanitized index arrays; num_splits goes to an
+    extension that takes it (FEATURE_KVCACHE_SPLITS) as the caller gave it, and to none other (its handler binds no
+    such attribute)."""
+    if splits_feature:
+        built["info"]["features"].append(targets.FEATURE_KVCACHE_SPLITS)
     calls = []
 
     def fake_ffi_call(target, out_types, vmap_method=None):
@@ -187,6 +192,33 @@ def test_ffi_operands_and_attributes(built, monkeypatch, paged):
                      targets.ATTR_HAS_SINKS: 1, targets.ATTR_WINDOW_LEFT: 16, targets.ATTR_WINDOW_RIGHT: 4}
     assert all(isinstance(v, (np.int32, np.float32)) for v in attrs.values()), attrs
     np.testing.assert_allclose(attrs[targets.ATTR_SOFTCAP], 5.0)
+    if splits_feature:
+        assert attrs[targets.ATTR_NUM_SPLITS] == 3
+    else:
+        assert targets.ATTR_NUM_SPLITS not in attrs
+
+
+@pytest.mark.parametrize("requested, passed", [(0, 0), (1, 1), (7, 7), (10**12, 2**31 - 1)])
+def test_num_splits_attribute(requested, passed):
+    """num_splits reaches the handler unchanged (0 = automatic: the C++ rule chooses), clipped to int32 (the kernel
+    caps it at its kMaxSplits and the key blocks anyway); the plain attributes carry none."""
+    b = 2
+    spec = validation.validate_kvcache(
+        S((b, 1, 8, 128), BF), S((b, 512, 2, 128), BF), S((b, 512, 2, 128), BF), None, None,
+        jnp.zeros((b,), jnp.int32) + 1, None, None, None, None, None, True, softmax_scale=None, is_causal=True,
+        window_size=(-1, -1), softcap=0.0, num_splits=requested, return_softmax_lse=True,
+        return_updated_cache=False)
+    attrs = targets.kvcache_fwd_attributes(spec)
+    assert isinstance(attrs[targets.ATTR_NUM_SPLITS], np.int32) and attrs[targets.ATTR_NUM_SPLITS] == passed
+    assert targets.ATTR_NUM_SPLITS not in targets.kvcache_fwd_attributes(spec, splits=False)
+
+
+def test_negative_num_splits_is_refused_before_any_backend():
+    with pytest.raises(ValueError, match="num_splits must be >= 0"):
+        _ = validation.validate_kvcache(
+            S((2, 1, 8, 128), BF), S((2, 512, 2, 128), BF), S((2, 512, 2, 128), BF), None, None,
+            jnp.zeros((2,), jnp.int32) + 1, None, None, None, None, None, True, softmax_scale=None, is_causal=True,
+            window_size=(-1, -1), softcap=0.0, num_splits=-1, return_softmax_lse=True, return_updated_cache=False)
 
 
 class _Fake:

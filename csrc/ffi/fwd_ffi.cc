@@ -26,11 +26,19 @@ using fa3jax_ffi::dims_str;
 
 // Launches a checked forward with the persistent kernel's tile counter (stream-ordered scratch: freed when the
 // handler returns, reused only by work queued after the kernel).
+// Split-KV calls (p.splits.num_splits > 1) get their fp32 parts from the same allocation, after the counter.
 ffi::Error Launch(const char* target, cudaStream_t stream, ffi::ScratchAllocator& scratch, fa3jax::FwdParams& p) {
-  std::optional<void*> ws = scratch.Allocate(fa3jax::kFwdWorkspaceBytes, 16);
+  size_t const head = 256;  // the counter's part, padded so that the split buffers start 256-byte aligned
+  static_assert(fa3jax::kFwdWorkspaceBytes <= 256);
+  size_t const split_bytes = fa3jax::fwd_splits_workspace_bytes(p);
+  std::optional<void*> ws = scratch.Allocate(split_bytes > 0 ? head + split_bytes : fa3jax::kFwdWorkspaceBytes,
+                                             256);
   if (!ws.has_value())
-    return ffi::Error(ffi::ErrorCode::kResourceExhausted, std::string(target) + ": scratch allocation failed");
+    return ffi::Error(ffi::ErrorCode::kResourceExhausted, std::string(target) + ": scratch allocation of " +
+                                                              std::to_string(head + split_bytes) +
+                                                              " bytes (split-KV parts included) failed");
   p.workspace = *ws;
+  if (split_bytes > 0) fa3jax::fwd_splits_workspace(p, static_cast<char*>(*ws) + head);
   fa3jax::FwdStatus st = fa3jax::run_fwd(p, stream);
   if (!st.ok()) {
     return ffi::Error(ffi::ErrorCode::kInternal, std::string(target) + ": " + st.what + ": " +
@@ -186,13 +194,14 @@ std::string check_i32(ffi::AnyBuffer const& x, const char* name, std::initialize
 // hk, d); cache_seqlens int32 (b,) (where the appended keys start: fa3jax KVCacheArgs.cache_seqlens); then, as the
 // flags say, k_new and v_new (b, seqlen_new, hk, d), leftpad int32 (b,), batch_idx int32 (b,) (contiguous only),
 // page_table int32 (b, max_pages_per_seq), sinks float32 (hq,). Outputs out (b, lq, hq, d), lse float32 (b, hq, lq).
-// Index values are the kernel's to clamp (attn_params.h KVCacheSeqs).
+// Index values are the kernel's to clamp (attn_params.h KVCacheSeqs). num_splits: split-KV parts (0: automatic,
+// fwd_kvcache_num_splits), their fp32 buffers from XLA's scratch allocator, combined in the same call.
 ffi::Error FwdKvcacheImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer q, ffi::AnyBuffer kc,
                           ffi::AnyBuffer vc, ffi::AnyBuffer cache_seqlens, ffi::RemainingArgs rest,
                           ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::Buffer<ffi::F32>> lse,
                           float softmax_scale, int32_t window_left, int32_t window_right, float softcap,
                           int32_t has_new, int32_t has_leftpad, int32_t has_batch_idx, int32_t has_page_table,
-                          int32_t has_sinks) {
+                          int32_t has_sinks, int32_t num_splits) {
   const char* target = "fa3jax_cuda_fwd_kvcache";
   auto bad = [&](std::string m) {
     return ffi::Error(ffi::ErrorCode::kInvalidArgument, std::string(target) + ": " + m);
@@ -297,7 +306,17 @@ ffi::Error FwdKvcacheImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ff
     why = set_sinks(*sinks, hq, p);
     if (!why.empty()) return bad(why);
   }
-  if (const char* msg = fa3jax::fwd_check(p)) return bad(msg);
+  // 0: automatic; any other count is capped at the key blocks a row can have (fwd_kvcache_num_splits).
+  if (num_splits < 0) return bad("num_splits must be >= 0 (0: automatic); got " + std::to_string(num_splits));
+  int device = 0, sms = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (err != cudaSuccess)
+    return ffi::Error(ffi::ErrorCode::kInternal, std::string(target) + ": cudaDeviceGetAttribute: " +
+                                                     cudaGetErrorString(err));
+  int const splits = fa3jax::fwd_kvcache_num_splits(p, num_splits, sms);
+  if (const char* msg = fa3jax::fwd_check(p)) return bad(msg);  // unsplit: everything but the split buffers
+  p.splits.num_splits = splits;  // <= kMaxSplits; Launch lays out its buffers (run_fwd checks them again)
   return Launch(target, stream, scratch, p);
 }
 
@@ -305,11 +324,12 @@ ffi::Error FwdKvcache(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::A
                       ffi::AnyBuffer vc, ffi::AnyBuffer cache_seqlens, ffi::RemainingArgs rest,
                       ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::Buffer<ffi::F32>> lse, float softmax_scale,
                       int32_t window_left, int32_t window_right, float softcap, int32_t has_new, int32_t has_leftpad,
-                      int32_t has_batch_idx, int32_t has_page_table, int32_t has_sinks) noexcept {
+                      int32_t has_batch_idx, int32_t has_page_table, int32_t has_sinks,
+                      int32_t num_splits) noexcept {
   return fa3jax_ffi::no_throw([&] {
     return FwdKvcacheImpl(stream, std::move(scratch), q, kc, vc, cache_seqlens, rest, out, lse, softmax_scale,
                           window_left, window_right, softcap, has_new, has_leftpad, has_batch_idx, has_page_table,
-                          has_sinks);
+                          has_sinks, num_splits);
   });
 }
 
@@ -360,4 +380,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Fa3jaxCudaFwdKvcache, FwdKvcache,
                                   .Attr<int32_t>("has_leftpad")
                                   .Attr<int32_t>("has_batch_idx")
                                   .Attr<int32_t>("has_page_table")
-                                  .Attr<int32_t>("has_sinks"));
+                                  .Attr<int32_t>("has_sinks")
+                                  .Attr<int32_t>("num_splits"));

@@ -102,6 +102,8 @@ NB_MODULE(_fa3jax_cuda, m) {
     // the instances' own (d_v == d; MLA pairs stay exact).
     features.append("any_head_dim");
     features.append("kvcache");     // the fwd_kvcache target (kvcache_instances, kvcache_head_dims)
+    // ... taking a num_splits attribute: split-KV with its combine, and GQA packing for decode.
+    features.append("kvcache_splits");
     d["features"] = features;
     d["cuda_runtime_version"] = int(CUDART_VERSION);
     return d;

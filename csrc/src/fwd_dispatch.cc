@@ -1,8 +1,10 @@
 // Parameter checks and (dtype, head_dim, head_dim_v) dispatch over the instantiations compiled into this build
 // (listed in the generated fwd_instances.inc).
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <initializer_list>
+#include <utility>
 
 #include "fa3jax/attn_params.h"
 #include "checks.h"
@@ -45,16 +47,82 @@ int fwd_kernel_dim(DType dtype, int head_dim, int head_dim_v) {
 
 bool fwd_kvcache_compiled(DType dtype, int head_dim) { return fwd_kvcache_block_n(dtype, head_dim) > 0; }
 
-int fwd_kvcache_block_n(DType dtype, int head_dim) {
-  // The kernel that serves head_dim (fwd_kernel_dim: every d_v == d forward instance has a KV-cache one beside it).
+// The query and key tiles of the KV-cache kernel that serves head_dim (fwd_kernel_dim: every d_v == d forward
+// instance has a KV-cache one beside it); {0, 0} when none.
+static std::pair<int, int> kvcache_tiles(DType dtype, int head_dim) {
   int const kd = fwd_kernel_dim(dtype, head_dim);
 #define FA3JAX_FWD_INSTANCE(e, n, d, dv, label)
 #define FA3JAX_FWD_KVCACHE_INSTANCE(e, n, d) \
-  if (dtype == DType::e && kd == d) return FwdPolicy<d, d>::kBlockN;
+  if (dtype == DType::e && kd == d) return {FwdPolicy<d, d>::kBlockM, FwdPolicy<d, d>::kBlockN};
 #include "fwd_instances.inc"
 #undef FA3JAX_FWD_KVCACHE_INSTANCE
 #undef FA3JAX_FWD_INSTANCE
-  return 0;
+  return {0, 0};
+}
+
+int fwd_kvcache_block_n(DType dtype, int head_dim) { return kvcache_tiles(dtype, head_dim).second; }
+int fwd_kvcache_block_m(DType dtype, int head_dim) { return kvcache_tiles(dtype, head_dim).first; }
+
+bool fwd_kvcache_pack_gqa(const FwdParams& p) {
+  AttnCore const& c = p.core;
+  if (p.pack_gqa == 0 || c.num_heads_k < 1 || c.num_heads_q <= c.num_heads_k) return false;
+  if (p.pack_gqa == 1) return true;
+  // Decode-like calls only: with more rows than a tile the unpacked tiles are full already, and their Q is one TMA
+  // box (the packed gather is row by row).
+  int const bm = fwd_kvcache_block_m(c.dtype, c.head_dim);
+  return int64_t(c.seqlen_q) * (c.num_heads_q / c.num_heads_k) <= bm;
+}
+
+int fwd_kvcache_num_splits(const FwdParams& p, int requested, int num_sms) {
+  AttnCore const& c = p.core;
+  int const bn = fwd_kvcache_block_n(c.dtype, c.head_dim), bm = fwd_kvcache_block_m(c.dtype, c.head_dim);
+  if (bn <= 0 || bm <= 0 || requested == 1 || c.batch < 1 || c.num_heads_k < 1) return 1;
+  // No row has more key blocks than its capacity and appended keys give (cache blocks, then appended blocks).
+  int64_t const sn = c.append.enabled() ? c.append.seqlen_new : 0;
+  int64_t const blocks = (int64_t(c.seqlen_k) + bn - 1) / bn + (sn + bn - 1) / bn;
+  int const most = int(std::max<int64_t>(1, std::min<int64_t>(kMaxSplits, blocks)));
+  if (requested > 1) return std::min(requested, most);
+  // Automatic: one persistent CTA per SM, so the tiles fill the GPU once there are about as many as SMs.
+  bool const pack = fwd_kvcache_pack_gqa(p);
+  int64_t const rows = int64_t(c.seqlen_q) * (pack ? c.num_heads_q / c.num_heads_k : 1);
+  int64_t const tiles = (rows + bm - 1) / bm * (pack ? c.num_heads_k : c.num_heads_q) * c.batch;
+  int const sms = std::max(num_sms, 1);
+  if (tiles >= int64_t(sms) * 8 / 10) return 1;
+  // Wave efficiency of s splits: tiles * s CTAs over waves of `sms`, the last one's fill counting.
+  auto efficiency = [&](int s) {
+    double const waves = double(tiles) * s / sms;
+    return waves / std::ceil(waves);
+  };
+  // s is eligible if its parts are shorter than s - 1's (otherwise s - 1 does the same work with fewer CTAs and
+  // the extra part is empty).
+  auto eligible = [&](int s) { return s == 1 || (blocks + s - 1) / s < (blocks + s - 2) / (s - 1); };
+  double best = 0;
+  for (int s = 1; s <= most; ++s)
+    if (eligible(s)) best = std::max(best, efficiency(s));
+  for (int s = 1; s <= most; ++s)
+    if (eligible(s) && efficiency(s) >= 0.85 * best) return s;
+  return 1;
+}
+
+namespace {
+size_t align256(size_t n) { return (n + 255) / 256 * 256; }
+size_t splits_rows(const FwdParams& p) {
+  return size_t(p.splits.num_splits) * size_t(p.core.batch) * size_t(p.core.num_heads_q) * size_t(p.core.seqlen_q);
+}
+}  // namespace
+
+size_t fwd_splits_workspace_bytes(const FwdParams& p) {
+  if (p.splits.num_splits <= 1) return 0;
+  size_t const rows = splits_rows(p);
+  return align256(rows * size_t(p.core.value_dim()) * sizeof(float)) + align256(rows * sizeof(float));
+}
+
+void fwd_splits_workspace(FwdParams& p, void* base) {
+  if (p.splits.num_splits <= 1 || base == nullptr) return;
+  size_t const rows = splits_rows(p);
+  p.splits.out_accum = static_cast<float*>(base);
+  p.splits.lse_accum = reinterpret_cast<float*>(static_cast<char*>(base) +
+                                                align256(rows * size_t(p.core.value_dim()) * sizeof(float)));
 }
 
 const char* fwd_compiled_list() {
@@ -81,8 +149,17 @@ static const char* kvcache_check(const FwdParams& fp) {
   if (bn <= 0) return "KV cache: no compiled KV-cache forward of this dtype with a head_dim >= the call's";
   if (p.num_heads_k < 1 || p.num_heads_q % p.num_heads_k != 0)
     return "num_heads_q must be a positive multiple of num_heads_k";
-  if (fp.splits.num_splits > 1) return "KV cache: split K/V is not implemented";
-  if ((p.seqlen_q + int64_t(63)) / 64 * p.num_heads_q * p.batch > INT32_MAX) return "too many query tiles";
+  int const splits = std::max(fp.splits.num_splits, 1);
+  if (splits > kMaxSplits) return "KV cache: num_splits must be <= kMaxSplits (128)";
+  // Packed or not, at most this many (query tile, head, batch, split) units (query tiles are >= 64 rows).
+  if ((int64_t(p.seqlen_q) * (p.num_heads_q / p.num_heads_k) + 63) / 64 * p.num_heads_q * p.batch * splits >
+      INT32_MAX)
+    return "too many query tiles";
+  if (splits > 1) {
+    if (!fp.splits.out_accum || !fp.splits.lse_accum) return "KV cache: split K/V needs out_accum and lse_accum";
+    if (!aligned16(fp.splits.out_accum) || (reinterpret_cast<uintptr_t>(fp.splits.lse_accum) & 3) != 0)
+      return "KV cache: out_accum must be 16-byte and lse_accum 4-byte aligned";
+  }
   if (p.batch == 0 || p.seqlen_q == 0 || p.num_heads_q == 0) return nullptr;  // nothing to do
   if (p.seqlen_k < 1 || p.kvcache.cache_slots < 1) return "KV cache: capacity and cache slots must be >= 1";
   int slot_rows = p.seqlen_k;
@@ -184,8 +261,11 @@ FwdStatus run_fwd(const FwdParams& p, cudaStream_t stream) {
   if (c.kvcache.enabled()) {
     int const kd = fwd_kernel_dim(c.dtype, c.head_dim);  // the narrowest kernel that holds head_dim, as dense calls
 #define FA3JAX_FWD_INSTANCE(e, n, d, dv_, label)
-#define FA3JAX_FWD_KVCACHE_INSTANCE(e, n, d) \
-  if (c.dtype == DType::e && kd == d) return run_fwd_kvcache_instance<DType::e, d>(p, stream);
+#define FA3JAX_FWD_KVCACHE_INSTANCE(e, n, d)                                   \
+  if (c.dtype == DType::e && kd == d) {                                        \
+    FwdStatus const st = run_fwd_kvcache_instance<DType::e, d>(p, stream);     \
+    return !st.ok() || p.splits.num_splits <= 1 ? st : run_fwd_combine(p, stream); \
+  }
 #include "fwd_instances.inc"
 #undef FA3JAX_FWD_KVCACHE_INSTANCE
 #undef FA3JAX_FWD_INSTANCE

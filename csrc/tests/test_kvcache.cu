@@ -42,6 +42,8 @@ struct Case {
   int wl, wr;
   float softcap;
   bool sinks;
+  int splits = 1;  // split-KV parts (FwdParams::splits; > 1: fp32 parts and the combine pass)
+  int pack = -1;   // FwdParams::pack_gqa: -1 the policy (decode packs), 0 never, 1 whenever hq > hk
 };
 
 const char* dt_name(DType dt) { return dt == DType::kBF16 ? "bf16" : "fp16"; }
@@ -150,8 +152,24 @@ bool run_case(DType dt, int d, const Case& c, void* workspace, std::mt19937& rng
   p.lse = static_cast<float*>(lse.mid());
   p.sinks = up.put(hsinks);
   p.workspace = workspace;
+  p.pack_gqa = c.pack;
+  bool const packed = fa3jax::fwd_kvcache_pack_gqa(p);
+  // Split-KV parts: filled with NaN first, so a part some tile failed to write poisons the combined result.
+  p.splits.num_splits = c.splits;
+  void* split_ws = nullptr;
+  if (size_t const bytes = fa3jax::fwd_splits_workspace_bytes(p)) {
+    CK(cudaMalloc(&split_ws, bytes));
+    CK(cudaMemset(split_ws, 0xff, bytes));
+    fa3jax::fwd_splits_workspace(p, split_ws);
+  }
   fa3jax::FwdStatus const st = fa3jax::run_fwd(p, nullptr);
-  char const* mode = workspace ? "" : " [static]";
+  std::string const mode_s = std::string(workspace ? "" : " [static]") + (packed ? " [packed]" : "") +
+                             (c.splits > 1 ? " [splits=" + std::to_string(c.splits) + "]" : "");
+  char const* mode = mode_s.c_str();
+  if (split_ws != nullptr) {
+    CK(cudaDeviceSynchronize());
+    CK(cudaFree(split_ws));
+  }
   if (!st.ok()) {
     std::printf("FAIL %s d=%s %s%s: launch: %s (%s)\n", dt_name(dt), dim_label(dt, d).c_str(), c.name, mode, st.what,
                 cudaGetErrorString(st.error));
@@ -295,7 +313,94 @@ std::vector<Case> cases() {
   cs.push_back(p2);
   cs.push_back(p3);
   cs.push_back(p4);
+
+  // Split-KV (parts of each row's key blocks, combined by LSE) and GQA packing (the heads of one kv head in one
+  // tile). Case fields after `sinks`: splits, pack (-1: the policy's choice, which packs the decode-like ones).
+  auto with = [](Case c, const char* name, int splits, int pack) {
+    c.name = name;
+    c.splits = splits;
+    c.pack = pack;
+    return c;
+  };
+  cs.push_back({"split2-decode-gqa", 3, 1, 8, 2, 1000, 3, 0, 0, 0, {1, 500, 1000}, {}, {}, {}, -1, -1, 0.f, false, 2});
+  cs.push_back({"split3-append-leftpad-causal", 3, 3, 4, 2, 700, 3, 0, 0, 3, {650, 10, 300}, {30, 5, 0}, {}, {}, -1,
+                0, 0.f, false, 3});
+  cs.push_back({"split7-prefill-causal-sinks", 2, 150, 4, 2, 1200, 2, 0, 0, 0, {1100, 260}, {}, {}, {}, -1, 0, 0.f,
+                true, 7});
+  // More parts than key blocks (3 cache blocks + 1 appended), an empty row, sinks: most parts see no key.
+  cs.push_back({"splits>blocks-empty-row-sinks", 3, 2, 4, 4, 300, 3, 0, 0, 1, {0, 5, 299}, {}, {}, {}, -1, 0, 0.f,
+                true, 16});
+  cs.push_back({"split3-all-rows-empty-sinks", 2, 4, 4, 2, 256, 2, 0, 0, 0, {0, 0}, {}, {}, {}, -1, -1, 0.f, true,
+                3});
+  cs.push_back({"split3-hostile-contiguous", 4, 3, 4, 2, 600, 3, 0, 0, 1, {-5, 1 << 30, kMin, 377},
+                {-3, 1 << 30, 5, kMin}, {-1, 7, kMax, 1}, {}, -1, 0, 0.f, true, 3});
+  cs.push_back({"split5-window(20,10)-softcap", 2, 40, 4, 2, 900, 2, 0, 0, 40, {800, 41}, {}, {}, {}, 20, 10, 30.f,
+                false, 5});
+  Case s7 = with(p2, "split7-paged-append-hostile", 7, -1);
+  cs.push_back(s7);
+  Case s4 = with(p1, "split4-paged-decode-causal", 4, -1);
+  cs.push_back(s4);
+  // Packing: forced on a tile that holds more than one query tile's rows (40 x 4 = 160 packed rows: two tiles),
+  // forced off on decode (the unpacked path), with sinks per packed row's head, and combined with splits.
+  cs.push_back({"pack-forced-2tiles-window-append", 2, 40, 8, 2, 500, 2, 0, 0, 40, {300, 41}, {}, {}, {}, 20, 10,
+                0.f, true, 1, 1});
+  cs.push_back({"pack-off-decode-gqa", 3, 1, 8, 2, 300, 3, 0, 0, 0, {1, 150, 300}, {}, {}, {}, -1, -1, 0.f, true, 1,
+                0});
+  cs.push_back({"pack-decode-g16-softcap-sinks", 2, 3, 32, 2, 640, 2, 0, 0, 1, {639 - 1, 77}, {}, {}, {}, -1, 0, 20.f,
+                true});
+  cs.push_back({"pack-split6-decode-g8-sinks", 3, 2, 16, 2, 2000, 3, 0, 0, 0, {1999, 3, 1024}, {}, {}, {}, -1, 0,
+                0.f, true, 6});
+  cs.push_back({"pack-forced-split2-mqa-prefill", 2, 33, 4, 1, 700, 2, 0, 0, 0, {650, 130}, {}, {}, {}, -1, 0, 0.f,
+                false, 2, 1});
   return cs;
+}
+
+// The split and packing rules (fwd_kvcache_num_splits, fwd_kvcache_pack_gqa) on a few shapes: host only.
+int check_rules(DType dt, int d, int& runs) {
+  int failures = 0;
+  auto make = [&](int b, int lq, int hq, int hk, int cap, int sn) {
+    fa3jax::FwdParams p;
+    fa3jax::AttnCore& a = p.core;
+    a.batch = b; a.seqlen_q = lq; a.num_heads_q = hq; a.num_heads_k = hk; a.seqlen_k = cap; a.head_dim = d;
+    a.dtype = dt;
+    if (sn > 0) {
+      a.append.k_new = a.append.v_new = &a;
+      a.append.seqlen_new = sn;
+    }
+    return p;
+  };
+  int const bn = fa3jax::fwd_kvcache_block_n(dt, d), bm = fa3jax::fwd_kvcache_block_m(dt, d);
+  auto expect = [&](bool ok, const char* what) {
+    ++runs;
+    if (!ok) {
+      std::printf("FAIL %s d=%s rule: %s\n", dt_name(dt), dim_label(dt, d).c_str(), what);
+      ++failures;
+    }
+  };
+  int const sms = 132;
+  // Batch-1 decode over a long cache leaves most SMs idle: split; a full grid does not.
+  int const s_auto = fa3jax::fwd_kvcache_num_splits(make(1, 1, 32, 8, 8192, 0), 0, sms);
+  expect(s_auto > 1 && s_auto <= fa3jax::kMaxSplits && s_auto <= 8192 / bn, "batch-1 decode over 8k keys splits");
+  expect(fa3jax::fwd_kvcache_num_splits(make(64, 1, 32, 8, 8192, 0), 0, sms) == 1, "a full grid does not split");
+  expect(fa3jax::fwd_kvcache_num_splits(make(1, 1, 32, 8, bn, 0), 0, sms) == 1, "one key block does not split");
+  expect(fa3jax::fwd_kvcache_num_splits(make(1, 1, 32, 8, 8192, 0), 1, sms) == 1, "num_splits=1 is kept");
+  expect(fa3jax::fwd_kvcache_num_splits(make(1, 1, 32, 8, 3 * bn, 2), 1000, sms) == 4,
+         "a request is capped at the key blocks (3 cache + 1 appended)");
+  expect(fa3jax::fwd_kvcache_num_splits(make(1, 1, 32, 8, 1 << 20, 0), 1000, sms) == fa3jax::kMaxSplits,
+         "a request is capped at kMaxSplits");
+  for (int b : {1, 2, 4, 8, 16})
+    for (int cap : {bn, 1000, 4096, 32768}) {
+      int const s = fa3jax::fwd_kvcache_num_splits(make(b, 1, 16, 2, cap, 0), 0, sms);
+      expect(s >= 1 && s <= (cap + bn - 1) / bn, "auto splits within [1, key blocks]");
+    }
+  expect(fa3jax::fwd_kvcache_pack_gqa(make(2, 1, 32, 8, 512, 0)), "GQA decode packs");
+  expect(fa3jax::fwd_kvcache_pack_gqa(make(2, bm / 4, 32, 8, 512, 0)), "a full packed tile packs");
+  expect(!fa3jax::fwd_kvcache_pack_gqa(make(2, bm / 4 + 1, 32, 8, 512, 0)), "more rows than a tile do not pack");
+  expect(!fa3jax::fwd_kvcache_pack_gqa(make(2, 1, 8, 8, 512, 0)), "MHA does not pack");
+  fa3jax::FwdParams off = make(2, 1, 32, 8, 512, 0);
+  off.pack_gqa = 0;
+  expect(!fa3jax::fwd_kvcache_pack_gqa(off), "pack_gqa=0 does not pack");
+  return failures;
 }
 
 // Parameters the KV-cache forward must refuse, not launch: every refusal is a fwd_check message.
@@ -326,7 +431,18 @@ int check_refusals(DType dt, int d, void* buf, int& runs) {
   const R refusals[] = {
       {"page size not a multiple of the key block", [](fa3jax::FwdParams& p) { p.core.paged.page_size += 8; }},
       {"capacity != pages x page size", [](fa3jax::FwdParams& p) { p.core.seqlen_k += 1; }},
-      {"split K/V", [](fa3jax::FwdParams& p) { p.splits.num_splits = 2; }},
+      {"split K/V without its buffers", [](fa3jax::FwdParams& p) { p.splits.num_splits = 2; }},
+      {"num_splits above kMaxSplits",
+       [](fa3jax::FwdParams& p) {
+         p.splits.num_splits = fa3jax::kMaxSplits + 1;
+         p.splits.out_accum = p.splits.lse_accum = static_cast<float*>(const_cast<void*>(p.core.q));
+       }},
+      {"misaligned out_accum",
+       [](fa3jax::FwdParams& p) {
+         p.splits.num_splits = 2;
+         p.splits.lse_accum = static_cast<float*>(const_cast<void*>(p.core.q));
+         p.splits.out_accum = p.splits.lse_accum + 1;
+       }},
       {"no cache slots", [](fa3jax::FwdParams& p) { p.core.kvcache.cache_slots = 0; }},
       {"slots not packed", [](fa3jax::FwdParams& p) { p.core.k_stride.batch += 8; }},
       {"seqlen_new > capacity",
@@ -380,14 +496,19 @@ int main(int argc, char** argv) {
     for (int d : {64, 128, 256, 40, 96, 200}) {
       if (!fa3jax::fwd_kvcache_compiled(dt, d)) continue;
       for (size_t i = 0; i < cs.size(); ++i) {
-        // --quick: append with leftpad, the hostile contiguous case and the hostile paged one.
-        if (quick && i != 3 && i != 9 && i != 12) continue;
+        // --quick: append with leftpad, the hostile contiguous case and the hostile paged one, split ones with
+        // hostile indices (contiguous, paged) and packing with splits.
+        std::string const name = cs[i].name;
+        bool const in_quick = i == 3 || i == 9 || i == 12 || name == "split3-hostile-contiguous" ||
+                              name == "split7-paged-append-hostile" || name == "pack-split6-decode-g8-sinks";
+        if (quick && !in_quick) continue;
         for (void* ws : {workspace, static_cast<void*>(nullptr)}) {
           ++runs;
           if (!run_case(dt, d, cs[i], ws, rng, verbose)) ++failures;
         }
       }
       failures += check_refusals(dt, d, workspace, runs);
+      failures += check_rules(dt, d, runs);
     }
   if (runs == 0) std::printf("FAIL no KV-cache forward compiled\n");
   CK(cudaFree(workspace));

@@ -9,7 +9,8 @@
 //  * mask.h against its element rule: a query block's key blocks and a key block's query blocks are exactly
 //    those holding an allowed pair, needs_mask is true iff a block holds a disallowed pair, and
 //    QBlockMask::unmasked_range agrees with needs_mask on every key block;
-//  * mask.h's KVBlockMask (the KV-cache forward's virtual key blocks: cache blocks, then appended-key blocks)
+//  * mask.h's KVBlockMask (the KV-cache forward's virtual key blocks: cache blocks, then appended-key blocks; GQA
+//    packing's query ranges, split-KV's parts)
 //    against the element rule on each row's key positions: the block range holds every allowed key and no block
 //    without one, a block marked unmasked holds only allowed keys, and block_cols maps columns to positions;
 //  * the persistent scheduler's unit order (a bijection onto the tiles);
@@ -156,24 +157,26 @@ int check_bwd(const char* name) {
 
 // The scheduler's unit -> (query block, head, batch) map: a bijection onto all tiles for every order, and query
 // blocks non-increasing within each (head, batch) section under reverse_m (heaviest first).
-int check_scheduler(int num_m_blocks, int num_heads, int batch, int group, bool reverse_m) {
+// splits: split-KV parts per (head, batch), each a unit of its own.
+int check_scheduler(int num_m_blocks, int num_heads, int batch, int group, bool reverse_m, int splits = 1) {
   SchedulerParams p{};
   p.num_m_units = num_m_blocks;
   p.num_heads = num_heads;
-  p.num_hb = num_heads * batch;
+  p.num_splits = splits;
+  p.num_hb = num_heads * batch * splits;
   p.num_units = p.num_m_units * p.num_hb;
   p.group = group;
   p.reverse_m = reverse_m;
-  std::vector<int> seen(size_t(num_m_blocks) * num_heads * batch, 0);
+  std::vector<int> seen(size_t(num_m_blocks) * num_heads * batch * splits, 0);
   int errors = 0, prev_m = -1, prev_section = -1;
   for (int u = 0; u < p.num_units; ++u) {
     FwdTile const t = PersistentTileScheduler::tile(p, u);
     bool const in_range = t.m_block >= 0 && t.m_block < num_m_blocks && t.head >= 0 && t.head < num_heads &&
-                          t.batch >= 0 && t.batch < batch;
+                          t.batch >= 0 && t.batch < batch && t.split >= 0 && t.split < splits;
     if (!in_range) { ++errors; continue; }
-    ++seen[(size_t(t.batch) * num_heads + t.head) * num_m_blocks + t.m_block];
+    ++seen[((size_t(t.batch) * num_heads + t.head) * splits + t.split) * num_m_blocks + t.m_block];
     if (reverse_m) {
-      int const section = (t.batch * num_heads + t.head) / group;
+      int const section = ((t.batch * num_heads + t.head) * splits + t.split) / group;
       if (section == prev_section && t.m_block > prev_m) ++errors;
       if (section < prev_section) ++errors;
       prev_section = section;
@@ -182,8 +185,8 @@ int check_scheduler(int num_m_blocks, int num_heads, int batch, int group, bool 
   }
   for (int c : seen) errors += c != 1;
   if (errors)
-    std::printf("scheduler m=%d h=%d b=%d group=%d reverse=%d: %d errors\n", num_m_blocks, num_heads, batch, group,
-                int(reverse_m), errors);
+    std::printf("scheduler m=%d h=%d b=%d group=%d reverse=%d splits=%d: %d errors\n", num_m_blocks, num_heads, batch,
+                group, int(reverse_m), splits, errors);
   return errors != 0;
 }
 
@@ -297,9 +300,26 @@ int check_kv_masks() {
     int const left = wins[rng() % 6], right = wins[rng() % 6];
     int const skm = cl + sn - lp;
     int const nc = (cl + kBlockN - 1) / kBlockN, nb = nc + (sn + kBlockN - 1) / kBlockN;
-    for (int m = 0; m * kBlockM < lq; ++m) {
-      KVBlockMask<kBlockM, kBlockN> const bi(m, lq, cl, lp, sn, left, right);
-      int const q_lo = m * kBlockM, q_hi = std::min(q_lo + kBlockM, lq);
+    // GQA packing: tile rows are the lq * pack (query, head-in-group) pairs, query = packed row / pack.
+    int const pack = (trial / 3) % 4 == 0 ? 1 << int(rng() % 4) : 1;
+    for (int m = 0; m * kBlockM < lq * pack; ++m) {
+      KVBlockMask<kBlockM, kBlockN> const bi(m, lq, cl, lp, sn, left, right, pack);
+      int const r_hi = std::min((m + 1) * kBlockM, lq * pack);
+      int const q_lo = m * kBlockM / pack, q_hi = (r_hi - 1) / pack + 1;
+      // Split-KV: keep_split's parts tile [n_min, n_max) in order, contiguous and disjoint, for any count.
+      for (int splits : {2, 3, 7, 64}) {
+        int next = bi.n_min;
+        for (int sp = 0; sp < splits; ++sp) {
+          KVBlockMask<kBlockM, kBlockN> part = bi;
+          part.keep_split(sp, splits);
+          if (part.n_min > part.n_max) ++errors;
+          if (part.n_max > part.n_min) {
+            if (part.n_min != next) ++errors;
+            next = part.n_max;
+          }
+        }
+        if (next != bi.n_max) ++errors;
+      }
       for (int n = 0; n < nb; ++n) {
         bool any_allowed = false, any_disallowed = false;
         int n0, kmin, kend;
@@ -328,8 +348,8 @@ int check_kv_masks() {
         if (in != any_allowed) ++errors;
         if (in && !bi.needs_mask(n0, kmin, kend) && any_disallowed) ++errors;
         if (errors && errors < 4 && (in != any_allowed))
-          std::printf("kv masks: cl=%d lp=%d sn=%d lq=%d win=(%d,%d) m=%d n=%d: in=%d allowed=%d [%d, %d)\n", cl, lp,
-                      sn, lq, left, right, m, n, in, any_allowed, bi.n_min, bi.n_max);
+          std::printf("kv masks: cl=%d lp=%d sn=%d lq=%d pack=%d win=(%d,%d) m=%d n=%d: in=%d allowed=%d [%d, %d)\n",
+                      cl, lp, sn, lq, pack, left, right, m, n, in, any_allowed, bi.n_min, bi.n_max);
       }
     }
   }
@@ -384,6 +404,8 @@ int main() {
     fails += check_scheduler(128, 16, 1, 4, rev);
     fails += check_scheduler(1, 1, 1, 1, rev);
     fails += check_scheduler(16, 6, 3, 5, rev);
+    fails += check_scheduler(1, 8, 3, 4, rev, 7);   // split-KV decode: parts of one (head, batch) adjacent
+    fails += check_scheduler(3, 2, 2, 3, rev, 16);
   }
   fails += check_bwd_lpt(32, 16, 4, 8);  // 4 x 4k causal, d = 128
   fails += check_bwd_lpt(128, 16, 1, 2);  // 1 x 16k

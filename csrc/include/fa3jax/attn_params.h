@@ -103,10 +103,15 @@ struct AttnCore {
   }
 };
 
-// Split-K/V forward (partial outputs combined afterwards). Off while num_splits <= 1.
+// Split-KV forward of the KV cache (off while num_splits <= 1): each row's key blocks (cache, then appended) are
+// cut into num_splits contiguous parts (mask.h KVBlockMask::keep_split), each written as a normalized fp32 output
+// and a sink-free LSE (-inf and 0 for a part with no visible key), then a combine pass (run_fwd_combine) merges
+// the parts by their LSE into out/lse and adds the sink once. fwd_kvcache_num_splits chooses num_splits (0 =
+// automatic) and fwd_splits_workspace lays the buffers out.
+inline constexpr int kMaxSplits = 128;
 struct Splits {
   int num_splits = 1;
-  float* out_accum = nullptr;  // (num_splits, b, hq, sq, d)
+  float* out_accum = nullptr;  // (num_splits, b, hq, sq, d_v)
   float* lse_accum = nullptr;  // (num_splits, b, hq, sq)
 };
 
@@ -127,6 +132,9 @@ struct FwdParams {
   // Wide key tiles (FwdPolicyWide, where compiled): -1 = where the policy says (unmasked, long keys), 0 = never,
   // 1 = always (tests, benchmarks).
   int wide_tiles = -1;
+  // KV cache, GQA packing (the query heads of one kv head in one tile, fwd_kvcache_pack_gqa): -1 = where the
+  // policy says, 0 = never, 1 = whenever num_heads_q > num_heads_k (tests).
+  int pack_gqa = -1;
 };
 
 inline constexpr size_t kFwdWorkspaceBytes = 16;
@@ -232,5 +240,24 @@ FwdStatus run_fwd_kvcache_instance(const FwdParams& p, cudaStream_t stream);
 // d_v == d instance that holds head_dim (each has a KV-cache kernel beside it); head_dim must be a multiple of 8.
 bool fwd_kvcache_compiled(DType dtype, int head_dim);
 int fwd_kvcache_block_n(DType dtype, int head_dim);
+int fwd_kvcache_block_m(DType dtype, int head_dim);  // that kernel's query tile (0 when none)
+
+// Whether a KV-cache call's tiles pack the query heads of one kv head (p.pack_gqa; policy: num_heads_q >
+// num_heads_k and seqlen_q * group <= the query tile, i.e. decode, where one unpacked query would fill one row of
+// a tile). The one place that decides it (the launch, the split rule below and the tests ask it).
+bool fwd_kvcache_pack_gqa(const FwdParams& p);
+// The splits a KV-cache call runs with: `requested` >= 1 capped at kMaxSplits and at the key blocks of the longest
+// possible row (capacity + seqlen_new); 0 = automatic: 1 while the tiles (batch x heads x query tiles) fill 80% of
+// the `num_sms` SMs (one persistent CTA each), else the fewest splits whose last wave is about as full (>= 85%) as
+// the fullest choice's, skipping counts that leave parts empty. The one place that chooses them.
+int fwd_kvcache_num_splits(const FwdParams& p, int requested, int num_sms);
+// Bytes of the split-KV buffers for p.splits.num_splits (0 when <= 1), and their layout in `base` (256-byte
+// aligned, at least that many bytes) into p.splits.
+size_t fwd_splits_workspace_bytes(const FwdParams& p);
+void fwd_splits_workspace(FwdParams& p, void* base);
+// The combine pass of a split-KV call (after its kernel, on the same stream): out (b, sq, hq, d_v) in the call's
+// dtype and lse (b, hq, sq) from the parts in p.splits, with p.sinks (if any) in every row's denominator. run_fwd
+// runs it; exposed for tests.
+FwdStatus run_fwd_combine(const FwdParams& p, cudaStream_t stream);
 
 }  // namespace fa3jax

@@ -26,15 +26,35 @@ struct FwdEpilogue {
   static constexpr int kFirstBarrier = KT::kNumMmaWG + 1;
   static_assert(kFirstBarrier + KT::kNumMmaWG <= 16, "out of named barriers");
 
+  // The (tile row, column) coordinates of the thread's P V accumulator, in the acc_rowcol view the softmax uses.
+  CUTE_DEVICE static auto o_coords(int mma_tid) {
+    typename KT::TiledMmaPV mma_pv;
+    Tensor tOcO = mma_pv.get_thread_slice(mma_tid).partition_C(
+        make_identity_tensor(Shape<typename KT::BlkM, typename KT::HDimV>{}));
+    return make_tensor(tOcO.data(), acc_rowcol(tOcO.layout()));
+  }
+
+  // Row r of the thread's O view (rc: its coordinates) times inv into orow's columns below dim_v, as pairs of T (the
+  // pairs start at even columns and dim_v is a multiple of 8, so a pair is wholly inside or outside).
+  template <class T, class TO, class TRC>
+  CUTE_DEVICE static void store_pairs(T* orow, TO const& O, TRC const& rc, int r, float inv, int dim_v) {
+    CUTE_UNROLL
+    for (int c = 0; c < size<1>(O); c += 2) {
+      int const col = int(get<1>(rc(r, c)));
+      if (col >= dim_v) continue;
+      cutlass::Array<T, 2> pair;
+      pair[0] = T(O(r, c) * inv);
+      pair[1] = T(O(r, c + 1) * inv);
+      *reinterpret_cast<cutlass::Array<T, 2>*>(orow + col) = pair;
+    }
+  }
+
   // tOrO: consumer accumulator (unnormalized); inv/lse per thread row (acc_rowcol order).
   template <class TOrO, int kRows>
   CUTE_DEVICE static void store(Params const& params, SharedStorage& ss, FwdTile const& tile, SeqInfo const& seq,
                                 int mma_tid, TOrO& tOrO, float const (&inv)[kRows], float const (&lse)[kRows]) {
     typename KT::TiledMmaPV mma_pv;
-    auto thr_pv = mma_pv.get_thread_slice(mma_tid);
-    Tensor cO = make_identity_tensor(Shape<typename KT::BlkM, typename KT::HDimV>{});
-    Tensor tOcO = thr_pv.partition_C(cO);
-    Tensor rc = make_tensor(tOcO.data(), acc_rowcol(tOcO.layout()));
+    Tensor rc = o_coords(mma_tid);
     Tensor O = make_tensor(tOrO.data(), acc_rowcol(tOrO.layout()));
     static_assert(decltype(size<0>(O))::value == kRows);
     static_assert(decltype(size<1>(O))::value % 2 == 0);
@@ -95,16 +115,7 @@ struct FwdEpilogue {
       for (int r = 0; r < kRows; ++r) {
         int const row = q_lo + int(get<0>(rc(r, 0)));
         if (row < sq) {
-          Element* orow = out + ((offset_q + row) * hq + tile.head) * dim_v;
-          CUTE_UNROLL
-          for (int c = 0; c < size<1>(O); c += 2) {
-            int const col = int(get<1>(rc(r, c)));
-            if (col >= dim_v) continue;
-            cutlass::Array<Element, 2> pair;
-            pair[0] = Element(O(r, c) * inv[r]);
-            pair[1] = Element(O(r, c + 1) * inv[r]);
-            *reinterpret_cast<cutlass::Array<Element, 2>*>(orow + col) = pair;
-          }
+          store_pairs(out + ((offset_q + row) * hq + tile.head) * dim_v, O, rc, r, inv[r], dim_v);
         }
       }
     }
@@ -115,6 +126,50 @@ struct FwdEpilogue {
       if (row < sq && mma_tid % 4 == 0) {
         if constexpr (KT::kVarlen) params.lse[int64_t(tile.head) * params.seqlen_q + seq.offset_q + row] = lse[r];
         else params.lse[(int64_t(tile.batch) * hq + tile.head) * sq + row] = lse[r];
+      }
+    }
+  }
+
+  // GQA packing: the sink of each thread row's query head (rows past the valid ones get a head of the group too).
+  template <int kRows>
+  CUTE_DEVICE static void packed_row_sinks(Params const& params, FwdTile const& tile, int mma_tid,
+                                           float (&sinks)[kRows]) {
+    Tensor rc = o_coords(mma_tid);
+    int const g = params.pack;
+    CUTE_UNROLL
+    for (int r = 0; r < kRows; ++r) {
+      int const row = tile.m_block * KT::kBlockM + int(get<0>(rc(r, 0)));
+      sinks[r] = params.sinks[tile.head * g + row % g];
+    }
+  }
+
+  // KV cache, tiles the TMA store above cannot write: GQA-packed tiles (a tile row is a (query, head) pair,
+  // KT::Params::pack) and split-KV tiles (normalized fp32 output and the sink-free LSE to the split's part of
+  // out_accum / lse_accum, for the combine pass). Register stores of column pairs (columns < d_v), one lane per
+  // row for the LSE, rows past seqlen_q (packed: seqlen_q * pack) not written.
+  template <class TOrO, int kRows>
+  CUTE_DEVICE static void store_rows(Params const& params, FwdTile const& tile, int mma_tid, TOrO& tOrO,
+                                     float const (&inv)[kRows], float const (&lse)[kRows]) {
+    Tensor rc = o_coords(mma_tid);
+    Tensor O = make_tensor(tOrO.data(), acc_rowcol(tOrO.layout()));
+    int const hq = params.num_heads_q, sq = params.seqlen_q, g = params.pack, dim_v = params.dim_v;
+    bool const split = params.num_splits > 1;
+    // Split s's part of the accumulators: (b, hq, sq) rows of d_v.
+    int64_t const part = int64_t(tile.split) * params.batch * hq * sq;
+    CUTE_UNROLL
+    for (int r = 0; r < kRows; ++r) {
+      int const row = tile.m_block * KT::kBlockM + int(get<0>(rc(r, 0)));
+      if (row >= sq * g) continue;
+      int const qi = g > 1 ? row / g : row;
+      int const head = g > 1 ? tile.head * g + (row - qi * g) : tile.head;
+      int64_t const lrow = (int64_t(tile.batch) * hq + head) * sq + qi;  // (b, hq, sq)
+      if (split) {
+        store_pairs(params.out_accum + (part + lrow) * dim_v, O, rc, r, inv[r], dim_v);
+        if (mma_tid % 4 == 0) params.lse_accum[part + lrow] = lse[r];
+      } else {
+        Element* const out = static_cast<Element*>(params.out);
+        store_pairs(out + ((int64_t(tile.batch) * sq + qi) * hq + head) * dim_v, O, rc, r, inv[r], dim_v);
+        if (mma_tid % 4 == 0) params.lse[lrow] = lse[r];
       }
     }
   }

@@ -89,8 +89,10 @@ __global__ void __launch_bounds__(KT::kNumThreads, 1) fwd_kernel(__grid_constant
   };
   auto block_info = [&](FwdTile const& t, SeqInfo const& seq, KVCacheSeq const& kv) {
     if constexpr (KT::kKVCache) {
-      return BI(t.m_block, seq.seqlen_q, kv.cache_len, kv.leftpad, params.seqlen_new, params.window_left,
-                params.window_right);
+      BI bi(t.m_block, seq.seqlen_q, kv.cache_len, kv.leftpad, params.seqlen_new, params.window_left,
+            params.window_right, params.pack);
+      bi.keep_split(t.split, params.num_splits);
+      return bi;
     } else {
       return BI(t.m_block, seq.seqlen_q, seq.seqlen_k, params.window_left, params.window_right);
     }
@@ -201,13 +203,30 @@ __global__ void __launch_bounds__(KT::kNumThreads, 1) fwd_kernel(__grid_constant
         softmax.init();
       }
       float inv[kRows], lse[kRows];
-      // The sink joins the row sums here only, once per tile: the key loop above is the sink-free one.
-      if (params.sinks != nullptr) {
-        softmax.finalize_with_sink(params.scale_log2, params.sinks[tile.head], inv, lse);
+      // The sink joins the row sums here only, once per tile: the key loop above is the sink-free one. Split-KV
+      // partials stay sink-free (the combine pass adds it once).
+      bool const splits = KT::kKVCache && params.num_splits > 1;
+      if (params.sinks != nullptr && !splits) {
+        if constexpr (KT::kKVCache) {
+          if (params.pack > 1) {
+            float sinks[kRows];
+            Epilogue::packed_row_sinks(params, tile, mma_tid, sinks);
+            softmax.finalize_with_sinks(params.scale_log2, sinks, inv, lse);
+          } else {
+            softmax.finalize_with_sink(params.scale_log2, params.sinks[tile.head], inv, lse);
+          }
+        } else {
+          softmax.finalize_with_sink(params.scale_log2, params.sinks[tile.head], inv, lse);
+        }
       } else {
         softmax.finalize(params.lse_scale, inv, lse);
       }
-      Epilogue::store(params, ss, tile, seq, mma_tid, tOrO, inv, lse);
+      if constexpr (KT::kKVCache) {
+        if (splits || params.pack > 1) Epilogue::store_rows(params, tile, mma_tid, tOrO, inv, lse);
+        else Epilogue::store(params, ss, tile, seq, mma_tid, tOrO, inv, lse);
+      } else {
+        Epilogue::store(params, ss, tile, seq, mma_tid, tOrO, inv, lse);
+      }
     }
     Mainloop::sched_drain(mma_wg, q_iter > 0);
     Epilogue::finish(mma_tid);

@@ -179,6 +179,17 @@ struct FwdKernelTraits {
     int const* batch_idx;      // or nullptr (contiguous only)
     int const* page_table;     // (batch, pages_per_seq) or nullptr (contiguous)
     int cache_slots, slot_rows, pages_per_seq, seqlen_new;  // slot_rows: capacity (contiguous) or page_size
+    // kKVCache only. Split-KV (attn_params.h Splits): with num_splits > 1 a tile covers part tile.split of its
+    // row's key blocks (KVBlockMask::keep_split) and writes its normalized fp32 output and sink-free LSE to
+    // out_accum (num_splits, b, hq, sq, d_v) / lse_accum (num_splits, b, hq, sq) for the combine pass.
+    float* out_accum = nullptr;
+    float* lse_accum = nullptr;
+    int num_splits = 1;
+    // GQA packing: pack = group_size when the tiles hold the (query, head-in-group) rows of one kv head (tile.head
+    // is then the kv head; Q is gathered row by row, out stored row by row), else 1.
+    int pack = 1;
+    void const* q_ptr = nullptr;  // kKVCache with pack > 1: q and its element strides (the packed gather)
+    int64_t q_stride_row = 0, q_stride_head = 0, q_stride_batch = 0;
   };
 };
 

@@ -241,12 +241,28 @@ FwdStatus launch_fwd_kvcache(const FwdParams& fp, cudaStream_t stream) {
   kp.slot_rows = slot_rows;
   kp.pages_per_seq = paged ? p.paged.max_pages_per_seq : 1;
   kp.seqlen_new = sn;
+  // Split-KV: the tiles write fp32 parts for run_fwd_combine (fwd_check has checked the buffers).
+  int const splits = fp.splits.num_splits > 1 ? fp.splits.num_splits : 1;
+  kp.num_splits = splits;
+  kp.out_accum = splits > 1 ? fp.splits.out_accum : nullptr;
+  kp.lse_accum = splits > 1 ? fp.splits.lse_accum : nullptr;
+  // GQA packing: tiles over the (query, head-in-group) rows of each kv head, Q gathered at its strides.
+  bool const pack = fwd_kvcache_pack_gqa(fp);
+  kp.pack = pack ? hq / hk : 1;
+  kp.q_ptr = p.q;
+  kp.q_stride_row = p.q_stride.row;
+  kp.q_stride_head = p.q_stride.head;
+  kp.q_stride_batch = p.q_stride.batch;
 
   SchedulerParams& sp = kp.sched;
-  sp.num_m_units = (sq + KT::kBlockM - 1) / KT::kBlockM;
-  sp.num_heads = hq;
-  sp.num_hb = hq * b;
-  if (int64_t(sp.num_m_units) * sp.num_hb > INT32_MAX) return {cudaErrorInvalidValue, "too many tiles"};
+  int64_t const rows_q = int64_t(sq) * kp.pack;
+  int const heads = pack ? hk : hq;
+  if ((rows_q + KT::kBlockM - 1) / KT::kBlockM * heads * int64_t(b) * splits > INT32_MAX)
+    return {cudaErrorInvalidValue, "too many tiles"};
+  sp.num_m_units = int((rows_q + KT::kBlockM - 1) / KT::kBlockM);
+  sp.num_heads = heads;
+  sp.num_splits = splits;
+  sp.num_hb = heads * b * splits;
   sp.num_units = sp.num_m_units * sp.num_hb;
   sp.reverse_m = p.window_right >= 0;
   int64_t const kv_bytes = (int64_t(p.seqlen_k) + sn) * 2 * kHeadDim * int64_t(sizeof(Element));

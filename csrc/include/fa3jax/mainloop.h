@@ -10,6 +10,8 @@
 // runs under the PV GEMM of block n+1 (P_{n+1} lives in its own registers, S is only read after its GEMM).
 #pragma once
 
+#include <cutlass/arch/barrier.h>
+
 #include "kernel_traits.h"
 #include "mask.h"
 #include "seq_info.h"
@@ -137,6 +139,35 @@ struct FwdMainloop {
     return {false, total, ok ? page * rows + valid : 0, valid, row - ps * rows};
   }
 
+  // GQA packing (KV cache): the Q tile's row r is packed row R = m_block M + r = query i * pack + head-in-group j,
+  // i.e. q[batch, i, tile.head * pack + j, :]; such rows are no TMA box (two strides), so the producer warp gathers
+  // them with 16-byte cp.async copies (columns past the call's head dim zero-filled) and each lane's copies arrive on
+  // barrier_q as they land (the non-noinc arrive holds the phase open for them; lane 0's plain arrive is the one the
+  // barrier expects), so the K/V loads below are issued without waiting for Q. Rows past seqlen_q * pack are not
+  // written: their scores and outputs stay in their own rows, which no epilogue stores.
+  CUTE_DEVICE static void load_q_packed(Params const& params, SharedStorage& ss, FwdTile const& tile) {
+    int const lane = int(threadIdx.x % 32);
+    Tensor sQ = make_tensor(make_smem_ptr(ss.smem_q.data()), typename KT::SmemLayoutQ{});
+    constexpr int kChunks = KT::kHeadDim / 8;  // 16-byte pieces of a row
+    int const g = params.pack;
+    int const r0 = tile.m_block * KT::kBlockM;
+    int const rows = min(KT::kBlockM, params.seqlen_q * g - r0);
+    int const chunks = params.dim_v / 8;  // the call's head dim (d_v == d in the KV-cache kernel)
+    Element const* q = static_cast<Element const*>(params.q_ptr) + int64_t(tile.batch) * params.q_stride_batch;
+    for (int i = lane; i < rows * kChunks; i += 32) {
+      int const r = i / kChunks, c = i % kChunks;
+      int const R = r0 + r, qi = R / g, head = tile.head * g + (R - qi * g);
+      Element const* src = q + int64_t(qi) * params.q_stride_row + int64_t(head) * params.q_stride_head + c * 8;
+      uint32_t const dst = cute::cast_smem_ptr_to_uint(&sQ(r, c * 8));
+      uint32_t const bytes = c < chunks ? 16u : 0u;  // 0: zero fill, nothing read
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(bytes ? src : q), "r"(bytes)
+                   : "memory");
+    }
+    cutlass::arch::cpasync_barrier_arrive(reinterpret_cast<uint64_t const*>(&ss.barrier_q));
+    __syncwarp();
+    if (lane == 0) cute::arrive_barrier(ss.barrier_q);
+  }
+
   // KV-cache counterpart of load(): Q as the dense kernel's, then virtual key blocks n_max-1 .. n_min, each one TMA
   // load from the cache or the appended keys (kv_source), in load()'s order (K one block ahead of V).
   template <class KVBI>
@@ -147,17 +178,23 @@ struct FwdMainloop {
     Tensor sQ = make_tensor(make_smem_ptr(ss.smem_q.data()), typename KT::SmemLayoutQ{});
     Tensor sK = make_tensor(make_smem_ptr(ss.smem_k.data()), typename KT::SmemLayoutK{});
     Tensor sVt = make_tensor(make_smem_ptr(ss.smem_v.data()), typename KT::SmemLayoutVt{});
-    int const head_k = tile.head / params.group_size;
+    // GQA packing: the tile's heads are those of kv head tile.head (KT::Params::pack).
+    int const head_k = params.pack > 1 ? tile.head : tile.head / params.group_size;
 
-    Tensor mQ = params.tma_q.get_tma_tensor(
-        make_shape(params.seqlen_q, int(KT::kHeadDim), params.num_heads_q, params.batch));
-    Tensor gQ = local_tile(mQ(_, _, tile.head, tile.batch), Shape<typename KT::BlkM, typename KT::HDim>{},
-                           make_coord(tile.m_block, _0{}));
-    auto [tQgQ, tQsQ] = tma_partition(params.tma_q, _0{}, Layout<_1>{}, group_modes<0, 2>(sQ), group_modes<0, 2>(gQ));
     if (q_iter > 0) cute::wait_barrier(ss.barrier_q_empty, (q_iter - 1) & 1);
-    if (lane0) {
-      cute::set_barrier_transaction_bytes(ss.barrier_q, KT::kBytesQ);
-      copy(params.tma_q.with(ss.barrier_q), tQgQ, tQsQ);
+    if (params.pack > 1) {
+      load_q_packed(params, ss, tile);
+    } else {
+      Tensor mQ = params.tma_q.get_tma_tensor(
+          make_shape(params.seqlen_q, int(KT::kHeadDim), params.num_heads_q, params.batch));
+      Tensor gQ = local_tile(mQ(_, _, tile.head, tile.batch), Shape<typename KT::BlkM, typename KT::HDim>{},
+                             make_coord(tile.m_block, _0{}));
+      auto [tQgQ, tQsQ] =
+          tma_partition(params.tma_q, _0{}, Layout<_1>{}, group_modes<0, 2>(sQ), group_modes<0, 2>(gQ));
+      if (lane0) {
+        cute::set_barrier_transaction_bytes(ss.barrier_q, KT::kBytesQ);
+        copy(params.tma_q.with(ss.barrier_q), tQgQ, tQsQ);
+      }
     }
 
     auto copy_k = [&](auto const& tma, KVSource const& x, PipelineState s) {
@@ -279,6 +316,15 @@ struct FwdMainloop {
 
     constexpr int kRows = decltype(size<0>(S))::value;
     int const q_lo_tile = m_block * KT::kBlockM;
+    // KV cache: each thread row's query index for the mask, once per tile (GQA packing: packed row / pack).
+    int qrow[kRows];
+    if constexpr (KT::kKVCache) {
+      CUTE_UNROLL
+      for (int r = 0; r < kRows; ++r) {
+        int const row = q_lo_tile + int(get<0>(rcS(r, 0)));
+        qrow[r] = params.pack > 1 ? row / params.pack : row;
+      }
+    }
 
     clear(tOrO);
     softmax.init();
@@ -312,7 +358,7 @@ struct FwdMainloop {
           for (int i = 0; i < size(S); ++i) S(i) = params.softcap * tanh_approx(S(i) * params.softcap_pre);
         }
         if (bi.needs_mask(n0, kmin, kend))
-          apply_mask_range(S, rcS, q_lo_tile, n0, bi.shift, kmin, kend, bi.left, bi.right);
+          apply_mask_range(S, rcS, qrow, n0, bi.shift, kmin, kend, bi.left, bi.right);
         softmax.step(S, params.scale_log2, o_scale);
         return;
       }

@@ -110,14 +110,18 @@ struct KVBlockMask {
   int cache_len, leftpad, nc;        // nc: cache blocks
 
   // cache_len in [0, capacity], leftpad in [0, cache_len], seqlen_new >= 0 (the kernel clamps them first).
+  // pack > 1 (GQA packing): the tile's rows are the seqlen_q * pack (query, head-in-group) pairs of one kv head,
+  // packed row R = query * pack + head-in-group, so rows [m_block M, m_block M + M) hold queries
+  // [R0 / pack, (R1 - 1) / pack]: the block's query range, which the key range below is computed from.
   CUTE_HOST_DEVICE KVBlockMask(int m_block, int seqlen_q, int cache_len_, int leftpad_, int seqlen_new, int left_,
-                               int right_)
+                               int right_, int pack = 1)
       : left(left_), right(right_), cache_len(cache_len_), leftpad(leftpad_) {
     seqlen_k = cache_len + seqlen_new - leftpad;
     shift = seqlen_k - seqlen_q;
     nc = (cache_len + kBlockN - 1) / kBlockN;
-    q_lo = m_block * kBlockM;
-    q_hi = min(q_lo + kBlockM, seqlen_q);
+    int const r0 = m_block * kBlockM, r1 = min(r0 + kBlockM, seqlen_q * pack);  // packed rows
+    q_lo = r0 / pack;
+    q_hi = r1 > r0 ? (r1 - 1) / pack + 1 : q_lo;
     int lo = 0, hi = seqlen_k;  // visible mask positions of the block's rows
     if (left >= 0) lo = max(0, q_lo + shift - left);
     if (right >= 0) hi = min(seqlen_k, (q_hi - 1) + shift + right + 1);
@@ -129,6 +133,17 @@ struct KVBlockMask {
     bool const has_cache = plo < min(phi, cache_len), has_new = max(plo, cache_len) < phi;
     n_min = has_cache ? plo / kBlockN : nc + (max(plo, cache_len) - cache_len) / kBlockN;
     n_max = has_new ? nc + (phi - cache_len + kBlockN - 1) / kBlockN : (min(phi, cache_len) + kBlockN - 1) / kBlockN;
+  }
+
+  // Split-KV: keeps part `split` of `num_splits` contiguous parts of [n_min, n_max), ceil(blocks / num_splits)
+  // blocks each (the last ones shorter or empty). Per row, so that a short row's splits are short too; every
+  // block test below is per block, so a part needs nothing else.
+  CUTE_HOST_DEVICE void keep_split(int split, int num_splits) {
+    if (num_splits <= 1) return;
+    int const per = (n_max - n_min + num_splits - 1) / num_splits;
+    int const lo = min(n_min + split * per, n_max);
+    n_max = min(lo + per, n_max);
+    n_min = lo;
   }
 
   CUTE_HOST_DEVICE int num_blocks() const { return n_max - n_min; }
@@ -160,13 +175,15 @@ struct KVBlockMask {
 };
 
 // Element mask of one score tile with an explicit valid column range [kmin, kend) (KV cache blocks): like
-// apply_mask, with the tile's columns at mask positions n0 + c.
-template <class TS, class TC>
-CUTE_DEVICE void apply_mask_range(TS& S, TC const& rc, int q_lo_tile, int n0, int shift, int kmin, int kend,
-                                  int left, int right) {
+// apply_mask, with the tile's columns at mask positions n0 + c. qrow[r]: the query index of the thread's row r
+// (with GQA packing not the tile row itself: KVBlockMask's pack).
+template <class TS, class TC, int kRows>
+CUTE_DEVICE void apply_mask_range(TS& S, TC const& rc, int const (&qrow)[kRows], int n0, int shift, int kmin,
+                                  int kend, int left, int right) {
+  static_assert(decltype(cute::size<0>(S))::value == kRows);
   CUTE_UNROLL
-  for (int r = 0; r < cute::size<0>(S); ++r) {
-    int const diag = q_lo_tile + int(cute::get<0>(rc(r, 0))) + shift;
+  for (int r = 0; r < kRows; ++r) {
+    int const diag = qrow[r] + shift;
     int const lo = left >= 0 ? max(diag - left, kmin) : kmin;
     int const hi = right >= 0 ? min(diag + right, kend - 1) : kend - 1;  // inclusive
     CUTE_UNROLL

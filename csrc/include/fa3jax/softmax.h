@@ -64,10 +64,18 @@ struct OnlineSoftmax {
   // l = sum * 2^(m - M) + 2^(s - M), inv = 2^(m - M) / l, lse = (M + log2 l) * ln 2.
   // Rows that saw no key: inv 0, lse = sink exactly (also when the sink is -inf).
   CUTE_DEVICE void finalize_with_sink(float scale_log2, float sink, float (&inv)[kRows], float (&lse)[kRows]) {
+    float sinks[kRows];
+    CUTE_UNROLL
+    for (int r = 0; r < kRows; ++r) sinks[r] = sink;
+    finalize_with_sinks(scale_log2, sinks, inv, lse);
+  }
+  // The same with one sink per row (GQA packing: a tile's rows belong to different query heads).
+  CUTE_DEVICE void finalize_with_sinks(float scale_log2, float const (&sink)[kRows], float (&inv)[kRows],
+                                       float (&lse)[kRows]) {
     constexpr float kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
-    float const s = sink * kLog2e;
     CUTE_UNROLL
     for (int r = 0; r < kRows; ++r) {
+      float const s = sink[r] * kLog2e;
       float const sum = quad_sum(row_sum[r]);
       bool const empty = !(sum > 0.f);
       float const m = row_max[r] * scale_log2;  // the same product step() subtracted from the exponents
@@ -75,7 +83,7 @@ struct OnlineSoftmax {
       float const alpha = exp2f(m - top);
       float const l = fmaf(sum, alpha, exp2f(s - top));
       inv[r] = empty ? 0.f : alpha / l;
-      lse[r] = empty ? sink : (top + __log2f(l)) * kLn2;
+      lse[r] = empty ? sink[r] : (top + __log2f(l)) * kLn2;
     }
   }
 };

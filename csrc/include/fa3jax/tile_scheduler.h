@@ -12,13 +12,14 @@ namespace fa3jax {
 
 struct FwdTile {
   int m_block, head, batch;
+  int split = 0;  // split-KV: which contiguous part of the row's key blocks (SchedulerParams::num_splits)
 };
 
 // Host-computed description of the unit order.
 struct SchedulerParams {
   int num_m_units;  // query blocks
   int num_heads;    // query heads
-  int num_hb;       // num_heads * batch
+  int num_hb;       // num_heads * batch * num_splits
   int num_units;    // num_m_units * num_hb
   // Order of units. reverse_m == false: query blocks fastest, so the CTAs running at one time share few (head,
   // batch) K/V streams in L2. reverse_m == true (masks whose last query blocks see the most keys): heaviest
@@ -27,6 +28,9 @@ struct SchedulerParams {
   int group;
   bool reverse_m;
   int* counter;  // zeroed before the launch: dynamic unit assignment; nullptr: static (see dynamic_unit)
+  // Split-KV (KV-cache forward): each (head, batch) pair is num_splits units, adjacent in the order so that the
+  // splits of one row run together (they read disjoint keys, so nothing is lost to L2 by that).
+  int num_splits = 1;
 };
 
 struct PersistentTileScheduler {
@@ -62,8 +66,14 @@ struct PersistentTileScheduler {
       m_unit = p.num_m_units - 1 - row;
       hb = hb0 + (idx - row * width);
     }
+    int split = 0;
+    if (p.num_splits > 1) {
+      int const hb_only = hb / p.num_splits;
+      split = hb - hb_only * p.num_splits;
+      hb = hb_only;
+    }
     int const batch = hb / p.num_heads;
-    return {m_unit, hb - batch * p.num_heads, batch};
+    return {m_unit, hb - batch * p.num_heads, batch, split};
   }
 };
 

@@ -8,8 +8,9 @@ convention) with another backend's backward. Any head dim up to the largest buil
 kernel that holds it, chosen in the C++ dispatch; MLA pairs by their exact kernel only); see _kernel_head_dim for
 the few that need padded copies.
 ``kvcache_forward`` serves KV-cache calls (contiguous and paged caches, appended k/v, leftpad, batch_idx, GQA,
-masks, softcap, sinks; head dims that are multiples of 8, by the same kernel choice) in one pass over each row's
-keys; ``auto`` still tries triton first for them (fa3jax.registry: not measured yet).
+masks, softcap, sinks; head dims that are multiples of 8, by the same kernel choice), with split-KV (``num_splits``;
+0 = the C++ rule fwd_kvcache_num_splits) combined by LSE in the same FFI call, and the query heads of one kv head
+packed into one tile for decode; ``auto`` still tries triton first for them (fa3jax.registry: not measured yet).
 """
 from __future__ import annotations
 
@@ -289,8 +290,10 @@ class CudaBackend(Backend):
         """q (b, lq, hq, d) with rotary applied, the caches as the caller passed them (contiguous (slots, capacity,
         hk, d) or paged (num_pages, page_size, hk, d)) and the sanitized ``KVCacheArgs``: the kernel attends to each
         row's cache keys [leftpad, cache_seqlens) and then to its new keys where they are (k_new/v_new, not the
-        cache: backends/base.py's contract), clamping every index again for its own safety. ``num_splits`` is a
-        scheduling hint this kernel does not take: it runs one pass over each row's keys (equal results)."""
+        cache: backends/base.py's contract), clamping every index again for its own safety. ``num_splits``
+        (spec.kvcache.num_splits, 0 = automatic) goes to the kernel, which cuts each row's key blocks into that many
+        parts and merges them by LSE (sinks counted once); an extension built before split-KV runs one pass per row
+        (equal results up to rounding)."""
         self.check_forward(spec)
         ext, _ = _load_extension()
         _register_targets(ext)
@@ -309,8 +312,9 @@ class CudaBackend(Backend):
             operands.append(i32(args.page_table))
         if spec.has_sinks:
             operands.append(_sinks(args))
+        splits = targets.FEATURE_KVCACHE_SPLITS in build_info().get("features", ())
         call = jax.ffi.ffi_call(targets.FWD_KVCACHE_TARGET, out_types, vmap_method="sequential")
-        return tuple(call(*operands, **targets.kvcache_fwd_attributes(spec)))
+        return tuple(call(*operands, **targets.kvcache_fwd_attributes(spec, splits=splits)))
 
     def backward(self, spec: AttentionSpec, q, k, v, out, lse, dout, dlse, args):
         self.check_backward(spec)

@@ -36,6 +36,8 @@ FEATURE_ANY_HEAD_DIM = "any_head_dim"
 # ... and of one with FWD_KVCACHE_TARGET (build_info()["kvcache_instances"]: (dtype, head_dim, key block) of
 # the kernels; with FEATURE_ANY_HEAD_DIM, build_info()["kvcache_head_dims"]: the same for every head dim served).
 FEATURE_KVCACHE = "kvcache"
+# ... and of one whose FWD_KVCACHE_TARGET takes ATTR_NUM_SPLITS (split-KV with its combine, GQA packing for decode).
+FEATURE_KVCACHE_SPLITS = "kvcache_splits"
 
 # Attributes, with their FFI types: all targets take the first four, then the forward kernel_variant and the
 # backward deterministic.
@@ -55,6 +57,10 @@ ATTR_HAS_NEW = "has_new"  # k_new and v_new
 ATTR_HAS_LEFTPAD = "has_leftpad"
 ATTR_HAS_BATCH_IDX = "has_batch_idx"  # contiguous caches only
 ATTR_HAS_PAGE_TABLE = "has_page_table"
+# i32 >= 0: split-KV parts (0 = automatic; the C++ fwd_kvcache_num_splits chooses, and caps any count at the key
+# blocks a row can have). Only with FEATURE_KVCACHE_SPLITS.
+ATTR_NUM_SPLITS = "num_splits"
+_MAX_I32 = 2**31 - 1
 
 # Which compiled kernel serves a call: "auto" is the dispatch policy (csrc/src/fwd_dispatch.cc); the others force
 # one where it applies (fa3jax.tuning.Tuning.cuda_kernel), so that benchmarks can time them side by side.
@@ -106,10 +112,12 @@ def varlen_bwd_attributes(spec) -> dict:
     }
 
 
-def kvcache_fwd_attributes(spec) -> dict:
-    """Keyword attributes of one KV-cache forward call (the operands they announce: backends/cuda kvcache_forward)."""
+def kvcache_fwd_attributes(spec, splits: bool = True) -> dict:
+    """Keyword attributes of one KV-cache forward call (the operands they announce: backends/cuda kvcache_forward).
+    ``splits``: the extension takes ATTR_NUM_SPLITS (FEATURE_KVCACHE_SPLITS); the count is passed as the caller
+    gave it (validation: >= 0), clipped to int32 (the kernel caps it far lower)."""
     kv = spec.kvcache
-    return {
+    attrs = {
         **_mask_attributes(spec),
         ATTR_HAS_NEW: np.int32(kv.seqlen_new > 0),
         ATTR_HAS_LEFTPAD: np.int32(bool(kv.has_cache_leftpad)),
@@ -117,3 +125,6 @@ def kvcache_fwd_attributes(spec) -> dict:
         ATTR_HAS_PAGE_TABLE: np.int32(bool(kv.paged)),
         ATTR_HAS_SINKS: np.int32(bool(spec.has_sinks)),
     }
+    if splits:
+        attrs[ATTR_NUM_SPLITS] = np.int32(min(int(kv.num_splits), _MAX_I32))
+    return attrs
