@@ -8,7 +8,8 @@
 //    thread), and every thread's K / V operand tile starts at the operand's first element (gmma_desc_at);
 //  * mask.h against its element rule: a query block's key blocks and a key block's query blocks are exactly
 //    those holding an allowed pair, needs_mask is true iff a block holds a disallowed pair, and
-//    QBlockMask::unmasked_range agrees with needs_mask on every key block;
+//    QBlockMask::unmasked_range agrees with needs_mask on every key block; mask_key_queries' interval per key is
+//    exactly the allowed queries of a tile, lengths near INT_MAX included;
 //  * mask.h's KVBlockMask (the KV-cache forward's virtual key blocks: cache blocks, then appended-key blocks; GQA
 //    packing's query ranges, split-KV's parts)
 //    against the element rule on each row's key positions: the block range holds every allowed key and no block
@@ -285,6 +286,49 @@ int check_masks() {
   return errors != 0;
 }
 
+// mask_key_queries against the element rule: key j's [lo, hi) of a tile of `rows` queries from q0 holds exactly
+// the allowed queries, 0 <= lo <= hi <= rows, for keys and tiles in, at and past the lengths; and near INT_MAX,
+// where 32-bit sums overflow (there against the rule in 64-bit arithmetic: mask_allows' own int sums wrap).
+int check_key_queries() {
+  int errors = 0, cases = 0;
+  auto allows64 = [](int64_t i, int64_t j, int64_t sq, int64_t sk, int64_t left, int64_t right) {
+    int64_t const diag = i + sk - sq;
+    return i >= 0 && i < sq && j >= 0 && j < sk && (left < 0 || j >= diag - left) && (right < 0 || j <= diag + right);
+  };
+  auto one = [&](int j, int q0, int rows, int sq, int sk, int left, int right) {
+    int lo, hi;
+    mask_key_queries(j, q0, rows, sq, sk, left, right, lo, hi);
+    ++cases;
+    bool bad = lo < 0 || lo > hi || hi > rows;
+    for (int ql = 0; ql < rows && !bad; ++ql)
+      bad = (ql >= lo && ql < hi) != allows64(int64_t(q0) + ql, j, sq, sk, left, right) ||
+            (sq < 100000 && sk < 100000 && (ql >= lo && ql < hi) != mask_allows(q0 + ql, j, sq, sk, left, right));
+    if (bad && errors++ < 5)
+      std::printf("mask_key_queries(j=%d, q0=%d, rows=%d, sq=%d, sk=%d, left=%d, right=%d) = [%d, %d)\n", j, q0, rows,
+                  sq, sk, left, right, lo, hi);
+  };
+  int const lens[] = {1, 63, 128, 129, 300};
+  int const wins[] = {-1, 0, 1, 64, 127, 200};
+  for (int rows : {64, 128})
+    for (int sq : lens)
+      for (int sk : lens)
+        for (int left : wins)
+          for (int right : wins)
+            for (int q0 = 0; q0 < sq + rows; q0 += rows)
+              for (int j = -1; j <= sk + 1; ++j) one(j, q0, rows, sq, sk, left, right);
+  int const big = 2147483647;
+  for (int left : {-1, 0, 5, big - 3, big})
+    for (int right : {-1, 0, 5, big - 3, big})
+      for (int j : {0, 100, big - 200, big - 2})
+        for (int q0 : {0, 128, big - 300, big - 128}) {
+          one(j, q0, 128, big - 1, big - 1, left, right);
+          one(j, q0, 128, big - 1, 1000, left, right);
+          one(j, q0, 128, 1000, big - 1, left, right);
+        }
+  std::printf("mask_key_queries: %s (%d cases, %d errors)\n", errors ? "FAIL" : "ok", cases, errors);
+  return errors != 0;
+}
+
 // KVBlockMask against brute force: the keys of a batch row are its cache positions [leftpad, cache_len) and its
 // appended keys at cache_len + t (t < seqlen_new), at mask position (position - leftpad) with key length
 // cache_len + seqlen_new - leftpad. Virtual block n < nc holds cache positions [n N, n N + N) (valid below
@@ -395,6 +439,7 @@ int main() {
   fails += check_masks<192, 128>();
   fails += check_masks<64, 128>();
   fails += check_masks<64, 64>();  // the d=256 backward's blocks
+  fails += check_key_queries();
   fails += check_kv_masks<128, 128>();
   fails += check_kv_masks<128, 80>();
   fails += check_kv_masks<192, 128>();
