@@ -62,9 +62,11 @@ POLICY = {
                      min_seqlen_k=8192),
                 "unmasked long keys (+7-10% from 8k keys, benchmarks/RESULTS.md); no room for the O buffer"),
     # Backward main kernel: block_n keys per CTA, wg consumer warpgroups (bwd_kernel_traits.h: along keys when
-    # block_n = 64 * wg, else along queries and d); block_m queries per step of dense unmasked calls without
-    # softcap, not deterministic (bwd_tile_m): 64, or 80 (FA3's non-causal d=128 tile, dQ computed transposed, one
-    # dQ staging buffer; bwd128 only: d = 64 x wg); every other call, and varlen, uses 64 (bwd_layout.h).
+    # block_n = 64 * wg, else along queries and d); block_m queries per step (bwd_tile_m, bwd_layout.h): 64; or 80
+    # for dense unmasked calls without softcap, not deterministic (FA3's non-causal d=128 tile, dQ computed
+    # transposed, one dQ staging buffer; d = block_n = 64 x wg); or 128 for every dense call (FA3's d=64 tile: dQ
+    # with the warpgroups along queries, dV issued after dS, one dQ staging buffer; bwd64 only). Other calls, and
+    # varlen, use 64.
     "bwd64": (dict(block_m=64, block_n=128, wg=2, stages=2, producer_regs=24, consumer_regs=240, dq_red=0,
                    dq_bufs=2, **BWD_AB),
               "FA3's d=64/128 shape: 2 consumer warpgroups x 64 keys, dK/dV in registers"),
@@ -240,9 +242,12 @@ def main(argv=None):
     for name, (pol, _) in policy.items():
         if name.startswith("bwd") and pol["block_m"] != 64:
             d = int(name[3:].partition("x")[0])
-            if pol["block_m"] != 80 or pol["block_n"] != 64 * pol["wg"] or d != 64 * pol["wg"] or pol["dq_red"]:
-                sys.exit(f"{name}.block_m={pol['block_m']}: want 64, or 80 with d = block_n = 64 x wg and dq_red=0 "
-                         "(bwd_kernel_traits.h: dQ^T's M is one warpgroup's 64 columns)")
+            wide = pol["block_m"] == 80 and pol["block_n"] == 64 * pol["wg"] and d == 64 * pol["wg"]
+            tall = pol["block_m"] == 128 and name == "bwd64" and pol["block_n"] == 128 and pol["wg"] == 2
+            if not (wide or tall) or pol["dq_red"]:
+                sys.exit(f"{name}.block_m={pol['block_m']}: want 64; 80 with d = block_n = 64 x wg; or 128 for bwd64 "
+                         "with block_n=128, wg=2; and dq_red=0 (bwd_kernel_traits.h: dQ^T's M is one warpgroup's 64 "
+                         "columns; the 128-row dQ puts one warpgroup on 64 queries)")
     os.makedirs(a.out_dir, exist_ok=True)
     _write(os.path.join(a.out_dir, "policy.h"), policy_header(policy))
     paths, inc = [], [HEADER, INC_PROLOGUE]

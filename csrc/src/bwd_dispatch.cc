@@ -43,9 +43,7 @@ const char* bwd_compiled_list() {
 
 int bwd_tile_m(const BwdParams& p) {
   AttnCore const& c = p.core;
-  bool const plain = !c.varlen.enabled() && c.window_left < 0 && c.window_right < 0 && !(c.softcap > 0.f) &&
-                     !p.deterministic;
-  if (!plain) return kBwdBlockM;
+  if (c.varlen.enabled()) return kBwdBlockM;
   int const kd = bwd_kernel_dim(c.dtype, c.head_dim, c.value_dim());
   int const kdv = c.value_dim() == c.head_dim ? kd : c.value_dim();
   int tile = kBwdBlockM;
@@ -53,7 +51,9 @@ int bwd_tile_m(const BwdParams& p) {
   if (c.dtype == DType::e && kd == d && kdv == dv) tile = BwdPolicy<d, dv>::kBlockM;
 #include "bwd_instances.inc"
 #undef FA3JAX_BWD_INSTANCE
-  return tile;
+  if (bwd_tile_serves_all_dense(tile)) return tile;
+  bool const plain = c.window_left < 0 && c.window_right < 0 && !(c.softcap > 0.f) && !p.deterministic;
+  return plain ? tile : kBwdBlockM;
 }
 
 static bool empty(AttnCore const& c) { return c.batch == 0 || c.seqlen_q == 0 || c.num_heads_q == 0; }

@@ -122,7 +122,7 @@ __global__ void bwd_convert_dq_varlen_kernel(const float* __restrict__ acc, T* _
   int64_t const tile = (h * stat_rows + bwd_varlen_pad_start(int(seq.offset_q), b) + row / kBwdBlockM * kBwdBlockM) * kd;
   int64_t const base = ((seq.offset_q + row) * num_heads_q + h) * d;
   for (int t = lane; t < d; t += 32)
-    dq[base + t] = Cvt<T>::store(acc[tile + dq_tile_index(row % kBwdBlockM, t, kd / kBwdNumMmaWG)] * scale);
+    dq[base + t] = Cvt<T>::store(acc[tile + dq_tile_index(row % kBwdBlockM, t, kd)] * scale);
 }
 
 // dq (b, sq, hq, d) from dq_accum (tiles of tile_m rows, bwd_layout.h, kd >= d wide), scaled once here rather
@@ -131,12 +131,11 @@ template <class T>
 __global__ void bwd_convert_dq_kernel(const float* __restrict__ acc, T* __restrict__ dq, int seqlen_q,
                                       int64_t rows_pad, int num_heads_q, int d, int kd, int64_t total, float scale,
                                       int tile_m) {
-  int const cols_per_wg = kd / kBwdNumMmaWG;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
     int64_t const t = i % d, h = (i / d) % num_heads_q, row = (i / (int64_t(d) * num_heads_q)) % seqlen_q;
     int64_t const b = i / (int64_t(d) * num_heads_q * seqlen_q);
     int64_t const tile = ((b * num_heads_q + h) * rows_pad + row / tile_m * tile_m) * kd;
-    dq[i] = Cvt<T>::store(acc[tile + dq_tile_index(int(row % tile_m), int(t), cols_per_wg, tile_m)] * scale);
+    dq[i] = Cvt<T>::store(acc[tile + dq_tile_index(int(row % tile_m), int(t), kd, tile_m)] * scale);
   }
 }
 

@@ -18,7 +18,8 @@
 //  * the backward's varlen stat rows (bwd_layout.h): every sequence's padded rows stay inside the buffer for any
 //    cu_seqlens (clamped as the kernels clamp them), and in-order sequences never share a row;
 //  * the backward's register layouts per policy (check_bwd), MLA ones included, and of the 80-row tile (dQ
-//    transposed: its accumulator order against dq_tile_index's 80-row case); instantiating the traits also
+//    transposed: its accumulator order against dq_tile_index's 80-row case) and the 128-row one (dQ with the
+//    warpgroups along queries; the stat reads in column pairs); instantiating the traits also
 //    checks at compile time that the policy's tiles fit shared memory and the register budget.
 #include <algorithm>
 #include <cstdio>
@@ -110,10 +111,11 @@ int check(const char* name) {
 }
 
 // The backward main kernel's register layouts (bwd_kernel_traits.h, bwd_mainloop.h): value v of a thread's dQ
-// accumulator goes to w * 64 * C + (v / 4) * 512 + 4 * t + v % 4 (warpgroup w, thread t of it, C = kDqCols), which
-// must be where the postprocess reads its (row, col) (dq_tile_index), once per element; dK's and dV's accumulators
-// cover their tiles once; with P^T / dS^T in registers (warpgroups along keys), the S^T accumulator viewed as an A
-// operand holds the (key, query) coordinates the dV and dK GEMMs expect.
+// accumulator goes to w * kDqSlice + (v / 4) * 512 + 4 * t + v % 4 (warpgroup w, thread t of it), which must be
+// where the postprocess reads its (row, col) (dq_tile_index), once per element; dK's and dV's accumulators cover
+// their tiles once; with P^T / dS^T in registers (warpgroups along keys), the S^T accumulator viewed as an A
+// operand holds the (key, query) coordinates the dV and dK GEMMs expect; with kLateDv, columns c and c + 1 (c
+// even) of a thread's S^T are queries q and q + 1 with q even, in every row (the mainloop's 8-byte stat reads).
 template <class KT>
 int check_bwd(const char* name) {
   int errors = 0;
@@ -131,8 +133,8 @@ int check_bwd(const char* name) {
     for (int v = 0; v < size(c); ++v) {
       int row = get<0>(c(v)), col = get<1>(c(v));  // (query, column of d), or (column, query) if swapped
       if constexpr (KT::kDqSwapAB) std::swap(row, col);
-      int const written = t / 128 * KT::kBlockM * KT::kDqCols + (v / 4) * 512 + 4 * (t % 128) + v % 4;
-      int const read = dq_tile_index(row, col, KT::kDqCols, KT::kBlockM);
+      int const written = t / 128 * KT::kDqSlice + (v / 4) * 512 + 4 * (t % 128) + v % 4;
+      int const read = dq_tile_index(row, col, KT::kHeadDim, KT::kBlockM);
       if (written != read && errors++ < 5)
         std::printf("%s: dQ thread %d value %d (%d, %d) written at %d, read at %d\n", name, t, v, row, col, written,
                     read);
@@ -148,6 +150,16 @@ int check_bwd(const char* name) {
       Tensor a_dk = typename KT::TiledMmadK{}.get_thread_slice(t).partition_A(cS);
       if (size(tPcS) != size(a_dv) || size(tPcS) != size(a_dk)) return std::printf("%s: A size mismatch\n", name), 1;
       for (int i = 0; i < size(tPcS); ++i) errors += (tPcS(i) != a_dv(i)) + (tPcS(i) != a_dk(i));
+      if constexpr (KT::kLateDv) {
+        Tensor rc = make_tensor(tScS.data(), acc_rowcol(tScS.layout()));
+        for (int c = 0; c + 1 < size<1>(rc); c += 2)
+          for (int r = 0; r < size<0>(rc); ++r) {
+            int const q = get<1>(rc(0, c));
+            if ((q % 2 != 0 || get<1>(rc(r, c)) != q || get<1>(rc(r, c + 1)) != q + 1) && errors++ < 5)
+              std::printf("%s: S^T thread %d (%d, %d): query %d, pair base %d\n", name, t, r, c,
+                          int(get<1>(rc(r, c))), q);
+          }
+      }
     }
   }
   for (auto const* hits : {&dq_hits, &dk_hits, &dv_hits})
@@ -469,5 +481,7 @@ int main() {
   // The 80-row tile (policy block_m=80: dQ^T = K^T dS^T), whatever this build's policy.
   fails += check_bwd<BwdTraitsFor<DType::kBF16, 128, 128, false, kBwdBlockMWide>>("d128 80-row");
   fails += check_bwd<BwdTraitsFor<DType::kFP16, 128, 64, false, kBwdBlockMWide>>("d128x64 (MLA) 80-row");
+  // The 128-row tile (policy bwd64.block_m=128: dQ's warpgroups along queries), whatever this build's policy.
+  fails += check_bwd<BwdTraitsFor<DType::kBF16, 64, 64, false, kBwdBlockMTall>>("d64 128-row");
   return fails;
 }

@@ -20,6 +20,11 @@
 // kBlockM = 80 (FA3's non-causal d=128 tile; bwd_tile_m picks it): 80 queries are a legal WGMMA N but no M, so
 // S^T / dP^T / dV / dK keep queries on N or K as above, and dQ is computed transposed, dQ^T = K^T dS^T (d x
 // queries, warpgroups along d: M = 64 columns each, N = 80 queries, K = the keys; kDqSwapAB).
+// kBlockM = 128 (FA3's d=64 tile, policy bwd64.block_m=128): S^T / dP^T are 64 keys x 128 queries per warpgroup
+// (128 accumulator registers), so dQ = dS K splits the queries instead of d (kDqRowsSplit: 64 queries x d per
+// warpgroup, 32 registers at d = 64), and the step is arranged to fit 240 registers (kLateDv, bwd_mainloop.h):
+// accumulators declared per step, the stats and the mask folded into the GEMMs' starting values, dV issued once
+// dS^T is formed (S^T, dP^T, P^T and dK/dV never live together).
 #pragma once
 
 #include <type_traits>
@@ -76,8 +81,14 @@ struct BwdKernelTraits {
   static constexpr bool kDqSwapAB = bwd_dq_swapped(kBlockM);
   static_assert(kBlockN % 64 == 0 && kBlockM % 16 == 0 && (kBlockM % 64 == 0 || kDqSwapAB) &&
                 kHeadDim % 64 == 0 && kHeadDimV % 64 == 0 && kHeadDimV <= kHeadDim);
-  static constexpr int kDqCols = kHeadDim / kNumMmaWG;  // dQ columns per warpgroup
+  // dQ with the warpgroups along queries (bwd_layout.h): only with register P^T / dS^T and 64 queries each.
+  static constexpr bool kDqRowsSplit = bwd_dq_rows_split(kBlockM);
+  static_assert(!kDqRowsSplit || (kNumMmaWG * 64 == kBlockM && kNumMmaWG == kWgKeys));
+  static constexpr int kDqCols = kDqRowsSplit ? kHeadDim : kHeadDim / kNumMmaWG;  // dQ columns per warpgroup
+  static constexpr int kDqSlice = kBlockM * kHeadDim / kNumMmaWG;  // dQ floats per warpgroup (bwd_layout.h)
   static_assert(kDqCols % 16 == 0);
+  // The 128-row step's register plan (bwd_mainloop.h): S^T + dP^T take 128 registers at 128 queries.
+  static constexpr bool kLateDv = kDqRowsSplit;
   static_assert(!kDqSwapAB || (!kPInSmem && kDqCols == 64),
                 "a swapped dQ needs one WGMMA M (64 columns of d) per warpgroup and P^T / dS^T in registers");
   static constexpr int kDkCols = kPInSmem ? kHeadDim / kNumMmaWG : kHeadDim;    // dK columns per warpgroup
@@ -111,15 +122,20 @@ struct BwdKernelTraits {
   // dQ = dS K: (queries, d, keys), warpgroups along d; A = dS (queries, keys) and B = K viewed as (d, keys),
   // both MN-major.
   // kDqSwapAB: dQ^T = K^T dS^T: (d, queries, keys), warpgroups along d; A = K^T (d, keys) and B = dS (queries,
-  // keys), both MN-major as well.
+  // keys), both MN-major as well. kDqRowsSplit: dQ = dS K with the warpgroups along queries (64 each).
   using TiledMmadQ = std::conditional_t<
       kDqSwapAB,
       decltype(make_tiled_mma(GMMA::ss_op_selector<Element, Element, float, Shape<_64, BlkM, BlkN>,
                                                    GMMA::Major::MN, GMMA::Major::MN>(),
                               AtomAlongM{})),
-      decltype(make_tiled_mma(GMMA::ss_op_selector<Element, Element, float, Shape<_64, Int<kDqCols>, BlkN>,
-                                                   GMMA::Major::MN, GMMA::Major::MN>(),
-                              AtomAlongN{}))>;
+      std::conditional_t<
+          kDqRowsSplit,
+          decltype(make_tiled_mma(GMMA::ss_op_selector<Element, Element, float, Shape<_64, HDim, BlkN>,
+                                                       GMMA::Major::MN, GMMA::Major::MN>(),
+                                  AtomAlongM{})),
+          decltype(make_tiled_mma(GMMA::ss_op_selector<Element, Element, float, Shape<_64, Int<kDqCols>, BlkN>,
+                                                       GMMA::Major::MN, GMMA::Major::MN>(),
+                                  AtomAlongN{}))>>;
   // dQ's accumulator tile: (queries, d), or (d, queries) with kDqSwapAB.
   using DqTile = std::conditional_t<kDqSwapAB, Shape<HDim, BlkM>, Shape<BlkM, HDim>>;
 
@@ -200,8 +216,8 @@ struct BwdKernelTraits {
     alignas(1024) cute::array_aligned<Element, cute::cosize_v<SmemLayoutdSt>, 1024> smem_ds;
     // P^T, laid out like dS^T (kPInSmem only: no bytes otherwise, d=128 fills 227 KiB without it).
     std::conditional_t<kPInSmem, cute::array_aligned<Element, cute::cosize_v<SmemLayoutdSt>, 1024>, Empty> smem_p;
-    // dQ partials, kDqBufs x one kBlockM x kDqCols fp32 slice per warpgroup in accumulator-register order
-    // (bwd_layout.h); unused with kDqRed.
+    // dQ partials, kDqBufs x one kDqSlice fp32 slice per warpgroup in accumulator-register order (bwd_layout.h);
+    // unused with kDqRed.
     alignas(128) cute::array_aligned<float, kDqRed ? 32 : kDqBufs * kBlockM * kHeadDim, 128> smem_dq;
     alignas(16) float smem_lse[kStages][kBlockM];
     alignas(16) float smem_delta[kStages][kBlockM];

@@ -12,6 +12,9 @@
 // With softcap the scores' tanh is also needed for dS, so that path waits for both S^T and dP^T first.
 // 80-row tiles (kDqSwapAB) issue dQ^T = K^T dS^T instead of dQ = dS K, otherwise the same step; the staged slice
 // then holds the transposed accumulator, which the postprocess reads as such (bwd_layout.h dq_tile_index).
+// 128-row tiles (d = 64; kLateDv: S^T and dP^T take 128 registers) start S^T's accumulator at -lse_log2 /
+// scale_log2 (-inf where masked) and dP^T's at -delta, so the exponent and dS^T read no stat; they form dS^T and only
+// then convert P^T and issue dV, and their dQ = dS K has the warpgroups along queries (kDqRowsSplit).
 #pragma once
 
 #include <cute/arch/copy_sm90.hpp>
@@ -102,7 +105,7 @@ struct BwdMainloop {
   static constexpr int kDsBarrier = 1;
   static constexpr int kDqBarrier = 2;
   static_assert(kDqBarrier + KT::kNumMmaWG <= 16, "out of named barriers");
-  static_assert((kBlockM == kBwdBlockM || (kBlockM == kBwdBlockMWide && !KT::kVarlen)) &&
+  static_assert((kBlockM == kBwdBlockM || ((kBlockM == kBwdBlockMWide || kBlockM == kBwdBlockMTall) && !KT::kVarlen)) &&
                     KT::kNumMmaWG == kBwdNumMmaWG,
                 "dq_accum layout (bwd_layout.h)");
 
@@ -180,7 +183,7 @@ struct BwdMainloop {
   // The consumers thus never wait for an add's read nor sync among themselves for it.
   CUTE_DEVICE static void write_dq(Params const& p, SharedStorage& ss, BwdTile const& tile, KM const& km) {
     constexpr int kWG = KT::kNumMmaWG, kBufs = KT::kDqBufs;
-    constexpr int kSlice = kBlockM * KT::kDqCols;  // floats per warpgroup slice
+    constexpr int kSlice = KT::kDqSlice;  // floats per warpgroup slice
     bool const lane0 = threadIdx.x % 32 == 0;
     int const n_steps = p.group_size * km.num_blocks();
     int* sem_pending[kWG] = {};  // deterministic mode: each slice's add still to be counted (dq_turn_done)
@@ -292,21 +295,11 @@ struct BwdMainloop {
       else wgmma_issue<true, false>(mma_dq, ds_buf, tdQrK, acc);
     };
 
-    // Accumulators and their register-A views.
-    Tensor tSrS = partition_fragment_C(mma_sdp, Shape<BlkN, BlkM>{});
-    Tensor tdPrdP = partition_fragment_C(mma_sdp, Shape<BlkN, BlkM>{});
-    Tensor tdQrdQ = partition_fragment_C(mma_dq, typename KT::DqTile{});
-    Tensor rP = make_fragment_like<Element>(tSrS);
-    Tensor rdS = make_fragment_like<Element>(tdPrdP);
     // dV / dK A operands: registers (the accumulators converted in place) or P^T / dS^T in shared memory.
     auto dkv_a = [&](auto const& thr, auto& r, auto& smem) {
       if constexpr (KT::kPInSmem) return thr.partition_fragment_A(smem);
       else return make_tensor(r.data(), acc_to_a_regs(r.layout()));
     };
-    auto tdVrP = dkv_a(thr_dv, rP, sPt);
-    auto tdKrdS = dkv_a(thr_dk, rdS, sdSt);
-    Tensor S = make_tensor(tSrS.data(), acc_rowcol(tSrS.layout()));
-    Tensor dP = make_tensor(tdPrdP.data(), acc_rowcol(tdPrdP.layout()));
     // (key, query) tile coordinates of each S^T element.
     Tensor cS = make_identity_tensor(Shape<BlkN, BlkM>{});
     Tensor tScS = thr_sdp.partition_C(cS);
@@ -315,88 +308,173 @@ struct BwdMainloop {
     // dS^T registers -> shared memory with stmatrix (keys as rows, queries contiguous: sdSt).
     auto ds_copy = make_tiled_copy_C(Copy_Atom<SM90_U32x4_STSM_N, Element>{}, mma_sdp);
     auto thr_ds_copy = ds_copy.get_thread_slice(mma_tid);
-    Tensor tdSrdS = thr_ds_copy.retile_S(rdS);
     Tensor tdSsdS = thr_ds_copy.partition_D(sdSt);  // (CPY, CPY_M, CPY_N, buffer)
-    Tensor tdSrP = thr_ds_copy.retile_S(rP);
     Tensor tPsP = thr_ds_copy.partition_D(sPt);
 
-    float* const sdq0 = ss.smem_dq.data() + mma_wg * kBlockM * KT::kDqCols;
+    float* const sdq0 = ss.smem_dq.data() + mma_wg * KT::kDqSlice;
     int const wg_tid = mma_tid % 128;
     bool const dq_issuer = wg_tid == 0;
-    constexpr int kDqBytes = kBlockM * KT::kDqCols * int(sizeof(float));
+    constexpr int kDqBytes = KT::kDqSlice * int(sizeof(float));
     int const n0 = tile.n_block * KT::kBlockN;
     int const n_steps = p.group_size * km.num_blocks();
     int* sem_pending = nullptr;  // deterministic mode, issuing thread: the slice whose add is still in flight
 
-    auto issue_sdp = [&](int s) {
-      wgmma_issue<true, false>(mma_sdp, tSrK, tSrQ(_, _, _, s), tSrS);
-      wgmma_issue<true, false>(mma_sdp, tdPrV, tdPrdO(_, _, _, s), tdPrdP);
-    };
-
-    cute::wait_barrier(ss.barrier_kv, 0);
-    for (int step = 0; step < n_steps; ++step) {
+    // One step on the accumulators S^T, dP^T, dQ (tSrS, tdPrdP, tdQrdQ) and their register-A views.
+    auto run_step = [&](int step, auto& tSrS, auto& tdPrdP, auto& tdQrdQ) {
+      Tensor rP = make_fragment_like<Element>(tSrS);
+      Tensor rdS = make_fragment_like<Element>(tdPrdP);
+      auto tdVrP = dkv_a(thr_dv, rP, sPt);
+      auto tdKrdS = dkv_a(thr_dk, rdS, sdSt);
+      Tensor S = make_tensor(tSrS.data(), acc_rowcol(tSrS.layout()));
+      Tensor dP = make_tensor(tdPrdP.data(), acc_rowcol(tdPrdP.layout()));
+      Tensor tdSrdS = thr_ds_copy.retile_S(rdS);
+      Tensor tdSrP = thr_ds_copy.retile_S(rP);
       int h, m;
       step_coords(p, tile, km, step, h, m);
       int const buf = step & 1;
       pipe.consumer_wait(st);
-      issue_sdp(st.index());
       int const s = st.index();
       bool const need_mask = km.needs_mask(m);
       int const q0 = m * kBlockM;
       float const* lse = ss.smem_lse[s];
       float const* delta = ss.smem_delta[s];
+      // kLateDv: a stat row's values of columns c, c + 1 (c even: adjacent queries) in one 8-byte shared load
+      // (ld.shared: a plain pointer load went through the generic path, with 64-bit addresses), read where used
+      // rather than held (each thread sees 32 queries at 128 rows; test_layouts checks the pairing).
+      auto stat_pair = [&](float const* row, int c) {
+        float2 v;
+        asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n"
+                     : "=f"(v.x), "=f"(v.y)
+                     : "r"(cute::cast_smem_ptr_to_uint(row) + uint32_t(get<1>(rc(0, c))) * 4u));
+        return v;
+      };
       auto allowed = [&](int r, int c) {
         return mask_allows(q0 + int(get<1>(rc(r, c))), n0 + int(get<0>(rc(r, c))), tile.seq.seqlen_q, tile.seq.seqlen_k,
                            p.window_left, p.window_right);
       };
+      // kLateDv: the GEMMs start from the stats and the mask instead of reading them next to S^T, dP^T and dK/dV
+      // (ptxas batched the loads and the mask's predicates there, and the step spilled). dP^T's accumulator starts
+      // at -delta, so the GEMM leaves dP^T - delta. Without softcap, S^T's starts at -lse_log2 / scale_log2, or
+      // -inf where the mask hides the element (each key row's allowed queries, mask_key_queries), so
+      // S^T * scale_log2 is the exponent, masked included (the fp32 sum rounds at |lse| / scale instead of |S|: far
+      // below bf16's P).
+      if constexpr (KT::kLateDv && !kSoftcap) {
+        static_assert(!KT::kVarlen);
+        constexpr int kRows = decltype(size<0>(S))::value;  // key rows per thread
+        int lo[kRows], hi[kRows];
+        CUTE_UNROLL
+        for (int r = 0; r < kRows; ++r) {
+          lo[r] = 0, hi[r] = kBlockM;
+          if (need_mask)
+            mask_key_queries(n0 + int(get<0>(rc(r, 0))), q0, kBlockM, p.seqlen_q, p.seqlen_k,  // dense: the call's
+                             p.window_left, p.window_right, lo[r], hi[r]);
+        }
+        float const inv_scale = 1.f / p.scale_log2;
+        CUTE_UNROLL
+        for (int c = 0; c < size<1>(S); c += 2) {
+          float2 const l = stat_pair(lse, c);
+          CUTE_UNROLL
+          for (int r = 0; r < kRows; ++r) {
+            CUTE_UNROLL
+            for (int j = 0; j < 2; ++j) {
+              int const ql = get<1>(rc(r, c + j));
+              S(r, c + j) = ql >= lo[r] && ql < hi[r] ? -(j ? l.y : l.x) * inv_scale : -INFINITY;
+            }
+          }
+        }
+        wgmma_issue<false, false>(mma_sdp, tSrK, tSrQ(_, _, _, s), tSrS);
+      } else {
+        wgmma_issue<true, false>(mma_sdp, tSrK, tSrQ(_, _, _, s), tSrS);
+      }
+      if constexpr (KT::kLateDv) {
+        CUTE_UNROLL
+        for (int c = 0; c < size<1>(dP); c += 2) {
+          float2 const dl = stat_pair(delta, c);
+          CUTE_UNROLL
+          for (int r = 0; r < size<0>(dP); ++r) dP(r, c) = -dl.x, dP(r, c + 1) = -dl.y;
+        }
+        wgmma_issue<false, false>(mma_sdp, tdPrV, tdPrdO(_, _, _, s), tdPrdP);
+      } else {
+        wgmma_issue<true, false>(mma_sdp, tdPrV, tdPrdO(_, _, _, s), tdPrdP);
+      }
       if constexpr (!kSoftcap) {
         warpgroup_wait<1>();  // S^T is ready; dP^T may still run
         warpgroup_fence_operand(tSrS);
         // masked: a runtime bool (the element test under a per-block predicate), or with kMaskSplit a compile-time
         // one: two copies of the loop, the unmasked one free of mask arithmetic.
         auto exp_scores = [&](auto masked) {
-          CUTE_UNROLL
-          for (int r = 0; r < size<0>(S); ++r) {
+          if constexpr (KT::kLateDv) {  // S^T holds S^T - lse_log2 / scale_log2, or -inf, already
             CUTE_UNROLL
-            for (int c = 0; c < size<1>(S); ++c) {
-              float x = fmaf(S(r, c), p.scale_log2, -lse[get<1>(rc(r, c))]);
-              if (masked && !allowed(r, c)) x = -INFINITY;
-              S(r, c) = exp2f(x);
+            for (int i = 0; i < size(tSrS); ++i) tSrS(i) = exp2f(tSrS(i) * p.scale_log2);
+          } else {
+            CUTE_UNROLL
+            for (int r = 0; r < size<0>(S); ++r) {
+              CUTE_UNROLL
+              for (int c = 0; c < size<1>(S); ++c) {
+                float x = fmaf(S(r, c), p.scale_log2, -lse[get<1>(rc(r, c))]);
+                if (masked && !allowed(r, c)) x = -INFINITY;
+                S(r, c) = exp2f(x);
+              }
             }
           }
         };
-        if constexpr (KT::kMaskSplit) {
+        if constexpr (KT::kLateDv) {
+          exp_scores(cute::false_type{});  // masked in the accumulator's start
+        } else if constexpr (KT::kMaskSplit) {
           if (need_mask) exp_scores(cute::true_type{});
           else exp_scores(cute::false_type{});
         } else {
           exp_scores(need_mask);
         }
-        convert_fragment(rP, tSrS);
-        if constexpr (!KT::kPInSmem) wgmma_issue<false, true>(mma_dv, tdVrP, tdVrdO(_, _, _, s), tdVrdV);
-        else copy(ds_copy, tdSrP, tPsP(_, _, _, buf));
-        warpgroup_wait<KT::kPInSmem ? 0 : 1>();  // dP^T is ready; dV may still run
+        if constexpr (!KT::kLateDv) {
+          convert_fragment(rP, tSrS);
+          if constexpr (!KT::kPInSmem) wgmma_issue<false, true>(mma_dv, tdVrP, tdVrdO(_, _, _, s), tdVrdV);
+          else copy(ds_copy, tdSrP, tPsP(_, _, _, buf));
+        }
+        warpgroup_wait<(KT::kPInSmem || KT::kLateDv) ? 0 : 1>();  // dP^T is ready; dV may still run
         warpgroup_fence_operand(tdPrdP);
-        CUTE_UNROLL
-        for (int r = 0; r < size<0>(S); ++r) {
+        if constexpr (KT::kLateDv) {
           CUTE_UNROLL
-          for (int c = 0; c < size<1>(S); ++c) dP(r, c) = S(r, c) * (dP(r, c) - delta[get<1>(rc(r, c))]);
+          for (int i = 0; i < size(tdPrdP); ++i) tdPrdP(i) *= tSrS(i);  // dP^T holds dP^T - delta already
+          convert_fragment(rP, tSrS);
+          wgmma_issue<false, true>(mma_dv, tdVrP, tdVrdO(_, _, _, s), tdVrdV);
+        } else {
+          CUTE_UNROLL
+          for (int r = 0; r < size<0>(S); ++r) {
+            CUTE_UNROLL
+            for (int c = 0; c < size<1>(S); ++c) dP(r, c) = S(r, c) * (dP(r, c) - delta[get<1>(rc(r, c))]);
+          }
         }
       } else {
         warpgroup_wait<0>();
         warpgroup_fence_operand(tSrS);
         warpgroup_fence_operand(tdPrdP);
         constexpr float kLog2e = 1.4426950408889634f;
-        CUTE_UNROLL
-        for (int r = 0; r < size<0>(S); ++r) {
+        auto capped = [&](int r, int c, float l, float dl, bool ok) {
+          float const t = tanh_approx(S(r, c) * p.softcap_pre);
+          float x = fmaf(p.softcap * t, kLog2e, -l);
+          if (!ok) x = -INFINITY;
+          float const pr = exp2f(x);
+          S(r, c) = pr;
+          // d(softcap * tanh(s * pre)) / ds = scale * (1 - t^2); the scale is applied to dQ and dK at the end.
+          dP(r, c) = pr * (dP(r, c) - dl) * (1.f - t * t);
+        };
+        if constexpr (KT::kLateDv) {  // dP^T holds dP^T - delta already
           CUTE_UNROLL
-          for (int c = 0; c < size<1>(S); ++c) {
-            float const t = tanh_approx(S(r, c) * p.softcap_pre);
-            float x = fmaf(p.softcap * t, kLog2e, -lse[get<1>(rc(r, c))]);
-            if (need_mask && !allowed(r, c)) x = -INFINITY;
-            float const pr = exp2f(x);
-            S(r, c) = pr;
-            // d(softcap * tanh(s * pre)) / ds = scale * (1 - t^2); the scale is applied to dQ and dK at the end.
-            dP(r, c) = pr * (dP(r, c) - delta[get<1>(rc(r, c))]) * (1.f - t * t);
+          for (int c = 0; c < size<1>(S); c += 2) {
+            float2 const l = stat_pair(lse, c);
+            CUTE_UNROLL
+            for (int r = 0; r < size<0>(S); ++r) {
+              capped(r, c, l.x, 0.f, !need_mask || allowed(r, c));
+              capped(r, c + 1, l.y, 0.f, !need_mask || allowed(r, c + 1));
+            }
+          }
+        } else {
+          CUTE_UNROLL
+          for (int r = 0; r < size<0>(S); ++r) {
+            CUTE_UNROLL
+            for (int c = 0; c < size<1>(S); ++c)
+              capped(r, c, lse[get<1>(rc(r, c))], delta[get<1>(rc(r, c))], !need_mask || allowed(r, c));
           }
         }
         convert_fragment(rP, tSrS);
@@ -434,8 +512,7 @@ struct BwdMainloop {
       // slice (one of kDqBufs, in turn) is rewritten only after the add that last read it has (issued kDqBufs
       // steps earlier, so the wait rarely waits).
       int64_t const stat = tile.stat_row(h, m);
-      float* const dq_slice = p.dq_accum + stat * kHeadDim +
-                              mma_wg * kBlockM * KT::kDqCols;
+      float* const dq_slice = p.dq_accum + stat * kHeadDim + mma_wg * KT::kDqSlice;
       static_assert(decltype(size(tdQrdQ))::value % 4 == 0);
       if constexpr (KT::kDqRed) {
         // Deterministic: every thread's reductions of this slice, in key-block turn, fenced before the issuer
@@ -493,6 +570,25 @@ struct BwdMainloop {
       warpgroup_fence_operand(tdKrdK);
       release(ss.pipeline_q, st);
       ++st;
+    };
+
+    cute::wait_barrier(ss.barrier_kv, 0);
+    // The GEMMs' fences (and WGMMA's accumulator operands) read S^T, dP^T and dQ before each step's zero-init
+    // GEMM overwrites them, so accumulators declared once stay live over the whole step. kLateDv declares them per
+    // step instead (never written before a step: nothing carried over), which the 128-row tile needs to fit.
+    auto make_acc = [&] {
+      return cute::make_tuple(partition_fragment_C(mma_sdp, Shape<BlkN, BlkM>{}),
+                              partition_fragment_C(mma_sdp, Shape<BlkN, BlkM>{}),
+                              partition_fragment_C(mma_dq, typename KT::DqTile{}));
+    };
+    if constexpr (KT::kLateDv) {
+      for (int step = 0; step < n_steps; ++step) {
+        auto acc = make_acc();
+        run_step(step, get<0>(acc), get<1>(acc), get<2>(acc));
+      }
+    } else {
+      auto acc = make_acc();
+      for (int step = 0; step < n_steps; ++step) run_step(step, get<0>(acc), get<1>(acc), get<2>(acc));
     }
     if (dq_issuer && sem_pending != nullptr) dq_turn_done(sem_pending);
   }
