@@ -357,8 +357,10 @@ struct BwdMainloop {
       // at -delta, so the GEMM leaves dP^T - delta. Without softcap, S^T's starts at -lse_log2 / scale_log2, or
       // -inf where the mask hides the element (each key row's allowed queries, mask_key_queries), so
       // S^T * scale_log2 is the exponent, masked included (the fp32 sum rounds at |lse| / scale instead of |S|: far
-      // below bf16's P).
-      if constexpr (KT::kLateDv && !kSoftcap) {
+      // below bf16's P). With softcap (tanh of the raw score first) it starts at 0, or at kMaskedScore where masked,
+      // which the score loop tests (a finite sentinel: no reliance on inf compares under fast math).
+      constexpr float kMaskedScore = -3.0e38f;
+      if constexpr (KT::kLateDv) {
         static_assert(!KT::kVarlen);
         constexpr int kRows = decltype(size<0>(S))::value;  // key rows per thread
         int lo[kRows], hi[kRows];
@@ -372,13 +374,14 @@ struct BwdMainloop {
         float const inv_scale = 1.f / p.scale_log2;
         CUTE_UNROLL
         for (int c = 0; c < size<1>(S); c += 2) {
-          float2 const l = stat_pair(lse, c);
+          float2 const l = kSoftcap ? float2{0.f, 0.f} : stat_pair(lse, c);
           CUTE_UNROLL
           for (int r = 0; r < kRows; ++r) {
             CUTE_UNROLL
             for (int j = 0; j < 2; ++j) {
               int const ql = get<1>(rc(r, c + j));
-              S(r, c + j) = ql >= lo[r] && ql < hi[r] ? -(j ? l.y : l.x) * inv_scale : -INFINITY;
+              S(r, c + j) = ql >= lo[r] && ql < hi[r] ? -(j ? l.y : l.x) * inv_scale
+                                                      : (kSoftcap ? kMaskedScore : -INFINITY);
             }
           }
         }
@@ -459,14 +462,14 @@ struct BwdMainloop {
           // d(softcap * tanh(s * pre)) / ds = scale * (1 - t^2); the scale is applied to dQ and dK at the end.
           dP(r, c) = pr * (dP(r, c) - dl) * (1.f - t * t);
         };
-        if constexpr (KT::kLateDv) {  // dP^T holds dP^T - delta already
+        if constexpr (KT::kLateDv) {  // dP^T holds dP^T - delta already; S^T the mask
           CUTE_UNROLL
           for (int c = 0; c < size<1>(S); c += 2) {
             float2 const l = stat_pair(lse, c);
             CUTE_UNROLL
-            for (int r = 0; r < size<0>(S); ++r) {
-              capped(r, c, l.x, 0.f, !need_mask || allowed(r, c));
-              capped(r, c + 1, l.y, 0.f, !need_mask || allowed(r, c + 1));
+            for (int r = 0; r < size<0>(S); ++r) {  // masked: the accumulator started at kMaskedScore
+              capped(r, c, l.x, 0.f, S(r, c) > 0.5f * kMaskedScore);
+              capped(r, c + 1, l.y, 0.f, S(r, c + 1) > 0.5f * kMaskedScore);
             }
           }
         } else {
