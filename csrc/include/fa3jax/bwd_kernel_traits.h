@@ -23,7 +23,7 @@
 // kBlockM = 128 (FA3's d=64 tile, policy bwd64.block_m=128): S^T / dP^T are 64 keys x 128 queries per warpgroup
 // (128 accumulator registers), so dQ = dS K splits the queries instead of d (kDqRowsSplit: 64 queries x d per
 // warpgroup, 32 registers at d = 64), and the step is arranged to fit 240 registers (kLateDv, bwd_mainloop.h):
-// accumulators declared per step, the stats and the mask folded into the GEMMs' starting values, dV issued once
+// accumulator values ended every step, the stats and the mask folded into the GEMMs' starting values, dV issued once
 // dS^T is formed (S^T, dP^T, P^T and dK/dV never live together).
 #pragma once
 

@@ -295,11 +295,21 @@ struct BwdMainloop {
       else wgmma_issue<true, false>(mma_dq, ds_buf, tdQrK, acc);
     };
 
+    // Accumulators and their register-A views.
+    Tensor tSrS = partition_fragment_C(mma_sdp, Shape<BlkN, BlkM>{});
+    Tensor tdPrdP = partition_fragment_C(mma_sdp, Shape<BlkN, BlkM>{});
+    Tensor tdQrdQ = partition_fragment_C(mma_dq, typename KT::DqTile{});
+    Tensor rP = make_fragment_like<Element>(tSrS);
+    Tensor rdS = make_fragment_like<Element>(tdPrdP);
     // dV / dK A operands: registers (the accumulators converted in place) or P^T / dS^T in shared memory.
     auto dkv_a = [&](auto const& thr, auto& r, auto& smem) {
       if constexpr (KT::kPInSmem) return thr.partition_fragment_A(smem);
       else return make_tensor(r.data(), acc_to_a_regs(r.layout()));
     };
+    auto tdVrP = dkv_a(thr_dv, rP, sPt);
+    auto tdKrdS = dkv_a(thr_dk, rdS, sdSt);
+    Tensor S = make_tensor(tSrS.data(), acc_rowcol(tSrS.layout()));
+    Tensor dP = make_tensor(tdPrdP.data(), acc_rowcol(tdPrdP.layout()));
     // (key, query) tile coordinates of each S^T element.
     Tensor cS = make_identity_tensor(Shape<BlkN, BlkM>{});
     Tensor tScS = thr_sdp.partition_C(cS);
@@ -308,7 +318,9 @@ struct BwdMainloop {
     // dS^T registers -> shared memory with stmatrix (keys as rows, queries contiguous: sdSt).
     auto ds_copy = make_tiled_copy_C(Copy_Atom<SM90_U32x4_STSM_N, Element>{}, mma_sdp);
     auto thr_ds_copy = ds_copy.get_thread_slice(mma_tid);
+    Tensor tdSrdS = thr_ds_copy.retile_S(rdS);
     Tensor tdSsdS = thr_ds_copy.partition_D(sdSt);  // (CPY, CPY_M, CPY_N, buffer)
+    Tensor tdSrP = thr_ds_copy.retile_S(rP);
     Tensor tPsP = thr_ds_copy.partition_D(sPt);
 
     float* const sdq0 = ss.smem_dq.data() + mma_wg * KT::kDqSlice;
@@ -319,25 +331,37 @@ struct BwdMainloop {
     int const n_steps = p.group_size * km.num_blocks();
     int* sem_pending = nullptr;  // deterministic mode, issuing thread: the slice whose add is still in flight
 
-    // One step on the accumulators S^T, dP^T, dQ (tSrS, tdPrdP, tdQrdQ) and their register-A views.
-    auto run_step = [&](int step, auto& tSrS, auto& tdPrdP, auto& tdQrdQ) {
-      Tensor rP = make_fragment_like<Element>(tSrS);
-      Tensor rdS = make_fragment_like<Element>(tdPrdP);
-      auto tdVrP = dkv_a(thr_dv, rP, sPt);
-      auto tdKrdS = dkv_a(thr_dk, rdS, sdSt);
-      Tensor S = make_tensor(tSrS.data(), acc_rowcol(tSrS.layout()));
-      Tensor dP = make_tensor(tdPrdP.data(), acc_rowcol(tdPrdP.layout()));
-      Tensor tdSrdS = thr_ds_copy.retile_S(rdS);
-      Tensor tdSrP = thr_ds_copy.retile_S(rP);
+    auto issue_sdp = [&](int s) {
+      wgmma_issue<true, false>(mma_sdp, tSrK, tSrQ(_, _, _, s), tSrS);
+      wgmma_issue<true, false>(mma_sdp, tdPrV, tdPrdO(_, _, _, s), tdPrdP);
+    };
+    // kLateDv: masked scores' start with softcap (see below).
+    constexpr float kMaskedScore = -3.0e38f;
+
+    cute::wait_barrier(ss.barrier_kv, 0);
+    for (int step = 0; step < n_steps; ++step) {
+      if constexpr (KT::kLateDv) {
+        // The GEMMs' fences (and WGMMA's accumulator operands) read S^T, dP^T and dQ before each step's GEMMs
+        // overwrite them, so these registers stay live from one step into the next. kLateDv ends their values here
+        // (forget_values), which the 128-row tile needs to fit (without: C7512 and 52 B of spills).
+        forget_values(tSrS);
+        forget_values(tdPrdP);
+        forget_values(tdQrdQ);
+      }
       int h, m;
       step_coords(p, tile, km, step, h, m);
       int const buf = step & 1;
       pipe.consumer_wait(st);
+      if constexpr (!KT::kLateDv) issue_sdp(st.index());
       int const s = st.index();
       bool const need_mask = km.needs_mask(m);
       int const q0 = m * kBlockM;
       float const* lse = ss.smem_lse[s];
       float const* delta = ss.smem_delta[s];
+      auto allowed = [&](int r, int c) {
+        return mask_allows(q0 + int(get<1>(rc(r, c))), n0 + int(get<0>(rc(r, c))), tile.seq.seqlen_q, tile.seq.seqlen_k,
+                           p.window_left, p.window_right);
+      };
       // kLateDv: a stat row's values of columns c, c + 1 (c even: adjacent queries) in one 8-byte shared load
       // (ld.shared: a plain pointer load went through the generic path, with 64-bit addresses), read where used
       // rather than held (each thread sees 32 queries at 128 rows; test_layouts checks the pairing).
@@ -348,19 +372,14 @@ struct BwdMainloop {
                      : "r"(cute::cast_smem_ptr_to_uint(row) + uint32_t(get<1>(rc(0, c))) * 4u));
         return v;
       };
-      auto allowed = [&](int r, int c) {
-        return mask_allows(q0 + int(get<1>(rc(r, c))), n0 + int(get<0>(rc(r, c))), tile.seq.seqlen_q, tile.seq.seqlen_k,
-                           p.window_left, p.window_right);
-      };
-      // kLateDv: the GEMMs start from the stats and the mask instead of reading them next to S^T, dP^T and dK/dV
-      // (ptxas batched the loads and the mask's predicates there, and the step spilled). dP^T's accumulator starts
-      // at -delta, so the GEMM leaves dP^T - delta. Without softcap, S^T's starts at -lse_log2 / scale_log2, or
-      // -inf where the mask hides the element (each key row's allowed queries, mask_key_queries), so
-      // S^T * scale_log2 is the exponent, masked included (the fp32 sum rounds at |lse| / scale instead of |S|: far
-      // below bf16's P). With softcap (tanh of the raw score first) it starts at 0, or at kMaskedScore where masked,
-      // which the score loop tests (a finite sentinel: no reliance on inf compares under fast math).
-      constexpr float kMaskedScore = -3.0e38f;
       if constexpr (KT::kLateDv) {
+        // The GEMMs start from the stats and the mask instead of reading them next to S^T, dP^T and dK/dV (ptxas
+        // batched the loads and the mask's predicates there, and the step spilled). dP^T's accumulator starts at
+        // -delta, so the GEMM leaves dP^T - delta. Without softcap, S^T's starts at -lse_log2 / scale_log2, or
+        // -inf where the mask hides the element (each key row's allowed queries, mask_key_queries), so
+        // S^T * scale_log2 is the exponent, masked included (the fp32 sum rounds at |lse| / scale instead of |S|:
+        // far below bf16's P). With softcap (tanh of the raw score first) it starts at 0, or at kMaskedScore where
+        // masked, which the score loop tests (a finite sentinel: no reliance on inf compares under fast math).
         static_assert(!KT::kVarlen);
         constexpr int kRows = decltype(size<0>(S))::value;  // key rows per thread
         int lo[kRows], hi[kRows];
@@ -386,10 +405,6 @@ struct BwdMainloop {
           }
         }
         wgmma_issue<false, false>(mma_sdp, tSrK, tSrQ(_, _, _, s), tSrS);
-      } else {
-        wgmma_issue<true, false>(mma_sdp, tSrK, tSrQ(_, _, _, s), tSrS);
-      }
-      if constexpr (KT::kLateDv) {
         CUTE_UNROLL
         for (int c = 0; c < size<1>(dP); c += 2) {
           float2 const dl = stat_pair(delta, c);
@@ -397,16 +412,15 @@ struct BwdMainloop {
           for (int r = 0; r < size<0>(dP); ++r) dP(r, c) = -dl.x, dP(r, c + 1) = -dl.y;
         }
         wgmma_issue<false, false>(mma_sdp, tdPrV, tdPrdO(_, _, _, s), tdPrdP);
-      } else {
-        wgmma_issue<true, false>(mma_sdp, tdPrV, tdPrdO(_, _, _, s), tdPrdP);
       }
       if constexpr (!kSoftcap) {
         warpgroup_wait<1>();  // S^T is ready; dP^T may still run
         warpgroup_fence_operand(tSrS);
         // masked: a runtime bool (the element test under a per-block predicate), or with kMaskSplit a compile-time
-        // one: two copies of the loop, the unmasked one free of mask arithmetic.
+        // one: two copies of the loop, the unmasked one free of mask arithmetic. kLateDv: S^T holds
+        // S^T - lse_log2 / scale_log2, or -inf, already.
         auto exp_scores = [&](auto masked) {
-          if constexpr (KT::kLateDv) {  // S^T holds S^T - lse_log2 / scale_log2, or -inf, already
+          if constexpr (KT::kLateDv) {
             CUTE_UNROLL
             for (int i = 0; i < size(tSrS); ++i) tSrS(i) = exp2f(tSrS(i) * p.scale_log2);
           } else {
@@ -422,7 +436,7 @@ struct BwdMainloop {
           }
         };
         if constexpr (KT::kLateDv) {
-          exp_scores(cute::false_type{});  // masked in the accumulator's start
+          exp_scores(cute::false_type{});
         } else if constexpr (KT::kMaskSplit) {
           if (need_mask) exp_scores(cute::true_type{});
           else exp_scores(cute::false_type{});
@@ -453,31 +467,36 @@ struct BwdMainloop {
         warpgroup_fence_operand(tSrS);
         warpgroup_fence_operand(tdPrdP);
         constexpr float kLog2e = 1.4426950408889634f;
-        auto capped = [&](int r, int c, float l, float dl, bool ok) {
-          float const t = tanh_approx(S(r, c) * p.softcap_pre);
-          float x = fmaf(p.softcap * t, kLog2e, -l);
-          if (!ok) x = -INFINITY;
-          float const pr = exp2f(x);
-          S(r, c) = pr;
-          // d(softcap * tanh(s * pre)) / ds = scale * (1 - t^2); the scale is applied to dQ and dK at the end.
-          dP(r, c) = pr * (dP(r, c) - dl) * (1.f - t * t);
-        };
-        if constexpr (KT::kLateDv) {  // dP^T holds dP^T - delta already; S^T the mask
+        if constexpr (KT::kLateDv) {  // dP^T holds dP^T - delta already; S^T the mask (kMaskedScore)
           CUTE_UNROLL
           for (int c = 0; c < size<1>(S); c += 2) {
             float2 const l = stat_pair(lse, c);
             CUTE_UNROLL
-            for (int r = 0; r < size<0>(S); ++r) {  // masked: the accumulator started at kMaskedScore
-              capped(r, c, l.x, 0.f, S(r, c) > 0.5f * kMaskedScore);
-              capped(r, c + 1, l.y, 0.f, S(r, c + 1) > 0.5f * kMaskedScore);
+            for (int r = 0; r < size<0>(S); ++r) {
+              CUTE_UNROLL
+              for (int j = 0; j < 2; ++j) {
+                float const t = tanh_approx(S(r, c + j) * p.softcap_pre);
+                float x = fmaf(p.softcap * t, kLog2e, -(j ? l.y : l.x));
+                if (!(S(r, c + j) > 0.5f * kMaskedScore)) x = -INFINITY;
+                float const pr = exp2f(x);
+                S(r, c + j) = pr;
+                dP(r, c + j) = pr * dP(r, c + j) * (1.f - t * t);  // as below
+              }
             }
           }
         } else {
           CUTE_UNROLL
           for (int r = 0; r < size<0>(S); ++r) {
             CUTE_UNROLL
-            for (int c = 0; c < size<1>(S); ++c)
-              capped(r, c, lse[get<1>(rc(r, c))], delta[get<1>(rc(r, c))], !need_mask || allowed(r, c));
+            for (int c = 0; c < size<1>(S); ++c) {
+              float const t = tanh_approx(S(r, c) * p.softcap_pre);
+              float x = fmaf(p.softcap * t, kLog2e, -lse[get<1>(rc(r, c))]);
+              if (need_mask && !allowed(r, c)) x = -INFINITY;
+              float const pr = exp2f(x);
+              S(r, c) = pr;
+              // d(softcap * tanh(s * pre)) / ds = scale * (1 - t^2); the scale is applied to dQ and dK at the end.
+              dP(r, c) = pr * (dP(r, c) - delta[get<1>(rc(r, c))]) * (1.f - t * t);
+            }
           }
         }
         convert_fragment(rP, tSrS);
@@ -573,25 +592,6 @@ struct BwdMainloop {
       warpgroup_fence_operand(tdKrdK);
       release(ss.pipeline_q, st);
       ++st;
-    };
-
-    cute::wait_barrier(ss.barrier_kv, 0);
-    // The GEMMs' fences (and WGMMA's accumulator operands) read S^T, dP^T and dQ before each step's zero-init
-    // GEMM overwrites them, so accumulators declared once stay live over the whole step. kLateDv declares them per
-    // step instead (never written before a step: nothing carried over), which the 128-row tile needs to fit.
-    auto make_acc = [&] {
-      return cute::make_tuple(partition_fragment_C(mma_sdp, Shape<BlkN, BlkM>{}),
-                              partition_fragment_C(mma_sdp, Shape<BlkN, BlkM>{}),
-                              partition_fragment_C(mma_dq, typename KT::DqTile{}));
-    };
-    if constexpr (KT::kLateDv) {
-      for (int step = 0; step < n_steps; ++step) {
-        auto acc = make_acc();
-        run_step(step, get<0>(acc), get<1>(acc), get<2>(acc));
-      }
-    } else {
-      auto acc = make_acc();
-      for (int step = 0; step < n_steps; ++step) run_step(step, get<0>(acc), get<1>(acc), get<2>(acc));
     }
     if (dq_issuer && sem_pending != nullptr) dq_turn_done(sem_pending);
   }
