@@ -65,8 +65,11 @@ POLICY = {
                      min_seqlen_k=8192),
                 "unmasked long keys (+7-10% from 8k keys, benchmarks/RESULTS.md); no room for the O buffer"),
     # Backward main kernel: block_n keys per CTA, wg consumer warpgroups (bwd_kernel_traits.h: along keys when
-    # block_n = 64 * wg, else along queries and d); block_m queries per step (bwd_layout.h fixes it at 64 and 2
-    # warpgroups for the dq_accum tiles).
+    # block_n = 64 * wg, else along queries and d); block_m queries per step (bwd_tile_m, bwd_layout.h): 64; or 80
+    # for dense unmasked calls without softcap, not deterministic (FA3's non-causal d=128 tile, dQ computed
+    # transposed, one dQ staging buffer; d = block_n = 64 x wg); or 128 for every dense call (FA3's d=64 tile: dQ
+    # with the warpgroups along queries, dV issued after dS, one dQ staging buffer; bwd64 only). Other calls, and
+    # varlen, use 64.
     "bwd64": (dict(block_m=64, block_n=128, wg=2, stages=2, producer_regs=24, consumer_regs=240, dq_red=0,
                    dq_bufs=2, **BWD_AB),
               "FA3's d=64/128 shape: 2 consumer warpgroups x 64 keys, dK/dV in registers"),
@@ -123,7 +126,7 @@ FwdStatus run_fwd_kvcache_instance<DType::{enum}, {hdim}>(const FwdParams& p, cu
 """
 
 BWD_TU = HEADER + """// Backward main-kernel instantiation: dtype {dtype}, head_dim {hdim}{mla_note}.
-#include "fa3jax/bwd_launch.h"
+{ext}#include "fa3jax/bwd_launch.h"
 
 namespace fa3jax {{
 template <>
@@ -239,6 +242,15 @@ def main(argv=None):
     if not pairs or not dtypes:
         sys.exit("need at least one head dim and one dtype")
     policy = apply_overrides(POLICY, a.policy)
+    for name, (pol, _) in policy.items():
+        if name.startswith("bwd") and pol["block_m"] != 64:
+            d = int(name[3:].partition("x")[0])
+            wide = pol["block_m"] == 80 and pol["block_n"] == 64 * pol["wg"] and d == 64 * pol["wg"]
+            tall = pol["block_m"] == 128 and name == "bwd64" and pol["block_n"] == 128 and pol["wg"] == 2
+            if not (wide or tall) or pol["dq_red"]:
+                sys.exit(f"{name}.block_m={pol['block_m']}: want 64; 80 with d = block_n = 64 x wg; or 128 for bwd64 "
+                         "with block_n=128, wg=2; and dq_red=0 (bwd_kernel_traits.h: dQ^T's M is one warpgroup's 64 "
+                         "columns; the 128-row dQ puts one warpgroup on 64 queries)")
     os.makedirs(a.out_dir, exist_ok=True)
     _write(os.path.join(a.out_dir, "policy.h"), policy_header(policy))
     paths, inc = [], [HEADER, INC_PROLOGUE]
@@ -273,7 +285,8 @@ def main(argv=None):
             if f"bwd{label}" not in policy:  # a head-dim pair without a backward kernel
                 continue
             p = os.path.join(a.out_dir, f"bwd_{t}_hdim{label}.cu")
-            _write(p, BWD_TU.format(dtype=t, hdim=d, hdim_v=dv, enum=DTYPES[t],
+            ext = "#define CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED\n" if policy[f"bwd{label}"][0]["block_m"] % 32 else ""
+            _write(p, BWD_TU.format(dtype=t, hdim=d, hdim_v=dv, enum=DTYPES[t], ext=ext,
                                     mla_note=f", head_dim_v {dv} (MLA)" if dv != d else ""))
             paths.append(p)
             bwd_inc.append(f'FA3JAX_BWD_INSTANCE({DTYPES[t]}, {t}, {d}, {dv}, "{label}")\n')

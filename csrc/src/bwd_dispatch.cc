@@ -5,6 +5,7 @@
 
 #include "fa3jax/attn_params.h"
 #include "checks.h"
+#include "policy.h"  // generated (generate_instantiations.py): BwdPolicy<d, dv>::kBlockM
 
 namespace fa3jax {
 
@@ -38,6 +39,21 @@ const char* bwd_compiled_list() {
       ;
 #undef FA3JAX_BWD_INSTANCE
   return kList;
+}
+
+int bwd_tile_m(const BwdParams& p) {
+  AttnCore const& c = p.core;
+  if (c.varlen.enabled()) return kBwdBlockM;
+  int const kd = bwd_kernel_dim(c.dtype, c.head_dim, c.value_dim());
+  int const kdv = c.value_dim() == c.head_dim ? kd : c.value_dim();
+  int tile = kBwdBlockM;
+#define FA3JAX_BWD_INSTANCE(e, n, d, dv, label) \
+  if (c.dtype == DType::e && kd == d && kdv == dv) tile = BwdPolicy<d, dv>::kBlockM;
+#include "bwd_instances.inc"
+#undef FA3JAX_BWD_INSTANCE
+  if (bwd_tile_serves_all_dense(tile)) return tile;
+  bool const plain = c.window_left < 0 && c.window_right < 0 && !(c.softcap > 0.f) && !p.deterministic;
+  return plain ? tile : kBwdBlockM;
 }
 
 static bool empty(AttnCore const& c) { return c.batch == 0 || c.seqlen_q == 0 || c.num_heads_q == 0; }
@@ -82,8 +98,7 @@ const char* bwd_check(const BwdParams& p) {
   // The main kernel's grid is (key blocks, kv heads, batch): CUDA's y/z limit is 65535.
   if (c.num_heads_k > 65535 || c.batch > 65535) return "batch and num_heads_k must be <= 65535";
   int64_t const stat_rows = varlen ? c.num_heads_q * bwd_varlen_stat_rows(c.seqlen_q, c.batch)
-                                   : int64_t(c.batch) * c.num_heads_q *
-                                         ((int64_t(c.seqlen_q) + kBwdBlockM - 1) / kBwdBlockM) * kBwdBlockM;
+                                   : int64_t(c.batch) * c.num_heads_q * bwd_padded_rows(c.seqlen_q, bwd_tile_m(p));
   if (stat_rows * kd > (int64_t(1) << 40)) return "tensor too large";
   if (empty(c) && !(varlen && c.seqlen_q + c.seqlen_k > 0)) return nullptr;  // nothing to do
   if (varlen && (!p.dq || (c.seqlen_k > 0 && (!p.dk || !p.dv)))) return "null buffer";

@@ -19,7 +19,8 @@ constexpr float kLog2e = 1.4426950408889634f;
 constexpr int kRowsPerBlock = 8;  // one warp per row
 
 size_t align_up(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
-int64_t padded_rows(int seqlen_q) { return (int64_t(seqlen_q) + kBwdBlockM - 1) / kBwdBlockM * kBwdBlockM; }
+// Varlen rows per sequence, and dense rows per (batch, head) with the call's tile (bwd_tile_m).
+int64_t padded_rows(int seqlen_q, int tile_m = kBwdBlockM) { return bwd_padded_rows(seqlen_q, tile_m); }
 
 // The serving kernel's q/k head dim (bwd_kernel_dim): dq_accum's row width, >= the call's head dim.
 int kernel_dim(const AttnCore& c) { return bwd_kernel_dim(c.dtype, c.head_dim, c.value_dim()); }
@@ -30,7 +31,7 @@ struct Sizes {
 Sizes sizes(const BwdParams& p) {
   AttnCore const& c = p.core;
   size_t rows = c.varlen.enabled() ? size_t(c.num_heads_q) * bwd_varlen_stat_rows(c.seqlen_q, c.batch)
-                                   : size_t(c.batch) * c.num_heads_q * padded_rows(c.seqlen_q);
+                                   : size_t(c.batch) * c.num_heads_q * padded_rows(c.seqlen_q, bwd_tile_m(p));
   size_t sem = p.deterministic ? rows / kBwdBlockM * kBwdNumMmaWG * sizeof(int) : 0;
   // dq_accum rows are the kernel's width (bwd_kernel_dim), which may exceed the call's head dim.
   size_t const width = size_t(kernel_dim(c));
@@ -121,20 +122,20 @@ __global__ void bwd_convert_dq_varlen_kernel(const float* __restrict__ acc, T* _
   int64_t const tile = (h * stat_rows + bwd_varlen_pad_start(int(seq.offset_q), b) + row / kBwdBlockM * kBwdBlockM) * kd;
   int64_t const base = ((seq.offset_q + row) * num_heads_q + h) * d;
   for (int t = lane; t < d; t += 32)
-    dq[base + t] = Cvt<T>::store(acc[tile + dq_tile_index(row % kBwdBlockM, t, kd / kBwdNumMmaWG)] * scale);
+    dq[base + t] = Cvt<T>::store(acc[tile + dq_tile_index(row % kBwdBlockM, t, kd)] * scale);
 }
 
-// dq (b, sq, hq, d) from dq_accum (tiles of bwd_layout.h, kd >= d wide), scaled once here rather than in every
-// partial.
+// dq (b, sq, hq, d) from dq_accum (tiles of tile_m rows, bwd_layout.h, kd >= d wide), scaled once here rather
+// than in every partial.
 template <class T>
 __global__ void bwd_convert_dq_kernel(const float* __restrict__ acc, T* __restrict__ dq, int seqlen_q,
-                                      int64_t rows_pad, int num_heads_q, int d, int kd, int64_t total, float scale) {
-  int const cols_per_wg = kd / kBwdNumMmaWG;
+                                      int64_t rows_pad, int num_heads_q, int d, int kd, int64_t total, float scale,
+                                      int tile_m) {
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
     int64_t const t = i % d, h = (i / d) % num_heads_q, row = (i / (int64_t(d) * num_heads_q)) % seqlen_q;
     int64_t const b = i / (int64_t(d) * num_heads_q * seqlen_q);
-    int64_t const tile = ((b * num_heads_q + h) * rows_pad + row / kBwdBlockM * kBwdBlockM) * kd;
-    dq[i] = Cvt<T>::store(acc[tile + dq_tile_index(int(row % kBwdBlockM), int(t), cols_per_wg)] * scale);
+    int64_t const tile = ((b * num_heads_q + h) * rows_pad + row / tile_m * tile_m) * kd;
+    dq[i] = Cvt<T>::store(acc[tile + dq_tile_index(int(row % tile_m), int(t), kd, tile_m)] * scale);
   }
 }
 
@@ -155,7 +156,7 @@ FwdStatus preprocess(const BwdParams& p, cudaStream_t stream) {
           static_cast<const T*>(p.out), static_cast<const T*>(p.dout), p.lse, p.dlse, ws, c.varlen, c.seqlen_q,
           c.seqlen_k, bwd_varlen_stat_rows(c.seqlen_q, c.batch), c.num_heads_q, c.value_dim(), kernel_dim(c));
   } else {
-    int64_t const rows_pad = padded_rows(c.seqlen_q);
+    int64_t const rows_pad = padded_rows(c.seqlen_q, ws.tile_m);  // a multiple of kRowsPerBlock (64, 80)
     dim3 grid(unsigned(rows_pad / kRowsPerBlock), unsigned(c.num_heads_q), unsigned(c.batch));
     bwd_preprocess_kernel<T><<<grid, 32 * kRowsPerBlock, 0, stream>>>(
         static_cast<const T*>(p.out), static_cast<const T*>(p.dout), p.lse, p.dlse, ws, c.seqlen_q, rows_pad,
@@ -184,8 +185,8 @@ FwdStatus postprocess(const BwdParams& p, cudaStream_t stream) {
   }
   int64_t const total_q = int64_t(c.batch) * c.seqlen_q * c.num_heads_q * c.head_dim;
   bwd_convert_dq_kernel<T><<<sweep_blocks(total_q), 256, 0, stream>>>(
-      ws.dq_accum, static_cast<T*>(p.dq), c.seqlen_q, padded_rows(c.seqlen_q), c.num_heads_q, c.head_dim,
-      kernel_dim(c), total_q, c.softmax_scale);
+      ws.dq_accum, static_cast<T*>(p.dq), c.seqlen_q, padded_rows(c.seqlen_q, ws.tile_m), c.num_heads_q, c.head_dim,
+      kernel_dim(c), total_q, c.softmax_scale, ws.tile_m);
   if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return {e, "bwd dq convert launch"};
   return {};
 }
@@ -204,6 +205,7 @@ BwdWorkspace bwd_workspace(const BwdParams& p) {
   char* base = static_cast<char*>(p.workspace);
   BwdWorkspace ws;
   ws.dq_accum = reinterpret_cast<float*>(base);
+  ws.tile_m = bwd_tile_m(p);
   ws.delta = reinterpret_cast<float*>(base + s.dq_accum);
   ws.lse_log2 = reinterpret_cast<float*>(base + s.dq_accum + s.row);
   if (s.sem) ws.dq_sem = reinterpret_cast<int*>(base + s.dq_accum + 2 * s.row);

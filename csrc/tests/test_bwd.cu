@@ -445,6 +445,12 @@ int main(int argc, char** argv) {
       {1, 190, 260, 2, 2, -1, 0, 30.f, true, "causal-softcap30"},
       {1, 256, 256, 2, 2, -1, -1, 5.f, false, "full-softcap5"},
       {2, 7, 3, 3, 1, -1, -1, 0.f, false, "tiny"},
+      // Whole and partial query tiles of every height (400 = 5 x 80 = 6.25 x 64 = 3.125 x 128), GQA, unmasked (the
+      // 80-row tile where the policy has block_m=80, the 128-row one where bwd64.block_m=128).
+      {1, 400, 517, 4, 2, -1, -1, 0.f, true, "gqa-full-400x517"},
+      // One query past whole 128-row tiles, MQA, causal with more keys than queries (bottom-right): partial and
+      // masked 128-row tiles across 5 key blocks.
+      {1, 385, 640, 4, 1, -1, 0, 0.f, true, "mqa-causal-385x640"},
   };
   const Config det_configs[] = {
       {2, 333, 700, 4, 2, -1, -1, 0.f, true, "gqa-full"},

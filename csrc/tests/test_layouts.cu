@@ -8,7 +8,8 @@
 //    thread), and every thread's K / V operand tile starts at the operand's first element (gmma_desc_at);
 //  * mask.h against its element rule: a query block's key blocks and a key block's query blocks are exactly
 //    those holding an allowed pair, needs_mask is true iff a block holds a disallowed pair, and
-//    QBlockMask::unmasked_range agrees with needs_mask on every key block;
+//    QBlockMask::unmasked_range agrees with needs_mask on every key block; mask_key_queries' interval per key is
+//    exactly the allowed queries of a tile, lengths near INT_MAX included;
 //  * mask.h's KVBlockMask (the KV-cache forward's virtual key blocks: cache blocks, then appended-key blocks; GQA
 //    packing's query ranges, split-KV's parts)
 //    against the element rule on each row's key positions: the block range holds every allowed key and no block
@@ -20,8 +21,11 @@
 //    of 128 bytes swizzled by row % 8 (kv_chunk_offset, where the page gather writes and where a 128-byte-swizzled
 //    TMA box of 64 columns x 8k rows starting on a swizzle atom lands), and kv_colmask_col names each thread's
 //    accumulator columns (the consumers' page mask);
-//  * the backward's register layouts per policy (check_bwd), MLA ones included; instantiating the traits also
+//  * the backward's register layouts per policy (check_bwd), MLA ones included, and of the 80-row tile (dQ
+//    transposed: its accumulator order against dq_tile_index's 80-row case) and the 128-row one (dQ with the
+//    warpgroups along queries; the stat reads in column pairs); instantiating the traits also
 //    checks at compile time that the policy's tiles fit shared memory and the register budget.
+#include <algorithm>
 #include <cstdio>
 #include <random>
 #include <vector>
@@ -153,10 +157,11 @@ int check_kv_paged(const char* name) {
 }
 
 // The backward main kernel's register layouts (bwd_kernel_traits.h, bwd_mainloop.h): value v of a thread's dQ
-// accumulator goes to w * 64 * C + (v / 4) * 512 + 4 * t + v % 4 (warpgroup w, thread t of it, C = kDqCols), which
-// must be where the postprocess reads its (row, col) (dq_tile_index), once per element; dK's and dV's accumulators
-// cover their tiles once; with P^T / dS^T in registers (warpgroups along keys), the S^T accumulator viewed as an A
-// operand holds the (key, query) coordinates the dV and dK GEMMs expect.
+// accumulator goes to w * kDqSlice + (v / 4) * 512 + 4 * t + v % 4 (warpgroup w, thread t of it), which must be
+// where the postprocess reads its (row, col) (dq_tile_index), once per element; dK's and dV's accumulators cover
+// their tiles once; with P^T / dS^T in registers (warpgroups along keys), the S^T accumulator viewed as an A
+// operand holds the (key, query) coordinates the dV and dK GEMMs expect; with kLateDv, columns c and c + 1 (c
+// even) of a thread's S^T are queries q and q + 1 with q even, in every row (the mainloop's 8-byte stat reads).
 template <class KT>
 int check_bwd(const char* name) {
   int errors = 0;
@@ -170,11 +175,12 @@ int check_bwd(const char* name) {
     for (int v = 0; v < size(c); ++v) ++hits[get<0>(c(v)) * size<1>(shape) + get<1>(c(v))];
   };
   for (int t = 0; t < KT::kNumMmaThreads; ++t) {
-    Tensor c = mma_dq.get_thread_slice(t).partition_C(make_identity_tensor(Shape<typename KT::BlkM, typename KT::HDim>{}));
+    Tensor c = mma_dq.get_thread_slice(t).partition_C(make_identity_tensor(typename KT::DqTile{}));
     for (int v = 0; v < size(c); ++v) {
-      int const row = get<0>(c(v)), col = get<1>(c(v));
-      int const written = t / 128 * KT::kBlockM * KT::kDqCols + (v / 4) * 512 + 4 * (t % 128) + v % 4;
-      int const read = dq_tile_index(row, col, KT::kDqCols);
+      int row = get<0>(c(v)), col = get<1>(c(v));  // (query, column of d), or (column, query) if swapped
+      if constexpr (KT::kDqSwapAB) std::swap(row, col);
+      int const written = t / 128 * KT::kDqSlice + (v / 4) * 512 + 4 * (t % 128) + v % 4;
+      int const read = dq_tile_index(row, col, KT::kHeadDim, KT::kBlockM);
       if (written != read && errors++ < 5)
         std::printf("%s: dQ thread %d value %d (%d, %d) written at %d, read at %d\n", name, t, v, row, col, written,
                     read);
@@ -190,6 +196,16 @@ int check_bwd(const char* name) {
       Tensor a_dk = typename KT::TiledMmadK{}.get_thread_slice(t).partition_A(cS);
       if (size(tPcS) != size(a_dv) || size(tPcS) != size(a_dk)) return std::printf("%s: A size mismatch\n", name), 1;
       for (int i = 0; i < size(tPcS); ++i) errors += (tPcS(i) != a_dv(i)) + (tPcS(i) != a_dk(i));
+      if constexpr (KT::kLateDv) {
+        Tensor rc = make_tensor(tScS.data(), acc_rowcol(tScS.layout()));
+        for (int c = 0; c + 1 < size<1>(rc); c += 2)
+          for (int r = 0; r < size<0>(rc); ++r) {
+            int const q = get<1>(rc(0, c));
+            if ((q % 2 != 0 || get<1>(rc(r, c)) != q || get<1>(rc(r, c + 1)) != q + 1) && errors++ < 5)
+              std::printf("%s: S^T thread %d (%d, %d): query %d, pair base %d\n", name, t, r, c,
+                          int(get<1>(rc(r, c))), q);
+          }
+      }
     }
   }
   for (auto const* hits : {&dq_hits, &dk_hits, &dv_hits})
@@ -278,25 +294,6 @@ TileTruth tile_truth(int m, int n, int sq, int sk, int left, int right, bool cli
   return t;
 }
 
-// key_query_range against the element rule: for random lengths and windows, every (query, key) pair, keys and
-// queries past both ends included.
-int check_key_query_range() {
-  std::mt19937 rng(5);
-  int errors = 0;
-  int const wins[] = {-1, 0, 1, 3, 17, 64, 200};
-  for (int trial = 0; trial < 3000; ++trial) {
-    int const sq = 1 + int(rng() % 150), sk = 1 + int(rng() % 150);
-    int const left = wins[rng() % 7], right = wins[rng() % 7];
-    for (int j = -2; j < sk + 2; ++j) {
-      int lo, hi;
-      key_query_range(j, sq, sk, left, right, lo, hi);
-      for (int i = -2; i < sq + 2; ++i) errors += (i >= lo && i <= hi) != mask_allows(i, j, sq, sk, left, right);
-    }
-  }
-  std::printf("key_query_range: %s (%d errors)\n", errors ? "FAIL" : "ok", errors);
-  return errors != 0;
-}
-
 // Both block masks against the element rule, and QBlockMask::unmasked_range against needs_mask, over sequence
 // lengths and windows that put block edges on, before and after the diagonal and the tails.
 template <int kBlockM, int kBlockN>
@@ -344,6 +341,49 @@ int check_masks() {
           }
         }
   std::printf("masks<%d, %d>: %s (%d cases, %d errors)\n", kBlockM, kBlockN, errors ? "FAIL" : "ok", cases, errors);
+  return errors != 0;
+}
+
+// mask_key_queries against the element rule: key j's [lo, hi) of a tile of `rows` queries from q0 holds exactly
+// the allowed queries, 0 <= lo <= hi <= rows, for keys and tiles in, at and past the lengths; and near INT_MAX,
+// where 32-bit sums overflow (there against the rule in 64-bit arithmetic: mask_allows' own int sums wrap).
+int check_key_queries() {
+  int errors = 0, cases = 0;
+  auto allows64 = [](int64_t i, int64_t j, int64_t sq, int64_t sk, int64_t left, int64_t right) {
+    int64_t const diag = i + sk - sq;
+    return i >= 0 && i < sq && j >= 0 && j < sk && (left < 0 || j >= diag - left) && (right < 0 || j <= diag + right);
+  };
+  auto one = [&](int j, int q0, int rows, int sq, int sk, int left, int right) {
+    int lo, hi;
+    mask_key_queries(j, q0, rows, sq, sk, left, right, lo, hi);
+    ++cases;
+    bool bad = lo < 0 || lo > hi || hi > rows;
+    for (int ql = 0; ql < rows && !bad; ++ql)
+      bad = (ql >= lo && ql < hi) != allows64(int64_t(q0) + ql, j, sq, sk, left, right) ||
+            (sq < 100000 && sk < 100000 && (ql >= lo && ql < hi) != mask_allows(q0 + ql, j, sq, sk, left, right));
+    if (bad && errors++ < 5)
+      std::printf("mask_key_queries(j=%d, q0=%d, rows=%d, sq=%d, sk=%d, left=%d, right=%d) = [%d, %d)\n", j, q0, rows,
+                  sq, sk, left, right, lo, hi);
+  };
+  int const lens[] = {1, 63, 128, 129, 300};
+  int const wins[] = {-1, 0, 1, 64, 127, 200};
+  for (int rows : {64, 128})
+    for (int sq : lens)
+      for (int sk : lens)
+        for (int left : wins)
+          for (int right : wins)
+            for (int q0 = 0; q0 < sq + rows; q0 += rows)
+              for (int j = -1; j <= sk + 1; ++j) one(j, q0, rows, sq, sk, left, right);
+  int const big = 2147483647;
+  for (int left : {-1, 0, 5, big - 3, big})
+    for (int right : {-1, 0, 5, big - 3, big})
+      for (int j : {0, 100, big - 200, big - 2})
+        for (int q0 : {0, 128, big - 300, big - 128}) {
+          one(j, q0, 128, big - 1, big - 1, left, right);
+          one(j, q0, 128, big - 1, 1000, left, right);
+          one(j, q0, 128, 1000, big - 1, left, right);
+        }
+  std::printf("mask_key_queries: %s (%d cases, %d errors)\n", errors ? "FAIL" : "ok", cases, errors);
   return errors != 0;
 }
 
@@ -451,13 +491,13 @@ static int check_varlen_stat_rows() {
 int main() {
   int fails = 0;
   fails += check_varlen_stat_rows();
-  fails += check_key_query_range();
   fails += check_masks<128, 128>();
   fails += check_masks<128, 176>();
   fails += check_masks<128, 80>();
   fails += check_masks<192, 128>();
   fails += check_masks<64, 128>();
   fails += check_masks<64, 64>();  // the d=256 backward's blocks
+  fails += check_key_queries();
   fails += check_kv_masks<128, 128>();
   fails += check_kv_masks<128, 80>();
   fails += check_kv_masks<192, 128>();
@@ -490,5 +530,10 @@ int main() {
   fails += check_bwd<BwdTraitsFor<DType::kBF16, 256, 256>>("d256");
   fails += check_bwd<BwdTraitsFor<DType::kBF16, 192, 128>>("d192x128 (MLA)");
   fails += check_bwd<BwdTraitsFor<DType::kFP16, 128, 64>>("d128x64 (MLA)");
+  // The 80-row tile (policy block_m=80: dQ^T = K^T dS^T), whatever this build's policy.
+  fails += check_bwd<BwdTraitsFor<DType::kBF16, 128, 128, false, kBwdBlockMWide>>("d128 80-row");
+  fails += check_bwd<BwdTraitsFor<DType::kFP16, 128, 64, false, kBwdBlockMWide>>("d128x64 (MLA) 80-row");
+  // The 128-row tile (policy bwd64.block_m=128: dQ's warpgroups along queries), whatever this build's policy.
+  fails += check_bwd<BwdTraitsFor<DType::kBF16, 64, 64, false, kBwdBlockMTall>>("d64 128-row");
   return fails;
 }

@@ -168,8 +168,8 @@ const char* fwd_compiled_list();
 const char* fwd_arch();
 
 // Backward: core + the forward's out/LSE + the cotangents + gradients, and the fp32 workspace the passes share.
-// Rows of the per-row buffers are padded to kBwdBlockM (bwd_layout.h) so that the main kernel's query tiles never
-// need a bound.
+// Rows of the per-row buffers are padded to the main kernel's query tile (bwd_tile_m, bwd_layout.h) so that its
+// query tiles never need a bound.
 struct BwdParams {
   AttnCore core;
   const void* out = nullptr;   // (b, sq, hq, d_v), dense
@@ -192,8 +192,13 @@ struct BwdWorkspace {
   float* dq_accum = nullptr;
   float* delta = nullptr;     // rowsum(dO * O) - dlse: the softmax gradient's row term (FA2 paper, Alg. 2)
   float* lse_log2 = nullptr;  // lse * log2(e); +inf where lse is -inf so that exp2(s - lse_log2) is 0
-  int* dq_sem = nullptr;      // deterministic only: (b, hq, sq_pad / kBwdBlockM, kBwdNumMmaWG) turn counters
+  int* dq_sem = nullptr;      // deterministic only: (b, hq, sq_pad / tile_m, kBwdNumMmaWG) turn counters
+  int tile_m = kBwdBlockM;    // bwd_tile_m: the main kernel's query rows per step, the stat rows' padding
 };
+// The query tile of a call's main kernel (bwd_layout.h), the one place that picks it: kBwdBlockMTall for every
+// dense call where the serving instance's policy has block_m = 128; kBwdBlockMWide where it has block_m = 80 and
+// the call is dense, unmasked (no causal or window bound), without softcap and not deterministic; else kBwdBlockM. Workspace sizes, the passes and the launch all read it.
+int bwd_tile_m(const BwdParams& p);
 size_t bwd_workspace_bytes(const BwdParams& p);
 BwdWorkspace bwd_workspace(const BwdParams& p);
 

@@ -69,11 +69,11 @@ template <class KT>
 CUTE_DEVICE BwdTile make_bwd_tile(typename KT::Params const& p, int n_block, int head_k, int batch) {
   if constexpr (KT::kVarlen) {
     SeqInfo const seq = SeqInfo::varlen(batch, p.cu_seqlens_q, p.cu_seqlens_k, p.seqused_k, p.seqlen_q, p.seqlen_k);
-    return {n_block, head_k, batch, seq, bwd_varlen_pad_start(int(seq.offset_q), batch), p.stat_rows};
+    return {n_block, head_k, batch, seq, bwd_varlen_pad_start(int(seq.offset_q), batch), p.stat_rows, KT::kBlockM};
   } else {
     int64_t const rows_pad = int64_t(p.num_m_blocks) * KT::kBlockM;
     return {n_block, head_k, batch, SeqInfo::dense(batch, p.seqlen_q, p.seqlen_k),
-            int64_t(batch) * p.num_heads_q * rows_pad, rows_pad};
+            int64_t(batch) * p.num_heads_q * rows_pad, rows_pad, KT::kBlockM};
   }
 }
 

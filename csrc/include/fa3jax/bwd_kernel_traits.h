@@ -17,6 +17,14 @@
 //   S^T/dP^T along queries and dK/dV along d, so P^T and dS^T both go through shared memory and dV/dK are SS
 //   GEMMs.
 // MLA (kHeadDimV < kHeadDim): S^T, dK and dQ run over q/k's d; dP^T (its reduction), dV, V and dO over d_v.
+// kBlockM = 80 (FA3's non-causal d=128 tile; bwd_tile_m picks it): 80 queries are a legal WGMMA N but no M, so
+// S^T / dP^T / dV / dK keep queries on N or K as above, and dQ is computed transposed, dQ^T = K^T dS^T (d x
+// queries, warpgroups along d: M = 64 columns each, N = 80 queries, K = the keys; kDqSwapAB).
+// kBlockM = 128 (FA3's d=64 tile, policy bwd64.block_m=128): S^T / dP^T are 64 keys x 128 queries per warpgroup
+// (128 accumulator registers), so dQ = dS K splits the queries instead of d (kDqRowsSplit: 64 queries x d per
+// warpgroup, 32 registers at d = 64), and the step is arranged to fit 240 registers (kLateDv, bwd_mainloop.h):
+// accumulator values ended every step, the stats and the mask folded into the GEMMs' starting values, dV issued once
+// dS^T is formed (S^T, dP^T, P^T and dK/dV never live together).
 #pragma once
 
 #include <type_traits>
@@ -28,6 +36,8 @@
 #include <cutlass/cutlass.h>
 #include <cutlass/numeric_types.h>
 #include <cutlass/pipeline/sm90_pipeline.hpp>
+
+#include "bwd_layout.h"
 
 namespace fa3jax {
 
@@ -67,10 +77,20 @@ struct BwdKernelTraits {
   static constexpr int kLaunchRegs = (65536 / kNumThreads) / 8 * 8;
   static_assert(kProducerRegs * 128 + kConsumerRegs * kNumMmaThreads <= kLaunchRegs * kNumThreads,
                 "register reallocation exceeds the CTA's launch allocation (the kernel would hang)");
-  static_assert(kBlockN % 64 == 0 && kBlockM % 64 == 0 && kHeadDim % 64 == 0 && kHeadDimV % 64 == 0 &&
-                kHeadDimV <= kHeadDim);
-  static constexpr int kDqCols = kHeadDim / kNumMmaWG;  // dQ columns per warpgroup
+  // dQ^T = K^T dS^T (bwd_layout.h): query tiles that are no multiple of WGMMA's M.
+  static constexpr bool kDqSwapAB = bwd_dq_swapped(kBlockM);
+  static_assert(kBlockN % 64 == 0 && kBlockM % 16 == 0 && (kBlockM % 64 == 0 || kDqSwapAB) &&
+                kHeadDim % 64 == 0 && kHeadDimV % 64 == 0 && kHeadDimV <= kHeadDim);
+  // dQ with the warpgroups along queries (bwd_layout.h): only with register P^T / dS^T and 64 queries each.
+  static constexpr bool kDqRowsSplit = bwd_dq_rows_split(kBlockM);
+  static_assert(!kDqRowsSplit || (kNumMmaWG * 64 == kBlockM && kNumMmaWG == kWgKeys));
+  static constexpr int kDqCols = kDqRowsSplit ? kHeadDim : kHeadDim / kNumMmaWG;  // dQ columns per warpgroup
+  static constexpr int kDqSlice = kBlockM * kHeadDim / kNumMmaWG;  // dQ floats per warpgroup (bwd_layout.h)
   static_assert(kDqCols % 16 == 0);
+  // The 128-row step's register plan (bwd_mainloop.h): S^T + dP^T take 128 registers at 128 queries.
+  static constexpr bool kLateDv = kDqRowsSplit;
+  static_assert(!kDqSwapAB || (!kPInSmem && kDqCols == 64),
+                "a swapped dQ needs one WGMMA M (64 columns of d) per warpgroup and P^T / dS^T in registers");
   static constexpr int kDkCols = kPInSmem ? kHeadDim / kNumMmaWG : kHeadDim;    // dK columns per warpgroup
   static constexpr int kDvCols = kPInSmem ? kHeadDimV / kNumMmaWG : kHeadDimV;  // dV columns per warpgroup
 
@@ -101,10 +121,23 @@ struct BwdKernelTraits {
   using TiledMmadV = TiledMmaGrad<kHeadDimV, kDvCols>;
   // dQ = dS K: (queries, d, keys), warpgroups along d; A = dS (queries, keys) and B = K viewed as (d, keys),
   // both MN-major.
-  using TiledMmadQ = decltype(make_tiled_mma(
-      GMMA::ss_op_selector<Element, Element, float, Shape<_64, Int<kDqCols>, BlkN>, GMMA::Major::MN,
-                           GMMA::Major::MN>(),
-      AtomAlongN{}));
+  // kDqSwapAB: dQ^T = K^T dS^T: (d, queries, keys), warpgroups along d; A = K^T (d, keys) and B = dS (queries,
+  // keys), both MN-major as well. kDqRowsSplit: dQ = dS K with the warpgroups along queries (64 each).
+  using TiledMmadQ = std::conditional_t<
+      kDqSwapAB,
+      decltype(make_tiled_mma(GMMA::ss_op_selector<Element, Element, float, Shape<_64, BlkM, BlkN>,
+                                                   GMMA::Major::MN, GMMA::Major::MN>(),
+                              AtomAlongM{})),
+      std::conditional_t<
+          kDqRowsSplit,
+          decltype(make_tiled_mma(GMMA::ss_op_selector<Element, Element, float, Shape<_64, HDim, BlkN>,
+                                                       GMMA::Major::MN, GMMA::Major::MN>(),
+                                  AtomAlongM{})),
+          decltype(make_tiled_mma(GMMA::ss_op_selector<Element, Element, float, Shape<_64, Int<kDqCols>, BlkN>,
+                                                       GMMA::Major::MN, GMMA::Major::MN>(),
+                                  AtomAlongN{}))>>;
+  // dQ's accumulator tile: (queries, d), or (d, queries) with kDqSwapAB.
+  using DqTile = std::conditional_t<kDqSwapAB, Shape<HDim, BlkM>, Shape<BlkM, HDim>>;
 
   // K-major swizzle atom of a tensor whose transpose is an MN-major B operand sliced kCols wide per warpgroup.
   // An MN-major descriptor walks whole atoms from its start address, so a slice must either stay inside one atom
@@ -133,8 +166,12 @@ struct BwdKernelTraits {
   using SmemLayoutKt =
       decltype(composition(SmemLayoutK{}, make_layout(Shape<HDim, BlkN>{}, Stride<BlkN, _1>{})));
   // dS^T as (keys, queries, buffer) with queries contiguous, written from the dS^T accumulators by stmatrix like
-  // the forward's O; its transpose (queries, keys) is the MN-major A operand of dQ = dS K.
-  using SmemLayoutdSt = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<Element>{}, Shape<BlkN, BlkM, _2>{}));
+  // the forward's O; its transpose (queries, keys) is the MN-major A operand of dQ = dS K (or B of dQ^T). The
+  // widest swizzle whose atom divides the queries: 128 bytes at 64 rows, 32 bytes (16 queries) at 80.
+  using SwizzleAtomdS = std::conditional_t<
+      kBlockM % 64 == 0, GMMA::Layout_K_SW128_Atom<Element>,
+      std::conditional_t<kBlockM % 32 == 0, GMMA::Layout_K_SW64_Atom<Element>, GMMA::Layout_K_SW32_Atom<Element>>>;
+  using SmemLayoutdSt = decltype(tile_to_shape(SwizzleAtomdS{}, Shape<BlkN, BlkM, _2>{}));
   using SmemLayoutdS = decltype(composition(
       SmemLayoutdSt{}, make_layout(Shape<BlkM, BlkN, _2>{}, Stride<BlkN, _1, Int<kBlockM * kBlockN>>{})));
 
@@ -179,8 +216,8 @@ struct BwdKernelTraits {
     alignas(1024) cute::array_aligned<Element, cute::cosize_v<SmemLayoutdSt>, 1024> smem_ds;
     // P^T, laid out like dS^T (kPInSmem only: no bytes otherwise, d=128 fills 227 KiB without it).
     std::conditional_t<kPInSmem, cute::array_aligned<Element, cute::cosize_v<SmemLayoutdSt>, 1024>, Empty> smem_p;
-    // dQ partials, kDqBufs x one kBlockM x kDqCols fp32 slice per warpgroup in accumulator-register order
-    // (bwd_layout.h); unused with kDqRed.
+    // dQ partials, kDqBufs x one kDqSlice fp32 slice per warpgroup in accumulator-register order (bwd_layout.h);
+    // unused with kDqRed.
     alignas(128) cute::array_aligned<float, kDqRed ? 32 : kDqBufs * kBlockM * kHeadDim, 128> smem_dq;
     alignas(16) float smem_lse[kStages][kBlockM];
     alignas(16) float smem_delta[kStages][kBlockM];

@@ -13,19 +13,22 @@
 
 namespace fa3jax {
 
-template <DType kDType, int kHeadDim, int kHeadDimV, bool kVarlen = false, class P = BwdPolicy<kHeadDim, kHeadDimV>>
-using BwdTraitsFor = BwdKernelTraits<typename ElementOf<kDType>::type, kHeadDim, P::kBlockM, P::kBlockN, P::kNumMmaWG,
-                                     P::kStages, P::kProducerRegs, P::kConsumerRegs, P::kDqRed != 0, P::kDqBufs,
-                                     kVarlen, kHeadDimV, P::kWriterWarp != 0, P::kLpt != 0, P::kL2Hint != 0,
-                                     P::kMaskSplit != 0>;
+// kBlockM: kBwdBlockM for every call, or the policy's block_m (80, 128) for those bwd_tile_m gives it. These
+// kernels keep one dQ staging buffer: d=128 at 80 rows takes K 32 + V 32 + 2 x (Q 20 + dO 20) + dS 40 + dQ 40 =
+// 224 KiB, d=64 at 128 rows K 16 + V 16 + 2 x (Q 16 + dO 16) + dS 64 + dQ 32 = 192 KiB: no room for a second.
+template <DType kDType, int kHeadDim, int kHeadDimV, bool kVarlen = false, int kBlockM = kBwdBlockM,
+          class P = BwdPolicy<kHeadDim, kHeadDimV>>
+using BwdTraitsFor = BwdKernelTraits<typename ElementOf<kDType>::type, kHeadDim, kBlockM, P::kBlockN, P::kNumMmaWG,
+                                     P::kStages, P::kProducerRegs, P::kConsumerRegs, P::kDqRed != 0,
+                                     kBlockM == kBwdBlockM ? P::kDqBufs : 1, kVarlen, kHeadDimV,
+                                     P::kWriterWarp != 0, P::kLpt != 0, P::kL2Hint != 0, P::kMaskSplit != 0>;
 
-// kHeadDimV: v's, out's and dO's head dim (MLA: below kHeadDim).
-template <DType kDType, int kHeadDim, int kHeadDimV, bool kVarlen = false>
-FwdStatus launch_bwd_main(const BwdParams& bp, BwdWorkspace const& ws, cudaStream_t stream) {
-  if constexpr (!kVarlen) {  // the varlen kernel is compiled in the same translation unit
-    if (bp.core.varlen.enabled()) return launch_bwd_main<kDType, kHeadDim, kHeadDimV, true>(bp, ws, stream);
-  }
-  using KT = BwdTraitsFor<kDType, kHeadDim, kHeadDimV, kVarlen>;
+// One kernel: varlen or dense, kBlockM query rows per step (launch_bwd_main picks).
+template <DType kDType, int kHeadDim, int kHeadDimV, bool kVarlen, int kBlockM>
+FwdStatus launch_bwd_kernel(const BwdParams& bp, BwdWorkspace const& ws, cudaStream_t stream) {
+  using KT = BwdTraitsFor<kDType, kHeadDim, kHeadDimV, kVarlen, kBlockM>;
+  // The stat rows were padded for this tile (bwd_tile_m, the one place that picks it).
+  if (ws.tile_m != KT::kBlockM) return {cudaErrorInvalidValue, "bwd: workspace tile height differs from the kernel's"};
   using Element = typename KT::Element;
   AttnCore const& c = bp.core;
   int const b = c.batch, sq = c.seqlen_q, sk = c.seqlen_k, hq = c.num_heads_q, hk = c.num_heads_k;
@@ -85,7 +88,11 @@ FwdStatus launch_bwd_main(const BwdParams& bp, BwdWorkspace const& ws, cudaStrea
     }
   }
 
-  auto kernel = capped ? &bwd_kernel<KT, true> : &bwd_kernel<KT, false>;
+  auto kernel = &bwd_kernel<KT, false>;
+  // bwd_tile_m gives softcap calls the 64-row kernel, or one that serves every dense call.
+  if constexpr (kBlockM == kBwdBlockM || bwd_tile_serves_all_dense(kBlockM)) {
+    if (capped) kernel = &bwd_kernel<KT, true>;
+  }
   constexpr int smem = KT::kSmemBytes;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return {err, "cudaFuncSetAttribute(MaxDynamicSharedMemorySize), bwd"};
@@ -94,6 +101,23 @@ FwdStatus launch_bwd_main(const BwdParams& bp, BwdWorkspace const& ws, cudaStrea
   err = cudaGetLastError();
   if (err != cudaSuccess) return {err, "bwd kernel launch"};
   return {};
+}
+
+// The kernel for a call (kHeadDimV: v's, out's and dO's head dim; MLA: below kHeadDim), all in the one translation
+// unit: varlen (64 rows), or dense with the tile bwd_tile_m gave the workspace. A policy tile that serves every
+// dense call leaves no 64-row dense kernel to build.
+template <DType kDType, int kHeadDim, int kHeadDimV>
+FwdStatus launch_bwd_main(const BwdParams& bp, BwdWorkspace const& ws, cudaStream_t stream) {
+  if (bp.core.varlen.enabled()) return launch_bwd_kernel<kDType, kHeadDim, kHeadDimV, true, kBwdBlockM>(bp, ws, stream);
+  constexpr int kPolicyM = BwdPolicy<kHeadDim, kHeadDimV>::kBlockM;
+  if constexpr (bwd_tile_serves_all_dense(kPolicyM)) {
+    return launch_bwd_kernel<kDType, kHeadDim, kHeadDimV, false, kPolicyM>(bp, ws, stream);
+  } else {
+    if constexpr (kPolicyM != kBwdBlockM) {
+      if (ws.tile_m == kPolicyM) return launch_bwd_kernel<kDType, kHeadDim, kHeadDimV, false, kPolicyM>(bp, ws, stream);
+    }
+    return launch_bwd_kernel<kDType, kHeadDim, kHeadDimV, false, kBwdBlockM>(bp, ws, stream);
+  }
 }
 
 }  // namespace fa3jax

@@ -10,6 +10,11 @@
 // Warpgroups along queries (kPInSmem, d = 256 and MLA 192x128): P^T and dS^T both go to shared memory before the
 // barrier, then dV, dQ and dK are issued as SS GEMMs on this warpgroup's columns.
 // With softcap the scores' tanh is also needed for dS, so that path waits for both S^T and dP^T first.
+// 80-row tiles (kDqSwapAB) issue dQ^T = K^T dS^T instead of dQ = dS K, otherwise the same step; the staged slice
+// then holds the transposed accumulator, which the postprocess reads as such (bwd_layout.h dq_tile_index).
+// 128-row tiles (d = 64; kLateDv: S^T and dP^T take 128 registers) start S^T's accumulator at -lse_log2 /
+// scale_log2 (-inf where masked) and dP^T's at -delta, so the exponent and dS^T read no stat; they form dS^T and only
+// then convert P^T and issue dV, and their dQ = dS K has the warpgroups along queries (kDqRowsSplit).
 #pragma once
 
 #include <cute/arch/copy_sm90.hpp>
@@ -29,9 +34,10 @@ namespace fa3jax {
 struct BwdTile {
   int n_block, head_k, batch;
   SeqInfo seq;
-  int64_t stat_base, stat_head_stride;  // stat row of (query head h, query block m): base + h * stride + 64 m
+  int64_t stat_base, stat_head_stride;  // stat row of (query head h, query block m): base + h * stride + tile_m m
+  int tile_m;                           // the kernel's kBlockM (a constant where the tile is built)
 
-  CUTE_DEVICE int64_t stat_row(int h, int m) const { return stat_base + h * stat_head_stride + int64_t(m) * kBwdBlockM; }
+  CUTE_DEVICE int64_t stat_row(int h, int m) const { return stat_base + h * stat_head_stride + int64_t(m) * tile_m; }
 };
 
 // dst (global fp32) += src (shared fp32), `bytes` a multiple of 16, as one asynchronous bulk operation of the
@@ -99,7 +105,9 @@ struct BwdMainloop {
   static constexpr int kDsBarrier = 1;
   static constexpr int kDqBarrier = 2;
   static_assert(kDqBarrier + KT::kNumMmaWG <= 16, "out of named barriers");
-  static_assert(kBlockM == kBwdBlockM && KT::kNumMmaWG == kBwdNumMmaWG, "dq_accum layout (bwd_layout.h)");
+  static_assert((kBlockM == kBwdBlockM || ((kBlockM == kBwdBlockMWide || kBlockM == kBwdBlockMTall) && !KT::kVarlen)) &&
+                    KT::kNumMmaWG == kBwdNumMmaWG,
+                "dq_accum layout (bwd_layout.h)");
 
   // Producer, called by the whole warp 0 (lane 0 issues): K and V once, then Q, dO, lse_log2 and delta of every
   // (query head of the group, query block) in the consumers' order, into the pipeline's stages.
@@ -175,7 +183,7 @@ struct BwdMainloop {
   // The consumers thus never wait for an add's read nor sync among themselves for it.
   CUTE_DEVICE static void write_dq(Params const& p, SharedStorage& ss, BwdTile const& tile, KM const& km) {
     constexpr int kWG = KT::kNumMmaWG, kBufs = KT::kDqBufs;
-    constexpr int kSlice = kBlockM * KT::kDqCols;  // floats per warpgroup slice
+    constexpr int kSlice = KT::kDqSlice;  // floats per warpgroup slice
     bool const lane0 = threadIdx.x % 32 == 0;
     int const n_steps = p.group_size * km.num_blocks();
     int* sem_pending[kWG] = {};  // deterministic mode: each slice's add still to be counted (dq_turn_done)
@@ -277,13 +285,24 @@ struct BwdMainloop {
     Tensor tdPrdO = wg_sdp.partition_fragment_B(sdO);
     Tensor tdVrdO = wg_dv.partition_fragment_B(sdOt);
     Tensor tdKrQ = wg_dk.partition_fragment_B(sQt);
-    Tensor tdQrdS = wg_dq.partition_fragment_A(sdS);
-    Tensor tdQrK = wg_dq.partition_fragment_B(sKt);
+    // dQ = dS K (A = dS, B = K^T's view), or with kDqSwapAB dQ^T = K^T dS^T (A = K^T, B = dS).
+    auto tdQrdS = [&] {
+      if constexpr (KT::kDqSwapAB) return wg_dq.partition_fragment_B(sdS);
+      else return wg_dq.partition_fragment_A(sdS);
+    }();
+    auto tdQrK = [&] {
+      if constexpr (KT::kDqSwapAB) return wg_dq.partition_fragment_A(sKt);
+      else return wg_dq.partition_fragment_B(sKt);
+    }();
+    auto issue_dq = [&](auto const& ds_buf, auto& acc) {
+      if constexpr (KT::kDqSwapAB) wgmma_issue<true, false>(mma_dq, tdQrK, ds_buf, acc);
+      else wgmma_issue<true, false>(mma_dq, ds_buf, tdQrK, acc);
+    };
 
     // Accumulators and their register-A views.
     Tensor tSrS = partition_fragment_C(mma_sdp, Shape<BlkN, BlkM>{});
     Tensor tdPrdP = partition_fragment_C(mma_sdp, Shape<BlkN, BlkM>{});
-    Tensor tdQrdQ = partition_fragment_C(mma_dq, Shape<BlkM, HDim>{});
+    Tensor tdQrdQ = partition_fragment_C(mma_dq, typename KT::DqTile{});
     Tensor rP = make_fragment_like<Element>(tSrS);
     Tensor rdS = make_fragment_like<Element>(tdPrdP);
     // dV / dK A operands: registers (the accumulators converted in place) or P^T / dS^T in shared memory.
@@ -308,10 +327,10 @@ struct BwdMainloop {
     Tensor tdSrP = thr_ds_copy.retile_S(rP);
     Tensor tPsP = thr_ds_copy.partition_D(sPt);
 
-    float* const sdq0 = ss.smem_dq.data() + mma_wg * kBlockM * KT::kDqCols;
+    float* const sdq0 = ss.smem_dq.data() + mma_wg * KT::kDqSlice;
     int const wg_tid = mma_tid % 128;
     bool const dq_issuer = wg_tid == 0;
-    constexpr int kDqBytes = kBlockM * KT::kDqCols * int(sizeof(float));
+    constexpr int kDqBytes = KT::kDqSlice * int(sizeof(float));
     int const n0 = tile.n_block * KT::kBlockN;
     int const n_steps = p.group_size * km.num_blocks();
     int* sem_pending = nullptr;  // deterministic mode, issuing thread: the slice whose add is still in flight
@@ -320,80 +339,177 @@ struct BwdMainloop {
       wgmma_issue<true, false>(mma_sdp, tSrK, tSrQ(_, _, _, s), tSrS);
       wgmma_issue<true, false>(mma_sdp, tdPrV, tdPrdO(_, _, _, s), tdPrdP);
     };
+    // kLateDv: masked scores' start with softcap (see below).
+    constexpr float kMaskedScore = -3.0e38f;
 
     cute::wait_barrier(ss.barrier_kv, 0);
     for (int step = 0; step < n_steps; ++step) {
+      if constexpr (KT::kLateDv) {
+        // The GEMMs' fences (and WGMMA's accumulator operands) read S^T, dP^T and dQ before each step's GEMMs
+        // overwrite them, so these registers stay live from one step into the next. kLateDv ends their values here
+        // (forget_values), which the 128-row tile needs to fit (without: C7512 and 52 B of spills).
+        forget_values(tSrS);
+        forget_values(tdPrdP);
+        forget_values(tdQrdQ);
+      }
       int h, m;
       step_coords(p, tile, km, step, h, m);
       int const buf = step & 1;
       pipe.consumer_wait(st);
-      issue_sdp(st.index());
+      if constexpr (!KT::kLateDv) issue_sdp(st.index());
       int const s = st.index();
       bool const need_mask = km.needs_mask(m);
       int const q0 = m * kBlockM;
       float const* lse = ss.smem_lse[s];
       float const* delta = ss.smem_delta[s];
-      // Masked blocks: key row r sees the queries [lo, hi] (key_query_range), two compares per element.
+      // Masked blocks: key row r sees the tile's queries q0 + [lo, hi) (mask_key_queries), two compares per element.
       auto row_range = [&](int r, int& lo, int& hi) {
-        key_query_range(n0 + int(get<0>(rc(r, 0))), tile.seq.seqlen_q, tile.seq.seqlen_k, p.window_left,
-                        p.window_right, lo, hi);
+        mask_key_queries(n0 + int(get<0>(rc(r, 0))), q0, kBlockM, tile.seq.seqlen_q, tile.seq.seqlen_k,
+                         p.window_left, p.window_right, lo, hi);
       };
       auto outside = [&](int c, int lo, int hi) {
-        int const q = q0 + int(get<1>(rc(0, c)));
-        return q < lo || q > hi;
+        int const ql = int(get<1>(rc(0, c)));
+        return ql < lo || ql >= hi;
       };
+      // kLateDv: a stat row's values of columns c, c + 1 (c even: adjacent queries) in one 8-byte shared load
+      // (ld.shared: a plain pointer load went through the generic path, with 64-bit addresses), read where used
+      // rather than held (each thread sees 32 queries at 128 rows; test_layouts checks the pairing).
+      auto stat_pair = [&](float const* row, int c) {
+        float2 v;
+        asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n"
+                     : "=f"(v.x), "=f"(v.y)
+                     : "r"(cute::cast_smem_ptr_to_uint(row) + uint32_t(get<1>(rc(0, c))) * 4u));
+        return v;
+      };
+      if constexpr (KT::kLateDv) {
+        // The GEMMs start from the stats and the mask instead of reading them next to S^T, dP^T and dK/dV (ptxas
+        // batched the loads and the mask's predicates there, and the step spilled). dP^T's accumulator starts at
+        // -delta, so the GEMM leaves dP^T - delta. Without softcap, S^T's starts at -lse_log2 / scale_log2, or
+        // -inf where the mask hides the element (each key row's allowed queries, mask_key_queries), so
+        // S^T * scale_log2 is the exponent, masked included (the fp32 sum rounds at |lse| / scale instead of |S|:
+        // far below bf16's P). With softcap (tanh of the raw score first) it starts at 0, or at kMaskedScore where
+        // masked, which the score loop tests (a finite sentinel: no reliance on inf compares under fast math).
+        static_assert(!KT::kVarlen);
+        constexpr int kRows = decltype(size<0>(S))::value;  // key rows per thread
+        int lo[kRows], hi[kRows];
+        CUTE_UNROLL
+        for (int r = 0; r < kRows; ++r) {
+          lo[r] = 0, hi[r] = kBlockM;
+          if (need_mask)
+            mask_key_queries(n0 + int(get<0>(rc(r, 0))), q0, kBlockM, p.seqlen_q, p.seqlen_k,  // dense: the call's
+                             p.window_left, p.window_right, lo[r], hi[r]);
+        }
+        float const inv_scale = 1.f / p.scale_log2;
+        CUTE_UNROLL
+        for (int c = 0; c < size<1>(S); c += 2) {
+          float2 const l = kSoftcap ? float2{0.f, 0.f} : stat_pair(lse, c);
+          CUTE_UNROLL
+          for (int r = 0; r < kRows; ++r) {
+            CUTE_UNROLL
+            for (int j = 0; j < 2; ++j) {
+              int const ql = get<1>(rc(r, c + j));
+              S(r, c + j) = ql >= lo[r] && ql < hi[r] ? -(j ? l.y : l.x) * inv_scale
+                                                      : (kSoftcap ? kMaskedScore : -INFINITY);
+            }
+          }
+        }
+        wgmma_issue<false, false>(mma_sdp, tSrK, tSrQ(_, _, _, s), tSrS);
+        CUTE_UNROLL
+        for (int c = 0; c < size<1>(dP); c += 2) {
+          float2 const dl = stat_pair(delta, c);
+          CUTE_UNROLL
+          for (int r = 0; r < size<0>(dP); ++r) dP(r, c) = -dl.x, dP(r, c + 1) = -dl.y;
+        }
+        wgmma_issue<false, false>(mma_sdp, tdPrV, tdPrdO(_, _, _, s), tdPrdP);
+      }
       if constexpr (!kSoftcap) {
         warpgroup_wait<1>();  // S^T is ready; dP^T may still run
         warpgroup_fence_operand(tSrS);
         // masked: a runtime bool (the element test under a per-block predicate), or with kMaskSplit a compile-time
-        // one: two copies of the loop, the unmasked one free of mask arithmetic.
+        // one: two copies of the loop, the unmasked one free of mask arithmetic. kLateDv: S^T holds
+        // S^T - lse_log2 / scale_log2, or -inf, already.
         auto exp_scores = [&](auto masked) {
-          CUTE_UNROLL
-          for (int r = 0; r < size<0>(S); ++r) {
-            int lo = 0, hi = 0;
-            if (masked) row_range(r, lo, hi);
+          if constexpr (KT::kLateDv) {
             CUTE_UNROLL
-            for (int c = 0; c < size<1>(S); ++c) {
-              float x = fmaf(S(r, c), p.scale_log2, -lse[get<1>(rc(r, c))]);
-              if (masked && outside(c, lo, hi)) x = -INFINITY;
-              S(r, c) = exp2f(x);
+            for (int i = 0; i < size(tSrS); ++i) tSrS(i) = exp2f(tSrS(i) * p.scale_log2);
+          } else {
+            CUTE_UNROLL
+            for (int r = 0; r < size<0>(S); ++r) {
+              int lo = 0, hi = 0;
+              if (masked) row_range(r, lo, hi);
+              CUTE_UNROLL
+              for (int c = 0; c < size<1>(S); ++c) {
+                float x = fmaf(S(r, c), p.scale_log2, -lse[get<1>(rc(r, c))]);
+                if (masked && outside(c, lo, hi)) x = -INFINITY;
+                S(r, c) = exp2f(x);
+              }
             }
           }
         };
-        if constexpr (KT::kMaskSplit) {
+        if constexpr (KT::kLateDv) {
+          exp_scores(cute::false_type{});
+        } else if constexpr (KT::kMaskSplit) {
           if (need_mask) exp_scores(cute::true_type{});
           else exp_scores(cute::false_type{});
         } else {
           exp_scores(need_mask);
         }
-        convert_fragment(rP, tSrS);
-        if constexpr (!KT::kPInSmem) wgmma_issue<false, true>(mma_dv, tdVrP, tdVrdO(_, _, _, s), tdVrdV);
-        else copy(ds_copy, tdSrP, tPsP(_, _, _, buf));
-        warpgroup_wait<KT::kPInSmem ? 0 : 1>();  // dP^T is ready; dV may still run
+        if constexpr (!KT::kLateDv) {
+          convert_fragment(rP, tSrS);
+          if constexpr (!KT::kPInSmem) wgmma_issue<false, true>(mma_dv, tdVrP, tdVrdO(_, _, _, s), tdVrdV);
+          else copy(ds_copy, tdSrP, tPsP(_, _, _, buf));
+        }
+        warpgroup_wait<(KT::kPInSmem || KT::kLateDv) ? 0 : 1>();  // dP^T is ready; dV may still run
         warpgroup_fence_operand(tdPrdP);
-        CUTE_UNROLL
-        for (int r = 0; r < size<0>(S); ++r) {
+        if constexpr (KT::kLateDv) {
           CUTE_UNROLL
-          for (int c = 0; c < size<1>(S); ++c) dP(r, c) = S(r, c) * (dP(r, c) - delta[get<1>(rc(r, c))]);
+          for (int i = 0; i < size(tdPrdP); ++i) tdPrdP(i) *= tSrS(i);  // dP^T holds dP^T - delta already
+          convert_fragment(rP, tSrS);
+          wgmma_issue<false, true>(mma_dv, tdVrP, tdVrdO(_, _, _, s), tdVrdV);
+        } else {
+          CUTE_UNROLL
+          for (int r = 0; r < size<0>(S); ++r) {
+            CUTE_UNROLL
+            for (int c = 0; c < size<1>(S); ++c) dP(r, c) = S(r, c) * (dP(r, c) - delta[get<1>(rc(r, c))]);
+          }
         }
       } else {
         warpgroup_wait<0>();
         warpgroup_fence_operand(tSrS);
         warpgroup_fence_operand(tdPrdP);
         constexpr float kLog2e = 1.4426950408889634f;
-        CUTE_UNROLL
-        for (int r = 0; r < size<0>(S); ++r) {
-          int lo = 0, hi = 0;
-          if (need_mask) row_range(r, lo, hi);
+        if constexpr (KT::kLateDv) {  // dP^T holds dP^T - delta already; S^T the mask (kMaskedScore)
           CUTE_UNROLL
-          for (int c = 0; c < size<1>(S); ++c) {
-            float const t = tanh_approx(S(r, c) * p.softcap_pre);
-            float x = fmaf(p.softcap * t, kLog2e, -lse[get<1>(rc(r, c))]);
-            if (need_mask && outside(c, lo, hi)) x = -INFINITY;
-            float const pr = exp2f(x);
-            S(r, c) = pr;
-            // d(softcap * tanh(s * pre)) / ds = scale * (1 - t^2); the scale is applied to dQ and dK at the end.
-            dP(r, c) = pr * (dP(r, c) - delta[get<1>(rc(r, c))]) * (1.f - t * t);
+          for (int c = 0; c < size<1>(S); c += 2) {
+            float2 const l = stat_pair(lse, c);
+            CUTE_UNROLL
+            for (int r = 0; r < size<0>(S); ++r) {
+              CUTE_UNROLL
+              for (int j = 0; j < 2; ++j) {
+                float const t = tanh_approx(S(r, c + j) * p.softcap_pre);
+                float x = fmaf(p.softcap * t, kLog2e, -(j ? l.y : l.x));
+                if (!(S(r, c + j) > 0.5f * kMaskedScore)) x = -INFINITY;
+                float const pr = exp2f(x);
+                S(r, c + j) = pr;
+                dP(r, c + j) = pr * dP(r, c + j) * (1.f - t * t);  // as below
+              }
+            }
+          }
+        } else {
+          CUTE_UNROLL
+          for (int r = 0; r < size<0>(S); ++r) {
+            int lo = 0, hi = 0;
+            if (need_mask) row_range(r, lo, hi);
+            CUTE_UNROLL
+            for (int c = 0; c < size<1>(S); ++c) {
+              float const t = tanh_approx(S(r, c) * p.softcap_pre);
+              float x = fmaf(p.softcap * t, kLog2e, -lse[get<1>(rc(r, c))]);
+              if (need_mask && outside(c, lo, hi)) x = -INFINITY;
+              float const pr = exp2f(x);
+              S(r, c) = pr;
+              // d(softcap * tanh(s * pre)) / ds = scale * (1 - t^2); the scale is applied to dQ and dK at the end.
+              dP(r, c) = pr * (dP(r, c) - delta[get<1>(rc(r, c))]) * (1.f - t * t);
+            }
           }
         }
         convert_fragment(rP, tSrS);
@@ -409,17 +525,17 @@ struct BwdMainloop {
       named_barrier_sync(kDsBarrier, KT::kNumMmaThreads);
       // dQ before dK (FA3's order): dQ retires while dK still runs, so the dQ partial is staged and added under
       // the dK GEMM instead of after every GEMM of the step.
-      Tensor tdQrdS_buf = tdQrdS(_, _, _, buf);
+      auto tdQrdS_buf = tdQrdS(_, _, _, buf);
       if constexpr (KT::kPInSmem) {
         auto tdVsP = tdVrP(_, _, _, buf);
         auto tdKsdS = tdKrdS(_, _, _, buf);
         wgmma_issue<false, false>(mma_dv, tdVsP, tdVrdO(_, _, _, s), tdVrdV);
-        wgmma_issue<true, false>(mma_dq, tdQrdS_buf, tdQrK, tdQrdQ);
+        issue_dq(tdQrdS_buf, tdQrdQ);
         wgmma_issue<false, false>(mma_dk, tdKsdS, tdKrQ(_, _, _, s), tdKrdK);
         warpgroup_wait<1>();  // dV and dQ have retired; dK may still run
         warpgroup_fence_operand(tdVrdV);
       } else {
-        wgmma_issue<true, false>(mma_dq, tdQrdS_buf, tdQrK, tdQrdQ);
+        issue_dq(tdQrdS_buf, tdQrdQ);
         warpgroup_wait<1>();  // dV has retired (P's registers are free); dQ may still run
         warpgroup_fence_operand(tdVrdV);
         wgmma_issue<false, true>(mma_dk, tdKrdS, tdKrQ(_, _, _, s), tdKrdK);
@@ -431,8 +547,7 @@ struct BwdMainloop {
       // slice (one of kDqBufs, in turn) is rewritten only after the add that last read it has (issued kDqBufs
       // steps earlier, so the wait rarely waits).
       int64_t const stat = tile.stat_row(h, m);
-      float* const dq_slice = p.dq_accum + stat * kHeadDim +
-                              mma_wg * kBlockM * KT::kDqCols;
+      float* const dq_slice = p.dq_accum + stat * kHeadDim + mma_wg * KT::kDqSlice;
       static_assert(decltype(size(tdQrdQ))::value % 4 == 0);
       if constexpr (KT::kDqRed) {
         // Deterministic: every thread's reductions of this slice, in key-block turn, fenced before the issuer

@@ -17,14 +17,20 @@ CUTE_HOST_DEVICE bool mask_allows(int i, int j, int seqlen_q, int seqlen_k, int 
          (right < 0 || j <= diag + right);
 }
 
-// The element rule per key: key j sees exactly the queries [lo, hi] (inclusive; lo > hi: none), the rule solved for
-// i (j >= i + shift - left <=> i <= j - shift + left). The backward's S^T tiles have keys as rows, so a masked
-// block costs two compares per element against this row range instead of the whole rule.
-CUTE_HOST_DEVICE void key_query_range(int j, int seqlen_q, int seqlen_k, int left, int right, int& lo, int& hi) {
-  int const diag = j + seqlen_q - seqlen_k;  // the query on key j's diagonal
-  lo = right >= 0 ? max(0, diag - right) : 0;
-  hi = left >= 0 ? min(seqlen_q - 1, diag + left) : seqlen_q - 1;
-  if (j < 0 || j >= seqlen_k) lo = seqlen_q;
+// The element rule as one interval per key: key j allows exactly the queries q0 + [lo, hi) among q0 + [0, rows)
+// (0 <= lo <= hi <= rows; empty where j is no key or q0 no query). Two compares per element instead of the
+// rule's six (the 128-row backward tile builds its mask from it); 64-bit sums, so no length overflows.
+CUTE_HOST_DEVICE void mask_key_queries(int j, int q0, int rows, int seqlen_q, int seqlen_k, int left, int right,
+                                       int& lo, int& hi) {
+  int64_t const d = int64_t(j) - seqlen_k + seqlen_q - q0;  // j - diag(q0 + ql) = d - ql
+  int64_t l = 0, h = int64_t(seqlen_q) - q0;
+  if (j < 0 || j >= seqlen_k || q0 < 0) h = 0;
+  if (right >= 0) l = d - right > l ? d - right : l;       // j <= diag + right
+  if (left >= 0) h = d + left + 1 < h ? d + left + 1 : h;  // j >= diag - left
+  h = h < rows ? h : rows;
+  h = h > 0 ? h : 0;
+  l = l < h ? l : h;
+  lo = int(l), hi = int(h);
 }
 
 // One query block: its key blocks [n_min, n_max) and which of them need the element mask.

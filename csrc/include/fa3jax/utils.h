@@ -26,6 +26,15 @@ CUTE_DEVICE void wgmma_issue(TiledMma& tiled_mma, TA& tA, TB const& tB, TC& tC) 
   if constexpr (kARegs) warpgroup_fence_operand(tA);
 }
 
+// Ends the values held in fp32 register tensor t: each element is redefined by an empty asm (no instruction), so
+// nothing before it stays live into what follows. For accumulators declared once over a loop, whose next zero-init
+// GEMM (and its operand fences) would otherwise read, and so keep, the previous iteration's values.
+template <class T>
+CUTE_DEVICE void forget_values(T& t) {
+  CUTE_UNROLL
+  for (int i = 0; i < size(t); ++i) asm volatile("" : "=f"(t(i)));
+}
+
 // CuTe's GMMA descriptor tensor `t` of an smem operand whose first element sits at shared address 16 * smem16,
 // with the 14-bit start-address field (address >> 4) written as a plain add to the other, constant, fields.
 // Equal to CuTe's descriptor (which masks address >> 4 to 14 bits) for every address below 256 KiB, i.e. all of
