@@ -5,10 +5,11 @@ import dataclasses
 from typing import Callable, Optional
 
 import jax
+import jax.numpy as jnp
 
 from .common import DTYPES, WRONG_TOL, fmt_tflops, out_of_time, short_error
 from .guard import rel_err
-from .impls import Impl, fa3jax_impl
+from .impls import SINKS, Impl, fa3jax_impl
 from .timing import TimingOptions, compile_fn, measure, measure_interleaved, timed_fn
 
 @dataclasses.dataclass(frozen=True)
@@ -80,10 +81,15 @@ def attn_inputs(cfg: AttnConfig, n_sets: int, seed: int):
 def run_attn(configs: list[AttnConfig], impls: list[Impl], opts: TimingOptions, check: bool = True,
              log=print, progress: Optional[Callable] = None, deadline: Optional[float] = None) -> list[dict]:
     """Attention suite. ``progress(rows)`` is called after every config (to save partial results);
-    configs not started by ``deadline`` (a ``time.perf_counter()`` value) are recorded as skipped."""
+    configs not started by ``deadline`` (a ``time.perf_counter()`` value) are recorded as skipped.
+
+    Impls with ``sinks`` (``fa3jax:<b>+sinks``, the CLI's ``--sinks``) get each input set plus a fresh float32
+    (hq,) sink array (differentiated too in ``fwd+bwd``), are guarded against fa3jax:xla with the same sinks, and
+    their rows carry ``sinks_ratio`` = their time / the time of ``fa3jax:<b>`` without sinks in the same config."""
     rows = []
     guard_cache: dict = {}  # (shape config in fwd mode) -> {impl: forward error}, shared by both modes
-    ref_impl = next((i for i in impls if i.name == "fa3jax:xla"), None) or fa3jax_impl("xla")
+    ref_impls = {s: next((i for i in impls if i.name == "fa3jax:xla" + (SINKS if s else "")), None)
+                 or fa3jax_impl("xla", sinks=s) for s in (False, True)}
     for cfg in configs:
         if out_of_time(deadline):
             rows += [_row(cfg, impl.name, "skipped", reason="time budget (--budget-s) spent") for impl in impls]
@@ -94,26 +100,35 @@ def run_attn(configs: list[AttnConfig], impls: list[Impl], opts: TimingOptions, 
             for impl in impls:
                 rows.append(_row(cfg, impl.name, "skipped", reason=f"inputs: {short_error(e)}"))
             continue
+        use_sinks = any(i.sinks for i in impls)
+        sinks_sets = sinks_inputs(cfg, sets) if use_sinks else None
         compiled: dict = {}  # impl name -> (compiled timed fn, scratch bytes), compiled once per config
+
+        def args_of(impl):
+            return sinks_sets if impl.sinks else sets
 
         def timed(impl):
             if impl.name not in compiled:
-                compiled[impl.name] = compile_fn(timed_fn(impl.forward(cfg), cfg.mode), sets[0])
+                compiled[impl.name] = compile_fn(timed_fn(impl.forward(cfg), cfg.mode, grad_rest=int(impl.sinks)),
+                                                 args_of(impl)[0])
             return compiled[impl.name]
 
         def forward_out(impl):
+            a = args_of(impl)[0]
             if cfg.mode == "fwd":  # the timed function is the forward: reuse its compilation
-                return timed(impl)[0](*sets[0])
-            return jax.jit(impl.forward(cfg))(*sets[0][:3])
+                return timed(impl)[0](*a)
+            return jax.jit(impl.forward(cfg))(*a[:3], *a[4:])  # without the cotangent
 
         guard_key = dataclasses.replace(cfg, mode="fwd")
-        ref_out = None
+        ref_out = {}  # with sinks? -> the reference output
         if check and guard_key not in guard_cache:
             guard_cache[guard_key] = {}
-            try:
-                ref_out = jax.block_until_ready(forward_out(ref_impl))
-            except Exception as e:
-                log(f"  [guard] reference fa3jax:xla failed for {cfg.label()}: {short_error(e)}")
+            for with_sinks in (False, True) if use_sinks else (False,):
+                try:
+                    ref_out[with_sinks] = jax.block_until_ready(forward_out(ref_impls[with_sinks]))
+                except Exception as e:
+                    log(f"  [guard] reference {ref_impls[with_sinks].name} failed for {cfg.label()}: "
+                        f"{short_error(e)}")
         ready = {}  # impl name -> (impl, err, note, compiled fn, scratch): passed the guard, compiled
         for impl in impls:
             reason = ""
@@ -127,8 +142,8 @@ def run_attn(configs: list[AttnConfig], impls: list[Impl], opts: TimingOptions, 
             note = impl.note(cfg)
             err = guard_cache.get(guard_key, {}).get(impl.name)
             try:
-                if check and err is None and ref_out is not None:
-                    err = rel_err(forward_out(impl), ref_out)
+                if check and err is None and impl.sinks in ref_out:
+                    err = rel_err(forward_out(impl), ref_out[impl.sinks])
                     guard_cache[guard_key][impl.name] = err
                 if err is not None and not err <= WRONG_TOL:
                     rows.append(_row(cfg, impl.name, "WRONG", max_rel_err=err, note=note,
@@ -143,13 +158,15 @@ def run_attn(configs: list[AttnConfig], impls: list[Impl], opts: TimingOptions, 
         ref_out = None
         results: dict = {}
         try:  # one failing impl must not cost the others their row: then time them one by one
-            results = measure_interleaved({n: r[3] for n, r in ready.items()}, sets, opts)
+            results = measure_interleaved({n: r[3] for n, r in ready.items()}, sets, opts,
+                                          own_sets={n: sinks_sets for n, r in ready.items() if r[0].sinks})
         except Exception:
             for name, (impl, err, note, f, scratch) in ready.items():
                 try:
-                    results[name] = measure(f, sets, opts)
+                    results[name] = measure(f, args_of(impl), opts)
                 except Exception as e:
                     results[name] = e
+        config_rows = len(rows)
         for name, (impl, err, note, f, scratch) in ready.items():
             m = results[name]
             if isinstance(m, Exception):
@@ -162,11 +179,29 @@ def run_attn(configs: list[AttnConfig], impls: list[Impl], opts: TimingOptions, 
                              calls_per_trial=m["calls_per_trial"]))
             log(f"  {cfg.label():40s} {name:15s} {m['time_s'] * 1e3:9.3f} ms {fmt_tflops(tflops):>8s} TFLOPS"
                 + (f"  err {err:.1e}" if err is not None else ""))
+        add_sinks_ratio(rows[config_rows:])
         del ready, results
-        del sets, ref_out, compiled
+        del sets, sinks_sets, ref_out, compiled
         if progress:
             progress(rows)
     return rows
+
+
+def sinks_inputs(cfg: AttnConfig, sets: list) -> list:
+    """``sets`` with a fresh random-normal float32 (hq,) sink array appended to each (one per set, so that the
+    rotation over sets changes the sinks too)."""
+    key = jax.random.PRNGKey(cfg.seqlen * 31 + cfg.heads)
+    return jax.block_until_ready([s + (jax.random.normal(k, (cfg.heads,), jnp.float32),)
+                                  for s, k in zip(sets, jax.random.split(key, len(sets)))])
+
+
+def add_sinks_ratio(rows: list[dict]) -> None:
+    """On each timed ``<impl>+sinks`` row of one config: ``sinks_ratio`` = its time / ``<impl>``'s time."""
+    ms = {r["impl"]: r["ms"] for r in rows if r["status"] == "ok"}
+    for r in rows:
+        base = r["impl"][: -len(SINKS)] if r["impl"].endswith(SINKS) else None
+        if r["status"] == "ok" and base in ms:
+            r["sinks_ratio"] = r["ms"] / ms[base]
 
 
 def _row(cfg: AttnConfig, impl: str, status: str, **kw) -> dict:

@@ -22,18 +22,39 @@ class Impl:
     forward: Callable
     check: Callable = lambda cfg: ""
     note: Callable = lambda cfg: ""
+    sinks: bool = False  # forward(cfg) takes (q, k, v, sinks): sinks (hq,) float32, differentiated in fwd+bwd
 
 
-def fa3jax_impl(backend: str) -> Impl:
+SINKS = "+sinks"  # suffix of an fa3jax impl's variant called with sinks= (the attn suite's --sinks)
+
+
+def fa3jax_impl(backend: str, sinks: bool = False) -> Impl:
+    """``flash_mha(..., backend=backend)``; with ``sinks``, the variant ``fa3jax:<backend>+sinks`` whose forward
+    takes a 4th argument, the per-head sink logits."""
     def forward(cfg):
+        if sinks:
+            return lambda q, k, v, s: fa3jax.flash_mha(q, k, v, is_causal=cfg.causal, sinks=s, backend=backend)
         return lambda q, k, v: fa3jax.flash_mha(q, k, v, is_causal=cfg.causal, backend=backend)
 
     def support(cfg):
         sds = jax.ShapeDtypeStruct(cfg.shape, DTYPES[cfg.dtype])
         sds_v = jax.ShapeDtypeStruct(getattr(cfg, "shape_v", cfg.shape), DTYPES[cfg.dtype])  # MLA: v's head dim
-        return fa3jax.supports(fa3jax.flash_mha, sds, sds, sds_v, backend=backend, is_causal=cfg.causal)
+        s = jax.ShapeDtypeStruct((cfg.heads,), jnp.float32) if sinks else None
+        return fa3jax.supports(fa3jax.flash_mha, sds, sds, sds_v, backend=backend, is_causal=cfg.causal, sinks=s)
 
-    return Impl(f"fa3jax:{backend}", forward, *_support_checks(support, backend))
+    return Impl(f"fa3jax:{backend}" + (SINKS if sinks else ""), forward, *_support_checks(support, backend),
+                sinks=sinks)
+
+
+def with_sinks_variants(impls: list[Impl]) -> list[Impl]:
+    """``impls`` with each fa3jax impl followed by its ``+sinks`` variant (adjacent: interleaved rounds then time
+    the pair under the same clocks)."""
+    out = []
+    for impl in impls:
+        out.append(impl)
+        if impl.name.startswith("fa3jax:") and not impl.sinks:
+            out.append(fa3jax_impl(impl.name.split(":", 1)[1], sinks=True))
+    return out
 
 
 def _no_mla(cfg, who: str) -> str:

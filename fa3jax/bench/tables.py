@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 from .common import DENSE, FA3_NAME, fmt_tflops
-from .impls import ALL_ATTN_IMPL_NAMES, ALL_VARLEN_IMPL_NAMES
+from .impls import ALL_ATTN_IMPL_NAMES, ALL_VARLEN_IMPL_NAMES, SINKS
 
 def _col_order(names, preferred) -> list[str]:
     seen = [n for n in preferred if n in names]
@@ -56,8 +56,9 @@ def _dlabel(r: dict) -> str:
 
 def attn_table(rows: list[dict]) -> str:
     """Markdown table: one row per config, one column per impl; cells 'TFLOPS / ms' and the speed ratio vs
-    flash-attn3-jax (>1: faster) when it was timed."""
-    impls = _col_order({r["impl"] for r in rows}, ALL_ATTN_IMPL_NAMES)
+    flash-attn3-jax (>1: faster) when it was timed; an ``<impl>+sinks`` column (``--sinks``) next to its impl, its
+    cells with the time ratio with / without sinks instead."""
+    impls = _col_order({r["impl"] for r in rows}, [x for n in ALL_ATTN_IMPL_NAMES for x in (n, n + SINKS)])
     keys, by = _group(rows, lambda r: (r["mode"], r["causal"], r["dtype"], _dlabel(r), r["heads"], r["seqlen"],
                                        r["batch"]))
     footnote = _Footnotes()
@@ -71,17 +72,23 @@ def attn_table(rows: list[dict]) -> str:
             r = by[k].get(name)
             def ok(r, name=name):
                 c = f"{fmt_tflops(r['tflops'])} TF / {r['ms']:.3f} ms"
-                if fa3 is not None and fa3["status"] == "ok" and name != FA3_NAME:
+                if name.endswith(SINKS):
+                    c += f" (sinks {r['sinks_ratio']:.3f})" if r.get("sinks_ratio") else ""
+                elif fa3 is not None and fa3["status"] == "ok" and name != FA3_NAME:
                     c += f" (x{fa3['ms'] / r['ms']:.2f})"
                 return c + (f" [{footnote(r['note'])}]" if r.get("note") else "")
 
             cells.append(_cell(r, ok, footnote))
         lines.append("| " + " | ".join(cells) + " |")
     fa3_timed = any(r["impl"] == FA3_NAME and r["status"] == "ok" for r in rows)
-    if footnote.notes or fa3_timed:
+    sinks = any(r.get("sinks_ratio") for r in rows)
+    if footnote.notes or fa3_timed or sinks:
         lines.append("")
     if fa3_timed:
         lines.append("(xR): speed relative to flash-attn3-jax on the same row (>1: faster)")
+    if sinks:
+        lines.append("X+sinks: X called with sinks= (float32 (hq,) random; fwd+bwd also differentiates them); "
+                     "(sinks R): time with sinks / time without, same row (1.03 = 3% cost)")
     lines += footnote.lines()
     return "\n".join(lines)
 

@@ -65,17 +65,19 @@ def measure(fn: Callable, arg_sets: list, opts: TimingOptions) -> dict:
             "warmup_s": warm}
 
 
-def measure_interleaved(fns: dict, arg_sets: list, opts: TimingOptions) -> dict:
+def measure_interleaved(fns: dict, arg_sets: list, opts: TimingOptions, own_sets: Optional[dict] = None) -> dict:
     """:func:`measure` for several functions at once, their trials taken in rounds (one trial of each per round,
     the order rotating) so that clock and thermal drift over the run hit every function alike (the H100 runs these
-    kernels at its power limit: one kernel's row moved 5% between two sequential runs, benchmarks/RESULTS.md)."""
+    kernels at its power limit: one kernel's row moved 5% between two sequential runs, benchmarks/RESULTS.md).
+    ``own_sets``: {name: argument sets} for functions that take other arguments than ``arg_sets``."""
     names = list(fns)
-    prep = {n: _warm(fns[n], arg_sets, opts) for n in names}
+    sets = {n: (own_sets or {}).get(n, arg_sets) for n in names}
+    prep = {n: _warm(fns[n], sets[n], opts) for n in names}
     trials: dict = {n: [] for n in names}
     for r in range(max(1, opts.repeats)):
         for j in range(len(names)):
             n = names[(r + j) % len(names)]
-            trials[n].append(_trial(fns[n], arg_sets, prep[n][0]))
+            trials[n].append(_trial(fns[n], sets[n], prep[n][0]))
     return {n: {"time_s": statistics.median(trials[n]), "trials_s": trials[n], "calls_per_trial": prep[n][0],
                 "warmup_s": prep[n][1]} for n in names}
 
@@ -93,15 +95,16 @@ def compile_fn(f: Callable, args) -> tuple[Callable, Optional[int]]:
     return compiled, scratch
 
 
-def timed_fn(fwd: Callable, mode: str) -> Callable:
-    """``fwd(q, k, v, *rest)``, or for ``fwd+bwd`` its gradient w.r.t. q, k, v as ``f(q, k, v, ct, *rest)``."""
+def timed_fn(fwd: Callable, mode: str, grad_rest: int = 0) -> Callable:
+    """``fwd(q, k, v, *rest)``, or for ``fwd+bwd`` its gradient w.r.t. q, k, v (and the first ``grad_rest`` of
+    ``rest``, e.g. the sinks) as ``f(q, k, v, ct, *rest)``."""
     if mode == "fwd":
         return fwd
 
     def loss(q, k, v, ct, *rest):
         return jnp.sum(fwd(q, k, v, *rest).astype(jnp.float32) * ct.astype(jnp.float32))
 
-    return jax.grad(loss, argnums=(0, 1, 2))
+    return jax.grad(loss, argnums=(0, 1, 2) + tuple(range(4, 4 + grad_rest)))
 
 
 def chained(fn: Callable, unroll: int) -> Callable:
