@@ -4,7 +4,8 @@
 #         sanitizetriton (memcheck of the Triton decode schedules with hostile indices), cbench (C++
 #         timing of the CUDA forward: dynamic/static tile assignment, wide kernel),
 #         test (GPU pytest suites), bench (side-by-side table), decode (kvcache decode table),
-#         varlen (varlen vs dense table), sweep (Triton tile/variant sweep, SWEEP_ARGS),
+#         varlen (varlen vs dense table), prefill (chunked prefill vs flash-attn3-jax, PREFILL_ARGS),
+#         sweep (Triton tile/variant sweep, SWEEP_ARGS),
 #         ab (C++ timing of d=128 bf16 kernel variants built side by side, AB_VARIANTS), abbin (the same for
 #         test programs built elsewhere, AB_BINS), cverify (checks + memcheck of prebuilt test programs, CHECK_BINS),
 #         ncu (Nsight Compute source-level profile of one C++ bench case and of flash-attn3-jax's kernel),
@@ -93,6 +94,10 @@ decode() {
 varlen() {
   local site=""; [ -d /tmp/fa3site/fa3jax ] && site=/tmp/fa3site:
   PYTHONPATH=$site$PYTHONPATH python3 benchmarks/run.py --suite varlen --out "$OUT" ${VARLEN_ARGS:-}
+}
+prefill() {
+  local site=""; [ -d /tmp/fa3site/fa3jax ] && site=/tmp/fa3site:
+  PYTHONPATH=$site$PYTHONPATH python3 benchmarks/run.py --suite prefill --out "$OUT" ${PREFILL_ARGS:-}
 }
 # AB_VARIANTS="name=SRC[:POLICY] ...": SRC is a tree holding csrc/ ("." = this one, or an untracked `git archive`
 # of another commit so that it travels), POLICY tile-policy overrides for csrc/generate_instantiations.py (e.g.
@@ -229,6 +234,7 @@ for s in "$@"; do
     bench) stage bench bench ;;
     decode) stage decode decode ;;
     varlen) stage varlen varlen ;;
+    prefill) stage prefill prefill ;;
     sweep) stage sweep sweep ;;
     ab) stage ab ab ;;
     abbin) stage abbin abbin ;;

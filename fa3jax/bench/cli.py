@@ -12,10 +12,11 @@ from .attn import attn_configs, run_attn
 from .common import DTYPES, WRONG_TOL
 from .decode import decode_configs, run_decode
 from .env import environment, on_gpu
-from .impls import attn_impls, decode_impls, varlen_impls
-from .plot import plot_attn, plot_decode, plot_varlen
+from .impls import attn_impls, decode_impls, prefill_impls, varlen_impls, with_sinks_variants
+from .plot import plot_attn, plot_decode, plot_prefill, plot_varlen
+from .prefill import prefill_configs, run_prefill
 from .record import markdown_section, record_markdown
-from .tables import attn_table, decode_table, varlen_table
+from .tables import attn_table, decode_table, prefill_table, varlen_table
 from .timing import TimingOptions
 from .varlen import run_varlen, varlen_configs
 
@@ -25,7 +26,10 @@ def _csv(s, conv=str):
 
 def build_parser(prog: str = "python -m fa3jax bench") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="Time attention implementations side by side.")
-    p.add_argument("--suite", choices=("attn", "decode", "varlen"), default="attn")
+    p.add_argument("--suite", choices=("attn", "decode", "prefill", "varlen"), default="attn",
+                   help="attn: dense training shapes; decode: one query against a KV cache (TB/s); prefill: a "
+                        "chunk of new queries against a KV cache, causal (TFLOPS vs flash-attn3-jax's best); "
+                        "varlen: packed random lengths vs dense at equal tokens")
     p.add_argument("--small", action="store_true",
                    help="CPU-sized preset (the default on CPU unless sizes are given or --full)")
     p.add_argument("--full", action="store_true", help="full sizes even on CPU")
@@ -41,10 +45,19 @@ def build_parser(prog: str = "python -m fa3jax bench") -> argparse.ArgumentParse
     g.add_argument("--dtypes", help="comma list of bf16,fp16 (default both; varlen: bf16)")
     g.add_argument("--causal", choices=("both", "yes", "no"), default="both")
     g.add_argument("--modes", help="comma list of fwd,fwd+bwd (default both)")
-    g = p.add_argument_group("decode suite")
-    g.add_argument("--batches", help="comma list (default 1,8,64)")
-    g.add_argument("--caches", help="comma list of cache lengths (default 4096,32768,131072)")
+    g.add_argument("--sinks", action="store_true",
+                   help="attn suite: also time each fa3jax impl with sinks= (a float32 (hq,) random array; fwd+bwd "
+                        "differentiates it too) as column <impl>+sinks, with the ratio time with / without")
+    g = p.add_argument_group("decode and prefill suites (KV cache: hq=32, hk=8, d=128, bf16, page 256)")
+    g.add_argument("--batches", help="comma list (default decode 1,8,64; prefill 1,8)")
+    g.add_argument("--caches", help="comma list of cache lengths (default decode 4096,32768,131072; "
+                                    "prefill 8192,32768)")
     g.add_argument("--layouts", help="comma list of contiguous,paged (default both)")
+    g.add_argument("--new-tokens", help="prefill: comma list of new queries per sequence, the last positions of "
+                                        "the full cache (default 512,2048)")
+    g.add_argument("--per-call", action="store_true",
+                   help="decode: also time one step per jitted call, issued back to back from Python as a "
+                        "generation loop does (dispatch included): field per_call_ms, 'call X us' in the cells")
     g.add_argument("--copy-mib", type=int, help="size of the copy-bandwidth buffer (default 1024 GPU, 32 CPU)")
     g.add_argument("--unroll", type=int, help="decode steps chained in one jitted call (default 16 GPU, 2 CPU)")
     g = p.add_argument_group("varlen suite")
@@ -79,14 +92,20 @@ SMALL = dict(heads=2, headdims=[64], tokens=1024, seqlens=[256, 512], dtypes=["b
 FULL = dict(heads=16, headdims=[128], tokens=16384, seqlens=[512, 1024, 2048, 4096, 8192, 16384],
             dtypes=["bf16", "fp16"], impls=None, repeats=5, batches=[1, 8, 64], caches=[4096, 32768, 131072],
             varlen_means=[512, 1024, 2048, 4096, 8192], varlen_tokens=16384)
+# the prefill suite's own sizes (issue 20's rows), over the presets' decode sizes
+PREFILL_SMALL = dict(batches=[1, 2], caches=[256, 1024], new_tokens=[16, 64])
+PREFILL_FULL = dict(batches=[1, 8], caches=[8192, 32768], new_tokens=[512, 2048])
 
 
 def resolve(args) -> dict:
     """Merge explicit options over the preset (``--small`` on CPU unless sizes were given or ``--full``)."""
     sized = any(getattr(args, a) is not None for a in ("seqlens", "tokens", "heads", "headdims", "batches",
-                                                      "caches", "varlen_means", "varlen_tokens")) or args.mla
+                                                      "caches", "new_tokens", "varlen_means", "varlen_tokens")) \
+        or args.mla
     small = args.small or (not args.full and not sized and not on_gpu())
     base = dict(SMALL if small else FULL)
+    if args.suite == "prefill":
+        base.update(PREFILL_SMALL if small else PREFILL_FULL)
     if args.suite == "varlen":
         base["dtypes"] = ["bf16"]  # the issue's target is bf16 only; fp16 on request
     if args.mla:  # the MLA row set (issue 22): DeepSeek's 192/128 at 16k tokens
@@ -96,7 +115,7 @@ def resolve(args) -> dict:
                     impls=_csv(args.impls),
                     repeats=args.repeats, batches=_csv(args.batches, int), caches=_csv(args.caches, int),
                     copy_mib=args.copy_mib, unroll=args.unroll, varlen_means=_csv(args.varlen_means, int),
-                    varlen_tokens=args.varlen_tokens)
+                    varlen_tokens=args.varlen_tokens, new_tokens=_csv(args.new_tokens, int))
     gpu = on_gpu()
     base.update(copy_mib=1024 if gpu else 32, unroll=16 if gpu else 2)  # platform, not preset, defaults
     base.update({k: v for k, v in explicit.items() if v is not None})
@@ -105,6 +124,12 @@ def resolve(args) -> dict:
     base["causal"] = {"both": [False, True], "yes": [True], "no": [False]}[args.causal]
     base["layouts"] = _csv(args.layouts) or ["contiguous", "paged"]
     base["varlen_seed"] = args.varlen_seed
+    base["sinks"] = args.sinks
+    base["per_call"] = args.per_call
+    if args.sinks and args.suite != "attn":
+        raise SystemExit("--sinks: attn suite only")
+    if args.per_call and args.suite != "decode":
+        raise SystemExit("--per-call: decode suite only")
     base["timing"] = TimingOptions(
         warmup=args.warmup, repeats=base["repeats"],
         min_time=args.min_time if args.min_time is not None else (0.05 if gpu else 0.01),
@@ -139,7 +164,8 @@ def main(argv=None, prog: str = "python -m fa3jax bench") -> int:
     o = resolve(args)
     env = environment()
     t_start = time.perf_counter()
-    print(f"fa3jax bench ({args.suite}{', small preset' if o['small'] else ''}) on {env['device_kind']} "
+    title = args.suite + (" (sinks)" if o["sinks"] else "") + (" (per call)" if o["per_call"] else "")
+    print(f"fa3jax bench ({title}{', small preset' if o['small'] else ''}) on {env['device_kind']} "
           f"[{env['platform']}], jax {env['jax']}, commit {env['commit']}")
     log = lambda s: print(s, flush=True)  # noqa: E731
     out_dir = Path(args.out_dir)
@@ -155,16 +181,21 @@ def main(argv=None, prog: str = "python -m fa3jax bench") -> int:
                "elapsed_s": time.perf_counter() - t_start, "wrong_tol": WRONG_TOL,
                "flops_convention": "fwd 4*b*s^2*h*d (varlen: sum_i 4*s_i^2*h*d; halved if causal); "
                                    "fwd+bwd 3.5x fwd" + ("; MLA: 2*b*s^2*h*(d + d_v) for 4*b*s^2*h*d"
-                                                         if o.get("headdim_v") else ""),
+                                                         if o.get("headdim_v") else "")
+                                   + ("; prefill: 4*b*hq*d*sum_i(cache - new + i + 1), i < new (causal "
+                                      "bottom-right)" if args.suite == "prefill" else ""),
                "results": rows, "copy": copy, "table": table}
         tmp = json_path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(doc, indent=1, default=str))
         tmp.replace(json_path)
 
     deadline = t_start + args.budget_s if args.budget_s else None
-    impls, unavailable = {"attn": attn_impls, "varlen": varlen_impls, "decode": decode_impls}[args.suite]()
+    impls, unavailable = {"attn": attn_impls, "varlen": varlen_impls, "decode": decode_impls,
+                          "prefill": prefill_impls}[args.suite]()
     # decode variants (flash-attn3-jax num_splits) are also selected by their group name
     impls = [i for i in impls if _selected(i.name, o["impls"]) or _selected(getattr(i, "group", ""), o["impls"])]
+    if o["sinks"]:  # each selected fa3jax impl also with sinks=, next to it
+        impls = with_sinks_variants(impls)
     unavailable = {k: v for k, v in unavailable.items() if _selected(k, o["impls"])}
     for name, why in unavailable.items():
         print(f"  {name}: unavailable: {why}")
@@ -174,13 +205,16 @@ def main(argv=None, prog: str = "python -m fa3jax bench") -> int:
         rows = run_attn(attn_configs(o), impls, o["timing"], **kw)
     elif args.suite == "varlen":
         rows = run_varlen(varlen_configs(o), impls, o["timing"], **kw)
+    elif args.suite == "prefill":
+        rows = run_prefill(prefill_configs(o), impls, o["timing"], **kw)
     else:
-        rows, copy = run_decode(decode_configs(o), impls, o["timing"], o["copy_mib"] << 20, unroll=o["unroll"], **kw)
+        rows, copy = run_decode(decode_configs(o), impls, o["timing"], o["copy_mib"] << 20, unroll=o["unroll"],
+                                per_call=o["per_call"], **kw)
     for name, why in unavailable.items():
         rows.append({"impl": name, "status": "unavailable", "reason": why})
     shown = [r for r in rows if r["status"] != "unavailable"]
     table = decode_table(shown, copy) if args.suite == "decode" else \
-        {"attn": attn_table, "varlen": varlen_table}[args.suite](shown)
+        {"attn": attn_table, "varlen": varlen_table, "prefill": prefill_table}[args.suite](shown)
     elapsed = time.perf_counter() - t_start
     print()
     print(table)
@@ -195,12 +229,12 @@ def main(argv=None, prog: str = "python -m fa3jax bench") -> int:
         png = Path(args.plot) if args.plot else json_path.with_suffix(".png")
         png.parent.mkdir(parents=True, exist_ok=True)
         why = plot_decode(rows, copy, png) if args.suite == "decode" else \
-            {"attn": plot_attn, "varlen": plot_varlen}[args.suite](rows, png)
+            {"attn": plot_attn, "varlen": plot_varlen, "prefill": plot_prefill}[args.suite](rows, png)
         print(why or f"plot: {png}")
     section = json_path.with_suffix(".md")  # the RESULTS.md section, also kept with the JSON
-    section.write_text(markdown_section(table, env, args.suite))
+    section.write_text(markdown_section(table, env, title))
     if args.record:
-        md = record_markdown(table, env, args.suite, args.results_md)
+        md = record_markdown(table, env, title, args.results_md)
         print(f"recorded in {md}")
     print(f"elapsed {elapsed:.1f} s")
     bad = [r for r in rows if r["status"] == "WRONG"]

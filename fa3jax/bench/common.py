@@ -1,4 +1,4 @@
-"""Names and small helpers every suite shares: dtype names, the guard's tolerance, impl names, error text."""
+"""Names and small helpers every suite shares: dtype names, the guard's tolerance, impl names, error text, checks."""
 from __future__ import annotations
 
 import time
@@ -25,3 +25,11 @@ def out_of_time(deadline: Optional[float]) -> bool:
 
 def fmt_tflops(x: float) -> str:
     return f"{x:.1f}" if x >= 10 else f"{x:.3g}"
+
+
+def check_reason(impl, cfg) -> str:
+    """``impl.check(cfg)`` ('' when it can run ``cfg``), a failing check turned into its reason."""
+    try:
+        return impl.check(cfg)
+    except Exception as e:
+        return f"check failed: {short_error(e)}"

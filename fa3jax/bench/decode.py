@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 import fa3jax
 
-from .common import DTYPES, WRONG_TOL, out_of_time, short_error
+from .common import DTYPES, WRONG_TOL, check_reason, out_of_time, short_error
 from .env import free_device_bytes
 from .guard import rel_err
 from .impls import DecodeImpl
@@ -32,6 +32,11 @@ class DecodeConfig:
         """K and V bytes the kernel must read: 2 * b * cache * hk * d * sizeof(dtype)."""
         return 2 * self.batch * self.cache * self.heads_k * self.headdim * jnp.dtype(DTYPES[self.dtype]).itemsize
 
+    @property
+    def q_len(self) -> int:
+        """Queries per sequence in one call (one new token)."""
+        return 1
+
     def label(self) -> str:
         return f"{self.layout} b{self.batch} cache{self.cache}"
 
@@ -50,14 +55,17 @@ def _big_normal(key, shape, dtype, chunk_bytes: int = 256 << 20):
     return gen(keys).reshape(shape)
 
 
-def decode_inputs(cfg: DecodeConfig, n_sets: int, seed: int):
+def cache_inputs(cfg: DecodeConfig, n_sets: int, seed: int):
+    """``n_sets`` argument sets ``(q, k_cache, v_cache, cache_seqlens, page_table)`` of a KV-cache config (the
+    decode suite's, or any with its fields and ``q_len``): q ``(batch, q_len, hq, d)``, caches full
+    (``cache_seqlens = cache``), paged caches spread over the pool by a random permutation page table."""
     dt = DTYPES[cfg.dtype]
     key = jax.random.PRNGKey(seed)
     sets = []
     seqlens = jnp.full((cfg.batch,), cfg.cache, jnp.int32)
     for _ in range(n_sets):
         key, kq, kk, kv, kp = jax.random.split(key, 5)
-        q = jax.random.normal(kq, (cfg.batch, 1, cfg.heads_q, cfg.headdim), dt)
+        q = jax.random.normal(kq, (cfg.batch, cfg.q_len, cfg.heads_q, cfg.headdim), dt)
         if cfg.layout == "paged":
             pages_per_seq = cfg.cache // cfg.page_size
             num_pages = cfg.batch * pages_per_seq
@@ -71,6 +79,22 @@ def decode_inputs(cfg: DecodeConfig, n_sets: int, seed: int):
         vc = _big_normal(kv, cshape, dt)
         sets.append((q, kc, vc, seqlens, page_table))
     return jax.block_until_ready(sets)
+
+
+def decode_inputs(cfg: DecodeConfig, n_sets: int, seed: int):
+    return cache_inputs(cfg, n_sets, seed)
+
+
+def xla_reference(args, label: str, log=print, causal: bool = False):
+    """The guard's reference of a KV-cache call: fa3jax's xla backend on ``args`` = one :func:`cache_inputs` set;
+    None (logged) when it fails."""
+    try:
+        return jax.block_until_ready(jax.jit(
+            lambda q, kc, vc, sl, pt: fa3jax.flash_mha_with_kvcache(
+                q, kc, vc, cache_seqlens=sl, page_table=pt, is_causal=causal, num_splits=0, backend="xla"))(*args))
+    except Exception as e:
+        log(f"  [guard] reference failed for {label}: {short_error(e)}")
+        return None
 
 
 def decode_configs(o: dict) -> list[DecodeConfig]:
@@ -111,8 +135,10 @@ def decode_chain_sets(sets: list) -> list:
 
 def run_decode(configs: list[DecodeConfig], impls: list[DecodeImpl], opts: TimingOptions, copy_bytes: int,
                check: bool = True, log=print, unroll: int = 16, progress: Optional[Callable] = None,
-               deadline: Optional[float] = None) -> tuple[list[dict], dict]:
-    """Decode suite; times are per decode step (one jitted call runs ``unroll`` chained steps)."""
+               deadline: Optional[float] = None, per_call: bool = False) -> tuple[list[dict], dict]:
+    """Decode suite; times are per decode step (one jitted call runs ``unroll`` chained steps). With
+    ``per_call``, each row also carries ``per_call_ms``: one step per jitted call, the calls issued back to back
+    from Python as a generation loop issues them (dispatch included), rotating over the cache sets."""
     copy = {}
     try:
         copy = measure_copy(copy_bytes, opts)
@@ -142,22 +168,13 @@ def run_decode(configs: list[DecodeConfig], impls: list[DecodeImpl], opts: Timin
             continue
         chain_sets = decode_chain_sets(sets)
         seqlens, pts, kcs, vcs = chain_sets[0][1:]
-        ref = None
-        if check:
-            try:
-                ref = jax.block_until_ready(jax.jit(
-                    lambda q, kc, vc, sl, pt: fa3jax.flash_mha_with_kvcache(
-                        q, kc, vc, cache_seqlens=sl, page_table=pt, num_splits=0, backend="xla"))(*sets[0]))
-            except Exception as e:
-                log(f"  [guard] reference failed for {cfg.label()}: {short_error(e)}")
+        ref = xla_reference(sets[0], cfg.label(), log) if check else None
         for impl in impls:
-            try:
-                reason = impl.check(cfg)
-            except Exception as e:
-                reason = f"check failed: {short_error(e)}"
+            reason = check_reason(impl, cfg)
             if reason:
                 rows.append(_drow(cfg, impl.name, "skipped", reason=reason, group=impl.group))
                 continue
+            note = impl.note(cfg)
             err = None
             try:
                 if ref is not None:
@@ -171,20 +188,28 @@ def run_decode(configs: list[DecodeConfig], impls: list[DecodeImpl], opts: Timin
                 m = measure(f, chain_sets, opts)
                 m["time_s"] /= unroll
                 m["trials_s"] = [t / unroll for t in m["trials_s"]]
+                pc = {}
+                if per_call:  # one step per executable call: what a Python generation loop pays per token
+                    fc, _ = compile_fn(impl.fn, sets[0])
+                    mc = measure(fc, sets, opts)
+                    pc = dict(per_call_ms=mc["time_s"] * 1e3, per_call_trials_ms=[t * 1e3 for t in mc["trials_s"]],
+                              per_call_calls_per_trial=mc["calls_per_trial"])
             except Exception as e:
-                rows.append(_drow(cfg, impl.name, "skipped", reason=short_error(e), max_rel_err=err, group=impl.group))
+                rows.append(_drow(cfg, impl.name, "skipped", reason=short_error(e), max_rel_err=err, group=impl.group,
+                                  note=note))
                 log(f"  {cfg.label():32s} {impl.name:22s} skipped: {short_error(e, 80)}")
                 continue
             tbps = cfg.kv_bytes / m["time_s"] / 1e12
             rows.append(_drow(cfg, impl.name, "ok", ms=m["time_s"] * 1e3, tbps=tbps, max_rel_err=err,
-                              group=impl.group, trials_ms=[t * 1e3 for t in m["trials_s"]],
+                              group=impl.group, note=note, trials_ms=[t * 1e3 for t in m["trials_s"]],
                               calls_per_trial=m["calls_per_trial"],
-                              copy_ratio=tbps / copy["tbps"] if copy.get("tbps") else None))
-            log(f"  {cfg.label():32s} {impl.name:22s} {m['time_s'] * 1e6:10.1f} us {tbps:8.3g} TB/s")
+                              copy_ratio=tbps / copy["tbps"] if copy.get("tbps") else None, **pc))
+            log(f"  {cfg.label():32s} {impl.name:22s} {m['time_s'] * 1e6:10.1f} us {tbps:8.3g} TB/s"
+                + (f"  per call {pc['per_call_ms'] * 1e3:.1f} us" if pc else ""))
         del sets, ref, chain_sets, kcs, vcs, pts, seqlens  # free the caches before the next config
         if progress:
             progress(rows, copy)
-    rows += _best_rows(rows)
+    rows += best_rows(rows)
     return rows, copy
 
 
@@ -195,12 +220,13 @@ def _drow(cfg: DecodeConfig, impl: str, status: str, **kw) -> dict:
     return row
 
 
-def _best_rows(rows: list[dict]) -> list[dict]:
-    """For grouped variants (flash-attn3-jax num_splits), add a ``<group>:best`` row per config."""
+def best_rows(rows: list[dict], fields: tuple = ("layout", "batch", "cache")) -> list[dict]:
+    """For grouped variants (flash-attn3-jax num_splits), add a ``<group>:best`` row per config (the config being
+    the row's ``fields``), the fastest by ``ms``."""
     best = {}
     for r in rows:
         if r.get("group") and r["status"] == "ok":
-            key = (r["group"], r["layout"], r["batch"], r["cache"])
+            key = (r["group"],) + tuple(r[f] for f in fields)
             if key not in best or r["ms"] < best[key]["ms"]:
                 best[key] = r
     out = []

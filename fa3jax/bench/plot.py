@@ -1,4 +1,4 @@
-"""The suites' plots (matplotlib, the ``bench`` extra, imported lazily): attention and varlen TFLOPS, decode TB/s."""
+"""The suites' plots (matplotlib, the ``bench`` extra, imported lazily): attn, varlen, prefill TFLOPS, decode TB/s."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -150,29 +150,43 @@ def plot_decode(rows: list[dict], copy: dict | None, path: Path) -> str:
     """TB/s of K/V read per impl, bars grouped by (batch, cache), one panel per layout, the device copy's TB/s as a
     dotted line. Grouped variants (flash-attn3-jax num_splits) appear as their ``:best`` row only. Returns '' or
     why no plot was written."""
+    copy_tbps = (copy or {}).get("tbps")
+    return _kvcache_bars(rows, path, ("batch", "cache"), lambda b, c: f"b={b}\ncache {c}", "tbps",
+                         "TB/s of K/V read", "decode", "decode bandwidth",
+                         (copy_tbps, f"device copy {copy_tbps:.3g} TB/s") if copy_tbps else None)
+
+
+def plot_prefill(rows: list[dict], path: Path) -> str:
+    """TFLOPS per impl, bars grouped by (batch, cache, new), one panel per layout; flash-attn3-jax as its ``:best``
+    row. Returns '' or why no plot was written."""
+    return _kvcache_bars(rows, path, ("batch", "cache", "new"), lambda b, c, n: f"b={b}\ncache {c}\nnew {n}",
+                         "tflops", "TFLOPS (causal, bottom-right)", "chunked prefill", "chunked prefill TFLOPS")
+
+
+def _kvcache_bars(rows, path, fields, tick, value, ylabel, panel, title, hline=None) -> str:
+    """Bars of ``value`` per impl grouped by ``fields``, one panel per layout, an optional (y, label) line."""
     plt, ok, why = _timed(rows, keep=lambda r: not r.get("group"))
     if plt is None:
         return why
     layouts = sorted({r["layout"] for r in ok})
     impls = sorted({r["impl"] for r in ok}, key=lambda n: (not n.startswith("fa3jax"), n))
-    groups = {lay: sorted({(r["batch"], r["cache"]) for r in ok if r["layout"] == lay}) for lay in layouts}
+    groups = {lay: sorted({tuple(r[f] for f in fields) for r in ok if r["layout"] == lay}) for lay in layouts}
     width = max(6.0, 0.35 * max(len(g) for g in groups.values()) * len(impls) + 2)
     fig, axes = _panels(plt, len(layouts), width=width)
     bar = 0.8 / len(impls)
-    copy_tbps = (copy or {}).get("tbps")
     for ax, lay in zip(axes, layouts):
         keys = groups[lay]
-        tbps = {(r["impl"], r["batch"], r["cache"]): r["tbps"] for r in ok if r["layout"] == lay}
+        vals = {(r["impl"],) + tuple(r[f] for f in fields): r[value] for r in ok if r["layout"] == lay}
         for i, name in enumerate(impls):
             xs = [j + (i - (len(impls) - 1) / 2) * bar for j in range(len(keys))]
-            ax.bar(xs, [tbps.get((name, b, c), float("nan")) for b, c in keys], bar, label=name, color=f"C{i % 10}")
-        if copy_tbps:
-            ax.axhline(copy_tbps, color="k", linestyle=":", linewidth=1, label=f"device copy {copy_tbps:.3g} TB/s")
-        ax.set_xticks(range(len(keys)), [f"b={b}\ncache {c}" for b, c in keys], fontsize=8)
+            ax.bar(xs, [vals.get((name,) + key, float("nan")) for key in keys], bar, label=name, color=f"C{i % 10}")
+        if hline:
+            ax.axhline(hline[0], color="k", linestyle=":", linewidth=1, label=hline[1])
+        ax.set_xticks(range(len(keys)), [tick(*key) for key in keys], fontsize=8)
         ax.set_ylim(bottom=0)
-        ax.set_ylabel("TB/s of K/V read")
-        ax.set_title(f"decode, {lay} cache")
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{panel}, {lay} cache")
         ax.grid(True, axis="y", alpha=0.3)
         ax.legend(fontsize=7)
-    _save(plt, fig, path, f"decode bandwidth, {decode_plot_title(ok)}")
+    _save(plt, fig, path, f"{title}, {decode_plot_title(ok)}")
     return ""

@@ -49,6 +49,13 @@ def _cell(r: Optional[dict], ok_text: Callable[[dict], str], footnote) -> str:
     return f"skip [{footnote(r.get('reason', '?'))}]"
 
 
+def _finish(lines: list[str], legends: list[str], footnote: _Footnotes) -> str:
+    """The table's lines, then (after a blank line, when there are any) its legend lines and footnotes."""
+    if legends or footnote.notes:
+        lines = lines + [""] + legends + footnote.lines()
+    return "\n".join(lines)
+
+
 def _dlabel(r: dict) -> str:
     """The head dim column: d, or d x d_v for MLA rows."""
     return f"{r['headdim']}x{r['headdim_v']}" if r.get("headdim_v") else str(r["headdim"])
@@ -80,26 +87,24 @@ def attn_table(rows: list[dict]) -> str:
 
             cells.append(_cell(r, ok, footnote))
         lines.append("| " + " | ".join(cells) + " |")
-    fa3_timed = any(r["impl"] == FA3_NAME and r["status"] == "ok" for r in rows)
-    sinks = any(r.get("sinks_ratio") for r in rows)
-    if footnote.notes or fa3_timed or sinks:
-        lines.append("")
-    if fa3_timed:
-        lines.append("(xR): speed relative to flash-attn3-jax on the same row (>1: faster)")
-    if sinks:
-        lines.append("X+sinks: X called with sinks= (float32 (hq,) random; fwd+bwd also differentiates them); "
-                     "(sinks R): time with sinks / time without, same row (1.03 = 3% cost)")
-    lines += footnote.lines()
-    return "\n".join(lines)
+    legends = []
+    if any(r["impl"] == FA3_NAME and r["status"] == "ok" for r in rows):
+        legends.append("(xR): speed relative to flash-attn3-jax on the same row (>1: faster)")
+    if any(r.get("sinks_ratio") for r in rows):
+        legends.append("X+sinks: X called with sinks= (float32 (hq,) random; fwd+bwd also differentiates them); "
+                       "(sinks R): time with sinks / time without, same row (1.03 = 3% cost)")
+    return _finish(lines, legends, footnote)
+
+
+def _kvcache_order(n: str):
+    """Column order of the KV-cache suites: fa3jax backends first, then flash-attn3-jax best, s1, s4, s16."""
+    tail = n.rsplit(":", 1)[-1]
+    return (not n.startswith("fa3jax"), n.split(":")[0], tail != "best",
+            int(tail[1:]) if tail[:1] == "s" and tail[1:].isdigit() else 0, n)
 
 
 def decode_table(rows: list[dict], copy: dict) -> str:
-    def order(n):  # fa3jax backends first, then flash-attn3-jax best, s1, s4, s16
-        tail = n.rsplit(":", 1)[-1]
-        return (not n.startswith("fa3jax"), n.split(":")[0], tail != "best",
-                int(tail[1:]) if tail[:1] == "s" and tail[1:].isdigit() else 0, n)
-
-    impls = sorted({r["impl"] for r in rows}, key=order)
+    impls = sorted({r["impl"] for r in rows}, key=_kvcache_order)
     keys, by = _group(rows, lambda r: (r["layout"], r["batch"], r["cache"]))
     footnote = _Footnotes()
 
@@ -119,14 +124,45 @@ def decode_table(rows: list[dict], copy: dict) -> str:
                 c = f"{r['tbps']:.3g} TB/s / {r['ms'] * 1e3:.1f} us"
                 if r.get("copy_ratio"):
                     c += f" ({r['copy_ratio']:.2f})"
-                return c + (f" {r['best_of'].rsplit(':', 1)[-1]}" if r.get("best_of") else "")
+                c += f" {r['best_of'].rsplit(':', 1)[-1]}" if r.get("best_of") else ""
+                if r.get("per_call_ms"):
+                    c += f"; call {r['per_call_ms'] * 1e3:.1f} us"
+                return c + (f" [{footnote(r['note'])}]" if r.get("note") else "")
 
             cells.append(_cell(r, ok, footnote))
         lines.append("| " + " | ".join(cells) + " |")
-    if footnote.notes:
-        lines.append("")
-        lines += footnote.lines()
-    return "\n".join(lines)
+    legends = []
+    if any(r.get("per_call_ms") for r in rows):
+        legends.append("call X us (--per-call): time per step with one step per jitted call, issued back to back "
+                       "from Python (dispatch included), next to the chained time per step")
+    return _finish(lines, legends, footnote)
+
+
+def prefill_table(rows: list[dict]) -> str:
+    """Markdown table of the prefill suite: one row per (layout, batch, cache, new), one column per impl; cells
+    'TFLOPS / ms' and (xR) = flash-attn3-jax:best time / this time."""
+    impls = sorted({r["impl"] for r in rows}, key=_kvcache_order)
+    keys, by = _group(rows, lambda r: (r["layout"], r["batch"], r["cache"], r["new"]))
+    footnote = _Footnotes()
+
+    head = ["layout", "batch", "cache", "new", "GFLOP"] + impls
+    lines = ["cells: TFLOPS / ms per call; (xR): flash-attn3-jax:best time / this time (>= 1: as fast or faster); "
+             "queries only (their keys already in the cache), causal bottom-right, FLOPs "
+             "4*b*hq*d*sum_i(cache - new + i + 1)", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for k in keys:
+        any_row = next(iter(by[k].values()))
+        cells = [k[0], str(k[1]), str(k[2]), str(k[3]), f"{any_row['flops'] / 1e9:.1f}"]
+        for name in impls:
+            def ok(r):
+                c = f"{fmt_tflops(r['tflops'])} TF / {r['ms']:.3f} ms"
+                c += f" (x{r['fa3_ratio']:.2f})" if r.get("fa3_ratio") else ""
+                c += f" {r['best_of'].rsplit(':', 1)[-1]}" if r.get("best_of") else ""
+                return c + (f" [{footnote(r['note'])}]" if r.get("note") else "")
+
+            cells.append(_cell(by[k].get(name), ok, footnote))
+        lines.append("| " + " | ".join(cells) + " |")
+    return _finish(lines, [], footnote)
 
 
 def varlen_table(rows: list[dict]) -> str:
