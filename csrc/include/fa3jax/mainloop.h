@@ -502,6 +502,10 @@ struct FwdMainloop {
     clear(tOrO);
     softmax.init();
     cute::wait_barrier(ss.barrier_q, q_iter & 1);
+    // A packed Q tile was written by cp.async (generic proxy) and is read by wgmma (async proxy).
+    if constexpr (KT::kKVCache) {
+      if (params.pack > 1) cutlass::arch::fence_view_async_shared();
+    }
 
     int unmasked_lo = 0, unmasked_hi = 0;
     if constexpr (!KT::kKVCache) bi.unmasked_range(unmasked_lo, unmasked_hi);
