@@ -19,7 +19,8 @@
 // MLA (kHeadDimV < kHeadDim): S^T, dK and dQ run over q/k's d; dP^T (its reduction), dV, V and dO over d_v.
 // kBlockM = 80 (FA3's non-causal d=128 tile; bwd_tile_m picks it): 80 queries are a legal WGMMA N but no M, so
 // S^T / dP^T / dV / dK keep queries on N or K as above, and dQ is computed transposed, dQ^T = K^T dS^T (d x
-// queries, warpgroups along d: M = 64 columns each, N = 80 queries, K = the keys; kDqSwapAB).
+// queries, warpgroups along d: M = 64 columns each, N = 80 queries, K = the keys; kDqSwapAB), with the 128-row
+// tile's register plan (kLateDv, below).
 // kBlockM = 128 (FA3's d=64 tile, policy bwd64.block_m=128): S^T / dP^T are 64 keys x 128 queries per warpgroup
 // (128 accumulator registers), so dQ = dS K splits the queries instead of d (kDqRowsSplit: 64 queries x d per
 // warpgroup, 32 registers at d = 64), and the step is arranged to fit 240 registers (kLateDv, bwd_mainloop.h):
@@ -87,8 +88,9 @@ struct BwdKernelTraits {
   static constexpr int kDqCols = kDqRowsSplit ? kHeadDim : kHeadDim / kNumMmaWG;  // dQ columns per warpgroup
   static constexpr int kDqSlice = kBlockM * kHeadDim / kNumMmaWG;  // dQ floats per warpgroup (bwd_layout.h)
   static_assert(kDqCols % 16 == 0);
-  // The 128-row step's register plan (bwd_mainloop.h): S^T + dP^T take 128 registers at 128 queries.
-  static constexpr bool kLateDv = kDqRowsSplit;
+  // The wide steps' register plan (bwd_mainloop.h): S^T + dP^T take 128 registers at 128 queries, and at 80 queries
+  // they sit beside dK/dV and dQ^T (without it the 80-row kernel spilled 108 B and its wgmmas were serialized).
+  static constexpr bool kLateDv = kDqRowsSplit || kDqSwapAB;
   static_assert(!kDqSwapAB || (!kPInSmem && kDqCols == 64),
                 "a swapped dQ needs one WGMMA M (64 columns of d) per warpgroup and P^T / dS^T in registers");
   static constexpr int kDkCols = kPInSmem ? kHeadDim / kNumMmaWG : kHeadDim;    // dK columns per warpgroup

@@ -344,11 +344,10 @@ struct BwdMainloop {
 
     cute::wait_barrier(ss.barrier_kv, 0);
     for (int step = 0; step < n_steps; ++step) {
-      if constexpr (KT::kLateDv || KT::kDqSwapAB) {
+      if constexpr (KT::kLateDv) {
         // The GEMMs' fences (and WGMMA's accumulator operands) read S^T, dP^T and dQ before each step's GEMMs
         // overwrite them, so these registers stay live from one step into the next. kLateDv ends their values here
-        // (forget_values), which the 128-row tile needs to fit (without: C7512 and 52 B of spills); the 80-row tile
-        // (kDqSwapAB) too (without: C7512).
+        // (forget_values), which the 128- and 80-row tiles need to fit (without: C7512 and spills).
         forget_values(tSrS);
         forget_values(tdPrdP);
         forget_values(tdQrdQ);
