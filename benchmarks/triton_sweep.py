@@ -50,7 +50,7 @@ def decode_sweep(a):
             for cache in (int(x) for x in a.caches.split(",")):
                 cfg = bench.DecodeConfig(layout, batch, cache)
                 n_sets = bench.decode_set_count(cfg, bench.free_device_bytes())
-                sets = bench.decode_inputs(cfg, n_sets, seed=batch * 7 + cache)
+                sets = bench.cache_inputs(cfg, n_sets, seed=batch * 7 + cache)
                 chain = bench.decode_chain_sets(sets)
                 fns = {}
                 table = tables.DECODE[layout]

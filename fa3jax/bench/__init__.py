@@ -33,7 +33,7 @@ run, every suite), ``record`` (RESULTS.md), ``cli``.
 from .attn import AttnConfig, attn_configs, attn_inputs, run_attn
 from .cli import build_parser, main, resolve
 from .common import DENSE, DTYPES, FA3_NAME, WRONG_TOL
-from .decode import (DecodeConfig, best_rows, cache_inputs, decode_chain_sets, decode_configs, decode_inputs,
+from .decode import (DecodeConfig, best_rows, cache_inputs, decode_chain_sets, decode_configs,
                      decode_set_count, measure_copy, run_decode, xla_reference)
 from .env import environment, free_device_bytes, git_commit, on_gpu, platform_name
 from .guard import dense_reference, padded_reference, rel_err, varlen_reference
@@ -51,7 +51,7 @@ __all__ = [
     "ALL_ATTN_IMPL_NAMES", "ALL_VARLEN_IMPL_NAMES", "AttnConfig", "DENSE", "DTYPES", "DecodeConfig", "DecodeImpl",
     "FA3_NAME", "Impl", "PrefillConfig", "SINKS", "TimingOptions", "VarlenConfig", "VarlenImpl", "WRONG_TOL",
     "attn_configs", "attn_impls", "attn_inputs", "attn_table", "best_rows", "build_parser", "cache_inputs",
-    "chained", "compile_fn", "decode_chain_sets", "decode_configs", "decode_impls", "decode_inputs",
+    "chained", "compile_fn", "decode_chain_sets", "decode_configs", "decode_impls",
     "decode_set_count", "decode_table", "default_results_md", "dense_reference", "environment", "fa3jax_impl",
     "fa3jax_kvcache_impl", "fa3jax_varlen_impl", "free_device_bytes", "git_commit", "kvcache_impls", "main",
     "markdown_section", "measure", "measure_copy", "measure_interleaved", "on_gpu", "padded_reference",

@@ -81,10 +81,6 @@ def cache_inputs(cfg: DecodeConfig, n_sets: int, seed: int):
     return jax.block_until_ready(sets)
 
 
-def decode_inputs(cfg: DecodeConfig, n_sets: int, seed: int):
-    return cache_inputs(cfg, n_sets, seed)
-
-
 def xla_reference(args, label: str, log=print, causal: bool = False):
     """The guard's reference of a KV-cache call: fa3jax's xla backend on ``args`` = one :func:`cache_inputs` set;
     None (logged) when it fails."""
@@ -122,7 +118,7 @@ def decode_set_count(cfg: DecodeConfig, free: int) -> int:
 
 
 def decode_chain_sets(sets: list) -> list:
-    """Argument sets of :func:`chained` from :func:`decode_inputs`' sets: q varies per call, and every call walks
+    """Argument sets of :func:`chained` from :func:`cache_inputs`' sets: q varies per call, and every call walks
     through all cache sets (at least two query sets, so that consecutive calls differ)."""
     seqlens, kcs, vcs, pts = sets[0][3], tuple(x[1] for x in sets), tuple(x[2] for x in sets), \
         tuple(x[4] for x in sets)
@@ -161,7 +157,7 @@ def run_decode(configs: list[DecodeConfig], impls: list[DecodeImpl], opts: Timin
                                          f"{free / 2**30:.1f} GiB free"))
             continue
         try:
-            sets = decode_inputs(cfg, n_sets, seed=cfg.batch * 7 + cfg.cache)
+            sets = cache_inputs(cfg, n_sets, seed=cfg.batch * 7 + cfg.cache)
         except Exception as e:
             for impl in impls:
                 rows.append(_drow(cfg, impl.name, "skipped", reason=f"inputs: {short_error(e)}"))
