@@ -521,8 +521,8 @@ def test_any_head_dim_with_sinks(instance):
     t, d = instance
     if t not in _any_dim_kernel(d, _BUILT):
         pytest.skip(f"no CUDA kernel built for {t} d={d}")
-    _dense_against_reference(seeded_rng("cuda", "any-d-sinks", instance), _NAMES[t], d, d, SINK_CASES[1], 2.0,
-                             None)
+    case = SINK_CASES[1]  # lq > lk under causal: rows that see only the sink; its last field is the sinks' offset
+    _dense_against_reference(seeded_rng("cuda", "any-d-sinks", instance), _NAMES[t], d, d, case[:-1], 2.0, None)
 
 
 @pytest.mark.parametrize("instance", [i for i in _any_dim_params() if i[1] in (40, 59, 96)] or [("bf16", 40)],
@@ -647,6 +647,8 @@ def test_mla_deterministic_backward_is_cudas_and_bitwise_repeatable(instance, ca
 # reference, and xla on the low-precision inputs the yardstick of helpers.check. Hostile indices follow
 # validation.sanitize_kvcache's documented rule on every backend, so they are compared too.
 _BUILT_KV = {(str(t), int(d)): int(n) for t, d, n in build_info().get("kvcache_instances", ())}
+# (dtype, head dim): whether its KV-cache kernel serves pages that split key blocks (C++ fwd_kvcache_spans_pages)
+_KV_SPANS = {(str(e[0]), int(e[1])): bool(e[3]) for e in build_info().get("kvcache_head_dims", ()) if len(e) > 3}
 
 # name: (b, lq, hq, hk, capacity, pages (0: contiguous; else pages of `pages` x the key block), seqlen_new, leftpad,
 # batch_idx, causal, window, softcap, sinks, rotary, hostile)
@@ -748,7 +750,17 @@ def test_kvcache_matches_xla(instance, name, page_rows):
         pytest.skip("no CUDA KV-cache instance built")
     if page_rows and targets.FEATURE_KVCACHE_ANY_PAGE not in build_info().get("features", ()):
         pytest.skip("this CUDA extension predates pages that are not multiples of the key block")
-    _kv_against_xla(instance, name, _BUILT_KV[instance], "kvcache", page_rows=page_rows)
+    block_n = _BUILT_KV[instance]
+    if page_rows and page_rows % block_n and not _KV_SPANS.get(instance, True):
+        # This kernel refuses pages that split its key blocks (C++ fwd_kvcache_spans_pages): cuda declines with the
+        # reason, and auto serves the call elsewhere.
+        arrays, kw = _kv_inputs(seeded_rng("cuda", "kvcache-refused"), _NAMES[instance[0]], instance[1], block_n,
+                                KV_CASES[name], page_rows)
+        refused = fa3jax.supports(fa3jax.flash_mha_with_kvcache, *arrays, **kw, backend="cuda")
+        assert refused.forward is None and "multiple of its key block" in refused.reason, refused
+        assert fa3jax.supports(fa3jax.flash_mha_with_kvcache, *arrays, **kw).forward not in (None, "cuda")
+        return
+    _kv_against_xla(instance, name, block_n, "kvcache", page_rows=page_rows)
 
 
 def _kv_against_xla(instance, name, block_n, tag, page_rows=None, **extra):
@@ -822,7 +834,7 @@ def test_kvcache_traced_cache_seqlens_one_compilation(paged, num_splits):
 
 # Head dims (multiples of 8) without a KV-cache kernel of their own: served by the narrowest one that holds them (the
 # C++ dispatch's fwd_kernel_dim choice; build_info()["kvcache_head_dims"] gives its key block for paged caches).
-_BUILT_KV_DIMS = {(str(t), int(d)): int(n) for t, d, n in build_info().get("kvcache_head_dims", ())}
+_BUILT_KV_DIMS = {(str(e[0]), int(e[1])): int(e[2]) for e in build_info().get("kvcache_head_dims", ())}
 
 
 @pytest.mark.parametrize("instance", [("bf16", 40), ("bf16", 96), ("fp16", 72), ("bf16", 200)],

@@ -127,6 +127,24 @@ def test_any_head_dim_build_serves_head_dims_between_its_kernels(built):
     be.check_forward(_spec(q_shape=(2, 3, 8, 40), cache=(9, 80, 2, 40), page_table=jnp.zeros((2, 4), jnp.int32)))
 
 
+def test_kernels_that_do_not_span_pages_refuse_pages_that_split_their_key_blocks(built):
+    """kvcache_head_dims' fourth field (C++ fwd_kvcache_spans_pages) says whether the kernel serving a head dim reads
+    key blocks that span pages; where it does not, only pages of whole key blocks are served, whatever the build's
+    kvcache_any_page feature says."""
+    info = _any_dim_info()
+    info["features"].append(targets.FEATURE_KVCACHE_ANY_PAGE)
+    info["kvcache_head_dims"] = [(t, d, n, d <= 64) for t, d, n in info["kvcache_head_dims"]]
+    built["info"] = info
+    be = cuda.CudaBackend()
+    pt = jnp.zeros((2, 4), jnp.int32)
+    be.check_forward(_spec(q_shape=(2, 3, 8, 40), cache=(9, 80, 2, 40), page_table=pt))  # d <= 64: spans pages
+    be.check_forward(_spec(q_shape=(2, 3, 8, 96), cache=(9, 160, 2, 96), page_table=pt))  # whole 80-key blocks
+    for rows in (3, 64, 256):
+        with pytest.raises(NotImplementedError, match=rf"head_dim=96 needs a page_size that is a multiple of its key "
+                                                      rf"block 80; got kv.page_size={rows}"):
+            be.check_forward(_spec(q_shape=(2, 3, 8, 96), cache=(9, rows, 2, 96), page_table=pt))
+
+
 @pytest.mark.parametrize("d, words", [(59, "multiple of 8 .*head_dim=59"), (3, "multiple of 8 .*head_dim=3")])
 def test_any_head_dim_build_refuses_head_dims_that_are_not_multiples_of_8(built, d, words):
     """The dense path pads such head dims; the KV-cache one would have to copy the caches, so it falls back."""

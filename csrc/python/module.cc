@@ -81,13 +81,15 @@ NB_MODULE(_fa3jax_cuda, m) {
       if (bn > 0) kv.append(nb::make_tuple(dt, hd, bn));
     }
     d["kvcache_instances"] = kv;
-    // (dtype, head_dim, key block) for every head dim (a multiple of 8) a KV-cache call may have: the key block of
-    // the kernel the C++ dispatch picks for it (fwd_kvcache_block_n), so that Python never re-derives that choice.
+    // (dtype, head_dim, key block, spans pages) for every head dim (a multiple of 8) a KV-cache call may have: the key
+    // block of the kernel the C++ dispatch picks for it (fwd_kvcache_block_n) and whether that kernel serves pages
+    // that are not a multiple of it (fwd_kvcache_spans_pages), so that Python never re-derives either.
     nb::list kv_dims;
     for (auto const& dt : dtypes) {
       fa3jax::DType const e = dt == "fp16" ? fa3jax::DType::kFP16 : fa3jax::DType::kBF16;
       for (int hd = 8; hd <= 256; hd += 8)
-        if (int const bn = fa3jax::fwd_kvcache_block_n(e, hd); bn > 0) kv_dims.append(nb::make_tuple(dt, hd, bn));
+        if (int const bn = fa3jax::fwd_kvcache_block_n(e, hd); bn > 0)
+          kv_dims.append(nb::make_tuple(dt, hd, bn, fa3jax::fwd_kvcache_spans_pages(e, hd)));
     }
     d["kvcache_head_dims"] = kv_dims;
     d["arch"] = fa3jax::fwd_arch();

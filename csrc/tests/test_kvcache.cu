@@ -500,8 +500,9 @@ int check_refusals(DType dt, int d, void* buf, int& runs) {
     std::printf("FAIL %s d=%s valid KV-cache params refused: %s\n", dt_name(dt), dim_label(dt, d).c_str(), msg);
     ++failures;
   }
-  // Every page size is served: the whole-block TMA path for multiples of the key block, boxes of gcd(page size,
-  // key block) rows for multiples of 8, the gather otherwise (fwd_kvcache_load, fwd_kvcache_box_rows).
+  // Every page size is served where the kernel spans pages (fwd_kvcache_spans_pages; else only multiples of the key
+  // block): the whole-block TMA path for multiples of the key block, boxes of gcd(page size, key block) rows for
+  // multiples of 8, the gather otherwise (fwd_kvcache_load, fwd_kvcache_box_rows).
   for (int ps : {1, 3, 8, 12, 16, 40, 64, 100, 200, 264, 300, bn, 2 * bn, 3 * bn}) {
     fa3jax::FwdParams p = base();
     p.core.paged.page_size = ps;
@@ -509,6 +510,15 @@ int check_refusals(DType dt, int d, void* buf, int& runs) {
     p.core.k_stride.batch = p.core.v_stride.batch = int64_t(ps) * 2 * d;
     fa3jax::KVLoad const want = ps % bn == 0 ? fa3jax::KVLoad::kBlocks
                                 : ps % 8 == 0 ? fa3jax::KVLoad::kBoxes : fa3jax::KVLoad::kGather;
+    if (want != fa3jax::KVLoad::kBlocks && !fa3jax::fwd_kvcache_spans_pages(dt, d)) {  // refused, not launched
+      ++runs;
+      if (fa3jax::fwd_check(p) == nullptr) {
+        std::printf("FAIL %s d=%s page_size %d accepted by a kernel that does not span pages\n", dt_name(dt),
+                    dim_label(dt, d).c_str(), ps);
+        ++failures;
+      }
+      continue;
+    }
     int g = ps, h = bn;  // gcd, the box rows kBoxes must use
     while (h != 0) { int const t = g % h; g = h; h = t; }
     runs += 3;
@@ -576,6 +586,9 @@ int main(int argc, char** argv) {
                               name == "page3-gather-append-causal-hostile" ||
                               name == "page8-boxes-window-sinks-hostile" || name == "page300-gather-split2-hostile";
         if (quick && !in_quick) continue;
+        // Pages that split key blocks on a kernel that refuses them: check_rules checks the refusal.
+        int const bn = fa3jax::fwd_kvcache_block_n(dt, d);
+        if (cs[i].page_rows > 0 && cs[i].page_rows % bn != 0 && !fa3jax::fwd_kvcache_spans_pages(dt, d)) continue;
         for (void* ws : {workspace, static_cast<void*>(nullptr)}) {
           ++runs;
           if (!run_case(dt, d, cs[i], ws, rng, verbose)) ++failures;

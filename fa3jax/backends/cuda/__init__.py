@@ -172,10 +172,13 @@ class CudaBackend(Backend):
                 # The dense path pads q/k/v to a multiple of 8; here that would copy the whole caches per call.
                 raise NotImplementedError(f"cuda: the KV-cache forward needs a head dim that is a multiple of 8 "
                                           f"(zero-padding would copy the caches); got {spec.head_dim=}")
-            # Every head dim some kernel serves, with the key block of the one the C++ dispatch picks for it.
-            blocks = {(str(t), int(d)): int(n) for t, d, n in info.get("kvcache_head_dims", ())}
+            # Every head dim some kernel serves, with the key block of the one the C++ dispatch picks for it and
+            # whether that kernel serves pages that split key blocks (absent in older builds: all did).
+            blocks = {(str(e[0]), int(e[1])): int(e[2]) for e in info.get("kvcache_head_dims", ())}
+            spans = {(str(e[0]), int(e[1])): bool(e[3]) for e in info.get("kvcache_head_dims", ()) if len(e) > 3}
         else:  # an extension built before any-head-dim support: the instances' own head dims only
             blocks = {(str(t), int(d)): int(n) for t, d, n in info.get("kvcache_instances", ())}
+            spans = {}
         block_n = blocks.get((dt, spec.head_dim))
         if block_n is None:
             built = sorted((t, d) for t, d, _ in info.get("kvcache_instances", ()))
@@ -188,11 +191,14 @@ class CudaBackend(Backend):
             raise NotImplementedError(f"cuda: an empty cache ({kv.capacity=}) is not supported")
         # Pages of a multiple of the key block hold whole key blocks (one TMA load each); other page sizes need a
         # kernel that reads key blocks spanning pages (C++ fwd_kvcache_load), which older builds lack.
-        if (kv.paged and kv.page_size % block_n
-                and targets.FEATURE_KVCACHE_ANY_PAGE not in info.get("features", ())):
-            raise NotImplementedError(f"cuda: this build of the CUDA extension needs a page_size that is a multiple of "
-                                      f"the kernel's key block {block_n}; got {kv.page_size=} (rebuild it for any page "
-                                      f"size)")
+        if kv.paged and kv.page_size % block_n:
+            if targets.FEATURE_KVCACHE_ANY_PAGE not in info.get("features", ()):
+                raise NotImplementedError(f"cuda: this build of the CUDA extension needs a page_size that is a "
+                                          f"multiple of the kernel's key block {block_n}; got {kv.page_size=} "
+                                          f"(rebuild it for any page size)")
+            if not spans.get((dt, spec.head_dim), True):  # C++ fwd_kvcache_spans_pages
+                raise NotImplementedError(f"cuda: the KV-cache kernel for head_dim={spec.head_dim} needs a page_size "
+                                          f"that is a multiple of its key block {block_n}; got {kv.page_size=}")
         slot_rows = kv.page_size if kv.paged else kv.capacity
         if (kv.cache_batch * slot_rows + slot_rows + block_n >= 2**31
                 or spec.batch * kv.seqlen_new + kv.seqlen_new + block_n >= 2**31):
