@@ -10,6 +10,8 @@
 //   fa3jax_test_kvcache          all cases, dynamic and static tile assignment
 //   fa3jax_test_kvcache --quick  a few cases (racecheck / synccheck are slow)
 //   fa3jax_test_kvcache --quiet  print failures and the summary only
+//   fa3jax_test_kvcache --only S the cases whose name contains S (e.g. --only boxes, --only -long); each case is
+//                                named ("run ...") before its launch, so a fault or a hang points at it
 //
 // Cache rows that no result may read hold NaN (rows at or past a sequence's cache length, pages no table entry
 // names, the whole cache slot of no batch row), so a kernel that lets them into a result fails; guard bytes around
@@ -165,6 +167,9 @@ bool run_case(DType dt, int d, const Case& c, void* workspace, std::mt19937& rng
     CK(cudaMemset(split_ws, 0xff, bytes));
     fa3jax::fwd_splits_workspace(p, split_ws);
   }
+  // Named before the launch: a case that faults (a sticky error ends the program in CK) or hangs is the last line.
+  if (verbose)
+    std::printf("run  %s d=%s %s%s\n", dt_name(dt), dim_label(dt, d).c_str(), c.name, workspace ? "" : " [static]");
   fa3jax::FwdStatus const st = fa3jax::run_fwd(p, nullptr);
   fa3jax::KVLoad const load = fa3jax::fwd_kvcache_load(p);
   std::string const mode_s = std::string(workspace ? "" : " [static]") + (packed ? " [packed]" : "") +
@@ -393,6 +398,40 @@ std::vector<Case> cases() {
   cs.push_back(paged("page264-boxes-prefill-sinks", 264, 2, 70, 4, 2, 3, 7, 0, {792, 265}, -1, 0, 0.f, true, 1, {}));
   cs.push_back(paged("page300-gather-split2-hostile", 300, 3, 3, 4, 2, 3, 8, 3, {850, 1, 300}, -1, 0, 0.f, false, 2,
                      {1, 3 + 0, 6 + 0}));
+
+  // Long rows (>= 13 key blocks of the d=256 kernel's 80 keys) in the shapes of tests/test_cuda_backend.py's KV_CASES
+  // that faulted (boxes) or hung (gather) on the H100 at d=256 (RESULTS.md session 14): paged-2blocks-prefill (130
+  // unpacked queries, softcap, every block visible), paged-append-batch_idx-rotary (packed queries, window (100, 0),
+  // sinks, appended keys, so the first block visited is an appended one) and paged-decode (no appended keys: a
+  // gathered tile's first block is a cache block, the case whose K arrival the gather lost). Cache lengths as there.
+  cs.push_back(paged("page256-boxes-prefill-long", 256, 2, 130, 4, 4, 5, 11, 0, {1100, 517}, -1, -1, 10.f, false, 1,
+                     {}));
+  cs.push_back(paged("page264-boxes-prefill-long", 264, 2, 130, 4, 4, 4, 9, 0, {837, 1056}, -1, -1, 10.f, false, 1,
+                     {}));
+  cs.push_back(paged("page256-boxes-append-window-sinks", 256, 3, 3, 4, 2, 4, 21, 3, {107, 152, 881}, 100, 0, 0.f,
+                     true, 1, {}));
+  cs.push_back(paged("page264-boxes-append-window-sinks", 264, 3, 3, 4, 2, 4, 21, 3, {662, 885, 153}, 100, 0, 0.f,
+                     true, 1, {}));
+  cs.push_back(paged("page256-boxes-decode-long", 256, 3, 4, 8, 2, 4, 13, 0, {784, 361, 1024}, -1, 0, 0.f, false, 1,
+                     {}));
+  cs.push_back(paged("page264-boxes-hostile-long", 264, 3, 2, 4, 2, 4, 13, 2, {2056, -7, 934}, -1, 0, 0.f, false, 1,
+                     {1, 4 + 0, 8 + 2, 2, 4 + 1}));
+  cs.push_back(paged("page12-gather-prefill-long", 12, 2, 130, 4, 4, 100, 201, 0, {1100, 309}, -1, -1, 10.f, false, 1,
+                     {}));
+  cs.push_back(paged("page100-gather-prefill-long", 100, 2, 130, 4, 4, 12, 25, 0, {1100, 328}, -1, -1, 10.f, false, 1,
+                     {}));
+  cs.push_back(paged("page300-gather-prefill-long", 300, 2, 130, 4, 4, 4, 9, 0, {616, 1190}, -1, -1, 10.f, false, 1,
+                     {}));
+  cs.push_back(paged("page12-gather-decode-long", 12, 3, 4, 8, 2, 90, 271, 0, {235, 1079, 118}, -1, 0, 0.f, false, 1,
+                     {}));
+  cs.push_back(paged("page300-gather-append-window-sinks", 300, 3, 3, 4, 2, 4, 21, 3, {1167, 37, 676}, 100, 0, 0.f,
+                     true, 1, {}));
+  // The same prefill on pages of whole key blocks (2 x the key block, 7 per row: 14 blocks), the one-TMA-per-block
+  // path, as the control.
+  Case pl{"paged-prefill-long-whole-blocks", 2, 130, 4, 4, 0, 15, 2, 7, 0, {1100, 517}, {}, {}, {}, -1, -1, 10.f,
+          false};
+  pl.page_table = random_pages(2, 7, 15, rng);
+  cs.push_back(pl);
   return cs;
 }
 
@@ -558,9 +597,11 @@ int check_refusals(DType dt, int d, void* buf, int& runs) {
 int main(int argc, char** argv) {
   std::setvbuf(stdout, nullptr, _IOLBF, 0);
   bool quick = false, verbose = true;
+  const char* only = nullptr;  // --only SUBSTR: the cases whose name contains SUBSTR (rules and refusals skipped)
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--quick")) quick = true;
     else if (!std::strcmp(argv[i], "--quiet")) verbose = false;
+    else if (!std::strcmp(argv[i], "--only") && i + 1 < argc) only = argv[++i];
     else {
       std::fprintf(stderr, "unknown argument %s\n", argv[i]);
       return 2;
@@ -586,6 +627,7 @@ int main(int argc, char** argv) {
                               name == "page3-gather-append-causal-hostile" ||
                               name == "page8-boxes-window-sinks-hostile" || name == "page300-gather-split2-hostile";
         if (quick && !in_quick) continue;
+        if (only != nullptr && name.find(only) == std::string::npos) continue;
         // Pages that split key blocks on a kernel that refuses them: check_rules checks the refusal.
         int const bn = fa3jax::fwd_kvcache_block_n(dt, d);
         if (cs[i].page_rows > 0 && cs[i].page_rows % bn != 0 && !fa3jax::fwd_kvcache_spans_pages(dt, d)) continue;
@@ -594,6 +636,7 @@ int main(int argc, char** argv) {
           if (!run_case(dt, d, cs[i], ws, rng, verbose)) ++failures;
         }
       }
+      if (only != nullptr) continue;
       failures += check_refusals(dt, d, workspace, runs);
       failures += check_rules(dt, d, runs);
     }
