@@ -618,6 +618,10 @@ int main(int argc, char** argv) {
     // zero-filling the columns past d, its output store clipping them).
     for (int d : {64, 128, 256, 40, 96, 200}) {
       if (!fa3jax::fwd_kvcache_compiled(dt, d)) continue;
+      if (verbose)
+        std::printf("%s d=%s: key block %d, pages that split key blocks %s\n", dt_name(dt), dim_label(dt, d).c_str(),
+                    fa3jax::fwd_kvcache_block_n(dt, d),
+                    fa3jax::fwd_kvcache_spans_pages(dt, d) ? "served" : "refused (their cases skipped)");
       for (size_t i = 0; i < cs.size(); ++i) {
         // --quick: append with leftpad, the hostile contiguous case and the hostile paged one, split ones with
         // hostile indices (contiguous, paged) and packing with splits.
