@@ -406,6 +406,8 @@ std::vector<Case> cases() {
   // gathered tile's first block is a cache block, the case whose K arrival the gather lost). Cache lengths as there.
   cs.push_back(paged("page256-boxes-prefill-long", 256, 2, 130, 4, 4, 5, 11, 0, {1100, 517}, -1, -1, 10.f, false, 1,
                      {}));
+  cs.push_back(paged("page256-boxes-prefill-jax", 256, 2, 130, 4, 4, 4, 9, 0, {909, 517}, -1, -1, 10.f, false, 1,
+                     {}));  // the JAX case's own shape and lengths
   cs.push_back(paged("page264-boxes-prefill-long", 264, 2, 130, 4, 4, 4, 9, 0, {837, 1056}, -1, -1, 10.f, false, 1,
                      {}));
   cs.push_back(paged("page256-boxes-append-window-sinks", 256, 3, 3, 4, 2, 4, 21, 3, {107, 152, 881}, 100, 0, 0.f,
