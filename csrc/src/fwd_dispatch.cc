@@ -92,7 +92,7 @@ KVLoad fwd_kvcache_load(const FwdParams& p) {
   int const ps = c.paged.page_size;
   if (!c.paged.enabled() || bn <= 0 || ps < 1 || ps % bn == 0) return KVLoad::kBlocks;
   // A box must start on a swizzle atom (8 rows of 128 bytes) and stay inside one page.
-  return ps % 8 == 0 ? KVLoad::kBoxes : KVLoad::kGather;
+  return ps % 8 == 0 && !p.gather_pages ? KVLoad::kBoxes : KVLoad::kGather;
 }
 
 bool fwd_kvcache_pack_gqa(const FwdParams& p) {

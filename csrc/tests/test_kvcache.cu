@@ -12,6 +12,7 @@
 //   fa3jax_test_kvcache --quiet  print failures and the summary only
 //   fa3jax_test_kvcache --only S the cases whose name contains S (e.g. --only boxes, --only -long); each case is
 //                                named ("run ...") before its launch, so a fault or a hang points at it
+//   fa3jax_test_kvcache --gather  pages that split key blocks all through the producer's gather (no TMA boxes)
 //
 // Cache rows that no result may read hold NaN (rows at or past a sequence's cache length, pages no table entry
 // names, the whole cache slot of no batch row), so a kernel that lets them into a result fails; guard bytes around
@@ -32,6 +33,9 @@ using fa3jax::DType;
 namespace {
 
 constexpr uint16_t kNaN16 = 0x7fff;
+// --gather: pages that split key blocks all take the producer's gather, the TMA boxes' sizes too
+// (FwdParams::gather_pages), to tell a fault of the boxes from one of the shared page handling.
+bool g_gather_pages = false;
 
 struct Case {
   const char* name;
@@ -158,6 +162,7 @@ bool run_case(DType dt, int d, const Case& c, void* workspace, std::mt19937& rng
   p.sinks = up.put(hsinks);
   p.workspace = workspace;
   p.pack_gqa = c.pack;
+  p.gather_pages = g_gather_pages;
   bool const packed = fa3jax::fwd_kvcache_pack_gqa(p);
   // Split-KV parts: filled with NaN first, so a part some tile failed to write poisons the combined result.
   p.splits.num_splits = c.splits;
@@ -572,6 +577,15 @@ int check_refusals(DType dt, int d, void* buf, int& runs) {
                   fa3jax::fwd_kvcache_box_rows(ps, bn));
       ++failures;
     }
+    // gather_pages: the gather for every page size that splits key blocks, whole-block pages unchanged
+    fa3jax::FwdParams gp = p;
+    gp.gather_pages = true;
+    ++runs;
+    if (fa3jax::fwd_kvcache_load(gp) != (want == fa3jax::KVLoad::kBlocks ? want : fa3jax::KVLoad::kGather)) {
+      std::printf("FAIL %s d=%s page_size %d: gather_pages gives load %d\n", dt_name(dt), dim_label(dt, d).c_str(),
+                  ps, int(fa3jax::fwd_kvcache_load(gp)));
+      ++failures;
+    }
   }
   {  // a contiguous cache always takes the whole-block path
     fa3jax::FwdParams p = base();
@@ -604,6 +618,7 @@ int main(int argc, char** argv) {
     if (!std::strcmp(argv[i], "--quick")) quick = true;
     else if (!std::strcmp(argv[i], "--quiet")) verbose = false;
     else if (!std::strcmp(argv[i], "--only") && i + 1 < argc) only = argv[++i];
+    else if (!std::strcmp(argv[i], "--gather")) g_gather_pages = true;
     else {
       std::fprintf(stderr, "unknown argument %s\n", argv[i]);
       return 2;
