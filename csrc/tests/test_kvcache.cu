@@ -10,6 +10,9 @@
 //   fa3jax_test_kvcache          all cases, dynamic and static tile assignment
 //   fa3jax_test_kvcache --quick  a few cases (racecheck / synccheck are slow)
 //   fa3jax_test_kvcache --quiet  print failures and the summary only
+//   fa3jax_test_kvcache --only S the cases whose name contains S (e.g. --only boxes, --only -long); each case is
+//                                named ("run ...") before its launch, so a fault or a hang points at it
+//   fa3jax_test_kvcache --gather  pages that split key blocks all through the producer's gather (no TMA boxes)
 //
 // Cache rows that no result may read hold NaN (rows at or past a sequence's cache length, pages no table entry
 // names, the whole cache slot of no batch row), so a kernel that lets them into a result fails; guard bytes around
@@ -30,6 +33,9 @@ using fa3jax::DType;
 namespace {
 
 constexpr uint16_t kNaN16 = 0x7fff;
+// --gather: pages that split key blocks all take the producer's gather, the TMA boxes' sizes too
+// (FwdParams::gather_pages), to tell a fault of the boxes from one of the shared page handling.
+bool g_gather_pages = false;
 
 struct Case {
   const char* name;
@@ -156,6 +162,7 @@ bool run_case(DType dt, int d, const Case& c, void* workspace, std::mt19937& rng
   p.sinks = up.put(hsinks);
   p.workspace = workspace;
   p.pack_gqa = c.pack;
+  p.gather_pages = g_gather_pages;
   bool const packed = fa3jax::fwd_kvcache_pack_gqa(p);
   // Split-KV parts: filled with NaN first, so a part some tile failed to write poisons the combined result.
   p.splits.num_splits = c.splits;
@@ -165,6 +172,9 @@ bool run_case(DType dt, int d, const Case& c, void* workspace, std::mt19937& rng
     CK(cudaMemset(split_ws, 0xff, bytes));
     fa3jax::fwd_splits_workspace(p, split_ws);
   }
+  // Named before the launch: a case that faults (a sticky error ends the program in CK) or hangs is the last line.
+  if (verbose)
+    std::printf("run  %s d=%s %s%s\n", dt_name(dt), dim_label(dt, d).c_str(), c.name, workspace ? "" : " [static]");
   fa3jax::FwdStatus const st = fa3jax::run_fwd(p, nullptr);
   fa3jax::KVLoad const load = fa3jax::fwd_kvcache_load(p);
   std::string const mode_s = std::string(workspace ? "" : " [static]") + (packed ? " [packed]" : "") +
@@ -393,6 +403,42 @@ std::vector<Case> cases() {
   cs.push_back(paged("page264-boxes-prefill-sinks", 264, 2, 70, 4, 2, 3, 7, 0, {792, 265}, -1, 0, 0.f, true, 1, {}));
   cs.push_back(paged("page300-gather-split2-hostile", 300, 3, 3, 4, 2, 3, 8, 3, {850, 1, 300}, -1, 0, 0.f, false, 2,
                      {1, 3 + 0, 6 + 0}));
+
+  // Long rows (>= 13 key blocks of the d=256 kernel's 80 keys) in the shapes of tests/test_cuda_backend.py's KV_CASES
+  // that faulted (boxes) or hung (gather) on the H100 at d=256 (RESULTS.md session 14): paged-2blocks-prefill (130
+  // unpacked queries, softcap, every block visible), paged-append-batch_idx-rotary (packed queries, window (100, 0),
+  // sinks, appended keys, so the first block visited is an appended one) and paged-decode (no appended keys: a
+  // gathered tile's first block is a cache block, the case whose K arrival the gather lost). Cache lengths as there.
+  cs.push_back(paged("page256-boxes-prefill-long", 256, 2, 130, 4, 4, 5, 11, 0, {1100, 517}, -1, -1, 10.f, false, 1,
+                     {}));
+  cs.push_back(paged("page256-boxes-prefill-jax", 256, 2, 130, 4, 4, 4, 9, 0, {909, 517}, -1, -1, 10.f, false, 1,
+                     {}));  // the JAX case's own shape and lengths
+  cs.push_back(paged("page264-boxes-prefill-long", 264, 2, 130, 4, 4, 4, 9, 0, {837, 1056}, -1, -1, 10.f, false, 1,
+                     {}));
+  cs.push_back(paged("page256-boxes-append-window-sinks", 256, 3, 3, 4, 2, 4, 21, 3, {107, 152, 881}, 100, 0, 0.f,
+                     true, 1, {}));
+  cs.push_back(paged("page264-boxes-append-window-sinks", 264, 3, 3, 4, 2, 4, 21, 3, {662, 885, 153}, 100, 0, 0.f,
+                     true, 1, {}));
+  cs.push_back(paged("page256-boxes-decode-long", 256, 3, 4, 8, 2, 4, 13, 0, {784, 361, 1024}, -1, 0, 0.f, false, 1,
+                     {}));
+  cs.push_back(paged("page264-boxes-hostile-long", 264, 3, 2, 4, 2, 4, 13, 2, {2056, -7, 934}, -1, 0, 0.f, false, 1,
+                     {1, 4 + 0, 8 + 2, 2, 4 + 1}));
+  cs.push_back(paged("page12-gather-prefill-long", 12, 2, 130, 4, 4, 100, 201, 0, {1100, 309}, -1, -1, 10.f, false, 1,
+                     {}));
+  cs.push_back(paged("page100-gather-prefill-long", 100, 2, 130, 4, 4, 12, 25, 0, {1100, 328}, -1, -1, 10.f, false, 1,
+                     {}));
+  cs.push_back(paged("page300-gather-prefill-long", 300, 2, 130, 4, 4, 4, 9, 0, {616, 1190}, -1, -1, 10.f, false, 1,
+                     {}));
+  cs.push_back(paged("page12-gather-decode-long", 12, 3, 4, 8, 2, 90, 271, 0, {235, 1079, 118}, -1, 0, 0.f, false, 1,
+                     {}));
+  cs.push_back(paged("page300-gather-append-window-sinks", 300, 3, 3, 4, 2, 4, 21, 3, {1167, 37, 676}, 100, 0, 0.f,
+                     true, 1, {}));
+  // The same prefill on pages of whole key blocks (2 x the key block, 7 per row: 14 blocks), the one-TMA-per-block
+  // path, as the control.
+  Case pl{"paged-prefill-long-whole-blocks", 2, 130, 4, 4, 0, 15, 2, 7, 0, {1100, 517}, {}, {}, {}, -1, -1, 10.f,
+          false};
+  pl.page_table = random_pages(2, 7, 15, rng);
+  cs.push_back(pl);
   return cs;
 }
 
@@ -531,6 +577,15 @@ int check_refusals(DType dt, int d, void* buf, int& runs) {
                   fa3jax::fwd_kvcache_box_rows(ps, bn));
       ++failures;
     }
+    // gather_pages: the gather for every page size that splits key blocks, whole-block pages unchanged
+    fa3jax::FwdParams gp = p;
+    gp.gather_pages = true;
+    ++runs;
+    if (fa3jax::fwd_kvcache_load(gp) != (want == fa3jax::KVLoad::kBlocks ? want : fa3jax::KVLoad::kGather)) {
+      std::printf("FAIL %s d=%s page_size %d: gather_pages gives load %d\n", dt_name(dt), dim_label(dt, d).c_str(),
+                  ps, int(fa3jax::fwd_kvcache_load(gp)));
+      ++failures;
+    }
   }
   {  // a contiguous cache always takes the whole-block path
     fa3jax::FwdParams p = base();
@@ -558,9 +613,12 @@ int check_refusals(DType dt, int d, void* buf, int& runs) {
 int main(int argc, char** argv) {
   std::setvbuf(stdout, nullptr, _IOLBF, 0);
   bool quick = false, verbose = true;
+  const char* only = nullptr;  // --only SUBSTR: the cases whose name contains SUBSTR (rules and refusals skipped)
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--quick")) quick = true;
     else if (!std::strcmp(argv[i], "--quiet")) verbose = false;
+    else if (!std::strcmp(argv[i], "--only") && i + 1 < argc) only = argv[++i];
+    else if (!std::strcmp(argv[i], "--gather")) g_gather_pages = true;
     else {
       std::fprintf(stderr, "unknown argument %s\n", argv[i]);
       return 2;
@@ -577,6 +635,10 @@ int main(int argc, char** argv) {
     // zero-filling the columns past d, its output store clipping them).
     for (int d : {64, 128, 256, 40, 96, 200}) {
       if (!fa3jax::fwd_kvcache_compiled(dt, d)) continue;
+      if (verbose)
+        std::printf("%s d=%s: key block %d, pages that split key blocks %s\n", dt_name(dt), dim_label(dt, d).c_str(),
+                    fa3jax::fwd_kvcache_block_n(dt, d),
+                    fa3jax::fwd_kvcache_spans_pages(dt, d) ? "served" : "refused (their cases skipped)");
       for (size_t i = 0; i < cs.size(); ++i) {
         // --quick: append with leftpad, the hostile contiguous case and the hostile paged one, split ones with
         // hostile indices (contiguous, paged) and packing with splits.
@@ -586,6 +648,7 @@ int main(int argc, char** argv) {
                               name == "page3-gather-append-causal-hostile" ||
                               name == "page8-boxes-window-sinks-hostile" || name == "page300-gather-split2-hostile";
         if (quick && !in_quick) continue;
+        if (only != nullptr && name.find(only) == std::string::npos) continue;
         // Pages that split key blocks on a kernel that refuses them: check_rules checks the refusal.
         int const bn = fa3jax::fwd_kvcache_block_n(dt, d);
         if (cs[i].page_rows > 0 && cs[i].page_rows % bn != 0 && !fa3jax::fwd_kvcache_spans_pages(dt, d)) continue;
@@ -594,6 +657,7 @@ int main(int argc, char** argv) {
           if (!run_case(dt, d, cs[i], ws, rng, verbose)) ++failures;
         }
       }
+      if (only != nullptr) continue;
       failures += check_refusals(dt, d, workspace, runs);
       failures += check_rules(dt, d, runs);
     }

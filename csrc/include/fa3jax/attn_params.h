@@ -134,6 +134,9 @@ struct FwdParams {
   // KV cache, GQA packing (the query heads of one kv head in one tile, fwd_kvcache_pack_gqa): -1 = where the
   // policy says, 0 = never, 1 = whenever num_heads_q > num_heads_k (tests).
   int pack_gqa = -1;
+  // KV cache, paged: true reads every page size that splits key blocks with the producer's gather, multiples of 8
+  // rows too (fwd_kvcache_load; tests: the same shapes through both paths).
+  bool gather_pages = false;
 };
 
 inline constexpr size_t kFwdWorkspaceBytes = 16;
@@ -246,7 +249,8 @@ int fwd_kvcache_block_m(DType dtype, int head_dim);  // that kernel's query tile
 //   kBlocks  contiguous caches, or pages of a multiple of the key block: one TMA box per key block (the fast path)
 //   kBoxes   pages of a multiple of 8 rows (the 128-byte swizzle atom): TMA boxes of fwd_kvcache_box_rows rows,
 //            each inside one page, all on the stage's barrier with the block's transaction bytes
-//   kGather  any other page size: the producer warp copies the block's rows with 16-byte cp.async
+//   kGather  any other page size (or any with FwdParams::gather_pages): the producer warp copies the block's rows
+//            with 16-byte cp.async
 // In the last two a key block spans pages, so a page index out of range masks that page's columns only (the
 // producer leaves a per-block column mask in shared memory for the consumers).
 enum class KVLoad : int { kBlocks = 0, kBoxes = 1, kGather = 2 };

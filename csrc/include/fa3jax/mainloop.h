@@ -344,9 +344,10 @@ struct FwdMainloop {
     Tensor sVt = make_tensor(make_smem_ptr(ss.smem_v.data()), typename KT::SmemLayoutVt{});
     // kGather fills a stage with plain cp.async, which no barrier counts: each lane waits for its own copies and
     // fences them for the consumers' wgmma (async proxy) before lane 0 arrives on the stage's barrier (its one
-    // expected arrival, no transaction bytes), in flush. flush runs once per K/V pair: a pending K block is never
-    // what the V stage acquired in between waits for (the consumers free that stage with the P V GEMM of the block
-    // kStages back, which needs only earlier K blocks).
+    // expected arrival, no transaction bytes), in flush. flush runs after the first K block and then once per K/V
+    // pair, so at most one K and one V stage are pending: a pending K block is never what the V stage acquired in
+    // between waits for (the consumers free that stage with the P V GEMM of the block kStages back, which needs
+    // only earlier K blocks).
     int pend_k = -1, pend_v = -1;  // kGather: stages filled since the last flush
     auto load_k = [&](int n, PipelineState s) {
       if (!bi.is_cache(n)) {
@@ -400,6 +401,9 @@ struct FwdMainloop {
     };
     int n = bi.n_max - 1;
     load_k(n, st);
+    // Without this flush the next load_k overwrote pend_k: the first block's K stage never got its arrival and the
+    // consumers waited for it forever (every gathered tile of >= 2 blocks that starts with a cache block).
+    flush();
     for (; n > bi.n_min; --n) {
       PipelineState next = st;
       ++next;
