@@ -647,8 +647,9 @@ def test_mla_deterministic_backward_is_cudas_and_bitwise_repeatable(instance, ca
 # reference, and xla on the low-precision inputs the yardstick of helpers.check. Hostile indices follow
 # validation.sanitize_kvcache's documented rule on every backend, so they are compared too.
 _BUILT_KV = {(str(t), int(d)): int(n) for t, d, n in build_info().get("kvcache_instances", ())}
-# (dtype, head dim): whether its KV-cache kernel serves pages that split key blocks (C++ fwd_kvcache_spans_pages)
-_KV_SPANS = {(str(e[0]), int(e[1])): bool(e[3]) for e in build_info().get("kvcache_head_dims", ()) if len(e) > 3}
+# (dtype, head dim): which pages that split key blocks its KV-cache kernel reads (C++ fwd_kvcache_page_reads: 0 none,
+# 1 multiples of 8 rows, 2 any)
+_KV_PAGE_READS = {(str(e[0]), int(e[1])): int(e[3]) for e in build_info().get("kvcache_head_dims", ()) if len(e) > 3}
 
 # name: (b, lq, hq, hk, capacity, pages (0: contiguous; else pages of `pages` x the key block), seqlen_new, leftpad,
 # batch_idx, causal, window, softcap, sinks, rotary, hostile)
@@ -751,13 +752,13 @@ def test_kvcache_matches_xla(instance, name, page_rows):
     if page_rows and targets.FEATURE_KVCACHE_ANY_PAGE not in build_info().get("features", ()):
         pytest.skip("this CUDA extension predates pages that are not multiples of the key block")
     block_n = _BUILT_KV[instance]
-    if page_rows and page_rows % block_n and not _KV_SPANS.get(instance, True):
-        # This kernel refuses pages that split its key blocks (C++ fwd_kvcache_spans_pages): cuda declines with the
-        # reason, and auto serves the call elsewhere.
+    if page_rows and page_rows % block_n and _KV_PAGE_READS.get(instance, 2) < (1 if page_rows % 8 == 0 else 2):
+        # This kernel does not read such pages (C++ fwd_kvcache_page_served): cuda declines with the reason, and
+        # auto serves the call elsewhere.
         arrays, kw = _kv_inputs(seeded_rng("cuda", "kvcache-refused"), _NAMES[instance[0]], instance[1], block_n,
                                 KV_CASES[name], page_rows)
         refused = fa3jax.supports(fa3jax.flash_mha_with_kvcache, *arrays, **kw, backend="cuda")
-        assert refused.forward is None and "multiple of its key block" in refused.reason, refused
+        assert refused.forward is None and f"multiple of its key block {block_n}" in refused.reason, refused
         assert fa3jax.supports(fa3jax.flash_mha_with_kvcache, *arrays, **kw).forward not in (None, "cuda")
         return
     _kv_against_xla(instance, name, block_n, "kvcache", page_rows=page_rows)

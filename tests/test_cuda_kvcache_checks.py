@@ -127,21 +127,27 @@ def test_any_head_dim_build_serves_head_dims_between_its_kernels(built):
     be.check_forward(_spec(q_shape=(2, 3, 8, 40), cache=(9, 80, 2, 40), page_table=jnp.zeros((2, 4), jnp.int32)))
 
 
-def test_kernels_that_do_not_span_pages_refuse_pages_that_split_their_key_blocks(built):
-    """kvcache_head_dims' fourth field (C++ fwd_kvcache_spans_pages) says whether the kernel serving a head dim reads
-    key blocks that span pages; where it does not, only pages of whole key blocks are served, whatever the build's
+@pytest.mark.parametrize("reads", [0, 1, 2])
+def test_page_sizes_that_split_key_blocks_follow_the_kernels_page_reads(built, reads):
+    """kvcache_head_dims' fourth field (C++ fwd_kvcache_page_reads) says which pages that split the key blocks of the
+    kernel serving a head dim it reads: 0 none, 1 multiples of 8 rows (page boxes), 2 any (the row gather too);
+    pages of whole key blocks are always served, the others refused with the reason, whatever the build's
     kvcache_any_page feature says."""
     info = _any_dim_info()
     info["features"].append(targets.FEATURE_KVCACHE_ANY_PAGE)
-    info["kvcache_head_dims"] = [(t, d, n, d <= 64) for t, d, n in info["kvcache_head_dims"]]
+    info["kvcache_head_dims"] = [(t, d, n, 2 if d <= 64 else reads) for t, d, n in info["kvcache_head_dims"]]
     built["info"] = info
     be = cuda.CudaBackend()
     pt = jnp.zeros((2, 4), jnp.int32)
-    be.check_forward(_spec(q_shape=(2, 3, 8, 40), cache=(9, 80, 2, 40), page_table=pt))  # d <= 64: spans pages
+    be.check_forward(_spec(q_shape=(2, 3, 8, 40), cache=(9, 3, 2, 40), page_table=pt))  # d <= 64: any page
     be.check_forward(_spec(q_shape=(2, 3, 8, 96), cache=(9, 160, 2, 96), page_table=pt))  # whole 80-key blocks
-    for rows in (3, 64, 256):
-        with pytest.raises(NotImplementedError, match=rf"head_dim=96 needs a page_size that is a multiple of its key "
-                                                      rf"block 80; got kv.page_size={rows}"):
+    for rows in (3, 12, 64, 256):
+        if reads >= (1 if rows % 8 == 0 else 2):
+            be.check_forward(_spec(q_shape=(2, 3, 8, 96), cache=(9, rows, 2, 96), page_table=pt))
+            continue
+        served = "a multiple of 8 rows or " if reads == 1 else ""
+        with pytest.raises(NotImplementedError, match=rf"head_dim=96 needs a page_size that is {served}a multiple of "
+                                                      rf"its key block 80; got kv.page_size={rows}"):
             be.check_forward(_spec(q_shape=(2, 3, 8, 96), cache=(9, rows, 2, 96), page_table=pt))
 
 

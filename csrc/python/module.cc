@@ -81,15 +81,15 @@ NB_MODULE(_fa3jax_cuda, m) {
       if (bn > 0) kv.append(nb::make_tuple(dt, hd, bn));
     }
     d["kvcache_instances"] = kv;
-    // (dtype, head_dim, key block, spans pages) for every head dim (a multiple of 8) a KV-cache call may have: the key
-    // block of the kernel the C++ dispatch picks for it (fwd_kvcache_block_n) and whether that kernel serves pages
-    // that are not a multiple of it (fwd_kvcache_spans_pages), so that Python never re-derives either.
+    // (dtype, head_dim, key block, page reads) for every head dim (a multiple of 8) a KV-cache call may have: the key
+    // block of the kernel the C++ dispatch picks for it (fwd_kvcache_block_n) and which pages that split it the
+    // kernel reads (fwd_kvcache_page_reads: 0 none, 1 multiples of 8 rows, 2 any), so Python re-derives neither.
     nb::list kv_dims;
     for (auto const& dt : dtypes) {
       fa3jax::DType const e = dt == "fp16" ? fa3jax::DType::kFP16 : fa3jax::DType::kBF16;
       for (int hd = 8; hd <= 256; hd += 8)
         if (int const bn = fa3jax::fwd_kvcache_block_n(e, hd); bn > 0)
-          kv_dims.append(nb::make_tuple(dt, hd, bn, fa3jax::fwd_kvcache_spans_pages(e, hd)));
+          kv_dims.append(nb::make_tuple(dt, hd, bn, fa3jax::fwd_kvcache_page_reads(e, hd)));
     }
     d["kvcache_head_dims"] = kv_dims;
     d["arch"] = fa3jax::fwd_arch();

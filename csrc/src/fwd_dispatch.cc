@@ -73,17 +73,24 @@ int fwd_kvcache_box_rows(int page_size, int block_n) {
   return a;
 }
 
-bool fwd_kvcache_spans_pages(DType dtype, int head_dim) {
+int fwd_kvcache_page_reads(DType dtype, int head_dim) {
   int const kd = fwd_kernel_dim(dtype, head_dim);
+  if (kd <= 0) return 0;
 #if FA3JAX_KVCACHE_SPANS_ALL
-  // Test builds (CMake FA3JAX_KVCACHE_SPANS_ALL): every kernel, so that the d=256 one can be run on a GPU.
-  return kd > 0;
+  return 2;  // test builds (CMake FA3JAX_KVCACHE_SPANS_ALL): every path, so that a GPU run can check them
 #else
-  // The d=256 kernel (80-key blocks) faulted with page boxes and hung with the gather on the H100 (RESULTS.md,
-  // session 14). The hang was the gather's lost first K arrival (mainloop.h load_spanning, every head dim); the
-  // fault is not explained yet: until it is, its calls need pages of whole key blocks.
-  return kd > 0 && kd <= 128;
+  // On the H100 (RESULTS.md, session 14) the row gather hung at every head dim (its first K block never arrived;
+  // fixed in load_spanning, not yet run on a GPU) and the d=256 kernel's page boxes faulted (cause unknown).
+  return kd <= 128 ? 1 : 0;
 #endif
+}
+
+bool fwd_kvcache_page_served(DType dtype, int head_dim, int page_size, bool gather_pages) {
+  int const bn = fwd_kvcache_block_n(dtype, head_dim);
+  if (bn <= 0 || page_size < 1) return false;
+  if (page_size % bn == 0) return true;
+  int const reads = fwd_kvcache_page_reads(dtype, head_dim);
+  return page_size % 8 == 0 && !gather_pages ? reads >= 1 : reads >= 2;
 }
 
 KVLoad fwd_kvcache_load(const FwdParams& p) {
@@ -200,9 +207,9 @@ static const char* kvcache_check(const FwdParams& fp) {
     if (p.paged.max_pages_per_seq < 1 || int64_t(p.paged.max_pages_per_seq) * p.paged.page_size != p.seqlen_k)
       return "KV cache: the capacity (seqlen_k) must be max_pages_per_seq * page_size";
     slot_rows = p.paged.page_size;
-    if (p.paged.page_size % bn != 0 && !fwd_kvcache_spans_pages(p.dtype, p.head_dim))
-      return "KV cache: this head dim's kernel needs a page_size that is a multiple of its key block "
-             "(fwd_kvcache_spans_pages)";
+    if (!fwd_kvcache_page_served(p.dtype, p.head_dim, p.paged.page_size, fp.gather_pages))
+      return "KV cache: this head dim's kernel does not serve this page_size (fwd_kvcache_page_reads): use a multiple "
+             "of its key block";
   }
   // TMA row coordinates: up to every cache row, plus a slot and a key block (launch_fwd_kvcache), in int32.
   if (int64_t(p.kvcache.cache_slots) * slot_rows + slot_rows + bn >= INT32_MAX)

@@ -36,6 +36,8 @@ constexpr uint16_t kNaN16 = 0x7fff;
 // --gather: pages that split key blocks all take the producer's gather, the TMA boxes' sizes too
 // (FwdParams::gather_pages), to tell a fault of the boxes from one of the shared page handling.
 bool g_gather_pages = false;
+// fwd_kvcache_page_reads' values, as the verbose header names them.
+const char* const kPageReads[3] = {"none (cases skipped)", "multiples of 8 rows", "any"};
 
 struct Case {
   const char* name;
@@ -546,8 +548,7 @@ int check_refusals(DType dt, int d, void* buf, int& runs) {
     std::printf("FAIL %s d=%s valid KV-cache params refused: %s\n", dt_name(dt), dim_label(dt, d).c_str(), msg);
     ++failures;
   }
-  // Every page size is served where the kernel spans pages (fwd_kvcache_spans_pages; else only multiples of the key
-  // block): the whole-block TMA path for multiples of the key block, boxes of gcd(page size, key block) rows for
+  // Every page size the kernel reads (fwd_kvcache_page_served; the others refused): the whole-block TMA path for multiples of the key block, boxes of gcd(page size, key block) rows for
   // multiples of 8, the gather otherwise (fwd_kvcache_load, fwd_kvcache_box_rows).
   for (int ps : {1, 3, 8, 12, 16, 40, 64, 100, 200, 264, 300, bn, 2 * bn, 3 * bn}) {
     fa3jax::FwdParams p = base();
@@ -556,11 +557,11 @@ int check_refusals(DType dt, int d, void* buf, int& runs) {
     p.core.k_stride.batch = p.core.v_stride.batch = int64_t(ps) * 2 * d;
     fa3jax::KVLoad const want = ps % bn == 0 ? fa3jax::KVLoad::kBlocks
                                 : ps % 8 == 0 ? fa3jax::KVLoad::kBoxes : fa3jax::KVLoad::kGather;
-    if (want != fa3jax::KVLoad::kBlocks && !fa3jax::fwd_kvcache_spans_pages(dt, d)) {  // refused, not launched
+    if (!fa3jax::fwd_kvcache_page_served(dt, d, ps)) {  // refused, not launched
       ++runs;
-      if (fa3jax::fwd_check(p) == nullptr) {
-        std::printf("FAIL %s d=%s page_size %d accepted by a kernel that does not span pages\n", dt_name(dt),
-                    dim_label(dt, d).c_str(), ps);
+      if (want == fa3jax::KVLoad::kBlocks || fa3jax::fwd_check(p) == nullptr) {
+        std::printf("FAIL %s d=%s page_size %d: not served, yet %s\n", dt_name(dt), dim_label(dt, d).c_str(), ps,
+                    want == fa3jax::KVLoad::kBlocks ? "whole key blocks" : "accepted");
         ++failures;
       }
       continue;
@@ -636,9 +637,9 @@ int main(int argc, char** argv) {
     for (int d : {64, 128, 256, 40, 96, 200}) {
       if (!fa3jax::fwd_kvcache_compiled(dt, d)) continue;
       if (verbose)
-        std::printf("%s d=%s: key block %d, pages that split key blocks %s\n", dt_name(dt), dim_label(dt, d).c_str(),
+        std::printf("%s d=%s: key block %d, pages that split key blocks: %s\n", dt_name(dt), dim_label(dt, d).c_str(),
                     fa3jax::fwd_kvcache_block_n(dt, d),
-                    fa3jax::fwd_kvcache_spans_pages(dt, d) ? "served" : "refused (their cases skipped)");
+                    kPageReads[fa3jax::fwd_kvcache_page_reads(dt, d)]);
       for (size_t i = 0; i < cs.size(); ++i) {
         // --quick: append with leftpad, the hostile contiguous case and the hostile paged one, split ones with
         // hostile indices (contiguous, paged) and packing with splits.
@@ -649,9 +650,8 @@ int main(int argc, char** argv) {
                               name == "page8-boxes-window-sinks-hostile" || name == "page300-gather-split2-hostile";
         if (quick && !in_quick) continue;
         if (only != nullptr && name.find(only) == std::string::npos) continue;
-        // Pages that split key blocks on a kernel that refuses them: check_rules checks the refusal.
-        int const bn = fa3jax::fwd_kvcache_block_n(dt, d);
-        if (cs[i].page_rows > 0 && cs[i].page_rows % bn != 0 && !fa3jax::fwd_kvcache_spans_pages(dt, d)) continue;
+        // Page sizes the kernel does not read: check_refusals checks the refusal.
+        if (cs[i].page_rows > 0 && !fa3jax::fwd_kvcache_page_served(dt, d, cs[i].page_rows, g_gather_pages)) continue;
         for (void* ws : {workspace, static_cast<void*>(nullptr)}) {
           ++runs;
           if (!run_case(dt, d, cs[i], ws, rng, verbose)) ++failures;

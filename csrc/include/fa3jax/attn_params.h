@@ -255,9 +255,11 @@ int fwd_kvcache_block_m(DType dtype, int head_dim);  // that kernel's query tile
 // producer leaves a per-block column mask in shared memory for the consumers).
 enum class KVLoad : int { kBlocks = 0, kBoxes = 1, kGather = 2 };
 KVLoad fwd_kvcache_load(const FwdParams& p);
-// Whether the KV-cache kernel of (dtype, head_dim) serves pages that are not a multiple of its key block (kBoxes,
-// kGather); fwd_check refuses such calls where it does not.
-bool fwd_kvcache_spans_pages(DType dtype, int head_dim);
+// Which page sizes that split key blocks the KV-cache kernel of (dtype, head_dim) reads: 0 none (pages of whole key
+// blocks only), 1 multiples of 8 rows (kBoxes), 2 any (kGather too); fwd_check refuses the others, and
+// fwd_kvcache_page_served says it for one call's page_size.
+int fwd_kvcache_page_reads(DType dtype, int head_dim);
+bool fwd_kvcache_page_served(DType dtype, int head_dim, int page_size, bool gather_pages = false);
 // kBoxes' rows per TMA box: gcd(page_size, block_n), a multiple of 8 that divides both, so a box never crosses a
 // page and lands on a 1024-byte (swizzle-atom) boundary of the stage.
 int fwd_kvcache_box_rows(int page_size, int block_n);

@@ -173,12 +173,13 @@ class CudaBackend(Backend):
                 raise NotImplementedError(f"cuda: the KV-cache forward needs a head dim that is a multiple of 8 "
                                           f"(zero-padding would copy the caches); got {spec.head_dim=}")
             # Every head dim some kernel serves, with the key block of the one the C++ dispatch picks for it and
-            # whether that kernel serves pages that split key blocks (absent in older builds: all did).
+            # which pages that split key blocks that kernel reads (C++ fwd_kvcache_page_reads: 0 none, 1 multiples
+            # of 8 rows, 2 any; absent in older builds, which read them all).
             blocks = {(str(e[0]), int(e[1])): int(e[2]) for e in info.get("kvcache_head_dims", ())}
-            spans = {(str(e[0]), int(e[1])): bool(e[3]) for e in info.get("kvcache_head_dims", ()) if len(e) > 3}
+            page_reads = {(str(e[0]), int(e[1])): int(e[3]) for e in info.get("kvcache_head_dims", ()) if len(e) > 3}
         else:  # an extension built before any-head-dim support: the instances' own head dims only
             blocks = {(str(t), int(d)): int(n) for t, d, n in info.get("kvcache_instances", ())}
-            spans = {}
+            page_reads = {}
         block_n = blocks.get((dt, spec.head_dim))
         if block_n is None:
             built = sorted((t, d) for t, d, _ in info.get("kvcache_instances", ()))
@@ -196,9 +197,12 @@ class CudaBackend(Backend):
                 raise NotImplementedError(f"cuda: this build of the CUDA extension needs a page_size that is a "
                                           f"multiple of the kernel's key block {block_n}; got {kv.page_size=} "
                                           f"(rebuild it for any page size)")
-            if not spans.get((dt, spec.head_dim), True):  # C++ fwd_kvcache_spans_pages
+            reads = page_reads.get((dt, spec.head_dim), 2)  # C++ fwd_kvcache_page_served says the same
+            if reads < (1 if kv.page_size % 8 == 0 else 2):
+                served = "a multiple of 8 rows or " if reads == 1 else ""
                 raise NotImplementedError(f"cuda: the KV-cache kernel for head_dim={spec.head_dim} needs a page_size "
-                                          f"that is a multiple of its key block {block_n}; got {kv.page_size=}")
+                                          f"that is {served}a multiple of its key block {block_n}; got "
+                                          f"{kv.page_size=}")
         slot_rows = kv.page_size if kv.paged else kv.capacity
         if (kv.cache_batch * slot_rows + slot_rows + block_n >= 2**31
                 or spec.batch * kv.seqlen_new + kv.seqlen_new + block_n >= 2**31):
