@@ -79,8 +79,7 @@ int fwd_kvcache_page_reads(DType dtype, int head_dim) {
 #if FA3JAX_KVCACHE_SPANS_ALL
   return 2;  // test builds (CMake FA3JAX_KVCACHE_SPANS_ALL): every path, so that a GPU run can check them
 #else
-  // On the H100 (RESULTS.md, session 14) the row gather hung at every head dim (its first K block never arrived;
-  // fixed in load_spanning, not yet run on a GPU) and the d=256 kernel's page boxes faulted (cause unknown).
+  // Only the paths a GPU run has passed: page boxes up to d=128 (the gather and d=256's boxes: RESULTS.md).
   return kd <= 128 ? 1 : 0;
 #endif
 }

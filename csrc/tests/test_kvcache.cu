@@ -407,10 +407,9 @@ std::vector<Case> cases() {
                      {1, 3 + 0, 6 + 0}));
 
   // Long rows (>= 13 key blocks of the d=256 kernel's 80 keys) in the shapes of tests/test_cuda_backend.py's KV_CASES
-  // that faulted (boxes) or hung (gather) on the H100 at d=256 (RESULTS.md session 14): paged-2blocks-prefill (130
-  // unpacked queries, softcap, every block visible), paged-append-batch_idx-rotary (packed queries, window (100, 0),
-  // sinks, appended keys, so the first block visited is an appended one) and paged-decode (no appended keys: a
-  // gathered tile's first block is a cache block, the case whose K arrival the gather lost). Cache lengths as there.
+  // that failed at d=256 (RESULTS.md): paged-2blocks-prefill (130 unpacked queries, softcap, every block visible),
+  // paged-append-batch_idx-rotary (packed queries, window (100, 0), sinks, appended keys, so the first block visited
+  // is an appended one) and paged-decode (no appended keys: a gathered tile's first block is a cache block).
   cs.push_back(paged("page256-boxes-prefill-long", 256, 2, 130, 4, 4, 5, 11, 0, {1100, 517}, -1, -1, 10.f, false, 1,
                      {}));
   cs.push_back(paged("page256-boxes-prefill-jax", 256, 2, 130, 4, 4, 4, 9, 0, {909, 517}, -1, -1, 10.f, false, 1,
