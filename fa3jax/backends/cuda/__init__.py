@@ -7,7 +7,8 @@ or MLA pairs built without a backward), the registry pairs this forward (and its
 convention) with another backend's backward. Any head dim up to the largest built one is served (by the smallest
 kernel that holds it, chosen in the C++ dispatch; MLA pairs by their exact kernel only); see _kernel_head_dim for
 the few that need padded copies.
-``kvcache_forward`` serves KV-cache calls (contiguous and paged caches of any page size, appended k/v, leftpad,
+``kvcache_forward`` serves KV-cache calls (contiguous caches, and paged ones of the page sizes the serving kernel
+reads: build_info's kvcache_head_dims, C++ fwd_kvcache_page_reads; appended k/v, leftpad,
 batch_idx, GQA,
 masks, softcap, sinks; head dims that are multiples of 8, by the same kernel choice), with split-KV (``num_splits``;
 0 = the C++ rule fwd_kvcache_num_splits) combined by LSE in the same FFI call, and the query heads of one kv head
