@@ -187,16 +187,15 @@ struct BwdMainloop {
     bool const lane0 = threadIdx.x % 32 == 0;
     int const n_steps = p.group_size * km.num_blocks();
     int* sem_pending[kWG] = {};  // deterministic mode: each slice's add still to be counted (dq_turn_done)
-    for (int step = 0; step < n_steps; ++step) {
-      int h, m;
-      step_coords(p, tile, km, step, h, m);
+    int h = tile.head_k * p.group_size, m = km.m_min;  // step's (query head, query block): next_coords
+    for (int step = 0; step < n_steps; ++step, next_coords(km, h, m)) {
       int64_t const stat = tile.stat_row(h, m);
       float* const dq_tile = p.dq_accum + stat * kHeadDim;
       int const b = kBufs > 1 ? step % kBufs : 0;
       float const* const sdq = ss.smem_dq.data() + b * kBlockM * kHeadDim;
       CUTE_UNROLL
       for (int w = 0; w < kWG; ++w) {
-        cute::wait_barrier(ss.barrier_dq_full[w][b], (step / kBufs) & 1);
+        wait_barrier_suspend(ss.barrier_dq_full[w][b], (step / kBufs) & 1);
         if (lane0) {
           if (p.dq_sem != nullptr) {
             if (sem_pending[w] != nullptr) dq_turn_done(sem_pending[w]);
@@ -232,17 +231,14 @@ struct BwdMainloop {
     storage.empty_barrier_[st.index()].arrive();
   }
 
-  // (query head, query block) of step `step` of this CTA's loop: the group's heads in order, each over the query
-  // blocks [m_min, m_max) that see the key block. Producer, dQ writer and consumers walk the same sequence.
-  CUTE_DEVICE static void step_coords(Params const& p, BwdTile const& tile, KM const& km, int step, int& h,
-                                      int& m) {
-    int const n = km.num_blocks();
-    int const g = step / n;
-    h = tile.head_k * p.group_size + g;
-    m = km.m_min + (step - g * n);
+  // (query head, query block) of the step after (h, m): the group's heads in order, each over the query blocks
+  // [m_min, m_max) that see the key block; producer, dQ writer and consumers walk the same sequence. Carried from
+  // step to step: deriving it from the step index took an integer division ahead of every step's first GEMM.
+  CUTE_DEVICE static void next_coords(KM const& km, int& h, int& m) {
+    if (++m == km.m_max) m = km.m_min, ++h;
   }
 
-  // Consumer loop over the steps (step_coords). Accumulates dK (without the softmax scale) and dV in tdKrdK /
+  // Consumer loop over the steps (next_coords). Accumulates dK (without the softmax scale) and dV in tdKrdK /
   // tdVrdV; adds each dQ partial into p.dq_accum. kSoftcap: p.softcap > 0 (a template parameter so the plain
   // loop carries no test of it). Issuing the next step's S^T and dP^T GEMMs before this step's dQ was staged
   // made ptxas spill 388 B at 240 registers (their accumulators live next to dQ's and dK/dV's).
@@ -343,7 +339,8 @@ struct BwdMainloop {
     constexpr float kMaskedScore = -3.0e38f;
 
     cute::wait_barrier(ss.barrier_kv, 0);
-    for (int step = 0; step < n_steps; ++step) {
+    int h = tile.head_k * p.group_size, m = km.m_min;  // step's (query head, query block): next_coords
+    for (int step = 0; step < n_steps; ++step, next_coords(km, h, m)) {
       if constexpr (KT::kLateDv) {
         // The GEMMs' fences (and WGMMA's accumulator operands) read S^T, dP^T and dQ before each step's GEMMs
         // overwrite them, so these registers stay live from one step into the next. kLateDv ends their values here
@@ -352,8 +349,6 @@ struct BwdMainloop {
         forget_values(tdPrdP);
         forget_values(tdQrdQ);
       }
-      int h, m;
-      step_coords(p, tile, km, step, h, m);
       int const buf = step & 1;
       pipe.consumer_wait(st);
       if constexpr (!KT::kLateDv) issue_sdp(st.index());
