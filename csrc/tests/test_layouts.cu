@@ -23,8 +23,8 @@
 //    accumulator columns (the consumers' page mask);
 //  * the backward's register layouts per policy (check_bwd), MLA ones included, and of the 80-row tile (dQ
 //    transposed: its accumulator order against dq_tile_index's 80-row case) and the 128-row one (dQ with the
-//    warpgroups along queries; the stat reads in column pairs); instantiating the traits also
-//    checks at compile time that the policy's tiles fit shared memory and the register budget.
+//    warpgroups along queries), and the stat reads in column pairs; instantiating the traits also checks at
+//    compile time that the policy's tiles fit shared memory and the register budget.
 #include <algorithm>
 #include <cstdio>
 #include <random>
@@ -196,16 +196,18 @@ int check_bwd(const char* name) {
       Tensor a_dk = typename KT::TiledMmadK{}.get_thread_slice(t).partition_A(cS);
       if (size(tPcS) != size(a_dv) || size(tPcS) != size(a_dk)) return std::printf("%s: A size mismatch\n", name), 1;
       for (int i = 0; i < size(tPcS); ++i) errors += (tPcS(i) != a_dv(i)) + (tPcS(i) != a_dk(i));
-      if constexpr (KT::kLateDv) {
-        Tensor rc = make_tensor(tScS.data(), acc_rowcol(tScS.layout()));
-        for (int c = 0; c + 1 < size<1>(rc); c += 2)
-          for (int r = 0; r < size<0>(rc); ++r) {
-            int const q = get<1>(rc(0, c));
-            if ((q % 2 != 0 || get<1>(rc(r, c)) != q || get<1>(rc(r, c + 1)) != q + 1) && errors++ < 5)
-              std::printf("%s: S^T thread %d (%d, %d): query %d, pair base %d\n", name, t, r, c,
-                          int(get<1>(rc(r, c))), q);
-          }
-      }
+    }
+    {  // the stat reads in column pairs (bwd_mainloop.h stat_pair)
+      Tensor cS = make_identity_tensor(Shape<typename KT::BlkN, typename KT::BlkM>{});
+      Tensor tScS = mma_sdp.get_thread_slice(t).partition_C(cS);
+      Tensor rc = make_tensor(tScS.data(), acc_rowcol(tScS.layout()));
+      for (int c = 0; c + 1 < size<1>(rc); c += 2)
+        for (int r = 0; r < size<0>(rc); ++r) {
+          int const q = get<1>(rc(0, c));
+          if ((q % 2 != 0 || get<1>(rc(r, c)) != q || get<1>(rc(r, c + 1)) != q + 1) && errors++ < 5)
+            std::printf("%s: S^T thread %d (%d, %d): query %d, pair base %d\n", name, t, r, c,
+                        int(get<1>(rc(r, c))), q);
+        }
     }
   }
   for (auto const* hits : {&dq_hits, &dk_hits, &dv_hits})

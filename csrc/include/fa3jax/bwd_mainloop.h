@@ -351,12 +351,31 @@ struct BwdMainloop {
       }
       int const buf = step & 1;
       pipe.consumer_wait(st);
-      if constexpr (!KT::kLateDv) issue_sdp(st.index());
       int const s = st.index();
-      bool const need_mask = km.needs_mask(m);
-      int const q0 = m * kBlockM;
       float const* lse = ss.smem_lse[s];
       float const* delta = ss.smem_delta[s];
+      // A stat row's values of columns c, c + 1 (c even: adjacent queries) in one 8-byte shared load (ld.shared: a
+      // plain pointer load went through the generic path, with 64-bit addresses); test_layouts checks the pairing.
+      auto stat_pair = [&](float const* row, int c) {
+        float2 v;
+        asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n"
+                     : "=f"(v.x), "=f"(v.y)
+                     : "r"(cute::cast_smem_ptr_to_uint(row) + uint32_t(get<1>(rc(0, c))) * 4u));
+        return v;
+      };
+      constexpr int kRows = decltype(size<0>(S))::value;  // key rows per thread
+      constexpr int kPairs = decltype(size<1>(S))::value / 2;  // query column pairs per thread
+      // 64-row tiles: lse_log2's pairs are read while S^T runs (here, after its issue), delta's during the exp.
+      float2 lse2[kPairs], delta2[kPairs];
+      if constexpr (!KT::kLateDv) {
+        issue_sdp(s);
+        if constexpr (!kSoftcap) {
+          CUTE_UNROLL
+          for (int i = 0; i < kPairs; ++i) lse2[i] = stat_pair(lse, 2 * i);
+        }
+      }
+      bool const need_mask = km.needs_mask(m);
+      int const q0 = m * kBlockM;
       // Masked blocks: key row r sees the tile's queries q0 + [lo, hi) (mask_key_queries), two compares per element.
       auto row_range = [&](int r, int& lo, int& hi) {
         mask_key_queries(n0 + int(get<0>(rc(r, 0))), q0, kBlockM, tile.seq.seqlen_q, tile.seq.seqlen_k,
@@ -366,16 +385,6 @@ struct BwdMainloop {
         int const ql = int(get<1>(rc(0, c)));
         return ql < lo || ql >= hi;
       };
-      // kLateDv: a stat row's values of columns c, c + 1 (c even: adjacent queries) in one 8-byte shared load
-      // (ld.shared: a plain pointer load went through the generic path, with 64-bit addresses), read where used
-      // rather than held (each thread sees 32 queries at 128 rows; test_layouts checks the pairing).
-      auto stat_pair = [&](float const* row, int c) {
-        float2 v;
-        asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n"
-                     : "=f"(v.x), "=f"(v.y)
-                     : "r"(cute::cast_smem_ptr_to_uint(row) + uint32_t(get<1>(rc(0, c))) * 4u));
-        return v;
-      };
       if constexpr (KT::kLateDv) {
         // The GEMMs start from the stats and the mask instead of reading them next to S^T, dP^T and dK/dV (ptxas
         // batched the loads and the mask's predicates there, and the step spilled). dP^T's accumulator starts at
@@ -384,8 +393,8 @@ struct BwdMainloop {
         // S^T * scale_log2 is the exponent, masked included (the fp32 sum rounds at |lse| / scale instead of |S|:
         // far below bf16's P). With softcap (tanh of the raw score first) it starts at 0, or at kMaskedScore where
         // masked, which the score loop tests (a finite sentinel: no reliance on inf compares under fast math).
+        // The stats are read where used rather than held (each thread sees 32 queries at 128 rows).
         static_assert(!KT::kVarlen);
-        constexpr int kRows = decltype(size<0>(S))::value;  // key rows per thread
         int lo[kRows], hi[kRows];
         CUTE_UNROLL
         for (int r = 0; r < kRows; ++r) {
@@ -428,15 +437,23 @@ struct BwdMainloop {
             CUTE_UNROLL
             for (int i = 0; i < size(tSrS); ++i) tSrS(i) = exp2f(tSrS(i) * p.scale_log2);
           } else {
-            CUTE_UNROLL
-            for (int r = 0; r < size<0>(S); ++r) {
-              int lo = 0, hi = 0;
-              if (masked) row_range(r, lo, hi);
+            int lo[kRows] = {}, hi[kRows] = {};
+            if (masked) {
               CUTE_UNROLL
-              for (int c = 0; c < size<1>(S); ++c) {
-                float x = fmaf(S(r, c), p.scale_log2, -lse[get<1>(rc(r, c))]);
-                if (masked && outside(c, lo, hi)) x = -INFINITY;
-                S(r, c) = exp2f(x);
+              for (int r = 0; r < kRows; ++r) row_range(r, lo[r], hi[r]);
+            }
+            CUTE_UNROLL
+            for (int i = 0; i < kPairs; ++i) {
+              delta2[i] = stat_pair(delta, 2 * i);
+              CUTE_UNROLL
+              for (int r = 0; r < kRows; ++r) {
+                CUTE_UNROLL
+                for (int j = 0; j < 2; ++j) {
+                  int const c = 2 * i + j;
+                  float x = fmaf(S(r, c), p.scale_log2, -(j ? lse2[i].y : lse2[i].x));
+                  if (masked && outside(c, lo[r], hi[r])) x = -INFINITY;
+                  S(r, c) = exp2f(x);
+                }
               }
             }
           }
@@ -463,9 +480,12 @@ struct BwdMainloop {
           wgmma_issue<false, true>(mma_dv, tdVrP, tdVrdO(_, _, _, s), tdVrdV);
         } else {
           CUTE_UNROLL
-          for (int r = 0; r < size<0>(S); ++r) {
+          for (int i = 0; i < kPairs; ++i) {
             CUTE_UNROLL
-            for (int c = 0; c < size<1>(S); ++c) dP(r, c) = S(r, c) * (dP(r, c) - delta[get<1>(rc(r, c))]);
+            for (int r = 0; r < kRows; ++r) {
+              dP(r, 2 * i) = S(r, 2 * i) * (dP(r, 2 * i) - delta2[i].x);
+              dP(r, 2 * i + 1) = S(r, 2 * i + 1) * (dP(r, 2 * i + 1) - delta2[i].y);
+            }
           }
         }
       } else {
@@ -491,19 +511,27 @@ struct BwdMainloop {
             }
           }
         } else {
-          CUTE_UNROLL
-          for (int r = 0; r < size<0>(S); ++r) {
-            int lo = 0, hi = 0;
-            if (need_mask) row_range(r, lo, hi);
+          int lo[kRows] = {}, hi[kRows] = {};
+          if (need_mask) {
             CUTE_UNROLL
-            for (int c = 0; c < size<1>(S); ++c) {
-              float const t = tanh_approx(S(r, c) * p.softcap_pre);
-              float x = fmaf(p.softcap * t, kLog2e, -lse[get<1>(rc(r, c))]);
-              if (need_mask && outside(c, lo, hi)) x = -INFINITY;
-              float const pr = exp2f(x);
-              S(r, c) = pr;
-              // d(softcap * tanh(s * pre)) / ds = scale * (1 - t^2); the scale is applied to dQ and dK at the end.
-              dP(r, c) = pr * (dP(r, c) - delta[get<1>(rc(r, c))]) * (1.f - t * t);
+            for (int r = 0; r < kRows; ++r) row_range(r, lo[r], hi[r]);
+          }
+          CUTE_UNROLL
+          for (int i = 0; i < kPairs; ++i) {
+            float2 const l = stat_pair(lse, 2 * i), dl = stat_pair(delta, 2 * i);
+            CUTE_UNROLL
+            for (int r = 0; r < kRows; ++r) {
+              CUTE_UNROLL
+              for (int j = 0; j < 2; ++j) {
+                int const c = 2 * i + j;
+                float const t = tanh_approx(S(r, c) * p.softcap_pre);
+                float x = fmaf(p.softcap * t, kLog2e, -(j ? l.y : l.x));
+                if (need_mask && outside(c, lo[r], hi[r])) x = -INFINITY;
+                float const pr = exp2f(x);
+                S(r, c) = pr;
+                // d(softcap * tanh(s * pre)) / ds = scale * (1 - t^2); the scale is applied to dQ and dK at the end.
+                dP(r, c) = pr * (dP(r, c) - (j ? dl.y : dl.x)) * (1.f - t * t);
+              }
             }
           }
         }
