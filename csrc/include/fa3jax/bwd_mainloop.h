@@ -3,10 +3,11 @@
 //
 // Consumer step for query block m (stage s of the Q/dO ring), warpgroups along keys (register P^T / dS^T):
 //   issue S^T = K Q^T and dP^T = V dO^T; wait for S^T; P^T = exp2(S^T * scale_log2 - lse_log2) (mask where the
-//   block needs it), converted to bf16/fp16; issue dV += P^T dO under which dS^T = P^T (dP^T - delta) is formed;
-//   put dS^T in shared memory; once every warpgroup has (named barrier), issue this warpgroup's columns of
-//   dQ = dS K, then dK += dS^T Q; add the dQ partial into global memory with a bulk reduce-add
-//   (cp.reduce.async.bulk, fp32 add in L2) while dK runs, so no CTA waits for another; release stage s.
+//   block needs it); wait for dP^T; dS^T = P^T (dP^T - delta), which ptxas interleaves with the exps; both
+//   converted to bf16/fp16, dS^T put in shared memory, then dV += P^T dO issued; once every warpgroup's dS^T is
+//   there (named barrier), issue this warpgroup's columns of dQ = dS K, then dK += dS^T Q; add the dQ partial into
+//   global memory with a bulk reduce-add (cp.reduce.async.bulk, fp32 add in L2) while dK runs, so no CTA waits
+//   for another; release stage s.
 // Warpgroups along queries (kPInSmem, d = 256 and MLA 192x128): P^T and dS^T both go to shared memory before the
 // barrier, then dV, dQ and dK are issued as SS GEMMs on this warpgroup's columns.
 // With softcap the scores' tanh is also needed for dS, so that path waits for both S^T and dP^T first.
@@ -458,27 +459,12 @@ struct BwdMainloop {
             }
           }
         };
-        if constexpr (KT::kLateDv) {
-          exp_scores(cute::false_type{});
-        } else if constexpr (KT::kMaskSplit) {
-          if (need_mask) exp_scores(cute::true_type{});
-          else exp_scores(cute::false_type{});
-        } else {
-          exp_scores(need_mask);
-        }
-        if constexpr (!KT::kLateDv) {
-          convert_fragment(rP, tSrS);
-          if constexpr (!KT::kPInSmem) wgmma_issue<false, true>(mma_dv, tdVrP, tdVrdO(_, _, _, s), tdVrdV);
-          else copy(ds_copy, tdSrP, tPsP(_, _, _, buf));
-        }
-        warpgroup_wait<(KT::kPInSmem || KT::kLateDv) ? 0 : 1>();  // dP^T is ready; dV may still run
-        warpgroup_fence_operand(tdPrdP);
-        if constexpr (KT::kLateDv) {
-          CUTE_UNROLL
-          for (int i = 0; i < size(tdPrdP); ++i) tdPrdP(i) *= tSrS(i);  // dP^T holds dP^T - delta already
-          convert_fragment(rP, tSrS);
-          wgmma_issue<false, true>(mma_dv, tdVrP, tdVrdO(_, _, _, s), tdVrdV);
-        } else {
+        // 64-row tiles: then dP^T, and dS^T in the same basic block as the exps (each mask copy its own), so that
+        // ptxas can interleave the two; dV is issued after dS^T (below), as a GEMM issue would split them.
+        auto exp_ds = [&](auto masked) {
+          exp_scores(masked);
+          warpgroup_wait<0>();  // dP^T is ready
+          warpgroup_fence_operand(tdPrdP);
           CUTE_UNROLL
           for (int i = 0; i < kPairs; ++i) {
             CUTE_UNROLL
@@ -487,6 +473,20 @@ struct BwdMainloop {
               dP(r, 2 * i + 1) = S(r, 2 * i + 1) * (dP(r, 2 * i + 1) - delta2[i].y);
             }
           }
+        };
+        if constexpr (KT::kLateDv) {
+          exp_scores(cute::false_type{});
+          warpgroup_wait<0>();  // dP^T is ready
+          warpgroup_fence_operand(tdPrdP);
+          CUTE_UNROLL
+          for (int i = 0; i < size(tdPrdP); ++i) tdPrdP(i) *= tSrS(i);  // dP^T holds dP^T - delta already
+          convert_fragment(rP, tSrS);
+          wgmma_issue<false, true>(mma_dv, tdVrP, tdVrdO(_, _, _, s), tdVrdV);
+        } else if constexpr (KT::kMaskSplit) {
+          if (need_mask) exp_ds(cute::true_type{});
+          else exp_ds(cute::false_type{});
+        } else {
+          exp_ds(need_mask);
         }
       } else {
         warpgroup_wait<0>();
@@ -535,15 +535,20 @@ struct BwdMainloop {
             }
           }
         }
-        convert_fragment(rP, tSrS);
-        if constexpr (!KT::kPInSmem) wgmma_issue<false, true>(mma_dv, tdVrP, tdVrdO(_, _, _, s), tdVrdV);
-        else copy(ds_copy, tdSrP, tPsP(_, _, _, buf));
+        if constexpr (KT::kLateDv) {
+          convert_fragment(rP, tSrS);
+          wgmma_issue<false, true>(mma_dv, tdVrP, tdVrdO(_, _, _, s), tdVrdV);
+        }
       }
+      if constexpr (!KT::kLateDv) convert_fragment(rP, tSrS);
       convert_fragment(rdS, tdPrdP);
       // Every warpgroup's dS^T (and P^T) rows in shared memory (fenced for the async proxy that WGMMA reads
       // through) before any warpgroup's GEMM on them. Two buffers: a warpgroup writes buffer b again only two
       // steps later, after passing this barrier once more, i.e. after every warpgroup's GEMMs on b have retired.
+      // Register P^T's dV goes out between the stores and the barrier (it reads no shared dS^T).
       copy(ds_copy, tdSrdS, tdSsdS(_, _, _, buf));
+      if constexpr (KT::kPInSmem) copy(ds_copy, tdSrP, tPsP(_, _, _, buf));
+      else if constexpr (!KT::kLateDv) wgmma_issue<false, true>(mma_dv, tdVrP, tdVrdO(_, _, _, s), tdVrdV);
       cutlass::arch::fence_view_async_shared();
       named_barrier_sync(kDsBarrier, KT::kNumMmaThreads);
       // dQ before dK (FA3's order): dQ retires while dK still runs, so the dQ partial is staged and added under
