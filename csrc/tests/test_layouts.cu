@@ -490,9 +490,37 @@ static int check_varlen_stat_rows() {
   return errors != 0;
 }
 
+// dq_tile_coords inverts dq_tile_index on every tile the postprocess reads (each tile height with the widths it
+// serves, MLA's 192 included): every stored index maps back to its (row, col), and the map is a bijection.
+int check_dq_tile_coords() {
+  int fails = 0;
+  struct Shape { int tile_m, kd; };
+  for (Shape sh : {Shape{64, 64}, Shape{64, 128}, Shape{64, 192}, Shape{64, 256}, Shape{80, 128}, Shape{128, 64}}) {
+    std::vector<int> seen(size_t(sh.tile_m) * sh.kd, 0);
+    for (int row = 0; row < sh.tile_m; ++row)
+      for (int col = 0; col < sh.kd; ++col) {
+        int const i = fa3jax::dq_tile_index(row, col, sh.kd, sh.tile_m);
+        int r = -1, c = -1;
+        if (i >= 0 && i < int(seen.size())) {
+          ++seen[size_t(i)];
+          fa3jax::dq_tile_coords(i, sh.kd, sh.tile_m, r, c);
+        }
+        if (r != row || c != col) {
+          if (fails++ < 5)
+            std::printf("FAIL dq_tile_coords tile_m=%d kd=%d: (%d, %d) -> %d -> (%d, %d)\n", sh.tile_m, sh.kd, row,
+                        col, i, r, c);
+        }
+      }
+    for (int n : seen) fails += n != 1;
+  }
+  std::printf("dq_tile_coords: %s (%d errors)\n", fails ? "FAIL" : "ok", fails);
+  return fails;
+}
+
 int main() {
   int fails = 0;
   fails += check_varlen_stat_rows();
+  fails += check_dq_tile_coords();
   fails += check_masks<128, 128>();
   fails += check_masks<128, 176>();
   fails += check_masks<128, 80>();
