@@ -126,24 +126,33 @@ __global__ void bwd_convert_dq_varlen_kernel(const float* __restrict__ acc, T* _
 }
 
 // dq (b, sq, hq, d) from dq_accum (tiles of tile_m rows, bwd_layout.h, kd >= d wide), scaled once here rather
-// than in every partial.
+// than in every partial. One CTA per (query tile, head, batch) reads its tile in stored order with 16-byte loads (a
+// warp covers 512 contiguous bytes) and writes each value where dq_tile_coords puts it: per-element index math of
+// the output order cost more than the copy (64-bit divisions per element).
 template <class T>
 __global__ void bwd_convert_dq_kernel(const float* __restrict__ acc, T* __restrict__ dq, int seqlen_q,
-                                      int64_t rows_pad, int num_heads_q, int d, int kd, int64_t total, float scale,
-                                      int tile_m) {
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
-    int64_t const t = i % d, h = (i / d) % num_heads_q, row = (i / (int64_t(d) * num_heads_q)) % seqlen_q;
-    int64_t const b = i / (int64_t(d) * num_heads_q * seqlen_q);
-    int64_t const tile = ((b * num_heads_q + h) * rows_pad + row / tile_m * tile_m) * kd;
-    dq[i] = Cvt<T>::store(acc[tile + dq_tile_index(int(row % tile_m), int(t), kd, tile_m)] * scale);
+                                      int64_t rows_pad, int num_heads_q, int d, int kd, float scale, int tile_m) {
+  int const tile = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  float4 const* src = reinterpret_cast<float4 const*>(
+      acc + ((int64_t(b) * num_heads_q + h) * rows_pad + int64_t(tile) * tile_m) * kd);
+  int64_t const row_stride = int64_t(num_heads_q) * d;
+  T* const out = dq + int64_t(b) * seqlen_q * row_stride + int64_t(h) * d;
+  int const n4 = tile_m * kd / 4, row0 = tile * tile_m;
+  for (int q = threadIdx.x; q < n4; q += blockDim.x) {
+    float4 const a = src[q];
+    float const vals[4] = {a.x, a.y, a.z, a.w};
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      int row, col;
+      dq_tile_coords(4 * q + e, kd, tile_m, row, col);
+      row += row0;
+      if (row < seqlen_q && col < d) out[row * row_stride + col] = Cvt<T>::store(vals[e] * scale);
+    }
   }
 }
 
 // Varlen: query rows per sequence that the passes cover (max_seqlen_q, at most the total, as the forward's grid).
 int varlen_rows_q(const AttnCore& c) { return std::max(0, std::min(c.varlen.max_seqlen_q, c.seqlen_q)); }
-
-// Grid-stride sweeps of 256 threads, capped at a few waves of any GPU.
-int sweep_blocks(int64_t total) { return int(std::max<int64_t>(1, std::min<int64_t>((total + 255) / 256, 4096))); }
 
 template <class T>
 FwdStatus preprocess(const BwdParams& p, cudaStream_t stream) {
@@ -183,10 +192,11 @@ FwdStatus postprocess(const BwdParams& p, cudaStream_t stream) {
     if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return {e, "bwd dq convert launch"};
     return {};
   }
-  int64_t const total_q = int64_t(c.batch) * c.seqlen_q * c.num_heads_q * c.head_dim;
-  bwd_convert_dq_kernel<T><<<sweep_blocks(total_q), 256, 0, stream>>>(
-      ws.dq_accum, static_cast<T*>(p.dq), c.seqlen_q, padded_rows(c.seqlen_q, ws.tile_m), c.num_heads_q, c.head_dim,
-      kernel_dim(c), total_q, c.softmax_scale, ws.tile_m);
+  int64_t const rows_pad = padded_rows(c.seqlen_q, ws.tile_m);
+  dim3 const grid(unsigned(rows_pad / ws.tile_m), unsigned(c.num_heads_q), unsigned(c.batch));
+  bwd_convert_dq_kernel<T><<<grid, 256, 0, stream>>>(ws.dq_accum, static_cast<T*>(p.dq), c.seqlen_q, rows_pad,
+                                                     c.num_heads_q, c.head_dim, kernel_dim(c), c.softmax_scale,
+                                                     ws.tile_m);
   if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return {e, "bwd dq convert launch"};
   return {};
 }

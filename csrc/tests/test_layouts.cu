@@ -23,8 +23,8 @@
 //    accumulator columns (the consumers' page mask);
 //  * the backward's register layouts per policy (check_bwd), MLA ones included, and of the 80-row tile (dQ
 //    transposed: its accumulator order against dq_tile_index's 80-row case) and the 128-row one (dQ with the
-//    warpgroups along queries; the stat reads in column pairs); instantiating the traits also
-//    checks at compile time that the policy's tiles fit shared memory and the register budget.
+//    warpgroups along queries), and the stat reads in column pairs; instantiating the traits also checks at
+//    compile time that the policy's tiles fit shared memory and the register budget.
 #include <algorithm>
 #include <cstdio>
 #include <random>
@@ -196,16 +196,18 @@ int check_bwd(const char* name) {
       Tensor a_dk = typename KT::TiledMmadK{}.get_thread_slice(t).partition_A(cS);
       if (size(tPcS) != size(a_dv) || size(tPcS) != size(a_dk)) return std::printf("%s: A size mismatch\n", name), 1;
       for (int i = 0; i < size(tPcS); ++i) errors += (tPcS(i) != a_dv(i)) + (tPcS(i) != a_dk(i));
-      if constexpr (KT::kLateDv) {
-        Tensor rc = make_tensor(tScS.data(), acc_rowcol(tScS.layout()));
-        for (int c = 0; c + 1 < size<1>(rc); c += 2)
-          for (int r = 0; r < size<0>(rc); ++r) {
-            int const q = get<1>(rc(0, c));
-            if ((q % 2 != 0 || get<1>(rc(r, c)) != q || get<1>(rc(r, c + 1)) != q + 1) && errors++ < 5)
-              std::printf("%s: S^T thread %d (%d, %d): query %d, pair base %d\n", name, t, r, c,
-                          int(get<1>(rc(r, c))), q);
-          }
-      }
+    }
+    {  // the stat reads in column pairs (bwd_mainloop.h stat_pair)
+      Tensor cS = make_identity_tensor(Shape<typename KT::BlkN, typename KT::BlkM>{});
+      Tensor tScS = mma_sdp.get_thread_slice(t).partition_C(cS);
+      Tensor rc = make_tensor(tScS.data(), acc_rowcol(tScS.layout()));
+      for (int c = 0; c + 1 < size<1>(rc); c += 2)
+        for (int r = 0; r < size<0>(rc); ++r) {
+          int const q = get<1>(rc(0, c));
+          if ((q % 2 != 0 || get<1>(rc(r, c)) != q || get<1>(rc(r, c + 1)) != q + 1) && errors++ < 5)
+            std::printf("%s: S^T thread %d (%d, %d): query %d, pair base %d\n", name, t, r, c,
+                        int(get<1>(rc(r, c))), q);
+        }
     }
   }
   for (auto const* hits : {&dq_hits, &dk_hits, &dv_hits})
@@ -488,9 +490,37 @@ static int check_varlen_stat_rows() {
   return errors != 0;
 }
 
+// dq_tile_coords inverts dq_tile_index on every tile the postprocess reads (each tile height with the widths it
+// serves, MLA's 192 included): every stored index maps back to its (row, col), and the map is a bijection.
+int check_dq_tile_coords() {
+  int fails = 0;
+  struct Shape { int tile_m, kd; };
+  for (Shape sh : {Shape{64, 64}, Shape{64, 128}, Shape{64, 192}, Shape{64, 256}, Shape{80, 128}, Shape{128, 64}}) {
+    std::vector<int> seen(size_t(sh.tile_m) * sh.kd, 0);
+    for (int row = 0; row < sh.tile_m; ++row)
+      for (int col = 0; col < sh.kd; ++col) {
+        int const i = fa3jax::dq_tile_index(row, col, sh.kd, sh.tile_m);
+        int r = -1, c = -1;
+        if (i >= 0 && i < int(seen.size())) {
+          ++seen[size_t(i)];
+          fa3jax::dq_tile_coords(i, sh.kd, sh.tile_m, r, c);
+        }
+        if (r != row || c != col) {
+          if (fails++ < 5)
+            std::printf("FAIL dq_tile_coords tile_m=%d kd=%d: (%d, %d) -> %d -> (%d, %d)\n", sh.tile_m, sh.kd, row,
+                        col, i, r, c);
+        }
+      }
+    for (int n : seen) fails += n != 1;
+  }
+  std::printf("dq_tile_coords: %s (%d errors)\n", fails ? "FAIL" : "ok", fails);
+  return fails;
+}
+
 int main() {
   int fails = 0;
   fails += check_varlen_stat_rows();
+  fails += check_dq_tile_coords();
   fails += check_masks<128, 128>();
   fails += check_masks<128, 176>();
   fails += check_masks<128, 80>();

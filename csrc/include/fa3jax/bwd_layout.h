@@ -59,6 +59,25 @@ FA3JAX_HOST_DEVICE inline int dq_tile_index(int row, int col, int kd, int tile_m
   return w * slice + (bwd_dq_swapped(tile_m) ? dq_acc_index(c, row) : dq_acc_index(row, c));
 }
 
+// (row, col) of the tile element stored at index i, 0 <= i < tile_m * kd: the inverse of dq_tile_index (the register
+// order above, read backwards), so the postprocess can read a tile in stored order with 16-byte loads.
+FA3JAX_HOST_DEVICE inline void dq_tile_coords(int i, int kd, int tile_m, int& row, int& col) {
+  int const slice = tile_m * kd / kBwdNumMmaWG;
+  int const w = i / slice, s = i - w * slice;
+  int const v = (s / 512) * 4 + s % 4, t = (s % 512) / 4, lane = t % 32;
+  int const acc_row = 16 * (t / 32) + lane / 4 + 8 * ((v / 2) % 2);
+  int const acc_col = 2 * (lane % 4) + v % 2 + 8 * (v / 4);
+  if (bwd_dq_rows_split(tile_m)) {
+    row = 64 * w + acc_row;
+    col = acc_col;
+    return;
+  }
+  int const cols = kd / kBwdNumMmaWG;
+  bool const swapped = bwd_dq_swapped(tile_m);
+  row = swapped ? acc_col : acc_row;
+  col = w * cols + (swapped ? acc_row : acc_col);
+}
+
 // Dense stat rows per (batch, query head): seqlen_q padded to whole tiles.
 FA3JAX_HOST_DEVICE inline int64_t bwd_padded_rows(int seqlen_q, int tile_m) {
   return (int64_t(seqlen_q) + tile_m - 1) / tile_m * tile_m;

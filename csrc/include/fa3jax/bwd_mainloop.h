@@ -3,10 +3,11 @@
 //
 // Consumer step for query block m (stage s of the Q/dO ring), warpgroups along keys (register P^T / dS^T):
 //   issue S^T = K Q^T and dP^T = V dO^T; wait for S^T; P^T = exp2(S^T * scale_log2 - lse_log2) (mask where the
-//   block needs it), converted to bf16/fp16; issue dV += P^T dO under which dS^T = P^T (dP^T - delta) is formed;
-//   put dS^T in shared memory; once every warpgroup has (named barrier), issue this warpgroup's columns of
-//   dQ = dS K, then dK += dS^T Q; add the dQ partial into global memory with a bulk reduce-add
-//   (cp.reduce.async.bulk, fp32 add in L2) while dK runs, so no CTA waits for another; release stage s.
+//   block needs it); wait for dP^T; dS^T = P^T (dP^T - delta), which ptxas interleaves with the exps; both
+//   converted to bf16/fp16, dS^T put in shared memory, then dV += P^T dO issued; once every warpgroup's dS^T is
+//   there (named barrier), issue this warpgroup's columns of dQ = dS K, then dK += dS^T Q; add the dQ partial into
+//   global memory with a bulk reduce-add (cp.reduce.async.bulk, fp32 add in L2) while dK runs, so no CTA waits
+//   for another; release stage s.
 // Warpgroups along queries (kPInSmem, d = 256 and MLA 192x128): P^T and dS^T both go to shared memory before the
 // barrier, then dV, dQ and dK are issued as SS GEMMs on this warpgroup's columns.
 // With softcap the scores' tanh is also needed for dS, so that path waits for both S^T and dP^T first.
@@ -187,16 +188,15 @@ struct BwdMainloop {
     bool const lane0 = threadIdx.x % 32 == 0;
     int const n_steps = p.group_size * km.num_blocks();
     int* sem_pending[kWG] = {};  // deterministic mode: each slice's add still to be counted (dq_turn_done)
-    for (int step = 0; step < n_steps; ++step) {
-      int h, m;
-      step_coords(p, tile, km, step, h, m);
+    int h = tile.head_k * p.group_size, m = km.m_min;  // step's (query head, query block): next_coords
+    for (int step = 0; step < n_steps; ++step, next_coords(km, h, m)) {
       int64_t const stat = tile.stat_row(h, m);
       float* const dq_tile = p.dq_accum + stat * kHeadDim;
       int const b = kBufs > 1 ? step % kBufs : 0;
       float const* const sdq = ss.smem_dq.data() + b * kBlockM * kHeadDim;
       CUTE_UNROLL
       for (int w = 0; w < kWG; ++w) {
-        cute::wait_barrier(ss.barrier_dq_full[w][b], (step / kBufs) & 1);
+        wait_barrier_suspend(ss.barrier_dq_full[w][b], (step / kBufs) & 1);
         if (lane0) {
           if (p.dq_sem != nullptr) {
             if (sem_pending[w] != nullptr) dq_turn_done(sem_pending[w]);
@@ -232,17 +232,14 @@ struct BwdMainloop {
     storage.empty_barrier_[st.index()].arrive();
   }
 
-  // (query head, query block) of step `step` of this CTA's loop: the group's heads in order, each over the query
-  // blocks [m_min, m_max) that see the key block. Producer, dQ writer and consumers walk the same sequence.
-  CUTE_DEVICE static void step_coords(Params const& p, BwdTile const& tile, KM const& km, int step, int& h,
-                                      int& m) {
-    int const n = km.num_blocks();
-    int const g = step / n;
-    h = tile.head_k * p.group_size + g;
-    m = km.m_min + (step - g * n);
+  // (query head, query block) of the step after (h, m): the group's heads in order, each over the query blocks
+  // [m_min, m_max) that see the key block; producer, dQ writer and consumers walk the same sequence. Carried from
+  // step to step: deriving it from the step index took an integer division ahead of every step's first GEMM.
+  CUTE_DEVICE static void next_coords(KM const& km, int& h, int& m) {
+    if (++m == km.m_max) m = km.m_min, ++h;
   }
 
-  // Consumer loop over the steps (step_coords). Accumulates dK (without the softmax scale) and dV in tdKrdK /
+  // Consumer loop over the steps (next_coords). Accumulates dK (without the softmax scale) and dV in tdKrdK /
   // tdVrdV; adds each dQ partial into p.dq_accum. kSoftcap: p.softcap > 0 (a template parameter so the plain
   // loop carries no test of it). Issuing the next step's S^T and dP^T GEMMs before this step's dQ was staged
   // made ptxas spill 388 B at 240 registers (their accumulators live next to dQ's and dK/dV's).
@@ -343,7 +340,8 @@ struct BwdMainloop {
     constexpr float kMaskedScore = -3.0e38f;
 
     cute::wait_barrier(ss.barrier_kv, 0);
-    for (int step = 0; step < n_steps; ++step) {
+    int h = tile.head_k * p.group_size, m = km.m_min;  // step's (query head, query block): next_coords
+    for (int step = 0; step < n_steps; ++step, next_coords(km, h, m)) {
       if constexpr (KT::kLateDv) {
         // The GEMMs' fences (and WGMMA's accumulator operands) read S^T, dP^T and dQ before each step's GEMMs
         // overwrite them, so these registers stay live from one step into the next. kLateDv ends their values here
@@ -352,16 +350,33 @@ struct BwdMainloop {
         forget_values(tdPrdP);
         forget_values(tdQrdQ);
       }
-      int h, m;
-      step_coords(p, tile, km, step, h, m);
       int const buf = step & 1;
       pipe.consumer_wait(st);
-      if constexpr (!KT::kLateDv) issue_sdp(st.index());
       int const s = st.index();
-      bool const need_mask = km.needs_mask(m);
-      int const q0 = m * kBlockM;
       float const* lse = ss.smem_lse[s];
       float const* delta = ss.smem_delta[s];
+      // A stat row's values of columns c, c + 1 (c even: adjacent queries) in one 8-byte shared load (ld.shared: a
+      // plain pointer load went through the generic path, with 64-bit addresses); test_layouts checks the pairing.
+      auto stat_pair = [&](float const* row, int c) {
+        float2 v;
+        asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n"
+                     : "=f"(v.x), "=f"(v.y)
+                     : "r"(cute::cast_smem_ptr_to_uint(row) + uint32_t(get<1>(rc(0, c))) * 4u));
+        return v;
+      };
+      constexpr int kRows = decltype(size<0>(S))::value;  // key rows per thread
+      constexpr int kPairs = decltype(size<1>(S))::value / 2;  // query column pairs per thread
+      // 64-row tiles: lse_log2's pairs are read while S^T runs (here, after its issue), delta's during the exp.
+      float2 lse2[kPairs], delta2[kPairs];
+      if constexpr (!KT::kLateDv) {
+        issue_sdp(s);
+        if constexpr (!kSoftcap) {
+          CUTE_UNROLL
+          for (int i = 0; i < kPairs; ++i) lse2[i] = stat_pair(lse, 2 * i);
+        }
+      }
+      bool const need_mask = km.needs_mask(m);
+      int const q0 = m * kBlockM;
       // Masked blocks: key row r sees the tile's queries q0 + [lo, hi) (mask_key_queries), two compares per element.
       auto row_range = [&](int r, int& lo, int& hi) {
         mask_key_queries(n0 + int(get<0>(rc(r, 0))), q0, kBlockM, tile.seq.seqlen_q, tile.seq.seqlen_k,
@@ -371,16 +386,6 @@ struct BwdMainloop {
         int const ql = int(get<1>(rc(0, c)));
         return ql < lo || ql >= hi;
       };
-      // kLateDv: a stat row's values of columns c, c + 1 (c even: adjacent queries) in one 8-byte shared load
-      // (ld.shared: a plain pointer load went through the generic path, with 64-bit addresses), read where used
-      // rather than held (each thread sees 32 queries at 128 rows; test_layouts checks the pairing).
-      auto stat_pair = [&](float const* row, int c) {
-        float2 v;
-        asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n"
-                     : "=f"(v.x), "=f"(v.y)
-                     : "r"(cute::cast_smem_ptr_to_uint(row) + uint32_t(get<1>(rc(0, c))) * 4u));
-        return v;
-      };
       if constexpr (KT::kLateDv) {
         // The GEMMs start from the stats and the mask instead of reading them next to S^T, dP^T and dK/dV (ptxas
         // batched the loads and the mask's predicates there, and the step spilled). dP^T's accumulator starts at
@@ -389,8 +394,8 @@ struct BwdMainloop {
         // S^T * scale_log2 is the exponent, masked included (the fp32 sum rounds at |lse| / scale instead of |S|:
         // far below bf16's P). With softcap (tanh of the raw score first) it starts at 0, or at kMaskedScore where
         // masked, which the score loop tests (a finite sentinel: no reliance on inf compares under fast math).
+        // The stats are read where used rather than held (each thread sees 32 queries at 128 rows).
         static_assert(!KT::kVarlen);
-        constexpr int kRows = decltype(size<0>(S))::value;  // key rows per thread
         int lo[kRows], hi[kRows];
         CUTE_UNROLL
         for (int r = 0; r < kRows; ++r) {
@@ -433,45 +438,55 @@ struct BwdMainloop {
             CUTE_UNROLL
             for (int i = 0; i < size(tSrS); ++i) tSrS(i) = exp2f(tSrS(i) * p.scale_log2);
           } else {
-            CUTE_UNROLL
-            for (int r = 0; r < size<0>(S); ++r) {
-              int lo = 0, hi = 0;
-              if (masked) row_range(r, lo, hi);
+            int lo[kRows] = {}, hi[kRows] = {};
+            if (masked) {
               CUTE_UNROLL
-              for (int c = 0; c < size<1>(S); ++c) {
-                float x = fmaf(S(r, c), p.scale_log2, -lse[get<1>(rc(r, c))]);
-                if (masked && outside(c, lo, hi)) x = -INFINITY;
-                S(r, c) = exp2f(x);
+              for (int r = 0; r < kRows; ++r) row_range(r, lo[r], hi[r]);
+            }
+            CUTE_UNROLL
+            for (int i = 0; i < kPairs; ++i) {
+              delta2[i] = stat_pair(delta, 2 * i);
+              CUTE_UNROLL
+              for (int r = 0; r < kRows; ++r) {
+                CUTE_UNROLL
+                for (int j = 0; j < 2; ++j) {
+                  int const c = 2 * i + j;
+                  float x = fmaf(S(r, c), p.scale_log2, -(j ? lse2[i].y : lse2[i].x));
+                  if (masked && outside(c, lo[r], hi[r])) x = -INFINITY;
+                  S(r, c) = exp2f(x);
+                }
               }
+            }
+          }
+        };
+        // 64-row tiles: then dP^T, and dS^T in the same basic block as the exps (each mask copy its own), so that
+        // ptxas can interleave the two; dV is issued after dS^T (below), as a GEMM issue would split them.
+        auto exp_ds = [&](auto masked) {
+          exp_scores(masked);
+          warpgroup_wait<0>();  // dP^T is ready
+          warpgroup_fence_operand(tdPrdP);
+          CUTE_UNROLL
+          for (int i = 0; i < kPairs; ++i) {
+            CUTE_UNROLL
+            for (int r = 0; r < kRows; ++r) {
+              dP(r, 2 * i) = S(r, 2 * i) * (dP(r, 2 * i) - delta2[i].x);
+              dP(r, 2 * i + 1) = S(r, 2 * i + 1) * (dP(r, 2 * i + 1) - delta2[i].y);
             }
           }
         };
         if constexpr (KT::kLateDv) {
           exp_scores(cute::false_type{});
-        } else if constexpr (KT::kMaskSplit) {
-          if (need_mask) exp_scores(cute::true_type{});
-          else exp_scores(cute::false_type{});
-        } else {
-          exp_scores(need_mask);
-        }
-        if constexpr (!KT::kLateDv) {
-          convert_fragment(rP, tSrS);
-          if constexpr (!KT::kPInSmem) wgmma_issue<false, true>(mma_dv, tdVrP, tdVrdO(_, _, _, s), tdVrdV);
-          else copy(ds_copy, tdSrP, tPsP(_, _, _, buf));
-        }
-        warpgroup_wait<(KT::kPInSmem || KT::kLateDv) ? 0 : 1>();  // dP^T is ready; dV may still run
-        warpgroup_fence_operand(tdPrdP);
-        if constexpr (KT::kLateDv) {
+          warpgroup_wait<0>();  // dP^T is ready
+          warpgroup_fence_operand(tdPrdP);
           CUTE_UNROLL
           for (int i = 0; i < size(tdPrdP); ++i) tdPrdP(i) *= tSrS(i);  // dP^T holds dP^T - delta already
           convert_fragment(rP, tSrS);
           wgmma_issue<false, true>(mma_dv, tdVrP, tdVrdO(_, _, _, s), tdVrdV);
+        } else if constexpr (KT::kMaskSplit) {
+          if (need_mask) exp_ds(cute::true_type{});
+          else exp_ds(cute::false_type{});
         } else {
-          CUTE_UNROLL
-          for (int r = 0; r < size<0>(S); ++r) {
-            CUTE_UNROLL
-            for (int c = 0; c < size<1>(S); ++c) dP(r, c) = S(r, c) * (dP(r, c) - delta[get<1>(rc(r, c))]);
-          }
+          exp_ds(need_mask);
         }
       } else {
         warpgroup_wait<0>();
@@ -496,31 +511,44 @@ struct BwdMainloop {
             }
           }
         } else {
-          CUTE_UNROLL
-          for (int r = 0; r < size<0>(S); ++r) {
-            int lo = 0, hi = 0;
-            if (need_mask) row_range(r, lo, hi);
+          int lo[kRows] = {}, hi[kRows] = {};
+          if (need_mask) {
             CUTE_UNROLL
-            for (int c = 0; c < size<1>(S); ++c) {
-              float const t = tanh_approx(S(r, c) * p.softcap_pre);
-              float x = fmaf(p.softcap * t, kLog2e, -lse[get<1>(rc(r, c))]);
-              if (need_mask && outside(c, lo, hi)) x = -INFINITY;
-              float const pr = exp2f(x);
-              S(r, c) = pr;
-              // d(softcap * tanh(s * pre)) / ds = scale * (1 - t^2); the scale is applied to dQ and dK at the end.
-              dP(r, c) = pr * (dP(r, c) - delta[get<1>(rc(r, c))]) * (1.f - t * t);
+            for (int r = 0; r < kRows; ++r) row_range(r, lo[r], hi[r]);
+          }
+          CUTE_UNROLL
+          for (int i = 0; i < kPairs; ++i) {
+            float2 const l = stat_pair(lse, 2 * i), dl = stat_pair(delta, 2 * i);
+            CUTE_UNROLL
+            for (int r = 0; r < kRows; ++r) {
+              CUTE_UNROLL
+              for (int j = 0; j < 2; ++j) {
+                int const c = 2 * i + j;
+                float const t = tanh_approx(S(r, c) * p.softcap_pre);
+                float x = fmaf(p.softcap * t, kLog2e, -(j ? l.y : l.x));
+                if (need_mask && outside(c, lo[r], hi[r])) x = -INFINITY;
+                float const pr = exp2f(x);
+                S(r, c) = pr;
+                // d(softcap * tanh(s * pre)) / ds = scale * (1 - t^2); the scale is applied to dQ and dK at the end.
+                dP(r, c) = pr * (dP(r, c) - (j ? dl.y : dl.x)) * (1.f - t * t);
+              }
             }
           }
         }
-        convert_fragment(rP, tSrS);
-        if constexpr (!KT::kPInSmem) wgmma_issue<false, true>(mma_dv, tdVrP, tdVrdO(_, _, _, s), tdVrdV);
-        else copy(ds_copy, tdSrP, tPsP(_, _, _, buf));
+        if constexpr (KT::kLateDv) {
+          convert_fragment(rP, tSrS);
+          wgmma_issue<false, true>(mma_dv, tdVrP, tdVrdO(_, _, _, s), tdVrdV);
+        }
       }
+      if constexpr (!KT::kLateDv) convert_fragment(rP, tSrS);
       convert_fragment(rdS, tdPrdP);
       // Every warpgroup's dS^T (and P^T) rows in shared memory (fenced for the async proxy that WGMMA reads
       // through) before any warpgroup's GEMM on them. Two buffers: a warpgroup writes buffer b again only two
       // steps later, after passing this barrier once more, i.e. after every warpgroup's GEMMs on b have retired.
+      // Register P^T's dV goes out between the stores and the barrier (it reads no shared dS^T).
       copy(ds_copy, tdSrdS, tdSsdS(_, _, _, buf));
+      if constexpr (KT::kPInSmem) copy(ds_copy, tdSrP, tPsP(_, _, _, buf));
+      else if constexpr (!KT::kLateDv) wgmma_issue<false, true>(mma_dv, tdVrP, tdVrdO(_, _, _, s), tdVrdV);
       cutlass::arch::fence_view_async_shared();
       named_barrier_sync(kDsBarrier, KT::kNumMmaThreads);
       // dQ before dK (FA3's order): dQ retires while dK still runs, so the dQ partial is staged and added under

@@ -74,6 +74,22 @@ CUTE_DEVICE void named_barrier_arrive(int id, int num_threads) {
   asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(num_threads) : "memory");
 }
 
+// Waits until the mbarrier's phase `phase` has completed, as cute::wait_barrier, but each try may suspend the
+// thread up to kSuspendNs (it wakes when the phase completes): for waiters with nothing else to do, whose spinning
+// would take issue slots from the warps on the same scheduler.
+template <uint32_t kSuspendNs = 1000000>
+CUTE_DEVICE void wait_barrier_suspend(uint64_t& bar, int phase) {
+  asm volatile(
+      "{\n"
+      ".reg .pred P1;\n"
+      "WAIT:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 P1, [%0], %1, %2;\n"
+      "@!P1 bra WAIT;\n"
+      "}\n" ::"r"(cute::cast_smem_ptr_to_uint(&bar)),
+      "r"(phase), "n"(kSuspendNs)
+      : "memory");
+}
+
 // Reductions over the 4 lanes that share an accumulator row.
 CUTE_DEVICE float quad_max(float x) {
   x = fmaxf(x, __shfl_xor_sync(0xffffffff, x, 1));
