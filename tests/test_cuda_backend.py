@@ -849,3 +849,63 @@ def test_kvcache_any_head_dim_matches_xla(instance, name):
     if instance not in _BUILT_KV_DIMS or instance in _BUILT_KV:
         pytest.skip(f"no wider CUDA KV-cache kernel built for {instance}")
     _kv_against_xla(instance, name, _BUILT_KV_DIMS[instance], "kvcache-any-d")
+
+
+# ------------------------------------------------------------------------------------------ workspace results
+@pytest.mark.parametrize("kind", ["fwd", "bwd", "kvcache-split"])
+def test_workspace_result_size_is_checked(monkeypatch, kind):
+    """Every handler takes its workspace as its last result (a uint8 buffer XLA allocates, sized by the extension's
+    own function) and checks it: one byte short is refused with an error naming the target and both sizes (nothing
+    runs), a larger buffer gives the same bits as the exact one. The causal forward uses the tile counter, the
+    KV-cache call (paged, num_splits=3) the split parts after it, the deterministic backward the dQ accumulator."""
+    from fa3jax.backends import cuda as cuda_mod
+
+    ext, reason = cuda_mod._load_extension()
+    if ext is None:
+        pytest.skip(reason)
+    if targets.FEATURE_WORKSPACE_RESULT not in build_info().get("features", ()):
+        pytest.skip("this CUDA extension predates the workspace results")
+    if ("bf16", 128) not in _BUILT_BWD or ("bf16", 128) not in _BUILT_KV:
+        pytest.skip("bf16 d=128 forward, backward and KV-cache kernels not all built")
+    rng = seeded_rng("cuda", "workspace", kind)
+    bf = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.bfloat16)  # noqa: E731
+    if kind == "kvcache-split":
+        bn = _BUILT_KV[("bf16", 128)]
+        kc, vc, q = bf(9, bn, 2, 128), bf(9, bn, 2, 128), bf(2, 1, 8, 128)
+        pt = jnp.asarray(rng.permutation(9)[:8].reshape(2, 4), jnp.int32)
+        lens = jnp.asarray([3 * bn, bn + 5], jnp.int32)
+        run = lambda: fa3jax.flash_mha_with_kvcache(q, kc, vc, cache_seqlens=lens, page_table=pt,  # noqa: E731
+                                                    num_splits=3, return_softmax_lse=True, backend="cuda")
+        fn, target = "kvcache_workspace", targets.FWD_KVCACHE_TARGET
+    else:
+        q, k, v = bf(2, 256, 4, 128), bf(2, 256, 2, 128), bf(2, 256, 2, 128)
+        f = functools.partial(fa3jax.flash_mha, is_causal=True, deterministic=True, backend="cuda")
+        if kind == "fwd":
+            run = lambda: f(q, k, v, return_softmax_lse=True)  # noqa: E731
+            fn, target = "fwd_workspace_bytes", targets.FWD_TARGET
+        else:
+            loss = lambda q, k, v: jnp.sum(f(q, k, v).astype(jnp.float32) ** 2)  # noqa: E731
+            run = lambda: jax.grad(loss, argnums=(0, 1, 2))(q, k, v)  # noqa: E731
+            fn, target = "bwd_workspace_bytes", targets.BWD_TARGET
+    real, needed = getattr(ext, fn), []
+
+    def resized(delta):
+        def size(*a, **kw):  # the real size (and split count), the bytes moved by delta
+            got = real(*a, **kw)
+            n = got[1] if isinstance(got, tuple) else got
+            needed.append(int(n))
+            return (got[0], n + delta) if isinstance(got, tuple) else n + delta
+        return size
+
+    def bits():  # a fresh jit each time: the size is read while tracing
+        return [np.asarray(x.astype(jnp.float32)) for x in jax.jit(lambda: run())()]
+
+    exact = bits()
+    monkeypatch.setattr(ext, fn, resized(4096))
+    for name, a, b in zip(("out", "lse") if kind != "bwd" else ("dq", "dk", "dv"), exact, bits()):
+        assert np.array_equal(a, b), f"{name} differs with a larger workspace"
+    monkeypatch.setattr(ext, fn, resized(-1))
+    with pytest.raises(Exception, match=rf"{target}: the workspace \(last result\) has") as err:
+        bits()
+    n = needed[-1]
+    assert n > 0 and f"has {n - 1} bytes; this call needs {n}" in str(err.value), (n, str(err.value)[-500:])

@@ -1,7 +1,8 @@
 // XLA FFI handlers of the backward, dense and varlen: dq, dk, dv from q, k, v, the forward's out and lse, and the
 // cotangents dout and dlse. v, out, dout and dv may have a smaller head dim than q/k (MLA) where such a kernel is
 // compiled. Typed checks on every input; every failure returns an ffi::Error, and nothing throws across the
-// FFI. Stateless: the fp32 workspace (dq accumulator, per-row terms) is stream-ordered scratch of this call.
+// FFI. Stateless: the fp32 workspace (dq accumulator, per-row terms) is the last result, a buffer that XLA allocates
+// (ffi_handlers.h bwd_workspace_size gives its size), so that the handlers may be captured in CUDA graphs.
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -38,9 +39,9 @@ bool same_dims_but_last(ffi::Span<const int64_t> a, ffi::Span<const int64_t> b, 
 // The checks on the outputs and the cotangents, the workspace, and the run; shared by both handlers. q, k, v:
 // the inputs whose dtypes and shapes out/dout (q's, with v's head dim) and dq/dk/dv must have (given when `p` does
 // not fix them).
-ffi::Error RunBwd(const char* target, cudaStream_t stream, ffi::ScratchAllocator& scratch, ffi::AnyBuffer const& out,
-                  ffi::Buffer<ffi::F32> const& lse, ffi::AnyBuffer const& dout, ffi::Buffer<ffi::F32> const& dlse,
-                  ffi::Result<ffi::AnyBuffer>& dq, ffi::Result<ffi::AnyBuffer>& dk, ffi::Result<ffi::AnyBuffer>& dv,
+ffi::Error RunBwd(const char* target, cudaStream_t stream, ffi::AnyBuffer const& out, ffi::Buffer<ffi::F32> const& lse,
+                  ffi::AnyBuffer const& dout, ffi::Buffer<ffi::F32> const& dlse, ffi::Result<ffi::AnyBuffer>& dq,
+                  ffi::Result<ffi::AnyBuffer>& dk, ffi::Result<ffi::AnyBuffer>& dv, ffi::AnyBuffer const& ws,
                   int32_t deterministic, fa3jax::BwdParams& p, ffi::AnyBuffer const* q = nullptr,
                   ffi::AnyBuffer const* k = nullptr, ffi::AnyBuffer const* v = nullptr) {
   auto bad = [&](std::string m) { return ffi::Error(ffi::ErrorCode::kInvalidArgument, target + (": " + m)); };
@@ -68,13 +69,12 @@ ffi::Error RunBwd(const char* target, cudaStream_t stream, ffi::ScratchAllocator
   p.dv = dv->untyped_data();
   if (deterministic != 0 && deterministic != 1) return bad("deterministic must be 0 or 1");
   p.deterministic = deterministic == 1;
-  // The workspace first (its size needs only the shapes checked above): bwd_check requires it.
-  // 16-byte alignment (bulk copies and reductions need 16; XLA's scratch allocator refused 256).
-  std::optional<void*> ws = scratch.Allocate(fa3jax::bwd_workspace_bytes(p), 16);
-  if (!ws.has_value())
-    return ffi::Error(ffi::ErrorCode::kResourceExhausted, std::string(target) + ": scratch allocation failed");
-  p.workspace = *ws;
+  p.workspace = ws.untyped_data();
+  // bwd_check first: it bounds the shapes (its "tensor too large"), so that the size below cannot overflow.
   if (const char* msg = fa3jax::bwd_check(p)) return bad(msg);
+  // 16-byte alignment: the passes' bulk copies and vector reductions (its parts are 256-byte multiples past it).
+  std::string const why = fa3jax_ffi::check_workspace(ws, fa3jax::bwd_workspace_bytes(p), 16);
+  if (!why.empty()) return bad(why);
   fa3jax::FwdStatus st = fa3jax::run_bwd(p, stream);
   if (!st.ok()) {
     return ffi::Error(ffi::ErrorCode::kInternal, std::string(target) + ": " + st.what + ": " +
@@ -83,10 +83,10 @@ ffi::Error RunBwd(const char* target, cudaStream_t stream, ffi::ScratchAllocator
   return ffi::Error::Success();
 }
 
-ffi::Error BwdImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer q, ffi::AnyBuffer k,
-                   ffi::AnyBuffer v, ffi::AnyBuffer out, ffi::Buffer<ffi::F32> lse, ffi::AnyBuffer dout,
-                   ffi::Buffer<ffi::F32> dlse, ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
-                   ffi::Result<ffi::AnyBuffer> dv, float softmax_scale, int32_t window_left, int32_t window_right,
+ffi::Error BwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::AnyBuffer out,
+                   ffi::Buffer<ffi::F32> lse, ffi::AnyBuffer dout, ffi::Buffer<ffi::F32> dlse,
+                   ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk, ffi::Result<ffi::AnyBuffer> dv,
+                   ffi::Result<ffi::AnyBuffer> ws, float softmax_scale, int32_t window_left, int32_t window_right,
                    float softcap, int32_t deterministic) {
   auto bad = [](std::string m) { return ffi::Error(ffi::ErrorCode::kInvalidArgument, "fa3jax_cuda_bwd: " + m); };
   fa3jax::BwdParams p;
@@ -98,17 +98,17 @@ ffi::Error BwdImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyB
     if (ld.size() != 3 || ld[0] != c.batch || ld[1] != c.num_heads_q || ld[2] != c.seqlen_q)
       return bad("lse and dlse shapes " + dims_str(ld) + " must be (batch, heads_q, seqlen_q)");
   }
-  return RunBwd("fa3jax_cuda_bwd", stream, scratch, out, lse, dout, dlse, dq, dk, dv, deterministic, p, &q, &k, &v);
+  return RunBwd("fa3jax_cuda_bwd", stream, out, lse, dout, dlse, dq, dk, dv, *ws, deterministic, p, &q, &k, &v);
 }
 
 // Varlen: packed q (total_q, hq, d), k (total_k, hk, d), v (total_k, hk, d_v), out/dout (total_q, hq, d_v),
 // lse/dlse (hq, total_q), then
 // cu_seqlens_q/k int32 (batch + 1,) and, with has_seqused_k, seqused_k int32 (batch,).
-ffi::Error BwdVarlenImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer q, ffi::AnyBuffer k,
-                         ffi::AnyBuffer v, ffi::AnyBuffer out, ffi::Buffer<ffi::F32> lse, ffi::AnyBuffer dout,
+ffi::Error BwdVarlenImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+                         ffi::AnyBuffer out, ffi::Buffer<ffi::F32> lse, ffi::AnyBuffer dout,
                          ffi::Buffer<ffi::F32> dlse, ffi::AnyBuffer cu_seqlens_q, ffi::AnyBuffer cu_seqlens_k,
                          ffi::RemainingArgs rest, ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
-                         ffi::Result<ffi::AnyBuffer> dv, float softmax_scale, int32_t window_left,
+                         ffi::Result<ffi::AnyBuffer> dv, ffi::Result<ffi::AnyBuffer> ws, float softmax_scale, int32_t window_left,
                          int32_t window_right, float softcap, int32_t deterministic, int32_t max_seqlen_q,
                          int32_t max_seqlen_k, int32_t has_seqused_k) {
   const char* target = "fa3jax_cuda_bwd_varlen";
@@ -134,30 +134,30 @@ ffi::Error BwdVarlenImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi
     if (ld.size() != 2 || ld[0] != c.num_heads_q || ld[1] != c.seqlen_q)
       return bad("lse and dlse shapes " + dims_str(ld) + " must be (heads_q, total_q)");
   }
-  return RunBwd(target, stream, scratch, out, lse, dout, dlse, dq, dk, dv, deterministic, p, &q, &k, &v);
+  return RunBwd(target, stream, out, lse, dout, dlse, dq, dk, dv, *ws, deterministic, p, &q, &k, &v);
 }
 
-ffi::Error Bwd(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer q, ffi::AnyBuffer k,
-               ffi::AnyBuffer v, ffi::AnyBuffer out, ffi::Buffer<ffi::F32> lse, ffi::AnyBuffer dout,
-               ffi::Buffer<ffi::F32> dlse, ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
-               ffi::Result<ffi::AnyBuffer> dv, float softmax_scale, int32_t window_left, int32_t window_right,
+ffi::Error Bwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::AnyBuffer out,
+               ffi::Buffer<ffi::F32> lse, ffi::AnyBuffer dout, ffi::Buffer<ffi::F32> dlse,
+               ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk, ffi::Result<ffi::AnyBuffer> dv,
+               ffi::Result<ffi::AnyBuffer> ws, float softmax_scale, int32_t window_left, int32_t window_right,
                float softcap, int32_t deterministic) noexcept {
   return fa3jax_ffi::no_throw([&] {
-    return BwdImpl(stream, std::move(scratch), q, k, v, out, lse, dout, dlse, dq, dk, dv, softmax_scale,
-                   window_left, window_right, softcap, deterministic);
+    return BwdImpl(stream, q, k, v, out, lse, dout, dlse, dq, dk, dv, ws, softmax_scale, window_left, window_right,
+                   softcap, deterministic);
   });
 }
 
-ffi::Error BwdVarlen(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer q, ffi::AnyBuffer k,
-                     ffi::AnyBuffer v, ffi::AnyBuffer out, ffi::Buffer<ffi::F32> lse, ffi::AnyBuffer dout,
-                     ffi::Buffer<ffi::F32> dlse, ffi::AnyBuffer cu_seqlens_q, ffi::AnyBuffer cu_seqlens_k,
-                     ffi::RemainingArgs rest, ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
-                     ffi::Result<ffi::AnyBuffer> dv, float softmax_scale, int32_t window_left, int32_t window_right,
+ffi::Error BwdVarlen(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::AnyBuffer out,
+                     ffi::Buffer<ffi::F32> lse, ffi::AnyBuffer dout, ffi::Buffer<ffi::F32> dlse,
+                     ffi::AnyBuffer cu_seqlens_q, ffi::AnyBuffer cu_seqlens_k, ffi::RemainingArgs rest,
+                     ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk, ffi::Result<ffi::AnyBuffer> dv,
+                     ffi::Result<ffi::AnyBuffer> ws, float softmax_scale, int32_t window_left, int32_t window_right,
                      float softcap, int32_t deterministic, int32_t max_seqlen_q, int32_t max_seqlen_k,
                      int32_t has_seqused_k) noexcept {
   return fa3jax_ffi::no_throw([&] {
-    return BwdVarlenImpl(stream, std::move(scratch), q, k, v, out, lse, dout, dlse, cu_seqlens_q, cu_seqlens_k, rest,
-                         dq, dk, dv, softmax_scale, window_left, window_right, softcap, deterministic, max_seqlen_q,
+    return BwdVarlenImpl(stream, q, k, v, out, lse, dout, dlse, cu_seqlens_q, cu_seqlens_k, rest, dq, dk, dv, ws,
+                         softmax_scale, window_left, window_right, softcap, deterministic, max_seqlen_q,
                          max_seqlen_k, has_seqused_k);
   });
 }
@@ -175,7 +175,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Fa3jaxCudaBwdVarlen, BwdVarlen,
                                                               .RemainingArgs()                // [seqused_k]
                                                               .Ret<ffi::AnyBuffer>()          // dq
                                                               .Ret<ffi::AnyBuffer>()          // dk
-                                                              .Ret<ffi::AnyBuffer>())         // dv
+                                                              .Ret<ffi::AnyBuffer>()          // dv
+                                                              .Ret<ffi::AnyBuffer>())         // workspace
                                   .Attr<int32_t>("deterministic")
                                   .Attr<int32_t>("max_seqlen_q")
                                   .Attr<int32_t>("max_seqlen_k")
@@ -189,5 +190,26 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Fa3jaxCudaBwd, Bwd,
                                                               .Arg<ffi::Buffer<ffi::F32>>()  // dlse
                                                               .Ret<ffi::AnyBuffer>()          // dq
                                                               .Ret<ffi::AnyBuffer>()          // dk
-                                                              .Ret<ffi::AnyBuffer>())  // dv
+                                                              .Ret<ffi::AnyBuffer>()          // dv
+                                                              .Ret<ffi::AnyBuffer>())         // workspace
                                   .Attr<int32_t>("deterministic"));
+
+size_t fa3jax_ffi::bwd_workspace_size(int dtype, int64_t batch, int64_t seqlen_q, int64_t heads_q, int64_t head_dim,
+                                      int64_t head_dim_v, int32_t window_left, int32_t window_right, float softcap,
+                                      bool deterministic, bool varlen) {
+  // The fields of BwdParams that bwd_workspace_bytes reads, as the handlers set them from their buffers (the key
+  // dims it does not read: 0 keys, heads_q kv heads); calls the handler refuses (set_core's checks) need none.
+  fa3jax::BwdParams p;
+  fa3jax::AttnCore& c = p.core;
+  if (!fa3jax_ffi::set_dims(batch, seqlen_q, 0, heads_q, heads_q, head_dim, head_dim_v, c) ||
+      (dtype != 0 && dtype != 1))
+    return 0;
+  c.dtype = static_cast<fa3jax::DType>(dtype);
+  c.window_left = window_left;
+  c.window_right = window_right;
+  c.softcap = softcap;
+  static int const kNotRead = 0;  // VarlenSeqs::enabled() asks for a pointer; the size rule never dereferences it
+  if (varlen) c.varlen.cu_seqlens_q = &kNotRead;
+  p.deterministic = deterministic;
+  return fa3jax::bwd_workspace_bytes(p);
+}

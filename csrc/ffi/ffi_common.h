@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <initializer_list>
 #include <string>
 #include <utility>
 
@@ -28,18 +29,12 @@ inline bool kernel_dtype(ffi::DataType dt, fa3jax::DType& out) {
   return true;
 }
 
-// The part of a call's checks that dense and varlen share: the dimensions fit the kernels' int32 fields, then
-// pointers, shapes, strides (row-major XLA buffers; varlen's batch stride is unused) and attributes into `c`.
-inline std::string set_core(ffi::AnyBuffer const& q, ffi::AnyBuffer const& k, ffi::AnyBuffer const& v, int64_t b,
-                            int64_t sq, int64_t sk, int64_t hq, int64_t hk, int64_t d, int64_t dv,
-                            float softmax_scale, int32_t window_left, int32_t window_right, float softcap,
-                            fa3jax::AttnCore& c) {
-  int64_t const lim = int64_t(1) << 31;
-  if (b >= lim || sq >= lim || sk >= lim || hq >= lim || hk >= lim || d >= lim || dv >= lim)
-    return "dimension too large";
-  c.q = q.untyped_data();
-  c.k = k.untyped_data();
-  c.v = v.untyped_data();
+// A call's dimensions into `c`; false (nothing set) where one does not fit the kernels' int32 fields. The handlers
+// and the workspace size functions (ffi_handlers.h) both set them here.
+inline bool set_dims(int64_t b, int64_t sq, int64_t sk, int64_t hq, int64_t hk, int64_t d, int64_t dv,
+                     fa3jax::AttnCore& c) {
+  for (int64_t x : {b, sq, sk, hq, hk, d, dv})
+    if (x < 0 || x >= (int64_t(1) << 31)) return false;
   c.batch = int(b);
   c.seqlen_q = int(sq);
   c.seqlen_k = int(sk);
@@ -47,6 +42,19 @@ inline std::string set_core(ffi::AnyBuffer const& q, ffi::AnyBuffer const& k, ff
   c.num_heads_k = int(hk);
   c.head_dim = int(d);
   c.head_dim_v = int(dv);
+  return true;
+}
+
+// The part of a call's checks that dense and varlen share: the dimensions fit the kernels' int32 fields, then
+// pointers, shapes, strides (row-major XLA buffers; varlen's batch stride is unused) and attributes into `c`.
+inline std::string set_core(ffi::AnyBuffer const& q, ffi::AnyBuffer const& k, ffi::AnyBuffer const& v, int64_t b,
+                            int64_t sq, int64_t sk, int64_t hq, int64_t hk, int64_t d, int64_t dv,
+                            float softmax_scale, int32_t window_left, int32_t window_right, float softcap,
+                            fa3jax::AttnCore& c) {
+  if (!set_dims(b, sq, sk, hq, hk, d, dv, c)) return "dimension too large";
+  c.q = q.untyped_data();
+  c.k = k.untyped_data();
+  c.v = v.untyped_data();
   c.softmax_scale = softmax_scale;
   c.window_left = window_left;
   c.window_right = window_right;
@@ -133,11 +141,23 @@ inline std::string varlen_core(ffi::AnyBuffer const& q, ffi::AnyBuffer const& k,
   return "";
 }
 
-// Binding prefix of a dense handler: stream, scratch allocator, then q, k, v.
+// The workspace result (every handler's last: a 1-D uint8 buffer that XLA allocates, sized by ffi_handlers.h's
+// functions): at least `need` bytes, its start a multiple of `align` bytes; else what is wrong with it.
+inline std::string check_workspace(ffi::AnyBuffer const& ws, size_t need, size_t align) {
+  if (ws.element_type() != ffi::DataType::U8 || ws.dimensions().size() != 1)
+    return "the workspace (last result) must be a 1-D uint8 buffer; got shape " + dims_str(ws.dimensions());
+  if (ws.size_bytes() < need)
+    return "the workspace (last result) has " + std::to_string(ws.size_bytes()) + " bytes; this call needs " +
+           std::to_string(need);
+  if (need > 0 && reinterpret_cast<uintptr_t>(ws.untyped_data()) % align != 0)
+    return "the workspace (last result) must be " + std::to_string(align) + "-byte aligned";
+  return "";
+}
+
+// Binding prefix of a dense handler: stream, then q, k, v.
 template <class B>
 auto bind_dense_inputs(B b) {
   return std::move(b).template Ctx<ffi::PlatformStream<cudaStream_t>>()
-      .template Ctx<ffi::ScratchAllocator>()
       .template Arg<ffi::AnyBuffer>()   // q
       .template Arg<ffi::AnyBuffer>()   // k
       .template Arg<ffi::AnyBuffer>();  // v

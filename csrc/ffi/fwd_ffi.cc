@@ -2,8 +2,8 @@
 // seqused_k and sinks), and the KV cache (contiguous or paged, appended k/v, leftpad, batch_idx, sinks). v (and out)
 // may have a smaller head dim than q/k (MLA) where such a kernel is compiled.
 // Typed checks on every input; every failure returns an ffi::Error, and nothing throws across the FFI.
-// Stateless: nothing is kept between calls. Not declared command-buffer compatible (each call runs
-// cudaFuncSetAttribute and builds TMA descriptors on the host).
+// Stateless: nothing is kept between calls; the device workspace is the last result, a buffer XLA allocates
+// (ffi_handlers.h gives its size), so that the handlers may be captured in CUDA graphs (ffi_common.h).
 #include <cstdint>
 #include <initializer_list>
 #include <optional>
@@ -24,23 +24,24 @@ namespace {
 
 using fa3jax_ffi::dims_str;
 
-// Launches a checked forward with the persistent kernel's tile counter (stream-ordered scratch: freed when the
-// handler returns, reused only by work queued after the kernel).
-// Split-KV calls (p.splits.num_splits > 1) get their fp32 parts from the same allocation, after the counter.
-ffi::Error Launch(const char* target, cudaStream_t stream, ffi::ScratchAllocator& scratch, fa3jax::FwdParams& p) {
-  // XLA's scratch allocator refuses alignments above 16 bytes (it failed every call when asked for 256), so the
-  // split buffers are aligned by hand: the counter's part, then up to 255 bytes of padding to a 256-byte boundary.
-  size_t const head = 256;
-  static_assert(fa3jax::kFwdWorkspaceBytes <= 256);
+// Bytes of a forward's workspace result for p.splits.num_splits: the persistent kernel's tile counter, then
+// (split-KV) the fp32 parts at the first 256-byte boundary past it. The counter needs 4-byte and the parts 16-byte
+// alignment (fwd_check), which XLA's buffers (>= 16) give; the parts' 256 is by hand (up to 255 bytes of padding)
+// so that their rows start on whole cache lines whatever XLA's alignment, and the size stays address-independent.
+size_t layout_bytes(const fa3jax::FwdParams& p) {
   size_t const split_bytes = fa3jax::fwd_splits_workspace_bytes(p);
-  size_t const bytes = split_bytes > 0 ? head + 255 + split_bytes : fa3jax::kFwdWorkspaceBytes;
-  std::optional<void*> ws = scratch.Allocate(bytes, 16);
-  if (!ws.has_value())
-    return ffi::Error(ffi::ErrorCode::kResourceExhausted, std::string(target) + ": scratch allocation of " +
-                                                              std::to_string(bytes) + " bytes failed");
-  p.workspace = *ws;
-  if (split_bytes > 0) {
-    uintptr_t const parts = (reinterpret_cast<uintptr_t>(*ws) + head + 255) & ~uintptr_t(255);
+  return split_bytes > 0 ? fa3jax::kFwdWorkspaceBytes + 255 + split_bytes : fa3jax::kFwdWorkspaceBytes;
+}
+
+// Launches a checked forward with its workspace (the last result, checked against layout_bytes here): the tile
+// counter first, the split-KV parts (p.splits.num_splits > 1) after it.
+ffi::Error Launch(const char* target, cudaStream_t stream, ffi::AnyBuffer& ws, fa3jax::FwdParams& p) {
+  std::string const why = fa3jax_ffi::check_workspace(ws, layout_bytes(p), 4);
+  if (!why.empty()) return ffi::Error(ffi::ErrorCode::kInvalidArgument, std::string(target) + ": " + why);
+  p.workspace = ws.untyped_data();
+  if (p.splits.num_splits > 1) {
+    uintptr_t const parts =
+        (reinterpret_cast<uintptr_t>(p.workspace) + fa3jax::kFwdWorkspaceBytes + 255) & ~uintptr_t(255);
     fa3jax::fwd_splits_workspace(p, reinterpret_cast<char*>(parts));
   }
   fa3jax::FwdStatus st = fa3jax::run_fwd(p, stream);
@@ -63,9 +64,9 @@ std::string set_sinks(ffi::AnyBuffer const& sinks, int64_t hq, fa3jax::FwdParams
 }
 
 // sinks: nullptr for the sink-free target, else the (hq,) float32 operand of fa3jax_cuda_fwd_sinks.
-ffi::Error FwdImpl(const char* target, cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer q,
-                   ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::AnyBuffer const* sinks,
-                   ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::Buffer<ffi::F32>> lse, float softmax_scale,
+ffi::Error FwdImpl(const char* target, cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+                   ffi::AnyBuffer const* sinks, ffi::Result<ffi::AnyBuffer> out,
+                   ffi::Result<ffi::Buffer<ffi::F32>> lse, ffi::Result<ffi::AnyBuffer> ws, float softmax_scale,
                    int32_t window_left, int32_t window_right, float softcap, int32_t kernel_variant) {
   auto bad = [&](std::string m) {
     return ffi::Error(ffi::ErrorCode::kInvalidArgument, std::string(target) + ": " + m);
@@ -92,37 +93,37 @@ ffi::Error FwdImpl(const char* target, cudaStream_t stream, ffi::ScratchAllocato
   if (kernel_variant != 0 && kernel_variant != 1 && kernel_variant != 3) return bad("kernel_variant must be 0, 1 or 3");
   p.wide_tiles = kernel_variant == 0 ? -1 : (kernel_variant == 3 ? 1 : 0);
   if (const char* msg = fa3jax::fwd_check(p)) return bad(msg);
-  return Launch(target, stream, scratch, p);
+  return Launch(target, stream, *ws, p);
 }
 
-ffi::Error Fwd(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer q, ffi::AnyBuffer k,
-               ffi::AnyBuffer v, ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::Buffer<ffi::F32>> lse,
+ffi::Error Fwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+               ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::Buffer<ffi::F32>> lse, ffi::Result<ffi::AnyBuffer> ws,
                float softmax_scale, int32_t window_left, int32_t window_right, float softcap,
                int32_t kernel_variant) noexcept {
   return fa3jax_ffi::no_throw([&] {
-    return FwdImpl("fa3jax_cuda_fwd", stream, std::move(scratch), q, k, v, nullptr, out, lse, softmax_scale,
-                   window_left, window_right, softcap, kernel_variant);
+    return FwdImpl("fa3jax_cuda_fwd", stream, q, k, v, nullptr, out, lse, ws, softmax_scale, window_left,
+                   window_right, softcap, kernel_variant);
   });
 }
 
 // The same forward with attention sinks: a target of its own, so that the sink-free call keeps its operands.
-ffi::Error FwdSinks(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer q, ffi::AnyBuffer k,
-                    ffi::AnyBuffer v, ffi::AnyBuffer sinks, ffi::Result<ffi::AnyBuffer> out,
-                    ffi::Result<ffi::Buffer<ffi::F32>> lse, float softmax_scale, int32_t window_left,
-                    int32_t window_right, float softcap, int32_t kernel_variant) noexcept {
+ffi::Error FwdSinks(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+                    ffi::AnyBuffer sinks, ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::Buffer<ffi::F32>> lse,
+                    ffi::Result<ffi::AnyBuffer> ws, float softmax_scale, int32_t window_left, int32_t window_right,
+                    float softcap, int32_t kernel_variant) noexcept {
   return fa3jax_ffi::no_throw([&] {
-    return FwdImpl("fa3jax_cuda_fwd_sinks", stream, std::move(scratch), q, k, v, &sinks, out, lse, softmax_scale,
-                   window_left, window_right, softcap, kernel_variant);
+    return FwdImpl("fa3jax_cuda_fwd_sinks", stream, q, k, v, &sinks, out, lse, ws, softmax_scale, window_left,
+                   window_right, softcap, kernel_variant);
   });
 }
 
 // Varlen: q (total_q, hq, d), k (total_k, hk, d), v (total_k, hk, d_v), cu_seqlens_q/k int32 (batch + 1,), then,
 // as the flags say, seqused_k int32 (batch,) and sinks float32 (hq,) (optional operands: one target serves the four
-// combinations). Outputs out (total_q, hq, d_v) and lse float32 (hq, total_q).
-ffi::Error FwdVarlenImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer q, ffi::AnyBuffer k,
-                         ffi::AnyBuffer v, ffi::AnyBuffer cu_seqlens_q, ffi::AnyBuffer cu_seqlens_k,
-                         ffi::RemainingArgs rest, ffi::Result<ffi::AnyBuffer> out,
-                         ffi::Result<ffi::Buffer<ffi::F32>> lse, float softmax_scale, int32_t window_left,
+// combinations). Outputs out (total_q, hq, d_v), lse float32 (hq, total_q) and the workspace.
+ffi::Error FwdVarlenImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+                         ffi::AnyBuffer cu_seqlens_q, ffi::AnyBuffer cu_seqlens_k, ffi::RemainingArgs rest,
+                         ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::Buffer<ffi::F32>> lse,
+                         ffi::Result<ffi::AnyBuffer> ws, float softmax_scale, int32_t window_left,
                          int32_t window_right, float softcap, int32_t max_seqlen_q, int32_t max_seqlen_k,
                          int32_t has_seqused_k, int32_t has_sinks) {
   const char* target = "fa3jax_cuda_fwd_varlen";
@@ -166,17 +167,16 @@ ffi::Error FwdVarlenImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi
     if (!swhy.empty()) return bad(swhy);
   }
   if (const char* msg = fa3jax::fwd_check(p)) return bad(msg);
-  return Launch(target, stream, scratch, p);
+  return Launch(target, stream, *ws, p);
 }
 
-ffi::Error FwdVarlen(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer q, ffi::AnyBuffer k,
-                     ffi::AnyBuffer v, ffi::AnyBuffer cu_seqlens_q, ffi::AnyBuffer cu_seqlens_k,
-                     ffi::RemainingArgs rest, ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::Buffer<ffi::F32>> lse,
-                     float softmax_scale, int32_t window_left, int32_t window_right, float softcap,
+ffi::Error FwdVarlen(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+                     ffi::AnyBuffer cu_seqlens_q, ffi::AnyBuffer cu_seqlens_k, ffi::RemainingArgs rest,
+                     ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::Buffer<ffi::F32>> lse,
+                     ffi::Result<ffi::AnyBuffer> ws, float softmax_scale, int32_t window_left, int32_t window_right, float softcap,
                      int32_t max_seqlen_q, int32_t max_seqlen_k, int32_t has_seqused_k, int32_t has_sinks) noexcept {
   return fa3jax_ffi::no_throw([&] {
-    return FwdVarlenImpl(stream, std::move(scratch), q, k, v, cu_seqlens_q, cu_seqlens_k, rest, out, lse,
-                         softmax_scale, window_left, window_right, softcap, max_seqlen_q, max_seqlen_k,
+    return FwdVarlenImpl(stream, q, k, v, cu_seqlens_q, cu_seqlens_k, rest, out, lse, ws, softmax_scale, window_left, window_right, softcap, max_seqlen_q, max_seqlen_k,
                          has_seqused_k, has_sinks);
   });
 }
@@ -199,11 +199,12 @@ std::string check_i32(ffi::AnyBuffer const& x, const char* name, std::initialize
 // flags say, k_new and v_new (b, seqlen_new, hk, d), leftpad int32 (b,), batch_idx int32 (b,) (contiguous only),
 // page_table int32 (b, max_pages_per_seq), sinks float32 (hq,). Outputs out (b, lq, hq, d), lse float32 (b, hq, lq).
 // Index values are the kernel's to clamp (attn_params.h KVCacheSeqs). num_splits: split-KV parts (0: automatic,
-// fwd_kvcache_num_splits), their fp32 buffers from XLA's scratch allocator, combined in the same call.
-ffi::Error FwdKvcacheImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer q, ffi::AnyBuffer kc,
-                          ffi::AnyBuffer vc, ffi::AnyBuffer cache_seqlens, ffi::RemainingArgs rest,
-                          ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::Buffer<ffi::F32>> lse,
-                          float softmax_scale, int32_t window_left, int32_t window_right, float softcap,
+// fwd_kvcache_num_splits on this device's SMs; the Python backend passes the count it resolved with
+// fwd_kvcache_splits, which the rule returns unchanged), their fp32 buffers in the workspace result after the tile
+// counter, combined in the same call.
+ffi::Error FwdKvcacheImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer kc, ffi::AnyBuffer vc,
+                          ffi::AnyBuffer cache_seqlens, ffi::RemainingArgs rest, ffi::Result<ffi::AnyBuffer> out,
+                          ffi::Result<ffi::Buffer<ffi::F32>> lse, ffi::Result<ffi::AnyBuffer> ws, float softmax_scale, int32_t window_left, int32_t window_right, float softcap,
                           int32_t has_new, int32_t has_leftpad, int32_t has_batch_idx, int32_t has_page_table,
                           int32_t has_sinks, int32_t num_splits) {
   const char* target = "fa3jax_cuda_fwd_kvcache";
@@ -312,26 +313,25 @@ ffi::Error FwdKvcacheImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ff
   }
   // 0: automatic; any other count is capped at the key blocks a row can have (fwd_kvcache_num_splits).
   if (num_splits < 0) return bad("num_splits must be >= 0 (0: automatic); got " + std::to_string(num_splits));
-  int device = 0, sms = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  if (err != cudaSuccess)
-    return ffi::Error(ffi::ErrorCode::kInternal, std::string(target) + ": cudaDeviceGetAttribute: " +
-                                                     cudaGetErrorString(err));
+  int sms = 0;  // read only by the automatic rule
+  if (num_splits == 0)
+    if (cudaError_t const err = fa3jax_ffi::current_num_sms(&sms); err != cudaSuccess)
+      return ffi::Error(ffi::ErrorCode::kInternal, std::string(target) + ": cudaDeviceGetAttribute: " +
+                                                       cudaGetErrorString(err));
   int const splits = fa3jax::fwd_kvcache_num_splits(p, num_splits, sms);
   if (const char* msg = fa3jax::fwd_check(p)) return bad(msg);  // unsplit: everything but the split buffers
   p.splits.num_splits = splits;  // <= kMaxSplits; Launch lays out its buffers (run_fwd checks them again)
-  return Launch(target, stream, scratch, p);
+  return Launch(target, stream, *ws, p);
 }
 
-ffi::Error FwdKvcache(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer q, ffi::AnyBuffer kc,
-                      ffi::AnyBuffer vc, ffi::AnyBuffer cache_seqlens, ffi::RemainingArgs rest,
-                      ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::Buffer<ffi::F32>> lse, float softmax_scale,
+ffi::Error FwdKvcache(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer kc, ffi::AnyBuffer vc,
+                      ffi::AnyBuffer cache_seqlens, ffi::RemainingArgs rest, ffi::Result<ffi::AnyBuffer> out,
+                      ffi::Result<ffi::Buffer<ffi::F32>> lse, ffi::Result<ffi::AnyBuffer> ws, float softmax_scale,
                       int32_t window_left, int32_t window_right, float softcap, int32_t has_new, int32_t has_leftpad,
                       int32_t has_batch_idx, int32_t has_page_table, int32_t has_sinks,
                       int32_t num_splits) noexcept {
   return fa3jax_ffi::no_throw([&] {
-    return FwdKvcacheImpl(stream, std::move(scratch), q, kc, vc, cache_seqlens, rest, out, lse, softmax_scale,
+    return FwdKvcacheImpl(stream, q, kc, vc, cache_seqlens, rest, out, lse, ws, softmax_scale,
                           window_left, window_right, softcap, has_new, has_leftpad, has_batch_idx, has_page_table,
                           has_sinks, num_splits);
   });
@@ -342,20 +342,21 @@ ffi::Error FwdKvcache(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::A
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Fa3jaxCudaFwd, Fwd,
                               fa3jax_ffi::bind_mask_attrs(fa3jax_ffi::bind_dense_inputs(ffi::Ffi::Bind())
                                                               .Ret<ffi::AnyBuffer>()           // out
-                                                              .Ret<ffi::Buffer<ffi::F32>>())  // lse
+                                                              .Ret<ffi::Buffer<ffi::F32>>()   // lse
+                                                              .Ret<ffi::AnyBuffer>())          // workspace
                                   .Attr<int32_t>("kernel_variant"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Fa3jaxCudaFwdSinks, FwdSinks,
                               fa3jax_ffi::bind_mask_attrs(fa3jax_ffi::bind_dense_inputs(ffi::Ffi::Bind())
                                                               .Arg<ffi::AnyBuffer>()           // sinks (hq,) f32
                                                               .Ret<ffi::AnyBuffer>()           // out
-                                                              .Ret<ffi::Buffer<ffi::F32>>())  // lse
+                                                              .Ret<ffi::Buffer<ffi::F32>>()   // lse
+                                                              .Ret<ffi::AnyBuffer>())          // workspace
                                   .Attr<int32_t>("kernel_variant"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Fa3jaxCudaFwdVarlen, FwdVarlen,
                               fa3jax_ffi::bind_mask_attrs(ffi::Ffi::Bind()
                                                               .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                                              .Ctx<ffi::ScratchAllocator>()
                                                               .Arg<ffi::AnyBuffer>()   // q
                                                               .Arg<ffi::AnyBuffer>()   // k
                                                               .Arg<ffi::AnyBuffer>()   // v
@@ -363,7 +364,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Fa3jaxCudaFwdVarlen, FwdVarlen,
                                                               .Arg<ffi::AnyBuffer>()   // cu_seqlens_k
                                                               .RemainingArgs()         // [seqused_k] [sinks]
                                                               .Ret<ffi::AnyBuffer>()   // out
-                                                              .Ret<ffi::Buffer<ffi::F32>>())  // lse
+                                                              .Ret<ffi::Buffer<ffi::F32>>()  // lse
+                                                              .Ret<ffi::AnyBuffer>())  // workspace
                                   .Attr<int32_t>("max_seqlen_q")
                                   .Attr<int32_t>("max_seqlen_k")
                                   .Attr<int32_t>("has_seqused_k")
@@ -372,17 +374,56 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Fa3jaxCudaFwdVarlen, FwdVarlen,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Fa3jaxCudaFwdKvcache, FwdKvcache,
                               fa3jax_ffi::bind_mask_attrs(ffi::Ffi::Bind()
                                                               .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                                              .Ctx<ffi::ScratchAllocator>()
                                                               .Arg<ffi::AnyBuffer>()   // q
                                                               .Arg<ffi::AnyBuffer>()   // k_cache
                                                               .Arg<ffi::AnyBuffer>()   // v_cache
                                                               .Arg<ffi::AnyBuffer>()   // cache_seqlens
                                                               .RemainingArgs()         // see FwdKvcacheImpl
                                                               .Ret<ffi::AnyBuffer>()   // out
-                                                              .Ret<ffi::Buffer<ffi::F32>>())  // lse
+                                                              .Ret<ffi::Buffer<ffi::F32>>()  // lse
+                                                              .Ret<ffi::AnyBuffer>())  // workspace
                                   .Attr<int32_t>("has_new")
                                   .Attr<int32_t>("has_leftpad")
                                   .Attr<int32_t>("has_batch_idx")
                                   .Attr<int32_t>("has_page_table")
                                   .Attr<int32_t>("has_sinks")
                                   .Attr<int32_t>("num_splits"));
+
+namespace fa3jax_ffi {
+
+cudaError_t current_num_sms(int* sms) {
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(sms, cudaDevAttrMultiProcessorCount, device);
+  return err;
+}
+
+size_t fwd_workspace_size() { return layout_bytes(fa3jax::FwdParams{}); }
+
+KvcacheWorkspace fwd_kvcache_workspace(int dtype, int64_t batch, int64_t seqlen_q, int64_t heads_q, int64_t heads_k,
+                                       int64_t head_dim, int64_t capacity, int64_t seqlen_new, int requested,
+                                       int num_sms) {
+  KvcacheWorkspace w{1, layout_bytes(fa3jax::FwdParams{}), cudaSuccess};
+  // The fields of FwdParams that the split rule and the layout read, as FwdKvcacheImpl sets them from its buffers;
+  // calls the handler refuses (its dimension and num_splits checks) need no more than the counter.
+  fa3jax::FwdParams p;
+  fa3jax::AttnCore& c = p.core;
+  if (!set_dims(batch, seqlen_q, capacity, heads_q, heads_k, head_dim, head_dim, c) || seqlen_new < 0 ||
+      seqlen_new >= (int64_t(1) << 31) || (dtype != 0 && dtype != 1) || requested < 0)
+    return w;
+  c.dtype = static_cast<fa3jax::DType>(dtype);
+  static char const kNotRead = 0;  // AppendKV::enabled() asks for a pointer; no size rule dereferences it
+  if (seqlen_new > 0) {
+    c.append.k_new = c.append.v_new = &kNotRead;
+    c.append.seqlen_new = int(seqlen_new);
+  }
+  if (requested == 0 && num_sms < 0) {
+    w.error = current_num_sms(&num_sms);
+    if (w.error != cudaSuccess) return w;
+  }
+  w.num_splits = p.splits.num_splits = fa3jax::fwd_kvcache_num_splits(p, requested, num_sms);
+  w.bytes = layout_bytes(p);
+  return w;
+}
+
+}  // namespace fa3jax_ffi

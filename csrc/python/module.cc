@@ -1,6 +1,9 @@
-// Thin nanobind module: exposes the FFI handlers as PyCapsules and describes the build. No kernel code here.
+// Thin nanobind module: exposes the FFI handlers as PyCapsules, the sizes of their workspace results, and describes
+// the build. No kernel code here.
 #include <algorithm>
+#include <cstdint>
 #include <cstdlib>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -34,6 +37,13 @@ static nb::list instance_list(std::string const& s, nb::list* mla = nullptr) {
   return pairs;
 }
 
+// build_info's dtype names as the FFI size functions take them (fa3jax::DType).
+static int dtype_code(std::string const& dt) {
+  if (dt == "bf16") return int(fa3jax::DType::kBF16);
+  if (dt == "fp16") return int(fa3jax::DType::kFP16);
+  throw std::invalid_argument("dtype must be 'bf16' or 'fp16'; got '" + dt + "'");
+}
+
 NB_MODULE(_fa3jax_cuda, m) {
   m.def("handlers", []() {
     nb::dict d;
@@ -45,6 +55,33 @@ NB_MODULE(_fa3jax_cuda, m) {
     d["bwd_varlen"] = nb::capsule(reinterpret_cast<void*>(&Fa3jaxCudaBwdVarlen));
     return d;
   });
+  // Bytes of each target's workspace result (its last: a 1-D uint8 buffer), from the call's scalars, by the functions
+  // the handlers check it with (ffi_handlers.h).
+  m.def("fwd_workspace_bytes", []() { return fa3jax_ffi::fwd_workspace_size(); });
+  // (num_splits, bytes): the split count to pass as the KV-cache call's num_splits attribute and its workspace size.
+  m.def(
+      "kvcache_workspace",
+      [](std::string const& dtype, int64_t batch, int64_t seqlen_q, int64_t heads_q, int64_t heads_k, int64_t head_dim,
+         int64_t capacity, int64_t seqlen_new, int requested, int num_sms) {
+        fa3jax_ffi::KvcacheWorkspace const w = fa3jax_ffi::fwd_kvcache_workspace(
+            dtype_code(dtype), batch, seqlen_q, heads_q, heads_k, head_dim, capacity, seqlen_new, requested, num_sms);
+        if (w.error != cudaSuccess)
+          throw std::runtime_error(std::string("fa3jax_cuda: reading the SM count: ") + cudaGetErrorString(w.error));
+        return nb::make_tuple(w.num_splits, w.bytes);
+      },
+      nb::arg("dtype"), nb::arg("batch"), nb::arg("seqlen_q"), nb::arg("heads_q"), nb::arg("heads_k"),
+      nb::arg("head_dim"), nb::arg("capacity"), nb::arg("seqlen_new"), nb::arg("requested"), nb::arg("num_sms") = -1);
+  m.def(
+      "bwd_workspace_bytes",
+      [](std::string const& dtype, int64_t batch, int64_t seqlen_q, int64_t heads_q, int64_t head_dim,
+         int64_t head_dim_v, int32_t window_left, int32_t window_right, float softcap, bool deterministic,
+         bool varlen) {
+        return fa3jax_ffi::bwd_workspace_size(dtype_code(dtype), batch, seqlen_q, heads_q, head_dim, head_dim_v,
+                                              window_left, window_right, softcap, deterministic, varlen);
+      },
+      nb::arg("dtype"), nb::arg("batch"), nb::arg("seqlen_q"), nb::arg("heads_q"), nb::arg("head_dim"),
+      nb::arg("head_dim_v"), nb::arg("window_left"), nb::arg("window_right"), nb::arg("softcap"),
+      nb::arg("deterministic"), nb::arg("varlen"));
   m.def("build_info", []() {
     nb::list mla;
     nb::list fwd_pairs = instance_list(fa3jax::fwd_compiled_list(), &mla);
@@ -109,6 +146,9 @@ NB_MODULE(_fa3jax_cuda, m) {
     // ... serving every page size >= 1 (fa3jax::fwd_kvcache_load: page boxes or the row gather where key blocks span
     // pages).
     features.append("kvcache_any_page");
+    // Every target's workspace is its last result (a uint8 buffer sized by fwd_workspace_bytes, kvcache_workspace,
+    // bwd_workspace_bytes), not XLA scratch; the KV-cache call takes the split count kvcache_workspace resolved.
+    features.append("workspace_result");
     d["features"] = features;
     d["cuda_runtime_version"] = int(CUDART_VERSION);
     return d;

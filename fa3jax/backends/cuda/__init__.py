@@ -13,6 +13,9 @@ batch_idx, GQA,
 masks, softcap, sinks; head dims that are multiples of 8, by the same kernel choice), with split-KV (``num_splits``;
 0 = the C++ rule fwd_kvcache_num_splits) combined by LSE in the same FFI call, and the query heads of one kv head
 packed into one tile for decode; ``auto`` still tries triton first for them (fa3jax.registry: not measured yet).
+Every FFI call gets its device workspace (tile counter, split-KV parts, the backward's fp32 dQ accumulator) as one
+more result, a uint8 buffer that XLA allocates and this module drops (_ffi_call), sized at trace time by the
+extension's own functions: no XLA scratch, which a CUDA graph that XLA captures around the call would outlive.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import threading
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ... import tuning
 from ...spec import AttentionSpec
@@ -279,12 +283,10 @@ class CudaBackend(Backend):
             jax.ShapeDtypeStruct((b, hq, sq), jnp.float32),
         )
         attrs = targets.fwd_attributes(spec, tuning.current())
+        nbytes = _fwd_workspace_bytes()
         if spec.has_sinks:
-            call = jax.ffi.ffi_call(targets.FWD_SINKS_TARGET, out_types, vmap_method="sequential")
-            return tuple(call(q, k, v, _sinks(args), **attrs))
-        call = jax.ffi.ffi_call(targets.FWD_TARGET, out_types, vmap_method="sequential")
-        out, lse = call(q, k, v, **attrs)
-        return out, lse
+            return _ffi_call(targets.FWD_SINKS_TARGET, out_types, nbytes, (q, k, v, _sinks(args)), attrs)
+        return _ffi_call(targets.FWD_TARGET, out_types, nbytes, (q, k, v), attrs)
 
     def _varlen_forward(self, spec: AttentionSpec, q, k, v, args):
         """Packed q (total_q, hq, d), k (total_k, hk, d), v (total_k, hk, d_v) -> out (total_q, hq, d_v), lse (hq,
@@ -298,8 +300,8 @@ class CudaBackend(Backend):
             operands.append(args.seqused_k)
         if spec.has_sinks:
             operands.append(_sinks(args))
-        call = jax.ffi.ffi_call(targets.FWD_VARLEN_TARGET, out_types, vmap_method="sequential")
-        return tuple(call(*operands, **targets.varlen_fwd_attributes(spec)))
+        return _ffi_call(targets.FWD_VARLEN_TARGET, out_types, _fwd_workspace_bytes(), operands,
+                         targets.varlen_fwd_attributes(spec))
 
     def kvcache_forward(self, spec: AttentionSpec, q, k_cache, v_cache, args):
         """q (b, lq, hq, d) with rotary applied, the caches as the caller passed them (contiguous (slots, capacity,
@@ -328,8 +330,21 @@ class CudaBackend(Backend):
         if spec.has_sinks:
             operands.append(_sinks(args))
         splits = targets.FEATURE_KVCACHE_SPLITS in build_info().get("features", ())
-        call = jax.ffi.ffi_call(targets.FWD_KVCACHE_TARGET, out_types, vmap_method="sequential")
-        return tuple(call(*operands, **targets.kvcache_fwd_attributes(spec, splits=splits)))
+        attrs = targets.kvcache_fwd_attributes(spec, splits=splits)
+        nbytes = None
+        if _has_workspace_result():
+            # The split count resolved here (0 = automatic: the C++ rule on the current device's SMs) sizes the
+            # workspace and goes to the handler, which keeps it (fwd_kvcache_num_splits returns a resolved count
+            # unchanged), so the two agree on the layout whatever device runs the call.
+            slot_rows = k_cache.shape[1]
+            n_splits, nbytes = ext.kvcache_workspace(
+                dtype=_DTYPE_NAMES[jnp.dtype(q.dtype).name], batch=b, seqlen_q=lq, heads_q=hq,
+                heads_k=k_cache.shape[2], head_dim=d,
+                capacity=args.page_table.shape[1] * slot_rows if kv.paged else slot_rows,
+                seqlen_new=args.k_new.shape[1] if kv.seqlen_new else 0,
+                requested=int(attrs[targets.ATTR_NUM_SPLITS]))
+            attrs[targets.ATTR_NUM_SPLITS] = np.int32(n_splits)
+        return _ffi_call(targets.FWD_KVCACHE_TARGET, out_types, nbytes, operands, attrs)
 
     def backward(self, spec: AttentionSpec, q, k, v, out, lse, dout, dlse, args):
         self.check_backward(spec)
@@ -348,15 +363,49 @@ class CudaBackend(Backend):
                      jax.ShapeDtypeStruct(v.shape, v.dtype))
         operands = [q, k, v, out.astype(q.dtype), lse.astype(jnp.float32), dout.astype(q.dtype),
                     dlse.astype(jnp.float32)]
-        if spec.mode == "varlen":  # packed rows, lse (hq, total_q); index arrays sanitized by validation
+        varlen = spec.mode == "varlen"
+        if varlen:  # packed rows, lse (hq, total_q); index arrays sanitized by validation
             operands += [args.cu_seqlens_q, args.cu_seqlens_k]
             if spec.varlen.has_seqused_k:
                 operands.append(args.seqused_k)
-            call = jax.ffi.ffi_call(targets.BWD_VARLEN_TARGET, out_types, vmap_method="sequential")
-            return tuple(call(*operands, **targets.varlen_bwd_attributes(spec)))
-        call = jax.ffi.ffi_call(targets.BWD_TARGET, out_types, vmap_method="sequential")
-        dq, dk, dv = call(*operands, **targets.bwd_attributes(spec))
-        return dq, dk, dv
+            target, attrs = targets.BWD_VARLEN_TARGET, targets.varlen_bwd_attributes(spec)
+            batch, rows = args.cu_seqlens_q.shape[0] - 1, q.shape[0]  # sequences, total_q (as the handler reads)
+        else:
+            target, attrs = targets.BWD_TARGET, targets.bwd_attributes(spec)
+            batch, rows = q.shape[0], q.shape[1]
+        nbytes = None
+        if _has_workspace_result():
+            ext, _ = _load_extension()
+            nbytes = ext.bwd_workspace_bytes(
+                dtype=_DTYPE_NAMES[jnp.dtype(q.dtype).name], batch=batch, seqlen_q=rows, heads_q=q.shape[-2],
+                head_dim=q.shape[-1], head_dim_v=v.shape[-1],
+                window_left=int(attrs[targets.ATTR_WINDOW_LEFT]), window_right=int(attrs[targets.ATTR_WINDOW_RIGHT]),
+                softcap=float(attrs[targets.ATTR_SOFTCAP]), deterministic=bool(attrs[targets.ATTR_DETERMINISTIC]),
+                varlen=varlen)
+        return _ffi_call(target, out_types, nbytes, operands, attrs)
+
+
+def _has_workspace_result() -> bool:
+    """Whether the extension's targets take their workspace as a last result (older builds use XLA scratch)."""
+    return targets.FEATURE_WORKSPACE_RESULT in build_info().get("features", ())
+
+
+def _fwd_workspace_bytes():
+    """The dense and varlen forwards' workspace size (the tile counter), or None for an older extension."""
+    if not _has_workspace_result():
+        return None
+    ext, _ = _load_extension()
+    return ext.fwd_workspace_bytes()
+
+
+def _ffi_call(target: str, out_types, nbytes, operands, attrs: dict) -> tuple:
+    """``target``'s outputs of ``out_types``. ``nbytes``: the size of the workspace result the handler takes last (a
+    1-D uint8 buffer; XLA reuses its memory after the call like any temporary), dropped here; None: an extension
+    built before it, no such result."""
+    if nbytes is not None:
+        out_types = (*out_types, jax.ShapeDtypeStruct((int(nbytes),), jnp.uint8))
+    outs = tuple(jax.ffi.ffi_call(target, out_types, vmap_method="sequential")(*operands, **attrs))
+    return outs[:-1] if nbytes is not None else outs
 
 
 def _kernel_head_dim(spec: AttentionSpec) -> int:

@@ -41,6 +41,10 @@ FEATURE_KVCACHE_SPLITS = "kvcache_splits"
 # ... and of one whose KV-cache kernel serves every page size (key blocks spanning pages: TMA boxes inside pages for
 # multiples of 8 rows, the producer's row gather otherwise); older ones need multiples of the key block.
 FEATURE_KVCACHE_ANY_PAGE = "kvcache_any_page"
+# ... and of one whose targets all take their device workspace as a last result (1-D uint8, sized by the extension's
+# fwd_workspace_bytes / kvcache_workspace / bwd_workspace_bytes) instead of XLA scratch, so that XLA may capture them
+# in CUDA graphs; its KV-cache target gets the split count kvcache_workspace resolved as ATTR_NUM_SPLITS.
+FEATURE_WORKSPACE_RESULT = "workspace_result"
 
 # Attributes, with their FFI types: all targets take the first four, then the forward kernel_variant and the
 # backward deterministic.
@@ -61,7 +65,8 @@ ATTR_HAS_LEFTPAD = "has_leftpad"
 ATTR_HAS_BATCH_IDX = "has_batch_idx"  # contiguous caches only
 ATTR_HAS_PAGE_TABLE = "has_page_table"
 # i32 >= 0: split-KV parts (0 = automatic; the C++ fwd_kvcache_num_splits chooses, and caps any count at the key
-# blocks a row can have). Only with FEATURE_KVCACHE_SPLITS.
+# blocks a row can have). Only with FEATURE_KVCACHE_SPLITS; with FEATURE_WORKSPACE_RESULT the backend replaces the
+# caller's count by the one the extension's kvcache_workspace resolved (the handler keeps it).
 ATTR_NUM_SPLITS = "num_splits"
 _MAX_I32 = 2**31 - 1
 
