@@ -6,13 +6,16 @@
   ``fa3jax_cuda_fwd``, cuDNN's ``__cudnn$fmha*``) carry no compatibility guarantee, so the export names each one
   in ``disabled_checks`` (``jax.export.DisabledSafetyCheck.custom_call``): such an artifact is only valid with the
   same jaxlib and kernels, which is what these tests check (a round trip in one environment).
-* Command buffers: the forward runs in a fresh process with ``--xla_gpu_enable_command_buffer=+CUSTOM_CALL``
-  (add custom calls to XLA's default command types; ``--xla_gpu_graph_min_graph_size=1`` so that a short
-  program is captured too) and in one with command buffers off (``--xla_gpu_enable_command_buffer=``); the
-  results must be bitwise equal, and the after-optimizations HLO
-  says whether our custom call was moved into a ``command_buffer`` computation. XLA captures an FFI handler only
-  when it declares ``xla::ffi::Traits::kCmdBufferCompatible``, and a legacy custom call (jax-triton's) only when
-  named in ``--legacy_command_buffer_custom_call_targets``.
+* Command buffers: a forward and backward step, a forward alone and a paged KV-cache call with split-KV run in a
+  fresh process with ``--xla_gpu_enable_command_buffer=+CUSTOM_CALL`` (add custom calls to XLA's default command
+  types; ``--xla_gpu_graph_min_graph_size=1`` so that a short program is captured too) and in one with command
+  buffers off (``--xla_gpu_enable_command_buffer=``); each is replayed several times with other buffers allocated
+  and filled in between (a graph that kept a freed workspace address would write into them, or read garbage: both
+  are checked), the results must be bitwise equal across replays and processes, and the after-optimizations HLO
+  says whether our custom calls were moved into ``command_buffer`` computations. XLA captures an FFI handler only
+  when it declares ``xla::ffi::Traits::kCmdBufferCompatible`` (ours do: their workspaces are result buffers, see
+  tests/test_ffi_sources.py), and a legacy custom call (jax-triton's) only when named in
+  ``--legacy_command_buffer_custom_call_targets``.
 """
 import functools
 import json
@@ -31,10 +34,15 @@ import pytest
 import fa3jax
 from fa3jax import registry
 
+from .test_ffi_sources import scan_ffi_sources
+
 pytest.importorskip("flatbuffers", reason="jax.export serialization needs flatbuffers (pip install '.[test]')")
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 _OWN_TARGETS = {"triton": "triton_kernel_call", "cuda": "fa3jax_cuda_fwd", "cudnn": "__cudnn$fmhaSoftmax"}
+# The custom calls of the command-buffer child that move into graphs together (all or none), and their handlers.
+_CAPTURE_TARGETS = {"cuda": ("fa3jax_cuda_fwd", "fa3jax_cuda_bwd", "fa3jax_cuda_fwd_kvcache")}
+_CAPTURE_HANDLERS = ("Fa3jaxCudaFwd", "Fa3jaxCudaBwd", "Fa3jaxCudaFwdKvcache")
 
 
 def _step(backend, causal=True, deterministic=False):
@@ -130,13 +138,59 @@ _CHILD = textwrap.dedent("""
     q = jax.random.normal(kq, (2, 512, 8, 128), jnp.bfloat16)
     k = jax.random.normal(kk, (2, 512, 4, 128), jnp.bfloat16)
     v = jax.random.normal(kv, (2, 512, 4, 128), jnp.bfloat16)
-    f = jax.jit(lambda q, k, v: fa3jax.flash_mha(q, k, v, is_causal=True, return_softmax_lse=True,
-                                                 backend=backend))
-    outs = [f(q, k, v) for _ in range(3)]  # replays: a captured graph runs again with the same buffers
-    out, lse = outs[-1]
-    for o, l in outs[:-1]:
-        assert np.array_equal(np.asarray(o.astype(jnp.float32)), np.asarray(out.astype(jnp.float32)))
-    np.savez(out_path, out=np.asarray(out.astype(jnp.float32)), lse=np.asarray(lse))
+    do = jax.random.normal(jax.random.key(1), q.shape, jnp.bfloat16)
+
+    @jax.jit
+    def step(q, k, v):  # forward and backward (deterministic: bitwise comparable), the LSE cotangent included
+        f = lambda q, k, v: fa3jax.flash_mha(q, k, v, is_causal=True, return_softmax_lse=True, deterministic=True,
+                                             backend=backend)
+        (out, lse), pull = jax.vjp(f, q, k, v)
+        return (out, lse, *pull((do, 0.5 * jnp.tanh(lse))))
+
+    # A causal forward alone (the persistent kernel's tile counter in its workspace).
+    fwd = jax.jit(lambda q, k, v: fa3jax.flash_mha(q, k, v, is_causal=True, return_softmax_lse=True,
+                                                   backend=backend))
+
+    # Paged KV-cache decode with appended keys, GQA and 3 splits (their fp32 parts in the workspace): 4 sequences of
+    # 8 pages of 64 rows (512 keys: 4 key blocks or more, so 3 splits stay 3) from a shuffled pool.
+    kc, vc, kn, vn, kd = jax.random.split(jax.random.key(2), 5)
+    k_cache = jax.random.normal(kc, (35, 64, 2, 128), jnp.bfloat16)
+    v_cache = jax.random.normal(vc, (35, 64, 2, 128), jnp.bfloat16)
+    k_new = jax.random.normal(kn, (4, 1, 2, 128), jnp.bfloat16)
+    v_new = jax.random.normal(vn, (4, 1, 2, 128), jnp.bfloat16)
+    q_dec = jax.random.normal(kd, (4, 1, 8, 128), jnp.bfloat16)
+    pages = jnp.asarray(np.random.default_rng(3).permutation(35)[:32].reshape(4, 8), jnp.int32)
+    lens = jnp.asarray([500, 37, 256, 130], jnp.int32)
+    kvcache = jax.jit(lambda q, kc, vc, kn, vn, n, pt: fa3jax.flash_mha_with_kvcache(
+        q, kc, vc, kn, vn, cache_seqlens=n, page_table=pt, is_causal=True, num_splits=3, return_softmax_lse=True,
+        backend=backend))
+
+    # Other buffers between replays: allocated, filled and kept alive, so that a graph that kept a freed workspace
+    # address would now write into one of them (checked at the end) or read their values.
+    fill = jax.jit(lambda x, c: jnp.full((1 << 22,), c, jnp.float32) + x)
+    junk = []
+
+    def churn(i):
+        for j in range(3):
+            junk.append((float(10 * i + j), fill(jnp.float32(0), jnp.float32(10 * i + j))))
+        junk[-1][1].block_until_ready()
+
+    calls = {"step": (step, (q, k, v), ("out", "lse", "dq", "dk", "dv")),
+             "fwd": (fwd, (q, k, v), ("fwd_out", "fwd_lse")),
+             "kvcache": (kvcache, (q_dec, k_cache, v_cache, k_new, v_new, lens, pages), ("kv_out", "kv_lse"))}
+    result = {}
+    for label, (fn, args, names) in calls.items():
+        runs = []
+        for i in range(4):  # the first run records a captured graph, the others replay it
+            runs.append([np.asarray(jnp.asarray(x).astype(jnp.float32)) for x in fn(*args)])
+            churn(len(junk))
+        for run in runs[:-1]:
+            for name, a, b in zip(names, run, runs[-1]):
+                assert np.array_equal(a, b), f"{name} differs between replays"
+        result.update(zip(names, runs[-1]))
+    for value, x in junk:
+        assert np.all(np.asarray(x) == value), f"a buffer filled with {value} was overwritten"
+    np.savez(out_path, **result)
 """)
 
 
@@ -154,8 +208,8 @@ def _computations(hlo: str) -> dict:
 
 
 def _run_child(backend, tmp, flags) -> tuple[dict, bool]:
-    """Run the forward in a fresh process with ``flags``; (npz arrays, whether the backend's custom call sits in a
-    command_buffer computation of the optimized HLO)."""
+    """Run the child's calls in a fresh process with ``flags``; (npz arrays, whether the backend's custom calls sit
+    in command_buffer computations of the optimized HLO: all of _CAPTURE_TARGETS or none)."""
     dump = tmp / "dump"
     env = dict(os.environ)
     env["XLA_FLAGS"] = " ".join(flags + [f"--xla_dump_to={dump}", "--xla_dump_hlo_as_text"])
@@ -166,22 +220,27 @@ def _run_child(backend, tmp, flags) -> tuple[dict, bool]:
     if proc.returncode and "Unknown flag" in proc.stderr:
         pytest.skip(f"this XLA does not know one of {flags}: {proc.stderr.strip().splitlines()[-1]}")
     assert proc.returncode == 0, f"child failed with XLA_FLAGS={env['XLA_FLAGS']!r}:\n{proc.stderr[-4000:]}"
-    target = _OWN_TARGETS[backend]
-    captured = False
+    want = _CAPTURE_TARGETS.get(backend, (_OWN_TARGETS[backend],))
+    found = set()
     for path in dump.glob("*after_optimizations.txt"):
         for name, body in _computations(path.read_text()).items():
-            if name.startswith("command_buffer") and f'custom_call_target="{target}"' in body:
-                captured = True
+            if name.startswith("command_buffer"):
+                found |= {t for t in want if f'custom_call_target="{t}"' in body}
+    captured = bool(found)
+    assert not captured or found == set(want), f"only {sorted(found)} of {want} were captured"
     with np.load(out) as z:
         return {k: z[k] for k in z.files}, captured
 
 
 def _declares_cmd_buffer_trait() -> bool:
-    """Whether our FFI handlers declare CUDA-graph compatibility (read from the C++ source they are built from)."""
-    sources = list((REPO / "csrc").rglob("*.cc")) if (REPO / "csrc").is_dir() else []
-    if not sources:
-        pytest.skip("csrc/ not found next to the tests: cannot tell what the FFI handlers declare")
-    return any("kCmdBufferCompatible" in p.read_text() for p in sources)
+    """Whether the child's FFI handlers declare CUDA-graph compatibility (read from the C++ sources they are built
+    from; the trait may come through a macro of csrc/ffi)."""
+    if not (REPO / "csrc" / "ffi").is_dir():
+        pytest.skip("csrc/ffi not found next to the tests: cannot tell what the FFI handlers declare")
+    handlers = {s: d for info in scan_ffi_sources().values() for s, d in info["handlers"].items()}
+    declared = {handlers.get(s, False) for s in _CAPTURE_HANDLERS}
+    assert len(declared) == 1, f"{_CAPTURE_HANDLERS} disagree on the trait: {handlers}"
+    return declared.pop()
 
 
 _CMD_BUFFER = ["--xla_gpu_enable_command_buffer=+CUSTOM_CALL", "--xla_gpu_graph_min_graph_size=1"]
@@ -202,7 +261,8 @@ def test_command_buffers_give_the_same_result(backend, extra, expect, tmp_path):
     plain, plain_captured = _run_child(backend, tmp_path / "plain", ["--xla_gpu_enable_command_buffer="])
     graphs, captured = _run_child(backend, tmp_path / "graphs", _CMD_BUFFER + extra)
     assert not plain_captured, "command buffers were off in the baseline run; the dump parsing is off"
-    for key in ("out", "lse"):
+    assert sorted(graphs) == sorted(plain)
+    for key in sorted(plain):
         np.testing.assert_array_equal(graphs[key], plain[key], err_msg=f"{key} differs under command buffers")
     if expect is None:
         return

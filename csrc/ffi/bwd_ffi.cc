@@ -180,7 +180,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Fa3jaxCudaBwdVarlen, BwdVarlen,
                                   .Attr<int32_t>("deterministic")
                                   .Attr<int32_t>("max_seqlen_q")
                                   .Attr<int32_t>("max_seqlen_k")
-                                  .Attr<int32_t>("has_seqused_k"));
+                                  .Attr<int32_t>("has_seqused_k"),
+                              FA3JAX_FFI_TRAITS);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Fa3jaxCudaBwd, Bwd,
                               fa3jax_ffi::bind_mask_attrs(fa3jax_ffi::bind_dense_inputs(ffi::Ffi::Bind())
@@ -192,7 +193,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Fa3jaxCudaBwd, Bwd,
                                                               .Ret<ffi::AnyBuffer>()          // dk
                                                               .Ret<ffi::AnyBuffer>()          // dv
                                                               .Ret<ffi::AnyBuffer>())         // workspace
-                                  .Attr<int32_t>("deterministic"));
+                                  .Attr<int32_t>("deterministic"),
+                              FA3JAX_FFI_TRAITS);
 
 size_t fa3jax_ffi::bwd_workspace_size(int dtype, int64_t batch, int64_t seqlen_q, int64_t heads_q, int64_t head_dim,
                                       int64_t head_dim_v, int32_t window_left, int32_t window_right, float softcap,

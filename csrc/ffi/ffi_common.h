@@ -15,6 +15,16 @@ namespace fa3jax_ffi {
 
 namespace ffi = xla::ffi;
 
+// Every handler declares CUDA-graph compatibility: XLA may trace it into a command buffer (its default command
+// types include custom calls) and replay the graph. That is safe because a handler only enqueues work on XLA's
+// stream (memsets, kernel launches; the host-side checks, cudaFuncSetAttribute and device queries are not stream
+// work), its TMA descriptors are kernel parameters (captured by value, rebuilt when XLA re-traces for new buffer
+// addresses), and all device memory it touches is XLA's buffers: its workspace is its last result, not the
+// scratch allocator's memory, which is freed when the handler returns while a graph would keep its address.
+// (tests/test_export.py checks the capture, replays and bitwise-equal results on the device; tests/
+// test_ffi_sources.py that no handler declares this while taking scratch.)
+#define FA3JAX_FFI_TRAITS {xla::ffi::Traits::kCmdBufferCompatible}
+
 inline std::string dims_str(ffi::Span<const int64_t> d) {
   std::string s = "(";
   for (size_t i = 0; i < d.size(); ++i) s += (i ? ", " : "") + std::to_string(d[i]);

@@ -344,7 +344,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Fa3jaxCudaFwd, Fwd,
                                                               .Ret<ffi::AnyBuffer>()           // out
                                                               .Ret<ffi::Buffer<ffi::F32>>()   // lse
                                                               .Ret<ffi::AnyBuffer>())          // workspace
-                                  .Attr<int32_t>("kernel_variant"));
+                                  .Attr<int32_t>("kernel_variant"),
+                              FA3JAX_FFI_TRAITS);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Fa3jaxCudaFwdSinks, FwdSinks,
                               fa3jax_ffi::bind_mask_attrs(fa3jax_ffi::bind_dense_inputs(ffi::Ffi::Bind())
@@ -352,7 +353,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Fa3jaxCudaFwdSinks, FwdSinks,
                                                               .Ret<ffi::AnyBuffer>()           // out
                                                               .Ret<ffi::Buffer<ffi::F32>>()   // lse
                                                               .Ret<ffi::AnyBuffer>())          // workspace
-                                  .Attr<int32_t>("kernel_variant"));
+                                  .Attr<int32_t>("kernel_variant"),
+                              FA3JAX_FFI_TRAITS);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Fa3jaxCudaFwdVarlen, FwdVarlen,
                               fa3jax_ffi::bind_mask_attrs(ffi::Ffi::Bind()
@@ -369,7 +371,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Fa3jaxCudaFwdVarlen, FwdVarlen,
                                   .Attr<int32_t>("max_seqlen_q")
                                   .Attr<int32_t>("max_seqlen_k")
                                   .Attr<int32_t>("has_seqused_k")
-                                  .Attr<int32_t>("has_sinks"));
+                                  .Attr<int32_t>("has_sinks"),
+                              FA3JAX_FFI_TRAITS);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Fa3jaxCudaFwdKvcache, FwdKvcache,
                               fa3jax_ffi::bind_mask_attrs(ffi::Ffi::Bind()
@@ -387,7 +390,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Fa3jaxCudaFwdKvcache, FwdKvcache,
                                   .Attr<int32_t>("has_batch_idx")
                                   .Attr<int32_t>("has_page_table")
                                   .Attr<int32_t>("has_sinks")
-                                  .Attr<int32_t>("num_splits"));
+                                  .Attr<int32_t>("num_splits"),
+                              FA3JAX_FFI_TRAITS);
 
 namespace fa3jax_ffi {
 
