@@ -308,9 +308,10 @@ class CudaBackend(Backend):
         hk, d) or paged (num_pages, page_size, hk, d)) and the sanitized ``KVCacheArgs``: the kernel attends to each
         row's cache keys [leftpad, cache_seqlens) and then to its new keys where they are (k_new/v_new, not the
         cache: backends/base.py's contract), clamping every index again for its own safety. ``num_splits``
-        (spec.kvcache.num_splits, 0 = automatic) goes to the kernel, which cuts each row's key blocks into that many
-        parts and merges them by LSE (sinks counted once); an extension built before split-KV runs one pass per row
-        (equal results up to rounding)."""
+        (spec.kvcache.num_splits, 0 = automatic) is resolved to a count by the C++ rule at trace time (the count
+        sizes the workspace result) and goes to the kernel, which cuts each row's key blocks into that many parts
+        and merges them by LSE (sinks counted once); an extension built before split-KV runs one pass per row (equal
+        results up to rounding)."""
         self.check_forward(spec)
         ext, _ = _load_extension()
         _register_targets(ext)
