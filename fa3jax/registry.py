@@ -1,10 +1,11 @@
 """Backend registry: which backends exist, which can run here, and which one serves a given spec.
 
 ``auto`` tries cuda (Hopper), then cudnn (jaxlib's cuDNN kernels, NVIDIA sm80+), then triton (NVIDIA sm80+), then
-xla (KV-cache calls: triton before cuda, see AUTO_ORDER_KVCACHE), moving on when a backend is unavailable or raises ``NotImplementedError`` for the spec. The backward is planned
-separately: a backend without a backward for the spec (e.g. cuda at d=256, or cudnn under ``deterministic=True``) is
-paired with the next backend in that order that has one, reusing the forward's LSE; under ``auto`` a cuda forward
-tries cuDNN's backward first (``_backward_candidates``: measured faster than cuda's own today).
+xla (decode-sized KV-cache calls: triton before cuda, see ``kvcache_decode_sized``), moving on when a backend is
+unavailable or raises ``NotImplementedError`` for the spec. The backward is planned separately: a backend without a
+backward for the spec (e.g. cudnn under ``deterministic=True``) is paired with the next backend in that order that
+has one, reusing the forward's LSE; under ``auto`` a cuda forward with fewer than 4k keys tries cuDNN's backward
+first (``_backward_candidates``: measured faster there).
 """
 from __future__ import annotations
 
@@ -112,27 +113,48 @@ def _first(names, check: str, spec: AttentionSpec) -> tuple[Optional[str], list[
     return None, reasons
 
 
-# Under ``auto``, a cuda forward's backward tries cuDNN's first: on the H100 it is faster than cuda's own backward
-# today (benchmarks/RESULTS.md). cuda's serves what cuDNN refuses (softcap, lq != lk causal, other windows), except
-# deterministic=True, where triton's backward goes first (cuda's fixed-order dQ adds are slower than triton's under
-# a causal mask). ``backend="cuda"`` always uses cuda's own.
-def _backward_candidates(fwd: str, requested: str, deterministic: bool = False) -> tuple:
+# Under ``auto``, a cuda forward's backward is cuda's own from 4k keys: at 4k and 16k (d=128, RESULTS.md session 15)
+# it is 5-7% faster than cuDNN's (fwd+bwd time minus forward time, both measured). Below that cuDNN's goes first: at
+# 1k cuDNN's fwd+bwd was 2-6% faster than cuda's. cuda's serves what cuDNN refuses (softcap, lq != lk causal, other
+# windows), except deterministic=True, where triton's backward goes first (cuda's fixed-order dQ adds are slower than
+# triton's under a causal mask).
+CUDA_OWN_BACKWARD_FROM_SEQLEN_K = 4096
+
+
+def _backward_candidates(fwd: str, requested: str, spec: Optional[AttentionSpec] = None) -> tuple:
     """Backends to try for the backward of a ``fwd`` forward, in order: the forward's own, then the later ones."""
     own = (fwd,) + ORDER[ORDER.index(fwd) + 1:]
     if requested != "auto" or fwd != "cuda":
         return own
-    first = ("cudnn", "triton") if deterministic else ("cudnn",)
+    deterministic = spec is not None and spec.deterministic
+    long_keys = spec is not None and spec.seqlen_k >= CUDA_OWN_BACKWARD_FROM_SEQLEN_K
+    if deterministic:
+        first = ("cudnn", "triton")
+    elif long_keys:
+        first = ("cuda",)
+    else:
+        first = ("cudnn",)
     return first + tuple(n for n in own if n not in first)
 
 
-# Under ``auto``, KV-cache calls try triton before cuda: cuda's KV-cache forward has not been measured against
-# triton's decode kernels (split-KV, stream-K) yet; issue 20 asks for a measured per-shape policy first.
-AUTO_ORDER_KVCACHE = ("triton", "cuda", "cudnn", "xla")
+# Under ``auto``, decode-sized KV-cache calls (at most KVCACHE_DECODE_ROWS query rows per kv head, seqlen_q times the
+# GQA group: one query tile of cuda's KV-cache kernel) try triton first: its split-KV / stream-K decode kernels were
+# as fast as or faster than cuda's on all 18 rows of the decode suite (RESULTS.md session 15). Larger calls (chunked
+# prefill) try cuda first: 2.1-2.7x triton's rate there. Between 4 rows (decode) and 2048 (prefill) the boundary is
+# not measured; one tile is where cuda's tiles start to fill.
+KVCACHE_DECODE_ROWS = 64
+AUTO_ORDER_KVCACHE_DECODE = ("triton", "cuda", "cudnn", "xla")
+
+
+def kvcache_decode_sized(spec: AttentionSpec) -> bool:
+    """Whether a KV-cache call has at most KVCACHE_DECODE_ROWS query rows per kv head."""
+    group = max(spec.num_heads_q // max(spec.num_heads_k, 1), 1)
+    return spec.mode == "kvcache" and spec.seqlen_q * group <= KVCACHE_DECODE_ROWS
 
 
 def auto_order(spec: AttentionSpec) -> tuple:
     """The order in which ``auto`` tries the forward backends for ``spec``."""
-    return AUTO_ORDER_KVCACHE if spec.mode == "kvcache" else ORDER
+    return AUTO_ORDER_KVCACHE_DECODE if kvcache_decode_sized(spec) else ORDER
 
 
 def plan(spec: AttentionSpec, requested: str) -> Plan:
@@ -146,16 +168,19 @@ def plan(spec: AttentionSpec, requested: str) -> Plan:
                 _note_fallback(reason)
         if fwd is None:  # xla serves every valid spec, so this is a bug, not a user error
             raise BackendUnavailableError("no backend can serve this call: " + "; ".join(notes))
-        if fwd == "triton" and spec.mode == "kvcache":
-            notes.append("kvcache under auto: triton is tried before cuda (cuda's KV-cache kernel is not measured "
-                         "against it yet)")
+        if spec.mode == "kvcache" and fwd in ("triton", "cuda"):
+            rows = f"{KVCACHE_DECODE_ROWS} query rows (seqlen_q x GQA group) per kv head"
+            notes.append(f"kvcache under auto: triton is tried before cuda for calls of at most {rows} (faster on the "
+                         f"decode suite)" if kvcache_decode_sized(spec) else
+                         f"kvcache under auto: cuda is tried first for calls of more than {rows} (faster on the "
+                         f"chunked-prefill suite)")
     else:
         fwd, notes = _first((requested,), "forward", spec)
         if fwd is None:
             raise BackendUnavailableError(f"backend={requested!r} cannot serve this call: {notes[0]}")
     bwd, bwd_reason = None, ""
     if spec.mode != "kvcache":
-        bwd, reasons = _first(_backward_candidates(fwd, requested, spec.deterministic), "backward", spec)
+        bwd, reasons = _first(_backward_candidates(fwd, requested, spec), "backward", spec)
         bwd_reason = "; ".join(reasons)
         if bwd is not None and bwd != fwd:
             notes.append(f"backward by {bwd} on the {fwd} forward's LSE ({bwd_reason})")

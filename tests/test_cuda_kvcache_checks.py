@@ -288,19 +288,28 @@ class _Fake:
 
 
 @pytest.mark.parametrize("triton_serves, want", [(True, "triton"), (False, "cuda")])
-def test_auto_tries_triton_before_cuda_for_kvcache(monkeypatch, triton_serves, want):
-    """Under auto, KV-cache calls go to triton first (cuda's kernel is not measured against it yet), then cuda;
-    dense calls keep cuda first."""
+def test_auto_tries_triton_before_cuda_for_decode_sized_kvcache(monkeypatch, triton_serves, want):
+    """Under auto, decode-sized KV-cache calls (seqlen_q x group <= 64 rows per kv head) go to triton first, then
+    cuda; larger ones (chunked prefill) and dense calls keep cuda first."""
     fakes = {"cuda": _Fake("cuda", True), "cudnn": _Fake("cudnn", False), "triton": _Fake("triton", triton_serves),
              "xla": _Fake("xla", True)}
     monkeypatch.setattr(registry, "availability", lambda name: (True, ""))
     monkeypatch.setattr(registry, "get", lambda name: fakes[name])
-    plan = registry.plan(_spec(), "auto")
+    decode = _spec(q_shape=(2, 1, 8, 128))  # 1 query x group 4 = 4 rows per kv head
+    plan = registry.plan(decode, "auto")
     assert plan.forward == want
     if want == "triton":
         assert any("triton is tried before cuda" in n for n in plan.notes), plan.notes
-    assert registry.plan(_spec(), "cuda").forward == "cuda"
+    assert registry.plan(decode, "cuda").forward == "cuda"
+    assert registry.auto_order(decode)[:2] == ("triton", "cuda")
+    # the boundary: 16 queries x group 4 = 64 rows is decode-sized, 17 x 4 = 68 is not
+    assert registry.kvcache_decode_sized(_spec(q_shape=(2, 16, 8, 128)))
+    prefill = _spec(q_shape=(2, 17, 8, 128))
+    assert not registry.kvcache_decode_sized(prefill)
+    plan = registry.plan(prefill, "auto")
+    assert plan.forward == "cuda" and any("cuda is tried first" in n for n in plan.notes), plan.notes
+    assert registry.auto_order(prefill)[0] == "cuda"
     dense = validation.validate_dense(S((1, 8, 2, 128), BF), S((1, 8, 2, 128), BF), S((1, 8, 2, 128), BF),
                                       softmax_scale=None, is_causal=False, window_size=(-1, -1), softcap=0.0,
                                       return_softmax_lse=False, deterministic=False)
-    assert registry.auto_order(dense)[0] == "cuda" and registry.auto_order(_spec())[:2] == ("triton", "cuda")
+    assert registry.auto_order(dense)[0] == "cuda" and not registry.kvcache_decode_sized(dense)

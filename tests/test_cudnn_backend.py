@@ -394,13 +394,24 @@ def test_auto_picks_cudnn_after_cuda():
     assert sup.forward != "cudnn" and sup.backward != "cudnn"
 
 
-def test_backward_candidates_prefer_cudnn_after_a_cuda_forward_under_auto():
-    """Under auto, a cuda forward's backward tries cuDNN's first (measured faster than cuda's own today), then cuda's
-    own (what cuDNN refuses: softcap, bottom-right causal with lq != lk, ...), triton's before it under
-    deterministic=True; an explicit backend="cuda" keeps cuda's own first; other forwards keep their own order."""
-    assert registry._backward_candidates("cuda", "auto") == ("cudnn", "cuda", "triton", "xla")
+def _dense_spec(seqlen_k, deterministic=False):
+    return validation.validate_dense(S((1, 256, 2, 128), BF), S((1, seqlen_k, 2, 128), BF),
+                                     S((1, seqlen_k, 2, 128), BF), softmax_scale=None, is_causal=False,
+                                     window_size=(-1, -1), softcap=0.0, return_softmax_lse=False,
+                                     deterministic=deterministic)
+
+
+def test_backward_candidates_after_a_cuda_forward_under_auto():
+    """Under auto, a cuda forward's backward tries cuDNN's first below 4k keys (measured faster there) and cuda's own
+    from 4k keys; cuda's own then serves what cuDNN refuses (softcap, bottom-right causal with lq != lk, ...), with
+    triton's before it under deterministic=True; an explicit backend="cuda" keeps cuda's own first; other forwards
+    keep their own order."""
+    short, long_ = _dense_spec(1024), _dense_spec(registry.CUDA_OWN_BACKWARD_FROM_SEQLEN_K)
+    assert registry._backward_candidates("cuda", "auto", short) == ("cudnn", "cuda", "triton", "xla")
+    assert registry._backward_candidates("cuda", "auto", long_) == ("cuda", "cudnn", "triton", "xla")
     # deterministic: cuda's fixed-order dQ adds are slower than triton's backward under a causal mask
-    assert registry._backward_candidates("cuda", "auto", True) == ("cudnn", "triton", "cuda", "xla")
-    assert registry._backward_candidates("cuda", "cuda") == ("cuda", "cudnn", "triton", "xla")
-    assert registry._backward_candidates("triton", "auto") == ("triton", "xla")
-    assert registry._backward_candidates("xla", "auto") == ("xla",)
+    for n in (1024, 8192):
+        assert registry._backward_candidates("cuda", "auto", _dense_spec(n, True)) == ("cudnn", "triton", "cuda", "xla")
+    assert registry._backward_candidates("cuda", "cuda", short) == ("cuda", "cudnn", "triton", "xla")
+    assert registry._backward_candidates("triton", "auto", long_) == ("triton", "xla")
+    assert registry._backward_candidates("xla", "auto", short) == ("xla",)
