@@ -51,6 +51,23 @@ void set_score_scales(KP& kp, AttnCore const& p) {
   }
 }
 
+// Dynamic unit assignment (SchedulerParams::counter, zeroed here on `stream`) where `wanted` and some CTA takes a
+// second unit: with at most one unit per CTA (grids of min(units, SMs), or all SMs) round robin assigns exactly what
+// the counter would, so such calls (decode, short rows) skip the counter's memset launch.
+inline FwdStatus set_tile_counter(SchedulerParams& sp, void* workspace, bool wanted, cudaStream_t stream) {
+  sp.counter = nullptr;
+  if (!wanted || workspace == nullptr) return {};
+  int device = 0, num_sms = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device);
+  if (err != cudaSuccess) return {err, "cudaDeviceGetAttribute(MultiProcessorCount)"};
+  if (sp.num_units <= num_sms) return {};
+  sp.counter = static_cast<int*>(workspace);
+  err = cudaMemsetAsync(sp.counter, 0, sizeof(int), stream);
+  if (err != cudaSuccess) return {err, "cudaMemsetAsync(tile counter)"};
+  return {};
+}
+
 // Sets the smem attribute and launches the persistent kernel: one CTA per SM (shared memory holds one CTA's tiles),
 // at most one per unit unless all_sms.
 template <class KT>
@@ -156,12 +173,8 @@ FwdStatus launch_fwd(const FwdParams& fp, cudaStream_t stream) {
   // Dynamic assignment only where tiles differ in length (causal-like masks): it costs a shared-memory hand-off
   // per tile, and with equal tiles round robin is already balanced.
   // Varlen too: sequences of unequal lengths give tiles of unequal length.
-  sp.counter = nullptr;
-  if (fp.workspace != nullptr && (p.window_left >= 0 || p.window_right >= 0 || kVarlen)) {
-    sp.counter = static_cast<int*>(fp.workspace);
-    cudaError_t const err = cudaMemsetAsync(sp.counter, 0, sizeof(int), stream);
-    if (err != cudaSuccess) return {err, "cudaMemsetAsync(tile counter)"};
-  }
+  FwdStatus st = set_tile_counter(sp, fp.workspace, p.window_left >= 0 || p.window_right >= 0 || kVarlen, stream);
+  if (!st.ok()) return st;
   // Varlen: on every SM, whatever the unit count, since units past a sequence's end are skipped and every CTA
   // writes a share of the rows outside the sequences.
   return launch_persistent<KT>(kp, kVarlen, stream);
@@ -307,12 +320,8 @@ FwdStatus launch_fwd_kvcache(const FwdParams& fp, cudaStream_t stream) {
   int64_t const group = (int64_t(32) << 20) / (kv_bytes > 0 ? kv_bytes : 1);
   sp.group = int(group < 1 ? 1 : (group > sp.num_hb ? sp.num_hb : group));
   // Rows of different batch entries have different lengths: dynamic assignment balances them.
-  sp.counter = nullptr;
-  if (fp.workspace != nullptr) {
-    sp.counter = static_cast<int*>(fp.workspace);
-    cudaError_t const err = cudaMemsetAsync(sp.counter, 0, sizeof(int), stream);
-    if (err != cudaSuccess) return {err, "cudaMemsetAsync(tile counter)"};
-  }
+  FwdStatus st = set_tile_counter(sp, fp.workspace, true, stream);
+  if (!st.ok()) return st;
   return launch_persistent<KT>(kp, false, stream);
 }
 
