@@ -114,8 +114,8 @@ def _first(names, check: str, spec: AttentionSpec) -> tuple[Optional[str], list[
 
 
 # Under ``auto``, a cuda forward's backward is cuda's own from 4k keys: at 4k and 16k (d=128, RESULTS.md session 15)
-# it is 5-7% faster than cuDNN's (fwd+bwd time minus forward time, both measured). Below that cuDNN's goes first: at
-# 1k cuDNN's fwd+bwd was 2-6% faster than cuda's. cuda's serves what cuDNN refuses (softcap, lq != lk causal, other
+# it is 5-7% faster than cuDNN's (each fwd+bwd time minus its forward time, the forwards from session 14's run).
+# Below that cuDNN's goes first: at 1k cuDNN's fwd+bwd was 2-7% faster than cuda's. cuda's serves what cuDNN refuses (softcap, lq != lk causal, other
 # windows), except deterministic=True, where triton's backward goes first (cuda's fixed-order dQ adds are slower than
 # triton's under a causal mask).
 CUDA_OWN_BACKWARD_FROM_SEQLEN_K = 4096
