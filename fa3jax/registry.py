@@ -119,16 +119,14 @@ def _first(names, check: str, spec: AttentionSpec) -> tuple[Optional[str], list[
 CUDA_OWN_BACKWARD_FROM_SEQLEN_K = 4096
 
 
-def _backward_candidates(fwd: str, requested: str, spec: Optional[AttentionSpec] = None) -> tuple:
+def _backward_candidates(fwd: str, requested: str, spec: AttentionSpec) -> tuple:
     """Backends to try for the backward of a ``fwd`` forward, in order: the forward's own, then the later ones."""
     own = (fwd,) + ORDER[ORDER.index(fwd) + 1:]
     if requested != "auto" or fwd != "cuda":
         return own
-    deterministic = spec is not None and spec.deterministic
-    long_keys = spec is not None and spec.seqlen_k >= CUDA_OWN_BACKWARD_FROM_SEQLEN_K
-    if deterministic:
+    if spec.deterministic:
         first = ("cudnn", "triton")
-    elif long_keys:
+    elif spec.seqlen_k >= CUDA_OWN_BACKWARD_FROM_SEQLEN_K:
         first = ("cuda",)
     else:
         first = ("cudnn",)
