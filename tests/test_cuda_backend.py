@@ -897,7 +897,8 @@ def test_workspace_result_size_is_checked(monkeypatch, kind):
             return (got[0], n + delta) if isinstance(got, tuple) else n + delta
         return size
 
-    def bits():  # a fresh jit each time: the size is read while tracing
+    def bits():  # traced afresh each time (the size is read while tracing; fa3jax's inner jits cache their traces)
+        jax.clear_caches()
         return [np.asarray(x.astype(jnp.float32)) for x in jax.jit(lambda: run())()]
 
     exact = bits()

@@ -27,6 +27,7 @@ import threading
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jaxlib import xla_client
 
 from ... import tuning
 from ...spec import AttentionSpec
@@ -80,9 +81,13 @@ def _register_targets(ext) -> None:
         if _registered:
             return
         handlers = ext.handlers()
+        # XLA reads CUDA-graph compatibility from the registration, not from the handler's own traits: declared only
+        # by builds whose workspace is an XLA result (scratch memory would be freed under a replayed graph).
+        graphs = targets.FEATURE_WORKSPACE_RESULT in dict(ext.build_info()).get("features", ())
+        extra = {"traits": xla_client.CustomCallTargetTraits.COMMAND_BUFFER_COMPATIBLE} if graphs else {}
         for target, key in targets.HANDLERS.items():
             if key in handlers:  # an extension built before a target lacks it; check_forward refuses its calls
-                jax.ffi.register_ffi_target(target, handlers[key], platform="CUDA")
+                jax.ffi.register_ffi_target(target, handlers[key], platform="CUDA", **extra)
         _registered = True
 
 
