@@ -869,7 +869,7 @@ def test_workspace_result_size_is_checked(monkeypatch, kind):
     """Every handler takes its workspace as its last result (a uint8 buffer XLA allocates, sized by the extension's
     own function) and checks it: one byte short is refused with an error naming the target and both sizes (nothing
     runs), a larger buffer gives the same bits as the exact one. The causal forward uses the tile counter, the
-    KV-cache call (paged, num_splits=3) the split parts after it, the deterministic backward the dQ accumulator."""
+    KV-cache call (num_splits=3) the split parts after it, the deterministic backward the dQ accumulator."""
     from fa3jax.backends import cuda as cuda_mod
 
     ext, reason = cuda_mod._load_extension()
@@ -883,11 +883,10 @@ def test_workspace_result_size_is_checked(monkeypatch, kind):
     bf = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.bfloat16)  # noqa: E731
     if kind == "kvcache-split":
         bn = _BUILT_KV[("bf16", 128)]
-        kc, vc, q = bf(9, bn, 2, 128), bf(9, bn, 2, 128), bf(2, 1, 8, 128)
-        pt = jnp.asarray(rng.permutation(9)[:8].reshape(2, 4), jnp.int32)
+        kc, vc, q = bf(2, 4 * bn, 2, 128), bf(2, 4 * bn, 2, 128), bf(2, 1, 8, 128)
         lens = jnp.asarray([3 * bn, bn + 5], jnp.int32)
-        run = lambda: fa3jax.flash_mha_with_kvcache(q, kc, vc, cache_seqlens=lens, page_table=pt,  # noqa: E731
-                                                    num_splits=3, return_softmax_lse=True, backend="cuda")
+        run = lambda: fa3jax.flash_mha_with_kvcache(q, kc, vc, cache_seqlens=lens, num_splits=3,  # noqa: E731
+                                                    return_softmax_lse=True, backend="cuda")
         fn, target = "kvcache_workspace", targets.FWD_KVCACHE_TARGET
     else:
         q, k, v = bf(2, 256, 4, 128), bf(2, 256, 2, 128), bf(2, 256, 2, 128)

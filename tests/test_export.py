@@ -6,7 +6,7 @@
   ``fa3jax_cuda_fwd``, cuDNN's ``__cudnn$fmha*``) carry no compatibility guarantee, so the export names each one
   in ``disabled_checks`` (``jax.export.DisabledSafetyCheck.custom_call``): such an artifact is only valid with the
   same jaxlib and kernels, which is what these tests check (a round trip in one environment).
-* Command buffers: a forward and backward step, a forward alone and a paged KV-cache call with split-KV run in a
+* Command buffers: a forward and backward step, a forward alone and a KV-cache call with split-KV run in a
   fresh process with ``--xla_gpu_enable_command_buffer=+CUSTOM_CALL`` (add custom calls to XLA's default command
   types; ``--xla_gpu_graph_min_graph_size=1`` so that a short program is captured too) and in one with command
   buffers off (``--xla_gpu_enable_command_buffer=``); each is replayed several times with other buffers allocated
@@ -151,19 +151,19 @@ _CHILD = textwrap.dedent("""
     fwd = jax.jit(lambda q, k, v: fa3jax.flash_mha(q, k, v, is_causal=True, return_softmax_lse=True,
                                                    backend=backend))
 
-    # Paged KV-cache decode with appended keys, GQA and 3 splits (their fp32 parts in the workspace): 4 sequences of
-    # 8 pages of 64 rows (512 keys: 4 key blocks or more, so 3 splits stay 3) from a shuffled pool.
+    # KV-cache decode with appended keys, GQA and 3 splits (their fp32 parts in the workspace): 4 sequences in a
+    # contiguous cache of 6 slots, read through cache_batch_idx (paged caches fall back on cuda for now).
     kc, vc, kn, vn, kd = jax.random.split(jax.random.key(2), 5)
-    k_cache = jax.random.normal(kc, (35, 64, 2, 128), jnp.bfloat16)
-    v_cache = jax.random.normal(vc, (35, 64, 2, 128), jnp.bfloat16)
+    k_cache = jax.random.normal(kc, (6, 512, 2, 128), jnp.bfloat16)
+    v_cache = jax.random.normal(vc, (6, 512, 2, 128), jnp.bfloat16)
     k_new = jax.random.normal(kn, (4, 1, 2, 128), jnp.bfloat16)
     v_new = jax.random.normal(vn, (4, 1, 2, 128), jnp.bfloat16)
     q_dec = jax.random.normal(kd, (4, 1, 8, 128), jnp.bfloat16)
-    pages = jnp.asarray(np.random.default_rng(3).permutation(35)[:32].reshape(4, 8), jnp.int32)
+    slots = jnp.asarray([5, 0, 3, 1], jnp.int32)
     lens = jnp.asarray([500, 37, 256, 130], jnp.int32)
-    kvcache = jax.jit(lambda q, kc, vc, kn, vn, n, pt: fa3jax.flash_mha_with_kvcache(
-        q, kc, vc, kn, vn, cache_seqlens=n, page_table=pt, is_causal=True, num_splits=3, return_softmax_lse=True,
-        backend=backend))
+    kvcache = jax.jit(lambda q, kc, vc, kn, vn, n, idx: fa3jax.flash_mha_with_kvcache(
+        q, kc, vc, kn, vn, cache_seqlens=n, cache_batch_idx=idx, is_causal=True, num_splits=3,
+        return_softmax_lse=True, backend=backend))
 
     # Other buffers between replays: allocated, filled and kept alive, so that a graph that kept a freed workspace
     # address would now write into one of them (checked at the end) or read their values.
@@ -177,7 +177,7 @@ _CHILD = textwrap.dedent("""
 
     calls = {"step": (step, (q, k, v), ("out", "lse", "dq", "dk", "dv")),
              "fwd": (fwd, (q, k, v), ("fwd_out", "fwd_lse")),
-             "kvcache": (kvcache, (q_dec, k_cache, v_cache, k_new, v_new, lens, pages), ("kv_out", "kv_lse"))}
+             "kvcache": (kvcache, (q_dec, k_cache, v_cache, k_new, v_new, lens, slots), ("kv_out", "kv_lse"))}
     result = {}
     for label, (fn, args, names) in calls.items():
         runs = []
