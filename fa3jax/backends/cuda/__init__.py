@@ -69,9 +69,7 @@ def build_info() -> dict:
         return {}
 
 
-# Paged caches are refused until the fault is found: on the H100, paged calls (whole-block TMA loads and page boxes)
-# raised CUDA_ERROR_ILLEGAL_ADDRESS now and then at the JAX level (RESULTS.md session 16); the variable serves them
-# anyway, for runs that look for it.
+# Paged caches fall back until the paged kernel's flaky illegal address is found (RESULTS.md); the variable serves them.
 PAGED_KVCACHE_ENV = "FA3JAX_CUDA_PAGED_KVCACHE"
 PAGED_KVCACHE_REFUSAL = (f"cuda: paged KV caches fall back (a flaky CUDA_ERROR_ILLEGAL_ADDRESS of the paged kernel on "
                          f"the H100 is not yet explained; {PAGED_KVCACHE_ENV}=1 serves them anyway)")
