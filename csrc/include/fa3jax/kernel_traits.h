@@ -99,6 +99,11 @@ struct FwdKernelTraits {
     return uint32_t(col / 64) * (kBlockN * 128) + uint32_t(row) * 128 + uint32_t(((col / 8) % 8) ^ (row % 8)) * 16;
   }
 
+  // KV cache: the row extent of the packed-rows views (launch.h encode_rows_view) and the coordinate of their wrap
+  // mode, 2^30: kViewRows x 2^34 = 2^64, so that mode subtracts kViewRows rows from every address without moving the
+  // descriptor's base off the tensor.
+  static constexpr int kViewRows = 1 << 30;
+
   // Global tensors: Q/K as (seq, d, head, batch); V as (d_v, seq, head, batch).
   using GShape = Shape<int32_t, int32_t, int32_t, int32_t>;
   using GStrideQK = Stride<int64_t, _1, int64_t, int64_t>;
@@ -185,12 +190,6 @@ struct FwdKernelTraits {
     int const* cu_seqlens_k;
     int const* seqused_k;     // or nullptr
     int dim_v;  // the call's v/out head dim (<= kHeadDimV, a multiple of 8): out's row width, columns written
-    // kKVCache only (launch.h): tma_k/tma_v then read the caches as packed rows (row, d, head, end) over
-    // cache_rows = cache_slots * slot_rows rows, tma_k_new/tma_v_new the appended keys likewise over batch *
-    // seqlen_new rows; a slot (cache row or page) is a "sequence" ending at row end, so rows past its valid
-    // length are zero-filled by TMA (as varlen's).
-    TmaK tma_k_new;
-    TmaV tma_v_new;
     int const* cache_seqlens;  // (batch,)
     int const* leftpad;        // or nullptr
     int const* batch_idx;      // or nullptr (contiguous only)
@@ -207,12 +206,15 @@ struct FwdKernelTraits {
     int pack = 1;
     void const* q_ptr = nullptr;  // kKVCache with pack > 1: q and its element strides (the packed gather)
     int64_t q_stride_row = 0, q_stride_head = 0, q_stride_batch = 0;
-    // kKVCache, paged: how cache blocks are read (attn_params.h KVLoad, fwd_kvcache_load). kBoxes: tma_page_k/v
-    // view the caches as tma_k/v do, as (d, row, head, end) with boxes of (64, box_rows, 1, 1) (launch.h). kGather:
-    // the caches' base pointers and element strides (row, head).
+    // kKVCache only (launch.h encode_rows_view): tma_cache_k/v read the caches, tma_new_k/v the appended keys, as
+    // packed rows (d, row, head, end, wrap) whose descriptor base is the tensor itself; a slot (cache row or page) of
+    // valid length len ending at row `end` reads view rows kViewRows - len + i, so rows past len are zero-filled.
+    // Boxes of (64, box_rows) for the cache (kBlockN rows but with kv_load kBoxes), (64, kBlockN) for the new keys.
+    // How cache blocks are read (attn_params.h KVLoad, fwd_kvcache_load); kGather: the caches' base pointers and
+    // element strides (row, head).
     KVLoad kv_load = KVLoad::kBlocks;
     int box_rows = 0;
-    cute::TmaDescriptor tma_page_k{}, tma_page_v{};
+    cute::TmaDescriptor tma_cache_k{}, tma_cache_v{}, tma_new_k{}, tma_new_v{};
     void const* k_cache = nullptr;
     void const* v_cache = nullptr;
     int64_t k_stride_row = 0, k_stride_head = 0, v_stride_row = 0, v_stride_head = 0;

@@ -113,30 +113,38 @@ struct FwdMainloop {
     ++st;
   }
 
-  // KV cache: where virtual key block n (mask.h KVBlockMask) comes from, as a packed-rows view (launch.h): rows
-  // [total - len, total) of the view are the source's valid rows, the block starts at its row `row0`, and `end` is
-  // the view's last coordinate (slot start + len). Rows past len fall outside the tensor: TMA zero-fills them.
+  // KV cache: where virtual key block n (mask.h KVBlockMask) comes from, in a packed-rows view (launch.h
+  // encode_rows_view): the source's valid rows are `len` rows ending at view row `end`, and the block starts at their
+  // row `row0`; it reads view rows kViewRows - len + row0 + i, so rows past len are zero-filled.
   struct KVSource {
-    bool is_new;  // the appended keys (tma_*_new), else the cache
-    int total, end, len, row0;
+    bool is_new;  // the appended keys (tma_new_*), else the cache
+    int end, len, row0;
   };
   template <class KVBI>
   CUTE_DEVICE static KVSource kv_source(Params const& params, KVCacheSeq const& kv, KVBI const& bi, int batch,
                                         int n) {
     if (n >= bi.nc) {
-      int const sn = params.seqlen_new, total = params.batch * sn;
-      return {true, total, batch * sn + sn, sn, (n - bi.nc) * KT::kBlockN};
+      int const sn = params.seqlen_new;
+      return {true, batch * sn + sn, sn, (n - bi.nc) * KT::kBlockN};
     }
-    int const rows = params.slot_rows, total = params.cache_slots * rows;
+    int const rows = params.slot_rows;
     int const row = n * KT::kBlockN;
-    if (params.page_table == nullptr) return {false, total, kv.slot * rows + kv.cache_len, kv.cache_len, row};
+    if (params.page_table == nullptr) return {false, kv.slot * rows + kv.cache_len, kv.cache_len, row};
     // Paged, kv_load kBlocks: page_size is a multiple of kBlockN, so the block lies in one page. A page index out of
     // range is never dereferenced: an empty view (every row zero-filled), and the consumers mask the block.
     int const ps = min(row / rows, params.pages_per_seq - 1);
     int const page = params.page_table[int64_t(batch) * params.pages_per_seq + ps];
     bool const ok = page >= 0 && page < params.cache_slots;
     int const valid = ok ? max(0, min(rows, kv.cache_len - ps * rows)) : 0;
-    return {false, total, ok ? page * rows + valid : 0, valid, row - ps * rows};
+    return {false, ok ? page * rows + valid : 0, valid, row - ps * rows};
+  }
+
+  // One 64-column slice (columns c..c+63, box rows from the descriptor) of a packed-rows view into shared memory at
+  // dst: view row coordinate `row` (kViewRows - len + the source row), the slot's end row `end`.
+  CUTE_DEVICE static void copy_view(cute::TmaDescriptor const& desc, uint64_t* bar, void* dst, int c, int row,
+                                    int head_k, int end) {
+    int const wrap = KT::kViewRows;  // a value: copy() takes its coordinates by reference
+    SM90_TMA_LOAD_5D::copy(&desc, bar, uint64_t(TMA::CacheHintSm90::EVICT_NORMAL), dst, c, row, head_k, end, wrap);
   }
 
   // GQA packing (KV cache): the Q tile's row r is packed row R = m_block M + r = query i * pack + head-in-group j,
@@ -208,12 +216,9 @@ struct FwdMainloop {
         pi < params.pages_per_seq ? params.page_table[int64_t(batch) * params.pages_per_seq + pi] : -1;
     bool const ok = page >= 0 && page < params.cache_slots;
     int const valid = ok ? max(0, min(ps, kv.cache_len - pi * ps)) : 0;
-    int const total = params.cache_slots * ps;
-    int const row = total - valid + (pos - pi * ps), end = ok ? page * ps + valid : 0;
+    int const row = KT::kViewRows - valid + (pos - pi * ps), end = ok ? page * ps + valid : 0;
     CUTE_UNROLL
-    for (int c = 0; c < KT::kHeadDim; c += 64)
-      SM90_TMA_LOAD_4D::copy(&desc, bar, uint64_t(TMA::CacheHintSm90::EVICT_NORMAL), dst(lane * g, c), c, row, head_k,
-                             end);
+    for (int c = 0; c < KT::kHeadDim; c += 64) copy_view(desc, bar, dst(lane * g, c), c, row, head_k, end);
   }
 
   // kGather: cache block n's rows copied with 16-byte cp.async into the stage at shared address `stage` (K or V^T,
@@ -286,30 +291,29 @@ struct FwdMainloop {
       }
     }
 
-    auto copy_k = [&](auto const& tma, KVSource const& x, PipelineState s) {
-      Tensor mK = tma.get_tma_tensor(make_shape(x.total, int(KT::kHeadDim), params.num_heads_k, x.total + 1));
-      Tensor gK = local_tile(domain_offset(make_coord(x.total - x.len + x.row0, _0{}), mK(_, _, head_k, x.end)),
-                             Shape<typename KT::BlkN, typename KT::HDim>{}, make_coord(_, _0{}));
-      auto [tKgK, tKsK] = tma_partition(tma, 0, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gK));
-      if (lane0) copy(tma.with(*pipe_k.producer_get_barrier(s)), tKgK(_, 0), tKsK(_, s.index()));
-    };
-    auto copy_v = [&](auto const& tma, KVSource const& x, PipelineState s) {
-      Tensor mVt = tma.get_tma_tensor(make_shape(int(KT::kHeadDimV), x.total, params.num_heads_k, x.total + 1));
-      Tensor gVt = local_tile(domain_offset(make_coord(_0{}, x.total - x.len + x.row0), mVt(_, _, head_k, x.end)),
-                              Shape<typename KT::HDimV, typename KT::BlkN>{}, make_coord(_0{}, _));
-      auto [tVgV, tVsV] = tma_partition(tma, 0, Layout<_1>{}, group_modes<0, 2>(sVt), group_modes<0, 2>(gVt));
-      if (lane0) copy(tma.with(*pipe_v.producer_get_barrier(s)), tVgV(_, 0), tVsV(_, s.index()));
-    };
-    // One branch per descriptor (not a pointer chosen at run time), so that each TMA names a kernel parameter.
+    // One TMA per 64-column slice of the block (K: rows of the K stage; V^T: the stage's slice of d_v columns); one
+    // branch per descriptor (not a pointer chosen at run time), so that each TMA names a kernel parameter.
     auto issue_k = [&](int n, PipelineState s) {
       KVSource const x = kv_source(params, kv, bi, tile.batch, n);
-      if (x.is_new) copy_k(params.tma_k_new, x, s);
-      else copy_k(params.tma_k, x, s);
+      if (!lane0) return;
+      uint64_t* const bar = pipe_k.producer_get_barrier(s);
+      int const row = KT::kViewRows - x.len + x.row0;
+      CUTE_UNROLL
+      for (int c = 0; c < KT::kHeadDim; c += 64) {
+        if (x.is_new) copy_view(params.tma_new_k, bar, &sK(0, c, s.index()), c, row, head_k, x.end);
+        else copy_view(params.tma_cache_k, bar, &sK(0, c, s.index()), c, row, head_k, x.end);
+      }
     };
     auto issue_v = [&](int n, PipelineState s) {
       KVSource const x = kv_source(params, kv, bi, tile.batch, n);
-      if (x.is_new) copy_v(params.tma_v_new, x, s);
-      else copy_v(params.tma_v, x, s);
+      if (!lane0) return;
+      uint64_t* const bar = pipe_v.producer_get_barrier(s);
+      int const row = KT::kViewRows - x.len + x.row0;
+      CUTE_UNROLL
+      for (int c = 0; c < KT::kHeadDimV; c += 64) {
+        if (x.is_new) copy_view(params.tma_new_v, bar, &sVt(c, 0, s.index()), c, row, head_k, x.end);
+        else copy_view(params.tma_cache_v, bar, &sVt(c, 0, s.index()), c, row, head_k, x.end);
+      }
     };
 
     if constexpr (!kSpansPages) {
@@ -361,7 +365,7 @@ struct FwdMainloop {
         if (lane0) ss.pipeline_k.full_barrier_[s.index()].arrive_and_expect_tx(KT::kBytesK);
         __syncwarp();  // the expected bytes before any lane's box lands
         auto const dst = [&](int row, int col) { return &sK(row, col, s.index()); };
-        copy_boxes(params, params.tma_page_k, pipe_k.producer_get_barrier(s), kv, tile.batch, head_k, n, dst);
+        copy_boxes(params, params.tma_cache_k, pipe_k.producer_get_barrier(s), kv, tile.batch, head_k, n, dst);
       } else {
         gather_rows(params, static_cast<Element const*>(params.k_cache) + int64_t(head_k) * params.k_stride_head,
                     params.k_stride_row, kv, tile.batch, n,
@@ -379,7 +383,7 @@ struct FwdMainloop {
         pipe_v.producer_acquire(s);
         __syncwarp();
         auto const dst = [&](int row, int col) { return &sVt(col, row, s.index()); };
-        copy_boxes(params, params.tma_page_v, pipe_v.producer_get_barrier(s), kv, tile.batch, head_k, n, dst);
+        copy_boxes(params, params.tma_cache_v, pipe_v.producer_get_barrier(s), kv, tile.batch, head_k, n, dst);
       } else {
         ss.pipeline_v.empty_barrier_[s.index()].wait(s.phase());
         gather_rows(params, static_cast<Element const*>(params.v_cache) + int64_t(head_k) * params.v_stride_head,
