@@ -12,6 +12,7 @@
 #include <cutlass/pipeline/sm90_pipeline.hpp>
 
 #include "attn_params.h"
+#include "rows_view.h"
 #include "tile_scheduler.h"
 
 namespace fa3jax {
@@ -99,10 +100,8 @@ struct FwdKernelTraits {
     return uint32_t(col / 64) * (kBlockN * 128) + uint32_t(row) * 128 + uint32_t(((col / 8) % 8) ^ (row % 8)) * 16;
   }
 
-  // KV cache: the row extent of the packed-rows views (launch.h encode_rows_view) and the coordinate of their wrap
-  // mode, 2^30: kViewRows x 2^34 = 2^64, so that mode subtracts kViewRows rows from every address without moving the
-  // descriptor's base off the tensor.
-  static constexpr int kViewRows = 1 << 30;
+  // The packed-rows views' row extent (rows_view.h): the KV cache's and varlen's loads.
+  static constexpr int kViewRows = fa3jax::kViewRows;
 
   // Global tensors: Q/K as (seq, d, head, batch); V as (d_v, seq, head, batch).
   using GShape = Shape<int32_t, int32_t, int32_t, int32_t>;
@@ -170,10 +169,16 @@ struct FwdKernelTraits {
   static_assert(kSmemBytes <= 227 * 1024, "tiles x stages exceed sm90's 227 KiB of shared memory per block");
 
   // Everything the kernel needs; passed as a __grid_constant__ parameter (TMA descriptors inside).
+  // Varlen: q/k/v are loaded through packed-rows views (rows_view.h, launch.h encode_rows_view) whose descriptor
+  // base is the tensor itself, so those fields are plain descriptors; dense and KV-cache kernels keep CuTe's copies.
+  using TmaQField = std::conditional_t<kVarlen, cute::TmaDescriptor, TmaQ>;
+  using TmaKField = std::conditional_t<kVarlen, cute::TmaDescriptor, TmaK>;
+  using TmaVField = std::conditional_t<kVarlen, cute::TmaDescriptor, TmaV>;
+
   struct Params {
-    TmaQ tma_q;
-    TmaK tma_k;
-    TmaV tma_v;
+    TmaQField tma_q;
+    TmaKField tma_k;
+    TmaVField tma_v;
     TmaO tma_o;  // used when kTmaEpilogue
     void* out;
     float* lse;

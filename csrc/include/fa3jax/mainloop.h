@@ -40,56 +40,77 @@ struct FwdMainloop {
   CUTE_DEVICE static void load(Params const& params, SharedStorage& ss, Pipeline& pipe_k, Pipeline& pipe_v,
                                PipelineState& st, int q_iter, FwdTile const& tile, SeqInfo const& seq,
                                BI const& bi) {
-    bool const lane0 = threadIdx.x % 32 == 0;
     int const batch = params.batch;
     Tensor sQ = make_tensor(make_smem_ptr(ss.smem_q.data()), typename KT::SmemLayoutQ{});
     Tensor sK = make_tensor(make_smem_ptr(ss.smem_k.data()), typename KT::SmemLayoutK{});
     Tensor sVt = make_tensor(make_smem_ptr(ss.smem_v.data()), typename KT::SmemLayoutVt{});
     int const head_k = tile.head / params.group_size;
 
-    // The tile's (M, D) Q block, (N, D, n) K blocks and (D_v, N, n) V^T blocks.
-    auto [gQ, gK, gVt] = [&]() {
-      if constexpr (!KT::kVarlen) {
-        Tensor mQ = params.tma_q.get_tma_tensor(
-            make_shape(params.seqlen_q, int(KT::kHeadDim), params.num_heads_q, batch));
-        Tensor mK = params.tma_k.get_tma_tensor(
-            make_shape(params.seqlen_k, int(KT::kHeadDim), params.num_heads_k, batch));
-        Tensor mVt = params.tma_v.get_tma_tensor(
-            make_shape(int(KT::kHeadDimV), params.seqlen_k, params.num_heads_k, batch));
-        return cute::make_tuple(
-            local_tile(mQ(_, _, tile.head, tile.batch), Shape<typename KT::BlkM, typename KT::HDim>{},
-                       make_coord(tile.m_block, _0{})),
-            local_tile(mK(_, _, head_k, tile.batch), Shape<typename KT::BlkN, typename KT::HDim>{},
-                       make_coord(_, _0{})),
-            local_tile(mVt(_, _, head_k, tile.batch), Shape<typename KT::HDimV, typename KT::BlkN>{},
-                       make_coord(_0{}, _)));
-      } else {
-        // Packed tensors as (row, d, head, end) (launch.h): the sequence is coordinate end = offset + length, its
-        // row i is r = total - length + i, so rows past its end fall outside the tensor and TMA zero-fills them
-        // (keys past seqused_k included: their scores are masked and their zero values add nothing).
-        int const tq = params.seqlen_q, tk = params.seqlen_k;
-        Tensor mQ = params.tma_q.get_tma_tensor(make_shape(tq, int(KT::kHeadDim), params.num_heads_q, tq + 1));
-        Tensor mK = params.tma_k.get_tma_tensor(make_shape(tk, int(KT::kHeadDim), params.num_heads_k, tk + 1));
-        Tensor mVt = params.tma_v.get_tma_tensor(make_shape(int(KT::kHeadDimV), tk, params.num_heads_k, tk + 1));
-        int const end_q = int(seq.offset_q) + seq.seqlen_q, end_k = int(seq.offset_k) + seq.seqlen_k;
-        return cute::make_tuple(
-            local_tile(domain_offset(make_coord(tq - seq.seqlen_q, _0{}), mQ(_, _, tile.head, end_q)),
-                       Shape<typename KT::BlkM, typename KT::HDim>{}, make_coord(tile.m_block, _0{})),
-            local_tile(domain_offset(make_coord(tk - seq.seqlen_k, _0{}), mK(_, _, head_k, end_k)),
-                       Shape<typename KT::BlkN, typename KT::HDim>{}, make_coord(_, _0{})),
-            local_tile(domain_offset(make_coord(_0{}, tk - seq.seqlen_k), mVt(_, _, head_k, end_k)),
-                       Shape<typename KT::HDimV, typename KT::BlkN>{}, make_coord(_0{}, _)));
-      }
-    }();
+    if constexpr (!KT::kVarlen) {
+      // The tile's (M, D) Q block, (N, D, n) K blocks and (D_v, N, n) V^T blocks.
+      Tensor mQ =
+          params.tma_q.get_tma_tensor(make_shape(params.seqlen_q, int(KT::kHeadDim), params.num_heads_q, batch));
+      Tensor mK =
+          params.tma_k.get_tma_tensor(make_shape(params.seqlen_k, int(KT::kHeadDim), params.num_heads_k, batch));
+      Tensor mVt =
+          params.tma_v.get_tma_tensor(make_shape(int(KT::kHeadDimV), params.seqlen_k, params.num_heads_k, batch));
+      Tensor gQ = local_tile(mQ(_, _, tile.head, tile.batch), Shape<typename KT::BlkM, typename KT::HDim>{},
+                             make_coord(tile.m_block, _0{}));
+      Tensor gK = local_tile(mK(_, _, head_k, tile.batch), Shape<typename KT::BlkN, typename KT::HDim>{},
+                             make_coord(_, _0{}));
+      Tensor gVt = local_tile(mVt(_, _, head_k, tile.batch), Shape<typename KT::HDimV, typename KT::BlkN>{},
+                              make_coord(_0{}, _));
+      auto [tQgQ, tQsQ] =
+          tma_partition(params.tma_q, _0{}, Layout<_1>{}, group_modes<0, 2>(sQ), group_modes<0, 2>(gQ));
+      auto [tKgK, tKsK] = tma_partition(params.tma_k, 0, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gK));
+      auto [tVgV, tVsV] =
+          tma_partition(params.tma_v, 0, Layout<_1>{}, group_modes<0, 2>(sVt), group_modes<0, 2>(gVt));
+      load_blocks(
+          ss, pipe_k, pipe_v, st, q_iter, bi, [&] { copy(params.tma_q.with(ss.barrier_q), tQgQ, tQsQ); },
+          [&](int n, PipelineState s) {
+            copy(params.tma_k.with(*pipe_k.producer_get_barrier(s)), tKgK(_, n), tKsK(_, s.index()));
+          },
+          [&](int n, PipelineState s) {
+            copy(params.tma_v.with(*pipe_v.producer_get_barrier(s)), tVgV(_, n), tVsV(_, s.index()));
+          });
+    } else {
+      // Packed rows through rows views (rows_view.h; launch.h encode_rows_view): the sequence's `len` rows end at
+      // row end = offset + len and its row i is view row kViewRows - len + i, so rows past its end are zero-filled
+      // (keys past seqused_k included: their scores are masked and their zero values add nothing). One box per
+      // 64-column slice (a 128-byte swizzle row) of the Q tile, a K stage or a V^T stage.
+      int const end_q = int(seq.offset_q) + seq.seqlen_q, end_k = int(seq.offset_k) + seq.seqlen_k;
+      int const row_q = KT::kViewRows - seq.seqlen_q + tile.m_block * KT::kBlockM;
+      int const row_k = KT::kViewRows - seq.seqlen_k;
+      load_blocks(
+          ss, pipe_k, pipe_v, st, q_iter, bi,
+          [&] {
+            copy_rows_tile<KT::kHeadDim, 64>(
+                params.tma_q, &ss.barrier_q, [&](int c) { return &sQ(0, c); }, row_q, tile.head, end_q);
+          },
+          [&](int n, PipelineState s) {
+            copy_rows_tile<KT::kHeadDim, 64>(
+                params.tma_k, pipe_k.producer_get_barrier(s), [&](int c) { return &sK(0, c, s.index()); },
+                row_k + n * KT::kBlockN, head_k, end_k);
+          },
+          [&](int n, PipelineState s) {
+            copy_rows_tile<KT::kHeadDimV, 64>(
+                params.tma_v, pipe_v.producer_get_barrier(s), [&](int c) { return &sVt(c, 0, s.index()); },
+                row_k + n * KT::kBlockN, head_k, end_k);
+          });
+    }
+  }
 
-    auto [tQgQ, tQsQ] = tma_partition(params.tma_q, _0{}, Layout<_1>{}, group_modes<0, 2>(sQ), group_modes<0, 2>(gQ));
-    auto [tKgK, tKsK] = tma_partition(params.tma_k, 0, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gK));
-    auto [tVgV, tVsV] = tma_partition(params.tma_v, 0, Layout<_1>{}, group_modes<0, 2>(sVt), group_modes<0, 2>(gVt));
-
+  // The loads' order for one tile (load): Q once the consumers have released the previous one, then K/V blocks
+  // n_max-1 .. n_min. load_q() and load_k/v(n, stage) issue one block's copies (lane 0 only).
+  template <class LoadQ, class LoadK, class LoadV>
+  CUTE_DEVICE static void load_blocks(SharedStorage& ss, Pipeline& pipe_k, Pipeline& pipe_v, PipelineState& st,
+                                      int q_iter, BI const& bi, LoadQ const& load_q, LoadK const& load_k,
+                                      LoadV const& load_v) {
+    bool const lane0 = threadIdx.x % 32 == 0;
     if (q_iter > 0) cute::wait_barrier(ss.barrier_q_empty, (q_iter - 1) & 1);
     if (lane0) {
       cute::set_barrier_transaction_bytes(ss.barrier_q, KT::kBytesQ);
-      copy(params.tma_q.with(ss.barrier_q), tQgQ, tQsQ);
+      load_q();
     }
 
     // K runs one block ahead of V (K_{n-1} is requested before V_n). A consumer needs K_{n-1} first (QK^T opens
@@ -98,18 +119,18 @@ struct FwdMainloop {
     // (Nsight Compute: ~10 failed K waits per key block, 13% of stall samples on long scoreboard).
     int n = bi.n_max - 1;
     pipe_k.producer_acquire(st);
-    if (lane0) copy(params.tma_k.with(*pipe_k.producer_get_barrier(st)), tKgK(_, n), tKsK(_, st.index()));
+    if (lane0) load_k(n, st);
     for (; n > bi.n_min; --n) {
       PipelineState next = st;
       ++next;
       pipe_k.producer_acquire(next);
-      if (lane0) copy(params.tma_k.with(*pipe_k.producer_get_barrier(next)), tKgK(_, n - 1), tKsK(_, next.index()));
+      if (lane0) load_k(n - 1, next);
       pipe_v.producer_acquire(st);
-      if (lane0) copy(params.tma_v.with(*pipe_v.producer_get_barrier(st)), tVgV(_, n), tVsV(_, st.index()));
+      if (lane0) load_v(n, st);
       st = next;
     }
     pipe_v.producer_acquire(st);
-    if (lane0) copy(params.tma_v.with(*pipe_v.producer_get_barrier(st)), tVgV(_, n), tVsV(_, st.index()));
+    if (lane0) load_v(n, st);
     ++st;
   }
 
@@ -137,14 +158,6 @@ struct FwdMainloop {
     bool const ok = page >= 0 && page < params.cache_slots;
     int const valid = ok ? max(0, min(rows, kv.cache_len - ps * rows)) : 0;
     return {false, ok ? page * rows + valid : 0, valid, row - ps * rows};
-  }
-
-  // One 64-column slice (columns c..c+63, box rows from the descriptor) of a packed-rows view into shared memory at
-  // dst: view row coordinate `row` (kViewRows - len + the source row), the slot's end row `end`.
-  CUTE_DEVICE static void copy_view(cute::TmaDescriptor const& desc, uint64_t* bar, void* dst, int c, int row,
-                                    int head_k, int end) {
-    int const wrap = KT::kViewRows;  // a value: copy() takes its coordinates by reference
-    SM90_TMA_LOAD_5D::copy(&desc, bar, uint64_t(TMA::CacheHintSm90::EVICT_NORMAL), dst, c, row, head_k, end, wrap);
   }
 
   // GQA packing (KV cache): the Q tile's row r is packed row R = m_block M + r = query i * pack + head-in-group j,
@@ -218,7 +231,7 @@ struct FwdMainloop {
     int const valid = ok ? max(0, min(ps, kv.cache_len - pi * ps)) : 0;
     int const row = KT::kViewRows - valid + (pos - pi * ps), end = ok ? page * ps + valid : 0;
     CUTE_UNROLL
-    for (int c = 0; c < KT::kHeadDim; c += 64) copy_view(desc, bar, dst(lane * g, c), c, row, head_k, end);
+    for (int c = 0; c < KT::kHeadDim; c += 64) copy_rows_box(desc, bar, dst(lane * g, c), c, row, head_k, end);
   }
 
   // kGather: cache block n's rows copied with 16-byte cp.async into the stage at shared address `stage` (K or V^T,
@@ -300,8 +313,8 @@ struct FwdMainloop {
       int const row = KT::kViewRows - x.len + x.row0;
       CUTE_UNROLL
       for (int c = 0; c < KT::kHeadDim; c += 64) {
-        if (x.is_new) copy_view(params.tma_new_k, bar, &sK(0, c, s.index()), c, row, head_k, x.end);
-        else copy_view(params.tma_cache_k, bar, &sK(0, c, s.index()), c, row, head_k, x.end);
+        if (x.is_new) copy_rows_box(params.tma_new_k, bar, &sK(0, c, s.index()), c, row, head_k, x.end);
+        else copy_rows_box(params.tma_cache_k, bar, &sK(0, c, s.index()), c, row, head_k, x.end);
       }
     };
     auto issue_v = [&](int n, PipelineState s) {
@@ -311,8 +324,8 @@ struct FwdMainloop {
       int const row = KT::kViewRows - x.len + x.row0;
       CUTE_UNROLL
       for (int c = 0; c < KT::kHeadDimV; c += 64) {
-        if (x.is_new) copy_view(params.tma_new_v, bar, &sVt(c, 0, s.index()), c, row, head_k, x.end);
-        else copy_view(params.tma_cache_v, bar, &sVt(c, 0, s.index()), c, row, head_k, x.end);
+        if (x.is_new) copy_rows_box(params.tma_new_v, bar, &sVt(c, 0, s.index()), c, row, head_k, x.end);
+        else copy_rows_box(params.tma_cache_v, bar, &sVt(c, 0, s.index()), c, row, head_k, x.end);
       }
     };
 
