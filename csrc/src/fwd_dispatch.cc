@@ -272,8 +272,13 @@ const char* fwd_check(const FwdParams& fp) {
   if (varlen) {
     if (!p.varlen.cu_seqlens_k) return "varlen: cu_seqlens_k is null";
     if (p.varlen.max_seqlen_q < 0 || p.varlen.max_seqlen_k < 0) return "varlen: max_seqlen_q/k must be >= 0";
-    // TMA coordinates are int32: a sequence's end row (<= total) and rows up to total + a tile.
-    if (p.seqlen_q > INT32_MAX - 1024 || p.seqlen_k > INT32_MAX - 1024) return "varlen: total rows too large";
+    // The loads' packed-rows views (launch.h encode_rows_view) hold a sequence of up to 2^30 rows (their row
+    // extent; no sequence is longer than the total) and rows below 2^34 bytes (their wrap mode's stride); 2^30 keeps
+    // the int32 TMA coordinates (a sequence's end row, rows up to the extent + a tile) in range too.
+    if (p.seqlen_q > (1 << 30) || p.seqlen_k > (1 << 30)) return "varlen: total rows above 2^30";
+    if (p.q_stride.row * 2 >= (int64_t(1) << 34) || p.k_stride.row * 2 >= (int64_t(1) << 34) ||
+        p.v_stride.row * 2 >= (int64_t(1) << 34) || int64_t(p.num_heads_q) * p.value_dim() * 2 >= (int64_t(1) << 34))
+      return "varlen: q/k/v/out rows must be below 2^34 bytes";
   }
   // The persistent scheduler numbers (query block, head, batch) tiles with int32 (query blocks >= 64 rows).
   // Varlen: query rows per sequence in the grid (no sequence is longer than the total; launch.h caps it so).

@@ -35,9 +35,23 @@ _NOT_BUILT = "fa3jax was installed without the CUDA extension; rebuild with FA3J
 _DTYPE_NAMES = {"bfloat16": "bf16", "float16": "fp16"}
 # The persistent kernel numbers its (query block, head, batch) tiles with int32; query blocks are >= 64 rows.
 _MAX_TILES = 2**31 - 1
-# Varlen TMA coordinates are int32: a sequence's end row and rows up to the total plus a tile (fwd_check).
-_MAX_VARLEN_ROWS = 2**31 - 1 - 1024
+# Varlen loads read through packed-rows TMA views (launch.h encode_rows_view) that hold sequences of up to 2^30 rows
+# (no sequence is longer than the total) and rows below 2^34 bytes (fwd_check / bwd_check).
+_MAX_VARLEN_ROWS = 2**30
+_MAX_VARLEN_ROW_BYTES = 2**34 - 1
 _MAX_GRID_YZ = 65535  # CUDA's grid y/z limit
+
+def _check_varlen_views(spec: AttentionSpec) -> None:
+    """Refuses varlen calls the kernels' packed-rows TMA views cannot address (fwd_check / bwd_check mirror)."""
+    if max(spec.seqlen_q, spec.seqlen_k) > _MAX_VARLEN_ROWS:
+        raise NotImplementedError(f"cuda: varlen totals above {_MAX_VARLEN_ROWS} rows exceed the kernel's TMA views "
+                                  f"({spec.seqlen_q=}, {spec.seqlen_k=})")
+    itemsize = jnp.dtype(spec.dtype).itemsize
+    row_bytes = max(spec.num_heads_q, spec.num_heads_k) * max(spec.head_dim, spec.head_dim_v) * itemsize
+    if row_bytes > _MAX_VARLEN_ROW_BYTES:
+        raise NotImplementedError(f"cuda: varlen rows of {row_bytes} bytes exceed the kernel's TMA views (< 2^34; "
+                                  f"{spec.num_heads_q=}, {spec.num_heads_k=}, {spec.head_dim=}, {spec.head_dim_v=})")
+
 
 _register_lock = threading.Lock()
 _registered = False
@@ -242,9 +256,7 @@ class CudaBackend(Backend):
             if targets.FEATURE_VARLEN not in features:
                 raise NotImplementedError("cuda: this build of the CUDA extension predates the varlen forward; "
                                           "rebuild it with FA3JAX_BUILD_CUDA=1")
-            if max(spec.seqlen_q, spec.seqlen_k) > _MAX_VARLEN_ROWS:
-                raise NotImplementedError(f"cuda: varlen totals above {_MAX_VARLEN_ROWS} rows exceed the kernel's "
-                                          f"int32 TMA coordinates")
+            _check_varlen_views(spec)
             rows = min(spec.varlen.max_seqlen_q, spec.seqlen_q)  # the grid's query blocks per sequence
         tiles = -(-rows // 64) * spec.num_heads_q * spec.batch
         if tiles > _MAX_TILES:
@@ -263,9 +275,7 @@ class CudaBackend(Backend):
             if targets.FEATURE_VARLEN_BWD not in build_info().get("features", ()):
                 raise NotImplementedError("cuda: this build of the CUDA extension predates the varlen backward; "
                                           "rebuild it (FA3JAX_BUILD_CUDA=1 pip install .)")
-            if max(spec.seqlen_q, spec.seqlen_k) > _MAX_VARLEN_ROWS:
-                raise NotImplementedError(f"cuda: varlen totals above {_MAX_VARLEN_ROWS} rows exceed the kernel's "
-                                          f"int32 TMA coordinates")
+            _check_varlen_views(spec)
         if spec.batch > _MAX_GRID_YZ or spec.num_heads_k > _MAX_GRID_YZ:
             raise NotImplementedError(f"cuda: the backward grid is (key blocks, heads_k, batch); {spec.batch=} and "
                                       f"{spec.num_heads_k=} must be <= {_MAX_GRID_YZ}")
