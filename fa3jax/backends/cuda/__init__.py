@@ -7,8 +7,8 @@ or MLA pairs built without a backward), the registry pairs this forward (and its
 convention) with another backend's backward. Any head dim up to the largest built one is served (by the smallest
 kernel that holds it, chosen in the C++ dispatch; MLA pairs by their exact kernel only); see _kernel_head_dim for
 the few that need padded copies.
-``kvcache_forward`` serves KV-cache calls (contiguous caches; paged ones only with FA3JAX_CUDA_PAGED_KVCACHE=1, see
-PAGED_KVCACHE_REFUSAL, and then of the page sizes the serving kernel reads: build_info's kvcache_head_dims; appended
+``kvcache_forward`` serves KV-cache calls (contiguous and paged caches, of the page sizes the serving kernel reads:
+build_info's kvcache_head_dims; appended
 k/v, leftpad, batch_idx, GQA, masks, softcap, sinks; head dims that are multiples of 8, by the same kernel choice),
 with split-KV (``num_splits``; 0 = the C++ rule fwd_kvcache_num_splits) combined by LSE in the same FFI call, and the
 query heads of one kv head packed into one tile for decode; ``auto``'s order for them is fa3jax.registry's.
@@ -18,7 +18,6 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
-import os
 import threading
 
 import jax
@@ -80,12 +79,6 @@ def build_info() -> dict:
         return dict(ext.build_info())
     except Exception:  # noqa: BLE001
         return {}
-
-
-# Paged caches fall back until the paged kernel's flaky illegal address is found (RESULTS.md); the variable serves them.
-PAGED_KVCACHE_ENV = "FA3JAX_CUDA_PAGED_KVCACHE"
-PAGED_KVCACHE_REFUSAL = (f"cuda: paged KV caches fall back (a flaky CUDA_ERROR_ILLEGAL_ADDRESS of the paged kernel on "
-                         f"the H100 is not yet explained; {PAGED_KVCACHE_ENV}=1 serves them anyway)")
 
 
 def _register_targets(ext) -> None:
@@ -224,8 +217,6 @@ class CudaBackend(Backend):
                 raise NotImplementedError(f"cuda: the KV-cache kernel for head_dim={spec.head_dim} needs a page_size "
                                           f"that is {served}a multiple of its key block {block_n}; got "
                                           f"{kv.page_size=}")
-        if kv.paged and os.environ.get(PAGED_KVCACHE_ENV) != "1":
-            raise NotImplementedError(PAGED_KVCACHE_REFUSAL)
         slot_rows = kv.page_size if kv.paged else kv.capacity
         if (kv.cache_batch * slot_rows + slot_rows + block_n >= 2**31
                 or spec.batch * kv.seqlen_new + kv.seqlen_new + block_n >= 2**31):
