@@ -92,8 +92,13 @@ const char* bwd_check(const BwdParams& p) {
   if (varlen) {
     if (!c.varlen.cu_seqlens_k) return "varlen: cu_seqlens_k is null";
     if (c.varlen.max_seqlen_q < 0 || c.varlen.max_seqlen_k < 0) return "varlen: max_seqlen_q/k must be >= 0";
-    // TMA coordinates are int32: a sequence's end row (<= total) and rows up to total + a tile.
-    if (c.seqlen_q > INT32_MAX - 1024 || c.seqlen_k > INT32_MAX - 1024) return "varlen: total rows too large";
+    // The loads' packed-rows views (launch.h encode_rows_view) hold a sequence of up to 2^30 rows (their row
+    // extent; no sequence is longer than the total) and rows below 2^34 bytes (their wrap mode's stride); 2^30 keeps
+    // the int32 TMA coordinates (a sequence's end row, rows up to the extent + a tile) in range too.
+    if (c.seqlen_q > (1 << 30) || c.seqlen_k > (1 << 30)) return "varlen: total rows above 2^30";
+    if (c.q_stride.row * 2 >= (int64_t(1) << 34) || c.k_stride.row * 2 >= (int64_t(1) << 34) ||
+        c.v_stride.row * 2 >= (int64_t(1) << 34) || int64_t(c.num_heads_q) * c.value_dim() * 2 >= (int64_t(1) << 34))
+      return "varlen: q/k/v/dout rows must be below 2^34 bytes";
   }
   // The main kernel's grid is (key blocks, kv heads, batch): CUDA's y/z limit is 65535.
   if (c.num_heads_k > 65535 || c.batch > 65535) return "batch and num_heads_k must be <= 65535";

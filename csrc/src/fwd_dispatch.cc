@@ -79,8 +79,8 @@ int fwd_kvcache_page_reads(DType dtype, int head_dim) {
 #if FA3JAX_KVCACHE_SPANS_ALL
   return 2;  // test builds (CMake FA3JAX_KVCACHE_SPANS_ALL): every path, so that a GPU run can check them
 #else
-  // None until a JAX-level GPU run passes page boxes and the gather (the paged fault in RESULTS.md).
-  return 0;
+  // Page boxes up to d=128: passed at the JAX level and measured; the gather and d=256's boxes were never timed.
+  return kd <= 128 ? 1 : 0;
 #endif
 }
 
@@ -210,12 +210,15 @@ static const char* kvcache_check(const FwdParams& fp) {
       return "KV cache: this head dim's kernel does not serve this page_size (fwd_kvcache_page_reads): use a multiple "
              "of its key block";
   }
-  // TMA row coordinates: up to every cache row, plus a slot and a key block (launch_fwd_kvcache), in int32.
+  // TMA row coordinates: up to every cache row, plus a slot and a key block (launch_fwd_kvcache), in int32; a slot's
+  // rows within the views' row extent (2^30, launch.h encode_rows_view), and a box past it (+ a slot) in int32.
   if (int64_t(p.kvcache.cache_slots) * slot_rows + slot_rows + bn >= INT32_MAX)
     return "KV cache: too many cache rows for int32 TMA coordinates";
+  if (slot_rows > (1 << 29)) return "KV cache: more than 2^29 rows per cache slot (capacity or page_size)";
   if (p.append.enabled()) {
     int const sn = p.append.seqlen_new;
     if (sn < 1 || sn > p.seqlen_k) return "KV cache: seqlen_new must be in [1, capacity]";
+    if (sn > (1 << 29)) return "KV cache: seqlen_new above 2^29 (the appended keys' TMA view)";
     if (!p.append.v_new) return "KV cache: v_new is null";
     if (!aligned16(p.append.k_new) || !aligned16(p.append.v_new)) return "k_new and v_new must be 16-byte aligned";
     if (int64_t(p.batch) * sn + sn + bn >= INT32_MAX) return "KV cache: too many appended rows for int32 TMA coordinates";
@@ -232,6 +235,8 @@ static const char* kvcache_check(const FwdParams& fp) {
     if (s.batch != int64_t(slot_rows) * s.row) return "KV cache: k/v must be packed slot after slot (batch stride = slot rows x row stride)";
     s.batch = s.row;
     if (!tma_strides_ok(s)) return "k/v strides must be positive multiples of 16 bytes below 2^40";
+    // the views' wrap mode strides 2^34 bytes minus a row (launch.h encode_rows_view)
+    if (s.row * 2 >= (int64_t(1) << 34)) return "KV cache: k/v rows must be below 2^34 bytes";
   }
   if (!tma_strides_ok(p.q_stride)) return "q strides must be positive multiples of 16 bytes below 2^40";
   if (int64_t(p.seqlen_q) * p.num_heads_q * p.head_dim * 2 >= (int64_t(1) << 40)) return "tensor too large for TMA";
@@ -266,8 +271,13 @@ const char* fwd_check(const FwdParams& fp) {
   if (varlen) {
     if (!p.varlen.cu_seqlens_k) return "varlen: cu_seqlens_k is null";
     if (p.varlen.max_seqlen_q < 0 || p.varlen.max_seqlen_k < 0) return "varlen: max_seqlen_q/k must be >= 0";
-    // TMA coordinates are int32: a sequence's end row (<= total) and rows up to total + a tile.
-    if (p.seqlen_q > INT32_MAX - 1024 || p.seqlen_k > INT32_MAX - 1024) return "varlen: total rows too large";
+    // The loads' packed-rows views (launch.h encode_rows_view) hold a sequence of up to 2^30 rows (their row
+    // extent; no sequence is longer than the total) and rows below 2^34 bytes (their wrap mode's stride); 2^30 keeps
+    // the int32 TMA coordinates (a sequence's end row, rows up to the extent + a tile) in range too.
+    if (p.seqlen_q > (1 << 30) || p.seqlen_k > (1 << 30)) return "varlen: total rows above 2^30";
+    if (p.q_stride.row * 2 >= (int64_t(1) << 34) || p.k_stride.row * 2 >= (int64_t(1) << 34) ||
+        p.v_stride.row * 2 >= (int64_t(1) << 34) || int64_t(p.num_heads_q) * p.value_dim() * 2 >= (int64_t(1) << 34))
+      return "varlen: q/k/v/out rows must be below 2^34 bytes";
   }
   // The persistent scheduler numbers (query block, head, batch) tiles with int32 (query blocks >= 64 rows).
   // Varlen: query rows per sequence in the grid (no sequence is longer than the total; launch.h caps it so).

@@ -26,101 +26,28 @@
 #include <string>
 #include <vector>
 
-#include "test_common.h"
+#include "kvcache_ref.h"
 
 using fa3jax::DType;
+using kvref::Case;
+using kvref::dim_label;
+using kvref::dt_name;
+using kvref::random_pages;
 
 namespace {
-
-constexpr uint16_t kNaN16 = 0x7fff;
 // --gather: pages that split key blocks all take the producer's gather, the TMA boxes' sizes too
 // (FwdParams::gather_pages), to tell a fault of the boxes from one of the shared page handling.
 bool g_gather_pages = false;
 // fwd_kvcache_page_reads' values, as the verbose header names them.
 const char* const kPageReads[3] = {"none (cases skipped)", "multiples of 8 rows", "any"};
 
-struct Case {
-  const char* name;
-  int b, lq, hq, hk;
-  int capacity;    // contiguous: the cache's rows per slot; paged: ignored (pages_per_seq * page_size)
-  int slots;       // contiguous: cache slots (the caches' leading dim); paged: num_pages
-  int page_mult;   // 0: contiguous (unless page_rows); else page_size = page_mult * the kernel's key block
-  int pages_per_seq;
-  int seqlen_new;
-  std::vector<int> cache_seqlens, leftpad, batch_idx, page_table;  // raw (hostile allowed); empty: absent
-  int wl, wr;
-  float softcap;
-  bool sinks;
-  int splits = 1;  // split-KV parts (FwdParams::splits; > 1: fp32 parts and the combine pass)
-  int pack = -1;   // FwdParams::pack_gqa: -1 the policy (decode packs), 0 never, 1 whenever hq > hk
-  int page_rows = 0;  // > 0: paged with this page_size whatever the key block (blocks spanning pages: TMA boxes or
-                      // the producer's gather, fwd_kvcache_load)
-};
-
-const char* dt_name(DType dt) { return dt == DType::kBF16 ? "bf16" : "fp16"; }
-
-// "d", or "d(D)" where the kernel D serves d.
-std::string dim_label(DType dt, int d) {
-  int const kd = fa3jax::fwd_kernel_dim(dt, d);
-  return kd == d ? std::to_string(d) : std::to_string(d) + "(" + std::to_string(kd) + ")";
-}
-
-int clampi(int64_t x, int64_t lo, int64_t hi) { return int(x < lo ? lo : (x > hi ? hi : x)); }
-
-// The kernel's view of batch row bb (seq_info.h KVCacheSeq::make): clamped cache length, leftpad and slot.
-struct Row {
-  int cache_len, leftpad, slot;
-};
-Row row_of(const Case& c, int capacity, int bb) {
-  int const cap = std::max(capacity - c.seqlen_new, 0);
-  Row r;
-  r.cache_len = clampi(c.cache_seqlens[bb], 0, cap);
-  r.leftpad = c.leftpad.empty() ? 0 : clampi(c.leftpad[bb], 0, r.cache_len);
-  r.slot = clampi(c.batch_idx.empty() ? bb : c.batch_idx[bb], 0, std::max(c.slots - 1, 0));
-  return r;
-}
-
 // One case on one instantiation; `workspace` null: static tile assignment.
 bool run_case(DType dt, int d, const Case& c, void* workspace, std::mt19937& rng, bool verbose) {
   int const bn = fa3jax::fwd_kvcache_block_n(dt, d);
-  bool const paged = c.page_mult > 0 || c.page_rows > 0;
-  int const page_size = c.page_rows > 0 ? c.page_rows : c.page_mult * bn;
-  int const slot_rows = paged ? page_size : c.capacity;
-  int const capacity = paged ? c.pages_per_seq * page_size : c.capacity;
-  int const b = c.b, lq = c.lq, hq = c.hq, hk = c.hk, sn = c.seqlen_new, g = hq / hk;
-  size_t const n_cache = size_t(c.slots) * slot_rows * hk * d;
-  std::vector<uint16_t> bq, bk, bv, bkn, bvn;
-  std::vector<float> fq, fk, fv, fkn, fvn;
-  normal_inputs(rng, dt, size_t(b) * lq * hq * d, bq, fq);
-  normal_inputs(rng, dt, n_cache, bk, fk);
-  normal_inputs(rng, dt, n_cache, bv, fv);
-  if (sn > 0) {
-    normal_inputs(rng, dt, size_t(b) * sn * hk * d, bkn, fkn);
-    normal_inputs(rng, dt, size_t(b) * sn * hk * d, bvn, fvn);
-  }
-  // Which cache rows some result reads (the kernel may load the rest of a partly valid key block only where it
-  // lies below the block's valid rows, i.e. before leftpad: those stay finite); all others become NaN.
-  std::vector<char> readable(size_t(c.slots) * slot_rows, 0);
-  std::vector<Row> rows(b);
-  for (int bb = 0; bb < b; ++bb) {
-    rows[bb] = row_of(c, capacity, bb);
-    for (int j = 0; j < rows[bb].cache_len; ++j) {
-      if (!paged) {
-        readable[size_t(rows[bb].slot) * slot_rows + j] = 1;
-        continue;
-      }
-      int const page = c.page_table[size_t(bb) * c.pages_per_seq + j / page_size];
-      if (page >= 0 && page < c.slots) readable[size_t(page) * slot_rows + j % page_size] = 1;
-    }
-  }
-  for (size_t r = 0; r < readable.size(); ++r)
-    if (!readable[r])
-      for (int i = 0; i < hk * d; ++i) bk[r * hk * d + i] = bv[r * hk * d + i] = kNaN16;
-  std::vector<float> hsinks;
-  if (c.sinks) {
-    std::uniform_real_distribution<float> sd(-2.f, 2.f);
-    for (int h = 0; h < hq; ++h) hsinks.push_back(sd(rng) + 3.f);
-  }
+  kvref::Inputs const in = kvref::make_inputs(dt, d, bn, c, rng);
+  bool const paged = in.paged;
+  int const page_size = in.page_size, slot_rows = in.slot_rows, capacity = in.capacity;
+  int const b = c.b, lq = c.lq, hq = c.hq, hk = c.hk, sn = c.seqlen_new;
 
   Uploads up;
   Guarded out, lse;
@@ -129,9 +56,9 @@ bool run_case(DType dt, int d, const Case& c, void* workspace, std::mt19937& rng
   lse.alloc(nl * 4);
   fa3jax::FwdParams p;
   fa3jax::AttnCore& a = p.core;
-  a.q = up.put(bq);
-  a.k = up.put(bk);
-  a.v = up.put(bv);
+  a.q = up.put(in.bq);
+  a.k = up.put(in.bk);
+  a.v = up.put(in.bv);
   a.batch = b;
   a.seqlen_q = lq;
   a.seqlen_k = capacity;
@@ -155,13 +82,13 @@ bool run_case(DType dt, int d, const Case& c, void* workspace, std::mt19937& rng
     a.paged.max_pages_per_seq = c.pages_per_seq;
   }
   if (sn > 0) {
-    a.append.k_new = up.put(bkn);
-    a.append.v_new = up.put(bvn);
+    a.append.k_new = up.put(in.bkn);
+    a.append.v_new = up.put(in.bvn);
     a.append.seqlen_new = sn;
   }
   p.out = out.mid();
   p.lse = static_cast<float*>(lse.mid());
-  p.sinks = up.put(hsinks);
+  p.sinks = up.put(in.sinks);
   p.workspace = workspace;
   p.pack_gqa = c.pack;
   p.gather_pages = g_gather_pages;
@@ -198,84 +125,11 @@ bool run_case(DType dt, int d, const Case& c, void* workspace, std::mt19937& rng
   std::vector<float> hlse(nl);
   bool const guards = out.fetch(hout.data()) & lse.fetch(hlse.data());
 
-  // float64 reference: row bb's keys are its cache keys [leftpad, cache_len) (paged: those on valid pages) then
-  // its appended keys, at mask positions j - leftpad with key length cache_len + sn - leftpad.
-  double max_err = 0, max_lse_err = 0;
-  size_t nan_out = 0, bad_lse = 0;
-  float const scale = a.softmax_scale;
-  for (int bb = 0; bb < b; ++bb) {
-    Row const r = rows[bb];
-    int const skm = r.cache_len + sn - r.leftpad;
-    std::vector<const float*> kr, vr;  // per visible key: k and v rows (head 0), and its mask position
-    std::vector<int> pos;
-    for (int j = r.leftpad; j < r.cache_len; ++j) {
-      size_t row;
-      if (paged) {
-        int const page = c.page_table[size_t(bb) * c.pages_per_seq + j / page_size];
-        if (page < 0 || page >= c.slots) continue;
-        row = size_t(page) * slot_rows + j % page_size;
-      } else {
-        row = size_t(r.slot) * slot_rows + j;
-      }
-      kr.push_back(&fk[row * hk * d]);
-      vr.push_back(&fv[row * hk * d]);
-      pos.push_back(j - r.leftpad);
-    }
-    for (int t = 0; t < sn; ++t) {
-      kr.push_back(&fkn[(size_t(bb) * sn + t) * hk * d]);
-      vr.push_back(&fvn[(size_t(bb) * sn + t) * hk * d]);
-      pos.push_back(r.cache_len + t - r.leftpad);
-    }
-    for (int h = 0; h < hq; ++h)
-      for (int i = 0; i < lq; ++i) {
-        const float* qi = &fq[((size_t(bb) * lq + i) * hq + h) * d];
-        std::vector<double> s(kr.size(), -INFINITY);
-        double m = -INFINITY;
-        for (size_t j = 0; j < kr.size(); ++j) {
-          if (!allowed(i, pos[j], lq, skm, c.wl, c.wr)) continue;
-          const float* kj = kr[j] + size_t(h / g) * d;
-          double acc = 0;
-          for (int t = 0; t < d; ++t) acc += double(qi[t]) * kj[t];
-          acc *= scale;
-          if (c.softcap > 0) acc = c.softcap * std::tanh(acc / c.softcap);
-          s[j] = acc;
-          m = std::max(m, acc);
-        }
-        double const sink = hsinks.empty() ? -INFINITY : double(hsinks[h]);
-        std::vector<double> o(d, 0.0);
-        double rl = sink;
-        if (m != -INFINITY) {
-          double const top = std::max(m, sink);
-          double sum = std::exp(sink - top);
-          for (size_t j = 0; j < kr.size(); ++j) {
-            if (s[j] == -INFINITY) continue;
-            double const pj = std::exp(s[j] - top);
-            sum += pj;
-            const float* vj = vr[j] + size_t(h / g) * d;
-            for (int t = 0; t < d; ++t) o[t] += pj * vj[t];
-          }
-          for (int t = 0; t < d; ++t) o[t] /= sum;
-          rl = top + std::log(sum);
-        }
-        for (int t = 0; t < d; ++t) {
-          float const x = from_bits(hout[((size_t(bb) * lq + i) * hq + h) * d + t], dt);
-          if (!std::isfinite(x)) { ++nan_out; continue; }
-          if (m == -INFINITY && x != 0.f) ++nan_out;  // a row that sees no key: exactly 0
-          max_err = std::max(max_err, std::fabs(x - o[t]));
-        }
-        float const l = hlse[(size_t(bb) * hq + h) * lq + i];
-        if (std::isinf(rl)) {
-          if (!(l == float(rl))) ++bad_lse;
-        } else if (!std::isfinite(l)) {
-          ++bad_lse;
-        } else {
-          max_lse_err = std::max(max_lse_err, std::fabs(l - rl));
-        }
-      }
-  }
-  double const tol = dt == DType::kBF16 ? 2.5e-2 : 4e-3;
-  double const lse_tol = 2e-3 * std::log2(double(capacity + sn) + 2) + 1e-3;
-  bool const ok = guards && nan_out == 0 && bad_lse == 0 && max_err <= tol && max_lse_err <= lse_tol;
+  kvref::Reference const ref = kvref::reference(c, in, d, a.softmax_scale);
+  kvref::Check const chk = kvref::compare(dt, c, in, ref, d, hout.data(), hlse.data());
+  double const max_err = chk.max_err, max_lse_err = chk.max_lse_err;
+  size_t const nan_out = chk.nan_out, bad_lse = chk.bad_lse;
+  bool const ok = guards && chk.ok;
   if (!ok || verbose)
     std::printf("%s %s d=%-7s %-28s%s b=%d lq=%d hq=%d hk=%d %s cap=%d new=%d win=(%d,%d) softcap=%g%s: max|dO|=%.3g "
                 "max|dLSE|=%.3g bad out=%zu bad lse=%zu guards %s\n",
@@ -284,16 +138,6 @@ bool run_case(DType dt, int d, const Case& c, void* workspace, std::mt19937& rng
                 c.softcap, c.sinks ? " sinks" : "", max_err, max_lse_err, nan_out, bad_lse,
                 guards ? "intact" : "OVERWRITTEN");
   return ok;
-}
-
-// A random page table: pages_per_seq entries per batch row, distinct pages where there are enough.
-std::vector<int> random_pages(int b, int pages_per_seq, int num_pages, std::mt19937& rng) {
-  std::vector<int> perm(num_pages);
-  for (int i = 0; i < num_pages; ++i) perm[i] = i;
-  std::shuffle(perm.begin(), perm.end(), rng);
-  std::vector<int> t;
-  for (int i = 0; i < b * pages_per_seq; ++i) t.push_back(perm[size_t(i) % num_pages]);
-  return t;
 }
 
 std::vector<Case> cases() {

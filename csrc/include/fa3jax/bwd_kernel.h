@@ -97,10 +97,10 @@ __global__ void __launch_bounds__(KT::kNumThreads, 1) bwd_kernel(__grid_constant
   int const wg_idx = cutlass::canonical_warp_group_idx();
   bool const is_leader = threadIdx.x == 0;
   if (is_leader) {
-    cute::prefetch_tma_descriptor(p.tma_q.get_tma_descriptor());
-    cute::prefetch_tma_descriptor(p.tma_do.get_tma_descriptor());
-    cute::prefetch_tma_descriptor(p.tma_k.get_tma_descriptor());
-    cute::prefetch_tma_descriptor(p.tma_v.get_tma_descriptor());
+    cute::prefetch_tma_descriptor(tma_desc_of(p.tma_q));
+    cute::prefetch_tma_descriptor(tma_desc_of(p.tma_do));
+    cute::prefetch_tma_descriptor(tma_desc_of(p.tma_k));
+    cute::prefetch_tma_descriptor(tma_desc_of(p.tma_v));
     cute::initialize_barrier(ss.barrier_kv, 1);
     if constexpr (KT::kWriterWarp) {
       for (int w = 0; w < KT::kNumMmaWG; ++w)

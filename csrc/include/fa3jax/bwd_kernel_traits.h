@@ -39,6 +39,7 @@
 #include <cutlass/pipeline/sm90_pipeline.hpp>
 
 #include "bwd_layout.h"
+#include "rows_view.h"
 
 namespace fa3jax {
 
@@ -200,6 +201,14 @@ struct BwdKernelTraits {
   using TmadO = decltype(make_tma_do(std::declval<GTensor>()));
   using TmaK = decltype(make_tma_k(std::declval<GTensor>()));
   using TmaV = decltype(make_tma_v(std::declval<GTensor>()));
+  // Varlen: q, dO, k and v are loaded through packed-rows views (rows_view.h, launch.h encode_rows_view) whose
+  // descriptor base is the tensor itself, as boxes of one swizzle row of each tile's atom (128 or 64 bytes).
+  template <class Tma>
+  using TmaField = std::conditional_t<kVarlen, cute::TmaDescriptor, Tma>;
+  template <int kCols>
+  static constexpr int kBoxCols = kSw128<kCols> ? 64 : 32;
+  static constexpr int kBoxColsQ = kBoxCols<kDkCols>, kBoxColsdO = kBoxCols<kDvCols>;
+  static constexpr int kBoxColsK = kBoxCols<kDqCols>, kBoxColsV = kBoxCols<kHeadDimV>;
 
   static constexpr uint32_t kBytesRow = kBlockM * sizeof(float);
   // Q, dO, lse_log2, delta
@@ -234,10 +243,10 @@ struct BwdKernelTraits {
   static_assert(kSmemBytes <= 227 * 1024, "tiles x stages exceed sm90's 227 KiB of shared memory per block");
 
   struct Params {
-    TmaQ tma_q;
-    TmadO tma_do;
-    TmaK tma_k;
-    TmaV tma_v;
+    TmaField<TmaQ> tma_q;
+    TmaField<TmadO> tma_do;
+    TmaField<TmaK> tma_k;
+    TmaField<TmaV> tma_v;
     void* dk;  // like k: rows of hk x d (the call's d)
     void* dv;  // like v: rows of hk x d_v (the call's d_v)
     float* dq_accum;        // kBlockM x kHeadDim tiles per padded row block (bwd_layout.h, bwd_stat_row0)

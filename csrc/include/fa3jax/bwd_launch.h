@@ -36,14 +36,11 @@ FwdStatus launch_bwd_kernel(const BwdParams& bp, BwdWorkspace const& ws, cudaStr
   // tensors' extents, so that the kernel-wide TMA boxes zero-fill the columns past them (their dQ/dK/dV columns come
   // out 0: dq_accum keeps them, dK/dV stores skip them).
   int const d = c.head_dim, dv = c.value_dim();
-  // Dense: (row, dim, head, batch). Varlen: the packed rows as (r, dim, head, end) with the base moved back by the
-  // total rows (launch.h rows_before; bwd_mainloop.h load says how a sequence addresses it).
+  // Dense: (row, dim, head, batch). Varlen: packed-rows views (launch.h encode_rows_view; bwd_mainloop.h load says
+  // how a sequence addresses them), set below.
   auto tensor = [&](void const* ptr, int rows, int dim, int heads, Strides const& s) {
-    Element const* base = static_cast<Element const*>(ptr);
-    int64_t last = s.batch;
-    int ext = b;
-    if constexpr (kVarlen) base = rows_before(base, rows, s.row), last = s.row, ext = rows + 1;
-    return make_tensor(make_gmem_ptr(base), make_shape(rows, dim, heads, ext), make_stride(s.row, _1{}, s.head, last));
+    return make_tensor(make_gmem_ptr(static_cast<Element const*>(ptr)), make_shape(rows, dim, heads, b),
+                       make_stride(s.row, _1{}, s.head, s.batch));
   };
   Strides const dense_do{int64_t(hq) * dv, int64_t(dv), int64_t(sq) * hq * dv};  // dO is dense like out
   int const num_m_blocks = (sq + KT::kBlockM - 1) / KT::kBlockM;
@@ -52,10 +49,10 @@ FwdStatus launch_bwd_kernel(const BwdParams& bp, BwdWorkspace const& ws, cudaStr
   constexpr float kLog2e = 1.4426950408889634f;
   bool const capped = c.softcap > 0.f;
   typename KT::Params kp{
-      KT::make_tma_q(tensor(c.q, sq, d, hq, c.q_stride)),
-      KT::make_tma_do(tensor(bp.dout, sq, dv, hq, dense_do)),
-      KT::make_tma_k(tensor(c.k, sk, d, hk, c.k_stride)),
-      KT::make_tma_v(tensor(c.v, sk, dv, hk, c.v_stride)),
+      {},
+      {},
+      {},
+      {},
       bp.dk,
       bp.dv,
       ws.dq_accum,
@@ -77,6 +74,23 @@ FwdStatus launch_bwd_kernel(const BwdParams& bp, BwdWorkspace const& ws, cudaStr
       d,
       dv,
       0};
+  if constexpr (kVarlen) {
+    // Boxes of one swizzle row of each tile's atom (KT::kBoxCols*) by its rows.
+    if (!encode_rows_view<Element>(&kp.tma_q, c.q, c.q_stride.row, c.q_stride.head, d, sq, hq, KT::kBoxColsQ,
+                                   KT::kBlockM) ||
+        !encode_rows_view<Element>(&kp.tma_do, bp.dout, dense_do.row, dense_do.head, dv, sq, hq, KT::kBoxColsdO,
+                                   KT::kBlockM) ||
+        !encode_rows_view<Element>(&kp.tma_k, c.k, c.k_stride.row, c.k_stride.head, d, sk, hk, KT::kBoxColsK,
+                                   KT::kBlockN) ||
+        !encode_rows_view<Element>(&kp.tma_v, c.v, c.v_stride.row, c.v_stride.head, dv, sk, hk, KT::kBoxColsV,
+                                   KT::kBlockN))
+      return {cudaErrorInvalidValue, "cuTensorMapEncodeTiled (varlen q/dO/k/v views), bwd"};
+  } else {
+    kp.tma_q = KT::make_tma_q(tensor(c.q, sq, d, hq, c.q_stride));
+    kp.tma_do = KT::make_tma_do(tensor(bp.dout, sq, dv, hq, dense_do));
+    kp.tma_k = KT::make_tma_k(tensor(c.k, sk, d, hk, c.k_stride));
+    kp.tma_v = KT::make_tma_v(tensor(c.v, sk, dv, hk, c.v_stride));
+  }
   // kLpt: heaviest key blocks first where a right window bound makes key block 0 the longest (dense, default
   // mode: deterministic mode keeps its descending dispatch, which its turn order relies on). Sections of (kv head,
   // batch) pairs whose Q, dO (group_size query heads) and fp32 dq_accum take ~32 MiB of L2 together.

@@ -120,48 +120,75 @@ struct BwdMainloop {
     Tensor sQ = make_tensor(make_smem_ptr(ss.smem_q.data()), typename KT::SmemLayoutQ{});
     Tensor sdO = make_tensor(make_smem_ptr(ss.smem_do.data()), typename KT::SmemLayoutdO{});
 
-    // Dense: (row, d, head, batch). Varlen: packed rows as (r, d, head, end) (launch.h's rows_before view): the
-    // sequence is coordinate end = offset + length and its row i is r = total - length + i, so rows past its end
-    // fall outside the tensor and TMA zero-fills them.
-    int const last_k = KT::kVarlen ? int(tile.seq.offset_k) + tile.seq.seqlen_k : tile.batch;
-    int const last_q = KT::kVarlen ? int(tile.seq.offset_q) + tile.seq.seqlen_q : tile.batch;
-    int const r0_k = KT::kVarlen ? p.seqlen_k - tile.seq.seqlen_k : 0;
-    int const r0_q = KT::kVarlen ? p.seqlen_q - tile.seq.seqlen_q : 0;
-    int const ext_k = KT::kVarlen ? p.seqlen_k + 1 : p.batch, ext_q = KT::kVarlen ? p.seqlen_q + 1 : p.batch;
-    Tensor mK = p.tma_k.get_tma_tensor(make_shape(p.seqlen_k, int(kHeadDim), p.num_heads_k, ext_k));
-    Tensor mV = p.tma_v.get_tma_tensor(make_shape(p.seqlen_k, int(kHeadDimV), p.num_heads_k, ext_k));
-    Tensor gK = local_tile(domain_offset(make_coord(r0_k, _0{}), mK(_, _, tile.head_k, last_k)), Shape<BlkN, HDim>{},
-                           make_coord(tile.n_block, _0{}));
-    Tensor gV = local_tile(domain_offset(make_coord(r0_k, _0{}), mV(_, _, tile.head_k, last_k)), Shape<BlkN, HDimV>{},
-                           make_coord(tile.n_block, _0{}));
-    auto [tKgK, tKsK] = tma_partition(p.tma_k, _0{}, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gK));
-    auto [tVgV, tVsV] = tma_partition(p.tma_v, _0{}, Layout<_1>{}, group_modes<0, 2>(sV), group_modes<0, 2>(gV));
-    if (lane0) {
-      cute::set_barrier_transaction_bytes(ss.barrier_kv, KT::kBytesKV);
-      copy(p.tma_k.with(ss.barrier_kv), tKgK, tKsK);
-      copy(p.tma_v.with(ss.barrier_kv), tVgV, tVsV);
+    // kL2Hint: Q and dO are read again by every key block's CTA of this head, K and V once.
+    constexpr auto hint = KT::kL2Hint ? TMA::CacheHintSm90::EVICT_LAST : TMA::CacheHintSm90::EVICT_NORMAL;
+    if constexpr (KT::kVarlen) {
+      // Packed rows through rows views (rows_view.h; launch.h encode_rows_view): the sequence's len rows end at row
+      // end = offset + len and its row i is view row kViewRows - len + i, so rows past its end are zero-filled.
+      // One box per swizzle row's columns of each tile (kBoxCols*).
+      int const end_k = int(tile.seq.offset_k) + tile.seq.seqlen_k;
+      int const end_q = int(tile.seq.offset_q) + tile.seq.seqlen_q;
+      int const row_k = kViewRows - tile.seq.seqlen_k + tile.n_block * KT::kBlockN;
+      int const row_q = kViewRows - tile.seq.seqlen_q;
+      if (lane0) {
+        cute::set_barrier_transaction_bytes(ss.barrier_kv, KT::kBytesKV);
+        copy_rows_tile<kHeadDim, KT::kBoxColsK>(
+            p.tma_k, &ss.barrier_kv, [&](int c) { return &sK(0, c); }, row_k, tile.head_k, end_k);
+        copy_rows_tile<kHeadDimV, KT::kBoxColsV>(
+            p.tma_v, &ss.barrier_kv, [&](int c) { return &sV(0, c); }, row_k, tile.head_k, end_k);
+      }
+      load_steps(p, ss, pipe, st, tile, km, [&](int h) {
+        return [&, h](int m, uint64_t* bar, int s) {
+          copy_rows_tile<kHeadDim, KT::kBoxColsQ>(
+              p.tma_q, bar, [&](int c) { return &sQ(0, c, s); }, row_q + m * kBlockM, h, end_q, uint64_t(hint));
+          copy_rows_tile<kHeadDimV, KT::kBoxColsdO>(
+              p.tma_do, bar, [&](int c) { return &sdO(0, c, s); }, row_q + m * kBlockM, h, end_q, uint64_t(hint));
+        };
+      });
+    } else {
+      // (row, d, head, batch).
+      Tensor mK = p.tma_k.get_tma_tensor(make_shape(p.seqlen_k, int(kHeadDim), p.num_heads_k, p.batch));
+      Tensor mV = p.tma_v.get_tma_tensor(make_shape(p.seqlen_k, int(kHeadDimV), p.num_heads_k, p.batch));
+      Tensor gK = local_tile(mK(_, _, tile.head_k, tile.batch), Shape<BlkN, HDim>{}, make_coord(tile.n_block, _0{}));
+      Tensor gV = local_tile(mV(_, _, tile.head_k, tile.batch), Shape<BlkN, HDimV>{}, make_coord(tile.n_block, _0{}));
+      auto [tKgK, tKsK] = tma_partition(p.tma_k, _0{}, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gK));
+      auto [tVgV, tVsV] = tma_partition(p.tma_v, _0{}, Layout<_1>{}, group_modes<0, 2>(sV), group_modes<0, 2>(gV));
+      if (lane0) {
+        cute::set_barrier_transaction_bytes(ss.barrier_kv, KT::kBytesKV);
+        copy(p.tma_k.with(ss.barrier_kv), tKgK, tKsK);
+        copy(p.tma_v.with(ss.barrier_kv), tVgV, tVsV);
+      }
+      Tensor mQ = p.tma_q.get_tma_tensor(make_shape(p.seqlen_q, int(kHeadDim), p.num_heads_q, p.batch));
+      Tensor mdO = p.tma_do.get_tma_tensor(make_shape(p.seqlen_q, int(kHeadDimV), p.num_heads_q, p.batch));
+      load_steps(p, ss, pipe, st, tile, km, [&](int h) {
+        Tensor gQ = local_tile(mQ(_, _, h, tile.batch), Shape<BlkM, HDim>{}, make_coord(_, _0{}));  // (M, D, m)
+        Tensor gdO = local_tile(mdO(_, _, h, tile.batch), Shape<BlkM, HDimV>{}, make_coord(_, _0{}));
+        auto [tQgQ, tQsQ] = tma_partition(p.tma_q, _0{}, Layout<_1>{}, group_modes<0, 2>(sQ), group_modes<0, 2>(gQ));
+        auto [tdOgdO, tdOsdO] =
+            tma_partition(p.tma_do, _0{}, Layout<_1>{}, group_modes<0, 2>(sdO), group_modes<0, 2>(gdO));
+        return [&p, hint, tQgQ = tQgQ, tQsQ = tQsQ, tdOgdO = tdOgdO, tdOsdO = tdOsdO](int m, uint64_t* bar, int s) {
+          copy(p.tma_q.with(*bar, 0, hint), tQgQ(_, m), tQsQ(_, s));
+          copy(p.tma_do.with(*bar, 0, hint), tdOgdO(_, m), tdOsdO(_, s));
+        };
+      });
     }
+  }
 
-    Tensor mQ = p.tma_q.get_tma_tensor(make_shape(p.seqlen_q, int(kHeadDim), p.num_heads_q, ext_q));
-    Tensor mdO = p.tma_do.get_tma_tensor(make_shape(p.seqlen_q, int(kHeadDimV), p.num_heads_q, ext_q));
+  // The producer's steps after K and V (load): each (query head of the group, query block) in the consumers' order
+  // into a stage: Q and dO by head_loads(h)(m, barrier, stage) (lane 0), then the block's lse_log2 and delta rows.
+  template <class HeadLoads>
+  CUTE_DEVICE static void load_steps(Params const& p, SharedStorage& ss, Pipeline& pipe, PipelineState& st,
+                                     BwdTile const& tile, KM const& km, HeadLoads const& head_loads) {
+    bool const lane0 = threadIdx.x % 32 == 0;
     for (int g = 0; g < p.group_size; ++g) {
       int const h = tile.head_k * p.group_size + g;
-      Tensor gQ = local_tile(domain_offset(make_coord(r0_q, _0{}), mQ(_, _, h, last_q)), Shape<BlkM, HDim>{},
-                             make_coord(_, _0{}));  // (M, D, m)
-      Tensor gdO = local_tile(domain_offset(make_coord(r0_q, _0{}), mdO(_, _, h, last_q)), Shape<BlkM, HDimV>{},
-                              make_coord(_, _0{}));
-      auto [tQgQ, tQsQ] = tma_partition(p.tma_q, _0{}, Layout<_1>{}, group_modes<0, 2>(sQ), group_modes<0, 2>(gQ));
-      auto [tdOgdO, tdOsdO] =
-          tma_partition(p.tma_do, _0{}, Layout<_1>{}, group_modes<0, 2>(sdO), group_modes<0, 2>(gdO));
+      auto const load_qdo = head_loads(h);
       for (int m = km.m_min; m < km.m_max; ++m) {
         pipe.producer_acquire(st);
         if (lane0) {
           uint64_t* bar = pipe.producer_get_barrier(st);
           int const s = st.index();
-          // kL2Hint: Q and dO are read again by every key block's CTA of this head, K and V once.
-          constexpr auto hint = KT::kL2Hint ? TMA::CacheHintSm90::EVICT_LAST : TMA::CacheHintSm90::EVICT_NORMAL;
-          copy(p.tma_q.with(*bar, 0, hint), tQgQ(_, m), tQsQ(_, s));
-          copy(p.tma_do.with(*bar, 0, hint), tdOgdO(_, m), tdOsdO(_, s));
+          load_qdo(m, bar, s);
           int64_t const r = tile.stat_row(h, m);
           SM90_BULK_COPY_G2S::copy(p.lse_log2 + r, bar, ss.smem_lse[s], KT::kBytesRow);
           SM90_BULK_COPY_G2S::copy(p.delta + r, bar, ss.smem_delta[s], KT::kBytesRow);

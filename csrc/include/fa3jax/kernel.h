@@ -35,9 +35,14 @@ __global__ void __launch_bounds__(KT::kNumThreads, 1) fwd_kernel(__grid_constant
   bool const is_leader = threadIdx.x == 0;
 
   if (is_leader) {
-    cute::prefetch_tma_descriptor(params.tma_q.get_tma_descriptor());
-    cute::prefetch_tma_descriptor(params.tma_k.get_tma_descriptor());
-    cute::prefetch_tma_descriptor(params.tma_v.get_tma_descriptor());
+    cute::prefetch_tma_descriptor(tma_desc_of(params.tma_q));
+    if constexpr (KT::kKVCache) {  // the caches' views (launch.h encode_rows_view); tma_k/tma_v are unused there
+      cute::prefetch_tma_descriptor(&params.tma_cache_k);
+      cute::prefetch_tma_descriptor(&params.tma_cache_v);
+    } else {
+      cute::prefetch_tma_descriptor(tma_desc_of(params.tma_k));
+      cute::prefetch_tma_descriptor(tma_desc_of(params.tma_v));
+    }
     if constexpr (KT::kTmaEpilogue) cute::prefetch_tma_descriptor(params.tma_o.get_tma_descriptor());
     cute::initialize_barrier(ss.barrier_q, 1);
     cute::initialize_barrier(ss.barrier_q_empty, KT::kNumMmaThreads);

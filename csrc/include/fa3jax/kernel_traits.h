@@ -12,6 +12,7 @@
 #include <cutlass/pipeline/sm90_pipeline.hpp>
 
 #include "attn_params.h"
+#include "rows_view.h"
 #include "tile_scheduler.h"
 
 namespace fa3jax {
@@ -99,6 +100,9 @@ struct FwdKernelTraits {
     return uint32_t(col / 64) * (kBlockN * 128) + uint32_t(row) * 128 + uint32_t(((col / 8) % 8) ^ (row % 8)) * 16;
   }
 
+  // The packed-rows views' row extent (rows_view.h): the KV cache's and varlen's loads.
+  static constexpr int kViewRows = fa3jax::kViewRows;
+
   // Global tensors: Q/K as (seq, d, head, batch); V as (d_v, seq, head, batch).
   using GShape = Shape<int32_t, int32_t, int32_t, int32_t>;
   using GStrideQK = Stride<int64_t, _1, int64_t, int64_t>;
@@ -165,10 +169,16 @@ struct FwdKernelTraits {
   static_assert(kSmemBytes <= 227 * 1024, "tiles x stages exceed sm90's 227 KiB of shared memory per block");
 
   // Everything the kernel needs; passed as a __grid_constant__ parameter (TMA descriptors inside).
+  // Varlen: q/k/v are loaded through packed-rows views (rows_view.h, launch.h encode_rows_view) whose descriptor
+  // base is the tensor itself, so those fields are plain descriptors; dense and KV-cache kernels keep CuTe's copies.
+  using TmaQField = std::conditional_t<kVarlen, cute::TmaDescriptor, TmaQ>;
+  using TmaKField = std::conditional_t<kVarlen, cute::TmaDescriptor, TmaK>;
+  using TmaVField = std::conditional_t<kVarlen, cute::TmaDescriptor, TmaV>;
+
   struct Params {
-    TmaQ tma_q;
-    TmaK tma_k;
-    TmaV tma_v;
+    TmaQField tma_q;
+    TmaKField tma_k;
+    TmaVField tma_v;
     TmaO tma_o;  // used when kTmaEpilogue
     void* out;
     float* lse;
@@ -185,12 +195,6 @@ struct FwdKernelTraits {
     int const* cu_seqlens_k;
     int const* seqused_k;     // or nullptr
     int dim_v;  // the call's v/out head dim (<= kHeadDimV, a multiple of 8): out's row width, columns written
-    // kKVCache only (launch.h): tma_k/tma_v then read the caches as packed rows (row, d, head, end) over
-    // cache_rows = cache_slots * slot_rows rows, tma_k_new/tma_v_new the appended keys likewise over batch *
-    // seqlen_new rows; a slot (cache row or page) is a "sequence" ending at row end, so rows past its valid
-    // length are zero-filled by TMA (as varlen's).
-    TmaK tma_k_new;
-    TmaV tma_v_new;
     int const* cache_seqlens;  // (batch,)
     int const* leftpad;        // or nullptr
     int const* batch_idx;      // or nullptr (contiguous only)
@@ -207,12 +211,15 @@ struct FwdKernelTraits {
     int pack = 1;
     void const* q_ptr = nullptr;  // kKVCache with pack > 1: q and its element strides (the packed gather)
     int64_t q_stride_row = 0, q_stride_head = 0, q_stride_batch = 0;
-    // kKVCache, paged: how cache blocks are read (attn_params.h KVLoad, fwd_kvcache_load). kBoxes: tma_page_k/v
-    // view the caches as tma_k/v do, as (d, row, head, end) with boxes of (64, box_rows, 1, 1) (launch.h). kGather:
-    // the caches' base pointers and element strides (row, head).
+    // kKVCache only (launch.h encode_rows_view): tma_cache_k/v read the caches, tma_new_k/v the appended keys, as
+    // packed rows (d, row, head, end, wrap) whose descriptor base is the tensor itself; a slot (cache row or page) of
+    // valid length len ending at row `end` reads view rows kViewRows - len + i, so rows past len are zero-filled.
+    // Boxes of (64, box_rows) for the cache (kBlockN rows but with kv_load kBoxes), (64, kBlockN) for the new keys.
+    // How cache blocks are read (attn_params.h KVLoad, fwd_kvcache_load); kGather: the caches' base pointers and
+    // element strides (row, head).
     KVLoad kv_load = KVLoad::kBlocks;
     int box_rows = 0;
-    cute::TmaDescriptor tma_page_k{}, tma_page_v{};
+    cute::TmaDescriptor tma_cache_k{}, tma_cache_v{}, tma_new_k{}, tma_new_v{};
     void const* k_cache = nullptr;
     void const* v_cache = nullptr;
     int64_t k_stride_row = 0, k_stride_head = 0, v_stride_row = 0, v_stride_head = 0;

@@ -87,6 +87,41 @@ FwdStatus launch_persistent(typename KT::Params const& kp, bool all_sms, cudaStr
   return {};
 }
 
+// The TMA view of `total` packed rows for loads (rows_view.h): rank 5, (d, row, head, end, wrap) with extents
+// (d, kViewRows, heads, total + 1, kViewRows + 1) and the descriptor's base at the tensor itself. A run of len rows
+// ending at row `end` (a varlen sequence, a KV-cache slot) reads view row kViewRows - len + i: rows past len fall
+// outside the row extent (zero-filled), and the wrap mode at coordinate kViewRows with stride 2^34 - row bytes adds
+// -kViewRows rows modulo 2^64 (kViewRows x 2^34 = 2^64), so the address is base + (end - len + i) rows.
+// Why not a base moved back by total rows (rows_before): TMA loads fault when the descriptor's base lies in
+// unmapped memory (a tensor at the start of a mapping; the flaky JAX-level ILLEGAL_ADDRESS, RESULTS.md).
+// Boxes of box_cols columns (one swizzle row: 128 or 64 bytes, the swizzle of the smem tile's atom) by box_rows
+// rows: one box fills rows of one column slice of a tile whose layout keeps each slice as swizzled rows (the
+// forward's Q, K and V^T stages; the backward's Q, dO, K, V). Extents of the extra modes are exact (a loose bound
+// let TMA read past a tensor in quack's ragged views). fwd_check / bwd_check bound len (<= kViewRows) and the row
+// bytes (< 2^34).
+template <class Element>
+bool encode_rows_view(cute::TmaDescriptor* desc, void const* base, int64_t row_stride, int64_t head_stride, int d,
+                      int total, int heads, int box_cols, int box_rows) {
+  constexpr uint64_t kBytes = sizeof(Element);
+  static_assert(kBytes == 2, "bf16 / fp16 views");
+  uint64_t const row = uint64_t(row_stride) * kBytes;  // < 2^34 (fwd_check, bwd_check)
+  cuuint64_t dims[5] = {cuuint64_t(d), cuuint64_t(kViewRows), cuuint64_t(heads), cuuint64_t(total) + 1,
+                        cuuint64_t(kViewRows) + 1};
+  cuuint64_t strides[4] = {row, uint64_t(head_stride) * kBytes, row, (uint64_t(1) << 34) - row};
+  cuuint32_t box[5] = {cuuint32_t(box_cols), cuuint32_t(box_rows), 1, 1, 1};
+  cuuint32_t unit[5] = {1, 1, 1, 1, 1};
+  uint64_t const swizzle_bytes = uint64_t(box_cols) * kBytes;
+  CUtensorMapSwizzle const swizzle = swizzle_bytes == 128 ? CU_TENSOR_MAP_SWIZZLE_128B
+                                     : swizzle_bytes == 64 ? CU_TENSOR_MAP_SWIZZLE_64B
+                                                           : CU_TENSOR_MAP_SWIZZLE_32B;
+  CUresult const r = cutlass::call_cuTensorMapEncodeTiled(
+      desc,
+      std::is_same_v<Element, cutlass::bfloat16_t> ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
+      5, const_cast<void*>(base), dims, strides, box, unit, CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle,
+      CU_TENSOR_MAP_L2_PROMOTION_L2_128B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return r == CUDA_SUCCESS;
+}
+
 template <DType kDType, int kHeadDim, int kHeadDimV, bool kWide, bool kVarlen = false>
 FwdStatus launch_fwd(const FwdParams& fp, cudaStream_t stream) {
   static_assert(!kWide || kHeadDimV == kHeadDim, "wide key tiles are compiled for d_v == d only");
@@ -106,38 +141,29 @@ FwdStatus launch_fwd(const FwdParams& fp, cudaStream_t stream) {
   int const d = p.head_dim, dv = p.value_dim();
 
   // q/k/v through TMA at the caller's strides; out is dense (the register epilogue addresses it so).
-  // Dense: (seq, d, head, batch). Varlen: packed rows as (r, d, head, end), where the last mode, with the row
-  // stride too, is a sequence's end row (offset + length) and the base moves back by total rows: row i of that
-  // sequence is r = total - length + i, rows past its end have r >= total and lie outside the tensor, so TMA
-  // zero-fills their loads and drops their stores (one descriptor for all sequences; mainloop.h, epilogue.h).
-  Element const* q_ptr = static_cast<Element const*>(p.q);
-  Element const* k_ptr = static_cast<Element const*>(p.k);
-  Element const* v_ptr = static_cast<Element const*>(p.v);
+  // Dense: (seq, d, head, batch). Varlen: q/k/v through packed-rows views (encode_rows_view: one descriptor for all
+  // sequences, rows past a sequence's end zero-filled; mainloop.h), and out (the TMA epilogue's stores) as
+  // (r, d, head, end), where the last mode, with the row stride too, is a sequence's end row (offset + length) and
+  // the base moves back by total rows: row i of that sequence is r = total - length + i, rows past its end have
+  // r >= total and lie outside the tensor, so TMA drops their stores (epilogue.h).
+  // Stores keep the moved-back base: the fault it is suspected of is the loads' (a load descriptor's base in unmapped
+  // memory), and a rows-view store would put a raw 5-D TMA store into the consumers' epilogue.
   Element* o_ptr = static_cast<Element*>(fp.out);
   int64_t const o_row = int64_t(hq) * dv;
-  int64_t q_last = p.q_stride.batch, k_last = p.k_stride.batch, v_last = p.v_stride.batch, o_last = sq * o_row;
-  int q_ext = b, k_ext = b;
+  int64_t o_last = sq * o_row;
+  int q_ext = b;
   if constexpr (kVarlen) {
-    q_ptr = rows_before(q_ptr, sq, p.q_stride.row);
-    k_ptr = rows_before(k_ptr, sk, p.k_stride.row);
-    v_ptr = rows_before(v_ptr, sk, p.v_stride.row);
     o_ptr = rows_before(o_ptr, sq, o_row);
-    q_last = p.q_stride.row, k_last = p.k_stride.row, v_last = p.v_stride.row, o_last = o_row;
-    q_ext = sq + 1, k_ext = sk + 1;
+    o_last = o_row;
+    q_ext = sq + 1;
   }
-  auto q = make_tensor(make_gmem_ptr(q_ptr), make_shape(sq, d, hq, q_ext),
-                       make_stride(p.q_stride.row, _1{}, p.q_stride.head, q_last));
-  auto k = make_tensor(make_gmem_ptr(k_ptr), make_shape(sk, d, hk, k_ext),
-                       make_stride(p.k_stride.row, _1{}, p.k_stride.head, k_last));
   auto o = make_tensor(make_gmem_ptr(o_ptr), make_shape(sq, dv, hq, q_ext),
                        make_stride(o_row, _1{}, int64_t(dv), o_last));
-  auto vt = make_tensor(make_gmem_ptr(v_ptr), make_shape(dv, sk, hk, k_ext),
-                        make_stride(_1{}, p.v_stride.row, p.v_stride.head, v_last));
 
   typename KT::Params kp{
-      KT::make_tma_q(q),
-      KT::make_tma_k(k),
-      KT::make_tma_v(vt),
+      {},
+      {},
+      {},
       KT::make_tma_o(o),
       fp.out,
       fp.lse,
@@ -151,7 +177,24 @@ FwdStatus launch_fwd(const FwdParams& fp, cudaStream_t stream) {
       p.varlen.cu_seqlens_k,
       p.varlen.seqused_k,
       dv,
-      {}, {}, nullptr, nullptr, nullptr, nullptr, 0, 0, 0, 0};  // no KV cache (launch_fwd_kvcache)
+      nullptr, nullptr, nullptr, nullptr, 0, 0, 0, 0};  // no KV cache (launch_fwd_kvcache)
+  if constexpr (kVarlen) {
+    // Boxes of one 128-byte swizzle row (64 columns) by the Q tile's or a key block's rows (SmemLayoutQ/K/Vt).
+    if (!encode_rows_view<Element>(&kp.tma_q, p.q, p.q_stride.row, p.q_stride.head, d, sq, hq, 64, KT::kBlockM) ||
+        !encode_rows_view<Element>(&kp.tma_k, p.k, p.k_stride.row, p.k_stride.head, d, sk, hk, 64, KT::kBlockN) ||
+        !encode_rows_view<Element>(&kp.tma_v, p.v, p.v_stride.row, p.v_stride.head, dv, sk, hk, 64, KT::kBlockN))
+      return {cudaErrorInvalidValue, "cuTensorMapEncodeTiled (varlen q/k/v views)"};
+  } else {
+    Element const* q_ptr = static_cast<Element const*>(p.q);
+    Element const* k_ptr = static_cast<Element const*>(p.k);
+    Element const* v_ptr = static_cast<Element const*>(p.v);
+    kp.tma_q = KT::make_tma_q(make_tensor(make_gmem_ptr(q_ptr), make_shape(sq, d, hq, b),
+                                          make_stride(p.q_stride.row, _1{}, p.q_stride.head, p.q_stride.batch)));
+    kp.tma_k = KT::make_tma_k(make_tensor(make_gmem_ptr(k_ptr), make_shape(sk, d, hk, b),
+                                          make_stride(p.k_stride.row, _1{}, p.k_stride.head, p.k_stride.batch)));
+    kp.tma_v = KT::make_tma_v(make_tensor(make_gmem_ptr(v_ptr), make_shape(dv, sk, hk, b),
+                                          make_stride(_1{}, p.v_stride.row, p.v_stride.head, p.v_stride.batch)));
+  }
   set_score_scales(kp, p);
 
   SchedulerParams& sp = kp.sched;
@@ -180,35 +223,11 @@ FwdStatus launch_fwd(const FwdParams& fp, cudaStream_t stream) {
   return launch_persistent<KT>(kp, kVarlen, stream);
 }
 
-// KVLoad::kBoxes' descriptor of one cache (k or v): the packed-rows view of launch_fwd_kvcache, (d, row, head, end)
-// over `total` rows with its base moved back by them (rows past a page's valid length fall outside: zero-filled),
-// boxes of 64 columns (one 128-byte swizzle row) by box_rows rows with the 128-byte swizzle: one box fills rows of
-// one 64-column slice of a K stage or a V^T stage, which both keep each slice as rows of 128 bytes (SmemLayoutK,
-// SmemLayoutVt; test_layouts checks that the gather's addresses agree).
-template <DType kDType>
-bool encode_page_boxes(cute::TmaDescriptor* desc, void const* base, Strides st, int d, int total, int hk,
-                       int box_rows) {
-  using Element = typename ElementOf<kDType>::type;
-  Element const* ptr = rows_before(static_cast<Element const*>(base), total, st.row);
-  constexpr uint64_t kBytes = sizeof(Element);
-  cuuint64_t dims[4] = {cuuint64_t(d), cuuint64_t(total), cuuint64_t(hk), cuuint64_t(total) + 1};
-  cuuint64_t strides[3] = {cuuint64_t(st.row) * kBytes, cuuint64_t(st.head) * kBytes, cuuint64_t(st.row) * kBytes};
-  cuuint32_t box[4] = {64, cuuint32_t(box_rows), 1, 1};
-  cuuint32_t unit[4] = {1, 1, 1, 1};
-  CUresult const r = cutlass::call_cuTensorMapEncodeTiled(
-      desc, kDType == DType::kBF16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 4,
-      const_cast<Element*>(ptr), dims, strides, box, unit, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-      CU_TENSOR_MAP_L2_PROMOTION_L2_128B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  return r == CUDA_SUCCESS;
-}
-
 // The KV-cache forward (attn_params.h KVCacheSeqs, FwdPolicy's tiles). q/out/lse are the dense kernel's. The caches
-// are read as packed rows (kernel_traits.h Params): all cache_slots * slot_rows rows of k (and v) in one
-// (row, d, head, end) tensor whose base moves back by that total, so a slot (a batch row of the contiguous cache, or
-// a page) of valid length len ending at row end reads rows total - len + i, and rows at or past len lie outside
-// the tensor (zero-filled loads, as launch_fwd's varlen tensors). The appended k/v (batch, seqlen_new, hk, d) are
-// viewed the same way with one slot per batch row. fwd_check has checked shapes, strides and that every coordinate
-// fits int32.
+// are read as packed rows (encode_rows_view): all cache_slots * slot_rows rows of k (and v) in one view, so a slot
+// (a batch row of the contiguous cache, or a page) of valid length len ending at row end reads its rows with those
+// at or past len zero-filled. The appended k/v (batch, seqlen_new, hk, d) are viewed the same way with one slot per
+// batch row. fwd_check has checked shapes, strides and that every coordinate fits int32.
 template <DType kDType, int kHeadDim>
 FwdStatus launch_fwd_kvcache(const FwdParams& fp, cudaStream_t stream) {
   using KT = FwdTraitsOf<FwdPolicy<kHeadDim, kHeadDim>, kDType, kHeadDim, kHeadDim, false, true>;
@@ -231,31 +250,25 @@ FwdStatus launch_fwd_kvcache(const FwdParams& fp, cudaStream_t stream) {
                        make_stride(p.q_stride.row, _1{}, p.q_stride.head, p.q_stride.batch));
   auto o = make_tensor(make_gmem_ptr(o_ptr), make_shape(sq, d, hq, b),
                        make_stride(o_row, _1{}, int64_t(d), sq * o_row));
-  auto rows_k = [&](void const* base, Strides st, int rows) {
-    Element const* ptr = rows_before(static_cast<Element const*>(base), rows, st.row);
-    return make_tensor(make_gmem_ptr(ptr), make_shape(rows, d, hk, rows + 1),
-                       make_stride(st.row, _1{}, st.head, st.row));
-  };
-  auto rows_vt = [&](void const* base, Strides st, int rows) {
-    Element const* ptr = rows_before(static_cast<Element const*>(base), rows, st.row);
-    return make_tensor(make_gmem_ptr(ptr), make_shape(d, rows, hk, rows + 1),
-                       make_stride(_1{}, st.row, st.head, st.row));
-  };
-  auto k = rows_k(p.k, p.k_stride, total);
-  auto vt = rows_vt(p.v, p.v_stride, total);
-  // Without appended keys the kernel never reads tma_*_new (no virtual block past the cache's): the cache's
-  // descriptors stand in.
-  Strides const new_stride{int64_t(hk) * d, int64_t(d), int64_t(sn) * hk * d};
-  auto k_new = sn > 0 ? rows_k(p.append.k_new, new_stride, b * sn) : k;
-  auto vt_new = sn > 0 ? rows_vt(p.append.v_new, new_stride, b * sn) : vt;
-
   typename KT::Params kp{};
   kp.tma_q = KT::make_tma_q(q);
-  kp.tma_k = KT::make_tma_k(k);
-  kp.tma_v = KT::make_tma_v(vt);
   kp.tma_o = KT::make_tma_o(o);
-  kp.tma_k_new = KT::make_tma_k(k_new);
-  kp.tma_v_new = KT::make_tma_v(vt_new);
+  // The caches and the appended keys through encode_rows_view (tma_k/tma_v stay unused). Without appended keys the
+  // kernel never reads tma_new_* (no virtual block past the cache's): the cache's descriptors stand in.
+  kp.kv_load = fwd_kvcache_load(fp);
+  kp.box_rows = kp.kv_load == KVLoad::kBoxes ? fwd_kvcache_box_rows(slot_rows, KT::kBlockN) : KT::kBlockN;
+  if (!encode_rows_view<Element>(&kp.tma_cache_k, p.k, p.k_stride.row, p.k_stride.head, d, total, hk, 64,
+                                 kp.box_rows) ||
+      !encode_rows_view<Element>(&kp.tma_cache_v, p.v, p.v_stride.row, p.v_stride.head, d, total, hk, 64, kp.box_rows))
+    return {cudaErrorInvalidValue, "cuTensorMapEncodeTiled (K/V cache views)"};
+  kp.tma_new_k = kp.tma_cache_k;
+  kp.tma_new_v = kp.tma_cache_v;
+  if (sn > 0) {
+    int64_t const new_row = int64_t(hk) * d;
+    if (!encode_rows_view<Element>(&kp.tma_new_k, p.append.k_new, new_row, d, d, b * sn, hk, 64, KT::kBlockN) ||
+        !encode_rows_view<Element>(&kp.tma_new_v, p.append.v_new, new_row, d, d, b * sn, hk, 64, KT::kBlockN))
+      return {cudaErrorInvalidValue, "cuTensorMapEncodeTiled (appended K/V views)"};
+  }
   kp.out = fp.out;
   kp.lse = fp.lse;
   kp.batch = b;
@@ -277,14 +290,9 @@ FwdStatus launch_fwd_kvcache(const FwdParams& fp, cudaStream_t stream) {
   kp.slot_rows = slot_rows;
   kp.pages_per_seq = paged ? p.paged.max_pages_per_seq : 1;
   kp.seqlen_new = sn;
-  // Key blocks spanning pages (fwd_kvcache_load decides): TMA boxes inside pages, or the producer's gather.
-  kp.kv_load = fwd_kvcache_load(fp);
-  if (kp.kv_load == KVLoad::kBoxes) {
-    kp.box_rows = fwd_kvcache_box_rows(slot_rows, KT::kBlockN);
-    if (!encode_page_boxes<kDType>(&kp.tma_page_k, p.k, p.k_stride, d, total, hk, kp.box_rows) ||
-        !encode_page_boxes<kDType>(&kp.tma_page_v, p.v, p.v_stride, d, total, hk, kp.box_rows))
-      return {cudaErrorInvalidValue, "cuTensorMapEncodeTiled (paged K/V boxes)"};
-  } else if (kp.kv_load == KVLoad::kGather) {
+  // Key blocks spanning pages (fwd_kvcache_load decides): TMA boxes inside pages (box_rows above), or the producer's
+  // gather.
+  if (kp.kv_load == KVLoad::kGather) {
     kp.k_cache = p.k;
     kp.v_cache = p.v;
     kp.k_stride_row = p.k_stride.row;

@@ -40,56 +40,77 @@ struct FwdMainloop {
   CUTE_DEVICE static void load(Params const& params, SharedStorage& ss, Pipeline& pipe_k, Pipeline& pipe_v,
                                PipelineState& st, int q_iter, FwdTile const& tile, SeqInfo const& seq,
                                BI const& bi) {
-    bool const lane0 = threadIdx.x % 32 == 0;
     int const batch = params.batch;
     Tensor sQ = make_tensor(make_smem_ptr(ss.smem_q.data()), typename KT::SmemLayoutQ{});
     Tensor sK = make_tensor(make_smem_ptr(ss.smem_k.data()), typename KT::SmemLayoutK{});
     Tensor sVt = make_tensor(make_smem_ptr(ss.smem_v.data()), typename KT::SmemLayoutVt{});
     int const head_k = tile.head / params.group_size;
 
-    // The tile's (M, D) Q block, (N, D, n) K blocks and (D_v, N, n) V^T blocks.
-    auto [gQ, gK, gVt] = [&]() {
-      if constexpr (!KT::kVarlen) {
-        Tensor mQ = params.tma_q.get_tma_tensor(
-            make_shape(params.seqlen_q, int(KT::kHeadDim), params.num_heads_q, batch));
-        Tensor mK = params.tma_k.get_tma_tensor(
-            make_shape(params.seqlen_k, int(KT::kHeadDim), params.num_heads_k, batch));
-        Tensor mVt = params.tma_v.get_tma_tensor(
-            make_shape(int(KT::kHeadDimV), params.seqlen_k, params.num_heads_k, batch));
-        return cute::make_tuple(
-            local_tile(mQ(_, _, tile.head, tile.batch), Shape<typename KT::BlkM, typename KT::HDim>{},
-                       make_coord(tile.m_block, _0{})),
-            local_tile(mK(_, _, head_k, tile.batch), Shape<typename KT::BlkN, typename KT::HDim>{},
-                       make_coord(_, _0{})),
-            local_tile(mVt(_, _, head_k, tile.batch), Shape<typename KT::HDimV, typename KT::BlkN>{},
-                       make_coord(_0{}, _)));
-      } else {
-        // Packed tensors as (row, d, head, end) (launch.h): the sequence is coordinate end = offset + length, its
-        // row i is r = total - length + i, so rows past its end fall outside the tensor and TMA zero-fills them
-        // (keys past seqused_k included: their scores are masked and their zero values add nothing).
-        int const tq = params.seqlen_q, tk = params.seqlen_k;
-        Tensor mQ = params.tma_q.get_tma_tensor(make_shape(tq, int(KT::kHeadDim), params.num_heads_q, tq + 1));
-        Tensor mK = params.tma_k.get_tma_tensor(make_shape(tk, int(KT::kHeadDim), params.num_heads_k, tk + 1));
-        Tensor mVt = params.tma_v.get_tma_tensor(make_shape(int(KT::kHeadDimV), tk, params.num_heads_k, tk + 1));
-        int const end_q = int(seq.offset_q) + seq.seqlen_q, end_k = int(seq.offset_k) + seq.seqlen_k;
-        return cute::make_tuple(
-            local_tile(domain_offset(make_coord(tq - seq.seqlen_q, _0{}), mQ(_, _, tile.head, end_q)),
-                       Shape<typename KT::BlkM, typename KT::HDim>{}, make_coord(tile.m_block, _0{})),
-            local_tile(domain_offset(make_coord(tk - seq.seqlen_k, _0{}), mK(_, _, head_k, end_k)),
-                       Shape<typename KT::BlkN, typename KT::HDim>{}, make_coord(_, _0{})),
-            local_tile(domain_offset(make_coord(_0{}, tk - seq.seqlen_k), mVt(_, _, head_k, end_k)),
-                       Shape<typename KT::HDimV, typename KT::BlkN>{}, make_coord(_0{}, _)));
-      }
-    }();
+    if constexpr (!KT::kVarlen) {
+      // The tile's (M, D) Q block, (N, D, n) K blocks and (D_v, N, n) V^T blocks.
+      Tensor mQ =
+          params.tma_q.get_tma_tensor(make_shape(params.seqlen_q, int(KT::kHeadDim), params.num_heads_q, batch));
+      Tensor mK =
+          params.tma_k.get_tma_tensor(make_shape(params.seqlen_k, int(KT::kHeadDim), params.num_heads_k, batch));
+      Tensor mVt =
+          params.tma_v.get_tma_tensor(make_shape(int(KT::kHeadDimV), params.seqlen_k, params.num_heads_k, batch));
+      Tensor gQ = local_tile(mQ(_, _, tile.head, tile.batch), Shape<typename KT::BlkM, typename KT::HDim>{},
+                             make_coord(tile.m_block, _0{}));
+      Tensor gK = local_tile(mK(_, _, head_k, tile.batch), Shape<typename KT::BlkN, typename KT::HDim>{},
+                             make_coord(_, _0{}));
+      Tensor gVt = local_tile(mVt(_, _, head_k, tile.batch), Shape<typename KT::HDimV, typename KT::BlkN>{},
+                              make_coord(_0{}, _));
+      auto [tQgQ, tQsQ] =
+          tma_partition(params.tma_q, _0{}, Layout<_1>{}, group_modes<0, 2>(sQ), group_modes<0, 2>(gQ));
+      auto [tKgK, tKsK] = tma_partition(params.tma_k, 0, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gK));
+      auto [tVgV, tVsV] =
+          tma_partition(params.tma_v, 0, Layout<_1>{}, group_modes<0, 2>(sVt), group_modes<0, 2>(gVt));
+      load_blocks(
+          ss, pipe_k, pipe_v, st, q_iter, bi, [&] { copy(params.tma_q.with(ss.barrier_q), tQgQ, tQsQ); },
+          [&](int n, PipelineState s) {
+            copy(params.tma_k.with(*pipe_k.producer_get_barrier(s)), tKgK(_, n), tKsK(_, s.index()));
+          },
+          [&](int n, PipelineState s) {
+            copy(params.tma_v.with(*pipe_v.producer_get_barrier(s)), tVgV(_, n), tVsV(_, s.index()));
+          });
+    } else {
+      // Packed rows through rows views (rows_view.h; launch.h encode_rows_view): the sequence's `len` rows end at
+      // row end = offset + len and its row i is view row kViewRows - len + i, so rows past its end are zero-filled
+      // (keys past seqused_k included: their scores are masked and their zero values add nothing). One box per
+      // 64-column slice (a 128-byte swizzle row) of the Q tile, a K stage or a V^T stage.
+      int const end_q = int(seq.offset_q) + seq.seqlen_q, end_k = int(seq.offset_k) + seq.seqlen_k;
+      int const row_q = KT::kViewRows - seq.seqlen_q + tile.m_block * KT::kBlockM;
+      int const row_k = KT::kViewRows - seq.seqlen_k;
+      load_blocks(
+          ss, pipe_k, pipe_v, st, q_iter, bi,
+          [&] {
+            copy_rows_tile<KT::kHeadDim, 64>(
+                params.tma_q, &ss.barrier_q, [&](int c) { return &sQ(0, c); }, row_q, tile.head, end_q);
+          },
+          [&](int n, PipelineState s) {
+            copy_rows_tile<KT::kHeadDim, 64>(
+                params.tma_k, pipe_k.producer_get_barrier(s), [&](int c) { return &sK(0, c, s.index()); },
+                row_k + n * KT::kBlockN, head_k, end_k);
+          },
+          [&](int n, PipelineState s) {
+            copy_rows_tile<KT::kHeadDimV, 64>(
+                params.tma_v, pipe_v.producer_get_barrier(s), [&](int c) { return &sVt(c, 0, s.index()); },
+                row_k + n * KT::kBlockN, head_k, end_k);
+          });
+    }
+  }
 
-    auto [tQgQ, tQsQ] = tma_partition(params.tma_q, _0{}, Layout<_1>{}, group_modes<0, 2>(sQ), group_modes<0, 2>(gQ));
-    auto [tKgK, tKsK] = tma_partition(params.tma_k, 0, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gK));
-    auto [tVgV, tVsV] = tma_partition(params.tma_v, 0, Layout<_1>{}, group_modes<0, 2>(sVt), group_modes<0, 2>(gVt));
-
+  // The loads' order for one tile (load): Q once the consumers have released the previous one, then K/V blocks
+  // n_max-1 .. n_min. load_q() and load_k/v(n, stage) issue one block's copies (lane 0 only).
+  template <class LoadQ, class LoadK, class LoadV>
+  CUTE_DEVICE static void load_blocks(SharedStorage& ss, Pipeline& pipe_k, Pipeline& pipe_v, PipelineState& st,
+                                      int q_iter, BI const& bi, LoadQ const& load_q, LoadK const& load_k,
+                                      LoadV const& load_v) {
+    bool const lane0 = threadIdx.x % 32 == 0;
     if (q_iter > 0) cute::wait_barrier(ss.barrier_q_empty, (q_iter - 1) & 1);
     if (lane0) {
       cute::set_barrier_transaction_bytes(ss.barrier_q, KT::kBytesQ);
-      copy(params.tma_q.with(ss.barrier_q), tQgQ, tQsQ);
+      load_q();
     }
 
     // K runs one block ahead of V (K_{n-1} is requested before V_n). A consumer needs K_{n-1} first (QK^T opens
@@ -98,45 +119,45 @@ struct FwdMainloop {
     // (Nsight Compute: ~10 failed K waits per key block, 13% of stall samples on long scoreboard).
     int n = bi.n_max - 1;
     pipe_k.producer_acquire(st);
-    if (lane0) copy(params.tma_k.with(*pipe_k.producer_get_barrier(st)), tKgK(_, n), tKsK(_, st.index()));
+    if (lane0) load_k(n, st);
     for (; n > bi.n_min; --n) {
       PipelineState next = st;
       ++next;
       pipe_k.producer_acquire(next);
-      if (lane0) copy(params.tma_k.with(*pipe_k.producer_get_barrier(next)), tKgK(_, n - 1), tKsK(_, next.index()));
+      if (lane0) load_k(n - 1, next);
       pipe_v.producer_acquire(st);
-      if (lane0) copy(params.tma_v.with(*pipe_v.producer_get_barrier(st)), tVgV(_, n), tVsV(_, st.index()));
+      if (lane0) load_v(n, st);
       st = next;
     }
     pipe_v.producer_acquire(st);
-    if (lane0) copy(params.tma_v.with(*pipe_v.producer_get_barrier(st)), tVgV(_, n), tVsV(_, st.index()));
+    if (lane0) load_v(n, st);
     ++st;
   }
 
-  // KV cache: where virtual key block n (mask.h KVBlockMask) comes from, as a packed-rows view (launch.h): rows
-  // [total - len, total) of the view are the source's valid rows, the block starts at its row `row0`, and `end` is
-  // the view's last coordinate (slot start + len). Rows past len fall outside the tensor: TMA zero-fills them.
+  // KV cache: where virtual key block n (mask.h KVBlockMask) comes from, in a packed-rows view (launch.h
+  // encode_rows_view): the source's valid rows are `len` rows ending at view row `end`, and the block starts at their
+  // row `row0`; it reads view rows kViewRows - len + row0 + i, so rows past len are zero-filled.
   struct KVSource {
-    bool is_new;  // the appended keys (tma_*_new), else the cache
-    int total, end, len, row0;
+    bool is_new;  // the appended keys (tma_new_*), else the cache
+    int end, len, row0;
   };
   template <class KVBI>
   CUTE_DEVICE static KVSource kv_source(Params const& params, KVCacheSeq const& kv, KVBI const& bi, int batch,
                                         int n) {
     if (n >= bi.nc) {
-      int const sn = params.seqlen_new, total = params.batch * sn;
-      return {true, total, batch * sn + sn, sn, (n - bi.nc) * KT::kBlockN};
+      int const sn = params.seqlen_new;
+      return {true, batch * sn + sn, sn, (n - bi.nc) * KT::kBlockN};
     }
-    int const rows = params.slot_rows, total = params.cache_slots * rows;
+    int const rows = params.slot_rows;
     int const row = n * KT::kBlockN;
-    if (params.page_table == nullptr) return {false, total, kv.slot * rows + kv.cache_len, kv.cache_len, row};
+    if (params.page_table == nullptr) return {false, kv.slot * rows + kv.cache_len, kv.cache_len, row};
     // Paged, kv_load kBlocks: page_size is a multiple of kBlockN, so the block lies in one page. A page index out of
     // range is never dereferenced: an empty view (every row zero-filled), and the consumers mask the block.
     int const ps = min(row / rows, params.pages_per_seq - 1);
     int const page = params.page_table[int64_t(batch) * params.pages_per_seq + ps];
     bool const ok = page >= 0 && page < params.cache_slots;
     int const valid = ok ? max(0, min(rows, kv.cache_len - ps * rows)) : 0;
-    return {false, total, ok ? page * rows + valid : 0, valid, row - ps * rows};
+    return {false, ok ? page * rows + valid : 0, valid, row - ps * rows};
   }
 
   // GQA packing (KV cache): the Q tile's row r is packed row R = m_block M + r = query i * pack + head-in-group j,
@@ -208,12 +229,9 @@ struct FwdMainloop {
         pi < params.pages_per_seq ? params.page_table[int64_t(batch) * params.pages_per_seq + pi] : -1;
     bool const ok = page >= 0 && page < params.cache_slots;
     int const valid = ok ? max(0, min(ps, kv.cache_len - pi * ps)) : 0;
-    int const total = params.cache_slots * ps;
-    int const row = total - valid + (pos - pi * ps), end = ok ? page * ps + valid : 0;
+    int const row = KT::kViewRows - valid + (pos - pi * ps), end = ok ? page * ps + valid : 0;
     CUTE_UNROLL
-    for (int c = 0; c < KT::kHeadDim; c += 64)
-      SM90_TMA_LOAD_4D::copy(&desc, bar, uint64_t(TMA::CacheHintSm90::EVICT_NORMAL), dst(lane * g, c), c, row, head_k,
-                             end);
+    for (int c = 0; c < KT::kHeadDim; c += 64) copy_rows_box(desc, bar, dst(lane * g, c), c, row, head_k, end);
   }
 
   // kGather: cache block n's rows copied with 16-byte cp.async into the stage at shared address `stage` (K or V^T,
@@ -286,30 +304,29 @@ struct FwdMainloop {
       }
     }
 
-    auto copy_k = [&](auto const& tma, KVSource const& x, PipelineState s) {
-      Tensor mK = tma.get_tma_tensor(make_shape(x.total, int(KT::kHeadDim), params.num_heads_k, x.total + 1));
-      Tensor gK = local_tile(domain_offset(make_coord(x.total - x.len + x.row0, _0{}), mK(_, _, head_k, x.end)),
-                             Shape<typename KT::BlkN, typename KT::HDim>{}, make_coord(_, _0{}));
-      auto [tKgK, tKsK] = tma_partition(tma, 0, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gK));
-      if (lane0) copy(tma.with(*pipe_k.producer_get_barrier(s)), tKgK(_, 0), tKsK(_, s.index()));
-    };
-    auto copy_v = [&](auto const& tma, KVSource const& x, PipelineState s) {
-      Tensor mVt = tma.get_tma_tensor(make_shape(int(KT::kHeadDimV), x.total, params.num_heads_k, x.total + 1));
-      Tensor gVt = local_tile(domain_offset(make_coord(_0{}, x.total - x.len + x.row0), mVt(_, _, head_k, x.end)),
-                              Shape<typename KT::HDimV, typename KT::BlkN>{}, make_coord(_0{}, _));
-      auto [tVgV, tVsV] = tma_partition(tma, 0, Layout<_1>{}, group_modes<0, 2>(sVt), group_modes<0, 2>(gVt));
-      if (lane0) copy(tma.with(*pipe_v.producer_get_barrier(s)), tVgV(_, 0), tVsV(_, s.index()));
-    };
-    // One branch per descriptor (not a pointer chosen at run time), so that each TMA names a kernel parameter.
+    // One TMA per 64-column slice of the block (K: rows of the K stage; V^T: the stage's slice of d_v columns); one
+    // branch per descriptor (not a pointer chosen at run time), so that each TMA names a kernel parameter.
     auto issue_k = [&](int n, PipelineState s) {
       KVSource const x = kv_source(params, kv, bi, tile.batch, n);
-      if (x.is_new) copy_k(params.tma_k_new, x, s);
-      else copy_k(params.tma_k, x, s);
+      if (!lane0) return;
+      uint64_t* const bar = pipe_k.producer_get_barrier(s);
+      int const row = KT::kViewRows - x.len + x.row0;
+      CUTE_UNROLL
+      for (int c = 0; c < KT::kHeadDim; c += 64) {
+        if (x.is_new) copy_rows_box(params.tma_new_k, bar, &sK(0, c, s.index()), c, row, head_k, x.end);
+        else copy_rows_box(params.tma_cache_k, bar, &sK(0, c, s.index()), c, row, head_k, x.end);
+      }
     };
     auto issue_v = [&](int n, PipelineState s) {
       KVSource const x = kv_source(params, kv, bi, tile.batch, n);
-      if (x.is_new) copy_v(params.tma_v_new, x, s);
-      else copy_v(params.tma_v, x, s);
+      if (!lane0) return;
+      uint64_t* const bar = pipe_v.producer_get_barrier(s);
+      int const row = KT::kViewRows - x.len + x.row0;
+      CUTE_UNROLL
+      for (int c = 0; c < KT::kHeadDimV; c += 64) {
+        if (x.is_new) copy_rows_box(params.tma_new_v, bar, &sVt(c, 0, s.index()), c, row, head_k, x.end);
+        else copy_rows_box(params.tma_cache_v, bar, &sVt(c, 0, s.index()), c, row, head_k, x.end);
+      }
     };
 
     if constexpr (!kSpansPages) {
@@ -361,7 +378,7 @@ struct FwdMainloop {
         if (lane0) ss.pipeline_k.full_barrier_[s.index()].arrive_and_expect_tx(KT::kBytesK);
         __syncwarp();  // the expected bytes before any lane's box lands
         auto const dst = [&](int row, int col) { return &sK(row, col, s.index()); };
-        copy_boxes(params, params.tma_page_k, pipe_k.producer_get_barrier(s), kv, tile.batch, head_k, n, dst);
+        copy_boxes(params, params.tma_cache_k, pipe_k.producer_get_barrier(s), kv, tile.batch, head_k, n, dst);
       } else {
         gather_rows(params, static_cast<Element const*>(params.k_cache) + int64_t(head_k) * params.k_stride_head,
                     params.k_stride_row, kv, tile.batch, n,
@@ -379,7 +396,7 @@ struct FwdMainloop {
         pipe_v.producer_acquire(s);
         __syncwarp();
         auto const dst = [&](int row, int col) { return &sVt(col, row, s.index()); };
-        copy_boxes(params, params.tma_page_v, pipe_v.producer_get_barrier(s), kv, tile.batch, head_k, n, dst);
+        copy_boxes(params, params.tma_cache_v, pipe_v.producer_get_barrier(s), kv, tile.batch, head_k, n, dst);
       } else {
         ss.pipeline_v.empty_barrier_[s.index()].wait(s.phase());
         gather_rows(params, static_cast<Element const*>(params.v_cache) + int64_t(head_k) * params.v_stride_head,

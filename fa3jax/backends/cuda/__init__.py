@@ -7,8 +7,8 @@ or MLA pairs built without a backward), the registry pairs this forward (and its
 convention) with another backend's backward. Any head dim up to the largest built one is served (by the smallest
 kernel that holds it, chosen in the C++ dispatch; MLA pairs by their exact kernel only); see _kernel_head_dim for
 the few that need padded copies.
-``kvcache_forward`` serves KV-cache calls (contiguous caches; paged ones only with FA3JAX_CUDA_PAGED_KVCACHE=1, see
-PAGED_KVCACHE_REFUSAL, and then of the page sizes the serving kernel reads: build_info's kvcache_head_dims; appended
+``kvcache_forward`` serves KV-cache calls (contiguous and paged caches, of the page sizes the serving kernel reads:
+build_info's kvcache_head_dims; appended
 k/v, leftpad, batch_idx, GQA, masks, softcap, sinks; head dims that are multiples of 8, by the same kernel choice),
 with split-KV (``num_splits``; 0 = the C++ rule fwd_kvcache_num_splits) combined by LSE in the same FFI call, and the
 query heads of one kv head packed into one tile for decode; ``auto``'s order for them is fa3jax.registry's.
@@ -21,7 +21,6 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
-import os
 import threading
 
 import jax
@@ -39,9 +38,23 @@ _NOT_BUILT = "fa3jax was installed without the CUDA extension; rebuild with FA3J
 _DTYPE_NAMES = {"bfloat16": "bf16", "float16": "fp16"}
 # The persistent kernel numbers its (query block, head, batch) tiles with int32; query blocks are >= 64 rows.
 _MAX_TILES = 2**31 - 1
-# Varlen TMA coordinates are int32: a sequence's end row and rows up to the total plus a tile (fwd_check).
-_MAX_VARLEN_ROWS = 2**31 - 1 - 1024
+# Varlen loads read through packed-rows TMA views (launch.h encode_rows_view) that hold sequences of up to 2^30 rows
+# (no sequence is longer than the total) and rows below 2^34 bytes (fwd_check / bwd_check).
+_MAX_VARLEN_ROWS = 2**30
+_MAX_VARLEN_ROW_BYTES = 2**34 - 1
 _MAX_GRID_YZ = 65535  # CUDA's grid y/z limit
+
+def _check_varlen_views(spec: AttentionSpec) -> None:
+    """Refuses varlen calls the kernels' packed-rows TMA views cannot address (fwd_check / bwd_check mirror)."""
+    if max(spec.seqlen_q, spec.seqlen_k) > _MAX_VARLEN_ROWS:
+        raise NotImplementedError(f"cuda: varlen totals above {_MAX_VARLEN_ROWS} rows exceed the kernel's TMA views "
+                                  f"({spec.seqlen_q=}, {spec.seqlen_k=})")
+    itemsize = jnp.dtype(spec.dtype).itemsize
+    row_bytes = max(spec.num_heads_q, spec.num_heads_k) * max(spec.head_dim, spec.head_dim_v) * itemsize
+    if row_bytes > _MAX_VARLEN_ROW_BYTES:
+        raise NotImplementedError(f"cuda: varlen rows of {row_bytes} bytes exceed the kernel's TMA views (< 2^34; "
+                                  f"{spec.num_heads_q=}, {spec.num_heads_k=}, {spec.head_dim=}, {spec.head_dim_v=})")
+
 
 _register_lock = threading.Lock()
 _registered = False
@@ -71,12 +84,6 @@ def build_info() -> dict:
         return dict(ext.build_info())
     except Exception:  # noqa: BLE001
         return {}
-
-
-# Paged caches fall back until the paged kernel's flaky illegal address is found (RESULTS.md); the variable serves them.
-PAGED_KVCACHE_ENV = "FA3JAX_CUDA_PAGED_KVCACHE"
-PAGED_KVCACHE_REFUSAL = (f"cuda: paged KV caches fall back (a flaky CUDA_ERROR_ILLEGAL_ADDRESS of the paged kernel on "
-                         f"the H100 is not yet explained; {PAGED_KVCACHE_ENV}=1 serves them anyway)")
 
 
 def _register_targets(ext) -> None:
@@ -219,8 +226,6 @@ class CudaBackend(Backend):
                 raise NotImplementedError(f"cuda: the KV-cache kernel for head_dim={spec.head_dim} needs a page_size "
                                           f"that is {served}a multiple of its key block {block_n}; got "
                                           f"{kv.page_size=}")
-        if kv.paged and os.environ.get(PAGED_KVCACHE_ENV) != "1":
-            raise NotImplementedError(PAGED_KVCACHE_REFUSAL)
         slot_rows = kv.page_size if kv.paged else kv.capacity
         if (kv.cache_batch * slot_rows + slot_rows + block_n >= 2**31
                 or spec.batch * kv.seqlen_new + kv.seqlen_new + block_n >= 2**31):
@@ -248,9 +253,7 @@ class CudaBackend(Backend):
             if targets.FEATURE_VARLEN not in features:
                 raise NotImplementedError("cuda: this build of the CUDA extension predates the varlen forward; "
                                           "rebuild it with FA3JAX_BUILD_CUDA=1")
-            if max(spec.seqlen_q, spec.seqlen_k) > _MAX_VARLEN_ROWS:
-                raise NotImplementedError(f"cuda: varlen totals above {_MAX_VARLEN_ROWS} rows exceed the kernel's "
-                                          f"int32 TMA coordinates")
+            _check_varlen_views(spec)
             rows = min(spec.varlen.max_seqlen_q, spec.seqlen_q)  # the grid's query blocks per sequence
         tiles = -(-rows // 64) * spec.num_heads_q * spec.batch
         if tiles > _MAX_TILES:
@@ -269,9 +272,7 @@ class CudaBackend(Backend):
             if targets.FEATURE_VARLEN_BWD not in build_info().get("features", ()):
                 raise NotImplementedError("cuda: this build of the CUDA extension predates the varlen backward; "
                                           "rebuild it (FA3JAX_BUILD_CUDA=1 pip install .)")
-            if max(spec.seqlen_q, spec.seqlen_k) > _MAX_VARLEN_ROWS:
-                raise NotImplementedError(f"cuda: varlen totals above {_MAX_VARLEN_ROWS} rows exceed the kernel's "
-                                          f"int32 TMA coordinates")
+            _check_varlen_views(spec)
         if spec.batch > _MAX_GRID_YZ or spec.num_heads_k > _MAX_GRID_YZ:
             raise NotImplementedError(f"cuda: the backward grid is (key blocks, heads_k, batch); {spec.batch=} and "
                                       f"{spec.num_heads_k=} must be <= {_MAX_GRID_YZ}")
