@@ -52,7 +52,6 @@ def built(request, monkeypatch):
     monkeypatch.setattr(cuda, "_load_extension", lambda: (ext, None))
     monkeypatch.setattr(cuda, "build_info", lambda: info)
     monkeypatch.setattr(cuda, "_register_targets", lambda e: None)
-    monkeypatch.setenv(cuda.PAGED_KVCACHE_ENV, "1")  # the paged plumbing is tested as if paged were served
     calls = []
 
     def fake_ffi_call(target, out_types, vmap_method=None):

@@ -6,10 +6,10 @@
   ``fa3jax_cuda_fwd``, cuDNN's ``__cudnn$fmha*``) carry no compatibility guarantee, so the export names each one
   in ``disabled_checks`` (``jax.export.DisabledSafetyCheck.custom_call``): such an artifact is only valid with the
   same jaxlib and kernels, which is what these tests check (a round trip in one environment).
-* Command buffers: a forward and backward step, a forward alone and a KV-cache call with split-KV run in a
-  fresh process with ``--xla_gpu_enable_command_buffer=+CUSTOM_CALL`` (add custom calls to XLA's default command
-  types; ``--xla_gpu_graph_min_graph_size=1`` so that a short program is captured too) and in one with command
-  buffers off (``--xla_gpu_enable_command_buffer=``); each is replayed several times with other buffers allocated
+* Command buffers: a forward and backward step, a forward alone and KV-cache calls (contiguous, paged) with
+  split-KV run in a fresh process with ``--xla_gpu_enable_command_buffer=+CUSTOM_CALL`` (add custom calls to XLA's
+  default command types; ``--xla_gpu_graph_min_graph_size=1`` so that a short program is captured too) and in one
+  with command buffers off (``--xla_gpu_enable_command_buffer=``); each is replayed several times with other buffers allocated
   and filled in between (a graph that kept a freed workspace address would write into them, or read garbage: both
   are checked), the results must be bitwise equal across replays and processes, and the after-optimizations HLO
   says whether our custom calls were moved into ``command_buffer`` computations. XLA captures an FFI handler only
@@ -152,7 +152,7 @@ _CHILD = textwrap.dedent("""
                                                    backend=backend))
 
     # KV-cache decode with appended keys, GQA and 3 splits (their fp32 parts in the workspace): 4 sequences in a
-    # contiguous cache of 6 slots, read through cache_batch_idx (paged caches fall back on cuda for now).
+    # contiguous cache of 6 slots, read through cache_batch_idx; then the same over a paged cache.
     kc, vc, kn, vn, kd = jax.random.split(jax.random.key(2), 5)
     k_cache = jax.random.normal(kc, (6, 512, 2, 128), jnp.bfloat16)
     v_cache = jax.random.normal(vc, (6, 512, 2, 128), jnp.bfloat16)
@@ -164,6 +164,15 @@ _CHILD = textwrap.dedent("""
     kvcache = jax.jit(lambda q, kc, vc, kn, vn, n, idx: fa3jax.flash_mha_with_kvcache(
         q, kc, vc, kn, vn, cache_seqlens=n, cache_batch_idx=idx, is_causal=True, num_splits=3,
         return_softmax_lse=True, backend=backend))
+
+    # 4 sequences of 8 pages of 64 rows (512 keys: 4 key blocks or more, so 3 splits stay 3) from a shuffled pool.
+    kp, vp = jax.random.split(jax.random.key(3))
+    k_pages = jax.random.normal(kp, (35, 64, 2, 128), jnp.bfloat16)
+    v_pages = jax.random.normal(vp, (35, 64, 2, 128), jnp.bfloat16)
+    pages = jnp.asarray(np.random.default_rng(3).permutation(35)[:32].reshape(4, 8), jnp.int32)
+    paged = jax.jit(lambda q, kc, vc, kn, vn, n, pt: fa3jax.flash_mha_with_kvcache(
+        q, kc, vc, kn, vn, cache_seqlens=n, page_table=pt, is_causal=True, num_splits=3, return_softmax_lse=True,
+        backend=backend))
 
     # Other buffers between replays: allocated, filled and kept alive, so that a graph that kept a freed workspace
     # address would now write into one of them (checked at the end) or read their values.
@@ -177,7 +186,8 @@ _CHILD = textwrap.dedent("""
 
     calls = {"step": (step, (q, k, v), ("out", "lse", "dq", "dk", "dv")),
              "fwd": (fwd, (q, k, v), ("fwd_out", "fwd_lse")),
-             "kvcache": (kvcache, (q_dec, k_cache, v_cache, k_new, v_new, lens, slots), ("kv_out", "kv_lse"))}
+             "kvcache": (kvcache, (q_dec, k_cache, v_cache, k_new, v_new, lens, slots), ("kv_out", "kv_lse")),
+             "paged": (paged, (q_dec, k_pages, v_pages, k_new, v_new, lens, pages), ("paged_out", "paged_lse"))}
     result = {}
     for label, (fn, args, names) in calls.items():
         runs = []
