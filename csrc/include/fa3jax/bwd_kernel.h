@@ -135,15 +135,16 @@ __global__ void __launch_bounds__(KT::kNumThreads, 1) bwd_kernel(__grid_constant
     km.m_max = max(km.m_min, min(km.m_max, (p.max_seqlen_q + KT::kBlockM - 1) / KT::kBlockM));
   // Else dK = dV = 0 and nothing is loaded (varlen: key blocks past this sequence's keys have no rows at all).
   bool const any = tile.n_block * KT::kBlockN < tile.seq.seqlen_k && km.num_blocks() > 0;
+  DqOrder const ord = Mainloop::dq_order(p, tile, km);
 
   if (wg_idx == 0) {
     cutlass::arch::warpgroup_reg_dealloc<KT::kProducerRegs>();
     if (warp_idx == 0 && any) {
       PipelineState st = cutlass::make_producer_start_state<Pipeline>();
-      Mainloop::load(p, ss, pipe, st, tile, km);
+      Mainloop::load(p, ss, pipe, st, tile, km, ord);
       pipe.producer_tail(st);  // do not exit while a stage may still be released
     } else if (KT::kWriterWarp && warp_idx == 1 && any) {
-      Mainloop::write_dq(p, ss, tile, km);
+      Mainloop::write_dq(p, ss, tile, km, ord);
     }
   } else {
     cutlass::arch::warpgroup_reg_alloc<KT::kConsumerRegs>();
@@ -155,7 +156,7 @@ __global__ void __launch_bounds__(KT::kNumThreads, 1) bwd_kernel(__grid_constant
     clear(tdVrdV);
     if (any) {
       PipelineState st;
-      Mainloop::template mma<kSoftcap>(p, ss, pipe, st, tile, km, mma_tid, mma_wg, tdKrdK, tdVrdV);
+      Mainloop::template mma<kSoftcap>(p, ss, pipe, st, tile, km, ord, mma_tid, mma_wg, tdKrdK, tdVrdV);
     }
     bwd_store_dkdv<KT>(p, tile, mma_tid, tdKrdK, tdVrdV);
     Mainloop::finish(mma_tid);

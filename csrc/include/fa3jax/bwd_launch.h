@@ -76,6 +76,7 @@ FwdStatus launch_bwd_kernel(const BwdParams& bp, BwdWorkspace const& ws, cudaStr
       kVarlen ? bwd_varlen_stat_rows(sq, b) : 0,
       d,
       dv,
+      0,
       0};
   // kLpt: heaviest key blocks first where a right window bound makes key block 0 the longest (dense, default
   // mode: deterministic mode keeps its descending dispatch, which its turn order relies on). Sections of (kv head,
@@ -97,6 +98,19 @@ FwdStatus launch_bwd_kernel(const BwdParams& bp, BwdWorkspace const& ws, cudaStr
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return {err, "cudaFuncSetAttribute(MaxDynamicSharedMemorySize), bwd"};
   dim3 const grid(unsigned(std::max(1, (rows_k + KT::kBlockN - 1) / KT::kBlockN)), unsigned(hk), unsigned(b));
+  // Deterministic mode's rotated dQ order (bwd_mainloop.h DqOrder) lets a key block's CTA wait for lower ones,
+  // dispatched after it: allowed only where one (kv head, batch)'s grid.x CTAs can all be resident at once (CTAs
+  // are dispatched in blockIdx order, so each earlier group finishes and makes room for the next). A GPU with
+  // fewer SMs may take the descending order for the same call: bitwise reproducible per device, not across them.
+  if (ws.dq_sem != nullptr) {
+    int dev = 0, sms = 0, per_sm = 0;
+    if ((err = cudaGetDevice(&dev)) != cudaSuccess) return {err, "cudaGetDevice, bwd"};
+    if ((err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev)) != cudaSuccess)
+      return {err, "cudaDeviceGetAttribute(MultiProcessorCount), bwd"};
+    if ((err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, KT::kNumThreads, smem)) != cudaSuccess)
+      return {err, "cudaOccupancyMaxActiveBlocksPerMultiprocessor, bwd"};
+    kp.dq_rotate = int64_t(grid.x) <= int64_t(sms) * per_sm ? 1 : 0;
+  }
   kernel<<<grid, KT::kNumThreads, smem, stream>>>(kp);
   err = cudaGetLastError();
   if (err != cudaSuccess) return {err, "bwd kernel launch"};
