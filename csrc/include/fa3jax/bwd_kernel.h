@@ -118,8 +118,9 @@ __global__ void __launch_bounds__(KT::kNumThreads, 1) bwd_kernel(__grid_constant
   Pipeline pipe(ss.pipeline_q, pp, typename KT::ClusterShape{});
   __syncthreads();
 
-  // Deterministic mode adds dQ partials in descending key-block order (bwd_mainloop.h), so CTAs are dispatched
-  // from the last key block down: the one whose turn comes first is launched first.
+  // Deterministic mode adds dQ partials in descending key-block order, or rotated (bwd_mainloop.h DqOrder), so CTAs
+  // are dispatched from the last key block down: in descending order the one whose turn comes first is launched
+  // first (the rotated one relies on the whole group being resident instead).
   int n_block = p.dq_sem != nullptr ? int(gridDim.x) - 1 - int(blockIdx.x) : int(blockIdx.x);
   int head_k = int(blockIdx.y), batch = int(blockIdx.z);
   if constexpr (KT::kLpt) {
