@@ -377,6 +377,18 @@ struct BwdMainloop {
     int const n0 = tile.n_block * KT::kBlockN;
     int const n_steps = p.group_size * km.num_blocks();
     int* sem_pending = nullptr;  // deterministic mode, issuing thread: the slice whose add is still in flight
+    // Staged bulk adds, deterministic mode: the previous step's turn is counted mid-step, once this step's dK GEMM
+    // is issued (that add, a step's GEMMs old, has completed by then), not at this step's add: in the rotated
+    // order the next key block in line arrives one step later, and counting at the add made each link late by
+    // the release's latency, a lag that grew down the line.
+    auto count_previous = [&] {
+      if constexpr (!KT::kDqRed && !KT::kWriterWarp) {
+        if (dq_issuer && sem_pending != nullptr) {
+          dq_turn_done(sem_pending);
+          sem_pending = nullptr;
+        }
+      }
+    };
 
     auto issue_sdp = [&](int s) {
       wgmma_issue<true, false>(mma_sdp, tSrK, tSrQ(_, _, _, s), tSrS);
@@ -606,6 +618,7 @@ struct BwdMainloop {
         wgmma_issue<false, false>(mma_dv, tdVsP, tdVrdO(_, _, _, s), tdVrdV);
         issue_dq(tdQrdS_buf, tdQrdQ);
         wgmma_issue<false, false>(mma_dk, tdKsdS, tdKrQ(_, _, _, s), tdKrdK);
+        count_previous();
         warpgroup_wait<1>();  // dV and dQ have retired; dK may still run
         warpgroup_fence_operand(tdVrdV);
       } else {
@@ -613,6 +626,7 @@ struct BwdMainloop {
         warpgroup_wait<1>();  // dV has retired (P's registers are free); dQ may still run
         warpgroup_fence_operand(tdVrdV);
         wgmma_issue<false, true>(mma_dk, tdKrdS, tdKrQ(_, _, _, s), tdKrdK);
+        count_previous();
         warpgroup_wait<1>();  // dQ has retired; dK may still run
       }
       warpgroup_fence_operand(tdQrdQ);
