@@ -113,35 +113,28 @@ def _first(names, check: str, spec: AttentionSpec) -> tuple[Optional[str], list[
     return None, reasons
 
 
-# Under ``auto``, a cuda forward's backward is cuda's own from 4k keys: at 4k and 16k (d=128, RESULTS.md session 15)
-# it is 5-7% faster than cuDNN's (fwd+bwd time minus forward time, both measured). Below that cuDNN's goes first: at
-# 1k cuDNN's fwd+bwd was 2-6% faster than cuda's. cuda's serves what cuDNN refuses (softcap, lq != lk causal, other
-# windows), except deterministic=True, where triton's backward goes first (cuda's fixed-order dQ adds are slower than
-# triton's under a causal mask).
+# Under ``auto``, a cuda forward's backward is cuda's own from 4k keys, where it measured faster than cuDNN's, and
+# cuDNN's first below (faster there; RESULTS.md). cuda's also serves what cuDNN refuses (softcap, lq != lk causal,
+# other windows); deterministic=True tries triton's first (cuda's fixed-order dQ adds are slower under causal masks).
 CUDA_OWN_BACKWARD_FROM_SEQLEN_K = 4096
 
 
-def _backward_candidates(fwd: str, requested: str, spec: Optional[AttentionSpec] = None) -> tuple:
+def _backward_candidates(fwd: str, requested: str, spec: AttentionSpec) -> tuple:
     """Backends to try for the backward of a ``fwd`` forward, in order: the forward's own, then the later ones."""
     own = (fwd,) + ORDER[ORDER.index(fwd) + 1:]
     if requested != "auto" or fwd != "cuda":
         return own
-    deterministic = spec is not None and spec.deterministic
-    long_keys = spec is not None and spec.seqlen_k >= CUDA_OWN_BACKWARD_FROM_SEQLEN_K
-    if deterministic:
+    if spec.deterministic:
         first = ("cudnn", "triton")
-    elif long_keys:
+    elif spec.seqlen_k >= CUDA_OWN_BACKWARD_FROM_SEQLEN_K:
         first = ("cuda",)
     else:
         first = ("cudnn",)
     return first + tuple(n for n in own if n not in first)
 
 
-# Under ``auto``, decode-sized KV-cache calls (at most KVCACHE_DECODE_ROWS query rows per kv head, seqlen_q times the
-# GQA group: one query tile of cuda's KV-cache kernel) try triton first: its split-KV / stream-K decode kernels were
-# as fast as or faster than cuda's on all 18 rows of the decode suite (RESULTS.md session 15). Larger calls (chunked
-# prefill) try cuda first: 2.1-2.7x triton's rate there. Between 4 rows (decode) and 2048 (prefill) the boundary is
-# not measured; one tile is where cuda's tiles start to fill.
+# Under ``auto``, decode-sized KV-cache calls (at most KVCACHE_DECODE_ROWS query rows per kv head: one query tile of
+# cuda's kernel) try triton first, whose split-KV decode measured faster; larger ones (prefill) cuda first (RESULTS.md).
 KVCACHE_DECODE_ROWS = 64
 AUTO_ORDER_KVCACHE_DECODE = ("triton", "cuda", "cudnn", "xla")
 

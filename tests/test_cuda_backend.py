@@ -2,6 +2,7 @@
 for the (dtype, head_dim), else through the registry's composition (another backend's backward on the cuda
 forward's LSE). Head dims and dtypes follow the build."""
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +11,7 @@ import pytest
 
 import fa3jax
 from fa3jax import masking, reference, registry, tuning, validation
-from fa3jax.backends.cuda import build_info, targets
+from fa3jax.backends.cuda import PAGED_KVCACHE_ENV, build_info, targets
 
 from .helpers import check, naive_lowp, rand, seeded_rng
 from .suite import AttentionSuite
@@ -729,6 +730,10 @@ def _kv_run(backend, arrays, kw, cast=None):
     return jax.jit(lambda arrays, idx: f(arrays, {**static, **idx}))(arrays, idx)
 
 
+# Paged caches are refused unless FA3JAX_CUDA_PAGED_KVCACHE=1 (cuda backend's PAGED_KVCACHE_REFUSAL): the paged cases
+# then check the refusal and that auto serves them elsewhere; runs with the variable set exercise the kernel.
+_PAGED_SERVED = os.environ.get(PAGED_KVCACHE_ENV) == "1"
+
 # Page sizes whose key blocks span pages (not multiples of the key block: 128, or 80 at d=256): multiples of 8 rows
 # are read as TMA boxes inside pages, the others gathered row by row by the producer (C++ fwd_kvcache_load).
 KV_PAGE_ROWS = (1, 3, 8, 12, 16, 64, 100, 200, 256, 264, 300)
@@ -772,6 +777,11 @@ def _kv_against_xla(instance, name, block_n, tag, page_rows=None, **extra):
     key = (tag, instance, name) + ((page_rows,) if page_rows else ())  # the earlier cases keep their inputs
     arrays, kw = _kv_inputs(seeded_rng("cuda", *key), dtype, d, block_n, KV_CASES[name], page_rows)
     kw.update(extra)
+    if kw["page_table"] is not None and not _PAGED_SERVED:
+        refused = fa3jax.supports(fa3jax.flash_mha_with_kvcache, *arrays, **kw, backend="cuda")
+        assert refused.forward is None and "paged KV caches fall back" in refused.reason, refused
+        assert fa3jax.supports(fa3jax.flash_mha_with_kvcache, *arrays, **kw).forward not in (None, "cuda")
+        return
     assert fa3jax.supports(fa3jax.flash_mha_with_kvcache, *arrays, **kw, backend="cuda").forward == "cuda"
     out, lse, caches = _kv_run("cuda", arrays, kw)
     ref_out, ref_lse, _ = _kv_run("xla", arrays, kw, cast=jnp.float32)
@@ -806,6 +816,8 @@ def test_kvcache_traced_cache_seqlens_one_compilation(paged, num_splits):
     instance = ("bf16", 128)
     if instance not in _BUILT_KV:
         pytest.skip("bf16 d=128 KV-cache kernel not built")
+    if paged and not _PAGED_SERVED:
+        pytest.skip(f"paged caches fall back unless {PAGED_KVCACHE_ENV}=1 (test_kvcache_matches_xla checks that)")
     rng = seeded_rng("cuda", "kvcache-traced", paged, num_splits)
     bn = _BUILT_KV[instance]
     b, hq, hk, d = 2, 8, 2, 128

@@ -34,6 +34,7 @@ def built(monkeypatch):
     monkeypatch.setattr(cuda, "_load_extension", lambda: (_FakeExt(), None))
     monkeypatch.setattr(cuda, "build_info", lambda: state["info"])
     monkeypatch.setattr(cuda, "_register_targets", lambda ext: None)
+    monkeypatch.setenv(cuda.PAGED_KVCACHE_ENV, "1")  # the paged plumbing below is tested as if paged were served
     return state
 
 
@@ -59,6 +60,22 @@ def test_serves_contiguous_paged_and_options(built):
     be.check_forward(_spec(cache=(5, 512, 2, 128), batch_idx=jnp.asarray([4, 0], jnp.int32)))
     be.check_forward(_spec(cache=(9, 256, 2, 128), page_table=jnp.zeros((2, 4), jnp.int32)))
     be.check_forward(_spec(cache=(9, 128, 2, 128), page_table=jnp.zeros((2, 4), jnp.int32), new=1))
+
+
+@pytest.mark.parametrize("env", [None, "0"])
+def test_paged_caches_fall_back_unless_enabled(built, monkeypatch, env):
+    """Paged caches are refused with the reason (auto serves them elsewhere) unless FA3JAX_CUDA_PAGED_KVCACHE=1;
+    contiguous caches are served either way."""
+    if env is None:
+        monkeypatch.delenv(cuda.PAGED_KVCACHE_ENV)
+    else:
+        monkeypatch.setenv(cuda.PAGED_KVCACHE_ENV, env)
+    be = cuda.CudaBackend()
+    with pytest.raises(NotImplementedError, match="paged KV caches fall back .*ILLEGAL_ADDRESS"):
+        be.check_forward(_spec(cache=(9, 256, 2, 128), page_table=jnp.zeros((2, 4), jnp.int32)))
+    be.check_forward(_spec())
+    monkeypatch.setenv(cuda.PAGED_KVCACHE_ENV, "1")
+    be.check_forward(_spec(cache=(9, 256, 2, 128), page_table=jnp.zeros((2, 4), jnp.int32)))
 
 
 @pytest.mark.parametrize("make, words", [

@@ -79,8 +79,9 @@ int fwd_kvcache_page_reads(DType dtype, int head_dim) {
 #if FA3JAX_KVCACHE_SPANS_ALL
   return 2;  // test builds (CMake FA3JAX_KVCACHE_SPANS_ALL): every path, so that a GPU run can check them
 #else
-  // Only the paths a GPU run has passed: page boxes up to d=128 (the gather and d=256's boxes: RESULTS.md).
-  return kd <= 128 ? 1 : 0;
+  // None: page boxes fault at the JAX level (memcheck: a box TMA load, RESULTS.md session 16) and the gather is
+  // unverified, so such page sizes go to another backend until a GPU run passes them.
+  return 0;
 #endif
 }
 
