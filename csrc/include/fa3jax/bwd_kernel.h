@@ -79,10 +79,11 @@ CUTE_DEVICE BwdTile make_bwd_tile(typename KT::Params const& p, int n_block, int
 
 // kSoftcap: p.softcap > 0. Two kernels rather than one branch: in one kernel the softcap loop's register pressure
 // (S^T, dP^T and dK/dV live together) made ptxas spill in both loops (88 B; 0 B in the plain kernel alone).
-template <class KT, bool kSoftcap>
+// kDet: serves deterministic mode (p.dq_sem), else default mode only (BwdMainloop; the launcher picks).
+template <class KT, bool kSoftcap, bool kDet>
 __global__ void __launch_bounds__(KT::kNumThreads, 1) bwd_kernel(__grid_constant__ typename KT::Params const p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  using Mainloop = BwdMainloop<KT>;
+  using Mainloop = BwdMainloop<KT, kDet>;
   using Pipeline = typename KT::Pipeline;
   using PipelineState = typename KT::PipelineState;
   using SharedStorage = typename KT::SharedStorage;
@@ -121,7 +122,7 @@ __global__ void __launch_bounds__(KT::kNumThreads, 1) bwd_kernel(__grid_constant
   // Deterministic mode adds dQ partials in descending key-block order, or rotated (bwd_mainloop.h DqOrder), so CTAs
   // are dispatched from the last key block down: in descending order the one whose turn comes first is launched
   // first (the rotated one relies on the whole group being resident instead).
-  int n_block = p.dq_sem != nullptr ? int(gridDim.x) - 1 - int(blockIdx.x) : int(blockIdx.x);
+  int n_block = Mainloop::deterministic(p) ? int(gridDim.x) - 1 - int(blockIdx.x) : int(blockIdx.x);
   int head_k = int(blockIdx.y), batch = int(blockIdx.z);
   if constexpr (KT::kLpt) {
     if (p.lpt_group > 0) {

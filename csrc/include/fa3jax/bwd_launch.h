@@ -89,10 +89,15 @@ FwdStatus launch_bwd_kernel(const BwdParams& bp, BwdWorkspace const& ws, cudaStr
     }
   }
 
-  auto kernel = &bwd_kernel<KT, false>;
-  // bwd_tile_m gives softcap calls the 64-row kernel, or one that serves every dense call.
+  auto kernel = &bwd_kernel<KT, false, false>;
+  // bwd_tile_m gives softcap and deterministic calls the 64-row kernel, or one that serves every dense call.
+  // Deterministic mode: kernels of its own where the policy says (kDetKernel: the default ones then carry none of
+  // its turn-order bookkeeping), else the same ones for both modes, testing p.dq_sem at run time.
   if constexpr (kBlockM == kBwdBlockM || bwd_tile_serves_all_dense(kBlockM)) {
-    if (capped) kernel = &bwd_kernel<KT, true>;
+    constexpr bool kShared = BwdPolicy<kHeadDim, kHeadDimV>::kDetKernel == 0;
+    bool const det = ws.dq_sem != nullptr;
+    if (capped) kernel = det || kShared ? &bwd_kernel<KT, true, true> : &bwd_kernel<KT, true, false>;
+    else kernel = det || kShared ? &bwd_kernel<KT, false, true> : &bwd_kernel<KT, false, false>;
   }
   constexpr int smem = KT::kSmemBytes;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);

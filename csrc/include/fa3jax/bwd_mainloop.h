@@ -120,7 +120,9 @@ struct DqOrder {
   int num_n, num_m;
 };
 
-template <class KT>
+// kDet: the kernel serves deterministic mode (p.dq_sem set: the turn orders, the rotated walk); false: default mode
+// only, with the plain walk from m_min and none of the orders' per-step bookkeeping (policy kDetKernel).
+template <class KT, bool kDet>
 struct BwdMainloop {
   using Element = typename KT::Element;
   using Params = typename KT::Params;
@@ -140,6 +142,7 @@ struct BwdMainloop {
   static constexpr int kDsBarrier = 1;
   static constexpr int kDqBarrier = 2;
   static_assert(kDqBarrier + KT::kNumMmaWG <= 16, "out of named barriers");
+  CUTE_DEVICE static bool deterministic(Params const& p) { return kDet && p.dq_sem != nullptr; }
   static_assert((kBlockM == kBwdBlockM || ((kBlockM == kBwdBlockMWide || kBlockM == kBwdBlockMTall) && !KT::kVarlen)) &&
                     KT::kNumMmaWG == kBwdNumMmaWG,
                 "dq_accum layout (bwd_layout.h)");
@@ -187,7 +190,8 @@ struct BwdMainloop {
       auto [tQgQ, tQsQ] = tma_partition(p.tma_q, _0{}, Layout<_1>{}, group_modes<0, 2>(sQ), group_modes<0, 2>(gQ));
       auto [tdOgdO, tdOsdO] =
           tma_partition(p.tma_do, _0{}, Layout<_1>{}, group_modes<0, 2>(sdO), group_modes<0, 2>(gdO));
-      for (int i = km.m_min, m = ord.first; i < km.m_max; ++i, m = m + 1 == km.m_max ? km.m_min : m + 1) {
+      for (int i = km.m_min; i < km.m_max; ++i) {
+        int const m = walk_block(km, ord, i);
         pipe.producer_acquire(st);
         if (lane0) {
           uint64_t* bar = pipe.producer_get_barrier(st);
@@ -208,7 +212,7 @@ struct BwdMainloop {
   // The CTA's DqOrder: rotated where the host allows it and the sequence's key blocks all see all its query blocks
   // (km: this CTA's range, varlen's cap applied), which every CTA of the sequence finds alike.
   CUTE_DEVICE static DqOrder dq_order(Params const& p, BwdTile const& tile, KM const& km) {
-    if (p.dq_sem != nullptr && p.dq_rotate != 0) {
+    if (deterministic(p) && p.dq_rotate != 0) {
       int const cap = KT::kVarlen ? (p.max_seqlen_q + kBlockM - 1) / kBlockM : INT_MAX;
       int const num_m = dq_full_query_blocks<kBlockM, KT::kBlockN>(tile.seq.seqlen_q, tile.seq.seqlen_k,
                                                                    p.window_left, p.window_right, cap);
@@ -240,7 +244,7 @@ struct BwdMainloop {
     for (int step = 0; step < n_steps; ++step, next_coords(km, ord, h, m)) {
       int64_t const stat = tile.stat_row(h, m);
       float* const dq_tile = p.dq_accum + stat * kHeadDim;
-      int* const sem = p.dq_sem == nullptr ? nullptr : p.dq_sem + stat / kBlockM * kWG;  // deterministic mode
+      int* const sem = deterministic(p) ? p.dq_sem + stat / kBlockM * kWG : nullptr;
       int const b = kBufs > 1 ? step % kBufs : 0;
       float const* const sdq = ss.smem_dq.data() + b * kBlockM * kHeadDim;
       CUTE_UNROLL
@@ -281,8 +285,21 @@ struct BwdMainloop {
   // same sequence. Carried from step to step: deriving it from the step index took an integer division ahead of
   // every step's first GEMM.
   CUTE_DEVICE static void next_coords(KM const& km, DqOrder const& ord, int& h, int& m) {
-    if (++m == km.m_max) m = km.m_min;
-    if (m == ord.first) ++h;
+    if constexpr (kDet) {
+      if (++m == km.m_max) m = km.m_min;
+      if (m == ord.first) ++h;
+    } else {
+      if (++m == km.m_max) m = km.m_min, ++h;  // ord.first == m_min
+    }
+  }
+  // The i-th query block (m_min <= i < m_max) of a head's walk (next_coords), for the producer's loop.
+  CUTE_DEVICE static int walk_block(KM const& km, DqOrder const& ord, int i) {
+    if constexpr (kDet) {
+      int const m = i + (ord.first - km.m_min);
+      return m < km.m_max ? m : m - km.num_blocks();
+    } else {
+      return i;
+    }
   }
 
   // Consumer loop over the steps (next_coords). Accumulates dK (without the softmax scale) and dV in tdKrdK /
@@ -382,7 +399,7 @@ struct BwdMainloop {
     // order the next key block in line arrives one step later, and counting at the add made each link late by
     // the release's latency, a lag that grew down the line.
     auto count_previous = [&] {
-      if constexpr (!KT::kDqRed && !KT::kWriterWarp) {
+      if constexpr (kDet && !KT::kDqRed && !KT::kWriterWarp) {
         if (dq_issuer && sem_pending != nullptr) {
           dq_turn_done(sem_pending);
           sem_pending = nullptr;
@@ -640,8 +657,7 @@ struct BwdMainloop {
       if constexpr (KT::kDqRed) {
         // Deterministic: every thread's reductions of this slice, in key-block turn, fenced before the issuer
         // counts the turn (no overlap with the next step, unlike the bulk path).
-        int* const sem = p.dq_sem == nullptr ? nullptr
-            : p.dq_sem + stat / kBlockM * KT::kNumMmaWG + mma_wg;
+        int* const sem = deterministic(p) ? p.dq_sem + stat / kBlockM * KT::kNumMmaWG + mma_wg : nullptr;
         if (sem != nullptr) {
           if (dq_issuer) dq_turn_wait(sem, dq_turn(p, tile, ord, m));
           named_barrier_sync(kDqBarrier + mma_wg, 128);
@@ -668,7 +684,7 @@ struct BwdMainloop {
         cute::arrive_barrier(ss.barrier_dq_full[mma_wg][b]);
       } else {
         if (dq_issuer) {
-          if (p.dq_sem != nullptr) {
+          if (deterministic(p)) {
             if (sem_pending != nullptr) dq_turn_done(sem_pending);
             sem_pending = p.dq_sem + stat / kBlockM * KT::kNumMmaWG + mma_wg;
             dq_turn_wait(sem_pending, dq_turn(p, tile, ord, m));
