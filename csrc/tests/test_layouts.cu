@@ -8,7 +8,7 @@
 //    thread), and every thread's K / V operand tile starts at the operand's first element (gmma_desc_at);
 //  * mask.h against its element rule: a query block's key blocks and a key block's query blocks are exactly
 //    those holding an allowed pair, needs_mask is true iff a block holds a disallowed pair, and
-//    QBlockMask::unmasked_range agrees with needs_mask on every key block; mask_key_queries' interval per key is
+//    QBlockMask::unmasked_range agrees with needs_mask on every key block (KBlockMask's on every query block); mask_key_queries' interval per key is
 //    exactly the allowed queries of a tile, lengths near INT_MAX included;
 //  * mask.h's KVBlockMask (the KV-cache forward's virtual key blocks: cache blocks, then appended-key blocks; GQA
 //    packing's query ranges, split-KV's parts)
@@ -297,7 +297,7 @@ TileTruth tile_truth(int m, int n, int sq, int sk, int left, int right, bool cli
   return t;
 }
 
-// Both block masks against the element rule, and QBlockMask::unmasked_range against needs_mask, over sequence
+// Both block masks against the element rule, and both unmasked_range against needs_mask, over sequence
 // lengths and windows that put block edges on, before and after the diagonal and the tails.
 template <int kBlockM, int kBlockN>
 int check_masks() {
@@ -334,12 +334,17 @@ int check_masks() {
           }
           for (int n = 0; n < nb; ++n) {
             KBlockMask<kBlockM, kBlockN> const kb(n, sq, sk, left, right);
+            int lo, hi;
+            kb.unmasked_range(lo, hi);
             ++cases;
+            if (kb.num_blocks() > 0 && (lo < kb.m_min || hi > kb.m_max || lo > hi)) ++errors;
             for (int m = 0; m < mb; ++m) {
               TileTruth const t = bwd[size_t(m) * nb + n];
               bool const in = m >= kb.m_min && m < kb.m_max;
               if (in != t.any_allowed) ++errors;
               if (in && kb.needs_mask(m) != t.any_disallowed) ++errors;
+              // The backward's test (bwd_mainloop.h), on every block of the walk.
+              if (in && (uint32_t(m - lo) >= uint32_t(hi - lo)) != kb.needs_mask(m)) ++errors;
             }
           }
         }
