@@ -89,15 +89,16 @@ FwdStatus launch_bwd_kernel(const BwdParams& bp, BwdWorkspace const& ws, cudaStr
     }
   }
 
-  auto kernel = &bwd_kernel<KT, false, false>;
-  // bwd_tile_m gives softcap and deterministic calls the 64-row kernel, or one that serves every dense call.
+  // bwd_tile_m gives softcap and deterministic calls the 64-row kernel, or one that serves every dense call (kAll).
   // Deterministic mode: kernels of its own where the policy says (kDetKernel: the default ones then carry none of
-  // its turn-order bookkeeping), else the same ones for both modes, testing p.dq_sem at run time.
-  if constexpr (kBlockM == kBwdBlockM || bwd_tile_serves_all_dense(kBlockM)) {
-    constexpr bool kShared = BwdPolicy<kHeadDim, kHeadDimV>::kDetKernel == 0;
+  // its turn-order bookkeeping), else the same ones for both modes (kDet = true), testing p.dq_sem at run time.
+  constexpr bool kAll = kBlockM == kBwdBlockM || bwd_tile_serves_all_dense(kBlockM);
+  constexpr bool kDetShared = kAll && BwdPolicy<kHeadDim, kHeadDimV>::kDetKernel == 0;
+  auto kernel = &bwd_kernel<KT, false, kDetShared>;
+  if constexpr (kAll) {
     bool const det = ws.dq_sem != nullptr;
-    if (capped) kernel = det || kShared ? &bwd_kernel<KT, true, true> : &bwd_kernel<KT, true, false>;
-    else kernel = det || kShared ? &bwd_kernel<KT, false, true> : &bwd_kernel<KT, false, false>;
+    if (capped) kernel = det ? &bwd_kernel<KT, true, true> : &bwd_kernel<KT, true, kDetShared>;
+    else if (det) kernel = &bwd_kernel<KT, false, true>;
   }
   constexpr int smem = KT::kSmemBytes;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
