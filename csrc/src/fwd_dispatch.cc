@@ -79,8 +79,7 @@ int fwd_kvcache_page_reads(DType dtype, int head_dim) {
 #if FA3JAX_KVCACHE_SPANS_ALL
   return 2;  // test builds (CMake FA3JAX_KVCACHE_SPANS_ALL): every path, so that a GPU run can check them
 #else
-  // None: page boxes fault at the JAX level (memcheck: a box TMA load, RESULTS.md session 16) and the gather is
-  // unverified, so such page sizes go to another backend until a GPU run passes them.
+  // None until a JAX-level GPU run passes page boxes and the gather (the paged fault in RESULTS.md).
   return 0;
 #endif
 }

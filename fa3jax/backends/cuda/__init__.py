@@ -7,12 +7,11 @@ or MLA pairs built without a backward), the registry pairs this forward (and its
 convention) with another backend's backward. Any head dim up to the largest built one is served (by the smallest
 kernel that holds it, chosen in the C++ dispatch; MLA pairs by their exact kernel only); see _kernel_head_dim for
 the few that need padded copies.
-``kvcache_forward`` serves KV-cache calls (contiguous caches, and paged ones of the page sizes the serving kernel
-reads: build_info's kvcache_head_dims, C++ fwd_kvcache_page_reads; appended k/v, leftpad,
-batch_idx, GQA,
-masks, softcap, sinks; head dims that are multiples of 8, by the same kernel choice), with split-KV (``num_splits``;
-0 = the C++ rule fwd_kvcache_num_splits) combined by LSE in the same FFI call, and the query heads of one kv head
-packed into one tile for decode; ``auto`` still tries triton first for them (fa3jax.registry: not measured yet).
+``kvcache_forward`` serves KV-cache calls (contiguous caches; paged ones only with FA3JAX_CUDA_PAGED_KVCACHE=1, see
+PAGED_KVCACHE_REFUSAL, and then of the page sizes the serving kernel reads: build_info's kvcache_head_dims; appended
+k/v, leftpad, batch_idx, GQA, masks, softcap, sinks; head dims that are multiples of 8, by the same kernel choice),
+with split-KV (``num_splits``; 0 = the C++ rule fwd_kvcache_num_splits) combined by LSE in the same FFI call, and the
+query heads of one kv head packed into one tile for decode; ``auto``'s order for them is fa3jax.registry's.
 """
 from __future__ import annotations
 
@@ -69,9 +68,7 @@ def build_info() -> dict:
         return {}
 
 
-# Paged caches are refused until the fault is found: on the H100, paged calls (whole-block TMA loads and page boxes)
-# raised CUDA_ERROR_ILLEGAL_ADDRESS now and then at the JAX level (RESULTS.md session 16); the variable serves them
-# anyway, for runs that look for it.
+# Paged caches fall back until the paged kernel's flaky illegal address is found (RESULTS.md); the variable serves them.
 PAGED_KVCACHE_ENV = "FA3JAX_CUDA_PAGED_KVCACHE"
 PAGED_KVCACHE_REFUSAL = (f"cuda: paged KV caches fall back (a flaky CUDA_ERROR_ILLEGAL_ADDRESS of the paged kernel on "
                          f"the H100 is not yet explained; {PAGED_KVCACHE_ENV}=1 serves them anyway)")
