@@ -219,6 +219,7 @@ struct VarlenConfig {
   float softcap;
   int tail_q, tail_k;  // uncovered rows after the last sequence
   const char* name;
+  bool det;  // also deterministic mode (bitwise-equal reruns)
 };
 
 static bool run_varlen(DType dt, HeadDims hd, const VarlenConfig& c, std::mt19937& rng, bool verbose,
@@ -452,16 +453,29 @@ int main(int argc, char** argv) {
       // masked 128-row tiles across 5 key blocks.
       {1, 385, 640, 4, 1, -1, 0, 0.f, true, "mqa-causal-385x640"},
   };
+  // Unmasked ones (and masks under which every key block sees every query block) take the rotated dQ order
+  // (bwd_mainloop.h DqOrder): more key blocks than query blocks and fewer, neither a multiple of the other.
   const Config det_configs[] = {
       {2, 333, 700, 4, 2, -1, -1, 0.f, true, "gqa-full"},
       {1, 520, 520, 2, 2, -1, 0, 0.f, false, "causal"},
       {1, 300, 600, 2, 1, 100, 40, 0.f, false, "mqa-window(100,40)"},
+      {1, 100, 1000, 4, 2, -1, -1, 0.f, true, "rotated-gqa-full-N>M"},
+      {2, 1100, 400, 2, 2, -1, -1, 0.f, false, "rotated-full-N<M"},
+      {1, 100, 1000, 2, 1, -1, 0, 0.f, false, "rotated-mqa-causal-sq<<sk"},
+      {1, 300, 600, 2, 2, 2000, 2000, 0.f, false, "rotated-wide-window"},
+      {1, 700, 900, 2, 2, -1, -1, 10.f, false, "rotated-full-softcap10"},
+      // 133 key blocks: more than an H100's 132 SMs hold at once, so the host keeps the descending order.
+      {1, 64, 133 * 128 - 5, 1, 1, -1, -1, 0.f, false, "full-133-key-blocks"},
   };
   const VarlenConfig varlen_configs[] = {
-      {{1, 63, 64, 65, 200, 0, 130}, {1, 63, 64, 65, 200, 0, 130}, {}, 4, 2, -1, -1, 0.f, 0, 0, "full-gqa"},
-      {{300, 17, 129}, {300, 40, 100}, {}, 2, 2, -1, 0, 0.f, 33, 20, "causal+uncovered rows"},
-      {{150, 90}, {260, 300}, {200, 7}, 4, 1, 64, 16, 0.f, 0, 10, "mqa-window+seqused_k"},
-      {{128, 256}, {128, 256}, {}, 2, 2, -1, 0, 30.f, 0, 0, "causal-softcap30"},
+      {{1, 63, 64, 65, 200, 0, 130}, {1, 63, 64, 65, 200, 0, 130}, {}, 4, 2, -1, -1, 0.f, 0, 0, "full-gqa", true},
+      {{300, 17, 129}, {300, 40, 100}, {}, 2, 2, -1, 0, 0.f, 33, 20, "causal+uncovered rows", true},
+      {{150, 90}, {260, 300}, {200, 7}, 4, 1, 64, 16, 0.f, 0, 10, "mqa-window+seqused_k", false},
+      {{128, 256}, {128, 256}, {}, 2, 2, -1, 0, 30.f, 0, 0, "causal-softcap30", false},
+      // Each sequence in the rotated dQ order over its own key x query blocks (8 x 2, 2 x 11, 4 x 8, 4 x 3), the
+      // last two's key blocks counted from seqused_k; the grid's 8 key blocks exceed all but the first's.
+      {{100, 700, 450, 150}, {900, 130, 512, 500}, {900, 130, 400, 480}, 4, 2, -1, -1, 0.f, 5, 3,
+       "rotated-full-gqa+seqused_k", true},
   };
   std::mt19937 rng(1234);
   for (DType dt : {DType::kBF16, DType::kFP16})
@@ -483,7 +497,7 @@ int main(int argc, char** argv) {
         }
         for (const VarlenConfig& c : varlen_configs) {
           ++runs;
-          failures += !run_varlen(dt, hd, c, rng, true, &c == &varlen_configs[1]);
+          failures += !run_varlen(dt, hd, c, rng, true, c.det);
           if (quick) break;
         }
       }

@@ -8,7 +8,7 @@
 //    thread), and every thread's K / V operand tile starts at the operand's first element (gmma_desc_at);
 //  * mask.h against its element rule: a query block's key blocks and a key block's query blocks are exactly
 //    those holding an allowed pair, needs_mask is true iff a block holds a disallowed pair, and
-//    QBlockMask::unmasked_range agrees with needs_mask on every key block; mask_key_queries' interval per key is
+//    QBlockMask::unmasked_range agrees with needs_mask on every key block (KBlockMask's on every query block); mask_key_queries' interval per key is
 //    exactly the allowed queries of a tile, lengths near INT_MAX included;
 //  * mask.h's KVBlockMask (the KV-cache forward's virtual key blocks: cache blocks, then appended-key blocks; GQA
 //    packing's query ranges, split-KV's parts)
@@ -26,6 +26,7 @@
 //    warpgroups along queries), and the stat reads in column pairs; instantiating the traits also checks at
 //    compile time that the policy's tiles fit shared memory and the register budget.
 #include <algorithm>
+#include <climits>
 #include <cstdio>
 #include <random>
 #include <vector>
@@ -296,7 +297,7 @@ TileTruth tile_truth(int m, int n, int sq, int sk, int left, int right, bool cli
   return t;
 }
 
-// Both block masks against the element rule, and QBlockMask::unmasked_range against needs_mask, over sequence
+// Both block masks against the element rule, and both unmasked_range against needs_mask, over sequence
 // lengths and windows that put block edges on, before and after the diagonal and the tails.
 template <int kBlockM, int kBlockN>
 int check_masks() {
@@ -333,12 +334,17 @@ int check_masks() {
           }
           for (int n = 0; n < nb; ++n) {
             KBlockMask<kBlockM, kBlockN> const kb(n, sq, sk, left, right);
+            int lo, hi;
+            kb.unmasked_range(lo, hi);
             ++cases;
+            if (kb.num_blocks() > 0 && (lo < kb.m_min || hi > kb.m_max || lo > hi)) ++errors;
             for (int m = 0; m < mb; ++m) {
               TileTruth const t = bwd[size_t(m) * nb + n];
               bool const in = m >= kb.m_min && m < kb.m_max;
               if (in != t.any_allowed) ++errors;
               if (in && kb.needs_mask(m) != t.any_disallowed) ++errors;
+              // The backward's test (bwd_mainloop.h), on every block of the walk.
+              if (in && (uint32_t(m - lo) >= uint32_t(hi - lo)) != kb.needs_mask(m)) ++errors;
             }
           }
         }
@@ -517,10 +523,72 @@ int check_dq_tile_coords() {
   return fails;
 }
 
+// dq_rotated_turn against its definition: key block n reaches query block m at step (m - n) mod num_m; m's adds go
+// by ascending step, ties by descending n. Every m's turns must be exactly that order's places (a permutation).
+int check_dq_rotated_turn() {
+  int fails = 0;
+  for (int num_n = 1; num_n <= 70; ++num_n)
+    for (int num_m = 1; num_m <= 70; ++num_m)
+      for (int m = 0; m < num_m; ++m) {
+        std::vector<int> order(size_t(num_n), 0);
+        for (int n = 0; n < num_n; ++n) order[size_t(n)] = n;
+        auto step = [&](int n) { return ((m - n) % num_m + num_m) % num_m; };
+        std::sort(order.begin(), order.end(), [&](int a, int b) {
+          return step(a) != step(b) ? step(a) < step(b) : a > b;
+        });
+        for (int r = 0; r < num_n; ++r) {
+          int const n = order[size_t(r)];
+          int const turn = fa3jax::dq_rotated_turn(n, m, num_n, num_m);
+          if (turn != r && fails++ < 5)
+            std::printf("FAIL dq_rotated_turn n=%d m=%d num_n=%d num_m=%d: %d, want %d\n", n, m, num_n, num_m, turn, r);
+        }
+      }
+  // The walk's first block is one n reaches at step 0.
+  for (int num_n = 1; num_n <= 70; ++num_n)
+    for (int num_m = 1; num_m <= 70; ++num_m)
+      for (int n = 0; n < num_n; ++n) {
+        int const f = fa3jax::dq_rotated_first(n, num_m);
+        if ((f < 0 || f >= num_m || ((f - n) % num_m + num_m) % num_m != 0) && fails++ < 5)
+          std::printf("FAIL dq_rotated_first n=%d num_m=%d: %d\n", n, num_m, f);
+      }
+  std::printf("dq_rotated_turn: %s (%d errors)\n", fails ? "FAIL" : "ok", fails);
+  return fails;
+}
+
+// dq_full_query_blocks (the rotated dQ order's condition) against every key block's own range: nonzero exactly
+// where each key block of the sequence sees the query blocks [0, min(blocks, cap)), and then that count.
+template <int kBlockM, int kBlockN>
+int check_dq_full_query_blocks() {
+  std::mt19937 rng(11);
+  int fails = 0, full = 0;
+  for (int trial = 0; trial < 20000; ++trial) {
+    int const sq = int(rng() % 700), sk = 1 + int(rng() % 900);
+    int const left = rng() % 3 == 0 ? -1 : int(rng() % 1200), right = rng() % 3 == 0 ? -1 : int(rng() % 1200);
+    int const cap = rng() % 4 == 0 ? 1 + int(rng() % 12) : INT_MAX;
+    int const num_m = std::min((sq + kBlockM - 1) / kBlockM, cap), num_n = (sk + kBlockN - 1) / kBlockN;
+    bool all = num_m > 0;
+    for (int n = 0; n < num_n; ++n) {
+      fa3jax::KBlockMask<kBlockM, kBlockN> const km(n, sq, sk, left, right);
+      all = all && km.m_min == 0 && std::min(km.m_max, cap) == num_m;  // the kernel's varlen cap, as applied
+    }
+    int const got = fa3jax::dq_full_query_blocks<kBlockM, kBlockN>(sq, sk, left, right, cap);
+    full += got > 0;
+    if (got != (all ? num_m : 0) && fails++ < 5)
+      std::printf("FAIL dq_full_query_blocks<%d, %d> sq=%d sk=%d win=(%d,%d) cap=%d: %d, want %d\n", kBlockM,
+                  kBlockN, sq, sk, left, right, cap, got, all ? num_m : 0);
+  }
+  std::printf("dq_full_query_blocks<%d, %d>: %s (%d errors, %d full)\n", kBlockM, kBlockN, fails ? "FAIL" : "ok",
+              fails, full);
+  return fails;
+}
+
 int main() {
   int fails = 0;
   fails += check_varlen_stat_rows();
   fails += check_dq_tile_coords();
+  fails += check_dq_rotated_turn();
+  fails += check_dq_full_query_blocks<64, 128>();
+  fails += check_dq_full_query_blocks<64, 64>();
   fails += check_masks<128, 128>();
   fails += check_masks<128, 176>();
   fails += check_masks<128, 80>();

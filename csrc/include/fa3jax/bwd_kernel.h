@@ -79,10 +79,11 @@ CUTE_DEVICE BwdTile make_bwd_tile(typename KT::Params const& p, int n_block, int
 
 // kSoftcap: p.softcap > 0. Two kernels rather than one branch: in one kernel the softcap loop's register pressure
 // (S^T, dP^T and dK/dV live together) made ptxas spill in both loops (88 B; 0 B in the plain kernel alone).
-template <class KT, bool kSoftcap>
+// kDet: serves deterministic mode (p.dq_sem), else default mode only (BwdMainloop; the launcher picks).
+template <class KT, bool kSoftcap, bool kDet>
 __global__ void __launch_bounds__(KT::kNumThreads, 1) bwd_kernel(__grid_constant__ typename KT::Params const p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  using Mainloop = BwdMainloop<KT>;
+  using Mainloop = BwdMainloop<KT, kDet>;
   using Pipeline = typename KT::Pipeline;
   using PipelineState = typename KT::PipelineState;
   using SharedStorage = typename KT::SharedStorage;
@@ -118,9 +119,10 @@ __global__ void __launch_bounds__(KT::kNumThreads, 1) bwd_kernel(__grid_constant
   Pipeline pipe(ss.pipeline_q, pp, typename KT::ClusterShape{});
   __syncthreads();
 
-  // Deterministic mode adds dQ partials in descending key-block order (bwd_mainloop.h), so CTAs are dispatched
-  // from the last key block down: the one whose turn comes first is launched first.
-  int n_block = p.dq_sem != nullptr ? int(gridDim.x) - 1 - int(blockIdx.x) : int(blockIdx.x);
+  // Deterministic mode adds dQ partials in descending key-block order, or rotated (bwd_mainloop.h DqOrder), so CTAs
+  // are dispatched from the last key block down: in descending order the one whose turn comes first is launched
+  // first (the rotated one relies on the whole group being resident instead).
+  int n_block = Mainloop::deterministic(p) ? int(gridDim.x) - 1 - int(blockIdx.x) : int(blockIdx.x);
   int head_k = int(blockIdx.y), batch = int(blockIdx.z);
   if constexpr (KT::kLpt) {
     if (p.lpt_group > 0) {
@@ -135,15 +137,16 @@ __global__ void __launch_bounds__(KT::kNumThreads, 1) bwd_kernel(__grid_constant
     km.m_max = max(km.m_min, min(km.m_max, (p.max_seqlen_q + KT::kBlockM - 1) / KT::kBlockM));
   // Else dK = dV = 0 and nothing is loaded (varlen: key blocks past this sequence's keys have no rows at all).
   bool const any = tile.n_block * KT::kBlockN < tile.seq.seqlen_k && km.num_blocks() > 0;
+  DqOrder const ord = Mainloop::dq_order(p, tile, km);
 
   if (wg_idx == 0) {
     cutlass::arch::warpgroup_reg_dealloc<KT::kProducerRegs>();
     if (warp_idx == 0 && any) {
       PipelineState st = cutlass::make_producer_start_state<Pipeline>();
-      Mainloop::load(p, ss, pipe, st, tile, km);
+      Mainloop::load(p, ss, pipe, st, tile, km, ord);
       pipe.producer_tail(st);  // do not exit while a stage may still be released
     } else if (KT::kWriterWarp && warp_idx == 1 && any) {
-      Mainloop::write_dq(p, ss, tile, km);
+      Mainloop::write_dq(p, ss, tile, km, ord);
     }
   } else {
     cutlass::arch::warpgroup_reg_alloc<KT::kConsumerRegs>();
@@ -155,7 +158,7 @@ __global__ void __launch_bounds__(KT::kNumThreads, 1) bwd_kernel(__grid_constant
     clear(tdVrdV);
     if (any) {
       PipelineState st;
-      Mainloop::template mma<kSoftcap>(p, ss, pipe, st, tile, km, mma_tid, mma_wg, tdKrdK, tdVrdV);
+      Mainloop::template mma<kSoftcap>(p, ss, pipe, st, tile, km, ord, mma_tid, mma_wg, tdKrdK, tdVrdV);
     }
     bwd_store_dkdv<KT>(p, tile, mma_tid, tdKrdK, tdVrdV);
     Mainloop::finish(mma_tid);

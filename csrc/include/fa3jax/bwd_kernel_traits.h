@@ -272,6 +272,7 @@ struct BwdKernelTraits {
     int head_dim;
     int head_dim_v;
     int lpt_group;  // kLpt: (kv head, batch) pairs per L2 section of the heaviest-first order; 0: blockIdx order
+    int dq_rotate;  // deterministic: 1 where a (kv head, batch)'s key blocks fit on the GPU at once (DqOrder)
   };
 };
 

@@ -73,6 +73,7 @@ FwdStatus launch_bwd_kernel(const BwdParams& bp, BwdWorkspace const& ws, cudaStr
       kVarlen ? bwd_varlen_stat_rows(sq, b) : 0,
       d,
       dv,
+      0,
       0};
   if constexpr (kVarlen) {
     // Boxes of one swizzle row of each tile's atom (KT::kBoxCols*) by its rows.
@@ -102,15 +103,34 @@ FwdStatus launch_bwd_kernel(const BwdParams& bp, BwdWorkspace const& ws, cudaStr
     }
   }
 
-  auto kernel = &bwd_kernel<KT, false>;
-  // bwd_tile_m gives softcap calls the 64-row kernel, or one that serves every dense call.
-  if constexpr (kBlockM == kBwdBlockM || bwd_tile_serves_all_dense(kBlockM)) {
-    if (capped) kernel = &bwd_kernel<KT, true>;
+  // bwd_tile_m gives softcap and deterministic calls the 64-row kernel, or one that serves every dense call (kAll).
+  // Deterministic mode: kernels of its own where the policy says (kDetKernel: the default ones then carry none of
+  // its turn-order bookkeeping), else the same ones for both modes (kDet = true), testing p.dq_sem at run time.
+  constexpr bool kAll = kBlockM == kBwdBlockM || bwd_tile_serves_all_dense(kBlockM);
+  constexpr bool kDetShared = kAll && BwdPolicy<kHeadDim, kHeadDimV>::kDetKernel == 0;
+  auto kernel = &bwd_kernel<KT, false, kDetShared>;
+  if constexpr (kAll) {
+    bool const det = ws.dq_sem != nullptr;
+    if (capped) kernel = det ? &bwd_kernel<KT, true, true> : &bwd_kernel<KT, true, kDetShared>;
+    else if (det) kernel = &bwd_kernel<KT, false, true>;
   }
   constexpr int smem = KT::kSmemBytes;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return {err, "cudaFuncSetAttribute(MaxDynamicSharedMemorySize), bwd"};
   dim3 const grid(unsigned(std::max(1, (rows_k + KT::kBlockN - 1) / KT::kBlockN)), unsigned(hk), unsigned(b));
+  // Deterministic mode's rotated dQ order (bwd_mainloop.h DqOrder) lets a key block's CTA wait for lower ones,
+  // dispatched after it: allowed only where one (kv head, batch)'s grid.x CTAs can all be resident at once (CTAs
+  // are dispatched in blockIdx order, so each earlier group finishes and makes room for the next). A GPU with
+  // fewer SMs may take the descending order for the same call: bitwise reproducible per device, not across them.
+  if (ws.dq_sem != nullptr) {
+    int dev = 0, sms = 0, per_sm = 0;
+    if ((err = cudaGetDevice(&dev)) != cudaSuccess) return {err, "cudaGetDevice, bwd"};
+    if ((err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev)) != cudaSuccess)
+      return {err, "cudaDeviceGetAttribute(MultiProcessorCount), bwd"};
+    if ((err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, KT::kNumThreads, smem)) != cudaSuccess)
+      return {err, "cudaOccupancyMaxActiveBlocksPerMultiprocessor, bwd"};
+    kp.dq_rotate = int64_t(grid.x) <= int64_t(sms) * per_sm ? 1 : 0;
+  }
   kernel<<<grid, KT::kNumThreads, smem, stream>>>(kp);
   err = cudaGetLastError();
   if (err != cudaSuccess) return {err, "bwd kernel launch"};

@@ -78,6 +78,28 @@ FA3JAX_HOST_DEVICE inline void dq_tile_coords(int i, int kd, int tile_m, int& ro
   col = w * cols + (swapped ? acc_row : acc_col);
 }
 
+// Deterministic dQ, rotated order (bwd_mainloop.h DqOrder): where each of a sequence's num_n key blocks sees all
+// of its num_m query blocks, key block n walks them from dq_rotated_first(n) on, wrapping, so that in lockstep the
+// key blocks reach a query block one by one (in descending order all reach block 0 at once: a wavefront of
+// num_n - 1 steps). n reaches block m at step t = (m - n) mod num_m; m's partials are added by ascending t, equal t
+// (num_n > num_m) by descending n. dq_rotated_turn is n's place in that order, the number of key blocks before it:
+// each earlier t's residue r (m, m - 1, ... mod num_m) holds num_n / num_m key blocks, one more where
+// r < num_n % num_m; then n + num_m, n + 2 num_m, ... share n's t. test_layouts checks it against a sort.
+FA3JAX_HOST_DEVICE inline int dq_rotated_first(int n, int num_m) { return n % num_m; }
+FA3JAX_HOST_DEVICE inline int dq_rotated_turn(int n, int m, int num_n, int num_m) {
+  int const s = n % num_m, q = num_n / num_m, rho = num_n % num_m;
+  int t, c;  // c: residues of the earlier t below rho
+  if (m >= s) {
+    t = m - s;  // residues s + 1 .. m
+    c = (m < rho - 1 ? m : rho - 1) - s;
+    c = c > 0 ? c : 0;
+  } else {
+    t = m - s + num_m;  // residues 0 .. m and s + 1 .. num_m - 1
+    c = (m + 1 < rho ? m + 1 : rho) + (rho - 1 - s > 0 ? rho - 1 - s : 0);
+  }
+  return t * q + c + (num_n - 1 - n) / num_m;
+}
+
 // Dense stat rows per (batch, query head): seqlen_q padded to whole tiles.
 FA3JAX_HOST_DEVICE inline int64_t bwd_padded_rows(int seqlen_q, int tile_m) {
   return (int64_t(seqlen_q) + tile_m - 1) / tile_m * tile_m;

@@ -18,6 +18,8 @@
 // then convert P^T and issue dV, and their dQ = dS K has the warpgroups along queries (kDqRowsSplit).
 #pragma once
 
+#include <climits>
+
 #include <cute/arch/copy_sm90.hpp>
 #include <cute/arch/copy_sm90_tma.hpp>
 #include <cutlass/arch/barrier.h>
@@ -66,13 +68,20 @@ CUTE_DEVICE void red_add_v4_f32(float* dst, float a, float b, float c, float d) 
                : "memory");
 }
 
-// Deterministic dQ (FA3's scheme, our code): the partials of one (query block, warpgroup slice) are added in
-// descending key-block order. A CTA waits until the slice's semaphore counts the key blocks after it, adds, and
-// counts itself once its add has completed (checked at its next add, so the wait overlaps a step). Key block n's
-// turn at query block m is dq_turn(m, n) = QBlockMask(m).n_max - 1 - n: the CTAs that touch m are exactly that
-// key-block range. Descending, because under a causal mask the last key blocks reach a query block first
-// (ascending order made every CTA wait for key block 0); the kernel dispatches CTAs from the last key block
-// down, so the ones before it in line are resident or done (no deadlock).
+// Deterministic dQ (FA3's scheme, our code): the partials of one (query block, warpgroup slice) are added in a
+// fixed key-block order. A CTA waits until the slice's semaphore counts the key blocks before it in that order,
+// adds, and counts itself once its add has completed (dq_turn says the order, DqOrder which one applies):
+// * descending: key block n's turn at query block m is QBlockMask(m).n_max - 1 - n (the CTAs that touch m are
+//   exactly that key-block range). Under a causal mask the last key blocks reach a query block first (ascending
+//   order made every CTA wait for key block 0); the kernel dispatches CTAs from the last key block down, so the
+//   ones before it in line are resident or done (no deadlock).
+// * rotated (bwd_layout.h dq_rotated_turn), where every key block of the sequence sees all of its query blocks:
+//   key block n walks them from n mod M on, and the order is the walk's arrival order. In descending order every
+//   such CTA reaches block 0 at its first step and waits for all later key blocks: a wavefront of N - 1 steps
+//   (4 x 4k: 95 steps instead of 64). A CTA may wait here for a lower key block, dispatched after it, so the host
+//   allows it (p.dq_rotate) only where a (kv head, batch)'s key blocks can all be resident at once. Then no
+//   cycle: every wait is for an add of a strictly earlier (step, -n), and a wait never spans groups.
+// Either order is fixed by the sequence's lengths and mask alone, so the sums are bitwise reproducible.
 CUTE_DEVICE void dq_turn_wait(int const* sem, int turn) {
   int v;
   do {
@@ -80,13 +89,40 @@ CUTE_DEVICE void dq_turn_wait(int const* sem, int turn) {
   } while (v != turn);
   asm volatile("fence.proxy.async.global;\n" ::: "memory");  // the bulk add below is ordered after the acquire
 }
+// Counts this thread's turn once all but its kPending latest bulk adds have completed (not only read the source).
+template <int kPending = 0>
 CUTE_DEVICE void dq_turn_done(int* sem) {
-  asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");  // this thread's adds have completed, not only read
+  asm volatile("cp.async.bulk.wait_group %0;\n" ::"n"(kPending) : "memory");
   asm volatile("fence.proxy.async.global;\n" ::: "memory");
   asm volatile("red.release.gpu.global.add.s32 [%0], 1;\n" ::"l"(sem) : "memory");
 }
 
-template <class KT>
+// Query blocks of a sequence where every one of its key blocks sees all of them (min(that count, m_cap): varlen's
+// max_seqlen_q), else 0: the rotated dQ order's condition. A key's visible queries are an interval whose ends both
+// grow with the key, so key block 0's upper end and the last block's lower end bound every block's.
+template <int kBlockM, int kBlockN>
+CUTE_HOST_DEVICE int dq_full_query_blocks(int seqlen_q, int seqlen_k, int left, int right, int m_cap) {
+  int const num_m = min((seqlen_q + kBlockM - 1) / kBlockM, m_cap);
+  int const num_n = (seqlen_k + kBlockN - 1) / kBlockN;
+  if (num_m <= 0 || num_n <= 0) return 0;
+  KBlockMask<kBlockM, kBlockN> const first(0, seqlen_q, seqlen_k, left, right);
+  KBlockMask<kBlockM, kBlockN> const last(num_n - 1, seqlen_q, seqlen_k, left, right);
+  bool const full = first.m_min == 0 && last.m_min == 0 && min(first.m_max, m_cap) == num_m &&
+                    min(last.m_max, m_cap) == num_m;
+  return full ? num_m : 0;
+}
+
+// The CTA's walk and deterministic dQ order: its query blocks from `first` on, wrapping within [m_min, m_max)
+// (next_coords); num_n > 0: the rotated order over the sequence's num_n key and num_m query blocks, else (and in
+// default mode) first = m_min and the descending order.
+struct DqOrder {
+  int first;
+  int num_n, num_m;
+};
+
+// kDet: the kernel serves deterministic mode (p.dq_sem set: the turn orders, the rotated walk); false: default mode
+// only, with the plain walk from m_min and none of the orders' per-step bookkeeping (policy kDetKernel).
+template <class KT, bool kDet>
 struct BwdMainloop {
   using Element = typename KT::Element;
   using Params = typename KT::Params;
@@ -106,6 +142,7 @@ struct BwdMainloop {
   static constexpr int kDsBarrier = 1;
   static constexpr int kDqBarrier = 2;
   static_assert(kDqBarrier + KT::kNumMmaWG <= 16, "out of named barriers");
+  CUTE_DEVICE static bool deterministic(Params const& p) { return kDet && p.dq_sem != nullptr; }
   static_assert((kBlockM == kBwdBlockM || ((kBlockM == kBwdBlockMWide || kBlockM == kBwdBlockMTall) && !KT::kVarlen)) &&
                     KT::kNumMmaWG == kBwdNumMmaWG,
                 "dq_accum layout (bwd_layout.h)");
@@ -113,7 +150,7 @@ struct BwdMainloop {
   // Producer, called by the whole warp 0 (lane 0 issues): K and V once, then Q, dO, lse_log2 and delta of every
   // (query head of the group, query block) in the consumers' order, into the pipeline's stages.
   CUTE_DEVICE static void load(Params const& p, SharedStorage& ss, Pipeline& pipe, PipelineState& st,
-                               BwdTile const& tile, KM const& km) {
+                               BwdTile const& tile, KM const& km, DqOrder const& ord) {
     bool const lane0 = threadIdx.x % 32 == 0;
     Tensor sK = make_tensor(make_smem_ptr(ss.smem_k.data()), typename KT::SmemLayoutK{});
     Tensor sV = make_tensor(make_smem_ptr(ss.smem_v.data()), typename KT::SmemLayoutV{});
@@ -137,7 +174,7 @@ struct BwdMainloop {
         copy_rows_tile<kHeadDimV, KT::kBoxColsV>(
             p.tma_v, &ss.barrier_kv, [&](int c) { return &sV(0, c); }, row_k, tile.head_k, end_k);
       }
-      load_steps(p, ss, pipe, st, tile, km, [&](int h) {
+      load_steps(p, ss, pipe, st, tile, km, ord, [&](int h) {
         return [&, h](int m, uint64_t* bar, int s) {
           copy_rows_tile<kHeadDim, KT::kBoxColsQ>(
               p.tma_q, bar, [&](int c) { return &sQ(0, c, s); }, row_q + m * kBlockM, h, end_q, uint64_t(hint));
@@ -160,7 +197,7 @@ struct BwdMainloop {
       }
       Tensor mQ = p.tma_q.get_tma_tensor(make_shape(p.seqlen_q, int(kHeadDim), p.num_heads_q, p.batch));
       Tensor mdO = p.tma_do.get_tma_tensor(make_shape(p.seqlen_q, int(kHeadDimV), p.num_heads_q, p.batch));
-      load_steps(p, ss, pipe, st, tile, km, [&](int h) {
+      load_steps(p, ss, pipe, st, tile, km, ord, [&](int h) {
         Tensor gQ = local_tile(mQ(_, _, h, tile.batch), Shape<BlkM, HDim>{}, make_coord(_, _0{}));  // (M, D, m)
         Tensor gdO = local_tile(mdO(_, _, h, tile.batch), Shape<BlkM, HDimV>{}, make_coord(_, _0{}));
         auto [tQgQ, tQsQ] = tma_partition(p.tma_q, _0{}, Layout<_1>{}, group_modes<0, 2>(sQ), group_modes<0, 2>(gQ));
@@ -178,12 +215,14 @@ struct BwdMainloop {
   // into a stage: Q and dO by head_loads(h)(m, barrier, stage) (lane 0), then the block's lse_log2 and delta rows.
   template <class HeadLoads>
   CUTE_DEVICE static void load_steps(Params const& p, SharedStorage& ss, Pipeline& pipe, PipelineState& st,
-                                     BwdTile const& tile, KM const& km, HeadLoads const& head_loads) {
+                                     BwdTile const& tile, KM const& km, DqOrder const& ord,
+                                     HeadLoads const& head_loads) {
     bool const lane0 = threadIdx.x % 32 == 0;
     for (int g = 0; g < p.group_size; ++g) {
       int const h = tile.head_k * p.group_size + g;
       auto const load_qdo = head_loads(h);
-      for (int m = km.m_min; m < km.m_max; ++m) {
+      for (int i = km.m_min; i < km.m_max; ++i) {
+        int const m = walk_block(km, ord, i);
         pipe.producer_acquire(st);
         if (lane0) {
           uint64_t* bar = pipe.producer_get_barrier(st);
@@ -198,8 +237,22 @@ struct BwdMainloop {
     }
   }
 
+  // The CTA's DqOrder: rotated where the host allows it and the sequence's key blocks all see all its query blocks
+  // (km: this CTA's range, varlen's cap applied), which every CTA of the sequence finds alike.
+  CUTE_DEVICE static DqOrder dq_order(Params const& p, BwdTile const& tile, KM const& km) {
+    if (deterministic(p) && p.dq_rotate != 0) {
+      int const cap = KT::kVarlen ? (p.max_seqlen_q + kBlockM - 1) / kBlockM : INT_MAX;
+      int const num_m = dq_full_query_blocks<kBlockM, KT::kBlockN>(tile.seq.seqlen_q, tile.seq.seqlen_k,
+                                                                   p.window_left, p.window_right, cap);
+      if (num_m > 0)
+        return {dq_rotated_first(tile.n_block, num_m), (tile.seq.seqlen_k + KT::kBlockN - 1) / KT::kBlockN, num_m};
+    }
+    return {km.m_min, 0, 0};
+  }
+
   // Place of key block n in query block m's deterministic dQ order (dq_turn_wait).
-  CUTE_DEVICE static int dq_turn(Params const& p, BwdTile const& tile, int m) {
+  CUTE_DEVICE static int dq_turn(Params const& p, BwdTile const& tile, DqOrder const& ord, int m) {
+    if (ord.num_n > 0) return dq_rotated_turn(tile.n_block, m, ord.num_n, ord.num_m);
     return QBlockMask<kBlockM, KT::kBlockN>(m, tile.seq.seqlen_q, tile.seq.seqlen_k, p.window_left,
                                             p.window_right).n_max - 1 - tile.n_block;
   }
@@ -209,31 +262,32 @@ struct BwdMainloop {
   // reduce-add of the slice into dq_accum (deterministic mode: in its key-block turn, dq_turn_wait); a buffer is
   // handed back once the add that read it has finished reading, kDqBufs - 1 steps later (0: right after its add).
   // The consumers thus never wait for an add's read nor sync among themselves for it.
-  CUTE_DEVICE static void write_dq(Params const& p, SharedStorage& ss, BwdTile const& tile, KM const& km) {
+  CUTE_DEVICE static void write_dq(Params const& p, SharedStorage& ss, BwdTile const& tile, KM const& km,
+                                   DqOrder const& ord) {
     constexpr int kWG = KT::kNumMmaWG, kBufs = KT::kDqBufs;
     constexpr int kSlice = KT::kDqSlice;  // floats per warpgroup slice
     bool const lane0 = threadIdx.x % 32 == 0;
     int const n_steps = p.group_size * km.num_blocks();
-    int* sem_pending[kWG] = {};  // deterministic mode: each slice's add still to be counted (dq_turn_done)
-    int h = tile.head_k * p.group_size, m = km.m_min;  // step's (query head, query block): next_coords
-    for (int step = 0; step < n_steps; ++step, next_coords(km, h, m)) {
+    int h = tile.head_k * p.group_size, m = ord.first;  // step's (query head, query block): next_coords
+    for (int step = 0; step < n_steps; ++step, next_coords(km, ord, h, m)) {
       int64_t const stat = tile.stat_row(h, m);
       float* const dq_tile = p.dq_accum + stat * kHeadDim;
+      int* const sem = deterministic(p) ? p.dq_sem + stat / kBlockM * kWG : nullptr;
       int const b = kBufs > 1 ? step % kBufs : 0;
       float const* const sdq = ss.smem_dq.data() + b * kBlockM * kHeadDim;
       CUTE_UNROLL
       for (int w = 0; w < kWG; ++w) {
         wait_barrier_suspend(ss.barrier_dq_full[w][b], (step / kBufs) & 1);
         if (lane0) {
-          if (p.dq_sem != nullptr) {
-            if (sem_pending[w] != nullptr) dq_turn_done(sem_pending[w]);
-            sem_pending[w] = p.dq_sem + stat / kBlockM * kWG + w;
-            dq_turn_wait(sem_pending[w], dq_turn(p, tile, m));
-          }
+          if (sem != nullptr) dq_turn_wait(sem + w, dq_turn(p, tile, ord, m));
           bulk_reduce_add_f32<KT::kL2Hint>(dq_tile + w * kSlice, sdq + w * kSlice, kSlice * int(sizeof(float)));
           tma_store_arrive();
         }
       }
+      // Deterministic mode: each slice's turn is counted as soon as its add has completed, not at the next step's
+      // add, so the key block after it in line waits for one add's latency instead of a whole step.
+      if (lane0 && sem != nullptr)
+        for_each(make_int_sequence<kWG>{}, [&](auto w) { dq_turn_done<kWG - 1 - decltype(w)::value>(sem + w); });
       // Hand back the buffers of step step - (kBufs - 1): its adds are followed by (kBufs - 1) x kWG newer ones,
       // and warpgroup w's by kWG - 1 - w of its own step.
       int const done = step - (kBufs - 1);
@@ -246,12 +300,7 @@ struct BwdMainloop {
       }
       __syncwarp();
     }
-    if (lane0) {
-      CUTE_UNROLL
-      for (int w = 0; w < kWG; ++w)
-        if (sem_pending[w] != nullptr) dq_turn_done(sem_pending[w]);
-      tma_store_wait<0>();  // every add has read its slice before the CTA's shared memory goes away
-    }
+    if (lane0) tma_store_wait<0>();  // every add has read its slice before the CTA's shared memory goes away
   }
 
   // Frees stage st for the producer (a local mbarrier arrive per consumer thread, as in FwdMainloop::release).
@@ -260,10 +309,25 @@ struct BwdMainloop {
   }
 
   // (query head, query block) of the step after (h, m): the group's heads in order, each over the query blocks
-  // [m_min, m_max) that see the key block; producer, dQ writer and consumers walk the same sequence. Carried from
-  // step to step: deriving it from the step index took an integer division ahead of every step's first GEMM.
-  CUTE_DEVICE static void next_coords(KM const& km, int& h, int& m) {
-    if (++m == km.m_max) m = km.m_min, ++h;
+  // [m_min, m_max) that see the key block from ord.first on, wrapping; producer, dQ writer and consumers walk the
+  // same sequence. Carried from step to step: deriving it from the step index took an integer division ahead of
+  // every step's first GEMM.
+  CUTE_DEVICE static void next_coords(KM const& km, DqOrder const& ord, int& h, int& m) {
+    if constexpr (kDet) {
+      if (++m == km.m_max) m = km.m_min;
+      if (m == ord.first) ++h;
+    } else {
+      if (++m == km.m_max) m = km.m_min, ++h;  // ord.first == m_min
+    }
+  }
+  // The i-th query block (m_min <= i < m_max) of a head's walk (next_coords), for the producer's loop.
+  CUTE_DEVICE static int walk_block(KM const& km, DqOrder const& ord, int i) {
+    if constexpr (kDet) {
+      int const m = i + (ord.first - km.m_min);
+      return m < km.m_max ? m : m - km.num_blocks();
+    } else {
+      return i;
+    }
   }
 
   // Consumer loop over the steps (next_coords). Accumulates dK (without the softmax scale) and dV in tdKrdK /
@@ -272,8 +336,8 @@ struct BwdMainloop {
   // made ptxas spill 388 B at 240 registers (their accumulators live next to dQ's and dK/dV's).
   template <bool kSoftcap, class TdK, class TdV>
   CUTE_DEVICE static void mma(Params const& p, SharedStorage& ss, Pipeline& pipe, PipelineState& st,
-                              BwdTile const& tile, KM const& km, int mma_tid, int mma_wg, TdK& tdKrdK,
-                              TdV& tdVrdV) {
+                              BwdTile const& tile, KM const& km, DqOrder const& ord, int mma_tid, int mma_wg,
+                              TdK& tdKrdK, TdV& tdVrdV) {
     typename KT::TiledMmaSdP mma_sdp;
     typename KT::TiledMmadK mma_dk;
     typename KT::TiledMmadV mma_dv;
@@ -358,6 +422,18 @@ struct BwdMainloop {
     int const n0 = tile.n_block * KT::kBlockN;
     int const n_steps = p.group_size * km.num_blocks();
     int* sem_pending = nullptr;  // deterministic mode, issuing thread: the slice whose add is still in flight
+    // Staged bulk adds, deterministic mode: the previous step's turn is counted mid-step, once this step's dK GEMM
+    // is issued (that add, a step's GEMMs old, has completed by then), not at this step's add: in the rotated
+    // order the next key block in line arrives one step later, and counting at the add made each link late by
+    // the release's latency, a lag that grew down the line.
+    auto count_previous = [&] {
+      if constexpr (kDet && !KT::kDqRed && !KT::kWriterWarp) {
+        if (dq_issuer && sem_pending != nullptr) {
+          dq_turn_done(sem_pending);
+          sem_pending = nullptr;
+        }
+      }
+    };
 
     auto issue_sdp = [&](int s) {
       wgmma_issue<true, false>(mma_sdp, tSrK, tSrQ(_, _, _, s), tSrS);
@@ -366,9 +442,13 @@ struct BwdMainloop {
     // kLateDv: masked scores' start with softcap (see below).
     constexpr float kMaskedScore = -3.0e38f;
 
+    // Query blocks without the element mask, tested per step with one unsigned compare (as the forward does):
+    // needs_mask(m) per step took ~15 uniform-datapath instructions of the step loop.
+    int unmasked_lo, unmasked_hi;
+    km.unmasked_range(unmasked_lo, unmasked_hi);
     cute::wait_barrier(ss.barrier_kv, 0);
-    int h = tile.head_k * p.group_size, m = km.m_min;  // step's (query head, query block): next_coords
-    for (int step = 0; step < n_steps; ++step, next_coords(km, h, m)) {
+    int h = tile.head_k * p.group_size, m = ord.first;  // step's (query head, query block): next_coords
+    for (int step = 0; step < n_steps; ++step, next_coords(km, ord, h, m)) {
       if constexpr (KT::kLateDv) {
         // The GEMMs' fences (and WGMMA's accumulator operands) read S^T, dP^T and dQ before each step's GEMMs
         // overwrite them, so these registers stay live from one step into the next. kLateDv ends their values here
@@ -402,7 +482,7 @@ struct BwdMainloop {
           for (int i = 0; i < kPairs; ++i) lse2[i] = stat_pair(lse, 2 * i);
         }
       }
-      bool const need_mask = km.needs_mask(m);
+      bool const need_mask = uint32_t(m - unmasked_lo) >= uint32_t(unmasked_hi - unmasked_lo);  // needs_mask(m)
       int const q0 = m * kBlockM;
       // Masked blocks: key row r sees the tile's queries q0 + [lo, hi) (mask_key_queries), two compares per element.
       auto row_range = [&](int r, int& lo, int& hi) {
@@ -587,6 +667,7 @@ struct BwdMainloop {
         wgmma_issue<false, false>(mma_dv, tdVsP, tdVrdO(_, _, _, s), tdVrdV);
         issue_dq(tdQrdS_buf, tdQrdQ);
         wgmma_issue<false, false>(mma_dk, tdKsdS, tdKrQ(_, _, _, s), tdKrdK);
+        count_previous();
         warpgroup_wait<1>();  // dV and dQ have retired; dK may still run
         warpgroup_fence_operand(tdVrdV);
       } else {
@@ -594,6 +675,7 @@ struct BwdMainloop {
         warpgroup_wait<1>();  // dV has retired (P's registers are free); dQ may still run
         warpgroup_fence_operand(tdVrdV);
         wgmma_issue<false, true>(mma_dk, tdKrdS, tdKrQ(_, _, _, s), tdKrdK);
+        count_previous();
         warpgroup_wait<1>();  // dQ has retired; dK may still run
       }
       warpgroup_fence_operand(tdQrdQ);
@@ -607,10 +689,9 @@ struct BwdMainloop {
       if constexpr (KT::kDqRed) {
         // Deterministic: every thread's reductions of this slice, in key-block turn, fenced before the issuer
         // counts the turn (no overlap with the next step, unlike the bulk path).
-        int* const sem = p.dq_sem == nullptr ? nullptr
-            : p.dq_sem + stat / kBlockM * KT::kNumMmaWG + mma_wg;
+        int* const sem = deterministic(p) ? p.dq_sem + stat / kBlockM * KT::kNumMmaWG + mma_wg : nullptr;
         if (sem != nullptr) {
-          if (dq_issuer) dq_turn_wait(sem, dq_turn(p, tile, m));
+          if (dq_issuer) dq_turn_wait(sem, dq_turn(p, tile, ord, m));
           named_barrier_sync(kDqBarrier + mma_wg, 128);
         }
         CUTE_UNROLL
@@ -635,10 +716,10 @@ struct BwdMainloop {
         cute::arrive_barrier(ss.barrier_dq_full[mma_wg][b]);
       } else {
         if (dq_issuer) {
-          if (p.dq_sem != nullptr) {
+          if (deterministic(p)) {
             if (sem_pending != nullptr) dq_turn_done(sem_pending);
             sem_pending = p.dq_sem + stat / kBlockM * KT::kNumMmaWG + mma_wg;
-            dq_turn_wait(sem_pending, dq_turn(p, tile, m));
+            dq_turn_wait(sem_pending, dq_turn(p, tile, ord, m));
           } else {
             tma_store_wait<(KT::kDqBufs > 1 ? KT::kDqBufs - 1 : 0)>();  // the add that last read this buffer
           }

@@ -92,6 +92,12 @@ struct KBlockMask {
   // True unless every (row in the query block, key in the key block) pair is allowed; rows past seqlen_q and
   // keys past seqlen_k both count (a backward must not let zero-filled rows or keys into dK/dV or dQ).
   CUTE_HOST_DEVICE bool needs_mask(int m_block) const { return t.q_hi - t.q_lo < kBlockN || t.needs_mask(m_block); }
+  // The query blocks that need no mask, one contiguous range [lo, hi) (QBlockMask::unmasked_range; lo == hi for a
+  // partial key block), so that the backward tests a block with two integer ops instead of needs_mask per step.
+  CUTE_HOST_DEVICE void unmasked_range(int& lo, int& hi) const {
+    t.unmasked_range(lo, hi);
+    if (t.q_hi - t.q_lo < kBlockN) lo = hi;
+  }
 };
 
 // Element mask of one score tile S (rows, cols) in place: disallowed scores -> -inf. rc: identity coordinates
