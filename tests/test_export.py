@@ -6,16 +6,16 @@
   ``fa3jax_cuda_fwd``, cuDNN's ``__cudnn$fmha*``) carry no compatibility guarantee, so the export names each one
   in ``disabled_checks`` (``jax.export.DisabledSafetyCheck.custom_call``): such an artifact is only valid with the
   same jaxlib and kernels, which is what these tests check (a round trip in one environment).
-* Command buffers: a forward and backward step, a forward alone and KV-cache calls (contiguous, paged) with
-  split-KV run in a fresh process with ``--xla_gpu_enable_command_buffer=+CUSTOM_CALL`` (add custom calls to XLA's
-  default command types; ``--xla_gpu_graph_min_graph_size=1`` so that a short program is captured too) and in one
-  with command buffers off (``--xla_gpu_enable_command_buffer=``); each is replayed several times with other buffers allocated
-  and filled in between (a graph that kept a freed workspace address would write into them, or read garbage: both
-  are checked), the results must be bitwise equal across replays and processes, and the after-optimizations HLO
-  says whether our custom calls were moved into ``command_buffer`` computations. XLA captures an FFI handler only
-  when it declares ``xla::ffi::Traits::kCmdBufferCompatible`` (ours do: their workspaces are result buffers, see
-  tests/test_ffi_sources.py), and a legacy custom call (jax-triton's) only when named in
-  ``--legacy_command_buffer_custom_call_targets``.
+* Command buffers: a forward and backward step, a forward alone and KV-cache calls (contiguous, paged) with split-KV
+  run in a fresh process with ``--xla_gpu_enable_command_buffer=+CUSTOM_CALL`` (add custom calls to XLA's default
+  command types; ``--xla_gpu_graph_min_graph_size=1`` so that a short program is captured too) and in one with command
+  buffers off (``--xla_gpu_enable_command_buffer=``); each is replayed several times with other buffers allocated and
+  filled in between (a graph that kept a freed workspace address would write into them, or read garbage: both are
+  checked), the results must be bitwise equal across replays and processes, and the after-optimizations HLO (or, with
+  XLA's thunk-level conversion, the thunk sequence) says whether our custom calls were moved into ``command_buffer``
+  computations. XLA captures an FFI handler only when it declares ``xla::ffi::Traits::kCmdBufferCompatible`` (ours do:
+  their workspaces are result buffers, see tests/test_ffi_sources.py), and a legacy custom call (jax-triton's) only
+  when named in ``--legacy_command_buffer_custom_call_targets``.
 """
 import functools
 import json
@@ -217,9 +217,54 @@ def _computations(hlo: str) -> dict:
     return {n: "\n".join(ls) for n, ls in comps.items()}
 
 
-def _run_child(backend, tmp, flags) -> tuple[dict, bool]:
+def _captured_in_thunks(hlo: str, thunks: str, want) -> tuple[set, list]:
+    """(the targets of ``want`` whose custom calls sit inside a top-level kCommandBuffer thunk, the thunk lines
+    that mention a custom call). A thunk line reads "<indent><index>: <kind> ..." and those nested in a command
+    buffer are indented under it; a custom call's line names its HLO instruction (or its target)."""
+    calls = {}  # HLO instruction name -> target
+    for m in re.finditer(r'^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=.*custom_call_target="([^"]+)"', hlo, re.M):
+        if m.group(2) in want:
+            calls[m.group(1)] = m.group(2)
+    names = {**calls, **{t: t for t in want}}
+    pattern = re.compile(r"(?<![\w.\-])(" + "|".join(re.escape(n) for n in names) + r")(?![\w\-]|\.\d)")
+    found, lines, in_buffer = set(), [], False
+    for line in thunks.splitlines():
+        m = re.match(r"^(\s*)\d+: (\S+)", line)
+        if m is None:
+            continue
+        if not m.group(1):
+            in_buffer = m.group(2).startswith("kCommandBuffer")
+        hit = pattern.search(line)
+        if hit or "CustomCall" in m.group(2):
+            lines.append(line.strip()[:160])
+        if hit and in_buffer:
+            found.add(names[hit.group(1)])
+    return found, lines
+
+
+def test_thunk_dump_parser_finds_custom_calls_inside_command_buffers():
+    """The capture check's parser on a thunk dump of XLA's form: a custom call indented under a top-level
+    kCommandBuffer is captured, one at top level is not, and instruction names are matched whole."""
+    hlo = textwrap.dedent("""\
+        ENTRY %main {
+          %custom-call.3 = (bf16[2]) custom-call(%p), custom_call_target="fa3jax_cuda_fwd"
+          custom-call.31 = (bf16[2]) custom-call(p), custom_call_target="fa3jax_cuda_bwd"
+          ROOT %custom-call.4 = (bf16[2]) custom-call(%p), custom_call_target="other"
+        }""")
+    thunks = "000: kKernel fusion.1\n001: kCommandBuffer\n  000: kCustomCall custom-call.3\n  001: kKernel f\n" \
+             "002: kCustomCall custom-call.31\n003: kCommandBuffer\n  000: kCustomCall custom-call.4\n"
+    found, lines = _captured_in_thunks(hlo, thunks, _CAPTURE_TARGETS["cuda"])
+    assert found == {"fa3jax_cuda_fwd"}
+    assert lines == ["000: kCustomCall custom-call.3", "002: kCustomCall custom-call.31",
+                     "000: kCustomCall custom-call.4"]
+    assert _captured_in_thunks(hlo, thunks.replace("002:", "  002:"), _CAPTURE_TARGETS["cuda"])[0] == {
+        "fa3jax_cuda_fwd", "fa3jax_cuda_bwd"}
+
+
+def _run_child(backend, tmp, flags) -> tuple[dict, bool, list]:
     """Run the child's calls in a fresh process with ``flags``; (npz arrays, whether the backend's custom calls sit
-    in command_buffer computations of the optimized HLO: all of _CAPTURE_TARGETS or none)."""
+    in command buffers, by the optimized HLO or the thunk sequence: all of _CAPTURE_TARGETS or none, the thunk
+    lines that mention custom calls)."""
     dump = tmp / "dump"
     env = dict(os.environ)
     env["XLA_FLAGS"] = " ".join(flags + [f"--xla_dump_to={dump}", "--xla_dump_hlo_as_text"])
@@ -231,15 +276,22 @@ def _run_child(backend, tmp, flags) -> tuple[dict, bool]:
         pytest.skip(f"this XLA does not know one of {flags}: {proc.stderr.strip().splitlines()[-1]}")
     assert proc.returncode == 0, f"child failed with XLA_FLAGS={env['XLA_FLAGS']!r}:\n{proc.stderr[-4000:]}"
     want = _CAPTURE_TARGETS.get(backend, (_OWN_TARGETS[backend],))
-    found = set()
+    found, seen = set(), []
     for path in dump.glob("*after_optimizations.txt"):
-        for name, body in _computations(path.read_text()).items():
-            if name.startswith("command_buffer"):
+        hlo = path.read_text()
+        for name, body in _computations(hlo).items():
+            if name.startswith("command_buffer"):  # XLA's HLO-level command-buffer pass
                 found |= {t for t in want if f'custom_call_target="{t}"' in body}
+        # XLA's thunk-level conversion (xla_gpu_experimental_enable_command_buffer_on_thunks, on by default in newer
+        # XLA) leaves the HLO alone: read the module's thunk sequence after the thunk passes instead.
+        for thunks in dump.glob(path.name.split(".")[0] + ".*thunk_sequence_after_thunk_passes.txt"):
+            hits, lines = _captured_in_thunks(hlo, thunks.read_text(), want)
+            found |= hits
+            seen += lines
     captured = bool(found)
-    assert not captured or found == set(want), f"only {sorted(found)} of {want} were captured"
+    assert not captured or found == set(want), f"only {sorted(found)} of {want} were captured: {seen[:20]}"
     with np.load(out) as z:
-        return {k: z[k] for k in z.files}, captured
+        return {k: z[k] for k in z.files}, captured, seen
 
 
 def _declares_cmd_buffer_trait() -> bool:
@@ -268,8 +320,8 @@ def test_command_buffers_give_the_same_result(backend, extra, expect, tmp_path):
         pytest.skip(f"backend {backend!r} unavailable here: {reason}")
     (tmp_path / "plain").mkdir()
     (tmp_path / "graphs").mkdir()
-    plain, plain_captured = _run_child(backend, tmp_path / "plain", ["--xla_gpu_enable_command_buffer="])
-    graphs, captured = _run_child(backend, tmp_path / "graphs", _CMD_BUFFER + extra)
+    plain, plain_captured, _ = _run_child(backend, tmp_path / "plain", ["--xla_gpu_enable_command_buffer="])
+    graphs, captured, seen = _run_child(backend, tmp_path / "graphs", _CMD_BUFFER + extra)
     assert not plain_captured, "command buffers were off in the baseline run; the dump parsing is off"
     assert sorted(graphs) == sorted(plain)
     for key in sorted(plain):
@@ -278,4 +330,4 @@ def test_command_buffers_give_the_same_result(backend, extra, expect, tmp_path):
         return
     want = _declares_cmd_buffer_trait() if expect == "declared" else expect
     assert captured == want, json.dumps(dict(backend=backend, flags=_CMD_BUFFER + extra, captured=captured,
-                                             expected=want))
+                                             expected=want, thunks=seen[:20]))
