@@ -40,7 +40,7 @@ pytest.importorskip("flatbuffers", reason="jax.export serialization needs flatbu
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 _OWN_TARGETS = {"triton": "triton_kernel_call", "cuda": "fa3jax_cuda_fwd", "cudnn": "__cudnn$fmhaSoftmax"}
-# The custom calls of the command-buffer child that move into graphs together (all or none), and their handlers.
+# The custom calls of the command-buffer child (the step's forward and backward first), and their handlers.
 _CAPTURE_TARGETS = {"cuda": ("fa3jax_cuda_fwd", "fa3jax_cuda_bwd", "fa3jax_cuda_fwd_kvcache")}
 _CAPTURE_HANDLERS = ("Fa3jaxCudaFwd", "Fa3jaxCudaBwd", "Fa3jaxCudaFwdKvcache")
 
@@ -217,54 +217,50 @@ def _computations(hlo: str) -> dict:
     return {n: "\n".join(ls) for n, ls in comps.items()}
 
 
-def _captured_in_thunks(hlo: str, thunks: str, want) -> tuple[set, list]:
-    """(the targets of ``want`` whose custom calls sit inside a top-level kCommandBuffer thunk, the thunk lines
-    that mention a custom call). A thunk line reads "<indent><index>: <kind> ..." and those nested in a command
-    buffer are indented under it; a custom call's line names its HLO instruction (or its target)."""
-    calls = {}  # HLO instruction name -> target
-    for m in re.finditer(r'^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=.*custom_call_target="([^"]+)"', hlo, re.M):
-        if m.group(2) in want:
-            calls[m.group(1)] = m.group(2)
-    names = {**calls, **{t: t for t in want}}
-    pattern = re.compile(r"(?<![\w.\-])(" + "|".join(re.escape(n) for n in names) + r")(?![\w\-]|\.\d)")
-    found, lines, in_buffer = set(), [], False
+def _captured_in_thunks(hlo: str, thunks: str, want) -> tuple[set, str]:
+    """(the targets of ``want`` whose custom calls the module's thunk sequence runs inside command buffers, a one-line
+    summary). A thunk line reads "<indent><index>: <kind> ..." and those in a command buffer are indented under a
+    top-level kCommandBuffer. Custom-call thunks carry no instruction name, so a module's calls count as captured
+    when all its custom calls are ours, every one of them is nested in a command buffer and none runs outside."""
+    targets = re.findall(r'custom_call_target="([^"]+)"', hlo)
+    ours = sorted({t for t in targets if t in want})
+    nested = top = 0
+    in_buffer = False
     for line in thunks.splitlines():
         m = re.match(r"^(\s*)\d+: (\S+)", line)
         if m is None:
             continue
         if not m.group(1):
             in_buffer = m.group(2).startswith("kCommandBuffer")
-        hit = pattern.search(line)
-        if hit or "CustomCall" in m.group(2):
-            lines.append(line.strip()[:160])
-        if hit and in_buffer:
-            found.add(names[hit.group(1)])
-    return found, lines
+        if m.group(2) == "kCustomCall":
+            nested += in_buffer and bool(m.group(1))
+            top += not m.group(1)
+    summary = f"{ours or targets}: {nested} custom-call thunks in command buffers, {top} outside"
+    whole = ours and len(ours) == len(set(targets)) and nested == len(targets) and top == 0
+    return (set(ours) if whole else set()), summary
 
 
 def test_thunk_dump_parser_finds_custom_calls_inside_command_buffers():
-    """The capture check's parser on a thunk dump of XLA's form: a custom call indented under a top-level
-    kCommandBuffer is captured, one at top level is not, and instruction names are matched whole."""
-    hlo = textwrap.dedent("""\
-        ENTRY %main {
-          %custom-call.3 = (bf16[2]) custom-call(%p), custom_call_target="fa3jax_cuda_fwd"
-          custom-call.31 = (bf16[2]) custom-call(p), custom_call_target="fa3jax_cuda_bwd"
-          ROOT %custom-call.4 = (bf16[2]) custom-call(%p), custom_call_target="other"
-        }""")
-    thunks = "000: kKernel fusion.1\n001: kCommandBuffer\n  000: kCustomCall custom-call.3\n  001: kKernel f\n" \
-             "002: kCustomCall custom-call.31\n003: kCommandBuffer\n  000: kCustomCall custom-call.4\n"
-    found, lines = _captured_in_thunks(hlo, thunks, _CAPTURE_TARGETS["cuda"])
-    assert found == {"fa3jax_cuda_fwd"}
-    assert lines == ["000: kCustomCall custom-call.3", "002: kCustomCall custom-call.31",
-                     "000: kCustomCall custom-call.4"]
-    assert _captured_in_thunks(hlo, thunks.replace("002:", "  002:"), _CAPTURE_TARGETS["cuda"])[0] == {
-        "fa3jax_cuda_fwd", "fa3jax_cuda_bwd"}
+    """The capture check's parser on thunk dumps of XLA's form: a module's custom calls count as captured only when
+    each runs nested in a top-level kCommandBuffer and all are ours."""
+    hlo = ('  %custom-call.3 = (bf16[2]) custom-call(%p), custom_call_target="fa3jax_cuda_fwd"\n'
+           '  ROOT custom-call.31 = (bf16[2]) custom-call(p), custom_call_target="fa3jax_cuda_bwd"\n')
+    graphs = ("000: kCommandBuffer [source | sink] \n    001: kCustomCall   [source | next=002 (1)] kCustomCall\n"
+              "    002: kKernel f\n    003: kCustomCall   [prev=002 (1) | sink] kCustomCall\n")
+    want = _CAPTURE_TARGETS["cuda"]
+    assert _captured_in_thunks(hlo, graphs, want)[0] == {"fa3jax_cuda_fwd", "fa3jax_cuda_bwd"}
+    one_out = graphs.replace("    003: kCustomCall", "004: kCustomCall")
+    assert _captured_in_thunks(hlo, one_out, want) == (set(), "['fa3jax_cuda_bwd', 'fa3jax_cuda_fwd']: 1 custom-call "
+                                                              "thunks in command buffers, 1 outside")
+    foreign = hlo + '  custom-call.4 = f32[] custom-call(), custom_call_target="other"\n'
+    assert _captured_in_thunks(foreign, graphs, want)[0] == set()
+    assert _captured_in_thunks(hlo, graphs.replace("kCommandBuffer", "kSequential"), want)[0] == set()
 
 
 def _run_child(backend, tmp, flags) -> tuple[dict, bool, list]:
     """Run the child's calls in a fresh process with ``flags``; (npz arrays, whether the backend's custom calls sit
-    in command buffers, by the optimized HLO or the thunk sequence: all of _CAPTURE_TARGETS or none, the thunk
-    lines that mention custom calls)."""
+    in command buffers, by the optimized HLO or the thunk sequence (the step's forward and backward at least), the
+    modules' thunk summaries)."""
     dump = tmp / "dump"
     env = dict(os.environ)
     env["XLA_FLAGS"] = " ".join(flags + [f"--xla_dump_to={dump}", "--xla_dump_hlo_as_text"])
@@ -276,7 +272,7 @@ def _run_child(backend, tmp, flags) -> tuple[dict, bool, list]:
         pytest.skip(f"this XLA does not know one of {flags}: {proc.stderr.strip().splitlines()[-1]}")
     assert proc.returncode == 0, f"child failed with XLA_FLAGS={env['XLA_FLAGS']!r}:\n{proc.stderr[-4000:]}"
     want = _CAPTURE_TARGETS.get(backend, (_OWN_TARGETS[backend],))
-    found, seen = set(), []
+    found, seen = set(), []  # seen: the modules' thunk summaries
     for path in dump.glob("*after_optimizations.txt"):
         hlo = path.read_text()
         for name, body in _computations(hlo).items():
@@ -285,11 +281,12 @@ def _run_child(backend, tmp, flags) -> tuple[dict, bool, list]:
         # XLA's thunk-level conversion (xla_gpu_experimental_enable_command_buffer_on_thunks, on by default in newer
         # XLA) leaves the HLO alone: read the module's thunk sequence after the thunk passes instead.
         for thunks in dump.glob(path.name.split(".")[0] + ".*thunk_sequence_after_thunk_passes.txt"):
-            hits, lines = _captured_in_thunks(hlo, thunks.read_text(), want)
+            hits, summary = _captured_in_thunks(hlo, thunks.read_text(), want)
             found |= hits
-            seen += lines
+            seen.append(f"{path.name.split('.')[1]}: {summary}")
     captured = bool(found)
-    assert not captured or found == set(want), f"only {sorted(found)} of {want} were captured: {seen[:20]}"
+    # The training step's forward and backward must move into graphs together; XLA may leave a lone call out.
+    assert not captured or set(want[:2]) <= found, f"only {sorted(found)} of {want} were captured: {seen}"
     with np.load(out) as z:
         return {k: z[k] for k in z.files}, captured, seen
 
