@@ -185,3 +185,19 @@ def test_bench_attn_sinks_cli(tmp_path):
         with_, without = ok[("fa3jax:xla+sinks", m)], ok[("fa3jax:xla", m)]
         assert with_["sinks_ratio"] == with_["ms"] / without["ms"] and with_["max_rel_err"] <= bench.WRONG_TOL
     assert next(tmp_path.glob("attn-*.md")).read_text().startswith("\n## attn (sinks): ")
+
+
+def test_measure_each_times_the_others_when_one_fails():
+    """Interleaved rounds when every function runs; when one raises, the others are still timed one by one and the
+    failing one's entry is its exception (the suites then give it a skipped row)."""
+    x = jnp.arange(8.0)
+    good = jax.jit(lambda a: a * 2)
+
+    def bad(a):
+        raise RuntimeError("kernel refused")
+
+    both = bench.measure_each({"good": good, "other": jax.jit(lambda a: a + 1)}, [(x,)], FAST)
+    assert all(_finite_pos(m["time_s"]) and len(m["trials_s"]) == 3 for m in both.values())
+    res = bench.measure_each({"good": good, "bad": bad}, [(x,)], FAST)
+    assert _finite_pos(res["good"]["time_s"]) and isinstance(res["bad"], RuntimeError)
+    assert bench.measure_each({}, [(x,)], FAST) == {}

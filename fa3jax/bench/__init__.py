@@ -44,7 +44,7 @@ from .plot import plot_attn, plot_decode, plot_prefill, plot_varlen
 from .prefill import PrefillConfig, prefill_configs, run_prefill
 from .record import default_results_md, markdown_section, record_markdown
 from .tables import attn_table, decode_table, prefill_table, varlen_table
-from .timing import TimingOptions, chained, compile_fn, measure, measure_interleaved, timed_fn
+from .timing import TimingOptions, chained, compile_fn, measure, measure_each, measure_interleaved, timed_fn
 from .varlen import VarlenConfig, run_varlen, varlen_configs, varlen_inputs, varlen_lengths
 
 __all__ = [
@@ -54,7 +54,7 @@ __all__ = [
     "chained", "compile_fn", "decode_chain_sets", "decode_configs", "decode_impls",
     "decode_set_count", "decode_table", "default_results_md", "dense_reference", "environment", "fa3jax_impl",
     "fa3jax_kvcache_impl", "fa3jax_varlen_impl", "free_device_bytes", "git_commit", "kvcache_impls", "main",
-    "markdown_section", "measure", "measure_copy", "measure_interleaved", "on_gpu", "padded_reference",
+    "markdown_section", "measure", "measure_copy", "measure_each", "measure_interleaved", "on_gpu", "padded_reference",
     "platform_name", "plot_attn", "plot_decode", "plot_prefill", "plot_varlen", "prefill_configs", "prefill_impls",
     "prefill_table", "record_markdown", "rel_err", "resolve", "run_attn", "run_decode", "run_prefill", "run_varlen",
     "timed_fn", "varlen_configs", "varlen_impls", "varlen_inputs", "varlen_lengths", "varlen_reference",

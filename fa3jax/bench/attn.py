@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from .common import DTYPES, WRONG_TOL, fmt_tflops, out_of_time, short_error
 from .guard import rel_err
 from .impls import SINKS, Impl, fa3jax_impl
-from .timing import TimingOptions, compile_fn, measure, measure_interleaved, timed_fn
+from .timing import TimingOptions, compile_fn, measure_each, timed_fn
 
 @dataclasses.dataclass(frozen=True)
 class AttnConfig:
@@ -156,16 +156,8 @@ def run_attn(configs: list[AttnConfig], impls: list[Impl], opts: TimingOptions, 
                 rows.append(_row(cfg, impl.name, "skipped", reason=short_error(e), max_rel_err=err, note=note))
                 log(f"  {cfg.label():40s} {impl.name:15s} skipped: {short_error(e, 80)}")
         ref_out = None
-        results: dict = {}
-        try:  # one failing impl must not cost the others their row: then time them one by one
-            results = measure_interleaved({n: r[3] for n, r in ready.items()}, sets, opts,
-                                          own_sets={n: sinks_sets for n, r in ready.items() if r[0].sinks})
-        except Exception:
-            for name, (impl, err, note, f, scratch) in ready.items():
-                try:
-                    results[name] = measure(f, args_of(impl), opts)
-                except Exception as e:
-                    results[name] = e
+        results = measure_each({n: r[3] for n, r in ready.items()}, sets, opts,
+                               own_sets={n: sinks_sets for n, r in ready.items() if r[0].sinks})
         config_rows = len(rows)
         for name, (impl, err, note, f, scratch) in ready.items():
             m = results[name]

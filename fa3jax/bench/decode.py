@@ -14,7 +14,7 @@ from .common import DTYPES, WRONG_TOL, check_reason, out_of_time, short_error
 from .env import free_device_bytes
 from .guard import rel_err
 from .impls import DecodeImpl
-from .timing import TimingOptions, chained, compile_fn, measure
+from .timing import TimingOptions, chained, compile_fn, measure, measure_each
 
 @dataclasses.dataclass(frozen=True)
 class DecodeConfig:
@@ -132,9 +132,10 @@ def decode_chain_sets(sets: list) -> list:
 def run_decode(configs: list[DecodeConfig], impls: list[DecodeImpl], opts: TimingOptions, copy_bytes: int,
                check: bool = True, log=print, unroll: int = 16, progress: Optional[Callable] = None,
                deadline: Optional[float] = None, per_call: bool = False) -> tuple[list[dict], dict]:
-    """Decode suite; times are per decode step (one jitted call runs ``unroll`` chained steps). With
-    ``per_call``, each row also carries ``per_call_ms``: one step per jitted call, the calls issued back to back
-    from Python as a generation loop issues them (dispatch included), rotating over the cache sets."""
+    """Decode suite; times are per decode step (one jitted call runs ``unroll`` chained steps), every impl of a
+    config timed in interleaved rounds. With ``per_call``, each row also carries ``per_call_ms``: one step per jitted
+    call, the calls issued back to back from Python as a generation loop issues them (dispatch included), rotating
+    over the cache sets, interleaved the same way."""
     copy = {}
     try:
         copy = measure_copy(copy_bytes, opts)
@@ -165,6 +166,7 @@ def run_decode(configs: list[DecodeConfig], impls: list[DecodeImpl], opts: Timin
         chain_sets = decode_chain_sets(sets)
         seqlens, pts, kcs, vcs = chain_sets[0][1:]
         ref = xla_reference(sets[0], cfg.label(), log) if check else None
+        ready = {}  # impl name -> (impl, err, note, chained steps compiled, one step compiled or None)
         for impl in impls:
             reason = check_reason(impl, cfg)
             if reason:
@@ -181,28 +183,37 @@ def run_decode(configs: list[DecodeConfig], impls: list[DecodeImpl], opts: Timin
                     log(f"  {cfg.label():32s} {impl.name:22s} WRONG (err {err:.2e})")
                     continue
                 f, _ = compile_fn(chained(impl.fn, unroll), chain_sets[0])
-                m = measure(f, chain_sets, opts)
-                m["time_s"] /= unroll
-                m["trials_s"] = [t / unroll for t in m["trials_s"]]
-                pc = {}
-                if per_call:  # one step per executable call: what a Python generation loop pays per token
-                    fc, _ = compile_fn(impl.fn, sets[0])
-                    mc = measure(fc, sets, opts)
-                    pc = dict(per_call_ms=mc["time_s"] * 1e3, per_call_trials_ms=[t * 1e3 for t in mc["trials_s"]],
-                              per_call_calls_per_trial=mc["calls_per_trial"])
+                fc = compile_fn(impl.fn, sets[0])[0] if per_call else None
+                ready[impl.name] = (impl, err, note, f, fc)
             except Exception as e:
                 rows.append(_drow(cfg, impl.name, "skipped", reason=short_error(e), max_rel_err=err, group=impl.group,
                                   note=note))
                 log(f"  {cfg.label():32s} {impl.name:22s} skipped: {short_error(e, 80)}")
+        # Every impl of the config in interleaved rounds (drift hits them alike); per call: one step per executable
+        # call, issued back to back from Python as a generation loop issues them (dispatch included).
+        results = measure_each({n: r[3] for n, r in ready.items()}, chain_sets, opts)
+        calls = measure_each({n: r[4] for n, r in ready.items()}, sets, opts) if per_call else {}
+        for name, (impl, err, note, _, _) in ready.items():
+            m, mc = results[name], calls.get(name)
+            failed = m if isinstance(m, Exception) else mc if isinstance(mc, Exception) else None
+            if failed is not None:
+                rows.append(_drow(cfg, name, "skipped", reason=short_error(failed), max_rel_err=err, group=impl.group,
+                                  note=note))
+                log(f"  {cfg.label():32s} {name:22s} skipped: {short_error(failed, 80)}")
                 continue
-            tbps = cfg.kv_bytes / m["time_s"] / 1e12
-            rows.append(_drow(cfg, impl.name, "ok", ms=m["time_s"] * 1e3, tbps=tbps, max_rel_err=err,
-                              group=impl.group, note=note, trials_ms=[t * 1e3 for t in m["trials_s"]],
+            time_s = m["time_s"] / unroll
+            pc = {}
+            if mc is not None:
+                pc = dict(per_call_ms=mc["time_s"] * 1e3, per_call_trials_ms=[t * 1e3 for t in mc["trials_s"]],
+                          per_call_calls_per_trial=mc["calls_per_trial"])
+            tbps = cfg.kv_bytes / time_s / 1e12
+            rows.append(_drow(cfg, name, "ok", ms=time_s * 1e3, tbps=tbps, max_rel_err=err,
+                              group=impl.group, note=note, trials_ms=[t / unroll * 1e3 for t in m["trials_s"]],
                               calls_per_trial=m["calls_per_trial"],
                               copy_ratio=tbps / copy["tbps"] if copy.get("tbps") else None, **pc))
-            log(f"  {cfg.label():32s} {impl.name:22s} {m['time_s'] * 1e6:10.1f} us {tbps:8.3g} TB/s"
+            log(f"  {cfg.label():32s} {name:22s} {time_s * 1e6:10.1f} us {tbps:8.3g} TB/s"
                 + (f"  per call {pc['per_call_ms'] * 1e3:.1f} us" if pc else ""))
-        del sets, ref, chain_sets, kcs, vcs, pts, seqlens  # free the caches before the next config
+        del sets, ref, chain_sets, kcs, vcs, pts, seqlens, ready  # free the caches before the next config
         if progress:
             progress(rows, copy)
     rows += best_rows(rows)

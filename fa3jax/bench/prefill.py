@@ -23,7 +23,7 @@ from .decode import DecodeConfig, best_rows, cache_inputs, decode_set_count, xla
 from .env import free_device_bytes
 from .guard import rel_err
 from .impls import DecodeImpl
-from .timing import TimingOptions, compile_fn, measure, measure_interleaved
+from .timing import TimingOptions, compile_fn, measure_each
 
 CONFIG_FIELDS = ("layout", "batch", "cache", "new")  # what tells one prefill row's config from another's
 
@@ -102,15 +102,7 @@ def run_prefill(configs: list[PrefillConfig], impls: list[DecodeImpl], opts: Tim
                                   group=impl.group, note=note))
                 log(f"  {cfg.label():40s} {impl.name:22s} skipped: {short_error(e, 80)}")
         ref = None
-        results: dict = {}
-        try:  # one failing impl must not cost the others their row: then time them one by one
-            results = measure_interleaved({n: r[3] for n, r in ready.items()}, sets, opts)
-        except Exception:
-            for name, (_, _, _, f) in ready.items():
-                try:
-                    results[name] = measure(f, sets, opts)
-                except Exception as e:
-                    results[name] = e
+        results = measure_each({n: r[3] for n, r in ready.items()}, sets, opts)
         for name, (impl, err, note, f) in ready.items():
             m = results[name]
             if isinstance(m, Exception):

@@ -82,6 +82,24 @@ def measure_interleaved(fns: dict, arg_sets: list, opts: TimingOptions, own_sets
                 "warmup_s": prep[n][1]} for n in names}
 
 
+def measure_each(fns: dict, arg_sets: list, opts: TimingOptions, own_sets: Optional[dict] = None) -> dict:
+    """{name: :func:`measure_interleaved`'s result, or the exception that kept it from a time}: interleaved rounds,
+    or, when one function fails there, each timed alone, so that one failing impl does not cost the others their
+    row."""
+    if not fns:
+        return {}
+    try:
+        return measure_interleaved(fns, arg_sets, opts, own_sets)
+    except Exception:  # noqa: BLE001
+        results: dict = {}
+        for name, f in fns.items():
+            try:
+                results[name] = measure(f, (own_sets or {}).get(name, arg_sets), opts)
+            except Exception as e:  # noqa: BLE001
+                results[name] = e
+        return results
+
+
 def compile_fn(f: Callable, args) -> tuple[Callable, Optional[int]]:
     """AOT-compile ``jax.jit(f)`` for ``args``; returns (compiled, scratch bytes XLA reports or None)."""
     compiled = jax.jit(f).lower(*args).compile()
