@@ -8,10 +8,10 @@ convention) with another backend's backward. Any head dim up to the largest buil
 kernel that holds it, chosen in the C++ dispatch; MLA pairs by their exact kernel only); see _kernel_head_dim for
 the few that need padded copies.
 ``kvcache_forward`` serves KV-cache calls (contiguous and paged caches, of the page sizes the serving kernel reads:
-build_info's kvcache_head_dims; appended
-k/v, leftpad, batch_idx, GQA, masks, softcap, sinks; head dims that are multiples of 8, by the same kernel choice),
-with split-KV (``num_splits``; 0 = the C++ rule fwd_kvcache_num_splits) combined by LSE in the same FFI call, and the
-query heads of one kv head packed into one tile for decode; ``auto``'s order for them is fa3jax.registry's.
+build_info's kvcache_head_dims; appended k/v, leftpad, batch_idx, GQA, masks, softcap, sinks; head dims that are
+multiples of 8, by the same kernel choice), with split-KV (``num_splits``; 0 = the C++ rule fwd_kvcache_num_splits)
+combined by LSE in the same FFI call, and the query heads of one kv head packed into one tile for decode; ``auto``'s
+order for them is fa3jax.registry's.
 Every FFI call gets its device workspace (tile counter, split-KV parts, the backward's fp32 dQ accumulator) as one
 more result, a uint8 buffer that XLA allocates and this module drops (_ffi_call), sized at trace time by the
 extension's own functions: no XLA scratch, which a CUDA graph that XLA captures around the call would outlive.
@@ -43,6 +43,7 @@ _MAX_TILES = 2**31 - 1
 _MAX_VARLEN_ROWS = 2**30
 _MAX_VARLEN_ROW_BYTES = 2**34 - 1
 _MAX_GRID_YZ = 65535  # CUDA's grid y/z limit
+
 
 def _check_varlen_views(spec: AttentionSpec) -> None:
     """Refuses varlen calls the kernels' packed-rows TMA views cannot address (fwd_check / bwd_check mirror)."""
@@ -96,8 +97,8 @@ def _register_targets(ext) -> None:
         handlers = ext.handlers()
         # XLA reads CUDA-graph compatibility from the registration, not from the handler's own traits: declared only
         # by builds whose workspace is an XLA result (scratch memory would be freed under a replayed graph).
-        graphs = targets.FEATURE_WORKSPACE_RESULT in dict(ext.build_info()).get("features", ())
-        extra = {"traits": xla_client.CustomCallTargetTraits.COMMAND_BUFFER_COMPATIBLE} if graphs else {}
+        extra = ({"traits": xla_client.CustomCallTargetTraits.COMMAND_BUFFER_COMPATIBLE}
+                 if _has_workspace_result() else {})
         for target, key in targets.HANDLERS.items():
             if key in handlers:  # an extension built before a target lacks it; check_forward refuses its calls
                 jax.ffi.register_ffi_target(target, handlers[key], platform="CUDA", **extra)
