@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -108,45 +109,98 @@ __global__ void bwd_preprocess_varlen_kernel(const T* __restrict__ out, const T*
   }
 }
 
-// Varlen dq rows (packed (total_q, hq, d), zeroed beforehand) of sequence b, rows below max_seqlen_q; grid as the
-// varlen preprocess. dq_accum tiles are kd (the kernel's head dim) wide; only their first d columns are read.
+// Eight fp32 values, scaled, as eight T in one 16-byte store (dst 16-byte aligned).
+template <class T>
+__device__ void store8(T* dst, float const (&v)[8], float scale) {
+  uint4 u;
+  uint32_t* w = reinterpret_cast<uint32_t*>(&u);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+      __nv_bfloat162 const x = __floats2bfloat162_rn(v[2 * i] * scale, v[2 * i + 1] * scale);
+      w[i] = *reinterpret_cast<uint32_t const*>(&x);
+    } else {
+      __half2 const x = __floats2half2_rn(v[2 * i] * scale, v[2 * i + 1] * scale);
+      w[i] = *reinterpret_cast<uint32_t const*>(&x);
+    }
+  }
+  *reinterpret_cast<uint4*>(dst) = u;
+}
+
+// One dq_accum tile whose warpgroup slices hold m64 accumulators with queries as rows (tile_m 64 or 128, not the
+// transposed 80-row one), scaled into out: its row 0, column 0 (rows row_stride apart, 16-byte aligned), rows
+// [0, rows) and columns [0, d) written. In the stored order (bwd_layout.h) 16 consecutive floats of a slice are
+// four 16-byte groups of one thread: accumulator rows r and r + 8, columns 8 G .. 8 G + 7. So a thread reads 64
+// contiguous bytes and writes two rows' 8 columns as two 16-byte stores; it takes two such runs, G and G + 1, so
+// each row gets a whole 32-byte sector. The element-wise order cost 3x a copy (2-byte scattered stores).
+template <class T>
+__device__ void convert_dq_tile(const float* __restrict__ tile, T* __restrict__ out, int64_t row_stride, int rows,
+                                int d, int kd, int tile_m, float scale) {
+  bool const rows_split = bwd_dq_rows_split(tile_m);
+  int const slice = tile_m * kd / kBwdNumMmaWG;  // floats per warpgroup slice (64 accumulator rows)
+  int const pairs_per_slice = slice / 32;        // two 16-float runs per pair
+  int const slice_cols = rows_split ? kd : kd / kBwdNumMmaWG;
+  for (int pr = threadIdx.x; pr < kBwdNumMmaWG * pairs_per_slice; pr += blockDim.x) {
+    int const w = pr / pairs_per_slice, q = pr - w * pairs_per_slice;
+    int const lane_u = q % 32, g0 = 2 * (q / 32);  // runs g0 * 32 + lane_u and (g0 + 1) * 32 + lane_u
+    int const acc_row = 16 * (lane_u / 8) + lane_u % 8;
+    int const row = rows_split ? 64 * w + acc_row : acc_row;
+    int const col_base = rows_split ? 0 : w * slice_cols;
+#pragma unroll
+    for (int g = 0; g < 2; ++g) {
+      int const G = g0 + g;
+      float4 const* src = reinterpret_cast<float4 const*>(tile + w * slice + 16 * (G * 32 + lane_u));
+      float4 const a = src[0], b = src[1], c = src[2], e = src[3];
+      int const col = col_base + 8 * G;
+      if (col >= d) continue;  // d is a multiple of 8: a run is wholly inside or outside
+      float const lo[8] = {a.x, a.y, b.x, b.y, c.x, c.y, e.x, e.y};  // row, columns col .. col + 7
+      float const hi[8] = {a.z, a.w, b.z, b.w, c.z, c.w, e.z, e.w};  // row + 8
+      if (row < rows) store8(out + row * row_stride + col, lo, scale);
+      if (row + 8 < rows) store8(out + (row + 8) * row_stride + col, hi, scale);
+    }
+  }
+}
+
+// Varlen dq rows (packed (total_q, hq, d), zeroed beforehand) of sequence b, rows below max_seqlen_q: one CTA per
+// 64-row tile (grid (tiles of max_seqlen_q, hq, b)). dq_accum tiles are kd (the kernel's head dim) wide.
 template <class T>
 __global__ void bwd_convert_dq_varlen_kernel(const float* __restrict__ acc, T* __restrict__ dq, VarlenSeqs vs,
                                              int total_q, int total_k, int64_t stat_rows, int num_heads_q, int d,
                                              int kd, float scale) {
-  int const lane = threadIdx.x % 32;
-  int const row = blockIdx.x * kRowsPerBlock + threadIdx.x / 32;
-  int const h = blockIdx.y, b = blockIdx.z;
+  int const tile = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
   SeqInfo const seq = SeqInfo::varlen(b, vs.cu_seqlens_q, vs.cu_seqlens_k, vs.seqused_k, total_q, total_k);
-  if (row >= seq.seqlen_q || row >= vs.max_seqlen_q) return;
-  int64_t const tile = (h * stat_rows + bwd_varlen_pad_start(int(seq.offset_q), b) + row / kBwdBlockM * kBwdBlockM) * kd;
-  int64_t const base = ((seq.offset_q + row) * num_heads_q + h) * d;
-  for (int t = lane; t < d; t += 32)
-    dq[base + t] = Cvt<T>::store(acc[tile + dq_tile_index(row % kBwdBlockM, t, kd)] * scale);
+  int const rows = min(seq.seqlen_q, vs.max_seqlen_q) - tile * kBwdBlockM;
+  if (rows <= 0) return;
+  int64_t const base = (h * stat_rows + bwd_varlen_pad_start(int(seq.offset_q), b) + int64_t(tile) * kBwdBlockM) * kd;
+  int64_t const row_stride = int64_t(num_heads_q) * d;
+  convert_dq_tile(acc + base, dq + (seq.offset_q + int64_t(tile) * kBwdBlockM) * row_stride + int64_t(h) * d,
+                  row_stride, rows, d, kd, kBwdBlockM, scale);
 }
 
 // dq (b, sq, hq, d) from dq_accum (tiles of tile_m rows, bwd_layout.h, kd >= d wide), scaled once here rather
-// than in every partial. One CTA per (query tile, head, batch) reads its tile in stored order with 16-byte loads (a
-// warp covers 512 contiguous bytes) and writes each value where dq_tile_coords puts it: per-element index math of
-// the output order cost more than the copy (64-bit divisions per element).
+// than in every partial: one CTA per (query tile, head, batch).
 template <class T>
 __global__ void bwd_convert_dq_kernel(const float* __restrict__ acc, T* __restrict__ dq, int seqlen_q,
                                       int64_t rows_pad, int num_heads_q, int d, int kd, float scale, int tile_m) {
   int const tile = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
-  float4 const* src = reinterpret_cast<float4 const*>(
-      acc + ((int64_t(b) * num_heads_q + h) * rows_pad + int64_t(tile) * tile_m) * kd);
+  float const* const src = acc + ((int64_t(b) * num_heads_q + h) * rows_pad + int64_t(tile) * tile_m) * kd;
   int64_t const row_stride = int64_t(num_heads_q) * d;
-  T* const out = dq + int64_t(b) * seqlen_q * row_stride + int64_t(h) * d;
-  int const n4 = tile_m * kd / 4, row0 = tile * tile_m;
-  for (int q = threadIdx.x; q < n4; q += blockDim.x) {
-    float4 const a = src[q];
+  int const row0 = tile * tile_m;
+  T* const out = dq + (int64_t(b) * seqlen_q + row0) * row_stride + int64_t(h) * d;
+  if (!bwd_dq_swapped(tile_m)) {
+    convert_dq_tile(src, out, row_stride, seqlen_q - row0, d, kd, tile_m, scale);
+    return;
+  }
+  // The 80-row tile holds dQ^T: read in stored order (16-byte loads), written element by element.
+  float4 const* src4 = reinterpret_cast<float4 const*>(src);
+  for (int q = threadIdx.x; q < tile_m * kd / 4; q += blockDim.x) {
+    float4 const a = src4[q];
     float const vals[4] = {a.x, a.y, a.z, a.w};
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       int row, col;
       dq_tile_coords(4 * q + e, kd, tile_m, row, col);
-      row += row0;
-      if (row < seqlen_q && col < d) out[row * row_stride + col] = Cvt<T>::store(vals[e] * scale);
+      if (row0 + row < seqlen_q && col < d) out[row * row_stride + col] = Cvt<T>::store(vals[e] * scale);
     }
   }
 }
@@ -184,9 +238,9 @@ FwdStatus postprocess(const BwdParams& p, cudaStream_t stream) {
   AttnCore const& c = p.core;
   BwdWorkspace const ws = bwd_workspace(p);
   if (c.varlen.enabled()) {
-    dim3 grid(unsigned(padded_rows(varlen_rows_q(c)) / kRowsPerBlock), unsigned(c.num_heads_q), unsigned(c.batch));
+    dim3 grid(unsigned(padded_rows(varlen_rows_q(c)) / kBwdBlockM), unsigned(c.num_heads_q), unsigned(c.batch));
     if (grid.x > 0)
-      bwd_convert_dq_varlen_kernel<T><<<grid, 32 * kRowsPerBlock, 0, stream>>>(
+      bwd_convert_dq_varlen_kernel<T><<<grid, 256, 0, stream>>>(
           ws.dq_accum, static_cast<T*>(p.dq), c.varlen, c.seqlen_q, c.seqlen_k,
           bwd_varlen_stat_rows(c.seqlen_q, c.batch), c.num_heads_q, c.head_dim, kernel_dim(c), c.softmax_scale);
     if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return {e, "bwd dq convert launch"};

@@ -11,6 +11,9 @@
 //   fa3jax_test_bwd --bench    also time the backward (and the forward) on the benchmark shapes (no checking)
 //   fa3jax_test_bwd --bench-only [--head-dim D|DxDV] [--case S,CAUSAL] [--deterministic]
 //                              (b = 16384 / S, h = 16; one case for Nsight Compute)
+//   fa3jax_test_bwd --bench-only --shape B,S,H,CAUSAL ...   those shapes instead (repeatable): with h = 1 and
+//                              s / 128 <= the SM count the grid is one wave, whose time against s separates a
+//                              CTA's fixed cost from its per-step cost
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -323,13 +326,20 @@ static bool run_varlen(DType dt, HeadDims hd, const VarlenConfig& c, std::mt1993
 // Timings of the forward and the whole backward on the issue's shapes (h=16, b*s=16384), random inputs; the
 // forward's out/lse feed the backward. TFLOPS with FA's count: fwd 2*b*s^2*h*(d + d_v) (halved causal; 4*b*s^2*h*d
 // without MLA), bwd 2*b*s^2*h*(3d + 2d_v) (S^T, dK, dQ over d; dP^T, dV over d_v: 2.5x the forward without MLA).
-static void bench(DType dt, HeadDims hd, int only_s, int only_causal, bool det) {
+struct BenchShape {
+  int b, s, h, causal;
+};
+
+static void bench(DType dt, HeadDims hd, int only_s, int only_causal, bool det, std::vector<BenchShape> shapes) {
   int const d = hd.d, e = hd.dv;
-  int const h = 16;
-  for (int s : {512, 1024, 2048, 4096, 8192, 16384}) {
-    for (int causal : {0, 1}) {
-      if ((only_s && s != only_s) || (only_causal >= 0 && causal != only_causal)) continue;
-      int const b = 16384 / s;
+  if (shapes.empty())
+    for (int s : {512, 1024, 2048, 4096, 8192, 16384})
+      for (int causal : {0, 1})
+        if ((!only_s || s == only_s) && (only_causal < 0 || causal == only_causal))
+          shapes.push_back({16384 / s, s, 16, causal});
+  for (BenchShape const& shape : shapes) {
+    {
+      int const b = shape.b, s = shape.s, h = shape.h, causal = shape.causal;
       size_t const n = size_t(b) * s * h * d, nv = size_t(b) * s * h * e;
       fa3jax::FwdParams fp;
       fa3jax::AttnCore& c = fp.core;
@@ -391,6 +401,7 @@ int main(int argc, char** argv) {
   HeadDims only{0, 0};
   int only_s = 0, only_causal = -1;
   bool det = false;
+  std::vector<BenchShape> shapes;
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--quick")) quick = true;
     else if (!std::strcmp(argv[i], "--bench")) do_bench = true;
@@ -410,6 +421,15 @@ int main(int argc, char** argv) {
         std::fprintf(stderr, "--case wants S,CAUSAL (e.g. 4096,0)\n");
         return 2;
       }
+    }
+    else if (!std::strcmp(argv[i], "--shape") && i + 1 < argc) {
+      BenchShape sh{};
+      if (std::sscanf(argv[++i], "%d,%d,%d,%d", &sh.b, &sh.s, &sh.h, &sh.causal) != 4 || sh.b < 1 || sh.s < 1 ||
+          sh.h < 1) {
+        std::fprintf(stderr, "--shape wants B,S,H,CAUSAL (e.g. 1,4096,1,0)\n");
+        return 2;
+      }
+      shapes.push_back(sh);
     }
     else {
       std::fprintf(stderr, "unknown argument %s\n", argv[i]);
@@ -501,7 +521,7 @@ int main(int argc, char** argv) {
           if (quick) break;
         }
       }
-      if (do_bench && dt == DType::kBF16 && (kd == hd.d || only.d == hd.d)) bench(dt, hd, only_s, only_causal, det);
+      if (do_bench && dt == DType::kBF16 && (kd == hd.d || only.d == hd.d)) bench(dt, hd, only_s, only_causal, det, shapes);
     }
   // Head dims: any multiple of 8 up to the widest compiled backward; others refused naming why (unlaunched).
   if (!bench_only) {

@@ -14,14 +14,38 @@
 
 namespace fa3jax {
 
+// 4x4 transpose of 32-bit words across the 4 lanes of a quad (lanes 4i .. 4i + 3, q = lane % 4): on entry lane q
+// holds row q (w[s] = M[q][s]), on exit column q (w[s] = M[s][q]). Two butterfly exchanges (partners q ^ 2, then
+// q ^ 1), each swapping the two words whose slot differs from q in that bit.
+CUTE_DEVICE void quad_transpose(uint32_t (&w)[4], int q) {
+  bool const hi = (q & 2) != 0, lo = (q & 1) != 0;
+  CUTE_UNROLL
+  for (int k = 0; k < 2; ++k) {
+    uint32_t const recv = __shfl_xor_sync(0xffffffffu, hi ? w[k] : w[2 | k], 2);
+    if (hi) w[k] = recv;
+    else w[2 | k] = recv;
+  }
+  CUTE_UNROLL
+  for (int k = 0; k < 2; ++k) {
+    uint32_t const recv = __shfl_xor_sync(0xffffffffu, lo ? w[2 * k] : w[2 * k + 1], 1);
+    if (lo) w[2 * k] = recv;
+    else w[2 * k + 1] = recv;
+  }
+}
+
 // dK (scaled by the softmax scale) and dV of one key block to global memory (rows of hk x d and hk x d_v: dense
 // (b, sk, hk, d), varlen packed (total_k, hk, d)), keys < the sequence's seqlen_k, columns < the call's d (dK) and
-// d_v (dV) (p.head_dim, p.head_dim_v: multiples of 8, so a column pair is wholly inside or outside).
+// d_v (dV) (p.head_dim, p.head_dim_v: multiples of 8, so an 8-column group is wholly inside or outside).
+// In an accumulator row a thread (quad lane q) holds column pairs 8 j + 2 q (+1); the quad's four lanes together hold
+// 8 whole columns per j. A quad transpose over four consecutive j gives lane q the 8 columns of j = 4 g + q, stored
+// with one 16-byte store: a quad writes 64 contiguous bytes of a row, where one store per pair (4 bytes, a sector
+// half used) cost the CTA's exit ~1024 store instructions.
 template <class KT, class TdK, class TdV>
 CUTE_DEVICE void bwd_store_dkdv(typename KT::Params const& p, BwdTile const& tile, int mma_tid, TdK const& tdKrdK,
                                 TdV const& tdVrdV) {
   using Element = typename KT::Element;
   int const n0 = tile.n_block * KT::kBlockN;
+  int const q = mma_tid % 4;
   // One gradient: accumulator `acc` of tiled MMA `mma` (keys x kDim) times `scale`, into `out`: rows `width` wide
   // (the call's head dim, <= kDim), columns past it not written.
   auto store = [&](auto mma, auto const& acc, auto dim, int width, Element* out, float scale) {
@@ -31,19 +55,26 @@ CUTE_DEVICE void bwd_store_dkdv(typename KT::Params const& p, BwdTile const& til
     Tensor tc = thr.partition_C(c);
     Tensor rc = make_tensor(tc.data(), acc_rowcol(tc.layout()));
     Tensor g = make_tensor(acc.data(), acc_rowcol(acc.layout()));
+    constexpr int kCols = decltype(size<1>(g))::value;  // 2 per j
+    static_assert(kCols % 8 == 0, "a thread's columns come in groups of four 8-column blocks");
     CUTE_UNROLL
     for (int r = 0; r < size<0>(g); ++r) {
       int const key = n0 + int(get<0>(rc(r, 0)));
-      if (key >= tile.seq.seqlen_k) continue;
+      bool const row_ok = key < tile.seq.seqlen_k;
       int64_t const row = ((tile.seq.offset_k + key) * p.num_heads_k + tile.head_k) * width;
       CUTE_UNROLL
-      for (int cc = 0; cc < size<1>(g); cc += 2) {
-        int const col = int(get<1>(rc(r, cc)));
-        if (col >= width) continue;
-        cutlass::Array<Element, 2> x2;
-        x2[0] = Element(g(r, cc) * scale);
-        x2[1] = Element(g(r, cc + 1) * scale);
-        *reinterpret_cast<cutlass::Array<Element, 2>*>(out + row + col) = x2;
+      for (int g4 = 0; g4 < kCols / 8; ++g4) {
+        uint32_t w[4];
+        CUTE_UNROLL
+        for (int i = 0; i < 4; ++i) {
+          cutlass::Array<Element, 2> x2;
+          x2[0] = Element(g(r, 8 * g4 + 2 * i) * scale);
+          x2[1] = Element(g(r, 8 * g4 + 2 * i + 1) * scale);
+          w[i] = reinterpret_cast<uint32_t const&>(x2);
+        }
+        quad_transpose(w, q);  // every lane: the shuffles need the whole warp
+        int const col = int(get<1>(rc(r, 8 * g4))) + 6 * q;  // own pair at 8 (4 g4) + 2 q; chunk at 8 (4 g4 + q)
+        if (row_ok && col < width) *reinterpret_cast<uint4*>(out + row + col) = make_uint4(w[0], w[1], w[2], w[3]);
       }
     }
   };
