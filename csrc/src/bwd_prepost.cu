@@ -129,35 +129,32 @@ __device__ void store8(T* dst, float const (&v)[8], float scale) {
 
 // One dq_accum tile whose warpgroup slices hold m64 accumulators with queries as rows (tile_m 64 or 128, not the
 // transposed 80-row one), scaled into out: its row 0, column 0 (rows row_stride apart, 16-byte aligned), rows
-// [0, rows) and columns [0, d) written. In the stored order (bwd_layout.h) 16 consecutive floats of a slice are
-// four 16-byte groups of one thread: accumulator rows r and r + 8, columns 8 G .. 8 G + 7. So a thread reads 64
-// contiguous bytes and writes two rows' 8 columns as two 16-byte stores; it takes two such runs, G and G + 1, so
-// each row gets a whole 32-byte sector. The element-wise order cost 3x a copy (2-byte scattered stores).
+// [0, rows) and columns [0, d) written. In the stored order (bwd_layout.h) a run of 16 consecutive floats of a slice
+// is one thread's four 16-byte groups: accumulator rows a and a + 8 (a = 16 W + r, r < 8), columns 8 G .. 8 G + 7,
+// at run index 32 G + 8 W + r. A thread converts one run (64 contiguous bytes) into two 16-byte stores; the runs are
+// dealt with the 8-column block fastest, so a warp's store covers whole rows (a half-row per thread pair cost 3x a
+// copy in the element-wise version: 2-byte stores scattered over 32 rows).
 template <class T>
 __device__ void convert_dq_tile(const float* __restrict__ tile, T* __restrict__ out, int64_t row_stride, int rows,
                                 int d, int kd, int tile_m, float scale) {
   bool const rows_split = bwd_dq_rows_split(tile_m);
   int const slice = tile_m * kd / kBwdNumMmaWG;  // floats per warpgroup slice (64 accumulator rows)
-  int const pairs_per_slice = slice / 32;        // two 16-float runs per pair
-  int const slice_cols = rows_split ? kd : kd / kBwdNumMmaWG;
-  for (int pr = threadIdx.x; pr < kBwdNumMmaWG * pairs_per_slice; pr += blockDim.x) {
-    int const w = pr / pairs_per_slice, q = pr - w * pairs_per_slice;
-    int const lane_u = q % 32, g0 = 2 * (q / 32);  // runs g0 * 32 + lane_u and (g0 + 1) * 32 + lane_u
-    int const acc_row = 16 * (lane_u / 8) + lane_u % 8;
-    int const row = rows_split ? 64 * w + acc_row : acc_row;
-    int const col_base = rows_split ? 0 : w * slice_cols;
-#pragma unroll
-    for (int g = 0; g < 2; ++g) {
-      int const G = g0 + g;
-      float4 const* src = reinterpret_cast<float4 const*>(tile + w * slice + 16 * (G * 32 + lane_u));
-      float4 const a = src[0], b = src[1], c = src[2], e = src[3];
-      int const col = col_base + 8 * G;
-      if (col >= d) continue;  // d is a multiple of 8: a run is wholly inside or outside
-      float const lo[8] = {a.x, a.y, b.x, b.y, c.x, c.y, e.x, e.y};  // row, columns col .. col + 7
-      float const hi[8] = {a.z, a.w, b.z, b.w, c.z, c.w, e.z, e.w};  // row + 8
-      if (row < rows) store8(out + row * row_stride + col, lo, scale);
-      if (row + 8 < rows) store8(out + (row + 8) * row_stride + col, hi, scale);
-    }
+  int const blocks = kd / 8;                      // 8-column blocks per row
+  int const slice_blocks = rows_split ? blocks : blocks / kBwdNumMmaWG;
+  for (int o = threadIdx.x; o < tile_m * blocks / 2; o += blockDim.x) {
+    int const cb = o % blocks, pair = o / blocks;  // pair: rows (a, a + 8) of one slice (rows_split: of slice pair / 32)
+    int const w = rows_split ? pair / 32 : cb / slice_blocks;
+    int const G = rows_split ? cb : cb - w * slice_blocks, a16 = pair % 32;  // a16 = 8 W + r
+    int const a = 16 * (a16 / 8) + a16 % 8;
+    int const row = rows_split ? 64 * w + a : a;
+    int const col = 8 * cb;
+    if (col >= d) continue;  // d is a multiple of 8: a block is wholly inside or outside
+    float4 const* src = reinterpret_cast<float4 const*>(tile + w * slice + 16 * (32 * G + a16));
+    float4 const v0 = src[0], v1 = src[1], v2 = src[2], v3 = src[3];
+    float const lo[8] = {v0.x, v0.y, v1.x, v1.y, v2.x, v2.y, v3.x, v3.y};  // row, columns col .. col + 7
+    float const hi[8] = {v0.z, v0.w, v1.z, v1.w, v2.z, v2.w, v3.z, v3.w};  // row + 8
+    if (row < rows) store8(out + row * row_stride + col, lo, scale);
+    if (row + 8 < rows) store8(out + (row + 8) * row_stride + col, hi, scale);
   }
 }
 
