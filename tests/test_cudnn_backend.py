@@ -394,20 +394,24 @@ def test_auto_picks_cudnn_after_cuda():
     assert sup.forward != "cudnn" and sup.backward != "cudnn"
 
 
-def _dense_spec(seqlen_k, deterministic=False):
-    return validation.validate_dense(S((1, 256, 2, 128), BF), S((1, seqlen_k, 2, 128), BF),
-                                     S((1, seqlen_k, 2, 128), BF), softmax_scale=None, is_causal=False,
+def _dense_spec(seqlen_k, deterministic=False, d=64):
+    return validation.validate_dense(S((1, 256, 2, d), BF), S((1, seqlen_k, 2, d), BF),
+                                     S((1, seqlen_k, 2, d), BF), softmax_scale=None, is_causal=False,
                                      window_size=(-1, -1), softcap=0.0, return_softmax_lse=False,
                                      deterministic=deterministic)
 
 
 def test_backward_candidates_after_a_cuda_forward_under_auto():
-    """Under auto, a cuda forward's backward tries cuDNN's first below 4k keys (measured faster there) and cuda's own
-    from 4k keys; cuda's own then serves what cuDNN refuses (softcap, bottom-right causal with lq != lk, ...), with
-    triton's before it under deterministic=True; an explicit backend="cuda" keeps cuda's own first; other forwards
-    keep their own order."""
+    """Under auto, a cuda forward's backward tries cuDNN's first below cuda_own_backward_from(head dim) keys (4k;
+    measured faster there) and cuda's own from there (at d=128 from any length: measured faster at 512 and 1k too);
+    cuda's own then serves what cuDNN refuses (softcap, bottom-right causal with lq != lk, ...), with triton's before it
+    under deterministic=True; an explicit backend="cuda" keeps cuda's own first; other forwards keep their own order."""
+    assert registry.cuda_own_backward_from(64) == registry.CUDA_OWN_BACKWARD_FROM_SEQLEN_K == 4096
+    assert registry.cuda_own_backward_from(128) == 0
     short, long_ = _dense_spec(1024), _dense_spec(registry.CUDA_OWN_BACKWARD_FROM_SEQLEN_K)
     assert registry._backward_candidates("cuda", "auto", short) == ("cudnn", "cuda", "triton", "xla")
+    for n in (512, 1024, 4096):
+        assert registry._backward_candidates("cuda", "auto", _dense_spec(n, d=128)) == ("cuda", "cudnn", "triton", "xla")
     assert registry._backward_candidates("cuda", "auto", long_) == ("cuda", "cudnn", "triton", "xla")
     # deterministic: cuda's fixed-order dQ adds are slower than triton's backward under a causal mask
     for n in (1024, 8192):
