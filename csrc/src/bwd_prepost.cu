@@ -132,8 +132,8 @@ __device__ void store8(T* dst, float const (&v)[8], float scale) {
 // [0, rows) and columns [0, d) written. In the stored order (bwd_layout.h) a run of 16 consecutive floats of a slice
 // is one thread's four 16-byte groups: accumulator rows a and a + 8 (a = 16 W + r, r < 8), columns 8 G .. 8 G + 7,
 // at run index 32 G + 8 W + r. A thread converts one run (64 contiguous bytes) into two 16-byte stores; the runs are
-// dealt with the 8-column block fastest, so a warp's store covers whole rows (a half-row per thread pair cost 3x a
-// copy in the element-wise version: 2-byte stores scattered over 32 rows).
+// dealt with the 8-column block fastest, so a warp's store covers whole rows (2-byte stores scattered over 32 rows
+// per warp instruction ran at a third of a copy's rate).
 template <class T>
 __device__ void convert_dq_tile(const float* __restrict__ tile, T* __restrict__ out, int64_t row_stride, int rows,
                                 int d, int kd, int tile_m, float scale) {
