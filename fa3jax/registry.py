@@ -114,10 +114,9 @@ def _first(names, check: str, spec: AttentionSpec) -> tuple[Optional[str], list[
 
 
 # Under ``auto``, a cuda forward's backward is cuda's own from CUDA_OWN_BACKWARD_FROM_SEQLEN_K keys (per q/k head dim
-# where measured, else 4k), where it measured faster than cuDNN's, and cuDNN's first below (faster there; RESULTS.md:
-# session 15 at 1k; session 18 at d=128, 1.01-1.13x cuDNN's fwd+bwd from 512 keys on). cuda's also serves what cuDNN
-# refuses (softcap, lq != lk causal, other windows); deterministic=True tries triton's first (cuda's fixed-order dQ
-# adds are slower under causal masks).
+# where measured, else 4k), where it measured faster than cuDNN's, and cuDNN's first below (faster there; RESULTS.md).
+# cuda's also serves what cuDNN refuses (softcap, lq != lk causal, other windows); deterministic=True tries triton's
+# first (cuda's fixed-order dQ adds are slower under causal masks).
 CUDA_OWN_BACKWARD_FROM_SEQLEN_K = 4096
 CUDA_OWN_BACKWARD_FROM_SEQLEN_K_BY_DIM = {128: 0}
 
