@@ -142,7 +142,7 @@ __device__ void convert_dq_tile(const float* __restrict__ tile, T* __restrict__ 
   int const blocks = kd / 8;                      // 8-column blocks per row
   int const slice_blocks = rows_split ? blocks : blocks / kBwdNumMmaWG;
   for (int o = threadIdx.x; o < tile_m * blocks / 2; o += blockDim.x) {
-    int const cb = o % blocks, pair = o / blocks;  // pair: rows (a, a + 8) of one slice (rows_split: of slice pair / 32)
+    int const cb = o % blocks, pair = o / blocks;  // pair: rows (a, a + 8) of a slice (rows_split: slice pair / 32)
     int const w = rows_split ? pair / 32 : cb / slice_blocks;
     int const G = rows_split ? cb : cb - w * slice_blocks, a16 = pair % 32;  // a16 = 8 W + r
     int const a = 16 * (a16 / 8) + a16 % 8;

@@ -338,60 +338,58 @@ static void bench(DType dt, HeadDims hd, int only_s, int only_causal, bool det, 
         if ((!only_s || s == only_s) && (only_causal < 0 || causal == only_causal))
           shapes.push_back({16384 / s, s, 16, causal});
   for (BenchShape const& shape : shapes) {
-    {
-      int const b = shape.b, s = shape.s, h = shape.h, causal = shape.causal;
-      size_t const n = size_t(b) * s * h * d, nv = size_t(b) * s * h * e;
-      fa3jax::FwdParams fp;
-      fa3jax::AttnCore& c = fp.core;
-      c.batch = b, c.seqlen_q = s, c.seqlen_k = s, c.num_heads_q = h, c.num_heads_k = h, c.head_dim = d;
-      c.head_dim_v = e, c.dtype = dt, c.softmax_scale = 1.f / std::sqrt(float(d)), c.window_right = causal ? 0 : -1;
-      c.set_dense_strides();
-      void *q, *k, *v, *o, *dout, *dq, *dk, *dv, *fws, *bws;
-      float* lse;
-      for (void** ptr : {&q, &k, &dq, &dk}) CK(cudaMalloc(ptr, n * 2));
-      for (void** ptr : {&v, &o, &dout, &dv}) CK(cudaMalloc(ptr, nv * 2));
-      CK(cudaMalloc(&lse, size_t(b) * h * s * 4));
-      uint32_t seed = 1;
-      for (void* ptr : {q, k}) fill_uniform<<<1024, 256>>>(static_cast<uint16_t*>(ptr), n, seed++, dt == DType::kBF16);
-      for (void* ptr : {v, dout}) fill_uniform<<<1024, 256>>>(static_cast<uint16_t*>(ptr), nv, seed++, dt == DType::kBF16);
-      CK(cudaMalloc(&fws, fa3jax::kFwdWorkspaceBytes));
-      c.q = q, c.k = k, c.v = v, fp.out = o, fp.lse = lse, fp.workspace = fws;
-      fa3jax::BwdParams bp;
-      bp.core = c, bp.out = o, bp.dout = dout, bp.lse = lse, bp.dq = dq, bp.dk = dk, bp.dv = dv;
-      bp.deterministic = det;
-      CK(cudaMalloc(&bws, fa3jax::bwd_workspace_bytes(bp)));
-      bp.workspace = bws;
-      cudaEvent_t e0, e1, e2;
-      CK(cudaEventCreate(&e0)); CK(cudaEventCreate(&e1)); CK(cudaEventCreate(&e2));
-      auto fwd = [&] { fa3jax::FwdStatus st = fa3jax::run_fwd(fp, 0); if (!st.ok()) std::printf("fwd: %s\n", st.what); };
-      auto bwd = [&] { fa3jax::FwdStatus st = fa3jax::run_bwd(bp, 0); if (!st.ok()) std::printf("bwd: %s\n", st.what); };
-      fwd(); bwd(); fwd(); bwd();
-      CK(cudaDeviceSynchronize());
-      int const iters = 10;
-      float tf = 0, tb = 0;
-      for (int round = 0; round < 3; ++round) {  // interleaved rounds, best of 3
-        CK(cudaEventRecord(e0));
-        for (int i = 0; i < iters; ++i) fwd();
-        CK(cudaEventRecord(e1));
-        for (int i = 0; i < iters; ++i) bwd();
-        CK(cudaEventRecord(e2));
-        CK(cudaEventSynchronize(e2));
-        float a, bb;
-        CK(cudaEventElapsedTime(&a, e0, e1));
-        CK(cudaEventElapsedTime(&bb, e1, e2));
-        tf = round == 0 ? a : std::min(tf, a);
-        tb = round == 0 ? bb : std::min(tb, bb);
-      }
-      tf /= iters, tb /= iters;
-      double const unit = 2.0 * b * double(s) * s * h / (causal ? 2 : 1);
-      double const ff = unit * (d + e), fb = unit * (3 * d + 2 * e);
-      std::printf("bench %s d=%s b=%d s=%d h=%d %s%s: fwd %.3f ms %.0f TFLOPS | bwd %.3f ms %.0f TFLOPS | fwd+bwd %.0f TFLOPS\n",
-                  dt == DType::kBF16 ? "bf16" : "fp16", dims_label(dt, hd).c_str(), b, s, h, causal ? "causal" : "full",
-                  det ? " deterministic" : "", tf, ff / tf / 1e9,
-                  tb, fb / tb / 1e9, (ff + fb) / (tf + tb) / 1e9);
-      for (void* ptr : {q, k, v, o, dout, dq, dk, dv, fws, bws, static_cast<void*>(lse)}) CK(cudaFree(ptr));
-      CK(cudaEventDestroy(e0)); CK(cudaEventDestroy(e1)); CK(cudaEventDestroy(e2));
+    int const b = shape.b, s = shape.s, h = shape.h, causal = shape.causal;
+    size_t const n = size_t(b) * s * h * d, nv = size_t(b) * s * h * e;
+    fa3jax::FwdParams fp;
+    fa3jax::AttnCore& c = fp.core;
+    c.batch = b, c.seqlen_q = s, c.seqlen_k = s, c.num_heads_q = h, c.num_heads_k = h, c.head_dim = d;
+    c.head_dim_v = e, c.dtype = dt, c.softmax_scale = 1.f / std::sqrt(float(d)), c.window_right = causal ? 0 : -1;
+    c.set_dense_strides();
+    void *q, *k, *v, *o, *dout, *dq, *dk, *dv, *fws, *bws;
+    float* lse;
+    for (void** ptr : {&q, &k, &dq, &dk}) CK(cudaMalloc(ptr, n * 2));
+    for (void** ptr : {&v, &o, &dout, &dv}) CK(cudaMalloc(ptr, nv * 2));
+    CK(cudaMalloc(&lse, size_t(b) * h * s * 4));
+    uint32_t seed = 1;
+    for (void* ptr : {q, k}) fill_uniform<<<1024, 256>>>(static_cast<uint16_t*>(ptr), n, seed++, dt == DType::kBF16);
+    for (void* ptr : {v, dout}) fill_uniform<<<1024, 256>>>(static_cast<uint16_t*>(ptr), nv, seed++, dt == DType::kBF16);
+    CK(cudaMalloc(&fws, fa3jax::kFwdWorkspaceBytes));
+    c.q = q, c.k = k, c.v = v, fp.out = o, fp.lse = lse, fp.workspace = fws;
+    fa3jax::BwdParams bp;
+    bp.core = c, bp.out = o, bp.dout = dout, bp.lse = lse, bp.dq = dq, bp.dk = dk, bp.dv = dv;
+    bp.deterministic = det;
+    CK(cudaMalloc(&bws, fa3jax::bwd_workspace_bytes(bp)));
+    bp.workspace = bws;
+    cudaEvent_t e0, e1, e2;
+    CK(cudaEventCreate(&e0)); CK(cudaEventCreate(&e1)); CK(cudaEventCreate(&e2));
+    auto fwd = [&] { fa3jax::FwdStatus st = fa3jax::run_fwd(fp, 0); if (!st.ok()) std::printf("fwd: %s\n", st.what); };
+    auto bwd = [&] { fa3jax::FwdStatus st = fa3jax::run_bwd(bp, 0); if (!st.ok()) std::printf("bwd: %s\n", st.what); };
+    fwd(); bwd(); fwd(); bwd();
+    CK(cudaDeviceSynchronize());
+    int const iters = 10;
+    float tf = 0, tb = 0;
+    for (int round = 0; round < 3; ++round) {  // interleaved rounds, best of 3
+      CK(cudaEventRecord(e0));
+      for (int i = 0; i < iters; ++i) fwd();
+      CK(cudaEventRecord(e1));
+      for (int i = 0; i < iters; ++i) bwd();
+      CK(cudaEventRecord(e2));
+      CK(cudaEventSynchronize(e2));
+      float a, bb;
+      CK(cudaEventElapsedTime(&a, e0, e1));
+      CK(cudaEventElapsedTime(&bb, e1, e2));
+      tf = round == 0 ? a : std::min(tf, a);
+      tb = round == 0 ? bb : std::min(tb, bb);
     }
+    tf /= iters, tb /= iters;
+    double const unit = 2.0 * b * double(s) * s * h / (causal ? 2 : 1);
+    double const ff = unit * (d + e), fb = unit * (3 * d + 2 * e);
+    std::printf("bench %s d=%s b=%d s=%d h=%d %s%s: fwd %.3f ms %.0f TFLOPS | bwd %.3f ms %.0f TFLOPS | fwd+bwd %.0f TFLOPS\n",
+                dt == DType::kBF16 ? "bf16" : "fp16", dims_label(dt, hd).c_str(), b, s, h, causal ? "causal" : "full",
+                det ? " deterministic" : "", tf, ff / tf / 1e9,
+                tb, fb / tb / 1e9, (ff + fb) / (tf + tb) / 1e9);
+    for (void* ptr : {q, k, v, o, dout, dq, dk, dv, fws, bws, static_cast<void*>(lse)}) CK(cudaFree(ptr));
+    CK(cudaEventDestroy(e0)); CK(cudaEventDestroy(e1)); CK(cudaEventDestroy(e2));
   }
 }
 
@@ -521,7 +519,8 @@ int main(int argc, char** argv) {
           if (quick) break;
         }
       }
-      if (do_bench && dt == DType::kBF16 && (kd == hd.d || only.d == hd.d)) bench(dt, hd, only_s, only_causal, det, shapes);
+      if (do_bench && dt == DType::kBF16 && (kd == hd.d || only.d == hd.d))
+        bench(dt, hd, only_s, only_causal, det, shapes);
     }
   // Head dims: any multiple of 8 up to the widest compiled backward; others refused naming why (unlaunched).
   if (!bench_only) {
