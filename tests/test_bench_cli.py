@@ -302,3 +302,29 @@ def test_plot_title_and_missing_matplotlib(tmp_path, monkeypatch):
         why = plot_fn(tmp_path / f"{name}.png")
         assert why.startswith("no plot: matplotlib not importable") and 'pip install "fa3jax[bench]"' in why
         assert not (tmp_path / f"{name}.png").exists()
+
+
+def test_gqa_rows(tmp_path):
+    """--heads-k: k and v get the kv heads, FLOPs count the query heads, the table's h column says hq/hk, and the
+    guard compares the GQA rows with the reference."""
+    gqa = bench.AttnConfig("fwd", False, "bf16", 64, 4, 256, 2, heads_k=2)
+    assert gqa.shape_k == gqa.shape_v == (2, 256, 2, 64) and gqa.shape_out == (2, 256, 4, 64)
+    assert gqa.flops == bench.AttnConfig("fwd", False, "bf16", 64, 4, 256, 2).flops and "h4/2" in gqa.label()
+    from fa3jax.bench import attn
+    assert "heads_k" not in attn._row(bench.AttnConfig("fwd", False, "bf16", 64, 4, 256, 2), "x", "ok")
+    from fa3jax.bench.cli import build_parser, resolve
+    for bad in ("3", "0"):
+        try:
+            resolve(build_parser().parse_args(["--heads", "4", "--heads-k", bad]))
+        except SystemExit as e:
+            assert "--heads-k" in str(e)
+        else:
+            raise AssertionError(f"--heads-k {bad} accepted with 4 query heads")
+    r = _run("bench", "--heads", "4", "--heads-k", "2", "--seqlens", "64", "--tokens", "128", "--headdims", "64",
+             "--dtypes", "bf16", "--modes", "fwd,fwd+bwd", "--causal", "yes", "--impls", "fa3jax:xla,jax.nn:xla",
+             "--no-plot", "--out-dir", str(tmp_path), timeout=150)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "| 4/2 |" in r.stdout, r.stdout
+    rows = json.loads(next(tmp_path.glob("attn-*.json")).read_text())["results"]
+    assert {(x["impl"], x["mode"], x["status"], x["heads_k"]) for x in rows} == {
+        (i, m, "ok", 2) for i in ("fa3jax:xla", "jax.nn:xla") for m in ("fwd", "fwd+bwd")}

@@ -22,10 +22,15 @@ class AttnConfig:
     seqlen: int
     batch: int
     headdim_v: Optional[int] = None  # v's (and out's) head dim when below headdim (MLA); None: headdim
+    heads_k: Optional[int] = None  # k's and v's heads when fewer than q's (GQA/MQA); None: heads
 
     @property
     def dv(self) -> int:
         return self.headdim_v or self.headdim
+
+    @property
+    def hk(self) -> int:
+        return self.heads_k or self.heads
 
     @property
     def flops(self) -> float:
@@ -40,16 +45,28 @@ class AttnConfig:
         return (self.batch, self.seqlen, self.heads, self.headdim)
 
     @property
+    def shape_k(self):
+        return (self.batch, self.seqlen, self.hk, self.headdim)
+
+    @property
     def shape_v(self):
-        """v's and out's (and the cotangent's) shape."""
+        """v's shape."""
+        return (self.batch, self.seqlen, self.hk, self.dv)
+
+    @property
+    def shape_out(self):
+        """out's (and the cotangent's) shape."""
         return (self.batch, self.seqlen, self.heads, self.dv)
 
     def dlabel(self) -> str:
         return f"{self.headdim}" if self.headdim_v is None else f"{self.headdim}x{self.headdim_v}"
 
+    def hlabel(self) -> str:
+        return f"{self.heads}" if self.heads_k is None else f"{self.heads}/{self.heads_k}"
+
     def label(self) -> str:
         return (f"{self.mode} {'causal' if self.causal else 'full'} {self.dtype} d{self.dlabel()} "
-                f"b{self.batch} s{self.seqlen}")
+                f"h{self.hlabel()} b{self.batch} s{self.seqlen}")
 
 
 def attn_configs(o: dict) -> list[AttnConfig]:
@@ -60,20 +77,20 @@ def attn_configs(o: dict) -> list[AttnConfig]:
                 for d in o["headdims"]:
                     for s in o["seqlens"]:
                         cfgs.append(AttnConfig(mode, causal, dtype, d, o["heads"], s, max(1, o["tokens"] // s),
-                                               headdim_v=o.get("headdim_v")))
+                                               headdim_v=o.get("headdim_v"), heads_k=o.get("heads_k")))
     return cfgs
 
 
 def attn_inputs(cfg: AttnConfig, n_sets: int, seed: int):
     """``n_sets`` input sets (q, k, v[, the output's cotangent]) of ``cfg`` (or any config with a ``shape``)."""
     dt = DTYPES[cfg.dtype]
-    shape_v = getattr(cfg, "shape_v", cfg.shape)  # the varlen suite's configs have one head dim
+    # the varlen suite's configs have one shape
+    shapes = tuple(getattr(cfg, a, cfg.shape) for a in ("shape", "shape_k", "shape_v", "shape_out"))
     sets = []
     key = jax.random.PRNGKey(seed)
     for _ in range(n_sets):
         key, *ks = jax.random.split(key, 5)
-        q, k, v, ct = (jax.random.normal(kk, shape, dt)
-                       for kk, shape in zip(ks, (cfg.shape, cfg.shape, shape_v, shape_v)))
+        q, k, v, ct = (jax.random.normal(kk, shape, dt) for kk, shape in zip(ks, shapes))
         sets.append((q, k, v) if cfg.mode == "fwd" else (q, k, v, ct))
     return jax.block_until_ready(sets)
 
@@ -198,8 +215,9 @@ def add_sinks_ratio(rows: list[dict]) -> None:
 
 def _row(cfg: AttnConfig, impl: str, status: str, **kw) -> dict:
     row = dataclasses.asdict(cfg)
-    if cfg.headdim_v is None:  # rows without MLA keep their fields
-        del row["headdim_v"]
+    for extra in ("headdim_v", "heads_k"):  # rows without MLA or GQA keep their fields
+        if row[extra] is None:
+            del row[extra]
     row.update(impl=impl, status=status, flops=cfg.flops)
     row.update({k: v for k, v in kw.items() if v not in (None, "")})
     return row

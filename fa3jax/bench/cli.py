@@ -37,6 +37,8 @@ def build_parser(prog: str = "python -m fa3jax bench") -> argparse.ArgumentParse
     g.add_argument("--seqlens", help="comma list (default 512,...,16384)")
     g.add_argument("--tokens", type=int, help="batch * seqlen (default 16384)")
     g.add_argument("--heads", type=int, help="default 16")
+    g.add_argument("--heads-k", type=int, help="k's and v's heads, fewer than --heads (GQA/MQA rows; attn suite); "
+                   "FLOPs count the query heads")
     g.add_argument("--headdims", help="comma list of 64,128,256 (default 128)")
     g.add_argument("--headdim-v", type=int, help="v's head dim, below each --headdims entry (MLA; attn suite); "
                    "FLOPs then count 2*b*s^2*h*(d + d_v)")
@@ -99,9 +101,9 @@ PREFILL_FULL = dict(batches=[1, 8], caches=[8192, 32768], new_tokens=[512, 2048]
 
 def resolve(args) -> dict:
     """Merge explicit options over the preset (``--small`` on CPU unless sizes were given or ``--full``)."""
-    sized = any(getattr(args, a) is not None for a in ("seqlens", "tokens", "heads", "headdims", "batches",
-                                                      "caches", "new_tokens", "varlen_means", "varlen_tokens")) \
-        or args.mla
+    sized = any(getattr(args, a) is not None for a in ("seqlens", "tokens", "heads", "heads_k", "headdims",
+                                                      "batches", "caches", "new_tokens", "varlen_means",
+                                                      "varlen_tokens")) or args.mla
     small = args.small or (not args.full and not sized and not on_gpu())
     base = dict(SMALL if small else FULL)
     if args.suite == "prefill":
@@ -110,7 +112,7 @@ def resolve(args) -> dict:
         base["dtypes"] = ["bf16"]  # the issue's target is bf16 only; fp16 on request
     if args.mla:  # the MLA row set (issue 22): DeepSeek's 192/128 at 16k tokens
         base.update(headdims=[192], headdim_v=128, dtypes=["bf16"], seqlens=[2048, 16384])
-    explicit = dict(seqlens=_csv(args.seqlens, int), tokens=args.tokens, heads=args.heads,
+    explicit = dict(seqlens=_csv(args.seqlens, int), tokens=args.tokens, heads=args.heads, heads_k=args.heads_k,
                     headdims=_csv(args.headdims, int), headdim_v=args.headdim_v, dtypes=_csv(args.dtypes),
                     impls=_csv(args.impls),
                     repeats=args.repeats, batches=_csv(args.batches, int), caches=_csv(args.caches, int),
@@ -126,6 +128,9 @@ def resolve(args) -> dict:
     base["varlen_seed"] = args.varlen_seed
     base["sinks"] = args.sinks
     base["per_call"] = args.per_call
+    if args.heads_k is not None and (args.suite != "attn" or args.heads_k < 1 or base["heads"] % args.heads_k):
+        raise SystemExit(f"--heads-k: attn suite only, a divisor of the query heads ({args.heads_k=}, "
+                         f"heads={base['heads']})")
     if args.sinks and args.suite != "attn":
         raise SystemExit("--sinks: attn suite only")
     if args.per_call and args.suite != "decode":

@@ -30,6 +30,7 @@ def padded_reference(q, k, v, lengths, causal: bool):
     code with fa3jax, so it also catches a wrong fa3jax:xla. One head at a time keeps the (n, m, m) scores of the
     longest sequences (m up to 1.5x the mean) within a few GiB."""
     lens = jnp.asarray(lengths, jnp.int32)
+    k, v = (jnp.repeat(t, q.shape[2] // t.shape[2], axis=2) for t in (k, v))  # GQA: each query head's kv head
 
     def one_head(x):
         qh, kh, vh = (t[:, :, None, :] for t in x)

@@ -37,10 +37,9 @@ def fa3jax_impl(backend: str, sinks: bool = False) -> Impl:
         return lambda q, k, v: fa3jax.flash_mha(q, k, v, is_causal=cfg.causal, backend=backend)
 
     def support(cfg):
-        sds = jax.ShapeDtypeStruct(cfg.shape, DTYPES[cfg.dtype])
-        sds_v = jax.ShapeDtypeStruct(getattr(cfg, "shape_v", cfg.shape), DTYPES[cfg.dtype])  # MLA: v's head dim
+        q, k, v = (jax.ShapeDtypeStruct(shape, DTYPES[cfg.dtype]) for shape in (cfg.shape, cfg.shape_k, cfg.shape_v))
         s = jax.ShapeDtypeStruct((cfg.heads,), jnp.float32) if sinks else None
-        return fa3jax.supports(fa3jax.flash_mha, sds, sds, sds_v, backend=backend, is_causal=cfg.causal, sinks=s)
+        return fa3jax.supports(fa3jax.flash_mha, q, k, v, backend=backend, is_causal=cfg.causal, sinks=s)
 
     return Impl(f"fa3jax:{backend}" + (SINKS if sinks else ""), forward, *_support_checks(support, backend),
                 sinks=sinks)

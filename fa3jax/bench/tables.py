@@ -61,12 +61,17 @@ def _dlabel(r: dict) -> str:
     return f"{r['headdim']}x{r['headdim_v']}" if r.get("headdim_v") else str(r["headdim"])
 
 
+def _hlabel(r: dict) -> str:
+    """The heads column: h, or hq/hk for GQA rows."""
+    return f"{r['heads']}/{r['heads_k']}" if r.get("heads_k") else str(r["heads"])
+
+
 def attn_table(rows: list[dict]) -> str:
     """Markdown table: one row per config, one column per impl; cells 'TFLOPS / ms' and the speed ratio vs
     flash-attn3-jax (>1: faster) when it was timed; an ``<impl>+sinks`` column (``--sinks``) next to its impl, its
     cells with the time ratio with / without sinks instead."""
     impls = _col_order({r["impl"] for r in rows}, [x for n in ALL_ATTN_IMPL_NAMES for x in (n, n + SINKS)])
-    keys, by = _group(rows, lambda r: (r["mode"], r["causal"], r["dtype"], _dlabel(r), r["heads"], r["seqlen"],
+    keys, by = _group(rows, lambda r: (r["mode"], r["causal"], r["dtype"], _dlabel(r), _hlabel(r), r["seqlen"],
                                        r["batch"]))
     footnote = _Footnotes()
 
