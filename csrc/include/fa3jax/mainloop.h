@@ -306,8 +306,7 @@ struct FwdMainloop {
 
     // One TMA per 64-column slice of the block (K: rows of the K stage; V^T: the stage's slice of d_v columns); one
     // branch per descriptor (not a pointer chosen at run time), so that each TMA names a kernel parameter.
-    auto issue_k = [&](int n, PipelineState s) {
-      KVSource const x = kv_source(params, kv, bi, tile.batch, n);
+    auto issue_k_from = [&](KVSource const& x, PipelineState s) {
       if (!lane0) return;
       uint64_t* const bar = pipe_k.producer_get_barrier(s);
       int const row = KT::kViewRows - x.len + x.row0;
@@ -317,8 +316,7 @@ struct FwdMainloop {
         else copy_rows_box(params.tma_cache_k, bar, &sK(0, c, s.index()), c, row, head_k, x.end);
       }
     };
-    auto issue_v = [&](int n, PipelineState s) {
-      KVSource const x = kv_source(params, kv, bi, tile.batch, n);
+    auto issue_v_from = [&](KVSource const& x, PipelineState s) {
       if (!lane0) return;
       uint64_t* const bar = pipe_v.producer_get_barrier(s);
       int const row = KT::kViewRows - x.len + x.row0;
@@ -329,21 +327,29 @@ struct FwdMainloop {
       }
     };
 
+    auto issue_k = [&](int n, PipelineState s) { issue_k_from(kv_source(params, kv, bi, tile.batch, n), s); };
+    auto issue_v = [&](int n, PipelineState s) { issue_v_from(kv_source(params, kv, bi, tile.batch, n), s); };
+
     if constexpr (!kSpansPages) {
+      // Each block's source (paged: its page-table entry, a dependent global load) is read before the wait for
+      // its K stage, so that load's latency overlaps the wait, and kept for its V stage.
       int n = bi.n_max - 1;
+      KVSource src = kv_source(params, kv, bi, tile.batch, n);
       pipe_k.producer_acquire(st);
-      issue_k(n, st);
+      issue_k_from(src, st);
       for (; n > bi.n_min; --n) {
         PipelineState next = st;
         ++next;
+        KVSource const src_next = kv_source(params, kv, bi, tile.batch, n - 1);
         pipe_k.producer_acquire(next);
-        issue_k(n - 1, next);
+        issue_k_from(src_next, next);
         pipe_v.producer_acquire(st);
-        issue_v(n, st);
+        issue_v_from(src, st);
         st = next;
+        src = src_next;
       }
       pipe_v.producer_acquire(st);
-      issue_v(n, st);
+      issue_v_from(src, st);
       ++st;
     } else {
       load_spanning(params, ss, pipe_k, pipe_v, st, tile, kv, bi, head_k, issue_k, issue_v);
