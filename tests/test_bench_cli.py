@@ -254,8 +254,22 @@ def test_measure_interleaved_rounds():
         assert all(t > 0 for t in r["trials_s"])
     timed = order[6:]  # after 3 warm-up calls each
     rounds = [timed[i:i + 4] for i in range(0, 16, 4)]  # a round = one trial (2 calls) of each
-    assert [r[0] for r in rounds] == ["a", "b", "a", "b"], rounds  # the order rotates
+    assert [r[0] for r in rounds] == ["a", "b", "b", "a"], rounds  # rotated, mirrored in odd rounds
     assert all(sorted(r) == ["a", "a", "b", "b"] for r in rounds)
+
+
+def test_round_order_varies_predecessors():
+    """Over rounds every function is preceded by each of the others and takes every position."""
+    from fa3jax.bench.timing import round_order
+
+    names = ["a", "b", "c", "d"]
+    seq = [n for r in range(8) for n in round_order(names, r)]
+    for r in range(8):
+        assert sorted(round_order(names, r)) == names
+    for n in names:
+        before = {seq[i - 1] for i in range(1, len(seq)) if seq[i] == n and seq[i - 1] != n}
+        assert len(before) >= 2, (n, before)
+        assert {round_order(names, r).index(n) for r in range(8)} == {0, 1, 2, 3}
 
 
 def test_bench_modules_documented_and_acyclic():

@@ -65,9 +65,19 @@ def measure(fn: Callable, arg_sets: list, opts: TimingOptions) -> dict:
             "warmup_s": warm}
 
 
+def round_order(names: list, r: int) -> list:
+    """Round ``r``'s order: rotated by r // 2, reversed in odd rounds. A trial runs faster after a cooler one (the
+    clock recovers under the power limit): in a plain rotation of 3+ functions each is nearly always preceded by the
+    same one (session 19: cuda's sinks cost read 1.03-1.09 with two Triton impls in the rounds, 0.99-1.03 without;
+    benchmarks/RESULTS.md); mirrored rounds give each function both neighbours as predecessors, and every position."""
+    k = (r // 2) % len(names)
+    order = names[k:] + names[:k]
+    return order[::-1] if r % 2 else order
+
+
 def measure_interleaved(fns: dict, arg_sets: list, opts: TimingOptions, own_sets: Optional[dict] = None) -> dict:
     """:func:`measure` for several functions at once, their trials taken in rounds (one trial of each per round,
-    the order rotating) so that clock and thermal drift over the run hit every function alike (the H100 runs these
+    in :func:`round_order`) so that clock and thermal drift over the run hit every function alike (the H100 runs these
     kernels at its power limit: one kernel's row moved 5% between two sequential runs, benchmarks/RESULTS.md).
     ``own_sets``: {name: argument sets} for functions that take other arguments than ``arg_sets``."""
     names = list(fns)
@@ -75,8 +85,7 @@ def measure_interleaved(fns: dict, arg_sets: list, opts: TimingOptions, own_sets
     prep = {n: _warm(fns[n], sets[n], opts) for n in names}
     trials: dict = {n: [] for n in names}
     for r in range(max(1, opts.repeats)):
-        for j in range(len(names)):
-            n = names[(r + j) % len(names)]
+        for n in round_order(names, r):
             trials[n].append(_trial(fns[n], sets[n], prep[n][0]))
     return {n: {"time_s": statistics.median(trials[n]), "trials_s": trials[n], "calls_per_trial": prep[n][0],
                 "warmup_s": prep[n][1]} for n in names}
