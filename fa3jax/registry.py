@@ -4,8 +4,8 @@
 xla (decode-sized KV-cache calls: triton before cuda, see ``kvcache_decode_sized``), moving on when a backend is
 unavailable or raises ``NotImplementedError`` for the spec. The backward is planned separately: a backend without a
 backward for the spec (e.g. cudnn under ``deterministic=True``) is paired with the next backend in that order that
-has one, reusing the forward's LSE; under ``auto`` a cuda forward with fewer keys than ``cuda_own_backward_from`` its
-head dim (4k; any at d=128) tries cuDNN's backward first (``_backward_candidates``: measured faster there).
+has one, reusing the forward's LSE; under ``auto`` a cuda forward's backward is cuda's own (``_backward_candidates``),
+except under ``deterministic=True``.
 """
 from __future__ import annotations
 
@@ -113,30 +113,15 @@ def _first(names, check: str, spec: AttentionSpec) -> tuple[Optional[str], list[
     return None, reasons
 
 
-# Under ``auto``, a cuda forward's backward is cuda's own from CUDA_OWN_BACKWARD_FROM_SEQLEN_K keys (per q/k head dim
-# where measured, else 4k), where it measured faster than cuDNN's, and cuDNN's first below (faster there; RESULTS.md).
-# cuda's also serves what cuDNN refuses (softcap, lq != lk causal, other windows); deterministic=True tries triton's
-# first (cuda's fixed-order dQ adds are slower under causal masks).
-CUDA_OWN_BACKWARD_FROM_SEQLEN_K = 4096
-CUDA_OWN_BACKWARD_FROM_SEQLEN_K_BY_DIM = {128: 0}
-
-
-def cuda_own_backward_from(head_dim: int) -> int:
-    """Keys from which ``auto`` takes cuda's own backward first after a cuda forward of q/k head dim ``head_dim``."""
-    return CUDA_OWN_BACKWARD_FROM_SEQLEN_K_BY_DIM.get(head_dim, CUDA_OWN_BACKWARD_FROM_SEQLEN_K)
-
-
 def _backward_candidates(fwd: str, requested: str, spec: AttentionSpec) -> tuple:
-    """Backends to try for the backward of a ``fwd`` forward, in order: the forward's own, then the later ones."""
+    """Backends to try for the backward of a ``fwd`` forward, in order: the forward's own, then the later ones.
+    Under ``auto``, cuda's own after a cuda forward (faster than cuDNN's at d = 64, 128 and 256 from 512 keys but
+    one row within 3%, RESULTS.md session 19), except that deterministic=True tries cuDNN's and triton's first
+    (cuda's fixed-order dQ adds are slower under causal masks)."""
     own = (fwd,) + ORDER[ORDER.index(fwd) + 1:]
-    if requested != "auto" or fwd != "cuda":
+    if requested != "auto" or fwd != "cuda" or not spec.deterministic:
         return own
-    if spec.deterministic:
-        first = ("cudnn", "triton")
-    elif spec.seqlen_k >= cuda_own_backward_from(spec.head_dim):
-        first = ("cuda",)
-    else:
-        first = ("cudnn",)
+    first = ("cudnn", "triton")
     return first + tuple(n for n in own if n not in first)
 
 

@@ -402,17 +402,14 @@ def _dense_spec(seqlen_k, deterministic=False, d=64):
 
 
 def test_backward_candidates_after_a_cuda_forward_under_auto():
-    """Under auto, a cuda forward's backward tries cuDNN's first below cuda_own_backward_from(head dim) keys (4k;
-    measured faster there) and cuda's own from there (at d=128 from any length: measured faster at 512 and 1k too);
-    cuda's own then serves what cuDNN refuses (softcap, bottom-right causal with lq != lk, ...), with triton's before it
+    """Under auto, a cuda forward's backward is cuda's own first at every length and head dim (measured faster than
+    cuDNN's from 512 keys); cuDNN's and the others follow for what cuda's refuses, with cuDNN's and triton's first
     under deterministic=True; an explicit backend="cuda" keeps cuda's own first; other forwards keep their own order."""
-    assert registry.cuda_own_backward_from(64) == registry.CUDA_OWN_BACKWARD_FROM_SEQLEN_K == 4096
-    assert registry.cuda_own_backward_from(128) == 0
-    short, long_ = _dense_spec(1024), _dense_spec(registry.CUDA_OWN_BACKWARD_FROM_SEQLEN_K)
-    assert registry._backward_candidates("cuda", "auto", short) == ("cudnn", "cuda", "triton", "xla")
-    for n in (512, 1024, 4096):
-        assert registry._backward_candidates("cuda", "auto", _dense_spec(n, d=128)) == ("cuda", "cudnn", "triton", "xla")
-    assert registry._backward_candidates("cuda", "auto", long_) == ("cuda", "cudnn", "triton", "xla")
+    short, long_ = _dense_spec(1024), _dense_spec(4096)
+    for d in (64, 128, 256):
+        for n in (512, 1024, 4096, 16384):
+            assert registry._backward_candidates("cuda", "auto", _dense_spec(n, d=d)) == \
+                ("cuda", "cudnn", "triton", "xla")
     # deterministic: cuda's fixed-order dQ adds are slower than triton's backward under a causal mask
     for n in (1024, 8192):
         assert registry._backward_candidates("cuda", "auto", _dense_spec(n, True)) == ("cudnn", "triton", "cuda", "xla")
