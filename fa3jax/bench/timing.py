@@ -66,10 +66,9 @@ def measure(fn: Callable, arg_sets: list, opts: TimingOptions) -> dict:
 
 
 def round_order(names: list, r: int) -> list:
-    """Round ``r``'s order: rotated by r // 2, reversed in odd rounds. A trial runs faster after a cooler one (the
-    clock recovers under the power limit): in a plain rotation of 3+ functions each is nearly always preceded by the
-    same one (session 19: cuda's sinks cost read 1.03-1.09 with two Triton impls in the rounds, 0.99-1.03 without;
-    benchmarks/RESULTS.md); mirrored rounds give each function both neighbours as predecessors, and every position."""
+    """Round ``r``'s order: rotated by r // 2, reversed in odd rounds. In a plain rotation of 3+ functions each is
+    nearly always preceded by the same one, and a trial after a cooler one can run faster under the power limit;
+    mirrored rounds give each function both neighbours as predecessors, and every position."""
     k = (r // 2) % len(names)
     order = names[k:] + names[:k]
     return order[::-1] if r % 2 else order
