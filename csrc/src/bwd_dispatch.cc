@@ -111,10 +111,10 @@ const char* bwd_check(const BwdParams& p) {
   if (!p.out || !p.dout || !p.lse || !p.dq || !p.workspace || !c.q) return "null buffer";
   if (c.seqlen_k > 0 && (!c.k || !c.v || !p.dk || !p.dv)) return "null buffer";
   if (reinterpret_cast<uintptr_t>(p.workspace) % 16) return "workspace must be 16-byte aligned";
-  // dq: the postprocess writes it in 16-byte groups (bwd_prepost.cu convert_dq_tile).
-  if (!aligned16(c.q) || !aligned16(c.k) || !aligned16(c.v) || !aligned16(p.dout) || !aligned16(p.dq) ||
-      !aligned16(p.dk) || !aligned16(p.dv))
-    return "q, k, v, dout, dq, dk and dv must be 16-byte aligned";
+  // out, dout: the preprocess reads them, dq: the postprocess writes it, in 16-byte groups (bwd_prepost.cu).
+  if (!aligned16(c.q) || !aligned16(c.k) || !aligned16(c.v) || !aligned16(p.out) || !aligned16(p.dout) ||
+      !aligned16(p.dq) || !aligned16(p.dk) || !aligned16(p.dv))
+    return "q, k, v, out, dout, dq, dk and dv must be 16-byte aligned";
   if (!(c.softmax_scale > 0.f) || c.softcap < 0.f) return "softmax_scale must be > 0 and softcap >= 0";
   auto strides = [&](Strides s) {  // varlen tensors have no batch stride (bwd_launch.h uses the row stride)
     if (varlen) s.batch = s.row;

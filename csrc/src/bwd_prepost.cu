@@ -18,6 +18,7 @@ namespace {
 constexpr size_t kAlign = 256;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr int kRowsPerBlock = 8;  // one warp per row
+constexpr int kSwappedTileElems = kBwdBlockMWide * 128;  // the transposed 80-row tile's convert stage (d = 128)
 
 size_t align_up(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
 // Varlen rows per sequence, and dense rows per (batch, head) with the call's tile (bwd_tile_m).
@@ -49,6 +50,27 @@ template <> struct Cvt<__half> {
   static __device__ __half store(float x) { return __float2half_rn(x); }
 };
 
+// One warp's share of rowsum(out * dout) over a row of dv elements: 16-byte loads (8 elements a lane; 2-byte loads
+// left the preprocess 7% behind FA3's at the same traffic, session 19's profile). dv is a multiple of 8 and the
+// rows 16-byte aligned (bwd_check).
+template <class T>
+__device__ float row_dot(const T* __restrict__ out, const T* __restrict__ dout, int dv, int lane) {
+  float sum = 0.f;
+  for (int t = 8 * lane; t < dv; t += 256) {
+    uint4 const a = *reinterpret_cast<uint4 const*>(out + t), g = *reinterpret_cast<uint4 const*>(dout + t);
+    T const* x = reinterpret_cast<T const*>(&a);
+    T const* y = reinterpret_cast<T const*>(&g);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) sum += Cvt<T>::load(x[e]) * Cvt<T>::load(y[e]);
+  }
+  return sum;
+}
+
+// Zero one dq_accum row of kd floats (a multiple of 64, 16-byte aligned) with a warp's 16-byte stores.
+__device__ void zero_row(float* acc, int kd, int lane) {
+  for (int t = 4 * lane; t < kd; t += 128) *reinterpret_cast<float4*>(acc + t) = make_float4(0.f, 0.f, 0.f, 0.f);
+}
+
 // Grid (padded rows / kRowsPerBlock, hq, b); warp w of a block owns one query row of one head.
 // dv: the call's out/dout head dim (MLA: below q's); kd: the kernel's q head dim (dq_accum rows), >= the call's.
 template <class T>
@@ -61,13 +83,12 @@ __global__ void bwd_preprocess_kernel(const T* __restrict__ out, const T* __rest
   int const h = blockIdx.y;
   int64_t const b = blockIdx.z;
   int64_t const stat = (b * num_heads_q + h) * rows_pad + row;  // padded (b, hq, sq_pad) index
-  float* acc = ws.dq_accum + stat * kd;
-  for (int t = lane; t < kd; t += 32) acc[t] = 0.f;
+  zero_row(ws.dq_accum + stat * kd, kd, lane);
   float sum = 0.f;
   bool const valid = row < seqlen_q;
   if (valid) {
     int64_t const base = ((b * seqlen_q + row) * num_heads_q + h) * dv;
-    for (int t = lane; t < dv; t += 32) sum += Cvt<T>::load(out[base + t]) * Cvt<T>::load(dout[base + t]);
+    sum = row_dot(out + base, dout + base, dv, lane);
   }
   for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
   if (lane == 0) {
@@ -92,13 +113,12 @@ __global__ void bwd_preprocess_varlen_kernel(const T* __restrict__ out, const T*
   SeqInfo const seq = SeqInfo::varlen(b, vs.cu_seqlens_q, vs.cu_seqlens_k, vs.seqused_k, total_q, total_k);
   if (row >= (seq.seqlen_q + kBwdBlockM - 1) / kBwdBlockM * kBwdBlockM) return;
   int64_t const stat = h * stat_rows + bwd_varlen_pad_start(int(seq.offset_q), b) + row;
-  float* acc = ws.dq_accum + stat * kd;
-  for (int t = lane; t < kd; t += 32) acc[t] = 0.f;
+  zero_row(ws.dq_accum + stat * kd, kd, lane);
   float sum = 0.f;
   bool const valid = row < seq.seqlen_q;
   if (valid) {
     int64_t const base = ((seq.offset_q + row) * num_heads_q + h) * dv;
-    for (int t = lane; t < dv; t += 32) sum += Cvt<T>::load(out[base + t]) * Cvt<T>::load(dout[base + t]);
+    sum = row_dot(out + base, dout + base, dv, lane);
   }
   for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
   if (lane == 0) {
@@ -184,11 +204,23 @@ __global__ void bwd_convert_dq_kernel(const float* __restrict__ acc, T* __restri
   int64_t const row_stride = int64_t(num_heads_q) * d;
   int const row0 = tile * tile_m;
   T* const out = dq + (int64_t(b) * seqlen_q + row0) * row_stride + int64_t(h) * d;
-  if (!bwd_dq_swapped(tile_m)) {
-    convert_dq_tile(src, out, row_stride, seqlen_q - row0, d, kd, tile_m, scale);
-    return;
-  }
-  // The 80-row tile holds dQ^T: read in stored order (16-byte loads), written element by element.
+  convert_dq_tile(src, out, row_stride, seqlen_q - row0, d, kd, tile_m, scale);
+}
+
+// The same for the 80-row tile (bwd_dq_swapped), which holds dQ^T, whose stored runs are columns of dQ: read in
+// stored order (16-byte loads) into a shared-memory copy of the tile in dq's order, then written as 16-byte row groups
+// (a warp's stores cover whole rows, as in convert_dq_tile). The host launches it with tile_m * kd <=
+// kSwappedTileElems.
+template <class T>
+__global__ void bwd_convert_dq_swapped_kernel(const float* __restrict__ acc, T* __restrict__ dq, int seqlen_q,
+                                              int64_t rows_pad, int num_heads_q, int d, int kd, float scale,
+                                              int tile_m) {
+  int const tile = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  float const* const src = acc + ((int64_t(b) * num_heads_q + h) * rows_pad + int64_t(tile) * tile_m) * kd;
+  int64_t const row_stride = int64_t(num_heads_q) * d;
+  int const row0 = tile * tile_m;
+  T* const out = dq + (int64_t(b) * seqlen_q + row0) * row_stride + int64_t(h) * d;
+  __shared__ alignas(16) T stage[kSwappedTileElems];
   float4 const* src4 = reinterpret_cast<float4 const*>(src);
   for (int q = threadIdx.x; q < tile_m * kd / 4; q += blockDim.x) {
     float4 const a = src4[q];
@@ -197,8 +229,16 @@ __global__ void bwd_convert_dq_kernel(const float* __restrict__ acc, T* __restri
     for (int e = 0; e < 4; ++e) {
       int row, col;
       dq_tile_coords(4 * q + e, kd, tile_m, row, col);
-      if (row0 + row < seqlen_q && col < d) out[row * row_stride + col] = Cvt<T>::store(vals[e] * scale);
+      stage[row * kd + col] = Cvt<T>::store(vals[e] * scale);
     }
+  }
+  __syncthreads();
+  int const blocks = kd / 8;
+  for (int o = threadIdx.x; o < tile_m * blocks; o += blockDim.x) {
+    int const row = o / blocks, col = 8 * (o % blocks);
+    if (row0 + row < seqlen_q && col < d)  // d is a multiple of 8: a block is wholly inside or outside
+      *reinterpret_cast<uint4*>(out + row * row_stride + col) =
+          *reinterpret_cast<uint4 const*>(&stage[row * kd + col]);
   }
 }
 
@@ -245,9 +285,17 @@ FwdStatus postprocess(const BwdParams& p, cudaStream_t stream) {
   }
   int64_t const rows_pad = padded_rows(c.seqlen_q, ws.tile_m);
   dim3 const grid(unsigned(rows_pad / ws.tile_m), unsigned(c.num_heads_q), unsigned(c.batch));
-  bwd_convert_dq_kernel<T><<<grid, 256, 0, stream>>>(ws.dq_accum, static_cast<T*>(p.dq), c.seqlen_q, rows_pad,
-                                                     c.num_heads_q, c.head_dim, kernel_dim(c), c.softmax_scale,
-                                                     ws.tile_m);
+  if (bwd_dq_swapped(ws.tile_m)) {
+    if (int64_t(ws.tile_m) * kernel_dim(c) > kSwappedTileElems)
+      return {cudaErrorInvalidValue, "bwd dq convert: the transposed tile exceeds the convert's stage"};
+    bwd_convert_dq_swapped_kernel<T><<<grid, 256, 0, stream>>>(ws.dq_accum, static_cast<T*>(p.dq), c.seqlen_q,
+                                                               rows_pad, c.num_heads_q, c.head_dim, kernel_dim(c),
+                                                               c.softmax_scale, ws.tile_m);
+  } else {
+    bwd_convert_dq_kernel<T><<<grid, 256, 0, stream>>>(ws.dq_accum, static_cast<T*>(p.dq), c.seqlen_q, rows_pad,
+                                                       c.num_heads_q, c.head_dim, kernel_dim(c), c.softmax_scale,
+                                                       ws.tile_m);
+  }
   if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return {e, "bwd dq convert launch"};
   return {};
 }
