@@ -512,19 +512,28 @@ struct BwdMainloop {
                              p.window_left, p.window_right, lo[r], hi[r]);
         }
         float const inv_scale = 1.f / p.scale_log2;
-        CUTE_UNROLL
-        for (int c = 0; c < size<1>(S); c += 2) {
-          float2 const l = kSoftcap ? float2{0.f, 0.f} : stat_pair(lse, c);
+        // Two copies: blocks that need no mask (most of an unmasked call's) skip the per-element test.
+        auto start_scores = [&](auto masked) {
           CUTE_UNROLL
-          for (int r = 0; r < kRows; ++r) {
+          for (int c = 0; c < size<1>(S); c += 2) {
+            float2 const l = kSoftcap ? float2{0.f, 0.f} : stat_pair(lse, c);
             CUTE_UNROLL
-            for (int j = 0; j < 2; ++j) {
-              int const ql = get<1>(rc(r, c + j));
-              S(r, c + j) = ql >= lo[r] && ql < hi[r] ? -(j ? l.y : l.x) * inv_scale
-                                                      : (kSoftcap ? kMaskedScore : -INFINITY);
+            for (int r = 0; r < kRows; ++r) {
+              CUTE_UNROLL
+              for (int j = 0; j < 2; ++j) {
+                float const start = -(j ? l.y : l.x) * inv_scale;
+                if constexpr (decltype(masked)::value) {
+                  int const ql = get<1>(rc(r, c + j));
+                  S(r, c + j) = ql >= lo[r] && ql < hi[r] ? start : (kSoftcap ? kMaskedScore : -INFINITY);
+                } else {
+                  S(r, c + j) = start;
+                }
+              }
             }
           }
-        }
+        };
+        if (need_mask) start_scores(cute::true_type{});
+        else start_scores(cute::false_type{});
         wgmma_issue<false, false>(mma_sdp, tSrK, tSrQ(_, _, _, s), tSrS);
         CUTE_UNROLL
         for (int c = 0; c < size<1>(dP); c += 2) {
