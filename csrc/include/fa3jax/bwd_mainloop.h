@@ -503,17 +503,17 @@ struct BwdMainloop {
         // masked, which the score loop tests (a finite sentinel: no reliance on inf compares under fast math).
         // The stats are read where used rather than held (each thread sees 32 queries at 128 rows).
         static_assert(!KT::kVarlen);
-        int lo[kRows], hi[kRows];
-        CUTE_UNROLL
-        for (int r = 0; r < kRows; ++r) {
-          lo[r] = 0, hi[r] = kBlockM;
-          if (need_mask)
-            mask_key_queries(n0 + int(get<0>(rc(r, 0))), q0, kBlockM, p.seqlen_q, p.seqlen_k,  // dense: the call's
-                             p.window_left, p.window_right, lo[r], hi[r]);
-        }
         float const inv_scale = 1.f / p.scale_log2;
-        // Two copies: blocks that need no mask (most of an unmasked call's) skip the per-element test.
+        // Two copies: blocks that need no mask (most of an unmasked call's) skip the key rows' query ranges (64-bit
+        // arithmetic that ptxas computed unconditionally under a runtime test) and the per-element test.
         auto start_scores = [&](auto masked) {
+          int lo[kRows], hi[kRows];
+          if constexpr (decltype(masked)::value) {
+            CUTE_UNROLL
+            for (int r = 0; r < kRows; ++r)
+              mask_key_queries(n0 + int(get<0>(rc(r, 0))), q0, kBlockM, p.seqlen_q, p.seqlen_k,  // dense: the call's
+                               p.window_left, p.window_right, lo[r], hi[r]);
+          }
           CUTE_UNROLL
           for (int c = 0; c < size<1>(S); c += 2) {
             float2 const l = kSoftcap ? float2{0.f, 0.f} : stat_pair(lse, c);
