@@ -72,31 +72,34 @@ POLICY = {
     # block_n = 64 * wg, else along queries and d); block_m queries per step (bwd_tile_m, bwd_layout.h): 64; or 80
     # for dense unmasked calls without softcap, not deterministic (FA3's non-causal d=128 tile, dQ computed
     # transposed, one dQ staging buffer; d = block_n = 64 x wg); or 128 for every dense call (FA3's d=64 tile: dQ
-    # with the warpgroups along queries, dV issued after dS, one dQ staging buffer; bwd64 only). Other calls, and
-    # varlen, use 64.
-    "bwd64": (dict(block_m=64, block_n=128, wg=2, stages=2, producer_regs=24, consumer_regs=240, dq_red=0,
-                   dq_bufs=2, **BWD_AB),
-              "FA3's d=64/128 shape: 2 consumer warpgroups x 64 keys, dK/dV in registers"),
-    "bwd128": (dict(block_m=64, block_n=128, wg=2, stages=2, producer_regs=24, consumer_regs=240, dq_red=0,
-                    dq_bufs=2, **BWD_AB_TIMED),
-               "dK + dV accumulators take 128 of the 240 consumer registers"),
-    "bwd256": (dict(block_m=64, block_n=64, wg=2, stages=2, producer_regs=24, consumer_regs=240, dq_red=1,
-                    dq_bufs=1, **BWD_AB),
+    # with the warpgroups along queries, dV issued after dS, one dQ staging buffer; bwd64 only). Other calls, calls
+    # with fewer than min_seqlen_q queries, and varlen, use 64.
+    # 128 queries per step (FA3's d=64 tile): faster on every row measured (benchmarks/RESULTS.md, session 20).
+    "bwd64": (dict(block_m=128, min_seqlen_q=0, block_n=128, wg=2, stages=2, producer_regs=24, consumer_regs=240,
+                   dq_red=0, dq_bufs=2, **BWD_AB),
+              "FA3's d=64 shape: 2 consumer warpgroups x 64 keys, dK/dV in registers, 128 queries per step"),
+    # 80 rows only from 4k queries: below, the partly empty last step and fewer steps to spread the fixed cost
+    # over outweigh the wider step (benchmarks/RESULTS.md, session 20).
+    "bwd128": (dict(block_m=80, min_seqlen_q=4096, block_n=128, wg=2, stages=2, producer_regs=24,
+                    consumer_regs=240, dq_red=0, dq_bufs=2, **BWD_AB_TIMED),
+               "dK + dV accumulators take 128 of the 240 consumer registers; 80-row steps from 4k queries"),
+    "bwd256": (dict(block_m=64, min_seqlen_q=0, block_n=64, wg=2, stages=2, producer_regs=24, consumer_regs=240,
+                    dq_red=1, dq_bufs=1, **BWD_AB),
                "64 keys x d/2 of dK + dV per warpgroup (128 registers); K, V, 2 x (Q, dO), P, dS fill 224 KiB, "
                "so dQ goes out by vector reductions, not a staged bulk add"),
     # MLA backward (d_qk x d_v). Not measured yet: shapes chosen to fit, reasoned from bwd128 / bwd256.
     # 192x128 along keys (block_n=128) would hold dK 96 + dV 64 + S^T 32 + dP^T 32 + dQ 48 = 272 registers per
     # thread: over 240. So d=256's split (queries for S^T / dP^T, d for dK / dV / dQ): 48 + 32 + 16 + 16 + 48.
-    "bwd192x128": (dict(block_m=64, block_n=64, wg=2, stages=2, producer_regs=24, consumer_regs=240, dq_red=0,
-                        dq_bufs=1, **BWD_AB),
+    "bwd192x128": (dict(block_m=64, min_seqlen_q=0, block_n=64, wg=2, stages=2, producer_regs=24, consumer_regs=240,
+                        dq_red=0, dq_bufs=1, **BWD_AB),
                    "d=256's split: K 24 + V 16 + 2 x (Q 24 + dO 16 + P^T 8 + dS^T 8) + one 48 KiB dQ stage = 200 "
                    "KiB (no room for a second); the bulk dQ add, as at d=128 (A/B: bwd192x128.dq_red=1)"),
-    "bwd128x64": (dict(block_m=64, block_n=128, wg=2, stages=2, producer_regs=24, consumer_regs=240, dq_red=0,
-                       dq_bufs=2, **BWD_AB),
+    "bwd128x64": (dict(block_m=64, min_seqlen_q=0, block_n=128, wg=2, stages=2, producer_regs=24, consumer_regs=240,
+                       dq_red=0, dq_bufs=2, **BWD_AB),
                   "d=128's shape with dV half as wide: 64 + 32 (dK + dV) of 240 registers, 160 KiB of smem"),
 }
 FIELDS = {"block_m": "kBlockM", "block_n": "kBlockN", "stages": "kStages", "producer_regs": "kProducerRegs",
-          "consumer_regs": "kConsumerRegs", "min_seqlen_k": "kMinSeqlenK",
+          "consumer_regs": "kConsumerRegs", "min_seqlen_k": "kMinSeqlenK", "min_seqlen_q": "kMinSeqlenQ",
           "dq_red": "kDqRed", "wg": "kNumMmaWG", "dq_bufs": "kDqBufs", "ww": "kWriterWarp", "lpt": "kLpt",
           "l2hint": "kL2Hint", "msplit": "kMaskSplit", "det_kernel": "kDetKernel"}
 

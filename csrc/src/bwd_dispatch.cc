@@ -43,14 +43,18 @@ const char* bwd_compiled_list() {
 
 int bwd_tile_m(const BwdParams& p) {
   AttnCore const& c = p.core;
-  if (c.varlen.enabled()) return kBwdBlockM;
+  if (c.varlen.enabled() || p.policy_rows == 0) return kBwdBlockM;
   int const kd = bwd_kernel_dim(c.dtype, c.head_dim, c.value_dim());
   int const kdv = c.value_dim() == c.head_dim ? kd : c.value_dim();
-  int tile = kBwdBlockM;
-#define FA3JAX_BWD_INSTANCE(e, n, d, dv, label) \
-  if (c.dtype == DType::e && kd == d && kdv == dv) tile = BwdPolicy<d, dv>::kBlockM;
+  int tile = kBwdBlockM, min_seqlen_q = 0;
+#define FA3JAX_BWD_INSTANCE(e, n, d, dv, label)                  \
+  if (c.dtype == DType::e && kd == d && kdv == dv) {             \
+    tile = BwdPolicy<d, dv>::kBlockM;                            \
+    min_seqlen_q = BwdPolicy<d, dv>::kMinSeqlenQ;                \
+  }
 #include "bwd_instances.inc"
 #undef FA3JAX_BWD_INSTANCE
+  if (p.policy_rows < 0 && c.seqlen_q < min_seqlen_q) return kBwdBlockM;
   if (bwd_tile_serves_all_dense(tile)) return tile;
   bool const plain = c.window_left < 0 && c.window_right < 0 && !(c.softcap > 0.f) && !p.deterministic;
   return plain ? tile : kBwdBlockM;

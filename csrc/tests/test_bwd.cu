@@ -32,6 +32,7 @@ struct Config {
   float softcap;
   bool dlse;
   const char* name;
+  int policy_rows = -1;  // BwdParams::policy_rows: 1 runs the policy's query tile (80 or 128 rows) on a short call
 };
 
 template <class T> static T* upload(const std::vector<T>& h) {
@@ -168,6 +169,7 @@ static bool run_one(DType dt, HeadDims hd, const Config& c, std::mt19937& rng, b
   core.window_left = c.wl, core.window_right = c.wr;
   core.set_dense_strides();
   p.deterministic = det;
+  p.policy_rows = c.policy_rows;
   core.q = upload(qb), core.k = upload(kb), core.v = upload(vb);
   p.out = upload(ob), p.dout = upload(dob), p.lse = upload(lse), p.dlse = c.dlse ? upload(dlse) : nullptr;
   // NaN-filled outputs and workspace: whatever a pass should write and does not shows up.
@@ -200,10 +202,11 @@ static bool run_one(DType dt, HeadDims hd, const Config& c, std::mt19937& rng, b
   double const tol = dt == DType::kBF16 ? 3e-2 : 5e-3;
   ok = ok && bad == 0 && eq <= tol && ek <= tol && ev <= tol && same && guards;
   if (!ok || verbose)
-    std::printf("%s %s d=%s %-26s b=%d sq=%d sk=%d hq=%d hk=%d win=(%d,%d) cap=%g dlse=%d%s: rel err dq=%.2e dk=%.2e "
-                "dv=%.2e non-finite=%zu%s%s\n",
+    std::printf("%s %s d=%s %-32s b=%d sq=%d sk=%d hq=%d hk=%d win=(%d,%d) cap=%g dlse=%d tile=%d%s: rel err dq=%.2e "
+                "dk=%.2e dv=%.2e non-finite=%zu%s%s\n",
                 ok ? "ok  " : "FAIL", dt == DType::kBF16 ? "bf16" : "fp16", dims_label(dt, hd).c_str(), c.name, c.b,
-                c.sq, c.sk, c.hq, c.hk, c.wl, c.wr, c.softcap, int(c.dlse), det ? " deterministic" : "", eq, ek, ev,
+                c.sq, c.sk, c.hq, c.hk, c.wl, c.wr, c.softcap, int(c.dlse), fa3jax::bwd_tile_m(p),
+                det ? " deterministic" : "", eq, ek, ev,
                 bad, same ? "" : " RERUN DIFFERS", guards ? "" : " WROTE PAST A GRADIENT");
   for (const void* ptr : {core.q, core.k, core.v, p.out, p.dout, static_cast<const void*>(p.lse),
                           static_cast<const void*>(p.dlse), static_cast<const void*>(p.dq),
@@ -454,6 +457,8 @@ int main(int argc, char** argv) {
     }
   }
   const Config configs[] = {
+      // First (the only one under --quick): the policy's query tile, which a call this short would not get.
+      {1, 128, 128, 1, 1, -1, -1, 0.f, false, "full-aligned(policy tile)", 1},
       {1, 128, 128, 1, 1, -1, -1, 0.f, false, "full-aligned"},
       {2, 200, 150, 4, 4, -1, -1, 0.f, true, "full-ragged+dlse"},
       {2, 300, 300, 2, 2, -1, 0, 0.f, false, "causal"},
@@ -466,10 +471,13 @@ int main(int argc, char** argv) {
       {2, 7, 3, 3, 1, -1, -1, 0.f, false, "tiny"},
       // Whole and partial query tiles of every height (400 = 5 x 80 = 6.25 x 64 = 3.125 x 128), GQA, unmasked (the
       // 80-row tile where the policy has block_m=80, the 128-row one where bwd64.block_m=128).
+      {1, 400, 517, 4, 2, -1, -1, 0.f, true, "gqa-full-400x517(policy tile)", 1},
       {1, 400, 517, 4, 2, -1, -1, 0.f, true, "gqa-full-400x517"},
       // One query past whole 128-row tiles, MQA, causal with more keys than queries (bottom-right): partial and
       // masked 128-row tiles across 5 key blocks.
-      {1, 385, 640, 4, 1, -1, 0, 0.f, true, "mqa-causal-385x640"},
+      {1, 385, 640, 4, 1, -1, 0, 0.f, true, "mqa-causal-385x640(policy tile)", 1},
+      // Past the 80-row tile's min_seqlen_q (4096), with its default choice: a partial last tile (4100 = 51.25 x 80).
+      {1, 4100, 200, 2, 1, -1, -1, 0.f, true, "mqa-full-4100x200"},
   };
   // Unmasked ones (and masks under which every key block sees every query block) take the rotated dQ order
   // (bwd_mainloop.h DqOrder): more key blocks than query blocks and fewer, neither a multiple of the other.

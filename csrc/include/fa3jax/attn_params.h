@@ -188,6 +188,9 @@ struct BwdParams {
   void* workspace = nullptr;
   // Bitwise-reproducible gradients: dQ partials added in a fixed key-block order (bwd_mainloop.h).
   bool deterministic = false;
+  // The policy's query tile (bwd_tile_m): -1 from its min_seqlen_q queries on; 1 at any length (tests cover it on
+  // small inputs); 0 never (kBwdBlockM).
+  int policy_rows = -1;
 };
 
 // The backward's workspace, carved from BwdParams::workspace (all fp32, 256-byte aligned parts).
@@ -198,9 +201,11 @@ struct BwdWorkspace {
   int* dq_sem = nullptr;      // deterministic only: (b, hq, sq_pad / tile_m, kBwdNumMmaWG) turn counters
   int tile_m = kBwdBlockM;    // bwd_tile_m: the main kernel's query rows per step, the stat rows' padding
 };
-// The query tile of a call's main kernel (bwd_layout.h), the one place that picks it: kBwdBlockMTall for every
-// dense call where the serving instance's policy has block_m = 128; kBwdBlockMWide where it has block_m = 80 and
-// the call is dense, unmasked (no causal or window bound), without softcap and not deterministic; else kBwdBlockM. Workspace sizes, the passes and the launch all read it.
+// The query tile of a call's main kernel (bwd_layout.h), the one place that picks it, for dense calls with at least
+// the policy's min_seqlen_q queries (policy_rows): kBwdBlockMTall for every such call where the serving instance's
+// policy has block_m = 128; kBwdBlockMWide where it has block_m = 80 and the call is unmasked (no causal or window
+// bound), without softcap and not deterministic; else kBwdBlockM. Workspace sizes, the passes and the launch all
+// read it.
 int bwd_tile_m(const BwdParams& p);
 size_t bwd_workspace_bytes(const BwdParams& p);
 BwdWorkspace bwd_workspace(const BwdParams& p);
