@@ -416,6 +416,7 @@ def sanitize_kvcache(spec: AttentionSpec, cache_seqlens, cache_batch_idx, cache_
         seqlens = jnp.full((b,), kv.capacity - kv.seqlen_new, jnp.int32)
     else:
         seqlens = jnp.broadcast_to(jnp.asarray(cache_seqlens).astype(jnp.int32), (b,))
+    raw = seqlens if cache_seqlens is not None and cache_batch_idx is None else None
     seqlens = jnp.clip(seqlens, 0, kv.capacity - kv.seqlen_new)
     batch_idx, row_ok = None, None
     if cache_batch_idx is not None:
@@ -431,4 +432,5 @@ def sanitize_kvcache(spec: AttentionSpec, cache_seqlens, cache_batch_idx, cache_
     if cache_leftpad is not None:
         leftpad = jnp.clip(cache_leftpad.astype(jnp.int32), 0, seqlens)
     return KVCacheArgs(seqlens_k=seqlens + kv.seqlen_new, cache_seqlens=seqlens, leftpad=leftpad,
-                       batch_idx=batch_idx, page_table=page_table, k_new=k_new, v_new=v_new, sinks=sinks), row_ok
+                       batch_idx=batch_idx, page_table=page_table, k_new=k_new, v_new=v_new, sinks=sinks,
+                       raw_cache_seqlens=raw), row_ok

@@ -171,3 +171,21 @@ def test_cuda_kernel_variant_attribute():
     with pytest.raises(TypeError, match="Tuning"):
         with tuning.override({"fwd": (128, 64, 8, 3)}):
             pass
+
+
+def test_sanitize_kvcache_keeps_the_raw_seqlens_only_where_the_clamp_is_the_only_rule():
+    """raw_cache_seqlens: the user's values before the clamp (for kernels that clamp alike), absent where
+    cache_batch_idx adds a rule (out-of-range rows see an empty cache) or no cache_seqlens were given."""
+    from fa3jax import validation
+    spec = validation.validate_kvcache(DQ, KC, KC, None, None, None, None, None, None, None, None, False,
+                                       softmax_scale=None, is_causal=False, window_size=(-1, -1), softcap=0.0,
+                                       num_splits=0, return_softmax_lse=False, return_updated_cache=False)
+    cap = KC.shape[1]
+    hostile = jnp.asarray([-5, cap + 9], jnp.int32)
+    args, _ = validation.sanitize_kvcache(spec, hostile, None, None, None, None, None)
+    assert args.raw_cache_seqlens.tolist() == [-5, cap + 9]
+    assert args.cache_seqlens.tolist() == [0, cap] and args.seqlens_k.tolist() == [0, cap]
+    args, _ = validation.sanitize_kvcache(spec, hostile, jnp.asarray([0, 7], jnp.int32), None, None, None, None)
+    assert args.raw_cache_seqlens is None and args.cache_seqlens.tolist() == [0, 0]
+    args, _ = validation.sanitize_kvcache(spec, None, None, None, None, None, None)
+    assert args.raw_cache_seqlens is None and args.cache_seqlens.tolist() == [cap, cap]

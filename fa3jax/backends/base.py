@@ -65,6 +65,10 @@ class KVCacheArgs(NamedTuple):
     * ``k_new``/``v_new`` (b, seqlen_new, hk, d) or None: new keys/values (rotary already applied to k_new),
       logically at positions ``cache_seqlens + t``. Backends attend to them whether or not the cache arrays they
       receive contain them.
+    * ``raw_cache_seqlens`` int32 (b,) or None: the user's cache_seqlens before the clamp, where the clamp is the
+      only rule applied to them (no cache_batch_idx). A kernel that applies the same clamp itself (cuda's
+      ``KVCacheSeq``) may read these instead of ``cache_seqlens``, so that the clamp is no XLA op of its own (one
+      launch less per decode call); XLA drops the clamp when nothing else reads it.
     """
 
     seqlens_k: jax.Array
@@ -75,6 +79,7 @@ class KVCacheArgs(NamedTuple):
     k_new: Optional[jax.Array] = None
     v_new: Optional[jax.Array] = None
     sinks: Optional[jax.Array] = None  # float32 (hq,) when ``spec.has_sinks``
+    raw_cache_seqlens: Optional[jax.Array] = None
 
 
 class Backend:

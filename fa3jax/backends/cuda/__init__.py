@@ -334,7 +334,10 @@ class CudaBackend(Backend):
         b, lq, hq, d = spec.batch, spec.seqlen_q, spec.num_heads_q, spec.head_dim
         out_types = (jax.ShapeDtypeStruct((b, lq, hq, d), q.dtype), jax.ShapeDtypeStruct((b, hq, lq), jnp.float32))
         i32 = lambda x: jnp.asarray(x, jnp.int32)  # noqa: E731
-        operands = [q, k_cache, v_cache, i32(args.cache_seqlens)]
+        # The kernel clamps cache_seqlens as validation does (seq_info.h KVCacheSeq): the raw ones, where given,
+        # leave the clamp no XLA op of its own.
+        seqlens = args.cache_seqlens if args.raw_cache_seqlens is None else args.raw_cache_seqlens
+        operands = [q, k_cache, v_cache, i32(seqlens)]
         if kv.seqlen_new:
             operands += [args.k_new.astype(q.dtype), args.v_new.astype(q.dtype)]
         if kv.has_cache_leftpad:
