@@ -1,4 +1,5 @@
-"""The benchmark's added modes on CPU (xla backend): the chunked-prefill suite, decode timed per call, sinks cost."""
+"""The benchmark's added modes on CPU (xla backend): the chunked-prefill suite, decode timed per call, sinks cost,
+deterministic=True cost."""
 import json
 import math
 
@@ -126,27 +127,29 @@ def test_bench_decode_per_call_cli(tmp_path):
 
 
 def test_option_suites():
-    """--sinks belongs to the attn suite, --per-call to decode; each new option is in --help."""
+    """--sinks and --deterministic belong to the attn suite, --per-call to decode; each new option is in --help."""
     from fa3jax.bench.cli import build_parser, resolve
-    for argv in (["--suite", "decode", "--sinks"], ["--suite", "prefill", "--per-call"], ["--per-call"]):
+    for argv in (["--suite", "decode", "--sinks"], ["--suite", "prefill", "--per-call"], ["--per-call"],
+                 ["--suite", "decode", "--deterministic"], ["--suite", "varlen", "--deterministic"]):
         with pytest.raises(SystemExit):
             resolve(build_parser().parse_args(argv))
+    assert resolve(build_parser().parse_args(["--deterministic", "--sinks"]))["deterministic"] is True
     text = build_parser().format_help()
-    for opt in ("--sinks", "--per-call", "--new-tokens", "prefill"):
+    for opt in ("--sinks", "--deterministic", "--per-call", "--new-tokens", "prefill"):
         assert opt in text
 
 
 def test_sinks_variants_and_gradient():
-    """with_sinks_variants puts X+sinks right after each fa3jax impl only; its fwd+bwd differentiates the sinks."""
+    """with_variants(sinks=True) puts X+sinks right after each fa3jax impl only; its fwd+bwd differentiates the sinks."""
     impls = [bench.fa3jax_impl("xla"), bench.Impl("jax.nn:xla", lambda cfg: None)]
-    names = [i.name for i in bench.with_sinks_variants(impls)]
+    names = [i.name for i in bench.with_variants(impls, sinks=True)]
     assert names == ["fa3jax:xla", "fa3jax:xla+sinks", "jax.nn:xla"]
     cfg = bench.AttnConfig("fwd+bwd", True, "bf16", 32, 2, 64, 2)
     sets = bench.attn_inputs(cfg, 1, seed=0)
     from fa3jax.bench.attn import sinks_inputs
     q, k, v, ct, s = sinks_inputs(cfg, sets)[0]
     assert s.shape == (2,) and s.dtype == jnp.float32 and float(jnp.std(s)) > 0
-    impl = bench.with_sinks_variants(impls)[1]
+    impl = bench.with_variants(impls, sinks=True)[1]
     grads = jax.jit(bench.timed_fn(impl.forward(cfg), cfg.mode, grad_rest=1))(q, k, v, ct, s)
     assert [g.shape for g in grads] == [q.shape, k.shape, v.shape, (2,)]
     assert all(bool(jnp.all(jnp.isfinite(g.astype(jnp.float32)))) for g in grads) and float(jnp.abs(grads[3]).max()) > 0
@@ -157,7 +160,7 @@ def test_run_attn_sinks_guard_and_ratio():
     WRONG under a causal mask, where row 0 sees one key) and carries sinks_ratio = its time / the plain time."""
     ignores = bench.Impl("fa3jax:fake+sinks", lambda cfg: (lambda q, k, v, s: fa3jax.flash_mha(
         q, k, v, is_causal=cfg.causal, backend="xla")), sinks=True)
-    impls = bench.with_sinks_variants([bench.fa3jax_impl("xla")]) + [ignores]
+    impls = bench.with_variants([bench.fa3jax_impl("xla")], sinks=True) + [ignores]
     cfgs = [bench.AttnConfig(m, True, "bf16", 32, 2, 64, 2) for m in ("fwd", "fwd+bwd")]
     rows = bench.run_attn(cfgs, impls, FAST, log=lambda s: None)
     for mode in ("fwd", "fwd+bwd"):
@@ -185,6 +188,52 @@ def test_bench_attn_sinks_cli(tmp_path):
         with_, without = ok[("fa3jax:xla+sinks", m)], ok[("fa3jax:xla", m)]
         assert with_["sinks_ratio"] == with_["ms"] / without["ms"] and with_["max_rel_err"] <= bench.WRONG_TOL
     assert next(tmp_path.glob("attn-*.md")).read_text().startswith("\n## attn (sinks): ")
+
+
+def test_run_attn_deterministic_guard_and_ratio():
+    """In-process: with_variants puts X+sinks then X+det right after each fa3jax impl only; the +det row calls
+    deterministic=True, is guarded against the plain reference (an impl that drops the causal mask is WRONG), and
+    carries det_ratio = its time / the plain time; the table shows it as (det R)."""
+    impls = [bench.fa3jax_impl("xla"), bench.Impl("jax.nn:xla", lambda cfg: None)]
+    assert [i.name for i in bench.with_variants(impls, sinks=True, deterministic=True)] == \
+        ["fa3jax:xla", "fa3jax:xla+sinks", "fa3jax:xla+det", "jax.nn:xla"]
+    det = bench.with_variants(impls[:1], deterministic=True)
+    assert [i.name for i in det] == ["fa3jax:xla", "fa3jax:xla+det"] and det[1].deterministic and not det[1].sinks
+    full = bench.Impl("fa3jax:fake+det", lambda cfg: (lambda q, k, v: fa3jax.flash_mha(
+        q, k, v, is_causal=False, deterministic=True, backend="xla")), deterministic=True)
+    cfgs = [bench.AttnConfig(m, True, "bf16", 32, 2, 64, 2) for m in ("fwd", "fwd+bwd")]
+    rows = bench.run_attn(cfgs, det + [full], FAST, log=lambda s: None)
+    for mode in ("fwd", "fwd+bwd"):
+        by = {r["impl"]: r for r in rows if r["mode"] == mode}
+        plain, d = by["fa3jax:xla"], by["fa3jax:xla+det"]
+        assert plain["status"] == d["status"] == "ok" and d["max_rel_err"] == 0.0
+        assert _finite_pos(d["ms"]) and d["det_ratio"] == d["ms"] / plain["ms"] and d["flops"] == plain["flops"]
+        assert "det_ratio" not in plain and "sinks_ratio" not in d
+        assert by["fa3jax:fake+det"]["status"] == "WRONG"
+    t = bench.attn_table(rows)
+    header = t.splitlines()[0]
+    assert header.index("| fa3jax:xla |") < header.index("| fa3jax:xla+det |")
+    assert f"(det {by['fa3jax:xla+det']['det_ratio']:.3f})" in t and "time deterministic / time without" in t
+
+
+def test_bench_attn_deterministic_cli(tmp_path):
+    """The CLI with --deterministic and --sinks: both variant columns, each with its own ratio to the plain row."""
+    r = _run("bench", "--small", "--deterministic", "--sinks", "--seqlens", "128", "--tokens", "256", "--causal",
+             "no", "--no-plot", "--out-dir", str(tmp_path), timeout=150)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "| fa3jax:xla | fa3jax:xla+sinks | fa3jax:xla+det | jax.nn:xla |" in r.stdout
+    doc = json.loads(next(tmp_path.glob("attn-*.json")).read_text())
+    ok = {(row["impl"], row["mode"]): row for row in doc["results"] if row["status"] == "ok"}
+    names = ("fa3jax:xla", "fa3jax:xla+sinks", "fa3jax:xla+det", "jax.nn:xla")
+    assert set(ok) == {(i, m) for i in names for m in ("fwd", "fwd+bwd")}
+    for m in ("fwd", "fwd+bwd"):
+        det, plain = ok[("fa3jax:xla+det", m)], ok[("fa3jax:xla", m)]
+        assert _finite_pos(det["ms"]) and det["det_ratio"] == det["ms"] / plain["ms"]
+        assert det["max_rel_err"] <= bench.WRONG_TOL and "sinks_ratio" not in det
+        assert not {"det_ratio", "sinks_ratio"} & set(plain) and "det_ratio" not in ok[("fa3jax:xla+sinks", m)]
+        assert f"(det {det['det_ratio']:.3f})" in r.stdout
+    assert doc["options"]["deterministic"] is True
+    assert next(tmp_path.glob("attn-*.md")).read_text().startswith("\n## attn (sinks) (deterministic): ")
 
 
 def test_measure_each_times_the_others_when_one_fails():

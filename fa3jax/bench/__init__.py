@@ -3,7 +3,8 @@
 Suites
   * ``attn`` (default): the flash-attn3-jax README table -- h=16, d=128, b*s=16384 tokens, seqlen 512..16384
     (b = 16384 // s), bf16/fp16, causal or not, modes ``fwd`` and ``fwd+bwd``; ``--sinks`` adds each fa3jax impl
-    called with ``sinks=`` and the ratio of its time to the call without.
+    called with ``sinks=`` and the ratio of its time to the call without; ``--deterministic`` likewise adds each
+    fa3jax impl called with ``deterministic=True`` (column ``<impl>+det``, ratio ``det_ratio``).
   * ``decode``: one query token against a KV cache (hq=32, hk=8, d=128, bf16), contiguous and paged, reported
     as bandwidth (TB/s of K/V bytes read) next to a device-to-device copy measured in the same run; ``--per-call``
     also times one step per jitted call issued from Python (dispatch included).
@@ -37,9 +38,9 @@ from .decode import (DecodeConfig, best_rows, cache_inputs, decode_chain_sets, d
                      decode_set_count, measure_copy, run_decode, xla_reference)
 from .env import environment, free_device_bytes, git_commit, on_gpu, platform_name
 from .guard import dense_reference, padded_reference, rel_err, varlen_reference
-from .impls import (ALL_ATTN_IMPL_NAMES, ALL_VARLEN_IMPL_NAMES, SINKS, DecodeImpl, Impl, VarlenImpl, attn_impls,
-                    decode_impls, fa3jax_impl, fa3jax_kvcache_impl, fa3jax_varlen_impl, kvcache_impls, prefill_impls,
-                    varlen_impls, with_sinks_variants)
+from .impls import (ALL_ATTN_IMPL_NAMES, ALL_VARLEN_IMPL_NAMES, DET, SINKS, VARIANTS, DecodeImpl, Impl, VarlenImpl,
+                    attn_impls, decode_impls, fa3jax_impl, fa3jax_kvcache_impl, fa3jax_varlen_impl, kvcache_impls,
+                    prefill_impls, ratio_field, varlen_impls, variant_suffix, with_variants)
 from .plot import plot_attn, plot_decode, plot_prefill, plot_varlen
 from .prefill import PrefillConfig, prefill_configs, run_prefill
 from .record import default_results_md, markdown_section, record_markdown
@@ -48,15 +49,16 @@ from .timing import TimingOptions, chained, compile_fn, measure, measure_each, m
 from .varlen import VarlenConfig, run_varlen, varlen_configs, varlen_inputs, varlen_lengths
 
 __all__ = [
-    "ALL_ATTN_IMPL_NAMES", "ALL_VARLEN_IMPL_NAMES", "AttnConfig", "DENSE", "DTYPES", "DecodeConfig", "DecodeImpl",
-    "FA3_NAME", "Impl", "PrefillConfig", "SINKS", "TimingOptions", "VarlenConfig", "VarlenImpl", "WRONG_TOL",
+    "ALL_ATTN_IMPL_NAMES", "ALL_VARLEN_IMPL_NAMES", "AttnConfig", "DENSE", "DET", "DTYPES", "DecodeConfig",
+    "DecodeImpl", "FA3_NAME", "Impl", "PrefillConfig", "SINKS", "TimingOptions", "VARIANTS", "VarlenConfig",
+    "VarlenImpl", "WRONG_TOL",
     "attn_configs", "attn_impls", "attn_inputs", "attn_table", "best_rows", "build_parser", "cache_inputs",
     "chained", "compile_fn", "decode_chain_sets", "decode_configs", "decode_impls",
     "decode_set_count", "decode_table", "default_results_md", "dense_reference", "environment", "fa3jax_impl",
     "fa3jax_kvcache_impl", "fa3jax_varlen_impl", "free_device_bytes", "git_commit", "kvcache_impls", "main",
     "markdown_section", "measure", "measure_copy", "measure_each", "measure_interleaved", "on_gpu", "padded_reference",
     "platform_name", "plot_attn", "plot_decode", "plot_prefill", "plot_varlen", "prefill_configs", "prefill_impls",
-    "prefill_table", "record_markdown", "rel_err", "resolve", "run_attn", "run_decode", "run_prefill", "run_varlen",
-    "timed_fn", "varlen_configs", "varlen_impls", "varlen_inputs", "varlen_lengths", "varlen_reference",
-    "varlen_table", "with_sinks_variants", "xla_reference",
+    "prefill_table", "ratio_field", "record_markdown", "rel_err", "resolve", "run_attn", "run_decode", "run_prefill",
+    "run_varlen", "timed_fn", "variant_suffix", "varlen_configs", "varlen_impls", "varlen_inputs", "varlen_lengths",
+    "varlen_reference", "varlen_table", "with_variants", "xla_reference",
 ]

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from .common import DTYPES, WRONG_TOL, fmt_tflops, out_of_time, short_error
 from .guard import rel_err
-from .impls import SINKS, Impl, fa3jax_impl
+from .impls import SINKS, Impl, fa3jax_impl, ratio_field, variant_suffix
 from .timing import TimingOptions, compile_fn, measure_each, timed_fn
 
 @dataclasses.dataclass(frozen=True)
@@ -102,7 +102,9 @@ def run_attn(configs: list[AttnConfig], impls: list[Impl], opts: TimingOptions, 
 
     Impls with ``sinks`` (``fa3jax:<b>+sinks``, the CLI's ``--sinks``) get each input set plus a fresh float32
     (hq,) sink array (differentiated too in ``fwd+bwd``), are guarded against fa3jax:xla with the same sinks, and
-    their rows carry ``sinks_ratio`` = their time / the time of ``fa3jax:<b>`` without sinks in the same config."""
+    their rows carry ``sinks_ratio`` = their time / the time of ``fa3jax:<b>`` without sinks in the same config.
+    Impls with ``deterministic`` (``fa3jax:<b>+det``, the CLI's ``--deterministic``) take the plain input sets, are
+    guarded against the plain reference, and their rows carry ``det_ratio`` likewise."""
     rows = []
     guard_cache: dict = {}  # (shape config in fwd mode) -> {impl: forward error}, shared by both modes
     ref_impls = {s: next((i for i in impls if i.name == "fa3jax:xla" + (SINKS if s else "")), None)
@@ -188,7 +190,7 @@ def run_attn(configs: list[AttnConfig], impls: list[Impl], opts: TimingOptions, 
                              calls_per_trial=m["calls_per_trial"]))
             log(f"  {cfg.label():40s} {name:15s} {m['time_s'] * 1e3:9.3f} ms {fmt_tflops(tflops):>8s} TFLOPS"
                 + (f"  err {err:.1e}" if err is not None else ""))
-        add_sinks_ratio(rows[config_rows:])
+        add_variant_ratios(rows[config_rows:])
         del ready, results
         del sets, sinks_sets, ref_out, compiled
         if progress:
@@ -204,13 +206,16 @@ def sinks_inputs(cfg: AttnConfig, sets: list) -> list:
                                   for s, k in zip(sets, jax.random.split(key, len(sets)))])
 
 
-def add_sinks_ratio(rows: list[dict]) -> None:
-    """On each timed ``<impl>+sinks`` row of one config: ``sinks_ratio`` = its time / ``<impl>``'s time."""
+def add_variant_ratios(rows: list[dict]) -> None:
+    """On each timed variant row ``<impl><suffix>`` of one config (suffix ``+sinks``, ``+det``): the field
+    :func:`~.impls.ratio_field` (``sinks_ratio``, ``det_ratio``) = its time / ``<impl>``'s time, the variant's
+    cost measured in the same interleaved rounds."""
     ms = {r["impl"]: r["ms"] for r in rows if r["status"] == "ok"}
     for r in rows:
-        base = r["impl"][: -len(SINKS)] if r["impl"].endswith(SINKS) else None
+        suffix = variant_suffix(r["impl"])
+        base = r["impl"][: -len(suffix)] if suffix else None
         if r["status"] == "ok" and base in ms:
-            r["sinks_ratio"] = r["ms"] / ms[base]
+            r[ratio_field(suffix)] = r["ms"] / ms[base]
 
 
 def _row(cfg: AttnConfig, impl: str, status: str, **kw) -> dict:

@@ -12,7 +12,7 @@ from .attn import attn_configs, run_attn
 from .common import DTYPES, WRONG_TOL
 from .decode import decode_configs, run_decode
 from .env import environment, on_gpu
-from .impls import attn_impls, decode_impls, prefill_impls, varlen_impls, with_sinks_variants
+from .impls import attn_impls, decode_impls, prefill_impls, varlen_impls, with_variants
 from .plot import plot_attn, plot_decode, plot_prefill, plot_varlen
 from .prefill import prefill_configs, run_prefill
 from .record import markdown_section, record_markdown
@@ -50,6 +50,10 @@ def build_parser(prog: str = "python -m fa3jax bench") -> argparse.ArgumentParse
     g.add_argument("--sinks", action="store_true",
                    help="attn suite: also time each fa3jax impl with sinks= (a float32 (hq,) random array; fwd+bwd "
                         "differentiates it too) as column <impl>+sinks, with the ratio time with / without")
+    g.add_argument("--deterministic", action="store_true",
+                   help="attn suite: also time each fa3jax impl with deterministic=True as column <impl>+det, "
+                        "with the ratio time deterministic / without (the cost lies in fwd+bwd); with --sinks, "
+                        "both columns, +det without sinks")
     g = p.add_argument_group("decode and prefill suites (KV cache: hq=32, hk=8, d=128, bf16, page 256)")
     g.add_argument("--batches", help="comma list (default decode 1,8,64; prefill 1,8)")
     g.add_argument("--caches", help="comma list of cache lengths (default decode 4096,32768,131072; "
@@ -127,12 +131,15 @@ def resolve(args) -> dict:
     base["layouts"] = _csv(args.layouts) or ["contiguous", "paged"]
     base["varlen_seed"] = args.varlen_seed
     base["sinks"] = args.sinks
+    base["deterministic"] = args.deterministic
     base["per_call"] = args.per_call
     if args.heads_k is not None and (args.suite != "attn" or args.heads_k < 1 or base["heads"] % args.heads_k):
         raise SystemExit(f"--heads-k: attn suite only, a divisor of the query heads ({args.heads_k=}, "
                          f"heads={base['heads']})")
     if args.sinks and args.suite != "attn":
         raise SystemExit("--sinks: attn suite only")
+    if args.deterministic and args.suite != "attn":
+        raise SystemExit("--deterministic: attn suite only")
     if args.per_call and args.suite != "decode":
         raise SystemExit("--per-call: decode suite only")
     base["timing"] = TimingOptions(
@@ -169,7 +176,8 @@ def main(argv=None, prog: str = "python -m fa3jax bench") -> int:
     o = resolve(args)
     env = environment()
     t_start = time.perf_counter()
-    title = args.suite + (" (sinks)" if o["sinks"] else "") + (" (per call)" if o["per_call"] else "")
+    tags = [t for t in ("sinks", "deterministic", "per call") if o[t.replace(" ", "_")]]
+    title = args.suite + "".join(f" ({t})" for t in tags)
     print(f"fa3jax bench ({title}{', small preset' if o['small'] else ''}) on {env['device_kind']} "
           f"[{env['platform']}], jax {env['jax']}, commit {env['commit']}")
     log = lambda s: print(s, flush=True)  # noqa: E731
@@ -199,8 +207,8 @@ def main(argv=None, prog: str = "python -m fa3jax bench") -> int:
                           "prefill": prefill_impls}[args.suite]()
     # decode variants (flash-attn3-jax num_splits) are also selected by their group name
     impls = [i for i in impls if _selected(i.name, o["impls"]) or _selected(getattr(i, "group", ""), o["impls"])]
-    if o["sinks"]:  # each selected fa3jax impl also with sinks=, next to it
-        impls = with_sinks_variants(impls)
+    if o["sinks"] or o["deterministic"]:  # (attn suite) each fa3jax impl also with sinks= / deterministic=True
+        impls = with_variants(impls, sinks=o["sinks"], deterministic=o["deterministic"])
     unavailable = {k: v for k, v in unavailable.items() if _selected(k, o["impls"])}
     for name, why in unavailable.items():
         print(f"  {name}: unavailable: {why}")

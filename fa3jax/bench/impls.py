@@ -23,36 +23,56 @@ class Impl:
     check: Callable = lambda cfg: ""
     note: Callable = lambda cfg: ""
     sinks: bool = False  # forward(cfg) takes (q, k, v, sinks): sinks (hq,) float32, differentiated in fwd+bwd
+    deterministic: bool = False  # forward(cfg) calls flash_mha(..., deterministic=True); same arguments
 
 
 SINKS = "+sinks"  # suffix of an fa3jax impl's variant called with sinks= (the attn suite's --sinks)
+DET = "+det"  # suffix of an fa3jax impl's variant called with deterministic=True (the attn suite's --deterministic)
+VARIANTS = (SINKS, DET)  # each variant's row carries "<suffix without +>_ratio": its time / the plain impl's
 
 
-def fa3jax_impl(backend: str, sinks: bool = False) -> Impl:
+def variant_suffix(name: str) -> Optional[str]:
+    """The variant suffix ``name`` ends with (``+sinks``, ``+det``), None for a plain impl."""
+    return next((v for v in VARIANTS if name.endswith(v)), None)
+
+
+def ratio_field(suffix: str) -> str:
+    """The row field holding a variant's time ratio to its plain impl: ``+sinks`` -> ``sinks_ratio``."""
+    return suffix.lstrip("+") + "_ratio"
+
+
+def fa3jax_impl(backend: str, sinks: bool = False, deterministic: bool = False) -> Impl:
     """``flash_mha(..., backend=backend)``; with ``sinks``, the variant ``fa3jax:<backend>+sinks`` whose forward
-    takes a 4th argument, the per-head sink logits."""
+    takes a 4th argument, the per-head sink logits; with ``deterministic``, the variant ``fa3jax:<backend>+det``
+    (``deterministic=True``: a fixed-order backward, which may cost time or pick another backward backend)."""
     def forward(cfg):
         if sinks:
-            return lambda q, k, v, s: fa3jax.flash_mha(q, k, v, is_causal=cfg.causal, sinks=s, backend=backend)
-        return lambda q, k, v: fa3jax.flash_mha(q, k, v, is_causal=cfg.causal, backend=backend)
+            return lambda q, k, v, s: fa3jax.flash_mha(q, k, v, is_causal=cfg.causal, sinks=s,
+                                                       deterministic=deterministic, backend=backend)
+        return lambda q, k, v: fa3jax.flash_mha(q, k, v, is_causal=cfg.causal, deterministic=deterministic,
+                                                backend=backend)
 
     def support(cfg):
         q, k, v = (jax.ShapeDtypeStruct(shape, DTYPES[cfg.dtype]) for shape in (cfg.shape, cfg.shape_k, cfg.shape_v))
         s = jax.ShapeDtypeStruct((cfg.heads,), jnp.float32) if sinks else None
-        return fa3jax.supports(fa3jax.flash_mha, q, k, v, backend=backend, is_causal=cfg.causal, sinks=s)
+        return fa3jax.supports(fa3jax.flash_mha, q, k, v, backend=backend, is_causal=cfg.causal, sinks=s,
+                               deterministic=deterministic)
 
-    return Impl(f"fa3jax:{backend}" + (SINKS if sinks else ""), forward, *_support_checks(support, backend),
-                sinks=sinks)
+    name = f"fa3jax:{backend}" + (SINKS if sinks else "") + (DET if deterministic else "")
+    return Impl(name, forward, *_support_checks(support, backend), sinks=sinks, deterministic=deterministic)
 
 
-def with_sinks_variants(impls: list[Impl]) -> list[Impl]:
-    """``impls`` with each fa3jax impl followed by its ``+sinks`` variant (adjacent: interleaved rounds then time
-    the pair under the same clocks)."""
+def with_variants(impls: list[Impl], sinks: bool = False, deterministic: bool = False) -> list[Impl]:
+    """``impls`` with each plain fa3jax impl followed by its ``+sinks`` variant (``sinks``) and its ``+det``
+    variant (``deterministic``; without sinks, so that its ratio isolates deterministic=True). Adjacent:
+    interleaved rounds then time each variant and its plain impl under the same clocks."""
     out = []
     for impl in impls:
         out.append(impl)
-        if impl.name.startswith("fa3jax:") and not impl.sinks:
-            out.append(fa3jax_impl(impl.name.split(":", 1)[1], sinks=True))
+        if impl.name.startswith("fa3jax:") and not (impl.sinks or impl.deterministic):
+            backend = impl.name.split(":", 1)[1]
+            out += [fa3jax_impl(backend, sinks=True)] if sinks else []
+            out += [fa3jax_impl(backend, deterministic=True)] if deterministic else []
     return out
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 from .common import DENSE, FA3_NAME, fmt_tflops
-from .impls import ALL_ATTN_IMPL_NAMES, ALL_VARLEN_IMPL_NAMES, SINKS
+from .impls import ALL_ATTN_IMPL_NAMES, ALL_VARLEN_IMPL_NAMES, VARIANTS, ratio_field, variant_suffix
 
 def _col_order(names, preferred) -> list[str]:
     seen = [n for n in preferred if n in names]
@@ -68,9 +68,10 @@ def _hlabel(r: dict) -> str:
 
 def attn_table(rows: list[dict]) -> str:
     """Markdown table: one row per config, one column per impl; cells 'TFLOPS / ms' and the speed ratio vs
-    flash-attn3-jax (>1: faster) when it was timed; an ``<impl>+sinks`` column (``--sinks``) next to its impl, its
-    cells with the time ratio with / without sinks instead."""
-    impls = _col_order({r["impl"] for r in rows}, [x for n in ALL_ATTN_IMPL_NAMES for x in (n, n + SINKS)])
+    flash-attn3-jax (>1: faster) when it was timed; an ``<impl>+sinks`` (``--sinks``) or ``<impl>+det``
+    (``--deterministic``) column next to its impl, its cells with the time ratio variant / plain instead."""
+    impls = _col_order({r["impl"] for r in rows},
+                       [x for n in ALL_ATTN_IMPL_NAMES for x in (n,) + tuple(n + v for v in VARIANTS)])
     keys, by = _group(rows, lambda r: (r["mode"], r["causal"], r["dtype"], _dlabel(r), _hlabel(r), r["seqlen"],
                                        r["batch"]))
     footnote = _Footnotes()
@@ -84,8 +85,10 @@ def attn_table(rows: list[dict]) -> str:
             r = by[k].get(name)
             def ok(r, name=name):
                 c = f"{fmt_tflops(r['tflops'])} TF / {r['ms']:.3f} ms"
-                if name.endswith(SINKS):
-                    c += f" (sinks {r['sinks_ratio']:.3f})" if r.get("sinks_ratio") else ""
+                suffix = variant_suffix(name)
+                if suffix:
+                    ratio = r.get(ratio_field(suffix))
+                    c += f" ({suffix.lstrip('+')} {ratio:.3f})" if ratio else ""
                 elif fa3 is not None and fa3["status"] == "ok" and name != FA3_NAME:
                     c += f" (x{fa3['ms'] / r['ms']:.2f})"
                 return c + (f" [{footnote(r['note'])}]" if r.get("note") else "")
@@ -98,6 +101,9 @@ def attn_table(rows: list[dict]) -> str:
     if any(r.get("sinks_ratio") for r in rows):
         legends.append("X+sinks: X called with sinks= (float32 (hq,) random; fwd+bwd also differentiates them); "
                        "(sinks R): time with sinks / time without, same row (1.03 = 3% cost)")
+    if any(r.get("det_ratio") for r in rows):
+        legends.append("X+det: X called with deterministic=True (fixed-order backward); "
+                       "(det R): time deterministic / time without, same row (1.05 = 5% cost)")
     return _finish(lines, legends, footnote)
 
 
