@@ -62,18 +62,6 @@ int bwd_tile_m(const BwdParams& p) {
 
 static bool empty(AttnCore const& c) { return c.batch == 0 || c.seqlen_q == 0 || c.num_heads_q == 0; }
 
-// Varlen: dq, dk, dv rows outside every sequence (and keys past seqused_k) get no write from the passes.
-static FwdStatus zero_varlen_grads(const BwdParams& p, cudaStream_t stream) {
-  AttnCore const& c = p.core;
-  size_t const nq = size_t(c.seqlen_q) * c.num_heads_q * c.head_dim * 2;
-  size_t const nk = size_t(c.seqlen_k) * c.num_heads_k * c.head_dim * 2;
-  size_t const nv = size_t(c.seqlen_k) * c.num_heads_k * c.value_dim() * 2;
-  for (auto [ptr, n] : {std::pair<void*, size_t>{p.dq, nq}, {p.dk, nk}, {p.dv, nv}})
-    if (n > 0)
-      if (cudaError_t e = cudaMemsetAsync(ptr, 0, n, stream); e != cudaSuccess) return {e, "cudaMemsetAsync(grads)"};
-  return {};
-}
-
 const char* bwd_check(const BwdParams& p) {
   AttnCore const& c = p.core;
   if (c.batch < 0 || c.seqlen_q < 0 || c.seqlen_k < 0 || c.num_heads_q < 0 || c.num_heads_k < 0)
@@ -145,10 +133,7 @@ static FwdStatus run_main(const BwdParams& p, cudaStream_t stream) {
 
 FwdStatus run_bwd(const BwdParams& p, cudaStream_t stream) {
   if (const char* why = bwd_check(p)) return {cudaErrorInvalidValue, why};
-  if (p.core.varlen.enabled()) {
-    FwdStatus const z = zero_varlen_grads(p, stream);
-    if (!z.ok()) return z;
-  }
+  if (FwdStatus const z = run_bwd_zero_uncovered(p, stream); !z.ok()) return z;
   if (empty(p.core)) return {};
   FwdStatus st = run_bwd_preprocess(p, stream);
   if (!st.ok()) return st;

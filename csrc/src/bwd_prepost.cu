@@ -245,6 +245,47 @@ __global__ void bwd_convert_dq_swapped_kernel(const float* __restrict__ acc, T* 
 // Varlen: query rows per sequence that the passes cover (max_seqlen_q, at most the total, as the forward's grid).
 int varlen_rows_q(const AttnCore& c) { return std::max(0, std::min(c.varlen.max_seqlen_q, c.seqlen_q)); }
 
+// Zeroes rows [r0, r1) of a packed tensor of rows row_bytes long (a multiple of 16, 16-byte aligned base) in
+// 16-byte stores, spread over blockIdx.y.
+__device__ void zero_rows(void* base, int64_t row_bytes, int64_t r0, int64_t r1) {
+  if (r1 <= r0) return;
+  uint4* const p = reinterpret_cast<uint4*>(static_cast<char*>(base) + r0 * row_bytes);
+  int64_t const n = (r1 - r0) * (row_bytes / 16);
+  int64_t const stride = int64_t(gridDim.y) * blockDim.x;
+  for (int64_t i = int64_t(blockIdx.y) * blockDim.x + threadIdx.x; i < n; i += stride) p[i] = make_uint4(0, 0, 0, 0);
+}
+
+// Varlen gradient rows that no pass writes, zeroed before the passes run: dq rows outside every sequence or past the
+// first rows_q of theirs (the query rows the passes cover), dk/dv rows outside every sequence or past the first
+// min(seqused_k, rows_k) of theirs (the keys the main kernel's grid covers). Block x < batch: sequence x's spans;
+// x == batch: the rows before the first sequence and after the last. When the sequences cover the tensors (the
+// common case) nothing is written, where whole-tensor memsets took ~65 us at 16k tokens, h=16, d=128. Later passes
+// overwrite whatever they compute, so the result is that of zeroing everything first.
+__global__ void bwd_zero_uncovered_varlen_kernel(void* dq, void* dk, void* dv, VarlenSeqs vs, int batch, int total_q,
+                                                 int total_k, int rows_q, int rows_k, int64_t bytes_q, int64_t bytes_k,
+                                                 int64_t bytes_v) {
+  int const b = int(blockIdx.x);
+  if (b < batch) {
+    SeqInfo const seq = SeqInfo::varlen(b, vs.cu_seqlens_q, vs.cu_seqlens_k, vs.seqused_k, total_q, total_k);
+    int k0, k1;
+    SeqInfo::rows(b, vs.cu_seqlens_k, total_k, k0, k1);
+    zero_rows(dq, bytes_q, seq.offset_q + min(seq.seqlen_q, rows_q), seq.offset_q + seq.seqlen_q);
+    int64_t const kz = k0 + min(seq.seqlen_k, rows_k);
+    zero_rows(dk, bytes_k, kz, k1);
+    zero_rows(dv, bytes_v, kz, k1);
+    return;
+  }
+  int first, last;
+  SeqInfo::uncovered(batch, vs.cu_seqlens_q, total_q, first, last);
+  zero_rows(dq, bytes_q, 0, first);
+  zero_rows(dq, bytes_q, last, total_q);
+  SeqInfo::uncovered(batch, vs.cu_seqlens_k, total_k, first, last);
+  zero_rows(dk, bytes_k, 0, first);
+  zero_rows(dk, bytes_k, last, total_k);
+  zero_rows(dv, bytes_v, 0, first);
+  zero_rows(dv, bytes_v, last, total_k);
+}
+
 template <class T>
 FwdStatus preprocess(const BwdParams& p, cudaStream_t stream) {
   AttnCore const& c = p.core;
@@ -302,6 +343,23 @@ FwdStatus postprocess(const BwdParams& p, cudaStream_t stream) {
 
 bool empty(const AttnCore& c) { return c.batch == 0 || c.seqlen_q == 0 || c.num_heads_q == 0; }
 
+template <class T>
+FwdStatus zero_uncovered(const BwdParams& p, cudaStream_t stream) {
+  AttnCore const& c = p.core;
+  // The rows the passes cover (bwd_dispatch.cc run_bwd: none for an empty call, no keys without keys).
+  bool const passes = !empty(c), main = passes && c.seqlen_k > 0;
+  int const rows_q = passes ? varlen_rows_q(c) : 0;
+  int const rows_k = !main ? 0 : c.varlen.max_seqlen_k > 0 ? std::min(c.varlen.max_seqlen_k, c.seqlen_k) : c.seqlen_k;
+  int64_t const e = sizeof(T);
+  int64_t const bytes_q = int64_t(c.num_heads_q) * c.head_dim * e, bytes_k = int64_t(c.num_heads_k) * c.head_dim * e;
+  int64_t const bytes_v = int64_t(c.num_heads_k) * c.value_dim() * e;
+  constexpr unsigned kSplit = 16;  // blocks per span: a long uncovered tail still spreads over SMs
+  bwd_zero_uncovered_varlen_kernel<<<dim3(unsigned(c.batch) + 1, kSplit), 256, 0, stream>>>(
+      p.dq, p.dk, p.dv, c.varlen, c.batch, c.seqlen_q, c.seqlen_k, rows_q, rows_k, bytes_q, bytes_k, bytes_v);
+  if (cudaError_t err = cudaGetLastError(); err != cudaSuccess) return {err, "bwd zero-uncovered launch"};
+  return {};
+}
+
 }  // namespace
 
 size_t bwd_workspace_bytes(const BwdParams& p) {
@@ -319,6 +377,12 @@ BwdWorkspace bwd_workspace(const BwdParams& p) {
   ws.lse_log2 = reinterpret_cast<float*>(base + s.dq_accum + s.row);
   if (s.sem) ws.dq_sem = reinterpret_cast<int*>(base + s.dq_accum + 2 * s.row);
   return ws;
+}
+
+FwdStatus run_bwd_zero_uncovered(const BwdParams& p, cudaStream_t stream) {
+  if (const char* why = bwd_check(p)) return {cudaErrorInvalidValue, why};
+  if (!p.core.varlen.enabled()) return {};
+  return p.core.dtype == DType::kBF16 ? zero_uncovered<__nv_bfloat16>(p, stream) : zero_uncovered<__half>(p, stream);
 }
 
 FwdStatus run_bwd_preprocess(const BwdParams& p, cudaStream_t stream) {

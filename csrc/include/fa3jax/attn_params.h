@@ -216,6 +216,9 @@ const char* bwd_check(const BwdParams& p);
 // The passes around the main kernel, each on `stream`, never throwing:
 //   preprocess:  delta, lse_log2 (padded rows: 0 and +inf), dq_accum (and the turn counters) zeroed;
 //   postprocess: dq = dq_accum * softmax_scale in the input dtype.
+// Varlen: zeroes the dq, dk, dv rows that no later pass writes (outside every sequence, past seqused_k or past the
+// covered lengths); a no-op for dense calls.
+FwdStatus run_bwd_zero_uncovered(const BwdParams& p, cudaStream_t stream);
 FwdStatus run_bwd_preprocess(const BwdParams& p, cudaStream_t stream);
 FwdStatus run_bwd_postprocess(const BwdParams& p, cudaStream_t stream);
 

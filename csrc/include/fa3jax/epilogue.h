@@ -180,7 +180,7 @@ struct FwdEpilogue {
   // their 24-32 registers). Nothing to do (two loads) when the sequences cover q.
   CUTE_DEVICE static void fill_uncovered(Params const& params, int tid, int nthreads) {
     int first, last;
-    SeqInfo::uncovered_q(params.batch, params.cu_seqlens_q, params.seqlen_q, first, last);
+    SeqInfo::uncovered(params.batch, params.cu_seqlens_q, params.seqlen_q, first, last);
     int const rows = first + (params.seqlen_q - last);
     int const hq = params.num_heads_q;
     int const pieces = hq * (params.dim_v * int(sizeof(Element)) / 16);  // dim_v: a multiple of 8

@@ -23,16 +23,23 @@ struct SeqInfo {
   // fa3jax/validation.py makes them non-decreasing first.)
   CUTE_HOST_DEVICE static SeqInfo varlen(int batch, int const* cu_seqlens_q, int const* cu_seqlens_k,
                                          int const* seqused_k, int total_q, int total_k) {
-    int const q0 = clamp(cu_seqlens_q[batch], 0, total_q), q1 = clamp(cu_seqlens_q[batch + 1], q0, total_q);
-    int const k0 = clamp(cu_seqlens_k[batch], 0, total_k), k1 = clamp(cu_seqlens_k[batch + 1], k0, total_k);
+    int q0, q1, k0, k1;
+    rows(batch, cu_seqlens_q, total_q, q0, q1);
+    rows(batch, cu_seqlens_k, total_k, k0, k1);
     int const sk = seqused_k ? clamp(seqused_k[batch], 0, k1 - k0) : k1 - k0;
     return {int64_t(q0), int64_t(k0), q1 - q0, sk};
   }
 
-  // Rows of q outside every sequence: [0, first) and [last, total_q), clamped as above.
-  CUTE_HOST_DEVICE static void uncovered_q(int batch, int const* cu_seqlens_q, int total_q, int& first, int& last) {
-    first = clamp(cu_seqlens_q[0], 0, total_q);
-    last = clamp(cu_seqlens_q[batch], first, total_q);
+  // Rows [r0, r1) of sequence `batch` in a packed tensor of `total` rows (cu_seqlens_q or _k), clamped as above.
+  CUTE_HOST_DEVICE static void rows(int batch, int const* cu_seqlens, int total, int& r0, int& r1) {
+    r0 = clamp(cu_seqlens[batch], 0, total);
+    r1 = clamp(cu_seqlens[batch + 1], r0, total);
+  }
+
+  // Rows of a packed tensor outside every sequence: [0, first) and [last, total), clamped as above.
+  CUTE_HOST_DEVICE static void uncovered(int batch, int const* cu_seqlens, int total, int& first, int& last) {
+    first = clamp(cu_seqlens[0], 0, total);
+    last = clamp(cu_seqlens[batch], first, total);
   }
 
  private:
