@@ -1,8 +1,8 @@
 """Backend registry: which backends exist, which can run here, and which one serves a given spec.
 
 ``auto`` tries cuda (Hopper), then cudnn (jaxlib's cuDNN kernels, NVIDIA sm80+), then triton (NVIDIA sm80+), then
-xla (decode-sized KV-cache calls: triton before cuda, see ``kvcache_decode_sized``), moving on when a backend is
-unavailable or raises ``NotImplementedError`` for the spec. The backward is planned separately: a backend without a
+xla (decode-sized KV-cache calls, but batch-1 ones over short caches: triton before cuda, see ``auto_order``),
+moving on when a backend is unavailable or raises ``NotImplementedError`` for the spec. The backward is planned separately: a backend without a
 backward for the spec (e.g. cudnn under ``deterministic=True``) is paired with the next backend in that order that
 has one, reusing the forward's LSE; under ``auto`` a cuda forward's backward is cuda's own (``_backward_candidates``),
 except under ``deterministic=True``.
@@ -126,8 +126,11 @@ def _backward_candidates(fwd: str, requested: str, spec: AttentionSpec) -> tuple
 
 
 # Under ``auto``, decode-sized KV-cache calls (at most KVCACHE_DECODE_ROWS query rows per kv head: one query tile of
-# cuda's kernel) try triton first, whose split-KV decode measured faster; larger ones (prefill) cuda first (RESULTS.md).
+# cuda's kernel) try triton first, whose split-KV decode measured faster; larger ones (prefill) cuda first. Batch-1
+# decodes of caches up to KVCACHE_LATENCY_CAPACITY keys are latency-bound, and there cuda's single custom call (no
+# XLA op of its own for the seqlens) measured faster per call than triton's; they keep cuda first (RESULTS.md).
 KVCACHE_DECODE_ROWS = 64
+KVCACHE_LATENCY_CAPACITY = 32768
 AUTO_ORDER_KVCACHE_DECODE = ("triton", "cuda", "cudnn", "xla")
 
 
@@ -137,9 +140,14 @@ def kvcache_decode_sized(spec: AttentionSpec) -> bool:
     return spec.mode == "kvcache" and spec.seqlen_q * group <= KVCACHE_DECODE_ROWS
 
 
+def kvcache_latency_bound(spec: AttentionSpec) -> bool:
+    """Whether a decode-sized KV-cache call is one batch row over at most KVCACHE_LATENCY_CAPACITY cache keys."""
+    return kvcache_decode_sized(spec) and spec.batch == 1 and spec.kvcache.capacity <= KVCACHE_LATENCY_CAPACITY
+
+
 def auto_order(spec: AttentionSpec) -> tuple:
     """The order in which ``auto`` tries the forward backends for ``spec``."""
-    return AUTO_ORDER_KVCACHE_DECODE if kvcache_decode_sized(spec) else ORDER
+    return AUTO_ORDER_KVCACHE_DECODE if kvcache_decode_sized(spec) and not kvcache_latency_bound(spec) else ORDER
 
 
 def plan(spec: AttentionSpec, requested: str) -> Plan:
@@ -155,10 +163,15 @@ def plan(spec: AttentionSpec, requested: str) -> Plan:
             raise BackendUnavailableError("no backend can serve this call: " + "; ".join(notes))
         if spec.mode == "kvcache" and fwd in ("triton", "cuda"):
             rows = f"{KVCACHE_DECODE_ROWS} query rows (seqlen_q x GQA group) per kv head"
-            notes.append(f"kvcache under auto: triton is tried before cuda for calls of at most {rows} (faster on the "
-                         f"decode suite)" if kvcache_decode_sized(spec) else
-                         f"kvcache under auto: cuda is tried first for calls of more than {rows} (faster on the "
-                         f"chunked-prefill suite)")
+            if kvcache_latency_bound(spec):
+                notes.append(f"kvcache under auto: cuda is tried first for a batch-1 decode of at most "
+                             f"{KVCACHE_LATENCY_CAPACITY} cache keys (faster per call on the decode suite)")
+            elif kvcache_decode_sized(spec):
+                notes.append(f"kvcache under auto: triton is tried before cuda for calls of at most {rows} (faster "
+                             f"on the decode suite)")
+            else:
+                notes.append(f"kvcache under auto: cuda is tried first for calls of more than {rows} (faster on the "
+                             f"chunked-prefill suite)")
     else:
         fwd, notes = _first((requested,), "forward", spec)
         if fwd is None:

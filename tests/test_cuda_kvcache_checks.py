@@ -313,3 +313,19 @@ def test_auto_tries_triton_before_cuda_for_decode_sized_kvcache(monkeypatch, tri
                                       softmax_scale=None, is_causal=False, window_size=(-1, -1), softcap=0.0,
                                       return_softmax_lse=False, deterministic=False)
     assert registry.auto_order(dense)[0] == "cuda" and not registry.kvcache_decode_sized(dense)
+
+
+def test_auto_tries_cuda_first_for_batch1_decode_over_short_caches(monkeypatch):
+    """A batch-1 decode over at most KVCACHE_LATENCY_CAPACITY cache keys is latency-bound: cuda first (one custom
+    call); a longer cache or more batch rows go back to triton first."""
+    fakes = {n: _Fake(n, n != "cudnn") for n in ("cuda", "cudnn", "triton", "xla")}
+    monkeypatch.setattr(registry, "availability", lambda name: (True, ""))
+    monkeypatch.setattr(registry, "get", lambda name: fakes[name])
+    cap = registry.KVCACHE_LATENCY_CAPACITY
+    short = _spec(q_shape=(1, 1, 8, 128), cache=(1, cap, 2, 128))
+    assert registry.kvcache_latency_bound(short) and registry.auto_order(short)[0] == "cuda"
+    plan = registry.plan(short, "auto")
+    assert plan.forward == "cuda" and any("batch-1 decode" in n for n in plan.notes), plan.notes
+    for spec in (_spec(q_shape=(1, 1, 8, 128), cache=(1, cap + 256, 2, 128)),  # a longer cache
+                 _spec(q_shape=(2, 1, 8, 128), cache=(2, 512, 2, 128))):  # two batch rows
+        assert not registry.kvcache_latency_bound(spec) and registry.plan(spec, "auto").forward == "triton"
