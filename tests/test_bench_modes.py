@@ -155,6 +155,22 @@ def test_sinks_variants_and_gradient():
     assert all(bool(jnp.all(jnp.isfinite(g.astype(jnp.float32)))) for g in grads) and float(jnp.abs(grads[3]).max()) > 0
 
 
+def _assert_variant_rows(rows: list, variant: str, wrong: str) -> dict:
+    """In both modes: fa3jax:xla and its ``variant`` row are ok and exact, the variant carries its ratio field
+    (its time / the plain time) and no other variant's, the plain row none; ``wrong`` (a variant computing
+    something else) is WRONG. Returns the fwd+bwd rows by impl."""
+    field = bench.ratio_field(bench.variant_suffix(variant))
+    others = [bench.ratio_field(v) for v in bench.VARIANTS if bench.ratio_field(v) != field]
+    for mode in ("fwd", "fwd+bwd"):
+        by = {r["impl"]: r for r in rows if r["mode"] == mode}
+        plain, v = by["fa3jax:xla"], by[variant]
+        assert plain["status"] == v["status"] == "ok" and v["max_rel_err"] == 0.0
+        assert _finite_pos(v["ms"]) and v[field] == v["ms"] / plain["ms"] and v["flops"] == plain["flops"]
+        assert field not in plain and not any(f in v for f in others)
+        assert by[wrong]["status"] == "WRONG"
+    return by
+
+
 def test_run_attn_sinks_guard_and_ratio():
     """In-process: the +sinks row is guarded against fa3jax:xla with the same sinks (an impl that ignores them is
     WRONG under a causal mask, where row 0 sees one key) and carries sinks_ratio = its time / the plain time."""
@@ -163,13 +179,7 @@ def test_run_attn_sinks_guard_and_ratio():
     impls = bench.with_variants([bench.fa3jax_impl("xla")], sinks=True) + [ignores]
     cfgs = [bench.AttnConfig(m, True, "bf16", 32, 2, 64, 2) for m in ("fwd", "fwd+bwd")]
     rows = bench.run_attn(cfgs, impls, FAST, log=lambda s: None)
-    for mode in ("fwd", "fwd+bwd"):
-        by = {r["impl"]: r for r in rows if r["mode"] == mode}
-        plain, sink = by["fa3jax:xla"], by["fa3jax:xla+sinks"]
-        assert plain["status"] == sink["status"] == "ok" and sink["max_rel_err"] == 0.0
-        assert _finite_pos(sink["ms"]) and sink["sinks_ratio"] == sink["ms"] / plain["ms"]
-        assert sink["flops"] == plain["flops"] and "sinks_ratio" not in plain
-        assert by["fa3jax:fake+sinks"]["status"] == "WRONG"
+    by = _assert_variant_rows(rows, "fa3jax:xla+sinks", "fa3jax:fake+sinks")
     t = bench.attn_table(rows)
     header = t.splitlines()[0]
     assert header.index("| fa3jax:xla |") < header.index("| fa3jax:xla+sinks |")
@@ -203,13 +213,7 @@ def test_run_attn_deterministic_guard_and_ratio():
         q, k, v, is_causal=False, deterministic=True, backend="xla")), deterministic=True)
     cfgs = [bench.AttnConfig(m, True, "bf16", 32, 2, 64, 2) for m in ("fwd", "fwd+bwd")]
     rows = bench.run_attn(cfgs, det + [full], FAST, log=lambda s: None)
-    for mode in ("fwd", "fwd+bwd"):
-        by = {r["impl"]: r for r in rows if r["mode"] == mode}
-        plain, d = by["fa3jax:xla"], by["fa3jax:xla+det"]
-        assert plain["status"] == d["status"] == "ok" and d["max_rel_err"] == 0.0
-        assert _finite_pos(d["ms"]) and d["det_ratio"] == d["ms"] / plain["ms"] and d["flops"] == plain["flops"]
-        assert "det_ratio" not in plain and "sinks_ratio" not in d
-        assert by["fa3jax:fake+det"]["status"] == "WRONG"
+    by = _assert_variant_rows(rows, "fa3jax:xla+det", "fa3jax:fake+det")
     t = bench.attn_table(rows)
     header = t.splitlines()[0]
     assert header.index("| fa3jax:xla |") < header.index("| fa3jax:xla+det |")
