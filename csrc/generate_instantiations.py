@@ -74,12 +74,12 @@ POLICY = {
     # transposed, one dQ staging buffer; d = block_n = 64 x wg); or 128 for every dense call (FA3's d=64 tile: dQ
     # with the warpgroups along queries, dV issued after dS, one dQ staging buffer; bwd64 only). Other calls, calls
     # with fewer than min_seqlen_q queries, and varlen, use 64.
-    # 128 queries per step (FA3's d=64 tile): faster on every row measured (benchmarks/RESULTS.md, session 20).
+    # 128 queries per step (FA3's d=64 tile): a step's fixed cost spread over twice the rows.
     "bwd64": (dict(block_m=128, min_seqlen_q=0, block_n=128, wg=2, stages=2, producer_regs=24, consumer_regs=240,
                    dq_red=0, dq_bufs=2, **BWD_AB),
               "FA3's d=64 shape: 2 consumer warpgroups x 64 keys, dK/dV in registers, 128 queries per step"),
     # 80 rows only from 4k queries: below, the partly empty last step and fewer steps to spread the fixed cost
-    # over outweigh the wider step (benchmarks/RESULTS.md, session 20).
+    # over outweigh the wider step (benchmarks/RESULTS.md).
     "bwd128": (dict(block_m=80, min_seqlen_q=4096, block_n=128, wg=2, stages=2, producer_regs=24,
                     consumer_regs=240, dq_red=0, dq_bufs=2, **BWD_AB_TIMED),
                "dK + dV accumulators take 128 of the 240 consumer registers; 80-row steps from 4k queries"),

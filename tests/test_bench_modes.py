@@ -155,11 +155,13 @@ def test_sinks_variants_and_gradient():
     assert all(bool(jnp.all(jnp.isfinite(g.astype(jnp.float32)))) for g in grads) and float(jnp.abs(grads[3]).max()) > 0
 
 
-def _assert_variant_rows(rows: list, variant: str, wrong: str) -> dict:
+def _assert_variant_rows(rows: list, variant: str, wrong: str, legend: str) -> None:
     """In both modes: fa3jax:xla and its ``variant`` row are ok and exact, the variant carries its ratio field
     (its time / the plain time) and no other variant's, the plain row none; ``wrong`` (a variant computing
-    something else) is WRONG. Returns the fwd+bwd rows by impl."""
-    field = bench.ratio_field(bench.variant_suffix(variant))
+    something else) is WRONG. The table puts the variant's column after the plain one, with its ratio in the
+    cell and ``legend`` below."""
+    suffix = bench.variant_suffix(variant)
+    field = bench.ratio_field(suffix)
     others = [bench.ratio_field(v) for v in bench.VARIANTS if bench.ratio_field(v) != field]
     for mode in ("fwd", "fwd+bwd"):
         by = {r["impl"]: r for r in rows if r["mode"] == mode}
@@ -168,7 +170,10 @@ def _assert_variant_rows(rows: list, variant: str, wrong: str) -> dict:
         assert _finite_pos(v["ms"]) and v[field] == v["ms"] / plain["ms"] and v["flops"] == plain["flops"]
         assert field not in plain and not any(f in v for f in others)
         assert by[wrong]["status"] == "WRONG"
-    return by
+    t = bench.attn_table(rows)
+    header = t.splitlines()[0]
+    assert header.index("| fa3jax:xla |") < header.index(f"| {variant} |")
+    assert f"({suffix.lstrip('+')} {by[variant][field]:.3f})" in t and legend in t
 
 
 def test_run_attn_sinks_guard_and_ratio():
@@ -179,11 +184,7 @@ def test_run_attn_sinks_guard_and_ratio():
     impls = bench.with_variants([bench.fa3jax_impl("xla")], sinks=True) + [ignores]
     cfgs = [bench.AttnConfig(m, True, "bf16", 32, 2, 64, 2) for m in ("fwd", "fwd+bwd")]
     rows = bench.run_attn(cfgs, impls, FAST, log=lambda s: None)
-    by = _assert_variant_rows(rows, "fa3jax:xla+sinks", "fa3jax:fake+sinks")
-    t = bench.attn_table(rows)
-    header = t.splitlines()[0]
-    assert header.index("| fa3jax:xla |") < header.index("| fa3jax:xla+sinks |")
-    assert f"(sinks {by['fa3jax:xla+sinks']['sinks_ratio']:.3f})" in t and "time with sinks / time without" in t
+    _assert_variant_rows(rows, "fa3jax:xla+sinks", "fa3jax:fake+sinks", "time with sinks / time without")
 
 
 def test_bench_attn_sinks_cli(tmp_path):
@@ -213,11 +214,7 @@ def test_run_attn_deterministic_guard_and_ratio():
         q, k, v, is_causal=False, deterministic=True, backend="xla")), deterministic=True)
     cfgs = [bench.AttnConfig(m, True, "bf16", 32, 2, 64, 2) for m in ("fwd", "fwd+bwd")]
     rows = bench.run_attn(cfgs, det + [full], FAST, log=lambda s: None)
-    by = _assert_variant_rows(rows, "fa3jax:xla+det", "fa3jax:fake+det")
-    t = bench.attn_table(rows)
-    header = t.splitlines()[0]
-    assert header.index("| fa3jax:xla |") < header.index("| fa3jax:xla+det |")
-    assert f"(det {by['fa3jax:xla+det']['det_ratio']:.3f})" in t and "time deterministic / time without" in t
+    _assert_variant_rows(rows, "fa3jax:xla+det", "fa3jax:fake+det", "time deterministic / time without")
 
 
 def test_bench_attn_deterministic_cli(tmp_path):

@@ -51,8 +51,8 @@ template <> struct Cvt<__half> {
 };
 
 // One warp's share of rowsum(out * dout) over a row of dv elements: 16-byte loads (8 elements a lane; 2-byte loads
-// left the preprocess 7% behind FA3's at the same traffic, session 19's profile). dv is a multiple of 8 and the
-// rows 16-byte aligned (bwd_check).
+// issue eight times the instructions for the same bytes). dv is a multiple of 8 and the rows 16-byte aligned
+// (bwd_check).
 template <class T>
 __device__ float row_dot(const T* __restrict__ out, const T* __restrict__ dout, int dv, int lane) {
   float sum = 0.f;
