@@ -46,11 +46,10 @@ def fa3jax_impl(backend: str, sinks: bool = False, deterministic: bool = False) 
     takes a 4th argument, the per-head sink logits; with ``deterministic``, the variant ``fa3jax:<backend>+det``
     (``deterministic=True``: a fixed-order backward, which may cost time or pick another backward backend)."""
     def forward(cfg):
+        kw = dict(is_causal=cfg.causal, deterministic=deterministic, backend=backend)
         if sinks:
-            return lambda q, k, v, s: fa3jax.flash_mha(q, k, v, is_causal=cfg.causal, sinks=s,
-                                                       deterministic=deterministic, backend=backend)
-        return lambda q, k, v: fa3jax.flash_mha(q, k, v, is_causal=cfg.causal, deterministic=deterministic,
-                                                backend=backend)
+            return lambda q, k, v, s: fa3jax.flash_mha(q, k, v, sinks=s, **kw)
+        return lambda q, k, v: fa3jax.flash_mha(q, k, v, **kw)
 
     def support(cfg):
         q, k, v = (jax.ShapeDtypeStruct(shape, DTYPES[cfg.dtype]) for shape in (cfg.shape, cfg.shape_k, cfg.shape_v))
